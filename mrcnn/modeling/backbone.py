@@ -1,0 +1,136 @@
+"""ResNet backbones and the three necks of the paper: C4, C5 and FPN (Table 2a and 2d).
+
+The ResNet body is torchvision's. Each builder returns a module whose ``forward`` maps an
+image batch ``[B, 3, H, W]`` to an ordered dict of feature maps and that carries
+``out_channels`` (channels of every returned map).
+
+- ``resnet_fpn``: P2-P5 from a top-down pyramid plus P6 by max-pooling (keys "0".."3", "pool").
+  Built with torchvision's ``BackboneWithFPN``, so its state dict matches torchvision's Mask R-CNN.
+- ``resnet_c4``: res2-res4, one map of stride 16 (key "0"); res5 then runs inside the RoI head.
+- ``resnet_c5``: res2-res5, one map of stride 32 (key "0"): the large-stride features of Table 2d.
+"""
+
+from collections import OrderedDict
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+RESNETS = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50, 101: resnet.resnet101}
+NORMS = ("frozen_bn", "bn", "gn", "syncbn")
+
+
+def stage_channels(depth: int, stage: int) -> int:
+    """Output channels of ResNet stage ``stage`` (2..5), e.g. ``stage_channels(50, 4) == 1024``."""
+    if depth not in RESNETS:
+        raise ValueError(f"ResNet depth must be one of {sorted(RESNETS)}, got {depth}")
+    expansion = 1 if depth < 50 else 4
+    return 64 * 2 ** (stage - 2) * expansion
+
+
+def norm_layer(norm: str, gn_groups: int = 32):
+    """Normalization layer factory for ResNet bodies and heads.
+
+    ``frozen_bn`` is for fine-tuning from a pretrained file; from scratch it diverges (see
+    PITFALLS.md), so use ``gn`` (one GPU/CPU) or ``syncbn`` (many GPUs) then.
+    """
+    if norm == "frozen_bn":
+        return FrozenBatchNorm2d
+    if norm == "bn":
+        return nn.BatchNorm2d
+    if norm == "syncbn":
+        return nn.SyncBatchNorm
+    if norm == "gn":
+        return partial(nn.GroupNorm, gn_groups)
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def resnet_body(depth: int, norm: str, weights_path: str | None = None) -> resnet.ResNet:
+    """A torchvision ResNet, optionally initialised from a local ImageNet state dict file.
+
+    Args:
+        depth: 18, 34, 50 or 101.
+        norm: one of ``NORMS``.
+        weights_path: a torchvision ResNet ``state_dict`` saved with ``torch.save``
+            (e.g. ``resnet50-0676ba61.pth``); nothing is downloaded.
+    """
+    if depth not in RESNETS:
+        raise ValueError(f"ResNet depth must be one of {sorted(RESNETS)}, got {depth}")
+    body = RESNETS[depth](weights=None, norm_layer=norm_layer(norm))
+    if weights_path:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        missing, unexpected = body.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("fc.")]
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights_path} does not look like a torchvision ResNet-{depth} state dict: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+    return body
+
+
+def freeze_stages(body: resnet.ResNet, trainable_layers: int) -> None:
+    """Freeze all but the last ``trainable_layers`` of (conv1, layer1, ..., layer4) in place."""
+    if not 0 <= trainable_layers <= 5:
+        raise ValueError(f"trainable_layers must be in [0, 5], got {trainable_layers}")
+    trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        trainable.append("bn1")
+    for name, parameter in body.named_parameters():
+        if all(not name.startswith(layer) for layer in trainable):
+            parameter.requires_grad_(False)
+
+
+def resnet_fpn(
+    depth: int = 50,
+    norm: str = "frozen_bn",
+    out_channels: int = 256,
+    trainable_layers: int = 5,
+    weights_path: str | None = None,
+) -> BackboneWithFPN:
+    """ResNet-FPN: P2-P6 feature maps with ``out_channels`` channels each.
+
+    Returns:
+        module mapping ``[B, 3, H, W]`` to ``{"0": P2 (stride 4), ..., "3": P5, "pool": P6}``.
+    """
+    body = resnet_body(depth, norm, weights_path)
+    freeze_stages(body, trainable_layers)
+    return_layers = {f"layer{i}": str(i - 1) for i in range(1, 5)}
+    in_channels = [stage_channels(depth, s) for s in range(2, 6)]
+    return BackboneWithFPN(body, return_layers, in_channels, out_channels, extra_blocks=LastLevelMaxPool())
+
+
+class SingleMapBackbone(nn.Module):
+    """ResNet truncated after ``last_layer``; returns its output as ``{"0": [B, C, H/s, W/s]}``."""
+
+    def __init__(self, body: resnet.ResNet, last_layer: str, out_channels: int):
+        super().__init__()
+        self.body = IntermediateLayerGetter(body, return_layers={last_layer: "0"})
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        return self.body(x)
+
+
+def resnet_c4(
+    depth: int = 50, norm: str = "frozen_bn", trainable_layers: int = 5, weights_path: str | None = None
+) -> SingleMapBackbone:
+    """ResNet-C4: res2-res4, stride 16. Pair it with ``Res5BoxHead`` (the paper's C4 head)."""
+    body = resnet_body(depth, norm, weights_path)
+    freeze_stages(body, trainable_layers)
+    return SingleMapBackbone(body, "layer3", stage_channels(depth, 4))
+
+
+def resnet_c5(
+    depth: int = 50, norm: str = "frozen_bn", trainable_layers: int = 5, weights_path: str | None = None
+) -> SingleMapBackbone:
+    """ResNet-C5: res2-res5, stride 32 (Table 2d's large-stride features)."""
+    body = resnet_body(depth, norm, weights_path)
+    freeze_stages(body, trainable_layers)
+    return SingleMapBackbone(body, "layer4", stage_channels(depth, 5))

@@ -1,0 +1,142 @@
+"""Box heads (2-fc MLP for FPN, res5 for C4), the box predictor, and the Fast R-CNN loss and inference."""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import boxes as box_ops
+
+from mrcnn.modeling.backbone import resnet_body, stage_channels
+
+
+class MLPBoxHead(nn.Module):
+    """Two hidden fc layers on flattened pooled features (the FPN box head).
+
+    Args:
+        in_channels: channels of the pooled features.
+        resolution: side of the pooled features (7).
+        representation_size: width of both fc layers (1024).
+
+    Shapes:
+        ``[R, in_channels, resolution, resolution]`` -> ``[R, representation_size]``.
+    """
+
+    def __init__(self, in_channels: int, resolution: int = 7, representation_size: int = 1024):
+        super().__init__()
+        # Names follow torchvision's TwoMLPHead so its checkpoints load without renaming.
+        self.fc6 = nn.Linear(in_channels * resolution**2, representation_size)
+        self.fc7 = nn.Linear(representation_size, representation_size)
+        self.out_channels = representation_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.flatten(start_dim=1)
+        return F.relu(self.fc7(F.relu(self.fc6(x))))
+
+
+class Res5BoxHead(nn.Module):
+    """The C4 head: ResNet stage 5 (stride 2) on 14x14 pooled res4 features.
+
+    Returns the 7x7 feature map rather than a pooled vector, so the C4 mask branch can run its
+    deconvolution on the same res5 features (the paper's Fig. 4, left); the predictor averages it.
+
+    Args:
+        depth: ResNet depth, matching the backbone.
+        norm: normalization, matching the backbone.
+        weights_path: optional local torchvision ResNet state dict (its ``layer4`` is used).
+
+    Shapes:
+        ``[R, C4, 14, 14]`` -> ``[R, C5, 7, 7]``.
+    """
+
+    def __init__(self, depth: int = 50, norm: str = "frozen_bn", weights_path: str | None = None):
+        super().__init__()
+        self.res5 = resnet_body(depth, norm, weights_path).layer4
+        self.out_channels = stage_channels(depth, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.res5(x)
+
+
+class BoxPredictor(nn.Module):
+    """Classification scores over ``num_classes + 1`` (background is 0) and class-specific box deltas.
+
+    Args:
+        in_channels: feature size from the box head (a 4-D map is averaged over space first).
+        num_classes: foreground classes K.
+
+    Shapes:
+        ``[R, in_channels]`` or ``[R, in_channels, h, w]`` -> scores ``[R, K+1]``, deltas ``[R, 4(K+1)]``.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.cls_score = nn.Linear(in_channels, num_classes + 1)
+        self.bbox_pred = nn.Linear(in_channels, (num_classes + 1) * 4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if x.dim() == 4:
+            x = x.mean(dim=(2, 3))
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+def fast_rcnn_loss(
+    class_logits: Tensor, box_regression: Tensor, labels: Tensor, regression_targets: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Fast R-CNN classification and box-regression losses over sampled RoIs.
+
+    Args:
+        class_logits: ``[R, K+1]``.
+        box_regression: ``[R, 4(K+1)]`` class-specific deltas.
+        labels: int64 ``[R]``, 0 for background.
+        regression_targets: ``[R, 4]`` encoded deltas to the matched ground truth.
+
+    Returns:
+        (cross-entropy over all RoIs, smooth-L1 (beta 1/9) on the true class's deltas of
+        positive RoIs, summed and divided by R).
+    """
+    classification_loss = F.cross_entropy(class_logits, labels)
+    positive = torch.where(labels > 0)[0]
+    deltas = box_regression.reshape(len(box_regression), -1, 4)[positive, labels[positive]]
+    box_loss = F.smooth_l1_loss(deltas, regression_targets[positive], beta=1 / 9, reduction="sum")
+    return classification_loss, box_loss / max(labels.numel(), 1)
+
+
+def fast_rcnn_inference(
+    class_logits: Tensor,
+    box_regression: Tensor,
+    proposals: list[Tensor],
+    image_shapes: list[tuple[int, int]],
+    box_coder: BoxCoder,
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.5,
+    detections_per_img: int = 100,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Turn per-RoI class scores and deltas into final detections.
+
+    Every (RoI, foreground class) pair is a candidate with its own decoded box; candidates below
+    ``score_thresh`` or with tiny boxes are dropped, class-wise NMS runs, and the top
+    ``detections_per_img`` by score are kept.
+
+    Returns:
+        per image: boxes ``[D, 4]``, scores ``[D]``, labels int64 ``[D]`` (1..K).
+    """
+    num_classes = class_logits.shape[-1]
+    boxes_per_image = [len(p) for p in proposals]
+    pred_boxes = box_coder.decode(box_regression, proposals).split(boxes_per_image)
+    pred_scores = F.softmax(class_logits, -1).split(boxes_per_image)
+
+    all_boxes, all_scores, all_labels = [], [], []
+    for boxes, scores, image_shape in zip(pred_boxes, pred_scores, image_shapes):
+        boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
+        labels = torch.arange(num_classes, device=scores.device).view(1, -1).expand_as(scores)
+        # Drop the background column, then flatten candidates to one row per (RoI, class).
+        boxes, scores, labels = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1), labels[:, 1:].reshape(-1)
+        keep = torch.where(scores > score_thresh)[0]
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = box_ops.batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
+        all_boxes.append(boxes[keep])
+        all_scores.append(scores[keep])
+        all_labels.append(labels[keep])
+    return all_boxes, all_scores, all_labels

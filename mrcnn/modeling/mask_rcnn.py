@@ -1,0 +1,145 @@
+"""MaskRCNN: transform -> backbone -> RPN -> RoI heads -> postprocess; always returns (detections, losses)."""
+
+import re
+from collections import OrderedDict
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+LOSS_KEYS = ("rpn_class_loss", "rpn_bbox_loss", "fastrcnn_class_loss", "fastrcnn_bbox_loss", "maskrcnn_mask_loss")
+
+
+class MaskRCNN(nn.Module):
+    """Mask R-CNN from already-built parts.
+
+    Args:
+        backbone: maps ``[B, 3, H, W]`` to a dict of feature maps (see ``mrcnn.modeling.backbone``).
+        rpn: ``mrcnn.modeling.rpn.RPN``.
+        roi_heads: ``mrcnn.modeling.roi_heads.RoIHeads``.
+        min_size: shorter image side after resizing; a list picks one at random per training batch.
+        max_size: cap on the longer side after resizing.
+        image_mean, image_std: input normalization (ImageNet statistics, as torchvision).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        rpn: nn.Module,
+        roi_heads: nn.Module,
+        min_size: int | list[int] = 800,
+        max_size: int = 1333,
+        image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
+        image_std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+    ):
+        super().__init__()
+        min_size = (min_size,) if isinstance(min_size, int) else tuple(min_size)
+        self.transform = GeneralizedRCNNTransform(min_size, max_size, list(image_mean), list(image_std))
+        self.backbone = backbone
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        """
+        Args:
+            images: float ``[3, H_i, W_i]`` in 0..1, sizes may differ.
+            targets: per image ``boxes [N, 4]`` xyxy, ``labels`` int64 ``[N]`` (1..K), ``masks`` uint8
+                ``[N, H_i, W_i]``. Required in training mode; optional in eval mode, where giving them
+                also returns the losses (validation losses without touching BatchNorm statistics).
+
+        Returns:
+            detections: empty in training mode; else per image ``boxes [D, 4]``, ``labels [D]``,
+                ``scores [D]`` and ``masks [D, 1, H_i, W_i]`` probabilities, in original image pixels.
+            losses: the five losses (``LOSS_KEYS``) when targets were given, else empty.
+        """
+        if self.training and targets is None:
+            raise ValueError("MaskRCNN needs targets in training mode")
+        if targets is not None:
+            check_targets(targets)
+        original_sizes = [tuple(img.shape[-2:]) for img in images]
+        image_list, targets = self.transform(images, targets)
+        features = self.backbone(image_list.tensors)
+        if isinstance(features, Tensor):
+            features = OrderedDict([("0", features)])
+        proposals, rpn_losses = self.rpn(image_list, features, targets)
+        detections, head_losses = self.roi_heads(features, proposals, image_list.image_sizes, targets)
+        if detections:
+            detections = self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+        return detections, {**rpn_losses, **head_losses}
+
+
+def check_targets(targets: list[dict[str, Tensor]]) -> None:
+    """Fail early, naming the image, on targets that would crash or silently corrupt training."""
+    for i, t in enumerate(targets):
+        name = f"target {i} (image_id {t.get('image_id', '?')})"
+        for key in ("boxes", "labels", "masks"):
+            if key not in t:
+                raise ValueError(f"{name} has no '{key}'")
+        boxes = t["boxes"]
+        if boxes.dim() != 2 or boxes.shape[-1] != 4 or not boxes.is_floating_point():
+            raise ValueError(f"{name}: boxes must be float [N, 4], got {tuple(boxes.shape)} {boxes.dtype}")
+        if t["labels"].dtype != torch.int64 or len(t["labels"]) != len(boxes) or len(t["masks"]) != len(boxes):
+            raise ValueError(
+                f"{name}: labels must be int64 and boxes, labels, masks must have the same length; got "
+                f"{len(boxes)} boxes, {len(t['labels'])} {t['labels'].dtype} labels, {len(t['masks'])} masks"
+            )
+        degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
+        if degenerate.any():
+            bad = boxes[torch.where(degenerate)[0][0]].tolist()
+            raise ValueError(f"{name} has a box with non-positive width or height: {bad}")
+
+
+def torchvision_to_mrcnn_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename a ``torchvision.models.detection.maskrcnn_resnet50_fpn`` state dict to this model's keys.
+
+    Only the mask head differs in naming:
+
+    ==========================================================  =====================================
+    torchvision                                                 mrcnn
+    ==========================================================  =====================================
+    ``roi_heads.mask_head.{i}.0.*`` (or ``mask_fcn{i+1}.*``)       ``roi_heads.mask_head.convs.{2i}.*``
+    ``roi_heads.mask_predictor.conv5_mask.*``                   ``roi_heads.mask_head.deconv.*``
+    ``roi_heads.mask_predictor.mask_fcn_logits.*``              ``roi_heads.mask_head.predictor.*``
+    ==========================================================  =====================================
+
+    Backbone, FPN, RPN and box head keys are identical (torchvision's ``num_classes`` counts the
+    background, so a 91-class torchvision model is ``num_classes=90`` here).
+    """
+    renamed = {}
+    for key, value in state_dict.items():
+        new = key
+        match = re.fullmatch(r"roi_heads\.mask_head\.(?:(\d+)\.0|mask_fcn(\d+))\.(weight|bias)", key)
+        if match:
+            index = int(match.group(1)) if match.group(1) is not None else int(match.group(2)) - 1
+            new = f"roi_heads.mask_head.convs.{2 * index}.{match.group(3)}"
+        new = new.replace("roi_heads.mask_predictor.conv5_mask.", "roi_heads.mask_head.deconv.")
+        new = new.replace("roi_heads.mask_predictor.mask_fcn_logits.", "roi_heads.mask_head.predictor.")
+        renamed[new] = value
+    return renamed
+
+
+def load_torchvision_weights(model: MaskRCNN, path_or_state_dict, strict: bool = True) -> None:
+    """Load a torchvision Mask R-CNN checkpoint (file path or state dict) into ``model``.
+
+    Raises:
+        ValueError: naming the file and the mismatched keys or shapes when it does not fit the model.
+    """
+    source = path_or_state_dict if isinstance(path_or_state_dict, str) else "the given state dict"
+    state = path_or_state_dict
+    if isinstance(state, str):
+        state = torch.load(state, map_location="cpu", weights_only=True)
+    if "model" in state and isinstance(state["model"], dict):  # torchvision reference-script checkpoints
+        state = state["model"]
+    state = torchvision_to_mrcnn_state_dict(state)
+    own = model.state_dict()
+    wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own and not k.endswith("num_batches_tracked")]
+    if wrong_shape or (strict and (missing or unexpected)):
+        details = [
+            f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong_shape[:5]
+        ] + [f"missing in file: {missing[:5]}"] * bool(missing) + [f"not in model: {unexpected[:5]}"] * bool(unexpected)
+        raise ValueError(f"{source} does not match the configured model: " + "; ".join(details))
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)

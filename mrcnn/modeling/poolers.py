@@ -1,0 +1,181 @@
+"""RoI feature extraction: the RoIPool / RoIWarp / RoIAlign switch of the paper's Table 2c.
+
+Every pooler here shares the same two steps:
+
+1. Level assignment. With one feature map (C4 / C5) every RoI reads that map. With an
+   FPN pyramid each RoI reads level ``floor(k0 + log2(sqrt(wh) / 224))`` (FPN paper, eq. 1),
+   clamped to the available levels. The stride of each level is inferred from the
+   feature-map size relative to the (padded) batch image size, exactly as torchvision's
+   ``MultiScaleRoIAlign`` does, so ``RoIAlignPooler(aligned=False, sampling_ratio=2)``
+   reproduces torchvision's Mask R-CNN pooler bit for bit.
+2. The per-level operator, which is what the variants differ in.
+
+All kernels come from ``torchvision.ops``.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import roi_align, roi_pool
+
+
+def boxes_to_rois(boxes: list[Tensor]) -> Tensor:
+    """Concatenate per-image boxes into the ``[R, 5]`` (batch_index, x1, y1, x2, y2) format."""
+    rois = torch.cat(boxes, dim=0)
+    batch_index = torch.cat(
+        [torch.full((len(b), 1), i, dtype=rois.dtype, device=rois.device) for i, b in enumerate(boxes)], dim=0
+    )
+    return torch.cat([batch_index, rois], dim=1)
+
+
+def infer_scale(feature_size: int, image_size: int) -> float:
+    """Stride-reciprocal of a feature map, rounded to a power of two (e.g. 1/4, 1/8)."""
+    return 2.0 ** round(math.log2(feature_size / image_size))
+
+
+def assign_levels(
+    boxes: list[Tensor], k_min: int, k_max: int, canonical_scale: int = 224, canonical_level: int = 4
+) -> Tensor:
+    """FPN level of each box (eq. 1 of the FPN paper), as an index into ``k_min..k_max``.
+
+    Args:
+        boxes: per-image boxes ``[R_i, 4]`` xyxy in (resized) image pixels.
+
+    Returns:
+        int64 ``[R]`` with values in ``0 .. k_max - k_min``.
+    """
+    all_boxes = torch.cat(boxes, dim=0)
+    widths = all_boxes[:, 2] - all_boxes[:, 0]
+    heights = all_boxes[:, 3] - all_boxes[:, 1]
+    scale = torch.sqrt(widths * heights)
+    # The small epsilon keeps boxes exactly on a level boundary on the upper level, as torchvision does.
+    level = torch.floor(canonical_level + torch.log2(scale / canonical_scale) + torch.tensor(1e-6, dtype=scale.dtype))
+    level = torch.clamp(level, min=k_min, max=k_max)
+    return (level.to(torch.int64) - k_min).to(torch.int64)
+
+
+class RoIPooler(nn.Module):
+    """Base class: picks the feature level of each RoI and calls :meth:`pool_level` per level.
+
+    Args:
+        featmap_names: names of the backbone outputs to pool from, finest first
+            (e.g. ``["0", "1", "2", "3"]`` for FPN P2-P5, ``["0"]`` for C4).
+        output_size: side of the pooled square (7 for box heads, 14 for mask heads).
+        canonical_scale: box side that maps to ``canonical_level`` (224 in the FPN paper).
+        canonical_level: k0 in the FPN paper (4).
+    """
+
+    def __init__(
+        self, featmap_names: list[str], output_size: int, canonical_scale: int = 224, canonical_level: int = 4
+    ):
+        super().__init__()
+        self.featmap_names = list(featmap_names)
+        self.output_size = int(output_size)
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+
+    def pool_level(self, feature: Tensor, rois: Tensor, spatial_scale: float) -> Tensor:
+        """Pool ``rois [R, 5]`` from one feature map ``[B, C, H, W]`` into ``[R, C, S, S]``."""
+        raise NotImplementedError
+
+    def forward(self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        """
+        Args:
+            features: backbone outputs, each ``[B, C, H_l, W_l]``.
+            boxes: per-image RoIs ``[R_i, 4]`` xyxy in resized-image pixels.
+            image_shapes: per-image ``(H, W)`` after resizing, before padding.
+
+        Returns:
+            ``[sum R_i, C, S, S]`` pooled features, in the order of ``boxes``.
+        """
+        maps = [features[name] for name in self.featmap_names]
+        max_h = max(s[0] for s in image_shapes)
+        scales = [infer_scale(m.shape[-2], max_h) for m in maps]
+        rois = boxes_to_rois(boxes)
+        if len(maps) == 1:
+            return self.pool_level(maps[0], rois, scales[0])
+
+        k_min = int(-math.log2(scales[0]))
+        k_max = int(-math.log2(scales[-1]))
+        levels = assign_levels(boxes, k_min, k_max, self.canonical_scale, self.canonical_level)
+        out = rois.new_zeros((len(rois), maps[0].shape[1], self.output_size, self.output_size), dtype=maps[0].dtype)
+        for level, (feature, scale) in enumerate(zip(maps, scales)):
+            index = torch.where(levels == level)[0]
+            out[index] = self.pool_level(feature, rois[index], scale).to(out.dtype)
+        return out
+
+
+class RoIAlignPooler(RoIPooler):
+    """RoIAlign (Mask R-CNN paper, Sec. 3): no quantization, bilinear samples averaged or maxed per bin.
+
+    Args:
+        sampling_ratio: bilinear samples per bin side; ``<= 0`` lets the kernel pick
+            ``ceil(roi_size / output_size)`` per RoI (only valid for ``mode="avg"``).
+        aligned: shift boxes by -0.5 pixel so pixel centres line up (Detectron2's fix).
+            torchvision's Mask R-CNN uses ``False``; keep it for parity with its weights.
+        mode: ``"avg"`` (the paper's default) or ``"max"`` over the samples of a bin
+            (Table 2c compares both).
+    """
+
+    def __init__(
+        self,
+        featmap_names: list[str],
+        output_size: int,
+        sampling_ratio: int = 2,
+        aligned: bool = False,
+        mode: str = "avg",
+        canonical_scale: int = 224,
+        canonical_level: int = 4,
+    ):
+        super().__init__(featmap_names, output_size, canonical_scale, canonical_level)
+        if mode not in ("avg", "max"):
+            raise ValueError(f"RoIAlignPooler mode must be 'avg' or 'max', got {mode!r}")
+        if mode == "max" and sampling_ratio <= 0:
+            raise ValueError("RoIAlignPooler(mode='max') needs a fixed sampling_ratio > 0")
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+        self.mode = mode
+
+    def pool_level(self, feature: Tensor, rois: Tensor, spatial_scale: float) -> Tensor:
+        if self.mode == "avg":
+            return roi_align(feature, rois, self.output_size, spatial_scale, self.sampling_ratio, self.aligned)
+        # Max: a grid of S*r x S*r sub-bins with one sample at each centre places samples exactly
+        # where RoIAlign with sampling ratio r places them; max-pooling r x r groups gives the per-bin max.
+        r = self.sampling_ratio
+        samples = roi_align(feature, rois, self.output_size * r, spatial_scale, 1, self.aligned)
+        return F.max_pool2d(samples, kernel_size=r, stride=r)
+
+
+class RoIPoolPooler(RoIPooler):
+    """RoIPool (Fast R-CNN): box and bins quantized to the feature grid, max over each bin."""
+
+    def pool_level(self, feature: Tensor, rois: Tensor, spatial_scale: float) -> Tensor:
+        return roi_pool(feature, rois, self.output_size, spatial_scale)
+
+
+class RoIWarpPooler(RoIPooler):
+    """RoIWarp (MNC, as compared in the paper's Table 2c): the box is quantized to the
+    feature grid like RoIPool, then features are bilinearly sampled like RoIAlign.
+
+    Args:
+        sampling_ratio: bilinear samples per bin side (``<= 0``: adaptive).
+    """
+
+    def __init__(
+        self,
+        featmap_names: list[str],
+        output_size: int,
+        sampling_ratio: int = 2,
+        canonical_scale: int = 224,
+        canonical_level: int = 4,
+    ):
+        super().__init__(featmap_names, output_size, canonical_scale, canonical_level)
+        self.sampling_ratio = sampling_ratio
+
+    def pool_level(self, feature: Tensor, rois: Tensor, spatial_scale: float) -> Tensor:
+        # Snap box corners to feature cells (the quantization RoIAlign removes), back in image pixels.
+        quantized = rois.clone()
+        quantized[:, 1:] = torch.round(rois[:, 1:] * spatial_scale) / spatial_scale
+        return roi_align(feature, quantized, self.output_size, spatial_scale, self.sampling_ratio, aligned=False)

@@ -1,0 +1,180 @@
+"""RoI heads: sample RoIs and build targets, then run the box branch and the mask branch.
+
+Matching, sampling and box coding are torchvision's; the pooler, heads and mask loss are
+whatever the config chose, which is the point of owning this module.
+"""
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
+from torchvision.ops import boxes as box_ops
+
+from mrcnn.modeling.box_head import fast_rcnn_inference, fast_rcnn_loss
+from mrcnn.modeling.mask_head import mask_targets
+
+
+class RoIHeads(nn.Module):
+    """Box and mask branches of Mask R-CNN.
+
+    Args:
+        box_pooler: RoI pooler for the box branch (output 7x7 for FPN, 14x14 for C4).
+        box_head: ``MLPBoxHead`` or ``Res5BoxHead``.
+        box_predictor: ``BoxPredictor``.
+        mask_head: ``FCNMaskHead`` or ``MLPMaskHead``.
+        mask_loss: ``SigmoidMaskLoss`` or ``SoftmaxMaskLoss``.
+        mask_pooler: RoI pooler for the mask branch (14x14). Ignored when ``mask_from_box_head``.
+        mask_from_box_head: the C4 design: the mask head runs on the box head's res5 output
+            (during training, reusing the positive RoIs' features; at test time on the detections).
+        fg_iou_thresh, bg_iou_thresh: RoI/ground-truth IoU for positives and negatives (0.5, 0.5).
+        batch_size_per_image: RoIs sampled per image for the losses (512 FPN, 64 C4).
+        positive_fraction: target share of positives among sampled RoIs (0.25).
+        bbox_reg_weights: box coder weights (10, 10, 5, 5).
+        score_thresh, nms_thresh, detections_per_img: inference settings.
+    """
+
+    def __init__(
+        self,
+        box_pooler: nn.Module,
+        box_head: nn.Module,
+        box_predictor: nn.Module,
+        mask_head: nn.Module,
+        mask_loss,
+        mask_pooler: nn.Module | None = None,
+        mask_from_box_head: bool = False,
+        fg_iou_thresh: float = 0.5,
+        bg_iou_thresh: float = 0.5,
+        batch_size_per_image: int = 512,
+        positive_fraction: float = 0.25,
+        bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.5,
+        detections_per_img: int = 100,
+    ):
+        super().__init__()
+        if mask_loss.per_class_only and getattr(mask_head, "class_agnostic", False):
+            raise ValueError(
+                f"{type(mask_loss).__name__} needs per-class masks; class_agnostic=True is only defined "
+                "for the sigmoid mask loss"
+            )
+        if not mask_from_box_head and mask_pooler is None:
+            raise ValueError("RoIHeads needs a mask_pooler unless mask_from_box_head=True (the C4 design)")
+        self.box_pooler = box_pooler
+        self.box_head = box_head
+        self.box_predictor = box_predictor
+        self.mask_pooler = None if mask_from_box_head else mask_pooler
+        self.mask_head = mask_head
+        self.mask_loss = mask_loss
+        self.mask_from_box_head = mask_from_box_head
+        self.proposal_matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
+        self.fg_bg_sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
+        self.box_coder = BoxCoder(tuple(float(w) for w in bbox_reg_weights))
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_img = detections_per_img
+
+    def sample_rois(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]):
+        """Add ground-truth boxes to the proposals, match, and sample a balanced set per image.
+
+        Returns:
+            rois: per image ``[S_i, 4]``; labels: per image int64 ``[S_i]`` (0 = background);
+            matched_idxs: per image index of the matched ground truth (0 for background);
+            regression_targets: ``[sum S_i, 4]``.
+        """
+        rois, labels, matched_idxs, matched_boxes = [], [], [], []
+        for boxes, target in zip(proposals, targets):
+            gt_boxes = target["boxes"].to(boxes.dtype)
+            boxes = torch.cat([boxes, gt_boxes])
+            if len(gt_boxes) == 0:
+                matched = torch.zeros(len(boxes), dtype=torch.int64, device=boxes.device)
+                image_labels = torch.zeros(len(boxes), dtype=torch.int64, device=boxes.device)
+                gt_boxes = boxes.new_zeros((1, 4))
+            else:
+                raw = self.proposal_matcher(box_ops.box_iou(gt_boxes, boxes))
+                matched = raw.clamp(min=0)
+                image_labels = target["labels"][matched].to(torch.int64)
+                image_labels[raw == Matcher.BELOW_LOW_THRESHOLD] = 0
+                image_labels[raw == Matcher.BETWEEN_THRESHOLDS] = -1  # ignored by the sampler
+            rois.append(boxes)
+            labels.append(image_labels)
+            matched_idxs.append(matched)
+            matched_boxes.append(gt_boxes)
+
+        positive, negative = self.fg_bg_sampler(labels)
+        for i, (pos, neg) in enumerate(zip(positive, negative)):
+            keep = torch.where(pos | neg)[0]
+            rois[i], labels[i], matched_idxs[i] = rois[i][keep], labels[i][keep], matched_idxs[i][keep]
+            matched_boxes[i] = matched_boxes[i][matched_idxs[i]]
+        regression_targets = torch.cat(self.box_coder.encode(matched_boxes, rois))
+        return rois, labels, matched_idxs, regression_targets
+
+    def forward(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]] | None = None,
+    ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        """
+        Args:
+            features: backbone feature maps.
+            proposals: per image ``[P_i, 4]`` xyxy (resized-image pixels).
+            image_shapes: per image ``(H, W)`` after resizing.
+            targets: per image ``boxes``, ``labels`` and ``masks``; required in training mode. In eval
+                mode they are optional and, when given, the losses are computed too.
+
+        Returns:
+            detections: in eval mode, per image ``boxes [D, 4]``, ``labels [D]``, ``scores [D]``,
+                ``masks [D, 1, M, M]`` (probabilities in the box frame); empty list in training mode.
+            losses: ``fastrcnn_class_loss``, ``fastrcnn_bbox_loss``, ``maskrcnn_mask_loss`` when targets were given.
+        """
+        if self.training and targets is None:
+            raise ValueError("RoIHeads needs targets in training mode")
+        losses = {}
+        if targets is not None:
+            losses = self._losses(features, proposals, image_shapes, targets)
+        detections = [] if self.training else self._detect(features, proposals, image_shapes)
+        return detections, losses
+
+    def _losses(self, features, proposals, image_shapes, targets) -> dict[str, Tensor]:
+        rois, labels, matched_idxs, regression_targets = self.sample_rois(proposals, targets)
+        box_features = self.box_head(self.box_pooler(features, rois, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        class_loss, bbox_loss = fast_rcnn_loss(class_logits, box_regression, torch.cat(labels), regression_targets)
+
+        # Mask branch: positive RoIs only, each against its matched ground-truth mask.
+        positives = [torch.where(image_labels > 0)[0] for image_labels in labels]
+        pos_rois = [r[p] for r, p in zip(rois, positives)]
+        if self.mask_from_box_head:
+            offsets = torch.cumsum(torch.tensor([0] + [len(r) for r in rois[:-1]]), 0).tolist()
+            mask_features = box_features[torch.cat([p + o for p, o in zip(positives, offsets)])]
+        else:
+            mask_features = self.mask_pooler(features, pos_rois, image_shapes)
+        mask_logits = self.mask_head(mask_features)
+        size = mask_logits.shape[-1]
+        gt_labels = torch.cat([t["labels"][m[p]] for t, m, p in zip(targets, matched_idxs, positives)])
+        gt_masks = torch.cat(
+            [mask_targets(t["masks"], r, m[p], size) for t, r, m, p in zip(targets, pos_rois, matched_idxs, positives)]
+        )
+        mask_loss = self.mask_loss.loss(mask_logits, gt_labels, gt_masks)
+        return {"fastrcnn_class_loss": class_loss, "fastrcnn_bbox_loss": bbox_loss, "maskrcnn_mask_loss": mask_loss}
+
+    def _detect(self, features, proposals, image_shapes) -> list[dict[str, Tensor]]:
+        box_features = self.box_head(self.box_pooler(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        boxes, scores, labels = fast_rcnn_inference(
+            class_logits,
+            box_regression,
+            proposals,
+            image_shapes,
+            self.box_coder,
+            self.score_thresh,
+            self.nms_thresh,
+            self.detections_per_img,
+        )
+        if self.mask_from_box_head:
+            mask_features = self.box_head(self.box_pooler(features, boxes, image_shapes))
+        else:
+            mask_features = self.mask_pooler(features, boxes, image_shapes)
+        masks = self.mask_loss.inference(self.mask_head(mask_features), torch.cat(labels))
+        masks = masks.split([len(b) for b in boxes])
+        return [dict(boxes=b, labels=l, scores=s, masks=m) for b, l, s, m in zip(boxes, labels, scores, masks)]
