@@ -1,0 +1,180 @@
+"""Augmentation pipelines that keep instance masks, boxes and labels in step.
+
+Every dataset in :mod:`mrcnn.data` produces a uint8 image ``[H, W, 3]``, uint8
+instance masks ``[N, H, W]`` and int64 labels ``[N]`` first, runs an optional
+:class:`InstanceTransform` on them, and only then converts the result into the
+project's tensor contract with :func:`to_sample`.
+
+Boxes are never pushed through albumentations: after the geometric transforms
+they are recomputed from the transformed masks, and instances whose mask became
+empty are dropped together with their labels. Albumentations' own box filtering
+(``min_visibility``, ``min_area``) only filters boxes and label fields, not
+masks, which is how ``len(masks) != len(boxes)`` bugs arise.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import albumentations as A
+import numpy as np
+import torch
+
+__all__ = [
+    "InstanceTransform",
+    "identity_transforms",
+    "masks_to_boxes",
+    "to_sample",
+    "train_transforms",
+]
+
+
+def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
+    """Tight xyxy boxes around binary masks.
+
+    ``x1`` is the first column containing the mask and ``x2`` is one past the last
+    one (likewise for y), so a single-pixel mask at (row 3, col 5) gets the box
+    ``[5, 3, 6, 4]`` with positive width and height.
+
+    Args:
+        masks: ``[N, H, W]`` array; nonzero means foreground. Every mask must be
+            non-empty (an empty mask has no extent; its box is undefined).
+
+    Returns:
+        ``[N, 4]`` float32 array of ``(x1, y1, x2, y2)`` in pixels.
+    """
+    n, h, w = masks.shape
+    if n == 0:
+        return np.zeros((0, 4), dtype=np.float32)
+    rows = masks.any(axis=2)  # [N, H]: which rows each mask touches
+    cols = masks.any(axis=1)  # [N, W]
+    # argmax returns the first True; on the reversed array it finds the last one.
+    y1 = rows.argmax(axis=1)
+    y2 = h - rows[:, ::-1].argmax(axis=1)
+    x1 = cols.argmax(axis=1)
+    x2 = w - cols[:, ::-1].argmax(axis=1)
+    return np.stack([x1, y1, x2, y2], axis=1).astype(np.float32)
+
+
+class InstanceTransform:
+    """Runs albumentations transforms on an image and its instance masks.
+
+    After the transforms the boxes are recomputed from the transformed masks and
+    instances whose mask became empty (cropped away, rotated out of the frame)
+    are dropped with their labels, so masks, boxes and labels always line up.
+
+    Args:
+        transforms: albumentations transforms applied in order, e.g.
+            ``[A.HorizontalFlip(p=0.5)]``. ``None`` or an empty list leaves the
+            sample unchanged (boxes are still computed).
+        seed: seed of the albumentations random state; ``None`` draws a fresh one.
+    """
+
+    def __init__(self, transforms: Sequence[A.BasicTransform] | None = None, seed: int | None = None):
+        self.compose = A.Compose(list(transforms or []), seed=seed)
+        # Process and worker for which the random state was last re-seeded.
+        self._seeded_for: tuple[int, int] | None = None
+
+    def __call__(
+        self, image: np.ndarray, masks: np.ndarray, labels: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Transforms one sample.
+
+        Args:
+            image: uint8 ``[H, W, 3]``.
+            masks: uint8 ``[N, H, W]`` with values 0/1; N may be 0.
+            labels: int64 ``[N]``.
+
+        Returns:
+            ``(image, masks, boxes, labels)``: uint8 ``[H', W', 3]``, uint8
+            ``[M, H', W']``, float32 ``[M, 4]`` xyxy and int64 ``[M]``, where the
+            M <= N surviving instances keep their original order.
+        """
+        self._reseed_in_worker()
+        if len(masks) == 0:
+            # albumentations cannot stack an empty [0, H, W] array: transform the image alone.
+            image = self.compose(image=image)["image"]
+            masks = np.zeros((0, *image.shape[:2]), dtype=np.uint8)
+        else:
+            out = self.compose(image=image, masks=masks)
+            image = out["image"]
+            # Interpolating transforms may produce values other than 0/1: binarise.
+            masks = (np.asarray(out["masks"]) > 0).astype(np.uint8)
+
+        keep = masks.any(axis=(1, 2))
+        masks = masks[keep]
+        labels = np.asarray(labels, dtype=np.int64)[keep]
+        return image, masks, masks_to_boxes(masks), labels
+
+    def _reseed_in_worker(self) -> None:
+        # DataLoader workers start as copies of the main process, so each would
+        # inherit the same albumentations random state and apply the same
+        # augmentation sequence. Re-seed once per worker from torch's per-worker seed
+        # (which changes every epoch unless workers are persistent).
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            return
+        key = (os.getpid(), info.id)
+        if self._seeded_for != key:
+            self.compose.set_random_seed(info.seed % 2**32)
+            self._seeded_for = key
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.compose.transforms!r})"
+
+
+def train_transforms(hflip_prob: float = 0.5) -> InstanceTransform:
+    """The default training augmentation: a random horizontal flip (as in the paper).
+
+    Args:
+        hflip_prob: probability of flipping each image.
+    """
+    return InstanceTransform([A.HorizontalFlip(p=hflip_prob)])
+
+
+def identity_transforms() -> InstanceTransform:
+    """No augmentation (validation and test); boxes are still recomputed from masks."""
+    return InstanceTransform([])
+
+
+def to_sample(
+    image: np.ndarray,
+    masks: np.ndarray,
+    labels: np.ndarray,
+    image_id: int,
+    boxes: np.ndarray | None = None,
+    iscrowd: np.ndarray | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Converts numpy instances to the project's ``(image, target)`` contract.
+
+    Args:
+        image: uint8 ``[H, W, 3]``.
+        masks: ``[N, H, W]`` 0/1 masks, all non-empty.
+        labels: ``[N]`` contiguous class labels in 1..K.
+        image_id: unique id of the image within its dataset (starts at 1).
+        boxes: ``[N, 4]`` xyxy boxes; computed tightly from the masks if ``None``.
+        iscrowd: ``[N]`` crowd flags; all zeros if ``None``.
+
+    Returns:
+        ``image``: float32 ``[3, H, W]`` in 0..1, and ``target`` with ``boxes``
+        float32 ``[N, 4]``, ``labels`` int64 ``[N]``, ``masks`` uint8 ``[N, H, W]``,
+        ``iscrowd`` int64 ``[N]``, ``area`` float32 ``[N]`` (mask pixel count) and
+        ``image_id`` (int).
+    """
+    masks = np.ascontiguousarray(masks, dtype=np.uint8)
+    n = len(masks)
+    if boxes is None:
+        boxes = masks_to_boxes(masks)
+    if iscrowd is None:
+        iscrowd = np.zeros(n, dtype=np.int64)
+    image_t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    target = {
+        "boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(n, 4),
+        "labels": torch.as_tensor(labels, dtype=torch.int64).reshape(n),
+        "masks": torch.from_numpy(masks),
+        "iscrowd": torch.as_tensor(iscrowd, dtype=torch.int64).reshape(n),
+        "area": torch.from_numpy(masks.sum(axis=(1, 2), dtype=np.int64).astype(np.float32)),
+        "image_id": int(image_id),
+    }
+    return image_t, target
