@@ -1,0 +1,397 @@
+"""COCO-style box and mask AP.
+
+The numbers are pycocotools' own: :class:`CocoEvaluator` only converts the model's
+outputs and the dataset's targets into COCO annotation dicts, hands them to
+``COCOeval`` and returns ``stats[0:6]`` (AP, AP50, AP75, APs, APm, APl) for each IoU
+type. It is safe under DDP: every rank gathers all ranks' per-image records,
+de-duplicates them by image id and runs the same evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+import torch.distributed as dist
+
+# The six AP numbers of COCOeval.summarize(), in the order of its ``stats`` array.
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+IOU_TYPES = ("bbox", "segm")
+BACKENDS = ("pycocotools", "faster_coco_eval")
+
+
+class CocoEvaluator:
+    """Accumulates predictions and ground truth over a dataset, then computes COCO AP.
+
+    ``update`` is called once per batch; it moves everything to the CPU and encodes
+    masks to RLE right away, so full-resolution masks are never kept. ``compute``
+    builds an in-memory COCO ground-truth object (or uses ``coco_gt``), runs
+    ``COCOeval`` for each IoU type and returns a flat dict of floats::
+
+        {"bbox_AP": ..., "bbox_AP50": ..., ..., "segm_APl": ...}
+
+    Values follow pycocotools exactly, including its ``-1.0`` for a number that has
+    no ground truth to measure (e.g. ``APs`` when no ground-truth object is small).
+
+    Args:
+        iou_types: which of ``"bbox"`` and ``"segm"`` to evaluate.
+        mask_threshold: predicted mask probabilities above this value are foreground.
+        label_to_category_id: maps the contiguous training labels 1..K back to the
+            dataset's category ids (COCO's 1..90 with gaps). ``None`` means
+            category id = label.
+        class_names: names of labels 1..K; only used to name the categories of the
+            in-memory ground truth.
+        coco_gt: a ``pycocotools.coco.COCO`` object holding the ground truth (e.g.
+            loaded from a COCO json). When given, ground truth comes from it, only
+            the images passed to ``update`` are evaluated and ``targets`` may be
+            ``None`` (predictions must then carry ``image_id``).
+        backend: ``"pycocotools"`` (reference) or ``"faster_coco_eval"`` (same
+            numbers, C++ evaluation, several times faster on masks).
+    """
+
+    def __init__(
+        self,
+        iou_types: Sequence[str] = IOU_TYPES,
+        mask_threshold: float = 0.5,
+        label_to_category_id: Mapping[int, int] | None = None,
+        class_names: Sequence[str] | None = None,
+        coco_gt: Any = None,
+        backend: str = "pycocotools",
+    ) -> None:
+        self.iou_types = tuple(iou_types)
+        for iou_type in self.iou_types:
+            if iou_type not in IOU_TYPES:
+                raise ValueError(f"iou_types must be among {IOU_TYPES}, got {iou_type!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "faster_coco_eval":
+            import faster_coco_eval  # noqa: F401  (fail here, not at the end of an epoch)
+
+        self.mask_threshold = float(mask_threshold)
+        # int() both sides: Hydra hands over DictConfig, json hands over str keys.
+        self.label_to_category_id = (
+            None
+            if label_to_category_id is None
+            else {int(k): int(v) for k, v in label_to_category_id.items()}
+        )
+        self.class_names = None if class_names is None else list(class_names)
+        self.coco_gt = coco_gt
+        self.backend = backend
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every image seen so far (call at the start of each evaluation)."""
+        # image_id -> {"height", "width", "gt": [COCO annotation dicts], "dt": [result dicts]}
+        self._records: dict[int, dict] = {}
+
+    # ------------------------------------------------------------------ update
+
+    def update(self, predictions: Sequence[dict], targets: Sequence[dict] | None = None) -> None:
+        """Adds one batch.
+
+        Args:
+            predictions: one dict per image with ``boxes`` float [M, 4] xyxy pixels,
+                ``labels`` int64 [M] (1..K), ``scores`` float [M] and, for ``"segm"``,
+                ``masks`` float [M, 1, H, W] probabilities (or uint8/bool [M, H, W]),
+                all at the original image resolution.
+            targets: one dict per image with ``boxes`` float [N, 4] xyxy, ``labels``
+                int64 [N], ``masks`` uint8 [N, H, W], ``iscrowd`` int64 [N],
+                ``area`` float [N] and ``image_id`` (int or 0-dim tensor). May be
+                ``None`` when ``coco_gt`` was given.
+
+        An image id seen before replaces the earlier record, so an image counts once.
+        """
+        if targets is None:
+            if self.coco_gt is None:
+                raise ValueError("targets are required unless coco_gt is given")
+            targets = [None] * len(predictions)
+        if len(targets) != len(predictions):
+            raise ValueError(f"{len(predictions)} predictions but {len(targets)} targets")
+
+        for prediction, target in zip(predictions, targets):
+            image_id = _image_id(prediction, target)
+            height, width = self._image_size(image_id, prediction, target)
+            gt = [] if self.coco_gt is not None else self._gt_annotations(target)
+            self._records[image_id] = {
+                "height": height,
+                "width": width,
+                "gt": gt,
+                "dt": self._results(image_id, prediction),
+            }
+
+    def _category_id(self, label: int) -> int:
+        if self.label_to_category_id is None:
+            return label
+        if label not in self.label_to_category_id:
+            raise KeyError(f"label {label} is missing from label_to_category_id")
+        return self.label_to_category_id[label]
+
+    def _image_size(self, image_id: int, prediction: dict, target: dict | None) -> tuple[int, int]:
+        # Only used for the images of the in-memory ground truth; RLE carries its own size.
+        for source in (target, prediction):
+            if source is not None and "masks" in source:
+                height, width = source["masks"].shape[-2:]
+                return int(height), int(width)
+        if self.coco_gt is not None and image_id in self.coco_gt.imgs:
+            info = self.coco_gt.imgs[image_id]
+            return int(info["height"]), int(info["width"])
+        return 0, 0
+
+    def _gt_annotations(self, target: dict) -> list[dict]:
+        """Target dict -> COCO annotation dicts (without ``id`` and ``image_id``)."""
+        boxes = _xyxy_to_xywh(target["boxes"])
+        labels = target["labels"].detach().cpu().tolist()
+        n = len(labels)
+        iscrowd = target["iscrowd"].detach().cpu().tolist() if "iscrowd" in target else [0] * n
+
+        rles = None
+        if "segm" in self.iou_types:
+            if "masks" not in target:
+                raise ValueError("segm evaluation needs 'masks' in the targets")
+            rles = _encode(_binary_masks(target["masks"], 0.5))
+        if "area" in target:
+            areas = target["area"].detach().cpu().double().tolist()
+        elif rles is not None:
+            # COCO's area is the object's mask area, not its box area.
+            areas = mask_utils.area(rles).astype(np.float64).tolist() if rles else []
+        else:
+            areas = [w * h for _, _, w, h in boxes]
+
+        annotations = []
+        for i in range(n):
+            annotation = {
+                "category_id": self._category_id(int(labels[i])),
+                "bbox": boxes[i],
+                "area": float(areas[i]),
+                "iscrowd": int(iscrowd[i]),
+            }
+            if rles is not None:
+                annotation["segmentation"] = rles[i]
+            annotations.append(annotation)
+        return annotations
+
+    def _results(self, image_id: int, prediction: dict) -> list[dict]:
+        """Prediction dict -> COCO result dicts."""
+        boxes = _xyxy_to_xywh(prediction["boxes"])
+        labels = prediction["labels"].detach().cpu().tolist()
+        scores = prediction["scores"].detach().cpu().tolist()
+        rles = None
+        if "segm" in self.iou_types:
+            if "masks" not in prediction:
+                raise ValueError("segm evaluation needs 'masks' in the predictions")
+            rles = _encode(_binary_masks(prediction["masks"], self.mask_threshold))
+
+        results = []
+        for i in range(len(labels)):
+            result = {
+                "image_id": image_id,
+                "category_id": self._category_id(int(labels[i])),
+                "bbox": boxes[i],
+                "score": float(scores[i]),
+            }
+            if rles is not None:
+                result["segmentation"] = rles[i]
+            results.append(result)
+        return results
+
+    # ----------------------------------------------------------------- compute
+
+    def _synchronize(self) -> None:
+        """Merges every rank's records into this evaluator (a no-op without DDP).
+
+        Every rank must call this (``compute`` does): it is a collective.
+        """
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        gathered: list[dict | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, self._records)
+        merged: dict[int, dict] = {}
+        for records in gathered:
+            # DistributedSampler pads the last batch by repeating images; keying by
+            # image id counts each image once. Duplicates hold the same prediction.
+            merged.update(records)
+        self._records = merged
+
+    def results_json(self) -> list[dict]:
+        """All detections as a COCO results list, sorted by image id.
+
+        Each entry: ``image_id``, ``category_id`` (mapped), ``bbox`` [x, y, w, h],
+        ``score`` and, with ``"segm"``, ``segmentation`` (RLE, ``counts`` as str). It
+        can be dumped to json and loaded with ``COCO.loadRes``. Under DDP this holds
+        this rank's images until ``compute`` has run, all images after.
+        """
+        results = []
+        for image_id in sorted(self._records):
+            results.extend(dict(result) for result in self._records[image_id]["dt"])
+        return results
+
+    def compute(self) -> dict[str, float]:
+        """Runs COCOeval for each IoU type over every image given to ``update``.
+
+        Under DDP every rank must call it; all ranks return the same numbers.
+
+        Returns:
+            ``{f"{iou_type}_{name}": float}`` for name in AP, AP50, AP75, APs, APm, APl.
+        """
+        self._synchronize()
+        image_ids = sorted(self._records)
+        if not image_ids:
+            # Nothing to evaluate; pycocotools' value for "no ground truth" is -1.
+            return {f"{t}_{name}": -1.0 for t in self.iou_types for name in STAT_NAMES}
+
+        coco_module, cocoeval_class = _backend_classes(self.backend)
+        metrics = {}
+        # pycocotools prints progress and the summary table to stdout.
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_gt = self._coco_gt(coco_module, image_ids)
+            for iou_type in self.iou_types:
+                coco_dt = _load_results(coco_module, coco_gt, self._results_for(iou_type, image_ids))
+                if self.backend == "faster_coco_eval":
+                    evaluator = cocoeval_class(coco_gt, coco_dt, iou_type, print_function=_silent)
+                else:
+                    evaluator = cocoeval_class(coco_gt, coco_dt, iou_type)
+                # Exactly the images seen (coco_gt may hold a whole json's images).
+                evaluator.params.imgIds = image_ids
+                evaluator.evaluate()
+                evaluator.accumulate()
+                evaluator.summarize()
+                for i, name in enumerate(STAT_NAMES):
+                    metrics[f"{iou_type}_{name}"] = float(evaluator.stats[i])
+        return metrics
+
+    def _coco_gt(self, coco_module: Any, image_ids: list[int]) -> Any:
+        """The ground truth as a COCO object of the chosen backend."""
+        if self.coco_gt is not None:
+            if isinstance(self.coco_gt, coco_module.COCO):
+                return self.coco_gt
+            return _make_coco(coco_module, self.coco_gt.dataset)
+        return _make_coco(coco_module, self._gt_dataset(image_ids))
+
+    def _gt_dataset(self, image_ids: list[int]) -> dict:
+        """A COCO ground-truth dataset dict built from the recorded targets."""
+        images, annotations = [], []
+        for image_id in image_ids:
+            record = self._records[image_id]
+            # Images without annotations are listed too: their detections are false positives.
+            images.append({"id": image_id, "height": record["height"], "width": record["width"]})
+            for annotation in record["gt"]:
+                # Fresh dicts with ids from 1: COCOeval reads id 0 as "unmatched"
+                # and writes into the dicts it is given.
+                annotations.append(dict(annotation, id=len(annotations) + 1, image_id=image_id))
+
+        # Declared categories plus any seen; one without ground truth is ignored by
+        # COCOeval (its precision stays -1), exactly as with a json ground truth.
+        names = {}
+        if self.label_to_category_id is not None:
+            for label, category_id in self.label_to_category_id.items():
+                names[category_id] = str(category_id)
+                if self.class_names is not None and 1 <= label <= len(self.class_names):
+                    names[category_id] = self.class_names[label - 1]
+        elif self.class_names is not None:
+            names = {label: name for label, name in enumerate(self.class_names, start=1)}
+        for record in self._records.values():
+            for annotation in record["gt"] + record["dt"]:
+                names.setdefault(annotation["category_id"], str(annotation["category_id"]))
+        categories = [{"id": category_id, "name": names[category_id]} for category_id in sorted(names)]
+        return {"images": images, "annotations": annotations, "categories": categories}
+
+    def _results_for(self, iou_type: str, image_ids: list[int]) -> list[dict]:
+        """Fresh result dicts for one IoU type (loadRes writes into them)."""
+        results = []
+        for image_id in image_ids:
+            for result in self._records[image_id]["dt"]:
+                # For masks, leave out "bbox": with it loadRes takes the box area as the
+                # detection's area, which shifts the small/medium/large split of APs/m/l.
+                key = "bbox" if iou_type == "bbox" else "segmentation"
+                results.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": result["category_id"],
+                        key: result[key],
+                        "score": result["score"],
+                    }
+                )
+        return results
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    pass
+
+
+def _backend_classes(backend: str) -> tuple[Any, Any]:
+    """(module with a ``COCO`` class, COCOeval class) of the backend."""
+    if backend == "faster_coco_eval":
+        import faster_coco_eval
+
+        return faster_coco_eval, faster_coco_eval.COCOeval_faster
+    import pycocotools.coco
+    from pycocotools.cocoeval import COCOeval
+
+    return pycocotools.coco, COCOeval
+
+
+def _make_coco(coco_module: Any, dataset: dict) -> Any:
+    coco = coco_module.COCO()
+    coco.dataset = dataset
+    coco.createIndex()
+    return coco
+
+
+def _load_results(coco_module: Any, coco_gt: Any, results: list[dict]) -> Any:
+    if results:
+        return coco_gt.loadRes(results)
+    # pycocotools' loadRes fails on an empty list (it reads results[0]): build the
+    # empty detections object by hand. Every image then scores AP 0.
+    empty = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"], "annotations": []}
+    return _make_coco(coco_module, empty)
+
+
+def _image_id(prediction: dict, target: dict | None) -> int:
+    source = target if target is not None else prediction
+    if "image_id" not in source:
+        raise ValueError("need 'image_id' in the targets (or in the predictions when targets is None)")
+    image_id = source["image_id"]
+    return int(image_id.item() if isinstance(image_id, torch.Tensor) else image_id)
+
+
+def _xyxy_to_xywh(boxes: torch.Tensor) -> list[list[float]]:
+    """[N, 4] xyxy tensor -> N lists [x, y, w, h] of python floats."""
+    boxes = boxes.detach().cpu().double().reshape(-1, 4)
+    boxes[:, 2:] -= boxes[:, :2]
+    return boxes.tolist()
+
+
+def _binary_masks(masks: torch.Tensor, threshold: float) -> np.ndarray:
+    """Masks [N, 1, H, W] or [N, H, W] (float, uint8 or bool) -> uint8 [N, H, W] of 0/1."""
+    masks = masks.detach()
+    if masks.dim() == 4:
+        masks = masks[:, 0]
+    if masks.device.type != "cpu":
+        # Threshold before leaving the GPU: a bool mask is a quarter of a float one.
+        masks = masks > threshold if masks.is_floating_point() else masks != 0
+    elif masks.dtype == torch.bfloat16:
+        masks = masks.float()  # numpy has no bfloat16
+    # On the CPU, numpy: torch's elementwise ops use OpenMP threads, which slow
+    # down many times over when other processes (dataloader workers) hold the cores.
+    masks = masks.cpu().numpy()
+    masks = masks > threshold if np.issubdtype(masks.dtype, np.floating) else masks != 0
+    return masks.view(np.uint8)
+
+
+def _encode(masks: np.ndarray) -> list[dict]:
+    """uint8 [N, H, W] -> N compressed RLEs with ``counts`` as str (json-ready)."""
+    if masks.shape[0] == 0:
+        return []
+    # pycocotools wants [H, W, N] in Fortran order.
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
