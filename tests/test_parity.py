@@ -111,3 +111,25 @@ def test_mismatched_checkpoint_is_a_clear_error(models, tmp_path):
     torch.save(other.state_dict(), path)
     with pytest.raises(ValueError, match=r"other\.pth does not match.*cls_score"):
         load_torchvision_weights(ours, str(path))
+
+
+def test_torchvision_preset_from_config_equals_torchvision(models):
+    """`model=torchvision_r50_fpn`, built by Hydra, reproduces torchvision given its weights."""
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_config
+
+    _, theirs = models
+    cfg = compose_config(["model=torchvision_r50_fpn", "model.num_classes=90", "data.min_size=256", "data.max_size=320"])
+    ours = instantiate(cfg.model.net).eval()
+    load_torchvision_weights(ours, theirs.state_dict())
+    g = torch.Generator().manual_seed(4)
+    images = [torch.rand(3, 240, 320, generator=g)]
+    with torch.no_grad():
+        expected = theirs(images)
+        detections, _ = ours(images)
+    assert len(expected[0]["boxes"]) > 10
+    for key in ("boxes", "labels", "scores", "masks"):
+        # FrozenBatchNorm (ours, as for a pretrained checkpoint) vs eval-mode BatchNorm (torchvision built
+        # with weights=None): the same affine map up to float rounding.
+        torch.testing.assert_close(detections[0][key], expected[0][key], rtol=1e-3, atol=1e-3)

@@ -10,6 +10,7 @@ image batch ``[B, 3, H, W]`` to an ordered dict of feature maps and that carries
 - ``resnet_c5``: res2-res5, one map of stride 32 (key "0"): the large-stride features of Table 2d.
 """
 
+import math
 from collections import OrderedDict
 from functools import partial
 
@@ -46,8 +47,13 @@ def norm_layer(norm: str, gn_groups: int = 32):
     if norm == "syncbn":
         return nn.SyncBatchNorm
     if norm == "gn":
-        return partial(nn.GroupNorm, gn_groups)
+        return partial(group_norm, groups=gn_groups)
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm with ``groups`` groups, or the largest divisor of ``channels`` below it for narrow layers."""
+    return nn.GroupNorm(math.gcd(groups, channels), channels)
 
 
 def resnet_body(depth: int, norm: str, weights_path: str | None = None) -> resnet.ResNet:

@@ -103,7 +103,7 @@ class MLPMaskHead(nn.Module):
         return self.predictor(x).view(len(x), self.out_masks, self.mask_resolution, self.mask_resolution)
 
 
-def mask_targets(gt_masks: Tensor, proposals: Tensor, matched_idxs: Tensor, size: int) -> Tensor:
+def mask_targets(gt_masks: Tensor, proposals: Tensor, matched_idxs: Tensor, size: int, aligned: bool = False) -> Tensor:
     """Crop each positive RoI's matched ground-truth mask and resize it to ``size x size``.
 
     Each ground-truth mask is treated as its own 1-channel "image" so only the matched masks
@@ -113,12 +113,14 @@ def mask_targets(gt_masks: Tensor, proposals: Tensor, matched_idxs: Tensor, size
         gt_masks: uint8 ``[G, H, W]`` masks of one image.
         proposals: ``[P, 4]`` positive RoIs of that image.
         matched_idxs: int64 ``[P]`` index of each RoI's ground truth.
+        aligned: sample at pixel centres. ``False`` (torchvision's choice, kept for parity) reads the
+            mask half a pixel off, so a box that exactly covers a square gets soft last rows/columns.
 
     Returns:
         float ``[P, size, size]`` soft targets in [0, 1].
     """
     rois = torch.cat([matched_idxs[:, None].to(proposals), proposals], dim=1)
-    return roi_align(gt_masks[:, None].to(rois), rois, (size, size), 1.0)[:, 0]
+    return roi_align(gt_masks[:, None].to(rois), rois, (size, size), 1.0, aligned=aligned)[:, 0]
 
 
 def _select_class(mask_logits: Tensor, labels: Tensor) -> Tensor:

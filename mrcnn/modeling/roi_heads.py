@@ -25,6 +25,8 @@ class RoIHeads(nn.Module):
         mask_pooler: RoI pooler for the mask branch (14x14). Ignored when ``mask_from_box_head``.
         mask_from_box_head: the C4 design: the mask head runs on the box head's res5 output
             (during training, reusing the positive RoIs' features; at test time on the detections).
+        aligned_mask_targets: crop mask targets with half-pixel-correct RoIAlign (pair it with an
+            ``aligned=True`` pooler); ``False`` reproduces torchvision.
         fg_iou_thresh, bg_iou_thresh: RoI/ground-truth IoU for positives and negatives (0.5, 0.5).
         batch_size_per_image: RoIs sampled per image for the losses (512 FPN, 64 C4).
         positive_fraction: target share of positives among sampled RoIs (0.25).
@@ -41,6 +43,7 @@ class RoIHeads(nn.Module):
         mask_loss,
         mask_pooler: nn.Module | None = None,
         mask_from_box_head: bool = False,
+        aligned_mask_targets: bool = False,
         fg_iou_thresh: float = 0.5,
         bg_iou_thresh: float = 0.5,
         batch_size_per_image: int = 512,
@@ -65,6 +68,7 @@ class RoIHeads(nn.Module):
         self.mask_head = mask_head
         self.mask_loss = mask_loss
         self.mask_from_box_head = mask_from_box_head
+        self.aligned_mask_targets = aligned_mask_targets
         self.proposal_matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
         self.fg_bg_sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
         self.box_coder = BoxCoder(tuple(float(w) for w in bbox_reg_weights))
@@ -153,7 +157,7 @@ class RoIHeads(nn.Module):
         size = mask_logits.shape[-1]
         gt_labels = torch.cat([t["labels"][m[p]] for t, m, p in zip(targets, matched_idxs, positives)])
         gt_masks = torch.cat(
-            [mask_targets(t["masks"], r, m[p], size) for t, r, m, p in zip(targets, pos_rois, matched_idxs, positives)]
+            [mask_targets(t["masks"], r, m[p], size, self.aligned_mask_targets) for t, r, m, p in zip(targets, pos_rois, matched_idxs, positives)]
         )
         mask_loss = self.mask_loss.loss(mask_logits, gt_labels, gt_masks)
         return {"fastrcnn_class_loss": class_loss, "fastrcnn_bbox_loss": bbox_loss, "maskrcnn_mask_loss": mask_loss}

@@ -1,0 +1,152 @@
+"""MaskRCNNModule: the LightningModule that trains, validates and logs a Mask R-CNN."""
+
+import bisect
+import math
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from mrcnn.evaluation import CocoEvaluator
+from mrcnn.modeling.mask_rcnn import LOSS_KEYS
+
+
+def warmup_multistep_schedule(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int = 1000,
+    warmup_factor: float = 0.001,
+    milestones: tuple[float, ...] = (0.667, 0.889),
+    gamma: float = 0.1,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup from ``lr * warmup_factor``, then step decay by ``gamma`` at each milestone.
+
+    Args:
+        total_steps: optimizer steps of the whole run.
+        milestones: fractions of ``total_steps`` (the 1x schedule's 60k and 80k of 90k are 0.667, 0.889),
+            so the schedule keeps its shape when the run is shortened or lengthened.
+    """
+    steps = sorted(int(round(m * total_steps)) for m in milestones)
+
+    def factor(step: int) -> float:
+        decay = gamma ** bisect.bisect_right(steps, step)
+        if step < warmup_steps:
+            alpha = step / warmup_steps
+            return decay * (warmup_factor * (1 - alpha) + alpha)
+        return decay
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class MaskRCNNModule(L.LightningModule):
+    """Trains a ``MaskRCNN`` and reports the five losses and COCO box/mask AP.
+
+    Args:
+        model: a built ``mrcnn.modeling.mask_rcnn.MaskRCNN``.
+        optimizer: ``functools.partial`` of an optimizer taking ``(params, lr=...)`` (Hydra ``_partial_``).
+        scheduler: ``functools.partial`` taking ``(optimizer, total_steps=...)``, stepped every iteration.
+        base_lr: learning rate at a global batch of ``base_batch_size``.
+        base_batch_size: reference global batch (16 in the paper); the lr scales linearly with
+            the actual global batch (per-device batch x devices x nodes x gradient accumulation).
+        class_names: foreground class names, for reports.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        base_lr: float = 0.02,
+        base_batch_size: int = 16,
+        class_names: list[str] | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.base_lr = base_lr
+        self.base_batch_size = base_batch_size
+        self.class_names = list(class_names) if class_names else None
+        self.evaluator = CocoEvaluator()
+        self.last_metrics: dict[str, float] = {}
+        self.last_metrics_step = -1
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+        return self.model(images, targets)
+
+    # ---- training -------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        images, targets = batch
+        _, losses = self.model(list(images), list(targets))
+        total = sum(losses[k] for k in LOSS_KEYS)
+        check_finite(losses, self.global_step)
+        batch_size = len(images)
+        self.log_dict({f"train/{k}": losses[k] for k in LOSS_KEYS}, batch_size=batch_size)
+        self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
+        return total
+
+    # ---- validation / test ----------------------------------------------------------------
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch, stage: str) -> None:
+        images, targets = batch
+        detections, losses = self.model(list(images), list(targets))
+        batch_size = len(images)
+        self.log_dict({f"{stage}/{k}": losses[k] for k in LOSS_KEYS}, batch_size=batch_size, sync_dist=True)
+        self.log(f"{stage}/loss", sum(losses[k] for k in LOSS_KEYS), batch_size=batch_size, sync_dist=True)
+        self.evaluator.update(detections, list(targets))
+
+    def on_validation_epoch_start(self) -> None:
+        self.evaluator.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.evaluator.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_ap("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_ap("test")
+
+    def _log_ap(self, stage: str) -> None:
+        # Every rank calls compute(): it gathers all ranks' predictions, so all get the same numbers.
+        metrics = self.evaluator.compute()
+        self.evaluator.reset()
+        self.last_metrics = metrics
+        self.last_metrics_step = self.global_step
+        for key, value in metrics.items():
+            self.log(f"{stage}/{key}", value, prog_bar=key in ("segm_AP", "bbox_AP"), rank_zero_only=False)
+
+    # ---- optimization ---------------------------------------------------------------------
+    def global_batch_size(self) -> int:
+        datamodule = self.trainer.datamodule
+        per_device = getattr(datamodule, "batch_size", None) if datamodule is not None else None
+        if per_device is None:
+            per_device = self.trainer.train_dataloader.batch_size
+        return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def configure_optimizers(self):
+        lr = self.base_lr * self.global_batch_size() / self.base_batch_size
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params, lr=lr)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_finite(losses: dict[str, Tensor], step: int) -> None:
+    """Stop on a non-finite loss, naming the step and every loss that went bad."""
+    bad = {k: v.item() for k, v in losses.items() if not math.isfinite(v.item())}
+    if bad:
+        detail = ", ".join(f"{k}={v}" for k, v in bad.items())
+        raise FloatingPointError(
+            f"non-finite loss at step {step}: {detail}. Lower the learning rate, lengthen the warmup, "
+            "or use norm=gn when training from scratch."
+        )

@@ -1,0 +1,21 @@
+"""Entry point: `python run.py [group=option ...] [key=value ...]`; `-m` sweeps. See README.md."""
+
+import hydra
+from omegaconf import DictConfig
+
+import mrcnn.config  # noqa: F401  (registers the config resolvers)
+from mrcnn.train import evaluate, train
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    modes = {"train": train, "evaluate": evaluate}
+    if cfg.mode not in modes:
+        raise ValueError(f"mode must be one of {sorted(modes)}, got {cfg.mode!r}")
+    metrics = modes[cfg.mode](cfg)
+    # The returned value is what Hydra sweepers optimise.
+    return metrics.get("segm_AP")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Every config file in every group composes and instantiates; bad choices fail clearly."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
+from hydra.utils import instantiate
+
+from mrcnn.data.shapes import ShapesDataset
+from mrcnn.modeling.mask_rcnn import LOSS_KEYS
+from tests.conftest import CONFIG_DIR, TINY_MODEL, compose_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+def forward_once(net):
+    ds = ShapesDataset(num_images=1, image_size=64, seed=1)
+    image, target = ds[0]
+    net.train()
+    _, losses = net([image], [target])
+    assert set(losses) == set(LOSS_KEYS) and all(torch.isfinite(v) for v in losses.values())
+
+
+MODEL_SWITCHES = [
+    (group, option)
+    for group in ("model/backbone", "model/pooler", "model/mask_head", "model/mask_loss")
+    for option in options(group)
+]
+
+
+@pytest.mark.parametrize("group,option", MODEL_SWITCHES, ids=[f"{g}={o}" for g, o in MODEL_SWITCHES])
+def test_every_model_switch_builds_and_trains(group, option):
+    overrides = [*TINY_MODEL, f"{group}={option}"]
+    if option == "mlp3" or option == "mlp2":
+        overrides.append("model.fpn_channels=4")  # keep the fc layers small in the test
+    cfg = compose_config(overrides)
+    forward_once(instantiate(cfg.model.net))
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_every_model_preset_instantiates(model):
+    cfg = compose_config([f"model={model}"])
+    net = instantiate(cfg.model.net)
+    assert net.roi_heads.box_predictor.cls_score.out_features == cfg.data.num_classes + 1
+
+
+def test_sigmoid_and_softmax_build_the_matching_loss():
+    for loss, name in (("sigmoid", "SigmoidMaskLoss"), ("softmax", "SoftmaxMaskLoss")):
+        net = instantiate(compose_config([*TINY_MODEL, f"model/mask_loss={loss}"]).model.net)
+        assert type(net.roi_heads.mask_loss).__name__ == name
+
+
+def test_softmax_with_class_agnostic_masks_is_a_clear_error():
+    cfg = compose_config([*TINY_MODEL, "model/mask_loss=softmax", "model/mask_head=fcn_agnostic"])
+    with pytest.raises(InstantiationException, match="class_agnostic"):
+        instantiate(cfg.model.net)
+
+
+def test_num_classes_comes_from_the_data_config():
+    cfg = compose_config(["data.classes=[circle,ring]"])
+    assert cfg.model.num_classes == 2
+    net = instantiate(compose_config([*TINY_MODEL, "data.classes=[circle,ring]"]).model.net)
+    assert net.roi_heads.mask_head.predictor.out_channels == 3
+
+
+@pytest.mark.parametrize("group", ["optimizer", "scheduler"])
+def test_optimizer_and_scheduler_configs_instantiate(group):
+    for option in options(group):
+        cfg = compose_config([f"{group}={option}"])
+        params = [torch.nn.Parameter(torch.zeros(2))]
+        optimizer = instantiate(cfg.optimizer)(params, lr=0.1)
+        if group == "scheduler":
+            instantiate(cfg.scheduler)(optimizer, total_steps=100)
+
+
+def test_data_configs_instantiate():
+    for option in options("data"):
+        cfg = compose_config([f"data={option}", "data.num_train_images=4", "data.num_val_images=2", "data.datamodule.batch_size=2"])
+        datamodule = instantiate(cfg.data.datamodule)
+        assert datamodule.num_classes == cfg.data.num_classes
+        images, targets = next(iter(datamodule.train_dataloader()))
+        assert len(images) == cfg.data.datamodule.batch_size
+
+
+@pytest.mark.parametrize("trainer", options("trainer"))
+def test_trainer_configs_compose(trainer):
+    cfg = compose_config([f"trainer={trainer}"])
+    assert cfg.trainer._target_ == "lightning.Trainer"
+    if trainer == "cpu":
+        instantiate(cfg.trainer, logger=False)
+
+
+def test_logger_and_callback_configs_instantiate(tmp_path):
+    for option in options("logger"):
+        for logger in compose_config([f"logger={option}"], run_dir=str(tmp_path)).logger:
+            instantiate(logger)
+    for option in options("callbacks"):
+        for callback in compose_config([f"callbacks={option}"], run_dir=str(tmp_path)).callbacks:
+            instantiate(callback)
+
+
+def test_module_config_instantiates():
+    cfg = compose_config(TINY_MODEL)
+    module = instantiate(cfg.module)
+    assert module.class_names == list(cfg.data.classes)
+
+
+def test_unknown_variant_is_hydras_clear_error():
+    with pytest.raises((MissingConfigException, ConfigCompositionException), match="roi_magic"):
+        compose_config(["model/pooler=roi_magic"])
+    result = subprocess.run(
+        [sys.executable, "run.py", "model/pooler=roi_magic"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0
+    assert "Could not find 'model/pooler/roi_magic'" in result.stderr
+    assert "Available options" in result.stderr and "roi_align" in result.stderr

@@ -1,0 +1,165 @@
+"""Box/mask heads and the Fast R-CNN and mask losses: shapes, hand-checked values, empty input."""
+
+import math
+
+import pytest
+import torch
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.models.detection.roi_heads import fastrcnn_loss as tv_fastrcnn_loss
+from torchvision.models.detection.roi_heads import maskrcnn_loss as tv_maskrcnn_loss
+
+from mrcnn.modeling.box_head import BoxPredictor, MLPBoxHead, Res5BoxHead, fast_rcnn_inference, fast_rcnn_loss
+from mrcnn.modeling.mask_head import (
+    FCNMaskHead,
+    MLPMaskHead,
+    mask_inference_sigmoid,
+    mask_inference_softmax,
+    mask_loss_sigmoid,
+    mask_loss_softmax,
+    mask_targets,
+)
+
+
+def test_fcn_head_shapes_fpn_c4_and_agnostic():
+    assert FCNMaskHead(16, num_classes=5)(torch.randn(3, 16, 14, 14)).shape == (3, 6, 28, 28)
+    # C4: no convs, deconv on the 7x7 res5 output -> 14x14.
+    assert FCNMaskHead(32, num_classes=5, num_convs=0, conv_dim=8)(torch.randn(2, 32, 7, 7)).shape == (2, 6, 14, 14)
+    assert FCNMaskHead(16, num_classes=5, class_agnostic=True)(torch.randn(3, 16, 14, 14)).shape == (3, 1, 28, 28)
+    head = FCNMaskHead(16, num_classes=5, num_convs=4, conv_dim=8, norm="gn")
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in head.modules()) == 4
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in head.modules()) == 5  # 4 convs + predictor
+
+
+@pytest.mark.parametrize("hidden", [(64, 64), (64, 64, 64)])
+def test_mlp_head_shapes_and_depth(hidden):
+    head = MLPMaskHead(8, num_classes=3, resolution=14, hidden_dims=hidden, mask_resolution=28)
+    assert head(torch.randn(5, 8, 14, 14)).shape == (5, 4, 28, 28)
+    assert len(head.hidden) == len(hidden)
+    assert MLPMaskHead(8, 3, 14, hidden, 28, class_agnostic=True)(torch.randn(5, 8, 14, 14)).shape == (5, 1, 28, 28)
+
+
+def test_box_heads_and_predictor_shapes():
+    assert MLPBoxHead(8, 7, 32)(torch.randn(4, 8, 7, 7)).shape == (4, 32)
+    res5 = Res5BoxHead(depth=18, norm="gn")
+    out = res5(torch.randn(4, 256, 14, 14))
+    assert out.shape == (4, 512, 7, 7) and res5.out_channels == 512
+    scores, deltas = BoxPredictor(512, 5)(out)
+    assert scores.shape == (4, 6) and deltas.shape == (4, 24)
+
+
+def test_sigmoid_loss_hand_values_and_only_the_true_class_counts():
+    labels = torch.tensor([1, 3])
+    targets = torch.randint(0, 2, (2, 28, 28)).float()
+    logits = torch.zeros(2, 4, 28, 28)
+    # Zero logits: BCE is log(2) whatever the target.
+    torch.testing.assert_close(mask_loss_sigmoid(logits, labels, targets), torch.tensor(math.log(2)))
+    # Confident and right on the true channel -> ~0; the other channels do not matter.
+    logits[0, 1] = 20 * (2 * targets[0] - 1)
+    logits[1, 3] = 20 * (2 * targets[1] - 1)
+    base = mask_loss_sigmoid(logits, labels, targets)
+    assert base < 1e-6
+    logits[:, 0] = 50.0
+    logits[:, 2] = -50.0
+    torch.testing.assert_close(mask_loss_sigmoid(logits, labels, targets), base)
+
+
+def test_sigmoid_loss_equals_torchvision_maskrcnn_loss():
+    g = torch.Generator().manual_seed(0)
+    gt_masks = [(torch.rand(3, 40, 50, generator=g) > 0.5).to(torch.uint8)]
+    gt_labels = [torch.tensor([1, 2, 3])]
+    proposals = [torch.tensor([[1.0, 2.0, 30.0, 35.0], [5.0, 5.0, 45.0, 38.0], [0.0, 0.0, 20.0, 20.0], [3.0, 4.0, 25.0, 30.0]])]
+    matched = [torch.tensor([0, 1, 2, 1])]
+    logits = torch.randn(4, 4, 28, 28, generator=g)
+    expected = tv_maskrcnn_loss(logits, proposals, gt_masks, gt_labels, matched)
+    targets = mask_targets(gt_masks[0], proposals[0], matched[0], 28)
+    torch.testing.assert_close(mask_loss_sigmoid(logits, gt_labels[0][matched[0]], targets), expected)
+
+
+def test_softmax_loss_hand_values_and_classes_compete():
+    labels = torch.tensor([2])
+    targets = torch.ones(1, 4, 4)
+    logits = torch.zeros(1, 4, 4, 4)
+    # Uniform logits over C = 4 channels: cross-entropy is log(4).
+    torch.testing.assert_close(mask_loss_softmax(logits, labels, targets), torch.tensor(math.log(4)))
+    # Unlike the sigmoid loss, raising another class's logit makes the loss worse.
+    before = mask_loss_softmax(logits, labels, targets)
+    logits[:, 3] = 5.0
+    assert mask_loss_softmax(logits, labels, targets) > before + 1
+    # Pixels outside the mask must be background (channel 0).
+    targets = torch.zeros(1, 4, 4)
+    logits = torch.zeros(1, 4, 4, 4)
+    logits[:, 0] = 20.0
+    assert mask_loss_softmax(logits, labels, targets) < 1e-6
+
+
+def test_mask_inference_values():
+    logits = torch.zeros(2, 4, 5, 5)
+    logits[1, 2] = 100.0
+    sig = mask_inference_sigmoid(logits, torch.tensor([1, 2]))
+    assert sig.shape == (2, 1, 5, 5)
+    torch.testing.assert_close(sig[0], torch.full((1, 5, 5), 0.5))
+    torch.testing.assert_close(sig[1], torch.ones(1, 5, 5))
+    soft = mask_inference_softmax(logits, torch.tensor([1, 2]))
+    torch.testing.assert_close(soft[0], torch.full((1, 5, 5), 0.25))
+    torch.testing.assert_close(soft[1], torch.ones(1, 5, 5))
+    # Class-agnostic heads have one channel whatever the label.
+    torch.testing.assert_close(mask_inference_sigmoid(torch.zeros(2, 1, 5, 5), torch.tensor([3, 1])), torch.full((2, 1, 5, 5), 0.5))
+    assert mask_inference_sigmoid(logits[:0], torch.zeros(0, dtype=torch.int64)).shape == (0, 1, 5, 5)
+    assert mask_inference_softmax(logits[:0], torch.zeros(0, dtype=torch.int64)).shape == (0, 1, 5, 5)
+
+
+@pytest.mark.parametrize("loss", [mask_loss_sigmoid, mask_loss_softmax])
+def test_mask_losses_on_no_positives_are_zero_and_keep_the_graph(loss):
+    head = FCNMaskHead(4, num_classes=3, num_convs=1, conv_dim=4)
+    logits = head(torch.randn(0, 4, 14, 14))
+    value = loss(logits, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 28, 28))
+    assert value.item() == 0.0
+    value.backward()  # every parameter is reached (DDP with find_unused_parameters=False needs it)
+    assert all(p.grad is not None for p in head.parameters())
+
+
+def test_softmax_loss_rejects_class_agnostic_logits():
+    with pytest.raises(ValueError, match="per-class"):
+        mask_loss_softmax(torch.zeros(2, 1, 4, 4), torch.tensor([1, 2]), torch.ones(2, 4, 4))
+
+
+def test_mask_targets_crop_and_resize_the_matched_mask():
+    masks = torch.zeros(2, 20, 20, dtype=torch.uint8)
+    masks[0, 5:15, 5:15] = 1  # a square
+    masks[1] = 1
+    proposals = torch.tensor([[5.0, 5.0, 15.0, 15.0], [0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 20.0, 20.0]])
+    targets = mask_targets(masks, proposals, torch.tensor([0, 0, 1]), 8, aligned=True)
+    assert targets.shape == (3, 8, 8)
+    # The box is exactly the square: full inside, and bilinear blending at the border is the same on
+    # every side (the target is symmetric), so the mask is centred where the square is.
+    assert targets[0, 1:-1, 1:-1].min() > 0.99
+    torch.testing.assert_close(targets[0], targets[0].flip(0).flip(1))
+    assert targets[1, :3, :3].max() == 0 and targets[1, -2:, -2:].min() > 0.99  # square's corner
+    assert targets[2].min() > 0.99
+    # torchvision's unaligned sampling reads half a pixel right/down: the square's last row and column go soft.
+    unaligned = mask_targets(masks, proposals, torch.tensor([0, 0, 1]), 8, aligned=False)
+    assert unaligned[0, :-1, :-1].min() > 0.99 and unaligned[0, -1].max() < 0.7
+    assert not torch.allclose(unaligned[0], unaligned[0].flip(0).flip(1))
+
+
+def test_fast_rcnn_loss_equals_torchvision_and_handles_no_positives():
+    g = torch.Generator().manual_seed(0)
+    logits, deltas = torch.randn(10, 4, generator=g), torch.randn(10, 16, generator=g)
+    labels, reg_targets = torch.randint(0, 4, (10,), generator=g), torch.randn(10, 4, generator=g)
+    expected = tv_fastrcnn_loss(logits, deltas, [labels], [reg_targets])
+    for mine, ref in zip(fast_rcnn_loss(logits, deltas, labels, reg_targets), expected):
+        torch.testing.assert_close(mine, ref)
+    cls, box = fast_rcnn_loss(logits, deltas, torch.zeros(10, dtype=torch.int64), reg_targets)
+    assert torch.isfinite(cls) and box.item() == 0.0
+
+
+def test_fast_rcnn_inference_thresholds_nms_and_empty():
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    proposals = [torch.tensor([[10.0, 10.0, 50.0, 50.0], [11.0, 11.0, 51.0, 51.0], [60.0, 60.0, 90.0, 90.0]])]
+    logits = torch.tensor([[0.0, 10.0, 0.0], [0.0, 9.0, 0.0], [0.0, 0.0, 10.0]])
+    boxes, scores, labels = fast_rcnn_inference(logits, torch.zeros(3, 12), proposals, [(100, 100)], coder)
+    # The two overlapping class-1 boxes collapse to one by NMS; the class-2 box survives.
+    assert labels[0].tolist() == [1, 2]
+    torch.testing.assert_close(boxes[0], proposals[0][[0, 2]])
+    boxes, scores, labels = fast_rcnn_inference(logits, torch.zeros(3, 12), proposals, [(100, 100)], coder, score_thresh=1.0)
+    assert boxes[0].shape == (0, 4) and scores[0].shape == (0,) and labels[0].shape == (0,)

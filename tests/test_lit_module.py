@@ -1,0 +1,75 @@
+"""LightningModule: schedule, lr scaling, loss logging, the non-finite guard."""
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from mrcnn.lit_module import check_finite, warmup_multistep_schedule
+from mrcnn.modeling.mask_rcnn import LOSS_KEYS
+from tests.conftest import TINY_MODEL, compose_config
+
+
+def test_warmup_then_step_decay():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = warmup_multistep_schedule(optimizer, total_steps=100, warmup_steps=10, warmup_factor=0.1, milestones=(0.5, 0.8))
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[0] == pytest.approx(0.1)
+    assert lrs[5] == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lrs[10] == pytest.approx(1.0) and lrs[49] == pytest.approx(1.0)
+    assert lrs[50] == pytest.approx(0.1) and lrs[79] == pytest.approx(0.1)
+    assert lrs[80] == pytest.approx(0.01) and lrs[99] == pytest.approx(0.01)
+
+
+def test_check_finite_names_the_step_and_the_bad_losses():
+    losses = {k: torch.tensor(1.0) for k in LOSS_KEYS}
+    check_finite(losses, 3)
+    losses["fastrcnn_bbox_loss"] = torch.tensor(float("nan"))
+    losses["maskrcnn_mask_loss"] = torch.tensor(float("inf"))
+    with pytest.raises(FloatingPointError, match=r"step 7: fastrcnn_bbox_loss=nan, maskrcnn_mask_loss=inf"):
+        check_finite(losses, 7)
+
+
+def _fit(tmp_path, overrides, max_steps=2):
+    cfg = compose_config(
+        [*TINY_MODEL, "data.num_train_images=8", "data.num_val_images=4", "data.datamodule.batch_size=2", *overrides],
+        run_dir=str(tmp_path),
+    )
+    L.seed_everything(0)
+    datamodule = instantiate(cfg.data.datamodule)
+    module = instantiate(cfg.module)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    return datamodule, module, trainer
+
+
+def test_lr_scales_linearly_with_the_global_batch(tmp_path):
+    datamodule, module, trainer = _fit(tmp_path, ["base_lr=0.02"], max_steps=1)
+    trainer.fit(module, datamodule=datamodule)
+    # base lr 0.02 at a global batch of 16; this run's global batch is 2.
+    assert trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(0.02 * 2 / 16)
+
+
+def test_a_nan_input_stops_training_with_the_step_and_loss_names(tmp_path):
+    datamodule, module, trainer = _fit(tmp_path, [])
+
+    class Poisoned(torch.utils.data.Dataset):
+        def __init__(self, base):
+            self.base, self.class_names = base, base.class_names
+
+        def __len__(self):
+            return len(self.base)
+
+        def __getitem__(self, i):
+            image, target = self.base[i]
+            return image * float("nan"), target
+
+    datamodule.train_dataset = Poisoned(datamodule.train_dataset)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 0: .*rpn_class_loss=nan"):
+        trainer.fit(module, datamodule=datamodule)

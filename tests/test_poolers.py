@@ -1,0 +1,128 @@
+"""Poolers: hand-checked values on a linear ramp, quantization behaviour, FPN level assignment."""
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torchvision.ops import MultiScaleRoIAlign
+
+from mrcnn.modeling.poolers import RoIAlignPooler, RoIPoolPooler, RoIWarpPooler, assign_levels
+
+
+def ramp(size: int = 16) -> dict[str, torch.Tensor]:
+    """One 1-channel map whose value at pixel (y, x) is x: bilinear sampling of it is exact."""
+    return {"0": torch.arange(size, dtype=torch.float32).repeat(size, 1)[None, None]}
+
+
+def pool(pooler, features, boxes, image_size=16):
+    return pooler(features, [torch.tensor(boxes, dtype=torch.float32)], [(image_size, image_size)])
+
+
+def test_roi_align_avg_samples_bin_centres():
+    # Box x in [2, 10] split into 4 bins of width 2: bin centres at x = 3, 5, 7, 9.
+    out = pool(RoIAlignPooler(["0"], 4, sampling_ratio=2, aligned=False), ramp(), [[2, 2, 10, 10]])
+    assert out.shape == (1, 1, 4, 4)
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([3.0, 5.0, 7.0, 9.0]))
+    # aligned=True shifts by half a pixel: pixel x's centre sits at continuous coordinate x + 0.5.
+    out = pool(RoIAlignPooler(["0"], 4, sampling_ratio=2, aligned=True), ramp(), [[2, 2, 10, 10]])
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([2.5, 4.5, 6.5, 8.5]))
+
+
+def test_roi_align_max_takes_the_largest_sample():
+    # Bin [2, 4] with 2 samples per side: samples at x = 2.5 and 3.5, so max 3.5 vs average 3.0.
+    out = pool(RoIAlignPooler(["0"], 4, sampling_ratio=2, mode="max"), ramp(), [[2, 2, 10, 10]])
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([3.5, 5.5, 7.5, 9.5]))
+
+
+def test_roi_align_max_equals_avg_on_constant_features():
+    features = {"0": torch.full((1, 3, 16, 16), 2.5)}
+    boxes = [[1.3, 2.7, 11.1, 9.9]]
+    avg = pool(RoIAlignPooler(["0"], 7, mode="avg"), features, boxes)
+    mx = pool(RoIAlignPooler(["0"], 7, mode="max"), features, boxes)
+    torch.testing.assert_close(avg, mx)
+
+
+def test_roi_align_is_sensitive_to_subpixel_shifts_but_roi_pool_is_not():
+    features = {"0": torch.randn(1, 4, 16, 16)}
+    exact, shifted = [[2, 2, 10, 10]], [[2.3, 2.3, 9.8, 9.8]]
+    roi_pool = RoIPoolPooler(["0"], 4)
+    torch.testing.assert_close(pool(roi_pool, features, exact), pool(roi_pool, features, shifted))
+    roi_align = RoIAlignPooler(["0"], 4)
+    assert not torch.allclose(pool(roi_align, features, exact), pool(roi_align, features, shifted))
+
+
+def test_roi_pool_takes_the_max_of_quantized_bins():
+    # Box [0, 8] -> 8 feature columns, 2 bins of 4 columns: maxima of the ramp are x = 3 and 7.
+    out = pool(RoIPoolPooler(["0"], 2), ramp(), [[0, 0, 7, 7]])
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([3.0, 7.0]))
+
+
+def test_roi_warp_quantizes_the_box_then_samples_bilinearly():
+    features = {"0": torch.randn(1, 4, 16, 16)}
+    warp = RoIWarpPooler(["0"], 4)
+    align = RoIAlignPooler(["0"], 4, aligned=False)
+    quantized = pool(warp, features, [[2.3, 1.8, 9.6, 10.2]])
+    torch.testing.assert_close(quantized, pool(warp, features, [[2, 2, 10, 10]]))
+    torch.testing.assert_close(quantized, pool(align, features, [[2, 2, 10, 10]]))
+    # On a ramp bilinear sampling is exact: the quantized box [2, 10] gives bin centres 3, 5, 7, 9.
+    torch.testing.assert_close(pool(warp, ramp(), [[2.3, 2.3, 9.6, 9.6]])[0, 0, 0], torch.tensor([3.0, 5.0, 7.0, 9.0]))
+
+
+def test_spatial_scale_is_inferred_from_the_feature_stride():
+    # A stride-4 map of a 64-pixel image: the image box [8, 40] is feature box [2, 10].
+    features = {"0": torch.arange(16, dtype=torch.float32).repeat(16, 1)[None, None]}
+    out = pool(RoIAlignPooler(["0"], 4), features, [[8, 8, 40, 40]], image_size=64)
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([3.0, 5.0, 7.0, 9.0]))
+
+
+def test_fpn_level_assignment_follows_the_fpn_paper():
+    # Levels P2..P5 (k = 2..5); a 224-pixel box goes to k0 = 4, halving the side lowers the level by one.
+    boxes = torch.tensor([[0, 0, 224, 224], [0, 0, 112, 112], [0, 0, 56, 56], [0, 0, 448, 448], [0, 0, 4, 4], [0, 0, 2000, 2000]])
+    levels = assign_levels([boxes.float()], 2, 5)
+    assert levels.tolist() == [2, 1, 0, 3, 0, 3]
+
+
+def test_multilevel_pooler_reads_each_roi_from_its_level():
+    image = 512
+    names = ["0", "1", "2", "3"]
+    # Level l is constant l, so the pooled value tells which level was read.
+    features = OrderedDict((n, torch.full((1, 2, image // 2 ** (l + 2), image // 2 ** (l + 2)), float(l))) for l, n in enumerate(names))
+    boxes = torch.tensor([[0, 0, 40, 40], [0, 0, 112, 112], [0, 0, 224, 224], [10, 10, 500, 500]], dtype=torch.float32)
+    for pooler in (RoIAlignPooler(names, 7), RoIPoolPooler(names, 7), RoIWarpPooler(names, 7), RoIAlignPooler(names, 7, mode="max")):
+        out = pooler(features, [boxes], [(image, image)])
+        assert out.shape == (4, 2, 7, 7)
+        assert out.amax(dim=(1, 2, 3)).tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_roi_align_pooler_equals_torchvision_multiscale_roi_align():
+    names = ["0", "1", "2", "3"]
+    g = torch.Generator().manual_seed(0)
+    features = OrderedDict((n, torch.randn(2, 8, 200 // 2**l, 304 // 2**l, generator=g)) for l, n in enumerate(names))
+    image_shapes = [(800, 1216), (760, 1100)]
+    boxes = []
+    for _ in range(2):
+        xy = torch.rand(30, 2, generator=g) * 600
+        boxes.append(torch.cat([xy, xy + 4 + torch.rand(30, 2, generator=g) * 500], dim=1))
+    ours = RoIAlignPooler(names, 7, sampling_ratio=2, aligned=False)(features, boxes, image_shapes)
+    theirs = MultiScaleRoIAlign(names, 7, 2)(features, boxes, image_shapes)
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("pooler", [RoIAlignPooler(["0"], 7), RoIAlignPooler(["0"], 7, mode="max"), RoIPoolPooler(["0"], 7), RoIWarpPooler(["0"], 7)])
+def test_no_boxes_gives_an_empty_batch(pooler):
+    out = pooler({"0": torch.randn(2, 3, 16, 16)}, [torch.zeros(0, 4), torch.zeros(0, 4)], [(64, 64), (64, 64)])
+    assert out.shape == (0, 3, 7, 7)
+
+
+def test_max_mode_needs_a_fixed_sampling_ratio():
+    with pytest.raises(ValueError, match="sampling_ratio"):
+        RoIAlignPooler(["0"], 7, sampling_ratio=0, mode="max")
+    with pytest.raises(ValueError, match="mode"):
+        RoIAlignPooler(["0"], 7, mode="median")
+
+
+def test_gradients_flow_through_every_pooler():
+    for pooler in (RoIAlignPooler(["0"], 4), RoIAlignPooler(["0"], 4, mode="max"), RoIPoolPooler(["0"], 4), RoIWarpPooler(["0"], 4)):
+        features = torch.randn(1, 2, 16, 16, requires_grad=True)
+        pooler({"0": features}, [torch.tensor([[1.0, 1.0, 12.0, 9.0]])], [(16, 16)]).sum().backward()
+        assert features.grad.abs().sum() > 0
