@@ -2,6 +2,7 @@
 
 from omegaconf import OmegaConf
 
+import mrcnn.data.resolvers  # noqa: F401  (registers ${mrcnn.coco_classes:...})
 from mrcnn.modeling.backbone import stage_channels
 
 

@@ -1,9 +1,14 @@
 """Augmentation pipelines that keep instance masks, boxes and labels in step.
 
 Every dataset in :mod:`mrcnn.data` produces a uint8 image ``[H, W, 3]``, uint8
-instance masks ``[N, H, W]`` and int64 labels ``[N]`` first, runs an optional
+instance masks ``[N, H, W]`` and per-instance fields (int64 labels ``[N]``, and
+``iscrowd`` where the data has crowd regions) first, runs an optional
 :class:`InstanceTransform` on them, and only then converts the result into the
 project's tensor contract with :func:`to_sample`.
+
+The ready-made pipelines below are the options of the ``data/augmentation`` config
+group (``configs/data/augmentation/*.yaml``); any albumentations list works through
+``InstanceTransform(transforms=[...])``.
 
 Boxes are never pushed through albumentations: after the geometric transforms
 they are recomputed from the transformed masks, and instances whose mask became
@@ -15,7 +20,7 @@ masks, which is how ``len(masks) != len(boxes)`` bugs arise.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import albumentations as A
 import numpy as np
@@ -23,10 +28,15 @@ import torch
 
 __all__ = [
     "InstanceTransform",
+    "drop_crowd",
     "identity_transforms",
     "masks_to_boxes",
+    "photometric_transforms",
+    "random_crop_transforms",
+    "scale_jitter_transforms",
     "to_sample",
     "train_transforms",
+    "transform_instances",
 ]
 
 
@@ -91,6 +101,28 @@ class InstanceTransform:
             ``[M, H', W']``, float32 ``[M, 4]`` xyxy and int64 ``[M]``, where the
             M <= N surviving instances keep their original order.
         """
+        image, masks, boxes, fields = self.apply(image, masks, {"labels": np.asarray(labels, dtype=np.int64)})
+        return image, masks, boxes, fields["labels"]
+
+    def apply(
+        self, image: np.ndarray, masks: np.ndarray, fields: Mapping[str, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Transforms one sample and keeps any per-instance fields in step with the masks.
+
+        Args:
+            image: uint8 ``[H, W, 3]``.
+            masks: uint8 ``[N, H, W]`` with values 0/1; N may be 0.
+            fields: per-instance arrays of length N, e.g. ``{"labels": int64 [N],
+                "iscrowd": int64 [N]}``.
+
+        Returns:
+            ``(image, masks, boxes, fields)``: uint8 ``[H', W', 3]``, uint8
+            ``[M, H', W']``, float32 ``[M, 4]`` xyxy, and each field indexed down to
+            the M <= N instances whose mask is still non-empty (original order kept).
+        """
+        for name, values in fields.items():
+            if len(values) != len(masks):
+                raise ValueError(f"per-instance field {name!r} has {len(values)} entries for {len(masks)} masks")
         self._reseed_in_worker()
         if len(masks) == 0:
             # albumentations cannot stack an empty [0, H, W] array: transform the image alone.
@@ -102,10 +134,11 @@ class InstanceTransform:
             # Interpolating transforms may produce values other than 0/1: binarise.
             masks = (np.asarray(out["masks"]) > 0).astype(np.uint8)
 
+        # Instances cropped away (or shrunk below one pixel) go, with every field of theirs.
         keep = masks.any(axis=(1, 2))
         masks = masks[keep]
-        labels = np.asarray(labels, dtype=np.int64)[keep]
-        return image, masks, masks_to_boxes(masks), labels
+        fields = {name: np.asarray(values)[keep] for name, values in fields.items()}
+        return image, masks, masks_to_boxes(masks), fields
 
     def _reseed_in_worker(self) -> None:
         # DataLoader workers start as copies of the main process, so each would
@@ -136,6 +169,125 @@ def train_transforms(hflip_prob: float = 0.5) -> InstanceTransform:
 def identity_transforms() -> InstanceTransform:
     """No augmentation (validation and test); boxes are still recomputed from masks."""
     return InstanceTransform([])
+
+
+def photometric_transforms(
+    brightness: float = 0.2,
+    contrast: float = 0.2,
+    saturation: float = 0.2,
+    hue: float = 0.02,
+    p: float = 0.8,
+    hflip_prob: float = 0.5,
+) -> InstanceTransform:
+    """Horizontal flip plus colour jitter (masks and boxes are untouched by the jitter).
+
+    Args:
+        brightness, contrast, saturation: factors drawn from ``[1 - x, 1 + x]``.
+        hue: hue shift drawn from ``[-hue, hue]`` (fraction of the colour circle).
+        p: probability of jittering an image.
+        hflip_prob: probability of flipping an image.
+    """
+    return InstanceTransform(
+        [
+            A.HorizontalFlip(p=hflip_prob),
+            A.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue, p=p),
+        ]
+    )
+
+
+def random_crop_transforms(border_fraction: float = 0.15, p: float = 0.5, hflip_prob: float = 0.5) -> InstanceTransform:
+    """Horizontal flip plus a random crop that removes up to ``border_fraction`` of each side.
+
+    The crop is relative to the image, so it suits datasets of mixed image sizes;
+    instances cut away entirely are dropped, the others keep their visible part.
+
+    Args:
+        border_fraction: largest fraction of the width (height) cut from the left and
+            from the right (top, bottom) border, each drawn independently.
+        p: probability of cropping an image.
+        hflip_prob: probability of flipping an image.
+    """
+    f = float(border_fraction)
+    return InstanceTransform(
+        [
+            A.HorizontalFlip(p=hflip_prob),
+            A.RandomCropFromBorders(crop_left=f, crop_right=f, crop_top=f, crop_bottom=f, p=p),
+        ]
+    )
+
+
+def scale_jitter_transforms(
+    size: int = 1024, min_scale: float = 0.1, max_scale: float = 2.0, hflip_prob: float = 0.5
+) -> InstanceTransform:
+    """Large-scale jitter: fit into ``size``, rescale by a random factor, crop or pad to ``size x size``.
+
+    The model's own transform (``GeneralizedRCNNTransform``) resizes every image to its
+    ``min_size`` afterwards, which would undo a plain random resize; the fixed-size
+    crop is what makes the jitter survive it (objects keep the random scale relative
+    to the ``size x size`` canvas). Use it with ``data.min_size = data.max_size =
+    size`` to feed the canvas at its own resolution. For the paper's multi-scale
+    training (random shorter side), give ``data.min_size`` a list instead.
+
+    Args:
+        size: side of the square output canvas in pixels.
+        min_scale, max_scale: range of the random scale factor applied after fitting
+            the image's longer side to ``size``.
+        hflip_prob: probability of flipping an image.
+    """
+    return InstanceTransform(
+        [
+            A.HorizontalFlip(p=hflip_prob),
+            A.LongestMaxSize(max_size=int(size), p=1.0),
+            A.RandomScale(scale_limit=(min_scale - 1.0, max_scale - 1.0), p=1.0),
+            # Pads with zeros (image and masks) at the bottom/right when the image is smaller.
+            A.RandomCrop(height=int(size), width=int(size), pad_if_needed=True, pad_position="top_left", p=1.0),
+        ]
+    )
+
+
+def transform_instances(
+    transforms: InstanceTransform | None, image: np.ndarray, masks: np.ndarray, fields: Mapping[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Runs ``transforms.apply`` (or nothing when ``transforms`` is ``None``); see :meth:`InstanceTransform.apply`.
+
+    Without transforms, instances with an empty mask are still dropped (with their
+    fields), so every returned box has positive width and height.
+    """
+    if transforms is None:
+        keep = masks.any(axis=(1, 2)) if len(masks) else np.zeros(0, dtype=bool)
+        masks = masks[keep]
+        return image, masks, masks_to_boxes(masks), {k: np.asarray(v)[keep] for k, v in fields.items()}
+    if not hasattr(transforms, "apply"):
+        raise TypeError(
+            f"transforms must be an InstanceTransform (something with an apply(image, masks, fields) method), "
+            f"got {type(transforms).__name__}"
+        )
+    return transforms.apply(image, masks, fields)
+
+
+# Target entries with one row per instance (everything else, like image_id, is per image).
+PER_INSTANCE_KEYS = ("boxes", "labels", "masks", "iscrowd", "area")
+
+
+def drop_crowd(target: dict) -> dict:
+    """The target without its crowd regions (``iscrowd == 1``): what the model may train on.
+
+    Evaluation targets may keep crowd regions as ignore regions for the evaluator;
+    the model has no notion of crowd and would learn (or score losses on) them as
+    ordinary objects.
+
+    Args:
+        target: a target dict of the data contract.
+
+    Returns:
+        The same dict when it has no crowd region, else a shallow copy with the
+        per-instance entries indexed down to the non-crowd instances.
+    """
+    iscrowd = target.get("iscrowd")
+    if iscrowd is None or not bool(iscrowd.any()):
+        return target
+    keep = iscrowd == 0
+    return {k: (v[keep] if k in PER_INSTANCE_KEYS else v) for k, v in target.items()}
 
 
 def to_sample(

@@ -1,0 +1,236 @@
+"""Cityscapes fine instance annotations (``gtFine_instanceIds.png``) for the 8 instance classes.
+
+Layout (the official download)::
+
+    <root>/leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png
+    <root>/gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_instanceIds.png
+
+An instanceIds file is a 16-bit PNG: a pixel of an individually annotated object
+holds ``labelId * 1000 + k`` (k numbers the instances of that class in the image,
+not contiguously); a pixel of a group of objects of an instance class ("crowd",
+e.g. a crowd of people) holds the plain ``labelId`` (< 1000); other pixels hold
+the labelId of their stuff class. Label ids follow cityscapesScripts'
+``helpers/labels.py``: person 24, rider 25, car 26, truck 27, bus 28, caravan 29,
+trailer 30, train 31, motorcycle 32, bicycle 33. Caravan and trailer have
+instances but are ignored in the official evaluation; like Detectron2 we leave
+them out (their pixels count as background), which leaves the 8 evaluated classes.
+
+Metric: the project reports COCO-style mask AP (pycocotools, IoU 0.5:0.95, crowd
+regions as ignore regions) over these 8 classes. That is not the official
+Cityscapes instance AP (``evalInstanceLevelSemanticLabeling``, which among other
+differences ignores regions under 100 pixels); numbers from the two do not
+compare.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mrcnn.data.coco import read_rgb_image
+from mrcnn.data.transforms import InstanceTransform, to_sample, transform_instances
+
+__all__ = ["CITYSCAPES_CLASSES", "CITYSCAPES_LABEL_IDS", "CityscapesDataset", "read_instance_ids"]
+
+log = logging.getLogger(__name__)
+
+# The 8 evaluated instance classes and their Cityscapes labelIds (cityscapesScripts' label table).
+CITYSCAPES_LABEL_IDS: dict[str, int] = {
+    "person": 24,
+    "rider": 25,
+    "car": 26,
+    "truck": 27,
+    "bus": 28,
+    "train": 31,
+    "motorcycle": 32,
+    "bicycle": 33,
+}
+CITYSCAPES_CLASSES: tuple[str, ...] = tuple(CITYSCAPES_LABEL_IDS)
+
+_IMAGE_SUFFIX = "_leftImg8bit.png"
+_INSTANCE_SUFFIX = "_gtFine_instanceIds.png"
+# PIL modes of a 16-bit (or 32-bit integer) single-channel PNG.
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+def read_instance_ids(path: str | os.PathLike) -> np.ndarray:
+    """Reads a ``*_gtFine_instanceIds.png`` as int32 ``[H, W]``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file cannot be decoded, or is not 16-bit (an 8-bit copy has
+            lost every instance id >= 256, i.e. all of them), naming the file.
+    """
+    try:
+        with Image.open(path) as image:
+            if image.mode not in _WIDE_MODES:
+                raise ValueError(
+                    f"instanceIds file {path} is {_describe_mode(image.mode)}; Cityscapes instanceIds are "
+                    "16-bit PNGs (values labelId*1000+k). The file was probably converted; use the original "
+                    "from gtFine_trainvaltest.zip or regenerate it with cityscapesScripts' json2instanceImg."
+                )
+            return np.array(image, dtype=np.int32)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"instanceIds file not found: {path}") from err
+    except (OSError, SyntaxError) as err:
+        raise ValueError(f"cannot read instanceIds file {path}: {err}") from err
+
+
+def _describe_mode(mode: str) -> str:
+    return {"L": "8-bit (mode L)", "P": "8-bit palette (mode P)", "1": "1-bit", "RGB": "8-bit RGB"}.get(
+        mode, f"mode {mode}"
+    )
+
+
+class CityscapesDataset(torch.utils.data.Dataset):
+    """Cityscapes images with instance masks of the 8 instance classes.
+
+    Args:
+        root: the Cityscapes folder holding ``leftImg8bit/`` and ``gtFine/``.
+        split: ``"train"``, ``"val"`` or ``"test"`` (a folder name under both).
+        classes: class names to use, in label order (label ``i + 1`` is
+            ``classes[i]``); any subset of :data:`CITYSCAPES_CLASSES`.
+        transforms: an :class:`~mrcnn.data.transforms.InstanceTransform` or ``None``.
+        include_crowd: keep group regions (pixels valued ``labelId < 1000`` of an
+            instance class) in the targets, one per class and image, with
+            ``iscrowd=1``. Use it for evaluation, where they are ignore regions;
+            the model must not train on them (see
+            :func:`~mrcnn.data.transforms.drop_crowd`).
+
+    Attributes:
+        class_names, label_to_category_id (label -> Cityscapes labelId),
+        image_ids (1..N in sorted file order), image_files, instance_files,
+        image_sizes ``(height, width)``, skipped_images (``Counter`` by reason).
+
+    Image and instanceIds files are paired and checked at construction: a missing
+    folder, an 8-bit instanceIds file or a size mismatch stops with an error naming
+    the file; an image without instanceIds file is skipped and counted.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train",
+        classes: Sequence[str] = CITYSCAPES_CLASSES,
+        transforms: InstanceTransform | None = None,
+        include_crowd: bool = False,
+    ):
+        if isinstance(classes, str):
+            raise ValueError(f"classes must be a list of names, got the string {classes!r}")
+        unknown = [c for c in classes if c not in CITYSCAPES_LABEL_IDS]
+        if unknown or not classes:
+            raise ValueError(f"unknown Cityscapes classes {unknown or classes}; valid: {list(CITYSCAPES_CLASSES)}")
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"duplicate names in classes {list(classes)}")
+        self.root = Path(root)
+        self.split = split
+        self.class_names = list(classes)
+        self.label_to_category_id = {i: CITYSCAPES_LABEL_IDS[name] for i, name in enumerate(self.class_names, 1)}
+        # labelId -> label lookup table over all 16-bit labelIds (index: labelId, 0 = not used).
+        self._label_of = np.zeros(1 << 16, dtype=np.int64)
+        for label, label_id in self.label_to_category_id.items():
+            self._label_of[label_id] = label
+        self.transforms = transforms
+        self.include_crowd = bool(include_crowd)
+
+        image_root = self.root / "leftImg8bit" / split
+        gt_root = self.root / "gtFine" / split
+        for folder in (image_root, gt_root):
+            if not folder.is_dir():
+                raise FileNotFoundError(f"Cityscapes folder not found: {folder} (expected under data root {self.root})")
+        self.image_files: list[Path] = []
+        self.instance_files: list[Path] = []
+        self.image_sizes: list[tuple[int, int]] = []
+        self.skipped_images: Counter[str] = Counter()
+        missing_examples = []
+        for image_file in sorted(image_root.glob(f"*/*{_IMAGE_SUFFIX}")):
+            stem = image_file.name[: -len(_IMAGE_SUFFIX)]
+            instance_file = gt_root / image_file.parent.name / f"{stem}{_INSTANCE_SUFFIX}"
+            if not instance_file.is_file():
+                self.skipped_images["no gtFine instanceIds file"] += 1
+                missing_examples.append(str(instance_file))
+                continue
+            self.image_sizes.append(self._check_pair(image_file, instance_file))
+            self.image_files.append(image_file)
+            self.instance_files.append(instance_file)
+        if not self.image_files:
+            raise FileNotFoundError(f"no '*{_IMAGE_SUFFIX}' images with instanceIds files found under {image_root}")
+        self.image_ids = list(range(1, len(self.image_files) + 1))
+        self.skip_report = ""
+        if self.skipped_images:
+            self.skip_report = (
+                f"left out {sum(self.skipped_images.values())} images: "
+                + ", ".join(f"{n} {reason}" for reason, n in self.skipped_images.items())
+                + f" (e.g. {missing_examples[:3]})"
+            )
+            log.warning("Cityscapes %s: %s", split, self.skip_report)
+        log.info("Cityscapes %s: %d images, %d classes", split, len(self), self.num_classes)
+
+    @staticmethod
+    def _check_pair(image_file: Path, instance_file: Path) -> tuple[int, int]:
+        """``(height, width)`` after checking, from the PNG headers only, that the pair fits."""
+        try:
+            with Image.open(image_file) as image:
+                image_size = image.size
+            with Image.open(instance_file) as ids:
+                ids_size, ids_mode = ids.size, ids.mode
+        except (OSError, SyntaxError) as err:
+            raise ValueError(f"cannot read the header of {image_file} or {instance_file}: {err}") from err
+        if ids_mode not in _WIDE_MODES:
+            read_instance_ids(instance_file)  # raises the 8-bit error
+        if image_size != ids_size:
+            raise ValueError(
+                f"{instance_file} is {ids_size[0]}x{ids_size[1]} but its image {image_file} is "
+                f"{image_size[0]}x{image_size[1]}"
+            )
+        return image_size[1], image_size[0]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of foreground classes K (labels run 1..K)."""
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.image_files)
+
+    def instances(self, index: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Masks and per-instance fields of item ``index`` before any transform.
+
+        Returns:
+            masks: uint8 ``[N, H, W]``, instances first (in increasing id order), then
+                crowd regions if ``include_crowd``.
+            fields: ``labels`` int64 ``[N]`` (1..K) and ``iscrowd`` int64 ``[N]``.
+        """
+        ids = read_instance_ids(self.instance_files[index])
+        values = np.unique(ids)
+        # labelId*1000+k for instances; a bare labelId (< 1000) for a group region.
+        is_instance = values >= 1000
+        label_ids = np.where(is_instance, values // 1000, values)
+        labels = self._label_of[label_ids]
+        keep = (labels > 0) & (is_instance | self.include_crowd)
+        # Instances first, then crowd regions: stable sort on the crowd flag.
+        order = np.argsort(~is_instance[keep], kind="stable")
+        values, labels, crowd = values[keep][order], labels[keep][order], (~is_instance[keep])[order]
+        masks = (ids[None] == values[:, None, None]).astype(np.uint8)
+        return masks, {"labels": labels.astype(np.int64), "iscrowd": crowd.astype(np.int64)}
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        """Returns ``(image float32 [3, H, W], target)`` following the data contract."""
+        image = read_rgb_image(self.image_files[index])
+        masks, fields = self.instances(index)  # [N, H, W], also for N = 0
+        if image.shape[:2] != masks.shape[1:]:
+            raise ValueError(f"{self.instance_files[index]} and {self.image_files[index]} differ in size")
+        image, masks, boxes, fields = transform_instances(self.transforms, image, masks, fields)
+        return to_sample(
+            image, masks, fields["labels"], image_id=self.image_ids[index], boxes=boxes, iscrowd=fields["iscrowd"]
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.root}, split={self.split!r}, {len(self)} images)"

@@ -1,0 +1,118 @@
+"""GroupedBatchSampler: orientation-pure batches, every index once per epoch across DDP ranks."""
+
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils.data import DistributedSampler
+
+from mrcnn.data.datamodule import InstanceDataModule, dataset_image_sizes
+from mrcnn.data.samplers import GroupedBatchSampler, epoch_order, orientation_groups
+from mrcnn.data.shapes import ShapesDataset
+
+
+def _groups(n, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, generator=generator) < 0.3).long().tolist()
+
+
+def _epoch(group_ids, batch_size, num_replicas, epoch=0, seed=0):
+    """Batches of every rank for one epoch."""
+    per_rank = []
+    for rank in range(num_replicas):
+        order = epoch_order(len(group_ids), seed=seed)
+        sampler = GroupedBatchSampler(order, group_ids, batch_size, num_replicas=num_replicas, rank=rank)
+        sampler.set_epoch(epoch)
+        per_rank.append(list(sampler))
+        assert len(per_rank[-1]) == len(sampler)
+    return per_rank
+
+
+def test_orientation_groups():
+    assert orientation_groups([(480, 640), (640, 480), (500, 500)]) == [0, 1, 0]
+
+
+@pytest.mark.parametrize("n,batch_size,num_replicas", [(37, 4, 1), (37, 4, 3), (64, 2, 4), (5, 4, 2), (100, 3, 8)])
+def test_every_index_once_per_epoch_across_ranks(n, batch_size, num_replicas):
+    group_ids = _groups(n)
+    per_rank = _epoch(group_ids, batch_size, num_replicas)
+    # Every rank gets the same number of full batches (DDP steps must match) ...
+    assert len({len(batches) for batches in per_rank}) == 1
+    batches = [batch for rank_batches in per_rank for batch in rank_batches]
+    assert all(len(batch) == batch_size for batch in batches)
+    # ... each batch shares one orientation ...
+    assert all(len({group_ids[i] for i in batch}) == 1 for batch in batches)
+    # ... and every index is used, more than once only through padding.
+    counts = Counter(i for batch in batches for i in batch)
+    assert set(counts) == set(range(n))
+    group_sizes = Counter(group_ids)
+    full_batches = sum(-(-size // batch_size) for size in group_sizes.values())
+    group_padding = full_batches * batch_size - n
+    rank_padding = (len(per_rank[0]) * num_replicas - full_batches) * batch_size
+    assert sum(counts.values()) - n == group_padding + rank_padding
+    assert group_padding < batch_size * len(group_sizes) and rank_padding < batch_size * num_replicas
+
+
+def test_without_padding_each_index_exactly_once():
+    group_ids = [0] * 24 + [1] * 8  # 6 + 2 batches of 4: divisible by 2 ranks
+    per_rank = _epoch(group_ids, 4, 2)
+    indices = [i for batches in per_rank for batch in batches for i in batch]
+    assert sorted(indices) == list(range(32))
+    assert [len(b) for b in per_rank] == [4, 4]
+
+
+def test_ranks_share_one_shuffle_that_changes_by_epoch():
+    group_ids = _groups(50)
+    epoch0 = _epoch(group_ids, 4, 2, epoch=0)
+    assert _epoch(group_ids, 4, 2, epoch=0) == epoch0
+    epoch1 = _epoch(group_ids, 4, 2, epoch=1)
+    assert epoch1 != epoch0
+    assert _epoch(group_ids, 4, 2, seed=5) != epoch0
+
+
+def test_defaults_without_torch_distributed():
+    sampler = GroupedBatchSampler(range(10), [0] * 10, 4)
+    assert (sampler.num_replicas, sampler.rank) == (1, 0)
+    # The short last batch is completed with the group's first indices of the epoch.
+    assert list(sampler) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]
+    with pytest.raises(ValueError, match="rank"):
+        GroupedBatchSampler(range(10), [0] * 10, 4, num_replicas=2, rank=2)
+
+
+def _shapes_datamodule(**kwargs):
+    train = ShapesDataset(num_images=12, image_size=(32, 48), seed=0)
+    val = ShapesDataset(num_images=5, image_size=(32, 48), split="val")
+    return InstanceDataModule(train, val, batch_size=4, val_batch_size=2, aspect_ratio_grouping=True, **kwargs)
+
+
+def test_datamodule_grouped_loader_and_ddp_flag():
+    dm = _shapes_datamodule()
+    assert dataset_image_sizes(dm.train_dataset) == [(32, 48)] * 12
+    loader = dm.train_dataloader()
+    assert isinstance(loader.batch_sampler, GroupedBatchSampler)
+    assert [len(images) for images, _ in loader] == [4, 4, 4]
+    assert all(image.shape == (3, 32, 48) for images, _ in loader for image in images)
+
+    # Under DDP with Lightning's sampler injection on, a clear error says what to set.
+    connector = SimpleNamespace(use_distributed_sampler=True)
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=1, _accelerator_connector=connector)
+    with pytest.raises(ValueError, match="use_distributed_sampler=False"):
+        dm.train_dataloader()
+    connector.use_distributed_sampler = False
+    sampler = dm.train_dataloader().batch_sampler
+    assert (sampler.num_replicas, sampler.rank, len(sampler)) == (2, 1, 2)
+    # Lightning's per-epoch set_epoch reaches the shuffle through batch_sampler.sampler.
+    assert hasattr(sampler.sampler, "set_epoch")
+    val = dm.val_dataloader()
+    assert isinstance(val.sampler, DistributedSampler) and not val.sampler.shuffle
+    assert [t["image_id"] for _, targets in val for t in targets] == [2, 4, 1]  # rank 1 of 2 (padded)
+
+
+def test_datamodule_shards_the_plain_loader_under_ddp():
+    dm = _shapes_datamodule()
+    dm.aspect_ratio_grouping = False
+    dm.trainer = SimpleNamespace(world_size=3, global_rank=0, _accelerator_connector=None)
+    loader = dm.train_dataloader()
+    assert isinstance(loader.sampler, DistributedSampler) and loader.sampler.num_replicas == 3
+    assert [len(images) for images, _ in loader] == [4]

@@ -1,0 +1,141 @@
+"""Augmentation pipelines keep masks, boxes, labels and other per-instance fields in step."""
+
+import albumentations as A
+import numpy as np
+import pytest
+import torch
+
+from mrcnn.data.transforms import (
+    InstanceTransform,
+    drop_crowd,
+    identity_transforms,
+    masks_to_boxes,
+    photometric_transforms,
+    random_crop_transforms,
+    scale_jitter_transforms,
+    to_sample,
+    train_transforms,
+    transform_instances,
+)
+
+
+def _sample(seed=0, height=60, width=80, n=6):
+    """A random image whose instances are rectangles of distinct colours (so each can be traced)."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    masks = np.zeros((n, height, width), dtype=np.uint8)
+    for i in range(n):
+        y, x = rng.integers(0, height - 6), rng.integers(0, width - 6)
+        masks[i, y : y + rng.integers(2, 20), x : x + rng.integers(2, 20)] = 1
+    labels = np.arange(1, n + 1, dtype=np.int64)
+    iscrowd = (np.arange(n) % 3 == 0).astype(np.int64)
+    return image, masks, labels, iscrowd
+
+
+PIPELINES = {
+    "hflip": lambda: train_transforms(0.5),
+    "photometric": photometric_transforms,
+    "random_crop": lambda: random_crop_transforms(border_fraction=0.4, p=1.0),
+    "scale_jitter": lambda: scale_jitter_transforms(size=64, min_scale=0.3, max_scale=2.0),
+    "none": identity_transforms,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_every_pipeline_keeps_instances_in_step(name):
+    transform = PIPELINES[name]()
+    transform.compose.set_random_seed(0)
+    for seed in range(15):
+        image, masks, labels, iscrowd = _sample(seed)
+        # An identifier field that encodes each instance's original index and crowd flag together.
+        fields = {"labels": labels, "iscrowd": iscrowd, "source": labels * 10 + iscrowd}
+        out_image, out_masks, boxes, out = transform.apply(image, masks, fields)
+        m = len(out_masks)
+        assert out_image.shape[:2] == out_masks.shape[1:] and out_image.dtype == np.uint8
+        assert out_masks.dtype == np.uint8 and set(np.unique(out_masks)) <= {0, 1}
+        assert boxes.shape == (m, 4) and all(len(v) == m for v in out.values())
+        assert out_masks.any(axis=(1, 2)).all()  # no empty instance survives
+        assert np.array_equal(boxes, masks_to_boxes(out_masks))
+        assert (boxes[:, 2:] > boxes[:, :2]).all()
+        # Survivors keep their order, and their fields stay together.
+        assert np.array_equal(out["source"], out["labels"] * 10 + out["iscrowd"])
+        assert list(out["labels"]) == sorted(out["labels"])
+        if name in ("none", "photometric", "hflip"):
+            assert m == len(masks)  # nothing is cut away
+        if name == "scale_jitter":
+            assert out_image.shape[:2] == (64, 64)
+
+
+def test_crop_drops_vanished_instances_with_all_their_fields():
+    image = np.zeros((40, 60, 3), dtype=np.uint8)
+    masks = np.zeros((3, 40, 60), dtype=np.uint8)
+    masks[0, 5:15, 5:20] = 1
+    masks[1, 10:30, 45:58] = 1  # outside the crop
+    masks[2, 20:35, 25:40] = 1  # cut by the crop
+    transform = InstanceTransform([A.Crop(x_min=0, y_min=0, x_max=30, y_max=40)])
+    fields = {"labels": np.array([3, 1, 2]), "iscrowd": np.array([0, 1, 0])}
+    _, out_masks, boxes, out = transform.apply(image, masks, fields)
+    assert out["labels"].tolist() == [3, 2] and out["iscrowd"].tolist() == [0, 0]
+    assert boxes.tolist() == [[5, 5, 20, 15], [25, 20, 30, 35]]
+    # The 3-argument call (used by ShapesDataset) is unchanged.
+    _, _, boxes3, labels3 = transform(image, masks, fields["labels"])
+    assert labels3.tolist() == [3, 2] and np.array_equal(boxes3, boxes)
+
+
+def test_hflip_moves_masks_and_boxes_exactly():
+    image, masks, labels, iscrowd = _sample(1)
+    image[..., 0] = np.arange(80, dtype=np.uint8)[None]
+    out_image, out_masks, boxes, out = train_transforms(1.0).apply(image, masks, {"labels": labels})
+    assert np.array_equal(out_image, image[:, ::-1])
+    assert np.array_equal(out_masks, masks[:, :, ::-1])
+    before = masks_to_boxes(masks)
+    assert np.array_equal(boxes[:, [0, 2]], 80 - before[:, [2, 0]])
+
+
+def test_photometric_changes_pixels_not_masks():
+    image, masks, labels, _ = _sample(2)
+    image[:] = 120
+    transform = photometric_transforms(p=1.0, hflip_prob=0.0)
+    transform.compose.set_random_seed(0)
+    changed = 0
+    for _ in range(5):  # a brightness factor within 0.4% of 1 leaves a flat image unchanged: try a few
+        out_image, out_masks, _, _ = transform.apply(image, masks, {"labels": labels})
+        changed += not np.array_equal(out_image, image)
+        assert np.array_equal(out_masks, masks)
+    assert changed >= 3
+
+
+def test_field_length_mismatch_is_an_error():
+    image, masks, labels, _ = _sample(3)
+    with pytest.raises(ValueError, match="'iscrowd' has 2 entries for 6 masks"):
+        identity_transforms().apply(image, masks, {"labels": labels, "iscrowd": np.zeros(2)})
+
+
+def test_no_instances():
+    image = np.zeros((30, 40, 3), dtype=np.uint8)
+    empty = np.zeros((0, 30, 40), dtype=np.uint8)
+    for make in PIPELINES.values():
+        out_image, masks, boxes, out = make().apply(image, empty, {"labels": np.zeros(0, np.int64)})
+        assert masks.shape == (0, *out_image.shape[:2]) and boxes.shape == (0, 4) and out["labels"].shape == (0,)
+
+
+def test_transform_instances_without_transforms_drops_empty_masks():
+    image, masks, labels, iscrowd = _sample(4)
+    masks[2] = 0
+    _, out_masks, boxes, out = transform_instances(None, image, masks, {"labels": labels, "iscrowd": iscrowd})
+    assert out["labels"].tolist() == [1, 2, 4, 5, 6] and out["iscrowd"].tolist() == [1, 0, 1, 0, 0]
+    assert len(out_masks) == len(boxes) == 5
+    with pytest.raises(TypeError, match="InstanceTransform"):
+        transform_instances(lambda *a: a, image, masks, {"labels": labels})
+
+
+def test_drop_crowd():
+    image, masks, labels, iscrowd = _sample(5)
+    _, target = to_sample(image, masks, labels, image_id=3, iscrowd=iscrowd)
+    dropped = drop_crowd(target)
+    keep = torch.from_numpy(iscrowd == 0)
+    for key in ("boxes", "labels", "masks", "iscrowd", "area"):
+        assert torch.equal(dropped[key], target[key][keep])
+    assert dropped["image_id"] == 3
+    no_crowd = dict(target, iscrowd=torch.zeros_like(target["iscrowd"]))
+    assert drop_crowd(no_crowd) is no_crowd
