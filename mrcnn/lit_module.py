@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from mrcnn.data.transforms import drop_crowd
 from mrcnn.evaluation import CocoEvaluator
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS
 
@@ -72,13 +73,20 @@ class MaskRCNNModule(L.LightningModule):
         self.last_metrics: dict[str, float] = {}
         self.last_metrics_step = -1
 
+    def setup(self, stage: str) -> None:
+        # The dataset knows how its labels map to category ids and, for COCO json data, the ground
+        # truth pycocotools should score against (crowd regions as ignore regions).
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "evaluator_kwargs") and stage in ("fit", "validate", "test"):
+            self.evaluator = CocoEvaluator(**datamodule.evaluator_kwargs("test" if stage == "test" else "val"))
+
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         return self.model(images, targets)
 
     # ---- training -------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, targets = batch
-        _, losses = self.model(list(images), list(targets))
+        _, losses = self.model(list(images), [drop_crowd(t) for t in targets])
         total = sum(losses[k] for k in LOSS_KEYS)
         check_finite(losses, self.global_step)
         batch_size = len(images)
@@ -94,9 +102,16 @@ class MaskRCNNModule(L.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
+    def predict_step(self, batch, batch_idx: int) -> list[dict[str, Tensor]]:
+        """Detections for a batch ``(images, anything)``: per image boxes, labels, scores, masks."""
+        images, _ = batch
+        detections, _ = self.model(list(images))
+        return detections
+
     def _eval_step(self, batch, stage: str) -> None:
         images, targets = batch
-        detections, losses = self.model(list(images), list(targets))
+        # Crowd regions are for the evaluator only (ignore regions), never model targets.
+        detections, losses = self.model(list(images), [drop_crowd(t) for t in targets])
         batch_size = len(images)
         self.log_dict({f"{stage}/{k}": losses[k] for k in LOSS_KEYS}, batch_size=batch_size, sync_dist=True)
         self.log(f"{stage}/loss", sum(losses[k] for k in LOSS_KEYS), batch_size=batch_size, sync_dist=True)
@@ -121,7 +136,8 @@ class MaskRCNNModule(L.LightningModule):
         self.last_metrics = metrics
         self.last_metrics_step = self.global_step
         for key, value in metrics.items():
-            self.log(f"{stage}/{key}", value, prog_bar=key in ("segm_AP", "bbox_AP"), rank_zero_only=False)
+            # Identical on every rank; sync_dist only keeps Lightning's DDP check quiet.
+            self.log(f"{stage}/{key}", value, prog_bar=key in ("segm_AP", "bbox_AP"), sync_dist=True)
 
     # ---- optimization ---------------------------------------------------------------------
     def global_batch_size(self) -> int:

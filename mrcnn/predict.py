@@ -1,0 +1,177 @@
+"""``mode=predict``: run a trained model on image files, write overlay PNGs and a COCO results json.
+
+    python run.py mode=predict ckpt_path=<last.ckpt> predict.input=<image or folder> predict.output=<folder>
+    python run.py model=torchvision_r50_fpn model.num_classes=90 weights=<torchvision .pth> \
+        predict.class_names=coco mode=predict predict.input=... predict.output=...
+
+Lightning runs the loop (devices, precision, DDP); :class:`PredictionWriter` writes the files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import BasePredictionWriter
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from pycocotools.coco import COCO
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import write_png
+from torchvision.transforms.functional import pil_to_tensor
+
+from mrcnn.data.datamodule import collate_detection
+from mrcnn.evaluation import CocoEvaluator
+from mrcnn.train import build_module, checkpoint_path, job_scope
+from mrcnn.visualize import draw_instances, select
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+RESULTS_FILE = "coco_results.json"
+IMAGES_FILE = "images.json"
+
+
+class ImageFiles(Dataset):
+    """One image file, or every image file in a folder (sorted by name).
+
+    Item ``i`` is ``(image float [3, H, W] in 0..1, {"image_id": i + 1, "file_name": ...})``.
+    """
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if path.is_dir():
+            self.files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            self.files = [path]
+        else:
+            raise FileNotFoundError(f"predict.input={path} is neither an image file nor a folder")
+        if not self.files:
+            raise ValueError(f"predict.input={path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        with Image.open(self.files[index]) as image:
+            pixels = pil_to_tensor(image.convert("RGB"))
+        return pixels.float() / 255, {"image_id": index + 1, "file_name": self.files[index].name}
+
+    def coco_images(self) -> list[dict]:
+        """The COCO ``images`` entries (id, file name, size) that the results' ``image_id`` refer to."""
+        images = []
+        for index, path in enumerate(self.files):
+            with Image.open(path) as image:
+                width, height = image.size
+            images.append({"id": index + 1, "file_name": path.name, "height": height, "width": width})
+        return images
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes ``<output>/<image stem>.png`` overlays per batch, and the COCO results json at the end.
+
+    Detections scoring below ``score_threshold`` are neither drawn nor written. Under DDP each process
+    draws its own images and rank zero writes the json of all of them.
+
+    Args:
+        output: folder for the files.
+        images: the COCO ``images`` entries of the input (written to ``images.json``).
+        class_names: names of labels 1..K (overlay captions).
+        score_threshold: lowest score kept.
+        mask_threshold: mask probabilities above it are foreground.
+        label_to_category_id: maps labels 1..K to the json's category ids (default: the label).
+    """
+
+    def __init__(
+        self,
+        output: str | Path,
+        images: list[dict],
+        class_names: Sequence[str] | None = None,
+        score_threshold: float = 0.5,
+        mask_threshold: float = 0.5,
+        label_to_category_id: Mapping[int, int] | None = None,
+    ):
+        super().__init__(write_interval="batch")
+        self.output = Path(output)
+        self.images = images
+        self.class_names = class_names
+        self.score_threshold = score_threshold
+        self.mask_threshold = mask_threshold
+        coco = COCO()
+        coco.dataset = {"images": images, "annotations": [], "categories": []}
+        coco.createIndex()
+        # The evaluator's conversion to COCO result dicts (RLE masks, xywh boxes, category ids), no evaluation.
+        self.results = CocoEvaluator(mask_threshold=mask_threshold, label_to_category_id=label_to_category_id, coco_gt=coco)
+        self.num_detections = 0
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
+        self.output.mkdir(parents=True, exist_ok=True)
+        images, metas = batch
+        kept = []
+        for image, meta, detection in zip(images, metas, prediction):
+            detection = select(detection, self.score_threshold)
+            overlay = draw_instances(image, detection, self.class_names, self.score_threshold, self.mask_threshold)
+            write_png(overlay, str(self.output / f"{Path(meta['file_name']).stem}.png"))
+            kept.append({**detection, "image_id": meta["image_id"]})
+        self.results.update(kept)
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        results = self.results.results_json()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[list[dict] | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, results)
+            results = sorted((r for part in gathered for r in part), key=lambda r: r["image_id"])
+        if trainer.is_global_zero:
+            (self.output / RESULTS_FILE).write_text(json.dumps(results))
+            (self.output / IMAGES_FILE).write_text(json.dumps(self.images, indent=1))
+            log.info("Wrote %d overlays and %d detections to %s", len(self.images), len(results), self.output)
+        self.num_detections = len(results)
+
+
+def class_names(cfg: DictConfig, num_classes: int) -> list[str] | None:
+    """``predict.class_names``: a list, ``coco`` (torchvision's COCO names), or null for the dataset's classes."""
+    names = cfg.predict.get("class_names")
+    if names == "coco":
+        from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+
+        # torchvision's 91 categories start with the background: labels 1..90 are the rest.
+        return list(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"][1:])
+    if names is None:
+        names = cfg.data.get("classes")
+    names = list(names) if names is not None else None
+    if names is not None and len(names) != num_classes:
+        log.warning("%d class names for %d classes: captions show label numbers", len(names), num_classes)
+        return None
+    return names
+
+
+def predict(cfg: DictConfig) -> dict[str, float]:
+    """Writes an overlay PNG per input image and ``coco_results.json`` / ``images.json`` to ``predict.output``."""
+    ckpt_path = checkpoint_path(cfg)
+    if not ckpt_path and not cfg.get("weights"):
+        raise ValueError("mode=predict needs ckpt_path=<Lightning checkpoint>, resume=<run dir> or weights=<torchvision file>")
+    if not cfg.predict.get("input"):
+        raise ValueError("mode=predict needs predict.input=<image file or folder>")
+    with job_scope(cfg):
+        L.seed_everything(cfg.seed, workers=True)
+        dataset = ImageFiles(cfg.predict.input)
+        module = build_module(cfg)
+        label_map = cfg.predict.get("label_to_category_id")
+        writer = PredictionWriter(
+            cfg.predict.output,
+            dataset.coco_images(),
+            class_names(cfg, cfg.model.num_classes),
+            cfg.predict.score_threshold,
+            cfg.predict.mask_threshold,
+            OmegaConf.to_container(label_map) if label_map is not None else None,
+        )
+        loader = DataLoader(dataset, batch_size=cfg.predict.batch_size, num_workers=cfg.predict.num_workers, collate_fn=collate_detection)
+        trainer = instantiate(cfg.trainer, callbacks=[writer], logger=False)
+        trainer.predict(module, dataloaders=loader, ckpt_path=ckpt_path, return_predictions=False)
+        return {"images": float(len(dataset)), "detections": float(writer.num_detections)}

@@ -1,0 +1,94 @@
+"""DDP on CPU processes (trainer=ddp_cpu): a Hydra sweep runs each job once; evaluation matches one process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from mrcnn.train import build_module, check_sync_batchnorm
+
+from tests.conftest import TINY_MODEL, compose_config
+from tests.test_wandb import read_wandb_records
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    *TINY_MODEL,
+    "data.num_train_images=8",
+    "data.datamodule.batch_size=2",
+    "trainer.max_epochs=1",
+    "trainer.check_val_every_n_epoch=1",
+    "trainer.log_every_n_steps=1",
+]
+
+
+def run(args, cwd, timeout=300, env=None):
+    # From a folder of its own, so that a stray output folder would show up there.
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=timeout, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def test_sweep_with_ddp_runs_each_job_once_with_two_processes(tmp_path):
+    # Lightning's ddp re-runs sys.argv in its children: unless pinned to their job, they re-run the sweep.
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
+    run(["-m", "base_lr=0.01,0.02", "trainer=ddp_cpu", "trainer.devices=2", "data.num_val_images=3", *TINY,
+         "logger=wandb", f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.sweep.subdir=job${hydra.job.num}"],
+        cwd=tmp_path, env=env)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["job0", "job1"]
+    for job, lr in zip(jobs, ("0.01", "0.02")):
+        metrics = json.loads((job / "metrics.json").read_text())
+        # 8 images, 2 per batch, split over 2 processes: 2 optimizer steps.
+        assert metrics["world_size"] == 2 and metrics["global_step"] == 2
+        assert "segm_AP" in metrics and "bbox_AP" in metrics
+        assert (job / "csv" / "metrics.csv").exists() and (job / "checkpoints" / "last.ckpt").exists()
+        assert f"base_lr: {lr}" in (job / ".hydra" / "resolved.yaml").read_text()
+        # Each process of the job ran once, with this job's config (its run_dir is this folder).
+        assert [p.name for p in job.glob("ddp_rank*.log")] == ["ddp_rank1.log"]
+        assert (job / "run.log").read_text().count(f"process 0 of 2 done at global step 2 in {job}") == 1
+        assert (job / "ddp_rank1.log").read_text().count(f"process 1 of 2 done at global step 2 in {job}") == 1
+        # One W&B run per job (rank zero's), grouped by the sweep, named after the job's variant.
+        [wandb_log] = (job / "wandb").glob("offline-run-*/*.wandb")
+        [record] = [r.run for r in read_wandb_records(wandb_log) if r.WhichOneof("record_type") == "run"]
+        assert record.run_group == str(tmp_path / "sweep") and record.display_name.startswith(f"base_lr={lr},")
+
+
+def test_ddp_evaluation_matches_one_process_on_an_odd_number_of_images(tmp_path):
+    # 5 images over 2 processes: the DistributedSampler repeats one image to fill the last batch.
+    common = [*TINY, "data.num_val_images=5", "++data.datamodule.val_batch_size=1", "model.box_score_thresh=0.0"]
+    cfg = compose_config(common, run_dir=str(tmp_path))
+    L.seed_everything(0)
+    module, datamodule = instantiate(cfg.module), instantiate(cfg.data.datamodule)
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=datamodule)
+    checkpoint = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    # One process, here; then two, through run.py.
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(module, datamodule=datamodule, verbose=False)
+    one = dict(module.last_metrics)
+
+    run(["mode=evaluate", f"ckpt_path={checkpoint}", *common, "trainer=ddp_cpu", "trainer.devices=2",
+         f"hydra.run.dir={tmp_path / 'two'}"], cwd=tmp_path)
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two.pop("world_size") == 2 and two.pop("global_step") == 0
+    assert one == two
+    assert max(one["bbox_AP50"], one["segm_AP50"]) > 0, one  # the numbers compared are not all zero
+
+
+def test_sync_batchnorm_with_cpu_processes_is_a_clear_error():
+    module = build_module(compose_config([*TINY_MODEL, "model.norm=syncbn", "model.head_norm=syncbn"]))
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in module.model.roi_heads.mask_head.modules())
+    # One process: SyncBatchNorm is plain BatchNorm. CPU processes under DDP: torch cannot synchronise it.
+    check_sync_batchnorm(module, L.Trainer(accelerator="cpu", devices=1, logger=False))
+    with pytest.raises(ValueError, match="needs CUDA devices"):
+        check_sync_batchnorm(module, L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False))

@@ -1,0 +1,122 @@
+"""mode=predict (overlay PNGs + COCO results json), overlay drawing, and torchvision weights through run.py."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torchvision
+from hydra.utils import instantiate
+from PIL import Image
+
+from mrcnn.data.shapes import ShapesDataset
+from mrcnn.train import build_module
+from mrcnn.visualize import draw_instances, instance_colors, semantic_label_map
+from tests.conftest import TINY_MODEL, compose_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args, timeout=300):
+    result = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def write_images(folder, n, size):
+    folder.mkdir()
+    dataset = ShapesDataset(num_images=n, image_size=size, seed=3, split="val")
+    for i in range(n):
+        image, _ = dataset[i]
+        Image.fromarray((image * 255).round().byte().permute(1, 2, 0).numpy()).save(folder / f"img{i}.png")
+    return folder
+
+
+def test_predict_from_a_lightning_checkpoint_writes_overlays_and_coco_results(tmp_path):
+    cfg = compose_config([*TINY_MODEL, "data.num_train_images=4", "data.datamodule.batch_size=2"], run_dir=str(tmp_path))
+    L.seed_everything(0)
+    module = instantiate(cfg.module)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=instantiate(cfg.data.datamodule))
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    images = write_images(tmp_path / "images", 3, 64)
+
+    out = tmp_path / "out"
+    run([*TINY_MODEL, "mode=predict", f"ckpt_path={tmp_path / 'model.ckpt'}", f"predict.input={images}",
+         f"predict.output={out}", "predict.score_threshold=0.0", f"hydra.run.dir={tmp_path / 'run'}"])
+
+    assert sorted(p.name for p in out.glob("*.png")) == ["img0.png", "img1.png", "img2.png"]
+    assert Image.open(out / "img0.png").size == (64, 64)
+    listed = json.loads((out / "images.json").read_text())
+    assert [(i["id"], i["file_name"], i["height"], i["width"]) for i in listed] == [
+        (1, "img0.png", 64, 64), (2, "img1.png", 64, 64), (3, "img2.png", 64, 64)]
+    results = json.loads((out / "coco_results.json").read_text())
+    assert results, "score_threshold=0 keeps every detection of the untrained model"
+    assert {r["image_id"] for r in results} <= {1, 2, 3}
+    for r in results[:5]:
+        assert set(r) == {"image_id", "category_id", "bbox", "score", "segmentation"}
+        assert 1 <= r["category_id"] <= 6 and len(r["bbox"]) == 4 and r["segmentation"]["size"] == [64, 64]
+
+
+def test_torchvision_checkpoint_loads_and_predicts_through_run_py(tmp_path):
+    torch.manual_seed(0)
+    reference = torchvision.models.detection.maskrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=7, min_size=128, max_size=128
+    ).eval()
+    torch.save(reference.state_dict(), tmp_path / "maskrcnn.pth")
+    images = write_images(tmp_path / "images", 1, 128)
+
+    out = tmp_path / "out"
+    run(["model=torchvision_r50_fpn", f"weights={tmp_path / 'maskrcnn.pth'}", "mode=predict", f"predict.input={images}",
+         f"predict.output={out}", "predict.score_threshold=0.0", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert (out / "img0.png").exists()
+    results = json.loads((out / "coco_results.json").read_text())
+
+    # The loaded weights give torchvision's detections (RoIAlign etc. are the same computation).
+    image = torch.from_numpy(np.array(Image.open(images / "img0.png"))).permute(2, 0, 1).float() / 255
+    with torch.no_grad():
+        expected = reference([image])[0]
+    assert len(results) == len(expected["scores"]) > 0
+    best = max(results, key=lambda r: r["score"])
+    assert best["score"] == pytest.approx(expected["scores"][0].item(), abs=1e-4)
+    x1, y1, x2, y2 = expected["boxes"][0].tolist()
+    assert best["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1], abs=1e-2)
+    assert best["category_id"] == expected["labels"][0].item()
+
+
+def test_weights_that_do_not_fit_the_model_fail_clearly(tmp_path):
+    cfg = compose_config(["model=torchvision_r50_fpn"])  # 6 shapes classes
+    other = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=5)
+    torch.save(other.state_dict(), tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"other\.pth.*does not match the configured model.*cls_score"):
+        build_module(compose_config(["model=torchvision_r50_fpn", f"weights={tmp_path / 'other.pth'}"]))
+    torch.save({"state_dict": {}, "pytorch-lightning_version": "2.6.6"}, tmp_path / "lightning.ckpt")
+    with pytest.raises(ValueError, match="Lightning checkpoint"):
+        build_module(compose_config([*TINY_MODEL, f"weights={tmp_path / 'lightning.ckpt'}"]))
+    assert cfg.model.num_classes == 6
+
+
+def test_overlay_colours_each_instance_and_label_map_puts_the_best_on_top():
+    image = torch.zeros(3, 64, 64)
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[0, 0, 2:10, 2:10] = 0.9
+    masks[1, 0, 5:15, 5:15] = 0.9
+    instances = {
+        "boxes": torch.tensor([[2.0, 2.0, 10.0, 10.0], [5.0, 5.0, 15.0, 15.0]]),
+        "labels": torch.tensor([1, 2]),
+        "scores": torch.tensor([0.6, 0.9]),
+        "masks": masks,
+    }
+    drawn = draw_instances(image, instances, ["a", "b"], score_threshold=0.5)
+    assert drawn.dtype == torch.uint8 and drawn.shape == (3, 64, 64)
+    assert drawn[:, 3, 3].tolist() != drawn[:, 12, 12].tolist()  # two instances, two colours
+    assert drawn[:, 60, 60].tolist() == [0, 0, 0]  # background untouched
+    assert draw_instances(image, instances, score_threshold=0.95).eq(0).all()  # nothing above the threshold
+    label_map = semantic_label_map(instances, (64, 64))
+    assert label_map[3, 3] == 1 and label_map[7, 7] == 2 and label_map[0, 0] == 0  # overlap: higher score wins
+    assert len(set(instance_colors(10))) == 10

@@ -1,0 +1,49 @@
+"""hydra/launcher=slurm (hydra-submitit-launcher): one SLURM task per GPU, sized from the trainer config (no SLURM needed)."""
+
+import submitit
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from submitit.slurm.slurm import _make_sbatch_string
+
+from tests.conftest import CONFIG_DIR
+
+SLURM = ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"]
+
+
+def compose_with_hydra(overrides, sweep_dir):
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=[*overrides, f"hydra.sweep.dir={sweep_dir}"], return_hydra_config=True)
+
+
+def test_launcher_config_has_one_task_per_gpu(tmp_path):
+    cfg = compose_with_hydra([*SLURM, "hydra.launcher.timeout_min=90", "hydra.launcher.partition=gpu"], tmp_path)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
+    assert launcher.timeout_min == 90 and launcher.partition == "gpu"
+    assert launcher.submitit_folder == f"{tmp_path}/.submitit/%j"
+
+
+def test_submitit_gets_the_slurm_parameters(tmp_path, monkeypatch):
+    cfg = compose_with_hydra([*SLURM, "hydra.launcher.timeout_min=90"], tmp_path)
+    launcher = instantiate(cfg.hydra.launcher)
+    launcher.config = cfg
+
+    # Stop where the plugin would submit, keeping the executor it configured.
+    submitted = {}
+
+    def capture(executor, fn, *iterables):
+        submitted["executor"] = executor
+        return []
+
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", capture)
+    # submitit checks for srun before it builds a SLURM executor; this machine has none.
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2))
+    launcher.launch([["base_lr=0.01"], ["base_lr=0.02"]], initial_job_idx=0)
+
+    parameters = submitted["executor"]._executor.parameters
+    assert parameters["nodes"] == 2 and parameters["ntasks_per_node"] == 4 and parameters["gpus_per_node"] == 4
+    assert parameters["time"] == 90
+    sbatch = _make_sbatch_string(command="python -u -m submitit.core._submit", folder=str(tmp_path), **parameters)
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4", "#SBATCH --time=90"):
+        assert line in sbatch

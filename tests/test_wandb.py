@@ -1,0 +1,103 @@
+"""logger=wandb: offline without credentials (never a prompt), and what an offline run records."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mrcnn.train import wandb_mode
+from mrcnn.modeling.mask_rcnn import LOSS_KEYS
+from tests.conftest import TINY_MODEL
+
+ROOT = Path(__file__).resolve().parents[1]
+W_AND_B_ENV = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL")
+
+
+@pytest.fixture
+def no_credentials(tmp_path, monkeypatch):
+    for key in W_AND_B_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    return tmp_path / "netrc"
+
+
+def test_mode_is_offline_without_credentials_and_online_with_them(no_credentials, monkeypatch):
+    assert wandb_mode() == "offline"
+    no_credentials.write_text("machine api.wandb.ai\n  login user\n  password " + "0" * 40 + "\n")
+    assert wandb_mode() == "online"
+    no_credentials.unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    assert wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode() == "disabled"
+
+
+def read_wandb_records(path):
+    """The protobuf records of an offline run's ``.wandb`` transaction log.
+
+    The file is a LevelDB-style log: a 7-byte header, then 32 KiB blocks of chunks, each with a 7-byte
+    header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last); a block's last < 7 bytes are padding.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, position, records, pending = path.read_bytes(), 32768, 7, [], b""
+    assert data[:4] == b":W&B"
+    while position + 7 <= len(data):
+        left = block - position % block
+        if left < 7:
+            position += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        pending += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            records.append(wandb_internal_pb2.Record.FromString(pending))
+            pending = b""
+    return records
+
+
+def test_offline_run_has_losses_ap_config_names_and_prediction_images(tmp_path, no_credentials):
+    env = {k: v for k, v in os.environ.items() if k not in W_AND_B_ENV}
+    # No WANDB_MODE: offline must follow from the missing credentials; stdin closed: a prompt would fail.
+    env.update(NETRC=str(no_credentials), WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
+    args = [
+        *TINY_MODEL, "logger=wandb", "experiment_name=smoke", "data.num_train_images=8", "data.num_val_images=2",
+        "data.datamodule.batch_size=4", "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1",
+        "trainer.log_every_n_steps=1", "callbacks.4.score_threshold=0.0", f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    result = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    records = read_wandb_records(next(runs[0].glob("*.wandb")))
+    kinds = [r.WhichOneof("record_type") for r in records]
+    assert kinds.count("run") == 1 and "exit" in kinds
+
+    run = records[kinds.index("run")].run
+    # The resolved config was given at init, so the offline run has it.
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["model"]["depth"] == 18 and config["base_lr"] == 0.02 and config["run_dir"] == str(tmp_path / "run")
+    assert run.run_group == "smoke"
+    assert "model.depth=18" in run.display_name and "model.depth=18" in run.tags
+
+    logged = {
+        item.key or "/".join(item.nested_key)
+        for r in records if r.WhichOneof("record_type") == "history" for item in r.history.item
+    }
+    for loss in LOSS_KEYS:
+        assert f"train/{loss}" in logged and f"val/{loss}" in logged
+    for key in ("train/loss", "val/loss", "val/segm_AP", "val/segm_AP50", "val/bbox_AP", "lr", "train/images_per_sec"):
+        assert key in logged, key
+    assert "val/predictions/all_masks" in logged and "val/predictions/all_boxes" in logged
+
+    media = runs[0] / "files" / "media"
+    images = [str(p.relative_to(media)) for p in media.rglob("*.png")]
+    assert any(p.startswith("images/val/predictions") for p in images), images
+    assert any(p.startswith("images/val/overlays") for p in images), images
+    assert any(p.startswith("images/mask/val/predictions") for p in images), images  # the label maps
