@@ -1,0 +1,560 @@
+"""Speed and memory of our Mask R-CNN beside torchvision's ``maskrcnn_resnet50_fpn``, in one process.
+
+Both systems run the same weights (torchvision's state dict loaded into ours with
+``load_torchvision_weights``), the same pre-generated shapes batches, image size, optimizer and precision.
+Measurements alternate (ours, torchvision, ours, ...) so that drift in the machine affects both alike;
+each number is the median of ``--repeats`` rounds after ``--warmup`` discarded rounds.
+
+* train: our ``MaskRCNNModule`` driven by a Lightning ``Trainer`` (a callback times each step) against a
+  plain PyTorch loop over torchvision's model (SGD at ``--lr``, momentum 0.9, weight decay 1e-4, no lr
+  schedule; the loop reads ``loss.item()`` like torchvision's reference script). A round is ``--steps`` steps.
+* infer: eval-mode forward (mask pasting included: both do it in postprocess) at batch 1 (latency) and
+  ``--infer-batch-size`` (throughput); "e2e" adds COCO-json encoding of the detections (masks > 0.5 to RLE):
+  ``CocoEvaluator.update`` + ``results_json`` for ours, a plain pycocotools encoding for torchvision.
+* eval: ``CocoEvaluator`` box+mask AP over ``--eval-images`` generated images' predictions, once per
+  backend (pycocotools, faster_coco_eval): ``update`` (RLE encoding) and ``compute`` times.
+* memory: per system, the peak increase over the start of one round (the last warm-up round; the first
+  measured one with ``--warmup 0``): activations, gradients, optimizer state, not the weights. CPU: the
+  resident set size high-water mark, reset through ``/proc/self/clear_refs`` after ``malloc_trim`` (where
+  that is impossible: the process-wide ``ru_maxrss``, which only shows new highs). CUDA:
+  ``torch.cuda.max_memory_allocated``.
+
+Usage::
+
+    python benchmarks/benchmark.py --image-size 512 --batch-size 2 --steps 10 --repeats 5 --warmup 1
+    python benchmarks/benchmark.py --device cuda --image-size 800 --batch-size 8 --precision bf16-mixed \\
+        --channels-last --cudnn-benchmark --skip eval --out gpu.json
+
+It prints a table (ours, torchvision, ours/torchvision) and writes every number, the raw times and the
+hardware to ``--out`` (json). See benchmarks/README.md.
+"""
+
+import argparse
+import contextlib
+import ctypes
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+import torchvision
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader
+from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.ops import FrozenBatchNorm2d, masks_to_boxes
+
+import mrcnn.config  # noqa: F401  (registers the config resolvers)
+from mrcnn.data.datamodule import collate_detection
+from mrcnn.data.shapes import ShapesDataset
+from mrcnn.evaluation import BACKENDS, CocoEvaluator
+from mrcnn.modeling.mask_rcnn import load_torchvision_weights
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+PHASES = ("train", "infer", "eval")
+
+
+# ---- measuring ----------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory increase (MiB) between ``start()`` and ``stop()``; see the module docstring."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.base = 0
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.method = "rss_high_water_mark"
+        except OSError:
+            self.method = "process_ru_maxrss"  # cannot be reset: later phases only show new highs
+
+    def _rss_peak(self) -> int:
+        if self.method == "rss_high_water_mark":
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def start(self) -> None:
+        sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back, so it counts again when reused
+        if self.method == "rss_high_water_mark":
+            Path("/proc/self/clear_refs").write_text("5")  # high-water mark := current RSS
+            self.base = self._rss_peak()
+        else:
+            self.base = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def stop(self) -> float:
+        sync(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else self._rss_peak()
+        return max(peak - self.base, 0) / 2**20
+
+
+class StepTimer(L.Callback):
+    """Times every training step of a Lightning fit; with ``memory``, also its peak memory (MiB)."""
+
+    def __init__(self, device: torch.device, memory: PeakMemory | None = None):
+        self.device = device
+        self.memory = memory
+        self.times: list[float] = []
+        self.peak_mib = 0.0
+
+    def on_train_start(self, trainer, pl_module):
+        self.lr = trainer.optimizers[0].param_groups[0]["lr"]
+        if self.memory is not None:
+            self.memory.start()
+
+    def on_train_end(self, trainer, pl_module):
+        if self.memory is not None:
+            self.peak_mib = self.memory.stop()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        sync(self.device)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        sync(self.device)
+        self.times.append(time.perf_counter() - self._start)
+
+
+class FixedBatches(L.LightningDataModule):
+    """Serves one prepared DataLoader; ``batch_size`` is what ``MaskRCNNModule`` scales its lr by."""
+
+    def __init__(self, loader: DataLoader):
+        super().__init__()
+        self.loader = loader
+        self.batch_size = loader.batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader
+
+
+# ---- building -----------------------------------------------------------------------------------
+
+
+def compose_config(overrides: list[str]):
+    """The project's Hydra config (``configs/train.yaml``) with ``overrides``, without Hydra's app."""
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=["run_dir=/tmp/mrcnn-benchmark", *overrides])
+
+
+def build_torchvision(cfg) -> torch.nn.Module:
+    """torchvision's ``maskrcnn_resnet50_fpn`` as for fine-tuning (FrozenBatchNorm, 3 trainable stages),
+    with the sizes and the proposal / detection counts of our composed config ``cfg``.
+
+    (``maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)`` would use BatchNorm and train all
+    stages; the builder picks FrozenBatchNorm only with pretrained weights, so we assemble the same parts.)
+    """
+    m = cfg.model
+    backbone = resnet_fpn_backbone(
+        backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=m.trainable_layers
+    )
+    return TorchvisionMaskRCNN(
+        backbone, num_classes=m.num_classes + 1, min_size=cfg.data.min_size, max_size=cfg.data.max_size,
+        rpn_pre_nms_top_n_train=m.rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test=m.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_train=m.rpn_post_nms_top_n_train, rpn_post_nms_top_n_test=m.rpn_post_nms_top_n_test,
+        box_batch_size_per_image=m.rois_per_image, box_score_thresh=m.box_score_thresh,
+        box_detections_per_img=m.detections_per_img,
+    )
+
+
+@torch.no_grad()
+def stabilize_random_weights(model: torch.nn.Module, images: list[torch.Tensor]) -> None:
+    """Makes a randomly initialised FrozenBatchNorm ResNet train without diverging, as a pretrained one would.
+
+    Every FrozenBatchNorm2d gets its input's per-channel statistics on ``images`` (its defaults are the
+    identity, and activations grow over 50 layers), and the last one of each residual block a zero scale
+    (zero-init residual, Goyal et al. 2017). The work of a step is unchanged: every layer still runs.
+    """
+
+    def hook(module, args):
+        module.running_mean.copy_(args[0].mean(dim=(0, 2, 3)))
+        module.running_var.copy_(args[0].var(dim=(0, 2, 3)))
+
+    layers = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    for name, module in model.named_modules():
+        if name.endswith(".bn3"):  # torchvision's Bottleneck: conv1-bn1, conv2-bn2, conv3-bn3, + identity
+            module.weight.zero_()
+    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    try:
+        model.backbone(model.transform(images)[0].tensors)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def to(value, device: torch.device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ---- phases -------------------------------------------------------------------------------------
+
+
+def memory_round(args) -> int:
+    """The round that measures memory: the last warm-up round (the first measured one with --warmup 0).
+    Memory is measured in one round only, because resetting the CPU high-water mark returns freed heap to
+    the system, which the next round then pays for again in page faults."""
+    return max(args.warmup - 1, 0)
+
+
+def summarize(times: list[float], images: int) -> dict:
+    """Median over rounds of ``images`` images each."""
+    median = statistics.median(times)
+    return {"median_s": median, "images_per_s": images / median, "latency_ms": 1000 * median, "times_s": times}
+
+
+def train_phase(args, cfg, module, theirs, loader, device, memory) -> dict:
+    """Alternating rounds of ``--steps`` training steps: Lightning (ours), plain loop (torchvision)."""
+    rounds = {"ours": [], "torchvision": []}
+    peaks = {}
+    for r in range(args.warmup + args.repeats):
+        measure_memory = r == memory_round(args)
+        timer = StepTimer(device, memory if measure_memory else None)
+        trainer = L.Trainer(
+            accelerator="cpu" if device.type == "cpu" else "gpu", devices=1,
+            precision="32-true" if args.precision == "32" else args.precision, max_steps=args.steps,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer], benchmark=args.cudnn_benchmark,
+        )
+        trainer.fit(module, datamodule=FixedBatches(loader))
+
+        theirs.train()
+        times = []
+        if measure_memory:
+            memory.start()
+        params = [p for p in theirs.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(
+            params, lr=args.lr, momentum=cfg.optimizer.momentum, weight_decay=cfg.optimizer.weight_decay
+        )
+        for images, targets in loader:
+            sync(device)
+            start = time.perf_counter()
+            with autocast(device, args.precision):
+                loss = sum(theirs(list(images), list(targets)).values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"torchvision: non-finite loss {loss.item()}")
+            sync(device)
+            times.append(time.perf_counter() - start)
+        if measure_memory:
+            peaks = {"ours": timer.peak_mib, "torchvision": memory.stop()}
+        if r >= args.warmup:
+            rounds["ours"].append(timer.times)
+            rounds["torchvision"].append(times)
+    result = {}
+    for name, steps in rounds.items():
+        # One round's time: the sum of its steps (so its throughput is steps * batch / time).
+        result[name] = summarize([sum(s) for s in steps], args.steps * args.batch_size)
+        result[name].update(step_times_s=steps, peak_mem_mib=peaks[name])
+    result["ratio"] = result["ours"]["images_per_s"] / result["torchvision"]["images_per_s"]
+    result["ours"]["lr"], result["torchvision"]["lr"] = timer.lr, args.lr
+    return result
+
+
+def coco_json_ours(detections: list[dict], image_ids: list[int]) -> list[dict]:
+    """Our path: ``CocoEvaluator.update`` (as in validation) then ``results_json``, no ground truth."""
+    evaluator = CocoEvaluator()
+    empty = [
+        {"image_id": i, "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+         "masks": torch.zeros(0, *d["masks"].shape[-2:], dtype=torch.uint8)}
+        for i, d in zip(image_ids, detections)
+    ]
+    evaluator.update(detections, empty)
+    return evaluator.results_json()
+
+
+def coco_json_plain(detections: list[dict], image_ids: list[int]) -> list[dict]:
+    """The same COCO results written plainly for torchvision's output."""
+    results = []
+    for image_id, det in zip(image_ids, detections):
+        masks = (det["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
+        rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0))) if len(masks) else []
+        boxes = det["boxes"].cpu().double()
+        boxes[:, 2:] -= boxes[:, :2]
+        for box, label, score, rle in zip(boxes.tolist(), det["labels"].tolist(), det["scores"].tolist(), rles):
+            rle["counts"] = rle["counts"].decode("ascii")
+            results.append({"image_id": image_id, "category_id": label, "bbox": box, "score": score,
+                            "segmentation": rle})
+    return results
+
+
+def infer_phase(args, ours, theirs, samples, device, memory) -> dict:
+    """Eval-mode forward, model only and end to end, at batch 1 and ``--infer-batch-size``."""
+    ours.eval(), theirs.eval()
+    systems = {
+        "ours": (lambda images: ours(images)[0], coco_json_ours),
+        "torchvision": (lambda images: theirs(images), coco_json_plain),
+    }
+    result = {}
+    for batch in sorted({1, args.infer_batch_size}):
+        images = [image for image, _ in samples[:batch]]
+        ids = [int(target["image_id"]) for _, target in samples[:batch]]
+        for mode in ("model", "e2e"):
+            times = {"ours": [], "torchvision": []}
+            peaks, detections = {}, {}
+            for r in range(args.warmup + args.repeats):
+                for name, (forward, to_json) in systems.items():
+                    if r == memory_round(args):
+                        memory.start()
+                    sync(device)
+                    start = time.perf_counter()
+                    with torch.inference_mode(), autocast(device, args.precision):
+                        output = forward(images)
+                    if mode == "e2e":
+                        to_json(output, ids)
+                    sync(device)
+                    elapsed = time.perf_counter() - start
+                    if r == memory_round(args):
+                        peaks[name] = memory.stop()
+                    if r >= args.warmup:
+                        times[name].append(elapsed)
+                    detections[name] = sum(len(d["boxes"]) for d in output) / batch
+            entry = {}
+            for name in systems:
+                entry[name] = summarize(times[name], batch)
+                entry[name].update(peak_mem_mib=peaks[name], detections_per_image=detections[name])
+            entry["ratio"] = entry["ours"]["images_per_s"] / entry["torchvision"]["images_per_s"]
+            result[f"{mode}_batch{batch}"] = entry
+    return result
+
+
+def eval_predictions(dataset: ShapesDataset, index: int, num_dets: int) -> tuple[dict, dict]:
+    """Ground truth ``index`` of ``dataset`` and ``num_dets`` made-up detections (float masks [D, 1, H, W]):
+    each object found again, shifted by up to 2 pixels, plus random rectangles with lower scores."""
+    _, target = dataset[index]
+    rng = np.random.default_rng(index)
+    height, width = target["masks"].shape[-2:]
+    gt = target["masks"].bool()[:num_dets]
+    shifts = rng.integers(-2, 3, size=(len(gt), 2))
+    found = [torch.roll(m, shifts=(int(dy), int(dx)), dims=(0, 1)) for m, (dy, dx) in zip(gt, shifts)]
+    n_rect = num_dets - len(found)
+    side = np.exp(rng.uniform(np.log(4), np.log(0.6 * min(height, width)), size=(n_rect, 2)))
+    corner = rng.uniform(0, 1, size=(n_rect, 2)) * (np.array([width, height]) - side)
+    x1, y1 = (torch.from_numpy(corner[:, i]).floor()[:, None, None] for i in (0, 1))
+    x2, y2 = (torch.from_numpy(corner[:, i] + side[:, i]).ceil()[:, None, None] for i in (0, 1))
+    ys, xs = torch.arange(height)[None, :, None], torch.arange(width)[None, None, :]
+    rects = (ys >= y1) & (ys < y2) & (xs >= x1) & (xs < x2)
+    masks = torch.cat([torch.stack(found) if found else rects[:0], rects]).float()[:, None] * 0.9
+    labels = target["labels"][:num_dets].clone()
+    wrong = torch.from_numpy(rng.uniform(size=len(labels)) < 0.1)
+    labels[wrong] = torch.from_numpy(rng.integers(1, dataset.num_classes + 1, size=int(wrong.sum())))
+    labels = torch.cat([labels, torch.from_numpy(rng.integers(1, dataset.num_classes + 1, size=n_rect))])
+    scores = torch.from_numpy(np.concatenate([rng.uniform(0.5, 1, len(found)), rng.uniform(0.05, 0.6, n_rect)]))
+    prediction = {"boxes": masks_to_boxes(masks[:, 0]), "labels": labels, "scores": scores.float(), "masks": masks}
+    return prediction, target
+
+
+def eval_phase(args, cfg) -> dict:
+    """``CocoEvaluator`` update and compute times per backend on the same generated predictions."""
+    dataset = ShapesDataset(
+        num_images=args.eval_images, image_size=args.eval_image_size, classes=cfg.data.classes, seed=0, split="val"
+    )
+    evaluators = {backend: CocoEvaluator(backend=backend) for backend in BACKENDS}
+    update_s = dict.fromkeys(BACKENDS, 0.0)
+    for first in range(0, args.eval_images, 8):
+        batch = [eval_predictions(dataset, i, args.eval_dets) for i in range(first, min(first + 8, args.eval_images))]
+        predictions, targets = [p for p, _ in batch], [t for _, t in batch]
+        for backend, evaluator in evaluators.items():
+            start = time.perf_counter()
+            evaluator.update(predictions, targets)
+            update_s[backend] += time.perf_counter() - start
+    result = {"num_images": args.eval_images, "image_size": args.eval_image_size,
+              "detections_per_image": args.eval_dets, "iou_types": list(CocoEvaluator().iou_types)}
+    runs = {backend: [] for backend in BACKENDS}
+    for _ in range(args.eval_repeats):
+        for backend, evaluator in evaluators.items():
+            start = time.perf_counter()
+            metrics = evaluator.compute()
+            runs[backend].append(time.perf_counter() - start)
+            result[backend] = {"metrics": metrics}
+    for backend in BACKENDS:
+        result[backend].update(update_s=update_s[backend], compute_s=statistics.median(runs[backend]),
+                               compute_runs_s=runs[backend])
+    return result
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+
+def hardware(device: torch.device) -> dict:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    info = {
+        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+        "torchvision": torchvision.__version__, "lightning": L.__version__, "device": str(device),
+    }
+    if device.type == "cuda":
+        info.update(device_name=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version())
+    return info
+
+
+def table(results: dict) -> str:
+    """The printed report: ours, torchvision and ours/torchvision per measurement."""
+    rows = [f"{'':44}{'ours':>12}{'torchvision':>13}{'ours/tv':>9}"]
+
+    def row(label, unit, ours, theirs, ratio):
+        rows.append(f"{label:36}{unit:>8}{ours:12.4g}{theirs:13.4g}{ratio:9.3f}")
+
+    if "train" in results:
+        t = results["train"]
+        row(f"train throughput (batch {results['args']['batch_size']})", "img/s",
+            t["ours"]["images_per_s"], t["torchvision"]["images_per_s"], t["ratio"])
+        row("train peak memory", "MiB", t["ours"]["peak_mem_mib"], t["torchvision"]["peak_mem_mib"],
+            t["ours"]["peak_mem_mib"] / max(t["torchvision"]["peak_mem_mib"], 1e-9))
+    for key, m in results.get("infer", {}).items():
+        mode, batch = key.split("_batch")
+        label = f"infer {'model only' if mode == 'model' else 'end to end'} (batch {batch})"
+        if batch == "1":
+            row(label + " latency", "ms", m["ours"]["latency_ms"], m["torchvision"]["latency_ms"], m["ratio"])
+        else:
+            row(label, "img/s", m["ours"]["images_per_s"], m["torchvision"]["images_per_s"], m["ratio"])
+    if "infer" in results:
+        m = results["infer"][max(results["infer"], key=lambda k: int(k.split("_batch")[1]))]
+        row("infer peak memory (largest batch)", "MiB", m["ours"]["peak_mem_mib"], m["torchvision"]["peak_mem_mib"],
+            m["ours"]["peak_mem_mib"] / max(m["torchvision"]["peak_mem_mib"], 1e-9))
+    rows.append("ours/tv: speed ratio (>= 0.97 is the goal) on time rows, memory ratio on MiB rows")
+    if "eval" in results:
+        e = results["eval"]
+        rows.append(f"\neval: {e['num_images']} images {e['image_size']}x{e['image_size']}, "
+                    f"{e['detections_per_image']} detections/image, {'+'.join(e['iou_types'])} AP")
+        rows.append(f"{'':36}" + "".join(f"{b:>18}" for b in BACKENDS))
+        for label, key in (("update: RLE encoding (s)", "update_s"), ("compute: COCOeval (s)", "compute_s")):
+            rows.append(f"{label:36}" + "".join(f"{e[b][key]:18.2f}" for b in BACKENDS))
+        rows.append(f"{'segm AP':36}" + "".join(f"{e[b]['metrics']['segm_AP']:18.4f}" for b in BACKENDS))
+    return "\n".join(rows)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--image-size", type=int, default=512, help="shapes image side = min_size = max_size")
+    p.add_argument("--batch-size", type=int, default=2, help="training batch")
+    p.add_argument("--infer-batch-size", type=int, default=8, help="inference throughput batch")
+    p.add_argument("--steps", type=int, default=10, help="training steps per round")
+    p.add_argument("--repeats", type=int, default=5, help="measured rounds (median)")
+    p.add_argument("--warmup", type=int, default=1, help="discarded rounds before them")
+    p.add_argument("--lr", type=float, default=1e-4,
+                   help="SGD lr of both (a step's work does not depend on it; random weights diverge at 0.02)")
+    p.add_argument("--precision", choices=("32", "bf16-mixed"), default="32")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--cudnn-benchmark", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--skip", default="", help="comma-separated phases to skip: train,infer,eval")
+    p.add_argument("--eval-images", type=int, default=5000)
+    p.add_argument("--eval-image-size", type=int, default=128)
+    p.add_argument("--eval-dets", type=int, default=100, help="detections per image (COCO's maxDets)")
+    p.add_argument("--eval-repeats", type=int, default=1, help="compute() runs per backend (median)")
+    p.add_argument("--overrides", nargs="*", default=["model=torchvision_r50_fpn"],
+                   help="Hydra overrides of our model; must stay loadable from torchvision's state dict")
+    p.add_argument("--out", default="benchmark.json")
+    args = p.parse_args(argv)
+    args.skip = {s for s in args.skip.split(",") if s}
+    if args.skip - set(PHASES):
+        p.error(f"--skip takes {','.join(PHASES)}, got {args.skip}")
+    if min(args.repeats, args.steps, args.batch_size, args.infer_batch_size, args.eval_images, args.eval_repeats) < 1:
+        p.error("--repeats, --steps, the batch sizes, --eval-images and --eval-repeats must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the phases not skipped, prints the table and writes ``--out``.
+
+    Returns:
+        Everything written to the json: ``args``, ``config_overrides``, ``hardware``, ``memory_method``,
+        ``trainable_params`` and, per phase run, ``train``, ``infer``, ``eval``.
+    """
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
+    device = torch.device(args.device)
+    memory = PeakMemory(device)
+    size = args.image_size
+    overrides = [*args.overrides, f"data.image_size={size}", f"data.min_size={size}", f"data.max_size={size}"]
+    cfg = compose_config(overrides)
+    results = {
+        "args": vars(args) | {"skip": sorted(args.skip)}, "config_overrides": overrides, "hardware": hardware(device),
+        "memory_method": memory.method if device.type == "cpu" else "cuda_max_memory_allocated",
+    }
+
+    num_samples = max(args.steps * args.batch_size, args.infer_batch_size)
+    dataset = ShapesDataset(num_images=num_samples, image_size=size, classes=cfg.data.classes, seed=0)
+    samples = [dataset[i] for i in range(num_samples)]
+    torch.manual_seed(0)
+    theirs = build_torchvision(cfg)
+    stabilize_random_weights(theirs, [image for image, _ in samples[: args.batch_size]])
+    initial = {k: v.clone() for k, v in theirs.state_dict().items()}
+    # SGD at the constant lr of the torchvision loop: MaskRCNNModule uses base_lr * batch / base_batch_size.
+    base_lr = args.lr * cfg.module.base_batch_size / args.batch_size
+    module = instantiate(cfg.module, scheduler=None, base_lr=base_lr)
+    load_torchvision_weights(module.model, initial)
+    if args.channels_last:
+        module.to(memory_format=torch.channels_last), theirs.to(memory_format=torch.channels_last)
+    samples = [(image.to(device), {k: to(v, device) for k, v in t.items()}) for image, t in samples]
+    theirs.to(device)
+    results["trainable_params"] = {
+        "ours": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "torchvision": sum(p.numel() for p in theirs.parameters() if p.requires_grad),
+    }
+
+    if "train" not in args.skip:
+        loader = DataLoader(samples[: args.steps * args.batch_size], batch_size=args.batch_size,
+                            collate_fn=collate_detection)
+        results["train"] = train_phase(args, cfg, module, theirs, loader, device, memory)
+    if "infer" not in args.skip:
+        if "train" not in args.skip:  # back to the same weights: training moved the two a little apart
+            theirs.load_state_dict(initial)
+            load_torchvision_weights(module.model, initial)
+        module.to(device)  # Lightning's teardown leaves it on the CPU
+        results["infer"] = infer_phase(args, module.model, theirs, samples, device, memory)
+    if "eval" not in args.skip:
+        results["eval"] = eval_phase(args, cfg)
+
+    print(table(results), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""benchmarks/benchmark.py runs end to end at a tiny size and writes the documented json (no timing is checked)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark.py"
+
+# Few proposals and detections: the R50 heads, not the 64-pixel images, dominate the cost on a CPU.
+SMALL_HEADS = [
+    "model=torchvision_r50_fpn",
+    "model.rpn_pre_nms_top_n_train=200",
+    "model.rpn_post_nms_top_n_train=100",
+    "model.rois_per_image=64",
+    "model.rpn_pre_nms_top_n_test=100",
+    "model.rpn_post_nms_top_n_test=50",
+    "model.detections_per_img=10",
+]
+
+
+def test_benchmark_script_writes_all_numbers(tmp_path):
+    out = tmp_path / "bench.json"
+    command = [
+        sys.executable, str(SCRIPT), "--image-size", "64", "--batch-size", "1", "--infer-batch-size", "1",
+        "--steps", "1", "--repeats", "1", "--warmup", "0", "--eval-images", "20", "--eval-dets", "20",
+        "--threads", "2", "--out", str(out), "--overrides", *SMALL_HEADS,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "train throughput (batch 1)" in proc.stdout and "faster_coco_eval" in proc.stdout
+
+    results = json.loads(out.read_text())
+    assert {"args", "hardware", "memory_method", "trainable_params", "train", "infer", "eval"} <= set(results)
+    assert {"cpu", "cpu_count", "torch", "device"} <= set(results["hardware"])
+    # Same architecture and trainable stages on both sides.
+    assert results["trainable_params"]["ours"] == results["trainable_params"]["torchvision"]
+    for system in ("ours", "torchvision"):
+        train = results["train"][system]
+        assert train["images_per_s"] > 0 and len(train["step_times_s"]) == 1 and train["peak_mem_mib"] >= 0
+    assert results["train"]["ratio"] > 0
+    assert abs(results["train"]["ours"]["lr"] - results["train"]["torchvision"]["lr"]) < 1e-12
+    assert set(results["infer"]) == {"model_batch1", "e2e_batch1"}
+    for entry in results["infer"].values():
+        assert {"latency_ms", "images_per_s", "peak_mem_mib", "detections_per_image"} <= set(entry["ours"])
+        # Same weights, same image: the same detections.
+        assert entry["ours"]["detections_per_image"] == entry["torchvision"]["detections_per_image"]
+        assert entry["ratio"] > 0
+    evaluation = results["eval"]
+    assert evaluation["num_images"] == 20
+    for backend in ("pycocotools", "faster_coco_eval"):
+        assert {"update_s", "compute_s", "metrics"} <= set(evaluation[backend])
+    # Both backends compute the same AP on the same predictions.
+    ap = [evaluation[backend]["metrics"]["segm_AP"] for backend in ("pycocotools", "faster_coco_eval")]
+    assert abs(ap[0] - ap[1]) < 1e-6
