@@ -65,7 +65,7 @@ def test_offline_run_has_losses_ap_config_names_and_prediction_images(tmp_path, 
     # No WANDB_MODE: offline must follow from the missing credentials; stdin closed: a prompt would fail.
     env.update(NETRC=str(no_credentials), WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
     args = [
-        *TINY_MODEL, "logger=wandb", "experiment_name=smoke", "data.num_train_images=8", "data.num_val_images=2",
+        *TINY_MODEL, "logger=wandb", "experiment_name=smoke", "base_lr=0.015", "data.num_train_images=8", "data.num_val_images=2",
         "data.datamodule.batch_size=4", "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1",
         "trainer.log_every_n_steps=1", "callbacks.4.score_threshold=0.0", f"hydra.run.dir={tmp_path / 'run'}",
     ]
@@ -82,7 +82,7 @@ def test_offline_run_has_losses_ap_config_names_and_prediction_images(tmp_path, 
     run = records[kinds.index("run")].run
     # The resolved config was given at init, so the offline run has it.
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
-    assert config["model"]["depth"] == 18 and config["base_lr"] == 0.02 and config["run_dir"] == str(tmp_path / "run")
+    assert config["model"]["depth"] == 18 and config["base_lr"] == 0.015 and config["run_dir"] == str(tmp_path / "run")
     assert run.run_group == "smoke"
     assert "model.depth=18" in run.display_name and "model.depth=18" in run.tags
 
