@@ -1,9 +1,14 @@
 """Behaviour of the detection collate function and the LightningDataModule."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from lightning.fabric.utilities.data import _set_sampler_epoch
+from torch.utils.data import DataLoader
 
-from mrcnn.data.datamodule import InstanceDataModule, collate_detection
+from mrcnn.data.datamodule import InstanceDataModule, ResumableDataLoader, collate_detection
+from mrcnn.data.samplers import EpochSampler
 from mrcnn.data.shapes import ShapesDataset
 from mrcnn.data.transforms import train_transforms
 
@@ -85,3 +90,150 @@ def test_workers_draw_different_augmentations():
     # Batches alternate between the two workers.
     assert flipped[0::2] != flipped[1::2]
     assert 0 < sum(flipped) < len(flipped)
+
+
+# ---- resuming the training loader mid-epoch ------------------------------------------------
+
+
+class _Ids(torch.utils.data.Dataset):
+    """Items that are only their image id; one in three portrait (for aspect-ratio grouping)."""
+
+    class_names = ["thing"]
+
+    def __init__(self, num_images):
+        self.image_sizes = [(48, 32) if i % 3 == 0 else (32, 48) for i in range(num_images)]
+
+    def __len__(self):
+        return len(self.image_sizes)
+
+    def __getitem__(self, index):
+        return torch.zeros(1), {"image_id": index + 1}
+
+
+def _train_loader(grouping, num_workers=0, rank=0, world=1):
+    dm = InstanceDataModule(_Ids(26), _Ids(2), batch_size=2, num_workers=num_workers, aspect_ratio_grouping=grouping,
+                            seed=5)
+    if world > 1:
+        dm.trainer = SimpleNamespace(world_size=world, global_rank=rank, _accelerator_connector=None)
+    loader = dm.train_dataloader()
+    assert isinstance(loader, ResumableDataLoader)
+    return loader
+
+
+def _ids(batches):
+    return [[t["image_id"] for t in targets] for _, targets in batches]
+
+
+@pytest.mark.parametrize("grouping", [False, True], ids=["plain", "grouped"])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_train_loader_resumes_mid_epoch_on_every_rank(grouping, num_workers):
+    world = 2
+    for rank in range(world):
+        # Uninterrupted, as Lightning drives it: set_epoch (on the sampler it finds), then the epoch's batches.
+        loader = _train_loader(grouping, rank=rank, world=world)
+        epochs = []
+        for epoch in range(2):
+            _set_sampler_epoch(loader, epoch)
+            epochs.append(_ids(loader))
+        assert epochs[0] != epochs[1] and len(epochs[1]) == len(loader) >= 4
+
+        # Interrupted after 3 batches of epoch 1; workers fetch ahead, the state counts what was taken.
+        loader = _train_loader(grouping, num_workers, rank=rank, world=world)
+        _set_sampler_epoch(loader, 1)
+        iterator = iter(loader)
+        taken = _ids(next(iterator) for _ in range(3))
+        assert taken == epochs[1][:3]
+        state = loader.state_dict()
+        assert state == {"epoch": 1, "batches": 3, "seed": 5}
+        del iterator
+
+        # Lightning saves rank zero's state; every rank loads it into a fresh loader, creates its
+        # iterator and only then sets the epoch (the resumed epoch's iterator is made before set_epoch).
+        if rank == 0:
+            rank0_state = state
+        resumed = _train_loader(grouping, num_workers, rank=rank, world=world)
+        resumed.load_state_dict(rank0_state)
+        assert resumed.state_dict() == rank0_state  # a checkpoint before the first resumed batch keeps it
+        iterator = iter(resumed)
+        _set_sampler_epoch(resumed, 1)
+        assert _ids(iterator) == epochs[1][3:]
+        assert resumed.state_dict() == {"epoch": 1, "batches": len(resumed), "seed": 5}
+        # The next epoch is whole again.
+        _set_sampler_epoch(resumed, 2)
+        assert len(_ids(resumed)) == len(resumed)
+
+
+def test_datamodule_state_reaches_the_next_train_loader():
+    # Lightning restores the datamodule before the training loader exists (the fit loop's own copy of
+    # the position is lost when configure_optimizers reads trainer.estimated_stepping_batches).
+    def datamodule():
+        return InstanceDataModule(_Ids(26), _Ids(2), batch_size=2, aspect_ratio_grouping=True, seed=5)
+
+    def epoch1(loader):
+        _set_sampler_epoch(loader, 1)
+        return _ids(loader)
+
+    full = epoch1(datamodule().train_dataloader())
+    dm = datamodule()
+    assert dm.state_dict() == {}
+    loader = dm.train_dataloader()
+    _set_sampler_epoch(loader, 1)
+    iterator = iter(loader)
+    next(iterator), next(iterator)
+    state = dm.state_dict()
+    assert state == {"train_loader": {"epoch": 1, "batches": 2, "seed": 5}}
+
+    resumed = datamodule()
+    resumed.load_state_dict(state)
+    assert epoch1(resumed.train_dataloader()) == full[2:]
+    # Only the next loader resumes, and a run's teardown drops a position no loader used.
+    assert epoch1(resumed.train_dataloader()) == full
+    resumed.load_state_dict(state)
+    resumed.teardown("validate")
+    assert epoch1(resumed.train_dataloader()) == full
+    # Restored while its loader exists (strategies that restore after setup): that loader resumes.
+    resumed.load_state_dict(state)
+    assert epoch1(resumed._train_loader) == full[2:]
+
+
+def test_train_loader_state_at_an_epoch_end_resumes_with_the_next_epoch():
+    loader = _train_loader(grouping=False)
+    _set_sampler_epoch(loader, 1)
+    epoch1 = _ids(loader)
+    finished = _train_loader(grouping=False)
+    finished.load_state_dict({"epoch": 0, "batches": len(finished), "seed": 5})
+    assert finished.state_dict() == {"epoch": 1, "batches": 0, "seed": 5}
+    assert _ids(finished) == epoch1
+
+
+def test_set_epoch_between_iter_and_the_first_batch_counts_with_workers():
+    # Lightning creates the first epoch's iterator of a fit before it sets that epoch.
+    loader = _train_loader(grouping=False)
+    _set_sampler_epoch(loader, 3)
+    epoch3 = _ids(loader)
+    loader = _train_loader(grouping=False, num_workers=2)
+    iterator = iter(loader)
+    _set_sampler_epoch(loader, 3)
+    assert _ids(iterator) == epoch3
+
+
+def test_resuming_with_another_seed_warns():
+    loader = _train_loader(grouping=False)
+    with pytest.warns(UserWarning, match="seed 5"):
+        loader.load_state_dict({"epoch": 0, "batches": 1, "seed": 6})
+
+
+def test_resumable_loader_with_an_order_that_cannot_skip_is_a_plain_loader():
+    # E.g. after Lightning swapped in a SequentialSampler for overfit_batches.
+    loader = ResumableDataLoader(_Ids(4), batch_size=2, collate_fn=collate_detection)
+    assert _ids(loader) == [[1, 2], [3, 4]] and loader.state_dict() == {}
+    loader.load_state_dict({})
+    with pytest.warns(UserWarning, match="SequentialSampler cannot resume"):
+        loader.load_state_dict({"epoch": 0, "batches": 1, "seed": 0})
+    assert _ids(loader) == [[1, 2], [3, 4]]
+    # A torch BatchSampler over an EpochSampler skips whole batches of indices.
+    loader = ResumableDataLoader(_Ids(8), batch_size=2, sampler=EpochSampler(range(8), seed=1), collate_fn=collate_detection)
+    full = _ids(loader)
+    loader.load_state_dict({"epoch": 0, "batches": 1, "seed": 1})
+    assert _ids(loader) == full[1:]
+    assert isinstance(loader, DataLoader)

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from mrcnn.data.datamodule import InstanceDataModule, dataset_image_sizes
-from mrcnn.data.samplers import GroupedBatchSampler, epoch_order, orientation_groups
+from mrcnn.data.samplers import EpochSampler, GroupedBatchSampler, epoch_order, orientation_groups
 from mrcnn.data.shapes import ShapesDataset
 
 
@@ -78,6 +78,40 @@ def test_defaults_without_torch_distributed():
     assert list(sampler) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]
     with pytest.raises(ValueError, match="rank"):
         GroupedBatchSampler(range(10), [0] * 10, 4, num_replicas=2, rank=2)
+
+
+def test_epoch_sampler_is_torchs_distributed_order_and_skips_for_one_pass():
+    sampler = EpochSampler(range(10), seed=3)
+    assert (sampler.num_replicas, sampler.rank, sampler.epoch) == (1, 0, 0)
+    for rank in range(3):
+        torch_sampler = DistributedSampler(range(10), num_replicas=3, rank=rank, seed=3)
+        ours = EpochSampler(range(10), num_replicas=3, rank=rank, seed=3)
+        torch_sampler.set_epoch(2)
+        ours.set_epoch(2)
+        assert list(ours) == list(torch_sampler) and len(ours) == len(torch_sampler) == 4
+    sampler.set_epoch(1)
+    full = list(sampler)
+    assert full != list(EpochSampler(range(10), seed=3))  # reshuffled by epoch
+    sampler.skip(4)
+    assert list(sampler) == full[4:]
+    assert len(sampler) == 10  # the epoch's length, not the pass's
+    assert list(sampler) == full  # the skip was for one pass
+
+
+@pytest.mark.parametrize("num_replicas", [1, 3])
+def test_grouped_sampler_skips_batches_of_its_own_shard_for_one_pass(num_replicas):
+    group_ids = _groups(50)
+    for rank in range(num_replicas):
+        sampler = GroupedBatchSampler(epoch_order(50, seed=7), group_ids, 4, num_replicas=num_replicas, rank=rank)
+        sampler.set_epoch(3)
+        assert (sampler.epoch, sampler.seed) == (3, 7)
+        full = list(sampler)
+        sampler.skip(2)
+        assert list(sampler) == full[2:]
+        assert list(sampler) == full
+    # Over an order without epochs (a plain range) there is no epoch or seed to report.
+    plain = GroupedBatchSampler(range(8), [0] * 8, 4)
+    assert (plain.epoch, plain.seed) == (0, None)
 
 
 def _shapes_datamodule(**kwargs):

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import lightning
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
-from mrcnn.data.samplers import GroupedBatchSampler, epoch_order, orientation_groups
+from mrcnn.data.samplers import EpochSampler, GroupedBatchSampler, epoch_order, orientation_groups
 
-__all__ = ["InstanceDataModule", "collate_detection", "dataset_image_sizes"]
+__all__ = ["InstanceDataModule", "ResumableDataLoader", "collate_detection", "dataset_image_sizes"]
 
 
 def collate_detection(batch: list[tuple]) -> tuple[tuple, tuple]:
@@ -46,14 +48,152 @@ def dataset_image_sizes(dataset: Dataset) -> list[tuple[int, int]]:
     )
 
 
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` whose position in the epoch goes into Lightning checkpoints.
+
+    ``state_dict()`` is ``{"epoch", "batches", "seed"}``: the epoch of the current pass
+    and how many of its batches the training loop has taken, counted as they leave the
+    loader's iterator in the main process (not as workers produce them, which runs
+    ahead). Lightning's fit loop stores the state of every training loader that has
+    ``state_dict`` / ``load_state_dict`` in the checkpoint
+    (``checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]``) and, when it
+    resumes an unfinished epoch, calls ``load_state_dict`` before it iterates the loader.
+    The next pass then leaves out the batches already taken, without loading them, so
+    training goes on with exactly the batches the uninterrupted run would have seen.
+    Under DDP rank zero's state is saved and every rank skips as many batches of its own
+    shard (the ranks take batches in lockstep).
+
+    The order comes from the custom batch sampler, else from the sampler (the loader's
+    ``BatchSampler`` cuts it into consecutive batches); it must reproduce an epoch's
+    order from its ``epoch`` alone (``epoch``, ``set_epoch``, e.g. from ``seed + epoch``)
+    and start its next pass part-way (``skip(count)``):
+    :class:`~mrcnn.data.samplers.EpochSampler`,
+    :class:`~mrcnn.data.samplers.GroupedBatchSampler`. Lightning calls ``set_epoch`` at
+    every epoch start; outside Lightning call it yourself, or every pass repeats one order.
+    With any other sampler it is a plain ``DataLoader`` with an empty state.
+
+    The underlying iterator (and with it the workers' first requests) is only created
+    at the first ``next()``, so a ``set_epoch`` between ``iter()`` and the first batch
+    still counts: Lightning creates the iterator of the first epoch of a ``fit`` (the
+    resumed one too) before it sets that epoch.
+    """
+
+    # Plain class defaults, so the DataLoader constructor (and Lightning's re-instantiation
+    # of loaders from their arguments) stays untouched.
+    _pass_epoch: int | None = None  # epoch of the current pass (None before the first batch)
+    _taken: int = 0  # batches of that epoch taken from the loader, those skipped on resume included
+    _resume_at: tuple[int, int] | None = None  # (epoch, batches) loaded from a checkpoint, not yet resumed
+    _pass_id: int = 0  # which pass counts (no reference to its iterator: that would keep its workers alive)
+
+    def _order(self, resumable: bool = True) -> tuple[Any, int]:
+        """The object that decides the order, and how many of its items make a batch.
+
+        With ``resumable``, ``None`` instead of an order that cannot resume (e.g. the
+        ``SequentialSampler`` Lightning swaps in for ``overfit_batches``).
+        """
+        batch_sampler = self.batch_sampler
+        if batch_sampler is None:
+            source, per_batch = self.sampler, 1
+        elif type(batch_sampler) is BatchSampler:
+            source, per_batch = batch_sampler.sampler, batch_sampler.batch_size
+        else:
+            source, per_batch = batch_sampler, 1
+        if resumable and not all(hasattr(source, name) for name in ("epoch", "set_epoch", "skip")):
+            return None, per_batch
+        return source, per_batch
+
+    def __iter__(self) -> Iterator:
+        return _ResumableIterator(self)
+
+    def _start_pass(self) -> tuple[int, Iterator]:
+        """Starts a pass: skips what a loaded state says was taken; its id and the real iterator."""
+        source, per_batch = self._order()
+        epoch, skip = (None, 0) if source is None else (int(source.epoch), 0)
+        if self._resume_at is not None:
+            if self._resume_at[0] == epoch:
+                skip = self._resume_at[1]
+            self._resume_at = None
+        if source is not None:
+            source.skip(skip * per_batch)
+        self._pass_epoch, self._taken, self._pass_id = epoch, skip, self._pass_id + 1
+        return self._pass_id, super().__iter__()
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"epoch", "batches", "seed"}``: the current pass's epoch and the batches taken from it.
+
+        Empty when the sampler cannot resume.
+        """
+        source, _ = self._order()
+        if source is None:
+            return {}
+        if self._resume_at is not None:
+            epoch, batches = self._resume_at
+        elif self._pass_epoch is None:
+            epoch, batches = int(source.epoch), 0
+        else:
+            epoch, batches = self._pass_epoch, self._taken
+        return {"epoch": epoch, "batches": batches, "seed": getattr(source, "seed", None)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The next pass continues ``state_dict``'s epoch after its ``batches`` (the next epoch if that one was done)."""
+        source, _ = self._order()
+        if not state_dict:
+            return
+        if source is None:
+            warnings.warn(
+                f"the training loader's {type(self._order(resumable=False)[0]).__name__} cannot resume part-way: "
+                "this epoch starts again from its first batch",
+                stacklevel=2,
+            )
+            return
+        epoch, batches = int(state_dict["epoch"]), int(state_dict["batches"])
+        if batches >= len(self):
+            epoch, batches = epoch + 1, 0
+        seed = getattr(source, "seed", None)
+        if state_dict.get("seed") != seed:
+            warnings.warn(
+                f"the training loader resumes with seed {seed}, but the checkpoint's order was drawn with seed "
+                f"{state_dict.get('seed')}: the batches after the resume are not those the interrupted run would "
+                "have seen",
+                stacklevel=2,
+            )
+        source.set_epoch(epoch)
+        self._resume_at = (epoch, batches)
+        self._pass_epoch, self._taken, self._pass_id = None, 0, self._pass_id + 1
+
+
+class _ResumableIterator:
+    """Iterates a :class:`ResumableDataLoader`: creates its real iterator at the first ``next()`` and counts batches."""
+
+    def __init__(self, loader: ResumableDataLoader):
+        self._loader = loader
+        self._pass_id = 0
+        self._iterator: Iterator | None = None
+
+    def __iter__(self) -> _ResumableIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self._iterator is None:
+            self._pass_id, self._iterator = self._loader._start_pass()
+        batch = next(self._iterator)
+        if self._loader._pass_id == self._pass_id:
+            self._loader._taken += 1
+        return batch
+
+
 class InstanceDataModule(lightning.LightningDataModule):
     """Serves instance-segmentation datasets that follow the project's data contract.
 
     The datasets are built outside (Hydra's ``_target_``) and passed in, so any
     dataset with ``class_names`` works here.
 
+    The training loader is a :class:`ResumableDataLoader`: its order depends only on
+    ``(seed, epoch, rank)`` and a run resumed from a mid-epoch checkpoint continues
+    with the batches the interrupted run would have seen next.
+
     Under DDP every loader is sharded here, by the attached Trainer's world size
-    and rank: training with a shuffling ``DistributedSampler`` (or the
+    and rank: training with a shuffling :class:`~mrcnn.data.samplers.EpochSampler` (or the
     :class:`~mrcnn.data.samplers.GroupedBatchSampler`, which shards itself),
     validation and test with a non-shuffling one (the evaluator counts the images
     it repeats once). Lightning leaves a ``DistributedSampler`` alone, but it
@@ -76,9 +216,9 @@ class InstanceDataModule(lightning.LightningDataModule):
         aspect_ratio_grouping: batch landscape and portrait training images
             separately (every batch then has ``batch_size`` images, a group's last
             batch completed by repeating images of that group).
-        seed: seed of the training order under DDP or with ``aspect_ratio_grouping``
-            (reshuffled every epoch from ``seed + epoch``, identical on all ranks);
-            ``None`` takes the seed given to ``lightning.seed_everything``.
+        seed: seed of the training order (reshuffled every epoch from ``seed + epoch``,
+            identical on all ranks); ``None`` takes the seed given to
+            ``lightning.seed_everything``.
     """
 
     def __init__(
@@ -105,6 +245,8 @@ class InstanceDataModule(lightning.LightningDataModule):
         self.persistent_workers = persistent_workers and num_workers > 0
         self.aspect_ratio_grouping = aspect_ratio_grouping
         self.seed = seed
+        self._train_loader: ResumableDataLoader | None = None  # the last one built
+        self._train_loader_state: dict[str, Any] | None = None  # from a checkpoint, for the next one
 
     @property
     def class_names(self) -> list[str]:
@@ -139,6 +281,34 @@ class InstanceDataModule(lightning.LightningDataModule):
             kwargs["coco_gt"] = coco_gt
         return kwargs
 
+    # ------------------------------------------------------------------ resuming
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position (``checkpoint["InstanceDataModule"]["train_loader"]``)."""
+        if self._train_loader is None:
+            return {}
+        return {"train_loader": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Gives a checkpoint's training loader position to the training loader (the next one built, or the current).
+
+        Lightning's fit loop restores the states of stateful training loaders itself, but only when
+        it builds the loader after the checkpoint is restored; ``trainer.estimated_stepping_batches``
+        in ``configure_optimizers`` (this project's lr schedule) builds it before, and the position
+        is dropped (Lightning issue 20550). Lightning restores the datamodule's state before that
+        (after it, with strategies that restore after setup): the position reaches the loader either
+        way. Loading it twice is harmless.
+        """
+        state = state_dict.get("train_loader")
+        if state and self._train_loader is not None:
+            self._train_loader.load_state_dict(state)
+        else:
+            self._train_loader_state = state or None
+
+    def teardown(self, stage: str) -> None:
+        # A position restored for one run (e.g. trainer.validate(ckpt_path=...)) is not for the next fit.
+        self._train_loader_state = None
+
     # ------------------------------------------------------------------ loaders
 
     def _seed(self) -> int:
@@ -152,8 +322,8 @@ class InstanceDataModule(lightning.LightningDataModule):
             return None, None
         return trainer.world_size, trainer.global_rank
 
-    def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset: Dataset, loader_class: type[DataLoader] = DataLoader, **kwargs) -> DataLoader:
+        return loader_class(
             dataset,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -179,21 +349,30 @@ class InstanceDataModule(lightning.LightningDataModule):
         order = epoch_order(len(self.train_dataset), shuffle=True, seed=self._seed())
         return GroupedBatchSampler(order, group_ids, self.batch_size, num_replicas=world, rank=rank)
 
-    def train_dataloader(self) -> DataLoader:
-        if not self.aspect_ratio_grouping:
+    def train_dataloader(self) -> ResumableDataLoader:
+        if self.aspect_ratio_grouping:
+            self._check_grouping_under_ddp()
+            loader = self._loader(self.train_dataset, ResumableDataLoader, batch_sampler=self.grouped_batch_sampler())
+        else:
             world, rank = self._world()
-            sampler = None
-            if world is not None and world > 1:
-                # Shard here rather than leave it to Lightning, so the loader is the same
-                # whether or not the Trainer injects samplers (use_distributed_sampler).
-                sampler = DistributedSampler(
-                    self.train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=self._seed()
-                )
+            # Shard here rather than leave it to Lightning (which leaves a DistributedSampler
+            # alone), so the loader is the same whether or not the Trainer injects samplers
+            # (use_distributed_sampler), and the order depends only on (seed, epoch, rank).
+            sampler = EpochSampler(
+                self.train_dataset, num_replicas=world or 1, rank=rank or 0, shuffle=True, seed=self._seed()
+            )
             # Full batches only, so every epoch has the same number of steps and no
             # step sees a lone image.
-            return self._loader(
-                self.train_dataset, batch_size=self.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True
+            loader = self._loader(
+                self.train_dataset, ResumableDataLoader, batch_size=self.batch_size, sampler=sampler, drop_last=True
             )
+        if self._train_loader_state is not None:
+            loader.load_state_dict(self._train_loader_state)
+            self._train_loader_state = None
+        self._train_loader = loader
+        return loader
+
+    def _check_grouping_under_ddp(self) -> None:
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1:
             connector = getattr(trainer, "_accelerator_connector", None)
@@ -205,7 +384,6 @@ class InstanceDataModule(lightning.LightningDataModule):
                     "use_distributed_sampler: false in the trainer config; this datamodule shards all its loaders "
                     "itself), or turn the grouping off (data.datamodule.aspect_ratio_grouping=false)."
                 )
-        return self._loader(self.train_dataset, batch_sampler=self.grouped_batch_sampler())
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_dataset)

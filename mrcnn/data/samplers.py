@@ -1,8 +1,15 @@
-"""Aspect-ratio grouping: batches of images with the same orientation, sharded over DDP ranks.
+"""Training samplers: an order from (seed, epoch, rank) alone, resumable part-way through an epoch.
 
-The model pads every batch to its largest image; a batch that mixes a portrait and a
-landscape image is mostly padding. Grouping batches by orientation (as torchvision's
-detection references and Detectron2 do) avoids that.
+:class:`EpochSampler` shuffles all indices (torch's ``DistributedSampler``: a permutation
+from ``seed + epoch``, this rank's share of it); :class:`GroupedBatchSampler` batches
+images by orientation, sharded over DDP ranks. Both reproduce an epoch's order from
+their ``epoch`` alone and can start their next pass part-way (``skip``): what
+:class:`~mrcnn.data.datamodule.ResumableDataLoader` needs to continue a checkpointed
+epoch at the batch where it stopped.
+
+Aspect-ratio grouping: the model pads every batch to its largest image; a batch that
+mixes a portrait and a landscape image is mostly padding. Grouping batches by
+orientation (as torchvision's detection references and Detectron2 do) avoids that.
 
 Lightning only wraps plain samplers for DDP, not custom batch samplers: with
 :class:`GroupedBatchSampler` the Trainer must run with
@@ -14,11 +21,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Sequence
 
-import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
 
-__all__ = ["GroupedBatchSampler", "epoch_order", "orientation_groups"]
+__all__ = ["EpochSampler", "GroupedBatchSampler", "epoch_order", "orientation_groups"]
 
 
 def orientation_groups(image_sizes: Iterable[tuple[int, int]]) -> list[int]:
@@ -36,6 +42,52 @@ def _default_world() -> tuple[int, int]:
     return 1, 0
 
 
+class EpochSampler(DistributedSampler):
+    """torch's ``DistributedSampler`` whose next pass can start part-way through the epoch.
+
+    The epoch's order is a permutation drawn from ``seed + epoch`` (``set_epoch``),
+    padded to a multiple of ``num_replicas`` and dealt out to the ranks, so it depends
+    only on ``(seed, epoch, rank)``. Being a ``DistributedSampler``, Lightning leaves it
+    alone under DDP and calls its ``set_epoch`` at every epoch start.
+
+    Args:
+        dataset: the dataset (only its length is used).
+        num_replicas: number of DDP ranks; defaults to torch.distributed's world size
+            when it is initialized, else 1.
+        rank: this process's rank; defaults to torch.distributed's rank, else 0.
+        shuffle, seed, drop_last: as for ``DistributedSampler``.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
+        world, own_rank = _default_world()
+        super().__init__(
+            dataset,
+            num_replicas=world if num_replicas is None else int(num_replicas),
+            rank=own_rank if rank is None else int(rank),
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+        )
+        self._skip = 0
+
+    def skip(self, count: int) -> None:
+        """Makes the next pass leave out the first ``count`` indices of this rank's epoch order."""
+        self._skip = int(count)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        start, self._skip = self._skip, 0
+        return iter(indices[start:])
+
+
 class GroupedBatchSampler(Sampler[list[int]]):
     """Yields batches of indices that all share one group id, this rank's share of them.
 
@@ -49,11 +101,13 @@ class GroupedBatchSampler(Sampler[list[int]]):
     indices of one group, and every rank gets the same number of batches (DDP
     needs that, or the ranks' gradient all-reduces fall out of step).
 
+    The order is reproducible from ``sampler``'s epoch (``epoch``, ``set_epoch``) and
+    a pass can start part-way (``skip``), for resuming mid-epoch.
+
     Args:
         sampler: the order of all dataset indices for the epoch, identical on every
-            rank (e.g. ``DistributedSampler(dataset, num_replicas=1, rank=0,
-            shuffle=True, seed=s)``, whose ``set_epoch`` reshuffles). Lightning calls
-            ``set_epoch`` on ``batch_sampler.sampler`` at each epoch.
+            rank (e.g. :func:`epoch_order`, whose ``set_epoch`` reshuffles). Lightning
+            calls ``set_epoch`` on ``batch_sampler.sampler`` at each epoch.
         group_ids: group of each dataset index (e.g. :func:`orientation_groups`).
         batch_size: indices per batch.
         num_replicas: number of DDP ranks; defaults to torch.distributed's world size
@@ -83,11 +137,26 @@ class GroupedBatchSampler(Sampler[list[int]]):
         for g in self.group_ids:
             counts[g] = counts.get(g, 0) + 1
         self._total_batches = sum(math.ceil(n / self.batch_size) for n in counts.values())
+        self._skip = 0
+
+    @property
+    def epoch(self) -> int:
+        """``sampler``'s epoch (0 if it has none)."""
+        return int(getattr(self.sampler, "epoch", 0))
+
+    @property
+    def seed(self) -> int | None:
+        """``sampler``'s seed (``None`` if it has none)."""
+        return getattr(self.sampler, "seed", None)
 
     def set_epoch(self, epoch: int) -> None:
         """Passes the epoch on to ``sampler`` (if it reshuffles by epoch)."""
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
+
+    def skip(self, count: int) -> None:
+        """Makes the next pass leave out this rank's first ``count`` batches of the epoch."""
+        self._skip = int(count)
 
     def _all_batches(self) -> list[list[int]]:
         """The epoch's batches for all ranks, before sharding."""
@@ -108,23 +177,24 @@ class GroupedBatchSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
+        start, self._skip = self._skip, 0
         batches = self._all_batches()
         if not batches:
             return
         padded = len(self) * self.num_replicas
         batches += [batches[i % len(batches)] for i in range(padded - len(batches))]
-        yield from batches[self.rank :: self.num_replicas]
+        yield from batches[self.rank :: self.num_replicas][start:]
 
     def __len__(self) -> int:
         """Batches per rank and epoch (the same on every rank)."""
         return math.ceil(self._total_batches / self.num_replicas)
 
 
-def epoch_order(num_items: int, shuffle: bool = True, seed: int = 0) -> Sampler[int]:
+def epoch_order(num_items: int, shuffle: bool = True, seed: int = 0) -> EpochSampler:
     """A sampler of all ``num_items`` indices, reshuffled by ``set_epoch`` from ``seed``, identical on every rank.
 
-    It is torch's ``DistributedSampler`` with a single replica: a permutation drawn
-    from ``seed + epoch``, which is exactly what every rank of a
-    :class:`GroupedBatchSampler` must agree on.
+    It is an :class:`EpochSampler` with a single replica: a permutation drawn from
+    ``seed + epoch``, which is exactly what every rank of a :class:`GroupedBatchSampler`
+    must agree on.
     """
-    return torch.utils.data.DistributedSampler(range(num_items), num_replicas=1, rank=0, shuffle=shuffle, seed=seed)
+    return EpochSampler(range(num_items), num_replicas=1, rank=0, shuffle=shuffle, seed=seed)
