@@ -159,6 +159,9 @@ class MaskRCNNModule(L.LightningModule):
 
 def check_finite(losses: dict[str, Tensor], step: int) -> None:
     """Stop on a non-finite loss, naming the step and every loss that went bad."""
+    # One device-to-host sync per step; the per-loss values are read only when something went wrong.
+    if bool(torch.isfinite(torch.stack([v.detach() for v in losses.values()])).all()):
+        return
     bad = {k: v.item() for k, v in losses.items() if not math.isfinite(v.item())}
     if bad:
         detail = ", ".join(f"{k}={v}" for k, v in bad.items())
