@@ -236,7 +236,6 @@ finally:
 """
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("grouping,num_workers", [(False, 2), (True, 0)], ids=["plain-workers", "grouped"])
 def test_resumed_ddp_fit_continues_each_ranks_shard(tmp_path, grouping, num_workers):
     script = tmp_path / "fit.py"
