@@ -126,3 +126,57 @@ def test_gradients_flow_through_every_pooler():
         features = torch.randn(1, 2, 16, 16, requires_grad=True)
         pooler({"0": features}, [torch.tensor([[1.0, 1.0, 12.0, 9.0]])], [(16, 16)]).sum().backward()
         assert features.grad.abs().sum() > 0
+
+
+def random_rois(num_images, height, width, scale, count, generator):
+    """Boxes over and past the image edges, plus a few smaller than one feature cell."""
+    size = torch.tensor([width, height]) / scale
+    corner = torch.rand(count, 2, generator=generator, dtype=torch.float64) * size * 1.3 - 0.15 * size
+    extent = torch.rand(count, 2, generator=generator, dtype=torch.float64) * size * 0.8
+    extent[:4] = 0.2 / scale * torch.rand(4, 1, generator=generator, dtype=torch.float64)
+    batch = torch.randint(0, num_images, (count, 1), generator=generator).double()
+    return torch.cat([batch, corner, corner + extent], 1)
+
+
+@pytest.mark.parametrize(
+    "shape, scale, output_size, sampling_ratio, aligned",
+    [
+        ((2, 3, 10, 12), 1 / 4, 7, 2, False),
+        ((2, 3, 10, 12), 1 / 4, 7, 2, True),
+        ((3, 2, 9, 9), 1 / 16, 14, 1, False),
+        ((2, 4, 4, 5), 1 / 32, 7, 3, True),
+        ((1, 2, 1, 1), 1 / 32, 5, 2, False),  # a 1x1 map: every sample sits on the edge
+    ],
+)
+def test_fast_cpu_roi_align_backward_equals_torchvision(shape, scale, output_size, sampling_ratio, aligned):
+    from torchvision.ops import roi_align as torchvision_roi_align
+
+    from mrcnn.modeling.roi_align import roi_align
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
+    rois = random_rois(shape[0], shape[2], shape[3], scale, 40, generator)
+    grad_out = torch.randn(40, shape[1], output_size, output_size, generator=generator, dtype=torch.float64)
+
+    expected = torchvision_roi_align(features, rois, output_size, scale, sampling_ratio, aligned)
+    (expected_grad,) = torch.autograd.grad(expected, features, grad_out)
+    ours = roi_align(features, rois, output_size, scale, sampling_ratio, aligned)
+    assert ours.grad_fn is not None and "RoIAlignFunction" in type(ours.grad_fn).__name__  # the fast path ran
+    (ours_grad,) = torch.autograd.grad(ours, features, grad_out)
+
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    torch.testing.assert_close(ours_grad, expected_grad, rtol=1e-10, atol=1e-10)
+    assert expected_grad.abs().sum() > 0
+
+
+def test_fast_roi_align_falls_back_to_torchvision_where_it_does_not_apply():
+    from mrcnn.modeling.roi_align import roi_align
+
+    features = torch.randn(1, 2, 8, 8, requires_grad=True)
+    rois = torch.tensor([[0.0, 1.0, 1.0, 6.0, 6.0]])
+    # Adaptive sampling (a different grid per RoI) keeps torchvision's backward.
+    assert "RoIAlignFunction" not in type(roi_align(features, rois, 7, 1.0, -1).grad_fn).__name__
+    with torch.no_grad():
+        assert roi_align(features, rois, 7, 1.0, 2).grad_fn is None
+    empty = roi_align(features, rois[:0], 7, 1.0, 2)
+    assert empty.shape == (0, 2, 7, 7)

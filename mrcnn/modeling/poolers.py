@@ -10,7 +10,8 @@ Every pooler here shares the same two steps:
    reproduces torchvision's Mask R-CNN pooler bit for bit.
 2. The per-level operator, which is what the variants differ in.
 
-All kernels come from ``torchvision.ops``.
+All kernels come from ``torchvision.ops``; on the CPU, RoIAlign's backward pass is our sparse-matrix
+version (``mrcnn.modeling.roi_align``), which gives torchvision's gradients several times faster.
 """
 
 import math
@@ -18,7 +19,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import roi_align, roi_pool
+from torchvision.ops import roi_pool
+
+from mrcnn.modeling.roi_align import roi_align
 
 
 def boxes_to_rois(boxes: list[Tensor]) -> Tensor:
