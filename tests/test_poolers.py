@@ -148,10 +148,15 @@ def random_rois(num_images, height, width, scale, count, generator):
         ((1, 2, 1, 1), 1 / 32, 5, 2, False),  # a 1x1 map: every sample sits on the edge
     ],
 )
-def test_fast_cpu_roi_align_backward_equals_torchvision(shape, scale, output_size, sampling_ratio, aligned):
+def test_fast_cpu_roi_align_backward_equals_torchvision(
+    shape, scale, output_size, sampling_ratio, aligned, monkeypatch
+):
     from torchvision.ops import roi_align as torchvision_roi_align
 
+    from mrcnn.modeling import roi_align as module
     from mrcnn.modeling.roi_align import roi_align
+
+    monkeypatch.setattr(module, "MIN_CHANNELS", 1)  # few channels keep the test small
 
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
@@ -170,13 +175,61 @@ def test_fast_cpu_roi_align_backward_equals_torchvision(shape, scale, output_siz
 
 
 def test_fast_roi_align_falls_back_to_torchvision_where_it_does_not_apply():
-    from mrcnn.modeling.roi_align import roi_align
+    from mrcnn.modeling.roi_align import MIN_CHANNELS, roi_align
 
-    features = torch.randn(1, 2, 8, 8, requires_grad=True)
     rois = torch.tensor([[0.0, 1.0, 1.0, 6.0, 6.0]])
+    wide = torch.randn(1, MIN_CHANNELS, 8, 8, requires_grad=True)
+    assert "RoIAlignFunction" in type(roi_align(wide, rois, 7, 1.0, 2).grad_fn).__name__
+    # Narrow maps: torchvision's backward is cheaper than building the matrix.
+    narrow = torch.randn(1, MIN_CHANNELS // 2, 8, 8, requires_grad=True)
+    assert "RoIAlignFunction" not in type(roi_align(narrow, rois, 7, 1.0, 2).grad_fn).__name__
+    features = wide
     # Adaptive sampling (a different grid per RoI) keeps torchvision's backward.
     assert "RoIAlignFunction" not in type(roi_align(features, rois, 7, 1.0, -1).grad_fn).__name__
     with torch.no_grad():
         assert roi_align(features, rois, 7, 1.0, 2).grad_fn is None
     empty = roi_align(features, rois[:0], 7, 1.0, 2)
-    assert empty.shape == (0, 2, 7, 7)
+    assert empty.shape == (0, MIN_CHANNELS, 7, 7)
+
+
+@pytest.mark.parametrize("pooler_cls, kwargs", [(RoIAlignPooler, {"mode": "max"}), (RoIAlignPooler, {"aligned": True}), (RoIWarpPooler, {})])
+def test_poolers_on_wide_float32_maps_give_torchvision_gradients(pooler_cls, kwargs, monkeypatch):
+    """At real widths the poolers take the fast backward; gradients (through max-pool's non-contiguous
+    gradient, too) match torchvision's kernel in float32."""
+    from mrcnn.modeling import roi_align as module
+
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(2, module.MIN_CHANNELS, 8, 10, generator=generator)
+    boxes = [torch.tensor([[3.0, 5.0, 60.0, 40.0], [-20.0, 1.0, 10.0, 12.0]]), torch.tensor([[100.0, 2.0, 170.0, 130.0]])]
+    pooler = pooler_cls(["0"], 7, **kwargs)
+    grads = []
+    for min_channels in (module.MIN_CHANNELS, 10**9):  # fast, then torchvision's backward
+        monkeypatch.setattr(module, "MIN_CHANNELS", min_channels)
+        leaf = features.clone().requires_grad_()
+        out = pooler({"0": leaf}, boxes, [(128, 160)] * 2)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
+def test_fast_roi_align_backward_in_bf16_and_with_far_out_boxes():
+    from torchvision.ops import roi_align as torchvision_roi_align
+
+    from mrcnn.modeling.roi_align import MIN_CHANNELS, roi_align
+
+    features = torch.randn(1, MIN_CHANNELS, 6, 6)
+    # A box far outside int64 range once floored (inf boxes already crash torchvision's forward kernel).
+    rois = torch.tensor([[0.0, 1.0, 1.0, 5.0, 5.0], [0.0, 1e20, 0.0, 2e20, 2.0]])
+    grads = []
+    for fn in (roi_align, torchvision_roi_align):
+        leaf = features.clone().requires_grad_()
+        fn(leaf, rois, 7, 1.0, 2).sum().backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    # bf16 features (CPU autocast): the sparse product runs in float32, the gradient comes back in bf16.
+    leaf = features.to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = roi_align(leaf, rois[:1].to(torch.bfloat16), 7, 1.0, 2)
+    out.float().sum().backward()
+    assert leaf.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(leaf.grad.float(), grads[0], rtol=0.02, atol=0.02)

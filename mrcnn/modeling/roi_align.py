@@ -13,7 +13,8 @@ unaligned boxes, and the division by the sample count), so gradients equal torch
 float rounding (tested in ``tests/test_poolers.py``).
 
 The forward pass is torchvision's own kernel, so outputs are bit-identical. CUDA tensors, an
-adaptive sampling ratio (``<= 0``, where the grid differs per RoI) and inputs that need no
+adaptive sampling ratio (``<= 0``, where the grid differs per RoI), feature maps narrower than
+``MIN_CHANNELS`` (where building the matrix costs more than it saves) and inputs that need no
 gradient go to torchvision unchanged.
 """
 
@@ -23,6 +24,7 @@ import warnings
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torchvision.ops import roi_align as tv_roi_align
 
 
@@ -48,7 +50,8 @@ def _axis_weights(
     # Same association as the kernel: start + bin * size + (i + 0.5) * size / samples.
     pos = start[:, None, None] + steps * bin_size + offsets * bin_size / samples
     valid = (pos >= -1.0) & (pos <= size)
-    pos = pos.clamp(min=0.0)
+    # Skipped samples (also inf / NaN boxes) go to position 0 with weight 0: indices stay in range.
+    pos = torch.where(valid, pos, torch.zeros_like(pos)).clamp(min=0.0)
     low = pos.floor().long()
     at_edge = low >= size - 1
     low = torch.where(at_edge, torch.full_like(low, size - 1), low)
@@ -78,6 +81,8 @@ def roi_align_weights(
         output gradients to feature gradients.
     """
     n, _, height, width = shape
+    if rois.dtype not in (torch.float32, torch.float64):
+        rois = rois.float()  # bf16 / fp16 box coordinates would misplace samples by whole pixels
     offset = 0.5 if aligned else 0.0
     x0 = rois[:, 1] * spatial_scale - offset
     y0 = rois[:, 2] * spatial_scale - offset
@@ -106,10 +111,10 @@ def roi_align_weights(
     rows = torch.arange(num_rois * p * p, device=rois.device).view(num_rois, p, p, 1, 1, 1, 1)
     shape7 = (num_rois, p, p, s, s, 2, 2)
     rows, cols, values = rows.expand(shape7), cols.expand(shape7), values.expand(shape7)
-    keep = values.reshape(-1) != 0
-    indices = torch.stack([cols.reshape(-1)[keep], rows.reshape(-1)[keep]])
+    # Taps of invalid samples keep their zero weight: filtering them out costs more than it saves.
+    indices = torch.stack([cols.reshape(-1), rows.reshape(-1)])
     matrix = torch.sparse_coo_tensor(
-        indices, values.reshape(-1)[keep], (n * height * width, num_rois * p * p), check_invariants=False
+        indices, values.reshape(-1), (n * height * width, num_rois * p * p), check_invariants=False
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -126,15 +131,24 @@ class _RoIAlignFunction(torch.autograd.Function):
         return tv_roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
 
     @staticmethod
+    @once_differentiable  # as torchvision's: no double backward
     def backward(ctx, grad_output):
         (rois,) = ctx.saved_tensors
         output_size, spatial_scale, sampling_ratio, aligned, shape, dtype = ctx.args
         n, c, h, w = shape
-        matrix_t = roi_align_weights(rois, output_size, spatial_scale, sampling_ratio, aligned, shape).to(dtype)
+        # Accumulate in float32 (float64 for float64): the sparse kernel has no bf16 / fp16 version, and
+        # sums over many samples are more accurate there anyway.
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        matrix_t = roi_align_weights(rois, output_size, spatial_scale, sampling_ratio, aligned, shape).to(compute)
         # [R, C, P, P] -> [R*P*P, C]: one row per pooled cell, channels contiguous.
-        grad = grad_output.permute(0, 2, 3, 1).reshape(-1, c)
+        grad = grad_output.permute(0, 2, 3, 1).reshape(-1, c).to(compute)
         grad_features = (matrix_t @ grad).view(n, h, w, c).permute(0, 3, 1, 2)
-        return grad_features.contiguous(), None, None, None, None, None
+        return grad_features.to(dtype).contiguous(), None, None, None, None, None
+
+
+# Building the sparse matrix costs about as much as torchvision's whole backward over 64 channels; the
+# product then pays off with the channel count (benchmarks/roi_align_backward.py, benchmarks/README.md).
+MIN_CHANNELS = 128
 
 
 def roi_align(
@@ -149,8 +163,8 @@ def roi_align(
 
     Args:
         features: ``[N, C, H, W]`` feature map.
-        rois: ``[R, 5]`` (batch index, x1, y1, x2, y2) in image pixels.
-        output_size: side P of the pooled square.
+        rois: ``[R, 5]`` (batch index, x1, y1, x2, y2) in image pixels (a list of boxes goes to torchvision).
+        output_size: side P of the pooled square (a ``(h, w)`` tuple goes to torchvision).
         spatial_scale: feature pixels per image pixel.
         sampling_ratio: bilinear samples per bin side; ``<= 0``: adaptive (torchvision's backward).
         aligned: half-pixel offset.
@@ -158,7 +172,16 @@ def roi_align(
     Returns:
         ``[R, C, P, P]`` pooled features.
     """
-    fast = features.device.type == "cpu" and sampling_ratio > 0 and features.requires_grad and rois.numel() > 0
-    if not fast or not torch.is_grad_enabled():
+    fast = (
+        isinstance(rois, Tensor)
+        and isinstance(output_size, int)
+        and features.device.type == "cpu"
+        and sampling_ratio > 0
+        and features.shape[1] >= MIN_CHANNELS
+        and features.requires_grad
+        and torch.is_grad_enabled()
+        and rois.numel() > 0
+    )
+    if not fast:
         return tv_roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
-    return _RoIAlignFunction.apply(features, rois, int(output_size), float(spatial_scale), int(sampling_ratio), aligned)
+    return _RoIAlignFunction.apply(features, rois, output_size, float(spatial_scale), int(sampling_ratio), aligned)
