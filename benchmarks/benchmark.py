@@ -39,6 +39,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -59,6 +60,7 @@ import mrcnn.config  # noqa: F401  (registers the config resolvers)
 from mrcnn.data.datamodule import collate_detection
 from mrcnn.data.shapes import ShapesDataset
 from mrcnn.evaluation import BACKENDS, CocoEvaluator
+from mrcnn.modeling import roi_align as fast_roi_align
 from mrcnn.modeling.mask_rcnn import load_torchvision_weights
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -473,6 +475,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--cudnn-benchmark", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--torchvision-roi-align-backward", action="store_true",
+                   help="ours uses torchvision's RoIAlign backward too (isolates framework overhead on the CPU)")
     p.add_argument("--skip", default="", help="comma-separated phases to skip: train,infer,eval")
     p.add_argument("--eval-images", type=int, default=5000)
     p.add_argument("--eval-image-size", type=int, default=128)
@@ -502,6 +506,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--device cuda: no CUDA device available")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.torchvision_roi_align_backward:
+        fast_roi_align.MIN_CHANNELS = sys.maxsize
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")

@@ -55,3 +55,15 @@ def test_benchmark_script_writes_all_numbers(tmp_path):
     # Both backends compute the same AP on the same predictions.
     ap = [evaluation[backend]["metrics"]["segm_AP"] for backend in ("pycocotools", "faster_coco_eval")]
     assert abs(ap[0] - ap[1]) < 1e-6
+
+
+def test_roi_align_backward_benchmark_runs(tmp_path):
+    script = SCRIPT.parent / "roi_align_backward.py"
+    out = tmp_path / "roi_align.json"
+    command = [sys.executable, str(script), "--repeats", "1", "--cases", "C5,FPN P2", "--out", str(out)]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cases = json.loads(out.read_text())["cases"]
+    assert sorted(cases) == ["C5 box (stride 32, 512 ch, 7x7)", "FPN P2 box (stride 4, 64 ch, 7x7)"]
+    for numbers in cases.values():
+        assert numbers["torchvision_ms"] > 0 and numbers["ours_ms"] > 0
