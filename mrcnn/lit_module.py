@@ -51,6 +51,13 @@ class MaskRCNNModule(L.LightningModule):
         base_batch_size: reference global batch (16 in the paper); the lr scales linearly with
             the actual global batch (per-device batch x devices x nodes x gradient accumulation).
         class_names: foreground class names, for reports.
+        channels_last: store conv weights (and so activations) in NHWC, which tensor-core convolutions
+            (cuDNN, bf16/fp16) run faster in; a no-op for the maths.
+        compile: ``torch.compile`` the backbone (FPN included) and the box and mask heads, in place
+            (``nn.Module.compile``), so state-dict keys and checkpoints stay the same with it on or off.
+            The RPN, poolers and post-processing hold data-dependent control flow and stay eager.
+        compile_kwargs: extra ``torch.compile`` arguments (e.g. ``{"mode": "max-autotune"}``). The heads
+            always get ``dynamic=True``: their batch is the varying number of RoIs.
     """
 
     def __init__(
@@ -61,9 +68,20 @@ class MaskRCNNModule(L.LightningModule):
         base_lr: float = 0.02,
         base_batch_size: int = 16,
         class_names: list[str] | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_kwargs: dict | None = None,
     ):
         super().__init__()
         self.model = model
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if compile:
+            kwargs = dict(compile_kwargs or {})
+            self.model.backbone.compile(**kwargs)
+            heads = [self.model.roi_heads.box_head, self.model.roi_heads.mask_head]
+            for head in heads:
+                head.compile(**{**kwargs, "dynamic": True})
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.base_lr = base_lr

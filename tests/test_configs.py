@@ -114,6 +114,50 @@ def test_module_config_instantiates():
     assert module.class_names == list(cfg.data.classes)
 
 
+def test_speed_switches_keep_the_model_and_its_checkpoint_keys(tmp_path):
+    """channels_last, torch.compile, cuDNN autotuning, pinned memory and persistent workers are config
+    switches; with them on, a training step gives the same losses and the state dict the same keys."""
+    overrides = [*TINY_MODEL, "data.datamodule.num_workers=1"]
+    fast = [
+        "module.channels_last=true",
+        "module.compile=true",
+        # aot_eager traces exactly what inductor would get (our modules under dynamo, forward and
+        # backward graphs) without a minute of C++ compilation in the test.
+        "+module.compile_kwargs.backend=aot_eager",
+        "trainer.benchmark=true",
+        "data.datamodule.pin_memory=true",
+        "data.datamodule.persistent_workers=true",
+    ]
+    plain_cfg, fast_cfg = compose_config(overrides), compose_config([*overrides, *fast])
+    assert fast_cfg.trainer.benchmark is True
+    datamodule = instantiate(fast_cfg.data.datamodule)
+    assert datamodule.pin_memory and datamodule.persistent_workers
+
+    torch.manual_seed(0)
+    plain = instantiate(plain_cfg.module)
+    torch.manual_seed(0)
+    fast_module = instantiate(fast_cfg.module)
+    conv = fast_module.model.backbone.body.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert fast_module.state_dict().keys() == plain.state_dict().keys()
+    compiled = [fast_module.model.backbone, fast_module.model.roi_heads.box_head, fast_module.model.roi_heads.mask_head]
+    assert all(m._compiled_call_impl is not None for m in compiled)
+    assert plain.model.backbone._compiled_call_impl is None
+
+    images, targets = zip(*(ShapesDataset(num_images=2, image_size=64, seed=1)[i] for i in range(2)))
+    losses = []
+    for module in (plain, fast_module):
+        module.train()
+        torch.manual_seed(1)
+        _, step_losses = module(list(images), list(targets))
+        sum(step_losses.values()).backward()
+        losses.append(step_losses)
+    for key in LOSS_KEYS:
+        torch.testing.assert_close(losses[1][key], losses[0][key], rtol=1e-4, atol=1e-5)
+    grad = fast_module.model.backbone.body.conv1.weight.grad
+    torch.testing.assert_close(grad, plain.model.backbone.body.conv1.weight.grad, rtol=1e-3, atol=1e-5)
+
+
 def test_unknown_variant_is_hydras_clear_error():
     with pytest.raises((MissingConfigException, ConfigCompositionException), match="roi_magic"):
         compose_config(["model/pooler=roi_magic"])
