@@ -101,7 +101,8 @@ def build(cfg: DictConfig):
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     check_sync_batchnorm(module, trainer, converts_batchnorm=bool(cfg.trainer.get("sync_batchnorm")))
     for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        if type(logger).__name__ != "WandbLogger":  # W&B got the config at init (instantiate_logger)
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return datamodule, module, trainer
 
 
