@@ -217,13 +217,40 @@ def log_to_wandb(paths: dict[str, Path], config) -> None:
     run.finish()
 
 
+def settings_from_sweep(sweep_dir: str | Path) -> dict:
+    """The report callback's arguments (variant keys, title, order, paper numbers) as the sweep recorded them
+    in ``<sweep_dir>/multirun.yaml``; empty when the sweep had no report callback."""
+    from omegaconf import OmegaConf
+
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.is_file():
+        return {}
+    callback = OmegaConf.select(OmegaConf.load(path), "hydra.callbacks.ablation_report", default=None)
+    if callback is None:
+        return {}
+    settings = OmegaConf.to_container(callback, resolve=False)
+    settings.pop("_target_", None)
+    return settings
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Rebuild an ablation report from a sweep directory.")
+    parser = argparse.ArgumentParser(
+        description="Rebuild an ablation report from a sweep directory (e.g. after a sweep was stopped early)."
+    )
     parser.add_argument("sweep_dir")
-    parser.add_argument("--keys", nargs="+", required=True, help="overrides that define a variant, e.g. model/pooler")
-    parser.add_argument("--title", default="")
+    parser.add_argument(
+        "--keys", nargs="+", default=None,
+        help="overrides that define a variant, e.g. model/pooler (default: those in the sweep's multirun.yaml)",
+    )
+    parser.add_argument("--title", default=None)
     args = parser.parse_args(argv)
-    paths = write_report(args.sweep_dir, args.keys, args.title)
+    settings = settings_from_sweep(args.sweep_dir)
+    keys = args.keys or settings.get("variant_keys")
+    if not keys:
+        parser.error(f"--keys is needed: {args.sweep_dir}/multirun.yaml has no ablation_report callback")
+    title = args.title if args.title is not None else settings.get("title", "")
+    paper = {k: [float(x) for x in v] for k, v in (settings.get("paper") or {}).items()}
+    paths = write_report(args.sweep_dir, list(keys), title, settings.get("order"), paper)
     print(paths["md"].read_text())
     print("wrote", ", ".join(str(p) for p in paths.values()))
 

@@ -70,6 +70,37 @@ def test_write_report_and_the_rebuild_command(sweep):
     assert "**again**" in paths["md"].read_text() and "roi_align" in result.stdout
 
 
+def test_the_rebuild_command_reads_the_report_settings_from_the_sweep(sweep):
+    # What the report callback of a sweep records in multirun.yaml (as experiment=ablation_* writes it).
+    (sweep / "multirun.yaml").write_text(
+        "hydra:\n"
+        "  callbacks:\n"
+        "    ablation_report:\n"
+        "      _target_: mrcnn.report.AblationReportCallback\n"
+        "      variant_keys: [model/pooler]\n"
+        "      title: From the sweep\n"
+        "      order: [model/pooler=roi_pool, model/pooler=roi_align]\n"
+        "      paper:\n"
+        "        model/pooler=roi_align: [30.3, 51.2, 31.5, .nan]\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "mrcnn.report", str(sweep)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    lines = (sweep / "report.md").read_text().splitlines()
+    assert lines[0] == "**From the sweep**"
+    rows = [line for line in lines if line.startswith("| model/pooler=")]
+    assert rows[0].startswith("| model/pooler=roi_pool") and rows[1].startswith("| model/pooler=roi_align")
+    assert "30.3 | 51.2 | 31.5 | - |" in rows[1]
+
+
+def test_the_rebuild_command_needs_keys_without_a_recorded_callback(sweep):
+    result = subprocess.run(
+        [sys.executable, "-m", "mrcnn.report", str(sweep)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and "--keys is needed" in result.stderr
+
+
 def test_an_empty_sweep_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no finished runs"):
         write_report(tmp_path, ["model/pooler"])
