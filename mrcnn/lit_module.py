@@ -79,8 +79,7 @@ class MaskRCNNModule(L.LightningModule):
         if compile:
             kwargs = dict(compile_kwargs or {})
             self.model.backbone.compile(**kwargs)
-            heads = [self.model.roi_heads.box_head, self.model.roi_heads.mask_head]
-            for head in heads:
+            for head in (self.model.roi_heads.box_head, self.model.roi_heads.mask_head):
                 head.compile(**{**kwargs, "dynamic": True})
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler

@@ -245,12 +245,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--title", default=None)
     args = parser.parse_args(argv)
     settings = settings_from_sweep(args.sweep_dir)
-    keys = args.keys or settings.get("variant_keys")
-    if not keys:
+    if args.keys:
+        settings["variant_keys"] = args.keys
+    if args.title is not None:
+        settings["title"] = args.title
+    if not settings.get("variant_keys"):
         parser.error(f"--keys is needed: {args.sweep_dir}/multirun.yaml has no ablation_report callback")
-    title = args.title if args.title is not None else settings.get("title", "")
-    paper = {k: [float(x) for x in v] for k, v in (settings.get("paper") or {}).items()}
-    paths = write_report(args.sweep_dir, list(keys), title, settings.get("order"), paper)
+    # The callback's own constructor normalises the recorded settings, as when Hydra built it for the sweep.
+    report = AblationReportCallback(**settings)
+    paths = write_report(args.sweep_dir, report.variant_keys, report.title, report.order, report.paper)
     print(paths["md"].read_text())
     print("wrote", ", ".join(str(p) for p in paths.values()))
 

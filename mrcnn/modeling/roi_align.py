@@ -14,7 +14,7 @@ float rounding (tested in ``tests/test_poolers.py``).
 
 The forward pass is torchvision's own kernel, so outputs are bit-identical. CUDA tensors, an
 adaptive sampling ratio (``<= 0``, where the grid differs per RoI), feature maps narrower than
-``MIN_CHANNELS`` (where building the matrix costs more than it saves) and inputs that need no
+``MIN_CHANNELS`` (where the fixed cost of building the matrix was not always repaid) and inputs that need no
 gradient go to torchvision unchanged.
 """
 
@@ -146,8 +146,10 @@ class _RoIAlignFunction(torch.autograd.Function):
         return grad_features.to(dtype).contiguous(), None, None, None, None, None
 
 
-# Building the sparse matrix costs about as much as torchvision's whole backward over 64 channels; the
-# product then pays off with the channel count (benchmarks/roi_align_backward.py, benchmarks/README.md).
+# Building the sparse matrix is a fixed cost per call; the product pays it back with the channel count.
+# From 128 channels it won in every measurement (3.4-4x for C4/C5 shapes); at 64 it won on two idle cores
+# (2.1x) but lost single-threaded on a loaded machine, so narrower maps keep torchvision's kernel
+# (benchmarks/roi_align_backward.py, benchmarks/README.md).
 MIN_CHANNELS = 128
 
 
