@@ -1,0 +1,70 @@
+"""Every ablation experiment's default sweep: each variant composes and builds, and the variants differ only in
+the switches the ablation is about (the same data, schedule, optimizer and seeds for all of them)."""
+
+import itertools
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from mrcnn.report import AblationReportCallback
+from tests.conftest import CONFIG_DIR
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("ablation_*.yaml"))
+# What must not change between the variants of one ablation.
+SHARED = ("data", "trainer", "optimizer", "scheduler", "base_lr", "seed", "final_eval")
+
+
+def compose_experiment(name, overrides=(), hydra=False):
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return compose(
+            "train", overrides=["run_dir=/tmp/mrcnn-test-run", f"experiment={name}", *overrides],
+            return_hydra_config=hydra,
+        )
+
+
+def sweep_variants(name):
+    """The experiment's default sweep as lists of overrides, one list per variant (seeds left out)."""
+    params = compose_experiment(name, hydra=True).hydra.sweeper.params
+    swept = {key: str(values).split(",") for key, values in params.items() if key != "seed"}
+    assert str(params["seed"]).split(",") == ["0", "1", "2"]
+    return [
+        [f"{key}={value}" for key, value in zip(swept, combo)]
+        for combo in itertools.product(*swept.values())
+    ]
+
+
+def test_every_ablation_is_found():
+    assert EXPERIMENTS == ["ablation_backbone", "ablation_mask_head", "ablation_mask_loss", "ablation_roialign"]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_ablation_variants_build_with_identical_settings(name):
+    variants = sweep_variants(name)
+    assert len(variants) >= 2
+    report = compose_experiment(name, hydra=True).hydra.callbacks.ablation_report
+    callback = instantiate(report)
+    assert isinstance(callback, AblationReportCallback)
+
+    shared = None
+    for overrides in variants:
+        cfg = compose_experiment(name, overrides)
+        net = instantiate(cfg.model.net)
+        assert sum(p.numel() for p in net.parameters()) > 0
+        settings = {key: OmegaConf.to_container(cfg, resolve=True).get(key) for key in SHARED}
+        shared = shared or settings
+        assert settings == shared, f"{name}: {overrides} changes a setting shared by the ablation's variants"
+        # The report puts the paper's numbers beside every default variant.
+        variant_name = ", ".join(o.lstrip("+") for o in overrides)
+        assert variant_name in callback.paper, f"{name}: no paper numbers for {variant_name}"
+
+
+@pytest.mark.parametrize("name", ["ablation_roialign", "ablation_backbone"])
+def test_c4_ablations_reach_the_model_with_their_roi_budget(name):
+    # ResNet-C4 runs res5 on every sampled RoI, so these experiments sample fewer RoIs per image: the
+    # experiment's model.rois_per_image must reach the built sampler, not stop at the config.
+    cfg = compose_experiment(name, ["model/backbone=c4"])
+    net = instantiate(cfg.model.net)
+    assert net.roi_heads.fg_bg_sampler.batch_size_per_image == cfg.model.rois_per_image == 16
