@@ -30,6 +30,8 @@ def sweep_variants(name):
     params = compose_experiment(name, hydra=True).hydra.sweeper.params
     swept = {key: str(values).split(",") for key, values in params.items() if key != "seed"}
     assert str(params["seed"]).split(",") == ["0", "1", "2"]
+    # Seeds outermost, so a sweep stopped early still has every variant.
+    assert next(iter(params)) == "seed"
     return [
         [f"{key}={value}" for key, value in zip(swept, combo)]
         for combo in itertools.product(*swept.values())
