@@ -21,9 +21,11 @@ TINY_MODEL = [
 ]
 
 
-def compose_config(overrides=(), run_dir="/tmp/mrcnn-test-run"):
+def compose_config(overrides=(), run_dir="/tmp/mrcnn-test-run", return_hydra_config=False):
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=[f"run_dir={run_dir}", *overrides])
+        return compose(
+            "train", overrides=[f"run_dir={run_dir}", *overrides], return_hydra_config=return_hydra_config
+        )
 
 
 @pytest.fixture(autouse=True)

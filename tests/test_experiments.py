@@ -5,29 +5,20 @@ import itertools
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from mrcnn.report import AblationReportCallback
-from tests.conftest import CONFIG_DIR
+from tests.conftest import CONFIG_DIR, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("ablation_*.yaml"))
 # What must not change between the variants of one ablation.
 SHARED = ("data", "trainer", "optimizer", "scheduler", "base_lr", "seed", "final_eval")
 
 
-def compose_experiment(name, overrides=(), hydra=False):
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return compose(
-            "train", overrides=["run_dir=/tmp/mrcnn-test-run", f"experiment={name}", *overrides],
-            return_hydra_config=hydra,
-        )
-
-
-def sweep_variants(name):
-    """The experiment's default sweep as lists of overrides, one list per variant (seeds left out)."""
-    params = compose_experiment(name, hydra=True).hydra.sweeper.params
+def sweep_variants(params):
+    """An experiment's default sweep (``hydra.sweeper.params``) as lists of overrides, one list per variant
+    (seeds left out)."""
     swept = {key: str(values).split(",") for key, values in params.items() if key != "seed"}
     assert str(params["seed"]).split(",") == ["0", "1", "2"]
     # Seeds outermost, so a sweep stopped early still has every variant.
@@ -44,21 +35,21 @@ def test_every_ablation_is_found():
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_ablation_variants_build_with_identical_settings(name):
-    variants = sweep_variants(name)
+    hydra = compose_config([f"experiment={name}"], return_hydra_config=True).hydra
+    variants = sweep_variants(hydra.sweeper.params)
     assert len(variants) >= 2
-    report = compose_experiment(name, hydra=True).hydra.callbacks.ablation_report
-    callback = instantiate(report)
+    callback = instantiate(hydra.callbacks.ablation_report)
     assert isinstance(callback, AblationReportCallback)
 
     shared = None
     for overrides in variants:
-        cfg = compose_experiment(name, overrides)
+        cfg = compose_config([f"experiment={name}", *overrides])
         net = instantiate(cfg.model.net)
         assert sum(p.numel() for p in net.parameters()) > 0
-        settings = {key: OmegaConf.to_container(cfg, resolve=True).get(key) for key in SHARED}
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        settings = {key: resolved.get(key) for key in SHARED}
         shared = shared or settings
         assert settings == shared, f"{name}: {overrides} changes a setting shared by the ablation's variants"
         # The report puts the paper's numbers beside every default variant.
         variant_name = ", ".join(o.lstrip("+") for o in overrides)
         assert variant_name in callback.paper, f"{name}: no paper numbers for {variant_name}"
-
