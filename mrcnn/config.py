@@ -7,10 +7,10 @@ from mrcnn.modeling.backbone import stage_channels
 
 
 def register_resolvers() -> None:
-    """Register ``${mrcnn.stage_channels:depth,stage}`` and ``${mrcnn.per_level:sizes}`` (idempotent)."""
+    """Register ``${mrcnn.stage_channels:depth,stage[,width]}`` and ``${mrcnn.per_level:sizes}`` (idempotent)."""
     resolvers = {
-        # Channels of a ResNet stage, e.g. ${mrcnn.stage_channels:50,4} -> 1024.
-        "mrcnn.stage_channels": lambda depth, stage: stage_channels(int(depth), int(stage)),
+        # Channels of a ResNet stage, e.g. ${mrcnn.stage_channels:50,4} -> 1024; optional third argument: width.
+        "mrcnn.stage_channels": lambda depth, stage, width=64: stage_channels(int(depth), int(stage), int(width)),
         # One anchor size per FPN level: [32, 64] -> [[32], [64]].
         "mrcnn.per_level": lambda sizes: OmegaConf.create([[int(s)] for s in sizes]),
         # All anchor sizes on one feature map (C4/C5): [32, 64] -> [[32, 64]].

@@ -22,16 +22,24 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-RESNETS = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50, 101: resnet.resnet101}
+# Residual block type and blocks per stage (res2-res5) of each depth, as in torchvision's builders.
+RESNETS = {
+    18: (resnet.BasicBlock, [2, 2, 2, 2]),
+    34: (resnet.BasicBlock, [3, 4, 6, 3]),
+    50: (resnet.Bottleneck, [3, 4, 6, 3]),
+    101: (resnet.Bottleneck, [3, 4, 23, 3]),
+}
 NORMS = ("frozen_bn", "bn", "gn", "syncbn")
 
 
-def stage_channels(depth: int, stage: int) -> int:
-    """Output channels of ResNet stage ``stage`` (2..5), e.g. ``stage_channels(50, 4) == 1024``."""
+def stage_channels(depth: int, stage: int, width: int = 64) -> int:
+    """Output channels of ResNet stage ``stage`` (2..5), e.g. ``stage_channels(50, 4) == 1024``.
+
+    ``width`` is the stem's channels (64 in every standard ResNet); each stage doubles it.
+    """
     if depth not in RESNETS:
         raise ValueError(f"ResNet depth must be one of {sorted(RESNETS)}, got {depth}")
-    expansion = 1 if depth < 50 else 4
-    return 64 * 2 ** (stage - 2) * expansion
+    return width * 2 ** (stage - 2) * RESNETS[depth][0].expansion
 
 
 def norm_layer(norm: str, gn_groups: int = 32):
@@ -56,7 +64,7 @@ def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(groups, channels), channels)
 
 
-def resnet_body(depth: int, norm: str, weights_path: str | None = None) -> resnet.ResNet:
+def resnet_body(depth: int, norm: str, weights_path: str | None = None, width: int = 64) -> resnet.ResNet:
     """A torchvision ResNet, optionally initialised from a local ImageNet state dict file.
 
     Args:
@@ -64,10 +72,21 @@ def resnet_body(depth: int, norm: str, weights_path: str | None = None) -> resne
         norm: one of ``NORMS``.
         weights_path: a torchvision ResNet ``state_dict`` saved with ``torch.save``
             (e.g. ``resnet50-0676ba61.pth``); nothing is downloaded.
+        width: channels of the stem (64 in the standard ResNets); the four stages have ``width`` x 1, 2, 4,
+            8 (x4 for Bottleneck) output channels. A narrower ResNet is for small data on a CPU: res5
+            costs ``(width / 64) ** 2`` of the standard one (the C4 head runs it on every RoI). Module
+            and parameter names do not depend on it.
     """
     if depth not in RESNETS:
         raise ValueError(f"ResNet depth must be one of {sorted(RESNETS)}, got {depth}")
-    body = RESNETS[depth](weights=None, norm_layer=norm_layer(norm))
+    if width < 1:
+        raise ValueError(f"ResNet width must be positive, got {width}")
+    if weights_path and width != 64:
+        raise ValueError(f"{weights_path}: pretrained torchvision ResNets have width 64, got model width {width}")
+    block, layers = RESNETS[depth]
+    body = resnet.ResNet(block, layers, norm_layer=norm_layer(norm))
+    if width != 64:
+        _narrow(body, block, layers, width)
     if weights_path:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
@@ -79,6 +98,25 @@ def resnet_body(depth: int, norm: str, weights_path: str | None = None) -> resne
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
     return body
+
+
+def _narrow(body: resnet.ResNet, block: type[nn.Module], layers: list[int], width: int) -> None:
+    """Rebuild ``body``'s stem and stages in place with ``width`` stem channels instead of 64."""
+    # torchvision's ResNet hard-codes 64; its _make_layer builds each stage from ``inplanes`` on.
+    norm = body._norm_layer
+    body.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    body.bn1 = norm(width)
+    body.inplanes = width
+    for i, blocks in enumerate(layers):
+        setattr(body, f"layer{i + 1}", body._make_layer(block, width * 2**i, blocks, stride=1 if i == 0 else 2))
+    body.fc = nn.Linear(8 * width * block.expansion, body.fc.out_features)
+    # The same initialisation as torchvision's ResNet constructor.
+    for module in body.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.constant_(module.weight, 1)
+            nn.init.constant_(module.bias, 0)
 
 
 def freeze_stages(body: resnet.ResNet, trainable_layers: int) -> None:
@@ -99,16 +137,17 @@ def resnet_fpn(
     out_channels: int = 256,
     trainable_layers: int = 5,
     weights_path: str | None = None,
+    width: int = 64,
 ) -> BackboneWithFPN:
-    """ResNet-FPN: P2-P6 feature maps with ``out_channels`` channels each.
+    """ResNet-FPN: P2-P6 feature maps with ``out_channels`` channels each (``width``: see ``resnet_body``).
 
     Returns:
         module mapping ``[B, 3, H, W]`` to ``{"0": P2 (stride 4), ..., "3": P5, "pool": P6}``.
     """
-    body = resnet_body(depth, norm, weights_path)
+    body = resnet_body(depth, norm, weights_path, width)
     freeze_stages(body, trainable_layers)
     return_layers = {f"layer{i}": str(i - 1) for i in range(1, 5)}
-    in_channels = [stage_channels(depth, s) for s in range(2, 6)]
+    in_channels = [stage_channels(depth, s, width) for s in range(2, 6)]
     return BackboneWithFPN(body, return_layers, in_channels, out_channels, extra_blocks=LastLevelMaxPool())
 
 
@@ -125,18 +164,26 @@ class SingleMapBackbone(nn.Module):
 
 
 def resnet_c4(
-    depth: int = 50, norm: str = "frozen_bn", trainable_layers: int = 5, weights_path: str | None = None
+    depth: int = 50,
+    norm: str = "frozen_bn",
+    trainable_layers: int = 5,
+    weights_path: str | None = None,
+    width: int = 64,
 ) -> SingleMapBackbone:
     """ResNet-C4: res2-res4, stride 16. Pair it with ``Res5BoxHead`` (the paper's C4 head)."""
-    body = resnet_body(depth, norm, weights_path)
+    body = resnet_body(depth, norm, weights_path, width)
     freeze_stages(body, trainable_layers)
-    return SingleMapBackbone(body, "layer3", stage_channels(depth, 4))
+    return SingleMapBackbone(body, "layer3", stage_channels(depth, 4, width))
 
 
 def resnet_c5(
-    depth: int = 50, norm: str = "frozen_bn", trainable_layers: int = 5, weights_path: str | None = None
+    depth: int = 50,
+    norm: str = "frozen_bn",
+    trainable_layers: int = 5,
+    weights_path: str | None = None,
+    width: int = 64,
 ) -> SingleMapBackbone:
     """ResNet-C5: res2-res5, stride 32 (Table 2d's large-stride features)."""
-    body = resnet_body(depth, norm, weights_path)
+    body = resnet_body(depth, norm, weights_path, width)
     freeze_stages(body, trainable_layers)
-    return SingleMapBackbone(body, "layer4", stage_channels(depth, 5))
+    return SingleMapBackbone(body, "layer4", stage_channels(depth, 5, width))

@@ -43,15 +43,18 @@ class Res5BoxHead(nn.Module):
         depth: ResNet depth, matching the backbone.
         norm: normalization, matching the backbone.
         weights_path: optional local torchvision ResNet state dict (its ``layer4`` is used).
+        width: ResNet stem channels, matching the backbone (see ``resnet_body``).
 
     Shapes:
         ``[R, C4, 14, 14]`` -> ``[R, C5, 7, 7]``.
     """
 
-    def __init__(self, depth: int = 50, norm: str = "frozen_bn", weights_path: str | None = None):
+    def __init__(
+        self, depth: int = 50, norm: str = "frozen_bn", weights_path: str | None = None, width: int = 64
+    ):
         super().__init__()
-        self.res5 = resnet_body(depth, norm, weights_path).layer4
-        self.out_channels = stage_channels(depth, 5)
+        self.res5 = resnet_body(depth, norm, weights_path, width).layer4
+        self.out_channels = stage_channels(depth, 5, width)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.res5(x)
