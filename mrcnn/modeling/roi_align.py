@@ -147,10 +147,11 @@ class _RoIAlignFunction(torch.autograd.Function):
 
 
 # Building the sparse matrix is a fixed cost per call; the product pays it back with the channel count.
-# From 128 channels it won in every measurement (3.4-4x for C4/C5 shapes); at 64 it won on two idle cores
-# (2.1x) but lost single-threaded on a loaded machine, so narrower maps keep torchvision's kernel
-# (benchmarks/roi_align_backward.py, benchmarks/README.md).
-MIN_CHANNELS = 128
+# From 128 channels it won in every measurement (3.4-4x for C4/C5 shapes). At 64 it won on two idle cores
+# (2.1x) but lost single-threaded on a loaded machine; whole training steps with 64-channel maps (model=small's
+# FPN, the narrow C4 of the backbone ablations) were still 12-21% faster with it on two idle cores, so 64 is
+# the line; narrower maps keep torchvision's kernel (benchmarks/roi_align_backward.py, benchmarks/README.md).
+MIN_CHANNELS = 64
 
 
 def roi_align(
