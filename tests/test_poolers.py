@@ -148,8 +148,9 @@ def random_rois(num_images, height, width, scale, count, generator):
         ((1, 2, 1, 1), 1 / 32, 5, 2, False),  # a 1x1 map: every sample sits on the edge
     ],
 )
+@pytest.mark.parametrize("separable_max_ratio", [0.0, float("inf")], ids=["sparse", "separable"])
 def test_fast_cpu_roi_align_backward_equals_torchvision(
-    shape, scale, output_size, sampling_ratio, aligned, monkeypatch
+    shape, scale, output_size, sampling_ratio, aligned, separable_max_ratio, monkeypatch
 ):
     from torchvision.ops import roi_align as torchvision_roi_align
 
@@ -157,6 +158,12 @@ def test_fast_cpu_roi_align_backward_equals_torchvision(
     from mrcnn.modeling.roi_align import roi_align
 
     monkeypatch.setattr(module, "MIN_CHANNELS", 1)  # few channels keep the test small
+    # Force one backward or the other: 0 never takes the separable one, inf always does.
+    monkeypatch.setattr(module, "SEPARABLE_MAX_RATIO", separable_max_ratio)
+    chosen = []
+    for name in ("separable_backward", "sparse_backward"):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name: chosen.append(_n) or _f(*a))
 
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
@@ -172,6 +179,16 @@ def test_fast_cpu_roi_align_backward_equals_torchvision(
     torch.testing.assert_close(ours, expected, rtol=0, atol=0)
     torch.testing.assert_close(ours_grad, expected_grad, rtol=1e-10, atol=1e-10)
     assert expected_grad.abs().sum() > 0
+    assert chosen == ["separable_backward" if separable_max_ratio else "sparse_backward"]
+
+
+def test_separable_backward_is_chosen_for_small_maps_and_sparse_for_large():
+    from mrcnn.modeling.roi_align import use_separable
+
+    assert use_separable(14, 2, 16, 16)  # C4 at 256 px: a 16x16 stride-16 map, 14x14 RoIs
+    assert use_separable(7, 2, 8, 8)  # C5 at 256 px
+    assert not use_separable(7, 2, 64, 64)  # FPN P2 at 256 px
+    assert not use_separable(7, 2, 200, 334)  # FPN P2 of an 800x1333 COCO image
 
 
 def test_fast_roi_align_falls_back_to_torchvision_where_it_does_not_apply():

@@ -5,12 +5,20 @@ with scalar adds; on this project's CPU benchmark it was the largest single cost
 step (53% of a ResNet-C5 step, 17-27% of C4 and FPN steps). The forward pass is fine.
 
 RoIAlign is linear in the feature map: every output is a fixed weighted sum of feature pixels,
-with the weights set by the boxes alone. So its gradient is one sparse matrix product,
-``grad_features[n*H*W, C] = A^T @ grad_output[R*P*P, C]``, which runs multi-threaded and
-vectorised over channels. The weights here follow torchvision's CPU kernel sample for sample
-(sample positions, the ``[-1, size]`` validity window, edge clamping, the ``max(size, 1)`` of
-unaligned boxes, and the division by the sample count), so gradients equal torchvision's up to
-float rounding (tested in ``tests/test_poolers.py``).
+with the weights set by the boxes alone. So its gradient is a fixed linear map of the output
+gradient, computed here in one of two ways, whichever does less work for the map's size:
+
+- ``sparse_backward``: one sparse product, ``grad_features[n*H*W, C] = A^T @ grad_output[R*P*P, C]``;
+  its cost follows the number of samples, so it suits large maps (FPN's fine levels).
+- ``separable_backward``: a sample's weight is a y weight times an x weight, so ``A`` factors into
+  per-RoI ``[P, H]`` and ``[P, W]`` matrices and the gradient is a few dense products per image; its
+  cost follows the map's side, so it suits small maps (C4, C5), where building the sparse matrix
+  costs more than the product.
+
+Both run multi-threaded and vectorised over channels. The weights follow torchvision's CPU kernel
+sample for sample (sample positions, the ``[-1, size]`` validity window, edge clamping, the
+``max(size, 1)`` of unaligned boxes, and the division by the sample count), so gradients equal
+torchvision's up to float rounding (tested in ``tests/test_poolers.py``).
 
 The forward pass is torchvision's own kernel, so outputs are bit-identical. CUDA tensors, an
 adaptive sampling ratio (``<= 0``, where the grid differs per RoI), feature maps narrower than
@@ -63,6 +71,36 @@ def _axis_weights(
     return low, high, w_low, w_high
 
 
+def _roi_geometry(rois: Tensor, spatial_scale: float, aligned: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x0, y0, w, h)``, each ``[R]``: the RoIs on the feature grid, as torchvision's kernel computes them."""
+    if rois.dtype not in (torch.float32, torch.float64):
+        rois = rois.float()  # bf16 / fp16 box coordinates would misplace samples by whole pixels
+    offset = 0.5 if aligned else 0.0
+    x0 = rois[:, 1] * spatial_scale - offset
+    y0 = rois[:, 2] * spatial_scale - offset
+    w = rois[:, 3] * spatial_scale - offset - x0
+    h = rois[:, 4] * spatial_scale - offset - y0
+    if not aligned:
+        # Legacy behaviour: force malformed boxes to at least 1x1.
+        w = w.clamp(min=1.0)
+        h = h.clamp(min=1.0)
+    return x0, y0, w, h
+
+
+def _axis_matrix(start: Tensor, length: Tensor, size: int, bins: int, samples: int) -> Tensor:
+    """RoIAlign along one axis as a dense matrix: ``[R, bins, size]``, the weight of each feature row
+    (or column) in each output bin, summed over the bin's samples and divided by their number.
+
+    RoIAlign's weights factor into a y part and an x part (a sample's bilinear weight is ``wy * wx``, and
+    it is skipped when y or x is out of range), so ``output[r, c] = Ay[r] @ features[n_r, c] @ Ax[r]^T``.
+    """
+    low, high, w_low, w_high = _axis_weights(start, length, size, bins, samples)
+    matrix = start.new_zeros(start.shape[0], bins, size)
+    matrix.scatter_add_(2, low, w_low)
+    matrix.scatter_add_(2, high, w_high)
+    return matrix / samples
+
+
 def roi_align_weights(
     rois: Tensor, output_size: int, spatial_scale: float, sampling_ratio: int, aligned: bool, shape: tuple[int, ...]
 ) -> Tensor:
@@ -81,17 +119,7 @@ def roi_align_weights(
         output gradients to feature gradients.
     """
     n, _, height, width = shape
-    if rois.dtype not in (torch.float32, torch.float64):
-        rois = rois.float()  # bf16 / fp16 box coordinates would misplace samples by whole pixels
-    offset = 0.5 if aligned else 0.0
-    x0 = rois[:, 1] * spatial_scale - offset
-    y0 = rois[:, 2] * spatial_scale - offset
-    w = rois[:, 3] * spatial_scale - offset - x0
-    h = rois[:, 4] * spatial_scale - offset - y0
-    if not aligned:
-        # Legacy behaviour: force malformed boxes to at least 1x1.
-        w = w.clamp(min=1.0)
-        h = h.clamp(min=1.0)
+    x0, y0, w, h = _roi_geometry(rois, spatial_scale, aligned)
     p, s = output_size, sampling_ratio
     ylo, yhi, wylo, wyhi = _axis_weights(y0, h, height, p, s)  # [R, P, s]
     xlo, xhi, wxlo, wxhi = _axis_weights(x0, w, width, p, s)
@@ -121,29 +149,93 @@ def roi_align_weights(
         return matrix.coalesce().to_sparse_csr()
 
 
+def separable_backward(
+    grad_output: Tensor, rois: Tensor, spatial_scale: float, sampling_ratio: int, aligned: bool, shape: tuple[int, ...]
+) -> Tensor:
+    """RoIAlign's feature gradient from its separable weights: two dense matrix products per image.
+
+    ``grad_features[n, c] = sum over the RoIs r of image n of Ay[r]^T @ grad_output[r, c] @ Ax[r]``
+    (``_axis_matrix``). Its work grows with the map's side, so it suits small maps (C4, C5).
+
+    Args:
+        grad_output: ``[R, C, P, P]`` gradient of the pooled features, float32 or float64.
+        rois, spatial_scale, sampling_ratio, aligned: as in ``roi_align``.
+        shape: ``(N, C, H, W)`` of the feature map.
+
+    Returns:
+        ``[N, H, W, C]``-strided ``[N, C, H, W]`` gradient of the feature map, in ``grad_output``'s dtype.
+    """
+    n, c, height, width = shape
+    num_rois, _, p, _ = grad_output.shape
+    x0, y0, w, h = _roi_geometry(rois, spatial_scale, aligned)
+    ay = _axis_matrix(y0, h, height, p, sampling_ratio).to(grad_output.dtype)  # [R, P, H]
+    ax = _axis_matrix(x0, w, width, p, sampling_ratio).to(grad_output.dtype)  # [R, P, W]
+    # Contract the x bins first, one product per RoI: [R, C*Py, Px] @ [R, Px, W] -> [R, C*Py, W].
+    partial = torch.bmm(grad_output.reshape(num_rois, c * p, p), ax)
+    # Rows (r, py), columns (c, x), for the per-image products over (r, py).
+    partial = partial.view(num_rois, c, p, width).permute(0, 2, 1, 3).reshape(num_rois * p, c * width)
+    ay = ay.reshape(num_rois * p, height)
+    batch = rois[:, 0].long().repeat_interleave(p)
+    grad = grad_output.new_zeros(n, height, c * width)
+    # One product per image sums its RoIs' contributions; a loop over the batch, not over RoIs or pixels.
+    for image in range(n):
+        rows = (batch == image).nonzero().squeeze(1)
+        if rows.numel():
+            grad[image] = ay[rows].T @ partial[rows]  # [H, R_n*P] @ [R_n*P, C*W]
+    return grad.view(n, height, c, width).permute(0, 2, 1, 3)
+
+
+def sparse_backward(
+    grad_output: Tensor, rois: Tensor, spatial_scale: float, sampling_ratio: int, aligned: bool, shape: tuple[int, ...]
+) -> Tensor:
+    """RoIAlign's feature gradient as one sparse product, ``A^T @ grad_output`` (``roi_align_weights``).
+
+    Its work grows with the number of samples, not the map's size, so it suits large maps (FPN levels).
+    Arguments and result as ``separable_backward``.
+    """
+    n, c, h, w = shape
+    output_size = grad_output.shape[-1]
+    matrix_t = roi_align_weights(rois, output_size, spatial_scale, sampling_ratio, aligned, shape).to(grad_output.dtype)
+    # [R, C, P, P] -> [R*P*P, C]: one row per pooled cell, channels contiguous.
+    grad = grad_output.permute(0, 2, 3, 1).reshape(-1, c)
+    return (matrix_t @ grad).view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def use_separable(output_size: int, sampling_ratio: int, height: int, width: int) -> bool:
+    """Whether ``separable_backward`` is the cheaper of the two for this map and output size.
+
+    Per RoI and channel the separable products cost ``P*W*(P + H)`` multiply-adds and the sparse one
+    ``4*P*P*s*s`` (four taps per sample); dense products run several times faster per multiply-add, so
+    the separable one wins up to ``SEPARABLE_MAX_RATIO`` times the sparse count.
+    """
+    separable = output_size * width * (output_size + height)
+    sparse = 4 * output_size * output_size * sampling_ratio * sampling_ratio
+    return separable <= SEPARABLE_MAX_RATIO * sparse
+
+
 class _RoIAlignFunction(torch.autograd.Function):
-    """torchvision's forward; the backward as one sparse product (see the module docstring)."""
+    """torchvision's forward; the backward as dense or sparse products (see the module docstring)."""
 
     @staticmethod
     def forward(ctx, features, rois, output_size, spatial_scale, sampling_ratio, aligned):
         ctx.save_for_backward(rois)
-        ctx.args = (output_size, spatial_scale, sampling_ratio, aligned, tuple(features.shape), features.dtype)
+        ctx.args = (spatial_scale, sampling_ratio, aligned, tuple(features.shape), features.dtype)
         return tv_roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
 
     @staticmethod
     @once_differentiable  # as torchvision's: no double backward
     def backward(ctx, grad_output):
         (rois,) = ctx.saved_tensors
-        output_size, spatial_scale, sampling_ratio, aligned, shape, dtype = ctx.args
-        n, c, h, w = shape
+        spatial_scale, sampling_ratio, aligned, shape, dtype = ctx.args
         # Accumulate in float32 (float64 for float64): the sparse kernel has no bf16 / fp16 version, and
         # sums over many samples are more accurate there anyway.
         compute = torch.float64 if dtype == torch.float64 else torch.float32
-        matrix_t = roi_align_weights(rois, output_size, spatial_scale, sampling_ratio, aligned, shape).to(compute)
-        # [R, C, P, P] -> [R*P*P, C]: one row per pooled cell, channels contiguous.
-        grad = grad_output.permute(0, 2, 3, 1).reshape(-1, c).to(compute)
-        grad_features = (matrix_t @ grad).view(n, h, w, c).permute(0, 3, 1, 2)
-        return grad_features.to(dtype).contiguous(), None, None, None, None, None
+        grad_output = grad_output.to(compute)
+        if use_separable(grad_output.shape[-1], sampling_ratio, shape[2], shape[3]):
+            grad = separable_backward(grad_output, rois, spatial_scale, sampling_ratio, aligned, shape)
+        else:
+            grad = sparse_backward(grad_output, rois, spatial_scale, sampling_ratio, aligned, shape)
+        return grad.to(dtype).contiguous(), None, None, None, None, None
 
 
 # Building the sparse matrix is a fixed cost per call; the product pays it back with the channel count.
@@ -152,6 +244,9 @@ class _RoIAlignFunction(torch.autograd.Function):
 # FPN, the narrow C4 of the backbone ablations) were still 12-21% faster with it on two idle cores, so 64 is
 # the line; narrower maps keep torchvision's kernel (benchmarks/roi_align_backward.py, benchmarks/README.md).
 MIN_CHANNELS = 64
+# The separable backward's dense products did up to ~20x the sparse multiply-adds in less time; at 40x
+# (FPN P2 at 256 px) it was 4x slower (benchmarks/roi_align_backward.py).
+SEPARABLE_MAX_RATIO = 16.0
 
 
 def roi_align(
