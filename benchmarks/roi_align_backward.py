@@ -1,10 +1,13 @@
-"""RoIAlign forward + backward on the CPU: torchvision's kernel vs ours (mrcnn.modeling.roi_align).
+"""RoIAlign forward + backward on the CPU: torchvision's kernel vs our two backwards (mrcnn.modeling.roi_align).
 
-"ours" is always the sparse-matrix backward here, also for maps narrower than ``MIN_CHANNELS``, where the
-model itself keeps torchvision's; these numbers are how that threshold was chosen.
+Both of ours are timed at every shape, also where the model would pick the other one or (below
+``MIN_CHANNELS``) torchvision's; these numbers are how ``MIN_CHANNELS`` and ``SEPARABLE_MAX_RATIO`` were
+chosen. ``chosen`` says which backward the model uses for the shape, ``speedup`` is torchvision's time
+over that one's.
 
-The shapes are those of one training step of the CPU presets (batch 8 of 128x128 shapes images, 64 RoIs
-per image) plus one COCO-sized FPN level. Medians of --repeats after one warm-up; the two are alternated.
+The shapes are those of one training step of the CPU settings (batch 8, 64 RoIs per image; 128 and 256 px
+shapes images, full and quarter width) plus one COCO-sized FPN level. Medians of --repeats after one
+warm-up round; the three are alternated within each round.
 
     python benchmarks/roi_align_backward.py [--repeats 5] [--threads N] [--cases C5,C4] [--out roi_align.json]
 """
@@ -26,7 +29,12 @@ from mrcnn.modeling.roi_align import roi_align
 CASES = {
     "C5 box (stride 32, 512 ch, 7x7)": ((8, 512, 4, 4), 1 / 32, 512, 7),
     "C4 box/mask (stride 16, 256 ch, 14x14)": ((8, 256, 8, 8), 1 / 16, 512, 14),
+    "C4 256px width 16 (stride 16, 64 ch, 14x14)": ((8, 64, 16, 16), 1 / 16, 512, 14),
+    "C5 256px width 16 (stride 32, 128 ch, 7x7)": ((8, 128, 8, 8), 1 / 32, 512, 7),
     "FPN P2 box (stride 4, 64 ch, 7x7)": ((8, 64, 32, 32), 1 / 4, 512, 7),
+    "FPN P2 256px box (stride 4, 64 ch, 7x7)": ((8, 64, 64, 64), 1 / 4, 512, 7),
+    "FPN P3 256px box (stride 8, 64 ch, 7x7)": ((8, 64, 32, 32), 1 / 8, 512, 7),
+    "FPN P2 256px mask (stride 4, 64 ch, 14x14)": ((8, 64, 64, 64), 1 / 4, 128, 14),
     "COCO FPN P2 box (800x1333, 256 ch, 7x7)": ((2, 256, 200, 334), 1 / 4, 1024, 7),
 }
 
@@ -40,12 +48,26 @@ def random_rois(shape: tuple[int, ...], scale: float, count: int, generator: tor
     return torch.cat([batch, corner, (corner + extent).minimum(size)], 1)
 
 
-def time_once(fn, features, rois, output_size, scale, grad) -> float:
-    start = time.perf_counter()
-    fn(features, rois, output_size, scale, 2, False).backward(grad)
-    elapsed = time.perf_counter() - start
+def time_once(fn, features, rois, output_size, scale, grad, separable_max_ratio: float) -> float:
+    # The backward reads SEPARABLE_MAX_RATIO when it runs, so it stays set until the backward is done.
+    module.SEPARABLE_MAX_RATIO = separable_max_ratio
+    try:
+        start = time.perf_counter()
+        fn(features, rois, output_size, scale, 2, False).backward(grad)
+        elapsed = time.perf_counter() - start
+    finally:
+        module.SEPARABLE_MAX_RATIO = DEFAULT_RATIO
     features.grad = None
     return elapsed
+
+
+DEFAULT_RATIO = module.SEPARABLE_MAX_RATIO
+# name: (function, SEPARABLE_MAX_RATIO while it runs: 0 never picks the separable backward, inf always does)
+METHODS = {
+    "torchvision": (torchvision_roi_align, DEFAULT_RATIO),
+    "sparse": (roi_align, 0.0),
+    "separable": (roi_align, float("inf")),
+}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -61,26 +83,45 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--cases {args.cases!r} matches none of: {', '.join(CASES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    # Time the sparse backward at every width, also below the MIN_CHANNELS where the model stops using it.
+    min_channels = module.MIN_CHANNELS
+    # Time our backwards at every width, also below the MIN_CHANNELS where the model keeps torchvision's.
     module.MIN_CHANNELS = 1
     generator = torch.Generator().manual_seed(0)
     results = {}
-    print(f"{'case':42s} {'torchvision ms':>15s} {'ours ms':>9s} {'speed-up':>9s}")
+    print(f"{'case':46s} {'torchvision ms':>15s} {'sparse ms':>10s} {'separable ms':>13s} {'chosen':>12s} {'speed-up':>9s}")
     for name, (shape, scale, count, output_size) in cases.items():
         features = torch.randn(*shape, generator=generator, requires_grad=True)
         rois = random_rois(shape, scale, count, generator)
         grad = torch.randn(count, shape[1], output_size, output_size, generator=generator)
-        times: dict[str, list[float]] = {"torchvision": [], "ours": []}
+        times: dict[str, list[float]] = {key: [] for key in METHODS}
         for round_ in range(args.repeats + 1):
-            for key, fn in (("torchvision", torchvision_roi_align), ("ours", roi_align)):
-                elapsed = time_once(fn, features, rois, output_size, scale, grad)
+            for key, (fn, ratio) in METHODS.items():
+                elapsed = time_once(fn, features, rois, output_size, scale, grad, ratio)
                 if round_ > 0:  # the first round is warm-up
                     times[key].append(elapsed)
-        tv_ms, ours_ms = (1000 * statistics.median(times[k]) for k in ("torchvision", "ours"))
-        results[name] = {"torchvision_ms": tv_ms, "ours_ms": ours_ms, "speedup": tv_ms / ours_ms}
-        print(f"{name:42s} {tv_ms:15.1f} {ours_ms:9.1f} {tv_ms / ours_ms:9.2f}")
+        numbers = {f"{key}_ms": 1000 * statistics.median(values) for key, values in times.items()}
+        if shape[1] < min_channels:
+            chosen = "torchvision"
+        elif module.use_separable(output_size, 2, shape[2], shape[3]):
+            chosen = "separable"
+        else:
+            chosen = "sparse"
+        numbers["chosen"] = chosen
+        numbers["speedup"] = numbers["torchvision_ms"] / numbers[f"{chosen}_ms"]
+        results[name] = numbers
+        print(
+            f"{name:46s} {numbers['torchvision_ms']:15.1f} {numbers['sparse_ms']:10.1f} "
+            f"{numbers['separable_ms']:13.1f} {chosen:>12s} {numbers['speedup']:9.2f}"
+        )
+    module.MIN_CHANNELS = min_channels
     if args.out:
-        meta = {"threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": args.repeats}
+        meta = {
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "repeats": args.repeats,
+            "min_channels": min_channels,
+            "separable_max_ratio": DEFAULT_RATIO,
+        }
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "cases": results}, f, indent=2)
     return results

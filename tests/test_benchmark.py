@@ -1,10 +1,12 @@
-"""benchmarks/benchmark.py runs end to end at a tiny size and writes the documented json (no timing is checked)."""
+"""The benchmark scripts run end to end at tiny sizes and write their documented json (no timing is checked)."""
 
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark.py"
 
@@ -60,10 +62,36 @@ def test_benchmark_script_writes_all_numbers(tmp_path):
 def test_roi_align_backward_benchmark_runs(tmp_path):
     script = SCRIPT.parent / "roi_align_backward.py"
     out = tmp_path / "roi_align.json"
-    command = [sys.executable, str(script), "--repeats", "1", "--cases", "C5,FPN P2", "--out", str(out)]
+    command = [sys.executable, str(script), "--repeats", "1", "--cases", "C5 box,FPN P2 256px box", "--out", str(out)]
     proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     cases = json.loads(out.read_text())["cases"]
-    assert sorted(cases) == ["C5 box (stride 32, 512 ch, 7x7)", "FPN P2 box (stride 4, 64 ch, 7x7)"]
+    assert sorted(cases) == ["C5 box (stride 32, 512 ch, 7x7)", "FPN P2 256px box (stride 4, 64 ch, 7x7)"]
     for numbers in cases.values():
-        assert numbers["torchvision_ms"] > 0 and numbers["ours_ms"] > 0
+        assert min(numbers[f"{key}_ms"] for key in ("torchvision", "sparse", "separable")) > 0
+    # The model's choice by map size: C5's 4x4 map takes the separable backward, FPN's 64x64 P2 the sparse one.
+    assert cases["C5 box (stride 32, 512 ch, 7x7)"]["chosen"] == "separable"
+    assert cases["FPN P2 256px box (stride 4, 64 ch, 7x7)"]["chosen"] == "sparse"
+
+
+def test_step_time_benchmark_times_every_backward(tmp_path):
+    script = SCRIPT.parent / "step_time.py"
+    out = tmp_path / "steps.json"
+    config = (
+        "experiment=ablation_roialign hydra.mode=RUN model/backbone=c4 data.image_size=64 data.num_train_images=4 "
+        "data.datamodule.batch_size=2 model.rois_per_image=16"
+    )
+    command = [
+        sys.executable, str(script), "--config", config, "--backward", "auto,sparse,separable,torchvision",
+        "--steps", "1", "--warmup", "0", "--threads", "2", "--out", str(out),
+    ]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["meta"]["steps"] == 1
+    steps = results["configs"][config]
+    assert sorted(steps) == ["auto", "separable", "sparse", "torchvision"]
+    for numbers in steps.values():
+        assert len(numbers["median_step_s_per_round"]) == 1 and numbers["median_step_s_per_round"][0] > 0
+    with pytest.raises(subprocess.CalledProcessError):
+        subprocess.run([*command[:4], "--backward", "fast"], cwd=tmp_path, capture_output=True, check=True)

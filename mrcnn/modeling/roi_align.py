@@ -163,7 +163,8 @@ def separable_backward(
         shape: ``(N, C, H, W)`` of the feature map.
 
     Returns:
-        ``[N, H, W, C]``-strided ``[N, C, H, W]`` gradient of the feature map, in ``grad_output``'s dtype.
+        ``[N, C, H, W]`` gradient of the feature map in ``grad_output``'s dtype (a permuted view, not
+        contiguous).
     """
     n, c, height, width = shape
     num_rois, _, p, _ = grad_output.shape

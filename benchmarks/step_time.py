@@ -1,0 +1,112 @@
+"""Training-step time of configured models, with each RoIAlign backward, on the built-in shapes.
+
+Each ``--config`` is a space-separated list of Hydra overrides (on ``configs/train.yaml``); each is
+timed with every ``--backward``: ``auto`` (what the model uses), ``sparse`` or ``separable`` (ours,
+forced from ``MIN_CHANNELS`` channels up) and ``torchvision`` (torchvision's kernel everywhere). A step
+is the model's forward with losses, their sum's backward and an SGD step, timed from the batch on
+the host to the updated weights; data loading is outside the timing. The number is the median of
+``--steps`` steps after ``--warmup`` discarded ones, per ``--rounds`` round; every round builds the
+model and data afresh, and the backwards are alternated within a round so drift affects all alike.
+
+    python benchmarks/step_time.py --config "experiment=ablation_roialign hydra.mode=RUN model/backbone=c4" \\
+        --backward auto,sparse,torchvision --steps 20 --rounds 2 --out step_time.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+import mrcnn.config  # noqa: F401  (registers the config resolvers)
+from mrcnn.modeling import roi_align as roi_align_module
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+BACKWARDS = ("auto", "sparse", "separable", "torchvision")
+# The model's own thresholds, restored after every forced backward.
+DEFAULTS = {"min_channels": roi_align_module.MIN_CHANNELS, "separable_max_ratio": roi_align_module.SEPARABLE_MAX_RATIO}
+
+
+def compose_config(overrides: list[str]):
+    """The project's Hydra config (``configs/train.yaml``) with ``overrides``, without Hydra's app."""
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=["run_dir=/tmp/mrcnn-benchmark", *overrides])
+
+
+def set_backward(name: str) -> None:
+    """Point ``mrcnn.modeling.roi_align`` at one backward (its module constants are read per call)."""
+    roi_align_module.MIN_CHANNELS = DEFAULTS["min_channels"] if name != "torchvision" else 10**9
+    roi_align_module.SEPARABLE_MAX_RATIO = {
+        "auto": DEFAULTS["separable_max_ratio"],
+        "sparse": 0.0,
+        "separable": float("inf"),
+        "torchvision": DEFAULTS["separable_max_ratio"],
+    }[name]
+
+
+def time_steps(model, optimizer, batches, warmup: int) -> list[float]:
+    """Seconds per training step over ``batches``, the first ``warmup`` dropped."""
+    times = []
+    for images, targets in batches:
+        start = time.perf_counter()
+        _, losses = model(images, targets)
+        sum(losses.values()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return times[warmup:]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", required=True, help="Hydra overrides, space-separated; repeatable")
+    parser.add_argument("--backward", default="auto", help=f"comma-separated, of: {', '.join(BACKWARDS)}")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per round and backward")
+    parser.add_argument("--warmup", type=int, default=2, help="discarded steps before them")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=None, help="write the numbers to this json file")
+    args = parser.parse_args(argv)
+    backwards = [b for b in args.backward.split(",") if b]
+    unknown = sorted(set(backwards) - set(BACKWARDS))
+    if unknown or not backwards:
+        parser.error(f"--backward {args.backward!r}: choose from {', '.join(BACKWARDS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    results = {}
+    for config in args.config:
+        cfg = compose_config(config.split())
+        medians: dict[str, list[float]] = {b: [] for b in backwards}
+        for _ in range(args.rounds):
+            torch.manual_seed(0)
+            datamodule = instantiate(cfg.data.datamodule)
+            datamodule.setup("fit")
+            loader = iter(datamodule.train_dataloader())
+            # The same batches for every backward: fetched once, before any timing.
+            batches = [next(loader) for _ in range(args.warmup + args.steps)]
+            for backward in backwards:
+                set_backward(backward)
+                torch.manual_seed(0)
+                model = instantiate(cfg.model.net).train()
+                optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+                medians[backward].append(statistics.median(time_steps(model, optimizer, batches, args.warmup)))
+        set_backward("auto")
+        results[config] = {b: {"median_step_s_per_round": m} for b, m in medians.items()}
+        print(config, "  ".join(f"{b}: {', '.join(f'{s:.3f}' for s in m)} s" for b, m in medians.items()), flush=True)
+    if args.out:
+        meta = {"threads": torch.get_num_threads(), "torch": torch.__version__, "steps": args.steps,
+                "warmup": args.warmup, "rounds": args.rounds, **DEFAULTS}
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "configs": results}, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
