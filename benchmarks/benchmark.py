@@ -39,7 +39,6 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -507,7 +506,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.torchvision_roi_align_backward:
-        fast_roi_align.MIN_CHANNELS = sys.maxsize
+        fast_roi_align.BACKWARD = "torchvision"
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")

@@ -20,7 +20,6 @@ import statistics
 import time
 
 import torch
-from torchvision.ops import roi_align as torchvision_roi_align
 
 from mrcnn.modeling import roi_align as module
 from mrcnn.modeling.roi_align import roi_align
@@ -48,26 +47,20 @@ def random_rois(shape: tuple[int, ...], scale: float, count: int, generator: tor
     return torch.cat([batch, corner, (corner + extent).minimum(size)], 1)
 
 
-def time_once(fn, features, rois, output_size, scale, grad, separable_max_ratio: float) -> float:
-    # The backward reads SEPARABLE_MAX_RATIO when it runs, so it stays set until the backward is done.
-    module.SEPARABLE_MAX_RATIO = separable_max_ratio
+METHODS = ("torchvision", "sparse", "separable")
+
+
+def time_once(backward: str, features, rois, output_size, scale, grad) -> float:
+    # The backward reads BACKWARD when it runs, so it stays set until the backward is done.
+    module.BACKWARD = backward
     try:
         start = time.perf_counter()
-        fn(features, rois, output_size, scale, 2, False).backward(grad)
+        roi_align(features, rois, output_size, scale, 2, False).backward(grad)
         elapsed = time.perf_counter() - start
     finally:
-        module.SEPARABLE_MAX_RATIO = DEFAULT_RATIO
+        module.BACKWARD = "auto"
     features.grad = None
     return elapsed
-
-
-DEFAULT_RATIO = module.SEPARABLE_MAX_RATIO
-# name: (function, SEPARABLE_MAX_RATIO while it runs: 0 never picks the separable backward, inf always does)
-METHODS = {
-    "torchvision": (torchvision_roi_align, DEFAULT_RATIO),
-    "sparse": (roi_align, 0.0),
-    "separable": (roi_align, float("inf")),
-}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -83,9 +76,6 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--cases {args.cases!r} matches none of: {', '.join(CASES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    min_channels = module.MIN_CHANNELS
-    # Time our backwards at every width, also below the MIN_CHANNELS where the model keeps torchvision's.
-    module.MIN_CHANNELS = 1
     generator = torch.Generator().manual_seed(0)
     results = {}
     print(f"{'case':46s} {'torchvision ms':>15s} {'sparse ms':>10s} {'separable ms':>13s} {'chosen':>12s} {'speed-up':>9s}")
@@ -95,12 +85,12 @@ def main(argv: list[str] | None = None) -> dict:
         grad = torch.randn(count, shape[1], output_size, output_size, generator=generator)
         times: dict[str, list[float]] = {key: [] for key in METHODS}
         for round_ in range(args.repeats + 1):
-            for key, (fn, ratio) in METHODS.items():
-                elapsed = time_once(fn, features, rois, output_size, scale, grad, ratio)
+            for key in METHODS:
+                elapsed = time_once(key, features, rois, output_size, scale, grad)
                 if round_ > 0:  # the first round is warm-up
                     times[key].append(elapsed)
         numbers = {f"{key}_ms": 1000 * statistics.median(values) for key, values in times.items()}
-        if shape[1] < min_channels:
+        if shape[1] < module.MIN_CHANNELS:
             chosen = "torchvision"
         elif module.use_separable(output_size, 2, shape[2], shape[3]):
             chosen = "separable"
@@ -113,14 +103,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"{name:46s} {numbers['torchvision_ms']:15.1f} {numbers['sparse_ms']:10.1f} "
             f"{numbers['separable_ms']:13.1f} {chosen:>12s} {numbers['speedup']:9.2f}"
         )
-    module.MIN_CHANNELS = min_channels
     if args.out:
         meta = {
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "repeats": args.repeats,
-            "min_channels": min_channels,
-            "separable_max_ratio": DEFAULT_RATIO,
+            "min_channels": module.MIN_CHANNELS,
+            "separable_max_ratio": module.SEPARABLE_MAX_RATIO,
         }
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "cases": results}, f, indent=2)

@@ -1,10 +1,10 @@
 """Training-step time of configured models, with each RoIAlign backward, on the built-in shapes.
 
 Each ``--config`` is a space-separated list of Hydra overrides (on ``configs/train.yaml``); each is
-timed with every ``--backward``: ``auto`` (what the model uses), ``sparse`` or ``separable`` (ours,
-forced from ``MIN_CHANNELS`` channels up) and ``torchvision`` (torchvision's kernel everywhere). A step
-is the model's forward with losses, their sum's backward and an SGD step, timed from the batch on
-the host to the updated weights; data loading is outside the timing. The number is the median of
+timed with every ``--backward`` (``mrcnn.modeling.roi_align.BACKWARD``): ``auto`` (what the model uses),
+``sparse`` or ``separable`` (one of ours, forced everywhere) and ``torchvision`` (torchvision's kernel
+everywhere). A step is the model's forward with losses, their sum's backward and an SGD step, timed from
+the batch on the host to the updated weights; data loading is outside the timing. The number is the median of
 ``--steps`` steps after ``--warmup`` discarded ones, per ``--rounds`` round; every round builds the
 model and data afresh, and the backwards are alternated within a round so drift affects all alike.
 
@@ -18,36 +18,14 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-import mrcnn.config  # noqa: F401  (registers the config resolvers)
+from benchmark import compose_config  # benchmarks/benchmark.py, beside this script (also registers the resolvers)
 from mrcnn.modeling import roi_align as roi_align_module
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
-BACKWARDS = ("auto", "sparse", "separable", "torchvision")
-# The model's own thresholds, restored after every forced backward.
-DEFAULTS = {"min_channels": roi_align_module.MIN_CHANNELS, "separable_max_ratio": roi_align_module.SEPARABLE_MAX_RATIO}
-
-
-def compose_config(overrides: list[str]):
-    """The project's Hydra config (``configs/train.yaml``) with ``overrides``, without Hydra's app."""
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=["run_dir=/tmp/mrcnn-benchmark", *overrides])
-
-
-def set_backward(name: str) -> None:
-    """Point ``mrcnn.modeling.roi_align`` at one backward (its module constants are read per call)."""
-    roi_align_module.MIN_CHANNELS = DEFAULTS["min_channels"] if name != "torchvision" else 10**9
-    roi_align_module.SEPARABLE_MAX_RATIO = {
-        "auto": DEFAULTS["separable_max_ratio"],
-        "sparse": 0.0,
-        "separable": float("inf"),
-        "torchvision": DEFAULTS["separable_max_ratio"],
-    }[name]
+BACKWARDS = ("auto", "sparse", "separable", "torchvision")  # the values of mrcnn.modeling.roi_align.BACKWARD
 
 
 def time_steps(model, optimizer, batches, warmup: int) -> list[float]:
@@ -92,17 +70,18 @@ def main(argv: list[str] | None = None) -> dict:
             # The same batches for every backward: fetched once, before any timing.
             batches = [next(loader) for _ in range(args.warmup + args.steps)]
             for backward in backwards:
-                set_backward(backward)
+                roi_align_module.BACKWARD = backward
                 torch.manual_seed(0)
                 model = instantiate(cfg.model.net).train()
                 optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
                 medians[backward].append(statistics.median(time_steps(model, optimizer, batches, args.warmup)))
-        set_backward("auto")
+        roi_align_module.BACKWARD = "auto"
         results[config] = {b: {"median_step_s_per_round": m} for b, m in medians.items()}
         print(config, "  ".join(f"{b}: {', '.join(f'{s:.3f}' for s in m)} s" for b, m in medians.items()), flush=True)
     if args.out:
         meta = {"threads": torch.get_num_threads(), "torch": torch.__version__, "steps": args.steps,
-                "warmup": args.warmup, "rounds": args.rounds, **DEFAULTS}
+                "warmup": args.warmup, "rounds": args.rounds, "min_channels": roi_align_module.MIN_CHANNELS,
+                "separable_max_ratio": roi_align_module.SEPARABLE_MAX_RATIO}
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "configs": results}, f, indent=2)
     return results

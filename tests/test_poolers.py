@@ -148,18 +148,17 @@ def random_rois(num_images, height, width, scale, count, generator):
         ((1, 2, 1, 1), 1 / 32, 5, 2, False),  # a 1x1 map: every sample sits on the edge
     ],
 )
-@pytest.mark.parametrize("separable_max_ratio", [0.0, float("inf")], ids=["sparse", "separable"])
+@pytest.mark.parametrize("backward", ["sparse", "separable"])
 def test_fast_cpu_roi_align_backward_equals_torchvision(
-    shape, scale, output_size, sampling_ratio, aligned, separable_max_ratio, monkeypatch
+    shape, scale, output_size, sampling_ratio, aligned, backward, monkeypatch
 ):
     from torchvision.ops import roi_align as torchvision_roi_align
 
     from mrcnn.modeling import roi_align as module
     from mrcnn.modeling.roi_align import roi_align
 
-    monkeypatch.setattr(module, "MIN_CHANNELS", 1)  # few channels keep the test small
-    # Force one backward or the other: 0 never takes the separable one, inf always does.
-    monkeypatch.setattr(module, "SEPARABLE_MAX_RATIO", separable_max_ratio)
+    # Force one backward or the other, also on these few channels (they keep the test small).
+    monkeypatch.setattr(module, "BACKWARD", backward)
     chosen = []
     for name in ("separable_backward", "sparse_backward"):
         original = getattr(module, name)
@@ -179,7 +178,7 @@ def test_fast_cpu_roi_align_backward_equals_torchvision(
     torch.testing.assert_close(ours, expected, rtol=0, atol=0)
     torch.testing.assert_close(ours_grad, expected_grad, rtol=1e-10, atol=1e-10)
     assert expected_grad.abs().sum() > 0
-    assert chosen == ["separable_backward" if separable_max_ratio else "sparse_backward"]
+    assert chosen == [f"{backward}_backward"]
 
 
 def test_separable_backward_is_chosen_for_small_maps_and_sparse_for_large():
@@ -220,8 +219,8 @@ def test_poolers_on_wide_float32_maps_give_torchvision_gradients(pooler_cls, kwa
     boxes = [torch.tensor([[3.0, 5.0, 60.0, 40.0], [-20.0, 1.0, 10.0, 12.0]]), torch.tensor([[100.0, 2.0, 170.0, 130.0]])]
     pooler = pooler_cls(["0"], 7, **kwargs)
     grads = []
-    for min_channels in (module.MIN_CHANNELS, 10**9):  # fast, then torchvision's backward
-        monkeypatch.setattr(module, "MIN_CHANNELS", min_channels)
+    for backward in ("auto", "torchvision"):  # ours (at MIN_CHANNELS), then torchvision's backward
+        monkeypatch.setattr(module, "BACKWARD", backward)
         leaf = features.clone().requires_grad_()
         out = pooler({"0": leaf}, boxes, [(128, 160)] * 2)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()

@@ -232,7 +232,11 @@ class _RoIAlignFunction(torch.autograd.Function):
         # sums over many samples are more accurate there anyway.
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         grad_output = grad_output.to(compute)
-        if use_separable(grad_output.shape[-1], sampling_ratio, shape[2], shape[3]):
+        if BACKWARD == "auto":
+            separable = use_separable(grad_output.shape[-1], sampling_ratio, shape[2], shape[3])
+        else:
+            separable = BACKWARD == "separable"
+        if separable:
             grad = separable_backward(grad_output, rois, spatial_scale, sampling_ratio, aligned, shape)
         else:
             grad = sparse_backward(grad_output, rois, spatial_scale, sampling_ratio, aligned, shape)
@@ -248,6 +252,9 @@ MIN_CHANNELS = 64
 # Measured (benchmarks/roi_align_backward.py): at 22x the sparse multiply-adds (FPN P2 mask RoIs at 256 px) the
 # separable backward was still a little faster (45 vs 53 ms), at 40x (P2 box RoIs) 1.7x slower; 16 stays clear.
 SEPARABLE_MAX_RATIO = 16.0
+# Which backward runs: "auto" picks by MIN_CHANNELS and SEPARABLE_MAX_RATIO; "sparse" or "separable" force one
+# of ours at any channel count, "torchvision" forces torchvision's kernel (benchmarks and tests set this).
+BACKWARD = "auto"
 
 
 def roi_align(
@@ -276,7 +283,7 @@ def roi_align(
         and isinstance(output_size, int)
         and features.device.type == "cpu"
         and sampling_ratio > 0
-        and features.shape[1] >= MIN_CHANNELS
+        and (features.shape[1] >= MIN_CHANNELS if BACKWARD == "auto" else BACKWARD != "torchvision")
         and features.requires_grad
         and torch.is_grad_enabled()
         and rois.numel() > 0
