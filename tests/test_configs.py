@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 
 from mrcnn.data.shapes import ShapesDataset
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS
-from tests.conftest import CONFIG_DIR, TINY_MODEL, compose_config
+from tests.helpers.config import CONFIG_DIR, TINY_MODEL, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

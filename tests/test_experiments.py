@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from mrcnn.report import AblationReportCallback
-from tests.conftest import CONFIG_DIR, compose_config
+from tests.helpers.config import CONFIG_DIR, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("ablation_*.yaml"))
 # What must not change between the variants of one ablation.

@@ -7,7 +7,7 @@ from hydra.utils import instantiate
 
 from mrcnn.lit_module import check_finite, warmup_multistep_schedule
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS
-from tests.conftest import TINY_MODEL, compose_config
+from tests.helpers.config import TINY_MODEL, compose_config
 
 
 def test_warmup_then_step_decay():

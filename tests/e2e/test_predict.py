@@ -16,9 +16,9 @@ from PIL import Image
 from mrcnn.data.shapes import ShapesDataset
 from mrcnn.train import build_module
 from mrcnn.visualize import draw_instances, instance_colors, semantic_label_map
-from tests.conftest import TINY_MODEL, compose_config
+from tests.helpers.config import TINY_MODEL, compose_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(args, timeout=300):

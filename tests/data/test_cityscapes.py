@@ -1,7 +1,6 @@
 """Cityscapes gtFine instanceIds: 16-bit reading, the 8 classes, crowd regions, bad files, evaluation ids."""
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,44 +11,7 @@ from mrcnn.data.cityscapes import CITYSCAPES_CLASSES, CityscapesDataset, read_in
 from mrcnn.data.datamodule import InstanceDataModule
 from mrcnn.data.transforms import drop_crowd
 from mrcnn.evaluation import CocoEvaluator
-
-HEIGHT, WIDTH = 32, 64
-
-
-def _instance_ids(seed):
-    """A small instanceIds map: stuff, two cars, a person, a car group, a caravan, a bicycle."""
-    rng = np.random.default_rng(seed)
-    ids = np.full((HEIGHT, WIDTH), 7, dtype=np.int32)  # road (a stuff class)
-    ids[:4] = 23  # sky
-    ids[5:15, 2:12] = 26001  # car, instance 1
-    ids[5:15, 14:20] = 26003  # car, instance 3 (instance numbers need not be contiguous)
-    ids[16:30, 22:26] = 24000  # person, instance 0
-    ids[20:28, 30:40] = 26  # a group of cars: crowd region
-    ids[20:28, 42:50] = 29002  # caravan: has instances but is not evaluated
-    ids[2:10, 50 + seed % 4 : 60] = 33001  # bicycle
-    ids[rng.integers(0, HEIGHT), 0] = 0  # unlabeled
-    return ids
-
-
-def make_cityscapes(root, splits=("train", "val"), cities=("aachen", "bremen"), per_city=2):
-    """Writes the official layout with 16-bit instanceIds PNGs; returns the root."""
-    root = Path(root)
-    rng = np.random.default_rng(0)
-    for split in splits:
-        for c, city in enumerate(cities):
-            image_dir = root / "leftImg8bit" / split / city
-            gt_dir = root / "gtFine" / split / city
-            image_dir.mkdir(parents=True, exist_ok=True)
-            gt_dir.mkdir(parents=True, exist_ok=True)
-            for k in range(per_city):
-                stem = f"{city}_{c:06d}_{k:06d}"
-                pixels = rng.integers(0, 255, size=(HEIGHT, WIDTH, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(image_dir / f"{stem}_leftImg8bit.png")
-                Image.fromarray(_instance_ids(c * 10 + k).astype(np.uint16)).save(
-                    gt_dir / f"{stem}_gtFine_instanceIds.png"
-                )
-    return root
-
+from tests.helpers.data import CITYSCAPES_HEIGHT, CITYSCAPES_WIDTH, cityscapes_instance_ids, make_cityscapes
 
 @pytest.fixture(scope="module")
 def cityscapes_root(tmp_path_factory):
@@ -57,7 +19,7 @@ def cityscapes_root(tmp_path_factory):
 
 
 def test_16bit_png_round_trip(tmp_path):
-    ids = _instance_ids(0)
+    ids = cityscapes_instance_ids(0)
     path = tmp_path / "x_gtFine_instanceIds.png"
     Image.fromarray(ids.astype(np.uint16)).save(path)
     with Image.open(path) as image:
@@ -75,15 +37,15 @@ def test_classes_and_label_ids(cityscapes_root):
     # Labels 1..8 map back to the Cityscapes labelIds (24..33 without caravan 29 and trailer 30).
     assert dataset.label_to_category_id == {1: 24, 2: 25, 3: 26, 4: 27, 5: 28, 6: 31, 7: 32, 8: 33}
     assert len(dataset) == 4 and dataset.image_ids == [1, 2, 3, 4]
-    assert dataset.image_sizes == [(HEIGHT, WIDTH)] * 4
+    assert dataset.image_sizes == [(CITYSCAPES_HEIGHT, CITYSCAPES_WIDTH)] * 4
     assert [p.parent.name for p in dataset.image_files] == ["aachen", "aachen", "bremen", "bremen"]
 
 
 def test_targets_instances_and_crowd(cityscapes_root):
     train = CityscapesDataset(cityscapes_root, split="train")
     image, target = train[0]
-    ids = _instance_ids(0)
-    assert image.shape == (3, HEIGHT, WIDTH)
+    ids = cityscapes_instance_ids(0)
+    assert image.shape == (3, CITYSCAPES_HEIGHT, CITYSCAPES_WIDTH)
     # Instances in increasing id order: person 24000, car 26001, car 26003, bicycle 33001; no caravan, no group.
     assert target["labels"].tolist() == [1, 3, 3, 8]
     assert (target["iscrowd"] == 0).all()
@@ -116,7 +78,7 @@ def test_class_subset(cityscapes_root):
 def test_8bit_instance_ids_file_is_a_clear_error(tmp_path):
     root = make_cityscapes(tmp_path, splits=("train",), cities=("aachen",), per_city=2)
     bad = sorted((root / "gtFine" / "train" / "aachen").iterdir())[1]
-    Image.fromarray((_instance_ids(0) % 256).astype(np.uint8)).save(bad)
+    Image.fromarray((cityscapes_instance_ids(0) % 256).astype(np.uint8)).save(bad)
     with pytest.raises(ValueError, match=rf"{bad.name} is 8-bit \(mode L\).*16-bit"):
         CityscapesDataset(root, split="train")
     with pytest.raises(ValueError, match="8-bit"):

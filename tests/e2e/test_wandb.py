@@ -2,7 +2,6 @@
 
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +10,10 @@ import pytest
 
 from mrcnn.train import wandb_mode
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS
-from tests.conftest import TINY_MODEL
+from tests.helpers.config import TINY_MODEL
+from tests.helpers.wandb import read_wandb_records
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 W_AND_B_ENV = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL")
 
 
@@ -34,30 +34,6 @@ def test_mode_is_offline_without_credentials_and_online_with_them(no_credentials
     assert wandb_mode() == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert wandb_mode() == "disabled"
-
-
-def read_wandb_records(path):
-    """The protobuf records of an offline run's ``.wandb`` transaction log.
-
-    The file is a LevelDB-style log: a 7-byte header, then 32 KiB blocks of chunks, each with a 7-byte
-    header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last); a block's last < 7 bytes are padding.
-    """
-    from wandb.proto import wandb_internal_pb2
-
-    data, block, position, records, pending = path.read_bytes(), 32768, 7, [], b""
-    assert data[:4] == b":W&B"
-    while position + 7 <= len(data):
-        left = block - position % block
-        if left < 7:
-            position += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
-        pending += data[position + 7 : position + 7 + length]
-        position += 7 + length
-        if kind in (1, 4):
-            records.append(wandb_internal_pb2.Record.FromString(pending))
-            pending = b""
-    return records
 
 
 def test_offline_run_has_losses_ap_config_names_and_prediction_images(tmp_path, no_credentials):

@@ -13,9 +13,8 @@ import mrcnn.data.resolvers  # noqa: F401  (registers ${mrcnn.coco_classes:...})
 from mrcnn.data.cityscapes import CityscapesDataset
 from mrcnn.data.coco import CocoDataset
 from mrcnn.data.transforms import InstanceTransform
-from tests.conftest import CONFIG_DIR, compose_config
-from tests.test_cityscapes import make_cityscapes
-from tests.test_coco import make_coco_split
+from tests.helpers.config import CONFIG_DIR, compose_config
+from tests.helpers.data import make_cityscapes, make_coco_split
 
 # Keep the loaders in this process and the test quick.
 FAST = ["data.datamodule.num_workers=0", "data.datamodule.persistent_workers=false", "data.datamodule.pin_memory=false"]

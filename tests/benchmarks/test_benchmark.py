@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "benchmark.py"
 
 # Few proposals and detections: the R50 heads, not the 64-pixel images, dominate the cost on a CPU.
 SMALL_HEADS = [

@@ -13,10 +13,10 @@ from hydra.utils import instantiate
 
 from mrcnn.train import build_module, check_sync_batchnorm
 
-from tests.conftest import TINY_MODEL, compose_config
-from tests.test_wandb import read_wandb_records
+from tests.helpers.config import TINY_MODEL, compose_config
+from tests.helpers.wandb import read_wandb_records
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = [
     *TINY_MODEL,
     "data.num_train_images=8",

@@ -6,7 +6,7 @@ from hydra.utils import instantiate
 
 from mrcnn.data.shapes import ShapesDataset
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS
-from tests.conftest import TINY_MODEL, compose_config
+from tests.helpers.config import TINY_MODEL, compose_config
 
 
 def build(overrides=()):

@@ -117,7 +117,7 @@ def test_torchvision_preset_from_config_equals_torchvision(models):
     """`model=torchvision_r50_fpn`, built by Hydra, reproduces torchvision given its weights."""
     from hydra.utils import instantiate
 
-    from tests.conftest import compose_config
+    from tests.helpers.config import compose_config
 
     _, theirs = models
     cfg = compose_config(["model=torchvision_r50_fpn", "model.num_classes=90", "data.min_size=256", "data.max_size=320"])

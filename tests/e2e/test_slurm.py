@@ -5,7 +5,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from submitit.slurm.slurm import _make_sbatch_string
 
-from tests.conftest import CONFIG_DIR
+from tests.helpers.config import CONFIG_DIR
 
 SLURM = ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"]
 

@@ -23,10 +23,10 @@ from lightning.fabric.utilities.data import _set_sampler_epoch
 from mrcnn.callbacks import LastCheckpoint
 from mrcnn.data.datamodule import InstanceDataModule
 from mrcnn.train import checkpoint_path
-from tests.conftest import TINY_MODEL, compose_config
-from tests.test_datamodule import _Ids
+from tests.helpers.config import TINY_MODEL, compose_config
+from tests.helpers.data import IdsDataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS_PER_EPOCH = 6  # 12 images, 2 per batch
 EPOCHS = 2
 ARGS = [
@@ -41,22 +41,10 @@ ARGS = [
 ]
 
 
-class RecordTrainBatches(L.Callback):
-    """Test-only: appends ``[global step, image ids]`` of every training batch to a JSON-lines file."""
-
-    def __init__(self, path: str):
-        self.path = Path(path)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        _, targets = batch
-        with self.path.open("a") as file:
-            file.write(json.dumps([trainer.global_step, [int(t["image_id"]) for t in targets]]) + "\n")
-
-
 def recording_overrides(tmp_path: Path, path: Path) -> list[str]:
     """Overrides that run the default callbacks plus :class:`RecordTrainBatches` writing to ``path``."""
     callbacks = yaml.safe_load((ROOT / "configs" / "callbacks" / "default.yaml").read_text())
-    callbacks.append({"_target_": "tests.test_resume.RecordTrainBatches", "path": str(path)})
+    callbacks.append({"_target_": "tests.helpers.runs.RecordTrainBatches", "path": str(path)})
     folder = tmp_path / "configs" / "callbacks"
     folder.mkdir(parents=True)
     (folder / "record_batches.yaml").write_text(yaml.safe_dump(callbacks))
@@ -171,7 +159,7 @@ class _RecordingModule(L.LightningModule):
 
 def _fit(folder, module, grouping, num_workers, ckpt_path=None):
     """2 epochs of 6 batches of 2 images, last.ckpt every 4 steps and at epoch ends."""
-    datamodule = InstanceDataModule(_Ids(12), _Ids(2), batch_size=2, num_workers=num_workers,
+    datamodule = InstanceDataModule(IdsDataset(12), IdsDataset(2), batch_size=2, num_workers=num_workers,
                                     aspect_ratio_grouping=grouping, seed=3)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -214,12 +202,12 @@ import lightning as L
 sys.path.insert(0, {root!r})
 from mrcnn.callbacks import LastCheckpoint
 from mrcnn.data.datamodule import InstanceDataModule
-from tests.test_datamodule import _Ids
-from tests.test_resume import _RecordingModule
+from tests.helpers.data import IdsDataset
+from tests.e2e.test_resume import _RecordingModule
 
 folder, ckpt_path = sys.argv[1], sys.argv[2] or None
 module = _RecordingModule(stop_at=int(sys.argv[3]) or None, schedule=True)
-datamodule = InstanceDataModule(_Ids(26), _Ids(2), batch_size=2, num_workers={num_workers},
+datamodule = InstanceDataModule(IdsDataset(26), IdsDataset(2), batch_size=2, num_workers={num_workers},
                                 aspect_ratio_grouping={grouping}, seed=3)
 trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", use_distributed_sampler=False, max_epochs=2,
                     logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -11,6 +11,7 @@ from mrcnn.data.datamodule import InstanceDataModule, ResumableDataLoader, colla
 from mrcnn.data.samplers import EpochSampler
 from mrcnn.data.shapes import ShapesDataset
 from mrcnn.data.transforms import train_transforms
+from tests.helpers.data import IdsDataset
 
 
 def _datamodule(num_workers=0, **kwargs):
@@ -95,23 +96,8 @@ def test_workers_draw_different_augmentations():
 # ---- resuming the training loader mid-epoch ------------------------------------------------
 
 
-class _Ids(torch.utils.data.Dataset):
-    """Items that are only their image id; one in three portrait (for aspect-ratio grouping)."""
-
-    class_names = ["thing"]
-
-    def __init__(self, num_images):
-        self.image_sizes = [(48, 32) if i % 3 == 0 else (32, 48) for i in range(num_images)]
-
-    def __len__(self):
-        return len(self.image_sizes)
-
-    def __getitem__(self, index):
-        return torch.zeros(1), {"image_id": index + 1}
-
-
 def _train_loader(grouping, num_workers=0, rank=0, world=1):
-    dm = InstanceDataModule(_Ids(26), _Ids(2), batch_size=2, num_workers=num_workers, aspect_ratio_grouping=grouping,
+    dm = InstanceDataModule(IdsDataset(26), IdsDataset(2), batch_size=2, num_workers=num_workers, aspect_ratio_grouping=grouping,
                             seed=5)
     if world > 1:
         dm.trainer = SimpleNamespace(world_size=world, global_rank=rank, _accelerator_connector=None)
@@ -167,7 +153,7 @@ def test_datamodule_state_reaches_the_next_train_loader():
     # Lightning restores the datamodule before the training loader exists (the fit loop's own copy of
     # the position is lost when configure_optimizers reads trainer.estimated_stepping_batches).
     def datamodule():
-        return InstanceDataModule(_Ids(26), _Ids(2), batch_size=2, aspect_ratio_grouping=True, seed=5)
+        return InstanceDataModule(IdsDataset(26), IdsDataset(2), batch_size=2, aspect_ratio_grouping=True, seed=5)
 
     def epoch1(loader):
         _set_sampler_epoch(loader, 1)
@@ -225,14 +211,14 @@ def test_resuming_with_another_seed_warns():
 
 def test_resumable_loader_with_an_order_that_cannot_skip_is_a_plain_loader():
     # E.g. after Lightning swapped in a SequentialSampler for overfit_batches.
-    loader = ResumableDataLoader(_Ids(4), batch_size=2, collate_fn=collate_detection)
+    loader = ResumableDataLoader(IdsDataset(4), batch_size=2, collate_fn=collate_detection)
     assert _ids(loader) == [[1, 2], [3, 4]] and loader.state_dict() == {}
     loader.load_state_dict({})
     with pytest.warns(UserWarning, match="SequentialSampler cannot resume"):
         loader.load_state_dict({"epoch": 0, "batches": 1, "seed": 0})
     assert _ids(loader) == [[1, 2], [3, 4]]
     # A torch BatchSampler over an EpochSampler skips whole batches of indices.
-    loader = ResumableDataLoader(_Ids(8), batch_size=2, sampler=EpochSampler(range(8), seed=1), collate_fn=collate_detection)
+    loader = ResumableDataLoader(IdsDataset(8), batch_size=2, sampler=EpochSampler(range(8), seed=1), collate_fn=collate_detection)
     full = _ids(loader)
     loader.load_state_dict({"epoch": 0, "batches": 1, "seed": 1})
     assert _ids(loader) == full[1:]
