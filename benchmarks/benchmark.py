@@ -505,8 +505,6 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--device cuda: no CUDA device available")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.torchvision_roi_align_backward:
-        fast_roi_align.BACKWARD = "torchvision"
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -515,6 +513,8 @@ def main(argv: list[str] | None = None) -> dict:
     memory = PeakMemory(device)
     size = args.image_size
     overrides = [*args.overrides, f"data.image_size={size}", f"data.min_size={size}", f"data.max_size={size}"]
+    if args.torchvision_roi_align_backward:
+        overrides.append("model.net.roi_heads.pooler.backward=torchvision")
     cfg = compose_config(overrides)
     results = {
         "args": vars(args) | {"skip": sorted(args.skip)}, "config_overrides": overrides, "hardware": hardware(device),

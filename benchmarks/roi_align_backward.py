@@ -51,14 +51,9 @@ METHODS = ("torchvision", "sparse", "separable")
 
 
 def time_once(backward: str, features, rois, output_size, scale, grad) -> float:
-    # The backward reads BACKWARD when it runs, so it stays set until the backward is done.
-    module.BACKWARD = backward
-    try:
-        start = time.perf_counter()
-        roi_align(features, rois, output_size, scale, 2, False).backward(grad)
-        elapsed = time.perf_counter() - start
-    finally:
-        module.BACKWARD = "auto"
+    start = time.perf_counter()
+    roi_align(features, rois, output_size, scale, 2, False, backward=backward).backward(grad)
+    elapsed = time.perf_counter() - start
     features.grad = None
     return elapsed
 
@@ -90,12 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if round_ > 0:  # the first round is warm-up
                     times[key].append(elapsed)
         numbers = {f"{key}_ms": 1000 * statistics.median(values) for key, values in times.items()}
-        if shape[1] < module.MIN_CHANNELS:
-            chosen = "torchvision"
-        elif module.use_separable(output_size, 2, shape[2], shape[3]):
-            chosen = "separable"
-        else:
-            chosen = "sparse"
+        chosen = module.choose_backward(shape[1], shape[2], shape[3], output_size, 2)
         numbers["chosen"] = chosen
         numbers["speedup"] = numbers["torchvision_ms"] / numbers[f"{chosen}_ms"]
         results[name] = numbers

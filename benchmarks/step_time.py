@@ -1,7 +1,7 @@
 """Training-step time of configured models, with each RoIAlign backward, on the built-in shapes.
 
 Each ``--config`` is a space-separated list of Hydra overrides (on ``configs/train.yaml``); each is
-timed with every ``--backward`` (``mrcnn.modeling.roi_align.BACKWARD``): ``auto`` (what the model uses),
+timed with every ``--backward`` (the poolers' ``backward`` argument): ``auto`` (what the model uses),
 ``sparse`` or ``separable`` (one of ours, forced everywhere) and ``torchvision`` (torchvision's kernel
 everywhere). A step is the model's forward with losses, their sum's backward and an SGD step, timed from
 the batch on the host to the updated weights; data loading is outside the timing. The number is the median of
@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from benchmark import compose_config  # benchmarks/benchmark.py, beside this script (also registers the resolvers)
 from mrcnn.modeling import roi_align as roi_align_module
 
-BACKWARDS = ("auto", "sparse", "separable", "torchvision")  # the values of mrcnn.modeling.roi_align.BACKWARD
+BACKWARDS = roi_align_module.BACKWARDS
 
 
 def time_steps(model, optimizer, batches, warmup: int) -> list[float]:
@@ -70,12 +70,10 @@ def main(argv: list[str] | None = None) -> dict:
             # The same batches for every backward: fetched once, before any timing.
             batches = [next(loader) for _ in range(args.warmup + args.steps)]
             for backward in backwards:
-                roi_align_module.BACKWARD = backward
                 torch.manual_seed(0)
-                model = instantiate(cfg.model.net).train()
+                model = instantiate(cfg.model.net, roi_heads={"pooler": {"backward": backward}}).train()
                 optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
                 medians[backward].append(statistics.median(time_steps(model, optimizer, batches, args.warmup)))
-        roi_align_module.BACKWARD = "auto"
         results[config] = {b: {"median_step_s_per_round": m} for b, m in medians.items()}
         print(config, "  ".join(f"{b}: {', '.join(f'{s:.3f}' for s in m)} s" for b, m in medians.items()), flush=True)
     if args.out:

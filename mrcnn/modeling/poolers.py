@@ -10,8 +10,11 @@ Every pooler here shares the same two steps:
    reproduces torchvision's Mask R-CNN pooler bit for bit.
 2. The per-level operator, which is what the variants differ in.
 
-All kernels come from ``torchvision.ops``; on the CPU, RoIAlign's backward pass is our sparse-matrix
-version (``mrcnn.modeling.roi_align``), which gives torchvision's gradients several times faster.
+A pooler option is configured once (``configs/model/pooler/*.yaml``, a partial without ``output_size``)
+and the RoI heads build it twice, at the box and at the mask resolution, so the two cannot drift apart.
+
+All kernels come from ``torchvision.ops``; on the CPU, RoIAlign's backward pass is our own
+(``mrcnn.modeling.roi_align``), which gives torchvision's gradients several times faster.
 """
 
 import math
@@ -21,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_pool
 
-from mrcnn.modeling.roi_align import roi_align
+from mrcnn.modeling.roi_align import BACKWARDS, roi_align
 
 
 def boxes_to_rois(boxes: list[Tensor]) -> Tensor:
@@ -120,6 +123,8 @@ class RoIAlignPooler(RoIPooler):
             torchvision's Mask R-CNN uses ``False``; keep it for parity with its weights.
         mode: ``"avg"`` (the paper's default) or ``"max"`` over the samples of a bin
             (Table 2c compares both).
+        backward: CPU backward of the RoIAlign kernel (``mrcnn.modeling.roi_align.choose_backward``):
+            ``"auto"``, or ``"torchvision"`` / ``"sparse"`` / ``"separable"`` to force one (benchmarks).
     """
 
     def __init__(
@@ -131,23 +136,29 @@ class RoIAlignPooler(RoIPooler):
         mode: str = "avg",
         canonical_scale: int = 224,
         canonical_level: int = 4,
+        backward: str = "auto",
     ):
         super().__init__(featmap_names, output_size, canonical_scale, canonical_level)
         if mode not in ("avg", "max"):
             raise ValueError(f"RoIAlignPooler mode must be 'avg' or 'max', got {mode!r}")
         if mode == "max" and sampling_ratio <= 0:
             raise ValueError("RoIAlignPooler(mode='max') needs a fixed sampling_ratio > 0")
+        if backward not in BACKWARDS:
+            raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
         self.mode = mode
+        self.backward = backward
 
     def pool_level(self, feature: Tensor, rois: Tensor, spatial_scale: float) -> Tensor:
         if self.mode == "avg":
-            return roi_align(feature, rois, self.output_size, spatial_scale, self.sampling_ratio, self.aligned)
+            return roi_align(
+                feature, rois, self.output_size, spatial_scale, self.sampling_ratio, self.aligned, self.backward
+            )
         # Max: a grid of S*r x S*r sub-bins with one sample at each centre places samples exactly
         # where RoIAlign with sampling ratio r places them; max-pooling r x r groups gives the per-bin max.
         r = self.sampling_ratio
-        samples = roi_align(feature, rois, self.output_size * r, spatial_scale, 1, self.aligned)
+        samples = roi_align(feature, rois, self.output_size * r, spatial_scale, 1, self.aligned, self.backward)
         return F.max_pool2d(samples, kernel_size=r, stride=r)
 
 
@@ -164,6 +175,7 @@ class RoIWarpPooler(RoIPooler):
 
     Args:
         sampling_ratio: bilinear samples per bin side (``<= 0``: adaptive).
+        backward: CPU backward of the bilinear sampling, as for :class:`RoIAlignPooler`.
     """
 
     def __init__(
@@ -173,12 +185,18 @@ class RoIWarpPooler(RoIPooler):
         sampling_ratio: int = 2,
         canonical_scale: int = 224,
         canonical_level: int = 4,
+        backward: str = "auto",
     ):
         super().__init__(featmap_names, output_size, canonical_scale, canonical_level)
+        if backward not in BACKWARDS:
+            raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
         self.sampling_ratio = sampling_ratio
+        self.backward = backward
 
     def pool_level(self, feature: Tensor, rois: Tensor, spatial_scale: float) -> Tensor:
         # Snap box corners to feature cells (the quantization RoIAlign removes), back in image pixels.
         quantized = rois.clone()
         quantized[:, 1:] = torch.round(rois[:, 1:] * spatial_scale) / spatial_scale
-        return roi_align(feature, quantized, self.output_size, spatial_scale, self.sampling_ratio, aligned=False)
+        return roi_align(
+            feature, quantized, self.output_size, spatial_scale, self.sampling_ratio, False, self.backward
+        )

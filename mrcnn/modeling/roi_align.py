@@ -18,12 +18,12 @@ gradient, computed here in one of two ways, whichever does less work for the map
 Both run multi-threaded and vectorised over channels. The weights follow torchvision's CPU kernel
 sample for sample (sample positions, the ``[-1, size]`` validity window, edge clamping, the
 ``max(size, 1)`` of unaligned boxes, and the division by the sample count), so gradients equal
-torchvision's up to float rounding (tested in ``tests/test_poolers.py``).
+torchvision's up to float rounding (tested in ``tests/modeling/test_poolers.py``).
 
-The forward pass is torchvision's own kernel, so outputs are bit-identical. CUDA tensors, an
-adaptive sampling ratio (``<= 0``, where the grid differs per RoI), feature maps narrower than
-``MIN_CHANNELS`` (where the fixed cost of building the matrix was not always repaid) and inputs that need no
-gradient go to torchvision unchanged.
+The forward pass is torchvision's own kernel, so outputs are bit-identical. Which backward runs is
+decided once per call, at the forward, by :func:`choose_backward` from the map's and the output's sizes and
+an explicit ``backward`` argument (``"auto"``, or one forced by a benchmark or a test). CUDA tensors and
+inputs that need no gradient go to torchvision unchanged.
 """
 
 from __future__ import annotations
@@ -202,6 +202,15 @@ def sparse_backward(
     return (matrix_t @ grad).view(n, h, w, c).permute(0, 3, 1, 2)
 
 
+# Building the sparse matrix is a fixed cost per call; the product pays it back with the channel count.
+# Narrower maps keep torchvision's kernel. How this line was drawn: benchmarks/README.md.
+MIN_CHANNELS = 64
+# The separable backward wins up to this many times the sparse multiply-add count (benchmarks/README.md).
+SEPARABLE_MAX_RATIO = 16.0
+# The values of ``backward``: "auto" picks by the sizes; the others force one backward.
+BACKWARDS = ("auto", "torchvision", "sparse", "separable")
+
+
 def use_separable(output_size: int, sampling_ratio: int, height: int, width: int) -> bool:
     """Whether ``separable_backward`` is the cheaper of the two for this map and output size.
 
@@ -214,47 +223,57 @@ def use_separable(output_size: int, sampling_ratio: int, height: int, width: int
     return separable <= SEPARABLE_MAX_RATIO * sparse
 
 
+def choose_backward(
+    channels: int, height: int, width: int, output_size: int, sampling_ratio: int, backward: str = "auto"
+) -> str:
+    """The backward :func:`roi_align` runs for a ``[N, channels, height, width]`` map on the CPU.
+
+    Args:
+        channels, height, width: the feature map's size.
+        output_size: side P of the pooled square.
+        sampling_ratio: bilinear samples per bin side; ``<= 0`` (adaptive: a different grid per RoI)
+            always takes torchvision's backward.
+        backward: ``"auto"``, or one of ``"torchvision"``, ``"sparse"``, ``"separable"`` to force it.
+
+    Returns:
+        ``"torchvision"``, ``"sparse"`` or ``"separable"``.
+    """
+    if backward not in BACKWARDS:
+        raise ValueError(f"roi_align backward must be one of {BACKWARDS}, got {backward!r}")
+    if sampling_ratio <= 0:
+        return "torchvision"
+    if backward != "auto":
+        return backward
+    if channels < MIN_CHANNELS:
+        return "torchvision"
+    return "separable" if use_separable(output_size, sampling_ratio, height, width) else "sparse"
+
+
 class _RoIAlignFunction(torch.autograd.Function):
     """torchvision's forward; the backward as dense or sparse products (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, features, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    def forward(ctx, features, rois, output_size, spatial_scale, sampling_ratio, aligned, separable):
         ctx.save_for_backward(rois)
-        ctx.args = (spatial_scale, sampling_ratio, aligned, tuple(features.shape), features.dtype)
+        ctx.args = (spatial_scale, sampling_ratio, aligned, tuple(features.shape), features.dtype, separable)
         return tv_roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
 
     @staticmethod
     @once_differentiable  # as torchvision's: no double backward
     def backward(ctx, grad_output):
         (rois,) = ctx.saved_tensors
-        spatial_scale, sampling_ratio, aligned, shape, dtype = ctx.args
+        spatial_scale, sampling_ratio, aligned, shape, dtype, separable = ctx.args
         # Accumulate in float32 (float64 for float64): the sparse kernel has no bf16 / fp16 version, and
         # sums over many samples are more accurate there anyway.
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         grad_output = grad_output.to(compute)
-        if BACKWARD == "auto":
-            separable = use_separable(grad_output.shape[-1], sampling_ratio, shape[2], shape[3])
-        else:
-            separable = BACKWARD == "separable"
         if separable:
             grad = separable_backward(grad_output, rois, spatial_scale, sampling_ratio, aligned, shape)
         else:
             grad = sparse_backward(grad_output, rois, spatial_scale, sampling_ratio, aligned, shape)
-        return grad.to(dtype).contiguous(), None, None, None, None, None
+        return grad.to(dtype).contiguous(), None, None, None, None, None, None
 
 
-# Building the sparse matrix is a fixed cost per call; the product pays it back with the channel count.
-# From 128 channels it won in every measurement (3.4-4x for C4/C5 shapes). At 64 it won on two idle cores
-# (2.1x) but lost single-threaded on a loaded machine; whole training steps with 64-channel maps (model=small's
-# FPN, the narrow C4 of the backbone ablations) were still 12-21% faster with it on two idle cores, so 64 is
-# the line; narrower maps keep torchvision's kernel (benchmarks/roi_align_backward.py, benchmarks/README.md).
-MIN_CHANNELS = 64
-# Measured (benchmarks/roi_align_backward.py): at 22x the sparse multiply-adds (FPN P2 mask RoIs at 256 px) the
-# separable backward was still a little faster (45 vs 53 ms), at 40x (P2 box RoIs) 1.7x slower; 16 stays clear.
-SEPARABLE_MAX_RATIO = 16.0
-# Which backward runs: "auto" picks by MIN_CHANNELS and SEPARABLE_MAX_RATIO; "sparse" or "separable" force one
-# of ours at any channel count, "torchvision" forces torchvision's kernel (benchmarks and tests set this).
-BACKWARD = "auto"
 
 
 def roi_align(
@@ -264,6 +283,7 @@ def roi_align(
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
     aligned: bool = False,
+    backward: str = "auto",
 ) -> Tensor:
     """``torchvision.ops.roi_align`` (square output, ``rois [R, 5]``) with a fast CPU backward.
 
@@ -274,6 +294,7 @@ def roi_align(
         spatial_scale: feature pixels per image pixel.
         sampling_ratio: bilinear samples per bin side; ``<= 0``: adaptive (torchvision's backward).
         aligned: half-pixel offset.
+        backward: which CPU backward to run (:func:`choose_backward`); ``"auto"`` picks by the sizes.
 
     Returns:
         ``[R, C, P, P]`` pooled features.
@@ -282,12 +303,16 @@ def roi_align(
         isinstance(rois, Tensor)
         and isinstance(output_size, int)
         and features.device.type == "cpu"
-        and sampling_ratio > 0
-        and (features.shape[1] >= MIN_CHANNELS if BACKWARD == "auto" else BACKWARD != "torchvision")
         and features.requires_grad
         and torch.is_grad_enabled()
         and rois.numel() > 0
     )
-    if not fast:
+    kind = "torchvision"
+    if fast:
+        _, channels, height, width = features.shape
+        kind = choose_backward(channels, height, width, output_size, sampling_ratio, backward)
+    if kind == "torchvision":
         return tv_roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
-    return _RoIAlignFunction.apply(features, rois, output_size, float(spatial_scale), int(sampling_ratio), aligned)
+    return _RoIAlignFunction.apply(
+        features, rois, output_size, float(spatial_scale), int(sampling_ratio), aligned, kind == "separable"
+    )

@@ -2,7 +2,12 @@
 
 Matching, sampling and box coding are torchvision's; the pooler, heads and mask loss are
 whatever the config chose, which is the point of owning this module.
+
+Two designs, as in the paper's Fig. 4: :class:`RoIHeads` (FPN, C5) pools the mask branch's features
+from the backbone; :class:`Res5RoIHeads` (C4) runs the mask head on the res5 box head's output.
 """
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -14,17 +19,17 @@ from mrcnn.modeling.mask_head import mask_targets
 
 
 class RoIHeads(nn.Module):
-    """Box and mask branches of Mask R-CNN.
+    """Box and mask branches of Mask R-CNN, each on its own pooled features (FPN, C5).
 
     Args:
-        box_pooler: RoI pooler for the box branch (output 7x7 for FPN, 14x14 for C4).
-        box_head: ``MLPBoxHead`` or ``Res5BoxHead``.
+        pooler: builds the RoI pooler for an output size (``pooler(output_size=7)``), e.g. a
+            ``functools.partial`` of ``RoIAlignPooler``; built once per branch.
+        box_resolution: pooled side for the box branch (7).
+        box_head: ``MLPBoxHead``.
         box_predictor: ``BoxPredictor``.
         mask_head: ``FCNMaskHead`` or ``MLPMaskHead``.
         mask_loss: ``SigmoidMaskLoss`` or ``SoftmaxMaskLoss``.
-        mask_pooler: RoI pooler for the mask branch (14x14). Ignored when ``mask_from_box_head``.
-        mask_from_box_head: the C4 design: the mask head runs on the box head's res5 output
-            (during training, reusing the positive RoIs' features; at test time on the detections).
+        mask_resolution: pooled side for the mask branch (14).
         aligned_mask_targets: crop mask targets with half-pixel-correct RoIAlign (pair it with an
             ``aligned=True`` pooler); ``False`` reproduces torchvision.
         fg_iou_thresh, bg_iou_thresh: RoI/ground-truth IoU for positives and negatives (0.5, 0.5).
@@ -36,13 +41,13 @@ class RoIHeads(nn.Module):
 
     def __init__(
         self,
-        box_pooler: nn.Module,
+        pooler: Callable[..., nn.Module],
+        box_resolution: int,
         box_head: nn.Module,
         box_predictor: nn.Module,
         mask_head: nn.Module,
         mask_loss,
-        mask_pooler: nn.Module | None = None,
-        mask_from_box_head: bool = False,
+        mask_resolution: int | None = 14,
         aligned_mask_targets: bool = False,
         fg_iou_thresh: float = 0.5,
         bg_iou_thresh: float = 0.5,
@@ -59,15 +64,12 @@ class RoIHeads(nn.Module):
                 f"{type(mask_loss).__name__} needs per-class masks; class_agnostic=True is only defined "
                 "for the sigmoid mask loss"
             )
-        if not mask_from_box_head and mask_pooler is None:
-            raise ValueError("RoIHeads needs a mask_pooler unless mask_from_box_head=True (the C4 design)")
-        self.box_pooler = box_pooler
+        self.box_pooler = pooler(output_size=box_resolution)
         self.box_head = box_head
         self.box_predictor = box_predictor
-        self.mask_pooler = None if mask_from_box_head else mask_pooler
+        self.mask_pooler = None if mask_resolution is None else pooler(output_size=mask_resolution)
         self.mask_head = mask_head
         self.mask_loss = mask_loss
-        self.mask_from_box_head = mask_from_box_head
         self.aligned_mask_targets = aligned_mask_targets
         self.proposal_matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
         self.fg_bg_sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
@@ -148,12 +150,7 @@ class RoIHeads(nn.Module):
         # Mask branch: positive RoIs only, each against its matched ground-truth mask.
         positives = [torch.where(image_labels > 0)[0] for image_labels in labels]
         pos_rois = [r[p] for r, p in zip(rois, positives)]
-        if self.mask_from_box_head:
-            offsets = torch.cumsum(torch.tensor([0] + [len(r) for r in rois[:-1]]), 0).tolist()
-            mask_features = box_features[torch.cat([p + o for p, o in zip(positives, offsets)])]
-        else:
-            mask_features = self.mask_pooler(features, pos_rois, image_shapes)
-        mask_logits = self.mask_head(mask_features)
+        mask_logits = self.mask_head(self.positive_mask_features(features, image_shapes, rois, positives, box_features))
         size = mask_logits.shape[-1]
         gt_labels = torch.cat([t["labels"][m[p]] for t, m, p in zip(targets, matched_idxs, positives)])
         gt_masks = torch.cat(
@@ -175,10 +172,63 @@ class RoIHeads(nn.Module):
             self.nms_thresh,
             self.detections_per_img,
         )
-        if self.mask_from_box_head:
-            mask_features = self.box_head(self.box_pooler(features, boxes, image_shapes))
-        else:
-            mask_features = self.mask_pooler(features, boxes, image_shapes)
-        masks = self.mask_loss.inference(self.mask_head(mask_features), torch.cat(labels))
+        masks = self.mask_loss.inference(self.mask_head(self.detection_mask_features(features, boxes, image_shapes)), torch.cat(labels))
         masks = masks.split([len(b) for b in boxes])
         return [dict(boxes=b, labels=l, scores=s, masks=m) for b, l, s, m in zip(boxes, labels, scores, masks)]
+
+    def positive_mask_features(
+        self,
+        features: dict[str, Tensor],
+        image_shapes: list[tuple[int, int]],
+        rois: list[Tensor],
+        positives: list[Tensor],
+        box_features: Tensor,
+    ) -> Tensor:
+        """The mask head's input for the positive sampled RoIs, in training.
+
+        Args:
+            rois: per image sampled RoIs ``[S_i, 4]``.
+            positives: per image indices of the positive RoIs into ``rois[i]``.
+            box_features: the box head's output for all sampled RoIs, ``[sum S_i, ...]`` (unused here).
+
+        Returns:
+            ``[sum P_i, C, M, M]`` pooled features of the positive RoIs.
+        """
+        return self.mask_pooler(features, [r[p] for r, p in zip(rois, positives)], image_shapes)
+
+    def detection_mask_features(
+        self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
+    ) -> Tensor:
+        """The mask head's input for the detected boxes (per image ``[D_i, 4]``), at test time."""
+        return self.mask_pooler(features, boxes, image_shapes)
+
+
+class Res5RoIHeads(RoIHeads):
+    """The C4 design (paper Fig. 4, left): the mask head runs on the res5 box head's output.
+
+    There is no mask pooler: in training the mask head reuses the positive RoIs' box-head features; at
+    test time the box head runs again on the pooled detections. Takes :class:`RoIHeads`' arguments
+    but ``mask_resolution`` (the mask head's input is res5's output).
+    """
+
+    def __init__(
+        self,
+        pooler: Callable[..., nn.Module],
+        box_resolution: int,
+        box_head: nn.Module,
+        box_predictor: nn.Module,
+        mask_head: nn.Module,
+        mask_loss,
+        **kwargs,
+    ):
+        if "mask_resolution" in kwargs:
+            raise ValueError("Res5RoIHeads pools no mask features: its mask head reads the res5 box head's output")
+        super().__init__(pooler, box_resolution, box_head, box_predictor, mask_head, mask_loss, None, **kwargs)
+
+    def positive_mask_features(self, features, image_shapes, rois, positives, box_features) -> Tensor:
+        # Rows of box_features follow the concatenated sampled RoIs: offset each image's positives.
+        offsets = torch.cumsum(torch.tensor([0] + [len(r) for r in rois[:-1]]), 0).tolist()
+        return box_features[torch.cat([p + o for p, o in zip(positives, offsets)])]
+
+    def detection_mask_features(self, features, boxes, image_shapes) -> Tensor:
+        return self.box_head(self.box_pooler(features, boxes, image_shapes))

@@ -1,5 +1,7 @@
 """The default configuration computes exactly what torchvision's Mask R-CNN computes."""
 
+from functools import partial
+
 import pytest
 import torch
 import torchvision
@@ -21,12 +23,13 @@ def build_reference_config(num_classes: int, min_size: int, max_size: int) -> Ma
         backbone=resnet_fpn(depth=50, norm="bn", trainable_layers=5),
         rpn=RPN(256, [[32], [64], [128], [256], [512]]),
         roi_heads=RoIHeads(
-            box_pooler=RoIAlignPooler(FPN_LEVELS, 7, sampling_ratio=2, aligned=False),
+            pooler=partial(RoIAlignPooler, FPN_LEVELS, sampling_ratio=2, aligned=False),
+            box_resolution=7,
             box_head=MLPBoxHead(256, 7, 1024),
             box_predictor=BoxPredictor(1024, num_classes),
-            mask_pooler=RoIAlignPooler(FPN_LEVELS, 14, sampling_ratio=2, aligned=False),
             mask_head=FCNMaskHead(256, num_classes, num_convs=4, conv_dim=256),
             mask_loss=SigmoidMaskLoss(),
+            mask_resolution=14,
         ),
         min_size=min_size,
         max_size=max_size,

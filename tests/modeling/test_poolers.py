@@ -158,7 +158,6 @@ def test_fast_cpu_roi_align_backward_equals_torchvision(
     from mrcnn.modeling.roi_align import roi_align
 
     # Force one backward or the other, also on these few channels (they keep the test small).
-    monkeypatch.setattr(module, "BACKWARD", backward)
     chosen = []
     for name in ("separable_backward", "sparse_backward"):
         original = getattr(module, name)
@@ -171,7 +170,7 @@ def test_fast_cpu_roi_align_backward_equals_torchvision(
 
     expected = torchvision_roi_align(features, rois, output_size, scale, sampling_ratio, aligned)
     (expected_grad,) = torch.autograd.grad(expected, features, grad_out)
-    ours = roi_align(features, rois, output_size, scale, sampling_ratio, aligned)
+    ours = roi_align(features, rois, output_size, scale, sampling_ratio, aligned, backward=backward)
     assert ours.grad_fn is not None and "RoIAlignFunction" in type(ours.grad_fn).__name__  # the fast path ran
     (ours_grad,) = torch.autograd.grad(ours, features, grad_out)
 
@@ -182,12 +181,20 @@ def test_fast_cpu_roi_align_backward_equals_torchvision(
 
 
 def test_separable_backward_is_chosen_for_small_maps_and_sparse_for_large():
-    from mrcnn.modeling.roi_align import use_separable
+    from mrcnn.modeling.roi_align import MIN_CHANNELS, choose_backward
 
-    assert use_separable(14, 2, 16, 16)  # C4 at 256 px: a 16x16 stride-16 map, 14x14 RoIs
-    assert use_separable(7, 2, 8, 8)  # C5 at 256 px
-    assert not use_separable(7, 2, 64, 64)  # FPN P2 at 256 px
-    assert not use_separable(7, 2, 200, 334)  # FPN P2 of an 800x1333 COCO image
+    # (channels, height, width, output size, sampling ratio)
+    assert choose_backward(64, 16, 16, 14, 2) == "separable"  # C4 at 256 px: a 16x16 stride-16 map, 14x14 RoIs
+    assert choose_backward(128, 8, 8, 7, 2) == "separable"  # C5 at 256 px
+    assert choose_backward(64, 64, 64, 7, 2) == "sparse"  # FPN P2 at 256 px
+    assert choose_backward(256, 200, 334, 7, 2) == "sparse"  # FPN P2 of an 800x1333 COCO image
+    assert choose_backward(MIN_CHANNELS - 1, 16, 16, 14, 2) == "torchvision"  # narrow maps
+    assert choose_backward(256, 16, 16, 14, -1) == "torchvision"  # adaptive sampling: a grid per RoI
+    for forced in ("torchvision", "sparse", "separable"):
+        assert choose_backward(8, 200, 334, 7, 2, backward=forced) == forced
+    assert choose_backward(256, 16, 16, 14, -1, backward="sparse") == "torchvision"
+    with pytest.raises(ValueError, match="backward must be one of"):
+        choose_backward(64, 16, 16, 14, 2, backward="fast")
 
 
 def test_fast_roi_align_falls_back_to_torchvision_where_it_does_not_apply():
@@ -209,7 +216,7 @@ def test_fast_roi_align_falls_back_to_torchvision_where_it_does_not_apply():
 
 
 @pytest.mark.parametrize("pooler_cls, kwargs", [(RoIAlignPooler, {"mode": "max"}), (RoIAlignPooler, {"aligned": True}), (RoIWarpPooler, {})])
-def test_poolers_on_wide_float32_maps_give_torchvision_gradients(pooler_cls, kwargs, monkeypatch):
+def test_poolers_on_wide_float32_maps_give_torchvision_gradients(pooler_cls, kwargs):
     """At real widths the poolers take the fast backward; gradients (through max-pool's non-contiguous
     gradient, too) match torchvision's kernel in float32."""
     from mrcnn.modeling import roi_align as module
@@ -217,10 +224,9 @@ def test_poolers_on_wide_float32_maps_give_torchvision_gradients(pooler_cls, kwa
     generator = torch.Generator().manual_seed(1)
     features = torch.randn(2, module.MIN_CHANNELS, 8, 10, generator=generator)
     boxes = [torch.tensor([[3.0, 5.0, 60.0, 40.0], [-20.0, 1.0, 10.0, 12.0]]), torch.tensor([[100.0, 2.0, 170.0, 130.0]])]
-    pooler = pooler_cls(["0"], 7, **kwargs)
     grads = []
     for backward in ("auto", "torchvision"):  # ours (at MIN_CHANNELS), then torchvision's backward
-        monkeypatch.setattr(module, "BACKWARD", backward)
+        pooler = pooler_cls(["0"], 7, **kwargs, backward=backward)
         leaf = features.clone().requires_grad_()
         out = pooler({"0": leaf}, boxes, [(128, 160)] * 2)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
