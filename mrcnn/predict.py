@@ -15,7 +15,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import lightning as L
-import torch
 import torch.distributed as dist
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import BasePredictionWriter
@@ -28,7 +27,9 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from mrcnn.data.datamodule import collate_detection
 from mrcnn.evaluation import CocoEvaluator
-from mrcnn.train import build_module, checkpoint_path, job_scope
+from mrcnn.build import build_module
+from mrcnn.checkpoints import checkpoint_path
+from mrcnn.launch import job_scope
 from mrcnn.visualize import draw_instances, select
 
 log = logging.getLogger(__name__)

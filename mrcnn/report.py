@@ -1,7 +1,7 @@
 """Turn a sweep directory of finished runs into an ablation table (markdown + json) and a chart.
 
 Each job directory of a Hydra sweep holds ``.hydra/overrides.yaml`` (what the job changed) and
-``metrics.json`` (its final COCO metrics, written by ``mrcnn.train``). Jobs are grouped into variants
+``metrics.json`` (its final COCO metrics, written by ``mrcnn.summary``). Jobs are grouped into variants
 by the values of the ablation's ``variant_keys`` and averaged over everything else (the seeds).
 
 Rebuild a report from an existing sweep::

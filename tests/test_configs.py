@@ -9,6 +9,7 @@ import torch
 from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
 from hydra.utils import instantiate
 
+from mrcnn.build import instantiate_callbacks
 from mrcnn.data.shapes import ShapesDataset
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS
 from tests.helpers.config import CONFIG_DIR, TINY_MODEL, compose_config
@@ -101,11 +102,20 @@ def test_trainer_configs_compose(trainer):
 
 def test_logger_and_callback_configs_instantiate(tmp_path):
     for option in options("logger"):
-        for logger in compose_config([f"logger={option}"], run_dir=str(tmp_path)).logger:
+        for logger in compose_config([f"logger={option}"], run_dir=str(tmp_path)).logger.values():
             instantiate(logger)
     for option in options("callbacks"):
-        for callback in compose_config([f"callbacks={option}"], run_dir=str(tmp_path)).callbacks:
+        for callback in compose_config([f"callbacks={option}"], run_dir=str(tmp_path)).callbacks.values():
             instantiate(callback)
+
+
+def test_loggers_and_callbacks_are_named_entries(tmp_path):
+    cfg = compose_config(["logger=wandb", "~callbacks.throughput"], run_dir=str(tmp_path))
+    # logger=wandb adds W&B beside the CSV log, which is defined once (logger/csv.yaml).
+    assert list(cfg.logger) == ["csv", "wandb"]
+    assert cfg.logger.csv == compose_config([], run_dir=str(tmp_path)).logger.csv
+    callbacks = [type(c).__name__ for c in instantiate_callbacks(cfg)]
+    assert "Throughput" not in callbacks and "LastCheckpoint" in callbacks
 
 
 def test_module_config_instantiates():

@@ -1,34 +1,22 @@
 """One ablation end to end through run.py at a tiny setting: sweep, per-job metrics, report files."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = [
-    "data.num_train_images=8",
-    "data.num_val_images=4",
-    "data.datamodule.batch_size=4",
-    "trainer.max_epochs=1",
-    "trainer.check_val_every_n_epoch=1",
-    "model.fpn_channels=16",
-    "model.mask_head_dim=16",
-]
+from tests.helpers.runs import TINY_RUN, run_py
+
+TINY = [*TINY_RUN, "data.num_train_images=8", "data.num_val_images=4", "data.datamodule.batch_size=4"]
 
 
 def test_ablation_runs_its_variants_and_writes_the_report(tmp_path):
     sweep = tmp_path / "sweep"
     # The experiment sets the sweep (no -m needed); narrow it to two variants and one seed.
-    result = subprocess.run(
+    run_py(
         [
-            sys.executable, "run.py", "experiment=ablation_mask_loss", *TINY,
-            f"hydra.sweep.dir={sweep}",
+            "experiment=ablation_mask_loss", *TINY, f"hydra.sweep.dir={sweep}",
             "hydra.sweeper.params={+ablation/mask_loss: 'softmax,sigmoid', seed: '0'}",
         ],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        timeout=600,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p.parent.parent for p in sweep.glob("*/.hydra/overrides.yaml"))
     assert len(jobs) == 2
     for job in jobs:

@@ -2,43 +2,25 @@
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
 
-from mrcnn.train import build_module, check_sync_batchnorm
+from mrcnn.build import build_module, check_sync_batchnorm
 
 from tests.helpers.config import TINY_MODEL, compose_config
+from tests.helpers.runs import TINY_RUN, run_py
 from tests.helpers.wandb import read_wandb_records
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = [
-    *TINY_MODEL,
-    "data.num_train_images=8",
-    "data.datamodule.batch_size=2",
-    "trainer.max_epochs=1",
-    "trainer.check_val_every_n_epoch=1",
-    "trainer.log_every_n_steps=1",
-]
-
-
-def run(args, cwd, timeout=300, env=None):
-    # From a folder of its own, so that a stray output folder would show up there.
-    result = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True, text=True,
-                            timeout=timeout, env=env)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result
+TINY = [*TINY_RUN, "data.num_train_images=8", "data.datamodule.batch_size=2"]
 
 
 def test_sweep_with_ddp_runs_each_job_once_with_two_processes(tmp_path):
     # Lightning's ddp re-runs sys.argv in its children: unless pinned to their job, they re-run the sweep.
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
-    run(["-m", "base_lr=0.01,0.02", "trainer=ddp_cpu", "trainer.devices=2", "data.num_val_images=3", *TINY,
+    run_py(["-m", "base_lr=0.01,0.02", "trainer=ddp_cpu", "trainer.devices=2", "data.num_val_images=3", *TINY,
          "logger=wandb", f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.sweep.subdir=job${hydra.job.num}"],
         cwd=tmp_path, env=env)
 
@@ -77,7 +59,7 @@ def test_ddp_evaluation_matches_one_process_on_an_odd_number_of_images(tmp_path)
     L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(module, datamodule=datamodule, verbose=False)
     one = dict(module.last_metrics)
 
-    run(["mode=evaluate", f"ckpt_path={checkpoint}", *common, "trainer=ddp_cpu", "trainer.devices=2",
+    run_py(["mode=evaluate", f"ckpt_path={checkpoint}", *common, "trainer=ddp_cpu", "trainer.devices=2",
          f"hydra.run.dir={tmp_path / 'two'}"], cwd=tmp_path)
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert two.pop("world_size") == 2 and two.pop("global_step") == 0

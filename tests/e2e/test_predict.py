@@ -1,9 +1,6 @@
 """mode=predict (overlay PNGs + COCO results json), overlay drawing, and torchvision weights through run.py."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -14,18 +11,10 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from mrcnn.data.shapes import ShapesDataset
-from mrcnn.train import build_module
+from mrcnn.build import build_module
 from mrcnn.visualize import draw_instances, instance_colors, semantic_label_map
 from tests.helpers.config import TINY_MODEL, compose_config
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def run(args, timeout=300):
-    result = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
+from tests.helpers.runs import run_py
 
 def write_images(folder, n, size):
     folder.mkdir()
@@ -47,7 +36,7 @@ def test_predict_from_a_lightning_checkpoint_writes_overlays_and_coco_results(tm
     images = write_images(tmp_path / "images", 3, 64)
 
     out = tmp_path / "out"
-    run([*TINY_MODEL, "mode=predict", f"ckpt_path={tmp_path / 'model.ckpt'}", f"predict.input={images}",
+    run_py([*TINY_MODEL, "mode=predict", f"ckpt_path={tmp_path / 'model.ckpt'}", f"predict.input={images}",
          f"predict.output={out}", "predict.score_threshold=0.0", f"hydra.run.dir={tmp_path / 'run'}"])
 
     assert sorted(p.name for p in out.glob("*.png")) == ["img0.png", "img1.png", "img2.png"]
@@ -72,7 +61,7 @@ def test_torchvision_checkpoint_loads_and_predicts_through_run_py(tmp_path):
     images = write_images(tmp_path / "images", 1, 128)
 
     out = tmp_path / "out"
-    run(["model=torchvision_r50_fpn", f"weights={tmp_path / 'maskrcnn.pth'}", "mode=predict", f"predict.input={images}",
+    run_py(["model=torchvision_r50_fpn", f"weights={tmp_path / 'maskrcnn.pth'}", "mode=predict", f"predict.input={images}",
          f"predict.output={out}", "predict.score_threshold=0.0", f"hydra.run.dir={tmp_path / 'run'}"])
     assert (out / "img0.png").exists()
     results = json.loads((out / "coco_results.json").read_text())

@@ -16,13 +16,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import yaml
 from hydra.utils import instantiate
 from lightning.fabric.utilities.data import _set_sampler_epoch
 
 from mrcnn.callbacks import LastCheckpoint
 from mrcnn.data.datamodule import InstanceDataModule
-from mrcnn.train import checkpoint_path
+from mrcnn.checkpoints import checkpoint_path
 from tests.helpers.config import TINY_MODEL, compose_config
 from tests.helpers.data import IdsDataset
 
@@ -43,12 +42,10 @@ ARGS = [
 
 def recording_overrides(tmp_path: Path, path: Path) -> list[str]:
     """Overrides that run the default callbacks plus :class:`RecordTrainBatches` writing to ``path``."""
-    callbacks = yaml.safe_load((ROOT / "configs" / "callbacks" / "default.yaml").read_text())
-    callbacks.append({"_target_": "tests.helpers.runs.RecordTrainBatches", "path": str(path)})
-    folder = tmp_path / "configs" / "callbacks"
-    folder.mkdir(parents=True)
-    (folder / "record_batches.yaml").write_text(yaml.safe_dump(callbacks))
-    return [f"hydra.searchpath=[file://{tmp_path / 'configs'}]", "callbacks=record_batches"]
+    return [
+        "+callbacks.record_batches._target_=tests.helpers.runs.RecordTrainBatches",
+        f"+callbacks.record_batches.path={path}",
+    ]
 
 
 def read_records(path: Path) -> list[tuple[int, list[int]]]:

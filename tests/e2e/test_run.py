@@ -1,31 +1,14 @@
 """`python run.py` end to end: trains, logs the five losses, validates, prints AP, checkpoints, evaluates."""
 
 import csv
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = [
-    "data.num_train_images=16",
-    "data.num_val_images=8",
-    "data.datamodule.batch_size=4",
-    "trainer.max_epochs=1",
-    "trainer.check_val_every_n_epoch=1",
-    "trainer.log_every_n_steps=1",
-    "model.fpn_channels=16",
-    "model.mask_head_dim=16",
-]
+from tests.helpers.runs import TINY_RUN, run_py
 
-
-def run(args, timeout=300):
-    result = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+TINY = [*TINY_RUN, "data.num_train_images=16", "data.num_val_images=8", "data.datamodule.batch_size=4"]
 
 
 def test_run_py_trains_evaluates_and_resumes_evaluation(tmp_path):
-    result = run([*TINY, f"hydra.run.dir={tmp_path}"])
+    result = run_py([*TINY, f"hydra.run.dir={tmp_path}"])
     assert "COCO-style AP on the validation split" in result.stdout
     assert any(line.startswith("mask ") for line in result.stdout.splitlines())
 
@@ -42,5 +25,5 @@ def test_run_py_trains_evaluates_and_resumes_evaluation(tmp_path):
 
     checkpoint = tmp_path / "checkpoints" / "last.ckpt"
     assert checkpoint.exists()
-    result = run([*TINY, "mode=evaluate", f"ckpt_path={checkpoint}", f"hydra.run.dir={tmp_path / 'eval'}"])
+    result = run_py([*TINY, "mode=evaluate", f"ckpt_path={checkpoint}", f"hydra.run.dir={tmp_path / 'eval'}"])
     assert "COCO-style AP on the validation split" in result.stdout

@@ -2,18 +2,14 @@
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from mrcnn.train import wandb_mode
+from mrcnn.loggers import wandb_mode
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS
-from tests.helpers.config import TINY_MODEL
+from tests.helpers.runs import TINY_RUN, run_py
 from tests.helpers.wandb import read_wandb_records
 
-ROOT = Path(__file__).resolve().parents[2]
 W_AND_B_ENV = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL")
 
 
@@ -40,14 +36,14 @@ def test_offline_run_has_losses_ap_config_names_and_prediction_images(tmp_path, 
     env = {k: v for k, v in os.environ.items() if k not in W_AND_B_ENV}
     # No WANDB_MODE: offline must follow from the missing credentials; stdin closed: a prompt would fail.
     env.update(NETRC=str(no_credentials), WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
-    args = [
-        *TINY_MODEL, "logger=wandb", "experiment_name=smoke", "base_lr=0.015", "data.num_train_images=8", "data.num_val_images=2",
-        "data.datamodule.batch_size=4", "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1",
-        "trainer.log_every_n_steps=1", "callbacks.4.score_threshold=0.0", f"hydra.run.dir={tmp_path / 'run'}",
-    ]
-    result = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_py(
+        [
+            *TINY_RUN, "logger=wandb", "experiment_name=smoke", "base_lr=0.015", "data.num_train_images=8",
+            "data.num_val_images=2", "data.datamodule.batch_size=4", "callbacks.prediction_overlays.score_threshold=0.0",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        env=env,
+    )
 
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1

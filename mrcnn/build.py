@@ -1,0 +1,58 @@
+"""A composed config -> (datamodule, LightningModule, Trainer): the one place Hydra objects are built."""
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.strategies import ParallelStrategy
+from omegaconf import DictConfig, OmegaConf
+
+from mrcnn.checkpoints import load_weights
+from mrcnn.loggers import instantiate_loggers
+
+
+def build(cfg: DictConfig):
+    """Instantiate (datamodule, module, trainer) from a composed config."""
+    datamodule = instantiate(cfg.data.datamodule)
+    module = build_module(cfg)
+    callbacks = instantiate_callbacks(cfg)
+    loggers = instantiate_loggers(cfg)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    check_sync_batchnorm(module, trainer, converts_batchnorm=bool(cfg.trainer.get("sync_batchnorm")))
+    for logger in trainer.loggers:
+        if type(logger).__name__ != "WandbLogger":  # W&B got the config at init (instantiate_logger)
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return datamodule, module, trainer
+
+
+def build_module(cfg: DictConfig) -> L.LightningModule:
+    """The LightningModule, with ``weights`` (a torchvision Mask R-CNN state dict file) loaded when given."""
+    module = instantiate(cfg.module)
+    if cfg.get("weights"):
+        load_weights(module.model, cfg.weights)
+    return module
+
+
+def instantiate_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The callbacks named under ``cfg.callbacks`` (``{name: callback config}``; a null entry is switched off)."""
+    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+
+
+def check_sync_batchnorm(module: L.LightningModule, trainer: L.Trainer, converts_batchnorm: bool = False) -> None:
+    """Fails before training when SyncBatchNorm would fail at the first step.
+
+    torch's SyncBatchNorm synchronises over CUDA devices only: under a distributed strategy on CPU it
+    raises on the first training batch. GroupNorm (``model.norm=gn``, ``model.head_norm=gn``) has no
+    batch statistics to synchronise and works everywhere.
+
+    Args:
+        converts_batchnorm: the Trainer turns BatchNorm layers into SyncBatchNorm (``sync_batchnorm``).
+    """
+    batch_norms = (torch.nn.SyncBatchNorm, torch.nn.BatchNorm2d) if converts_batchnorm else (torch.nn.SyncBatchNorm,)
+    has_sync_bn = any(isinstance(m, batch_norms) for m in module.modules())
+    distributed = isinstance(trainer.strategy, ParallelStrategy)
+    if has_sync_bn and distributed and not isinstance(trainer.accelerator, CUDAAccelerator):
+        raise ValueError(
+            "norm=syncbn synchronises BatchNorm across GPUs and needs CUDA devices (torch's SyncBatchNorm); "
+            "with CPU processes (trainer=ddp_cpu) use model.norm=gn / model.head_norm=gn"
+        )

@@ -1,0 +1,37 @@
+"""The end of a job: the COCO AP table on the terminal and ``<run_dir>/metrics.json``."""
+
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """A two-row table of COCO box and mask AP, in percent."""
+    header = f"{'':6}" + "".join(f"{k:>8}" for k in AP_KEYS)
+    rows = [header]
+    for iou_type, name in (("bbox", "box"), ("segm", "mask")):
+        values = [metrics.get(f"{iou_type}_{k}", -1.0) for k in AP_KEYS]
+        # pycocotools reports -1 where no ground truth exists (e.g. no large objects).
+        rows.append(f"{name:6}" + "".join(f"{100 * v:8.1f}" if v >= 0 else f"{'-':>8}" for v in values))
+    return "\n".join(rows)
+
+
+def write_final_metrics(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float]) -> None:
+    """Prints the AP table and writes ``<run_dir>/metrics.json`` (rank zero)."""
+    log.info(
+        "process %d of %d done at global step %d in %s", trainer.global_rank, trainer.world_size, trainer.global_step, cfg.run_dir
+    )
+    if not trainer.is_global_zero:
+        return
+    print("\nCOCO-style AP on the validation split (%):\n" + format_metrics(metrics), flush=True)
+    record = {**metrics, "global_step": trainer.global_step, "world_size": trainer.world_size}
+    path = Path(cfg.run_dir) / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
