@@ -1,16 +1,26 @@
-"""COCO-style box and mask AP.
+"""COCO-style box and mask AP, as a torchmetrics ``Metric``.
 
 The numbers are pycocotools' own: :class:`CocoEvaluator` only converts the model's
 outputs and the dataset's targets into COCO annotation dicts, hands them to
 ``COCOeval`` and returns ``stats[0:6]`` (AP, AP50, AP75, APs, APm, APl) for each IoU
-type. It is safe under DDP: every rank gathers all ranks' per-image records,
-de-duplicates them by image id and runs the same evaluation.
+type. Its state is torchmetrics' (``reset``, ``update``, ``compute``, DDP sync through
+``Metric``): under DDP every rank gathers all ranks' per-image records, de-duplicates
+them by image id and runs the same evaluation.
+
+Why not torchmetrics' own ``MeanAveragePrecision``: it numbers images itself, so it
+cannot score against a dataset's json ground truth (the json's image, category and
+annotation ids, its crowd regions, COCO's mask areas), and its default IoU and recall
+thresholds are float32, which moves AP by up to 1/101 per class against pycocotools.
+This metric keeps each image's record (RLE-encoded at once) as a small pickled byte
+tensor. Where both take the same input they give the same numbers
+(``tests/test_evaluation.py``, which also lists where their conventions differ).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import pickle
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +28,8 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 import torch.distributed as dist
+from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
 
 # The six AP numbers of COCOeval.summarize(), in the order of its ``stats`` array.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -25,7 +37,18 @@ IOU_TYPES = ("bbox", "segm")
 BACKENDS = ("pycocotools", "faster_coco_eval")
 
 
-class CocoEvaluator:
+def gather_objects(tensor: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
+    """Every rank's ``tensor``, whatever its dtype and length (torchmetrics' ``dist_sync_fn``).
+
+    torchmetrics' default gather needs one dtype on every rank, but a rank that saw no image
+    contributes an empty float tensor: sending pickled tensors avoids the mismatch.
+    """
+    gathered: list[torch.Tensor | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, tensor.cpu(), group=group)
+    return gathered
+
+
+class CocoEvaluator(Metric):
     """Accumulates predictions and ground truth over a dataset, then computes COCO AP.
 
     ``update`` is called once per batch; it moves everything to the CPU and encodes
@@ -52,7 +75,11 @@ class CocoEvaluator:
             ``None`` (predictions must then carry ``image_id``).
         backend: ``"pycocotools"`` (reference) or ``"faster_coco_eval"`` (same
             numbers, C++ evaluation, several times faster on masks).
+        kwargs: torchmetrics ``Metric`` arguments (e.g. ``process_group``).
     """
+
+    full_state_update = False
+    higher_is_better = True
 
     def __init__(
         self,
@@ -62,7 +89,13 @@ class CocoEvaluator:
         class_names: Sequence[str] | None = None,
         coco_gt: Any = None,
         backend: str = "pycocotools",
+        **kwargs: Any,
     ) -> None:
+        super().__init__(dist_sync_fn=gather_objects, **kwargs)
+        # One image's record (image id, size, ground truth and detections as COCO dicts) is a pickled
+        # uint8 tensor; record_sizes splits their concatenation (which is what a DDP sync returns).
+        self.add_state("record_bytes", default=[], dist_reduce_fx="cat")
+        self.add_state("record_sizes", default=[], dist_reduce_fx="cat")
         self.iou_types = tuple(iou_types)
         for iou_type in self.iou_types:
             if iou_type not in IOU_TYPES:
@@ -82,12 +115,32 @@ class CocoEvaluator:
         self.class_names = None if class_names is None else list(class_names)
         self.coco_gt = coco_gt
         self.backend = backend
-        self.reset()
+        # Every rank's records as merged by the last compute(), for results_json(); None when stale.
+        self._merged: dict[int, dict] | None = None
 
     def reset(self) -> None:
         """Forget every image seen so far (call at the start of each evaluation)."""
-        # image_id -> {"height", "width", "gt": [COCO annotation dicts], "dt": [result dicts]}
-        self._records: dict[int, dict] = {}
+        super().reset()
+        self._merged = None
+
+    def _records(self) -> dict[int, dict]:
+        """``image_id -> {"height", "width", "gt": [annotation dicts], "dt": [result dicts]}``.
+
+        Decoded from the states: this rank's images, or every rank's inside a synced ``compute``.
+        A later record of an image id replaces an earlier one, so an image counts once (under DDP,
+        DistributedSampler's padding repeats images, with the same prediction).
+        """
+        if isinstance(self.record_bytes, list) and not self.record_bytes:
+            return {}
+        data = dim_zero_cat(self.record_bytes).to("cpu", torch.uint8).numpy().tobytes()
+        # A rank without images sends an empty float tensor: the sizes may come back as floats.
+        sizes = dim_zero_cat(self.record_sizes).to("cpu").round().long().tolist()
+        records, start = {}, 0
+        for size in sizes:
+            image_id, record = pickle.loads(data[start : start + size])
+            records[image_id] = record
+            start += size
+        return records
 
     # ------------------------------------------------------------------ update
 
@@ -113,16 +166,15 @@ class CocoEvaluator:
         if len(targets) != len(predictions):
             raise ValueError(f"{len(predictions)} predictions but {len(targets)} targets")
 
+        self._merged = None
         for prediction, target in zip(predictions, targets):
             image_id = _image_id(prediction, target)
             height, width = self._image_size(image_id, prediction, target)
             gt = [] if self.coco_gt is not None else self._gt_annotations(target)
-            self._records[image_id] = {
-                "height": height,
-                "width": width,
-                "gt": gt,
-                "dt": self._results(image_id, prediction),
-            }
+            record = {"height": height, "width": width, "gt": gt, "dt": self._results(image_id, prediction)}
+            data = pickle.dumps((image_id, record), protocol=pickle.HIGHEST_PROTOCOL)
+            self.record_bytes.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            self.record_sizes.append(torch.tensor([len(data)], dtype=torch.int64))
 
     def _category_id(self, label: int) -> int:
         if self.label_to_category_id is None:
@@ -201,22 +253,6 @@ class CocoEvaluator:
 
     # ----------------------------------------------------------------- compute
 
-    def _synchronize(self) -> None:
-        """Merges every rank's records into this evaluator (a no-op without DDP).
-
-        Every rank must call this (``compute`` does): it is a collective.
-        """
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        gathered: list[dict | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, self._records)
-        merged: dict[int, dict] = {}
-        for records in gathered:
-            # DistributedSampler pads the last batch by repeating images; keying by
-            # image id counts each image once. Duplicates hold the same prediction.
-            merged.update(records)
-        self._records = merged
-
     def results_json(self) -> list[dict]:
         """All detections as a COCO results list, sorted by image id.
 
@@ -225,21 +261,23 @@ class CocoEvaluator:
         can be dumped to json and loaded with ``COCO.loadRes``. Under DDP this holds
         this rank's images until ``compute`` has run, all images after.
         """
+        records = self._merged if self._merged is not None else self._records()
         results = []
-        for image_id in sorted(self._records):
-            results.extend(dict(result) for result in self._records[image_id]["dt"])
+        for image_id in sorted(records):
+            results.extend(dict(result) for result in records[image_id]["dt"])
         return results
 
     def compute(self) -> dict[str, float]:
         """Runs COCOeval for each IoU type over every image given to ``update``.
 
-        Under DDP every rank must call it; all ranks return the same numbers.
+        Under DDP every rank must call it (torchmetrics gathers the states first); all ranks
+        return the same numbers.
 
         Returns:
             ``{f"{iou_type}_{name}": float}`` for name in AP, AP50, AP75, APs, APm, APl.
         """
-        self._synchronize()
-        image_ids = sorted(self._records)
+        records = self._merged = self._records()
+        image_ids = sorted(records)
         if not image_ids:
             # Nothing to evaluate; pycocotools' value for "no ground truth" is -1.
             return {f"{t}_{name}": -1.0 for t in self.iou_types for name in STAT_NAMES}
@@ -248,9 +286,9 @@ class CocoEvaluator:
         metrics = {}
         # pycocotools prints progress and the summary table to stdout.
         with contextlib.redirect_stdout(io.StringIO()):
-            coco_gt = self._coco_gt(coco_module, image_ids)
+            coco_gt = self._coco_gt(coco_module, records)
             for iou_type in self.iou_types:
-                coco_dt = _load_results(coco_module, coco_gt, self._results_for(iou_type, image_ids))
+                coco_dt = _load_results(coco_module, coco_gt, _results_for(records, iou_type))
                 if self.backend == "faster_coco_eval":
                     evaluator = cocoeval_class(coco_gt, coco_dt, iou_type, print_function=_silent)
                 else:
@@ -264,19 +302,19 @@ class CocoEvaluator:
                     metrics[f"{iou_type}_{name}"] = float(evaluator.stats[i])
         return metrics
 
-    def _coco_gt(self, coco_module: Any, image_ids: list[int]) -> Any:
+    def _coco_gt(self, coco_module: Any, records: dict[int, dict]) -> Any:
         """The ground truth as a COCO object of the chosen backend."""
         if self.coco_gt is not None:
             if isinstance(self.coco_gt, coco_module.COCO):
                 return self.coco_gt
             return _make_coco(coco_module, self.coco_gt.dataset)
-        return _make_coco(coco_module, self._gt_dataset(image_ids))
+        return _make_coco(coco_module, self._gt_dataset(records))
 
-    def _gt_dataset(self, image_ids: list[int]) -> dict:
+    def _gt_dataset(self, records: dict[int, dict]) -> dict:
         """A COCO ground-truth dataset dict built from the recorded targets."""
         images, annotations = [], []
-        for image_id in image_ids:
-            record = self._records[image_id]
+        for image_id in sorted(records):
+            record = records[image_id]
             # Images without annotations are listed too: their detections are false positives.
             images.append({"id": image_id, "height": record["height"], "width": record["width"]})
             for annotation in record["gt"]:
@@ -294,32 +332,28 @@ class CocoEvaluator:
                     names[category_id] = self.class_names[label - 1]
         elif self.class_names is not None:
             names = {label: name for label, name in enumerate(self.class_names, start=1)}
-        for record in self._records.values():
+        for record in records.values():
             for annotation in record["gt"] + record["dt"]:
                 names.setdefault(annotation["category_id"], str(annotation["category_id"]))
         categories = [{"id": category_id, "name": names[category_id]} for category_id in sorted(names)]
         return {"images": images, "annotations": annotations, "categories": categories}
 
-    def _results_for(self, iou_type: str, image_ids: list[int]) -> list[dict]:
-        """Fresh result dicts for one IoU type (loadRes writes into them)."""
-        results = []
-        for image_id in image_ids:
-            for result in self._records[image_id]["dt"]:
-                # For masks, leave out "bbox": with it loadRes takes the box area as the
-                # detection's area, which shifts the small/medium/large split of APs/m/l.
-                key = "bbox" if iou_type == "bbox" else "segmentation"
-                results.append(
-                    {
-                        "image_id": image_id,
-                        "category_id": result["category_id"],
-                        key: result[key],
-                        "score": result["score"],
-                    }
-                )
-        return results
-
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _results_for(records: dict[int, dict], iou_type: str) -> list[dict]:
+    """Fresh result dicts for one IoU type, by image id (loadRes writes into them)."""
+    results = []
+    for image_id in sorted(records):
+        for result in records[image_id]["dt"]:
+            # For masks, leave out "bbox": with it loadRes takes the box area as the
+            # detection's area, which shifts the small/medium/large split of APs/m/l.
+            key = "bbox" if iou_type == "bbox" else "segmentation"
+            results.append(
+                {"image_id": image_id, "category_id": result["category_id"], key: result[key], "score": result["score"]}
+            )
+    return results
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:

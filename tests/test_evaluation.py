@@ -412,3 +412,65 @@ def test_distributed_two_processes(samples, tmp_path):
         # Exactly the single-process numbers, on every rank.
         assert result["metrics"] == expected
         assert result["num_results"] == len(single.results_json())
+
+
+# ------------------------------------------------------------------------ torchmetrics
+
+
+def test_is_a_torchmetrics_metric_whose_states_reset_and_merge(samples):
+    from torchmetrics import Metric
+
+    evaluator = CocoEvaluator()
+    assert isinstance(evaluator, Metric)
+    evaluator.update([p for _, p in samples[:3]], [t for t, _ in samples[:3]])
+    assert len(evaluator.record_bytes) == 3 and evaluator.record_bytes[0].dtype == torch.uint8
+    # Not part of the LightningModule's checkpoint: state-dict keys stay the model's own.
+    assert evaluator.state_dict() == {}
+    # merge_state (what a DDP sync does with the states) gives the numbers of one pass over all images.
+    other = CocoEvaluator()
+    other.update([p for _, p in samples[3:]], [t for t, _ in samples[3:]])
+    evaluator.merge_state(other)
+    assert_same(evaluator.compute(), evaluate(samples)[0])
+    evaluator.reset()
+    assert evaluator.record_bytes == [] and evaluator.results_json() == []
+
+
+def test_same_ap_as_torchmetrics_mean_average_precision_where_conventions_agree():
+    """torchmetrics' MeanAveragePrecision (pycocotools backend) on the same images and predictions.
+
+    They agree on every number when each ground-truth object carries its ``area`` and ``iscrowd``, the
+    predicted masks are binary and MeanAveragePrecision gets pycocotools' IoU and recall thresholds. They
+    differ where conventions differ: its default thresholds are float32 ``torch.linspace`` values (0.3 as
+    float32 is above 0.3, so a recall of exactly 0.3 misses that recall bin and AP moves by up to about
+    1/101 per class: 0.1621 vs pycocotools' 0.1631 box AP here); without ``area``, it takes the box area
+    for box AP (ours takes the mask's, as COCO's files do); it wants boolean masks (ours thresholds
+    probabilities at ``mask_threshold``); and it numbers images itself, so it cannot score against a
+    dataset's json by its image and category ids.
+    """
+    from torchmetrics.detection import MeanAveragePrecision
+
+    samples = make_data(seed=11, num_images=8)
+    targets = [t for t, _ in samples]
+    predictions = [dict(p, masks=p["masks"][:, 0] > 0.5) for _, p in samples]
+    ours = CocoEvaluator()
+    ours.update(predictions, targets)
+    ours = ours.compute()
+
+    theirs = MeanAveragePrecision(
+        iou_type=("bbox", "segm"),
+        backend="pycocotools",
+        # pycocotools' own (float64) thresholds, not torchmetrics' float32 defaults.
+        iou_thresholds=np.linspace(0.5, 0.95, 10).tolist(),
+        rec_thresholds=np.linspace(0.0, 1.0, 101).tolist(),
+    )
+    theirs.update(
+        predictions,
+        [{k: t[k] if k != "masks" else t[k].bool() for k in ("boxes", "labels", "masks", "iscrowd", "area")} for t in targets],
+    )
+    theirs = theirs.compute()
+    names = {"AP": "map", "AP50": "map_50", "AP75": "map_75", "APs": "map_small", "APm": "map_medium", "APl": "map_large"}
+    for iou_type in ("bbox", "segm"):
+        for ours_name, their_name in names.items():
+            assert ours[f"{iou_type}_{ours_name}"] == pytest.approx(float(theirs[f"{iou_type}_{their_name}"]), abs=1e-6), (
+                iou_type, ours_name)
+    assert 0.1 < ours["segm_AP"] < 0.95 and 0.1 < ours["bbox_AP"] < 0.95  # neither trivial nor perfect
