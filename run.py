@@ -2,20 +2,26 @@
 
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import mrcnn.config  # noqa: F401  (registers the config resolvers)
 from mrcnn.predict import predict
-from mrcnn.launch import pin_ddp_child_to_its_job
+from mrcnn.launch import discard_unused_output, pin_ddp_child_to_its_job
 from mrcnn.train import evaluate, train
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     modes = {"train": train, "evaluate": evaluate, "predict": predict}
-    if cfg.mode not in modes:
-        raise ValueError(f"mode must be one of {sorted(modes)}, got {cfg.mode!r}")
-    metrics = modes[cfg.mode](cfg)
+    try:
+        if cfg.mode not in modes:
+            raise ValueError(f"mode must be one of {sorted(modes)}, got {cfg.mode!r}")
+        metrics = modes[cfg.mode](cfg)
+    except BaseException:
+        # A job that failed before writing anything leaves no empty output folder behind.
+        discard_unused_output(HydraConfig.get().runtime.output_dir)
+        raise
     # The returned value is what Hydra sweepers optimise.
     return metrics.get("segm_AP")
 

@@ -2,12 +2,14 @@
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import ParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from mrcnn.checkpoints import load_weights
+from mrcnn.config import check_added_keys
 from mrcnn.loggers import instantiate_loggers
 
 
@@ -27,10 +29,21 @@ def build(cfg: DictConfig):
 
 def build_module(cfg: DictConfig) -> L.LightningModule:
     """The LightningModule, with ``weights`` (a torchvision Mask R-CNN state dict file) loaded when given."""
+    if HydraConfig.initialized():
+        check_added_keys(cfg, HydraConfig.get().overrides.task, group_options=_group_options)
     module = instantiate(cfg.module)
     if cfg.get("weights"):
         load_weights(module.model, cfg.weights)
     return module
+
+
+def _group_options(group: str) -> list[str]:
+    """The options of a config group in the running Hydra app's search path (``[]`` if it is no group)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not GlobalHydra.instance().is_initialized():
+        return []
+    return GlobalHydra.instance().config_loader().get_group_options(group)
 
 
 def instantiate_callbacks(cfg: DictConfig) -> list[L.Callback]:

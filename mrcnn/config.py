@@ -1,6 +1,10 @@
-"""OmegaConf resolvers used by the configs, so each fact is written once and derived elsewhere."""
+"""OmegaConf resolvers used by the configs, so each fact is written once and derived elsewhere; and the
+check that a key a user adds under ``model`` is read by something."""
 
-from omegaconf import OmegaConf
+import re
+from collections.abc import Callable, Sequence
+
+from omegaconf import DictConfig, OmegaConf
 
 import mrcnn.data.resolvers  # noqa: F401  (registers ${mrcnn.coco_classes:...})
 from mrcnn.modeling.backbone import stage_channels
@@ -25,3 +29,41 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+
+
+def check_added_keys(
+    cfg: DictConfig,
+    overrides: Sequence[str],
+    groups: Sequence[str] = ("model",),
+    group_options: Callable[[str], list[str]] | None = None,
+) -> None:
+    """Fails when a command-line override adds a key under ``groups`` that nothing in the config reads.
+
+    ``model`` holds the knobs that ``model.net`` reads through interpolation (``${model.width}``); a key
+    added there (``+model.pooler=roi_pool``, which Hydra itself suggests for the typo ``model.pooler=...``
+    meant as ``model/pooler=...``) would otherwise be silently ignored.
+
+    Args:
+        cfg: the composed config, unresolved.
+        overrides: the job's command-line overrides (Hydra's ``overrides.task``).
+        groups: top-level keys whose added children must be read.
+        group_options: the options of a config group (``"model/pooler"`` -> ``["roi_align", ...]``), to
+            suggest ``model/pooler=<option>``; None: no suggestion.
+
+    Raises:
+        ValueError: naming the override, and the config group it probably meant.
+    """
+    text = OmegaConf.to_yaml(cfg, resolve=False)
+    for override in overrides:
+        match = re.match(r"\+\+?([A-Za-z_][\w]*)\.([A-Za-z_]\w*)(?:=|$)", override)
+        if match is None or match.group(1) not in groups:
+            continue
+        group, key = match.groups()
+        if key == "net" or re.search(rf"\$\{{{group}\.{key}\b", text):
+            continue
+        message = f"{override}: nothing reads {group}.{key}, so it would change nothing."
+        options = group_options(f"{group}/{key}") if group_options else []
+        if options:
+            value = override.split("=", 1)[1] if "=" in override else "<option>"
+            message += f" To choose a {group}/{key} option, write {group}/{key}={value} (options: {', '.join(options)})."
+        raise ValueError(message)

@@ -10,6 +10,7 @@ turns the child's command line into one that runs exactly that config.
 
 import contextlib
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -100,3 +101,33 @@ def pin_ddp_child_to_its_job() -> None:
         "hydra.output_subdir=null",
         f"hydra.job.name=ddp_rank{os.environ['LOCAL_RANK']}",
     ]
+
+
+def discard_unused_output(job_dir: Path) -> bool:
+    """Removes a job's output folder that holds nothing but Hydra's own files (``.hydra/``, ``*.log``).
+
+    Called when a job fails before it wrote anything (a typo, a missing file): the user is left
+    with the error, not with an empty ``outputs/<date>/<time>/``. A folder that holds anything else
+    (metrics, checkpoints, an earlier run's files) is kept. The folders above it inside the working
+    directory (``outputs/<date>/``) go too while that leaves them empty.
+
+    Returns:
+        Whether the folder was removed.
+    """
+    job_dir = Path(job_dir)
+    if not job_dir.is_dir():
+        return False
+    for path in job_dir.iterdir():
+        if not (path.name == ".hydra" or (path.is_file() and path.suffix == ".log")):
+            return False
+    shutil.rmtree(job_dir)
+    # Then the folders Hydra made above it (outputs/<date>/), while empty and inside the working directory.
+    cwd = Path.cwd().resolve()
+    for parent in job_dir.resolve().parents:
+        if parent == cwd or cwd not in parent.parents:
+            break
+        try:
+            parent.rmdir()
+        except OSError:  # not empty: other runs
+            break
+    return True

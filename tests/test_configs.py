@@ -177,3 +177,26 @@ def test_unknown_variant_is_hydras_clear_error():
     assert result.returncode != 0
     assert "Could not find 'model/pooler/roi_magic'" in result.stderr
     assert "Available options" in result.stderr and "roi_align" in result.stderr
+
+
+def test_lightning_limits_are_plain_overrides(tmp_path):
+    limits = ["trainer.max_steps=20", "trainer.limit_train_batches=3", "trainer.limit_val_batches=0.5",
+              "trainer.val_check_interval=2", "trainer.accumulate_grad_batches=2"]
+    for trainer_option in options("trainer"):
+        cfg = compose_config([f"trainer={trainer_option}", *limits], run_dir=str(tmp_path))
+        assert cfg.trainer.max_steps == 20 and cfg.trainer.accumulate_grad_batches == 2
+    trainer = instantiate(compose_config(limits, run_dir=str(tmp_path)).trainer, logger=False)
+    assert (trainer.max_steps, trainer.limit_train_batches, trainer.limit_val_batches) == (20, 3, 0.5)
+    assert (trainer.val_check_interval, trainer.accumulate_grad_batches) == (2, 2)
+
+
+def test_an_added_model_key_that_nothing_reads_is_an_error():
+    from mrcnn.config import check_added_keys
+
+    cfg = compose_config(["+model.pooler=roi_pool", "+model.note=x", "model.width=32"])
+    with pytest.raises(ValueError, match=r"nothing reads model\.pooler.*model/pooler=roi_pool \(options: a, b\)"):
+        check_added_keys(cfg, ["+model.pooler=roi_pool"], group_options=lambda group: ["a", "b"])
+    with pytest.raises(ValueError, match=r"\+\+model\.note=x: nothing reads model\.note"):
+        check_added_keys(cfg, ["++model.note=x"])
+    # Keys the model reads, keys outside model, and plain (not added) overrides pass.
+    check_added_keys(cfg, ["model.width=32", "+model.width=32", "+data.extra=1", "+model.net.x=1"])

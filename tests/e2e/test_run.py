@@ -27,3 +27,17 @@ def test_run_py_trains_evaluates_and_resumes_evaluation(tmp_path):
     assert checkpoint.exists()
     result = run_py([*TINY, "mode=evaluate", f"ckpt_path={checkpoint}", f"hydra.run.dir={tmp_path / 'eval'}"])
     assert "COCO-style AP on the validation split" in result.stdout
+
+
+def test_a_typo_fails_loudly_and_leaves_no_output_folder(tmp_path):
+    # model.pooler=... (meaning model/pooler=...) makes Hydra suggest +model.pooler=..., which nothing reads.
+    result = run_py(["+model.pooler=roi_pool"], cwd=tmp_path, check=False, timeout=120)
+    assert result.returncode != 0
+    assert "nothing reads model.pooler" in result.stderr and "model/pooler=roi_pool" in result.stderr
+    # Failed before writing anything: no outputs/<date>/<time>/ left behind.
+    assert not (tmp_path / "outputs").exists()
+    # A run that wrote something keeps its folder, also when it fails afterwards.
+    kept = tmp_path / "kept"
+    (kept / "csv").mkdir(parents=True)
+    result = run_py(["+model.pooler=roi_pool", f"hydra.run.dir={kept}"], cwd=tmp_path, check=False, timeout=120)
+    assert result.returncode != 0 and (kept / "csv").is_dir() and (kept / ".hydra").is_dir()
