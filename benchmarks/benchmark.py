@@ -22,8 +22,8 @@ each number is the median of ``--repeats`` rounds after ``--warmup`` discarded r
 Usage::
 
     python benchmarks/benchmark.py --image-size 512 --batch-size 2 --steps 10 --repeats 5 --warmup 1
-    python benchmarks/benchmark.py --device cuda --image-size 800 --batch-size 8 --precision bf16-mixed \\
-        --channels-last --cudnn-benchmark --skip eval --out gpu.json
+    python benchmarks/benchmark.py --device cuda --image-size 800 --image-width 1333 --batch-size 8 \\
+        --precision bf16-mixed --channels-last --cudnn-benchmark --skip eval --out gpu.json
 
 It prints a table (ours, torchvision, ours/torchvision) and writes every number, the raw times and the
 hardware to ``--out`` (json). See benchmarks/README.md.
@@ -59,7 +59,6 @@ import mrcnn.config  # noqa: F401  (registers the config resolvers)
 from mrcnn.data.datamodule import collate_detection
 from mrcnn.data.shapes import ShapesDataset
 from mrcnn.evaluation import BACKENDS, CocoEvaluator
-from mrcnn.modeling import roi_align as fast_roi_align
 from mrcnn.modeling.mask_rcnn import load_torchvision_weights
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -462,7 +461,10 @@ def table(results: dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--image-size", type=int, default=512, help="shapes image side = min_size = max_size")
+    p.add_argument("--image-size", type=int, default=512,
+                   help="shapes image height and, without --image-width, width (model min_size = max_size = it)")
+    p.add_argument("--image-width", type=int, default=None,
+                   help="shapes image width, if not --image-size (--image-size 800 --image-width 1333: COCO's size)")
     p.add_argument("--batch-size", type=int, default=2, help="training batch")
     p.add_argument("--infer-batch-size", type=int, default=8, help="inference throughput batch")
     p.add_argument("--steps", type=int, default=10, help="training steps per round")
@@ -511,8 +513,11 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
     device = torch.device(args.device)
     memory = PeakMemory(device)
-    size = args.image_size
-    overrides = [*args.overrides, f"data.image_size={size}", f"data.min_size={size}", f"data.max_size={size}"]
+    height, width = args.image_size, args.image_width or args.image_size
+    size = height if height == width else (height, width)
+    # Shorter side = min_size, longer side = max_size: the model's resize leaves the images as they are.
+    overrides = [*args.overrides, f"data.image_size={height if height == width else [height, width]}",
+                 f"data.min_size={min(height, width)}", f"data.max_size={max(height, width)}"]
     if args.torchvision_roi_align_backward:
         overrides.append("model.net.roi_heads.pooler.backward=torchvision")
     cfg = compose_config(overrides)

@@ -25,18 +25,20 @@ SMALL_HEADS = [
 def test_benchmark_script_writes_all_numbers(tmp_path):
     out = tmp_path / "bench.json"
     command = [
-        sys.executable, str(SCRIPT), "--image-size", "64", "--batch-size", "1", "--infer-batch-size", "1",
-        "--steps", "1", "--repeats", "1", "--warmup", "0", "--eval-images", "20", "--eval-dets", "20",
-        "--threads", "2", "--out", str(out), "--overrides", *SMALL_HEADS,
+        sys.executable, str(SCRIPT), "--image-size", "64", "--image-width", "80", "--batch-size", "1",
+        "--infer-batch-size", "1", "--steps", "1", "--repeats", "1", "--warmup", "0", "--eval-images", "20",
+        "--eval-dets", "20", "--threads", "2", "--out", str(out), "--overrides", *SMALL_HEADS,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "train throughput (batch 1)" in proc.stdout and "faster_coco_eval" in proc.stdout
 
     results = json.loads(out.read_text())
     assert {"args", "hardware", "memory_method", "trainable_params", "train", "infer", "eval"} <= set(results)
     assert {"cpu", "cpu_count", "torch", "device"} <= set(results["hardware"])
+    # 64x80 images: the model's min_size is the shorter side and max_size the longer, so it keeps their size.
+    assert {"data.image_size=[64, 80]", "data.min_size=64", "data.max_size=80"} <= set(results["config_overrides"])
     # Same architecture and trainable stages on both sides.
     assert results["trainable_params"]["ours"] == results["trainable_params"]["torchvision"]
     for system in ("ours", "torchvision"):
@@ -63,7 +65,7 @@ def test_roi_align_backward_benchmark_runs(tmp_path):
     script = SCRIPT.parent / "roi_align_backward.py"
     out = tmp_path / "roi_align.json"
     command = [sys.executable, str(script), "--repeats", "1", "--cases", "C5 box,FPN P2 256px box", "--out", str(out)]
-    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(command, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     cases = json.loads(out.read_text())["cases"]
     assert sorted(cases) == ["C5 box (stride 32, 512 ch, 7x7)", "FPN P2 256px box (stride 4, 64 ch, 7x7)"]
@@ -85,7 +87,7 @@ def test_step_time_benchmark_times_every_backward(tmp_path):
         sys.executable, str(script), "--config", config, "--backward", "auto,sparse,separable,torchvision",
         "--steps", "1", "--warmup", "0", "--threads", "2", "--out", str(out),
     ]
-    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(command, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
     assert results["meta"]["steps"] == 1

@@ -1,0 +1,172 @@
+"""The speed switches on a CUDA GPU: bf16 autocast, channels_last, torch.compile (inductor), SyncBatchNorm and
+DDP on one GPU. Marked ``gpu`` and skipped without CUDA; ``benchmarks/gpu_check.py`` runs them with
+``pytest -m gpu tests/modeling/test_gpu.py``. tests/test_configs.py checks the same switches on the CPU."""
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from mrcnn.data.shapes import ShapesDataset
+from mrcnn.modeling.mask_rcnn import LOSS_KEYS
+from tests.helpers.config import TINY_MODEL, compose_config
+from tests.helpers.runs import TINY_RUN, run_py
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")]
+
+DEVICE = "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 convolutions and matmuls in full fp32 (not TF32, cuDNN's default): the comparisons below then
+    differ by float rounding only, not by TF32's 10-bit mantissa."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture(scope="module")
+def process_group(tmp_path_factory):
+    """A one-process NCCL group on this GPU, as DDP on one GPU has."""
+    if not dist.is_nccl_available():
+        pytest.skip("torch was built without NCCL")
+    init_file = tmp_path_factory.mktemp("nccl") / "init"
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=0, world_size=1,
+                            device_id=torch.device(DEVICE, 0))
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+def build(overrides=()):
+    """The tiny model's MaskRCNNModule with ``overrides``, on the GPU, from seed 0."""
+    torch.manual_seed(0)
+    return instantiate(compose_config([*TINY_MODEL, *overrides]).module).to(DEVICE)
+
+
+def shapes_batch(seed=1, size=2):
+    """``size`` 64-pixel shapes images and their targets, on the GPU."""
+    dataset = ShapesDataset(num_images=size, image_size=64, seed=seed)
+    images, targets = zip(*(dataset[i] for i in range(size)))
+    targets = [{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
+    return [image.to(DEVICE) for image in images], targets
+
+
+def train_step(module, images, targets, bf16=False):
+    """One forward and backward in training mode; the losses. The RPN and RoI samplers draw from torch's
+    generator, seeded here so that two models sample alike."""
+    module.train()
+    module.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=bf16):
+        _, losses = module(images, targets)
+    sum(losses.values()).backward()
+    return {k: v.detach().float() for k, v in losses.items()}
+
+
+def first_feature_map(module):
+    """Records the backbone's first output map (P2) at every forward: its dtype and memory format."""
+    maps = []
+    module.model.backbone.register_forward_hook(lambda m, args, out: maps.append(next(iter(out.values()))))
+    return maps
+
+
+def assert_same_losses(losses, reference, rtol, atol):
+    assert set(losses) == set(reference) == set(LOSS_KEYS)
+    for key in LOSS_KEYS:
+        torch.testing.assert_close(losses[key], reference[key], rtol=rtol, atol=atol, msg=key)
+
+
+def conv1_grad(module):
+    return module.model.backbone.body.conv1.weight.grad
+
+
+def test_bf16_autocast_trains_with_finite_losses_and_gradients():
+    module = build()
+    maps = first_feature_map(module)
+    images, targets = shapes_batch()
+    fp32 = train_step(module, images, targets)
+    bf16 = train_step(module, images, targets, bf16=True)
+    # Autocast took effect: the convolutions ran in bf16.
+    assert [m.dtype for m in maps] == [torch.float32, torch.bfloat16]
+    assert set(bf16) == set(fp32) == set(LOSS_KEYS)
+    assert all(torch.isfinite(v) for v in bf16.values()), bf16
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    assert conv1_grad(module) is not None and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_channels_last_gives_the_contiguous_losses():
+    plain, fast = build(), build(["module.channels_last=true"])
+    fast.load_state_dict(plain.state_dict())  # copies into the NHWC weights, keeping their layout
+    assert fast.model.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    maps = first_feature_map(fast)
+    images, targets = shapes_batch()
+    reference, losses = train_step(plain, images, targets), train_step(fast, images, targets)
+    # The convolutions ran in NHWC.
+    assert maps[0].is_contiguous(memory_format=torch.channels_last) and not maps[0].is_contiguous()
+    assert_same_losses(losses, reference, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(conv1_grad(fast), conv1_grad(plain), rtol=1e-2, atol=1e-4)
+
+
+def test_compile_gives_the_eager_losses():
+    eager, compiled = build(), build(["module.compile=true"])
+    compiled.load_state_dict(eager.state_dict())  # the same keys: compiling in place keeps them
+    parts = [compiled.model.backbone, compiled.model.roi_heads.box_head, compiled.model.roi_heads.mask_head]
+    assert all(part._compiled_call_impl is not None for part in parts)
+    # Two batches: the heads see another number of RoIs (they are compiled with dynamic shapes).
+    for seed in (1, 2):
+        images, targets = shapes_batch(seed=seed)
+        reference, losses = train_step(eager, images, targets), train_step(compiled, images, targets)
+        assert_same_losses(losses, reference, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(conv1_grad(compiled), conv1_grad(eager), rtol=1e-2, atol=1e-4)
+
+
+def test_syncbn_model_trains_like_batchnorm_in_a_process_group(process_group):
+    plain = build(["model.norm=bn", "model.head_norm=bn"])
+    synced = build(["model.norm=syncbn", "model.head_norm=syncbn"])
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    synced.load_state_dict(plain.state_dict())
+    images, targets = shapes_batch()
+    reference, losses = train_step(plain, images, targets), train_step(synced, images, targets)
+    # One process: SyncBatchNorm normalises with this batch's statistics, as BatchNorm does.
+    assert_same_losses(losses, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_syncbn_kernels_match_batchnorm(process_group):
+    """SyncBatchNorm's own path (statistics gathered over the group by NCCL, CUDA kernels) against
+    F.batch_norm. With one process the module falls back to F.batch_norm, so its autograd function is
+    called directly, as the module calls it with more than one process."""
+    from torch.nn.modules._functions import SyncBatchNorm as SyncBatchNormFunction
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 16, 16, device=DEVICE) * 3 + 1
+    weight, bias = torch.rand(8, device=DEVICE) + 0.5, torch.randn(8, device=DEVICE)
+    grad_out = torch.randn_like(x)
+    results = []
+    for sync in (True, False):
+        inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        mean, var = torch.zeros(8, device=DEVICE), torch.ones(8, device=DEVICE)
+        if sync:
+            out = SyncBatchNormFunction.apply(*inputs, mean, var, 1e-5, 0.1, process_group, 1)
+        else:
+            out = F.batch_norm(inputs[0], mean, var, inputs[1], inputs[2], training=True, momentum=0.1, eps=1e-5)
+        out.backward(grad_out)
+        results.append([out, mean, var, *(t.grad for t in inputs)])
+    for synced, reference, name in zip(*results, ("output", "running mean", "running var", "dx", "dweight", "dbias")):
+        torch.testing.assert_close(synced, reference, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_ddp_with_syncbn_trains_on_one_gpu(tmp_path):
+    # Lightning's ddp strategy on one GPU: an NCCL process group, the DDP wrapper, bf16 (trainer=ddp's
+    # precision), SyncBatchNorm in the backbone and the mask head.
+    run_py(["trainer=ddp", "trainer.devices=1", "model.norm=syncbn", "model.head_norm=syncbn", *TINY_RUN,
+            "data.num_train_images=8", "data.num_val_images=4", "data.datamodule.batch_size=2",
+            f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    # 8 images, 2 per batch, one process: 4 optimizer steps.
+    assert metrics["world_size"] == 1 and metrics["global_step"] == 4
+    assert 0 <= metrics["segm_AP"] <= 1 and 0 <= metrics["bbox_AP"] <= 1
