@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from mrcnn.checkpoints import load_weights
 from mrcnn.config import check_added_keys
 from mrcnn.loggers import instantiate_loggers
+from mrcnn.quiet import silence_library_noise
 
 
 def build(cfg: DictConfig):
@@ -29,6 +30,7 @@ def build(cfg: DictConfig):
 
 def build_module(cfg: DictConfig) -> L.LightningModule:
     """The LightningModule, with ``weights`` (a torchvision Mask R-CNN state dict file) loaded when given."""
+    silence_library_noise()
     if HydraConfig.initialized():
         check_added_keys(cfg, HydraConfig.get().overrides.task, group_options=_group_options)
     module = instantiate(cfg.module)

@@ -107,7 +107,8 @@ class MaskRCNNModule(L.LightningModule):
         total = sum(losses[k] for k in LOSS_KEYS)
         check_finite(losses, self.global_step)
         batch_size = len(images)
-        self.log_dict({f"train/{k}": losses[k] for k in LOSS_KEYS}, batch_size=batch_size)
+        # In the progress bar too, under short names (mrcnn.progress.ProgressBar).
+        self.log_dict({f"train/{k}": losses[k] for k in LOSS_KEYS}, prog_bar=True, batch_size=batch_size)
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
         return total

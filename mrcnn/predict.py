@@ -9,6 +9,8 @@ Lightning runs the loop (devices, precision, DDP); :class:`PredictionWriter` wri
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -106,7 +108,8 @@ class PredictionWriter(BasePredictionWriter):
         self.mask_threshold = mask_threshold
         coco = COCO()
         coco.dataset = {"images": images, "annotations": [], "categories": []}
-        coco.createIndex()
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
+            coco.createIndex()
         # The evaluator's conversion to COCO result dicts (RLE masks, xywh boxes, category ids), no evaluation.
         self.results = CocoEvaluator(mask_threshold=mask_threshold, label_to_category_id=label_to_category_id, coco_gt=coco)
         self.num_detections = 0

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import lightning
+import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 from mrcnn.data.samplers import EpochSampler, GroupedBatchSampler, epoch_order, orientation_groups
@@ -326,7 +327,8 @@ class InstanceDataModule(lightning.LightningDataModule):
         return loader_class(
             dataset,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            # Pinned memory only speeds up copies to a GPU; without one torch warns and ignores it.
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers,
             collate_fn=collate_detection,
             **kwargs,
