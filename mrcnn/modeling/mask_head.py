@@ -3,7 +3,13 @@
 A mask head maps pooled RoI features to mask logits ``[R, C, M, M]`` where ``C = K + 1`` (channel
 k predicts class k; channel 0 is background, used only by the softmax loss) or ``C = 1`` when
 class-agnostic. A mask loss object pairs a training loss with its matching inference.
+
+Every mask loss receives the same target tensor, ``[R, M, M]`` floats in [0, 1] from :func:`mask_targets`:
+``soft`` (torchvision's resampled masks) or ``binary`` (thresholded at 0.5, Detectron's and the paper's). The
+target form is a switch of the RoI heads, not of a loss, so swapping the loss changes nothing else (Table 2b).
 """
+
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +81,9 @@ class MLPMaskHead(nn.Module):
         mask_resolution: side M of the predicted masks (28).
         class_agnostic: predict one mask per RoI instead of one per class.
 
+    The first fc layer is sized for ``resolution``: the RoI heads refuse a head whose ``input_resolution``
+    differs from the side of the features they feed it (14 pooled for FPN / C5, res5's 7 for C4).
+
     Shapes:
         ``[R, in_channels, resolution, resolution]`` -> ``[R, C, M, M]``.
     """
@@ -90,10 +99,11 @@ class MLPMaskHead(nn.Module):
     ):
         super().__init__()
         self.class_agnostic = class_agnostic
+        self.input_resolution = resolution
         self.mask_resolution = mask_resolution
         self.out_masks = 1 if class_agnostic else num_classes + 1
         dims = [in_channels * resolution**2, *hidden_dims]
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
         self.predictor = nn.Linear(dims[-1], self.out_masks * mask_resolution**2)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -103,7 +113,12 @@ class MLPMaskHead(nn.Module):
         return self.predictor(x).view(len(x), self.out_masks, self.mask_resolution, self.mask_resolution)
 
 
-def mask_targets(gt_masks: Tensor, proposals: Tensor, matched_idxs: Tensor, size: int, aligned: bool = False) -> Tensor:
+MASK_TARGET_FORMS = ("soft", "binary")
+
+
+def mask_targets(
+    gt_masks: Tensor, proposals: Tensor, matched_idxs: Tensor, size: int, aligned: bool = False, form: str = "soft"
+) -> Tensor:
     """Crop each positive RoI's matched ground-truth mask and resize it to ``size x size``.
 
     Each ground-truth mask is treated as its own 1-channel "image" so only the matched masks
@@ -115,12 +130,20 @@ def mask_targets(gt_masks: Tensor, proposals: Tensor, matched_idxs: Tensor, size
         matched_idxs: int64 ``[P]`` index of each RoI's ground truth.
         aligned: sample at pixel centres. ``False`` (torchvision's choice, kept for parity) reads the
             mask half a pixel off, so a box that exactly covers a square gets soft last rows/columns.
+        form: ``"soft"``: the bilinearly resampled mask, values in [0, 1] (torchvision's targets, the parity
+            default); ``"binary"``: that mask thresholded at 0.5, values in {0, 1} (Detectron's and the
+            paper's binary mask targets).
 
     Returns:
-        float ``[P, size, size]`` soft targets in [0, 1].
+        float ``[P, size, size]`` targets in [0, 1].
     """
+    if form not in MASK_TARGET_FORMS:
+        raise ValueError(f"mask target form must be one of {MASK_TARGET_FORMS}, got {form!r}")
     rois = torch.cat([matched_idxs[:, None].to(proposals), proposals], dim=1)
-    return roi_align(gt_masks[:, None].to(rois), rois, (size, size), 1.0, aligned=aligned)[:, 0]
+    targets = roi_align(gt_masks[:, None].to(rois), rois, (size, size), 1.0, aligned=aligned)[:, 0]
+    if form == "binary":
+        targets = (targets >= 0.5).to(targets.dtype)
+    return targets
 
 
 def _select_class(mask_logits: Tensor, labels: Tensor) -> Tensor:
@@ -135,7 +158,7 @@ def mask_loss_sigmoid(mask_logits: Tensor, labels: Tensor, targets: Tensor) -> T
     Args:
         mask_logits: ``[R, C, M, M]``.
         labels: int64 ``[R]`` ground-truth class of each positive RoI.
-        targets: ``[R, M, M]`` soft binary targets.
+        targets: ``[R, M, M]`` foreground probability of each pixel, in [0, 1] (soft or binary).
     """
     if targets.numel() == 0:
         # Keep every parameter in the graph (DDP with find_unused_parameters=False needs it).
@@ -153,15 +176,24 @@ def mask_inference_sigmoid(mask_logits: Tensor, labels: Tensor) -> Tensor:
 def mask_loss_softmax(mask_logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
     """Multinomial loss: a per-pixel softmax over all ``K + 1`` channels, so classes compete.
 
-    A pixel's target class is the RoI's ground-truth class where the target mask is >= 0.5,
-    and background (0) elsewhere.
+    Each pixel's target is a distribution over the channels: the RoI's ground-truth class with probability
+    ``t`` (the target mask's value there) and background (channel 0) with ``1 - t``; the loss is the
+    cross-entropy against it, averaged over pixels. The sigmoid loss reads the same ``t`` as its binary
+    target, so both losses learn from the same targets: with binary ``t`` this is the usual per-pixel
+    cross-entropy with hard labels (class or background), with soft ``t`` its probabilistic form.
+
+    Args:
+        mask_logits: ``[R, K+1, M, M]``.
+        labels: int64 ``[R]`` ground-truth class (1..K) of each positive RoI.
+        targets: ``[R, M, M]`` foreground probability of each pixel, in [0, 1] (soft or binary).
     """
     if targets.numel() == 0:
         return mask_logits.sum() * 0
     if mask_logits.shape[1] == 1:
         raise ValueError("the softmax mask loss needs per-class mask channels, not a class-agnostic head")
-    pixel_classes = (targets >= 0.5).to(torch.int64) * labels[:, None, None]
-    return F.cross_entropy(mask_logits, pixel_classes)
+    log_probs = F.log_softmax(mask_logits, dim=1)
+    class_log_probs = _select_class(log_probs, labels)
+    return -(targets * class_log_probs + (1 - targets) * log_probs[:, 0]).mean()
 
 
 def mask_inference_softmax(mask_logits: Tensor, labels: Tensor) -> Tensor:

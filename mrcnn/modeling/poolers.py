@@ -113,6 +113,31 @@ class RoIPooler(nn.Module):
         return out
 
 
+def max_over_samples(
+    feature: Tensor, rois: Tensor, output_size: int, spatial_scale: float, sampling_ratio: int, aligned: bool, backward: str
+) -> Tensor:
+    """The max (instead of the average) over each bin's ``sampling_ratio x sampling_ratio`` bilinear samples.
+
+    A grid of ``S*r x S*r`` sub-bins with one sample at each centre places samples exactly where RoIAlign
+    with sampling ratio ``r`` places them; max-pooling ``r x r`` groups gives the per-bin max.
+
+    Shapes:
+        ``feature [B, C, H, W]``, ``rois [R, 5]`` -> ``[R, C, S, S]``.
+    """
+    r = sampling_ratio
+    samples = roi_align(feature, rois, output_size * r, spatial_scale, 1, aligned, backward)
+    return F.max_pool2d(samples, kernel_size=r, stride=r)
+
+
+def _check_reduction(name: str, mode: str, sampling_ratio: int, backward: str) -> None:
+    if mode not in ("avg", "max"):
+        raise ValueError(f"{name} mode must be 'avg' or 'max', got {mode!r}")
+    if mode == "max" and sampling_ratio <= 0:
+        raise ValueError(f"{name}(mode='max') needs a fixed sampling_ratio > 0")
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+
+
 class RoIAlignPooler(RoIPooler):
     """RoIAlign (Mask R-CNN paper, Sec. 3): no quantization, bilinear samples averaged or maxed per bin.
 
@@ -139,12 +164,7 @@ class RoIAlignPooler(RoIPooler):
         backward: str = "auto",
     ):
         super().__init__(featmap_names, output_size, canonical_scale, canonical_level)
-        if mode not in ("avg", "max"):
-            raise ValueError(f"RoIAlignPooler mode must be 'avg' or 'max', got {mode!r}")
-        if mode == "max" and sampling_ratio <= 0:
-            raise ValueError("RoIAlignPooler(mode='max') needs a fixed sampling_ratio > 0")
-        if backward not in BACKWARDS:
-            raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+        _check_reduction(type(self).__name__, mode, sampling_ratio, backward)
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
         self.mode = mode
@@ -155,26 +175,53 @@ class RoIAlignPooler(RoIPooler):
             return roi_align(
                 feature, rois, self.output_size, spatial_scale, self.sampling_ratio, self.aligned, self.backward
             )
-        # Max: a grid of S*r x S*r sub-bins with one sample at each centre places samples exactly
-        # where RoIAlign with sampling ratio r places them; max-pooling r x r groups gives the per-bin max.
-        r = self.sampling_ratio
-        samples = roi_align(feature, rois, self.output_size * r, spatial_scale, 1, self.aligned, self.backward)
-        return F.max_pool2d(samples, kernel_size=r, stride=r)
+        return max_over_samples(
+            feature, rois, self.output_size, spatial_scale, self.sampling_ratio, self.aligned, self.backward
+        )
 
 
 class RoIPoolPooler(RoIPooler):
-    """RoIPool (Fast R-CNN): box and bins quantized to the feature grid, max over each bin."""
+    """RoIPool (Fast R-CNN): box and bins quantized to the feature grid, max over each bin.
+
+    torchvision's kernel rounds each RoI corner to the nearest feature cell (:func:`round_like_roi_pool`) and
+    takes the cells from the first to the last corner, both included.
+    """
+
+    # The reduction over each bin, for reports (RoIPool has only max).
+    mode = "max"
 
     def pool_level(self, feature: Tensor, rois: Tensor, spatial_scale: float) -> Tensor:
         return roi_pool(feature, rois, self.output_size, spatial_scale)
 
 
+def round_like_roi_pool(x: Tensor) -> Tensor:
+    """Round to the nearest integer, halves away from zero: C's ``round()``, which torchvision's RoIPool kernel
+    applies to the scaled RoI corners. (``torch.round`` rounds halves to even, so a corner at exactly half a
+    cell, e.g. x = 40 at stride 16, would land on a different cell: 2 instead of RoIPool's 3.)
+
+    Exact for every float: ``x - trunc(x)`` is computed without rounding error, where ``floor(|x| + 0.5)``
+    would round 0.49999997 up.
+    """
+    whole = torch.trunc(x)
+    half = (x - whole).abs() == 0.5
+    return torch.where(half, whole + torch.sign(x), torch.round(x))
+
+
 class RoIWarpPooler(RoIPooler):
-    """RoIWarp (MNC, as compared in the paper's Table 2c): the box is quantized to the
-    feature grid like RoIPool, then features are bilinearly sampled like RoIAlign.
+    """RoIWarp (MNC, as compared in the paper's Table 2c): the RoI is quantized to the feature grid exactly as
+    RoIPool quantizes it, then bilinearly sampled like RoIAlign, with the average or the max per bin.
+
+    RoIPool reads the feature cells from ``round(x1 * s)`` to ``round(x2 * s)``, both included
+    (:func:`round_like_roi_pool`). RoIWarp samples the segment between those two cells' positions, so both
+    read the same cells and differ only in how they sample them: the max over whole cells per bin, or
+    bilinear samples. The segment is passed to RoIAlign as ``aligned=True`` boxes shifted by half a cell,
+    which RoIAlign does not widen to one cell as it does ``aligned=False`` boxes: an RoI quantized to a
+    single cell reads only that cell, as in RoIPool.
 
     Args:
-        sampling_ratio: bilinear samples per bin side (``<= 0``: adaptive).
+        sampling_ratio: bilinear samples per bin side, ``> 0`` (RoIAlign's adaptive choice gives an RoI
+            quantized to one cell no samples at all).
+        mode: ``"avg"`` or ``"max"`` over each bin's samples (Table 2c has both RoIWarp rows).
         backward: CPU backward of the bilinear sampling, as for :class:`RoIAlignPooler`.
     """
 
@@ -183,20 +230,25 @@ class RoIWarpPooler(RoIPooler):
         featmap_names: list[str],
         output_size: int,
         sampling_ratio: int = 2,
+        mode: str = "avg",
         canonical_scale: int = 224,
         canonical_level: int = 4,
         backward: str = "auto",
     ):
         super().__init__(featmap_names, output_size, canonical_scale, canonical_level)
-        if backward not in BACKWARDS:
-            raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+        _check_reduction(type(self).__name__, mode, sampling_ratio, backward)
+        if sampling_ratio <= 0:
+            raise ValueError("RoIWarpPooler needs a fixed sampling_ratio > 0")
         self.sampling_ratio = sampling_ratio
+        self.mode = mode
         self.backward = backward
 
     def pool_level(self, feature: Tensor, rois: Tensor, spatial_scale: float) -> Tensor:
-        # Snap box corners to feature cells (the quantization RoIAlign removes), back in image pixels.
+        # Corners on RoIPool's cells, then +0.5 cell for aligned=True (which subtracts it again), in image pixels.
         quantized = rois.clone()
-        quantized[:, 1:] = torch.round(rois[:, 1:] * spatial_scale) / spatial_scale
-        return roi_align(
-            feature, quantized, self.output_size, spatial_scale, self.sampling_ratio, False, self.backward
+        quantized[:, 1:] = (round_like_roi_pool(rois[:, 1:] * spatial_scale) + 0.5) / spatial_scale
+        if self.mode == "avg":
+            return roi_align(feature, quantized, self.output_size, spatial_scale, self.sampling_ratio, True, self.backward)
+        return max_over_samples(
+            feature, quantized, self.output_size, spatial_scale, self.sampling_ratio, True, self.backward
         )

@@ -11,11 +11,15 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
+from torchvision.models.detection._utils import (
+    BalancedPositiveNegativeSampler,
+    BoxCoder,
+    Matcher,
+)
 from torchvision.ops import boxes as box_ops
 
 from mrcnn.modeling.box_head import fast_rcnn_inference, fast_rcnn_loss
-from mrcnn.modeling.mask_head import mask_targets
+from mrcnn.modeling.mask_head import MASK_TARGET_FORMS, mask_targets
 
 
 class RoIHeads(nn.Module):
@@ -32,6 +36,9 @@ class RoIHeads(nn.Module):
         mask_resolution: pooled side for the mask branch (14).
         aligned_mask_targets: crop mask targets with half-pixel-correct RoIAlign (pair it with an
             ``aligned=True`` pooler); ``False`` reproduces torchvision.
+        mask_target_form: ``"soft"`` (resampled masks in [0, 1], torchvision's, the parity default) or
+            ``"binary"`` (thresholded at 0.5, Detectron's and the paper's). Whatever the mask loss, it
+            receives exactly these targets (:func:`~mrcnn.modeling.mask_head.mask_targets`).
         fg_iou_thresh, bg_iou_thresh: RoI/ground-truth IoU for positives and negatives (0.5, 0.5).
         batch_size_per_image: RoIs sampled per image for the losses (512 FPN, 64 C4).
         positive_fraction: target share of positives among sampled RoIs (0.25).
@@ -49,6 +56,7 @@ class RoIHeads(nn.Module):
         mask_loss,
         mask_resolution: int | None = 14,
         aligned_mask_targets: bool = False,
+        mask_target_form: str = "soft",
         fg_iou_thresh: float = 0.5,
         bg_iou_thresh: float = 0.5,
         batch_size_per_image: int = 512,
@@ -64,6 +72,16 @@ class RoIHeads(nn.Module):
                 f"{type(mask_loss).__name__} needs per-class masks; class_agnostic=True is only defined "
                 "for the sigmoid mask loss"
             )
+        if mask_target_form not in MASK_TARGET_FORMS:
+            raise ValueError(f"mask_target_form must be one of {MASK_TARGET_FORMS}, got {mask_target_form!r}")
+        # A head with fc layers is sized for one input side; build-time, not a shape error at the first step.
+        fed = self.mask_feature_resolution(box_resolution, mask_resolution)
+        expected = getattr(mask_head, "input_resolution", None)
+        if expected is not None and expected != fed:
+            raise ValueError(
+                f"{type(mask_head).__name__} is sized for {expected}x{expected} inputs, but {type(self).__name__} "
+                f"feeds its mask head {fed}x{fed} features: set the head's resolution to {fed}"
+            )
         self.box_pooler = pooler(output_size=box_resolution)
         self.box_head = box_head
         self.box_predictor = box_predictor
@@ -71,12 +89,17 @@ class RoIHeads(nn.Module):
         self.mask_head = mask_head
         self.mask_loss = mask_loss
         self.aligned_mask_targets = aligned_mask_targets
+        self.mask_target_form = mask_target_form
         self.proposal_matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
         self.fg_bg_sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
         self.box_coder = BoxCoder(tuple(float(w) for w in bbox_reg_weights))
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
+
+    def mask_feature_resolution(self, box_resolution: int, mask_resolution: int | None) -> int:
+        """Side of the features the mask head receives: the mask pooler's output here."""
+        return mask_resolution
 
     def sample_rois(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]):
         """Add ground-truth boxes to the proposals, match, and sample a balanced set per image.
@@ -154,7 +177,10 @@ class RoIHeads(nn.Module):
         size = mask_logits.shape[-1]
         gt_labels = torch.cat([t["labels"][m[p]] for t, m, p in zip(targets, matched_idxs, positives)])
         gt_masks = torch.cat(
-            [mask_targets(t["masks"], r, m[p], size, self.aligned_mask_targets) for t, r, m, p in zip(targets, pos_rois, matched_idxs, positives)]
+            [
+                mask_targets(t["masks"], r, m[p], size, self.aligned_mask_targets, self.mask_target_form)
+                for t, r, m, p in zip(targets, pos_rois, matched_idxs, positives)
+            ]
         )
         mask_loss = self.mask_loss.loss(mask_logits, gt_labels, gt_masks)
         return {"fastrcnn_class_loss": class_loss, "fastrcnn_bbox_loss": bbox_loss, "maskrcnn_mask_loss": mask_loss}
@@ -174,7 +200,7 @@ class RoIHeads(nn.Module):
         )
         masks = self.mask_loss.inference(self.mask_head(self.detection_mask_features(features, boxes, image_shapes)), torch.cat(labels))
         masks = masks.split([len(b) for b in boxes])
-        return [dict(boxes=b, labels=l, scores=s, masks=m) for b, l, s, m in zip(boxes, labels, scores, masks)]
+        return [{"boxes": b, "labels": l, "scores": s, "masks": m} for b, l, s, m in zip(boxes, labels, scores, masks)]
 
     def positive_mask_features(
         self,
@@ -224,6 +250,10 @@ class Res5RoIHeads(RoIHeads):
         if "mask_resolution" in kwargs:
             raise ValueError("Res5RoIHeads pools no mask features: its mask head reads the res5 box head's output")
         super().__init__(pooler, box_resolution, box_head, box_predictor, mask_head, mask_loss, None, **kwargs)
+
+    def mask_feature_resolution(self, box_resolution: int, mask_resolution: int | None) -> int:
+        """res5 starts with a stride-2 block: 14x14 RoIs give the mask head 7x7 features."""
+        return (box_resolution + 1) // 2
 
     def positive_mask_features(self, features, image_shapes, rois, positives, box_features) -> Tensor:
         # Rows of box_features follow the concatenated sampled RoIs: offset each image's positives.

@@ -4,11 +4,18 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.roi_heads import fastrcnn_loss as tv_fastrcnn_loss
 from torchvision.models.detection.roi_heads import maskrcnn_loss as tv_maskrcnn_loss
 
-from mrcnn.modeling.box_head import BoxPredictor, MLPBoxHead, Res5BoxHead, fast_rcnn_inference, fast_rcnn_loss
+from mrcnn.modeling.box_head import (
+    BoxPredictor,
+    MLPBoxHead,
+    Res5BoxHead,
+    fast_rcnn_inference,
+    fast_rcnn_loss,
+)
 from mrcnn.modeling.mask_head import (
     FCNMaskHead,
     MLPMaskHead,
@@ -34,7 +41,7 @@ def test_fcn_head_shapes_fpn_c4_and_agnostic():
 def test_mlp_head_shapes_and_depth(hidden):
     head = MLPMaskHead(8, num_classes=3, resolution=14, hidden_dims=hidden, mask_resolution=28)
     assert head(torch.randn(5, 8, 14, 14)).shape == (5, 4, 28, 28)
-    assert len(head.hidden) == len(hidden)
+    assert len(head.hidden) == len(hidden) and head.input_resolution == 14
     assert MLPMaskHead(8, 3, 14, hidden, 28, class_agnostic=True)(torch.randn(5, 8, 14, 14)).shape == (5, 1, 28, 28)
 
 
@@ -92,6 +99,29 @@ def test_softmax_loss_hand_values_and_classes_compete():
     assert mask_loss_softmax(logits, labels, targets) < 1e-6
 
 
+def test_softmax_loss_on_binary_targets_is_cross_entropy_with_hard_pixel_labels():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 6, 6, generator=g)
+    labels = torch.tensor([1, 4, 2])
+    targets = (torch.rand(3, 6, 6, generator=g) > 0.5).float()
+    # The textbook multinomial loss: each pixel's class is the RoI's class inside the mask, background outside.
+    hard = F.cross_entropy(logits, targets.long() * labels[:, None, None])
+    torch.testing.assert_close(mask_loss_softmax(logits, labels, targets), hard)
+
+
+def test_softmax_loss_on_soft_targets_splits_each_pixel_between_class_and_background():
+    labels = torch.tensor([2])
+    logits = torch.zeros(1, 4, 1, 1)
+    logits[0, 2] = math.log(3.0)  # softmax: class 2 has 3/6, background and the other two 1/6 each
+    targets = torch.full((1, 1, 1), 0.25)
+    expected = -(0.25 * math.log(3 / 6) + 0.75 * math.log(1 / 6))
+    torch.testing.assert_close(mask_loss_softmax(logits, labels, targets), torch.tensor(expected))
+    # Cross-entropy against the distribution (background 0.75, class 2 0.25): the gradient is softmax minus it.
+    logits = logits.clone().requires_grad_()
+    mask_loss_softmax(logits, labels, targets).backward()
+    torch.testing.assert_close(logits.grad.flatten(), torch.tensor([1 / 6 - 0.75, 1 / 6, 3 / 6 - 0.25, 1 / 6]))
+
+
 def test_mask_inference_values():
     logits = torch.zeros(2, 4, 5, 5)
     logits[1, 2] = 100.0
@@ -140,6 +170,19 @@ def test_mask_targets_crop_and_resize_the_matched_mask():
     unaligned = mask_targets(masks, proposals, torch.tensor([0, 0, 1]), 8, aligned=False)
     assert unaligned[0, :-1, :-1].min() > 0.99 and unaligned[0, -1].max() < 0.7
     assert not torch.allclose(unaligned[0], unaligned[0].flip(0).flip(1))
+
+
+def test_binary_mask_targets_are_the_soft_ones_thresholded_at_one_half():
+    masks = torch.zeros(1, 20, 20, dtype=torch.uint8)
+    masks[0, 3:13, 4:17] = 1
+    proposals = torch.tensor([[2.3, 1.7, 15.2, 14.9], [0.0, 0.0, 20.0, 20.0]])
+    soft = mask_targets(masks, proposals, torch.tensor([0, 0]), 14)
+    binary = mask_targets(masks, proposals, torch.tensor([0, 0]), 14, form="binary")
+    assert ((soft > 0) & (soft < 1)).any()  # the case is one where the two forms differ
+    assert set(binary.unique().tolist()) == {0.0, 1.0} and binary.dtype == soft.dtype
+    torch.testing.assert_close(binary, (soft >= 0.5).float())
+    with pytest.raises(ValueError, match="mask target form"):
+        mask_targets(masks, proposals, torch.tensor([0, 0]), 14, form="hard")
 
 
 def test_fast_rcnn_loss_equals_torchvision_and_handles_no_positives():

@@ -6,7 +6,13 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign
 
-from mrcnn.modeling.poolers import RoIAlignPooler, RoIPoolPooler, RoIWarpPooler, assign_levels
+from mrcnn.modeling.poolers import (
+    RoIAlignPooler,
+    RoIPoolPooler,
+    RoIWarpPooler,
+    assign_levels,
+    round_like_roi_pool,
+)
 
 
 def ramp(size: int = 16) -> dict[str, torch.Tensor]:
@@ -68,6 +74,79 @@ def test_roi_warp_quantizes_the_box_then_samples_bilinearly():
     torch.testing.assert_close(pool(warp, ramp(), [[2.3, 2.3, 9.6, 9.6]])[0, 0, 0], torch.tensor([3.0, 5.0, 7.0, 9.0]))
 
 
+def test_roi_warp_max_takes_the_largest_bilinear_sample_of_the_quantized_box():
+    # The box rounds to [2, 10]; bin [2, 4] has samples at x = 2.5 and 3.5: max 3.5 where the average is 3.0.
+    out = pool(RoIWarpPooler(["0"], 4, mode="max"), ramp(), [[2.3, 2.3, 9.6, 9.6]])
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([3.5, 5.5, 7.5, 9.5]))
+    features = {"0": torch.full((1, 3, 16, 16), 2.5)}
+    avg, mx = (pool(RoIWarpPooler(["0"], 7, mode=m), features, [[1.3, 2.7, 11.1, 9.9]]) for m in ("avg", "max"))
+    torch.testing.assert_close(avg, mx)
+
+
+def test_rounding_is_c_round_half_away_from_zero_like_roi_pool():
+    x = torch.tensor([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.5, 0.49999997, -0.49999997, 2.4999998, 2.6, -2.6, 0.0])
+    expected = torch.tensor([-3.0, -2.0, -1.0, 1.0, 2.0, 3.0, 4.0, 0.0, -0.0, 2.0, 3.0, -3.0, 0.0])
+    torch.testing.assert_close(round_like_roi_pool(x), expected)
+    # torch.round rounds halves to even: the reason a RoIWarp built on it read other cells than RoIPool.
+    assert torch.round(torch.tensor([0.5, 2.5])).tolist() == [0.0, 2.0]
+
+
+def cells_read(pooler, box, stride, size=256):
+    """The feature cells whose value reaches the pooled output, found by putting a spike on each cell in turn.
+
+    One image of ``size`` pixels and its stride-``stride`` map; returns a set of ``(row, column)``.
+    """
+    side = size // stride
+    read = set()
+    for row in range(side):
+        for column in range(side):
+            spike = torch.zeros(1, 1, side, side)
+            spike[0, 0, row, column] = 1.0
+            out = pooler({"0": spike}, [torch.tensor([box], dtype=torch.float32)], [(size, size)])
+            if out.abs().max() > 0:
+                read.add((row, column))
+    return read
+
+
+def rectangle(first_row, last_row, first_column, last_column):
+    return {(r, c) for r in range(first_row, last_row + 1) for c in range(first_column, last_column + 1)}
+
+
+# Boxes with corners at exact half cells (x / stride = k + 0.5), where rounding half to even and half away
+# from zero disagree (0.5, 2.5, 4.5 ...), and the cells RoIPool reads: from round(x1 / s) to round(x2 / s).
+HALF_CELL_BOXES = [
+    # stride 16: x 2.5 -> 3 .. 5.5 -> 6, y 0.5 -> 1 .. 4.5 -> 5 (half to even: x 2 .. 6, y 0 .. 4)
+    (16, [40.0, 8.0, 88.0, 72.0], rectangle(1, 5, 3, 6)),
+    # stride 16: a box inside one cell once quantized (2.5 -> 3 .. 2.9375 -> 3): RoIPool reads one cell
+    (16, [40.0, 40.0, 47.0, 47.0], rectangle(3, 3, 3, 3)),
+    # stride 32: x 0.5 -> 1 .. 2.5 -> 3, y 1.5 -> 2 .. 4.5 -> 5
+    (32, [16.0, 48.0, 80.0, 144.0], rectangle(2, 5, 1, 3)),
+    # stride 32: corners 6.5 -> 7 (the last cell of an 8x8 map) and 4.5 -> 5
+    (32, [144.0, 144.0, 208.0, 208.0], rectangle(5, 7, 5, 7)),
+]
+
+
+@pytest.mark.parametrize("stride, box, cells", HALF_CELL_BOXES)
+def test_roi_warp_reads_exactly_the_cells_roi_pool_reads_at_half_cells(stride, box, cells):
+    """RoIWarp and RoIPool quantize the same way: at exact half cells both see the same feature cells and
+    differ only in how they sample them (torchvision's RoIPool kernel is the reference)."""
+    assert cells_read(RoIPoolPooler(["0"], 7), box, stride) == cells
+    for mode in ("avg", "max"):
+        assert cells_read(RoIWarpPooler(["0"], 7, mode=mode), box, stride) == cells
+        assert cells_read(RoIWarpPooler(["0"], 14, sampling_ratio=1, mode=mode), box, stride) == cells
+    # The boxes are ones where rounding halves to even would have picked other cells.
+    quantized = torch.tensor(box) / stride
+    assert not torch.equal(torch.round(quantized), round_like_roi_pool(quantized)) or len(cells) == 1
+
+
+def test_roi_warp_of_a_one_cell_roi_is_that_cell_everywhere():
+    # Quantized to the single cell (3, 3): every bin is that cell's value, as every RoIPool bin is.
+    features = {"0": torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(0))}
+    for pooler in (RoIWarpPooler(["0"], 7), RoIWarpPooler(["0"], 7, mode="max"), RoIPoolPooler(["0"], 7)):
+        out = pooler(features, [torch.tensor([[40.0, 40.0, 47.0, 47.0]])], [(256, 256)])
+        torch.testing.assert_close(out[0], features["0"][0, :, 3:4, 3:4].expand(2, 7, 7))
+
+
 def test_spatial_scale_is_inferred_from_the_feature_stride():
     # A stride-4 map of a 64-pixel image: the image box [8, 40] is feature box [2, 10].
     features = {"0": torch.arange(16, dtype=torch.float32).repeat(16, 1)[None, None]}
@@ -88,10 +167,15 @@ def test_multilevel_pooler_reads_each_roi_from_its_level():
     # Level l is constant l, so the pooled value tells which level was read.
     features = OrderedDict((n, torch.full((1, 2, image // 2 ** (l + 2), image // 2 ** (l + 2)), float(l))) for l, n in enumerate(names))
     boxes = torch.tensor([[0, 0, 40, 40], [0, 0, 112, 112], [0, 0, 224, 224], [10, 10, 500, 500]], dtype=torch.float32)
-    for pooler in (RoIAlignPooler(names, 7), RoIPoolPooler(names, 7), RoIWarpPooler(names, 7), RoIAlignPooler(names, 7, mode="max")):
+    poolers = (
+        RoIAlignPooler(names, 7), RoIPoolPooler(names, 7), RoIWarpPooler(names, 7), RoIAlignPooler(names, 7, mode="max"),
+        RoIWarpPooler(names, 7, mode="max"),
+    )
+    for pooler in poolers:
         out = pooler(features, [boxes], [(image, image)])
         assert out.shape == (4, 2, 7, 7)
-        assert out.amax(dim=(1, 2, 3)).tolist() == [0.0, 1.0, 2.0, 3.0]
+        # (Bilinear weights sum to one up to float rounding.)
+        torch.testing.assert_close(out.amax(dim=(1, 2, 3)), torch.tensor([0.0, 1.0, 2.0, 3.0]))
 
 
 def test_roi_align_pooler_equals_torchvision_multiscale_roi_align():
@@ -108,7 +192,13 @@ def test_roi_align_pooler_equals_torchvision_multiscale_roi_align():
     torch.testing.assert_close(ours, theirs)
 
 
-@pytest.mark.parametrize("pooler", [RoIAlignPooler(["0"], 7), RoIAlignPooler(["0"], 7, mode="max"), RoIPoolPooler(["0"], 7), RoIWarpPooler(["0"], 7)])
+@pytest.mark.parametrize(
+    "pooler",
+    [
+        RoIAlignPooler(["0"], 7), RoIAlignPooler(["0"], 7, mode="max"), RoIPoolPooler(["0"], 7), RoIWarpPooler(["0"], 7),
+        RoIWarpPooler(["0"], 7, mode="max"),
+    ],
+)
 def test_no_boxes_gives_an_empty_batch(pooler):
     out = pooler({"0": torch.randn(2, 3, 16, 16)}, [torch.zeros(0, 4), torch.zeros(0, 4)], [(64, 64), (64, 64)])
     assert out.shape == (0, 3, 7, 7)
@@ -119,10 +209,19 @@ def test_max_mode_needs_a_fixed_sampling_ratio():
         RoIAlignPooler(["0"], 7, sampling_ratio=0, mode="max")
     with pytest.raises(ValueError, match="mode"):
         RoIAlignPooler(["0"], 7, mode="median")
+    for mode in ("avg", "max"):
+        with pytest.raises(ValueError, match="sampling_ratio"):
+            RoIWarpPooler(["0"], 7, sampling_ratio=0, mode=mode)
+    with pytest.raises(ValueError, match="mode"):
+        RoIWarpPooler(["0"], 7, mode="median")
 
 
 def test_gradients_flow_through_every_pooler():
-    for pooler in (RoIAlignPooler(["0"], 4), RoIAlignPooler(["0"], 4, mode="max"), RoIPoolPooler(["0"], 4), RoIWarpPooler(["0"], 4)):
+    poolers = (
+        RoIAlignPooler(["0"], 4), RoIAlignPooler(["0"], 4, mode="max"), RoIPoolPooler(["0"], 4), RoIWarpPooler(["0"], 4),
+        RoIWarpPooler(["0"], 4, mode="max"),
+    )
+    for pooler in poolers:
         features = torch.randn(1, 2, 16, 16, requires_grad=True)
         pooler({"0": features}, [torch.tensor([[1.0, 1.0, 12.0, 9.0]])], [(16, 16)]).sum().backward()
         assert features.grad.abs().sum() > 0
@@ -215,7 +314,10 @@ def test_fast_roi_align_falls_back_to_torchvision_where_it_does_not_apply():
     assert empty.shape == (0, MIN_CHANNELS, 7, 7)
 
 
-@pytest.mark.parametrize("pooler_cls, kwargs", [(RoIAlignPooler, {"mode": "max"}), (RoIAlignPooler, {"aligned": True}), (RoIWarpPooler, {})])
+@pytest.mark.parametrize(
+    "pooler_cls, kwargs",
+    [(RoIAlignPooler, {"mode": "max"}), (RoIAlignPooler, {"aligned": True}), (RoIWarpPooler, {}), (RoIWarpPooler, {"mode": "max"})],
+)
 def test_poolers_on_wide_float32_maps_give_torchvision_gradients(pooler_cls, kwargs):
     """At real widths the poolers take the fast backward; gradients (through max-pool's non-contiguous
     gradient, too) match torchvision's kernel in float32."""
