@@ -12,7 +12,7 @@ from PIL import Image
 
 from mrcnn.data.shapes import ShapesDataset
 from mrcnn.build import build_module
-from mrcnn.visualize import draw_instances, instance_colors, semantic_label_map
+from mrcnn.visualize import draw_instances, instance_colors, place_captions, semantic_label_map
 from tests.helpers.config import TINY_MODEL, compose_config
 from tests.helpers.runs import run_py
 
@@ -40,7 +40,7 @@ def test_predict_from_a_lightning_checkpoint_writes_overlays_and_coco_results(tm
          f"predict.output={out}", "predict.score_threshold=0.0", f"hydra.run.dir={tmp_path / 'run'}"])
 
     assert sorted(p.name for p in out.glob("*.png")) == ["img0.png", "img1.png", "img2.png"]
-    assert Image.open(out / "img0.png").size == (64, 64)
+    assert Image.open(out / "img0.png").size == (512, 512)  # 64 px images are enlarged for drawing
     listed = json.loads((out / "images.json").read_text())
     assert [(i["id"], i["file_name"], i["height"], i["width"]) for i in listed] == [
         (1, "img0.png", 64, 64), (2, "img1.png", 64, 64), (3, "img2.png", 64, 64)]
@@ -101,11 +101,32 @@ def test_overlay_colours_each_instance_and_label_map_puts_the_best_on_top():
         "scores": torch.tensor([0.6, 0.9]),
         "masks": masks,
     }
-    drawn = draw_instances(image, instances, ["a", "b"], score_threshold=0.5)
+    drawn = draw_instances(image, instances, ["a", "b"], score_threshold=0.5, min_size=0)
     assert drawn.dtype == torch.uint8 and drawn.shape == (3, 64, 64)
     assert drawn[:, 3, 3].tolist() != drawn[:, 12, 12].tolist()  # two instances, two colours
     assert drawn[:, 60, 60].tolist() == [0, 0, 0]  # background untouched
     assert draw_instances(image, instances, score_threshold=0.95).eq(0).all()  # nothing above the threshold
+    # A small image is enlarged 8x for drawing (each pixel a block): captions are legible beside small objects.
+    large = draw_instances(image, instances, ["a", "b"], score_threshold=0.5)
+    assert large.shape == (3, 512, 512)
+    assert large[:, 3 * 8 + 4, 3 * 8 + 4].tolist() == drawn[:, 3, 3].tolist()  # same mask colour, same place
+    assert large[:, 500, 500].tolist() == [0, 0, 0]
     label_map = semantic_label_map(instances, (64, 64))
     assert label_map[3, 3] == 1 and label_map[7, 7] == 2 and label_map[0, 0] == 0  # overlap: higher score wins
     assert len(set(instance_colors(10))) == 10
+
+
+def test_captions_sit_beside_their_box_and_never_on_each_other():
+    # Crowded: three overlapping boxes, one at the image's top edge, one in a corner.
+    boxes = [[10, 0, 60, 40], [30, 20, 90, 70], [0, 80, 20, 100], [70, 75, 100, 100]]
+    sizes = [(40, 12)] * len(boxes)
+    rects = place_captions(boxes, sizes, (100, 100))
+    for i, rect in enumerate(rects):
+        x1, y1, x2, y2 = rect
+        assert 0 <= x1 and x2 <= 100 and 0 <= y1 and y2 <= 100  # inside the image
+        assert (x2 - x1, y2 - y1) == sizes[i]
+        bx1, by1, bx2, by2 = boxes[i]
+        assert not (x1 < bx2 and bx1 < x2 and y1 < by2 and by1 < y2), f"caption {i} covers its own object"
+        for j, other in enumerate(rects[:i]):
+            ox1, oy1, ox2, oy2 = other
+            assert not (x1 < ox2 and ox1 < x2 and y1 < oy2 and oy1 < y2), f"captions {j} and {i} overlap"
