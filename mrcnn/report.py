@@ -1,8 +1,14 @@
-"""Turn a sweep directory of finished runs into an ablation table (markdown + json) and a chart.
+"""Turn a sweep directory of finished runs into an ablation report: what was compared, and the results.
 
-Each job directory of a Hydra sweep holds ``.hydra/overrides.yaml`` (what the job changed) and
-``metrics.json`` (its final COCO metrics, written by ``mrcnn.summary``). Jobs are grouped into variants
-by the values of the ablation's ``variant_keys`` and averaged over everything else (the seeds).
+Each job directory of a Hydra sweep holds ``.hydra/`` (the job's config, its config choices and overrides),
+``metrics.json`` (its final COCO metrics, written by ``mrcnn.summary``) and, when the ``JobRecord`` callback
+ran, ``job.json`` (the model it built, parameter counts, step and wall time; ``mrcnn.job_record``).
+
+A job's label is the value of each ``variant_keys`` entry in the config it ran: the config group's choice
+(``.hydra/hydra.yaml``) or the key's value, never a name typed elsewhere. Jobs are grouped into variants by
+label and averaged over everything else (the seeds). The report states, from the jobs' own configs and
+records, the setting it ran (beside the paper's), what each variant built and how the variants' models differ,
+and each variant's parameters and time.
 
 Rebuild a report from an existing sweep::
 
@@ -13,15 +19,58 @@ import argparse
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+import mrcnn.config  # noqa: F401  (registers the resolvers a job's config.yaml may use)
 
 log = logging.getLogger(__name__)
 
 COLUMNS = (("segm_AP", "AP"), ("segm_AP50", "AP50"), ("segm_AP75", "AP75"), ("bbox_AP", "AP^bb"))
+
+# The paper's setting for all of Table 2 (He et al. 2017, Sec. 3.1 and 4): each experiment adds what is its own
+# (the backbone, the RoIs per image) under `paper_setting` in its report callback.
+PAPER_SETTING = {
+    "width": "64 (standard ResNet)",
+    "norm": "FrozenBatchNorm (ImageNet statistics)",
+    "pretrained backbone": "ImageNet",
+    "data": "COCO trainval35k (80k train + 35k val images), tested on minival (5k)",
+    "image size": "shorter side 800, longer at most 1333",
+    "mask targets": "binary",
+    "training": "160k iterations (lr x0.1 at 120k)",
+    "batch": "16 images (8 GPUs x 2)",
+    "learning rate": "0.02",
+    "seeds": "one run",
+}
+SETTING_ROWS = (
+    "backbone", "width", "norm", "pretrained backbone", "data", "image size", "RoIs per image", "mask targets",
+    "training", "batch", "learning rate", "seeds",
+)
+
+
+@dataclass
+class Job:
+    """One finished job of a sweep: its label values, metrics and, where recorded, config and ``job.json``."""
+
+    path: Path
+    labels: dict[str, str]
+    seed: str
+    metrics: dict[str, float]
+    record: dict | None = None
+    config: DictConfig | None = None
+    choices: dict[str, str] = field(default_factory=dict)
+
+    def setting(self, key: str, default=None):
+        """A value of the job's config (``None`` where it has none or it does not resolve)."""
+        if self.config is None:
+            return default
+        value = OmegaConf.select(self.config, key, default=default, throw_on_resolution_failure=False)
+        return default if value is None else value
 
 
 @dataclass
@@ -31,6 +80,12 @@ class Variant:
     name: str
     runs: list[dict[str, float]] = field(default_factory=list)
     seeds: list[str] = field(default_factory=list)
+    jobs: list[Job] = field(default_factory=list)
+
+    def add(self, job: Job) -> None:
+        self.jobs.append(job)
+        self.runs.append(job.metrics)
+        self.seeds.append(job.seed)
 
     def mean(self, key: str) -> float:
         values = [r[key] for r in self.runs if key in r]
@@ -44,6 +99,24 @@ class Variant:
         m = sum(values) / len(values)
         return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
+    def record_mean(self, key: str) -> float:
+        """Mean over the jobs' ``job.json`` of ``key`` (nan where none recorded it)."""
+        values = [j.record[key] for j in self.jobs if j.record and j.record.get(key) is not None]
+        return sum(values) / len(values) if values else float("nan")
+
+    def parameters(self, part: str) -> int | None:
+        counts = {j.record["parameters"][part] for j in self.jobs if j.record and j.record.get("parameters")}
+        return counts.pop() if len(counts) == 1 else None
+
+    def models(self) -> list[dict]:
+        """The distinct model descriptions its jobs recorded (one, unless a label lies)."""
+        models = []
+        for job in self.jobs:
+            model = (job.record or {}).get("model")
+            if model is not None and model not in models:
+                models.append(model)
+        return models
+
 
 def read_overrides(job_dir: Path) -> dict[str, str]:
     """``key=value`` overrides of one job, from Hydra's ``.hydra/overrides.yaml``."""
@@ -53,6 +126,61 @@ def read_overrides(job_dir: Path) -> dict[str, str]:
         key, _, value = line.partition("=")
         overrides[key.lstrip("+~")] = value
     return overrides
+
+
+def read_choices(job_dir: Path) -> dict[str, str]:
+    """The config group choices the job was composed from (``hydra.runtime.choices``), ``{}`` if not saved."""
+    path = job_dir / ".hydra" / "hydra.yaml"
+    if not path.is_file():
+        return {}
+    hydra = yaml.safe_load(path.read_text()) or {}
+    choices = ((hydra.get("hydra") or {}).get("runtime") or {}).get("choices") or {}
+    return {k: str(v) for k, v in choices.items() if v is not None}
+
+
+def read_config(job_dir: Path) -> DictConfig | None:
+    """The job's config: ``resolved.yaml`` (written by ``mrcnn.launch.job_scope``) or Hydra's ``config.yaml``."""
+    for name in ("resolved.yaml", "config.yaml"):
+        path = job_dir / ".hydra" / name
+        if path.is_file():
+            return OmegaConf.load(path)
+    return None
+
+
+def label_value(key: str, choices: dict[str, str], overrides: dict[str, str], config: DictConfig | None) -> str:
+    """What the job ran for ``key``: the config group's choice, else the key's overridden or configured value."""
+    if key in choices:
+        return choices[key]
+    if key in overrides:
+        return overrides[key]
+    if config is not None:
+        value = OmegaConf.select(config, key, default=None, throw_on_resolution_failure=False)
+        if value is not None:
+            return str(value)
+    return "default"
+
+
+def read_job(job_dir: Path, variant_keys: list[str]) -> Job:
+    overrides = read_overrides(job_dir)
+    choices = read_choices(job_dir)
+    config = read_config(job_dir)
+    record_file = job_dir / "job.json"
+    seed = overrides.get("seed")
+    if seed is None and config is not None:
+        seed = str(OmegaConf.select(config, "seed", default="default"))
+    return Job(
+        path=job_dir,
+        labels={k: label_value(k, choices, overrides, config) for k in variant_keys},
+        seed=seed or "default",
+        metrics=json.loads((job_dir / "metrics.json").read_text()),
+        record=json.loads(record_file.read_text()) if record_file.is_file() else None,
+        config=config,
+        choices=choices,
+    )
+
+
+def variant_name(labels: dict[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in labels.items())
 
 
 def collect(sweep_dir: str | Path, variant_keys: list[str], order: list[str] | None = None) -> list[Variant]:
@@ -66,15 +194,12 @@ def collect(sweep_dir: str | Path, variant_keys: list[str], order: list[str] | N
     variants: dict[str, Variant] = {}
     for overrides_file in sorted(Path(sweep_dir).glob("**/.hydra/overrides.yaml")):
         job_dir = overrides_file.parent.parent
-        metrics_file = job_dir / "metrics.json"
-        if not metrics_file.exists():
+        if not (job_dir / "metrics.json").exists():
             log.warning("skipping %s: no metrics.json (the job failed or has not finished)", job_dir)
             continue
-        overrides = read_overrides(job_dir)
-        name = ", ".join(f"{k}={overrides.get(k, 'default')}" for k in variant_keys)
-        variant = variants.setdefault(name, Variant(name))
-        variant.runs.append(json.loads(metrics_file.read_text()))
-        variant.seeds.append(overrides.get("seed", "default"))
+        job = read_job(job_dir, variant_keys)
+        name = variant_name(job.labels)
+        variants.setdefault(name, Variant(name)).add(job)
     result = list(variants.values())
     if order:
         rank = {name: i for i, name in enumerate(order)}
@@ -82,9 +207,116 @@ def collect(sweep_dir: str | Path, variant_keys: list[str], order: list[str] | N
     return result
 
 
+# ---- what was compared -------------------------------------------------------------------------------------
+
+
+def _job_setting(job: Job) -> dict[str, str]:
+    """The settings rows of one job, from its config, ``metrics.json`` and ``job.json``."""
+    model = (job.record or {}).get("model") or {}
+    rows = {}
+    design = job.choices.get("model/backbone")
+    depth = job.setting("model.depth")
+    if model.get("backbone"):
+        rows["backbone"] = model["backbone"]
+    elif depth is not None and design:
+        rows["backbone"] = f"ResNet-{depth}-{design.upper()}"
+    width = model.get("backbone.width", job.setting("model.width"))
+    if width is not None:
+        rows["width"] = str(width)
+    norm = model.get("backbone.norm", job.setting("model.norm"))
+    if norm is not None:
+        rows["norm"] = str(norm)
+    if job.config is not None:
+        weights = job.setting("model.backbone_weights")
+        rows["pretrained backbone"] = Path(str(weights)).name if weights else "none (from scratch)"
+    data = job.choices.get("data")
+    if data:
+        train, val = job.setting("data.num_train_images"), job.setting("data.num_val_images")
+        rows["data"] = f"{data} ({train:,} train / {val:,} val images)" if train and val else data
+    size = job.setting("data.image_size")
+    if size is not None:
+        rows["image size"] = f"{size}x{size}"
+    elif job.setting("data.min_size") is not None:
+        rows["image size"] = f"shorter side {job.setting('data.min_size')}, longer at most {job.setting('data.max_size')}"
+    rois = model.get("rois_per_image", job.setting("model.rois_per_image"))
+    if rois is not None:
+        rows["RoIs per image"] = str(rois)
+    if model.get("mask_targets"):
+        rows["mask targets"] = model["mask_targets"]
+    steps, epochs = job.metrics.get("global_step"), job.setting("trainer.max_epochs")
+    if steps is not None:
+        rows["training"] = f"{steps:,} steps" + (f" ({epochs} epoch{'' if epochs == 1 else 's'})" if epochs is not None else "")
+    batch = job.setting("data.datamodule.batch_size")
+    if batch is not None:
+        global_batch = int(batch) * int(job.metrics.get("world_size", 1))
+        rows["batch"] = f"{global_batch} images"
+        base_lr, base_batch = job.setting("base_lr"), job.setting("module.base_batch_size", 16)
+        if base_lr is not None:
+            rows["learning rate"] = f"{float(base_lr) * global_batch / int(base_batch):g} (base_lr {base_lr} at batch {base_batch})"
+    return rows
+
+
+def our_setting(variants: list[Variant]) -> dict[str, str]:
+    """The setting the sweep ran, row by row; a row that differs between variants lists them in variant order."""
+    values: dict[str, list[str]] = {}
+    for variant in variants:
+        for job in variant.jobs:
+            for key, value in _job_setting(job).items():
+                if value not in values.setdefault(key, []):
+                    values[key].append(value)
+    seeds = sorted({s for v in variants for s in v.seeds}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else s))
+    values["seeds"] = [", ".join(seeds)]
+    return {key: " / ".join(values[key]) for key in SETTING_ROWS if key in values}
+
+
+def _designs(text: str) -> set[str]:
+    return set(re.findall(r"\b(C4|C5|FPN)\b", text))
+
+
+def setting_notes(ours: dict[str, str], paper: dict[str, str]) -> list[str]:
+    """Generated warnings where our setting departs from the paper's in what shapes the comparison."""
+    notes = []
+    our_designs, paper_designs = _designs(ours.get("backbone", "")), _designs(paper.get("backbone", ""))
+    if our_designs and paper_designs and not our_designs <= paper_designs:
+        notes.append(
+            f"Not the paper's backbone design: these runs use {', '.join(sorted(our_designs))}; the paper's rows "
+            f"were measured on {', '.join(sorted(paper_designs))}."
+        )
+    if ours.get("mask targets") and paper.get("mask targets") and ours["mask targets"] != paper["mask targets"]:
+        notes.append(f"Mask targets: {ours['mask targets']} here, {paper['mask targets']} in the paper.")
+    return notes
+
+
+def compare_models(variants: list[Variant]) -> dict:
+    """How the variants' built models differ (from their jobs' ``job.json``).
+
+    Returns:
+        ``varying``: description keys whose value differs between variants; ``shared``: the keys and values
+        all variants share; ``inconsistent``: names of variants whose jobs built different models (a label
+        that does not say what ran); ``missing``: variants without a recorded model.
+    """
+    models = {v.name: v.models() for v in variants}
+    inconsistent = [name for name, m in models.items() if len(m) > 1]
+    recorded = {name: m[0] for name, m in models.items() if m}
+    keys = list(dict.fromkeys(k for m in recorded.values() for k in m))
+    varying = [k for k in keys if len({json.dumps(m.get(k)) for m in recorded.values()}) > 1]
+    shared = {k: next(iter(recorded.values())).get(k) for k in keys if k not in varying}
+    missing = [name for name, m in models.items() if not m]
+    return {"varying": varying, "shared": shared, "inconsistent": inconsistent, "missing": missing}
+
+
+# ---- tables and chart ----------------------------------------------------------------------------------------
+
+
 def _cell(variant: Variant, key: str) -> str:
     mean, std = 100 * variant.mean(key), 100 * variant.std(key)
     return f"{mean:.1f} ± {std:.1f}" if len(variant.runs) > 1 else f"{mean:.1f}"
+
+
+def _format_value(value) -> str:
+    if isinstance(value, list):
+        return "x".join(str(v) for v in value)
+    return "-" if value is None else str(value)
 
 
 def markdown_table(variants: list[Variant], title: str = "", paper: dict[str, list[float]] | None = None) -> str:
@@ -109,26 +341,163 @@ def markdown_table(variants: list[Variant], title: str = "", paper: dict[str, li
     return "\n".join(lines)
 
 
-def chart(variants: list[Variant], path: str | Path, title: str = "") -> None:
-    """Bar chart of mask AP, AP50, AP75 and box AP per variant with seed spread as error bars."""
+def setting_table(ours: dict[str, str], paper: dict[str, str]) -> str:
+    """Our setting beside the paper's, one row per setting."""
+    keys = [k for k in SETTING_ROWS if k in ours or k in paper]
+    lines = ["| setting | ours | paper |", "| --- | --- | --- |"]
+    lines += [f"| {k} | {ours.get(k, '-')} | {paper.get(k, '-')} |" for k in keys]
+    return "\n".join(lines)
+
+
+def _millions(count: int | None) -> str:
+    return "-" if count is None else f"{count / 1e6:.3g} M"
+
+
+def cost_table(variants: list[Variant], comparison: dict) -> str:
+    """Per variant: what differs in its built model, mask-head and total parameters, median step and job time."""
+    varying = comparison["varying"]
+    lines = [
+        "| variant | built (what differs between the variants) | mask-head params | params | median step | job wall time |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for v in variants:
+        models = v.models()
+        built = ", ".join(f"{k}={_format_value(models[0].get(k))}" for k in varying) if models else "not recorded"
+        if v.name in comparison["inconsistent"]:
+            built = "**INCONSISTENT: its jobs built different models**"
+        step, wall = v.record_mean("step_time_median_s"), v.record_mean("wall_time_s")
+        lines.append(
+            f"| {v.name} | {built or 'the same model'} | {_millions(v.parameters('mask_head'))} | "
+            f"{_millions(v.parameters('total'))} | {'-' if math.isnan(step) else f'{step:.2f} s'} | "
+            f"{'-' if math.isnan(wall) else f'{wall / 60:.1f} min'} |"
+        )
+    return "\n".join(lines)
+
+
+def markdown_report(
+    variants: list[Variant],
+    title: str = "",
+    paper: dict[str, list[float]] | None = None,
+    paper_setting: dict[str, str] | None = None,
+) -> str:
+    """The whole ``report.md``: the setting beside the paper's, the results, and what each variant built and cost."""
+    ours = our_setting(variants)
+    paper_setting = {**PAPER_SETTING, **(paper_setting or {})}
+    comparison = compare_models(variants)
+    parts = [markdown_table(variants, title, paper), "", "Setting (ours from the jobs' configs and records):", ""]
+    parts += [setting_table(ours, paper_setting), ""]
+    parts += [f"- {note}" for note in setting_notes(ours, paper_setting)]
+    parts += ["", "What was compared (from the models the jobs built, `job.json`):", "", cost_table(variants, comparison), ""]
+    if comparison["varying"]:
+        parts.append("The variants' models differ only in: " + ", ".join(f"`{k}`" for k in comparison["varying"]) + ".")
+    shared = ", ".join(f"{k}={_format_value(v)}" for k, v in comparison["shared"].items())
+    if shared:
+        parts.append(f"Shared by all: {shared}.")
+    if comparison["inconsistent"]:
+        parts.append("**Labels that do not match their models**: " + ", ".join(comparison["inconsistent"]) + ".")
+    if comparison["missing"]:
+        parts.append("No `job.json` (model not recorded) for: " + ", ".join(comparison["missing"]) + ".")
+    parts += [
+        "",
+        "Mask-head params: the mask head's own (C4's res5 is the box head's). Median step: forward, backward and "
+        "optimizer step of one training batch. Job wall time: building, training and the final evaluation.",
+    ]
+    return "\n".join(parts)
+
+
+def chart_figure(
+    variants: list[Variant],
+    title: str = "",
+    paper: dict[str, list[float]] | None = None,
+    ours_label: str = "ours",
+    paper_label: str = "paper (He et al. 2017, Table 2)",
+):
+    """Bars of mask AP, AP50, AP75 and box AP per variant (seed spread as error bars) and, where the paper has
+    numbers for the variants, the paper's beside them on a second panel. Returns the matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    paper = {v.name: paper[v.name] for v in variants if paper and v.name in paper}
+    panels = [(ours_label, {v.name: [100 * v.mean(k) for k, _ in COLUMNS] for v in variants}, True)]
+    if paper:
+        panels.append((paper_label, paper, False))
     width = 0.8 / len(COLUMNS)
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(variants) + 2), 4))
-    for i, (key, label) in enumerate(COLUMNS):
-        xs = [j + (i - (len(COLUMNS) - 1) / 2) * width for j in range(len(variants))]
-        ax.bar(xs, [100 * v.mean(key) for v in variants], width, yerr=[100 * v.std(key) for v in variants], label=label, capsize=3)
-    ax.set_xticks(range(len(variants)))
-    ax.set_xticklabels([v.name.replace(", ", "\n") for v in variants], fontsize=8)
-    ax.set_ylabel("AP (%)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(len(panels) * max(6, 1.6 * len(variants) + 2), 4), sharey=True, squeeze=False
+    )
+    for ax, (name, numbers, spread) in zip(axes[0], panels):
+        for i, (key, label) in enumerate(COLUMNS):
+            xs = [j + (i - (len(COLUMNS) - 1) / 2) * width for j in range(len(variants))]
+            heights = [numbers.get(v.name, [math.nan] * 4)[i] for v in variants]
+            errors = [100 * v.std(key) for v in variants] if spread else None
+            ax.bar(xs, heights, width, yerr=errors, label=label, capsize=3)
+        ax.set_xticks(range(len(variants)))
+        ax.set_xticklabels([v.name.replace(", ", "\n") for v in variants], fontsize=8)
+        ax.set_title(name, fontsize=10)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("AP (%)")
+    fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def chart(
+    variants: list[Variant],
+    path: str | Path,
+    title: str = "",
+    paper: dict[str, list[float]] | None = None,
+    paper_setting: dict[str, str] | None = None,
+) -> None:
+    """Save :func:`chart_figure` as a PNG, each panel titled with its setting's backbone and data."""
+    import matplotlib.pyplot as plt
+
+    ours = our_setting(variants)
+    paper_setting = {**PAPER_SETTING, **(paper_setting or {})}
+    ours_label = f"ours: {ours.get('backbone', '?')}, {ours.get('data', '?').split(' (')[0]} {ours.get('image size', '')}"
+    paper_label = f"paper (He et al. 2017, Table 2): {paper_setting.get('backbone', 'ResNet-50')}, COCO"
+    fig = chart_figure(variants, title, paper, ours_label.strip(), paper_label)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def summarize(
+    variants: list[Variant],
+    title: str,
+    variant_keys: list[str],
+    paper: dict[str, list[float]] | None = None,
+    paper_setting: dict[str, str] | None = None,
+) -> dict:
+    """The content of ``report.json``."""
+    ours = our_setting(variants)
+    paper_setting = {**PAPER_SETTING, **(paper_setting or {})}
+    comparison = compare_models(variants)
+    return {
+        "title": title,
+        "variant_keys": variant_keys,
+        "setting": {"ours": ours, "paper": paper_setting, "notes": setting_notes(ours, paper_setting)},
+        "compared": comparison,
+        "variants": [
+            {
+                "variant": v.name,
+                "seeds": v.seeds,
+                "runs": v.runs,
+                "mean": {k: v.mean(k) for k, _ in COLUMNS},
+                "std": {k: v.std(k) for k, _ in COLUMNS},
+                "paper": (paper or {}).get(v.name),
+                "model": (v.models() or [None])[0],
+                "parameters": {"total": v.parameters("total"), "mask_head": v.parameters("mask_head")},
+                "step_time_median_s": _or_none(v.record_mean("step_time_median_s")),
+                "wall_time_s": _or_none(v.record_mean("wall_time_s")),
+            }
+            for v in variants
+        ],
+    }
+
+
+def _or_none(x: float) -> float | None:
+    return None if math.isnan(x) else x
 
 
 def write_report(
@@ -137,6 +506,7 @@ def write_report(
     title: str = "",
     order: list[str] | None = None,
     paper: dict[str, list[float]] | None = None,
+    paper_setting: dict[str, str] | None = None,
 ) -> dict[str, Path]:
     """Write ``report.md``, ``report.json`` and ``report.png`` into ``sweep_dir``; returns their paths."""
     sweep_dir = Path(sweep_dir)
@@ -144,66 +514,94 @@ def write_report(
     if not variants:
         raise ValueError(f"no finished runs (with metrics.json) under {sweep_dir}")
     paths = {"md": sweep_dir / "report.md", "json": sweep_dir / "report.json", "png": sweep_dir / "report.png"}
-    paths["md"].write_text(markdown_table(variants, title, paper) + "\n")
-    summary = [
-        {
-            "variant": v.name,
-            "seeds": v.seeds,
-            "runs": v.runs,
-            "mean": {k: v.mean(k) for k, _ in COLUMNS},
-            "std": {k: v.std(k) for k, _ in COLUMNS},
-        }
-        for v in variants
-    ]
-    paths["json"].write_text(json.dumps({"title": title, "variant_keys": variant_keys, "variants": summary}, indent=2))
-    chart(variants, paths["png"], title)
+    paths["md"].write_text(markdown_report(variants, title, paper, paper_setting) + "\n")
+    summary = summarize(variants, title, variant_keys, paper, paper_setting)
+    # NaN (a paper number the paper does not give) is written as null: report.json stays standard JSON.
+    paths["json"].write_text(json.dumps(_nan_to_none(summary), indent=2))
+    chart(variants, paths["png"], title, paper, paper_setting)
     return paths
+
+
+def _nan_to_none(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value
 
 
 class AblationReportCallback(Callback):
     """Hydra callback: when a sweep ends, write its ablation report into the sweep directory.
 
     Configured by the ``experiment=ablation_*`` configs under ``hydra.callbacks``. When the sweep's
-    logger is W&B, the table and chart also go to a W&B run of ``job_type="report"`` in the
+    logger is W&B, the tables and chart also go to a W&B run of ``job_type="report"`` in the
     experiment's group.
 
     Args:
-        variant_keys: overrides that define a variant (e.g. ``["model/pooler"]``); others (seed) are averaged.
+        variant_keys: config groups or keys that define a variant (e.g. ``["model/pooler"]``); others (seed)
+            are averaged.
         title: table and chart title.
         order: variant names in table order.
         paper: published numbers per variant name, ``[AP, AP50, AP75, AP^bb]`` (nan where not reported).
+        paper_setting: the paper's setting for this table where it is not :data:`PAPER_SETTING` (e.g. its
+            backbone and RoIs per image).
     """
 
-    def __init__(self, variant_keys, title: str = "", order=None, paper=None):
+    def __init__(self, variant_keys, title: str = "", order=None, paper=None, paper_setting=None):
         self.variant_keys = list(variant_keys)
         self.title = title
         self.order = list(order) if order else None
         self.paper = {k: [float(x) for x in v] for k, v in (paper or {}).items()}
+        self.paper_setting = {str(k): str(v) for k, v in (paper_setting or {}).items()}
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = config.hydra.sweep.dir
         try:
-            paths = write_report(sweep_dir, self.variant_keys, self.title, self.order, self.paper)
+            paths = write_report(sweep_dir, self.variant_keys, self.title, self.order, self.paper, self.paper_setting)
         except ValueError as error:
             log.error("ablation report not written: %s", error)
             return
         log.info("ablation report: %s", ", ".join(str(p) for p in paths.values()))
         print(paths["md"].read_text(), flush=True)
-        if any("WandbLogger" in str(c.get("_target_", "")) for c in (config.get("logger") or [])):
+        if any("WandbLogger" in str(c.get("_target_", "")) for c in (config.get("logger") or {}).values()):
             log_to_wandb(paths, config)
 
 
+def wandb_rows(summary: dict) -> dict[str, tuple[list[str], list[list]]]:
+    """The W&B tables of a report (``report.json`` content): ``{name: (columns, rows)}``.
+
+    ``ablation/table``: per variant our means and spreads, the paper's numbers, parameters and times;
+    ``ablation/setting``: our setting beside the paper's.
+    """
+    keys = [k for k, _ in COLUMNS]
+    columns = ["variant", "seeds", *[f"{k} mean" for k in keys], *[f"{k} std" for k in keys]]
+    columns += [f"paper {label}" for _, label in COLUMNS]
+    columns += ["mask-head params", "params", "median step (s)", "job wall time (s)"]
+    rows = []
+    for v in summary["variants"]:
+        paper = v["paper"] or [None] * len(COLUMNS)
+        rows.append(
+            [
+                v["variant"], len(v["runs"]), *[v["mean"][k] for k in keys], *[v["std"][k] for k in keys], *paper,
+                v["parameters"]["mask_head"], v["parameters"]["total"], v["step_time_median_s"], v["wall_time_s"],
+            ]
+        )
+    setting = summary["setting"]
+    keys = [k for k in SETTING_ROWS if k in setting["ours"] or k in setting["paper"]]
+    setting_rows = [[k, setting["ours"].get(k, "-"), setting["paper"].get(k, "-")] for k in keys]
+    return {"ablation/table": (columns, rows), "ablation/setting": (["setting", "ours", "paper"], setting_rows)}
+
+
 def log_to_wandb(paths: dict[str, Path], config) -> None:
-    """Log the report table and chart to a W&B run (offline unless credentials are set)."""
+    """Log the report's tables and chart to a W&B run (offline unless credentials are set)."""
     import os
 
     import wandb
 
     summary = json.loads(paths["json"].read_text())
-    table = wandb.Table(columns=["variant", "seeds"] + [f"{k} mean" for k, _ in COLUMNS] + [f"{k} std" for k, _ in COLUMNS])
-    for v in summary["variants"]:
-        table.add_data(v["variant"], len(v["runs"]), *[v["mean"][k] for k, _ in COLUMNS], *[v["std"][k] for k, _ in COLUMNS])
-    logger_cfg = next(c for c in config.logger if "WandbLogger" in str(c.get("_target_", "")))
+    logger_cfg = next(c for c in config.logger.values() if "WandbLogger" in str(c.get("_target_", "")))
     has_key = bool(os.environ.get("WANDB_API_KEY")) or Path("~/.netrc").expanduser().exists()
     run = wandb.init(
         project=logger_cfg.get("project", "mrcnn"),
@@ -212,16 +610,16 @@ def log_to_wandb(paths: dict[str, Path], config) -> None:
         name=f"{config.get('experiment_name', 'ablation')}-report",
         dir=str(paths["md"].parent),
         mode=os.environ.get("WANDB_MODE", "online" if has_key else "offline"),
+        config={"setting": summary["setting"], "compared": summary["compared"]},
     )
-    run.log({"ablation/table": table, "ablation/chart": wandb.Image(str(paths["png"]))})
+    tables = {name: wandb.Table(columns=columns, data=rows) for name, (columns, rows) in wandb_rows(summary).items()}
+    run.log({**tables, "ablation/chart": wandb.Image(str(paths["png"]))})
     run.finish()
 
 
 def settings_from_sweep(sweep_dir: str | Path) -> dict:
-    """The report callback's arguments (variant keys, title, order, paper numbers) as the sweep recorded them
-    in ``<sweep_dir>/multirun.yaml``; empty when the sweep had no report callback."""
-    from omegaconf import OmegaConf
-
+    """The report callback's arguments (variant keys, title, order, paper numbers and setting) as the sweep
+    recorded them in ``<sweep_dir>/multirun.yaml``; empty when the sweep had no report callback."""
     path = Path(sweep_dir) / "multirun.yaml"
     if not path.is_file():
         return {}
@@ -240,7 +638,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sweep_dir")
     parser.add_argument(
         "--keys", nargs="+", default=None,
-        help="overrides that define a variant, e.g. model/pooler (default: those in the sweep's multirun.yaml)",
+        help="config groups or keys that define a variant, e.g. model/pooler (default: those in the sweep's multirun.yaml)",
     )
     parser.add_argument("--title", default=None)
     args = parser.parse_args(argv)
@@ -253,7 +651,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--keys is needed: {args.sweep_dir}/multirun.yaml has no ablation_report callback")
     # The callback's own constructor normalises the recorded settings, as when Hydra built it for the sweep.
     report = AblationReportCallback(**settings)
-    paths = write_report(args.sweep_dir, report.variant_keys, report.title, report.order, report.paper)
+    paths = write_report(
+        args.sweep_dir, report.variant_keys, report.title, report.order, report.paper, report.paper_setting
+    )
     print(paths["md"].read_text())
     print("wrote", ", ".join(str(p) for p in paths.values()))
 

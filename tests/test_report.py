@@ -1,11 +1,13 @@
 """Ablation reports: grouping a sweep's jobs into variants, mean and spread over seeds, table, chart."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mrcnn.report import collect, markdown_table, write_report
 
@@ -104,3 +106,134 @@ def test_the_rebuild_command_needs_keys_without_a_recorded_callback(sweep):
 def test_an_empty_sweep_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no finished runs"):
         write_report(tmp_path, ["model/pooler"])
+
+
+# ---- what was compared: labels from what ran, the setting, the built models, parameters and time -------------
+
+
+def real_job(sweep: Path, name: str, choices: dict, config: dict, metrics_: dict, record: dict | None, overrides=()):
+    """A job folder as a sweep writes it: overrides, the group choices (hydra.yaml), the config, metrics and
+    (from the JobRecord callback) job.json."""
+    fake_job(sweep, name, list(overrides), metrics_)
+    job = sweep / name
+    (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    if record is not None:
+        (job / "job.json").write_text(json.dumps(record))
+
+
+def model(pooler="RoIPoolPooler", mode="max", sampling_ratio=None):
+    return {
+        "backbone": "ResNet-18-FPN", "backbone.width": 64, "backbone.norm": "GroupNorm", "rois_per_image": 64,
+        "pooler": pooler, "pooler.mode": mode, "pooler.sampling_ratio": sampling_ratio,
+        "mask_head": "FCNMaskHead", "mask_loss": "SigmoidMaskLoss", "mask_targets": "soft",
+    }
+
+
+CONFIG = {
+    "seed": 0, "base_lr": 0.04, "module": {"base_batch_size": 16}, "model": {"depth": 18, "width": 64, "backbone_weights": None},
+    "data": {"image_size": 128, "num_train_images": 2000, "num_val_images": 200, "datamodule": {"batch_size": 8}},
+    "trainer": {"max_epochs": 4},
+}
+
+
+@pytest.fixture
+def recorded_sweep(tmp_path):
+    """Two poolers over two seeds, each job with its config, choices and job.json (as experiment=... writes them)."""
+    for i, (option, seed, built, step) in enumerate(
+        [
+            ("roi_pool", 0, model(), 0.5),
+            ("roi_warp_max", 0, model("RoIWarpPooler", "max", 2), 0.6),
+            ("roi_pool", 1, model(), 0.7),
+            ("roi_warp_max", 1, model("RoIWarpPooler", "max", 2), 0.8),
+        ]
+    ):
+        record = {
+            "model": built, "parameters": {"total": 12_466_553, "mask_head": 164_871},
+            "train_steps": 1000, "step_time_median_s": step, "wall_time_s": 420.0 + 60 * seed,
+        }
+        real_job(
+            tmp_path, str(i), {"model/pooler": option, "model/backbone": "fpn", "data": "shapes"},
+            {**CONFIG, "seed": seed}, {**metrics(0.2 + 0.1 * i), "global_step": 1000, "world_size": 1}, record,
+            overrides=[f"model/pooler={option}", f"seed={seed}"],
+        )
+    return tmp_path
+
+
+def test_a_job_is_labelled_by_the_choice_it_was_composed_with(tmp_path):
+    # The overrides name one option, the composed config another (as a `+group` sweep beside a user's `group=`
+    # did): the label is what the job ran.
+    real_job(tmp_path / "a", "0", {"ablation/mask_loss": "sigmoid"}, CONFIG, metrics(0.3), None, ["ablation/mask_loss=softmax"])
+    assert [v.name for v in collect(tmp_path / "a", ["ablation/mask_loss"])] == ["ablation/mask_loss=sigmoid"]
+    # A plain key nobody overrode: its value in the job's config.
+    config = {**CONFIG, "model": {**CONFIG["model"], "mask_target_form": "binary"}}
+    real_job(tmp_path / "b", "0", {}, config, metrics(0.2), None)
+    assert [v.name for v in collect(tmp_path / "b", ["model.mask_target_form"])] == ["model.mask_target_form=binary"]
+
+
+def test_the_report_states_our_setting_beside_the_papers_and_what_each_variant_built_and_cost(recorded_sweep):
+    paths = write_report(
+        recorded_sweep, ["model/pooler"], "Table 2c", paper={"model/pooler=roi_warp_max": [27.2, 49.2, 27.1, float("nan")]},
+        paper_setting={"backbone": "ResNet-50-C4", "RoIs per image": "64"},
+    )
+    text = paths["md"].read_text()
+    # Ours, generated from the jobs; the paper's from the experiment's callback and PAPER_SETTING.
+    assert "| backbone | ResNet-18-FPN | ResNet-50-C4 |" in text
+    assert "| width | 64 | 64 (standard ResNet) |" in text and "| norm | GroupNorm |" in text
+    assert "| data | shapes (2,000 train / 200 val images) | COCO trainval35k" in text
+    assert "| image size | 128x128 | shorter side 800" in text
+    assert "| training | 1,000 steps (4 epochs) | 160k iterations" in text
+    assert "| batch | 8 images | 16 images" in text and "| learning rate | 0.02 (base_lr 0.04 at batch 16) | 0.02 |" in text
+    assert "| seeds | 0, 1 | one run |" in text and "| RoIs per image | 64 | 64 |" in text
+    assert "Not the paper's backbone design: these runs use FPN; the paper's rows were measured on C4." in text
+    # Per variant: what differs in the built model, parameters, step and wall time.
+    assert "| variant | built (what differs between the variants) | mask-head params | params | median step | job wall time |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| model/pooler=roi_warp_max | pooler="))
+    assert "pooler=RoIWarpPooler, pooler.sampling_ratio=2" in row
+    assert "| 0.165 M | 12.5 M | 0.70 s | 7.5 min |" in row
+    assert "The variants' models differ only in: `pooler`, `pooler.sampling_ratio`." in text
+    summary = json.loads(paths["json"].read_text(), parse_constant=lambda c: pytest.fail(f"{c} in report.json"))
+    assert summary["setting"]["ours"]["backbone"] == "ResNet-18-FPN" and summary["setting"]["paper"]["backbone"] == "ResNet-50-C4"
+    assert summary["compared"]["varying"] == ["pooler", "pooler.sampling_ratio"]
+    warp = summary["variants"][1]
+    assert warp["parameters"] == {"total": 12_466_553, "mask_head": 164_871}
+    assert warp["step_time_median_s"] == pytest.approx(0.7) and warp["wall_time_s"] == pytest.approx(450.0)
+    assert warp["paper"] == [27.2, 49.2, 27.1, None] and warp["model"]["pooler"] == "RoIWarpPooler"
+
+
+def test_a_label_whose_jobs_built_different_models_is_flagged(recorded_sweep):
+    # Seed 1's "roi_warp_max" job built RoIAlign: the label does not say what ran.
+    record = json.loads((recorded_sweep / "3" / "job.json").read_text())
+    record["model"] = model("RoIAlignPooler", "max", 2)
+    (recorded_sweep / "3" / "job.json").write_text(json.dumps(record))
+    text = write_report(recorded_sweep, ["model/pooler"])["md"].read_text()
+    assert "**INCONSISTENT: its jobs built different models**" in text
+    assert "**Labels that do not match their models**: model/pooler=roi_warp_max." in text
+
+
+def test_the_chart_puts_the_papers_numbers_beside_ours(recorded_sweep):
+    from mrcnn.report import chart_figure
+
+    variants = collect(recorded_sweep, ["model/pooler"])
+    fig = chart_figure(variants, "Table 2c", paper={"model/pooler=roi_warp_max": [27.2, 49.2, 27.1, float("nan")]})
+    ours, papers = fig.axes
+    assert papers.get_title().startswith("paper")
+    # The paper panel's AP bar of roi_warp_max (the second variant; AP is the first of the four bar groups).
+    heights = [bar.get_height() for bar in papers.patches]
+    assert heights[1] == pytest.approx(27.2) and math.isnan(heights[0])
+    assert [bar.get_height() for bar in ours.patches][0] == pytest.approx(100 * variants[0].mean("segm_AP"))
+    assert len(chart_figure(variants).axes) == 1  # no paper numbers: one panel
+
+
+def test_the_wandb_tables_carry_the_paper_parameters_time_and_setting(recorded_sweep):
+    from mrcnn.report import wandb_rows
+
+    paths = write_report(recorded_sweep, ["model/pooler"], paper={"model/pooler=roi_pool": [26.9, 48.8, 26.4, float("nan")]})
+    tables = wandb_rows(json.loads(paths["json"].read_text()))
+    columns, rows = tables["ablation/table"]
+    row = dict(zip(columns, rows[0]))
+    assert row["variant"] == "model/pooler=roi_pool" and row["paper AP"] == 26.9 and row["paper AP^bb"] is None
+    assert row["mask-head params"] == 164_871 and row["params"] == 12_466_553
+    assert row["median step (s)"] == pytest.approx(0.6) and row["job wall time (s)"] == pytest.approx(450.0)
+    columns, rows = tables["ablation/setting"]
+    assert columns == ["setting", "ours", "paper"] and ["backbone", "ResNet-18-FPN", "-"] in rows
