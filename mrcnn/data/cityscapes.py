@@ -15,6 +15,11 @@ trailer 30, train 31, motorcycle 32, bicycle 33. Caravan and trailer have
 instances but are ignored in the official evaluation; like Detectron2 we leave
 them out (their pixels count as background), which leaves the 8 evaluated classes.
 
+Memory: the file pairs are packed into one byte buffer and the sizes into an int
+array (:class:`~mrcnn.data.records.PackedRecords`, as for COCO), so DataLoader
+workers read them without copying them; ``image_files``, ``instance_files``,
+``image_sizes`` and ``image_ids`` are lists made on access.
+
 Metric: the project reports COCO-style mask AP (pycocotools, IoU 0.5:0.95, crowd
 regions as ignore regions) over these 8 classes. That is not the official
 Cityscapes instance AP (``evalInstanceLevelSemanticLabeling``, which among other
@@ -35,6 +40,7 @@ import torch
 from PIL import Image
 
 from mrcnn.data.coco import read_rgb_image
+from mrcnn.data.records import PackedRecords
 from mrcnn.data.transforms import InstanceTransform, to_sample, transform_instances
 
 __all__ = ["CITYSCAPES_CLASSES", "CITYSCAPES_LABEL_IDS", "CityscapesDataset", "read_instance_ids"]
@@ -145,9 +151,7 @@ class CityscapesDataset(torch.utils.data.Dataset):
         for folder in (image_root, gt_root):
             if not folder.is_dir():
                 raise FileNotFoundError(f"Cityscapes folder not found: {folder} (expected under data root {self.root})")
-        self.image_files: list[Path] = []
-        self.instance_files: list[Path] = []
-        self.image_sizes: list[tuple[int, int]] = []
+        image_files, instance_files, sizes = [], [], []
         self.skipped_images: Counter[str] = Counter()
         missing_examples = []
         for image_file in sorted(image_root.glob(f"*/*{_IMAGE_SUFFIX}")):
@@ -157,12 +161,17 @@ class CityscapesDataset(torch.utils.data.Dataset):
                 self.skipped_images["no gtFine instanceIds file"] += 1
                 missing_examples.append(str(instance_file))
                 continue
-            self.image_sizes.append(self._check_pair(image_file, instance_file))
-            self.image_files.append(image_file)
-            self.instance_files.append(instance_file)
-        if not self.image_files:
+            sizes.append(self._check_pair(image_file, instance_file))
+            image_files.append(image_file)
+            instance_files.append(instance_file)
+        if not image_files:
             raise FileNotFoundError(f"no '*{_IMAGE_SUFFIX}' images with instanceIds files found under {image_root}")
-        self.image_ids = list(range(1, len(self.image_files) + 1))
+        # Paths relative to the root, as str: (leftImg8bit path, gtFine path) per item.
+        self._files = PackedRecords(
+            (str(image.relative_to(self.root)), str(ids.relative_to(self.root)))
+            for image, ids in zip(image_files, instance_files)
+        )
+        self._image_sizes = np.asarray(sizes, dtype=np.int64).reshape(len(sizes), 2)  # [N, 2] (height, width)
         self.skip_report = ""
         if self.skipped_images:
             self.skip_report = (
@@ -198,7 +207,32 @@ class CityscapesDataset(torch.utils.data.Dataset):
         return len(self.class_names)
 
     def __len__(self) -> int:
-        return len(self.image_files)
+        return len(self._files)
+
+    def files(self, index: int) -> tuple[Path, Path]:
+        """``(image file, instanceIds file)`` of item ``index``."""
+        image_file, instance_file = self._files[index]
+        return self.root / image_file, self.root / instance_file
+
+    @property
+    def image_files(self) -> list[Path]:
+        """The ``*_leftImg8bit.png`` file of each item."""
+        return [self.files(i)[0] for i in range(len(self))]
+
+    @property
+    def instance_files(self) -> list[Path]:
+        """The ``*_gtFine_instanceIds.png`` file of each item."""
+        return [self.files(i)[1] for i in range(len(self))]
+
+    @property
+    def image_ids(self) -> list[int]:
+        """Image id of each item: 1..N in sorted file order."""
+        return list(range(1, len(self) + 1))
+
+    @property
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """``(height, width)`` of each item, from the PNG headers."""
+        return [(height, width) for height, width in self._image_sizes.tolist()]
 
     def instances(self, index: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Masks and per-instance fields of item ``index`` before any transform.
@@ -208,7 +242,7 @@ class CityscapesDataset(torch.utils.data.Dataset):
                 crowd regions if ``include_crowd``.
             fields: ``labels`` int64 ``[N]`` (1..K) and ``iscrowd`` int64 ``[N]``.
         """
-        ids = read_instance_ids(self.instance_files[index])
+        ids = read_instance_ids(self.files(index)[1])
         values = np.unique(ids)
         # labelId*1000+k for instances; a bare labelId (< 1000) for a group region.
         is_instance = values >= 1000
@@ -223,14 +257,14 @@ class CityscapesDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         """Returns ``(image float32 [3, H, W], target)`` following the data contract."""
-        image = read_rgb_image(self.image_files[index])
+        image_file, instance_file = self.files(index)
+        image = read_rgb_image(image_file)
         masks, fields = self.instances(index)  # [N, H, W], also for N = 0
         if image.shape[:2] != masks.shape[1:]:
-            raise ValueError(f"{self.instance_files[index]} and {self.image_files[index]} differ in size")
+            raise ValueError(f"{instance_file} and {image_file} differ in size")
         image, masks, boxes, fields = transform_instances(self.transforms, image, masks, fields)
-        return to_sample(
-            image, masks, fields["labels"], image_id=self.image_ids[index], boxes=boxes, iscrowd=fields["iscrowd"]
-        )
+        image_id = range(1, len(self) + 1)[index]  # 1..N, also for a negative index
+        return to_sample(image, masks, fields["labels"], image_id=image_id, boxes=boxes, iscrowd=fields["iscrowd"])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.root}, split={self.split!r}, {len(self)} images)"

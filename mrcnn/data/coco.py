@@ -14,17 +14,38 @@ Labels: the json's category ids (COCO's 1..90 with gaps) map to contiguous label
 Crowd regions (``iscrowd=1``) are left out of the targets by default, as the model
 must not train on them. Evaluation uses :attr:`CocoDataset.coco_gt`, the json's
 own ground truth, where pycocotools treats them as ignore regions.
+
+Memory: after the build the dataset holds no per-image Python objects. Each json
+image and its usable annotations are pickled into one byte buffer
+(:class:`~mrcnn.data.records.PackedRecords`); ids and sizes are int arrays. Forked
+DataLoader workers read the buffer without copying it, where a list of dicts is
+copied into every worker as it reads it (reference counts are writes). Measured
+with ``benchmarks/coco_scale.py`` on a COCO-train-sized json (118,287 images,
+860k annotations, 502 MiB): see ``benchmarks/README.md``.
+
+Processes: a process parses a json once, when it builds the dataset (a run builds
+each dataset once per process; the class names that ``data=coco_format`` reads from
+the training json come from its ``categories`` list alone). Under DDP, and under
+SLURM with one task per GPU, every rank builds its own dataset: the ranks parse in
+parallel, each in the time of one build, and each holds one buffer that its
+DataLoader workers share. No cache file is written next to the json: there is none
+to go stale, the data folder may be read-only, and ranks that start at different
+times need no locking. The evaluation ground truth (:attr:`CocoDataset.coco_gt`) is
+built on first use, by each process that runs ``CocoEvaluator.compute``, once.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import io
 import json
 import logging
+import mmap
 import os
+import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -34,14 +55,28 @@ import pycocotools.mask as mask_utils
 import torch
 from PIL import Image
 
+from mrcnn.data.records import PackedRecords, gc_paused, release_freed_memory
 from mrcnn.data.transforms import InstanceTransform, to_sample, transform_instances
 
-__all__ = ["CocoDataset", "decode_masks", "load_coco_json", "read_category_names", "read_rgb_image", "segmentation_to_rle"]
+__all__ = [
+    "CocoDataset",
+    "LazyCoco",
+    "decode_masks",
+    "load_coco_json",
+    "read_category_names",
+    "read_rgb_image",
+    "segmentation_to_rle",
+]
 
 log = logging.getLogger(__name__)
 
 # How many example annotation ids each skip reason names in the log line.
 _EXAMPLES_PER_REASON = 3
+# The types a polygon coordinate may have, as json gives them (bool: isinstance(True, int) passed before).
+_NUMBER_TYPES = frozenset({int, float, bool})
+# Bytes of the json decoded at a time when only its "categories" list is read.
+_CATEGORIES_WINDOWS = (1 << 16, 1 << 20, 1 << 24)
+_KEY_SEPARATOR = re.compile(rb"\s*:\s*")
 
 
 def load_coco_json(path: str | os.PathLike) -> dict:
@@ -58,7 +93,7 @@ def load_coco_json(path: str | os.PathLike) -> dict:
     if path.stat().st_size == 0:
         raise ValueError(f"COCO annotation file {path} is empty")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f, gc_paused():
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"COCO annotation file {path} is not valid JSON: {err}") from err
@@ -73,10 +108,60 @@ def load_coco_json(path: str | os.PathLike) -> dict:
 
 
 def read_category_names(path: str | os.PathLike) -> list[str]:
-    """Category names of a COCO json in category-id order (label ``i + 1`` is ``names[i]``)."""
-    data = load_coco_json(path)
-    categories = sorted(_check_categories(data["categories"], path), key=lambda c: c["id"])
+    """Category names of a COCO json in category-id order (label ``i + 1`` is ``names[i]``).
+
+    Decodes only the json's ``"categories"`` list where it can (see
+    :func:`_read_categories_only`), so reading the names before the dataset is built
+    does not parse a training json twice; otherwise loads the whole file.
+    """
+    categories = _read_categories_only(path)
+    if categories is None:
+        categories = load_coco_json(path)["categories"]
+    categories = sorted(_check_categories(categories, path), key=lambda c: c["id"])
     return [c["name"] for c in categories]
+
+
+def _read_categories_only(path: str | os.PathLike) -> list | None:
+    """The json's top-level ``"categories"`` list decoded alone, or ``None`` where that is not safe.
+
+    In valid JSON a quote inside a string is escaped, so the text ``"categories"``
+    occurring exactly once in a COCO json is the key of its top-level list (a nested
+    key of that name, or a string with that value, would make a second occurrence).
+    Its value is decoded from a window of the file that grows until the list is
+    complete. Anything unexpected (two occurrences, not a non-empty list, invalid
+    text) returns ``None`` and the caller reads the whole file, which reports errors
+    properly; the dataset checks the whole file when it is built.
+    """
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    # Mapped, not read: the file's pages stay in the page cache instead of a copy in this process.
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as raw:
+        return _decode_categories(raw)
+
+
+def _decode_categories(raw: mmap.mmap) -> list | None:
+    """The value of the only ``"categories"`` key of a json's bytes, or ``None`` (see :func:`_read_categories_only`)."""
+    key = b'"categories"'
+    first = raw.find(key)
+    if first < 0 or raw.find(key, first + 1) >= 0:
+        return None
+    colon = _KEY_SEPARATOR.match(raw, first + len(key))
+    if colon is None:
+        return None
+    start = colon.end()
+    for size in (*_CATEGORIES_WINDOWS, len(raw) - start):
+        last = start + size >= len(raw)
+        try:
+            # Incremental decoding keeps a character cut by the window's end back instead of failing on it.
+            text = codecs.getincrementaldecoder("utf-8")().decode(raw[start : start + size], final=last)
+            value, _ = json.JSONDecoder().raw_decode(text)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if last:
+                return None
+            continue
+        return value if isinstance(value, list) and value else None
+    return None
 
 
 def read_rgb_image(path: str | os.PathLike) -> np.ndarray:
@@ -100,7 +185,9 @@ def _check_categories(categories: list, path) -> list[dict]:
     ids, names = set(), set()
     for category in categories:
         if not isinstance(category, dict) or "id" not in category or "name" not in category:
-            raise ValueError(f"COCO annotation file {path}: every category needs an 'id' and a 'name', got {category!r}")
+            raise ValueError(
+                f"COCO annotation file {path}: every category needs an 'id' and a 'name', got {category!r}"
+            )
         if category["id"] in ids:
             raise ValueError(f"COCO annotation file {path}: category id {category['id']} appears twice")
         if category["name"] in names:
@@ -137,12 +224,19 @@ class CocoDataset(torch.utils.data.Dataset):
         class_names: names of labels 1..K.
         label_to_category_id: ``{label: json category id}``.
         category_id_to_label: the inverse map.
-        image_ids: json image id of each item.
-        image_sizes: ``(height, width)`` of each item, from the json.
+        image_ids: json image id of each item (a list made on access).
+        image_sizes: ``(height, width)`` of each item, from the json (a list made on access).
+        num_annotations: usable annotations (crowd included), over all images of the json.
         skipped: ``Counter`` of skipped annotations by reason.
         repaired: ``Counter`` of annotations that were kept after removing a
             broken part (a polygon with fewer than 3 points).
         skipped_images: ``Counter`` of left-out images by reason.
+
+    Storage (see the module docstring): one packed record per json image, ``(image
+    entry, usable annotations in json order)``, and int64 arrays for the rest:
+    ``_item_records [len]`` (the record of each item), ``_image_ids [len]``,
+    ``_image_sizes [len, 2]`` and ``_gt_order [num_annotations]`` (the json position
+    of each annotation in record order, which puts the ground truth back in json order).
     """
 
     def __init__(
@@ -161,41 +255,28 @@ class CocoDataset(torch.utils.data.Dataset):
         self.include_crowd = bool(include_crowd)
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.image_dir} (for {self.ann_file})")
-        data = load_coco_json(self.ann_file)
-
-        self._categories = self._select_categories(_check_categories(data["categories"], self.ann_file), classes)
-        self.class_names = [c["name"] for c in self._categories]
-        self.label_to_category_id = {label: c["id"] for label, c in enumerate(self._categories, start=1)}
-        self.category_id_to_label = {cid: label for label, cid in self.label_to_category_id.items()}
-        self._all_category_ids = {c["id"] for c in data["categories"]}
-
-        self._images = self._check_images(data["images"])
         self.skipped: Counter[str] = Counter()
         self.repaired: Counter[str] = Counter()
         self.skipped_images: Counter[str] = Counter()
         self._examples: dict[str, list] = {}
-        annotations = self._clean_annotations(data["annotations"])
-
-        # Per image, its usable annotations in json order.
-        by_image: dict[int, list[dict]] = {image["id"]: [] for image in self._images}
-        for annotation in annotations:
-            by_image[annotation["image_id"]].append(annotation)
-        images = self._images
-        if drop_images_without_annotations:
-            images = [im for im in images if any(not a.get("iscrowd", 0) for a in by_image[im["id"]])]
-            if len(images) < len(self._images):
-                self.skipped_images["no usable non-crowd annotation"] = len(self._images) - len(images)
-        self._items = [(image, by_image[image["id"]]) for image in images]
-        self.image_ids = [image["id"] for image, _ in self._items]
-        self.image_sizes = [(int(image["height"]), int(image["width"])) for image, _ in self._items]
-        # What the evaluator's ground truth is built from (all images: evaluation keeps empty ones).
-        self._gt_dataset = {
-            "images": self._images,
-            "annotations": annotations,
-            "categories": self._categories,
-        }
-        if check_files:
-            self._check_files_exist()
+        # The parsed json is millions of objects without reference cycles: collecting garbage while
+        # they are made and checked would only cost time. They are all freed when the build returns.
+        with gc_paused():
+            data = load_coco_json(self.ann_file)
+            self._categories = self._select_categories(_check_categories(data["categories"], self.ann_file), classes)
+            self.class_names = [c["name"] for c in self._categories]
+            self.label_to_category_id = {label: c["id"] for label, c in enumerate(self._categories, start=1)}
+            self.category_id_to_label = {cid: label for label, cid in self.label_to_category_id.items()}
+            self._all_category_ids = {c["id"] for c in data["categories"]}
+            images = self._check_images(data["images"])
+            annotations = self._clean_annotations(data["annotations"], images)
+            per_image = self._group_by_image(images, annotations)
+            kept = self._kept_images(per_image, annotations, drop_images_without_annotations)
+            if check_files:
+                self._check_files_exist([images[row]["file_name"] for row in kept])
+            self._store(images, annotations, per_image, kept)
+            del data, images, annotations, per_image
+        release_freed_memory()  # the parsed json's heap
         self._report()
 
     # ------------------------------------------------------------------ loading
@@ -208,9 +289,7 @@ class CocoDataset(torch.utils.data.Dataset):
         by_name = {c["name"]: c for c in categories}
         unknown = [name for name in classes if name not in by_name]
         if unknown:
-            raise ValueError(
-                f"classes {unknown} are not categories of {self.ann_file}; it has {sorted(by_name)}"
-            )
+            raise ValueError(f"classes {unknown} are not categories of {self.ann_file}; it has {sorted(by_name)}")
         if len(set(classes)) != len(classes):
             raise ValueError(f"duplicate names in classes {list(classes)}")
         return [by_name[name] for name in classes]
@@ -218,9 +297,16 @@ class CocoDataset(torch.utils.data.Dataset):
     def _check_images(self, images: list) -> list[dict]:
         seen = set()
         for image in images:
-            missing = [k for k in ("id", "file_name", "height", "width") if not isinstance(image, dict) or k not in image]
+            missing = [
+                k for k in ("id", "file_name", "height", "width") if not isinstance(image, dict) or k not in image
+            ]
             if missing:
                 raise ValueError(f"COCO annotation file {self.ann_file}: image entry {image!r} lacks {missing}")
+            if not isinstance(image["id"], int) or isinstance(image["id"], bool):
+                raise ValueError(
+                    f"COCO annotation file {self.ann_file}: image {image['file_name']} has id {image['id']!r}, "
+                    "not an integer"
+                )
             if image["id"] in seen:
                 raise ValueError(f"COCO annotation file {self.ann_file}: image id {image['id']} appears twice")
             if not (image["height"] > 0 and image["width"] > 0):
@@ -237,9 +323,9 @@ class CocoDataset(torch.utils.data.Dataset):
         if len(examples) < _EXAMPLES_PER_REASON:
             examples.append(annotation.get("id", "?") if isinstance(annotation, dict) else "?")
 
-    def _clean_annotations(self, annotations: list) -> list[dict]:
-        """The usable annotations; the others are counted in ``self.skipped``."""
-        images = {image["id"]: image for image in self._images}
+    def _clean_annotations(self, annotations: list, images: list[dict]) -> list[dict]:
+        """The usable annotations, in json order; the others are counted in ``self.skipped``."""
+        images = {image["id"]: image for image in images}
         kept = []
         for annotation in annotations:
             if not isinstance(annotation, dict):
@@ -277,7 +363,8 @@ class CocoDataset(torch.utils.data.Dataset):
             return annotation, None
         if not isinstance(segmentation, list) or not segmentation:
             return annotation, "no segmentation"
-        if not all(isinstance(p, list) and all(isinstance(x, (int, float)) for x in p) for p in segmentation):
+        # set(map(type, ...)) runs in C: per-number isinstance calls were a third of the build.
+        if not all(isinstance(p, list) and set(map(type, p)) <= _NUMBER_TYPES for p in segmentation):
             return annotation, "malformed polygon"
         # pycocotools reads a 4-number polygon as a box: a polygon needs at least 3 points (6 numbers).
         polygons = [p for p in segmentation if len(p) >= 6 and len(p) % 2 == 0]
@@ -309,11 +396,49 @@ class CocoDataset(torch.utils.data.Dataset):
         for i, annotation in enumerate(annotations):
             annotations[i] = dict(annotation, id=i + 1)
 
-    def _check_files_exist(self) -> None:
+    def _group_by_image(self, images: list[dict], annotations: list[dict]) -> list[list[int]]:
+        """Per json image (json order), the positions in ``annotations`` of its annotations (json order)."""
+        row_of = {image["id"]: row for row, image in enumerate(images)}
+        per_image: list[list[int]] = [[] for _ in images]
+        for position, annotation in enumerate(annotations):
+            per_image[row_of[annotation["image_id"]]].append(position)
+        return per_image
+
+    def _kept_images(
+        self, per_image: list[list[int]], annotations: list[dict], drop_images_without_annotations: bool
+    ) -> list[int]:
+        """The json rows of the images served as items (all, or those with a usable non-crowd annotation)."""
+        rows = range(len(per_image))
+        if not drop_images_without_annotations:
+            return list(rows)
+        kept = [row for row in rows if any(not annotations[p].get("iscrowd", 0) for p in per_image[row])]
+        if len(kept) < len(per_image):
+            self.skipped_images["no usable non-crowd annotation"] = len(per_image) - len(kept)
+        return kept
+
+    def _store(self, images: list[dict], annotations: list[dict], per_image: list[list[int]], kept: list[int]) -> None:
+        """Packs one record per json image and the items' ids and sizes into arrays (see the class docstring).
+
+        Every image stays in the records, also one left out of the items: the
+        evaluation ground truth lists them all.
+        """
+        self._records = PackedRecords(
+            (image, [annotations[p] for p in positions]) for image, positions in zip(images, per_image)
+        )
+        self._gt_order = np.fromiter(
+            (p for positions in per_image for p in positions), dtype=np.int64, count=len(annotations)
+        )
+        self._item_records = np.asarray(kept, dtype=np.int64)
+        self._image_ids = np.asarray([images[row]["id"] for row in kept], dtype=np.int64)
+        sizes = [(int(images[row]["height"]), int(images[row]["width"])) for row in kept]
+        self._image_sizes = np.asarray(sizes, dtype=np.int64).reshape(len(kept), 2)
+        self.num_annotations = len(annotations)
+
+    def _check_files_exist(self, file_names: list[str]) -> None:
         listings: dict[Path, set[str]] = {}
         missing = []
-        for image, _ in self._items:
-            path = self.image_dir / image["file_name"]
+        for file_name in file_names:
+            path = self.image_dir / file_name
             folder = path.parent
             if folder not in listings:
                 listings[folder] = set(os.listdir(folder)) if folder.is_dir() else set()
@@ -321,7 +446,7 @@ class CocoDataset(torch.utils.data.Dataset):
                 missing.append(str(path))
         if missing:
             raise FileNotFoundError(
-                f"{len(missing)} of {len(self._items)} image files listed in {self.ann_file} are missing, "
+                f"{len(missing)} of {len(file_names)} image files listed in {self.ann_file} are missing, "
                 f"e.g. {missing[:3]}"
             )
 
@@ -337,7 +462,9 @@ class CocoDataset(torch.utils.data.Dataset):
 
         messages = []
         if self.skipped:
-            messages.append(f"skipped {sum(self.skipped.values())} annotations: {describe(self.skipped, self._examples)}")
+            messages.append(
+                f"skipped {sum(self.skipped.values())} annotations: {describe(self.skipped, self._examples)}"
+            )
         if self.repaired:
             messages.append(f"repaired {sum(self.repaired.values())} annotations: {describe(self.repaired)}")
         if self.skipped_images:
@@ -347,7 +474,10 @@ class CocoDataset(torch.utils.data.Dataset):
             log.warning("%s: %s", self.ann_file, self.skip_report)
         log.info(
             "%s: %d images, %d annotations, %d classes",
-            self.ann_file, len(self), len(self._gt_dataset["annotations"]), self.num_classes,
+            self.ann_file,
+            len(self),
+            self.num_annotations,
+            self.num_classes,
         )
 
     # ---------------------------------------------------------------- accessors
@@ -357,28 +487,54 @@ class CocoDataset(torch.utils.data.Dataset):
         """Number of foreground classes K (labels run 1..K)."""
         return len(self.class_names)
 
+    @property
+    def image_ids(self) -> list[int]:
+        """The json image id of each item."""
+        return self._image_ids.tolist()
+
+    @property
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """``(height, width)`` of each item, from the json."""
+        return [(height, width) for height, width in self._image_sizes.tolist()]
+
     @cached_property
     def coco_gt(self) -> pycocotools.coco.COCO:
         """The ground truth for evaluation: the json's images, usable annotations (crowd included) and categories.
 
-        Built on first use (indexing a large json takes seconds). For a clean json
-        whose categories are all used, evaluating against it gives exactly what
+        A pycocotools ``COCO`` whose dataset and index are built from the packed
+        records on first use (by ``CocoEvaluator.compute``), once per process: a
+        process that only trains never builds it, and the DataLoader workers forked
+        before the first evaluation do not inherit it. For a clean json whose
+        categories are all used, evaluating against it gives exactly what
         pycocotools gives on the json file itself.
         """
-        coco = pycocotools.coco.COCO()
-        # Shallow copies: COCOeval writes into the annotation dicts it evaluates
-        # (``ignore``, polygons replaced by RLE), and these are the dataset's own.
-        coco.dataset = dict(self._gt_dataset, annotations=[dict(a) for a in self._gt_dataset["annotations"]])
-        with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
-            coco.createIndex()
-        return coco
+        return LazyCoco(self._ground_truth)
+
+    def _ground_truth(self) -> dict:
+        """The ground truth's COCO dataset dict, annotations in json order, all objects fresh.
+
+        Fresh objects matter: COCOeval writes into the annotation dicts it evaluates
+        (``ignore``, polygons replaced by RLE).
+        """
+        images, grouped = [], []
+        for image, image_annotations in self._records:
+            images.append(image)
+            grouped.extend(image_annotations)
+        in_json_order: list = [None] * len(grouped)
+        for annotation, position in zip(grouped, self._gt_order.tolist()):
+            in_json_order[position] = annotation
+        return {"images": images, "annotations": in_json_order, "categories": [dict(c) for c in self._categories]}
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._item_records)
+
+    def record(self, index: int) -> tuple[dict, list[dict]]:
+        """Item ``index``'s json image entry and usable annotations (json order, crowd included), as fresh objects."""
+        return self._records[int(self._item_records[index])]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         """Returns ``(image float32 [3, H, W], target)`` following the data contract."""
-        image_info, annotations = self._items[index]
+        image_info, annotations = self.record(index)
         path = self.image_dir / image_info["file_name"]
         image = read_rgb_image(path)
         height, width = int(image_info["height"]), int(image_info["width"])
@@ -394,10 +550,39 @@ class CocoDataset(torch.utils.data.Dataset):
             "iscrowd": np.array([int(bool(a.get("iscrowd", 0))) for a in annotations], dtype=np.int64),
         }
         image, masks, boxes, fields = transform_instances(self.transforms, image, masks, fields)
-        return to_sample(image, masks, fields["labels"], image_id=image_info["id"], boxes=boxes, iscrowd=fields["iscrowd"])
+        return to_sample(
+            image, masks, fields["labels"], image_id=image_info["id"], boxes=boxes, iscrowd=fields["iscrowd"]
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.ann_file}, {len(self)} images, {self.num_classes} classes)"
+
+
+class LazyCoco(pycocotools.coco.COCO):
+    """A pycocotools ``COCO`` whose dataset and index are built on first use.
+
+    Code that takes a ``COCO`` (``CocoEvaluator``, ``COCOeval``, ``loadRes``) uses it
+    unchanged: reading ``dataset`` or one of the index dicts (``anns``, ``imgs``,
+    ``cats``, ``imgToAnns``, ``catToImgs``) builds both, once.
+
+    Args:
+        build_dataset: returns the COCO dataset dict (``images``, ``annotations``, ``categories``).
+    """
+
+    _BUILT_ON_FIRST_USE = ("dataset", "anns", "imgs", "cats", "imgToAnns", "catToImgs")
+
+    def __init__(self, build_dataset: Callable[[], dict]):
+        # Not COCO.__init__, which would build the index now: the attributes appear on first use.
+        self._build_dataset = build_dataset
+
+    def __getattr__(self, name: str):
+        # Python calls this only for attributes not set: before the build, those of _BUILT_ON_FIRST_USE.
+        if name not in LazyCoco._BUILT_ON_FIRST_USE or "_build_dataset" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        self.dataset = self._build_dataset()
+        with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
+            self.createIndex()
+        return getattr(self, name)
 
 
 def segmentation_to_rle(segmentation: list | dict, height: int, width: int) -> dict:
