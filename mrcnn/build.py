@@ -8,24 +8,39 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import ParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
-from mrcnn.checkpoints import load_weights
+from mrcnn.callbacks import RunRecord
+from mrcnn.checkpoints import ResumedRun, load_weights
 from mrcnn.config import check_added_keys
 from mrcnn.loggers import instantiate_loggers
 from mrcnn.quiet import silence_library_noise
 
 
-def build(cfg: DictConfig):
-    """Instantiate (datamodule, module, trainer) from a composed config."""
+def build(cfg: DictConfig, resumed: ResumedRun | None = None):
+    """Instantiate (datamodule, module, trainer) from a composed config.
+
+    Args:
+        resumed: the run this one resumes (:func:`mrcnn.checkpoints.read_resumed_run`): its CSV history and
+            W&B run are continued.
+    """
     datamodule = instantiate(cfg.data.datamodule)
     module = build_module(cfg)
-    callbacks = instantiate_callbacks(cfg)
-    loggers = instantiate_loggers(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    # Not a named config entry: it carries the whole config into every checkpoint, for the resume check.
+    callbacks = [*instantiate_callbacks(cfg), RunRecord(resolved, job_overrides())]
+    loggers = instantiate_loggers(cfg, resumed)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     check_sync_batchnorm(module, trainer, converts_batchnorm=bool(cfg.trainer.get("sync_batchnorm")))
     for logger in trainer.loggers:
         if type(logger).__name__ != "WandbLogger":  # W&B got the config at init (instantiate_logger)
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            logger.log_hyperparams(resolved)
     return datamodule, module, trainer
+
+
+def job_overrides() -> list[str] | None:
+    """The Hydra job's command-line overrides; ``None`` outside a Hydra job."""
+    if not HydraConfig.initialized():
+        return None
+    return list(HydraConfig.get().overrides.task)
 
 
 def build_module(cfg: DictConfig) -> L.LightningModule:

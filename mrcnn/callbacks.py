@@ -1,7 +1,11 @@
-"""Lightning callbacks: the last checkpoint for resuming, training throughput, prediction overlays for W&B."""
+"""Lightning callbacks: the last checkpoint (also on SIGINT / SIGTERM), the run record in checkpoints, throughput, W&B overlays."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -10,7 +14,38 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from mrcnn.visualize import draw_instances, select, semantic_label_map, to_uint8, wandb_boxes, wandb_class_labels
+from mrcnn.checkpoints import RUN_RECORD_KEY
+from mrcnn.visualize import (
+    draw_instances,
+    select,
+    semantic_label_map,
+    to_uint8,
+    wandb_boxes,
+    wandb_class_labels,
+)
+
+# What stops a training run gracefully: Ctrl-C, and what a cluster sends before it preempts or times out a job.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingInterrupted(SystemExit):
+    """A stop signal ended training after ``last.ckpt`` was saved at the step reached.
+
+    The process exits with ``128 + signal number`` (130 for SIGINT, 143 for SIGTERM), as a shell reports a
+    process killed by that signal, so a scheduler sees an unfinished job, never a success.
+
+    Args:
+        signum: the signal.
+        path: the checkpoint to resume from.
+        step: the global step it was saved at.
+    """
+
+    def __init__(self, signum: int, path: Path, step: int):
+        super().__init__(128 + signum)
+        self.signum, self.path, self.step = signum, path, step
+
+    def __str__(self) -> str:
+        return f"stopped by {signal.Signals(self.signum).name} at step {self.step}; resume from {self.path}"
 
 
 class LastCheckpoint(L.Callback):
@@ -21,36 +56,210 @@ class LastCheckpoint(L.Callback):
     steps: Lightning resumes a checkpoint saved mid-epoch with the same global step, epoch, optimizer
     and lr-scheduler state. (``ModelCheckpoint(every_n_train_steps=N, save_last=True)`` alone stops
     saving at epoch ends and leaves ``last.ckpt`` at the last multiple of N.) Best-by-metric
-    checkpoints stay with Lightning's ``ModelCheckpoint``.
+    checkpoints stay with Lightning's ``ModelCheckpoint``; when one of them was saved at the current
+    step, ``last.ckpt`` becomes a hard link to it instead of a second copy of the same weights.
+
+    On SIGINT (Ctrl-C) or SIGTERM (what SLURM and other schedulers send before they preempt or time out
+    a job) during training, the run finishes the step it is in, saves ``last.ckpt`` (with the training
+    loader's position, so a resumed run sees the batches the uninterrupted run would have seen) and
+    raises :class:`TrainingInterrupted`: the process exits with 130 / 143. Under DDP any process's
+    signal stops all of them at the same step (one all-reduce of a flag per step). A signal received
+    during a validation takes effect when the validation ends. A second Ctrl-C stops at once, saving
+    nothing. These handlers replace Lightning's SIGTERM handler while the training loop runs (it would
+    stop without saving and exit with 0).
 
     Args:
         dirpath: folder of the checkpoint.
         every_n_train_steps: also save every that many optimizer steps; ``None`` or 0: epoch ends only.
         filename: checkpoint file name.
+        stop_on_signal: handle SIGINT and SIGTERM as above; ``False`` leaves them to Lightning and Python.
     """
 
-    def __init__(self, dirpath: str, every_n_train_steps: int | None = None, filename: str = "last.ckpt"):
+    def __init__(
+        self, dirpath: str, every_n_train_steps: int | None = None, filename: str = "last.ckpt", stop_on_signal: bool = True
+    ):
         super().__init__()
         self.path = Path(dirpath) / filename
         self.every_n_train_steps = every_n_train_steps or 0
+        self.stop_on_signal = stop_on_signal
+        self.received_signal = 0  # the first stop signal this process received (set by the handler); 0: none
+        self._stop_signal = 0  # the signal all processes agreed to stop on, once last.ckpt is saved for it
         self._saved_step = -1
+        self._previous_handlers: dict[int, object] = {}
+
+    # ---- saving ---------------------------------------------------------------------------------
 
     def _save(self, trainer: L.Trainer) -> None:
-        if trainer.sanity_checking or trainer.fast_dev_run or trainer.global_step == self._saved_step:
+        """Saves ``last.ckpt`` at this step (once), as a link to another checkpoint of this step if there is one."""
+        if trainer.sanity_checking or trainer.fast_dev_run:
             return
-        # Every rank calls it (it ends in a barrier); rank zero writes the file.
-        trainer.save_checkpoint(self.path)
+        same_step = _checkpoint_saved_at_this_step(trainer)
+        if same_step is not None and same_step != self.path:
+            self._link(trainer, same_step)
+        elif trainer.global_step != self._saved_step:
+            # Every rank calls it (it ends in a barrier); rank zero writes the file. Lightning writes a new
+            # file and renames it over the old one, so a checkpoint hard-linked to the old one keeps its content.
+            trainer.save_checkpoint(self.path)
         self._saved_step = trainer.global_step
 
+    def _link(self, trainer: L.Trainer, source: Path) -> None:
+        """``last.ckpt`` becomes a hard link to ``source``, a checkpoint of the same step (no second copy on disk)."""
+        if trainer.is_global_zero and not (self.path.exists() and os.path.samefile(source, self.path)):
+            partial = self.path.with_name(f"{self.path.name}.link")
+            partial.unlink(missing_ok=True)
+            try:
+                os.link(source, partial)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(source, partial)
+            os.replace(partial, self.path)
+        trainer.strategy.barrier()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if _epoch_end_or_validation_follows(trainer, batch_idx):
+            # Lightning resumes a checkpoint saved here past the validation that follows (it takes it for
+            # one saved after it): saving and stopping wait for the epoch's end, or for the next batch.
+            return
         if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
             self._save(trainer)
+        if not self._stop_signal:
+            self._agree_to_stop(trainer)
+            if self._stop_signal:
+                # Saved here, where the loader's position is the number of steps done; the run stops at the
+                # next hook, once Lightning has logged this step's metrics.
+                self._save(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._save(trainer)
+        # A stop waits for the next epoch's start: a ModelCheckpoint saving at epoch ends runs after this callback.
+        self._agree_to_stop(trainer)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self._saved_step == trainer.global_step:
+            # Saved at the epoch's end, before a ModelCheckpoint saved there too: link to its file instead.
+            self._save(trainer)
+        if self._stop_signal:
+            self._raise_stop()
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._save(trainer)
+        self._agree_to_stop(trainer)
+        if self._stop_signal:
+            self._raise_stop()
+        self._restore_handlers()
+
+    # ---- stopping on a signal ----------------------------------------------------------------------
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Installed here, after Lightning installed its own at the start of fit(): ours replace its SIGTERM
+        # handler while the training loop runs. Signal handlers can only be set from the main thread.
+        self.received_signal = self._stop_signal = 0
+        if self.stop_on_signal and threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT and self.received_signal:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
+        if not self.received_signal:
+            self.received_signal = signum
+            # os.write, not logging or print: a handler that runs inside a logging call could deadlock there.
+            os.write(2, (f"\n{signal.Signals(signum).name} received: saving {self.path} after this step, then "
+                         "stopping (Ctrl-C again to stop at once without saving)\n").encode())
+
+    def _agreed_signal(self, trainer: L.Trainer) -> int:
+        """The stop signal, the same on every process: the largest any process received; 0 for none."""
+        if not self._previous_handlers:  # not handling signals: no process is, so no collective either
+            return 0
+        signum = self.received_signal or (int(signal.SIGTERM) if trainer.received_sigterm else 0)
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([signum], device=trainer.strategy.root_device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            signum = int(flag.item())
+        return signum
+
+    def _agree_to_stop(self, trainer: L.Trainer) -> None:
+        """Where ``last.ckpt`` was just saved: if any process received a stop signal, all stop at the next hook."""
+        if not self._stop_signal:
+            self._stop_signal = self._agreed_signal(trainer)
+
+    def _raise_stop(self) -> None:
+        self._restore_handlers()
+        raise TrainingInterrupted(self._stop_signal, self.path, self._saved_step)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._stop_signal:
+            self._raise_stop()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self._stop_signal and not trainer.sanity_checking:
+            self._raise_stop()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            # None: a handler not set from Python; the default is the closest we can restore.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous_handlers = {}
+
+
+def _epoch_end_or_validation_follows(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether the training epoch ends, or Lightning may validate, right after this batch.
+
+    It may say so when Lightning will not validate (``check_val_every_n_epoch`` skips the epoch); never the
+    other way round. The answer is the same on every rank.
+    """
+    if batch_idx + 1 >= trainer.num_training_batches:
+        return True
+    every = getattr(trainer, "val_check_batch", None)  # batches between validations (val_check_interval)
+    return isinstance(every, int) and every > 0 and ((batch_idx + 1) % every == 0 or trainer.global_step % every == 0)
+
+
+def _checkpoint_saved_at_this_step(trainer: L.Trainer) -> Path | None:
+    """The file a ``ModelCheckpoint`` saved at the current global step (e.g. the best by mask AP), if any."""
+    for callback in trainer.checkpoint_callbacks:
+        # Lightning's ModelCheckpoint records the step and file of its latest save (private, so read with care).
+        # The answer must be the same on every rank (linking ends in a barrier): the file exists on rank zero's disk.
+        step = getattr(callback, "_last_global_step_saved", None)
+        path = getattr(callback, "_last_checkpoint_saved", "")
+        if step == trainer.global_step and path:
+            return Path(path)
+    return None
+
+
+class RunRecord(L.Callback):
+    """Writes what a resumed run needs to know about this one into every checkpoint it saves.
+
+    ``checkpoint["mrcnn_run"]`` (``mrcnn.checkpoints.RUN_RECORD_KEY``) holds the resolved config (a resumed run
+    compares its own with it: ``mrcnn.checkpoints.check_resume_config``), the command-line overrides and the
+    W&B run id (a resumed run continues that W&B run). Hydra rewrites ``<run_dir>/.hydra`` when a run is
+    resumed into its own folder, so the checkpoint is the one place these facts outlive the run's start.
+
+    Args:
+        config: the resolved config, as plain containers.
+        overrides: the run's command-line overrides.
+    """
+
+    def __init__(self, config: dict, overrides: list[str] | None = None):
+        super().__init__()
+        self.config = config
+        self.overrides = list(overrides) if overrides is not None else None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint[RUN_RECORD_KEY] = {
+            "config": self.config,
+            "overrides": self.overrides,
+            "wandb_run_id": _wandb_run_id(trainer),
+        }
+
+
+def _wandb_run_id(trainer: L.Trainer) -> str | None:
+    """The id of this run's W&B run, on rank zero (the rank that writes checkpoints and owns the W&B run)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            return logger.experiment.id
+    return None
 
 
 class Throughput(L.Callback):

@@ -2,10 +2,11 @@
 
 import logging
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mrcnn.modeling.mask_rcnn import load_torchvision_weights
 
@@ -13,15 +14,194 @@ log = logging.getLogger(__name__)
 
 
 def checkpoint_path(cfg: DictConfig) -> str | None:
-    """The Lightning checkpoint to start from: ``ckpt_path``, or ``<resume>/checkpoints/last.ckpt``."""
+    """The Lightning checkpoint to start from: ``ckpt_path``, or ``<resume>/checkpoints/last.ckpt``.
+
+    Raises:
+        FileNotFoundError: ``resume`` has no ``checkpoints/last.ckpt``; the message says why it may be
+            missing and what to do.
+    """
     if cfg.get("resume"):
         if cfg.get("ckpt_path"):
             raise ValueError("give either ckpt_path=<file> or resume=<run dir>, not both")
         path = Path(cfg.resume) / "checkpoints" / "last.ckpt"
         if not path.is_file():
-            raise FileNotFoundError(f"resume={cfg.resume}: there is no {path}")
+            raise FileNotFoundError(f"resume={cfg.resume}: there is no {path}. {_why_no_last_checkpoint(Path(cfg.resume))}")
         return str(path)
     return cfg.get("ckpt_path")
+
+
+def _why_no_last_checkpoint(run_dir: Path) -> str:
+    """What a missing ``<run_dir>/checkpoints/last.ckpt`` means, and what to do about it."""
+    if not run_dir.is_dir():
+        return "resume= takes the folder of a run (outputs/<date>/<time>, or a sweep job's folder), and this is none."
+    if not (run_dir / ".hydra").is_dir():
+        return "It is not the folder of a run (that has .hydra/ and checkpoints/): check the path."
+    hint = (
+        "The run stopped before it saved its first checkpoint (last.ckpt is written at every epoch end, every "
+        "checkpoint_every_n_steps steps, and when a run is stopped with Ctrl-C or SIGTERM): start it again "
+        "without resume=."
+    )
+    others = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    if others:
+        hint += f" Or start from another of its checkpoints: ckpt_path={others[-1]}."
+    return hint
+
+
+# ---- what a checkpoint says about its run, and the resume check --------------------------------------
+
+# Where mrcnn.callbacks.RunRecord writes the run's resolved config, overrides and W&B run id in a checkpoint.
+RUN_RECORD_KEY = "mrcnn_run"
+
+# Keys a resumed run may change without resume_allow_config_change: the length of training, and what does not
+# change the weights it trains (paths, logging and checkpointing, loader processes, speed switches, how often it
+# validates). A key matches itself and everything under it.
+RESUME_FREE_KEYS = (
+    "trainer.max_epochs",
+    "trainer.max_steps",
+    "run_dir",
+    "resume",
+    "ckpt_path",
+    "resume_allow_config_change",
+    "mode",
+    "final_eval",
+    "weights",  # the checkpoint's weights replace them
+    "experiment_name",
+    "checkpoint_every_n_steps",
+    "predict",
+    "logger",
+    "callbacks",
+    "data.datamodule.num_workers",
+    "data.datamodule.pin_memory",
+    "data.datamodule.persistent_workers",
+    "module.channels_last",
+    "module.compile",
+    "module.compile_kwargs",
+    "trainer.accelerator",
+    "trainer.benchmark",
+    "trainer.default_root_dir",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+    "trainer.check_val_every_n_epoch",
+    "trainer.val_check_interval",
+    "trainer.num_sanity_val_steps",
+)
+
+
+@dataclass
+class ResumedRun:
+    """What a training checkpoint says about the run it continues.
+
+    Attributes:
+        checkpoint: the checkpoint file.
+        global_step: the optimizer steps it was saved at.
+        run_dir: the run's folder (its config's ``run_dir``; else the checkpoint's grandparent,
+            ``<run_dir>/checkpoints/<file>``).
+        config: the resolved config the run was trained with; ``None`` in checkpoints that predate it.
+        overrides: the run's command-line overrides; ``None`` when unknown.
+        wandb_run_id: the id of its W&B run; ``None`` without W&B.
+    """
+
+    checkpoint: Path
+    global_step: int
+    run_dir: Path
+    config: dict | None = None
+    overrides: list[str] | None = None
+    wandb_run_id: str | None = None
+
+
+def read_resumed_run(path: str | Path) -> ResumedRun:
+    """Reads what :class:`ResumedRun` holds from a Lightning checkpoint, without reading its tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"there is no checkpoint file {path}")
+    # mmap: the tensors stay on disk; only the small objects around them are read. A checkpoint of this
+    # project holds more than tensors (loops, callbacks), hence weights_only=False: resume only your own files.
+    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    record = checkpoint.get(RUN_RECORD_KEY) or {}
+    config = record.get("config")
+    run_dir = Path(config["run_dir"]) if config and config.get("run_dir") else path.resolve().parent.parent
+    return ResumedRun(
+        checkpoint=path,
+        global_step=int(checkpoint.get("global_step", 0)),
+        run_dir=run_dir,
+        config=config,
+        overrides=record.get("overrides"),
+        wandb_run_id=record.get("wandb_run_id"),
+    )
+
+
+def config_changes(saved: dict, current: dict, saved_run_dir: str, current_run_dir: str) -> list[str]:
+    """``<key>: <saved> -> <current>`` for each key that differs, but for :data:`RESUME_FREE_KEYS`.
+
+    Paths inside each run's own folder are compared relative to it, so a run resumed into a new folder
+    differs from its original only where it really does.
+    """
+    old = _flatten(_relative_to_run_dir(saved, str(saved_run_dir)))
+    new = _flatten(_relative_to_run_dir(current, str(current_run_dir)))
+    absent = "<absent>"
+    return [
+        f"{key}: {old.get(key, absent)!r} -> {new.get(key, absent)!r}"
+        for key in sorted(old.keys() | new.keys())
+        if not _is_free(key) and old.get(key, absent) != new.get(key, absent)
+    ]
+
+
+def check_resume_config(cfg: DictConfig, resumed: ResumedRun) -> None:
+    """Stops a resumed run whose config differs from the run's own in anything but :data:`RESUME_FREE_KEYS`.
+
+    ``resume_allow_config_change=true`` lets it go on (with a warning that lists the changes).
+
+    Raises:
+        ValueError: listing the differing keys, the run's original overrides and the way out.
+    """
+    if resumed.config is None:
+        log.warning("%s does not record its run's config (an older checkpoint): the resume is not checked", resumed.checkpoint)
+        return
+    current = OmegaConf.to_container(cfg, resolve=True)
+    changes = config_changes(resumed.config, current, resumed.run_dir, cfg.run_dir)
+    if not changes:
+        return
+    listing = "\n  ".join(changes)
+    if cfg.get("resume_allow_config_change"):
+        log.warning("resuming %s with a changed config (resume_allow_config_change=true):\n  %s", resumed.checkpoint, listing)
+        return
+    source = f"resume={cfg.resume}" if cfg.get("resume") else f"ckpt_path={cfg.ckpt_path}"
+    started = " ".join(resumed.overrides) if resumed.overrides is not None else "(not recorded)"
+    raise ValueError(
+        f"{source}: the config differs from the one the run was trained with, in:\n  {listing}\n"
+        f"The run was started with the overrides: {started}\n"
+        "Resume with the same overrides (trainer.max_epochs, trainer.max_steps and runtime keys such as loggers, "
+        "callbacks or data.datamodule.num_workers may change), or add resume_allow_config_change=true to go on "
+        "with these changes."
+    )
+
+
+def _relative_to_run_dir(value, run_dir: str):
+    """``value`` with every string path inside ``run_dir`` written as ``<run_dir>/...``."""
+    if isinstance(value, dict):
+        return {key: _relative_to_run_dir(item, run_dir) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_relative_to_run_dir(item, run_dir) for item in value]
+    if isinstance(value, str) and run_dir and (value == run_dir or value.startswith(run_dir.rstrip("/") + "/")):
+        return "<run_dir>" + value[len(run_dir.rstrip("/")) :]
+    return value
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists are values."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _is_free(key: str) -> bool:
+    return any(key == free or key.startswith(f"{free}.") for free in RESUME_FREE_KEYS)
 
 
 def load_weights(model: torch.nn.Module, path: str) -> None:

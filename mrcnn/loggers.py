@@ -1,31 +1,119 @@
-"""Loggers from their configs: the CSV log, and W&B that never prompts and knows its job."""
+"""Loggers from their configs: the CSV log that a resumed run continues, and W&B that never prompts and knows its job."""
 
+import csv
 import netrc
 import os
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
-
-def instantiate_loggers(cfg: DictConfig) -> list:
-    """The loggers named under ``cfg.logger`` (``{name: logger config}``; a null entry is switched off)."""
-    return [instantiate_logger(c, cfg) for c in (cfg.get("logger") or {}).values() if c is not None]
+from mrcnn.checkpoints import ResumedRun
 
 
-def instantiate_logger(logger_cfg: DictConfig, cfg: DictConfig):
-    """A logger from its config; a ``WandbLogger`` also gets the settings of :func:`wandb_settings`."""
+def instantiate_loggers(cfg: DictConfig, resumed: ResumedRun | None = None) -> list:
+    """The loggers named under ``cfg.logger`` (``{name: logger config}``; a null entry is switched off).
+
+    Args:
+        resumed: the run this one resumes: the CSV log and the W&B run continue its own.
+    """
+    return [instantiate_logger(c, cfg, resumed) for c in (cfg.get("logger") or {}).values() if c is not None]
+
+
+def instantiate_logger(logger_cfg: DictConfig, cfg: DictConfig, resumed: ResumedRun | None = None):
+    """A logger from its config; a ``WandbLogger`` also gets the settings of :func:`wandb_settings`.
+
+    When resuming, a :class:`ContinuedCSVLogger` starts from the resumed run's metrics history and a
+    ``WandbLogger`` continues the resumed run's W&B run (its id is in the checkpoint).
+    """
     if str(logger_cfg.get("_target_", "")).endswith("WandbLogger"):
-        settings = wandb_settings(logger_cfg, cfg)
+        settings = wandb_settings(logger_cfg, cfg, resumed.wandb_run_id if resumed else None)
         # `config` is also the name of instantiate()'s own first parameter: pass it to the partial.
         config = settings.pop("config")
-        return instantiate(logger_cfg, _partial_=True, **settings)(config=config)
-    return instantiate(logger_cfg)
+        logger = instantiate(logger_cfg, _partial_=True, **settings)(config=config)
+        # Lightning always passes wandb.init an `anonymous` value (None by default), which current wandb
+        # answers with "The anonymous setting has no effect": leave the deprecated setting out instead.
+        logger._wandb_init.pop("anonymous", None)
+        return logger
+    logger = instantiate(logger_cfg)
+    if resumed is not None and isinstance(logger, ContinuedCSVLogger):
+        logger.continue_history(resumed_metrics_file(logger, cfg.run_dir, resumed), before_step=resumed.global_step)
+    return logger
 
 
-def wandb_settings(logger_cfg: DictConfig, cfg: DictConfig) -> dict:
+def resumed_metrics_file(logger: CSVLogger, run_dir: str, resumed: ResumedRun) -> Path:
+    """The ``metrics.csv`` the resumed run wrote: at the same place inside its run folder as this logger's."""
+    log_dir = Path(logger.log_dir)
+    try:
+        return resumed.run_dir / log_dir.relative_to(run_dir) / ExperimentWriter.NAME_METRICS_FILE
+    except ValueError:  # a log folder outside the run folder: the same one
+        return log_dir / ExperimentWriter.NAME_METRICS_FILE
+
+
+class ContinuedCSVLogger(CSVLogger):
+    """Lightning's ``CSVLogger`` that a resumed run continues instead of starting over.
+
+    Lightning's CSV writer deletes ``metrics.csv`` when its folder has one, so a run resumed into its own
+    folder kept only the rows from the resumed step on. With :meth:`continue_history` the log starts with
+    the resumed run's rows of the steps before the checkpoint (from its own ``metrics.csv``, in this
+    folder or the resumed run's), and the resumed run appends to them: ``metrics.csv`` holds the whole
+    history. Rows the interrupted run wrote after its checkpoint are left out: the resumed run trains
+    those steps again and logs them itself. Without it, it is Lightning's ``CSVLogger``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._history: list[dict] | None = None  # rows to start from; None: start over, as Lightning does
+        self._history_columns: list[str] = []
+
+    def continue_history(self, metrics_file: str | Path, before_step: int) -> None:
+        """Starts this log with the rows of ``metrics_file`` logged at steps before ``before_step``.
+
+        Call it before anything is logged. A missing file (the run was killed before it wrote a row) is an
+        empty history.
+        """
+        metrics_file = Path(metrics_file)
+        rows, columns = [], []
+        if metrics_file.is_file():
+            with metrics_file.open(newline="") as file:
+                reader = csv.DictReader(file)
+                columns = list(reader.fieldnames or [])
+                rows = [row for row in reader if row.get("step") and int(float(row["step"])) < before_step]
+        self._history, self._history_columns = rows, columns
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None and self._history is not None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuedWriter(self.log_dir, self._history, self._history_columns)
+        return CSVLogger.experiment.fget(self)
+
+
+class _ContinuedWriter(ExperimentWriter):
+    """Lightning's CSV writer, starting from earlier rows instead of deleting the file."""
+
+    def __init__(self, log_dir: str, rows: list[dict], columns: list[str]):
+        super().__init__(log_dir)
+        # The writer rewrites the file with the union of the columns when new ones appear: it must know these.
+        self.metrics_keys = sorted(columns)
+        with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def _check_log_dir_exists(self) -> None:
+        # Lightning deletes metrics.csv here; this writer rewrites it with the history instead.
+        pass
+
+
+def wandb_settings(logger_cfg: DictConfig, cfg: DictConfig, resumed_id: str | None = None) -> dict:
     """``wandb.init`` arguments derived from the job, for the keys the logger config leaves null.
 
     * ``config``: the full resolved config, given at init so that offline runs keep it too.
@@ -33,10 +121,17 @@ def wandb_settings(logger_cfg: DictConfig, cfg: DictConfig) -> dict:
     * ``name``: the variant, Hydra's ``override_dirname`` (e.g. ``model/pooler=roi_pool``).
     * ``group``: the experiment (``experiment_name``, else the ``experiment=`` file, else the sweep folder).
     * ``tags``: the job's command-line overrides.
+
+    With ``resumed_id`` (the W&B run of the run being resumed) it is ``id``: Lightning's ``WandbLogger``
+    initialises with ``resume="allow"``, so W&B continues that run; its name, group and tags stay as
+    they were (the resumed job's overrides hold ``resume=...``).
     """
     settings = {"config": OmegaConf.to_container(cfg, resolve=True)}
     if logger_cfg.get("mode") is None:
         settings["mode"] = wandb_mode()
+    if resumed_id is not None and logger_cfg.get("id") is None:
+        settings["id"] = resumed_id
+        return settings
     if not HydraConfig.initialized():
         return settings
     hydra_cfg = HydraConfig.get()

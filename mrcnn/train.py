@@ -1,24 +1,40 @@
 """``mode=train`` and ``mode=evaluate``: build from the config, fit or validate, write the final metrics."""
 
+import contextlib
+import logging
+import signal
+
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 import mrcnn.config  # noqa: F401  (registers the config resolvers)
 from mrcnn.build import build
-from mrcnn.checkpoints import checkpoint_path
+from mrcnn.callbacks import TrainingInterrupted
+from mrcnn.checkpoints import check_resume_config, checkpoint_path, read_resumed_run
+from mrcnn.config_checks import check_config
 from mrcnn.launch import job_scope
 from mrcnn.summary import write_final_metrics
+
+log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train (or resume: ``ckpt_path`` / ``resume``), then evaluate on the validation split.
 
+    A resumed run must have the config of the run it resumes, but for the length of training and runtime
+    keys (:func:`mrcnn.checkpoints.check_resume_config`); it continues that run's CSV history and W&B run.
+
     Returns the final COCO metrics.
     """
-    with job_scope(cfg):
+    check_config(cfg)
+    ckpt_path = checkpoint_path(cfg)
+    resumed = read_resumed_run(ckpt_path) if ckpt_path else None
+    if resumed is not None:
+        check_resume_config(cfg, resumed)
+    with job_scope(cfg), stops_with_nonzero_exit(cfg):
         L.seed_everything(cfg.seed, workers=True)
-        ckpt_path = checkpoint_path(cfg)
-        datamodule, module, trainer = build(cfg)
+        datamodule, module, trainer = build(cfg, resumed)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics = {}
         if cfg.get("final_eval", True):
@@ -32,13 +48,36 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate a Lightning checkpoint (``ckpt_path`` / ``resume``) or torchvision ``weights`` on the validation split."""
+    check_config(cfg)
     ckpt_path = checkpoint_path(cfg)
     if not ckpt_path and not cfg.get("weights"):
         raise ValueError("mode=evaluate needs ckpt_path=<Lightning checkpoint>, resume=<run dir> or weights=<torchvision file>")
-    with job_scope(cfg):
+    with job_scope(cfg), stops_with_nonzero_exit(cfg):
         L.seed_everything(cfg.seed, workers=True)
         datamodule, module, trainer = build(cfg)
         trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
         metrics = dict(module.last_metrics)
         write_final_metrics(cfg, trainer, metrics)
         return metrics
+
+
+@contextlib.contextmanager
+def stops_with_nonzero_exit(cfg: DictConfig):
+    """A job stopped by a signal exits non-zero (128 + the signal), saying how to resume when it trained.
+
+    In the training loop ``mrcnn.callbacks.LastCheckpoint`` saves ``last.ckpt`` and raises
+    :class:`TrainingInterrupted`. Outside it (sanity check, the final validation, ``mode=evaluate``)
+    Lightning's own SIGTERM handler stops the run with ``SIGTERMException``, a ``SystemExit`` with no
+    code, which would exit with 0 as if the job had finished.
+    """
+    try:
+        yield
+    except TrainingInterrupted as stop:
+        log.warning(
+            "%s. Continue with: python run.py <the same overrides> resume=%s hydra.run.dir=%s",
+            stop, cfg.run_dir, cfg.run_dir,
+        )
+        raise
+    except SIGTERMException as stop:
+        log.warning("stopped by SIGTERM outside the training loop; nothing was saved now")
+        raise SystemExit(128 + signal.SIGTERM) from stop

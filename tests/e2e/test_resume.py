@@ -6,6 +6,7 @@ after the resume are those the uninterrupted run saw at the same steps.
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,10 +19,11 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from lightning.fabric.utilities.data import _set_sampler_epoch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-from mrcnn.callbacks import LastCheckpoint
-from mrcnn.data.datamodule import InstanceDataModule
+from mrcnn.callbacks import LastCheckpoint, TrainingInterrupted
 from mrcnn.checkpoints import checkpoint_path
+from mrcnn.data.datamodule import InstanceDataModule
 from tests.helpers.config import TINY_MODEL, compose_config
 from tests.helpers.data import IdsDataset
 
@@ -90,7 +92,8 @@ def test_killed_run_resumes_mid_epoch_with_the_same_step_optimizer_schedule_and_
     assert killed["InstanceDataModule"] == {"train_loader": position}
     killed_records = read_records(records)
 
-    result = subprocess.run([*command, f"resume={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([*command, f"resume={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert "Restored all states from the checkpoint" in output
@@ -112,10 +115,71 @@ def test_killed_run_resumes_mid_epoch_with_the_same_step_optimizer_schedule_and_
     assert checkpoint["lr_schedulers"][0]["last_epoch"] == total
     assert checkpoint["optimizer_states"][0]["state"] and "momentum_buffer" in checkpoint["optimizer_states"][0]["state"][0]
     assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == total
-    # The resumed run logged from the checkpoint's step on, never from step 0 again.
-    steps = [int(row["step"]) for row in csv.DictReader(open(run_dir / "csv" / "metrics.csv")) if row.get("train/loss")]
-    assert min(steps) >= killed_at and max(steps) == total - 1
-    assert list((run_dir / "checkpoints").glob("epoch*.ckpt"))  # the best checkpoint by mask AP
+    # metrics.csv holds the whole history, each step once: the killed run's rows up to its checkpoint (written
+    # at every logged step; the row of the step in progress at the kill may be lost), then the resumed run's.
+    steps = train_loss_steps(run_dir)
+    assert steps == sorted(set(steps)) and set(range(killed_at - 1)) | set(range(killed_at, total)) <= set(steps)
+    assert max(steps) == total - 1
+    # The best checkpoint by mask AP is of the last step (the only validation): last.ckpt is the same file.
+    [best] = (run_dir / "checkpoints").glob("epoch*.ckpt")
+    assert os.path.samefile(best, last)
+
+
+def train_loss_steps(run_dir: Path) -> list[int]:
+    """The steps of the ``train/loss`` rows of a run's ``csv/metrics.csv``, in file order."""
+    with open(run_dir / "csv" / "metrics.csv", newline="") as file:
+        return [int(row["step"]) for row in csv.DictReader(file) if row.get("train/loss")]
+
+
+# Validated only at the end (epoch 2), so a stop in epoch 0 or 1 waits for no validation.
+SIGNAL_ARGS = [arg for arg in ARGS if not arg.startswith("checkpoint_every_n_steps")]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signalled_run_saves_its_step_exits_nonzero_and_resumes_with_the_same_batches(tmp_path, signum):
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    records = tmp_path / "batches.jsonl"
+    command = [sys.executable, "run.py", *SIGNAL_ARGS, *recording_overrides(tmp_path, records), f"hydra.run.dir={run_dir}"]
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            # Signal it as soon as its first training batch has started, as Ctrl-C or a cluster would.
+            deadline = time.monotonic() + 240
+            while not (records.exists() and records.read_text()) and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            process.send_signal(signum)
+            process.wait(timeout=240)
+        finally:
+            process.kill()
+            process.wait()
+    assert process.returncode == 128 + signum, (tmp_path / "stderr.txt").read_text()[-3000:]
+    assert f"resume={run_dir} hydra.run.dir={run_dir}" in (run_dir / "run.log").read_text()  # how to go on
+    # It finished the step in progress and saved last.ckpt there, with the loader's position.
+    stopped_records = read_records(records)
+    stopped_at = len(stopped_records)
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == stopped_at
+    position = checkpoint["InstanceDataModule"]["train_loader"]
+    assert position["epoch"] * STEPS_PER_EPOCH + position["batches"] == stopped_at
+
+    if signum == signal.SIGINT:
+        # Resumed without the run's overrides (the default 2000 images, ...): stops, naming what differs.
+        result = subprocess.run([sys.executable, "run.py", f"resume={run_dir}", f"hydra.run.dir={run_dir}"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120, check=False)
+        assert result.returncode != 0
+        assert "data.num_train_images: 12 -> 2000" in result.stderr and "resume_allow_config_change=true" in result.stderr
+
+    result = subprocess.run([*command, f"resume={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    planned = planned_batches(ARGS)
+    assert stopped_records == [(step, planned[step]) for step in range(stopped_at)]
+    assert read_records(records)[stopped_at:] == [(step, planned[step]) for step in range(stopped_at, len(planned))]
+    total = STEPS_PER_EPOCH * EPOCHS
+    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == total
+    # metrics.csv holds every step once: the stopped run's rows, then the resumed run's.
+    assert train_loss_steps(run_dir) == list(range(total))
 
 
 # ---- the same with a Trainer in this process: every kind of training loader, epoch 1 ------------
@@ -192,6 +256,88 @@ def test_resumed_fit_sees_the_batches_the_uninterrupted_fit_saw(tmp_path, groupi
     assert resumed == {step: ids for step, ids in expected.items() if step >= saved_at}
 
 
+# ---- stopped by SIGINT / SIGTERM: last.ckpt at the step reached, the same batches and validations after it ------
+
+
+class _SignallingModule(_RecordingModule):
+    """A :class:`_RecordingModule` (with the lr schedule) that validates and can signal itself.
+
+    In the training step of global step ``signal_at`` rank zero sends its own process ``signum``, as a
+    cluster or a Ctrl-C would. Every validation logs ``score`` (the global step: each one is the best so far)
+    and is recorded in ``validated_at``.
+    """
+
+    def __init__(self, stop_at=None, signal_at=None, signum=signal.SIGTERM):
+        super().__init__(stop_at=stop_at, schedule=True)
+        self.signal_at, self.signum = signal_at, signum
+        self.validated_at = []
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == self.signal_at and self.global_rank == 0:
+            os.kill(os.getpid(), self.signum)
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def on_validation_epoch_end(self):
+        if not self.trainer.sanity_checking:
+            self.validated_at.append(self.global_step)
+        self.log("score", float(self.global_step))
+
+
+def _fit_validated(folder, module, ckpt_path=None):
+    """2 epochs of 6 batches, validated at each epoch end; the best checkpoint by ``score`` and last.ckpt."""
+    datamodule = InstanceDataModule(IdsDataset(12), IdsDataset(2), batch_size=2, seed=3)
+    best = ModelCheckpoint(dirpath=folder, filename="best-{step}", monitor="score", mode="max", save_top_k=1)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[best, LastCheckpoint(folder)])
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return module
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signal_at", [3, 5, 8], ids=["mid-epoch", "last-batch-of-epoch", "after-a-best-checkpoint"])
+def test_signal_saves_the_step_reached_and_the_resumed_fit_sees_the_same_batches(tmp_path, signum, signal_at):
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    expected = _fit_validated(tmp_path / "uninterrupted", _SignallingModule())
+    assert expected.validated_at == [6, 12]
+
+    interrupted = _SignallingModule(signal_at=signal_at, signum=signum)
+    with pytest.raises(TrainingInterrupted) as stop:
+        _fit_validated(tmp_path / "run", interrupted)
+    assert stop.value.code == 128 + signum  # the process's exit status: 130 / 143
+    # The step in progress finished, and training stopped after it; the signal handlers are the test's again.
+    assert interrupted.seen == {step: expected.seen[step] for step in range(signal_at + 1)}
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
+    last = tmp_path / "run" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == signal_at + 1
+    if signal_at == 8:
+        # last.ckpt was a hard link to the best checkpoint of step 6, then saved anew at step 9: the best one is intact.
+        assert torch.load(tmp_path / "run" / "best-step=6.ckpt", map_location="cpu", weights_only=False)["global_step"] == 6
+
+    resumed = _fit_validated(tmp_path / "run", _SignallingModule(), ckpt_path=last)
+    assert resumed.seen == {step: ids for step, ids in expected.seen.items() if step > signal_at}
+    # Every validation of the uninterrupted run happened once, before or after the stop.
+    assert sorted(interrupted.validated_at + resumed.validated_at) == expected.validated_at
+
+
+def test_last_checkpoint_is_a_hard_link_to_a_best_checkpoint_of_its_step_and_resumes(tmp_path):
+    expected = _fit_validated(tmp_path / "uninterrupted", _SignallingModule())
+    last, best = tmp_path / "uninterrupted" / "last.ckpt", tmp_path / "uninterrupted" / "best-step=12.ckpt"
+    assert os.path.samefile(last, best) and os.stat(last).st_nlink == 2
+    assert sorted(p.name for p in (tmp_path / "uninterrupted").iterdir()) == ["best-step=12.ckpt", "last.ckpt"]
+
+    # Killed in epoch 1: last.ckpt is the best checkpoint of step 6 (saved after its validation), and resumes.
+    killed = _SignallingModule(stop_at=8)
+    with pytest.raises(_Interrupt):
+        _fit_validated(tmp_path / "run", killed)
+    assert os.path.samefile(tmp_path / "run" / "last.ckpt", tmp_path / "run" / "best-step=6.ckpt")
+    resumed = _fit_validated(tmp_path / "run", _SignallingModule(), ckpt_path=tmp_path / "run" / "last.ckpt")
+    assert resumed.seen == {step: ids for step, ids in expected.seen.items() if step >= 6}
+    assert sorted(killed.validated_at + resumed.validated_at) == expected.validated_at
+
+
 # Lightning's ddp strategy re-runs this script (sys.argv) for rank 1: one fit per process.
 DDP_SCRIPT = """
 import json, os, sys
@@ -200,10 +346,10 @@ sys.path.insert(0, {root!r})
 from mrcnn.callbacks import LastCheckpoint
 from mrcnn.data.datamodule import InstanceDataModule
 from tests.helpers.data import IdsDataset
-from tests.e2e.test_resume import _RecordingModule
+from tests.e2e.test_resume import _SignallingModule
 
 folder, ckpt_path = sys.argv[1], sys.argv[2] or None
-module = _RecordingModule(stop_at=int(sys.argv[3]) or None, schedule=True)
+module = _SignallingModule(stop_at=int(sys.argv[3]) or None, signal_at=int(sys.argv[4]) or None)
 datamodule = InstanceDataModule(IdsDataset(26), IdsDataset(2), batch_size=2, num_workers={num_workers},
                                 aspect_ratio_grouping={grouping}, seed=3)
 trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", use_distributed_sampler=False, max_epochs=2,
@@ -221,22 +367,27 @@ finally:
 """
 
 
+def _ddp_fit(script, folder, ckpt_path="", stop_at=0, signal_at=0):
+    """Runs ``script`` (:data:`DDP_SCRIPT`, 2 processes); rank zero's exit code and each rank's batches by step."""
+    folder.mkdir(exist_ok=True)
+    paths = [folder / f"rank{rank}.json" for rank in range(2)]
+    for path in paths:
+        path.unlink(missing_ok=True)
+    result = subprocess.run([sys.executable, str(script), str(folder), str(ckpt_path), str(stop_at), str(signal_at)],
+                            cwd=script.parent, capture_output=True, timeout=300, check=False)
+    deadline = time.monotonic() + 60
+    while not all(path.exists() for path in paths) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return result.returncode, [{int(step): ids for step, ids in json.loads(path.read_text()).items()} for path in paths]
+
+
 @pytest.mark.parametrize("grouping,num_workers", [(False, 2), (True, 0)], ids=["plain-workers", "grouped"])
 def test_resumed_ddp_fit_continues_each_ranks_shard(tmp_path, grouping, num_workers):
     script = tmp_path / "fit.py"
     script.write_text(DDP_SCRIPT.format(root=str(ROOT), grouping=grouping, num_workers=num_workers))
 
     def fit(folder, ckpt_path="", stop_at=0):
-        folder.mkdir(exist_ok=True)
-        paths = [folder / f"rank{rank}.json" for rank in range(2)]
-        for path in paths:
-            path.unlink(missing_ok=True)
-        subprocess.run([sys.executable, str(script), str(folder), str(ckpt_path), str(stop_at)], cwd=tmp_path,
-                       capture_output=True, timeout=300)
-        deadline = time.monotonic() + 60
-        while not all(path.exists() for path in paths) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        return [{int(step): ids for step, ids in json.loads(path.read_text()).items()} for path in paths]
+        return _ddp_fit(script, folder, ckpt_path, stop_at)[1]
 
     expected = fit(tmp_path / "uninterrupted")
     assert expected[0] != expected[1] and sorted(expected[0]) == sorted(expected[1]) == list(range(len(expected[0])))
@@ -247,10 +398,34 @@ def test_resumed_ddp_fit_continues_each_ranks_shard(tmp_path, grouping, num_work
     assert resumed == [{step: seen for step, seen in ids.items() if step >= 8} for ids in expected]
 
 
+def test_sigterm_to_rank_zero_stops_every_ddp_process_at_its_step_and_resumes(tmp_path):
+    script = tmp_path / "fit.py"
+    script.write_text(DDP_SCRIPT.format(root=str(ROOT), grouping=False, num_workers=0))
+    _, expected = _ddp_fit(script, tmp_path / "uninterrupted")
+    # Rank zero alone gets SIGTERM in step 8 (mid-epoch 1, between the every-4-steps checkpoints): both
+    # processes finish step 8, last.ckpt is saved at step 9, and the job exits with 143.
+    returncode, stopped = _ddp_fit(script, tmp_path / "run", signal_at=8)
+    assert returncode == 128 + signal.SIGTERM
+    assert stopped == [{step: ids[step] for step in range(9)} for ids in expected]
+    assert torch.load(tmp_path / "run" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 9
+    returncode, resumed = _ddp_fit(script, tmp_path / "run", ckpt_path=tmp_path / "run" / "last.ckpt")
+    assert returncode == 0
+    assert resumed == [{step: seen for step, seen in ids.items() if step >= 9} for ids in expected]
+
+
 def test_resume_needs_a_run_folder_with_a_last_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoints/last.ckpt"):
+    # The error says what is missing and why it may be.
+    with pytest.raises(FileNotFoundError, match="is none"):
+        checkpoint_path(compose_config([f"resume={tmp_path / 'no-such-run'}"]))
+    with pytest.raises(FileNotFoundError, match="checkpoints/last.ckpt. It is not the folder of a run"):
+        checkpoint_path(compose_config([f"resume={tmp_path}"]))
+    (tmp_path / ".hydra").mkdir()
+    with pytest.raises(FileNotFoundError, match="stopped before it saved its first checkpoint.*without resume="):
         checkpoint_path(compose_config([f"resume={tmp_path}"]))
     (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "epoch0-step6.ckpt").touch()
+    with pytest.raises(FileNotFoundError, match="ckpt_path=.*epoch0-step6.ckpt"):
+        checkpoint_path(compose_config([f"resume={tmp_path}"]))
     (tmp_path / "checkpoints" / "last.ckpt").touch()
     assert checkpoint_path(compose_config([f"resume={tmp_path}"])) == str(tmp_path / "checkpoints" / "last.ckpt")
     with pytest.raises(ValueError, match="not both"):

@@ -1,5 +1,6 @@
 """logger=wandb: offline without credentials (never a prompt), and what an offline run records."""
 
+import csv
 import json
 import os
 
@@ -73,3 +74,29 @@ def test_offline_run_has_losses_ap_config_names_and_prediction_images(tmp_path, 
     assert any(p.startswith("images/val/predictions") for p in images), images
     assert any(p.startswith("images/val/overlays") for p in images), images
     assert any(p.startswith("images/mask/val/predictions") for p in images), images  # the label maps
+
+
+def test_a_resumed_run_continues_its_wandb_run_and_its_csv_history(tmp_path, no_credentials):
+    env = {k: v for k, v in os.environ.items() if k not in W_AND_B_ENV}
+    env.update(NETRC=str(no_credentials), WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
+    run_dir = tmp_path / "run"
+    args = [*TINY_RUN, "logger=wandb", "data.num_train_images=8", "data.num_val_images=2", "data.datamodule.batch_size=4",
+            "callbacks.prediction_overlays.num_images=0", f"hydra.run.dir={run_dir}"]
+    run_py(args, env=env)  # 1 epoch of 2 steps
+    # Trained on for one more epoch (the length of training may change on resume), into the same folder.
+    run_py([*args, f"resume={run_dir}", "trainer.max_epochs=2"], env=env)
+
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2  # W&B writes each offline session to its own folder...
+    records = [read_wandb_records(next(folder.glob("*.wandb"))) for folder in runs]
+    [first, second] = [[r.run for r in rs if r.WhichOneof("record_type") == "run"][0] for rs in records]
+    assert first.run_id and second.run_id == first.run_id  # ... of the same W&B run, which the second one resumes
+    assert all(folder.name.endswith(f"-{first.run_id}") for folder in runs)
+    steps = [{json.loads(i.value_json) for r in rs if r.WhichOneof("record_type") == "history" for i in r.history.item
+              if (i.key or "/".join(i.nested_key)) == "trainer/global_step"} for rs in records]
+    assert min(steps[1]) >= 2  # the second session logged the steps after the first one's
+
+    with open(run_dir / "csv" / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [int(row["step"]) for row in rows if row.get("train/loss")] == [0, 1, 2, 3]
+    assert sum(1 for row in rows if row.get("val/segm_AP")) == 2  # both epochs' validations

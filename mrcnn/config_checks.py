@@ -1,0 +1,139 @@
+"""Checks of a composed config's numbers, before anything is built.
+
+A bad number otherwise fails far from its cause: a negative batch size ends in torch's "Invalid learning rate:
+-0.0025" (the lr scales with the batch), zero epochs train nothing and report AP anyway. :func:`check_config`
+looks at every such key the config has and names each bad one, e.g.
+``data.datamodule.batch_size=-2: must be a positive integer``.
+"""
+
+import math
+from collections.abc import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+# A rule takes a value and returns what is wrong with it, or None.
+Rule = Callable[[object], str | None]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def positive_int(value) -> str | None:
+    return None if _is_int(value) and value > 0 else "must be a positive integer"
+
+
+def non_negative_int(value) -> str | None:
+    return None if _is_int(value) and value >= 0 else "must be an integer >= 0"
+
+
+def positive_number(value) -> str | None:
+    return None if _is_number(value) and value > 0 else "must be a positive number"
+
+
+def non_negative_number(value) -> str | None:
+    return None if _is_number(value) and value >= 0 else "must be a number >= 0"
+
+
+def optional(rule: Rule) -> Rule:
+    """``rule``, or null."""
+
+    def check(value) -> str | None:
+        if value is None:
+            return None
+        problem = rule(value)
+        return problem and f"{problem}, or null"
+
+    return check
+
+
+def batch_limit(value) -> str | None:
+    """Lightning's ``limit_*_batches`` / ``val_check_interval``: a count (int >= 1) or a fraction in (0, 1]."""
+    if value is None or (_is_int(value) and value >= 1) or (_is_number(value) and 0 < value <= 1):
+        return None
+    return "must be a number of batches (an integer >= 1), a fraction in (0, 1], or null"
+
+
+def devices(value) -> str | None:
+    """``trainer.devices``: a count, ``auto``, ``-1`` (all) or a list of device indices."""
+    if value == "auto" or value == -1 or isinstance(value, (list, tuple, str)):
+        return None
+    return positive_int(value)
+
+
+# Every number a run depends on, by key. Keys a config does not have (another data set, no scheduler) are skipped.
+RULES: dict[str, Rule] = {
+    "seed": optional(non_negative_int),
+    "base_lr": positive_number,
+    "module.base_batch_size": positive_int,
+    "checkpoint_every_n_steps": optional(positive_int),
+    # data
+    "data.datamodule.batch_size": positive_int,
+    "data.datamodule.val_batch_size": optional(positive_int),
+    "data.datamodule.num_workers": non_negative_int,
+    "data.num_train_images": positive_int,
+    "data.num_val_images": positive_int,
+    "data.image_size": positive_int,
+    "data.max_objects": positive_int,
+    # trainer (max_epochs / max_steps: _length_problems)
+    "trainer.devices": devices,
+    "trainer.num_nodes": positive_int,
+    "trainer.accumulate_grad_batches": positive_int,
+    "trainer.log_every_n_steps": positive_int,
+    "trainer.check_val_every_n_epoch": optional(positive_int),
+    "trainer.val_check_interval": batch_limit,
+    "trainer.limit_train_batches": batch_limit,
+    "trainer.limit_val_batches": batch_limit,
+    "trainer.gradient_clip_val": optional(non_negative_number),
+    # optimizer and schedule
+    "optimizer.momentum": non_negative_number,
+    "optimizer.weight_decay": non_negative_number,
+    "scheduler.warmup_steps": non_negative_int,
+    "scheduler.warmup_factor": positive_number,
+    "scheduler.gamma": positive_number,
+}
+
+_ABSENT = object()
+
+
+def _length_problems(cfg: DictConfig) -> list[str]:
+    """``trainer.max_epochs`` and ``trainer.max_steps``: Lightning's -1 means no limit, but one of them must limit."""
+    max_epochs = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
+    max_steps = OmegaConf.select(cfg, "trainer.max_steps", default=-1)
+    problems = []
+    if not (max_steps == -1 or (_is_int(max_steps) and max_steps > 0)):
+        problems.append(f"trainer.max_steps={max_steps}: must be a positive integer, or -1 for no step limit")
+    if max_epochs == -1:
+        if max_steps == -1:
+            problems.append("trainer.max_epochs=-1: no epoch limit needs a positive trainer.max_steps")
+    elif max_epochs is not None and positive_int(max_epochs):
+        problems.append(f"trainer.max_epochs={max_epochs}: must be a positive integer (or -1 with a trainer.max_steps)")
+    return problems
+
+
+def config_problems(cfg: DictConfig) -> list[str]:
+    """One line per bad value, ``<key>=<value>: <what it must be>``; empty when all are good."""
+    problems = []
+    for key, rule in RULES.items():
+        value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+        if value is _ABSENT or value == "???":
+            continue
+        problem = rule(value)
+        if problem:
+            problems.append(f"{key}={value}: {problem}")
+    return problems + _length_problems(cfg)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Stops before anything is built when a number of the config is out of range.
+
+    Raises:
+        ValueError: listing every bad key with its value and what it must be.
+    """
+    problems = config_problems(cfg)
+    if problems:
+        raise ValueError("invalid config values:\n  " + "\n  ".join(problems))

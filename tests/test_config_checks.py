@@ -1,0 +1,71 @@
+"""Bad numbers in a config stop a run before anything is built, with a message that names the key."""
+
+import pytest
+
+from mrcnn.config_checks import check_config, config_problems
+from tests.helpers.config import compose_config
+from tests.helpers.runs import run_py
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["data=coco", "data.root=/coco"], ["trainer=ddp"], ["trainer=ddp_cpu", "trainer.num_nodes=2"],
+     ["data=cityscapes", "data.root=/cs"], ["trainer.max_epochs=-1", "trainer.max_steps=100"], ["seed=null"],
+     ["trainer.val_check_interval=0.5", "trainer.limit_val_batches=10", "checkpoint_every_n_steps=50"]],
+)
+def test_shipped_configs_and_good_values_pass(overrides):
+    assert config_problems(compose_config(overrides)) == []
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("data.datamodule.batch_size=-2", "data.datamodule.batch_size=-2: must be a positive integer"),
+        ("data.datamodule.batch_size=0", "data.datamodule.batch_size=0: must be a positive integer"),
+        ("data.datamodule.batch_size=2.5", "data.datamodule.batch_size=2.5: must be a positive integer"),
+        ("+data.datamodule.val_batch_size=0", "data.datamodule.val_batch_size=0: must be a positive integer, or null"),
+        ("data.datamodule.num_workers=-1", "data.datamodule.num_workers=-1: must be an integer >= 0"),
+        ("trainer.max_epochs=0", "trainer.max_epochs=0: must be a positive integer"),
+        ("trainer.max_epochs=-3", "trainer.max_epochs=-3: must be a positive integer"),
+        ("trainer.max_epochs=-1", "trainer.max_epochs=-1: no epoch limit needs a positive trainer.max_steps"),
+        ("trainer.max_steps=0", "trainer.max_steps=0: must be a positive integer, or -1 for no step limit"),
+        ("trainer.max_steps=-5", "trainer.max_steps=-5: must be a positive integer, or -1 for no step limit"),
+        ("trainer.devices=0", "trainer.devices=0: must be a positive integer"),
+        ("trainer.num_nodes=0", "trainer.num_nodes=0: must be a positive integer"),
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0: must be a positive integer"),
+        ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0: must be a positive integer"),
+        ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch=0: must be a positive integer, or null"),
+        ("trainer.val_check_interval=1.5", "trainer.val_check_interval=1.5: must be a number of batches"),
+        ("trainer.limit_train_batches=-1", "trainer.limit_train_batches=-1: must be a number of batches"),
+        ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1: must be a number >= 0, or null"),
+        ("checkpoint_every_n_steps=0", "checkpoint_every_n_steps=0: must be a positive integer, or null"),
+        ("base_lr=-0.02", "base_lr=-0.02: must be a positive number"),
+        ("base_lr=0", "base_lr=0: must be a positive number"),
+        ("module.base_batch_size=0", "module.base_batch_size=0: must be a positive integer"),
+        ("data.num_train_images=0", "data.num_train_images=0: must be a positive integer"),
+        ("scheduler.warmup_steps=-1", "scheduler.warmup_steps=-1: must be an integer >= 0"),
+        ("optimizer.weight_decay=-1e-4", "optimizer.weight_decay=-0.0001: must be a number >= 0"),
+    ],
+)
+def test_a_bad_value_is_named_with_what_it_must_be(override, message):
+    with pytest.raises(ValueError, match="invalid config values") as error:
+        check_config(compose_config([override]))
+    assert message in str(error.value)
+
+
+def test_every_bad_value_is_listed_at_once():
+    problems = config_problems(compose_config(["data.datamodule.batch_size=-2", "trainer.max_epochs=0",
+                                               "data.datamodule.num_workers=-1"]))
+    assert [p.split("=")[0] for p in problems] == [
+        "data.datamodule.batch_size", "data.datamodule.num_workers", "trainer.max_epochs",
+    ]
+
+
+def test_run_py_stops_on_a_negative_batch_size_naming_the_key(tmp_path):
+    # Before the check, this ended in torch's "Invalid learning rate: -0.0025" (the lr scales with the batch).
+    result = run_py(["data.datamodule.batch_size=-2", "trainer.max_epochs=0", f"hydra.run.dir={tmp_path / 'run'}"],
+                    cwd=tmp_path, check=False, timeout=120)
+    assert result.returncode != 0
+    assert "data.datamodule.batch_size=-2: must be a positive integer" in result.stderr
+    assert "trainer.max_epochs=0: must be a positive integer" in result.stderr
+    assert "Invalid learning rate" not in result.stderr

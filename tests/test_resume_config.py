@@ -1,0 +1,89 @@
+"""A resumed run checks its config against the one recorded in the checkpoint, and reads what the checkpoint says."""
+
+import logging
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mrcnn.checkpoints import RUN_RECORD_KEY, check_resume_config, config_changes, read_resumed_run
+from tests.helpers.config import TINY_MODEL, compose_config
+
+TINY = [*TINY_MODEL, "data.num_train_images=12", "data.datamodule.batch_size=2", "trainer.max_epochs=2"]
+
+
+def saved_run(tmp_path, overrides=TINY, run_dir=None, wandb_run_id=None):
+    """A checkpoint file as a run with ``overrides`` saves it (``mrcnn.callbacks.RunRecord``'s record, no tensors)."""
+    run_dir = run_dir or tmp_path / "run"
+    config = OmegaConf.to_container(compose_config(overrides, run_dir=str(run_dir)), resolve=True)
+    path = run_dir / "checkpoints" / "last.ckpt"
+    path.parent.mkdir(parents=True)
+    record = {"config": config, "overrides": list(overrides), "wandb_run_id": wandb_run_id}
+    torch.save({"global_step": 7, "state_dict": {"w": torch.zeros(2)}, RUN_RECORD_KEY: record}, path)
+    return read_resumed_run(path)
+
+
+def test_the_checkpoint_tells_the_step_config_overrides_and_wandb_run(tmp_path):
+    resumed = saved_run(tmp_path, wandb_run_id="abc123")
+    assert resumed.global_step == 7 and resumed.wandb_run_id == "abc123" and resumed.overrides == TINY
+    assert resumed.run_dir == tmp_path / "run" and resumed.config["data"]["datamodule"]["batch_size"] == 2
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [[], ["trainer.max_epochs=5"], ["++trainer.max_steps=100"], ["data.datamodule.num_workers=2", "logger=wandb"],
+     ["checkpoint_every_n_steps=10", "trainer.log_every_n_steps=1", "callbacks.throughput.window=5"],
+     ["module.compile=true", "trainer.check_val_every_n_epoch=1", "experiment_name=x"]],
+    ids=["same", "longer", "max-steps", "workers-logger", "logging", "speed-validation"],
+)
+def test_the_length_of_training_and_runtime_keys_may_change(tmp_path, changes):
+    resumed = saved_run(tmp_path)
+    # Resumed into a new folder: the paths inside each run's own folder differ, but not what they are.
+    cfg = compose_config([*TINY, *changes, f"resume={tmp_path / 'run'}"], run_dir=str(tmp_path / "resumed"))
+    check_resume_config(cfg, resumed)
+    assert config_changes(resumed.config, OmegaConf.to_container(cfg, resolve=True), resumed.run_dir, cfg.run_dir) == []
+
+
+def test_resuming_without_the_runs_overrides_stops_and_lists_what_differs(tmp_path):
+    # The issue: resume=<tiny run> without its overrides silently trained 250-step epochs of the default model.
+    resumed = saved_run(tmp_path)
+    cfg = compose_config([f"resume={tmp_path / 'run'}"], run_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError) as error:
+        check_resume_config(cfg, resumed)
+    message = str(error.value)
+    assert message.startswith(f"resume={tmp_path / 'run'}: the config differs")
+    for line in ("data.num_train_images: 12 -> 2000", "data.datamodule.batch_size: 2 -> 8", "data.image_size: 64 -> 128",
+                 "model.fpn_channels: 16 -> "):
+        assert line in message, line
+    assert "trainer.max_epochs: " not in message  # the length of training may change
+    assert "The run was started with the overrides: " + " ".join(TINY) in message
+    assert "resume_allow_config_change=true" in message
+
+
+def test_a_changed_batch_size_is_refused_unless_allowed(tmp_path, caplog):
+    resumed = saved_run(tmp_path)
+    cfg = compose_config([*TINY, "data.datamodule.batch_size=4", f"resume={tmp_path / 'run'}"], run_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=r"in:\n  data.datamodule.batch_size: 2 -> 4\n"):
+        check_resume_config(cfg, resumed)
+    allowed = compose_config([*TINY, "data.datamodule.batch_size=4", "resume_allow_config_change=true"],
+                             run_dir=str(tmp_path / "run"))
+    with caplog.at_level(logging.WARNING, logger="mrcnn.checkpoints"):
+        check_resume_config(allowed, resumed)
+    assert "data.datamodule.batch_size: 2 -> 4" in caplog.text
+
+
+def test_an_added_or_removed_key_is_a_change(tmp_path):
+    resumed = saved_run(tmp_path)
+    cfg = compose_config([*TINY, "+data.datamodule.val_batch_size=1"], run_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="data.datamodule.val_batch_size: '<absent>' -> 1"):
+        check_resume_config(cfg, resumed)
+
+
+def test_a_checkpoint_without_a_record_is_resumed_unchecked(tmp_path, caplog):
+    path = tmp_path / "old.ckpt"
+    torch.save({"global_step": 3, "state_dict": {}}, path)
+    resumed = read_resumed_run(path)
+    assert resumed.config is None and resumed.global_step == 3 and resumed.wandb_run_id is None
+    with caplog.at_level(logging.WARNING, logger="mrcnn.checkpoints"):
+        check_resume_config(compose_config([]), resumed)
+    assert "not checked" in caplog.text
