@@ -267,6 +267,14 @@ class CocoEvaluator(Metric):
             results.extend(dict(result) for result in records[image_id]["dt"])
         return results
 
+    def image_ids(self) -> list[int]:
+        """Ids of the images given to ``update`` (with or without detections), sorted.
+
+        Under DDP this rank's images until ``compute`` has run, all images after.
+        """
+        records = self._merged if self._merged is not None else self._records()
+        return sorted(records)
+
     def compute(self) -> dict[str, float]:
         """Runs COCOeval for each IoU type over every image given to ``update``.
 

@@ -169,3 +169,44 @@ class IdsDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         return torch.zeros(1), {"image_id": index + 1}
+
+
+def random_cityscapes_instance_ids(rng, height=96, width=192):
+    """An instanceIds map with instances of 40-1200 pixels (the official evaluation ignores those under 100).
+
+    Road and sky, an ego-vehicle strip (void: ignored in the official evaluation), 5-8 instances of 7 of the
+    8 classes (no train: a class without ground truth), later ones occluding earlier ones, a car group (crowd)
+    and a caravan (not evaluated).
+    """
+    ids = np.full((height, width), 7, dtype=np.int32)  # road
+    ids[: height // 10] = 23  # sky
+    ids[-height // 16 :] = 1  # ego vehicle (void)
+    label_ids = [24, 25, 26, 27, 28, 32, 33]
+    for k in range(int(rng.integers(5, 9))):
+        label_id = int(rng.choice(label_ids))
+        h, w = int(rng.integers(6, 30)), int(rng.integers(6, 40))
+        y, x = int(rng.integers(0, height - h)), int(rng.integers(0, width - w))
+        ids[y : y + h, x : x + w] = label_id * 1000 + k
+    y, x = int(rng.integers(0, height - 12)), int(rng.integers(0, width - 20))
+    ids[y : y + 12, x : x + 20] = 26  # a group of cars
+    ids[2:10, 2:12] = 29001  # caravan
+    return ids
+
+
+def make_cityscapes_sized(root, splits=("train", "val"), cities=("aachen", "bremen"), per_city=2, seed=0):
+    """The official layout (16-bit instanceIds) with :func:`random_cityscapes_instance_ids` maps; returns the root."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for c, city in enumerate(cities):
+            image_dir = root / "leftImg8bit" / split / city
+            gt_dir = root / "gtFine" / split / city
+            image_dir.mkdir(parents=True, exist_ok=True)
+            gt_dir.mkdir(parents=True, exist_ok=True)
+            for k in range(per_city):
+                stem = f"{city}_{c:06d}_{k:06d}"
+                ids = random_cityscapes_instance_ids(rng)
+                pixels = rng.integers(0, 255, size=(*ids.shape, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(image_dir / f"{stem}_leftImg8bit.png")
+                Image.fromarray(ids.astype(np.uint16)).save(gt_dir / f"{stem}_gtFine_instanceIds.png")
+    return root
