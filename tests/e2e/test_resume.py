@@ -20,10 +20,12 @@ import torch
 from hydra.utils import instantiate
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mrcnn.callbacks import LastCheckpoint, TrainingInterrupted
 from mrcnn.checkpoints import checkpoint_path
 from mrcnn.data.datamodule import InstanceDataModule
+from mrcnn.train import stops_with_nonzero_exit
 from tests.helpers.config import TINY_MODEL, compose_config
 from tests.helpers.data import IdsDataset
 
@@ -320,6 +322,14 @@ def test_signal_saves_the_step_reached_and_the_resumed_fit_sees_the_same_batches
     assert resumed.seen == {step: ids for step, ids in expected.seen.items() if step > signal_at}
     # Every validation of the uninterrupted run happened once, before or after the stop.
     assert sorted(interrupted.validated_at + resumed.validated_at) == expected.validated_at
+
+
+def test_lightnings_own_sigterm_stop_outside_the_training_loop_exits_nonzero():
+    # Lightning stops a validation (sanity check, final validation, mode=evaluate) on SIGTERM with a SystemExit
+    # that has no code: the process would exit 0 as if the job had finished.
+    with pytest.raises(SystemExit) as stop, stops_with_nonzero_exit(compose_config([])):
+        raise SIGTERMException
+    assert stop.value.code == 128 + signal.SIGTERM
 
 
 def test_last_checkpoint_is_a_hard_link_to_a_best_checkpoint_of_its_step_and_resumes(tmp_path):

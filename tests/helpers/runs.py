@@ -1,5 +1,6 @@
 """Running ``run.py`` as a user would, at a tiny setting, and recording what a training run saw."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -39,3 +40,37 @@ class RecordTrainBatches(L.Callback):
         _, targets = batch
         with self.path.open("a") as file:
             file.write(json.dumps([trainer.global_step, [int(t["image_id"]) for t in targets]]) + "\n")
+
+
+class RecordWeights(L.Callback):
+    """Test-only: writes ``<path>.rank<global rank>.json`` at the start and end of training.
+
+    It holds the process's ranks, world size, global step, the optimizer's initial learning rate and a
+    SHA-256 digest of the model's state dict at the start and at the end, so processes of one DDP job
+    (on different "nodes") can be compared.
+    """
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+        self._start = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = state_digest(pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        group = trainer.optimizers[0].param_groups[0]
+        record = {
+            "global_rank": trainer.global_rank, "node_rank": trainer.node_rank, "world_size": trainer.world_size,
+            "num_nodes": trainer.num_nodes, "global_step": trainer.global_step,
+            "initial_lr": group.get("initial_lr", group["lr"]), "start": self._start, "end": state_digest(pl_module),
+        }
+        self.path.with_name(f"{self.path.name}.rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def state_digest(module) -> str:
+    """SHA-256 of a module's state dict: every tensor's name and bytes, in order."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
