@@ -349,8 +349,16 @@ def setting_table(ours: dict[str, str], paper: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def _millions(count: int | None) -> str:
-    return "-" if count is None else f"{count / 1e6:.3g} M"
+def _count(count: int | None) -> str:
+    if count is None:
+        return "-"
+    return f"{count / 1e6:.3g} M" if count >= 1e6 else f"{count / 1e3:.3g} k"
+
+
+def _duration(seconds: float) -> str:
+    if math.isnan(seconds):
+        return "-"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def cost_table(variants: list[Variant], comparison: dict) -> str:
@@ -367,9 +375,8 @@ def cost_table(variants: list[Variant], comparison: dict) -> str:
             built = "**INCONSISTENT: its jobs built different models**"
         step, wall = v.record_mean("step_time_median_s"), v.record_mean("wall_time_s")
         lines.append(
-            f"| {v.name} | {built or 'the same model'} | {_millions(v.parameters('mask_head'))} | "
-            f"{_millions(v.parameters('total'))} | {'-' if math.isnan(step) else f'{step:.2f} s'} | "
-            f"{'-' if math.isnan(wall) else f'{wall / 60:.1f} min'} |"
+            f"| {v.name} | {built or 'the same model'} | {_count(v.parameters('mask_head'))} | "
+            f"{_count(v.parameters('total'))} | {'-' if math.isnan(step) else f'{step:.2f} s'} | {_duration(wall)} |"
         )
     return "\n".join(lines)
 

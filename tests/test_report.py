@@ -190,7 +190,7 @@ def test_the_report_states_our_setting_beside_the_papers_and_what_each_variant_b
     assert "| variant | built (what differs between the variants) | mask-head params | params | median step | job wall time |" in text
     row = next(line for line in text.splitlines() if line.startswith("| model/pooler=roi_warp_max | pooler="))
     assert "pooler=RoIWarpPooler, pooler.sampling_ratio=2" in row
-    assert "| 0.165 M | 12.5 M | 0.70 s | 7.5 min |" in row
+    assert "| 165 k | 12.5 M | 0.70 s | 7.5 min |" in row
     assert "The variants' models differ only in: `pooler`, `pooler.sampling_ratio`." in text
     summary = json.loads(paths["json"].read_text(), parse_constant=lambda c: pytest.fail(f"{c} in report.json"))
     assert summary["setting"]["ours"]["backbone"] == "ResNet-18-FPN" and summary["setting"]["paper"]["backbone"] == "ResNet-50-C4"
