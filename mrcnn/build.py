@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from mrcnn.callbacks import RunRecord
 from mrcnn.checkpoints import ResumedRun, load_weights
 from mrcnn.config import check_added_keys
+from mrcnn.data_fit import check_num_classes, warn_if_boxes_outside_anchors
 from mrcnn.loggers import instantiate_loggers
 from mrcnn.quiet import silence_library_noise
 
@@ -23,6 +24,8 @@ def build(cfg: DictConfig, resumed: ResumedRun | None = None):
             W&B run are continued.
     """
     datamodule = instantiate(cfg.data.datamodule)
+    if getattr(datamodule, "class_names", None) is not None:
+        check_num_classes(cfg.model.num_classes, datamodule.class_names)
     module = build_module(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     # Not a named config entry: it carries the whole config into every checkpoint, for the resume check.
@@ -30,6 +33,8 @@ def build(cfg: DictConfig, resumed: ResumedRun | None = None):
     loggers = instantiate_loggers(cfg, resumed)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     check_sync_batchnorm(module, trainer, converts_batchnorm=bool(cfg.trainer.get("sync_batchnorm")))
+    if trainer.is_global_zero and getattr(datamodule, "val_dataset", None) is not None:
+        warn_if_boxes_outside_anchors(module.model, datamodule.val_dataset)
     for logger in trainer.loggers:
         if type(logger).__name__ != "WandbLogger":  # W&B got the config at init (instantiate_logger)
             logger.log_hyperparams(resolved)
@@ -44,13 +49,13 @@ def job_overrides() -> list[str] | None:
 
 
 def build_module(cfg: DictConfig) -> L.LightningModule:
-    """The LightningModule, with ``weights`` (a torchvision Mask R-CNN state dict file) loaded when given."""
+    """The LightningModule, initialised from ``weights`` (a torchvision state dict or a Lightning checkpoint) when given."""
     silence_library_noise()
     if HydraConfig.initialized():
         check_added_keys(cfg, HydraConfig.get().overrides.task, group_options=_group_options)
     module = instantiate(cfg.module)
     if cfg.get("weights"):
-        load_weights(module.model, cfg.weights)
+        load_weights(module.model, cfg.weights, class_names=module.class_names)
     return module
 
 

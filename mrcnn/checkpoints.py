@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mrcnn.model_record import MODEL_RECORD_KEY, ModelRecord, set_frozen_bn_eps
 from mrcnn.modeling.mask_rcnn import load_torchvision_weights
 
 log = logging.getLogger(__name__)
@@ -204,24 +205,52 @@ def _is_free(key: str) -> bool:
     return any(key == free or key.startswith(f"{free}.") for free in RESUME_FREE_KEYS)
 
 
-def load_weights(model: torch.nn.Module, path: str) -> None:
-    """Loads a torchvision Mask R-CNN state dict file (e.g. torchvision's COCO ``maskrcnn_resnet50_fpn``).
+def load_weights(model: torch.nn.Module, path: str, class_names: list[str] | None = None) -> list[str]:
+    """Initialises ``model`` from a file (``weights=``): a torchvision Mask R-CNN state dict or a Lightning checkpoint.
+
+    Only the weights are taken: a run started from them trains with a fresh optimizer, step count and
+    schedule (``ckpt_path`` resumes instead). Files trained on other classes fine-tune: the class-specific
+    layers (box classifier, box regressor, mask predictor) are re-initialised, listed in one log line, when
+    their shapes do not fit or, for a Lightning checkpoint, when its recorded classes differ from
+    ``class_names``. A torchvision state dict sets FrozenBatchNorm eps to 0 as torchvision's builder does
+    (``mrcnn.modeling.mask_rcnn.load_torchvision_weights``); a Lightning checkpoint restores its own eps.
+
+    Args:
+        class_names: the classes the model is being built for (to compare with a checkpoint's).
+
+    Returns:
+        the re-initialised (not loaded) class-specific keys.
 
     Raises:
-        ValueError: the file is a Lightning checkpoint, or does not match the configured model
+        ValueError: the file is not a state dict or checkpoint, or does not match the configured model
             (the message names the file and the mismatched keys).
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise ValueError(
-            f"weights={path} is not a plain state dict (torch.save(model.state_dict())); "
-            "a Lightning checkpoint goes in ckpt_path=..."
+            f"weights={path} is neither a plain state dict (torch.save(model.state_dict())) nor a Lightning "
+            "checkpoint of this project"
         ) from error
+    record = None
     if isinstance(state, dict) and "state_dict" in state and "pytorch-lightning_version" in state:
-        raise ValueError(f"weights={path} is a Lightning checkpoint: pass it as ckpt_path=... instead")
+        record = state.get(MODEL_RECORD_KEY)
+        record = ModelRecord.from_dict(record) if record else None
+        # The LightningModule holds the network as ``self.model``.
+        state = {k[len("model.") :]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
+    new_classes = bool(record and record.class_names and class_names and list(record.class_names) != list(class_names))
     try:
-        load_torchvision_weights(model, state)
+        skipped = load_torchvision_weights(model, state, new_classes=new_classes)
     except ValueError as error:
         raise ValueError(f"weights={path}: {error}") from error
-    log.info("Loaded torchvision weights from %s", path)
+    if record is not None:
+        set_frozen_bn_eps(model, record.frozen_bn_eps)
+    if skipped:
+        trained = f"{len(record.class_names)} classes {record.class_names}" if record and record.class_names else "other classes"
+        log.info(
+            "weights=%s: loaded all but the class-specific layers, re-initialised for %s (the file was trained on %s): %s",
+            path, f"{len(class_names)} classes" if class_names else "the configured classes", trained, ", ".join(skipped),
+        )
+    else:
+        log.info("weights=%s: loaded every tensor", path)
+    return skipped

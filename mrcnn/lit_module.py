@@ -8,8 +8,17 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from mrcnn.cityscapes_eval import CityscapesEvaluator
 from mrcnn.data.transforms import drop_crowd
 from mrcnn.evaluation import CocoEvaluator
+from mrcnn.model_record import (
+    MODEL_RECORD_KEY,
+    ModelRecord,
+    check_classes,
+    model_record,
+    set_frozen_bn_eps,
+    warn_if_input_size_differs,
+)
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS
 
 
@@ -58,6 +67,13 @@ class MaskRCNNModule(L.LightningModule):
             The RPN, poolers and post-processing hold data-dependent control flow and stay eager.
         compile_kwargs: extra ``torch.compile`` arguments (e.g. ``{"mode": "max-autotune"}``). The heads
             always get ``dynamic=True``: their batch is the varying number of RoIs.
+        cityscapes_eval_workers: with Cityscapes validation data, the official Cityscapes instance AP
+            (``mrcnn.cityscapes_eval``) is computed beside the COCO-style AP by this many processes (0: the
+            main process); ``None`` switches it off.
+
+    A checkpoint carries the class names, the label -> category id map of the training data, the
+    FrozenBatchNorm eps and the input size (``mrcnn.model_record``); loading it checks the classes against
+    the data's and restores the rest.
     """
 
     def __init__(
@@ -71,6 +87,7 @@ class MaskRCNNModule(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         compile_kwargs: dict | None = None,
+        cityscapes_eval_workers: int | None = 0,
     ):
         super().__init__()
         self.model = model
@@ -86,16 +103,47 @@ class MaskRCNNModule(L.LightningModule):
         self.base_lr = base_lr
         self.base_batch_size = base_batch_size
         self.class_names = list(class_names) if class_names else None
+        self.label_to_category_id: dict[int, int] | None = None
+        self.cityscapes_eval_workers = cityscapes_eval_workers
         self.evaluator = CocoEvaluator()
+        self.cityscapes_evaluator: CityscapesEvaluator | None = None
         self.last_metrics: dict[str, float] = {}
         self.last_metrics_step = -1
 
     def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            return
+        # The classes and category ids come from the data (and go into every checkpoint).
+        if getattr(datamodule, "class_names", None) is not None:
+            self.class_names = list(datamodule.class_names)
+        mapping = getattr(getattr(datamodule, "train_dataset", None), "label_to_category_id", None)
+        self.label_to_category_id = {int(k): int(v) for k, v in mapping.items()} if mapping else None
         # The dataset knows how its labels map to category ids and, for COCO json data, the ground
         # truth pycocotools should score against (crowd regions as ignore regions).
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "evaluator_kwargs") and stage in ("fit", "validate", "test"):
-            self.evaluator = CocoEvaluator(**datamodule.evaluator_kwargs("test" if stage == "test" else "val"))
+        if hasattr(datamodule, "evaluator_kwargs") and stage in ("fit", "validate", "test"):
+            split = "test" if stage == "test" else "val"
+            self.evaluator = CocoEvaluator(**datamodule.evaluator_kwargs(split))
+            dataset = getattr(datamodule, f"{split}_dataset", None)
+            if self.cityscapes_eval_workers is not None:
+                self.cityscapes_evaluator = CityscapesEvaluator.for_dataset(dataset, self.cityscapes_eval_workers)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[MODEL_RECORD_KEY] = model_record(self.model, self.class_names, self.label_to_category_id).to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning calls this before it loads the weights: a checkpoint of other classes stops here,
+        # naming them, instead of failing on a tensor shape.
+        record = checkpoint.get(MODEL_RECORD_KEY)
+        if not record:
+            return
+        record = ModelRecord.from_dict(record)
+        check_classes(record.class_names, self.class_names, "the checkpoint")
+        # The data's, when the run has data (setup); the checkpoint's otherwise (mode=predict).
+        self.class_names = self.class_names or record.class_names
+        self.label_to_category_id = self.label_to_category_id or record.label_to_category_id
+        set_frozen_bn_eps(self.model, record.frozen_bn_eps)
+        warn_if_input_size_differs(record, self.model, "the checkpoint")
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         return self.model(images, targets)
@@ -150,12 +198,15 @@ class MaskRCNNModule(L.LightningModule):
     def _log_ap(self, stage: str) -> None:
         # Every rank calls compute(): it gathers all ranks' predictions, so all get the same numbers.
         metrics = self.evaluator.compute()
+        if self.cityscapes_evaluator is not None:
+            # The same detections, scored by Cityscapes' own protocol (cityscapes_AP, cityscapes_AP50, per class).
+            metrics.update(self.cityscapes_evaluator.compute(self.evaluator.results_json(), self.evaluator.image_ids()))
         self.evaluator.reset()
         self.last_metrics = metrics
         self.last_metrics_step = self.global_step
         for key, value in metrics.items():
             # Identical on every rank; sync_dist only keeps Lightning's DDP check quiet.
-            self.log(f"{stage}/{key}", value, prog_bar=key in ("segm_AP", "bbox_AP"), sync_dist=True)
+            self.log(f"{stage}/{key}", value, prog_bar=key in ("segm_AP", "bbox_AP", "cityscapes_AP"), sync_dist=True)
 
     # ---- optimization ---------------------------------------------------------------------
     def global_batch_size(self) -> int:

@@ -1,6 +1,7 @@
 """``mode=predict``: run a trained model on image files, write overlay PNGs and a COCO results json.
 
     python run.py mode=predict ckpt_path=<last.ckpt> predict.input=<image or folder> predict.output=<folder>
+        (the checkpoint's classes and category ids; predict.coco_json=<json>: its image ids)
     python run.py model=torchvision_r50_fpn model.num_classes=90 weights=<torchvision .pth> \
         predict.class_names=coco mode=predict predict.input=... predict.output=...
 
@@ -20,18 +21,20 @@ import lightning as L
 import torch.distributed as dist
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import BasePredictionWriter
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import write_png
 from torchvision.transforms.functional import pil_to_tensor
 
-from mrcnn.data.datamodule import collate_detection
-from mrcnn.evaluation import CocoEvaluator
 from mrcnn.build import build_module
 from mrcnn.checkpoints import checkpoint_path
+from mrcnn.data.coco import load_coco_json
+from mrcnn.data.datamodule import collate_detection
+from mrcnn.evaluation import CocoEvaluator
 from mrcnn.launch import job_scope
+from mrcnn.model_record import read_model_record
 from mrcnn.visualize import draw_instances, select
 
 log = logging.getLogger(__name__)
@@ -44,10 +47,12 @@ IMAGES_FILE = "images.json"
 class ImageFiles(Dataset):
     """One image file, or every image file in a folder (sorted by name).
 
-    Item ``i`` is ``(image float [3, H, W] in 0..1, {"image_id": i + 1, "file_name": ...})``.
+    Item ``i`` is ``(image float [3, H, W] in 0..1, {"image_id": ..., "file_name": ...})``: the image's id in
+    ``coco_json`` (matched by file name) when one is given, so that the results load and evaluate against that
+    json; else ``i + 1``.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, coco_json: str | Path | None = None):
         path = Path(path)
         if path.is_dir():
             self.files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -57,6 +62,13 @@ class ImageFiles(Dataset):
             raise FileNotFoundError(f"predict.input={path} is neither an image file nor a folder")
         if not self.files:
             raise ValueError(f"predict.input={path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        self.image_ids = list(range(1, len(self.files) + 1))
+        if coco_json is not None:
+            ids = {Path(image["file_name"]).name: int(image["id"]) for image in load_coco_json(coco_json)["images"]}
+            unknown = [f.name for f in self.files if f.name not in ids]
+            if unknown:
+                raise ValueError(f"predict.coco_json={coco_json} lists no image named {unknown[:3]} (of predict.input)")
+            self.image_ids = [ids[f.name] for f in self.files]
 
     def __len__(self) -> int:
         return len(self.files)
@@ -64,15 +76,15 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int):
         with Image.open(self.files[index]) as image:
             pixels = pil_to_tensor(image.convert("RGB"))
-        return pixels.float() / 255, {"image_id": index + 1, "file_name": self.files[index].name}
+        return pixels.float() / 255, {"image_id": self.image_ids[index], "file_name": self.files[index].name}
 
     def coco_images(self) -> list[dict]:
         """The COCO ``images`` entries (id, file name, size) that the results' ``image_id`` refer to."""
         images = []
-        for index, path in enumerate(self.files):
+        for image_id, path in zip(self.image_ids, self.files):
             with Image.open(path) as image:
                 width, height = image.size
-            images.append({"id": index + 1, "file_name": path.name, "height": height, "width": width})
+            images.append({"id": image_id, "file_name": path.name, "height": height, "width": width})
         return images
 
 
@@ -138,8 +150,9 @@ class PredictionWriter(BasePredictionWriter):
         self.num_detections = len(results)
 
 
-def class_names(cfg: DictConfig, num_classes: int) -> list[str] | None:
-    """``predict.class_names``: a list, ``coco`` (torchvision's COCO names), or null for the dataset's classes."""
+def class_names(cfg: DictConfig, num_classes: int, trained: list[str] | None = None) -> list[str] | None:
+    """``predict.class_names``: a list, ``coco`` (torchvision's COCO names), or null for the classes the
+    checkpoint was trained on (``trained``), else the data config's."""
     names = cfg.predict.get("class_names")
     if names == "coco":
         from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
@@ -147,7 +160,7 @@ def class_names(cfg: DictConfig, num_classes: int) -> list[str] | None:
         # torchvision's 91 categories start with the background: labels 1..90 are the rest.
         return list(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"][1:])
     if names is None:
-        names = cfg.data.get("classes")
+        names = trained if trained is not None else cfg.data.get("classes")
     names = list(names) if names is not None else None
     if names is not None and len(names) != num_classes:
         log.warning("%d class names for %d classes: captions show label numbers", len(names), num_classes)
@@ -162,18 +175,28 @@ def predict(cfg: DictConfig) -> dict[str, float]:
         raise ValueError("mode=predict needs ckpt_path=<Lightning checkpoint>, resume=<run dir> or weights=<torchvision file>")
     if not cfg.predict.get("input"):
         raise ValueError("mode=predict needs predict.input=<image file or folder>")
+    # A checkpoint of this project knows its classes and their category ids: the model gets its number of
+    # classes, the captions its names, the json its ids, whatever data config this run has.
+    record = read_model_record(ckpt_path or cfg.weights)
+    if record is not None and record.class_names:
+        with open_dict(cfg):
+            cfg.model.num_classes = len(record.class_names)
+            cfg.module.class_names = list(record.class_names)
     with job_scope(cfg):
         L.seed_everything(cfg.seed, workers=True)
-        dataset = ImageFiles(cfg.predict.input)
+        dataset = ImageFiles(cfg.predict.input, cfg.predict.get("coco_json"))
         module = build_module(cfg)
         label_map = cfg.predict.get("label_to_category_id")
+        label_map = OmegaConf.to_container(label_map) if label_map is not None else None
+        if label_map is None and record is not None:
+            label_map = record.label_to_category_id
         writer = PredictionWriter(
             cfg.predict.output,
             dataset.coco_images(),
-            class_names(cfg, cfg.model.num_classes),
+            class_names(cfg, cfg.model.num_classes, record.class_names if record is not None else None),
             cfg.predict.score_threshold,
             cfg.predict.mask_threshold,
-            OmegaConf.to_container(label_map) if label_map is not None else None,
+            label_map,
         )
         loader = DataLoader(dataset, batch_size=cfg.predict.batch_size, num_workers=cfg.predict.num_workers, collate_fn=collate_detection)
         trainer = instantiate(cfg.trainer, callbacks=[writer], logger=False)

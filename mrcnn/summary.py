@@ -1,4 +1,8 @@
-"""The end of a job: the COCO AP table on the terminal and ``<run_dir>/metrics.json``."""
+"""The end of a job: the AP tables on the terminal and ``<run_dir>/metrics.json``.
+
+Every run prints COCO-style box and mask AP (pycocotools); a Cityscapes run also prints the official
+Cityscapes instance AP (cityscapesscripts), per class. The two protocols differ, and each table says which it is.
+"""
 
 import json
 import logging
@@ -23,6 +27,19 @@ def format_metrics(metrics: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
+def format_cityscapes_metrics(metrics: dict[str, float]) -> str:
+    """The official Cityscapes AP and AP50 per class and averaged, in percent (``-`` for a class without ground truth)."""
+    prefix = "cityscapes_AP50_"
+    classes = [key[len(prefix) :] for key in metrics if key.startswith(prefix)]
+    rows = [f"{'':12}{'AP':>8}{'AP50':>8}"]
+    for name in classes:
+        values = (metrics[f"cityscapes_AP_{name}"], metrics[f"cityscapes_AP50_{name}"])
+        rows.append(f"{name:12}" + "".join(f"{100 * v:8.1f}" if v >= 0 else f"{'-':>8}" for v in values))
+    values = (metrics["cityscapes_AP"], metrics["cityscapes_AP50"])
+    rows.append(f"{'average':12}" + "".join(f"{100 * v:8.1f}" if v >= 0 else f"{'-':>8}" for v in values))
+    return "\n".join(rows)
+
+
 def write_final_metrics(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float]) -> None:
     """Prints the AP table and writes ``<run_dir>/metrics.json`` (rank zero)."""
     log.info(
@@ -30,7 +47,13 @@ def write_final_metrics(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, 
     )
     if not trainer.is_global_zero:
         return
-    print("\nCOCO-style AP on the validation split (%):\n" + format_metrics(metrics), flush=True)
+    print("\nCOCO-style AP on the validation split (%, pycocotools):\n" + format_metrics(metrics), flush=True)
+    if "cityscapes_AP" in metrics:
+        print(
+            "\nCityscapes official instance AP on the validation split (%, cityscapesscripts: overlaps 0.5:0.95, "
+            "regions under 100 pixels ignored):\n" + format_cityscapes_metrics(metrics),
+            flush=True,
+        )
     record = {**metrics, "global_step": trainer.global_step, "world_size": trainer.world_size}
     path = Path(cfg.run_dir) / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import FrozenBatchNorm2d
 
 LOSS_KEYS = ("rpn_class_loss", "rpn_bbox_loss", "fastrcnn_class_loss", "fastrcnn_bbox_loss", "maskrcnn_mask_loss")
 
@@ -120,8 +121,54 @@ def torchvision_to_mrcnn_state_dict(state_dict: dict[str, Tensor]) -> dict[str, 
     return renamed
 
 
-def load_torchvision_weights(model: MaskRCNN, path_or_state_dict, strict: bool = True) -> None:
-    """Load a torchvision Mask R-CNN checkpoint (file path or state dict) into ``model``.
+# Parameters whose shape depends on the number of classes (box classifier, box regressor, mask predictor).
+# Fine-tuning to other classes keeps the model's own freshly initialised values for them.
+CLASS_SPECIFIC_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_head.predictor.")
+
+# The FrozenBatchNorm2d eps torchvision's maskrcnn_resnet50_fpn builder sets after loading its COCO weights
+# (``overwrite_eps(model, 0.0)``); a model built with FrozenBatchNorm2d has 1e-5.
+TORCHVISION_COCO_EPS = 0.0
+
+
+def is_torchvision_naming(state_dict: dict[str, Tensor]) -> bool:
+    """Whether a state dict names the mask branch as torchvision does (``roi_heads.mask_predictor.*``); ours never does."""
+    return any(key.startswith("roi_heads.mask_predictor.") for key in state_dict)
+
+
+def is_class_specific(key: str) -> bool:
+    """Whether a state dict key belongs to a layer whose shape depends on the number of classes."""
+    return key.startswith(CLASS_SPECIFIC_PREFIXES)
+
+
+def load_torchvision_weights(
+    model: MaskRCNN,
+    path_or_state_dict,
+    strict: bool = True,
+    new_classes: bool = False,
+    frozen_bn_eps: float | None = TORCHVISION_COCO_EPS,
+) -> list[str]:
+    """Load a torchvision Mask R-CNN state dict (file path or dict), or one of this model's own, into ``model``.
+
+    Fine-tuning to other classes: the class-specific layers (box classifier, box regressor, mask predictor:
+    ``CLASS_SPECIFIC_PREFIXES``) of a file trained on another number of classes do not fit, and keep the
+    model's own freshly initialised values; every other tensor must fit.
+
+    Exactness: torchvision's ``maskrcnn_resnet50_fpn`` sets every FrozenBatchNorm2d ``eps`` to 0 after it loads
+    its COCO weights, and a model fine-tuned from them in torchvision keeps it. A state dict in torchvision's
+    naming is taken to be such a model: its FrozenBatchNorm2d layers get ``frozen_bn_eps`` (0), so the model
+    computes exactly what torchvision does. State dicts in this model's own naming leave eps alone (Lightning
+    checkpoints carry their eps, see ``mrcnn.model_record``).
+
+    Args:
+        strict: keys missing from the file, or in the file but not in the model, are an error.
+        new_classes: keep the model's class-specific layers even where the file's fit (the file's classes
+            are other classes).
+        frozen_bn_eps: eps for every FrozenBatchNorm2d after loading a state dict in torchvision's naming;
+            ``None`` keeps the model's (1e-5: right for a torchvision model trained from an ImageNet
+            backbone only, whose builder leaves eps alone).
+
+    Returns:
+        the class-specific keys that were not loaded (empty when the file has the model's classes).
 
     Raises:
         ValueError: naming the file and the mismatched keys or shapes when it does not fit the model.
@@ -132,14 +179,22 @@ def load_torchvision_weights(model: MaskRCNN, path_or_state_dict, strict: bool =
         state = torch.load(state, map_location="cpu", weights_only=True)
     if "model" in state and isinstance(state["model"], dict):  # torchvision reference-script checkpoints
         state = state["model"]
+    torchvision_naming = is_torchvision_naming(state)
     state = torchvision_to_mrcnn_state_dict(state)
     own = model.state_dict()
     wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own and not k.endswith("num_batches_tracked")]
-    if wrong_shape or (strict and (missing or unexpected)):
+    not_fitting = [k for k in wrong_shape if not is_class_specific(k)]
+    if not_fitting or (strict and (missing or unexpected)):
         details = [
-            f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong_shape[:5]
+            f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in not_fitting[:5]
         ] + [f"missing in file: {missing[:5]}"] * bool(missing) + [f"not in model: {unexpected[:5]}"] * bool(unexpected)
         raise ValueError(f"{source} does not match the configured model: " + "; ".join(details))
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    skipped = [k for k in state if k in own and is_class_specific(k) and (new_classes or k in wrong_shape)]
+    model.load_state_dict({k: v for k, v in state.items() if k in own and k not in skipped}, strict=False)
+    if torchvision_naming and frozen_bn_eps is not None:
+        for module in model.modules():
+            if isinstance(module, FrozenBatchNorm2d):
+                module.eps = frozen_bn_eps
+    return skipped

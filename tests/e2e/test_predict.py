@@ -10,11 +10,13 @@ import torchvision
 from hydra.utils import instantiate
 from PIL import Image
 
-from mrcnn.data.shapes import ShapesDataset
 from mrcnn.build import build_module
+from mrcnn.data.shapes import ShapesDataset
 from mrcnn.visualize import draw_instances, instance_colors, place_captions, semantic_label_map
 from tests.helpers.config import TINY_MODEL, compose_config
 from tests.helpers.runs import run_py
+from tests.helpers.torchvision_models import torchvision_maskrcnn
+
 
 def write_images(folder, n, size):
     folder.mkdir()
@@ -79,15 +81,17 @@ def test_torchvision_checkpoint_loads_and_predicts_through_run_py(tmp_path):
 
 
 def test_weights_that_do_not_fit_the_model_fail_clearly(tmp_path):
-    cfg = compose_config(["model=torchvision_r50_fpn"])  # 6 shapes classes
-    other = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=5)
+    # Another number of classes fine-tunes (tests/modeling/test_weights.py); another architecture does not fit.
+    other = torchvision_maskrcnn(num_classes=5, fpn_channels=128)
     torch.save(other.state_dict(), tmp_path / "other.pth")
-    with pytest.raises(ValueError, match=r"other\.pth.*does not match the configured model.*cls_score"):
+    with pytest.raises(ValueError, match=r"other\.pth.*does not match the configured model.*fpn"):
         build_module(compose_config(["model=torchvision_r50_fpn", f"weights={tmp_path / 'other.pth'}"]))
     torch.save({"state_dict": {}, "pytorch-lightning_version": "2.6.6"}, tmp_path / "lightning.ckpt")
-    with pytest.raises(ValueError, match="Lightning checkpoint"):
+    with pytest.raises(ValueError, match=r"lightning\.ckpt.*does not match the configured model.*missing in file"):
         build_module(compose_config([*TINY_MODEL, f"weights={tmp_path / 'lightning.ckpt'}"]))
-    assert cfg.model.num_classes == 6
+    (tmp_path / "notes.txt").write_text("not weights")
+    with pytest.raises(ValueError, match=r"notes\.txt is neither a plain state dict .* nor a Lightning checkpoint"):
+        build_module(compose_config([*TINY_MODEL, f"weights={tmp_path / 'notes.txt'}"]))
 
 
 def test_overlay_colours_each_instance_and_label_map_puts_the_best_on_top():

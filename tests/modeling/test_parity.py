@@ -5,6 +5,7 @@ from functools import partial
 import pytest
 import torch
 import torchvision
+from torchvision.ops import FrozenBatchNorm2d
 
 from mrcnn.modeling.backbone import resnet_fpn
 from mrcnn.modeling.box_head import BoxPredictor, MLPBoxHead
@@ -13,6 +14,7 @@ from mrcnn.modeling.mask_rcnn import MaskRCNN, load_torchvision_weights
 from mrcnn.modeling.poolers import RoIAlignPooler
 from mrcnn.modeling.roi_heads import RoIHeads
 from mrcnn.modeling.rpn import RPN
+from tests.helpers.torchvision_models import coco_like_torchvision_maskrcnn, torchvision_maskrcnn
 
 FPN_LEVELS = ["0", "1", "2", "3"]
 
@@ -107,32 +109,56 @@ def test_training_losses_equal_torchvision(models):
         torch.testing.assert_close(mine[our_key], ref[theirs_key], rtol=1e-4, atol=1e-5)
 
 
-def test_mismatched_checkpoint_is_a_clear_error(models, tmp_path):
+def test_checkpoint_of_another_architecture_is_a_clear_error(models, tmp_path):
     ours, _ = models
-    other = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=5)
+    other = torchvision_maskrcnn(depth=18, fpn_channels=64)
     path = tmp_path / "other.pth"
     torch.save(other.state_dict(), path)
-    with pytest.raises(ValueError, match=r"other\.pth does not match.*cls_score"):
+    with pytest.raises(ValueError, match=r"other\.pth does not match.*layer1\.0\.conv1\.weight"):
         load_torchvision_weights(ours, str(path))
 
 
-def test_torchvision_preset_from_config_equals_torchvision(models):
-    """`model=torchvision_r50_fpn`, built by Hydra, reproduces torchvision given its weights."""
-    from hydra.utils import instantiate
+def _compare(detections, expected, tolerance):
+    for mine, ref in zip(detections, expected, strict=True):
+        for key in ("boxes", "labels", "scores", "masks"):
+            torch.testing.assert_close(mine[key], ref[key], rtol=tolerance, atol=tolerance)
 
+
+def test_torchvision_coco_weights_load_exactly(tmp_path):
+    """``weights=`` with torchvision's COCO model reproduces torchvision's detections: boxes, scores, labels, masks.
+
+    torchvision's builder sets every FrozenBatchNorm2d eps to 0 after loading its COCO weights. With default
+    statistics (mean 0, variance 1) eps 1e-5 is invisible; here the statistics are measured on an image and
+    perturbed, as trained ones are, and the test shows it would catch the 1e-5 / 0 difference.
+    """
+    from mrcnn.build import build_module
     from tests.helpers.config import compose_config
 
-    _, theirs = models
-    cfg = compose_config(["model=torchvision_r50_fpn", "model.num_classes=90", "data.min_size=256", "data.max_size=320"])
-    ours = instantiate(cfg.model.net).eval()
-    load_torchvision_weights(ours, theirs.state_dict())
     g = torch.Generator().manual_seed(4)
-    images = [torch.rand(3, 240, 320, generator=g)]
+    images = [torch.rand(3, 240, 320, generator=g), torch.rand(3, 200, 260, generator=g)]
+    theirs = coco_like_torchvision_maskrcnn(images[0], num_classes=91, min_size=256, max_size=320)
+    with torch.no_grad():
+        # Random-init heads score every class alike; sharpen the class scores so that there are many
+        # detections, with distinct scores, to compare.
+        theirs.roi_heads.box_predictor.cls_score.weight.mul_(3)
+    assert {m.eps for m in theirs.modules() if isinstance(m, FrozenBatchNorm2d)} == {0.0}
+    path = tmp_path / "maskrcnn_resnet50_fpn_coco.pth"
+    torch.save(theirs.state_dict(), path)
+
+    overrides = ["model=torchvision_r50_fpn", "model.num_classes=90", "data.min_size=256", "data.max_size=320"]
+    ours = build_module(compose_config([*overrides, f"weights={path}"])).model.eval()
+    norms = [m for m in ours.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert len(norms) == 53 and {m.eps for m in norms} == {0.0}
     with torch.no_grad():
         expected = theirs(images)
         detections, _ = ours(images)
-    assert len(expected[0]["boxes"]) > 10
-    for key in ("boxes", "labels", "scores", "masks"):
-        # FrozenBatchNorm (ours, as for a pretrained checkpoint) vs eval-mode BatchNorm (torchvision built
-        # with weights=None): the same affine map up to float rounding.
-        torch.testing.assert_close(detections[0][key], expected[0][key], rtol=1e-3, atol=1e-3)
+    assert all(len(ref["boxes"]) > 10 for ref in expected), "the comparison needs detections"
+    _compare(detections, expected, 1e-5)
+
+    # The eps the model had before (1e-5): the same weights give detections the comparison rejects.
+    for norm in norms:
+        norm.eps = 1e-5
+    with torch.no_grad():
+        detections, _ = ours(images)
+    with pytest.raises(AssertionError):
+        _compare(detections, expected, 1e-4)
