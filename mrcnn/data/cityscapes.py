@@ -20,11 +20,12 @@ array (:class:`~mrcnn.data.records.PackedRecords`, as for COCO), so DataLoader
 workers read them without copying them; ``image_files``, ``instance_files``,
 ``image_sizes`` and ``image_ids`` are lists made on access.
 
-Metric: the project reports COCO-style mask AP (pycocotools, IoU 0.5:0.95, crowd
-regions as ignore regions) over these 8 classes. That is not the official
-Cityscapes instance AP (``evalInstanceLevelSemanticLabeling``, which among other
-differences ignores regions under 100 pixels); numbers from the two do not
-compare.
+Metrics: validation reports both, labelled, on the same detections: COCO-style
+mask AP (pycocotools, IoU 0.5:0.95, crowd regions as ignore regions) over these 8
+classes, and the official Cityscapes instance AP (``evalInstanceLevelSemanticLabeling``,
+which among other differences ignores regions under 100 pixels), computed by
+cityscapesscripts itself from the ``instance_files`` (:mod:`mrcnn.cityscapes_eval`).
+Numbers from the two do not compare.
 """
 
 from __future__ import annotations
