@@ -183,3 +183,17 @@ def test_imagenet_backbone_with_frozen_bn(tmp_path):
     target = {"boxes": torch.tensor([[12.0, 10.0, 50.0, 40.0]]), "labels": torch.tensor([2]), "masks": masks}
     _, losses = module.model([image], [target])
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_checkpoint_of_other_classes_stops_with_both_lists(tmp_path, caplog):
+    """What Lightning calls for ckpt_path= (evaluate, resume): other classes stop before any tensor loads."""
+    path, trained, _ = train_checkpoint(tmp_path, [], steps=1)
+    checkpoint = torch.load(path, weights_only=True)
+    other = build_module(compose_config([*TINY_MODEL, "data.classes=[circle,square]"]))
+    with pytest.raises(ValueError, match=r"trained on 6 classes \['circle', .*'star'\], but this run's data has 2 classes"):
+        other.on_load_checkpoint(checkpoint)
+    # The same classes at another input size load, with a warning naming both sizes.
+    resized = build_module(compose_config([*TINY_MODEL, "data.min_size=96", "data.max_size=96"]))
+    with caplog.at_level(logging.WARNING, logger="mrcnn.model_record"):
+        resized.on_load_checkpoint(checkpoint)
+    assert "trained at min_size=[64], max_size=64, but this run resizes images to min_size=[96], max_size=96" in caplog.text
