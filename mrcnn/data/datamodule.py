@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import signal
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import lightning
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 from mrcnn.data.samplers import EpochSampler, GroupedBatchSampler, epoch_order, orientation_groups
@@ -47,6 +50,21 @@ def dataset_image_sizes(dataset: Dataset) -> list[tuple[int, int]]:
         f"aspect_ratio_grouping needs the image sizes, but {type(dataset).__name__} has neither "
         "'image_sizes' nor 'image_size'"
     )
+
+
+def init_worker(worker_id: int, rank: int = 0) -> None:
+    """Starts a loader worker: it ignores SIGINT and SIGTERM, then seeds itself as Lightning would.
+
+    Ctrl-C and a cluster's SIGTERM reach every process of a job, loader workers included. A worker killed
+    by one makes the main process fail at once (torch: "DataLoader worker ... is killed by signal")
+    instead of finishing its step and saving ``last.ckpt`` (``mrcnn.callbacks.LastCheckpoint``); the
+    workers end with the main process anyway. A loader with its own ``worker_init_fn`` does not get
+    Lightning's seeding one, so it is called here, with the same arguments.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        pl_worker_init_function(worker_id, rank=rank)
 
 
 class ResumableDataLoader(DataLoader):
@@ -331,6 +349,7 @@ class InstanceDataModule(lightning.LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers,
             collate_fn=collate_detection,
+            worker_init_fn=functools.partial(init_worker, rank=self._world()[1] or 0),
             **kwargs,
         )
 

@@ -4,7 +4,9 @@ The resumed run goes on with the same global step, optimizer, lr schedule and da
 after the resume are those the uninterrupted run saw at the same steps.
 """
 
+import contextlib
 import csv
+import functools
 import json
 import os
 import signal
@@ -19,12 +21,13 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from lightning.fabric.utilities.data import _set_sampler_epoch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mrcnn.callbacks import LastCheckpoint, TrainingInterrupted
 from mrcnn.checkpoints import checkpoint_path
-from mrcnn.data.datamodule import InstanceDataModule
+from mrcnn.data.datamodule import InstanceDataModule, init_worker
 from mrcnn.train import stops_with_nonzero_exit
 from tests.helpers.config import TINY_MODEL, compose_config
 from tests.helpers.data import IdsDataset
@@ -142,18 +145,22 @@ def test_signalled_run_saves_its_step_exits_nonzero_and_resumes_with_the_same_ba
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
     records = tmp_path / "batches.jsonl"
-    command = [sys.executable, "run.py", *SIGNAL_ARGS, *recording_overrides(tmp_path, records), f"hydra.run.dir={run_dir}"]
+    # With loader workers: a terminal's Ctrl-C and SLURM's SIGTERM reach them too.
+    command = [sys.executable, "run.py", *SIGNAL_ARGS, "data.datamodule.num_workers=2",
+               *recording_overrides(tmp_path, records), f"hydra.run.dir={run_dir}"]
     with open(tmp_path / "stderr.txt", "w") as stderr:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+        # Its own process group, so that the signal goes to all its processes and to nothing else.
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
         try:
             # Signal it as soon as its first training batch has started, as Ctrl-C or a cluster would.
             deadline = time.monotonic() + 240
             while not (records.exists() and records.read_text()) and process.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
-            process.send_signal(signum)
+            os.killpg(process.pid, signum)
             process.wait(timeout=240)
         finally:
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     assert process.returncode == 128 + signum, (tmp_path / "stderr.txt").read_text()[-3000:]
     assert f"resume={run_dir} hydra.run.dir={run_dir}" in (run_dir / "run.log").read_text()  # how to go on
@@ -322,6 +329,30 @@ def test_signal_saves_the_step_reached_and_the_resumed_fit_sees_the_same_batches
     assert resumed.seen == {step: ids for step, ids in expected.seen.items() if step > signal_at}
     # Every validation of the uninterrupted run happened once, before or after the stop.
     assert sorted(interrupted.validated_at + resumed.validated_at) == expected.validated_at
+
+
+def test_loader_workers_ignore_stop_signals_and_are_seeded_as_lightning_seeds_them(monkeypatch):
+    monkeypatch.setenv("PL_SEED_WORKERS", "1")
+
+    def worker_state(init):
+        torch.manual_seed(5)  # the loader draws its workers' base seed from the main process's generator
+        loader = torch.utils.data.DataLoader(_WorkerState(), num_workers=1, worker_init_fn=init, batch_size=None)
+        return next(iter(loader))
+
+    ignored, seed = worker_state(functools.partial(init_worker, rank=1))
+    assert ignored  # SIGINT and SIGTERM: the main process saves last.ckpt, the workers end with it
+    assert seed == worker_state(functools.partial(pl_worker_init_function, rank=1))[1]
+
+
+class _WorkerState(torch.utils.data.Dataset):
+    """One item: whether this process ignores SIGINT and SIGTERM, and its torch seed."""
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+        return handlers == (signal.SIG_IGN, signal.SIG_IGN), torch.initial_seed()
 
 
 def test_lightnings_own_sigterm_stop_outside_the_training_loop_exits_nonzero():
