@@ -536,7 +536,9 @@ def main(argv: list[str] | None = None) -> dict:
     # SGD at the constant lr of the torchvision loop: MaskRCNNModule uses base_lr * batch / base_batch_size.
     base_lr = args.lr * cfg.module.base_batch_size / args.batch_size
     module = instantiate(cfg.module, scheduler=None, base_lr=base_lr)
-    load_torchvision_weights(module.model, initial)
+    # The reference was built from parts with FrozenBatchNorm's default eps (1e-5), not loaded from torchvision's
+    # COCO file (eps 0): keep ours at the same eps so both compute the same thing.
+    load_torchvision_weights(module.model, initial, frozen_bn_eps=None)
     if args.channels_last:
         module.to(memory_format=torch.channels_last), theirs.to(memory_format=torch.channels_last)
     samples = [(image.to(device), {k: to(v, device) for k, v in t.items()}) for image, t in samples]
@@ -553,7 +555,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "infer" not in args.skip:
         if "train" not in args.skip:  # back to the same weights: training moved the two a little apart
             theirs.load_state_dict(initial)
-            load_torchvision_weights(module.model, initial)
+            load_torchvision_weights(module.model, initial, frozen_bn_eps=None)
         module.to(device)  # Lightning's teardown leaves it on the CPU
         results["infer"] = infer_phase(args, module.model, theirs, samples, device, memory)
     if "eval" not in args.skip:
