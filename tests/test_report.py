@@ -237,3 +237,58 @@ def test_the_wandb_tables_carry_the_paper_parameters_time_and_setting(recorded_s
     assert row["median step (s)"] == pytest.approx(0.6) and row["job wall time (s)"] == pytest.approx(450.0)
     columns, rows = tables["ablation/setting"]
     assert columns == ["setting", "ours", "paper"] and ["backbone", "ResNet-18-FPN", "-"] in rows
+
+
+def test_the_report_goes_to_an_offline_wandb_run_with_its_tables_setting_and_chart(recorded_sweep, monkeypatch):
+    """As ``on_multirun_end`` calls it when the sweep's loggers (named entries) include W&B."""
+    import wandb
+    from omegaconf import OmegaConf
+
+    from mrcnn.report import log_to_wandb
+    from tests.helpers.wandb import read_wandb_records
+
+    for key in ("WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    paths = write_report(recorded_sweep, ["model/pooler"], "Table 2c", paper_setting={"backbone": "ResNet-50-C4"})
+    config = OmegaConf.create(
+        {
+            "experiment_name": "ablation_roialign",
+            "logger": {"csv": {"_target_": "lightning.pytorch.loggers.CSVLogger"}, "wandb": {"_target_": "lightning.pytorch.loggers.WandbLogger", "project": "p"}},
+        }
+    )
+    log_to_wandb(paths, config)
+    wandb.teardown()  # stops W&B's service process, which writes the run's log asynchronously: all of it on disk now
+    [run_dir] = (recorded_sweep / "wandb").glob("offline-run-*")
+    records = read_wandb_records(next(run_dir.glob("*.wandb")))
+    [run] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert run.run_group == "ablation_roialign"
+    config_items = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config_items["setting"]["paper"]["backbone"] == "ResNet-50-C4"
+    logged = {
+        item.key or "/".join(item.nested_key) for r in records if r.WhichOneof("record_type") == "history" for item in r.history.item
+    }
+    # Media are logged as nested keys (ablation/table/_type, ...).
+    for name in ("ablation/table", "ablation/setting", "ablation/chart"):
+        assert any(key.startswith(name + "/") for key in logged), (name, logged)
+    [table_file] = (run_dir / "files" / "media" / "table" / "ablation").glob("table_*.table.json")
+    table = json.loads(table_file.read_text())
+    assert "mask-head params" in table["columns"] and "paper AP" in table["columns"] and len(table["data"]) == 2
+
+
+@pytest.mark.parametrize("loggers, to_wandb", [(["csv"], False), (["csv", "wandb"], True)])
+def test_the_sweep_callback_writes_the_report_and_sends_it_to_wandb_when_a_logger_is_wandb(recorded_sweep, monkeypatch, loggers, to_wandb):
+    from omegaconf import OmegaConf
+
+    import mrcnn.report as report
+
+    sent = []
+    monkeypatch.setattr(report, "log_to_wandb", lambda paths, config: sent.append(paths))
+    targets = {"csv": "lightning.pytorch.loggers.CSVLogger", "wandb": "lightning.pytorch.loggers.WandbLogger"}
+    config = OmegaConf.create(
+        {"hydra": {"sweep": {"dir": str(recorded_sweep)}}, "logger": {name: {"_target_": targets[name]} for name in loggers}}
+    )
+    report.AblationReportCallback(["model/pooler"], "Table 2c").on_multirun_end(config)
+    assert (recorded_sweep / "report.md").read_text().startswith("**Table 2c**")
+    assert len(sent) == int(to_wandb)
