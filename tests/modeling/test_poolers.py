@@ -165,7 +165,9 @@ def test_multilevel_pooler_reads_each_roi_from_its_level():
     image = 512
     names = ["0", "1", "2", "3"]
     # Level l is constant l, so the pooled value tells which level was read.
-    features = OrderedDict((n, torch.full((1, 2, image // 2 ** (l + 2), image // 2 ** (l + 2)), float(l))) for l, n in enumerate(names))
+    features = OrderedDict(
+        (n, torch.full((1, 2, image // 2 ** (k + 2), image // 2 ** (k + 2)), float(k))) for k, n in enumerate(names)
+    )
     boxes = torch.tensor([[0, 0, 40, 40], [0, 0, 112, 112], [0, 0, 224, 224], [10, 10, 500, 500]], dtype=torch.float32)
     poolers = (
         RoIAlignPooler(names, 7), RoIPoolPooler(names, 7), RoIWarpPooler(names, 7), RoIAlignPooler(names, 7, mode="max"),
@@ -181,7 +183,7 @@ def test_multilevel_pooler_reads_each_roi_from_its_level():
 def test_roi_align_pooler_equals_torchvision_multiscale_roi_align():
     names = ["0", "1", "2", "3"]
     g = torch.Generator().manual_seed(0)
-    features = OrderedDict((n, torch.randn(2, 8, 200 // 2**l, 304 // 2**l, generator=g)) for l, n in enumerate(names))
+    features = OrderedDict((n, torch.randn(2, 8, 200 // 2**k, 304 // 2**k, generator=g)) for k, n in enumerate(names))
     image_shapes = [(800, 1216), (760, 1100)]
     boxes = []
     for _ in range(2):
