@@ -8,7 +8,7 @@ the batch on the host to the updated weights; data loading is outside the timing
 ``--steps`` steps after ``--warmup`` discarded ones, per ``--rounds`` round; every round builds the
 model and data afresh, and the backwards are alternated within a round so drift affects all alike.
 
-    python benchmarks/step_time.py --config "experiment=ablation_roialign hydra.mode=RUN model/backbone=c4" \\
+    python benchmarks/step_time.py --config "experiment=ablation_roialign hydra.mode=RUN model/backbone=c4 model/pooler=roi_align" \\
         --backward auto,sparse,torchvision --steps 20 --rounds 2 --out step_time.json
 """
 

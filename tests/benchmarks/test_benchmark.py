@@ -80,7 +80,8 @@ def test_step_time_benchmark_times_every_backward(tmp_path):
     script = SCRIPT.parent / "step_time.py"
     out = tmp_path / "steps.json"
     config = (
-        "experiment=ablation_roialign hydra.mode=RUN model/backbone=c4 data.image_size=64 data.num_train_images=4 "
+        "experiment=ablation_roialign hydra.mode=RUN model/backbone=c4 model/pooler=roi_align data.image_size=64 "
+        "data.num_train_images=4 "
         "data.datamodule.batch_size=2 model.rois_per_image=16"
     )
     command = [
