@@ -514,13 +514,14 @@ def write_report(
     order: list[str] | None = None,
     paper: dict[str, list[float]] | None = None,
     paper_setting: dict[str, str] | None = None,
+    stem: str = "report",
 ) -> dict[str, Path]:
-    """Write ``report.md``, ``report.json`` and ``report.png`` into ``sweep_dir``; returns their paths."""
+    """Write ``<stem>.md``, ``<stem>.json`` and ``<stem>.png`` into ``sweep_dir``; returns their paths."""
     sweep_dir = Path(sweep_dir)
     variants = collect(sweep_dir, variant_keys, order)
     if not variants:
         raise ValueError(f"no finished runs (with metrics.json) under {sweep_dir}")
-    paths = {"md": sweep_dir / "report.md", "json": sweep_dir / "report.json", "png": sweep_dir / "report.png"}
+    paths = {kind: sweep_dir / f"{stem}.{kind}" for kind in ("md", "json", "png")}
     paths["md"].write_text(markdown_report(variants, title, paper, paper_setting) + "\n")
     summary = summarize(variants, title, variant_keys, paper, paper_setting)
     # NaN (a paper number the paper does not give) is written as null: report.json stays standard JSON.
@@ -649,7 +650,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--title", default=None)
     args = parser.parse_args(argv)
+    if not Path(args.sweep_dir).is_dir():
+        parser.error(f"{args.sweep_dir}: no such folder (give a sweep folder, e.g. multirun/ablation_mask_head/<time>)")
     settings = settings_from_sweep(args.sweep_dir)
+    # A report grouped by other keys goes beside the sweep's own report files, never over them.
+    stem = "report"
+    if args.keys and args.keys != settings.get("variant_keys"):
+        stem = "report_by_" + "_".join(re.sub(r"\W+", "-", key).strip("-") for key in args.keys)
     if args.keys:
         settings["variant_keys"] = args.keys
     if args.title is not None:
@@ -659,7 +666,7 @@ def main(argv: list[str] | None = None) -> None:
     # The callback's own constructor normalises the recorded settings, as when Hydra built it for the sweep.
     report = AblationReportCallback(**settings)
     paths = write_report(
-        args.sweep_dir, report.variant_keys, report.title, report.order, report.paper, report.paper_setting
+        args.sweep_dir, report.variant_keys, report.title, report.order, report.paper, report.paper_setting, stem
     )
     print(paths["md"].read_text())
     print("wrote", ", ".join(str(p) for p in paths.values()))

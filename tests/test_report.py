@@ -69,7 +69,31 @@ def test_write_report_and_the_rebuild_command(sweep):
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert "**again**" in paths["md"].read_text() and "roi_align" in result.stdout
+    # Grouped by keys the sweep did not record: beside the sweep's report files, never over them.
+    assert not paths["md"].exists()
+    regrouped = sweep / "report_by_model-pooler.md"
+    assert "**again**" in regrouped.read_text() and "roi_align" in result.stdout
+    assert (sweep / "report_by_model-pooler.json").is_file() and (sweep / "report_by_model-pooler.png").is_file()
+
+
+def test_the_rebuild_command_never_overwrites_the_sweeps_report_and_names_a_missing_folder(sweep, tmp_path):
+    (sweep / "multirun.yaml").write_text(
+        "hydra:\n  callbacks:\n    ablation_report:\n      _target_: mrcnn.report.AblationReportCallback\n"
+        "      variant_keys: [model/pooler]\n      title: Own\n"
+    )
+    own = write_report(sweep, ["model/pooler"], "Own")["md"]
+    before = own.read_text()
+    result = subprocess.run(
+        [sys.executable, "-m", "mrcnn.report", str(sweep), "--keys", "seed"], cwd=ROOT, capture_output=True, text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert own.read_text() == before and (sweep / "report_by_seed.md").is_file()
+    missing = tmp_path / "no_such_sweep"
+    result = subprocess.run(
+        [sys.executable, "-m", "mrcnn.report", str(missing)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and f"{missing}: no such folder" in result.stderr
 
 
 def test_the_rebuild_command_reads_the_report_settings_from_the_sweep(sweep):
