@@ -48,20 +48,18 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 import torchvision
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import FrozenBatchNorm2d, masks_to_boxes
 
-import mrcnn.config  # noqa: F401  (registers the config resolvers)
+import mrcnn.config  # compose_config; registers the config resolvers
 from mrcnn.data.datamodule import collate_detection
 from mrcnn.data.shapes import ShapesDataset
 from mrcnn.evaluation import BACKENDS, CocoEvaluator
 from mrcnn.modeling.mask_rcnn import load_torchvision_weights
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 PHASES = ("train", "infer", "eval")
 
 
@@ -156,8 +154,7 @@ class FixedBatches(L.LightningDataModule):
 
 def compose_config(overrides: list[str]):
     """The project's Hydra config (``configs/train.yaml``) with ``overrides``, without Hydra's app."""
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=["run_dir=/tmp/mrcnn-benchmark", *overrides])
+    return mrcnn.config.compose_config(overrides, run_dir="/tmp/mrcnn-benchmark")
 
 
 def build_torchvision(cfg) -> torch.nn.Module:

@@ -3,11 +3,32 @@ check that a key a user adds under ``model`` is read by something."""
 
 import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 import mrcnn.data.resolvers  # noqa: F401  (registers ${mrcnn.coco_classes:...})
 from mrcnn.modeling.backbone import stage_channels
+
+
+# The project's Hydra configs (beside the package in this repository).
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+
+
+def compose_config(
+    overrides: Sequence[str] = (), run_dir: str | None = None, return_hydra_config: bool = False
+) -> DictConfig:
+    """``configs/train.yaml`` composed with Hydra ``overrides``, as ``run.py`` would build it, without running
+    Hydra's app (tests, benchmarks, notebooks).
+
+    Args:
+        run_dir: sets ``run_dir`` (which otherwise reads the Hydra job's output folder, only known in a job).
+        return_hydra_config: keep the ``hydra`` node (sweep settings, callbacks).
+    """
+    overrides = [*([f"run_dir={run_dir}"] if run_dir is not None else []), *overrides]
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=return_hydra_config)
 
 
 def register_resolvers() -> None:

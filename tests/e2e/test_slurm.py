@@ -1,18 +1,16 @@
 """hydra/launcher=slurm (hydra-submitit-launcher): one SLURM task per GPU, sized from the trainer config (no SLURM needed)."""
 
 import submitit
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from submitit.slurm.slurm import _make_sbatch_string
 
-from tests.helpers.config import CONFIG_DIR
+from mrcnn.config import compose_config
 
 SLURM = ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"]
 
 
 def compose_with_hydra(overrides, sweep_dir):
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=[*overrides, f"hydra.sweep.dir={sweep_dir}"], return_hydra_config=True)
+    return compose_config([*overrides, f"hydra.sweep.dir={sweep_dir}"], return_hydra_config=True)
 
 
 def test_launcher_config_has_one_task_per_gpu(tmp_path):

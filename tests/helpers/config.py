@@ -1,13 +1,12 @@
-"""Compose the project's Hydra config without running Hydra's app, and the tiny model the tests share."""
+"""The project's config as tests compose it, and the tiny model the tests share."""
 
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
-import mrcnn.config  # noqa: F401  (registers the config resolvers)
+import mrcnn.config
+from mrcnn.config import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = str(ROOT / "configs")
+assert Path(CONFIG_DIR) == ROOT / "configs"
 
 # A model small enough for unit tests: same code paths as the real ones.
 TINY_MODEL = [
@@ -21,6 +20,5 @@ TINY_MODEL = [
 
 
 def compose_config(overrides=(), run_dir="/tmp/mrcnn-test-run", return_hydra_config=False):
-    """The composed ``train`` config with ``overrides`` (Hydra's override syntax), as ``run.py`` would build it."""
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=[f"run_dir={run_dir}", *overrides], return_hydra_config=return_hydra_config)
+    """:func:`mrcnn.config.compose_config`, with a run folder for tests."""
+    return mrcnn.config.compose_config(overrides, run_dir=run_dir, return_hydra_config=return_hydra_config)
