@@ -32,6 +32,7 @@ from mrcnn.build import build_module
 from mrcnn.checkpoints import checkpoint_path
 from mrcnn.data.coco import load_coco_json
 from mrcnn.data.datamodule import collate_detection
+from mrcnn.data.images import read_image, read_image_size
 from mrcnn.evaluation import CocoEvaluator
 from mrcnn.launch import job_scope
 from mrcnn.model_record import read_model_record
@@ -74,16 +75,14 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int):
-        with Image.open(self.files[index]) as image:
-            pixels = pil_to_tensor(image.convert("RGB"))
+        pixels = pil_to_tensor(Image.fromarray(read_image(self.files[index])))  # upright (EXIF), 16-bit scaled
         return pixels.float() / 255, {"image_id": self.image_ids[index], "file_name": self.files[index].name}
 
     def coco_images(self) -> list[dict]:
         """The COCO ``images`` entries (id, file name, size) that the results' ``image_id`` refer to."""
         images = []
         for image_id, path in zip(self.image_ids, self.files):
-            with Image.open(path) as image:
-                width, height = image.size
+            height, width = read_image_size(path)  # of the upright image, as read_image returns it
             images.append({"id": image_id, "file_name": path.name, "height": height, "width": width})
         return images
 

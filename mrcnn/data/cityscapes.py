@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mrcnn.data.coco import read_rgb_image
+from mrcnn.data.images import read_image, size_mismatch_message
 from mrcnn.data.records import PackedRecords
 from mrcnn.data.transforms import InstanceTransform, to_sample, transform_instances
 
@@ -259,10 +259,10 @@ class CityscapesDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         """Returns ``(image float32 [3, H, W], target)`` following the data contract."""
         image_file, instance_file = self.files(index)
-        image = read_rgb_image(image_file)
+        image = read_image(image_file)
         masks, fields = self.instances(index)  # [N, H, W], also for N = 0
         if image.shape[:2] != masks.shape[1:]:
-            raise ValueError(f"{instance_file} and {image_file} differ in size")
+            raise ValueError(size_mismatch_message(image_file, image.shape[:2], masks.shape[1:], instance_file))
         image, masks, boxes, fields = transform_instances(self.transforms, image, masks, fields)
         image_id = range(1, len(self) + 1)[index]  # 1..N, also for a negative index
         return to_sample(image, masks, fields["labels"], image_id=image_id, boxes=boxes, iscrowd=fields["iscrowd"])
