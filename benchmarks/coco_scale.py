@@ -278,7 +278,7 @@ def forked_children(parent: int) -> list[int]:
 
 
 def placeholder_reader(sizes: np.ndarray):
-    """A stand-in for ``read_rgb_image``: a zero image of the json's size for ``{id:012d}.jpg``, no file read.
+    """A stand-in for ``read_image``: a zero image of the json's size for ``{id:012d}.jpg``, no file read.
 
     Args:
         sizes: int32 ``[N, 2]`` ``(height, width)`` of image id ``i + 1`` in row ``i`` (one array, so the
@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> dict:
         workdir.mkdir(parents=True, exist_ok=True)
         json_path, image_dir, sizes, num_annotations = prepare_data(workdir, args)
         # Worker processes inherit the stand-in (fork): no image file is opened, only annotations are handled.
-        mrcnn.data.coco.read_rgb_image = placeholder_reader(sizes)
+        mrcnn.data.coco.read_image = placeholder_reader(sizes)
         dataset, built = build(json_path, image_dir)
         num_items = min(args.serve or len(dataset), len(dataset))
         served = serve(dataset, num_items, args.workers, args.batch_size, args.seed)

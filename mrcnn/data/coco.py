@@ -1,11 +1,20 @@
 """Instance segmentation data in COCO json format (COCO 2017 itself or any user dataset).
 
 The json is read and checked once, when the dataset is built: every annotation
-that cannot be used (unknown image or category, a zero-area or out-of-image box,
-a polygon with fewer than 3 points, a malformed segmentation) is skipped, counted
-by reason in :attr:`CocoDataset.skipped` and reported in one log line, never
-dropped silently. Problems that only show when an image is read (a corrupt or
-truncated file, a size different from the json's) raise with the file's path.
+that cannot be used (unknown image or category, a zero-area, out-of-image or
+non-finite box, a polygon with fewer than 3 points, a NaN, infinite or far-away
+coordinate, an RLE whose runs do not add up to its image (:mod:`mrcnn.data.rle`),
+a malformed area or iscrowd) is skipped, counted by reason in
+:attr:`CocoDataset.skipped` and reported in one log line naming example
+annotation ids, never dropped silently: pycocotools would rasterise, decode or
+evaluate it into exhausted memory, garbage masks or an endless ``COCOeval`` loop.
+A malformed image entry (a size that is not a whole number, a file name that is
+not a string) stops with the json's path and the image id. A polygon that
+rasterises to no pixel shows only when its item is read: it is left out of the
+target then and counted by :meth:`CocoDataset.report_read_skips`. Problems that
+only show when an image is read (a corrupt or truncated file, a size different
+from the json's after EXIF orientation, see :mod:`mrcnn.data.images`) raise with
+the file's path. The whole corpus of bad input is ``tests/data/test_bad_input.py``.
 
 Labels: the json's category ids (COCO's 1..90 with gaps) map to contiguous labels
 1..K in category-id order (or in the order of ``classes``);
@@ -41,6 +50,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import mmap
 import os
 import re
@@ -53,9 +63,10 @@ import numpy as np
 import pycocotools.coco
 import pycocotools.mask as mask_utils
 import torch
-from PIL import Image
 
+from mrcnn.data.images import read_image, size_mismatch_message
 from mrcnn.data.records import PackedRecords, gc_paused, release_freed_memory
+from mrcnn.data.rle import compressed_rle_totals, rle_problem
 from mrcnn.data.transforms import InstanceTransform, to_sample, transform_instances
 
 __all__ = [
@@ -64,6 +75,7 @@ __all__ = [
     "decode_masks",
     "load_coco_json",
     "read_category_names",
+    "read_image",
     "read_rgb_image",
     "segmentation_to_rle",
 ]
@@ -74,6 +86,8 @@ log = logging.getLogger(__name__)
 _EXAMPLES_PER_REASON = 3
 # The types a polygon coordinate may have, as json gives them (bool: isinstance(True, int) passed before).
 _NUMBER_TYPES = frozenset({int, float, bool})
+# The types an annotation's area may have.
+_AREA_TYPES = frozenset({int, float})
 # Bytes of the json decoded at a time when only its "categories" list is read.
 _CATEGORIES_WINDOWS = (1 << 16, 1 << 20, 1 << 24)
 _KEY_SEPARATOR = re.compile(rb"\s*:\s*")
@@ -164,21 +178,8 @@ def _decode_categories(raw: mmap.mmap) -> list | None:
     return None
 
 
-def read_rgb_image(path: str | os.PathLike) -> np.ndarray:
-    """Decodes an image file to uint8 ``[H, W, 3]`` RGB.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the file cannot be decoded (corrupt, truncated, not an image), naming it.
-    """
-    try:
-        with Image.open(path) as image:
-            # convert() forces the full decode, so truncation shows here, not later.
-            return np.array(image.convert("RGB"))
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"image file not found: {path}") from err
-    except (OSError, SyntaxError, ValueError) as err:  # PIL raises all three on broken files
-        raise ValueError(f"cannot read image {path}: {err}") from err
+# The name read_image had here before it moved to mrcnn.data.images (EXIF orientation, 16-bit images).
+read_rgb_image = read_image
 
 
 def _check_categories(categories: list, path) -> list[dict]:
@@ -309,13 +310,30 @@ class CocoDataset(torch.utils.data.Dataset):
                 )
             if image["id"] in seen:
                 raise ValueError(f"COCO annotation file {self.ann_file}: image id {image['id']} appears twice")
-            if not (image["height"] > 0 and image["width"] > 0):
+            if not isinstance(image["file_name"], str) or not image["file_name"]:
                 raise ValueError(
-                    f"COCO annotation file {self.ann_file}: image {image['file_name']} has size "
-                    f"{image['width']}x{image['height']}"
+                    f"COCO annotation file {self.ann_file}: image id {image['id']} has file_name "
+                    f"{image['file_name']!r}, not a file name"
                 )
+            self._check_image_size(image)
             seen.add(image["id"])
         return images
+
+    def _check_image_size(self, image: dict) -> None:
+        """Raises unless the image's ``height`` and ``width`` are positive whole numbers (a string is not one)."""
+        for key in ("height", "width"):
+            value = image[key]
+            whole = type(value) is int or (type(value) is float and value.is_integer())
+            if not whole:
+                raise ValueError(
+                    f"COCO annotation file {self.ann_file}: image id {image['id']} ({image['file_name']}) has "
+                    f"{key} {value!r} ({type(value).__name__}), not a whole number of pixels"
+                )
+        if not (image["height"] > 0 and image["width"] > 0):
+            raise ValueError(
+                f"COCO annotation file {self.ann_file}: image id {image['id']} ({image['file_name']}) has size "
+                f"{image['width']}x{image['height']}"
+            )
 
     def _skip(self, reason: str, annotation) -> None:
         self.skipped[reason] += 1
@@ -324,9 +342,14 @@ class CocoDataset(torch.utils.data.Dataset):
             examples.append(annotation.get("id", "?") if isinstance(annotation, dict) else "?")
 
     def _clean_annotations(self, annotations: list, images: list[dict]) -> list[dict]:
-        """The usable annotations, in json order; the others are counted in ``self.skipped``."""
+        """The usable annotations, in json order; the others are counted in ``self.skipped``.
+
+        Compressed RLE strings are decoded all at once after the other checks
+        (:meth:`_drop_bad_compressed_rles`), and completed only then.
+        """
         images = {image["id"]: image for image in images}
         kept = []
+        compressed = []  # positions in kept of annotations whose segmentation is a compressed RLE string
         for annotation in annotations:
             if not isinstance(annotation, dict):
                 self._skip("not a JSON object", annotation)
@@ -342,30 +365,55 @@ class CocoDataset(torch.utils.data.Dataset):
             if category_id not in self.category_id_to_label:
                 self._skip("category not in classes", annotation)
                 continue
-            reason = _box_problem(annotation.get("bbox"), image["width"], image["height"])
+            reason = _box_problem(annotation.get("bbox"), image["width"], image["height"]) or _field_problem(annotation)
             if reason is None:
                 annotation, reason = self._clean_segmentation(annotation, image)
             if reason is not None:
                 self._skip(reason, annotation)
                 continue
-            kept.append(self._complete(annotation, image))
+            segmentation = annotation["segmentation"]
+            if isinstance(segmentation, dict) and isinstance(segmentation["counts"], str):
+                compressed.append(len(kept))
+                kept.append(annotation)
+            else:
+                kept.append(self._complete(annotation, image))
+        kept = self._drop_bad_compressed_rles(kept, compressed, images)
         self._fix_annotation_ids(kept)
         return kept
+
+    def _drop_bad_compressed_rles(self, kept: list[dict], compressed: list[int], images: dict) -> list[dict]:
+        """``kept`` without the compressed RLEs whose runs do not add up to their image, the others completed.
+
+        One numpy pass over all the strings (:func:`~mrcnn.data.rle.compressed_rle_totals`):
+        decoding them one at a time took five times as long.
+        """
+        if not compressed:
+            return kept
+        totals = compressed_rle_totals([kept[p]["segmentation"]["counts"] for p in compressed])
+        bad = set()
+        for position, total in zip(compressed, totals.tolist()):
+            annotation = kept[position]
+            image = images[annotation["image_id"]]
+            if total != int(image["height"]) * int(image["width"]):
+                reason = "malformed RLE segmentation" if total < 0 else "RLE runs do not add up to the image size"
+                self._skip(reason, annotation)
+                bad.add(position)
+            else:
+                kept[position] = self._complete(annotation, image)
+        return [annotation for position, annotation in enumerate(kept) if position not in bad]
 
     def _clean_segmentation(self, annotation: dict, image: dict) -> tuple[dict, str | None]:
         """(annotation, None) if its segmentation is usable (bad polygon parts removed), else (annotation, reason)."""
         segmentation = annotation.get("segmentation")
         if isinstance(segmentation, dict):
-            if "counts" not in segmentation or "size" not in segmentation:
-                return annotation, "malformed RLE segmentation"
-            if [int(s) for s in segmentation["size"]] != [int(image["height"]), int(image["width"])]:
-                return annotation, "RLE size differs from the image size"
-            return annotation, None
+            # A compressed string's runs are decoded later, with all the others (_drop_bad_compressed_rles).
+            height, width = int(image["height"]), int(image["width"])
+            return annotation, rle_problem(segmentation, height, width, decode_strings=False)
         if not isinstance(segmentation, list) or not segmentation:
             return annotation, "no segmentation"
-        # set(map(type, ...)) runs in C: per-number isinstance calls were a third of the build.
-        if not all(isinstance(p, list) and set(map(type, p)) <= _NUMBER_TYPES for p in segmentation):
-            return annotation, "malformed polygon"
+        reason = _polygon_problem(segmentation, max(image["height"], image["width"]))
+        if reason is not None:
+            return annotation, reason
         # pycocotools reads a 4-number polygon as a box: a polygon needs at least 3 points (6 numbers).
         polygons = [p for p in segmentation if len(p) >= 6 and len(p) % 2 == 0]
         if not polygons:
@@ -433,6 +481,13 @@ class CocoDataset(torch.utils.data.Dataset):
         sizes = [(int(images[row]["height"]), int(images[row]["width"])) for row in kept]
         self._image_sizes = np.asarray(sizes, dtype=np.int64).reshape(len(kept), 2)
         self.num_annotations = len(annotations)
+        per_record = np.fromiter((len(positions) for positions in per_image), dtype=np.int64, count=len(per_image))
+        # int64 [records + 1]: record r holds the annotations numbered _record_starts[r] up to _record_starts[r + 1].
+        self._record_starts = np.concatenate([[0], np.cumsum(per_record)])
+        # uint8 [num_annotations], by that number: 1 once an annotation's mask was found empty (see
+        # report_read_skips). In shared memory, so that DataLoader workers' marks reach this process.
+        self._empty_masks = torch.zeros(len(annotations), dtype=torch.uint8).share_memory_()
+        self._reported_empty = np.zeros(len(annotations), dtype=bool)  # those already counted in skipped
 
     def _check_files_exist(self, file_names: list[str]) -> None:
         listings: dict[Path, set[str]] = {}
@@ -451,6 +506,20 @@ class CocoDataset(torch.utils.data.Dataset):
             )
 
     def _report(self) -> None:
+        self.skip_report = self._describe_skips()
+        if self.skip_report:
+            log.warning("%s: %s", self.ann_file, self.skip_report)
+        log.info(
+            "%s: %d images, %d annotations, %d classes",
+            self.ann_file,
+            len(self),
+            self.num_annotations,
+            self.num_classes,
+        )
+
+    def _describe_skips(self) -> str:
+        """The skip summary: counts by reason, with example annotation ids; ``""`` when nothing was skipped."""
+
         def describe(counter: Counter, examples: dict | None = None) -> str:
             parts = []
             for reason, count in counter.most_common():
@@ -469,16 +538,51 @@ class CocoDataset(torch.utils.data.Dataset):
             messages.append(f"repaired {sum(self.repaired.values())} annotations: {describe(self.repaired)}")
         if self.skipped_images:
             messages.append(f"left out {sum(self.skipped_images.values())} images: {describe(self.skipped_images)}")
-        self.skip_report = "; ".join(messages)
-        if messages:
-            log.warning("%s: %s", self.ann_file, self.skip_report)
-        log.info(
-            "%s: %d images, %d annotations, %d classes",
-            self.ann_file,
-            len(self),
-            self.num_annotations,
-            self.num_classes,
+        return "; ".join(messages)
+
+    def report_read_skips(self) -> str:
+        """Counts and logs the annotations found unusable while reading items, since the last call.
+
+        A polygon can rasterise to no pixel at all (collinear points, or a sliver
+        between pixel centres) while its bbox is fine. That shows only when its mask is
+        decoded, in :meth:`__getitem__`, usually in a DataLoader worker: rasterising
+        every polygon when the json is loaded would about double the build at COCO's
+        size (25 us per polygon here, 20 s for 860k). ``__getitem__`` leaves such an
+        annotation out of the target and marks it in a flag array in shared memory;
+        this adds the newly marked ones to :attr:`skipped` (reason ``"empty mask"``,
+        with example ids) and :attr:`skip_report`, and logs one line naming the json.
+        Each annotation counts once, however many epochs read it.
+        :class:`~mrcnn.data.datamodule.InstanceDataModule` calls it at the end of every
+        pass over a loader and at teardown.
+
+        The evaluation ground truth (:attr:`coco_gt`) keeps such an annotation, as
+        pycocotools on the json file does.
+
+        Returns:
+            The line logged, or ``""`` when no new annotation was found.
+        """
+        new = np.flatnonzero(self._empty_masks.numpy().astype(bool) & ~self._reported_empty)
+        if new.size == 0:
+            return ""
+        self._reported_empty[new] = True
+        reason = "empty mask"
+        self.skipped[reason] += new.size
+        examples = self._examples.setdefault(reason, [])
+        for number in new[: _EXAMPLES_PER_REASON - len(examples)].tolist():
+            examples.append(self._annotation(number).get("id", "?"))
+        self.skip_report = self._describe_skips()
+        examples = ", ".join(str(e) for e in self._examples[reason])
+        message = (
+            f"{self.ann_file}: {new.size} more annotations have an empty mask (their segmentation covers no pixel) "
+            f"and were left out of the targets (e.g. annotation id {examples}); now {self.skip_report}"
         )
+        log.warning("%s", message)
+        return message
+
+    def _annotation(self, number: int) -> dict:
+        """The annotation numbered ``number`` in record order (see :meth:`_store`)."""
+        row = int(np.searchsorted(self._record_starts, number, side="right")) - 1
+        return self._records[row][1][number - int(self._record_starts[row])]
 
     # ---------------------------------------------------------------- accessors
 
@@ -533,18 +637,30 @@ class CocoDataset(torch.utils.data.Dataset):
         return self._records[int(self._item_records[index])]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
-        """Returns ``(image float32 [3, H, W], target)`` following the data contract."""
-        image_info, annotations = self.record(index)
+        """Returns ``(image float32 [3, H, W], target)`` following the data contract.
+
+        An annotation whose mask is empty is left out of the target and marked for
+        :meth:`report_read_skips`.
+        """
+        row = int(self._item_records[index])
+        image_info, annotations = self._records[row]
         path = self.image_dir / image_info["file_name"]
-        image = read_rgb_image(path)
+        image = read_image(path)
         height, width = int(image_info["height"]), int(image_info["width"])
         if image.shape[:2] != (height, width):
-            raise ValueError(
-                f"image {path} is {image.shape[1]}x{image.shape[0]} (WxH) but {self.ann_file} says {width}x{height}"
-            )
+            raise ValueError(size_mismatch_message(path, image.shape[:2], (height, width), self.ann_file))
+        numbers = np.arange(self._record_starts[row], self._record_starts[row + 1])
         if not self.include_crowd:
-            annotations = [a for a in annotations if not a.get("iscrowd", 0)]
+            not_crowd = [not a.get("iscrowd", 0) for a in annotations]
+            annotations = [a for a, keep in zip(annotations, not_crowd) if keep]
+            numbers = numbers[np.asarray(not_crowd, dtype=bool)]
         masks = decode_masks([a["segmentation"] for a in annotations], height, width)
+        empty = ~masks.any(axis=(1, 2))
+        if empty.any():
+            # Idempotent writes of 1, so workers need no lock; counted by report_read_skips in the main process.
+            self._empty_masks[torch.from_numpy(numbers[empty])] = 1
+            annotations = [a for a, is_empty in zip(annotations, empty) if not is_empty]
+            masks = masks[~empty]
         fields = {
             "labels": np.array([self.category_id_to_label[a["category_id"]] for a in annotations], dtype=np.int64),
             "iscrowd": np.array([int(bool(a.get("iscrowd", 0))) for a in annotations], dtype=np.int64),
@@ -611,9 +727,58 @@ def _box_problem(bbox, width: int, height: int) -> str | None:
     """Why an xywh box is unusable, or ``None`` if it is fine."""
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
         return "missing or malformed bbox"
+    if not math.isfinite(sum(bbox)):  # NaN compares false with everything: it would pass the checks below
+        return "non-finite bbox"
     x, y, w, h = bbox
     if not (w > 0 and h > 0):
         return "zero-area box"
     if x >= width or y >= height or x + w <= 0 or y + h <= 0:
         return "box outside the image"
+    return None
+
+
+def _polygon_problem(segmentation: list, side: int) -> str | None:
+    """Why a polygon segmentation (a list of parts) cannot be rasterised safely, or ``None``.
+
+    pycocotools' rasteriser allocates in proportion to the polygon's perimeter: a
+    NaN or infinite coordinate (cast to a huge int in C) or one millions of pixels
+    away exhausts memory. Two C-level calls per part, as this runs for every
+    annotation: ``set(map(type, part))`` (per-number ``isinstance`` calls were a third
+    of the build) and ``math.hypot(*part)``, the part's Euclidean norm, which is NaN
+    or infinite if any coordinate is and bounds every coordinate's magnitude.
+
+    Args:
+        segmentation: the annotation's ``segmentation`` list.
+        side: the image's longer side in pixels.
+
+    Returns:
+        ``"malformed polygon"`` (a part is not a list of numbers), ``"non-finite
+        polygon coordinate"``, or ``"polygon far outside the image"`` (some coordinate
+        is more than two image sides from the origin, and the norm bounds all of them
+        by ``2 * side * sqrt(len(part))``), else ``None``.
+    """
+    for part in segmentation:
+        if not isinstance(part, list) or not set(map(type, part)) <= _NUMBER_TYPES:
+            return "malformed polygon"
+        norm = math.hypot(*part)
+        if not math.isfinite(norm):
+            return "non-finite polygon coordinate"
+        # Coordinates all within two sides of the origin have a norm of at most 2 * side * sqrt(len(part)).
+        if norm * norm > 4 * side * side * len(part):
+            return "polygon far outside the image"
+    return None
+
+
+def _field_problem(annotation: dict) -> str | None:
+    """Why an annotation's ``area`` or ``iscrowd`` is unusable (``COCOeval`` compares and casts them), or ``None``.
+
+    Either may be missing (:meth:`CocoDataset._complete` fills it in).
+    """
+    area = annotation.get("area", 0)
+    # A chained comparison rather than math.isfinite: NaN fails it too, and this runs for every annotation.
+    if type(area) not in _AREA_TYPES or not 0 <= area < math.inf:
+        return "malformed or non-finite area"
+    if annotation.get("iscrowd", 0) not in (0, 1):
+        # A string "0" would be truthy: read as crowd here, as 0 by COCOeval.
+        return "malformed iscrowd"
     return None

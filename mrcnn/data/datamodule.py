@@ -16,7 +16,14 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 
 from mrcnn.data.samplers import EpochSampler, GroupedBatchSampler, epoch_order, orientation_groups
 
-__all__ = ["InstanceDataModule", "ResumableDataLoader", "collate_detection", "dataset_image_sizes"]
+__all__ = [
+    "InstanceDataModule",
+    "ReportingDataLoader",
+    "ResumableDataLoader",
+    "collate_detection",
+    "dataset_image_sizes",
+    "report_read_skips",
+]
 
 
 def collate_detection(batch: list[tuple]) -> tuple[tuple, tuple]:
@@ -195,10 +202,34 @@ class _ResumableIterator:
     def __next__(self) -> Any:
         if self._iterator is None:
             self._pass_id, self._iterator = self._loader._start_pass()
-        batch = next(self._iterator)
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            report_read_skips(self._loader.dataset)
+            raise
         if self._loader._pass_id == self._pass_id:
             self._loader._taken += 1
         return batch
+
+
+class ReportingDataLoader(DataLoader):
+    """A ``DataLoader`` that reports its dataset's read-time skips (:func:`report_read_skips`) after every pass."""
+
+    def __iter__(self) -> Iterator:
+        yield from super().__iter__()
+        report_read_skips(self.dataset)
+
+
+def report_read_skips(dataset: Dataset | None) -> None:
+    """Logs the annotations a dataset left out while reading items (``dataset.report_read_skips()``), if it has any.
+
+    Such skips happen in DataLoader workers (e.g. COCO polygons that rasterise to an
+    empty mask); the dataset gathers them from the workers and logs one line when new
+    ones were found. Datasets without the method (shapes, Cityscapes) have none.
+    """
+    report = getattr(dataset, "report_read_skips", None)
+    if callable(report):
+        report()
 
 
 class InstanceDataModule(lightning.LightningDataModule):
@@ -327,6 +358,9 @@ class InstanceDataModule(lightning.LightningDataModule):
     def teardown(self, stage: str) -> None:
         # A position restored for one run (e.g. trainer.validate(ckpt_path=...)) is not for the next fit.
         self._train_loader_state = None
+        # Skips found in a pass that did not run to its end (max_steps, limit_*_batches, an interrupt).
+        for dataset in (self.train_dataset, self.val_dataset, self.test_dataset):
+            report_read_skips(dataset)
 
     # ------------------------------------------------------------------ loaders
 
@@ -361,7 +395,9 @@ class InstanceDataModule(lightning.LightningDataModule):
             # works whether or not the Trainer injects samplers (use_distributed_sampler).
             sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
         # Evaluation must see every image: no shuffling, no dropped last batch.
-        return self._loader(dataset, batch_size=self.val_batch_size, shuffle=False, sampler=sampler)
+        return self._loader(
+            dataset, ReportingDataLoader, batch_size=self.val_batch_size, shuffle=False, sampler=sampler
+        )
 
     def grouped_batch_sampler(self) -> GroupedBatchSampler:
         """The training batch sampler used when ``aspect_ratio_grouping`` is on."""
