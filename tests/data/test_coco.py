@@ -1,16 +1,14 @@
-"""COCO-format data: loading, the data contract, bad input, and AP equal to pycocotools on the json."""
+"""COCO-format data: loading, the data contract, AP equal to pycocotools on the json (bad input: test_bad_input.py)."""
 
 import contextlib
 import io
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 import torch
-from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -19,6 +17,7 @@ from mrcnn.data.datamodule import InstanceDataModule
 from mrcnn.data.transforms import train_transforms
 from mrcnn.evaluation import STAT_NAMES, CocoEvaluator
 from tests.helpers.data import CATEGORIES, IMAGE_SIZES, make_coco_split
+
 
 @pytest.fixture(scope="module")
 def coco_split(tmp_path_factory):
@@ -149,8 +148,14 @@ def _predictions(json_path, seed=1):
             rle["counts"] = rle["counts"].decode("ascii")
             score = float(np.float32(rng.uniform(0.05, 1.0)))
             results.append(
-                {"image_id": info["id"], "category_id": category, "segmentation": rle, "bbox": box, "score": score,
-                 "mask": mask}
+                {
+                    "image_id": info["id"],
+                    "category_id": category,
+                    "segmentation": rle,
+                    "bbox": box,
+                    "score": score,
+                    "mask": mask,
+                }
             )
     return results
 
@@ -161,8 +166,12 @@ def _pycocotools_stats(json_path, results):
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(json_path))
         for iou_type, key in (("bbox", "bbox"), ("segm", "segmentation")):
-            dts = gt.loadRes([{"image_id": r["image_id"], "category_id": r["category_id"], key: r[key],
-                               "score": r["score"]} for r in results])
+            dts = gt.loadRes(
+                [
+                    {"image_id": r["image_id"], "category_id": r["category_id"], key: r[key], "score": r["score"]}
+                    for r in results
+                ]
+            )
             evaluator = COCOeval(gt, dts, iou_type)
             evaluator.evaluate()
             evaluator.accumulate()
@@ -240,119 +249,3 @@ def test_results_json_uses_the_datasets_category_ids(coco_split, tmp_path):
     got = sorted((r["image_id"], r["category_id"], round(r["score"], 6)) for r in out)
     assert got == expected
     assert {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(out[0])
-
-
-# -------------------------------------------------------------------- bad input
-
-
-def _write_json(path, data):
-    path.write_text(json.dumps(data))
-    return path
-
-
-def test_missing_empty_and_malformed_json(coco_split, tmp_path):
-    _, image_dir = coco_split
-    with pytest.raises(FileNotFoundError, match="nope.json"):
-        CocoDataset(image_dir, tmp_path / "nope.json")
-    empty = tmp_path / "empty.json"
-    empty.write_text("")
-    with pytest.raises(ValueError, match=r"empty\.json is empty"):
-        CocoDataset(image_dir, empty)
-    broken = tmp_path / "broken.json"
-    broken.write_text('{"images": [')
-    with pytest.raises(ValueError, match=r"broken\.json is not valid JSON"):
-        CocoDataset(image_dir, broken)
-    no_annotations = _write_json(tmp_path / "no_ann.json", {"images": [], "categories": [{"id": 1, "name": "a"}]})
-    with pytest.raises(ValueError, match=r"no_ann\.json has no 'annotations' list"):
-        CocoDataset(image_dir, no_annotations)
-    bad_image = _write_json(
-        tmp_path / "bad_image.json",
-        {"images": [{"id": 1, "file_name": "x.jpg"}], "annotations": [], "categories": [{"id": 1, "name": "a"}]},
-    )
-    with pytest.raises(ValueError, match=r"bad_image\.json.*lacks \['height', 'width'\]"):
-        CocoDataset(image_dir, bad_image)
-    with pytest.raises(FileNotFoundError, match="image folder not found"):
-        CocoDataset(tmp_path / "missing_dir", coco_split[0])
-
-
-def test_bad_annotations_are_skipped_counted_and_reported(coco_split, tmp_path, caplog):
-    json_path, image_dir = coco_split
-    data = _json(json_path)
-    image = data["images"][0]
-    good = dict(data["annotations"][0])
-    base = {"image_id": image["id"], "category_id": 1, "iscrowd": 0, "area": 10.0,
-            "segmentation": [[1, 1, 10, 1, 10, 10]], "bbox": [1, 1, 9, 9]}
-    bad = [
-        dict(base, id=9001, bbox=[5, 5, 0, 4]),  # zero width
-        dict(base, id=9002, bbox=[5, 5, 3, 0]),  # zero height
-        dict(base, id=9003, bbox=[500, 5, 3, 3]),  # right of the image
-        dict(base, id=9004, segmentation=[[1, 1, 10, 10]]),  # 2 points (pycocotools would read a box)
-        dict(base, id=9005, image_id=123456),  # unknown image
-        dict(base, id=9006, category_id=2),  # unknown category (2 is one of the gaps)
-        dict(base, id=9007, bbox=[1, 2]),  # malformed box
-        dict(base, id=9008, segmentation={"size": [3, 3], "counts": "abc"}),  # RLE of another size
-    ]
-    repaired = dict(base, id=9009, segmentation=[[1, 1, 10, 1, 10, 10], [3, 3, 4, 4]])
-    data["annotations"] = [good, *bad, repaired]
-    path = _write_json(tmp_path / "bad_annotations.json", data)
-    with caplog.at_level(logging.WARNING, logger="mrcnn.data.coco"):
-        dataset = CocoDataset(image_dir, path)
-    assert dataset.skipped == {
-        "zero-area box": 2,
-        "box outside the image": 1,
-        "polygon with fewer than 3 points": 1,
-        "unknown image id": 1,
-        "unknown category id": 1,
-        "missing or malformed bbox": 1,
-        "RLE size differs from the image size": 1,
-    }
-    assert dataset.repaired == {"polygon part with fewer than 3 points removed": 1}
-    message = caplog.text
-    assert "bad_annotations.json" in message and "skipped 8 annotations" in message
-    assert "2 zero-area box (e.g. annotation id 9001, 9002)" in message
-    assert "1 polygon with fewer than 3 points (e.g. annotation id 9004)" in message
-    assert dataset.skip_report in message
-    # The usable annotations remain, and the image still loads.
-    _, target = dataset[0]
-    assert len(target["labels"]) == 2
-    assert len(dataset.coco_gt.dataset["annotations"]) == 2
-
-
-def test_missing_image_file_stops_at_construction(coco_split, tmp_path):
-    json_path, _ = coco_split
-    data = _json(json_path)
-    data["images"][2]["file_name"] = "gone.jpg"
-    path = _write_json(tmp_path / "missing_file.json", data)
-    with pytest.raises(FileNotFoundError, match=r"1 of 7 image files.*gone\.jpg"):
-        CocoDataset(coco_split[1], path)
-    # Without the up-front check, reading the item names the file.
-    dataset = CocoDataset(coco_split[1], path, check_files=False)
-    with pytest.raises(FileNotFoundError, match=r"gone\.jpg"):
-        dataset[2]
-
-
-def test_corrupt_truncated_and_resized_images_raise_with_the_path(tmp_path):
-    json_path, image_dir = make_coco_split(tmp_path, split="train2017", image_sizes=[(48, 64)] * 3)
-    first, second, third = sorted(image_dir.iterdir())
-    first.write_bytes(b"this is not a jpeg")
-    second.write_bytes(second.read_bytes()[:200])  # truncated
-    Image.new("RGB", (30, 20)).save(third, format="JPEG")  # another size than the json's
-    dataset = CocoDataset(image_dir, json_path)
-    with pytest.raises(ValueError, match=f"cannot read image .*{first.name}"):
-        dataset[0]
-    with pytest.raises(ValueError, match=f"cannot read image .*{second.name}"):
-        dataset[1]
-    with pytest.raises(ValueError, match=rf"{third.name} is 30x20 \(WxH\) but .* says 64x48"):
-        dataset[2]
-
-
-def test_annotation_ids_zero_are_renumbered_for_evaluation(coco_split, tmp_path, caplog):
-    json_path, image_dir = coco_split
-    data = _json(json_path)
-    data["annotations"][0]["id"] = 0
-    path = _write_json(tmp_path / "id0.json", data)
-    with caplog.at_level(logging.WARNING, logger="mrcnn.data.coco"):
-        dataset = CocoDataset(image_dir, path)
-    assert "renumbering" in caplog.text
-    ids = [a["id"] for a in dataset.coco_gt.dataset["annotations"]]
-    assert ids == list(range(1, len(ids) + 1))

@@ -1,0 +1,900 @@
+"""The bad-input corpus: every kind of broken annotation file, image or folder the loaders handle, and its outcome.
+
+Each case corrupts a freshly generated split (``tests/helpers/data.py``) one way and says what must happen:
+
+- :class:`Stops`: building the dataset (or, ``at_read``, reading the item) raises, with a message naming the file;
+- :class:`Skipped`: the dataset builds, the annotation is left out, counted under its reason and named (by id)
+  in the log line with the json's path; ``at_read``: found only when its item is read, and counted then;
+- :class:`Repaired`: the annotation is kept after a repair (counted, or logged, or a field filled in);
+- :class:`Reads`: the image loads, with the pixels it should have.
+
+Annotation cases that reach evaluation (skipped, repaired) also read every item and score perfect predictions
+with ``CocoEvaluator`` in a forked child with a time limit and a memory cap: a ground truth that makes
+``COCOeval`` loop forever in C, or a polygon whose rasterising allocates without bound, fails its case instead of
+hanging or exhausting the machine. Add a new kind of bad input as one row of a table here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import multiprocessing
+import resource
+import shutil
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from mrcnn.data.cityscapes import CityscapesDataset, read_instance_ids
+from mrcnn.data.coco import CocoDataset
+from mrcnn.data.datamodule import InstanceDataModule
+from mrcnn.evaluation import STAT_NAMES, CocoEvaluator
+from tests.helpers.data import cityscapes_instance_ids, make_cityscapes, make_coco_split, uncompressed_rle
+
+# Generous for a loaded 2-core machine: a case takes about a second.
+CHILD_TIMEOUT_S = 60
+# Address space a child may add to what it inherits: a few MiB are needed, an unbounded allocation fails.
+CHILD_EXTRA_MEMORY = 2 * 2**30
+# The generated split's first image (id 100, 48x64 JPEG), which every bad annotation is added to.
+IMAGE_ID, HEIGHT, WIDTH = 100, 48, 64
+FIRST_FILE = f"{IMAGE_ID:012d}.jpg"
+BAD_ID = 9001  # the id of the bad annotation
+
+
+# ---------------------------------------------------------------------------------------------- outcomes
+
+
+@dataclasses.dataclass(frozen=True)
+class Stops:
+    """An error whose message matches ``match`` (which names the file); ``at_read``: when the item is read."""
+
+    match: str
+    error: type[Exception] = ValueError
+    at_read: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """The bad annotation (``BAD_ID``) skipped and counted under ``reason``; ``at_read``: when its item is read."""
+
+    reason: str
+    at_read: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Repaired:
+    """The bad annotation kept: ``counted`` in ``dataset.repaired``, or ``logged`` (a warning), plus ``check``.
+
+    ``pycocotools``: pycocotools evaluates the json file itself and gets our numbers (where it cannot, the
+    repair is what makes the numbers right).
+    """
+
+    counted: str | None = None
+    logged: str | None = None
+    check: Callable[[CocoDataset], None] | None = None
+    pycocotools: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Reads:
+    """The image reads as ``expected(path)`` says: uint8 ``[H, W, 3]`` pixels, within ``tolerance`` levels."""
+
+    expected: Callable[[Path], np.ndarray]
+    tolerance: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One kind of bad input: ``make(tmp_path, split) -> paths`` writes it, ``outcome`` is what must happen."""
+
+    name: str
+    make: Callable
+    outcome: Stops | Skipped | Repaired | Reads
+    kwargs: dict = dataclasses.field(default_factory=dict)  # dataset arguments
+
+    def __str__(self) -> str:
+        return self.name
+
+
+# ------------------------------------------------------------------------------------------ COCO corruptions
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """The generated COCO split the cases start from (read-only: cases write copies)."""
+
+    json_path: Path
+    image_dir: Path
+
+    def data(self) -> dict:
+        return json.loads(self.json_path.read_text())
+
+
+def edit_json(edit: Callable[[dict], object]) -> Callable:
+    """A case maker: the split's json changed by ``edit(data)``, the split's images."""
+
+    def make(tmp_path: Path, split: Split) -> tuple[Path, Path]:
+        data = split.data()
+        edit(data)
+        path = tmp_path / "case.json"
+        path.write_text(json.dumps(data))  # NaN and Infinity are written as json.dump writes them
+        return split.image_dir, path
+
+    return make
+
+
+def raw_json(text: bytes) -> Callable:
+    """A case maker: a json file holding ``text``."""
+
+    def make(tmp_path: Path, split: Split) -> tuple[Path, Path]:
+        path = tmp_path / "case.json"
+        path.write_bytes(text)
+        return split.image_dir, path
+
+    return make
+
+
+def good_annotation(**fields) -> dict:
+    """A usable annotation (``BAD_ID``, a triangle on the first image) with ``fields`` replaced.
+
+    Its bbox and area are its mask's, as in COCO's files, so that perfect predictions score AP 1.
+    """
+    annotation = {
+        "id": BAD_ID,
+        "image_id": IMAGE_ID,
+        "category_id": 1,
+        "iscrowd": 0,
+        "area": 36.0,
+        "segmentation": [[1, 1, 10, 1, 10, 10]],
+        "bbox": [2.0, 1.0, 8.0, 8.0],
+    }
+    annotation.update(fields)
+    return annotation
+
+
+def add_annotation(*without: str, **fields) -> Callable:
+    """A case maker: the split plus :func:`good_annotation` with ``fields`` replaced and the keys ``without`` removed."""
+    annotation = good_annotation(**fields)
+    for key in without:
+        del annotation[key]
+    return edit_json(lambda data: data["annotations"].append(annotation))
+
+
+def edit_first_image(**fields) -> Callable:
+    """A case maker: the first json image entry with ``fields`` replaced (``None`` removes the key)."""
+
+    def edit(data: dict) -> None:
+        for key, value in fields.items():
+            data["images"][0].pop(key, None)
+            if value is not None:
+                data["images"][0][key] = value
+
+    return edit_json(edit)
+
+
+def edit_categories(edit: Callable[[list], object]) -> Callable:
+    return edit_json(lambda data: edit(data["categories"]))
+
+
+def edit_image_file(write: Callable[[Path], object], **image_fields) -> Callable:
+    """A case maker: a copy of the split's images with the first file rewritten by ``write(path)``.
+
+    ``image_fields`` replace the first json image entry's fields (e.g. ``file_name``, ``width``).
+    """
+
+    def make(tmp_path: Path, split: Split) -> tuple[Path, Path]:
+        image_dir = tmp_path / "images"
+        shutil.copytree(split.image_dir, image_dir)
+        data = split.data()
+        data["images"][0].update(image_fields)
+        path = image_dir / data["images"][0]["file_name"]
+        if path.name != FIRST_FILE:
+            (image_dir / FIRST_FILE).unlink()
+        write(path)
+        json_path = tmp_path / "case.json"
+        json_path.write_text(json.dumps(data))
+        return image_dir, json_path
+
+    return make
+
+
+def compressed(mask: np.ndarray) -> str:
+    """The compressed RLE string of a uint8 mask."""
+    return mask_utils.encode(np.asfortranarray(mask))["counts"].decode("ascii")
+
+
+def triangle_mask(height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
+    rle = mask_utils.merge(mask_utils.frPyObjects([[1, 1, 10, 1, 10, 10]], height, width))
+    return mask_utils.decode(rle)
+
+
+def uncompressed_counts(height: int = HEIGHT, width: int = WIDTH) -> list[int]:
+    return uncompressed_rle(triangle_mask(height, width))["counts"]
+
+
+# ----------------------------------------------------------------------------------------- image writers
+
+
+def gradient_16bit(height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
+    """uint16 ``[H, W]``: 0 at the left edge to 65535 at the right."""
+    return np.broadcast_to(np.linspace(0, 65535, width).round().astype(np.uint16), (height, width)).copy()
+
+
+def write_16bit_png(path: Path) -> None:
+    Image.fromarray(gradient_16bit()).save(path)
+
+
+def expected_16bit(path: Path) -> np.ndarray:
+    """The 16-bit gradient's high bytes, in all three channels."""
+    return np.repeat((gradient_16bit() >> 8).astype(np.uint8)[:, :, None], 3, axis=2)
+
+
+def stored_pixels(height: int, width: int) -> np.ndarray:
+    """Pixels with a different value everywhere, so that any rotation or mirroring shows."""
+    values = np.arange(height * width * 3, dtype=np.int64).reshape(height, width, 3)
+    return (values * 7 % 251).astype(np.uint8)
+
+
+def write_exif_rotated(path: Path) -> None:
+    """A PNG stored 48 wide and 64 high, with EXIF orientation 6: shown turned clockwise, 64 wide and 48 high."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored_pixels(WIDTH, HEIGHT)).save(path, exif=exif)
+
+
+def expected_exif_rotated(path: Path) -> np.ndarray:
+    # Orientation 6: the stored image turned 90 degrees clockwise.
+    return np.rot90(stored_pixels(WIDTH, HEIGHT), k=-1)
+
+
+def write_float_tiff(path: Path) -> None:
+    Image.fromarray(np.linspace(0, 1, HEIGHT * WIDTH, dtype=np.float32).reshape(HEIGHT, WIDTH)).save(path)
+
+
+def write_cmyk_jpeg(path: Path) -> None:
+    Image.new("CMYK", (WIDTH, HEIGHT), (0, 255, 255, 0)).save(path, quality=100)
+
+
+def write_grayscale_png(path: Path) -> None:
+    Image.fromarray(stored_pixels(HEIGHT, WIDTH)[:, :, 0]).save(path)
+
+
+def expected_grayscale(path: Path) -> np.ndarray:
+    return np.repeat(stored_pixels(HEIGHT, WIDTH)[:, :, :1], 3, axis=2)
+
+
+def expected_red(path: Path) -> np.ndarray:
+    # CMYK (0, 255, 255, 0) is red; JPEG may move a value by a few levels.
+    return np.broadcast_to(np.array([255, 0, 0], dtype=np.uint8), (HEIGHT, WIDTH, 3))
+
+
+# -------------------------------------------------------------------------------------------- COCO cases
+
+COCO_CASES = [
+    # ---- the json file: stops naming it
+    Case(
+        "json_missing", lambda tmp, split: (split.image_dir, tmp / "nope.json"), Stops(r"nope\.json", FileNotFoundError)
+    ),
+    Case("json_empty", raw_json(b""), Stops(r"case\.json is empty")),
+    Case("json_truncated", raw_json(b'{"images": ['), Stops(r"case\.json is not valid JSON")),
+    Case("json_not_utf8", raw_json(b'{"images": ["\xff\xfe"]}'), Stops(r"case\.json is not valid JSON")),
+    Case("json_a_list", raw_json(b"[]"), Stops(r"case\.json must hold a JSON object, got list")),
+    Case(
+        "json_without_annotations",
+        edit_json(lambda data: data.pop("annotations")),
+        Stops(r"case\.json has no 'annotations' list"),
+    ),
+    Case(
+        "json_without_categories",
+        edit_json(lambda data: data["categories"].clear()),
+        Stops(r"case\.json declares no categories"),
+    ),
+    Case(
+        "category_without_name",
+        edit_categories(lambda cats: cats[0].pop("name")),
+        Stops(r"case\.json: every category needs an 'id' and a 'name'"),
+    ),
+    Case(
+        "category_id_twice",
+        edit_categories(lambda cats: cats.append({"id": 1, "name": "other"})),
+        Stops(r"case\.json: category id 1 appears twice"),
+    ),
+    Case(
+        "category_name_twice",
+        edit_categories(lambda cats: cats.append({"id": 2, "name": "person"})),
+        Stops(r"case\.json: category name 'person' appears twice"),
+    ),
+    Case(
+        "classes_not_in_the_json",
+        edit_json(lambda data: None),
+        Stops(r"\['unicorn'\].*case\.json"),
+        kwargs={"classes": ["dog", "unicorn"]},
+    ),
+    # ---- image entries: stop naming the file and the image
+    Case(
+        "image_without_size",
+        edit_first_image(height=None, width=None),
+        Stops(r"case\.json: image entry .* lacks \['height', 'width'\]"),
+    ),
+    Case("image_id_a_string", edit_first_image(id="100"), Stops(r"case\.json: image .* has id '100', not an integer")),
+    Case(
+        "image_id_twice",
+        edit_json(lambda data: data["images"].append(dict(data["images"][0], file_name="x.jpg"))),
+        Stops(r"case\.json: image id 100 appears twice"),
+    ),
+    Case("image_size_zero", edit_first_image(width=0), Stops(r"case\.json: image id 100 .* has size 0x48")),
+    Case(
+        "image_width_a_string",
+        edit_first_image(width="64"),
+        Stops(r"case\.json: image id 100 \(000000000100\.jpg\) has width '64' \(str\), not a whole number"),
+    ),
+    Case(
+        "image_height_fractional",
+        edit_first_image(height=47.5),
+        Stops(r"case\.json: image id 100 .* has height 47\.5 \(float\)"),
+    ),
+    Case(
+        "image_file_name_a_number",
+        edit_first_image(file_name=7),
+        Stops(r"case\.json: image id 100 has file_name 7, not a file name"),
+    ),
+    Case(
+        "image_file_missing",
+        edit_first_image(file_name="gone.jpg"),
+        Stops(r"1 of 7 image files listed in .*case\.json are missing.*gone\.jpg", FileNotFoundError),
+    ),
+    Case(
+        "image_folder_missing",
+        lambda tmp, split: (tmp / "missing_dir", split.json_path),
+        Stops(r"image folder not found: .*missing_dir", FileNotFoundError),
+    ),
+    # ---- annotations: skipped and counted
+    Case(
+        "annotation_not_an_object",
+        edit_json(lambda data: data["annotations"].append("oops")),
+        Skipped("not a JSON object"),
+    ),
+    Case("annotation_of_an_unknown_image", add_annotation(image_id=123456), Skipped("unknown image id")),
+    Case("annotation_of_an_unknown_category", add_annotation(category_id=2), Skipped("unknown category id")),
+    Case("bbox_missing", add_annotation("bbox"), Skipped("missing or malformed bbox")),
+    Case("bbox_of_two_numbers", add_annotation(bbox=[1, 2]), Skipped("missing or malformed bbox")),
+    Case("bbox_of_strings", add_annotation(bbox=["1", "1", "9", "9"]), Skipped("missing or malformed bbox")),
+    Case("bbox_zero_width", add_annotation(bbox=[5, 5, 0, 4]), Skipped("zero-area box")),
+    Case("bbox_zero_height", add_annotation(bbox=[5, 5, 3, 0]), Skipped("zero-area box")),
+    Case("bbox_outside_the_image", add_annotation(bbox=[500, 5, 3, 3]), Skipped("box outside the image")),
+    Case("bbox_nan", add_annotation(bbox=[1, 1, float("nan"), 9]), Skipped("non-finite bbox")),
+    Case("bbox_infinite", add_annotation(bbox=[1, 1, float("inf"), 9]), Skipped("non-finite bbox")),
+    Case("segmentation_missing", add_annotation("segmentation"), Skipped("no segmentation")),
+    Case("segmentation_empty", add_annotation(segmentation=[]), Skipped("no segmentation")),
+    Case("polygon_of_strings", add_annotation(segmentation=[["1", 1, 10, 1, 10, 10]]), Skipped("malformed polygon")),
+    Case("polygon_not_nested", add_annotation(segmentation=[1, 1, 10, 1, 10, 10]), Skipped("malformed polygon")),
+    Case(
+        "polygon_of_two_points",
+        add_annotation(segmentation=[[1, 1, 10, 10]]),
+        Skipped("polygon with fewer than 3 points"),
+    ),
+    Case(
+        "polygon_nan",
+        add_annotation(segmentation=[[1, 1, 10, float("nan"), 10, 10]]),
+        Skipped("non-finite polygon coordinate"),
+    ),
+    Case(
+        "polygon_infinite",
+        add_annotation(segmentation=[[1, 1, float("-inf"), 1, 10, 10]]),
+        Skipped("non-finite polygon coordinate"),
+    ),
+    Case(
+        "polygon_far_outside_the_image",
+        add_annotation(segmentation=[[1, 1, 1e9, 1, 10, 10]]),
+        Skipped("polygon far outside the image"),
+    ),
+    Case(
+        "rle_without_counts",
+        add_annotation(segmentation={"size": [HEIGHT, WIDTH]}),
+        Skipped("malformed RLE segmentation"),
+    ),
+    Case(
+        "rle_size_not_numbers",
+        add_annotation(segmentation={"size": "48x64", "counts": [HEIGHT * WIDTH]}),
+        Skipped("malformed RLE segmentation"),
+    ),
+    Case(
+        "rle_of_another_size",
+        add_annotation(segmentation={"size": [3, 3], "counts": "abc"}),
+        Skipped("RLE size differs from the image size"),
+    ),
+    Case(
+        "rle_counts_short",
+        add_annotation(segmentation={"size": [HEIGHT, WIDTH], "counts": [5, 3, 2]}),
+        Skipped("RLE runs do not add up to the image size"),
+    ),
+    Case(
+        "rle_counts_long",
+        add_annotation(segmentation={"size": [HEIGHT, WIDTH], "counts": [*uncompressed_counts(), 7]}),
+        Skipped("RLE runs do not add up to the image size"),
+    ),
+    Case(
+        "rle_counts_negative",
+        add_annotation(segmentation={"size": [HEIGHT, WIDTH], "counts": [-5, 5, HEIGHT * WIDTH]}),
+        Skipped("malformed RLE segmentation"),
+    ),
+    Case(
+        "rle_counts_fractional",
+        add_annotation(segmentation={"size": [HEIGHT, WIDTH], "counts": [5.5, HEIGHT * WIDTH - 5.5]}),
+        Skipped("malformed RLE segmentation"),
+    ),
+    Case(
+        "rle_counts_a_number",
+        add_annotation(segmentation={"size": [HEIGHT, WIDTH], "counts": 7}),
+        Skipped("malformed RLE segmentation"),
+    ),
+    Case(
+        "rle_string_garbage",
+        add_annotation(segmentation={"size": [HEIGHT, WIDTH], "counts": "abc"}),
+        Skipped("malformed RLE segmentation"),
+    ),
+    Case(
+        "rle_string_empty",
+        add_annotation(segmentation={"size": [HEIGHT, WIDTH], "counts": ""}),
+        Skipped("RLE runs do not add up to the image size"),
+    ),
+    Case(
+        "rle_string_non_ascii",
+        add_annotation(segmentation={"size": [HEIGHT, WIDTH], "counts": "é1"}),
+        Skipped("malformed RLE segmentation"),
+    ),
+    Case(
+        "rle_string_ends_inside_a_number",
+        add_annotation(segmentation={"size": [HEIGHT, WIDTH], "counts": compressed(triangle_mask()) + "o"}),
+        Skipped("malformed RLE segmentation"),
+    ),
+    Case(
+        "rle_string_of_a_smaller_mask",
+        add_annotation(segmentation={"size": [HEIGHT, WIDTH], "counts": compressed(triangle_mask(20, 20))}),
+        Skipped("RLE runs do not add up to the image size"),
+    ),
+    Case("area_nan", add_annotation(area=float("nan")), Skipped("malformed or non-finite area")),
+    Case("area_a_string", add_annotation(area="40"), Skipped("malformed or non-finite area")),
+    Case("area_negative", add_annotation(area=-3.0), Skipped("malformed or non-finite area")),
+    Case("iscrowd_a_string", add_annotation(iscrowd="0"), Skipped("malformed iscrowd")),
+    # ---- found when the item is read: skipped and counted then
+    Case(
+        "polygon_collinear", add_annotation(segmentation=[[2, 2, 20, 20, 11, 11]]), Skipped("empty mask", at_read=True)
+    ),
+    Case(
+        "polygon_between_pixel_centres",
+        add_annotation(segmentation=[[10.1, 10.1, 10.4, 10.1, 10.2, 10.3]]),
+        Skipped("empty mask", at_read=True),
+    ),
+    # ---- repaired
+    Case(
+        "polygon_part_of_two_points",
+        add_annotation(segmentation=[[1, 1, 10, 1, 10, 10], [3, 3, 4, 4]]),
+        Repaired(counted="polygon part with fewer than 3 points removed", pycocotools=True),
+    ),
+    # pycocotools reads annotation id 0 as "unmatched", and keeps one annotation of a duplicated id.
+    Case("annotation_id_zero", add_annotation(id=0), Repaired(logged="renumbering them 1..N")),
+    Case(
+        "annotation_ids_twice",
+        edit_json(lambda data: data["annotations"][1].update(id=data["annotations"][0]["id"])),
+        Repaired(logged="renumbering them 1..N"),
+    ),
+    # COCOeval needs both fields (a KeyError on the json file itself).
+    Case(
+        "area_and_iscrowd_missing",
+        add_annotation("area", "iscrowd"),
+        Repaired(check=lambda dataset: _check_completed(dataset)),
+    ),
+    # ---- image files
+    Case(
+        "image_not_an_image",
+        edit_image_file(lambda path: path.write_bytes(b"this is not a jpeg")),
+        Stops(rf"cannot read image .*{FIRST_FILE}", at_read=True),
+    ),
+    Case(
+        "image_truncated",
+        edit_image_file(lambda path: path.write_bytes(path.read_bytes()[:200])),
+        Stops(rf"cannot read image .*{FIRST_FILE}", at_read=True),
+    ),
+    Case(
+        "image_of_another_size",
+        edit_image_file(lambda path: Image.new("RGB", (30, 20)).save(path, format="JPEG")),
+        Stops(
+            rf"{FIRST_FILE} is 30x20 \(WxH\) but .*case\.json says 64x48 \(the file has no EXIF orientation\)",
+            at_read=True,
+        ),
+    ),
+    Case(
+        "image_exif_rotated", edit_image_file(write_exif_rotated, file_name="rotated.png"), Reads(expected_exif_rotated)
+    ),
+    Case(
+        "image_exif_rotated_json_of_the_stored_pixels",
+        edit_image_file(write_exif_rotated, file_name="rotated.png", height=WIDTH, width=HEIGHT),
+        Stops(
+            r"rotated\.png is 64x48 \(WxH\) but .*case\.json says 48x64: its EXIF orientation \(6, rotated 90° "
+            r"clockwise\) was applied.*remove the file's EXIF orientation tag",
+            at_read=True,
+        ),
+    ),
+    Case("image_16bit_png", edit_image_file(write_16bit_png, file_name="deep.png"), Reads(expected_16bit)),
+    Case(
+        "image_floating_point_tiff",
+        edit_image_file(write_float_tiff, file_name="float.tif"),
+        Stops(r"image .*float\.tif is a floating-point TIFF image \(PIL mode F\)", at_read=True),
+    ),
+    Case("image_grayscale_png", edit_image_file(write_grayscale_png, file_name="gray.png"), Reads(expected_grayscale)),
+    Case("image_cmyk_jpeg", edit_image_file(write_cmyk_jpeg), Reads(expected_red, tolerance=3)),
+]
+
+
+def _check_completed(dataset: CocoDataset) -> None:
+    """The json left out area and iscrowd: the ground truth has them, area the mask's pixel count."""
+    annotation = dataset.coco_gt.anns[BAD_ID]
+    assert annotation["iscrowd"] == 0
+    assert annotation["area"] == float(triangle_mask().sum())
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory) -> Split:
+    json_path, image_dir = make_coco_split(tmp_path_factory.mktemp("coco"))
+    return Split(json_path, image_dir)
+
+
+@pytest.mark.parametrize("case", COCO_CASES, ids=str)
+def test_coco(case: Case, split: Split, tmp_path: Path, caplog):
+    image_dir, json_path = case.make(tmp_path, split)
+    outcome = case.outcome
+    if isinstance(outcome, Stops) and not outcome.at_read:
+        with pytest.raises(outcome.error, match=outcome.match):
+            CocoDataset(image_dir, json_path, **case.kwargs)
+        return
+    with caplog.at_level(logging.WARNING, logger="mrcnn.data.coco"):
+        dataset = CocoDataset(image_dir, json_path, **case.kwargs)
+    first = dataset.image_ids.index(IMAGE_ID)
+    if isinstance(outcome, Stops):
+        with pytest.raises(outcome.error, match=outcome.match):
+            dataset[first]
+    elif isinstance(outcome, Reads):
+        image, _ = dataset[first]
+        pixels = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        expected = outcome.expected(image_dir / dataset.record(first)[0]["file_name"])
+        np.testing.assert_allclose(pixels, expected, atol=outcome.tolerance, rtol=0)
+    elif isinstance(outcome, Skipped):
+        _check_skipped(case, dataset, split, image_dir, json_path, caplog.text)
+    else:
+        _check_repaired(case, dataset, split, image_dir, json_path, caplog.text)
+
+
+def _check_skipped(case: Case, dataset: CocoDataset, split: Split, image_dir: Path, json_path: Path, log: str) -> None:
+    """Counted under its reason, named in the log line with the json; every item reads; evaluation finishes at AP 1."""
+    reason = case.outcome.reason
+    bad_id = "?" if case.name == "annotation_not_an_object" else BAD_ID
+    if case.outcome.at_read:
+        assert not dataset.skipped  # the mask is decoded only when the item is read
+    else:
+        assert dataset.skipped == {reason: 1}
+        assert f"{json_path}: skipped 1 annotations: 1 {reason} (e.g. annotation id {bad_id})" in log
+    # Kept in the records (and the evaluation ground truth) only when found at read time.
+    kept_ids = {a["id"] for a in dataset.record(dataset.image_ids.index(IMAGE_ID))[1]}
+    assert (BAD_ID in kept_ids) == case.outcome.at_read
+
+    result = run_in_child(read_and_evaluate, image_dir, json_path, case.outcome.at_read)
+    assert result["instances"] == _instances(split)  # the bad annotation in no target
+    if case.outcome.at_read:
+        assert result["skipped"] == {reason: 1}
+        assert f"{json_path}: 1 more annotations have an empty mask" in result["report"]
+        assert f"(e.g. annotation id {BAD_ID})" in result["report"]
+        # The ground truth keeps it, as pycocotools on the json file does: a miss for both IoU types.
+        assert result["metrics"] == pytest.approx(result["reference"], abs=1e-9)
+        assert result["metrics"]["segm_AP"] < 1 and result["metrics"]["bbox_AP"] < 1
+    else:
+        assert result["metrics"]["segm_AP"] == result["metrics"]["bbox_AP"] == 1.0
+
+
+def _check_repaired(case: Case, dataset: CocoDataset, split: Split, image_dir: Path, json_path: Path, log: str):
+    """Kept, the repair counted or logged; evaluation finishes with pycocotools' numbers on the json file."""
+    outcome = case.outcome
+    assert not dataset.skipped
+    if outcome.counted:
+        assert dataset.repaired == {outcome.counted: 1}
+        assert f"repaired 1 annotations: 1 {outcome.counted}" in log
+    if outcome.logged:
+        assert outcome.logged in log and str(json_path) in log
+        ids = [a["id"] for a in dataset.coco_gt.dataset["annotations"]]
+        assert ids == list(range(1, len(ids) + 1))
+    if outcome.check:
+        outcome.check(dataset)
+    result = run_in_child(read_and_evaluate, image_dir, json_path, outcome.pycocotools)
+    if outcome.pycocotools:
+        assert result["metrics"] == pytest.approx(result["reference"], abs=1e-9)
+    assert result["metrics"]["segm_AP"] == result["metrics"]["bbox_AP"] == 1.0
+
+
+def _instances(split: Split) -> dict[int, int]:
+    """Non-crowd annotations per image id in the clean split."""
+    data = split.data()
+    counts = {image["id"]: 0 for image in data["images"]}
+    for annotation in data["annotations"]:
+        counts[annotation["image_id"]] += not annotation["iscrowd"]
+    return counts
+
+
+def test_skips_are_counted_in_one_log_line(split: Split, tmp_path: Path, caplog):
+    """All load-time skips of the corpus in one json: one line counts them by reason, with example ids."""
+    data = split.data()
+    skipped = [case for case in COCO_CASES if isinstance(case.outcome, Skipped) and not case.outcome.at_read]
+    for number, case in enumerate(skipped):
+        _, path = case.make(tmp_path, split)
+        bad = json.loads(path.read_text())["annotations"][-1]
+        if isinstance(bad, dict):
+            bad["id"] = BAD_ID + number
+        data["annotations"].append(bad)
+    data["annotations"].append(good_annotation(id=8001, segmentation=[[1, 1, 10, 1, 10, 10], [3, 3, 4, 4]]))
+    path = tmp_path / "bad_annotations.json"
+    path.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="mrcnn.data.coco"):
+        dataset = CocoDataset(split.image_dir, path)
+    expected = {}
+    for case in skipped:
+        expected[case.outcome.reason] = expected.get(case.outcome.reason, 0) + 1
+    assert dataset.skipped == expected
+    assert dataset.repaired == {"polygon part with fewer than 3 points removed": 1}
+    message = caplog.text
+    assert "bad_annotations.json" in message and f"skipped {len(skipped)} annotations" in message
+    assert dataset.skip_report in message
+    zero_area = [BAD_ID + n for n, case in enumerate(skipped) if case.outcome.reason == "zero-area box"]
+    assert f"2 zero-area box (e.g. annotation id {zero_area[0]}, {zero_area[1]})" in message
+    assert "1 polygon with fewer than 3 points (e.g. annotation id" in message
+    # The usable annotations remain, and the image still loads.
+    index = dataset.image_ids.index(IMAGE_ID)
+    _, target = dataset[index]
+    assert len(target["labels"]) == _instances(split)[IMAGE_ID] + 1
+    assert len(dataset.coco_gt.dataset["annotations"]) == len(split.data()["annotations"]) + 1
+
+
+def test_missing_image_file_without_the_check_stops_when_read(split: Split, tmp_path: Path):
+    _, path = edit_first_image(file_name="gone.jpg")(tmp_path, split)
+    dataset = CocoDataset(split.image_dir, path, check_files=False)
+    with pytest.raises(FileNotFoundError, match=r"gone\.jpg"):
+        dataset[0]
+
+
+def test_empty_mask_found_in_a_worker_is_counted_after_the_pass(split: Split, tmp_path: Path, caplog):
+    """A skip found in a DataLoader worker process reaches the main process's count and log at the end of the pass."""
+    image_dir, path = add_annotation(segmentation=[[2, 2, 20, 20, 11, 11]])(tmp_path, split)
+    dataset = CocoDataset(image_dir, path)
+    datamodule = InstanceDataModule(dataset, dataset, batch_size=2, num_workers=2)
+    with caplog.at_level(logging.WARNING, logger="mrcnn.data.coco"):
+        for loader in (datamodule.val_dataloader(), datamodule.val_dataloader()):
+            targets = [target for _, batch in loader for target in batch]
+    assert {t["image_id"]: len(t["labels"]) for t in targets} == _instances(split)
+    # Counted once although two passes read it; one line naming the json and the annotation.
+    assert dataset.skipped == {"empty mask": 1}
+    assert caplog.text.count("more annotations have an empty mask") == 1
+    assert f"{path}: 1 more annotations have an empty mask" in caplog.text and f"annotation id {BAD_ID}" in caplog.text
+    assert "skipped 1 annotations: 1 empty mask" in dataset.skip_report
+    assert dataset.report_read_skips() == ""  # nothing new
+
+
+# ------------------------------------------------------------------------------- evaluation in a bounded child
+
+
+def run_in_child(function: Callable, *args, timeout: float = CHILD_TIMEOUT_S):
+    """``function(*args)`` in a forked child with a time limit and a memory cap; fails the test if it hangs or dies.
+
+    A thread could not be stopped: ``COCOeval`` looping in C holds it for good, and no Python signal gets in.
+    A child can be killed.
+    """
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_send_result, args=(sender, function, args), daemon=True)
+    child.start()
+    sender.close()  # the child's end only: the pipe reports EOF when the child dies
+    try:
+        if not receiver.poll(timeout):
+            pytest.fail(f"{function.__name__}{args} did not finish within {timeout} s (a hang)")
+        try:
+            outcome = receiver.recv()
+        except EOFError:
+            child.join(5)
+            pytest.fail(f"{function.__name__}{args} died without a result (exit code {child.exitcode})")
+    finally:
+        child.kill()
+        child.join()
+    if "error" in outcome:
+        pytest.fail(f"{function.__name__}{args} raised:\n{outcome['error']}")
+    return outcome["result"]
+
+
+def _send_result(sender, function: Callable, args: tuple) -> None:
+    try:
+        _cap_memory()
+        torch.set_num_threads(1)  # no OpenMP pool in a forked child
+        sender.send({"result": function(*args)})
+    except BaseException:  # noqa: BLE001  (whatever it is, the parent reports it)
+        sender.send({"error": traceback.format_exc()})
+
+
+def _cap_memory() -> None:
+    """Lets this process map only ``CHILD_EXTRA_MEMORY`` more than it has: an unbounded allocation fails fast."""
+    with open("/proc/self/status") as status:
+        mapped_kib = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+    limit = mapped_kib * 1024 + CHILD_EXTRA_MEMORY
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+
+def read_and_evaluate(image_dir: Path, json_path: Path, reference: bool) -> dict:
+    """Reads every item, reports read-time skips, scores perfect predictions (the non-crowd targets).
+
+    Returns:
+        ``instances`` (targets per image id), ``skipped`` and ``report`` after the pass, ``metrics`` of
+        ``CocoEvaluator`` and, with ``reference``, pycocotools' own numbers on the json file for the same
+        detections (only for a json that pycocotools can evaluate).
+    """
+    dataset = CocoDataset(image_dir, json_path)
+    evaluator = CocoEvaluator(**InstanceDataModule(dataset, dataset).evaluator_kwargs())
+    instances = {}
+    for index in range(len(dataset)):
+        _, target = dataset[index]
+        instances[target["image_id"]] = len(target["labels"])
+        prediction = {
+            "boxes": target["boxes"],
+            "labels": target["labels"],
+            "scores": torch.ones(len(target["labels"])),
+            "masks": target["masks"],
+        }
+        evaluator.update([prediction], [target])
+    result = {
+        "instances": instances,
+        "report": dataset.report_read_skips(),
+        "skipped": dict(dataset.skipped),
+        "metrics": evaluator.compute(),
+    }
+    if reference:
+        result["reference"] = _pycocotools_on_the_json(json_path, evaluator.results_json())
+    return result
+
+
+def _pycocotools_on_the_json(json_path: Path, results: list[dict]) -> dict[str, float]:
+    stats = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(json_path))
+        for iou_type, key in (("bbox", "bbox"), ("segm", "segmentation")):
+            detections = gt.loadRes([{k: r[k] for k in ("image_id", "category_id", "score", key)} for r in results])
+            evaluator = COCOeval(gt, detections, iou_type)
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+            stats.update({f"{iou_type}_{name}": float(evaluator.stats[i]) for i, name in enumerate(STAT_NAMES)})
+    return stats
+
+
+def test_a_hang_fails_the_case_instead_of_blocking():
+    import time
+
+    with pytest.raises(pytest.fail.Exception, match="did not finish within 0.5 s"):
+        run_in_child(time.sleep, 30, timeout=0.5)
+
+
+# --------------------------------------------------------------------------------------- Cityscapes cases
+
+
+def cityscapes(corrupt: Callable[[Path], object]) -> Callable[[Path], Path]:
+    """A case maker: a 2-image Cityscapes train split, then ``corrupt(root)``."""
+
+    def make(tmp_path: Path) -> Path:
+        root = make_cityscapes(tmp_path, splits=("train",), cities=("aachen",), per_city=2)
+        corrupt(root)
+        return root
+
+    return make
+
+
+def _second_instance_ids(root: Path) -> Path:
+    return sorted((root / "gtFine" / "train" / "aachen").iterdir())[1]
+
+
+def _first_image(root: Path) -> Path:
+    return sorted((root / "leftImg8bit" / "train" / "aachen").iterdir())[0]
+
+
+def _expected_16bit_left_image(path: Path) -> np.ndarray:
+    height, width = cityscapes_instance_ids(0).shape
+    return np.repeat((gradient_16bit(height, width) >> 8).astype(np.uint8)[:, :, None], 3, axis=2)
+
+
+CITYSCAPES_CASES = [
+    Case(
+        "instance_ids_8bit",
+        cityscapes(
+            lambda root: Image.fromarray((cityscapes_instance_ids(0) % 256).astype(np.uint8)).save(
+                _second_instance_ids(root)
+            )
+        ),
+        Stops(r"aachen_000000_000001_gtFine_instanceIds\.png is 8-bit \(mode L\).*16-bit"),
+    ),
+    Case(
+        "instance_ids_missing",
+        cityscapes(lambda root: _second_instance_ids(root).unlink()),
+        Skipped("no gtFine instanceIds file"),
+    ),
+    Case(
+        "instance_ids_corrupt",
+        cityscapes(lambda root: _second_instance_ids(root).write_bytes(b"\x89PNG broken")),
+        Stops(r"cannot read the header of .*aachen_000000_000001"),
+    ),
+    Case(
+        "pair_of_two_sizes",
+        cityscapes(lambda root: Image.fromarray(np.zeros((16, 32), np.uint16)).save(_second_instance_ids(root))),
+        Stops(r"instanceIds\.png is 32x16 but its image .*_leftImg8bit\.png is 64x32"),
+    ),
+    Case(
+        "split_folder_missing",
+        cityscapes(lambda root: shutil.rmtree(root / "leftImg8bit" / "train")),
+        Stops(r"Cityscapes folder not found: .*leftImg8bit/train", FileNotFoundError),
+    ),
+    Case(
+        "no_images",
+        cityscapes(lambda root: [p.unlink() for p in (root / "leftImg8bit" / "train").rglob("*.png")]),
+        Stops(r"no '\*_leftImg8bit\.png' images .* under .*leftImg8bit/train", FileNotFoundError),
+    ),
+    Case(
+        "image_corrupt",
+        cityscapes(lambda root: _first_image(root).write_bytes(b"\x89PNG broken")),
+        Stops(r"cannot read the header of .*aachen_000000_000000_leftImg8bit\.png"),
+    ),
+    Case(
+        "image_16bit",
+        cityscapes(
+            lambda root: Image.fromarray(gradient_16bit(*cityscapes_instance_ids(0).shape)).save(_first_image(root))
+        ),
+        Reads(_expected_16bit_left_image),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CITYSCAPES_CASES, ids=str)
+def test_cityscapes(case: Case, tmp_path: Path, caplog):
+    root = case.make(tmp_path)
+    outcome = case.outcome
+    if isinstance(outcome, Stops):
+        with pytest.raises(outcome.error, match=outcome.match):
+            CityscapesDataset(root, split="train")
+    elif isinstance(outcome, Skipped):
+        with caplog.at_level(logging.WARNING, logger="mrcnn.data.cityscapes"):
+            dataset = CityscapesDataset(root, split="train")
+        assert len(dataset) == 1 and dataset.skipped_images == {outcome.reason: 1}
+        assert f"left out 1 images: 1 {outcome.reason}" in caplog.text
+        assert "aachen_000000_000001_gtFine_instanceIds.png" in caplog.text
+        dataset[0]
+    else:
+        dataset = CityscapesDataset(root, split="train")
+        image, _ = dataset[0]
+        pixels = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(pixels, outcome.expected(dataset.image_files[0]))
+
+
+def test_cityscapes_image_broken_after_the_check_stops_naming_it(tmp_path: Path):
+    root = make_cityscapes(tmp_path, splits=("train",), cities=("aachen",), per_city=1)
+    dataset = CityscapesDataset(root, split="train")
+    dataset.image_files[0].write_bytes(b"\x89PNG broken")
+    with pytest.raises(ValueError, match=dataset.image_files[0].name):
+        dataset[0]
+
+
+def test_8bit_instance_ids_read_directly_stops_naming_it(tmp_path: Path):
+    path = tmp_path / "x_gtFine_instanceIds.png"
+    Image.fromarray((cityscapes_instance_ids(0) % 256).astype(np.uint8)).save(path)
+    with pytest.raises(ValueError, match=r"x_gtFine_instanceIds\.png is 8-bit"):
+        read_instance_ids(path)
