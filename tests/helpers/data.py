@@ -133,10 +133,17 @@ def cityscapes_instance_ids(seed):
     return ids
 
 
-def make_cityscapes(root, splits=("train", "val"), cities=("aachen", "bremen"), per_city=2):
-    """Writes the official layout with 16-bit instanceIds PNGs; returns the root."""
+def write_cityscapes(root, instance_ids, splits=("train", "val"), cities=("aachen", "bremen"), per_city=2, seed=0):
+    """Writes Cityscapes' official layout: ``leftImg8bit`` images and 16-bit ``gtFine`` instanceIds PNGs.
+
+    Args:
+        instance_ids: ``(city index, image index, rng) -> int [H, W]`` instanceIds map of one image.
+
+    Returns:
+        The root.
+    """
     root = Path(root)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for split in splits:
         for c, city in enumerate(cities):
             image_dir = root / "leftImg8bit" / split / city
@@ -145,12 +152,16 @@ def make_cityscapes(root, splits=("train", "val"), cities=("aachen", "bremen"), 
             gt_dir.mkdir(parents=True, exist_ok=True)
             for k in range(per_city):
                 stem = f"{city}_{c:06d}_{k:06d}"
-                pixels = rng.integers(0, 255, size=(CITYSCAPES_HEIGHT, CITYSCAPES_WIDTH, 3), dtype=np.uint8)
+                ids = instance_ids(c, k, rng)
+                pixels = rng.integers(0, 255, size=(*ids.shape, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(image_dir / f"{stem}_leftImg8bit.png")
-                Image.fromarray(cityscapes_instance_ids(c * 10 + k).astype(np.uint16)).save(
-                    gt_dir / f"{stem}_gtFine_instanceIds.png"
-                )
+                Image.fromarray(ids.astype(np.uint16)).save(gt_dir / f"{stem}_gtFine_instanceIds.png")
     return root
+
+
+def make_cityscapes(root, splits=("train", "val"), cities=("aachen", "bremen"), per_city=2):
+    """The official layout with the fixed :func:`cityscapes_instance_ids` maps; returns the root."""
+    return write_cityscapes(root, lambda c, k, rng: cityscapes_instance_ids(c * 10 + k), splits, cities, per_city)
 
 
 
@@ -195,18 +206,6 @@ def random_cityscapes_instance_ids(rng, height=96, width=192):
 
 def make_cityscapes_sized(root, splits=("train", "val"), cities=("aachen", "bremen"), per_city=2, seed=0):
     """The official layout (16-bit instanceIds) with :func:`random_cityscapes_instance_ids` maps; returns the root."""
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    for split in splits:
-        for c, city in enumerate(cities):
-            image_dir = root / "leftImg8bit" / split / city
-            gt_dir = root / "gtFine" / split / city
-            image_dir.mkdir(parents=True, exist_ok=True)
-            gt_dir.mkdir(parents=True, exist_ok=True)
-            for k in range(per_city):
-                stem = f"{city}_{c:06d}_{k:06d}"
-                ids = random_cityscapes_instance_ids(rng)
-                pixels = rng.integers(0, 255, size=(*ids.shape, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(image_dir / f"{stem}_leftImg8bit.png")
-                Image.fromarray(ids.astype(np.uint16)).save(gt_dir / f"{stem}_gtFine_instanceIds.png")
-    return root
+    return write_cityscapes(
+        root, lambda c, k, rng: random_cityscapes_instance_ids(rng), splits, cities, per_city, seed
+    )
