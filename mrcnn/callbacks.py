@@ -99,7 +99,7 @@ class LastCheckpoint(L.Callback):
         elif trainer.global_step != self._saved_step:
             # Every rank calls it (it ends in a barrier); rank zero writes the file. Lightning writes a new
             # file and renames it over the old one, so a checkpoint hard-linked to the old one keeps its content.
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # the full state: a resume needs it
         self._saved_step = trainer.global_step
 
     def _link(self, trainer: L.Trainer, source: Path) -> None:
