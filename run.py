@@ -1,13 +1,12 @@
 """Entry point: `python run.py [group=option ...] [key=value ...]`; `-m` sweeps. See README.md."""
 
-
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import mrcnn.config  # noqa: F401  (registers the config resolvers)
-from mrcnn.predict import predict
 from mrcnn.launch import discard_unused_output, pin_ddp_child_to_its_job
+from mrcnn.predict import predict
 from mrcnn.train import evaluate, train
 
 

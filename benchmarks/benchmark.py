@@ -169,10 +169,16 @@ def build_torchvision(cfg) -> torch.nn.Module:
         backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=m.trainable_layers
     )
     return TorchvisionMaskRCNN(
-        backbone, num_classes=m.num_classes + 1, min_size=cfg.data.min_size, max_size=cfg.data.max_size,
-        rpn_pre_nms_top_n_train=m.rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test=m.rpn_pre_nms_top_n_test,
-        rpn_post_nms_top_n_train=m.rpn_post_nms_top_n_train, rpn_post_nms_top_n_test=m.rpn_post_nms_top_n_test,
-        box_batch_size_per_image=m.rois_per_image, box_score_thresh=m.box_score_thresh,
+        backbone,
+        num_classes=m.num_classes + 1,
+        min_size=cfg.data.min_size,
+        max_size=cfg.data.max_size,
+        rpn_pre_nms_top_n_train=m.rpn_pre_nms_top_n_train,
+        rpn_pre_nms_top_n_test=m.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_train=m.rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_test=m.rpn_post_nms_top_n_test,
+        box_batch_size_per_image=m.rois_per_image,
+        box_score_thresh=m.box_score_thresh,
         box_detections_per_img=m.detections_per_img,
     )
 
@@ -236,10 +242,18 @@ def train_phase(args, cfg, module, theirs, loader, device, memory) -> dict:
         measure_memory = r == memory_round(args)
         timer = StepTimer(device, memory if measure_memory else None)
         trainer = L.Trainer(
-            accelerator="cpu" if device.type == "cpu" else "gpu", devices=1,
-            precision="32-true" if args.precision == "32" else args.precision, max_steps=args.steps,
-            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer], benchmark=args.cudnn_benchmark,
+            accelerator="cpu" if device.type == "cpu" else "gpu",
+            devices=1,
+            precision="32-true" if args.precision == "32" else args.precision,
+            max_steps=args.steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            callbacks=[timer],
+            benchmark=args.cudnn_benchmark,
         )
         trainer.fit(module, datamodule=FixedBatches(loader))
 
@@ -282,8 +296,12 @@ def coco_json_ours(detections: list[dict], image_ids: list[int]) -> list[dict]:
     """Our path: ``CocoEvaluator.update`` (as in validation) then ``results_json``, no ground truth."""
     evaluator = CocoEvaluator()
     empty = [
-        {"image_id": i, "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
-         "masks": torch.zeros(0, *d["masks"].shape[-2:], dtype=torch.uint8)}
+        {
+            "image_id": i,
+            "boxes": torch.zeros(0, 4),
+            "labels": torch.zeros(0, dtype=torch.int64),
+            "masks": torch.zeros(0, *d["masks"].shape[-2:], dtype=torch.uint8),
+        }
         for i, d in zip(image_ids, detections)
     ]
     evaluator.update(detections, empty)
@@ -300,8 +318,9 @@ def coco_json_plain(detections: list[dict], image_ids: list[int]) -> list[dict]:
         boxes[:, 2:] -= boxes[:, :2]
         for box, label, score, rle in zip(boxes.tolist(), det["labels"].tolist(), det["scores"].tolist(), rles):
             rle["counts"] = rle["counts"].decode("ascii")
-            results.append({"image_id": image_id, "category_id": label, "bbox": box, "score": score,
-                            "segmentation": rle})
+            results.append(
+                {"image_id": image_id, "category_id": label, "bbox": box, "score": score, "segmentation": rle}
+            )
     return results
 
 
@@ -385,8 +404,12 @@ def eval_phase(args, cfg) -> dict:
             start = time.perf_counter()
             evaluator.update(predictions, targets)
             update_s[backend] += time.perf_counter() - start
-    result = {"num_images": args.eval_images, "image_size": args.eval_image_size,
-              "detections_per_image": args.eval_dets, "iou_types": list(CocoEvaluator().iou_types)}
+    result = {
+        "num_images": args.eval_images,
+        "image_size": args.eval_image_size,
+        "detections_per_image": args.eval_dets,
+        "iou_types": list(CocoEvaluator().iou_types),
+    }
     runs = {backend: [] for backend in BACKENDS}
     for _ in range(args.eval_repeats):
         for backend, evaluator in evaluators.items():
@@ -395,8 +418,9 @@ def eval_phase(args, cfg) -> dict:
             runs[backend].append(time.perf_counter() - start)
             result[backend] = {"metrics": metrics}
     for backend in BACKENDS:
-        result[backend].update(update_s=update_s[backend], compute_s=statistics.median(runs[backend]),
-                               compute_runs_s=runs[backend])
+        result[backend].update(
+            update_s=update_s[backend], compute_s=statistics.median(runs[backend]), compute_runs_s=runs[backend]
+        )
     return result
 
 
@@ -409,13 +433,22 @@ def hardware(device: torch.device) -> dict:
         names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
         cpu = names[0] if names else cpu
     info = {
-        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-        "torchvision": torchvision.__version__, "lightning": L.__version__, "device": str(device),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "lightning": L.__version__,
+        "device": str(device),
     }
     if device.type == "cuda":
-        info.update(device_name=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version())
+        info.update(
+            device_name=torch.cuda.get_device_name(device),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+        )
     return info
 
 
@@ -428,10 +461,20 @@ def table(results: dict) -> str:
 
     if "train" in results:
         t = results["train"]
-        row(f"train throughput (batch {results['args']['batch_size']})", "img/s",
-            t["ours"]["images_per_s"], t["torchvision"]["images_per_s"], t["ratio"])
-        row("train peak memory", "MiB", t["ours"]["peak_mem_mib"], t["torchvision"]["peak_mem_mib"],
-            t["ours"]["peak_mem_mib"] / max(t["torchvision"]["peak_mem_mib"], 1e-9))
+        row(
+            f"train throughput (batch {results['args']['batch_size']})",
+            "img/s",
+            t["ours"]["images_per_s"],
+            t["torchvision"]["images_per_s"],
+            t["ratio"],
+        )
+        row(
+            "train peak memory",
+            "MiB",
+            t["ours"]["peak_mem_mib"],
+            t["torchvision"]["peak_mem_mib"],
+            t["ours"]["peak_mem_mib"] / max(t["torchvision"]["peak_mem_mib"], 1e-9),
+        )
     for key, m in results.get("infer", {}).items():
         mode, batch = key.split("_batch")
         label = f"infer {'model only' if mode == 'model' else 'end to end'} (batch {batch})"
@@ -441,13 +484,20 @@ def table(results: dict) -> str:
             row(label, "img/s", m["ours"]["images_per_s"], m["torchvision"]["images_per_s"], m["ratio"])
     if "infer" in results:
         m = results["infer"][max(results["infer"], key=lambda k: int(k.split("_batch")[1]))]
-        row("infer peak memory (largest batch)", "MiB", m["ours"]["peak_mem_mib"], m["torchvision"]["peak_mem_mib"],
-            m["ours"]["peak_mem_mib"] / max(m["torchvision"]["peak_mem_mib"], 1e-9))
+        row(
+            "infer peak memory (largest batch)",
+            "MiB",
+            m["ours"]["peak_mem_mib"],
+            m["torchvision"]["peak_mem_mib"],
+            m["ours"]["peak_mem_mib"] / max(m["torchvision"]["peak_mem_mib"], 1e-9),
+        )
     rows.append("ours/tv: speed ratio (>= 0.97 is the goal) on time rows, memory ratio on MiB rows")
     if "eval" in results:
         e = results["eval"]
-        rows.append(f"\neval: {e['num_images']} images {e['image_size']}x{e['image_size']}, "
-                    f"{e['detections_per_image']} detections/image, {'+'.join(e['iou_types'])} AP")
+        rows.append(
+            f"\neval: {e['num_images']} images {e['image_size']}x{e['image_size']}, "
+            f"{e['detections_per_image']} detections/image, {'+'.join(e['iou_types'])} AP"
+        )
         rows.append(f"{'':36}" + "".join(f"{b:>18}" for b in BACKENDS))
         for label, key in (("update: RLE encoding (s)", "update_s"), ("compute: COCOeval (s)", "compute_s")):
             rows.append(f"{label:36}" + "".join(f"{e[b][key]:18.2f}" for b in BACKENDS))
@@ -458,30 +508,49 @@ def table(results: dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--image-size", type=int, default=512,
-                   help="shapes image height and, without --image-width, width (model min_size = max_size = it)")
-    p.add_argument("--image-width", type=int, default=None,
-                   help="shapes image width, if not --image-size (--image-size 800 --image-width 1333: COCO's size)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=512,
+        help="shapes image height and, without --image-width, width (model min_size = max_size = it)",
+    )
+    p.add_argument(
+        "--image-width",
+        type=int,
+        default=None,
+        help="shapes image width, if not --image-size (--image-size 800 --image-width 1333: COCO's size)",
+    )
     p.add_argument("--batch-size", type=int, default=2, help="training batch")
     p.add_argument("--infer-batch-size", type=int, default=8, help="inference throughput batch")
     p.add_argument("--steps", type=int, default=10, help="training steps per round")
     p.add_argument("--repeats", type=int, default=5, help="measured rounds (median)")
     p.add_argument("--warmup", type=int, default=1, help="discarded rounds before them")
-    p.add_argument("--lr", type=float, default=1e-4,
-                   help="SGD lr of both (a step's work does not depend on it; random weights diverge at 0.02)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=1e-4,
+        help="SGD lr of both (a step's work does not depend on it; random weights diverge at 0.02)",
+    )
     p.add_argument("--precision", choices=("32", "bf16-mixed"), default="32")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--cudnn-benchmark", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--torchvision-roi-align-backward", action="store_true",
-                   help="ours uses torchvision's RoIAlign backward too (isolates framework overhead on the CPU)")
+    p.add_argument(
+        "--torchvision-roi-align-backward",
+        action="store_true",
+        help="ours uses torchvision's RoIAlign backward too (isolates framework overhead on the CPU)",
+    )
     p.add_argument("--skip", default="", help="comma-separated phases to skip: train,infer,eval")
     p.add_argument("--eval-images", type=int, default=5000)
     p.add_argument("--eval-image-size", type=int, default=128)
     p.add_argument("--eval-dets", type=int, default=100, help="detections per image (COCO's maxDets)")
     p.add_argument("--eval-repeats", type=int, default=1, help="compute() runs per backend (median)")
-    p.add_argument("--overrides", nargs="*", default=["model=torchvision_r50_fpn"],
-                   help="Hydra overrides of our model; must stay loadable from torchvision's state dict")
+    p.add_argument(
+        "--overrides",
+        nargs="*",
+        default=["model=torchvision_r50_fpn"],
+        help="Hydra overrides of our model; must stay loadable from torchvision's state dict",
+    )
     p.add_argument("--out", default="benchmark.json")
     args = p.parse_args(argv)
     args.skip = {s for s in args.skip.split(",") if s}
@@ -513,13 +582,19 @@ def main(argv: list[str] | None = None) -> dict:
     height, width = args.image_size, args.image_width or args.image_size
     size = height if height == width else (height, width)
     # Shorter side = min_size, longer side = max_size: the model's resize leaves the images as they are.
-    overrides = [*args.overrides, f"data.image_size={height if height == width else [height, width]}",
-                 f"data.min_size={min(height, width)}", f"data.max_size={max(height, width)}"]
+    overrides = [
+        *args.overrides,
+        f"data.image_size={height if height == width else [height, width]}",
+        f"data.min_size={min(height, width)}",
+        f"data.max_size={max(height, width)}",
+    ]
     if args.torchvision_roi_align_backward:
         overrides.append("model.net.roi_heads.pooler.backward=torchvision")
     cfg = compose_config(overrides)
     results = {
-        "args": vars(args) | {"skip": sorted(args.skip)}, "config_overrides": overrides, "hardware": hardware(device),
+        "args": vars(args) | {"skip": sorted(args.skip)},
+        "config_overrides": overrides,
+        "hardware": hardware(device),
         "memory_method": memory.method if device.type == "cpu" else "cuda_max_memory_allocated",
     }
 
@@ -546,8 +621,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
 
     if "train" not in args.skip:
-        loader = DataLoader(samples[: args.steps * args.batch_size], batch_size=args.batch_size,
-                            collate_fn=collate_detection)
+        loader = DataLoader(
+            samples[: args.steps * args.batch_size], batch_size=args.batch_size, collate_fn=collate_detection
+        )
         results["train"] = train_phase(args, cfg, module, theirs, loader, device, memory)
     if "infer" not in args.skip:
         if "train" not in args.skip:  # back to the same weights: training moved the two a little apart

@@ -99,14 +99,17 @@ def main() -> None:
         print(f"generated {args.images} 640x480 JPEGs in {time.perf_counter() - start:.1f} s")
         dataset = CocoDataset(folder / "images", json_path, transforms=AUGMENTATIONS[args.augmentation]())
         datamodule = InstanceDataModule(
-            dataset, dataset, batch_size=args.batch_size, num_workers=args.workers,
+            dataset,
+            dataset,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
             persistent_workers=args.workers > 0,
         )
         loader = datamodule.train_dataloader()
         warmup = 2 * max(1, args.workers)  # batches while the workers start
         count, timed_images, start = 0, 0, None
         for _ in range(args.epochs):
-            for images, targets in loader:
+            for images, targets in loader:  # noqa: B007 (the last batch is read below)
                 count += 1
                 if count == warmup:
                     start = time.perf_counter()

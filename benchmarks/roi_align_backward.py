@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
     results = {}
-    print(f"{'case':46s} {'torchvision ms':>15s} {'sparse ms':>10s} {'separable ms':>13s} {'chosen':>12s} {'speed-up':>9s}")
+    print(
+        f"{'case':46s} {'torchvision ms':>15s} {'sparse ms':>10s} {'separable ms':>13s} {'chosen':>12s} {'speed-up':>9s}"
+    )
     for name, (shape, scale, count, output_size) in cases.items():
         features = torch.randn(*shape, generator=generator, requires_grad=True)
         rois = random_rois(shape, scale, count, generator)

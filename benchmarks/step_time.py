@@ -20,9 +20,9 @@ import statistics
 import time
 
 import torch
+from benchmark import compose_config  # benchmarks/benchmark.py, beside this script (also registers the resolvers)
 from hydra.utils import instantiate
 
-from benchmark import compose_config  # benchmarks/benchmark.py, beside this script (also registers the resolvers)
 from mrcnn.modeling import roi_align as roi_align_module
 
 BACKWARDS = roi_align_module.BACKWARDS
@@ -77,9 +77,15 @@ def main(argv: list[str] | None = None) -> dict:
         results[config] = {b: {"median_step_s_per_round": m} for b, m in medians.items()}
         print(config, "  ".join(f"{b}: {', '.join(f'{s:.3f}' for s in m)} s" for b, m in medians.items()), flush=True)
     if args.out:
-        meta = {"threads": torch.get_num_threads(), "torch": torch.__version__, "steps": args.steps,
-                "warmup": args.warmup, "rounds": args.rounds, "min_channels": roi_align_module.MIN_CHANNELS,
-                "separable_max_ratio": roi_align_module.SEPARABLE_MAX_RATIO}
+        meta = {
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "rounds": args.rounds,
+            "min_channels": roi_align_module.MIN_CHANNELS,
+            "separable_max_ratio": roi_align_module.SEPARABLE_MAX_RATIO,
+        }
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "configs": results}, f, indent=2)
     return results

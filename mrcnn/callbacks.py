@@ -76,7 +76,11 @@ class LastCheckpoint(L.Callback):
     """
 
     def __init__(
-        self, dirpath: str, every_n_train_steps: int | None = None, filename: str = "last.ckpt", stop_on_signal: bool = True
+        self,
+        dirpath: str,
+        every_n_train_steps: int | None = None,
+        filename: str = "last.ckpt",
+        stop_on_signal: bool = True,
     ):
         super().__init__()
         self.path = Path(dirpath) / filename
@@ -163,8 +167,13 @@ class LastCheckpoint(L.Callback):
         if not self.received_signal:
             self.received_signal = signum
             # os.write, not logging or print: a handler that runs inside a logging call could deadlock there.
-            os.write(2, (f"\n{signal.Signals(signum).name} received: saving {self.path} after this step, then "
-                         "stopping (Ctrl-C again to stop at once without saving)\n").encode())
+            os.write(
+                2,
+                (
+                    f"\n{signal.Signals(signum).name} received: saving {self.path} after this step, then "
+                    "stopping (Ctrl-C again to stop at once without saving)\n"
+                ).encode(),
+            )
 
     def _agreed_signal(self, trainer: L.Trainer) -> int:
         """The stop signal, the same on every process: the largest any process received; 0 for none."""
@@ -292,7 +301,9 @@ class Throughput(L.Callback):
             self._steps.append((images, now - self._last))
             seconds = sum(s for _, s in self._steps)
             if seconds > 0:
-                pl_module.log("train/images_per_sec", sum(n for n, _ in self._steps) / seconds, batch_size=len(batch[0]))
+                pl_module.log(
+                    "train/images_per_sec", sum(n for n, _ in self._steps) / seconds, batch_size=len(batch[0])
+                )
         self._last = now
 
 
@@ -329,7 +340,9 @@ class PredictionOverlays(L.Callback):
         images = [image for image, _ in samples]
         with torch.no_grad():
             detections, _ = pl_module.model([image.to(pl_module.device) for image in images])
-        self._log(loggers, trainer.global_step, images, [target for _, target in samples], detections, pl_module.class_names)
+        self._log(
+            loggers, trainer.global_step, images, [target for _, target in samples], detections, pl_module.class_names
+        )
 
     def _log(self, loggers, step, images, targets, detections, class_names) -> None:
         import wandb
@@ -341,10 +354,15 @@ class PredictionOverlays(L.Callback):
             size = tuple(image.shape[-2:])
             pixels = to_uint8(image).permute(1, 2, 0).numpy()
             masks = {
-                "predictions": {"mask_data": semantic_label_map(detection, size, self.mask_threshold), "class_labels": class_labels},
+                "predictions": {
+                    "mask_data": semantic_label_map(detection, size, self.mask_threshold),
+                    "class_labels": class_labels,
+                },
                 "ground_truth": {"mask_data": semantic_label_map(target, size), "class_labels": class_labels},
             }
-            interactive.append(wandb.Image(pixels, masks=masks, boxes={"predictions": wandb_boxes(detection, class_names)}))
+            interactive.append(
+                wandb.Image(pixels, masks=masks, boxes={"predictions": wandb_boxes(detection, class_names)})
+            )
             overlay = draw_instances(image, detection, class_names, self.score_threshold, self.mask_threshold)
             drawn.append(wandb.Image(overlay.permute(1, 2, 0).numpy()))
         for logger in loggers:

@@ -26,7 +26,9 @@ def checkpoint_path(cfg: DictConfig) -> str | None:
             raise ValueError("give either ckpt_path=<file> or resume=<run dir>, not both")
         path = Path(cfg.resume) / "checkpoints" / "last.ckpt"
         if not path.is_file():
-            raise FileNotFoundError(f"resume={cfg.resume}: there is no {path}. {_why_no_last_checkpoint(Path(cfg.resume))}")
+            raise FileNotFoundError(
+                f"resume={cfg.resume}: there is no {path}. {_why_no_last_checkpoint(Path(cfg.resume))}"
+            )
         return str(path)
     return cfg.get("ckpt_path")
 
@@ -157,7 +159,9 @@ def check_resume_config(cfg: DictConfig, resumed: ResumedRun) -> None:
         ValueError: listing the differing keys, the run's original overrides and the way out.
     """
     if resumed.config is None:
-        log.warning("%s does not record its run's config (an older checkpoint): the resume is not checked", resumed.checkpoint)
+        log.warning(
+            "%s does not record its run's config (an older checkpoint): the resume is not checked", resumed.checkpoint
+        )
         return
     current = OmegaConf.to_container(cfg, resolve=True)
     changes = config_changes(resumed.config, current, resumed.run_dir, cfg.run_dir)
@@ -165,7 +169,9 @@ def check_resume_config(cfg: DictConfig, resumed: ResumedRun) -> None:
         return
     listing = "\n  ".join(changes)
     if cfg.get("resume_allow_config_change"):
-        log.warning("resuming %s with a changed config (resume_allow_config_change=true):\n  %s", resumed.checkpoint, listing)
+        log.warning(
+            "resuming %s with a changed config (resume_allow_config_change=true):\n  %s", resumed.checkpoint, listing
+        )
         return
     source = f"resume={cfg.resume}" if cfg.get("resume") else f"ckpt_path={cfg.ckpt_path}"
     started = " ".join(resumed.overrides) if resumed.overrides is not None else "(not recorded)"
@@ -246,10 +252,17 @@ def load_weights(model: torch.nn.Module, path: str, class_names: list[str] | Non
     if record is not None:
         set_frozen_bn_eps(model, record.frozen_bn_eps)
     if skipped:
-        trained = f"{len(record.class_names)} classes {record.class_names}" if record and record.class_names else "other classes"
+        trained = (
+            f"{len(record.class_names)} classes {record.class_names}"
+            if record and record.class_names
+            else "other classes"
+        )
         log.info(
             "weights=%s: loaded all but the class-specific layers, re-initialised for %s (the file was trained on %s): %s",
-            path, f"{len(class_names)} classes" if class_names else "the configured classes", trained, ", ".join(skipped),
+            path,
+            f"{len(class_names)} classes" if class_names else "the configured classes",
+            trained,
+            ", ".join(skipped),
         )
     else:
         log.info("weights=%s: loaded every tensor", path)

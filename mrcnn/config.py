@@ -11,7 +11,6 @@ from omegaconf import DictConfig, OmegaConf
 import mrcnn.data.resolvers  # noqa: F401  (registers ${mrcnn.coco_classes:...})
 from mrcnn.modeling.backbone import stage_channels
 
-
 # The project's Hydra configs (beside the package in this repository).
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
@@ -86,5 +85,7 @@ def check_added_keys(
         options = group_options(f"{group}/{key}") if group_options else []
         if options:
             value = override.split("=", 1)[1] if "=" in override else "<option>"
-            message += f" To choose a {group}/{key} option, write {group}/{key}={value} (options: {', '.join(options)})."
+            message += (
+                f" To choose a {group}/{key} option, write {group}/{key}={value} (options: {', '.join(options)})."
+            )
         raise ValueError(message)

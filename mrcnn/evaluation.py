@@ -108,9 +108,7 @@ class CocoEvaluator(Metric):
         self.mask_threshold = float(mask_threshold)
         # int() both sides: Hydra hands over DictConfig, json hands over str keys.
         self.label_to_category_id = (
-            None
-            if label_to_category_id is None
-            else {int(k): int(v) for k, v in label_to_category_id.items()}
+            None if label_to_category_id is None else {int(k): int(v) for k, v in label_to_category_id.items()}
         )
         self.class_names = None if class_names is None else list(class_names)
         self.coco_gt = coco_gt

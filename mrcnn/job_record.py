@@ -33,7 +33,11 @@ def _resnet(net: nn.Module) -> dict[str, object]:
     The depth counts the residual blocks wherever they run: C4's res5 is the box head.
     """
     body = net.backbone.body
-    blocks = [m for m in (*net.backbone.modules(), *net.roi_heads.box_head.modules()) if isinstance(m, (BasicBlock, Bottleneck))]
+    blocks = [
+        m
+        for m in (*net.backbone.modules(), *net.roi_heads.box_head.modules())
+        if isinstance(m, (BasicBlock, Bottleneck))
+    ]
     layers_per_block = 3 if isinstance(blocks[0], Bottleneck) else 2
     depth = 2 + layers_per_block * len(blocks)  # stem conv + block convs + the classifier fc (18, 34, 50, 101, 152)
     if hasattr(net.backbone, "fpn"):
@@ -67,12 +71,22 @@ def _box_head(head: nn.Module) -> dict[str, object]:
 
 def _mask_head(head: nn.Module) -> dict[str, object]:
     if isinstance(head, FCNMaskHead):
-        layers = {"mask_head.convs": sum(isinstance(m, nn.Conv2d) for m in head.convs), "mask_head.width": head.deconv.out_channels}
+        layers = {
+            "mask_head.convs": sum(isinstance(m, nn.Conv2d) for m in head.convs),
+            "mask_head.width": head.deconv.out_channels,
+        }
     elif isinstance(head, MLPMaskHead):
-        layers = {"mask_head.fc": [fc.out_features for fc in head.hidden], "mask_head.input_size": head.input_resolution}
+        layers = {
+            "mask_head.fc": [fc.out_features for fc in head.hidden],
+            "mask_head.input_size": head.input_resolution,
+        }
     else:
         layers = {}
-    return {"mask_head": type(head).__name__, **layers, "mask_head.class_agnostic": bool(getattr(head, "class_agnostic", False))}
+    return {
+        "mask_head": type(head).__name__,
+        **layers,
+        "mask_head.class_agnostic": bool(getattr(head, "class_agnostic", False)),
+    }
 
 
 def describe_model(net: nn.Module) -> dict[str, object]:

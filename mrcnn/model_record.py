@@ -73,12 +73,16 @@ def set_frozen_bn_eps(model: nn.Module, eps: float | Mapping[str, float]) -> Non
                 module.eps = float(eps[name])
 
 
-def model_record(model: nn.Module, class_names: Sequence[str] | None, label_to_category_id: Mapping[int, int] | None) -> ModelRecord:
+def model_record(
+    model: nn.Module, class_names: Sequence[str] | None, label_to_category_id: Mapping[int, int] | None
+) -> ModelRecord:
     """The record of a built ``MaskRCNN`` trained on ``class_names`` (with those category ids)."""
     transform = getattr(model, "transform", None)
     return ModelRecord(
         class_names=list(class_names) if class_names is not None else None,
-        label_to_category_id={int(k): int(v) for k, v in label_to_category_id.items()} if label_to_category_id else None,
+        label_to_category_id={int(k): int(v) for k, v in label_to_category_id.items()}
+        if label_to_category_id
+        else None,
         frozen_bn_eps=frozen_bn_eps(model),
         min_size=[int(s) for s in transform.min_size] if transform is not None else None,
         max_size=int(transform.max_size) if transform is not None else None,
@@ -119,5 +123,9 @@ def warn_if_input_size_differs(record: ModelRecord, model: nn.Module, source: st
         log.warning(
             "%s was trained at min_size=%s, max_size=%s, but this run resizes images to min_size=%s, max_size=%s; "
             "set data.min_size / data.max_size to the training values unless a different scale is intended",
-            source, record.min_size, record.max_size, current[0], current[1],
+            source,
+            record.min_size,
+            record.max_size,
+            current[0],
+            current[1],
         )

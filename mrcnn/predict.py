@@ -122,10 +122,14 @@ class PredictionWriter(BasePredictionWriter):
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
             coco.createIndex()
         # The evaluator's conversion to COCO result dicts (RLE masks, xywh boxes, category ids), no evaluation.
-        self.results = CocoEvaluator(mask_threshold=mask_threshold, label_to_category_id=label_to_category_id, coco_gt=coco)
+        self.results = CocoEvaluator(
+            mask_threshold=mask_threshold, label_to_category_id=label_to_category_id, coco_gt=coco
+        )
         self.num_detections = 0
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ) -> None:
         self.output.mkdir(parents=True, exist_ok=True)
         images, metas = batch
         kept = []
@@ -171,7 +175,9 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     """Writes an overlay PNG per input image and ``coco_results.json`` / ``images.json`` to ``predict.output``."""
     ckpt_path = checkpoint_path(cfg)
     if not ckpt_path and not cfg.get("weights"):
-        raise ValueError("mode=predict needs ckpt_path=<Lightning checkpoint>, resume=<run dir> or weights=<torchvision file>")
+        raise ValueError(
+            "mode=predict needs ckpt_path=<Lightning checkpoint>, resume=<run dir> or weights=<torchvision file>"
+        )
     if not cfg.predict.get("input"):
         raise ValueError("mode=predict needs predict.input=<image file or folder>")
     # A checkpoint of this project knows its classes and their category ids: the model gets its number of
@@ -197,7 +203,12 @@ def predict(cfg: DictConfig) -> dict[str, float]:
             cfg.predict.mask_threshold,
             label_map,
         )
-        loader = DataLoader(dataset, batch_size=cfg.predict.batch_size, num_workers=cfg.predict.num_workers, collate_fn=collate_detection)
+        loader = DataLoader(
+            dataset,
+            batch_size=cfg.predict.batch_size,
+            num_workers=cfg.predict.num_workers,
+            collate_fn=collate_detection,
+        )
         trainer = instantiate(cfg.trainer, callbacks=[writer], logger=False)
         trainer.predict(module, dataloaders=loader, ckpt_path=ckpt_path, return_predictions=False)
         return {"images": float(len(dataset)), "detections": float(writer.num_detections)}

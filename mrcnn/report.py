@@ -48,8 +48,18 @@ PAPER_SETTING = {
     "seeds": "one run",
 }
 SETTING_ROWS = (
-    "backbone", "width", "norm", "pretrained backbone", "data", "image size", "RoIs per image", "mask targets",
-    "training", "batch", "learning rate", "seeds",
+    "backbone",
+    "width",
+    "norm",
+    "pretrained backbone",
+    "data",
+    "image size",
+    "RoIs per image",
+    "mask targets",
+    "training",
+    "batch",
+    "learning rate",
+    "seeds",
 )
 
 
@@ -237,7 +247,9 @@ def _job_setting(job: Job) -> dict[str, str]:
     if size is not None:
         rows["image size"] = f"{size}x{size}"
     elif job.setting("data.min_size") is not None:
-        rows["image size"] = f"shorter side {job.setting('data.min_size')}, longer at most {job.setting('data.max_size')}"
+        rows["image size"] = (
+            f"shorter side {job.setting('data.min_size')}, longer at most {job.setting('data.max_size')}"
+        )
     rois = model.get("rois_per_image", job.setting("model.rois_per_image"))
     if rois is not None:
         rows["RoIs per image"] = str(rois)
@@ -245,14 +257,18 @@ def _job_setting(job: Job) -> dict[str, str]:
         rows["mask targets"] = model["mask_targets"]
     steps, epochs = job.metrics.get("global_step"), job.setting("trainer.max_epochs")
     if steps is not None:
-        rows["training"] = f"{steps:,} steps" + (f" ({epochs} epoch{'' if epochs == 1 else 's'})" if epochs is not None else "")
+        rows["training"] = f"{steps:,} steps" + (
+            f" ({epochs} epoch{'' if epochs == 1 else 's'})" if epochs is not None else ""
+        )
     batch = job.setting("data.datamodule.batch_size")
     if batch is not None:
         global_batch = int(batch) * int(job.metrics.get("world_size", 1))
         rows["batch"] = f"{global_batch} images"
         base_lr, base_batch = job.setting("base_lr"), job.setting("module.base_batch_size", 16)
         if base_lr is not None:
-            rows["learning rate"] = f"{float(base_lr) * global_batch / int(base_batch):g} (base_lr {base_lr} at batch {base_batch})"
+            rows["learning rate"] = (
+                f"{float(base_lr) * global_batch / int(base_batch):g} (base_lr {base_lr} at batch {base_batch})"
+            )
     return rows
 
 
@@ -264,7 +280,9 @@ def our_setting(variants: list[Variant]) -> dict[str, str]:
             for key, value in _job_setting(job).items():
                 if value not in values.setdefault(key, []):
                     values[key].append(value)
-    seeds = sorted({s for v in variants for s in v.seeds}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else s))
+    seeds = sorted(
+        {s for v in variants for s in v.seeds}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else s)
+    )
     values["seeds"] = [", ".join(seeds)]
     return {key: " / ".join(values[key]) for key in SETTING_ROWS if key in values}
 
@@ -334,10 +352,14 @@ def markdown_table(variants: list[Variant], title: str = "", paper: dict[str, li
         row = f"| {v.name} | " + " | ".join(_cell(v, k) for k, _ in COLUMNS) + f" | {len(v.runs)} |"
         if paper:
             numbers = paper.get(v.name)
-            row += "".join(f" {x:.1f} |" if numbers and not math.isnan(x) else " - |" for x in (numbers or [math.nan] * 4))
+            row += "".join(
+                f" {x:.1f} |" if numbers and not math.isnan(x) else " - |" for x in (numbers or [math.nan] * 4)
+            )
         lines.append(row)
     lines.append("")
-    lines.append("Mask AP (AP, AP50, AP75) and box AP (AP^bb) in percent, COCO-style (pycocotools), mean ± sample std over seeds.")
+    lines.append(
+        "Mask AP (AP, AP50, AP75) and box AP (AP^bb) in percent, COCO-style (pycocotools), mean ± sample std over seeds."
+    )
     return "\n".join(lines)
 
 
@@ -394,7 +416,13 @@ def markdown_report(
     parts = [markdown_table(variants, title, paper), "", "Setting (ours from the jobs' configs and records):", ""]
     parts += [setting_table(ours, paper_setting), ""]
     parts += [f"- {note}" for note in setting_notes(ours, paper_setting)]
-    parts += ["", "What was compared (from the models the jobs built, `job.json`):", "", cost_table(variants, comparison), ""]
+    parts += [
+        "",
+        "What was compared (from the models the jobs built, `job.json`):",
+        "",
+        cost_table(variants, comparison),
+        "",
+    ]
     if comparison["varying"]:
         parts.append("The variants' models differ only in: " + ", ".join(f"`{k}`" for k in comparison["varying"]) + ".")
     shared = ", ".join(f"{k}={_format_value(v)}" for k, v in comparison["shared"].items())
@@ -462,7 +490,9 @@ def chart(
 
     ours = our_setting(variants)
     paper_setting = {**PAPER_SETTING, **(paper_setting or {})}
-    ours_label = f"ours: {ours.get('backbone', '?')}, {ours.get('data', '?').split(' (')[0]} {ours.get('image size', '')}"
+    ours_label = (
+        f"ours: {ours.get('backbone', '?')}, {ours.get('data', '?').split(' (')[0]} {ours.get('image size', '')}"
+    )
     paper_label = f"paper (He et al. 2017, Table 2): {paper_setting.get('backbone', 'ResNet-50')}, COCO"
     fig = chart_figure(variants, title, paper, ours_label.strip(), paper_label)
     fig.savefig(path, dpi=120)
@@ -592,8 +622,15 @@ def wandb_rows(summary: dict) -> dict[str, tuple[list[str], list[list]]]:
         paper = v["paper"] or [None] * len(COLUMNS)
         rows.append(
             [
-                v["variant"], len(v["runs"]), *[v["mean"][k] for k in keys], *[v["std"][k] for k in keys], *paper,
-                v["parameters"]["mask_head"], v["parameters"]["total"], v["step_time_median_s"], v["wall_time_s"],
+                v["variant"],
+                len(v["runs"]),
+                *[v["mean"][k] for k in keys],
+                *[v["std"][k] for k in keys],
+                *paper,
+                v["parameters"]["mask_head"],
+                v["parameters"]["total"],
+                v["step_time_median_s"],
+                v["wall_time_s"],
             ]
         )
     setting = summary["setting"]
@@ -645,7 +682,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("sweep_dir")
     parser.add_argument(
-        "--keys", nargs="+", default=None,
+        "--keys",
+        nargs="+",
+        default=None,
         help="config groups or keys that define a variant, e.g. model/pooler (default: those in the sweep's multirun.yaml)",
     )
     parser.add_argument("--title", default=None)

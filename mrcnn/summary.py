@@ -43,7 +43,11 @@ def format_cityscapes_metrics(metrics: dict[str, float]) -> str:
 def write_final_metrics(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float]) -> None:
     """Prints the AP table and writes ``<run_dir>/metrics.json`` (rank zero)."""
     log.info(
-        "process %d of %d done at global step %d in %s", trainer.global_rank, trainer.world_size, trainer.global_step, cfg.run_dir
+        "process %d of %d done at global step %d in %s",
+        trainer.global_rank,
+        trainer.world_size,
+        trainer.global_step,
+        cfg.run_dir,
     )
     if not trainer.is_global_zero:
         return

@@ -51,7 +51,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_config(cfg)
     ckpt_path = checkpoint_path(cfg)
     if not ckpt_path and not cfg.get("weights"):
-        raise ValueError("mode=evaluate needs ckpt_path=<Lightning checkpoint>, resume=<run dir> or weights=<torchvision file>")
+        raise ValueError(
+            "mode=evaluate needs ckpt_path=<Lightning checkpoint>, resume=<run dir> or weights=<torchvision file>"
+        )
     with job_scope(cfg), stops_with_nonzero_exit(cfg):
         L.seed_everything(cfg.seed, workers=True)
         datamodule, module, trainer = build(cfg)
@@ -75,7 +77,9 @@ def stops_with_nonzero_exit(cfg: DictConfig):
     except TrainingInterrupted as stop:
         log.warning(
             "%s. Continue with: python run.py <the same overrides> resume=%s hydra.run.dir=%s",
-            stop, cfg.run_dir, cfg.run_dir,
+            stop,
+            cfg.run_dir,
+            cfg.run_dir,
         )
         raise
     except SIGTERMException as stop:

@@ -103,9 +103,12 @@ def place_captions(
         for step in range(4):  # further out each round, to get past captions already placed
             out_y, out_x = step * (h + 1), step * (w + 1)
             spots = [
-                (x1, y1 - h - 1 - out_y), (x2 - w, y1 - h - 1 - out_y),  # above
-                (x1, y2 + 1 + out_y), (x2 - w, y2 + 1 + out_y),  # below
-                (x2 + 1 + out_x, y1), (x1 - w - 1 - out_x, y1),  # right, left
+                (x1, y1 - h - 1 - out_y),
+                (x2 - w, y1 - h - 1 - out_y),  # above
+                (x1, y2 + 1 + out_y),
+                (x2 - w, y2 + 1 + out_y),  # below
+                (x2 + 1 + out_x, y1),
+                (x1 - w - 1 - out_x, y1),  # right, left
             ]
             rects = []
             for x, y in spots:
@@ -194,7 +197,9 @@ def _draw_captions(canvas: Tensor, boxes: Tensor, captions: list[str], colors: l
     return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)
 
 
-def semantic_label_map(instances: dict[str, Tensor], image_size: tuple[int, int], mask_threshold: float = 0.5) -> np.ndarray:
+def semantic_label_map(
+    instances: dict[str, Tensor], image_size: tuple[int, int], mask_threshold: float = 0.5
+) -> np.ndarray:
     """Merges instance masks into one ``[H, W]`` int map of class labels (0 = background).
 
     W&B draws masks as semantic label maps, not instances. Where instances overlap, the one with the

@@ -47,8 +47,9 @@ def noisy_predictions(target, rng):
     masks = torch.stack(masks)
     probabilities = masks[:, None].float() * 0.8 + 0.1  # above 0.5 inside, below outside
     ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    boxes = torch.stack([torch.tensor([xs[m > 0].min(), ys[m > 0].min(), xs[m > 0].max() + 1, ys[m > 0].max() + 1])
-                         for m in masks]).float()
+    boxes = torch.stack(
+        [torch.tensor([xs[m > 0].min(), ys[m > 0].min(), xs[m > 0].max() + 1, ys[m > 0].max() + 1]) for m in masks]
+    ).float()
     scores = torch.from_numpy(rng.uniform(0.05, 1.0, size=len(masks)).astype(np.float32))
     return {"boxes": boxes, "labels": torch.tensor(labels), "scores": scores, "masks": probabilities}
 
@@ -102,8 +103,14 @@ def test_official_ap_equals_cityscapesscripts_run_directly(val_dataset, tmp_path
     write_official_format(predictions, val_dataset, results)
     monkeypatch.setenv("CITYSCAPES_RESULTS", str(results))
     monkeypatch.chdir(tmp_path)
-    for name, value in {"predictionPath": None, "predictionWalk": None, "JSONOutput": False, "quiet": True,
-                        "colorized": False, "gtInstancesFile": str(tmp_path / "gtInstances.json")}.items():
+    for name, value in {
+        "predictionPath": None,
+        "predictionWalk": None,
+        "JSONOutput": False,
+        "quiet": True,
+        "colorized": False,
+        "gtInstancesFile": str(tmp_path / "gtInstances.json"),
+    }.items():
         monkeypatch.setattr(official.args, name, value)
     ground_truth = [str(f) for f in val_dataset.instance_files]
     prediction_files = [official.getPrediction(gt, official.args) for gt in ground_truth]

@@ -9,9 +9,16 @@ from tests.helpers.runs import run_py
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["data=coco", "data.root=/coco"], ["trainer=ddp"], ["trainer=ddp_cpu", "trainer.num_nodes=2"],
-     ["data=cityscapes", "data.root=/cs"], ["trainer.max_epochs=-1", "trainer.max_steps=100"], ["seed=null"],
-     ["trainer.val_check_interval=0.5", "trainer.limit_val_batches=10", "checkpoint_every_n_steps=50"]],
+    [
+        [],
+        ["data=coco", "data.root=/coco"],
+        ["trainer=ddp"],
+        ["trainer=ddp_cpu", "trainer.num_nodes=2"],
+        ["data=cityscapes", "data.root=/cs"],
+        ["trainer.max_epochs=-1", "trainer.max_steps=100"],
+        ["seed=null"],
+        ["trainer.val_check_interval=0.5", "trainer.limit_val_batches=10", "checkpoint_every_n_steps=50"],
+    ],
 )
 def test_shipped_configs_and_good_values_pass(overrides):
     assert config_problems(compose_config(overrides)) == []
@@ -54,17 +61,24 @@ def test_a_bad_value_is_named_with_what_it_must_be(override, message):
 
 
 def test_every_bad_value_is_listed_at_once():
-    problems = config_problems(compose_config(["data.datamodule.batch_size=-2", "trainer.max_epochs=0",
-                                               "data.datamodule.num_workers=-1"]))
+    problems = config_problems(
+        compose_config(["data.datamodule.batch_size=-2", "trainer.max_epochs=0", "data.datamodule.num_workers=-1"])
+    )
     assert [p.split("=")[0] for p in problems] == [
-        "data.datamodule.batch_size", "data.datamodule.num_workers", "trainer.max_epochs",
+        "data.datamodule.batch_size",
+        "data.datamodule.num_workers",
+        "trainer.max_epochs",
     ]
 
 
 def test_run_py_stops_on_a_negative_batch_size_naming_the_key(tmp_path):
     # Before the check, this ended in torch's "Invalid learning rate: -0.0025" (the lr scales with the batch).
-    result = run_py(["data.datamodule.batch_size=-2", "trainer.max_epochs=0", f"hydra.run.dir={tmp_path / 'run'}"],
-                    cwd=tmp_path, check=False, timeout=120)
+    result = run_py(
+        ["data.datamodule.batch_size=-2", "trainer.max_epochs=0", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        check=False,
+        timeout=120,
+    )
     assert result.returncode != 0
     assert "data.datamodule.batch_size=-2: must be a positive integer" in result.stderr
     assert "trainer.max_epochs=0: must be a positive integer" in result.stderr

@@ -85,7 +85,9 @@ def test_shapes_data_config_instantiates():
     # The file-based data configs (coco, coco_format, cityscapes) are instantiated on generated
     # datasets in tests/test_data_configs.py.
     for option in ["shapes"]:
-        cfg = compose_config([f"data={option}", "data.num_train_images=4", "data.num_val_images=2", "data.datamodule.batch_size=2"])
+        cfg = compose_config(
+            [f"data={option}", "data.num_train_images=4", "data.num_val_images=2", "data.datamodule.batch_size=2"]
+        )
         datamodule = instantiate(cfg.data.datamodule)
         assert datamodule.num_classes == cfg.data.num_classes
         images, targets = next(iter(datamodule.train_dataloader()))
@@ -180,8 +182,13 @@ def test_unknown_variant_is_hydras_clear_error():
 
 
 def test_lightning_limits_are_plain_overrides(tmp_path):
-    limits = ["trainer.max_steps=20", "trainer.limit_train_batches=3", "trainer.limit_val_batches=0.5",
-              "trainer.val_check_interval=2", "trainer.accumulate_grad_batches=2"]
+    limits = [
+        "trainer.max_steps=20",
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=0.5",
+        "trainer.val_check_interval=2",
+        "trainer.accumulate_grad_batches=2",
+    ]
     for trainer_option in options("trainer"):
         cfg = compose_config([f"trainer={trainer_option}", *limits], run_dir=str(tmp_path))
         assert cfg.trainer.max_steps == 20 and cfg.trainer.accumulate_grad_batches == 2

@@ -20,8 +20,12 @@ def coco_format(tmp_path_factory):
     train_json, train_images = make_coco_split(root, "train", categories=CATEGORIES)
     val_json, val_images = make_coco_split(root, "val", seed=1, categories=CATEGORIES)
     return [
-        "data=coco_format", f"data.train_json={train_json}", f"data.train_images={train_images}",
-        f"data.val_json={val_json}", f"data.val_images={val_images}", "data.datamodule.num_workers=0",
+        "data=coco_format",
+        f"data.train_json={train_json}",
+        f"data.train_images={train_images}",
+        f"data.val_json={val_json}",
+        f"data.val_images={val_images}",
+        "data.datamodule.num_workers=0",
         "data.datamodule.persistent_workers=false",
     ]
 
@@ -34,7 +38,9 @@ def test_num_classes_follows_the_data(data, coco_format, tmp_path):
     assert cfg.model.num_classes == datamodule.num_classes == (3 if data == "coco_format" else 6)
     # An explicit number that disagrees stops when the run is built, naming both numbers.
     wrong = 2 if data == "coco_format" else 4
-    with pytest.raises(ValueError, match=rf"model\.num_classes={wrong}, but the data has {datamodule.num_classes} classes"):
+    with pytest.raises(
+        ValueError, match=rf"model\.num_classes={wrong}, but the data has {datamodule.num_classes} classes"
+    ):
         build(compose_config([*overrides, f"model.num_classes={wrong}"], run_dir=str(tmp_path)))
 
 

@@ -152,8 +152,11 @@ def write_gt_json(samples, path, mapping=None):
         height, width = target["masks"].shape[-2:]
         images.append({"id": image_id, "height": int(height), "width": int(width)})
         for box, label, mask, crowd, area in zip(
-            target["boxes"].tolist(), target["labels"].tolist(), target["masks"].numpy(),
-            target["iscrowd"].tolist(), target["area"].tolist(),
+            target["boxes"].tolist(),
+            target["labels"].tolist(),
+            target["masks"].numpy(),
+            target["iscrowd"].tolist(),
+            target["area"].tolist(),
         ):
             annotations.append(
                 {
@@ -466,12 +469,23 @@ def test_same_ap_as_torchmetrics_mean_average_precision_where_conventions_agree(
     )
     theirs.update(
         predictions,
-        [{k: t[k] if k != "masks" else t[k].bool() for k in ("boxes", "labels", "masks", "iscrowd", "area")} for t in targets],
+        [
+            {k: t[k] if k != "masks" else t[k].bool() for k in ("boxes", "labels", "masks", "iscrowd", "area")}
+            for t in targets
+        ],
     )
     theirs = theirs.compute()
-    names = {"AP": "map", "AP50": "map_50", "AP75": "map_75", "APs": "map_small", "APm": "map_medium", "APl": "map_large"}
+    names = {
+        "AP": "map",
+        "AP50": "map_50",
+        "AP75": "map_75",
+        "APs": "map_small",
+        "APm": "map_medium",
+        "APl": "map_large",
+    }
     for iou_type in ("bbox", "segm"):
         for ours_name, their_name in names.items():
-            assert ours[f"{iou_type}_{ours_name}"] == pytest.approx(float(theirs[f"{iou_type}_{their_name}"]), abs=1e-6), (
-                iou_type, ours_name)
+            assert ours[f"{iou_type}_{ours_name}"] == pytest.approx(
+                float(theirs[f"{iou_type}_{their_name}"]), abs=1e-6
+            ), (iou_type, ours_name)
     assert 0.1 < ours["segm_AP"] < 0.95 and 0.1 < ours["bbox_AP"] < 0.95  # neither trivial nor perfect

@@ -30,19 +30,36 @@ BUILT = {
     "model/pooler=roi_align": {"pooler": "RoIAlignPooler", "pooler.mode": "avg", "pooler.aligned": False},
     "model/pooler=roi_align_max": {"pooler": "RoIAlignPooler", "pooler.mode": "max", "pooler.aligned": False},
     "model/pooler=roi_align_aligned": {
-        "pooler": "RoIAlignPooler", "pooler.mode": "avg", "pooler.aligned": True, "mask_targets.aligned": True,
+        "pooler": "RoIAlignPooler",
+        "pooler.mode": "avg",
+        "pooler.aligned": True,
+        "mask_targets.aligned": True,
     },
     "model/backbone=c4": {"backbone": "ResNet-18-C4", "roi_heads": "Res5RoIHeads", "box_head": "Res5BoxHead"},
     "model/backbone=c5": {"backbone": "ResNet-18-C5", "roi_heads": "RoIHeads", "box_head": "MLPBoxHead"},
     "model/backbone=fpn": {"backbone": "ResNet-18-FPN", "roi_heads": "RoIHeads", "box_head": "MLPBoxHead"},
     # model=small: 64-channel FCN convs, so 4 x 64 = 256-wide MLP fc layers.
     "model/mask_head=mlp2": {"mask_head": "MLPMaskHead", "mask_head.fc": [256, 256], "mask_head.class_agnostic": False},
-    "model/mask_head=mlp3": {"mask_head": "MLPMaskHead", "mask_head.fc": [256, 256, 256], "mask_head.class_agnostic": False},
+    "model/mask_head=mlp3": {
+        "mask_head": "MLPMaskHead",
+        "mask_head.fc": [256, 256, 256],
+        "mask_head.class_agnostic": False,
+    },
     "model/mask_head=fcn": {"mask_head": "FCNMaskHead", "mask_head.width": 64, "mask_head.class_agnostic": False},
-    "ablation/mask_loss=softmax": {"mask_loss": "SoftmaxMaskLoss", "mask_head": "FCNMaskHead", "mask_head.class_agnostic": False},
-    "ablation/mask_loss=sigmoid": {"mask_loss": "SigmoidMaskLoss", "mask_head": "FCNMaskHead", "mask_head.class_agnostic": False},
+    "ablation/mask_loss=softmax": {
+        "mask_loss": "SoftmaxMaskLoss",
+        "mask_head": "FCNMaskHead",
+        "mask_head.class_agnostic": False,
+    },
+    "ablation/mask_loss=sigmoid": {
+        "mask_loss": "SigmoidMaskLoss",
+        "mask_head": "FCNMaskHead",
+        "mask_head.class_agnostic": False,
+    },
     "ablation/mask_loss=sigmoid_agnostic": {
-        "mask_loss": "SigmoidMaskLoss", "mask_head": "FCNMaskHead", "mask_head.class_agnostic": True,
+        "mask_loss": "SigmoidMaskLoss",
+        "mask_head": "FCNMaskHead",
+        "mask_head.class_agnostic": True,
     },
 }
 # The parts of the built model each ablation is about: its variants' models may differ there and nowhere else.
@@ -52,7 +69,13 @@ ABLATED = {
     "ablation_mask_head": {"mask_head", "mask_head.convs", "mask_head.width", "mask_head.fc", "mask_head.input_size"},
     # C4 vs FPN is a different design of the whole network: res5 as the box head, one map, no mask convs.
     "ablation_backbone": {
-        "backbone", "roi_heads", "box_head", "box_head.width", "pooler.box_size", "pooler.mask_size", "mask_head.convs",
+        "backbone",
+        "roi_heads",
+        "box_head",
+        "box_head.width",
+        "pooler.box_size",
+        "pooler.mask_size",
+        "mask_head.convs",
     },
 }
 
@@ -82,7 +105,9 @@ def resolved(cfg, key: str):
 
 
 def report_callback(name: str) -> AblationReportCallback:
-    callback = instantiate(compose_config([f"experiment={name}"], return_hydra_config=True).hydra.callbacks.ablation_report)
+    callback = instantiate(
+        compose_config([f"experiment={name}"], return_hydra_config=True).hydra.callbacks.ablation_report
+    )
     assert isinstance(callback, AblationReportCallback)
     return callback
 
@@ -143,7 +168,10 @@ def test_the_roialign_rows_sit_beside_the_paper_rows_with_the_same_operator_and_
     assert paper["model/backbone=c4, model/pooler=roi_warp"][0] == 27.1
     assert paper["model/backbone=c4, model/pooler=roi_align_max"][0] == 30.2
     assert paper["model/backbone=c4, model/pooler=roi_align"][0] == 30.3
-    assert BUILT["model/pooler=roi_warp_max"]["pooler.mode"] == "max" and BUILT["model/pooler=roi_warp"]["pooler.mode"] == "avg"
+    assert (
+        BUILT["model/pooler=roi_warp_max"]["pooler.mode"] == "max"
+        and BUILT["model/pooler=roi_warp"]["pooler.mode"] == "avg"
+    )
 
 
 def test_every_swept_option_has_an_oracle():

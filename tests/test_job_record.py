@@ -29,7 +29,11 @@ def test_the_description_is_read_from_the_built_modules(overrides, backbone, roi
 
 
 def test_the_description_names_each_switch_and_its_settings():
-    net = instantiate(compose_config([*TINY_MODEL, "model/pooler=roi_warp_max", "model/mask_loss=softmax", "model.mask_target_form=binary"]).model.net)
+    net = instantiate(
+        compose_config(
+            [*TINY_MODEL, "model/pooler=roi_warp_max", "model/mask_loss=softmax", "model.mask_target_form=binary"]
+        ).model.net
+    )
     built = describe_model(net)
     assert (built["pooler"], built["pooler.mode"], built["pooler.sampling_ratio"]) == ("RoIWarpPooler", "max", 2)
     assert (built["pooler.box_size"], built["pooler.mask_size"]) == (7, 14)

@@ -12,7 +12,9 @@ from tests.helpers.config import TINY_MODEL, compose_config
 
 def test_warmup_then_step_decay():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    schedule = warmup_multistep_schedule(optimizer, total_steps=100, warmup_steps=10, warmup_factor=0.1, milestones=(0.5, 0.8))
+    schedule = warmup_multistep_schedule(
+        optimizer, total_steps=100, warmup_steps=10, warmup_factor=0.1, milestones=(0.5, 0.8)
+    )
     lrs = []
     for _ in range(100):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -43,8 +45,13 @@ def _fit(tmp_path, overrides, max_steps=2):
     datamodule = instantiate(cfg.data.datamodule)
     module = instantiate(cfg.module)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0,
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
     )
     return datamodule, module, trainer
 

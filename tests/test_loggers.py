@@ -23,8 +23,11 @@ def read_metrics(path):
 
 
 # What an interrupted run wrote: train rows of steps 0..5, a validation at step 3; its checkpoint is at step 4.
-INTERRUPTED = [*({"step": s, "train/loss": 1.0 - s / 10} for s in range(4)), {"step": 3, "val/segm_AP": 0.1},
-               *({"step": s, "train/loss": 0.5} for s in (4, 5))]
+INTERRUPTED = [
+    *({"step": s, "train/loss": 1.0 - s / 10} for s in range(4)),
+    {"step": 3, "val/segm_AP": 0.1},
+    *({"step": s, "train/loss": 0.5} for s in (4, 5)),
+]
 
 
 def test_a_resumed_log_keeps_the_rows_before_the_checkpoint_and_appends(tmp_path):
@@ -40,16 +43,22 @@ def test_a_resumed_log_keeps_the_rows_before_the_checkpoint_and_appends(tmp_path
     columns, rows = read_metrics(metrics)
     assert columns == ["lr", "step", "train/loss", "val/segm_AP"]
     assert [(r["step"], r["train/loss"], r["val/segm_AP"], r["lr"]) for r in rows] == [
-        ("0", "1.0", "", ""), ("1", "0.9", "", ""), ("2", "0.8", "", ""), ("3", "0.7", "", ""), ("3", "", "0.1", ""),
-        ("4", "0.25", "", ""), ("5", "0.2", "", "0.01"),
+        ("0", "1.0", "", ""),
+        ("1", "0.9", "", ""),
+        ("2", "0.8", "", ""),
+        ("3", "0.7", "", ""),
+        ("3", "", "0.1", ""),
+        ("4", "0.25", "", ""),
+        ("5", "0.2", "", "0.01"),
     ]
 
 
 def test_a_run_resumed_into_a_new_folder_starts_with_the_resumed_runs_rows(tmp_path):
     write_metrics(tmp_path / "first" / "csv" / "metrics.csv", INTERRUPTED)
     cfg = compose_config([], run_dir=str(tmp_path / "second"))
-    resumed = ResumedRun(checkpoint=tmp_path / "first" / "checkpoints" / "last.ckpt", global_step=4,
-                         run_dir=tmp_path / "first")
+    resumed = ResumedRun(
+        checkpoint=tmp_path / "first" / "checkpoints" / "last.ckpt", global_step=4, run_dir=tmp_path / "first"
+    )
     logger = instantiate_logger(cfg.logger.csv, cfg, resumed)
     logger.log_metrics({"train/loss": 0.25}, step=4)
     logger.save()

@@ -66,7 +66,10 @@ def test_write_report_and_the_rebuild_command(sweep):
     paths["md"].unlink()
     result = subprocess.run(
         [sys.executable, "-m", "mrcnn.report", str(sweep), "--keys", "model/pooler", "--title", "again"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     # Grouped by keys the sweep did not record: beside the sweep's report files, never over them.
@@ -84,7 +87,10 @@ def test_the_rebuild_command_never_overwrites_the_sweeps_report_and_names_a_miss
     own = write_report(sweep, ["model/pooler"], "Own")["md"]
     before = own.read_text()
     result = subprocess.run(
-        [sys.executable, "-m", "mrcnn.report", str(sweep), "--keys", "seed"], cwd=ROOT, capture_output=True, text=True,
+        [sys.executable, "-m", "mrcnn.report", str(sweep), "--keys", "seed"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
@@ -148,14 +154,24 @@ def real_job(sweep: Path, name: str, choices: dict, config: dict, metrics_: dict
 
 def model(pooler="RoIPoolPooler", mode="max", sampling_ratio=None):
     return {
-        "backbone": "ResNet-18-FPN", "backbone.width": 64, "backbone.norm": "GroupNorm", "rois_per_image": 64,
-        "pooler": pooler, "pooler.mode": mode, "pooler.sampling_ratio": sampling_ratio,
-        "mask_head": "FCNMaskHead", "mask_loss": "SigmoidMaskLoss", "mask_targets": "soft",
+        "backbone": "ResNet-18-FPN",
+        "backbone.width": 64,
+        "backbone.norm": "GroupNorm",
+        "rois_per_image": 64,
+        "pooler": pooler,
+        "pooler.mode": mode,
+        "pooler.sampling_ratio": sampling_ratio,
+        "mask_head": "FCNMaskHead",
+        "mask_loss": "SigmoidMaskLoss",
+        "mask_targets": "soft",
     }
 
 
 CONFIG = {
-    "seed": 0, "base_lr": 0.04, "module": {"base_batch_size": 16}, "model": {"depth": 18, "width": 64, "backbone_weights": None},
+    "seed": 0,
+    "base_lr": 0.04,
+    "module": {"base_batch_size": 16},
+    "model": {"depth": 18, "width": 64, "backbone_weights": None},
     "data": {"image_size": 128, "num_train_images": 2000, "num_val_images": 200, "datamodule": {"batch_size": 8}},
     "trainer": {"max_epochs": 4},
 }
@@ -173,12 +189,19 @@ def recorded_sweep(tmp_path):
         ]
     ):
         record = {
-            "model": built, "parameters": {"total": 12_466_553, "mask_head": 164_871},
-            "train_steps": 1000, "step_time_median_s": step, "wall_time_s": 420.0 + 60 * seed,
+            "model": built,
+            "parameters": {"total": 12_466_553, "mask_head": 164_871},
+            "train_steps": 1000,
+            "step_time_median_s": step,
+            "wall_time_s": 420.0 + 60 * seed,
         }
         real_job(
-            tmp_path, str(i), {"model/pooler": option, "model/backbone": "fpn", "data": "shapes"},
-            {**CONFIG, "seed": seed}, {**metrics(0.2 + 0.1 * i), "global_step": 1000, "world_size": 1}, record,
+            tmp_path,
+            str(i),
+            {"model/pooler": option, "model/backbone": "fpn", "data": "shapes"},
+            {**CONFIG, "seed": seed},
+            {**metrics(0.2 + 0.1 * i), "global_step": 1000, "world_size": 1},
+            record,
             overrides=[f"model/pooler={option}", f"seed={seed}"],
         )
     return tmp_path
@@ -187,7 +210,15 @@ def recorded_sweep(tmp_path):
 def test_a_job_is_labelled_by_the_choice_it_was_composed_with(tmp_path):
     # The overrides name one option, the composed config another (as a `+group` sweep beside a user's `group=`
     # did): the label is what the job ran.
-    real_job(tmp_path / "a", "0", {"ablation/mask_loss": "sigmoid"}, CONFIG, metrics(0.3), None, ["ablation/mask_loss=softmax"])
+    real_job(
+        tmp_path / "a",
+        "0",
+        {"ablation/mask_loss": "sigmoid"},
+        CONFIG,
+        metrics(0.3),
+        None,
+        ["ablation/mask_loss=softmax"],
+    )
     assert [v.name for v in collect(tmp_path / "a", ["ablation/mask_loss"])] == ["ablation/mask_loss=sigmoid"]
     # A plain key nobody overrode: its value in the job's config.
     config = {**CONFIG, "model": {**CONFIG["model"], "mask_target_form": "binary"}}
@@ -197,7 +228,10 @@ def test_a_job_is_labelled_by_the_choice_it_was_composed_with(tmp_path):
 
 def test_the_report_states_our_setting_beside_the_papers_and_what_each_variant_built_and_cost(recorded_sweep):
     paths = write_report(
-        recorded_sweep, ["model/pooler"], "Table 2c", paper={"model/pooler=roi_warp_max": [27.2, 49.2, 27.1, float("nan")]},
+        recorded_sweep,
+        ["model/pooler"],
+        "Table 2c",
+        paper={"model/pooler=roi_warp_max": [27.2, 49.2, 27.1, float("nan")]},
         paper_setting={"backbone": "ResNet-50-C4", "RoIs per image": "64"},
     )
     text = paths["md"].read_text()
@@ -207,17 +241,26 @@ def test_the_report_states_our_setting_beside_the_papers_and_what_each_variant_b
     assert "| data | shapes (2,000 train / 200 val images) | COCO trainval35k" in text
     assert "| image size | 128x128 | shorter side 800" in text
     assert "| training | 1,000 steps (4 epochs) | 160k iterations" in text
-    assert "| batch | 8 images | 16 images" in text and "| learning rate | 0.02 (base_lr 0.04 at batch 16) | 0.02 |" in text
+    assert (
+        "| batch | 8 images | 16 images" in text
+        and "| learning rate | 0.02 (base_lr 0.04 at batch 16) | 0.02 |" in text
+    )
     assert "| seeds | 0, 1 | one run |" in text and "| RoIs per image | 64 | 64 |" in text
     assert "Not the paper's backbone design: these runs use FPN; the paper's rows were measured on C4." in text
     # Per variant: what differs in the built model, parameters, step and wall time.
-    assert "| variant | built (what differs between the variants) | mask-head params | params | median step | job wall time |" in text
+    assert (
+        "| variant | built (what differs between the variants) | mask-head params | params | median step | job wall time |"
+        in text
+    )
     row = next(line for line in text.splitlines() if line.startswith("| model/pooler=roi_warp_max | pooler="))
     assert "pooler=RoIWarpPooler, pooler.sampling_ratio=2" in row
     assert "| 165 k | 12.5 M | 0.70 s | 7.5 min |" in row
     assert "The variants' models differ only in: `pooler`, `pooler.sampling_ratio`." in text
     summary = json.loads(paths["json"].read_text(), parse_constant=lambda c: pytest.fail(f"{c} in report.json"))
-    assert summary["setting"]["ours"]["backbone"] == "ResNet-18-FPN" and summary["setting"]["paper"]["backbone"] == "ResNet-50-C4"
+    assert (
+        summary["setting"]["ours"]["backbone"] == "ResNet-18-FPN"
+        and summary["setting"]["paper"]["backbone"] == "ResNet-50-C4"
+    )
     assert summary["compared"]["varying"] == ["pooler", "pooler.sampling_ratio"]
     warp = summary["variants"][1]
     assert warp["parameters"] == {"total": 12_466_553, "mask_head": 164_871}
@@ -252,7 +295,9 @@ def test_the_chart_puts_the_papers_numbers_beside_ours(recorded_sweep):
 def test_the_wandb_tables_carry_the_paper_parameters_time_and_setting(recorded_sweep):
     from mrcnn.report import wandb_rows
 
-    paths = write_report(recorded_sweep, ["model/pooler"], paper={"model/pooler=roi_pool": [26.9, 48.8, 26.4, float("nan")]})
+    paths = write_report(
+        recorded_sweep, ["model/pooler"], paper={"model/pooler=roi_pool": [26.9, 48.8, 26.4, float("nan")]}
+    )
     tables = wandb_rows(json.loads(paths["json"].read_text()))
     columns, rows = tables["ablation/table"]
     row = dict(zip(columns, rows[0]))
@@ -279,7 +324,10 @@ def test_the_report_goes_to_an_offline_wandb_run_with_its_tables_setting_and_cha
     config = OmegaConf.create(
         {
             "experiment_name": "ablation_roialign",
-            "logger": {"csv": {"_target_": "lightning.pytorch.loggers.CSVLogger"}, "wandb": {"_target_": "lightning.pytorch.loggers.WandbLogger", "project": "p"}},
+            "logger": {
+                "csv": {"_target_": "lightning.pytorch.loggers.CSVLogger"},
+                "wandb": {"_target_": "lightning.pytorch.loggers.WandbLogger", "project": "p"},
+            },
         }
     )
     log_to_wandb(paths, config)
@@ -291,7 +339,10 @@ def test_the_report_goes_to_an_offline_wandb_run_with_its_tables_setting_and_cha
     config_items = {item.key: json.loads(item.value_json) for item in run.config.update}
     assert config_items["setting"]["paper"]["backbone"] == "ResNet-50-C4"
     logged = {
-        item.key or "/".join(item.nested_key) for r in records if r.WhichOneof("record_type") == "history" for item in r.history.item
+        item.key or "/".join(item.nested_key)
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+        for item in r.history.item
     }
     # Media are logged as nested keys (ablation/table/_type, ...).
     for name in ("ablation/table", "ablation/setting", "ablation/chart"):
@@ -302,7 +353,9 @@ def test_the_report_goes_to_an_offline_wandb_run_with_its_tables_setting_and_cha
 
 
 @pytest.mark.parametrize("loggers, to_wandb", [(["csv"], False), (["csv", "wandb"], True)])
-def test_the_sweep_callback_writes_the_report_and_sends_it_to_wandb_when_a_logger_is_wandb(recorded_sweep, monkeypatch, loggers, to_wandb):
+def test_the_sweep_callback_writes_the_report_and_sends_it_to_wandb_when_a_logger_is_wandb(
+    recorded_sweep, monkeypatch, loggers, to_wandb
+):
     from omegaconf import OmegaConf
 
     import mrcnn.report as report
@@ -311,7 +364,10 @@ def test_the_sweep_callback_writes_the_report_and_sends_it_to_wandb_when_a_logge
     monkeypatch.setattr(report, "log_to_wandb", lambda paths, config: sent.append(paths))
     targets = {"csv": "lightning.pytorch.loggers.CSVLogger", "wandb": "lightning.pytorch.loggers.WandbLogger"}
     config = OmegaConf.create(
-        {"hydra": {"sweep": {"dir": str(recorded_sweep)}}, "logger": {name: {"_target_": targets[name]} for name in loggers}}
+        {
+            "hydra": {"sweep": {"dir": str(recorded_sweep)}},
+            "logger": {name: {"_target_": targets[name]} for name in loggers},
+        }
     )
     report.AblationReportCallback(["model/pooler"], "Table 2c").on_multirun_end(config)
     assert (recorded_sweep / "report.md").read_text().startswith("**Table 2c**")

@@ -31,9 +31,14 @@ def test_the_checkpoint_tells_the_step_config_overrides_and_wandb_run(tmp_path):
 
 @pytest.mark.parametrize(
     "changes",
-    [[], ["trainer.max_epochs=5"], ["++trainer.max_steps=100"], ["data.datamodule.num_workers=2", "logger=wandb"],
-     ["checkpoint_every_n_steps=10", "trainer.log_every_n_steps=1", "callbacks.throughput.window=5"],
-     ["module.compile=true", "trainer.check_val_every_n_epoch=1", "experiment_name=x"]],
+    [
+        [],
+        ["trainer.max_epochs=5"],
+        ["++trainer.max_steps=100"],
+        ["data.datamodule.num_workers=2", "logger=wandb"],
+        ["checkpoint_every_n_steps=10", "trainer.log_every_n_steps=1", "callbacks.throughput.window=5"],
+        ["module.compile=true", "trainer.check_val_every_n_epoch=1", "experiment_name=x"],
+    ],
     ids=["same", "longer", "max-steps", "workers-logger", "logging", "speed-validation"],
 )
 def test_the_length_of_training_and_runtime_keys_may_change(tmp_path, changes):
@@ -52,8 +57,12 @@ def test_resuming_without_the_runs_overrides_stops_and_lists_what_differs(tmp_pa
         check_resume_config(cfg, resumed)
     message = str(error.value)
     assert message.startswith(f"resume={tmp_path / 'run'}: the config differs")
-    for line in ("data.num_train_images: 12 -> 2000", "data.datamodule.batch_size: 2 -> 8", "data.image_size: 64 -> 128",
-                 "model.fpn_channels: 16 -> "):
+    for line in (
+        "data.num_train_images: 12 -> 2000",
+        "data.datamodule.batch_size: 2 -> 8",
+        "data.image_size: 64 -> 128",
+        "model.fpn_channels: 16 -> ",
+    ):
         assert line in message, line
     assert "trainer.max_epochs: " not in message  # the length of training may change
     assert "The run was started with the overrides: " + " ".join(TINY) in message
@@ -62,11 +71,14 @@ def test_resuming_without_the_runs_overrides_stops_and_lists_what_differs(tmp_pa
 
 def test_a_changed_batch_size_is_refused_unless_allowed(tmp_path, caplog):
     resumed = saved_run(tmp_path)
-    cfg = compose_config([*TINY, "data.datamodule.batch_size=4", f"resume={tmp_path / 'run'}"], run_dir=str(tmp_path / "run"))
+    cfg = compose_config(
+        [*TINY, "data.datamodule.batch_size=4", f"resume={tmp_path / 'run'}"], run_dir=str(tmp_path / "run")
+    )
     with pytest.raises(ValueError, match=r"in:\n  data.datamodule.batch_size: 2 -> 4\n"):
         check_resume_config(cfg, resumed)
-    allowed = compose_config([*TINY, "data.datamodule.batch_size=4", "resume_allow_config_change=true"],
-                             run_dir=str(tmp_path / "run"))
+    allowed = compose_config(
+        [*TINY, "data.datamodule.batch_size=4", "resume_allow_config_change=true"], run_dir=str(tmp_path / "run")
+    )
     with caplog.at_level(logging.WARNING, logger="mrcnn.checkpoints"):
         check_resume_config(allowed, resumed)
     assert "data.datamodule.batch_size: 2 -> 4" in caplog.text

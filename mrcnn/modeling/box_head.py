@@ -49,9 +49,7 @@ class Res5BoxHead(nn.Module):
         ``[R, C4, 14, 14]`` -> ``[R, C5, 7, 7]``.
     """
 
-    def __init__(
-        self, depth: int = 50, norm: str = "frozen_bn", weights_path: str | None = None, width: int = 64
-    ):
+    def __init__(self, depth: int = 50, norm: str = "frozen_bn", weights_path: str | None = None, width: int = 64):
         super().__init__()
         self.res5 = resnet_body(depth, norm, weights_path, width).layer4
         self.out_channels = stage_channels(depth, 5, width)

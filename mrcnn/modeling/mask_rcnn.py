@@ -187,9 +187,11 @@ def load_torchvision_weights(
     unexpected = [k for k in state if k not in own and not k.endswith("num_batches_tracked")]
     not_fitting = [k for k in wrong_shape if not is_class_specific(k)]
     if not_fitting or (strict and (missing or unexpected)):
-        details = [
-            f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in not_fitting[:5]
-        ] + [f"missing in file: {missing[:5]}"] * bool(missing) + [f"not in model: {unexpected[:5]}"] * bool(unexpected)
+        details = (
+            [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in not_fitting[:5]]
+            + [f"missing in file: {missing[:5]}"] * bool(missing)
+            + [f"not in model: {unexpected[:5]}"] * bool(unexpected)
+        )
         raise ValueError(f"{source} does not match the configured model: " + "; ".join(details))
     skipped = [k for k in state if k in own and is_class_specific(k) and (new_classes or k in wrong_shape)]
     model.load_state_dict({k: v for k, v in state.items() if k in own and k not in skipped}, strict=False)

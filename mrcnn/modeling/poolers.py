@@ -114,7 +114,13 @@ class RoIPooler(nn.Module):
 
 
 def max_over_samples(
-    feature: Tensor, rois: Tensor, output_size: int, spatial_scale: float, sampling_ratio: int, aligned: bool, backward: str
+    feature: Tensor,
+    rois: Tensor,
+    output_size: int,
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+    backward: str,
 ) -> Tensor:
     """The max (instead of the average) over each bin's ``sampling_ratio x sampling_ratio`` bilinear samples.
 
@@ -248,7 +254,9 @@ class RoIWarpPooler(RoIPooler):
         quantized = rois.clone()
         quantized[:, 1:] = (round_like_roi_pool(rois[:, 1:] * spatial_scale) + 0.5) / spatial_scale
         if self.mode == "avg":
-            return roi_align(feature, quantized, self.output_size, spatial_scale, self.sampling_ratio, True, self.backward)
+            return roi_align(
+                feature, quantized, self.output_size, spatial_scale, self.sampling_ratio, True, self.backward
+            )
         return max_over_samples(
             feature, quantized, self.output_size, spatial_scale, self.sampling_ratio, True, self.backward
         )

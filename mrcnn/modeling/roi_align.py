@@ -274,8 +274,6 @@ class _RoIAlignFunction(torch.autograd.Function):
         return grad.to(dtype).contiguous(), None, None, None, None, None, None
 
 
-
-
 def roi_align(
     features: Tensor,
     rois: Tensor,

@@ -198,11 +198,11 @@ class RoIHeads(nn.Module):
             self.nms_thresh,
             self.detections_per_img,
         )
-        masks = self.mask_loss.inference(self.mask_head(self.detection_mask_features(features, boxes, image_shapes)), torch.cat(labels))
+        masks = self.mask_loss.inference(
+            self.mask_head(self.detection_mask_features(features, boxes, image_shapes)), torch.cat(labels)
+        )
         masks = masks.split([len(b) for b in boxes])
-        return [
-            {"boxes": b, "labels": c, "scores": s, "masks": m} for b, c, s, m in zip(boxes, labels, scores, masks)
-        ]
+        return [{"boxes": b, "labels": c, "scores": s, "masks": m} for b, c, s, m in zip(boxes, labels, scores, masks)]
 
     def positive_mask_features(
         self,

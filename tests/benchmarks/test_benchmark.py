@@ -25,9 +25,32 @@ SMALL_HEADS = [
 def test_benchmark_script_writes_all_numbers(tmp_path):
     out = tmp_path / "bench.json"
     command = [
-        sys.executable, str(SCRIPT), "--image-size", "64", "--image-width", "80", "--batch-size", "1",
-        "--infer-batch-size", "1", "--steps", "1", "--repeats", "1", "--warmup", "0", "--eval-images", "20",
-        "--eval-dets", "20", "--threads", "2", "--out", str(out), "--overrides", *SMALL_HEADS,
+        sys.executable,
+        str(SCRIPT),
+        "--image-size",
+        "64",
+        "--image-width",
+        "80",
+        "--batch-size",
+        "1",
+        "--infer-batch-size",
+        "1",
+        "--steps",
+        "1",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--eval-images",
+        "20",
+        "--eval-dets",
+        "20",
+        "--threads",
+        "2",
+        "--out",
+        str(out),
+        "--overrides",
+        *SMALL_HEADS,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="2")
     proc = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -85,8 +108,20 @@ def test_step_time_benchmark_times_every_backward(tmp_path):
         "data.datamodule.batch_size=2 model.rois_per_image=16"
     )
     command = [
-        sys.executable, str(script), "--config", config, "--backward", "auto,sparse,separable,torchvision",
-        "--steps", "1", "--warmup", "0", "--threads", "2", "--out", str(out),
+        sys.executable,
+        str(script),
+        "--config",
+        config,
+        "--backward",
+        "auto,sparse,separable,torchvision",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--threads",
+        "2",
+        "--out",
+        str(out),
     ]
     proc = subprocess.run(command, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -36,9 +36,15 @@ def test_dry_run_reports_every_step_and_goes_on_past_a_failing_one(tmp_path):
     steps = {s["name"]: s for s in report["steps"]}
     assert [s["name"] for s in report["steps"]] == list(gpu_check.STEPS)
     statuses = {name: s["status"] for name, s in steps.items()}
-    assert statuses == {"environment": "passed", "gpu_tests": "skipped", "train_fp32": "passed",
-                        "train_bf16": "failed", "bench_fp32": "passed", "bench_bf16": "passed",
-                        "bench_compile": "passed"}, {n: s["reason"] for n, s in steps.items()}
+    assert statuses == {
+        "environment": "passed",
+        "gpu_tests": "skipped",
+        "train_fp32": "passed",
+        "train_bf16": "failed",
+        "bench_fp32": "passed",
+        "bench_bf16": "passed",
+        "bench_compile": "passed",
+    }, {n: s["reason"] for n, s in steps.items()}
 
     env = steps["environment"]["results"]
     assert env["python"] == platform.python_version() and env["cuda_available"] is False

@@ -39,8 +39,14 @@ def test_coco_format(tmp_path):
     train_json, train_images = make_coco_split(tmp_path / "mine", split="train")
     val_json, val_images = make_coco_split(tmp_path / "mine", split="val", seed=1)
     cfg = compose_config(
-        ["data=coco_format", f"data.train_json={train_json}", f"data.train_images={train_images}",
-         f"data.val_json={val_json}", f"data.val_images={val_images}", *FAST]
+        [
+            "data=coco_format",
+            f"data.train_json={train_json}",
+            f"data.train_images={train_images}",
+            f"data.val_json={val_json}",
+            f"data.val_images={val_images}",
+            *FAST,
+        ]
     )
     # Classes (and the model's number of classes) come from the json, in category-id order.
     assert list(cfg.data.classes) == ["person", "car", "dog", "toothbrush"] and cfg.model.num_classes == 4
@@ -56,10 +62,10 @@ def test_coco_format(tmp_path):
 def test_coco_format_needs_its_json(tmp_path):
     cfg = compose_config(["data=coco_format"])
     with pytest.raises((MissingMandatoryValue, InterpolationResolutionError), match="train_json"):
-        cfg.data.num_classes
+        _ = cfg.data.num_classes  # resolving it reads the json
     cfg = compose_config(["data=coco_format", f"data.train_json={tmp_path}/absent.json"])
     with pytest.raises(InterpolationResolutionError, match=r"COCO json not found: .*absent\.json"):
-        cfg.model.num_classes
+        _ = cfg.model.num_classes
 
 
 def test_coco(tmp_path):

@@ -97,8 +97,9 @@ def test_workers_draw_different_augmentations():
 
 
 def _train_loader(grouping, num_workers=0, rank=0, world=1):
-    dm = InstanceDataModule(IdsDataset(26), IdsDataset(2), batch_size=2, num_workers=num_workers, aspect_ratio_grouping=grouping,
-                            seed=5)
+    dm = InstanceDataModule(
+        IdsDataset(26), IdsDataset(2), batch_size=2, num_workers=num_workers, aspect_ratio_grouping=grouping, seed=5
+    )
     if world > 1:
         dm.trainer = SimpleNamespace(world_size=world, global_rank=rank, _accelerator_connector=None)
     loader = dm.train_dataloader()
@@ -218,7 +219,9 @@ def test_resumable_loader_with_an_order_that_cannot_skip_is_a_plain_loader():
         loader.load_state_dict({"epoch": 0, "batches": 1, "seed": 0})
     assert _ids(loader) == [[1, 2], [3, 4]]
     # A torch BatchSampler over an EpochSampler skips whole batches of indices.
-    loader = ResumableDataLoader(IdsDataset(8), batch_size=2, sampler=EpochSampler(range(8), seed=1), collate_fn=collate_detection)
+    loader = ResumableDataLoader(
+        IdsDataset(8), batch_size=2, sampler=EpochSampler(range(8), seed=1), collate_fn=collate_detection
+    )
     full = _ids(loader)
     loader.load_state_dict({"epoch": 0, "batches": 1, "seed": 1})
     assert _ids(loader) == full[1:]

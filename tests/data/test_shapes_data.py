@@ -155,8 +155,15 @@ def test_hflip_keeps_image_masks_boxes_in_step():
         assert torch.equal(target_f["masks"], target["masks"].flip(-1))
         assert torch.equal(target_f["labels"], target["labels"])
         width = image.shape[-1]
-        expected = torch.stack([width - target["boxes"][:, 2], target["boxes"][:, 1],
-                                width - target["boxes"][:, 0], target["boxes"][:, 3]], dim=1)
+        expected = torch.stack(
+            [
+                width - target["boxes"][:, 2],
+                target["boxes"][:, 1],
+                width - target["boxes"][:, 0],
+                target["boxes"][:, 3],
+            ],
+            dim=1,
+        )
         assert torch.equal(target_f["boxes"], expected)
         for mask, box in zip(target_f["masks"], target_f["boxes"]):
             assert box.tolist() == _extent(mask)

@@ -14,7 +14,13 @@ def test_a_narrowed_ablation_runs_the_named_variants_and_reports_what_was_compar
     # The experiment sets the sweep (no -m needed); a user narrows it with plain overrides of its swept keys,
     # exactly as they would type them: two variants, one seed.
     run_py(
-        ["experiment=ablation_mask_loss", "ablation/mask_loss=softmax,sigmoid", "seed=0", *TINY, f"hydra.sweep.dir={sweep}"],
+        [
+            "experiment=ablation_mask_loss",
+            "ablation/mask_loss=softmax,sigmoid",
+            "seed=0",
+            *TINY,
+            f"hydra.sweep.dir={sweep}",
+        ],
         timeout=600,
     )
     jobs = sorted(p.parent.parent for p in sweep.glob("*/.hydra/overrides.yaml"))
@@ -23,7 +29,9 @@ def test_a_narrowed_ablation_runs_the_named_variants_and_reports_what_was_compar
     for job in jobs:
         metrics = json.loads((job / "metrics.json").read_text())
         assert {"segm_AP", "segm_AP50", "segm_AP75", "bbox_AP"} <= set(metrics)
-        choice = yaml.safe_load((job / ".hydra" / "hydra.yaml").read_text())["hydra"]["runtime"]["choices"]["ablation/mask_loss"]
+        choice = yaml.safe_load((job / ".hydra" / "hydra.yaml").read_text())["hydra"]["runtime"]["choices"][
+            "ablation/mask_loss"
+        ]
         record = json.loads((job / "job.json").read_text())
         built[choice] = record["model"]
         assert record["parameters"]["mask_head"] > 0 and record["step_time_median_s"] > 0 and record["wall_time_s"] > 0

@@ -9,7 +9,6 @@ import torch
 from hydra.utils import instantiate
 
 from mrcnn.build import build_module, check_sync_batchnorm
-
 from tests.helpers.config import TINY_MODEL, compose_config
 from tests.helpers.runs import TINY_RUN, run_py
 from tests.helpers.wandb import read_wandb_records
@@ -20,9 +19,21 @@ TINY = [*TINY_RUN, "data.num_train_images=8", "data.datamodule.batch_size=2"]
 def test_sweep_with_ddp_runs_each_job_once_with_two_processes(tmp_path):
     # Lightning's ddp re-runs sys.argv in its children: unless pinned to their job, they re-run the sweep.
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
-    run_py(["-m", "base_lr=0.01,0.02", "trainer=ddp_cpu", "trainer.devices=2", "data.num_val_images=3", *TINY,
-         "logger=wandb", f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.sweep.subdir=job${hydra.job.num}"],
-        cwd=tmp_path, env=env)
+    run_py(
+        [
+            "-m",
+            "base_lr=0.01,0.02",
+            "trainer=ddp_cpu",
+            "trainer.devices=2",
+            "data.num_val_images=3",
+            *TINY,
+            "logger=wandb",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            "hydra.sweep.subdir=job${hydra.job.num}",
+        ],
+        cwd=tmp_path,
+        env=env,
+    )
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
@@ -50,17 +61,35 @@ def test_ddp_evaluation_matches_one_process_on_an_odd_number_of_images(tmp_path)
     cfg = compose_config(common, run_dir=str(tmp_path))
     L.seed_everything(0)
     module, datamodule = instantiate(cfg.module), instantiate(cfg.data.datamodule)
-    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, datamodule=datamodule)
     checkpoint = tmp_path / "model.ckpt"
     trainer.save_checkpoint(checkpoint)
     # One process, here; then two, through run.py.
-    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(module, datamodule=datamodule, verbose=False)
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(
+        module, datamodule=datamodule, verbose=False
+    )
     one = dict(module.last_metrics)
 
-    run_py(["mode=evaluate", f"ckpt_path={checkpoint}", *common, "trainer=ddp_cpu", "trainer.devices=2",
-         f"hydra.run.dir={tmp_path / 'two'}"], cwd=tmp_path)
+    run_py(
+        [
+            "mode=evaluate",
+            f"ckpt_path={checkpoint}",
+            *common,
+            "trainer=ddp_cpu",
+            "trainer.devices=2",
+            f"hydra.run.dir={tmp_path / 'two'}",
+        ],
+        cwd=tmp_path,
+    )
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert two.pop("world_size") == 2 and two.pop("global_step") == 0
     assert one == two

@@ -34,13 +34,26 @@ def test_two_nodes_scale_the_lr_shard_the_data_and_keep_identical_weights(tmp_pa
     processes = []
     try:
         for node in range(2):
-            env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK=str(node), WORLD_SIZE="2",
-                       GLOO_SOCKET_IFNAME="lo")
+            env = dict(
+                os.environ,
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+                NODE_RANK=str(node),
+                WORLD_SIZE="2",
+                GLOO_SOCKET_IFNAME="lo",
+            )
             env.pop("LOCAL_RANK", None)
             args = [
-                *TINY_RUN, "trainer=ddp_cpu", "trainer.devices=1", "trainer.num_nodes=2", f"trainer.max_epochs={EPOCHS}",
-                f"trainer.check_val_every_n_epoch={EPOCHS}", f"data.num_train_images={IMAGES}", "data.num_val_images=2",
-                f"data.datamodule.batch_size={BATCH}", f"base_lr={BASE_LR}",
+                *TINY_RUN,
+                "trainer=ddp_cpu",
+                "trainer.devices=1",
+                "trainer.num_nodes=2",
+                f"trainer.max_epochs={EPOCHS}",
+                f"trainer.check_val_every_n_epoch={EPOCHS}",
+                f"data.num_train_images={IMAGES}",
+                "data.num_val_images=2",
+                f"data.datamodule.batch_size={BATCH}",
+                f"base_lr={BASE_LR}",
                 "+callbacks.record_batches._target_=tests.helpers.runs.RecordTrainBatches",
                 f"+callbacks.record_batches.path={tmp_path / f'batches{node}.jsonl'}",
                 "+callbacks.record_weights._target_=tests.helpers.runs.RecordWeights",
@@ -48,8 +61,16 @@ def test_two_nodes_scale_the_lr_shard_the_data_and_keep_identical_weights(tmp_pa
                 f"hydra.run.dir={tmp_path / f'node{node}'}",
             ]
             with open(tmp_path / f"node{node}.out", "w") as out:
-                processes.append(subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, env=env,
-                                                  stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT))
+                processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "run.py", *args],
+                        cwd=ROOT,
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
         deadline = time.monotonic() + 240
         for process in processes:
             process.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -65,7 +86,12 @@ def test_two_nodes_scale_the_lr_shard_the_data_and_keep_identical_weights(tmp_pa
     total = steps_per_epoch * EPOCHS
     records = [json.loads((tmp_path / f"weights.rank{rank}.json").read_text()) for rank in range(2)]
     for rank, record in enumerate(records):
-        assert (record["global_rank"], record["node_rank"], record["world_size"], record["num_nodes"]) == (rank, rank, 2, 2)
+        assert (record["global_rank"], record["node_rank"], record["world_size"], record["num_nodes"]) == (
+            rank,
+            rank,
+            2,
+            2,
+        )
         assert record["global_step"] == total
         # The lr scales with the global batch: 2 nodes x 1 process x 2 images.
         assert record["initial_lr"] == BASE_LR * (2 * BATCH) / 16

@@ -15,8 +15,15 @@ from tests.helpers.torchvision_models import coco_like_torchvision_maskrcnn
 CATEGORIES = [{"id": 3, "name": "cat"}, {"id": 8, "name": "dog"}, {"id": 17, "name": "fox"}]
 # torchvision's maskrcnn_resnet50_fpn layout at a size the CPU trains in seconds (the README uses the real one).
 TORCHVISION_SIZE = {"depth": 18, "fpn_channels": 16, "box_head_dim": 32, "mask_head_dim": 16}
-MODEL = ["model=torchvision_r50_fpn", "model.depth=18", "model.fpn_channels=16", "model.box_head_dim=32",
-         "model.mask_head_dim=16", "model.rois_per_image=32", "model.anchor_sizes=[8,16,32,64,128]"]
+MODEL = [
+    "model=torchvision_r50_fpn",
+    "model.depth=18",
+    "model.fpn_channels=16",
+    "model.box_head_dim=32",
+    "model.mask_head_dim=16",
+    "model.rois_per_image=32",
+    "model.anchor_sizes=[8,16,32,64,128]",
+]
 # The generated images are 40-160 px: resized to their own scale, not COCO's 800 / 1333.
 SIZE = ["data.min_size=64", "data.max_size=160"]
 
@@ -29,9 +36,16 @@ def test_fine_tune_evaluate_predict_on_own_coco_json(tmp_path):
     coco = coco_like_torchvision_maskrcnn(image, num_classes=91, min_size=64, max_size=160, **TORCHVISION_SIZE)
     weights = tmp_path / "maskrcnn_coco.pth"
     torch.save(coco.state_dict(), weights)
-    data = ["data=coco_format", f"data.train_json={train_json}", f"data.train_images={train_images}",
-            f"data.val_json={val_json}", f"data.val_images={val_images}", "data.datamodule.num_workers=0",
-            "data.datamodule.persistent_workers=false", *SIZE]
+    data = [
+        "data=coco_format",
+        f"data.train_json={train_json}",
+        f"data.train_images={train_images}",
+        f"data.val_json={val_json}",
+        f"data.val_images={val_images}",
+        "data.datamodule.num_workers=0",
+        "data.datamodule.persistent_workers=false",
+        *SIZE,
+    ]
 
     # 1. Fine-tune: every tensor but the class-specific layers comes from the 91-class file.
     train_dir = tmp_path / "train"
@@ -50,13 +64,25 @@ def test_fine_tune_evaluate_predict_on_own_coco_json(tmp_path):
     run_py([*MODEL, *data, "mode=evaluate", f"ckpt_path={checkpoint}", f"hydra.run.dir={eval_dir}"])
     evaluated = json.loads((eval_dir / "metrics.json").read_text())
     # The same weights on the same images as the training run's final validation: the same numbers.
-    assert {key: evaluated[key] for key in trained if "AP" in key} == {key: trained[key] for key in trained if "AP" in key}
+    assert {key: evaluated[key] for key in trained if "AP" in key} == {
+        key: trained[key] for key in trained if "AP" in key
+    }
 
     # 3. Predict, with no data config: classes and category ids come from the checkpoint, image ids from the json.
     out = tmp_path / "predictions"
-    run_py([*MODEL, *SIZE, "mode=predict", f"ckpt_path={checkpoint}", f"predict.input={val_images}",
-            f"predict.coco_json={val_json}", f"predict.output={out}", "predict.score_threshold=0.0",
-            f"hydra.run.dir={tmp_path / 'predict'}"])
+    run_py(
+        [
+            *MODEL,
+            *SIZE,
+            "mode=predict",
+            f"ckpt_path={checkpoint}",
+            f"predict.input={val_images}",
+            f"predict.coco_json={val_json}",
+            f"predict.output={out}",
+            "predict.score_threshold=0.0",
+            f"hydra.run.dir={tmp_path / 'predict'}",
+        ]
+    )
     results = json.loads((out / "coco_results.json").read_text())
     assert results, "score_threshold=0 keeps every detection"
     assert {r["category_id"] for r in results} <= {3, 8, 17} and {r["category_id"] for r in results} & {8, 17}

@@ -28,24 +28,45 @@ def write_images(folder, n, size):
 
 
 def test_predict_from_a_lightning_checkpoint_writes_overlays_and_coco_results(tmp_path):
-    cfg = compose_config([*TINY_MODEL, "data.num_train_images=4", "data.datamodule.batch_size=2"], run_dir=str(tmp_path))
+    cfg = compose_config(
+        [*TINY_MODEL, "data.num_train_images=4", "data.datamodule.batch_size=2"], run_dir=str(tmp_path)
+    )
     L.seed_everything(0)
     module = instantiate(cfg.module)
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, datamodule=instantiate(cfg.data.datamodule))
     trainer.save_checkpoint(tmp_path / "model.ckpt")
     images = write_images(tmp_path / "images", 3, 64)
 
     out = tmp_path / "out"
-    run_py([*TINY_MODEL, "mode=predict", f"ckpt_path={tmp_path / 'model.ckpt'}", f"predict.input={images}",
-         f"predict.output={out}", "predict.score_threshold=0.0", f"hydra.run.dir={tmp_path / 'run'}"])
+    run_py(
+        [
+            *TINY_MODEL,
+            "mode=predict",
+            f"ckpt_path={tmp_path / 'model.ckpt'}",
+            f"predict.input={images}",
+            f"predict.output={out}",
+            "predict.score_threshold=0.0",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
 
     assert sorted(p.name for p in out.glob("*.png")) == ["img0.png", "img1.png", "img2.png"]
     assert Image.open(out / "img0.png").size == (512, 512)  # 64 px images are enlarged for drawing
     listed = json.loads((out / "images.json").read_text())
     assert [(i["id"], i["file_name"], i["height"], i["width"]) for i in listed] == [
-        (1, "img0.png", 64, 64), (2, "img1.png", 64, 64), (3, "img2.png", 64, 64)]
+        (1, "img0.png", 64, 64),
+        (2, "img1.png", 64, 64),
+        (3, "img2.png", 64, 64),
+    ]
     results = json.loads((out / "coco_results.json").read_text())
     assert results, "score_threshold=0 keeps every detection of the untrained model"
     assert {r["image_id"] for r in results} <= {1, 2, 3}
@@ -63,8 +84,17 @@ def test_torchvision_checkpoint_loads_and_predicts_through_run_py(tmp_path):
     images = write_images(tmp_path / "images", 1, 128)
 
     out = tmp_path / "out"
-    run_py(["model=torchvision_r50_fpn", f"weights={tmp_path / 'maskrcnn.pth'}", "mode=predict", f"predict.input={images}",
-         f"predict.output={out}", "predict.score_threshold=0.0", f"hydra.run.dir={tmp_path / 'run'}"])
+    run_py(
+        [
+            "model=torchvision_r50_fpn",
+            f"weights={tmp_path / 'maskrcnn.pth'}",
+            "mode=predict",
+            f"predict.input={images}",
+            f"predict.output={out}",
+            "predict.score_threshold=0.0",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
     assert (out / "img0.png").exists()
     results = json.loads((out / "coco_results.json").read_text())
 

@@ -97,8 +97,9 @@ def test_killed_run_resumes_mid_epoch_with_the_same_step_optimizer_schedule_and_
     assert killed["InstanceDataModule"] == {"train_loader": position}
     killed_records = read_records(records)
 
-    result = subprocess.run([*command, f"resume={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            check=False)
+    result = subprocess.run(
+        [*command, f"resume={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert "Restored all states from the checkpoint" in output
@@ -118,7 +119,10 @@ def test_killed_run_resumes_mid_epoch_with_the_same_step_optimizer_schedule_and_
     assert checkpoint["epoch"] == EPOCHS - 1
     # The lr schedule went on from the killed run's step and SGD kept its momentum buffers.
     assert checkpoint["lr_schedulers"][0]["last_epoch"] == total
-    assert checkpoint["optimizer_states"][0]["state"] and "momentum_buffer" in checkpoint["optimizer_states"][0]["state"][0]
+    assert (
+        checkpoint["optimizer_states"][0]["state"]
+        and "momentum_buffer" in checkpoint["optimizer_states"][0]["state"][0]
+    )
     assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == total
     # metrics.csv holds the whole history, each step once: the killed run's rows up to its checkpoint (written
     # at every logged step; the row of the step in progress at the kill may be lost), then the resumed run's.
@@ -146,15 +150,25 @@ def test_signalled_run_saves_its_step_exits_nonzero_and_resumes_with_the_same_ba
     last = run_dir / "checkpoints" / "last.ckpt"
     records = tmp_path / "batches.jsonl"
     # With loader workers: a terminal's Ctrl-C and SLURM's SIGTERM reach them too.
-    command = [sys.executable, "run.py", *SIGNAL_ARGS, "data.datamodule.num_workers=2",
-               *recording_overrides(tmp_path, records), f"hydra.run.dir={run_dir}"]
+    command = [
+        sys.executable,
+        "run.py",
+        *SIGNAL_ARGS,
+        "data.datamodule.num_workers=2",
+        *recording_overrides(tmp_path, records),
+        f"hydra.run.dir={run_dir}",
+    ]
     with open(tmp_path / "stderr.txt", "w") as stderr:
         # Its own process group, so that the signal goes to all its processes and to nothing else.
         process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
         try:
             # Signal it as soon as its first training batch has started, as Ctrl-C or a cluster would.
             deadline = time.monotonic() + 240
-            while not (records.exists() and records.read_text()) and process.poll() is None and time.monotonic() < deadline:
+            while (
+                not (records.exists() and records.read_text())
+                and process.poll() is None
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.05)
             os.killpg(process.pid, signum)
             process.wait(timeout=240)
@@ -174,13 +188,22 @@ def test_signalled_run_saves_its_step_exits_nonzero_and_resumes_with_the_same_ba
 
     if signum == signal.SIGINT:
         # Resumed without the run's overrides (the default 2000 images, ...): stops, naming what differs.
-        result = subprocess.run([sys.executable, "run.py", f"resume={run_dir}", f"hydra.run.dir={run_dir}"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=120, check=False)
+        result = subprocess.run(
+            [sys.executable, "run.py", f"resume={run_dir}", f"hydra.run.dir={run_dir}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert result.returncode != 0
-        assert "data.num_train_images: 12 -> 2000" in result.stderr and "resume_allow_config_change=true" in result.stderr
+        assert (
+            "data.num_train_images: 12 -> 2000" in result.stderr and "resume_allow_config_change=true" in result.stderr
+        )
 
-    result = subprocess.run([*command, f"resume={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            check=False)
+    result = subprocess.run(
+        [*command, f"resume={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     planned = planned_batches(ARGS)
     assert stopped_records == [(step, planned[step]) for step in range(stopped_at)]
@@ -229,21 +252,45 @@ class _RecordingModule(L.LightningModule):
 
 def _fit(folder, module, grouping, num_workers, ckpt_path=None):
     """2 epochs of 6 batches of 2 images, last.ckpt every 4 steps and at epoch ends."""
-    datamodule = InstanceDataModule(IdsDataset(12), IdsDataset(2), batch_size=2, num_workers=num_workers,
-                                    aspect_ratio_grouping=grouping, seed=3)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, callbacks=[LastCheckpoint(folder, every_n_train_steps=4)])
+    datamodule = InstanceDataModule(
+        IdsDataset(12), IdsDataset(2), batch_size=2, num_workers=num_workers, aspect_ratio_grouping=grouping, seed=3
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[LastCheckpoint(folder, every_n_train_steps=4)],
+    )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return module.seen
 
 
 @pytest.mark.parametrize(
     "grouping,num_workers,stop_at,schedule",
-    [(False, 0, 9, False), (False, 2, 9, False), (True, 0, 9, False), (True, 2, 9, False), (False, 2, 7, False),
-     (False, 0, 9, True), (True, 2, 9, True)],
-    ids=["plain", "plain-workers", "grouped", "grouped-workers", "epoch-end-workers", "plain-schedule",
-         "grouped-workers-schedule"],
+    [
+        (False, 0, 9, False),
+        (False, 2, 9, False),
+        (True, 0, 9, False),
+        (True, 2, 9, False),
+        (False, 2, 7, False),
+        (False, 0, 9, True),
+        (True, 2, 9, True),
+    ],
+    ids=[
+        "plain",
+        "plain-workers",
+        "grouped",
+        "grouped-workers",
+        "epoch-end-workers",
+        "plain-schedule",
+        "grouped-workers-schedule",
+    ],
 )
 def test_resumed_fit_sees_the_batches_the_uninterrupted_fit_saw(tmp_path, grouping, num_workers, stop_at, schedule):
     expected = _fit(tmp_path / "uninterrupted", _RecordingModule(schedule=schedule), grouping, num_workers=0)
@@ -299,8 +346,16 @@ def _fit_validated(folder, module, ckpt_path=None):
     """2 epochs of 6 batches, validated at each epoch end; the best checkpoint by ``score`` and last.ckpt."""
     datamodule = InstanceDataModule(IdsDataset(12), IdsDataset(2), batch_size=2, seed=3)
     best = ModelCheckpoint(dirpath=folder, filename="best-{step}", monitor="score", mode="max", save_top_k=1)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[best, LastCheckpoint(folder)])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[best, LastCheckpoint(folder)],
+    )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return module
 
@@ -323,7 +378,10 @@ def test_signal_saves_the_step_reached_and_the_resumed_fit_sees_the_same_batches
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == signal_at + 1
     if signal_at == 8:
         # last.ckpt was a hard link to the best checkpoint of step 6, then saved anew at step 9: the best one is intact.
-        assert torch.load(tmp_path / "run" / "best-step=6.ckpt", map_location="cpu", weights_only=False)["global_step"] == 6
+        assert (
+            torch.load(tmp_path / "run" / "best-step=6.ckpt", map_location="cpu", weights_only=False)["global_step"]
+            == 6
+        )
 
     resumed = _fit_validated(tmp_path / "run", _SignallingModule(), ckpt_path=last)
     assert resumed.seen == {step: ids for step, ids in expected.seen.items() if step > signal_at}
@@ -414,8 +472,13 @@ def _ddp_fit(script, folder, ckpt_path="", stop_at=0, signal_at=0):
     paths = [folder / f"rank{rank}.json" for rank in range(2)]
     for path in paths:
         path.unlink(missing_ok=True)
-    result = subprocess.run([sys.executable, str(script), str(folder), str(ckpt_path), str(stop_at), str(signal_at)],
-                            cwd=script.parent, capture_output=True, timeout=300, check=False)
+    result = subprocess.run(
+        [sys.executable, str(script), str(folder), str(ckpt_path), str(stop_at), str(signal_at)],
+        cwd=script.parent,
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
     deadline = time.monotonic() + 60
     while not all(path.exists() for path in paths) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -39,8 +39,14 @@ def test_offline_run_has_losses_ap_config_names_and_prediction_images(tmp_path, 
     env.update(NETRC=str(no_credentials), WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
     run_py(
         [
-            *TINY_RUN, "logger=wandb", "experiment_name=smoke", "base_lr=0.015", "data.num_train_images=8",
-            "data.num_val_images=2", "data.datamodule.batch_size=4", "callbacks.prediction_overlays.score_threshold=0.0",
+            *TINY_RUN,
+            "logger=wandb",
+            "experiment_name=smoke",
+            "base_lr=0.015",
+            "data.num_train_images=8",
+            "data.num_val_images=2",
+            "data.datamodule.batch_size=4",
+            "callbacks.prediction_overlays.score_threshold=0.0",
             f"hydra.run.dir={tmp_path / 'run'}",
         ],
         env=env,
@@ -61,7 +67,9 @@ def test_offline_run_has_losses_ap_config_names_and_prediction_images(tmp_path, 
 
     logged = {
         item.key or "/".join(item.nested_key)
-        for r in records if r.WhichOneof("record_type") == "history" for item in r.history.item
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+        for item in r.history.item
     }
     for loss in LOSS_KEYS:
         assert f"train/{loss}" in logged and f"val/{loss}" in logged
@@ -80,8 +88,15 @@ def test_a_resumed_run_continues_its_wandb_run_and_its_csv_history(tmp_path, no_
     env = {k: v for k, v in os.environ.items() if k not in W_AND_B_ENV}
     env.update(NETRC=str(no_credentials), WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
     run_dir = tmp_path / "run"
-    args = [*TINY_RUN, "logger=wandb", "data.num_train_images=8", "data.num_val_images=2", "data.datamodule.batch_size=4",
-            "callbacks.prediction_overlays.num_images=0", f"hydra.run.dir={run_dir}"]
+    args = [
+        *TINY_RUN,
+        "logger=wandb",
+        "data.num_train_images=8",
+        "data.num_val_images=2",
+        "data.datamodule.batch_size=4",
+        "callbacks.prediction_overlays.num_images=0",
+        f"hydra.run.dir={run_dir}",
+    ]
     run_py(args, env=env)  # 1 epoch of 2 steps
     # Trained on for one more epoch (the length of training may change on resume), into the same folder.
     run_py([*args, f"resume={run_dir}", "trainer.max_epochs=2"], env=env)
@@ -92,8 +107,16 @@ def test_a_resumed_run_continues_its_wandb_run_and_its_csv_history(tmp_path, no_
     [first, second] = [[r.run for r in rs if r.WhichOneof("record_type") == "run"][0] for rs in records]
     assert first.run_id and second.run_id == first.run_id  # ... of the same W&B run, which the second one resumes
     assert all(folder.name.endswith(f"-{first.run_id}") for folder in runs)
-    steps = [{json.loads(i.value_json) for r in rs if r.WhichOneof("record_type") == "history" for i in r.history.item
-              if (i.key or "/".join(i.nested_key)) == "trainer/global_step"} for rs in records]
+    steps = [
+        {
+            json.loads(i.value_json)
+            for r in rs
+            if r.WhichOneof("record_type") == "history"
+            for i in r.history.item
+            if (i.key or "/".join(i.nested_key)) == "trainer/global_step"
+        }
+        for rs in records
+    ]
     assert min(steps[1]) >= 2  # the second session logged the steps after the first one's
 
     with open(run_dir / "csv" / "metrics.csv", newline="") as file:

@@ -112,7 +112,6 @@ def uncompressed_rle(mask):
     return {"size": list(mask.shape), "counts": counts}
 
 
-
 # ---- Cityscapes ---------------------------------------------------------------------------
 
 CITYSCAPES_HEIGHT, CITYSCAPES_WIDTH = 32, 64
@@ -164,8 +163,8 @@ def make_cityscapes(root, splits=("train", "val"), cities=("aachen", "bremen"), 
     return write_cityscapes(root, lambda c, k, rng: cityscapes_instance_ids(c * 10 + k), splits, cities, per_city)
 
 
-
 # ---- ids only -----------------------------------------------------------------------------
+
 
 class IdsDataset(torch.utils.data.Dataset):
     """Items that are only their image id; one in three portrait (for aspect-ratio grouping)."""
@@ -206,6 +205,4 @@ def random_cityscapes_instance_ids(rng, height=96, width=192):
 
 def make_cityscapes_sized(root, splits=("train", "val"), cities=("aachen", "bremen"), per_city=2, seed=0):
     """The official layout (16-bit instanceIds) with :func:`random_cityscapes_instance_ids` maps; returns the root."""
-    return write_cityscapes(
-        root, lambda c, k, rng: random_cityscapes_instance_ids(rng), splits, cities, per_city, seed
-    )
+    return write_cityscapes(root, lambda c, k, rng: random_cityscapes_instance_ids(rng), splits, cities, per_city, seed)

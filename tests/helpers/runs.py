@@ -22,8 +22,13 @@ TINY_RUN = [
 def run_py(args, cwd=ROOT, env=None, timeout=300, check=True) -> subprocess.CompletedProcess:
     """Runs ``python run.py *args`` in ``cwd``; with ``check``, fails the test (with the output's tail) on a non-zero exit."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-        capture_output=True, text=True, timeout=timeout,
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
@@ -60,9 +65,14 @@ class RecordWeights(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         group = trainer.optimizers[0].param_groups[0]
         record = {
-            "global_rank": trainer.global_rank, "node_rank": trainer.node_rank, "world_size": trainer.world_size,
-            "num_nodes": trainer.num_nodes, "global_step": trainer.global_step,
-            "initial_lr": group.get("initial_lr", group["lr"]), "start": self._start, "end": state_digest(pl_module),
+            "global_rank": trainer.global_rank,
+            "node_rank": trainer.node_rank,
+            "world_size": trainer.world_size,
+            "num_nodes": trainer.num_nodes,
+            "global_step": trainer.global_step,
+            "initial_lr": group.get("initial_lr", group["lr"]),
+            "start": self._start,
+            "end": state_digest(pl_module),
         }
         self.path.with_name(f"{self.path.name}.rank{trainer.global_rank}.json").write_text(json.dumps(record))
 

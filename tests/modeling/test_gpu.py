@@ -36,8 +36,9 @@ def process_group(tmp_path_factory):
     if not dist.is_nccl_available():
         pytest.skip("torch was built without NCCL")
     init_file = tmp_path_factory.mktemp("nccl") / "init"
-    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=0, world_size=1,
-                            device_id=torch.device(DEVICE, 0))
+    dist.init_process_group(
+        "nccl", init_method=f"file://{init_file}", rank=0, world_size=1, device_id=torch.device(DEVICE, 0)
+    )
     yield dist.group.WORLD
     dist.destroy_process_group()
 
@@ -163,9 +164,20 @@ def test_syncbn_kernels_match_batchnorm(process_group):
 def test_ddp_with_syncbn_trains_on_one_gpu(tmp_path):
     # Lightning's ddp strategy on one GPU: an NCCL process group, the DDP wrapper, bf16 (trainer=ddp's
     # precision), SyncBatchNorm in the backbone and the mask head.
-    run_py(["trainer=ddp", "trainer.devices=1", "model.norm=syncbn", "model.head_norm=syncbn", *TINY_RUN,
-            "data.num_train_images=8", "data.num_val_images=4", "data.datamodule.batch_size=2",
-            f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    run_py(
+        [
+            "trainer=ddp",
+            "trainer.devices=1",
+            "model.norm=syncbn",
+            "model.head_norm=syncbn",
+            *TINY_RUN,
+            "data.num_train_images=8",
+            "data.num_val_images=4",
+            "data.datamodule.batch_size=2",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+    )
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     # 8 images, 2 per batch, one process: 4 optimizer steps.
     assert metrics["world_size"] == 1 and metrics["global_step"] == 4

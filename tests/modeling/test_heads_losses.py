@@ -74,7 +74,9 @@ def test_sigmoid_loss_equals_torchvision_maskrcnn_loss():
     g = torch.Generator().manual_seed(0)
     gt_masks = [(torch.rand(3, 40, 50, generator=g) > 0.5).to(torch.uint8)]
     gt_labels = [torch.tensor([1, 2, 3])]
-    proposals = [torch.tensor([[1.0, 2.0, 30.0, 35.0], [5.0, 5.0, 45.0, 38.0], [0.0, 0.0, 20.0, 20.0], [3.0, 4.0, 25.0, 30.0]])]
+    proposals = [
+        torch.tensor([[1.0, 2.0, 30.0, 35.0], [5.0, 5.0, 45.0, 38.0], [0.0, 0.0, 20.0, 20.0], [3.0, 4.0, 25.0, 30.0]])
+    ]
     matched = [torch.tensor([0, 1, 2, 1])]
     logits = torch.randn(4, 4, 28, 28, generator=g)
     expected = tv_maskrcnn_loss(logits, proposals, gt_masks, gt_labels, matched)
@@ -133,7 +135,9 @@ def test_mask_inference_values():
     torch.testing.assert_close(soft[0], torch.full((1, 5, 5), 0.25))
     torch.testing.assert_close(soft[1], torch.ones(1, 5, 5))
     # Class-agnostic heads have one channel whatever the label.
-    torch.testing.assert_close(mask_inference_sigmoid(torch.zeros(2, 1, 5, 5), torch.tensor([3, 1])), torch.full((2, 1, 5, 5), 0.5))
+    torch.testing.assert_close(
+        mask_inference_sigmoid(torch.zeros(2, 1, 5, 5), torch.tensor([3, 1])), torch.full((2, 1, 5, 5), 0.5)
+    )
     assert mask_inference_sigmoid(logits[:0], torch.zeros(0, dtype=torch.int64)).shape == (0, 1, 5, 5)
     assert mask_inference_softmax(logits[:0], torch.zeros(0, dtype=torch.int64)).shape == (0, 1, 5, 5)
 
@@ -204,5 +208,7 @@ def test_fast_rcnn_inference_thresholds_nms_and_empty():
     # The two overlapping class-1 boxes collapse to one by NMS; the class-2 box survives.
     assert labels[0].tolist() == [1, 2]
     torch.testing.assert_close(boxes[0], proposals[0][[0, 2]])
-    boxes, scores, labels = fast_rcnn_inference(logits, torch.zeros(3, 12), proposals, [(100, 100)], coder, score_thresh=1.0)
+    boxes, scores, labels = fast_rcnn_inference(
+        logits, torch.zeros(3, 12), proposals, [(100, 100)], coder, score_thresh=1.0
+    )
     assert boxes[0].shape == (0, 4) and scores[0].shape == (0,) and labels[0].shape == (0,)

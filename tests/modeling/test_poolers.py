@@ -156,7 +156,9 @@ def test_spatial_scale_is_inferred_from_the_feature_stride():
 
 def test_fpn_level_assignment_follows_the_fpn_paper():
     # Levels P2..P5 (k = 2..5); a 224-pixel box goes to k0 = 4, halving the side lowers the level by one.
-    boxes = torch.tensor([[0, 0, 224, 224], [0, 0, 112, 112], [0, 0, 56, 56], [0, 0, 448, 448], [0, 0, 4, 4], [0, 0, 2000, 2000]])
+    boxes = torch.tensor(
+        [[0, 0, 224, 224], [0, 0, 112, 112], [0, 0, 56, 56], [0, 0, 448, 448], [0, 0, 4, 4], [0, 0, 2000, 2000]]
+    )
     levels = assign_levels([boxes.float()], 2, 5)
     assert levels.tolist() == [2, 1, 0, 3, 0, 3]
 
@@ -170,7 +172,10 @@ def test_multilevel_pooler_reads_each_roi_from_its_level():
     )
     boxes = torch.tensor([[0, 0, 40, 40], [0, 0, 112, 112], [0, 0, 224, 224], [10, 10, 500, 500]], dtype=torch.float32)
     poolers = (
-        RoIAlignPooler(names, 7), RoIPoolPooler(names, 7), RoIWarpPooler(names, 7), RoIAlignPooler(names, 7, mode="max"),
+        RoIAlignPooler(names, 7),
+        RoIPoolPooler(names, 7),
+        RoIWarpPooler(names, 7),
+        RoIAlignPooler(names, 7, mode="max"),
         RoIWarpPooler(names, 7, mode="max"),
     )
     for pooler in poolers:
@@ -197,7 +202,10 @@ def test_roi_align_pooler_equals_torchvision_multiscale_roi_align():
 @pytest.mark.parametrize(
     "pooler",
     [
-        RoIAlignPooler(["0"], 7), RoIAlignPooler(["0"], 7, mode="max"), RoIPoolPooler(["0"], 7), RoIWarpPooler(["0"], 7),
+        RoIAlignPooler(["0"], 7),
+        RoIAlignPooler(["0"], 7, mode="max"),
+        RoIPoolPooler(["0"], 7),
+        RoIWarpPooler(["0"], 7),
         RoIWarpPooler(["0"], 7, mode="max"),
     ],
 )
@@ -220,7 +228,10 @@ def test_max_mode_needs_a_fixed_sampling_ratio():
 
 def test_gradients_flow_through_every_pooler():
     poolers = (
-        RoIAlignPooler(["0"], 4), RoIAlignPooler(["0"], 4, mode="max"), RoIPoolPooler(["0"], 4), RoIWarpPooler(["0"], 4),
+        RoIAlignPooler(["0"], 4),
+        RoIAlignPooler(["0"], 4, mode="max"),
+        RoIPoolPooler(["0"], 4),
+        RoIWarpPooler(["0"], 4),
         RoIWarpPooler(["0"], 4, mode="max"),
     )
     for pooler in poolers:
@@ -318,7 +329,12 @@ def test_fast_roi_align_falls_back_to_torchvision_where_it_does_not_apply():
 
 @pytest.mark.parametrize(
     "pooler_cls, kwargs",
-    [(RoIAlignPooler, {"mode": "max"}), (RoIAlignPooler, {"aligned": True}), (RoIWarpPooler, {}), (RoIWarpPooler, {"mode": "max"})],
+    [
+        (RoIAlignPooler, {"mode": "max"}),
+        (RoIAlignPooler, {"aligned": True}),
+        (RoIWarpPooler, {}),
+        (RoIWarpPooler, {"mode": "max"}),
+    ],
 )
 def test_poolers_on_wide_float32_maps_give_torchvision_gradients(pooler_cls, kwargs):
     """At real widths the poolers take the fast backward; gradients (through max-pool's non-contiguous
@@ -327,7 +343,10 @@ def test_poolers_on_wide_float32_maps_give_torchvision_gradients(pooler_cls, kwa
 
     generator = torch.Generator().manual_seed(1)
     features = torch.randn(2, module.MIN_CHANNELS, 8, 10, generator=generator)
-    boxes = [torch.tensor([[3.0, 5.0, 60.0, 40.0], [-20.0, 1.0, 10.0, 12.0]]), torch.tensor([[100.0, 2.0, 170.0, 130.0]])]
+    boxes = [
+        torch.tensor([[3.0, 5.0, 60.0, 40.0], [-20.0, 1.0, 10.0, 12.0]]),
+        torch.tensor([[100.0, 2.0, 170.0, 130.0]]),
+    ]
     grads = []
     for backward in ("auto", "torchvision"):  # ours (at MIN_CHANNELS), then torchvision's backward
         pooler = pooler_cls(["0"], 7, **kwargs, backward=backward)

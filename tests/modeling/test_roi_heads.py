@@ -115,8 +115,13 @@ def test_c4_heads_train_the_mask_head_on_res5_output_and_detect():
 def test_c4_heads_refuse_a_mask_resolution():
     with pytest.raises(ValueError, match="pools no mask features"):
         Res5RoIHeads(
-            partial(RoIAlignPooler, ["0"]), 14, Res5BoxHead(depth=18, width=16, norm="gn"), BoxPredictor(128, 3),
-            FCNMaskHead(128, 3, num_convs=0, conv_dim=8), SigmoidMaskLoss(), mask_resolution=14,
+            partial(RoIAlignPooler, ["0"]),
+            14,
+            Res5BoxHead(depth=18, width=16, norm="gn"),
+            BoxPredictor(128, 3),
+            FCNMaskHead(128, 3, num_convs=0, conv_dim=8),
+            SigmoidMaskLoss(),
+            mask_resolution=14,
         )
 
 
@@ -185,6 +190,11 @@ def test_an_mlp_mask_head_sized_for_other_features_is_refused_when_built():
         c4_heads(MLPMaskHead(128, 3, resolution=14, hidden_dims=(16, 16), mask_resolution=28))
     with pytest.raises(ValueError, match="sized for 7x7 inputs, but RoIHeads feeds its mask head 14x14"):
         RoIHeads(
-            partial(RoIAlignPooler, ["0"]), 7, MLPBoxHead(4, 7, 16), BoxPredictor(16, 3),
-            MLPMaskHead(4, 3, resolution=7, hidden_dims=(8,), mask_resolution=14), SigmoidMaskLoss(), mask_resolution=14,
+            partial(RoIAlignPooler, ["0"]),
+            7,
+            MLPBoxHead(4, 7, 16),
+            BoxPredictor(16, 3),
+            MLPMaskHead(4, 3, resolution=7, hidden_dims=(8,), mask_resolution=14),
+            SigmoidMaskLoss(),
+            mask_resolution=14,
         )

@@ -90,8 +90,15 @@ def train_checkpoint(tmp_path, overrides, steps=2):
     cfg = compose_config([*TINY_MODEL, "data.num_train_images=8", "data.datamodule.batch_size=2", *overrides])
     L.seed_everything(0)
     module = instantiate(cfg.module)
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, datamodule=instantiate(cfg.data.datamodule))
     path = tmp_path / "trained.ckpt"
     trainer.save_checkpoint(path)
@@ -108,7 +115,7 @@ def test_lightning_checkpoint_as_weights_fine_tunes_from_a_fresh_start(tmp_path,
     with caplog.at_level(logging.INFO, logger="mrcnn.checkpoints"):
         module = build_module(compose_config([*overrides, f"weights={path}"]))
     assert module.class_names == ["circle", "square"]
-    expected = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items()}
+    expected = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items()}
     for key, value in module.model.state_dict().items():
         if is_class_specific(key):
             assert value.shape[0] in (3, 12), key
@@ -118,8 +125,15 @@ def test_lightning_checkpoint_as_weights_fine_tunes_from_a_fresh_start(tmp_path,
 
     # Optimizer, step and schedule start fresh: a 1-step run ends at step 1 with the warmup's first lr.
     cfg = compose_config(overrides)
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, datamodule=instantiate(cfg.data.datamodule))
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     assert trainer.global_step == 1 and scheduler.last_epoch == 1
@@ -162,9 +176,17 @@ def test_imagenet_backbone_with_frozen_bn(tmp_path):
                 m.running_var.uniform_(0.5, 2.0)
     path = tmp_path / "resnet18.pth"
     torch.save(imagenet.state_dict(), path)
-    overrides = ["model=mask_rcnn", "model.depth=18", "model.norm=frozen_bn", f"model.backbone_weights={path}",
-                 "model.trainable_layers=3", "model.fpn_channels=16", "model.box_head_dim=32", "model.mask_head_dim=16",
-                 "data.image_size=64"]
+    overrides = [
+        "model=mask_rcnn",
+        "model.depth=18",
+        "model.norm=frozen_bn",
+        f"model.backbone_weights={path}",
+        "model.trainable_layers=3",
+        "model.fpn_channels=16",
+        "model.box_head_dim=32",
+        "model.mask_head_dim=16",
+        "data.image_size=64",
+    ]
     module = build_module(compose_config(overrides))
     body = module.model.backbone.body
     for key, value in imagenet.state_dict().items():
@@ -190,10 +212,15 @@ def test_checkpoint_of_other_classes_stops_with_both_lists(tmp_path, caplog):
     path, trained, _ = train_checkpoint(tmp_path, [], steps=1)
     checkpoint = torch.load(path, weights_only=True)
     other = build_module(compose_config([*TINY_MODEL, "data.classes=[circle,square]"]))
-    with pytest.raises(ValueError, match=r"trained on 6 classes \['circle', .*'star'\], but this run's data has 2 classes"):
+    with pytest.raises(
+        ValueError, match=r"trained on 6 classes \['circle', .*'star'\], but this run's data has 2 classes"
+    ):
         other.on_load_checkpoint(checkpoint)
     # The same classes at another input size load, with a warning naming both sizes.
     resized = build_module(compose_config([*TINY_MODEL, "data.min_size=96", "data.max_size=96"]))
     with caplog.at_level(logging.WARNING, logger="mrcnn.model_record"):
         resized.on_load_checkpoint(checkpoint)
-    assert "trained at min_size=[64], max_size=64, but this run resizes images to min_size=[96], max_size=96" in caplog.text
+    assert (
+        "trained at min_size=[64], max_size=64, but this run resizes images to min_size=[96], max_size=96"
+        in caplog.text
+    )
