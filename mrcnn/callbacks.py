@@ -89,6 +89,8 @@ class LastCheckpoint(L.Callback):
         self.received_signal = 0  # the first stop signal this process received (set by the handler); 0: none
         self._stop_signal = 0  # the signal all processes agreed to stop on, once last.ckpt is saved for it
         self._saved_step = -1
+        # The step the every-N count runs from: the start of this fit, then each periodic save.
+        self._periodic_base = 0
         self._previous_handlers: dict[int, object] = {}
 
     # ---- saving ---------------------------------------------------------------------------------
@@ -123,8 +125,12 @@ class LastCheckpoint(L.Callback):
             # Lightning resumes a checkpoint saved here past the validation that follows (it takes it for
             # one saved after it): saving and stopping wait for the epoch's end, or for the next batch.
             return
-        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+        # Due once the step count passes a multiple of N since the last periodic save: a save skipped because a
+        # validation followed (above) is made at the next batch instead of being lost.
+        n = self.every_n_train_steps
+        if n and trainer.global_step // n > self._periodic_base // n:
             self._save(trainer)
+            self._periodic_base = trainer.global_step
         if not self._stop_signal:
             self._agree_to_stop(trainer)
             if self._stop_signal:
@@ -154,6 +160,7 @@ class LastCheckpoint(L.Callback):
     # ---- stopping on a signal ----------------------------------------------------------------------
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self._periodic_base = trainer.global_step
         # Installed here, after Lightning installed its own at the start of fit(): ours replace its SIGTERM
         # handler while the training loop runs. Signal handlers can only be set from the main thread.
         self.received_signal = self._stop_signal = 0

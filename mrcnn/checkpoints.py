@@ -88,6 +88,10 @@ RESUME_FREE_KEYS = (
     "trainer.check_val_every_n_epoch",
     "trainer.val_check_interval",
     "trainer.num_sanity_val_steps",
+    "trainer.max_time",
+    "trainer.limit_val_batches",
+    "data.datamodule.val_batch_size",
+    "module.cityscapes_eval_workers",
 )
 
 

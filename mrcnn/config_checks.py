@@ -7,7 +7,7 @@ looks at every such key the config has and names each bad one, e.g.
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -58,9 +58,18 @@ def batch_limit(value) -> str | None:
     return "must be a number of batches (an integer >= 1), a fraction in (0, 1], or null"
 
 
+def limit_batches(value) -> str | None:
+    """Lightning's ``limit_*_batches``: as :func:`batch_limit`, and 0, which switches the loop off."""
+    if _is_int(value) and value == 0:
+        return None
+    problem = batch_limit(value)
+    return problem and problem.replace("an integer >= 1", "an integer >= 0")
+
+
 def devices(value) -> str | None:
     """``trainer.devices``: a count, ``auto``, ``-1`` (all) or a list of device indices."""
-    if value == "auto" or value == -1 or isinstance(value, (list, tuple, str)):
+    # OmegaConf hands a list over as a ListConfig, which is a Sequence but not a list.
+    if value == "auto" or value == -1 or isinstance(value, Sequence):
         return None
     return positive_int(value)
 
@@ -86,8 +95,8 @@ RULES: dict[str, Rule] = {
     "trainer.log_every_n_steps": positive_int,
     "trainer.check_val_every_n_epoch": optional(positive_int),
     "trainer.val_check_interval": batch_limit,
-    "trainer.limit_train_batches": batch_limit,
-    "trainer.limit_val_batches": batch_limit,
+    "trainer.limit_train_batches": limit_batches,
+    "trainer.limit_val_batches": limit_batches,
     "trainer.gradient_clip_val": optional(non_negative_number),
     # optimizer and schedule
     "optimizer.momentum": non_negative_number,

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
@@ -148,10 +149,14 @@ class JobRecord(L.Callback):
             self._parameters = count_parameters(pl_module.model)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        _synchronize(getattr(pl_module, "device", None))
         self._step_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._step_start is not None:
+            # On a GPU the backward and the optimizer step run asynchronously: wait for them before reading
+            # the clock (one sync per step, and only in ablation jobs, which record their time).
+            _synchronize(getattr(pl_module, "device", None))
             self._step_times.append(time.perf_counter() - self._step_start)
             self._step_start = None
 
@@ -171,3 +176,8 @@ class JobRecord(L.Callback):
     def write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.record(), indent=2) + "\n")
+
+
+def _synchronize(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -88,9 +88,9 @@ def pin_ddp_child_to_its_job() -> None:
     is replaced by one that runs exactly that config, in that folder, without rewriting its ``.hydra``
     files, logging to ``ddp_rank<N>.log``.
     """
-    job_dir = os.environ.get(DDP_JOB_DIR_ENV)
-    if job_dir is None or "LOCAL_RANK" not in os.environ:
+    if not is_ddp_child():
         return
+    job_dir = os.environ[DDP_JOB_DIR_ENV]
     # Quoted: a sweep job folder's name holds "=" and "," (Hydra's override_dirname).
     quoted_dir = '"' + job_dir.replace("\\", "\\\\").replace('"', '\\"') + '"'
     sys.argv = [
@@ -103,6 +103,11 @@ def pin_ddp_child_to_its_job() -> None:
     ]
 
 
+def is_ddp_child() -> bool:
+    """Whether this process is a DDP process that Lightning started for a job (not the job's main process)."""
+    return DDP_JOB_DIR_ENV in os.environ and "LOCAL_RANK" in os.environ
+
+
 def discard_unused_output(job_dir: Path) -> bool:
     """Removes a job's output folder that holds nothing but Hydra's own files (``.hydra/``, ``*.log``).
 
@@ -111,11 +116,14 @@ def discard_unused_output(job_dir: Path) -> bool:
     (metrics, checkpoints, an earlier run's files) is kept. The folders above it inside the working
     directory (``outputs/<date>/``) go too while that leaves them empty.
 
+    Only a job's main process cleans up: a DDP child shares the job's folder, where the processes started
+    after it still read ``.hydra/resolved.yaml``.
+
     Returns:
         Whether the folder was removed.
     """
     job_dir = Path(job_dir)
-    if not job_dir.is_dir():
+    if is_ddp_child() or not job_dir.is_dir():
         return False
     for path in job_dir.iterdir():
         if not (path.name == ".hydra" or (path.is_file() and path.suffix == ".log")):

@@ -13,8 +13,9 @@ SHORT_NAMES = {
     "train/maskrcnn_mask_loss": "mask",
     "val/bbox_AP": "box_AP%",
     "val/segm_AP": "mask_AP%",
+    "val/cityscapes_AP": "cityscapes_AP%",
 }
-PERCENT = ("val/bbox_AP", "val/segm_AP")
+PERCENT = ("val/bbox_AP", "val/segm_AP", "val/cityscapes_AP")
 
 
 class ProgressBar(TQDMProgressBar):

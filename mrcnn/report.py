@@ -641,20 +641,21 @@ def wandb_rows(summary: dict) -> dict[str, tuple[list[str], list[list]]]:
 
 def log_to_wandb(paths: dict[str, Path], config) -> None:
     """Log the report's tables and chart to a W&B run (offline unless credentials are set)."""
-    import os
-
     import wandb
+
+    from mrcnn.loggers import wandb_mode
 
     summary = json.loads(paths["json"].read_text())
     logger_cfg = next(c for c in config.logger.values() if "WandbLogger" in str(c.get("_target_", "")))
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or Path("~/.netrc").expanduser().exists()
+    experiment = config.get("experiment_name") or "ablation"
     run = wandb.init(
         project=logger_cfg.get("project", "mrcnn"),
-        group=config.get("experiment_name", None),
+        group=experiment,
         job_type="report",
-        name=f"{config.get('experiment_name', 'ablation')}-report",
+        name=f"{experiment}-report",
         dir=str(paths["md"].parent),
-        mode=os.environ.get("WANDB_MODE", "online" if has_key else "offline"),
+        # The jobs' own rule (WANDB_MODE, else online with credentials, else offline): never a login prompt.
+        mode=wandb_mode(),
         config={"setting": summary["setting"], "compared": summary["compared"]},
     )
     tables = {name: wandb.Table(columns=columns, data=rows) for name, (columns, rows) in wandb_rows(summary).items()}

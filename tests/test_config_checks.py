@@ -18,6 +18,8 @@ from tests.helpers.runs import run_py
         ["trainer.max_epochs=-1", "trainer.max_steps=100"],
         ["seed=null"],
         ["trainer.val_check_interval=0.5", "trainer.limit_val_batches=10", "checkpoint_every_n_steps=50"],
+        # 0 switches validation off (Lightning's way); devices as a list of indices (a ListConfig).
+        ["trainer.limit_val_batches=0", "trainer.devices=[0,1]"],
     ],
 )
 def test_shipped_configs_and_good_values_pass(overrides):
