@@ -8,6 +8,7 @@ from hydra.utils import instantiate
 from mrcnn.lit_module import check_finite, warmup_multistep_schedule
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS
 from tests.helpers.config import TINY_MODEL, compose_config
+from tests.helpers.runs import training_only_trainer
 
 
 def test_warmup_then_step_decay():
@@ -44,15 +45,7 @@ def _fit(tmp_path, overrides, max_steps=2):
     L.seed_everything(0)
     datamodule = instantiate(cfg.data.datamodule)
     module = instantiate(cfg.module)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = training_only_trainer(max_steps=max_steps)
     return datamodule, module, trainer
 
 

@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 
 from mrcnn.build import build_module, check_sync_batchnorm
 from tests.helpers.config import TINY_MODEL, compose_config
-from tests.helpers.runs import TINY_RUN, run_py
+from tests.helpers.runs import TINY_RUN, run_py, training_only_trainer
 from tests.helpers.wandb import read_wandb_records
 
 TINY = [*TINY_RUN, "data.num_train_images=8", "data.datamodule.batch_size=2"]
@@ -61,15 +61,7 @@ def test_ddp_evaluation_matches_one_process_on_an_odd_number_of_images(tmp_path)
     cfg = compose_config(common, run_dir=str(tmp_path))
     L.seed_everything(0)
     module, datamodule = instantiate(cfg.module), instantiate(cfg.data.datamodule)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = training_only_trainer(max_steps=4)
     trainer.fit(module, datamodule=datamodule)
     checkpoint = tmp_path / "model.ckpt"
     trainer.save_checkpoint(checkpoint)

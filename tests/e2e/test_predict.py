@@ -14,7 +14,7 @@ from mrcnn.build import build_module
 from mrcnn.data.shapes import ShapesDataset
 from mrcnn.visualize import draw_instances, instance_colors, place_captions, semantic_label_map
 from tests.helpers.config import TINY_MODEL, compose_config
-from tests.helpers.runs import run_py
+from tests.helpers.runs import run_py, training_only_trainer
 from tests.helpers.torchvision_models import torchvision_maskrcnn
 
 
@@ -33,15 +33,7 @@ def test_predict_from_a_lightning_checkpoint_writes_overlays_and_coco_results(tm
     )
     L.seed_everything(0)
     module = instantiate(cfg.module)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = training_only_trainer(max_steps=1)
     trainer.fit(module, datamodule=instantiate(cfg.data.datamodule))
     trainer.save_checkpoint(tmp_path / "model.ckpt")
     images = write_images(tmp_path / "images", 3, 64)

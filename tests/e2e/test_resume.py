@@ -31,6 +31,7 @@ from mrcnn.data.datamodule import InstanceDataModule, init_worker
 from mrcnn.train import stops_with_nonzero_exit
 from tests.helpers.config import TINY_MODEL, compose_config
 from tests.helpers.data import IdsDataset
+from tests.helpers.runs import training_only_trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS_PER_EPOCH = 6  # 12 images, 2 per batch
@@ -255,18 +256,7 @@ def _fit(folder, module, grouping, num_workers, ckpt_path=None):
     datamodule = InstanceDataModule(
         IdsDataset(12), IdsDataset(2), batch_size=2, num_workers=num_workers, aspect_ratio_grouping=grouping, seed=3
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[LastCheckpoint(folder, every_n_train_steps=4)],
-    )
+    trainer = training_only_trainer(devices=1, max_epochs=2, callbacks=[LastCheckpoint(folder, every_n_train_steps=4)])
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return module.seen
 
@@ -346,14 +336,12 @@ def _fit_validated(folder, module, ckpt_path=None):
     """2 epochs of 6 batches, validated at each epoch end; the best checkpoint by ``score`` and last.ckpt."""
     datamodule = InstanceDataModule(IdsDataset(12), IdsDataset(2), batch_size=2, seed=3)
     best = ModelCheckpoint(dirpath=folder, filename="best-{step}", monitor="score", mode="max", save_top_k=1)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    # Validation and checkpointing on: the best checkpoint needs both.
+    trainer = training_only_trainer(
         devices=1,
         max_epochs=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
+        enable_checkpointing=True,
+        limit_val_batches=None,
         callbacks=[best, LastCheckpoint(folder)],
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

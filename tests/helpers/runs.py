@@ -84,3 +84,18 @@ def state_digest(module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def training_only_trainer(**kwargs) -> L.Trainer:
+    """A Lightning Trainer for a few training steps in a test: CPU, no logger, checkpoints, progress bar or
+    validation; ``kwargs`` (``max_steps=...``, ``callbacks=...``) are added or override."""
+    settings = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    return L.Trainer(**{**settings, **kwargs})

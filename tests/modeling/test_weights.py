@@ -12,6 +12,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from mrcnn.build import build_module
 from mrcnn.modeling.mask_rcnn import is_class_specific, load_torchvision_weights, torchvision_to_mrcnn_state_dict
 from tests.helpers.config import TINY_MODEL, compose_config
+from tests.helpers.runs import training_only_trainer
 from tests.helpers.torchvision_models import torchvision_maskrcnn
 
 # torchvision's layout at the tiny model's sizes (ResNet-18, narrow FPN and heads).
@@ -90,15 +91,7 @@ def train_checkpoint(tmp_path, overrides, steps=2):
     cfg = compose_config([*TINY_MODEL, "data.num_train_images=8", "data.datamodule.batch_size=2", *overrides])
     L.seed_everything(0)
     module = instantiate(cfg.module)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = training_only_trainer(max_steps=steps)
     trainer.fit(module, datamodule=instantiate(cfg.data.datamodule))
     path = tmp_path / "trained.ckpt"
     trainer.save_checkpoint(path)
@@ -125,15 +118,7 @@ def test_lightning_checkpoint_as_weights_fine_tunes_from_a_fresh_start(tmp_path,
 
     # Optimizer, step and schedule start fresh: a 1-step run ends at step 1 with the warmup's first lr.
     cfg = compose_config(overrides)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = training_only_trainer(max_steps=1)
     trainer.fit(module, datamodule=instantiate(cfg.data.datamodule))
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     assert trainer.global_step == 1 and scheduler.last_epoch == 1
