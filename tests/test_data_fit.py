@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 from mrcnn.build import build
 from mrcnn.data_fit import box_size_warning, check_num_classes
 from tests.helpers.config import TINY_MODEL, compose_config
-from tests.helpers.data import make_coco_split
+from tests.helpers.data import coco_format_overrides, make_coco_split
 
 CATEGORIES = [{"id": 3, "name": "cat"}, {"id": 8, "name": "dog"}, {"id": 17, "name": "fox"}]
 
@@ -19,15 +19,7 @@ def coco_format(tmp_path_factory):
     root = tmp_path_factory.mktemp("coco")
     train_json, train_images = make_coco_split(root, "train", categories=CATEGORIES)
     val_json, val_images = make_coco_split(root, "val", seed=1, categories=CATEGORIES)
-    return [
-        "data=coco_format",
-        f"data.train_json={train_json}",
-        f"data.train_images={train_images}",
-        f"data.val_json={val_json}",
-        f"data.val_images={val_images}",
-        "data.datamodule.num_workers=0",
-        "data.datamodule.persistent_workers=false",
-    ]
+    return coco_format_overrides(train_json, train_images, val_json, val_images)
 
 
 @pytest.mark.parametrize("data", ["shapes", "coco_format"])

@@ -8,7 +8,7 @@ import torch
 from pycocotools.coco import COCO
 
 from mrcnn.data.coco import read_rgb_image
-from tests.helpers.data import make_coco_split
+from tests.helpers.data import coco_format_overrides, make_coco_split
 from tests.helpers.runs import run_py
 from tests.helpers.torchvision_models import coco_like_torchvision_maskrcnn
 
@@ -36,16 +36,7 @@ def test_fine_tune_evaluate_predict_on_own_coco_json(tmp_path):
     coco = coco_like_torchvision_maskrcnn(image, num_classes=91, min_size=64, max_size=160, **TORCHVISION_SIZE)
     weights = tmp_path / "maskrcnn_coco.pth"
     torch.save(coco.state_dict(), weights)
-    data = [
-        "data=coco_format",
-        f"data.train_json={train_json}",
-        f"data.train_images={train_images}",
-        f"data.val_json={val_json}",
-        f"data.val_images={val_images}",
-        "data.datamodule.num_workers=0",
-        "data.datamodule.persistent_workers=false",
-        *SIZE,
-    ]
+    data = [*coco_format_overrides(train_json, train_images, val_json, val_images), *SIZE]
 
     # 1. Fine-tune: every tensor but the class-specific layers comes from the 91-class file.
     train_dir = tmp_path / "train"

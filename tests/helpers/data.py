@@ -206,3 +206,16 @@ def random_cityscapes_instance_ids(rng, height=96, width=192):
 def make_cityscapes_sized(root, splits=("train", "val"), cities=("aachen", "bremen"), per_city=2, seed=0):
     """The official layout (16-bit instanceIds) with :func:`random_cityscapes_instance_ids` maps; returns the root."""
     return write_cityscapes(root, lambda c, k, rng: random_cityscapes_instance_ids(rng), splits, cities, per_city, seed)
+
+
+def coco_format_overrides(train_json, train_images, val_json, val_images) -> list[str]:
+    """``data=coco_format`` on the given splits, with loaders in the main process (tests stay small and fast)."""
+    return [
+        "data=coco_format",
+        f"data.train_json={train_json}",
+        f"data.train_images={train_images}",
+        f"data.val_json={val_json}",
+        f"data.val_images={val_images}",
+        "data.datamodule.num_workers=0",
+        "data.datamodule.persistent_workers=false",
+    ]
