@@ -33,9 +33,14 @@ def load_model(job: str) -> tuple[torch.nn.Module, torch.utils.data.Dataset]:
     return module.model.eval(), instantiate(cfg.data.datamodule.val_dataset)
 
 
-def overlapped_by_other_class(masks: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, size: int) -> list:
-    """Per box: does another instance of a different class cover over OVERLAP_FRACTION of the box (off its own mask)?"""
-    own = mask_targets(masks, boxes, torch.arange(len(boxes)), size, form="binary")
+def overlapped_by_other_class(
+    masks: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, own: torch.Tensor
+) -> list:
+    """Per box: does another instance of a different class cover over OVERLAP_FRACTION of the box (off its own mask)?
+
+    ``own``: bool ``[N, M, M]``, each box's own binary mask target.
+    """
+    size = own.shape[-1]
     flags = []
     for k in range(len(boxes)):
         other = torch.where(labels != labels[k])[0]
@@ -43,7 +48,7 @@ def overlapped_by_other_class(masks: torch.Tensor, boxes: torch.Tensor, labels: 
             flags.append(False)
             continue
         covered = mask_targets(masks, boxes[k : k + 1].expand(len(other), 4), other, size, form="binary").amax(0)
-        flags.append(bool((covered * (1 - own[k])).mean() > OVERLAP_FRACTION))
+        flags.append(bool((covered * ~own[k]).mean() > OVERLAP_FRACTION))
     return flags
 
 
@@ -70,7 +75,7 @@ def probe(job: str) -> dict:
             p_background = probabilities[:, 0]
         else:  # sigmoid: the class's own channel (channel 0 for a class-agnostic head)
             p = logits[rows, labels if logits.shape[1] > 1 else 0].sigmoid()
-        flags = overlapped_by_other_class(target["masks"], boxes, labels, size)
+        flags = overlapped_by_other_class(target["masks"], boxes, labels, targets)
         for k, overlapped in enumerate(flags):
             fg, predicted = targets[k], p[k] >= 0.5
             if not fg.any():  # a sliver of an object whose resampled mask holds no pixel at 0.5
