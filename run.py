@@ -5,9 +5,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import mrcnn.config  # noqa: F401  (registers the config resolvers)
-from mrcnn.launch import discard_unused_output, pin_ddp_child_to_its_job
-from mrcnn.predict import predict
-from mrcnn.train import evaluate, train
+from mrcnn.engine.launch import discard_unused_output, pin_ddp_child_to_its_job
+from mrcnn.engine.predict import predict
+from mrcnn.engine.train import evaluate, train
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

@@ -90,7 +90,7 @@ VERSIONS_OF = (
     "mrcnn",
 )
 # What the steps import: if one of them fails, the environment step fails and says why.
-STEP_IMPORTS = ("mrcnn.train", "mrcnn.evaluation", "pytest")
+STEP_IMPORTS = ("mrcnn.engine.train", "mrcnn.evaluation", "pytest")
 
 # The GPU goals of benchmarks/README.md: ours on the fast path (bf16, channels_last, cuDNN autotuning, compile
 # on or off, whichever is faster) against torchvision.

@@ -10,8 +10,7 @@ from torch import Tensor, nn
 
 from mrcnn.cityscapes_eval import CityscapesEvaluator
 from mrcnn.data.transforms import drop_crowd
-from mrcnn.evaluation import CocoEvaluator
-from mrcnn.model_record import (
+from mrcnn.engine.model_record import (
     MODEL_RECORD_KEY,
     ModelRecord,
     check_classes,
@@ -19,6 +18,7 @@ from mrcnn.model_record import (
     set_frozen_bn_eps,
     warn_if_input_size_differs,
 )
+from mrcnn.evaluation import CocoEvaluator
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS
 
 
@@ -72,7 +72,7 @@ class MaskRCNNModule(L.LightningModule):
             main process); ``None`` switches it off.
 
     A checkpoint carries the class names, the label -> category id map of the training data, the
-    FrozenBatchNorm eps and the input size (``mrcnn.model_record``); loading it checks the classes against
+    FrozenBatchNorm eps and the input size (``mrcnn.engine.model_record``); loading it checks the classes against
     the data's and restores the rest.
     """
 
@@ -155,7 +155,7 @@ class MaskRCNNModule(L.LightningModule):
         total = sum(losses[k] for k in LOSS_KEYS)
         check_finite(losses, self.global_step)
         batch_size = len(images)
-        # In the progress bar too, under short names (mrcnn.progress.ProgressBar).
+        # In the progress bar too, under short names (mrcnn.engine.progress.ProgressBar).
         self.log_dict({f"train/{k}": losses[k] for k in LOSS_KEYS}, prog_bar=True, batch_size=batch_size)
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mrcnn.config_checks import check_config, config_problems
+from mrcnn.engine.config_checks import check_config, config_problems
 from tests.helpers.config import compose_config
 from tests.helpers.runs import run_py
 

@@ -9,8 +9,8 @@ import torch
 from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
 from hydra.utils import instantiate
 
-from mrcnn.build import instantiate_callbacks
 from mrcnn.data.shapes import ShapesDataset
+from mrcnn.engine.build import instantiate_callbacks
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS
 from tests.helpers.config import CONFIG_DIR, TINY_MODEL, compose_config
 

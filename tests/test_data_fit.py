@@ -5,8 +5,8 @@ import logging
 import pytest
 from hydra.utils import instantiate
 
-from mrcnn.build import build
-from mrcnn.data_fit import box_size_warning, check_num_classes
+from mrcnn.engine.build import build
+from mrcnn.engine.data_fit import box_size_warning, check_num_classes
 from tests.helpers.config import TINY_MODEL, compose_config
 from tests.helpers.data import coco_format_overrides, make_coco_split
 
@@ -54,7 +54,7 @@ def test_warns_when_boxes_are_far_from_the_anchors(coco_format, tmp_path, caplog
     # The small model's anchors (8-128 px) at COCO's 800 / 1333 resizing of 40-160 px images: most boxes too large.
     cfg = compose_config([*TINY_MODEL[:-1], *coco_format], run_dir=str(tmp_path))
     assert (cfg.data.min_size, cfg.data.max_size) == (800, 1333)
-    with caplog.at_level(logging.WARNING, logger="mrcnn.data_fit"):
+    with caplog.at_level(logging.WARNING, logger="mrcnn.engine.data_fit"):
         build(cfg)
     warnings = [r.getMessage() for r in caplog.records if "anchors' reach" in r.getMessage()]
     assert len(warnings) == 1

@@ -12,9 +12,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from mrcnn.data.shapes import ShapesDataset
-from mrcnn.job_record import describe_model
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS
-from mrcnn.report import AblationReportCallback, label_value, variant_name
+from mrcnn.reporting.job_record import describe_model
+from mrcnn.reporting.report import AblationReportCallback, label_value, variant_name
 from tests.helpers.config import CONFIG_DIR, TINY_MODEL, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("ablation_*.yaml"))
@@ -22,7 +22,7 @@ EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("abl
 SHARED = ("data", "trainer", "optimizer", "scheduler", "base_lr", "seed", "final_eval")
 
 # What each option must build, written out here (not read from the option's file): the test's oracle that a job
-# labelled `key=value` ran that model. Values are those of mrcnn.job_record.describe_model.
+# labelled `key=value` ran that model. Values are those of mrcnn.reporting.job_record.describe_model.
 BUILT = {
     "model/pooler=roi_pool": {"pooler": "RoIPoolPooler", "pooler.mode": "max"},
     "model/pooler=roi_warp": {"pooler": "RoIWarpPooler", "pooler.mode": "avg", "pooler.sampling_ratio": 2},
@@ -93,7 +93,7 @@ def sweep_jobs(args: list[str]) -> list[list[str]]:
 
 
 def job_label(cfg, variant_keys: list[str], overrides: list[str]) -> str:
-    """The report's label of a job, from its composed config (as ``mrcnn.report`` reads it from the job folder)."""
+    """The report's label of a job, from its composed config (as ``mrcnn.reporting.report`` reads it from the job folder)."""
     choices = {k: str(v) for k, v in cfg.hydra.runtime.choices.items() if v is not None}
     given = dict(o.lstrip("+").split("=", 1) for o in overrides)
     return variant_name({k: label_value(k, choices, given, cfg) for k in variant_keys})

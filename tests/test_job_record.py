@@ -1,4 +1,4 @@
-"""What a job records about the model it built and what it cost (``mrcnn.job_record``)."""
+"""What a job records about the model it built and what it cost (``mrcnn.reporting.job_record``)."""
 
 import json
 import time
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from hydra.utils import instantiate
 
-from mrcnn.job_record import JobRecord, count_parameters, describe_model
+from mrcnn.reporting.job_record import JobRecord, count_parameters, describe_model
 from tests.helpers.config import TINY_MODEL, compose_config
 
 

@@ -2,7 +2,7 @@
 
 from types import SimpleNamespace
 
-from mrcnn.callbacks import LastCheckpoint
+from mrcnn.engine.callbacks import LastCheckpoint
 
 
 def saved_steps(every, val_check_batch, steps=13, start=0):

@@ -2,8 +2,8 @@
 
 import csv
 
-from mrcnn.checkpoints import ResumedRun
-from mrcnn.loggers import ContinuedCSVLogger, instantiate_logger
+from mrcnn.engine.checkpoints import ResumedRun
+from mrcnn.engine.loggers import ContinuedCSVLogger, instantiate_logger
 from tests.helpers.config import compose_config
 
 

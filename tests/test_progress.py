@@ -2,8 +2,8 @@
 
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from mrcnn.engine.progress import SHORT_NAMES, ProgressBar
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS
-from mrcnn.progress import SHORT_NAMES, ProgressBar
 
 
 def test_the_bar_shows_every_loss_short_and_ap_in_percent(monkeypatch):

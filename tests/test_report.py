@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mrcnn.report import collect, markdown_table, write_report
+from mrcnn.reporting.report import collect, markdown_table, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def test_write_report_and_the_rebuild_command(sweep):
     assert {v["variant"] for v in summary["variants"]} == {"model/pooler=roi_pool", "model/pooler=roi_align"}
     paths["md"].unlink()
     result = subprocess.run(
-        [sys.executable, "-m", "mrcnn.report", str(sweep), "--keys", "model/pooler", "--title", "again"],
+        [sys.executable, "-m", "mrcnn.reporting", str(sweep), "--keys", "model/pooler", "--title", "again"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -81,13 +81,13 @@ def test_write_report_and_the_rebuild_command(sweep):
 
 def test_the_rebuild_command_never_overwrites_the_sweeps_report_and_names_a_missing_folder(sweep, tmp_path):
     (sweep / "multirun.yaml").write_text(
-        "hydra:\n  callbacks:\n    ablation_report:\n      _target_: mrcnn.report.AblationReportCallback\n"
+        "hydra:\n  callbacks:\n    ablation_report:\n      _target_: mrcnn.reporting.report.AblationReportCallback\n"
         "      variant_keys: [model/pooler]\n      title: Own\n"
     )
     own = write_report(sweep, ["model/pooler"], "Own")["md"]
     before = own.read_text()
     result = subprocess.run(
-        [sys.executable, "-m", "mrcnn.report", str(sweep), "--keys", "seed"],
+        [sys.executable, "-m", "mrcnn.reporting", str(sweep), "--keys", "seed"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -97,7 +97,11 @@ def test_the_rebuild_command_never_overwrites_the_sweeps_report_and_names_a_miss
     assert own.read_text() == before and (sweep / "report_by_seed.md").is_file()
     missing = tmp_path / "no_such_sweep"
     result = subprocess.run(
-        [sys.executable, "-m", "mrcnn.report", str(missing)], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "mrcnn.reporting", str(missing)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2 and f"{missing}: no such folder" in result.stderr
 
@@ -108,7 +112,7 @@ def test_the_rebuild_command_reads_the_report_settings_from_the_sweep(sweep):
         "hydra:\n"
         "  callbacks:\n"
         "    ablation_report:\n"
-        "      _target_: mrcnn.report.AblationReportCallback\n"
+        "      _target_: mrcnn.reporting.report.AblationReportCallback\n"
         "      variant_keys: [model/pooler]\n"
         "      title: From the sweep\n"
         "      order: [model/pooler=roi_pool, model/pooler=roi_align]\n"
@@ -116,7 +120,11 @@ def test_the_rebuild_command_reads_the_report_settings_from_the_sweep(sweep):
         "        model/pooler=roi_align: [30.3, 51.2, 31.5, .nan]\n"
     )
     result = subprocess.run(
-        [sys.executable, "-m", "mrcnn.report", str(sweep)], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "mrcnn.reporting", str(sweep)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     lines = (sweep / "report.md").read_text().splitlines()
@@ -128,7 +136,11 @@ def test_the_rebuild_command_reads_the_report_settings_from_the_sweep(sweep):
 
 def test_the_rebuild_command_needs_keys_without_a_recorded_callback(sweep):
     result = subprocess.run(
-        [sys.executable, "-m", "mrcnn.report", str(sweep)], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "mrcnn.reporting", str(sweep)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2 and "--keys is needed" in result.stderr
 
@@ -279,7 +291,7 @@ def test_a_label_whose_jobs_built_different_models_is_flagged(recorded_sweep):
 
 
 def test_the_chart_puts_the_papers_numbers_beside_ours(recorded_sweep):
-    from mrcnn.report import chart_figure
+    from mrcnn.reporting.report import chart_figure
 
     variants = collect(recorded_sweep, ["model/pooler"])
     fig = chart_figure(variants, "Table 2c", paper={"model/pooler=roi_warp_max": [27.2, 49.2, 27.1, float("nan")]})
@@ -293,7 +305,7 @@ def test_the_chart_puts_the_papers_numbers_beside_ours(recorded_sweep):
 
 
 def test_the_wandb_tables_carry_the_paper_parameters_time_and_setting(recorded_sweep):
-    from mrcnn.report import wandb_rows
+    from mrcnn.reporting.report import wandb_rows
 
     paths = write_report(
         recorded_sweep, ["model/pooler"], paper={"model/pooler=roi_pool": [26.9, 48.8, 26.4, float("nan")]}
@@ -313,7 +325,7 @@ def test_the_report_goes_to_an_offline_wandb_run_with_its_tables_setting_and_cha
     import wandb
     from omegaconf import OmegaConf
 
-    from mrcnn.report import log_to_wandb
+    from mrcnn.reporting.report import log_to_wandb
     from tests.helpers.wandb import read_wandb_records
 
     for key in ("WANDB_API_KEY", "WANDB_BASE_URL"):
@@ -358,7 +370,7 @@ def test_the_sweep_callback_writes_the_report_and_sends_it_to_wandb_when_a_logge
 ):
     from omegaconf import OmegaConf
 
-    import mrcnn.report as report
+    import mrcnn.reporting.report as report
 
     sent = []
     monkeypatch.setattr(report, "log_to_wandb", lambda paths, config: sent.append(paths))

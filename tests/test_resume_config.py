@@ -6,14 +6,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mrcnn.checkpoints import RUN_RECORD_KEY, check_resume_config, config_changes, read_resumed_run
+from mrcnn.engine.checkpoints import RUN_RECORD_KEY, check_resume_config, config_changes, read_resumed_run
 from tests.helpers.config import TINY_MODEL, compose_config
 
 TINY = [*TINY_MODEL, "data.num_train_images=12", "data.datamodule.batch_size=2", "trainer.max_epochs=2"]
 
 
 def saved_run(tmp_path, overrides=TINY, run_dir=None, wandb_run_id=None):
-    """A checkpoint file as a run with ``overrides`` saves it (``mrcnn.callbacks.RunRecord``'s record, no tensors)."""
+    """A checkpoint file as a run with ``overrides`` saves it (``mrcnn.engine.callbacks.RunRecord``'s record, no tensors)."""
     run_dir = run_dir or tmp_path / "run"
     config = OmegaConf.to_container(compose_config(overrides, run_dir=str(run_dir)), resolve=True)
     path = run_dir / "checkpoints" / "last.ckpt"
@@ -79,7 +79,7 @@ def test_a_changed_batch_size_is_refused_unless_allowed(tmp_path, caplog):
     allowed = compose_config(
         [*TINY, "data.datamodule.batch_size=4", "resume_allow_config_change=true"], run_dir=str(tmp_path / "run")
     )
-    with caplog.at_level(logging.WARNING, logger="mrcnn.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="mrcnn.engine.checkpoints"):
         check_resume_config(allowed, resumed)
     assert "data.datamodule.batch_size: 2 -> 4" in caplog.text
 
@@ -96,7 +96,7 @@ def test_a_checkpoint_without_a_record_is_resumed_unchecked(tmp_path, caplog):
     torch.save({"global_step": 3, "state_dict": {}}, path)
     resumed = read_resumed_run(path)
     assert resumed.config is None and resumed.global_step == 3 and resumed.wandb_run_id is None
-    with caplog.at_level(logging.WARNING, logger="mrcnn.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="mrcnn.engine.checkpoints"):
         check_resume_config(compose_config([]), resumed)
     assert "not checked" in caplog.text
 

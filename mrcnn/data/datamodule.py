@@ -64,7 +64,7 @@ def init_worker(worker_id: int, rank: int = 0) -> None:
 
     Ctrl-C and a cluster's SIGTERM reach every process of a job, loader workers included. A worker killed
     by one makes the main process fail at once (torch: "DataLoader worker ... is killed by signal")
-    instead of finishing its step and saving ``last.ckpt`` (``mrcnn.callbacks.LastCheckpoint``); the
+    instead of finishing its step and saving ``last.ckpt`` (``mrcnn.engine.callbacks.LastCheckpoint``); the
     workers end with the main process anyway. A loader with its own ``worker_init_fn`` does not get
     Lightning's seeding one, so it is called here, with the same arguments.
     """

@@ -157,7 +157,7 @@ def load_torchvision_weights(
     its COCO weights, and a model fine-tuned from them in torchvision keeps it. A state dict in torchvision's
     naming is taken to be such a model: its FrozenBatchNorm2d layers get ``frozen_bn_eps`` (0), so the model
     computes exactly what torchvision does. State dicts in this model's own naming leave eps alone (Lightning
-    checkpoints carry their eps, see ``mrcnn.model_record``).
+    checkpoints carry their eps, see ``mrcnn.engine.model_record``).
 
     Args:
         strict: keys missing from the file, or in the file but not in the model, are an error.

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from mrcnn.build import build_module, check_sync_batchnorm
+from mrcnn.engine.build import build_module, check_sync_batchnorm
 from tests.helpers.config import TINY_MODEL, compose_config
 from tests.helpers.runs import TINY_RUN, run_py, training_only_trainer
 from tests.helpers.wandb import read_wandb_records

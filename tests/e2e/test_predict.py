@@ -10,9 +10,9 @@ import torchvision
 from hydra.utils import instantiate
 from PIL import Image
 
-from mrcnn.build import build_module
 from mrcnn.data.shapes import ShapesDataset
-from mrcnn.visualize import draw_instances, instance_colors, place_captions, semantic_label_map
+from mrcnn.engine.build import build_module
+from mrcnn.engine.visualize import draw_instances, instance_colors, place_captions, semantic_label_map
 from tests.helpers.config import TINY_MODEL, compose_config
 from tests.helpers.runs import run_py, training_only_trainer
 from tests.helpers.torchvision_models import torchvision_maskrcnn

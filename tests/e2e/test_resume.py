@@ -25,10 +25,10 @@ from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from mrcnn.callbacks import LastCheckpoint, TrainingInterrupted
-from mrcnn.checkpoints import checkpoint_path
 from mrcnn.data.datamodule import InstanceDataModule, init_worker
-from mrcnn.train import stops_with_nonzero_exit
+from mrcnn.engine.callbacks import LastCheckpoint, TrainingInterrupted
+from mrcnn.engine.checkpoints import checkpoint_path
+from mrcnn.engine.train import stops_with_nonzero_exit
 from tests.helpers.config import TINY_MODEL, compose_config
 from tests.helpers.data import IdsDataset
 from tests.helpers.runs import training_only_trainer
@@ -430,7 +430,7 @@ DDP_SCRIPT = """
 import json, os, sys
 import lightning as L
 sys.path.insert(0, {root!r})
-from mrcnn.callbacks import LastCheckpoint
+from mrcnn.engine.callbacks import LastCheckpoint
 from mrcnn.data.datamodule import InstanceDataModule
 from tests.helpers.data import IdsDataset
 from tests.e2e.test_resume import _SignallingModule

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from mrcnn.loggers import wandb_mode
+from mrcnn.engine.loggers import wandb_mode
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS
 from tests.helpers.runs import TINY_RUN, run_py
 from tests.helpers.wandb import read_wandb_records

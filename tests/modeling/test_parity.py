@@ -131,7 +131,7 @@ def test_torchvision_coco_weights_load_exactly(tmp_path):
     statistics (mean 0, variance 1) eps 1e-5 is invisible; here the statistics are measured on an image and
     perturbed, as trained ones are, and the test shows it would catch the 1e-5 / 0 difference.
     """
-    from mrcnn.build import build_module
+    from mrcnn.engine.build import build_module
     from tests.helpers.config import compose_config
 
     g = torch.Generator().manual_seed(4)

@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from torchvision.models import resnet18
 from torchvision.ops import FrozenBatchNorm2d
 
-from mrcnn.build import build_module
+from mrcnn.engine.build import build_module
 from mrcnn.modeling.mask_rcnn import is_class_specific, load_torchvision_weights, torchvision_to_mrcnn_state_dict
 from tests.helpers.config import TINY_MODEL, compose_config
 from tests.helpers.runs import training_only_trainer
@@ -41,7 +41,7 @@ def test_torchvision_weights_for_other_classes_load_all_but_the_class_layers(tmp
     torch.save(coco.state_dict(), path)
     overrides = [*TINY_PRESET]  # the shapes data: 6 classes
     torch.manual_seed(0)
-    with caplog.at_level(logging.INFO, logger="mrcnn.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="mrcnn.engine.checkpoints"):
         module = build_module(compose_config([*overrides, f"weights={path}"]))
 
     loaded, file = module.model.state_dict(), torchvision_to_mrcnn_state_dict(coco.state_dict())
@@ -105,7 +105,7 @@ def test_lightning_checkpoint_as_weights_fine_tunes_from_a_fresh_start(tmp_path,
 
     # Two of the six classes: everything but the class layers comes from the checkpoint.
     overrides = [*TINY_MODEL, "data.classes=[circle,square]", "data.num_train_images=4", "data.datamodule.batch_size=2"]
-    with caplog.at_level(logging.INFO, logger="mrcnn.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="mrcnn.engine.checkpoints"):
         module = build_module(compose_config([*overrides, f"weights={path}"]))
     assert module.class_names == ["circle", "square"]
     expected = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items()}
@@ -203,7 +203,7 @@ def test_checkpoint_of_other_classes_stops_with_both_lists(tmp_path, caplog):
         other.on_load_checkpoint(checkpoint)
     # The same classes at another input size load, with a warning naming both sizes.
     resized = build_module(compose_config([*TINY_MODEL, "data.min_size=96", "data.max_size=96"]))
-    with caplog.at_level(logging.WARNING, logger="mrcnn.model_record"):
+    with caplog.at_level(logging.WARNING, logger="mrcnn.engine.model_record"):
         resized.on_load_checkpoint(checkpoint)
     assert (
         "trained at min_size=[64], max_size=64, but this run resizes images to min_size=[96], max_size=96"

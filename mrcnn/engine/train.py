@@ -9,12 +9,12 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 import mrcnn.config  # noqa: F401  (registers the config resolvers)
-from mrcnn.build import build
-from mrcnn.callbacks import TrainingInterrupted
-from mrcnn.checkpoints import check_resume_config, checkpoint_path, read_resumed_run
-from mrcnn.config_checks import check_config
-from mrcnn.launch import job_scope
-from mrcnn.summary import write_final_metrics
+from mrcnn.engine.build import build
+from mrcnn.engine.callbacks import TrainingInterrupted
+from mrcnn.engine.checkpoints import check_resume_config, checkpoint_path, read_resumed_run
+from mrcnn.engine.config_checks import check_config
+from mrcnn.engine.launch import job_scope
+from mrcnn.engine.summary import write_final_metrics
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train (or resume: ``ckpt_path`` / ``resume``), then evaluate on the validation split.
 
     A resumed run must have the config of the run it resumes, but for the length of training and runtime
-    keys (:func:`mrcnn.checkpoints.check_resume_config`); it continues that run's CSV history and W&B run.
+    keys (:func:`mrcnn.engine.checkpoints.check_resume_config`); it continues that run's CSV history and W&B run.
 
     Returns the final COCO metrics.
     """
@@ -67,7 +67,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 def stops_with_nonzero_exit(cfg: DictConfig):
     """A job stopped by a signal exits non-zero (128 + the signal), saying how to resume when it trained.
 
-    In the training loop ``mrcnn.callbacks.LastCheckpoint`` saves ``last.ckpt`` and raises
+    In the training loop ``mrcnn.engine.callbacks.LastCheckpoint`` saves ``last.ckpt`` and raises
     :class:`TrainingInterrupted`. Outside it (sanity check, the final validation, ``mode=evaluate``)
     Lightning's own SIGTERM handler stops the run with ``SIGTERMException``, a ``SystemExit`` with no
     code, which would exit with 0 as if the job had finished.

@@ -1,6 +1,6 @@
 """Drawing predictions: instance overlays (prediction PNGs, W&B) and semantic label maps (W&B masks).
 
-Shared by ``mrcnn.predict`` (overlay files) and ``mrcnn.callbacks.PredictionOverlays`` (W&B images), so a
+Shared by ``mrcnn.engine.predict`` (overlay files) and ``mrcnn.engine.callbacks.PredictionOverlays`` (W&B images), so a
 picture on W&B and a picture on disk are drawn by the same code.
 """
 

@@ -28,15 +28,15 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import write_png
 from torchvision.transforms.functional import pil_to_tensor
 
-from mrcnn.build import build_module
-from mrcnn.checkpoints import checkpoint_path
 from mrcnn.data.coco import load_coco_json
 from mrcnn.data.datamodule import collate_detection
 from mrcnn.data.images import read_image, read_image_size
+from mrcnn.engine.build import build_module
+from mrcnn.engine.checkpoints import checkpoint_path
+from mrcnn.engine.launch import job_scope
+from mrcnn.engine.model_record import read_model_record
+from mrcnn.engine.visualize import draw_instances, select
 from mrcnn.evaluation import CocoEvaluator
-from mrcnn.launch import job_scope
-from mrcnn.model_record import read_model_record
-from mrcnn.visualize import draw_instances, select
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mrcnn.model_record import MODEL_RECORD_KEY, ModelRecord, set_frozen_bn_eps
+from mrcnn.engine.model_record import MODEL_RECORD_KEY, ModelRecord, set_frozen_bn_eps
 from mrcnn.modeling.mask_rcnn import load_torchvision_weights
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def _why_no_last_checkpoint(run_dir: Path) -> str:
 
 # ---- what a checkpoint says about its run, and the resume check --------------------------------------
 
-# Where mrcnn.callbacks.RunRecord writes the run's resolved config, overrides and W&B run id in a checkpoint.
+# Where mrcnn.engine.callbacks.RunRecord writes the run's resolved config, overrides and W&B run id in a checkpoint.
 RUN_RECORD_KEY = "mrcnn_run"
 
 # Keys a resumed run may change without resume_allow_config_change: the length of training, and what does not

@@ -14,8 +14,8 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from mrcnn.checkpoints import RUN_RECORD_KEY
-from mrcnn.visualize import (
+from mrcnn.engine.checkpoints import RUN_RECORD_KEY
+from mrcnn.engine.visualize import (
     draw_instances,
     select,
     semantic_label_map,
@@ -247,8 +247,8 @@ def _checkpoint_saved_at_this_step(trainer: L.Trainer) -> Path | None:
 class RunRecord(L.Callback):
     """Writes what a resumed run needs to know about this one into every checkpoint it saves.
 
-    ``checkpoint["mrcnn_run"]`` (``mrcnn.checkpoints.RUN_RECORD_KEY``) holds the resolved config (a resumed run
-    compares its own with it: ``mrcnn.checkpoints.check_resume_config``), the command-line overrides and the
+    ``checkpoint["mrcnn_run"]`` (``mrcnn.engine.checkpoints.RUN_RECORD_KEY``) holds the resolved config (a resumed run
+    compares its own with it: ``mrcnn.engine.checkpoints.check_resume_config``), the command-line overrides and the
     W&B run id (a resumed run continues that W&B run). Hydra rewrites ``<run_dir>/.hydra`` when a run is
     resumed into its own folder, so the checkpoint is the one place these facts outlive the run's start.
 
@@ -319,7 +319,7 @@ class PredictionOverlays(L.Callback):
 
     Each image is logged twice: ``val/predictions`` is the plain image with W&B's interactive overlays
     (predicted and ground-truth masks as class label maps, predicted boxes with class names and
-    scores), and ``val/overlays`` is the picture ``mrcnn.visualize.draw_instances`` draws, where each
+    scores), and ``val/overlays`` is the picture ``mrcnn.engine.visualize.draw_instances`` draws, where each
     instance has its own colour. The images are the same at every validation, so the panels show
     how the predictions change during training. Does nothing without a ``WandbLogger``.
 

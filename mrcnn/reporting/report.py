@@ -1,8 +1,8 @@
 """Turn a sweep directory of finished runs into an ablation report: what was compared, and the results.
 
 Each job directory of a Hydra sweep holds ``.hydra/`` (the job's config, its config choices and overrides),
-``metrics.json`` (its final COCO metrics, written by ``mrcnn.summary``) and, when the ``JobRecord`` callback
-ran, ``job.json`` (the model it built, parameter counts, step and wall time; ``mrcnn.job_record``).
+``metrics.json`` (its final COCO metrics, written by ``mrcnn.engine.summary``) and, when the ``JobRecord`` callback
+ran, ``job.json`` (the model it built, parameter counts, step and wall time; ``mrcnn.reporting.job_record``).
 
 A job's label is the value of each ``variant_keys`` entry in the config it ran: the config group's choice
 (``.hydra/hydra.yaml``) or the key's value, never a name typed elsewhere. Jobs are grouped into variants by
@@ -12,7 +12,7 @@ and each variant's parameters and time.
 
 Rebuild a report from an existing sweep::
 
-    python -m mrcnn.report multirun/2026-11-21/10-00-00 --keys model/pooler --title "RoIAlign (Table 2c)"
+    python -m mrcnn.reporting multirun/2026-11-21/10-00-00 --keys model/pooler --title "RoIAlign (Table 2c)"
 """
 
 import argparse
@@ -149,7 +149,7 @@ def read_choices(job_dir: Path) -> dict[str, str]:
 
 
 def read_config(job_dir: Path) -> DictConfig | None:
-    """The job's config: ``resolved.yaml`` (written by ``mrcnn.launch.job_scope``) or Hydra's ``config.yaml``."""
+    """The job's config: ``resolved.yaml`` (written by ``mrcnn.engine.launch.job_scope``) or Hydra's ``config.yaml``."""
     for name in ("resolved.yaml", "config.yaml"):
         path = job_dir / ".hydra" / name
         if path.is_file():
@@ -643,7 +643,7 @@ def log_to_wandb(paths: dict[str, Path], config) -> None:
     """Log the report's tables and chart to a W&B run (offline unless credentials are set)."""
     import wandb
 
-    from mrcnn.loggers import wandb_mode
+    from mrcnn.engine.loggers import wandb_mode
 
     summary = json.loads(paths["json"].read_text())
     logger_cfg = next(c for c in config.logger.values() if "WandbLogger" in str(c.get("_target_", "")))

@@ -1,6 +1,6 @@
 """Does the configured model fit the data: its number of classes, and its anchors for the objects' sizes.
 
-Both checks run when a run is built (``mrcnn.build.build``), before any step. A wrong number of classes
+Both checks run when a run is built (``mrcnn.engine.build.build``), before any step. A wrong number of classes
 otherwise fails deep inside a loss (``IndexError: Target 2 is out of bounds``) or at the sanity check; anchors
 far from the objects' sizes train a model that finds nothing, without any error.
 """

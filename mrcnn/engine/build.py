@@ -8,19 +8,19 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import ParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
-from mrcnn.callbacks import RunRecord
-from mrcnn.checkpoints import ResumedRun, load_weights
 from mrcnn.config import check_added_keys
-from mrcnn.data_fit import check_num_classes, warn_if_boxes_outside_anchors
-from mrcnn.loggers import instantiate_loggers
-from mrcnn.quiet import silence_library_noise
+from mrcnn.engine.callbacks import RunRecord
+from mrcnn.engine.checkpoints import ResumedRun, load_weights
+from mrcnn.engine.data_fit import check_num_classes, warn_if_boxes_outside_anchors
+from mrcnn.engine.loggers import instantiate_loggers
+from mrcnn.engine.quiet import silence_library_noise
 
 
 def build(cfg: DictConfig, resumed: ResumedRun | None = None):
     """Instantiate (datamodule, module, trainer) from a composed config.
 
     Args:
-        resumed: the run this one resumes (:func:`mrcnn.checkpoints.read_resumed_run`): its CSV history and
+        resumed: the run this one resumes (:func:`mrcnn.engine.checkpoints.read_resumed_run`): its CSV history and
             W&B run are continued.
     """
     datamodule = instantiate(cfg.data.datamodule)

@@ -1,6 +1,6 @@
 """What a job built and what it cost: ``<run_dir>/job.json``, for the ablation report.
 
-The report labels each job by the config choices it ran (``mrcnn.report``); this record says what those
+The report labels each job by the config choices it ran (``mrcnn.reporting.report``); this record says what those
 choices built, read from the model's modules themselves, so a report can show that the variants of an
 ablation differ in the one thing they are meant to, and catch a label that does not match its model.
 

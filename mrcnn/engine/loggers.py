@@ -14,7 +14,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
-from mrcnn.checkpoints import ResumedRun
+from mrcnn.engine.checkpoints import ResumedRun
 
 
 def instantiate_loggers(cfg: DictConfig, resumed: ResumedRun | None = None) -> list:
