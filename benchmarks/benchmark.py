@@ -30,6 +30,7 @@ hardware to ``--out`` (json). See benchmarks/README.md.
 """
 
 import argparse
+import collections
 import contextlib
 import ctypes
 import json
@@ -218,6 +219,181 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+# ---- what a step waits on and which shapes it sees ------------------------------------------------
+
+# aten ops that make a CUDA step wait for the GPU before the host can go on: item() / bool() / tolist() of a
+# device tensor (_local_scalar_dense), nonzero (also behind boolean-mask indexing), and ops whose output size
+# depends on the data. On the CPU they are the same ops, so the count is the same without a GPU.
+SYNC_OPS = (
+    "aten::_local_scalar_dense",
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::_unique2",
+    "aten::unique_consecutive",
+    "aten::unique_dim",
+    "aten::equal",
+)
+# What the CUDA runtime reports when the host waits (present only on a GPU).
+CUDA_SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+class HeadShapes:
+    """Records the input shape of each system's box and mask head at every call (forward pre-hooks)."""
+
+    def __init__(self, models: dict):
+        self.shapes = {name: {"box_head": [], "mask_head": []} for name in models}
+        self.handles = []
+        for name, model in models.items():
+            for head in ("box_head", "mask_head"):
+                module = getattr(model.roi_heads, head, None)
+                if module is not None:
+                    record = self.shapes[name][head].append
+                    self.handles.append(module.register_forward_pre_hook(lambda m, a, rec=record: rec(a[0].shape)))
+
+    def summary(self) -> dict:
+        """Per system and head: calls, distinct input shapes, and the distinct first dims (RoI counts)."""
+        return {
+            name: {
+                head: {
+                    "calls": len(seen),
+                    "distinct_shapes": len(set(seen)),
+                    "roi_counts": sorted({shape[0] for shape in seen}),
+                }
+                for head, seen in heads.items()
+            }
+            for name, heads in self.shapes.items()
+        }
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class ProfileSteps(L.Callback):
+    """Profiles the training steps ``first .. first + count - 1`` of a Lightning fit with ``profiler``."""
+
+    def __init__(self, profiler, first: int, count: int, syncs: "SyncWarnings"):
+        self.profiler, self.first, self.count, self.syncs = profiler, first, count, syncs
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.first:
+            self.profiler.start()
+            self.syncs.start()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.first + self.count - 1:
+            sync(pl_module.device)
+            self.syncs.stop()
+            self.profiler.stop()
+
+
+class SyncWarnings:
+    """On a GPU, counts the synchronising CUDA calls between ``start`` and ``stop`` with torch's sync debug mode
+    (each one warns, naming the Python line that caused it); on the CPU it counts nothing."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.lines: list[str] = []
+        self._catcher = None
+
+    def start(self) -> None:
+        if self.device.type != "cuda":
+            return
+        self._catcher = warnings.catch_warnings(record=True)
+        self._caught = self._catcher.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> None:
+        if self._catcher is None:
+            return
+        torch.cuda.set_sync_debug_mode("default")
+        self._catcher.__exit__(None, None, None)
+        self._catcher = None
+        self.lines += [
+            f"{Path(w.filename).name}:{w.lineno}" for w in self._caught if "synchroniz" in str(w.message).lower()
+        ]
+
+    def summary(self, steps: int) -> dict:
+        counts = collections.Counter(self.lines)
+        return {"per_step": len(self.lines) / steps, "where": dict(counts.most_common(20))} if self.lines else {}
+
+
+def profile_counts(profiler, steps: int) -> dict:
+    """Sync ops per step from a profile of ``steps`` steps (aten ops, and the CUDA runtime's waits on a GPU)."""
+    events = {e.key: e.count for e in profiler.key_averages()}
+    aten = {op: events[op] / steps for op in SYNC_OPS if op in events}
+    cuda = {op: events[op] / steps for op in CUDA_SYNC_CALLS if op in events}
+    return {"aten_per_step": aten, "aten_total_per_step": sum(aten.values()), "cuda_runtime_per_step": cuda}
+
+
+def profile_tables(profiler, device: torch.device, rows: int = 25) -> str:
+    """The profile's top ``rows`` ops by GPU time (on a GPU) and by CPU time."""
+    averages = profiler.key_averages()
+    parts = []
+    if device.type == "cuda":
+        parts += ["== by GPU time", averages.table(sort_by="self_device_time_total", row_limit=rows)]
+    parts += ["== by CPU time", averages.table(sort_by="self_cpu_time_total", row_limit=rows)]
+    return "\n".join(parts) + "\n"
+
+
+def profile_phase(args, cfg, module, theirs, loader, device, steps: int = 2) -> dict:
+    """Host synchronisations per training step and a torch.profiler table of ``steps`` steps of each system,
+    after one unprofiled step, on ``loader``'s batches (``--steps`` must be at least ``steps + 1``).
+
+    Tables go to ``<--out without .json>_profile_<system>.txt``.
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    stem = str(args.out).removesuffix(".json")
+    result = {"steps": steps}
+    # Ours: the whole Lightning training step (training_step, backward, optimizer step), as users run it.
+    profiler, syncs = torch.profiler.profile(activities=activities), SyncWarnings(device)
+    trainer = L.Trainer(
+        accelerator="cpu" if device.type == "cpu" else "gpu",
+        devices=1,
+        precision="32-true" if args.precision == "32" else args.precision,
+        max_steps=steps + 1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[ProfileSteps(profiler, 1, steps, syncs)],
+        benchmark=args.cudnn_benchmark,
+    )
+    trainer.fit(module, datamodule=FixedBatches(loader))
+    result["ours"] = {**profile_counts(profiler, steps), "sync_debug": syncs.summary(steps)}
+    Path(f"{stem}_profile_ours.txt").write_text(profile_tables(profiler, device))
+    # torchvision: the plain loop of train_phase.
+    theirs.train()
+    params = [p for p in theirs.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=cfg.optimizer.momentum)
+    profiler, syncs = torch.profiler.profile(activities=activities), SyncWarnings(device)
+    for i, (images, targets) in enumerate(loader):
+        if i == steps + 1:
+            break
+        if i == 1:
+            profiler.start()
+            syncs.start()
+        with autocast(device, args.precision):
+            loss = sum(theirs(list(images), list(targets)).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if not math.isfinite(loss.item()):  # as train_phase and torchvision's reference script
+            raise FloatingPointError(f"torchvision: non-finite loss {loss.item()}")
+        if i == steps:
+            sync(device)
+            syncs.stop()
+            profiler.stop()
+    result["torchvision"] = {**profile_counts(profiler, steps), "sync_debug": syncs.summary(steps)}
+    Path(f"{stem}_profile_torchvision.txt").write_text(profile_tables(profiler, device))
+    return result
+
+
 # ---- phases -------------------------------------------------------------------------------------
 
 
@@ -229,16 +405,30 @@ def memory_round(args) -> int:
 
 
 def summarize(times: list[float], images: int) -> dict:
-    """Median over rounds of ``images`` images each."""
+    """Median over rounds of ``images`` images each, and the spread: the slowest and fastest rounds'
+    throughput (``images_per_s_range``)."""
     median = statistics.median(times)
-    return {"median_s": median, "images_per_s": images / median, "latency_ms": 1000 * median, "times_s": times}
+    return {
+        "median_s": median,
+        "images_per_s": images / median,
+        "images_per_s_range": [images / max(times), images / min(times)],
+        "latency_ms": 1000 * median,
+        "times_s": times,
+    }
 
 
-def train_phase(args, cfg, module, theirs, loader, device, memory) -> dict:
-    """Alternating rounds of ``--steps`` training steps: Lightning (ours), plain loop (torchvision)."""
+def train_phase(args, cfg, module, theirs, loaders, device, memory, save=lambda partial: None) -> dict:
+    """Alternating rounds of ``--steps`` training steps: Lightning (ours), plain loop (torchvision).
+
+    Round ``r`` trains both systems on ``loaders[r]``: new batches every round, the same for both, so a cache
+    keyed by shape (cuDNN autotuning, torch.compile) cannot favour one system by having seen the batches before.
+    ``save`` gets the numbers of the rounds finished so far after every round (a run stopped at its time limit
+    keeps them).
+    """
     rounds = {"ours": [], "torchvision": []}
-    peaks = {}
-    for r in range(args.warmup + args.repeats):
+    peaks = {"ours": None, "torchvision": None}
+    timer = None
+    for r, loader in enumerate(loaders):
         measure_memory = r == memory_round(args)
         timer = StepTimer(device, memory if measure_memory else None)
         trainer = L.Trainer(
@@ -282,13 +472,19 @@ def train_phase(args, cfg, module, theirs, loader, device, memory) -> dict:
         if r >= args.warmup:
             rounds["ours"].append(timer.times)
             rounds["torchvision"].append(times)
-    result = {}
+            save(train_summary(args, rounds, peaks, timer.lr, complete=False))
+    return train_summary(args, rounds, peaks, timer.lr if timer else None, complete=True)
+
+
+def train_summary(args, rounds: dict, peaks: dict, lr: float | None, complete: bool) -> dict:
+    """The training numbers of the measured rounds in ``rounds`` (``complete``: all ``--repeats`` of them)."""
+    result = {"complete": complete, "rounds": len(rounds["ours"])}
     for name, steps in rounds.items():
         # One round's time: the sum of its steps (so its throughput is steps * batch / time).
         result[name] = summarize([sum(s) for s in steps], args.steps * args.batch_size)
         result[name].update(step_times_s=steps, peak_mem_mib=peaks[name])
     result["ratio"] = result["ours"]["images_per_s"] / result["torchvision"]["images_per_s"]
-    result["ours"]["lr"], result["torchvision"]["lr"] = timer.lr, args.lr
+    result["ours"]["lr"], result["torchvision"]["lr"] = lr, args.lr
     return result
 
 
@@ -324,8 +520,9 @@ def coco_json_plain(detections: list[dict], image_ids: list[int]) -> list[dict]:
     return results
 
 
-def infer_phase(args, ours, theirs, samples, device, memory) -> dict:
-    """Eval-mode forward, model only and end to end, at batch 1 and ``--infer-batch-size``."""
+def infer_phase(args, ours, theirs, rounds, device, memory, save=lambda partial: None) -> dict:
+    """Eval-mode forward, model only and (with ``e2e`` in ``--infer-modes``) end to end, at batch 1 and
+    ``--infer-batch-size``; round ``r`` runs on the images of ``rounds[r]`` (new images every round)."""
     ours.eval(), theirs.eval()
     systems = {
         "ours": (lambda images: ours(images)[0], coco_json_ours),
@@ -333,12 +530,12 @@ def infer_phase(args, ours, theirs, samples, device, memory) -> dict:
     }
     result = {}
     for batch in sorted({1, args.infer_batch_size}):
-        images = [image for image, _ in samples[:batch]]
-        ids = [int(target["image_id"]) for _, target in samples[:batch]]
-        for mode in ("model", "e2e"):
+        for mode in args.infer_modes:
             times = {"ours": [], "torchvision": []}
             peaks, detections = {}, {}
-            for r in range(args.warmup + args.repeats):
+            for r, samples in enumerate(rounds):
+                images = [image for image, _ in samples[:batch]]
+                ids = [int(target["image_id"]) for _, target in samples[:batch]]
                 for name, (forward, to_json) in systems.items():
                     if r == memory_round(args):
                         memory.start()
@@ -361,6 +558,7 @@ def infer_phase(args, ours, theirs, samples, device, memory) -> dict:
                 entry[name].update(peak_mem_mib=peaks[name], detections_per_image=detections[name])
             entry["ratio"] = entry["ours"]["images_per_s"] / entry["torchvision"]["images_per_s"]
             result[f"{mode}_batch{batch}"] = entry
+            save(result)
     return result
 
 
@@ -425,6 +623,15 @@ def eval_phase(args, cfg) -> dict:
 
 
 # ---- report -------------------------------------------------------------------------------------
+
+
+def write_json(results: dict, path: str) -> None:
+    """Writes ``results`` to ``path`` (through a temporary file, so a run stopped mid-write leaves the last
+    complete version)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def hardware(device: torch.device) -> dict:
@@ -541,6 +748,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="ours uses torchvision's RoIAlign backward too (isolates framework overhead on the CPU)",
     )
     p.add_argument("--skip", default="", help="comma-separated phases to skip: train,infer,eval")
+    p.add_argument(
+        "--infer-modes", default="model,e2e", help="inference measurements: model (forward only), e2e (+ json)"
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after training: host synchronisations per step, a torch.profiler table of 2 steps of each system, "
+        "and the distinct RoI-head input shapes seen in training",
+    )
     p.add_argument("--eval-images", type=int, default=5000)
     p.add_argument("--eval-image-size", type=int, default=128)
     p.add_argument("--eval-dets", type=int, default=100, help="detections per image (COCO's maxDets)")
@@ -554,10 +770,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="benchmark.json")
     args = p.parse_args(argv)
     args.skip = {s for s in args.skip.split(",") if s}
+    args.infer_modes = [m for m in args.infer_modes.split(",") if m]
+    if not args.infer_modes or set(args.infer_modes) - {"model", "e2e"}:
+        p.error(f"--infer-modes takes model,e2e, got {args.infer_modes}")
     if args.skip - set(PHASES):
         p.error(f"--skip takes {','.join(PHASES)}, got {args.skip}")
     if min(args.repeats, args.steps, args.batch_size, args.infer_batch_size, args.eval_images, args.eval_repeats) < 1:
         p.error("--repeats, --steps, the batch sizes, --eval-images and --eval-repeats must be >= 1")
+    if args.profile and args.steps < 3:
+        p.error("--profile needs --steps 3 or more (one unprofiled step, then two profiled ones)")
     return args
 
 
@@ -598,12 +819,19 @@ def main(argv: list[str] | None = None) -> dict:
         "memory_method": memory.method if device.type == "cpu" else "cuda_max_memory_allocated",
     }
 
+    # Every round gets its own batches (seed = round), the same for both systems.
     num_samples = max(args.steps * args.batch_size, args.infer_batch_size)
-    dataset = ShapesDataset(num_images=num_samples, image_size=size, classes=cfg.data.classes, seed=0)
-    samples = [dataset[i] for i in range(num_samples)]
+    rounds = [
+        [
+            dataset[i]
+            for dataset in [ShapesDataset(num_images=num_samples, image_size=size, classes=cfg.data.classes, seed=r)]
+            for i in range(num_samples)
+        ]
+        for r in range(args.warmup + args.repeats)
+    ]
     torch.manual_seed(0)
     theirs = build_torchvision(cfg)
-    stabilize_random_weights(theirs, [image for image, _ in samples[: args.batch_size]])
+    stabilize_random_weights(theirs, [image for image, _ in rounds[0][: args.batch_size]])
     initial = {k: v.clone() for k, v in theirs.state_dict().items()}
     # SGD at the constant lr of the torchvision loop: MaskRCNNModule uses base_lr * batch / base_batch_size.
     base_lr = args.lr * cfg.module.base_batch_size / args.batch_size
@@ -613,30 +841,45 @@ def main(argv: list[str] | None = None) -> dict:
     load_torchvision_weights(module.model, initial, frozen_bn_eps=None)
     if args.channels_last:
         module.to(memory_format=torch.channels_last), theirs.to(memory_format=torch.channels_last)
-    samples = [(image.to(device), {k: to(v, device) for k, v in t.items()}) for image, t in samples]
+    rounds = [[(image.to(device), {k: to(v, device) for k, v in t.items()}) for image, t in r] for r in rounds]
     theirs.to(device)
     results["trainable_params"] = {
         "ours": sum(p.numel() for p in module.parameters() if p.requires_grad),
         "torchvision": sum(p.numel() for p in theirs.parameters() if p.requires_grad),
     }
+    results["complete"] = False
+
+    def save(phase):
+        def write(partial):
+            results[phase] = partial
+            write_json(results, args.out)
+
+        return write
 
     if "train" not in args.skip:
-        loader = DataLoader(
-            samples[: args.steps * args.batch_size], batch_size=args.batch_size, collate_fn=collate_detection
-        )
-        results["train"] = train_phase(args, cfg, module, theirs, loader, device, memory)
+        loaders = [
+            DataLoader(r[: args.steps * args.batch_size], batch_size=args.batch_size, collate_fn=collate_detection)
+            for r in rounds
+        ]
+        shapes = HeadShapes({"ours": module.model, "torchvision": theirs})
+        results["train"] = train_phase(args, cfg, module, theirs, loaders, device, memory, save("train"))
+        results["head_shapes"] = shapes.summary()
+        shapes.remove()
+        if args.profile:
+            results["profile"] = profile_phase(args, cfg, module, theirs, loaders[-1], device)
+        write_json(results, args.out)
     if "infer" not in args.skip:
         if "train" not in args.skip:  # back to the same weights: training moved the two a little apart
             theirs.load_state_dict(initial)
             load_torchvision_weights(module.model, initial, frozen_bn_eps=None)
         module.to(device)  # Lightning's teardown leaves it on the CPU
-        results["infer"] = infer_phase(args, module.model, theirs, samples, device, memory)
+        results["infer"] = infer_phase(args, module.model, theirs, rounds, device, memory, save("infer"))
     if "eval" not in args.skip:
         results["eval"] = eval_phase(args, cfg)
+    results["complete"] = True
 
     print(table(results), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    write_json(results, args.out)
     print(f"\nwrote {args.out}")
     return results
 

@@ -27,8 +27,11 @@ gpu_check = load_gpu_check()
 def test_dry_run_reports_every_step_and_goes_on_past_a_failing_one(tmp_path):
     # train_bf16 gets a 1-second limit: it cannot get past its imports, so it fails, and the steps after it run.
     out = tmp_path / "check"
-    command = [sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), "--budget", "train_bf16=1"]
-    proc = subprocess.run(command, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    selected = "environment,bench_eager,bench_fast,train_bf16,gpu_tests,train_others"
+    command = [sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), "--steps", selected]
+    proc = subprocess.run(
+        [*command, "--budget", "train_bf16=1"], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=1800
+    )
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # 1: a step failed
 
     report = json.loads((out / "gpu_check.json").read_text())
@@ -38,13 +41,14 @@ def test_dry_run_reports_every_step_and_goes_on_past_a_failing_one(tmp_path):
     statuses = {name: s["status"] for name, s in steps.items()}
     assert statuses == {
         "environment": "passed",
-        "gpu_tests": "skipped",
-        "train_fp32": "passed",
+        "bench_eager": "passed",
+        "bench_fast": "passed",
         "train_bf16": "failed",
-        "bench_fp32": "passed",
-        "bench_bf16": "passed",
-        "bench_compile": "passed",
+        "gpu_tests": "skipped",
+        "train_others": "passed",
+        "bench_compile": "skipped",
     }, {n: s["reason"] for n, s in steps.items()}
+    assert steps["bench_compile"]["reason"] == "not selected (--steps)"
 
     env = steps["environment"]["results"]
     assert env["python"] == platform.python_version() and env["cuda_available"] is False
@@ -56,35 +60,101 @@ def test_dry_run_reports_every_step_and_goes_on_past_a_failing_one(tmp_path):
     assert steps["gpu_tests"]["reason"] == "skipped (no CUDA)"
     assert tests["skipped"] == GPU_TESTS.read_text().count("\ndef test_") and tests["passed"] == tests["failed"] == 0
 
-    train = steps["train_fp32"]["results"]
-    assert train["global_step"] == gpu_check.DRY_RUN.train_steps and 0 <= train["segm_AP"] <= 100
-    assert train["images_per_s"] > 0
+    # Two training runs side by side, each to its last step, with AP and throughput.
+    for run in ("fp32", "fast"):
+        train = steps["train_others"]["results"][run]
+        assert train["global_step"] == gpu_check.DRY_RUN.train_steps and 0 <= train["segm_AP"] <= 100
+        assert train["images_per_s"] > 0 and train["steps_per_s"] > 0 and "partial" not in train
+    assert (out / "logs" / "train_others.fp32.log").exists() and (out / "logs" / "train_others.fast.log").exists()
 
     failed = steps["train_bf16"]
     assert failed["reason"] == "timed out after 1 s (its time limit)" and failed["seconds"] < 10
     assert "run.py" in failed["tail"] and failed["results"] == {}
 
-    for name in ("bench_fp32", "bench_bf16", "bench_compile"):
-        bench = steps[name]["results"]
+    eager, fast = steps["bench_eager"]["results"], steps["bench_fast"]["results"]
+    for bench in (eager, fast):
         assert bench["train"]["ours"]["images_per_s"] > 0 and bench["train"]["torchvision"]["images_per_s"] > 0
-        assert bench["train"]["ratio"] > 0 and bench["train"]["ours"]["peak_mem_mib"] >= 0
-    for name in ("bench_fp32", "bench_bf16"):
-        assert steps[name]["results"]["infer"]["model_batch1"]["ours"]["latency_ms"] > 0
-    assert "infer" not in steps["bench_compile"]["results"]  # compiled for training only
-    assert steps["bench_bf16"]["results"]["args"]["precision"] == "bf16-mixed"
-    assert steps["bench_bf16"]["results"]["args"]["channels_last"] is True
+        assert bench["train"]["ratio"] > 0 and bench["train"]["rounds"] == gpu_check.DRY_RUN.bench_repeats
+        assert bench["partial"] is False
+    assert eager["infer"]["model_batch1"]["ours"]["latency_ms"] > 0 and "infer" not in fast  # fast: training only
+    assert list(eager["infer"]) == ["model_batch1"]  # model only: no COCO-json encoding
+    assert fast["args"]["channels_last"] is True and eager["args"]["channels_last"] is False
+    # The profile: the CPU counts the same sync ops a GPU step would wait on; both systems have some today.
+    for system in ("ours", "torchvision"):
+        assert eager["profile"][system]["aten_total_per_step"] > 0
+        assert eager["head_shapes"][system]["mask_head"]["calls"] > 0
+        assert (out / f"bench_eager_profile_{system}.txt").read_text().startswith("== by CPU time")
 
     goals = {g["goal"]: g for g in report["goals"]}
-    assert len(goals) == 5 and all(g["met"] is None for g in goals.values())  # no verdicts in a dry run
-    assert all(g["value"] > 0 for text, g in goals.items() if not text.startswith("mask AP"))
-    assert goals["mask AP change, bf16 - fp32 (points)"]["value"] is None  # train_bf16 failed
+    assert len(goals) == 9 and all(g["met"] is None for g in goals.values())  # no verdicts in a dry run
+    assert goals["training, bf16 eager: ours / torchvision"]["value"] > 0
+    assert goals["host synchronisations per training step, ours"]["value"] > 0
+    assert goals["run.py trainer=gpu on the shapes, steps/s"]["value"] is None  # train_bf16 failed
+    assert goals["mask AP change, fast path - fp32 (points)"]["value"] is not None
 
     summary = (out / "gpu_check.md").read_text()
     for name, status in statuses.items():
         assert f"| {name} | {gpu_check.DESCRIPTIONS[name]} | {status} |" in summary
     assert "skipped (no CUDA)" in summary and f"| python | {platform.python_version()} " in summary
     assert "## Failures" in summary and "### train_bf16: timed out after 1 s" in summary
-    assert (out / "logs" / "bench_compile.log").exists()
+    assert "| sync ops per step" in summary and "| mask_head input shapes in training |" in summary
+
+
+def test_the_default_steps_fit_seven_minutes_with_their_margins():
+    limits = [gpu_check.GPU.budgets[name] for name in gpu_check.DEFAULT_STEPS]
+    assert sum(limits) <= gpu_check.GPU.total_budget <= 7 * 60
+
+
+def hang_after(code: str) -> list[str]:
+    """A command that runs ``code`` and then waits forever (until its step's limit kills it)."""
+    return [sys.executable, "-c", code + "\nimport time; print('working', flush=True); time.sleep(120)"]
+
+
+def test_a_benchmark_stopped_at_its_limit_reports_the_rounds_it_finished(tmp_path):
+    # What benchmark.py writes after its first measured round of three.
+    partial = {
+        "complete": False,
+        "args": {"steps": 5},
+        "hardware": {},
+        "train": {
+            "complete": False,
+            "rounds": 1,
+            "ratio": 0.9,
+            "ours": {"images_per_s": 45.0, "images_per_s_range": [45.0, 45.0], "peak_mem_mib": 9000, "median_s": 1},
+            "torchvision": {"images_per_s": 50.0, "peak_mem_mib": 9000, "median_s": 0.9},
+        },
+    }
+    path = tmp_path / "bench_eager.json"
+    record = gpu_check.run_step(
+        "bench_eager", hang_after(f"open({str(path)!r}, 'w').write({json.dumps(partial)!r})"), tmp_path, timeout_s=5
+    )
+    assert record["status"] == "failed"
+    assert record["reason"] == "timed out after 5 s (its time limit); partial results kept"
+    assert record["results"]["partial"] is True and record["results"]["train"]["rounds"] == 1
+    assert record["results"]["train"]["ours"]["images_per_s"] == 45.0
+
+
+def test_a_training_run_stopped_at_its_limit_reports_the_steps_it_logged(tmp_path):
+    run_dir = gpu_check.step_output("bf16", tmp_path)
+    write_log = (
+        "import pathlib\n"
+        f"log = pathlib.Path({str(run_dir / 'csv')!r})\n"
+        "log.mkdir(parents=True)\n"
+        "(log / 'metrics.csv').write_text('step,train/images_per_sec\\n49,80.0\\n99,96.0\\n')"
+    )
+    record = gpu_check.run_step("train_bf16", {"bf16": hang_after(write_log)}, tmp_path, timeout_s=5)
+    assert record["status"] == "failed" and record["reason"].endswith("partial results kept")
+    bf16 = record["results"]["bf16"]
+    assert bf16 == {"images_per_s": 96.0, "steps_per_s": 12.0, "global_step": 99, "partial": True}
+
+
+def test_gpu_tests_stopped_at_their_limit_report_the_finished_tests(tmp_path):
+    printed = (
+        "print('tests/modeling/test_gpu.py::test_a PASSED [ 16%]'); print('tests/modeling/test_gpu.py::test_b FAILED')"
+    )
+    record = gpu_check.run_step("gpu_tests", hang_after(printed), tmp_path, timeout_s=5)
+    assert record["status"] == "failed" and record["reason"].endswith("partial results kept")
+    assert record["results"]["tests"] == {"test_a": "passed", "test_b": "failed"} and record["results"]["partial"]
 
 
 def alive(pid: int) -> bool:
@@ -98,7 +168,7 @@ def alive(pid: int) -> bool:
 
 def test_a_crashing_step_is_reported_with_its_error_and_output(tmp_path):
     command = [sys.executable, "-c", "print('loading the model'); raise RuntimeError('CUDA error: out of memory')"]
-    record = gpu_check.run_step("bench_fp32", command, tmp_path, timeout_s=60)
+    record = gpu_check.run_step("bench_eager", command, tmp_path, timeout_s=60)
     assert record["status"] == "failed"
     assert record["reason"] == "exit code 1: RuntimeError: CUDA error: out of memory"
     assert "loading the model" in record["tail"] and record["results"] == {}
@@ -113,7 +183,7 @@ def test_a_hanging_step_is_killed_with_its_children_at_its_time_limit(tmp_path):
         "print('waiting forever', flush=True)\n"
         "time.sleep(120)\n"
     )
-    record = gpu_check.run_step("bench_fp32", [sys.executable, "-c", hang], tmp_path, timeout_s=5)
+    record = gpu_check.run_step("bench_eager", [sys.executable, "-c", hang], tmp_path, timeout_s=5)
     assert record["status"] == "failed" and record["reason"] == "timed out after 5 s (its time limit)"
     assert record["seconds"] < 30 and "waiting forever" in record["tail"]
     # The step's whole process group was killed: a worker it started holds no GPU memory afterwards.
