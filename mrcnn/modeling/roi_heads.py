@@ -13,13 +13,13 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection._utils import (
     BalancedPositiveNegativeSampler,
-    BoxCoder,
     Matcher,
 )
 from torchvision.ops import boxes as box_ops
 
 from mrcnn.modeling.box_head import fast_rcnn_inference, fast_rcnn_loss
 from mrcnn.modeling.mask_head import MASK_TARGET_FORMS, mask_targets
+from mrcnn.modeling.transform import BoxCoder
 
 
 class RoIHeads(nn.Module):
