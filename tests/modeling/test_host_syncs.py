@@ -141,8 +141,8 @@ def _device_syncs(counts: SyncCounter) -> int:
     return sum(n for (_, place), n in counts.where.items() if not place.split(":")[0].endswith(HOST_ONLY))
 
 
-# Recorded counts per training step (batch 2; before issue 22: 93 and 71 counted this way, with the host-only
-# reads). The issue's goal is at most 8.
+# Recorded device syncs per training step (batch 2, 64x64; benchmarks/README.md has the before/after at 128x128).
+# The issue's goal is at most 8.
 MAX_SYNCS = {"small": 64, "torchvision_r50_fpn": 42}
 
 
