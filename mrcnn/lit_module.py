@@ -1,6 +1,7 @@
 """MaskRCNNModule: the LightningModule that trains, validates and logs a Mask R-CNN."""
 
 import bisect
+import collections
 import math
 from collections.abc import Callable
 
@@ -19,7 +20,7 @@ from mrcnn.engine.model_record import (
     warn_if_input_size_differs,
 )
 from mrcnn.evaluation import CocoEvaluator
-from mrcnn.modeling.mask_rcnn import LOSS_KEYS
+from mrcnn.modeling.mask_rcnn import LOSS_KEYS, check_targets
 
 
 def warmup_multistep_schedule(
@@ -109,6 +110,14 @@ class MaskRCNNModule(L.LightningModule):
         self.cityscapes_evaluator: CityscapesEvaluator | None = None
         self.last_metrics: dict[str, float] = {}
         self.last_metrics_step = -1
+        self.loss_watch = LossWatch()
+
+    def on_train_epoch_end(self) -> None:
+        # The last steps' losses have not been looked at yet (LossWatch reads each one when the GPU has it ready).
+        self.loss_watch.check(wait=True)
+
+    def on_train_end(self) -> None:
+        self.loss_watch.check(wait=True)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -149,11 +158,23 @@ class MaskRCNNModule(L.LightningModule):
         return self.model(images, targets)
 
     # ---- training -------------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # Training targets are cleaned and checked here, on the host before the copy to the device, where reading
+        # their values costs nothing; in training_step on a GPU each read would make the step wait (issue 22).
+        if self._trainer is not None and self.trainer.training:
+            images, targets = batch
+            targets = [drop_crowd(t) for t in targets]
+            check_targets(targets)
+            batch = (images, targets)
+        return batch
+
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, targets = batch
-        _, losses = self.model(list(images), [drop_crowd(t) for t in targets])
+        # Crowd regions were dropped and the targets checked before the batch reached the device.
+        _, losses = self.model(list(images), list(targets), targets_checked=True)
         total = sum(losses[k] for k in LOSS_KEYS)
-        check_finite(losses, self.global_step)
+        self.loss_watch.push(losses, self.global_step)
+        self.loss_watch.check()
         batch_size = len(images)
         # In the progress bar too, under short names (mrcnn.engine.progress.ProgressBar).
         self.log_dict({f"train/{k}": losses[k] for k in LOSS_KEYS}, prog_bar=True, batch_size=batch_size)
@@ -226,9 +247,42 @@ class MaskRCNNModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+class LossWatch:
+    """Stops training on a non-finite loss without making any GPU step wait for the host.
+
+    Each step's losses are copied to the host asynchronously (``non_blocking``, into pinned memory) behind a CUDA
+    event; :meth:`check` reads the copies whose event has completed (usually the previous step's), and ``wait=True``
+    reads all (at the end of an epoch). A bad loss stops training at most a few steps late, with the message of
+    :func:`check_finite` naming the step it happened at. On the CPU each step is read at once.
+    """
+
+    def __init__(self):
+        self.pending: collections.deque = collections.deque()
+
+    def push(self, losses: dict[str, Tensor], step: int) -> None:
+        values = torch.stack([v.detach().float() for v in losses.values()])
+        event = None
+        if values.is_cuda:
+            values = values.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self.pending.append((step, list(losses), values, event))
+
+    def check(self, wait: bool = False) -> None:
+        """Check every pending step whose copy has arrived (all of them with ``wait``), oldest first."""
+        while self.pending:
+            step, names, values, event = self.pending[0]
+            if event is not None:
+                if not wait and not event.query():
+                    return
+                event.synchronize()
+            self.pending.popleft()
+            check_finite(dict(zip(names, values)), step)
+
+
 def check_finite(losses: dict[str, Tensor], step: int) -> None:
     """Stop on a non-finite loss, naming the step and every loss that went bad."""
-    # One device-to-host sync per step; the per-loss values are read only when something went wrong.
+    # One read per step (of host copies under LossWatch); the per-loss values are read only when something went wrong.
     if bool(torch.isfinite(torch.stack([v.detach() for v in losses.values()])).all()):
         return
     bad = {k: v.item() for k, v in losses.items() if not math.isfinite(v.item())}

@@ -5,7 +5,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from mrcnn.lit_module import check_finite, warmup_multistep_schedule
+from mrcnn.lit_module import LossWatch, check_finite, warmup_multistep_schedule
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS
 from tests.helpers.config import TINY_MODEL, compose_config
 from tests.helpers.runs import training_only_trainer
@@ -73,3 +73,13 @@ def test_a_nan_input_stops_training_with_the_step_and_loss_names(tmp_path):
     datamodule.train_dataset = Poisoned(datamodule.train_dataset)
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 0: .*rpn_class_loss=nan"):
         trainer.fit(module, datamodule=datamodule)
+
+
+def test_loss_watch_stops_on_a_non_finite_loss_naming_the_step_it_happened_at():
+    watch = LossWatch()
+    good = {k: torch.tensor(1.0) for k in LOSS_KEYS}
+    watch.push(good, 4)
+    watch.check()
+    watch.push({**good, "rpn_bbox_loss": torch.tensor(float("inf"))}, 5)
+    with pytest.raises(FloatingPointError, match=r"step 5: rpn_bbox_loss=inf"):
+        watch.check(wait=True)

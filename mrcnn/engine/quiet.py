@@ -12,6 +12,9 @@ NOISE_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     # Short runs (smoke tests, tiny sweeps) have fewer batches than the logging interval by design.
     r"The number of training batches \(\d+\) is smaller than the logging interval",
+    # MaskRCNNModule.on_before_batch_transfer drops crowd regions and checks training targets on the host, for any
+    # datamodule; ours define no such hook, so nothing is overridden that the message could warn about.
+    r"You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in a `LightningDataModule`",
 )
 # Log records by message prefix, per logger: Lightning's advertisements for its cloud products.
 NOISE_LOGS = {

@@ -5,8 +5,9 @@ from collections import OrderedDict
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d
+
+from mrcnn.modeling.transform import RCNNTransform
 
 LOSS_KEYS = ("rpn_class_loss", "rpn_bbox_loss", "fastrcnn_class_loss", "fastrcnn_bbox_loss", "maskrcnn_mask_loss")
 
@@ -35,13 +36,13 @@ class MaskRCNN(nn.Module):
     ):
         super().__init__()
         min_size = (min_size,) if isinstance(min_size, int) else tuple(min_size)
-        self.transform = GeneralizedRCNNTransform(min_size, max_size, list(image_mean), list(image_std))
+        self.transform = RCNNTransform(min_size, max_size, list(image_mean), list(image_std))
         self.backbone = backbone
         self.rpn = rpn
         self.roi_heads = roi_heads
 
     def forward(
-        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None, targets_checked: bool = False
     ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         """
         Args:
@@ -49,6 +50,9 @@ class MaskRCNN(nn.Module):
             targets: per image ``boxes [N, 4]`` xyxy, ``labels`` int64 ``[N]`` (1..K), ``masks`` uint8
                 ``[N, H_i, W_i]``. Required in training mode; optional in eval mode, where giving them
                 also returns the losses (validation losses without touching BatchNorm statistics).
+            targets_checked: the caller ran :func:`check_targets` on these targets already, on the host before
+                copying them to the device (``MaskRCNNModule`` does): skip it here, where its box check would make
+                a GPU step wait for the host.
 
         Returns:
             detections: empty in training mode; else per image ``boxes [D, 4]``, ``labels [D]``,
@@ -57,7 +61,7 @@ class MaskRCNN(nn.Module):
         """
         if self.training and targets is None:
             raise ValueError("MaskRCNN needs targets in training mode")
-        if targets is not None:
+        if targets is not None and not targets_checked:
             check_targets(targets)
         original_sizes = [tuple(img.shape[-2:]) for img in images]
         image_list, targets = self.transform(images, targets)

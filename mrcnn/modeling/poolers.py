@@ -106,10 +106,15 @@ class RoIPooler(nn.Module):
         k_min = int(-math.log2(scales[0]))
         k_max = int(-math.log2(scales[-1]))
         levels = assign_levels(boxes, k_min, k_max, self.canonical_scale, self.canonical_level)
+        # RoIs grouped by level (a stable sort keeps their order within a level, so each level pools, and its
+        # backward accumulates, exactly as with one selection per level), then one host read of the group sizes
+        # where a selection per level would make a GPU wait once per level.
+        order = torch.argsort(levels, stable=True)
+        per_level = (levels[None, :] == torch.arange(len(maps), device=levels.device)[:, None]).sum(dim=1)
+        groups = rois[order].split(per_level.tolist())
+        pooled = [self.pool_level(feature, group, scale) for feature, group, scale in zip(maps, groups, scales)]
         out = rois.new_zeros((len(rois), maps[0].shape[1], self.output_size, self.output_size), dtype=maps[0].dtype)
-        for level, (feature, scale) in enumerate(zip(maps, scales)):
-            index = torch.where(levels == level)[0]
-            out[index] = self.pool_level(feature, rois[index], scale).to(out.dtype)
+        out[order] = torch.cat([p.to(out.dtype) for p in pooled])
         return out
 
 

@@ -13,13 +13,13 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection._utils import (
     BalancedPositiveNegativeSampler,
-    BoxCoder,
     Matcher,
 )
 from torchvision.ops import boxes as box_ops
 
 from mrcnn.modeling.box_head import fast_rcnn_inference, fast_rcnn_loss
 from mrcnn.modeling.mask_head import MASK_TARGET_FORMS, mask_targets
+from mrcnn.modeling.transform import BoxCoder
 
 
 class RoIHeads(nn.Module):
@@ -44,6 +44,11 @@ class RoIHeads(nn.Module):
         positive_fraction: target share of positives among sampled RoIs (0.25).
         bbox_reg_weights: box coder weights (10, 10, 5, 5).
         score_thresh, nms_thresh, detections_per_img: inference settings.
+        roi_buckets: pad the RoIs each head (box head, mask head) runs on to the next of these counts, so their
+            input shapes repeat from step to step (cuDNN autotuning and ``torch.compile`` tune each shape once);
+            above the largest, to the next multiple of it. ``None``: no padding. Padded rows are zero features
+            whose outputs are dropped before any loss, so they carry no weight and no gradient
+            (:func:`pad_to_bucket`). Heads with BatchNorm (batch statistics) refuse it.
     """
 
     def __init__(
@@ -65,8 +70,18 @@ class RoIHeads(nn.Module):
         score_thresh: float = 0.05,
         nms_thresh: float = 0.5,
         detections_per_img: int = 100,
+        roi_buckets: list[int] | None = None,
     ):
         super().__init__()
+        self.roi_buckets = sorted(int(b) for b in roi_buckets) if roi_buckets else None
+        if self.roi_buckets and self.roi_buckets[0] < 1:
+            raise ValueError(f"roi_buckets must be positive counts, got {roi_buckets}")
+        if self.roi_buckets and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for h in (box_head, mask_head) for m in h.modules()
+        ):
+            raise ValueError(
+                "roi_buckets pads a head's batch with zero rows, which would enter BatchNorm's batch statistics: use gn or frozen_bn heads, or roi_buckets=null"
+            )
         if mask_loss.per_class_only and getattr(mask_head, "class_agnostic", False):
             raise ValueError(
                 f"{type(mask_loss).__name__} needs per-class masks; class_agnostic=True is only defined "
@@ -166,14 +181,16 @@ class RoIHeads(nn.Module):
 
     def _losses(self, features, proposals, image_shapes, targets) -> dict[str, Tensor]:
         rois, labels, matched_idxs, regression_targets = self.sample_rois(proposals, targets)
-        box_features = self.box_head(self.box_pooler(features, rois, image_shapes))
+        box_features = self.run_head(self.box_head, self.box_pooler(features, rois, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
         class_loss, bbox_loss = fast_rcnn_loss(class_logits, box_regression, torch.cat(labels), regression_targets)
 
         # Mask branch: positive RoIs only, each against its matched ground-truth mask.
         positives = [torch.where(image_labels > 0)[0] for image_labels in labels]
         pos_rois = [r[p] for r, p in zip(rois, positives)]
-        mask_logits = self.mask_head(self.positive_mask_features(features, image_shapes, rois, positives, box_features))
+        mask_logits = self.run_head(
+            self.mask_head, self.positive_mask_features(features, image_shapes, rois, positives, box_features)
+        )
         size = mask_logits.shape[-1]
         gt_labels = torch.cat([t["labels"][m[p]] for t, m, p in zip(targets, matched_idxs, positives)])
         gt_masks = torch.cat(
@@ -186,7 +203,7 @@ class RoIHeads(nn.Module):
         return {"fastrcnn_class_loss": class_loss, "fastrcnn_bbox_loss": bbox_loss, "maskrcnn_mask_loss": mask_loss}
 
     def _detect(self, features, proposals, image_shapes) -> list[dict[str, Tensor]]:
-        box_features = self.box_head(self.box_pooler(features, proposals, image_shapes))
+        box_features = self.run_head(self.box_head, self.box_pooler(features, proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
         boxes, scores, labels = fast_rcnn_inference(
             class_logits,
@@ -199,10 +216,18 @@ class RoIHeads(nn.Module):
             self.detections_per_img,
         )
         masks = self.mask_loss.inference(
-            self.mask_head(self.detection_mask_features(features, boxes, image_shapes)), torch.cat(labels)
+            self.run_head(self.mask_head, self.detection_mask_features(features, boxes, image_shapes)),
+            torch.cat(labels),
         )
         masks = masks.split([len(b) for b in boxes])
         return [{"boxes": b, "labels": c, "scores": s, "masks": m} for b, c, s, m in zip(boxes, labels, scores, masks)]
+
+    def run_head(self, head: nn.Module, x: Tensor) -> Tensor:
+        """``head(x)``, on ``x`` padded to the next RoI bucket when ``roi_buckets`` is set; the padded rows' outputs
+        are dropped, so the result is ``[len(x), ...]`` either way."""
+        if self.roi_buckets is None:
+            return head(x)
+        return head(pad_to_bucket(x, self.roi_buckets))[: len(x)]
 
     def positive_mask_features(
         self,
@@ -263,4 +288,25 @@ class Res5RoIHeads(RoIHeads):
         return box_features[torch.cat([p + o for p, o in zip(positives, offsets)])]
 
     def detection_mask_features(self, features, boxes, image_shapes) -> Tensor:
-        return self.box_head(self.box_pooler(features, boxes, image_shapes))
+        return self.run_head(self.box_head, self.box_pooler(features, boxes, image_shapes))
+
+
+def bucket_size(count: int, buckets: list[int]) -> int:
+    """The smallest of ``buckets`` (sorted) that holds ``count`` rows; above the largest, the next multiple of it."""
+    for size in buckets:
+        if count <= size:
+            return size
+    return -(-count // buckets[-1]) * buckets[-1]
+
+
+def pad_to_bucket(x: Tensor, buckets: list[int]) -> Tensor:
+    """``x [R, ...]`` with zero rows appended up to ``bucket_size(R)``.
+
+    The heads treat each row on its own (convs, fc layers, GroupNorm, FrozenBatchNorm), so the real rows' outputs
+    do not depend on the padding and the padded rows' outputs are simply dropped: they carry no weight in any loss
+    and get no gradient (``torch.cat``'s backward hands the real rows their own gradient).
+    """
+    size = bucket_size(len(x), buckets)
+    if size == len(x):
+        return x
+    return torch.cat([x, x.new_zeros((size - len(x), *x.shape[1:]))])

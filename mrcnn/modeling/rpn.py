@@ -5,6 +5,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 
+from mrcnn.modeling.transform import BoxCoder
+
 
 class RPN(RegionProposalNetwork):
     """torchvision's RegionProposalNetwork with plain constructor arguments.
@@ -56,6 +58,7 @@ class RPN(RegionProposalNetwork):
             nms_thresh,
             score_thresh,
         )
+        self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))  # torchvision's, without its per-call copies
 
     def forward(
         self, images: ImageList, features: dict[str, Tensor], targets: list[dict[str, Tensor]] | None = None

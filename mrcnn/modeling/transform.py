@@ -1,0 +1,106 @@
+"""torchvision's GeneralizedRCNNTransform and BoxCoder without their host-to-device copies.
+
+Both build small constant tensors from Python numbers with ``torch.tensor(..., device=...)`` at every call: the
+image mean and std, the box resize ratios, the box coder's weights and its 0.5. On a GPU each such copy from
+pageable host memory waits for the device, once per image and call. These subclasses compute the same values
+from the same float32 arithmetic, keeping the constants on the device (or as CPU scalars, which CUDA kernels
+take as arguments), so every output is bit for bit torchvision's.
+"""
+
+import torch
+from torch import Tensor
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, _resize_image_and_masks
+
+
+class _DeviceConstants:
+    """Tensors made from Python numbers once per (dtype, device), instead of once per call."""
+
+    def __init__(self, values):
+        self.values = tuple(float(v) for v in values)
+        self._cache: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+    def get(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        key = (dtype, device)
+        if key not in self._cache:
+            self._cache[key] = torch.tensor(self.values, dtype=dtype).to(device)
+        return self._cache[key]
+
+
+def resize_boxes(boxes: Tensor, original_size: tuple[int, int], new_size: tuple[int, int]) -> Tensor:
+    """torchvision's ``resize_boxes``, with the float32 ratios computed on the host as CPU scalars."""
+    ratio_height, ratio_width = (
+        torch.tensor(s, dtype=torch.float32) / torch.tensor(s_orig, dtype=torch.float32)
+        for s, s_orig in zip(new_size, original_size)
+    )
+    xmin, ymin, xmax, ymax = boxes.unbind(1)
+    return torch.stack((xmin * ratio_width, ymin * ratio_height, xmax * ratio_width, ymax * ratio_height), dim=1)
+
+
+class RCNNTransform(GeneralizedRCNNTransform):
+    """GeneralizedRCNNTransform whose normalisation and training-time box resize copy nothing to the device."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._mean = _DeviceConstants(self.image_mean)
+        self._std = _DeviceConstants(self.image_std)
+
+    def normalize(self, image: Tensor) -> Tensor:
+        if not image.is_floating_point():
+            raise TypeError(f"Expected input images of floating type (in range [0, 1]), got {image.dtype}")
+        mean = self._mean.get(image.dtype, image.device)
+        std = self._std.get(image.dtype, image.device)
+        return (image - mean[:, None, None]) / std[:, None, None]
+
+    def resize(self, image: Tensor, target: dict[str, Tensor] | None = None):
+        h, w = image.shape[-2:]
+        if self.training:
+            if self._skip_resize:
+                return image, target
+            size = self.torch_choice(self.min_size)
+        else:
+            size = self.min_size[-1]
+        image, target = _resize_image_and_masks(image, size, self.max_size, target, self.fixed_size)
+        if target is None:
+            return image, target
+        target["boxes"] = resize_boxes(target["boxes"], (h, w), tuple(image.shape[-2:]))
+        if "keypoints" in target:
+            raise ValueError("keypoints are not supported")
+        return image, target
+
+
+class BoxCoder(det_utils.BoxCoder):
+    """torchvision's BoxCoder without a host-to-device copy per call (its weights, and 0.5 in decoding)."""
+
+    def __init__(self, weights, bbox_xform_clip: float = det_utils.math.log(1000.0 / 16)):
+        super().__init__(weights, bbox_xform_clip)
+        self._weights = _DeviceConstants(weights)
+
+    def encode_single(self, reference_boxes: Tensor, proposals: Tensor) -> Tensor:
+        weights = self._weights.get(reference_boxes.dtype, reference_boxes.device)
+        return det_utils.encode_boxes(reference_boxes, proposals, weights)
+
+    def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
+        boxes = boxes.to(rel_codes.dtype)
+        widths = boxes[:, 2] - boxes[:, 0]
+        heights = boxes[:, 3] - boxes[:, 1]
+        ctr_x = boxes[:, 0] + 0.5 * widths
+        ctr_y = boxes[:, 1] + 0.5 * heights
+
+        wx, wy, ww, wh = self.weights
+        dx = rel_codes[:, 0::4] / wx
+        dy = rel_codes[:, 1::4] / wy
+        dw = torch.clamp(rel_codes[:, 2::4] / ww, max=self.bbox_xform_clip)
+        dh = torch.clamp(rel_codes[:, 3::4] / wh, max=self.bbox_xform_clip)
+
+        pred_ctr_x = dx * widths[:, None] + ctr_x[:, None]
+        pred_ctr_y = dy * heights[:, None] + ctr_y[:, None]
+        pred_w = torch.exp(dw) * widths[:, None]
+        pred_h = torch.exp(dh) * heights[:, None]
+        # torchvision multiplies by a 0.5 tensor made on the device; by 0.5 as a scalar the products are the same.
+        c_to_c_h = 0.5 * pred_h
+        c_to_c_w = 0.5 * pred_w
+        pred_boxes = torch.stack(
+            (pred_ctr_x - c_to_c_w, pred_ctr_y - c_to_c_h, pred_ctr_x + c_to_c_w, pred_ctr_y + c_to_c_h), dim=2
+        )
+        return pred_boxes.flatten(1)
