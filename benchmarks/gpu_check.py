@@ -68,9 +68,9 @@ DEFAULT_STEPS = ("environment", "bench_eager", "bench_fast", "train_bf16", "gpu_
 DESCRIPTIONS = {
     "environment": "GPU, memory, versions; the project imports",
     "bench_eager": "benchmark.py, ours and torchvision, bf16 autocast, eager; host syncs, profile, head shapes",
-    "bench_fast": "benchmark.py, ours and torchvision on the fast path (bf16 + channels_last), training only",
+    "bench_fast": "benchmark.py, ours on the fast path (bf16, channels_last, RoI buckets, cuDNN autotuning) and torchvision (bf16, channels_last, autotuning), training only",
     "train_bf16": "run.py trainer=gpu on shapes (bf16), alone: the default run's steps/s",
-    "train_others": "run.py on shapes in fp32 and on the fast path, side by side on the GPU: their AP",
+    "train_others": "run.py on shapes in fp32 and on the fast path (+ channels_last, autotuning), side by side: their AP",
     "gpu_tests": f"pytest -m gpu {GPU_TESTS}",
     "bench_compile": "benchmark.py, as bench_fast with our module.compile=true (training only)",
 }
@@ -80,14 +80,19 @@ DESCRIPTIONS = {
 TRAIN_RUNS = {
     "fp32": ["trainer.precision=32-true"],
     "bf16": ["trainer.precision=bf16-mixed"],
-    "fast": ["trainer.precision=bf16-mixed", "module.channels_last=true"],
+    # The shapes' images all have one size and the default model buckets its RoIs: every shape repeats.
+    "fast": ["trainer.precision=bf16-mixed", "module.channels_last=true", "trainer.benchmark=true"],
 }
 # Which training runs each training step runs, at the same time.
 TRAIN_STEPS = {"train_bf16": ("bf16",), "train_others": ("fp32", "fast")}
+# The fast path: bf16, channels_last, and RoI buckets (model.roi_buckets, off in the parity configuration that
+# bench_eager measures), which make every shape the convolutions see repeat at a fixed image size, so cuDNN
+# autotuning may join it (it tunes each shape once).
+FAST_OVERRIDES = ["model.roi_buckets=[16,32,64,128,256,512,1024,2048,4096]"]
 BENCH_SWITCHES = {
     "bench_eager": ["--precision", "bf16-mixed", "--profile"],
-    "bench_fast": ["--precision", "bf16-mixed", "--channels-last"],
-    "bench_compile": ["--precision", "bf16-mixed", "--channels-last"],
+    "bench_fast": ["--precision", "bf16-mixed", "--channels-last", "--cudnn-benchmark"],
+    "bench_compile": ["--precision", "bf16-mixed", "--channels-last", "--cudnn-benchmark"],
 }
 # The distributions whose versions the environment records (those of mrcnn's requirements are added).
 VERSIONS_OF = (
@@ -508,8 +513,9 @@ def step_command(name: str, profile: Profile, args, out: Path) -> list[str]:
         "--out",
         str(step_output(name, out)),
     ]
+    fast = FAST_OVERRIDES if name in ("bench_fast", "bench_compile") else []
     compile_overrides = profile.compile_overrides if name == "bench_compile" else []
-    return [*command, "--overrides", *profile.bench_overrides, *compile_overrides]
+    return [*command, "--overrides", *profile.bench_overrides, *fast, *compile_overrides]
 
 
 def gpu_test_results(junit_xml: Path, log_path: Path | None = None) -> dict:
