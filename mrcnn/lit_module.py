@@ -109,6 +109,8 @@ class MaskRCNNModule(L.LightningModule):
         self.cityscapes_evaluator: CityscapesEvaluator | None = None
         self.last_metrics: dict[str, float] = {}
         self.last_metrics_step = -1
+        # Why the last evaluation had nothing to score (CocoEvaluator.nothing_to_score), or None.
+        self.nothing_to_score: str | None = None
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -198,6 +200,7 @@ class MaskRCNNModule(L.LightningModule):
     def _log_ap(self, stage: str) -> None:
         # Every rank calls compute(): it gathers all ranks' predictions, so all get the same numbers.
         metrics = self.evaluator.compute()
+        self.nothing_to_score = self.evaluator.nothing_to_score
         if self.cityscapes_evaluator is not None:
             # The same detections, scored by Cityscapes' own protocol (cityscapes_AP, cityscapes_AP50, per class).
             metrics.update(self.cityscapes_evaluator.compute(self.evaluator.results_json(), self.evaluator.image_ids()))
