@@ -35,6 +35,9 @@ from mrcnn.data.images import ImageLimits, check_regular_file, file_kind, read_i
 from mrcnn.engine.build import build_module
 from mrcnn.engine.checkpoints import check_checkpoint_fits, checkpoint_path
 from mrcnn.engine.config_checks import check_config
+from mrcnn.engine.launch import job_scope
+from mrcnn.engine.model_record import read_model_record
+from mrcnn.engine.visualize import draw_instances, select
 from mrcnn.evaluation import CocoEvaluator
 
 log = logging.getLogger(__name__)
