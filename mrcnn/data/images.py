@@ -170,10 +170,12 @@ def read_image(path: str | os.PathLike, limits: ImageLimits | None = None) -> np
         with Image.open(path) as image:
             # The format is that of the file; a transposed copy has none.
             file_format = image.format
-            orientation = exif_orientation(image)
             if limits is not None:
+                # Before the EXIF orientation, which decodes a PNG whose tag may follow its pixels. A turn by
+                # 90 degrees changes neither the pixel count nor the aspect ratio nor the shorter side.
                 width, height = image.size
                 limits.check(path, height, width)
+            orientation = exif_orientation(image)
             if orientation != 1:
                 image = ImageOps.exif_transpose(image)
             return _to_rgb(image, file_format, path)
@@ -206,18 +208,25 @@ def _to_rgb(image: Image.Image, file_format: str | None, path: str | os.PathLike
     return np.array(image.convert("RGB"))
 
 
-def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
+def read_image_size(path: str | os.PathLike, limits: ImageLimits | None = None) -> tuple[int, int]:
     """``(height, width)`` of the upright image (EXIF orientation applied), from the file's header.
 
+    Args:
+        limits: checked on the stored size first: finding a PNG's EXIF orientation may decode it.
+
     Raises:
-        ValueError: not a regular file, not an image, or a decompression bomb, naming the file.
+        ValueError: not a regular file, not an image, above ``limits`` or a decompression bomb, naming the file.
     """
     check_regular_file(path)
     try:
         with Image.open(path) as image:
             width, height = image.size
+            if limits is not None:
+                limits.check(path, height, width)
             if exif_orientation(image) in _SWAPS_SIDES:
                 width, height = height, width
+    except ImageLimitError:
+        raise
     except Image.DecompressionBombError as err:
         raise ValueError(f"image {path} is refused by PIL as a decompression bomb: {err}") from err
     except (OSError, SyntaxError, ValueError) as err:

@@ -84,10 +84,7 @@ class ImageFiles(Dataset):
         if irregular:
             raise ValueError(f"predict.input={path}: {len(irregular)} entries are not regular files: {irregular[:3]}")
         # (height, width) of every upright image from its header, checked against the limits before any work.
-        self.sizes = [read_image_size(f) for f in self.files]
-        if limits is not None:
-            for f, (height, width) in zip(self.files, self.sizes):
-                limits.check(f, height, width)
+        self.sizes = [read_image_size(f, limits) for f in self.files]
         self.image_ids = list(range(1, len(self.files) + 1))
         if coco_json is not None:
             self.image_ids = self._ids_from(coco_json)

@@ -6,12 +6,17 @@ Each case corrupts a freshly generated split (``tests/helpers/data.py``) one way
 - :class:`Skipped`: the dataset builds, the annotation is left out, counted under its reason and named (by id)
   in the log line with the json's path; ``at_read``: found only when its item is read, and counted then;
 - :class:`Repaired`: the annotation is kept after a repair (counted, or logged, or a field filled in);
-- :class:`Reads`: the image loads, with the pixels it should have.
+- :class:`Reads`: the image loads, with the pixels it should have;
+- :class:`Capped`: an image with more annotations than ``max_annotations_per_image`` keeps the largest, counted;
+- :class:`Disagrees`: a json bbox far from its mask is counted, and used for training and evaluation alike.
 
-Annotation cases that reach evaluation (skipped, repaired) also read every item and score perfect predictions
-with ``CocoEvaluator`` in a forked child with a time limit and a memory cap: a ground truth that makes
-``COCOeval`` loop forever in C, or a polygon whose rasterising allocates without bound, fails its case instead of
-hanging or exhausting the machine. Add a new kind of bad input as one row of a table here.
+Every case runs in a forked child with a time limit (``Case.timeout``) and a memory cap
+(``CHILD_EXTRA_MEMORY``): a named pipe that blocks a read, a ground truth that makes ``COCOeval`` loop forever in
+C, a polygon whose rasterising or an image whose decoding allocates without bound, fails its case instead of
+hanging or exhausting the machine. Annotation cases that reach evaluation (skipped, repaired) also read every item
+and score perfect predictions with ``CocoEvaluator``. Further tables: Cityscapes trees, ``mode=predict`` inputs
+and outputs, checkpoints for evaluate/predict, config values, and evaluations with nothing to score. Add a new
+kind of bad input as one row of a table here.
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ import io
 import json
 import logging
 import multiprocessing
+import os
 import resource
 import shutil
+import struct
 import traceback
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +47,7 @@ from pycocotools.cocoeval import COCOeval
 from mrcnn.data.cityscapes import CityscapesDataset, read_instance_ids
 from mrcnn.data.coco import CocoDataset
 from mrcnn.data.datamodule import InstanceDataModule
+from mrcnn.data.images import ImageLimits
 from mrcnn.evaluation import STAT_NAMES, CocoEvaluator
 from tests.helpers.data import cityscapes_instance_ids, make_cityscapes, make_coco_split, uncompressed_rle
 
@@ -84,6 +93,8 @@ class Repaired:
     logged: str | None = None
     check: Callable[[CocoDataset], None] | None = None
     pycocotools: bool = False
+    # The json pycocotools must agree with, as an edit of the case's json (the repair it implies).
+    corrected: Callable[[dict], None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,13 +106,30 @@ class Reads:
 
 
 @dataclasses.dataclass(frozen=True)
+class Capped:
+    """``left_out`` annotations of the first image left out of its target by ``max_annotations_per_image``."""
+
+    left_out: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Disagrees:
+    """The bad annotation's json bbox differs from its mask beyond the tolerance: counted, kept, used as its box."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Case:
-    """One kind of bad input: ``make(tmp_path, split) -> paths`` writes it, ``outcome`` is what must happen."""
+    """One kind of bad input: ``make(tmp_path, split) -> paths`` writes it, ``outcome`` is what must happen.
+
+    The whole case (writing the input included) runs in a forked child that must finish within ``timeout``
+    seconds and may map at most ``CHILD_EXTRA_MEMORY`` more bytes than the test process.
+    """
 
     name: str
     make: Callable
-    outcome: Stops | Skipped | Repaired | Reads
+    outcome: Stops | Skipped | Repaired | Reads | Capped | Disagrees
     kwargs: dict = dataclasses.field(default_factory=dict)  # dataset arguments
+    timeout: float = CHILD_TIMEOUT_S
 
     def __str__(self) -> str:
         return self.name
@@ -274,12 +302,78 @@ def expected_grayscale(path: Path) -> np.ndarray:
     return np.repeat(stored_pixels(HEIGHT, WIDTH)[:, :, :1], 3, axis=2)
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header says ``width x height`` (1-bit gray) and that holds no pixel data: readers see its size
+    without the file holding the pixels, as a decompression bomb's header does."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def write_png_header(width: int, height: int) -> Callable[[Path], None]:
+    return lambda path: path.write_bytes(png_header(width, height))
+
+
+def make_fifo(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+
+
+def make_folder(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.mkdir()
+
+
+def link_to_dev_null(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.symlink_to("/dev/null")
+
+
+def tiny_annotations(count: int) -> Callable:
+    """A case maker: ``count`` one-pixel-square annotations on the first image (ids from ``BAD_ID``)."""
+
+    def edit(data: dict) -> None:
+        for i in range(count):
+            x, y = 1 + i % 60, 1 + (i // 60) % 44
+            data["annotations"].append(
+                good_annotation(
+                    id=BAD_ID + i,
+                    segmentation=[[x, y, x + 2, y, x + 2, y + 2, x, y + 2]],
+                    bbox=[x, y, 2, 2],
+                    area=4.0,
+                )
+            )
+
+    return edit_json(edit)
+
+
 def expected_red(path: Path) -> np.ndarray:
     # CMYK (0, 255, 255, 0) is red; JPEG may move a value by a few levels.
     return np.broadcast_to(np.array([255, 0, 0], dtype=np.uint8), (HEIGHT, WIDTH, 3))
 
 
 # -------------------------------------------------------------------------------------------- COCO cases
+
+AREA_REPAIR = "area outside (0, image pixels] replaced by the mask's area"
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def _folder(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def _mask_area(data: dict) -> None:
+    """The json pycocotools must score as we do: the bad annotation with its mask's area."""
+    next(a for a in data["annotations"] if a["id"] == BAD_ID)["area"] = float(triangle_mask().sum())
+
 
 COCO_CASES = [
     # ---- the json file: stops naming it
@@ -464,9 +558,8 @@ COCO_CASES = [
         add_annotation(segmentation={"size": [HEIGHT, WIDTH], "counts": compressed(triangle_mask(20, 20))}),
         Skipped("RLE runs do not add up to the image size"),
     ),
-    Case("area_nan", add_annotation(area=float("nan")), Skipped("malformed or non-finite area")),
-    Case("area_a_string", add_annotation(area="40"), Skipped("malformed or non-finite area")),
-    Case("area_negative", add_annotation(area=-3.0), Skipped("malformed or non-finite area")),
+    Case("area_nan", add_annotation(area=float("nan")), Skipped("malformed or NaN area")),
+    Case("area_a_string", add_annotation(area="40"), Skipped("malformed or NaN area")),
     Case("iscrowd_a_string", add_annotation(iscrowd="0"), Skipped("malformed iscrowd")),
     # ---- found when the item is read: skipped and counted then
     Case(
@@ -535,6 +628,163 @@ COCO_CASES = [
     ),
     Case("image_grayscale_png", edit_image_file(write_grayscale_png, file_name="gray.png"), Reads(expected_grayscale)),
     Case("image_cmyk_jpeg", edit_image_file(write_cmyk_jpeg), Reads(expected_red, tolerance=3)),
+    # ---- 1. the types of the json's fields: stop naming the json and the id, or skip and count
+    Case(
+        "category_id_a_string",
+        edit_categories(lambda cats: cats[1].update(id="1")),
+        Stops(r"case\.json: category 'person' has id '1' \(str\), not an integer within int64"),
+    ),
+    Case(
+        "category_id_a_list",
+        edit_categories(lambda cats: cats[1].update(id=[1])),
+        Stops(r"case\.json: category 'person' has id \[1\] \(list\)"),
+    ),
+    Case(
+        "category_id_null",
+        edit_categories(lambda cats: cats[1].update(id=None)),
+        Stops(r"case\.json: category 'person' has id None \(NoneType\)"),
+    ),
+    Case(
+        "category_id_beyond_int64",
+        edit_categories(lambda cats: cats[1].update(id=2**70)),
+        Stops(r"case\.json: category 'person' has id 1180591620717411303424 \(int\), not an integer within int64"),
+    ),
+    Case(
+        "category_name_null",
+        edit_categories(lambda cats: cats[1].update(name=None)),
+        Stops(r"case\.json: category id 1 has name None, not a non-empty string"),
+    ),
+    Case(
+        "category_name_a_number",
+        edit_categories(lambda cats: cats[1].update(name=7)),
+        Stops(r"case\.json: category id 1 has name 7, not a non-empty string"),
+    ),
+    Case(
+        "image_id_beyond_int64",
+        edit_first_image(id=2**64),
+        Stops(r"case\.json: image '000000000100\.jpg' has id 18446744073709551616, not an integer within int64"),
+    ),
+    Case("image_id_a_list", edit_first_image(id=[100]), Stops(r"case\.json: image .* has id \[100\], not an integer")),
+    Case(
+        "image_id_null",
+        edit_json(lambda data: data["images"][0].update(id=None)),
+        Stops(r"case\.json: image .* has id None, not an integer"),
+    ),
+    Case(
+        "info_nested_too_deeply",
+        raw_json(b'{"info": ' + b"[" * 100_000 + b"]" * 100_000 + b', "images": [], "annotations": []}'),
+        Stops(r"case\.json nests its values too deeply"),
+    ),
+    Case("annotation_image_id_a_string", add_annotation(image_id="100"), Skipped("malformed image id")),
+    Case("annotation_image_id_a_list", add_annotation(image_id=[100]), Skipped("malformed image id")),
+    Case("annotation_category_id_null", add_annotation(category_id=None), Skipped("malformed category id")),
+    Case("annotation_category_id_a_float", add_annotation(category_id=1.0), Skipped("malformed category id")),
+    # pycocotools keeps annotation ids in float64 arrays: above 2**53 two ids can compare equal.
+    Case("annotation_id_beyond_2_53", add_annotation(id=2**60), Repaired(logged="renumbering them 1..N")),
+    Case("annotation_id_a_string", add_annotation(id="9001"), Repaired(logged="renumbering them 1..N")),
+    # ---- 2. files that are not regular files: refused when the dataset is built, never opened
+    Case(
+        "json_a_named_pipe",
+        lambda tmp, split: (split.image_dir, _fifo(tmp / "pipe.json")),
+        Stops(r"COCO annotation file .*pipe\.json is a named pipe, not a regular file"),
+    ),
+    Case(
+        "json_a_folder",
+        lambda tmp, split: (split.image_dir, _folder(tmp / "folder.json")),
+        Stops(r"COCO annotation file .*folder\.json is a folder, not a regular file"),
+    ),
+    Case(
+        "image_a_named_pipe",
+        edit_image_file(make_fifo),
+        Stops(rf"1 of 7 image files listed in .*case\.json are not regular files.*{FIRST_FILE} \(a named pipe\)"),
+    ),
+    Case(
+        "image_a_folder",
+        edit_image_file(make_folder),
+        Stops(rf"are not regular files.*{FIRST_FILE} \(a folder\)"),
+    ),
+    Case(
+        "image_a_link_to_a_device",
+        edit_image_file(link_to_dev_null),
+        Stops(rf"are not regular files.*{FIRST_FILE} \(a character device\)"),
+    ),
+    # ---- 3. images that cannot be held: refused from the json's sizes or the file header, never decoded
+    Case(
+        "image_of_144_megapixels",
+        edit_first_image(height=12000, width=12000),
+        Stops(r"case\.json: 1 images are refused by their size, e\.g\.\s+image id 100 .* has 144\.0 MPix .*max_pix"),
+        kwargs={"image_limits": ImageLimits()},
+    ),
+    Case(
+        "image_20000_by_20",
+        edit_first_image(height=20, width=20000),
+        Stops(r"image id 100 .* is 20000x20, an aspect ratio of 1000\.0:1, above data\.image_limits\.max_aspect"),
+        kwargs={"image_limits": ImageLimits()},
+    ),
+    Case(
+        "image_that_resizes_to_zero_pixels",
+        edit_first_image(height=20, width=20000),
+        Stops(r"image id 100 .* would shrink its shorter side to 0\.02 pixels, below one"),
+        kwargs={"image_limits": ImageLimits(max_aspect_ratio=1000, min_size=8, max_size=16)},
+    ),
+    Case(
+        "image_header_of_144_megapixels_json_small",
+        edit_image_file(write_png_header(12000, 12000), file_name="huge.png"),
+        Stops(r"image .*huge\.png has 144\.0 MPix \(12000x12000\), above data\.image_limits", at_read=True),
+        kwargs={"image_limits": ImageLimits()},
+    ),
+    Case(
+        "image_a_decompression_bomb",
+        edit_image_file(write_png_header(14000, 14000), file_name="bomb.png"),
+        Stops(r"image .*bomb\.png is refused by PIL as a decompression bomb", at_read=True),
+    ),
+    # ---- 4. annotation volume: the largest kept, the rest counted; the read stays within the memory cap
+    Case("fifty_thousand_annotations", tiny_annotations(50_000), Capped(50_000), {"max_annotations_per_image": 100}),
+    # ---- 5. what evaluation scores: the mask's area where the json's is out of range; the json bbox
+    Case(
+        "area_zero",
+        add_annotation(area=0),
+        Repaired(counted=AREA_REPAIR, check=lambda dataset: _check_completed(dataset), corrected=_mask_area),
+    ),
+    Case(
+        "area_above_1e10",
+        add_annotation(area=1e12),
+        Repaired(counted=AREA_REPAIR, check=lambda dataset: _check_completed(dataset), corrected=_mask_area),
+    ),
+    Case(
+        "area_negative",
+        add_annotation(area=-3.0),
+        Repaired(counted=AREA_REPAIR, check=lambda dataset: _check_completed(dataset), corrected=_mask_area),
+    ),
+    Case(
+        "area_infinite",
+        add_annotation(area=float("inf")),
+        Repaired(counted=AREA_REPAIR, check=lambda dataset: _check_completed(dataset), corrected=_mask_area),
+    ),
+    Case("bbox_far_from_its_mask", add_annotation(bbox=[30.0, 30.0, 20.0, 15.0]), Disagrees()),
+    Case(
+        "images_list_empty",
+        edit_json(lambda data: (data["images"].clear(), data["annotations"].clear())),
+        Stops(r"case\.json leaves no image to use: its 'images' list is empty"),
+    ),
+    Case(
+        "no_image_with_a_usable_annotation",
+        edit_json(lambda data: data["annotations"].clear()),
+        Stops(r"case\.json leaves no image to use: none of its 7 images has a usable non-crowd annotation"),
+        kwargs={"drop_images_without_annotations": True},
+    ),
+    Case("classes_empty", edit_json(lambda data: None), Stops(r"classes is empty"), kwargs={"classes": []}),
+    # ---- 10. messages that state the actual problem
+    Case(
+        "polygon_of_an_odd_number_of_coordinates",
+        add_annotation(segmentation=[[1, 1, 10, 1, 10, 10, 5]]),
+        Skipped("polygon with an odd number of coordinates"),
+    ),
+    Case(
+        "polygon_part_of_an_odd_number_of_coordinates",
+        add_annotation(segmentation=[[1, 1, 10, 1, 10, 10], [3, 3, 4, 4, 5]]),
+        Repaired(counted="polygon part with an odd number of coordinates removed", pycocotools=False),
+    ),
 ]
 
 
@@ -553,6 +803,10 @@ def split(tmp_path_factory) -> Split:
 
 @pytest.mark.parametrize("case", COCO_CASES, ids=str)
 def test_coco(case: Case, split: Split, tmp_path: Path, caplog):
+    run_in_child(_coco_case, case, split, tmp_path, caplog, timeout=case.timeout)
+
+
+def _coco_case(case: Case, split: Split, tmp_path: Path, caplog) -> None:
     image_dir, json_path = case.make(tmp_path, split)
     outcome = case.outcome
     if isinstance(outcome, Stops) and not outcome.at_read:
@@ -572,8 +826,42 @@ def test_coco(case: Case, split: Split, tmp_path: Path, caplog):
         np.testing.assert_allclose(pixels, expected, atol=outcome.tolerance, rtol=0)
     elif isinstance(outcome, Skipped):
         _check_skipped(case, dataset, split, image_dir, json_path, caplog.text)
+    elif isinstance(outcome, Capped):
+        _check_capped(case, dataset, split, json_path, caplog.text)
+    elif isinstance(outcome, Disagrees):
+        _check_disagrees(dataset, image_dir, json_path, caplog.text)
     else:
         _check_repaired(case, dataset, split, image_dir, json_path, caplog.text)
+
+
+def _check_capped(case: Case, dataset: CocoDataset, split: Split, json_path: Path, log: str) -> None:
+    """The first image's target holds the cap's count; the rest is counted and logged; the ground truth keeps all."""
+    cap = case.kwargs["max_annotations_per_image"]
+    left_out = _instances(split)[IMAGE_ID] + case.outcome.left_out - cap
+    assert dataset.capped == (left_out, 1)
+    assert f"left {left_out} annotations of 1 images out of the targets" in log and str(json_path) in log
+    _, target = dataset[dataset.image_ids.index(IMAGE_ID)]
+    assert len(target["labels"]) == cap and target["masks"].shape == (cap, HEIGHT, WIDTH)
+    # The split's own annotations are larger than the added 2x2 squares: all of them are kept.
+    assert int((target["area"] > 4).sum()) == _instances(split)[IMAGE_ID]
+    assert (
+        len(dataset.coco_gt.getAnnIds(imgIds=[IMAGE_ID]))
+        == len(split.data()["annotations"])
+        - sum(a["image_id"] != IMAGE_ID for a in split.data()["annotations"])
+        + case.outcome.left_out
+    )
+
+
+def _check_disagrees(dataset: CocoDataset, image_dir: Path, json_path: Path, log: str) -> None:
+    """Counted and named; the json bbox is the target's box; perfect predictions score as pycocotools on the json."""
+    assert dataset.bbox_disagreements == 1 and not dataset.skipped
+    assert "1 annotations have a bbox that differs from their segmentation's extent" in log
+    assert f"(e.g. annotation id {BAD_ID}); the json bbox is used for training and evaluation alike" in log
+    _, target = dataset[dataset.image_ids.index(IMAGE_ID)]
+    assert [30.0, 30.0, 50.0, 45.0] in target["boxes"].tolist()
+    result = run_in_child(read_and_evaluate, image_dir, json_path, True)
+    assert result["metrics"] == pytest.approx(result["reference"], abs=1e-9)
+    assert result["metrics"]["segm_AP"] == result["metrics"]["bbox_AP"] == 1.0
 
 
 def _check_skipped(case: Case, dataset: CocoDataset, split: Split, image_dir: Path, json_path: Path, log: str) -> None:
@@ -615,8 +903,15 @@ def _check_repaired(case: Case, dataset: CocoDataset, split: Split, image_dir: P
         assert ids == list(range(1, len(ids) + 1))
     if outcome.check:
         outcome.check(dataset)
-    result = run_in_child(read_and_evaluate, image_dir, json_path, outcome.pycocotools)
-    if outcome.pycocotools:
+    reference_json = json_path
+    if outcome.corrected:
+        data = json.loads(json_path.read_text())
+        outcome.corrected(data)
+        reference_json = json_path.with_name("corrected.json")
+        reference_json.write_text(json.dumps(data))
+    reference = outcome.pycocotools or outcome.corrected is not None
+    result = run_in_child(read_and_evaluate, image_dir, json_path, reference_json if reference else None)
+    if reference:
         assert result["metrics"] == pytest.approx(result["reference"], abs=1e-9)
     assert result["metrics"]["segm_AP"] == result["metrics"]["bbox_AP"] == 1.0
 
@@ -694,8 +989,11 @@ def run_in_child(function: Callable, *args, timeout: float = CHILD_TIMEOUT_S):
     """``function(*args)`` in a forked child with a time limit and a memory cap; fails the test if it hangs or dies.
 
     A thread could not be stopped: ``COCOeval`` looping in C holds it for good, and no Python signal gets in.
-    A child can be killed.
+    A child can be killed. Inside a child (a whole case runs in one) the call runs inline, under the child's bounds.
     """
+    if _IN_CHILD:
+        return function(*args)
+    call = f"{function.__name__}({', '.join(str(a)[:60] for a in args)})"
     context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(target=_send_result, args=(sender, function, args), daemon=True)
@@ -703,21 +1001,26 @@ def run_in_child(function: Callable, *args, timeout: float = CHILD_TIMEOUT_S):
     sender.close()  # the child's end only: the pipe reports EOF when the child dies
     try:
         if not receiver.poll(timeout):
-            pytest.fail(f"{function.__name__}{args} did not finish within {timeout} s (a hang)")
+            pytest.fail(f"{call} did not finish within {timeout} s (a hang)")
         try:
             outcome = receiver.recv()
         except EOFError:
             child.join(5)
-            pytest.fail(f"{function.__name__}{args} died without a result (exit code {child.exitcode})")
+            pytest.fail(f"{call} died without a result (exit code {child.exitcode})")
     finally:
         child.kill()
         child.join()
     if "error" in outcome:
-        pytest.fail(f"{function.__name__}{args} raised:\n{outcome['error']}")
+        pytest.fail(f"{call} raised:\n{outcome['error']}")
     return outcome["result"]
 
 
+_IN_CHILD = False
+
+
 def _send_result(sender, function: Callable, args: tuple) -> None:
+    global _IN_CHILD
+    _IN_CHILD = True
     try:
         _cap_memory()
         torch.set_num_threads(1)  # no OpenMP pool in a forked child
@@ -734,13 +1037,13 @@ def _cap_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
 
-def read_and_evaluate(image_dir: Path, json_path: Path, reference: bool) -> dict:
+def read_and_evaluate(image_dir: Path, json_path: Path, reference: bool | Path | None) -> dict:
     """Reads every item, reports read-time skips, scores perfect predictions (the non-crowd targets).
 
     Returns:
         ``instances`` (targets per image id), ``skipped`` and ``report`` after the pass, ``metrics`` of
-        ``CocoEvaluator`` and, with ``reference``, pycocotools' own numbers on the json file for the same
-        detections (only for a json that pycocotools can evaluate).
+        ``CocoEvaluator`` and, with ``reference``, pycocotools' own numbers on the json file (or on the json
+        file ``reference`` names) for the same detections (only for a json that pycocotools can evaluate).
     """
     dataset = CocoDataset(image_dir, json_path)
     evaluator = CocoEvaluator(**InstanceDataModule(dataset, dataset).evaluator_kwargs())
@@ -762,7 +1065,8 @@ def read_and_evaluate(image_dir: Path, json_path: Path, reference: bool) -> dict
         "metrics": evaluator.compute(),
     }
     if reference:
-        result["reference"] = _pycocotools_on_the_json(json_path, evaluator.results_json())
+        reference_json = json_path if reference is True else reference
+        result["reference"] = _pycocotools_on_the_json(reference_json, evaluator.results_json())
     return result
 
 
