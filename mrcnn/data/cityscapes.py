@@ -351,14 +351,14 @@ class CityscapesDataset(torch.utils.data.Dataset):
         self._reported = (unknown, capped)
         parts = []
         if unknown:
-            items = torch.flatnonzero(self._unknown_ids).tolist()
+            items = np.flatnonzero(self._unknown_ids.numpy()).tolist()
             parts.append(
                 f"{unknown} instance or region values of {len(items)} images have a labelId outside Cityscapes' "
                 f"label table (0..{MAX_LABEL_ID}) and were left out of the targets (the official evaluation reads "
                 f"them as void), e.g. {[str(self.files(i)[1]) for i in items[:3]]}"
             )
         if capped:
-            items = torch.flatnonzero(self._capped).tolist()
+            items = np.flatnonzero(self._capped.numpy()).tolist()
             parts.append(
                 f"{capped} instances of {len(items)} images were left out of the targets above "
                 f"max_annotations_per_image={self.max_annotations_per_image} (data.max_annotations_per_image; the "

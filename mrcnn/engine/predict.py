@@ -129,7 +129,8 @@ def prepare_output(output: str | Path) -> Path:
     """
     output = Path(output)
     if output.exists() and not output.is_dir():
-        raise ValueError(f"predict.output={output} is {file_kind(output.stat().st_mode)}, not a folder")
+        kind = "a file" if output.is_file() else file_kind(output.stat().st_mode)
+        raise ValueError(f"predict.output={output} is {kind}, not a folder")
     try:
         output.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=output):

@@ -1165,16 +1165,75 @@ CITYSCAPES_CASES = [
         ),
         Reads(_expected_16bit_left_image),
     ),
+    # 1 in a value's labelId: counted when read; the official evaluation reads it as void instead of a KeyError
+    Case("label_id_outside_the_table", cityscapes(lambda root: _add_region(root, 40_001)), Skipped("labelId outside")),
+    Case("region_id_outside_the_table", cityscapes(lambda root: _add_region(root, 50)), Skipped("labelId outside")),
+    Case(
+        "instance_ids_32bit_tiff_named_png",
+        cityscapes(
+            lambda root: Image.fromarray(cityscapes_instance_ids(1).astype(np.int32) * 1000).save(
+                _second_instance_ids(root), format="TIFF"
+            )
+        ),
+        Stops(r"aachen_000000_000001_gtFine_instanceIds\.png is a TIFF image in mode I .*not a 16-bit PNG"),
+    ),
+    Case(
+        "city_level_missing",
+        cityscapes(lambda root: _flatten_cities(root)),
+        Stops(r"leftImg8bit/train, but 2 directly in it .*leftImg8bit/<split>/<city>/", FileNotFoundError),
+    ),
+    Case(
+        "image_a_named_pipe",
+        cityscapes(lambda root: make_fifo(_first_image(root))),
+        Stops(r"Cityscapes image .*aachen_000000_000000_leftImg8bit\.png is a named pipe, not a regular file"),
+    ),
+    Case(
+        "instance_ids_a_named_pipe",
+        cityscapes(lambda root: make_fifo(_second_instance_ids(root))),
+        Stops(r"instanceIds file .*aachen_000000_000001_gtFine_instanceIds\.png is a named pipe"),
+    ),
+    Case(
+        "image_over_the_pixel_limit",
+        cityscapes(lambda root: None),
+        Stops(r"image .*aachen_000000_000000_leftImg8bit\.png has 0\.0 MPix \(64x32\), above data\.image_limits"),
+        kwargs={"image_limits": ImageLimits(max_pixels=1000)},
+    ),
+    Case(
+        "more_instances_than_the_cap",
+        cityscapes(lambda root: None),
+        Skipped("above max_annotations_per_image=1"),
+        kwargs={"max_annotations_per_image": 1},
+    ),
 ]
+
+
+def _add_region(root: Path, value: int) -> None:
+    """Writes ``value`` into a corner of the second instanceIds file (a labelId outside the table)."""
+    path = _second_instance_ids(root)
+    ids = np.array(Image.open(path), dtype=np.uint16)
+    ids[:3, :3] = value
+    Image.fromarray(ids).save(path)
+
+
+def _flatten_cities(root: Path) -> None:
+    """Moves the images out of their city folder, directly into leftImg8bit/train."""
+    for path in list((root / "leftImg8bit" / "train" / "aachen").iterdir()):
+        path.rename(root / "leftImg8bit" / "train" / path.name)
 
 
 @pytest.mark.parametrize("case", CITYSCAPES_CASES, ids=str)
 def test_cityscapes(case: Case, tmp_path: Path, caplog):
+    run_in_child(_cityscapes_case, case, tmp_path, caplog, timeout=case.timeout)
+
+
+def _cityscapes_case(case: Case, tmp_path: Path, caplog) -> None:
     root = case.make(tmp_path)
     outcome = case.outcome
     if isinstance(outcome, Stops):
         with pytest.raises(outcome.error, match=outcome.match):
-            CityscapesDataset(root, split="train")
+            CityscapesDataset(root, split="train", **case.kwargs)
+    elif isinstance(outcome, Skipped) and outcome.reason != "no gtFine instanceIds file":
+        _check_counted_when_read(case, root, caplog)
     elif isinstance(outcome, Skipped):
         with caplog.at_level(logging.WARNING, logger="mrcnn.data.cityscapes"):
             dataset = CityscapesDataset(root, split="train")
@@ -1187,6 +1246,23 @@ def test_cityscapes(case: Case, tmp_path: Path, caplog):
         image, _ = dataset[0]
         pixels = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         np.testing.assert_array_equal(pixels, outcome.expected(dataset.image_files[0]))
+
+
+def _check_counted_when_read(case: Case, root: Path, caplog) -> None:
+    """Left out of the targets when read, counted once in one line; the official evaluation still runs."""
+    from mrcnn.cityscapes_eval import evaluate_results
+
+    dataset = CityscapesDataset(root, split="train", include_crowd=True, **case.kwargs)
+    with caplog.at_level(logging.WARNING, logger="mrcnn.data.cityscapes"):
+        for _ in range(2):  # a second pass counts nothing new
+            targets = [dataset[i][1] for i in range(len(dataset))]
+            report = dataset.report_read_skips()
+    assert case.outcome.reason in caplog.text and caplog.text.count(case.outcome.reason) == 1
+    assert report == "" and "aachen_000000_00000" in caplog.text
+    for target in targets:
+        assert set(target["labels"].tolist()) <= set(range(1, 9))
+    metrics = evaluate_results([], dict(zip(dataset.image_ids, dataset.instance_files)))
+    assert metrics["cityscapes_AP"] in (0.0, -1.0)
 
 
 def test_cityscapes_image_broken_after_the_check_stops_naming_it(tmp_path: Path):
@@ -1202,3 +1278,254 @@ def test_8bit_instance_ids_read_directly_stops_naming_it(tmp_path: Path):
     Image.fromarray((cityscapes_instance_ids(0) % 256).astype(np.uint8)).save(path)
     with pytest.raises(ValueError, match=r"x_gtFine_instanceIds\.png is 8-bit"):
         read_instance_ids(path)
+
+
+# ------------------------------------------------------------------------------------ mode=predict inputs, outputs
+
+
+def _predict_folder(tmp_path: Path, *names: str) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in names:
+        Image.new("RGB", (WIDTH, HEIGHT), (200, 30, 30)).save(folder / name)
+    return folder
+
+
+def _with(write: Callable[[Path], object], name: str) -> Callable[[Path], Path]:
+    """A case maker: a folder with one good image and ``name`` written by ``write``."""
+
+    def make(tmp_path: Path) -> Path:
+        folder = _predict_folder(tmp_path, "good.png")
+        write(folder / name)
+        return folder
+
+    return make
+
+
+def _write_rgb(width: int, height: int) -> Callable[[Path], None]:
+    return lambda path: Image.new("RGB", (width, height)).save(path)
+
+
+PREDICT_CASES = [
+    Case(
+        "input_folder_with_a_named_pipe",
+        _with(make_fifo, "pipe.png"),
+        Stops(r"predict\.input=.*images: 1 entries are not regular files: \['pipe\.png \(a named pipe\)'\]"),
+    ),
+    Case(
+        "input_a_named_pipe",
+        lambda tmp: _fifo(tmp / "pipe.png"),
+        Stops(r"predict\.input .*pipe\.png is a named pipe, not a regular file"),
+    ),
+    Case(
+        "input_2000_by_20",
+        _with(_write_rgb(2000, 20), "strip.png"),
+        Stops(r"image .*strip\.png is 2000x20, an aspect ratio of 100\.0:1, above data\.image_limits"),
+        kwargs={"limits": ImageLimits()},
+    ),
+    Case(
+        "input_header_of_144_megapixels",
+        _with(write_png_header(12000, 12000), "huge.png"),
+        Stops(r"image .*huge\.png has 144\.0 MPix"),
+        kwargs={"limits": ImageLimits()},
+    ),
+    Case(
+        "input_a_decompression_bomb",
+        _with(write_png_header(14000, 14000), "bomb.png"),
+        Stops(r"image .*bomb\.png is refused by PIL as a decompression bomb"),
+    ),
+    Case(
+        "input_not_an_image",
+        _with(lambda path: path.write_bytes(b"not a png"), "text.png"),
+        Stops(r"cannot read the header of image .*text\.png"),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", PREDICT_CASES, ids=str)
+def test_predict_input(case: Case, tmp_path: Path):
+    from mrcnn.engine.predict import ImageFiles
+
+    def check() -> None:
+        with pytest.raises(case.outcome.error, match=case.outcome.match):
+            ImageFiles(case.make(tmp_path), **case.kwargs)
+
+    run_in_child(check, timeout=case.timeout)
+
+
+def test_predict_output_that_is_a_file_stops_before_any_work(tmp_path: Path):
+    from mrcnn.engine.predict import prepare_output
+
+    (tmp_path / "out").write_text("")
+    with pytest.raises(ValueError, match=r"predict\.output=.*out is a file, not a folder"):
+        prepare_output(tmp_path / "out")
+    with pytest.raises(ValueError, match=r"predict\.output=.*out/sub: cannot write there"):
+        prepare_output(tmp_path / "out" / "sub")
+
+
+def test_colliding_names_keep_every_overlay(tmp_path: Path):
+    """``a.jpg`` and ``a.png`` in one folder: two overlays, named after the whole file name."""
+    from mrcnn.engine.predict import ImageFiles, PredictionWriter
+
+    dataset = ImageFiles(_predict_folder(tmp_path, "a.jpg", "a.png", "b.png"))
+    writer = PredictionWriter(tmp_path / "out", dataset.coco_images(), ["thing"], score_threshold=0.0)
+    items = [dataset[i] for i in range(len(dataset))]
+    box = torch.tensor([[2.0, 2.0, 20.0, 20.0]])
+    detection = {"boxes": box, "labels": torch.tensor([1]), "scores": torch.tensor([0.9])}
+    detection["masks"] = torch.zeros(1, 1, HEIGHT, WIDTH)
+    images, metas = zip(*items)
+    writer.write_on_batch_end(None, None, [detection] * 3, None, (images, metas), 0, 0)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.jpg.png", "a.png.png", "b.png.png"]
+    assert writer.num_overlays == 3
+
+
+# ----------------------------------------------------------------------------- checkpoints for evaluate, predict
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"this is not a checkpoint at all")
+
+
+def _truncated(path: Path) -> None:
+    torch.save({"state_dict": {"w": torch.zeros(8)}}, path)
+    path.write_bytes(path.read_bytes()[:200])
+
+
+class _NotATensor:
+    pass
+
+
+CHECKPOINT_CASES = [
+    Case("garbage", _garbage, Stops(r"ckpt_path=.*model\.ckpt is not a PyTorch checkpoint, or it is damaged")),
+    Case("truncated", _truncated, Stops(r"ckpt_path=.*model\.ckpt is not a PyTorch checkpoint, or it is damaged")),
+    Case(
+        "pickled_object",
+        lambda path: torch.save({"model": _NotATensor()}, path),
+        Stops(r"ckpt_path=.*model\.ckpt holds a Python object of type .*_NotATensor besides tensors"),
+    ),
+    Case("named_pipe", make_fifo, Stops(r"ckpt_path file .*model\.ckpt is a named pipe, not a regular file")),
+    Case("missing", lambda path: None, Stops(r"ckpt_path file not found: .*model\.ckpt", FileNotFoundError)),
+]
+
+
+@pytest.mark.parametrize("case", CHECKPOINT_CASES, ids=str)
+def test_checkpoint(case: Case, tmp_path: Path):
+    from mrcnn.engine.model_record import read_checkpoint
+
+    def check() -> None:
+        path = tmp_path / "model.ckpt"
+        case.make(path)
+        with pytest.raises(case.outcome.error, match=case.outcome.match) as error:
+            read_checkpoint(path)
+        # Neither the message nor the error it comes from advises loading the file unsafely.
+        assert "weights_only=False" not in str(error.value) and "weights_only" not in str(error.value.__cause__)
+
+    run_in_child(check, timeout=case.timeout)
+
+
+def test_checkpoint_of_another_model_size_lists_the_differing_keys(tmp_path: Path):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from mrcnn.engine.checkpoints import RUN_RECORD_KEY, check_checkpoint_fits
+    from tests.helpers.config import TINY_MODEL, compose_config
+
+    saved_cfg = compose_config([*TINY_MODEL, "model.depth=34", "model.fpn_channels=8"])
+    saved = instantiate(saved_cfg.module)
+    path = tmp_path / "model.ckpt"
+    record = {"config": OmegaConf.to_container(saved_cfg, resolve=True), "overrides": ["model.depth=34"]}
+    torch.save({"state_dict": saved.state_dict(), RUN_RECORD_KEY: record}, path)
+    cfg = compose_config(TINY_MODEL)
+    with pytest.raises(ValueError) as error:
+        check_checkpoint_fits(instantiate(cfg.module), str(path), cfg)
+    message = str(error.value)
+    assert f"ckpt_path={path} does not fit the model this run builds" in message
+    assert "model.depth: 34 in the checkpoint, 18 in this run" in message
+    assert "model.fpn_channels: 8 in the checkpoint, 16 in this run" in message
+    assert "started with the overrides: model.depth=34" in message
+    assert len(message.splitlines()) < 20  # not a line per tensor
+    check_checkpoint_fits(saved, str(path), saved_cfg)  # its own model fits
+
+
+# ------------------------------------------------------------------------------------------------ config values
+
+CONFIG_CASES = [
+    ("min_size_zero", "data.min_size", 0),
+    ("min_size_empty", "data.min_size", []),
+    ("min_size_negative", "data.min_size", [-800]),
+    ("max_size_zero", "data.max_size", 0),
+    ("anchor_sizes_empty", "model.anchor_sizes", []),
+    ("rois_per_image_zero", "model.rois_per_image", 0),
+    ("classes_empty", "data.classes", []),
+    ("score_threshold_above_one", "predict.score_threshold", 1.5),
+    ("predict_batch_size_zero", "predict.batch_size", 0),
+    ("max_annotations_per_image_zero", "data.max_annotations_per_image", 0),
+]
+
+
+@pytest.fixture(scope="module")
+def default_config():
+    from tests.helpers.config import compose_config
+
+    return compose_config()
+
+
+@pytest.mark.parametrize("name,key,value", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_config_value(name: str, key: str, value, default_config):
+    from omegaconf import OmegaConf
+
+    from mrcnn.engine.config_checks import check_config
+
+    cfg = default_config.copy()
+    OmegaConf.update(cfg, key, value, force_add=True)
+    with pytest.raises(ValueError, match=rf"invalid config values:\n  {key}=") as error:
+        check_config(cfg)
+    assert "must be" in str(error.value)
+
+
+# ------------------------------------------------------------------------------- evaluations with nothing to score
+
+
+def _targets(iscrowd: list[int]) -> list[dict]:
+    n = len(iscrowd)
+    masks = torch.zeros(n, HEIGHT, WIDTH, dtype=torch.uint8)
+    masks[:, 2:10, 2:10] = 1
+    return [
+        {
+            "boxes": torch.tensor([[2.0, 2.0, 10.0, 10.0]] * n).reshape(n, 4),
+            "labels": torch.ones(n, dtype=torch.int64),
+            "masks": masks,
+            "iscrowd": torch.tensor(iscrowd, dtype=torch.int64),
+            "image_id": 1,
+        }
+    ]
+
+
+NOTHING_TO_SCORE = [
+    ("no_image", None, "no image was evaluated"),
+    ("only_crowd_regions", [1, 1], "the ground truth of the 1 evaluated images holds no non-crowd object"),
+    ("image_without_objects", [], "the ground truth of the 1 evaluated images holds no non-crowd object"),
+]
+
+
+@pytest.mark.parametrize("name,iscrowd,reason", NOTHING_TO_SCORE, ids=[c[0] for c in NOTHING_TO_SCORE])
+def test_nothing_to_score_is_said(name, iscrowd, reason, tmp_path: Path, capsys):
+    """The AP table of "-" says why, on the terminal and in metrics.json."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from mrcnn.engine.summary import write_final_metrics
+
+    evaluator = CocoEvaluator(class_names=["thing"])
+    if iscrowd is not None:
+        targets = _targets(iscrowd)
+        prediction = {k: targets[0][k] for k in ("boxes", "labels", "masks")}
+        evaluator.update([{**prediction, "scores": torch.ones(len(iscrowd))}], targets)
+    metrics = evaluator.compute()
+    assert all(v == -1.0 for v in metrics.values())
+    assert evaluator.nothing_to_score.startswith(reason)
+    trainer = SimpleNamespace(global_rank=0, world_size=1, global_step=0, is_global_zero=True)
+    write_final_metrics(OmegaConf.create({"run_dir": str(tmp_path)}), trainer, metrics, evaluator.nothing_to_score)
+    assert f"WARNING: nothing was scored: {reason}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "metrics.json").read_text())["nothing_to_score"].startswith(reason)
