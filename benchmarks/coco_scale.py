@@ -285,7 +285,7 @@ def placeholder_reader(sizes: np.ndarray):
             workers share it without copying).
     """
 
-    def read(path: str | os.PathLike) -> np.ndarray:
+    def read(path: str | os.PathLike, limits=None) -> np.ndarray:  # read_image's signature; no limits to check
         height, width = sizes[int(Path(path).stem) - 1]
         return np.zeros((height, width, 3), dtype=np.uint8)
 

@@ -120,6 +120,28 @@ def _script_errors():
         raise RuntimeError(f"cityscapesscripts stopped: {output.getvalue().strip()}") from error
 
 
+def _label_ids_in_table(gt_file: Path, folder: Path) -> Path:
+    """``gt_file``, or a copy in ``folder`` with the values whose labelId is not in the script's label table set to 0.
+
+    The script looks every value's labelId up in its table (``id2label``) and raises ``KeyError`` on one that
+    is not there; the dataset leaves such values out of the targets and counts them
+    (:class:`mrcnn.data.cityscapes.CityscapesDataset`), and here they become unlabeled (void) pixels, which
+    the script ignores, instead of stopping the evaluation.
+    """
+    from cityscapesscripts.helpers.labels import id2label
+
+    with Image.open(gt_file) as image:
+        ids = np.array(image, dtype=np.int32)
+    label_ids = np.where(ids >= 1000, ids // 1000, ids)
+    unknown = ~np.isin(label_ids, np.array(sorted(id2label)))
+    if not unknown.any():
+        return gt_file
+    ids[unknown] = 0
+    copy_path = folder / f"void_{gt_file.name}"
+    Image.fromarray(ids.astype(np.uint16)).save(copy_path)
+    return copy_path
+
+
 def match_image(results: Sequence[dict], gt_file: str | Path, folder: str | Path) -> dict:
     """Writes one image's predictions and matches them with its ground truth by the script's functions.
 
@@ -129,7 +151,7 @@ def match_image(results: Sequence[dict], gt_file: str | Path, folder: str | Path
     official = official_module()
     txt = write_image_predictions(results, gt_file, folder)
     args = official_args(folder)
-    gt_file = str(Path(gt_file).absolute())
+    gt_file = str(_label_ids_in_table(Path(gt_file), Path(folder)).absolute())
     with _script_errors():
         gt_instances = official.instances2dict([gt_file], False)
         return official.matchGtWithPreds([str(txt.absolute())], [gt_file], gt_instances, args)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import pickle
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -30,6 +31,8 @@ import torch
 import torch.distributed as dist
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
+
+log = logging.getLogger(__name__)
 
 # The six AP numbers of COCOeval.summarize(), in the order of its ``stats`` array.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -115,6 +118,8 @@ class CocoEvaluator(Metric):
         self.backend = backend
         # Every rank's records as merged by the last compute(), for results_json(); None when stale.
         self._merged: dict[int, dict] | None = None
+        # Why the last compute() had nothing to score (every AP undefined), or None.
+        self.nothing_to_score: str | None = None
 
     def reset(self) -> None:
         """Forget every image seen so far (call at the start of each evaluation)."""
@@ -284,8 +289,10 @@ class CocoEvaluator(Metric):
         """
         records = self._merged = self._records()
         image_ids = sorted(records)
+        self.nothing_to_score = None
         if not image_ids:
             # Nothing to evaluate; pycocotools' value for "no ground truth" is -1.
+            self._nothing_to_score("no image was evaluated (an empty validation set, or limit_val_batches=0)")
             return {f"{t}_{name}": -1.0 for t in self.iou_types for name in STAT_NAMES}
 
         coco_module, cocoeval_class = _backend_classes(self.backend)
@@ -293,6 +300,13 @@ class CocoEvaluator(Metric):
         # pycocotools prints progress and the summary table to stdout.
         with contextlib.redirect_stdout(io.StringIO()):
             coco_gt = self._coco_gt(coco_module, records)
+        objects = sum(not a.get("iscrowd", 0) for i in image_ids for a in coco_gt.imgToAnns.get(i, []))
+        if objects == 0:
+            self._nothing_to_score(
+                f"the ground truth of the {len(image_ids)} evaluated images holds no non-crowd object (crowd "
+                "regions are only ignored), so every AP is undefined"
+            )
+        with contextlib.redirect_stdout(io.StringIO()):
             for iou_type in self.iou_types:
                 coco_dt = _load_results(coco_module, coco_gt, _results_for(records, iou_type))
                 if self.backend == "faster_coco_eval":
@@ -307,6 +321,10 @@ class CocoEvaluator(Metric):
                 for i, name in enumerate(STAT_NAMES):
                     metrics[f"{iou_type}_{name}"] = float(evaluator.stats[i])
         return metrics
+
+    def _nothing_to_score(self, reason: str) -> None:
+        self.nothing_to_score = reason
+        log.warning("COCO evaluation: nothing to score: %s", reason)
 
     def _coco_gt(self, coco_module: Any, records: dict[int, dict]) -> Any:
         """The ground truth as a COCO object of the chosen backend."""

@@ -111,6 +111,8 @@ class MaskRCNNModule(L.LightningModule):
         self.last_metrics: dict[str, float] = {}
         self.last_metrics_step = -1
         self.loss_watch = LossWatch()
+        # Why the last evaluation had nothing to score (CocoEvaluator.nothing_to_score), or None.
+        self.nothing_to_score: str | None = None
 
     def on_train_epoch_end(self) -> None:
         # The last steps' losses have not been looked at yet (LossWatch reads each one when the GPU has it ready).
@@ -219,6 +221,7 @@ class MaskRCNNModule(L.LightningModule):
     def _log_ap(self, stage: str) -> None:
         # Every rank calls compute(): it gathers all ranks' predictions, so all get the same numbers.
         metrics = self.evaluator.compute()
+        self.nothing_to_score = self.evaluator.nothing_to_score
         if self.cityscapes_evaluator is not None:
             # The same detections, scored by Cityscapes' own protocol (cityscapes_AP, cityscapes_AP50, per class).
             metrics.update(self.cityscapes_evaluator.compute(self.evaluator.results_json(), self.evaluator.image_ids()))

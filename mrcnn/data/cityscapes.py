@@ -20,6 +20,15 @@ array (:class:`~mrcnn.data.records.PackedRecords`, as for COCO), so DataLoader
 workers read them without copying them; ``image_files``, ``instance_files``,
 ``image_sizes`` and ``image_ids`` are lists made on access.
 
+Bad input: the files must be regular files (a named pipe would block the reader);
+instanceIds files must be 16-bit PNGs (an 8-bit copy lost the instance ids, a 32-bit
+TIFF renamed ``.png`` holds values beyond the 16-bit label table); a value whose
+labelId is not in Cityscapes' label table (ids 0..33) is left out of the target
+and counted (:meth:`CityscapesDataset.report_read_skips`), and the official
+evaluation reads it as unlabeled (void) instead of failing on it. An image with
+more instances than ``max_annotations_per_image`` keeps the largest, counted the
+same way.
+
 Metrics: validation reports both, labelled, on the same detections: COCO-style
 mask AP (pycocotools, IoU 0.5:0.95, crowd regions as ignore regions) over these 8
 classes, and the official Cityscapes instance AP (``evalInstanceLevelSemanticLabeling``,
@@ -40,7 +49,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mrcnn.data.images import read_image, size_mismatch_message
+from mrcnn.data.images import ImageLimits, check_regular_file, read_image, size_mismatch_message
 from mrcnn.data.records import PackedRecords
 from mrcnn.data.transforms import InstanceTransform, to_sample, transform_instances
 
@@ -63,8 +72,11 @@ CITYSCAPES_CLASSES: tuple[str, ...] = tuple(CITYSCAPES_LABEL_IDS)
 
 _IMAGE_SUFFIX = "_leftImg8bit.png"
 _INSTANCE_SUFFIX = "_gtFine_instanceIds.png"
-# PIL modes of a 16-bit (or 32-bit integer) single-channel PNG.
+# PIL modes of a 16-bit single-channel PNG (PIL opens some as mode I, which holds 32-bit values in other formats).
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")
+# The largest labelId of Cityscapes' label table (cityscapesScripts' helpers/labels.py: ids 0..33, and -1
+# for the license plate, which never appears in instanceIds files).
+MAX_LABEL_ID = 33
 
 
 def read_instance_ids(path: str | os.PathLike) -> np.ndarray:
@@ -75,19 +87,32 @@ def read_instance_ids(path: str | os.PathLike) -> np.ndarray:
         ValueError: the file cannot be decoded, or is not 16-bit (an 8-bit copy has
             lost every instance id >= 256, i.e. all of them), naming the file.
     """
+    check_regular_file(path, "instanceIds file")
     try:
         with Image.open(path) as image:
-            if image.mode not in _WIDE_MODES:
-                raise ValueError(
-                    f"instanceIds file {path} is {_describe_mode(image.mode)}; Cityscapes instanceIds are "
-                    "16-bit PNGs (values labelId*1000+k). The file was probably converted; use the original "
-                    "from gtFine_trainvaltest.zip or regenerate it with cityscapesScripts' json2instanceImg."
-                )
+            _check_instance_ids_format(path, image)
             return np.array(image, dtype=np.int32)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"instanceIds file not found: {path}") from err
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"instanceIds file {path} is refused by PIL as a decompression bomb: {err}") from err
     except (OSError, SyntaxError) as err:
         raise ValueError(f"cannot read instanceIds file {path}: {err}") from err
+
+
+def _check_instance_ids_format(path, image: Image.Image) -> None:
+    """Raises unless an opened instanceIds file is a 16-bit PNG, saying what it is instead."""
+    if image.mode not in _WIDE_MODES:
+        raise ValueError(
+            f"instanceIds file {path} is {_describe_mode(image.mode)}; Cityscapes instanceIds are "
+            "16-bit PNGs (values labelId*1000+k). The file was probably converted; use the original "
+            "from gtFine_trainvaltest.zip or regenerate it with cityscapesScripts' json2instanceImg."
+        )
+    if image.format != "PNG":
+        raise ValueError(
+            f"instanceIds file {path} is a {image.format} image in mode {image.mode} (up to 32-bit values), not a "
+            "16-bit PNG: Cityscapes instanceIds are 16-bit PNGs (values labelId*1000+k below 65536)"
+        )
 
 
 def _describe_mode(mode: str) -> str:
@@ -110,6 +135,10 @@ class CityscapesDataset(torch.utils.data.Dataset):
             ``iscrowd=1``. Use it for evaluation, where they are ignore regions;
             the model must not train on them (see
             :func:`~mrcnn.data.transforms.drop_crowd`).
+        image_limits: the largest images accepted (``data.image_limits``), checked
+            on the PNG headers when the dataset is built.
+        max_annotations_per_image: most instances in one target; an image with more
+            keeps the largest (by pixels), the rest counted when read. ``None``: no cap.
 
     Attributes:
         class_names, label_to_category_id (label -> Cityscapes labelId),
@@ -128,6 +157,8 @@ class CityscapesDataset(torch.utils.data.Dataset):
         classes: Sequence[str] = CITYSCAPES_CLASSES,
         transforms: InstanceTransform | None = None,
         include_crowd: bool = False,
+        image_limits: ImageLimits | None = None,
+        max_annotations_per_image: int | None = None,
     ):
         if isinstance(classes, str):
             raise ValueError(f"classes must be a list of names, got the string {classes!r}")
@@ -146,6 +177,8 @@ class CityscapesDataset(torch.utils.data.Dataset):
             self._label_of[label_id] = label
         self.transforms = transforms
         self.include_crowd = bool(include_crowd)
+        self.image_limits = image_limits
+        self.max_annotations_per_image = max_annotations_per_image
 
         image_root = self.root / "leftImg8bit" / split
         gt_root = self.root / "gtFine" / split
@@ -158,15 +191,18 @@ class CityscapesDataset(torch.utils.data.Dataset):
         for image_file in sorted(image_root.glob(f"*/*{_IMAGE_SUFFIX}")):
             stem = image_file.name[: -len(_IMAGE_SUFFIX)]
             instance_file = gt_root / image_file.parent.name / f"{stem}{_INSTANCE_SUFFIX}"
-            if not instance_file.is_file():
+            if not os.path.lexists(instance_file):
                 self.skipped_images["no gtFine instanceIds file"] += 1
                 missing_examples.append(str(instance_file))
                 continue
+            # Before any open: a named pipe would block the header read forever.
+            check_regular_file(image_file, "Cityscapes image")
+            check_regular_file(instance_file, "instanceIds file")
             sizes.append(self._check_pair(image_file, instance_file))
             image_files.append(image_file)
             instance_files.append(instance_file)
         if not image_files:
-            raise FileNotFoundError(f"no '*{_IMAGE_SUFFIX}' images with instanceIds files found under {image_root}")
+            raise FileNotFoundError(self._why_no_images(image_root))
         # Paths relative to the root, as str: (leftImg8bit path, gtFine path) per item.
         self._files = PackedRecords(
             (str(image.relative_to(self.root)), str(ids.relative_to(self.root)))
@@ -183,18 +219,40 @@ class CityscapesDataset(torch.utils.data.Dataset):
             log.warning("Cityscapes %s: %s", split, self.skip_report)
         log.info("Cityscapes %s: %d images, %d classes", split, len(self), self.num_classes)
 
+        # uint8/int32 [len]: per item, label-table misses and capped instances found when read (in shared
+        # memory, so DataLoader workers' counts reach this process; see report_read_skips).
+        self._unknown_ids = torch.zeros(len(self), dtype=torch.int32).share_memory_()
+        self._capped = torch.zeros(len(self), dtype=torch.int32).share_memory_()
+        self._reported = (0, 0)
+
     @staticmethod
-    def _check_pair(image_file: Path, instance_file: Path) -> tuple[int, int]:
-        """``(height, width)`` after checking, from the PNG headers only, that the pair fits."""
+    def _why_no_images(image_root: Path) -> str:
+        """Why no image was found under ``image_root``, saying so when the ``<city>/`` level is missing."""
+        flat = sorted(image_root.glob(f"*{_IMAGE_SUFFIX}"))
+        if flat:
+            return (
+                f"no '*{_IMAGE_SUFFIX}' images in city folders under {image_root}, but {len(flat)} directly in it "
+                f"(e.g. {flat[0].name}): Cityscapes keeps each city's images in its own folder, "
+                f"leftImg8bit/<split>/<city>/ (and gtFine/<split>/<city>/); move them into one"
+            )
+        return f"no '*{_IMAGE_SUFFIX}' images with instanceIds files found under {image_root}/<city>/"
+
+    def _check_pair(self, image_file: Path, instance_file: Path) -> tuple[int, int]:
+        """``(height, width)`` after checking, from the PNG headers only, that the pair fits and is not too large."""
         try:
             with Image.open(image_file) as image:
                 image_size = image.size
             with Image.open(instance_file) as ids:
-                ids_size, ids_mode = ids.size, ids.mode
+                ids_size = ids.size
+                _check_instance_ids_format(instance_file, ids)
+        except Image.DecompressionBombError as err:
+            raise ValueError(
+                f"{image_file} or {instance_file} is refused by PIL as a decompression bomb: {err}"
+            ) from err
         except (OSError, SyntaxError) as err:
             raise ValueError(f"cannot read the header of {image_file} or {instance_file}: {err}") from err
-        if ids_mode not in _WIDE_MODES:
-            read_instance_ids(instance_file)  # raises the 8-bit error
+        if self.image_limits is not None:
+            self.image_limits.check(image_file, image_size[1], image_size[0])
         if image_size != ids_size:
             raise ValueError(
                 f"{instance_file} is {ids_size[0]}x{ids_size[1]} but its image {image_file} is "
@@ -244,12 +302,24 @@ class CityscapesDataset(torch.utils.data.Dataset):
             fields: ``labels`` int64 ``[N]`` (1..K) and ``iscrowd`` int64 ``[N]``.
         """
         ids = read_instance_ids(self.files(index)[1])
-        values = np.unique(ids)
+        values, pixels = np.unique(ids, return_counts=True)
+        if values[-1] >= 1 << 16:
+            raise ValueError(f"instanceIds file {self.files(index)[1]} holds {values[-1]}, beyond 16 bits")
         # labelId*1000+k for instances; a bare labelId (< 1000) for a group region.
         is_instance = values >= 1000
         label_ids = np.where(is_instance, values // 1000, values)
+        unknown = int((label_ids > MAX_LABEL_ID).sum())
+        if unknown:
+            self._unknown_ids[index] = unknown  # counted once per item, however often it is read
         labels = self._label_of[label_ids]
         keep = (labels > 0) & (is_instance | self.include_crowd)
+        cap = self.max_annotations_per_image
+        if cap is not None and int((keep & is_instance).sum()) > cap:
+            # The largest instances (crowd regions stay): one [H, W] mask each, however small the object.
+            instance_rows = np.flatnonzero(keep & is_instance)
+            smallest = instance_rows[np.argsort(-pixels[instance_rows], kind="stable")[cap:]]
+            keep[smallest] = False
+            self._capped[index] = len(smallest)
         # Instances first, then crowd regions: stable sort on the crowd flag.
         order = np.argsort(~is_instance[keep], kind="stable")
         values, labels, crowd = values[keep][order], labels[keep][order], (~is_instance[keep])[order]
@@ -259,13 +329,44 @@ class CityscapesDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         """Returns ``(image float32 [3, H, W], target)`` following the data contract."""
         image_file, instance_file = self.files(index)
-        image = read_image(image_file)
+        image = read_image(image_file, self.image_limits)
         masks, fields = self.instances(index)  # [N, H, W], also for N = 0
         if image.shape[:2] != masks.shape[1:]:
             raise ValueError(size_mismatch_message(image_file, image.shape[:2], masks.shape[1:], instance_file))
         image, masks, boxes, fields = transform_instances(self.transforms, image, masks, fields)
         image_id = range(1, len(self) + 1)[index]  # 1..N, also for a negative index
         return to_sample(image, masks, fields["labels"], image_id=image_id, boxes=boxes, iscrowd=fields["iscrowd"])
+
+    def report_read_skips(self) -> str:
+        """Logs the instances found unusable while reading items, since the last report; returns the line.
+
+        Values whose labelId is outside Cityscapes' label table, and instances above
+        ``max_annotations_per_image``, are left out of the targets when an item is read
+        (in DataLoader workers); each item counts once. Called by the datamodule after
+        every pass, like :meth:`mrcnn.data.coco.CocoDataset.report_read_skips`.
+        """
+        unknown, capped = int(self._unknown_ids.sum()), int(self._capped.sum())
+        if (unknown, capped) == self._reported:
+            return ""
+        self._reported = (unknown, capped)
+        parts = []
+        if unknown:
+            items = np.flatnonzero(self._unknown_ids.numpy()).tolist()
+            parts.append(
+                f"{unknown} instance or region values of {len(items)} images have a labelId outside Cityscapes' "
+                f"label table (0..{MAX_LABEL_ID}) and were left out of the targets (the official evaluation reads "
+                f"them as void), e.g. {[str(self.files(i)[1]) for i in items[:3]]}"
+            )
+        if capped:
+            items = np.flatnonzero(self._capped.numpy()).tolist()
+            parts.append(
+                f"{capped} instances of {len(items)} images were left out of the targets above "
+                f"max_annotations_per_image={self.max_annotations_per_image} (data.max_annotations_per_image; the "
+                f"largest are kept), e.g. {[str(self.files(i)[1]) for i in items[:3]]}"
+            )
+        message = f"Cityscapes {self.split}: " + "; ".join(parts)
+        log.warning("%s", message)
+        return message
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.root}, split={self.split!r}, {len(self)} images)"

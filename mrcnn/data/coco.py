@@ -54,6 +54,7 @@ import math
 import mmap
 import os
 import re
+import stat
 from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import cached_property
@@ -64,7 +65,7 @@ import pycocotools.coco
 import pycocotools.mask as mask_utils
 import torch
 
-from mrcnn.data.images import read_image, size_mismatch_message
+from mrcnn.data.images import ImageLimits, check_regular_file, file_kind, read_image, size_mismatch_message
 from mrcnn.data.records import PackedRecords, gc_paused, release_freed_memory
 from mrcnn.data.rle import compressed_rle_totals, rle_problem
 from mrcnn.data.transforms import InstanceTransform, to_sample, transform_instances
@@ -91,6 +92,20 @@ _AREA_TYPES = frozenset({int, float})
 # Bytes of the json decoded at a time when only its "categories" list is read.
 _CATEGORIES_WINDOWS = (1 << 16, 1 << 20, 1 << 24)
 _KEY_SEPARATOR = re.compile(rb"\s*:\s*")
+# Ids must fit numpy's int64 (image ids are stored in int64 arrays, pycocotools indexes numpy arrays by them).
+_MIN_INT64, _MAX_INT64 = -(2**63), 2**63 - 1
+# pycocotools keeps annotation ids in float64 arrays (COCOeval's matches): exact up to 2**53.
+_MAX_ANNOTATION_ID = 2**53
+# A json bbox and its segmentation's extent disagree when a side differs by more than this many pixels,
+# or this fraction of the box's longer side if that is more. COCO's boxes are their polygons' extents; a box
+# taken from the rasterised mask can miss a thin polygon tip by a few pixels (3 in the test data).
+BBOX_TOLERANCE_PIXELS, BBOX_TOLERANCE_FRACTION = 4.0, 0.1
+
+
+def _short(value, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for messages about values of any size."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_coco_json(path: str | os.PathLike) -> dict:
@@ -102,8 +117,7 @@ def load_coco_json(path: str | os.PathLike) -> dict:
             ``annotations`` or ``categories`` lists (naming the file).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"COCO annotation file not found: {path}")
+    check_regular_file(path, "COCO annotation file")
     if path.stat().st_size == 0:
         raise ValueError(f"COCO annotation file {path} is empty")
     try:
@@ -111,6 +125,8 @@ def load_coco_json(path: str | os.PathLike) -> dict:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"COCO annotation file {path} is not valid JSON: {err}") from err
+    except RecursionError as err:
+        raise ValueError(f"COCO annotation file {path} nests its values too deeply for Python's json parser") from err
     if not isinstance(data, dict):
         raise ValueError(f"COCO annotation file {path} must hold a JSON object, got {type(data).__name__}")
     for key in ("images", "annotations", "categories"):
@@ -147,7 +163,8 @@ def _read_categories_only(path: str | os.PathLike) -> list | None:
     properly; the dataset checks the whole file when it is built.
     """
     path = Path(path)
-    if not path.is_file() or path.stat().st_size == 0:
+    # A named pipe or device is neither mapped nor read here: load_coco_json says what it is.
+    if not path.is_file() or not stat.S_ISREG(path.stat().st_mode) or path.stat().st_size == 0:
         return None
     # Mapped, not read: the file's pages stay in the page cache instead of a copy in this process.
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as raw:
@@ -170,7 +187,7 @@ def _decode_categories(raw: mmap.mmap) -> list | None:
             # Incremental decoding keeps a character cut by the window's end back instead of failing on it.
             text = codecs.getincrementaldecoder("utf-8")().decode(raw[start : start + size], final=last)
             value, _ = json.JSONDecoder().raw_decode(text)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             if last:
                 return None
             continue
@@ -182,12 +199,27 @@ def _decode_categories(raw: mmap.mmap) -> list | None:
 read_rgb_image = read_image
 
 
+def _is_json_int(value) -> bool:
+    """An integer id that numpy's int64 (and so pycocotools and torch) can hold; a bool is no id."""
+    return type(value) is int and _MIN_INT64 <= value <= _MAX_INT64
+
+
 def _check_categories(categories: list, path) -> list[dict]:
     ids, names = set(), set()
     for category in categories:
         if not isinstance(category, dict) or "id" not in category or "name" not in category:
             raise ValueError(
-                f"COCO annotation file {path}: every category needs an 'id' and a 'name', got {category!r}"
+                f"COCO annotation file {path}: every category needs an 'id' and a 'name', got {_short(category)}"
+            )
+        if not _is_json_int(category["id"]):
+            raise ValueError(
+                f"COCO annotation file {path}: category {_short(category['name'])} has id {_short(category['id'])} "
+                f"({type(category['id']).__name__}), not an integer within int64"
+            )
+        if not isinstance(category["name"], str) or not category["name"].strip():
+            raise ValueError(
+                f"COCO annotation file {path}: category id {category['id']} has name {_short(category['name'])}, "
+                "not a non-empty string"
             )
         if category["id"] in ids:
             raise ValueError(f"COCO annotation file {path}: category id {category['id']} appears twice")
@@ -217,9 +249,17 @@ class CocoDataset(torch.utils.data.Dataset):
             annotation (torchvision's and Detectron2's choice for training; they
             teach the model nothing but background). Counted in
             :attr:`skipped_images`.
-        check_files: check at construction that every image file exists (one
-            directory listing per folder), so a missing file stops the run at once
-            instead of hours into training.
+        check_files: check at construction that every image file exists and is a
+            regular file (one directory scan per folder), so a missing file or a named
+            pipe stops the run at once instead of hours into training (or blocking it).
+        image_limits: the largest images accepted (:class:`~mrcnn.data.images.ImageLimits`,
+            ``data.image_limits``), checked on the json's sizes when the dataset is
+            built and on each file's header before it is decoded. ``None``: no limit
+            but PIL's own.
+        max_annotations_per_image: most instances in one item's target; an image
+            with more keeps the largest (by area) and the rest are left out of its
+            target, counted in :attr:`capped` and logged when the dataset is built.
+            The evaluation ground truth keeps them all. ``None``: no cap.
 
     Attributes:
         class_names: names of labels 1..K.
@@ -232,6 +272,10 @@ class CocoDataset(torch.utils.data.Dataset):
         repaired: ``Counter`` of annotations that were kept after removing a
             broken part (a polygon with fewer than 3 points).
         skipped_images: ``Counter`` of left-out images by reason.
+        capped: ``(annotations, images)`` left out of targets by ``max_annotations_per_image``.
+        bbox_disagreements: annotations whose json bbox differs from their
+            segmentation's extent beyond the tolerance (the json bbox is used for
+            training and evaluation alike, as by torchvision's references and Detectron2).
 
     Storage (see the module docstring): one packed record per json image, ``(image
     entry, usable annotations in json order)``, and int64 arrays for the rest:
@@ -249,11 +293,17 @@ class CocoDataset(torch.utils.data.Dataset):
         include_crowd: bool = False,
         drop_images_without_annotations: bool = False,
         check_files: bool = True,
+        image_limits: ImageLimits | None = None,
+        max_annotations_per_image: int | None = None,
     ):
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
         self.transforms = transforms
         self.include_crowd = bool(include_crowd)
+        self.image_limits = image_limits
+        self.max_annotations_per_image = max_annotations_per_image
+        self.capped = (0, 0)
+        self.bbox_disagreements = 0
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.image_dir} (for {self.ann_file})")
         self.skipped: Counter[str] = Counter()
@@ -273,6 +323,17 @@ class CocoDataset(torch.utils.data.Dataset):
             annotations = self._clean_annotations(data["annotations"], images)
             per_image = self._group_by_image(images, annotations)
             kept = self._kept_images(per_image, annotations, drop_images_without_annotations)
+            if not kept:
+                raise ValueError(
+                    f"COCO annotation file {self.ann_file} leaves no image to use: "
+                    + (
+                        f"none of its {len(images)} images has a usable non-crowd annotation"
+                        if images
+                        else "its 'images' list is empty"
+                    )
+                )
+            self._check_image_limits([images[row] for row in kept])
+            self._count_capped(per_image, annotations, kept)
             if check_files:
                 self._check_files_exist([images[row]["file_name"] for row in kept])
             self._store(images, annotations, per_image, kept)
@@ -287,6 +348,8 @@ class CocoDataset(torch.utils.data.Dataset):
             return sorted(categories, key=lambda c: c["id"])
         if isinstance(classes, str):
             raise ValueError(f"classes must be a list of names, got the string {classes!r}")
+        if len(classes) == 0:
+            raise ValueError(f"classes is empty: name at least one category of {self.ann_file} (or null for all)")
         by_name = {c["name"]: c for c in categories}
         unknown = [name for name in classes if name not in by_name]
         if unknown:
@@ -303,17 +366,17 @@ class CocoDataset(torch.utils.data.Dataset):
             ]
             if missing:
                 raise ValueError(f"COCO annotation file {self.ann_file}: image entry {image!r} lacks {missing}")
-            if not isinstance(image["id"], int) or isinstance(image["id"], bool):
+            if not _is_json_int(image["id"]):
                 raise ValueError(
-                    f"COCO annotation file {self.ann_file}: image {image['file_name']} has id {image['id']!r}, "
-                    "not an integer"
+                    f"COCO annotation file {self.ann_file}: image {_short(image['file_name'])} has id "
+                    f"{_short(image['id'])}, not an integer within int64"
                 )
             if image["id"] in seen:
                 raise ValueError(f"COCO annotation file {self.ann_file}: image id {image['id']} appears twice")
             if not isinstance(image["file_name"], str) or not image["file_name"]:
                 raise ValueError(
                     f"COCO annotation file {self.ann_file}: image id {image['id']} has file_name "
-                    f"{image['file_name']!r}, not a file name"
+                    f"{_short(image['file_name'])}, not a file name"
                 )
             self._check_image_size(image)
             seen.add(image["id"])
@@ -327,13 +390,44 @@ class CocoDataset(torch.utils.data.Dataset):
             if not whole:
                 raise ValueError(
                     f"COCO annotation file {self.ann_file}: image id {image['id']} ({image['file_name']}) has "
-                    f"{key} {value!r} ({type(value).__name__}), not a whole number of pixels"
+                    f"{key} {_short(value)} ({type(value).__name__}), not a whole number of pixels"
                 )
         if not (image["height"] > 0 and image["width"] > 0):
             raise ValueError(
                 f"COCO annotation file {self.ann_file}: image id {image['id']} ({image['file_name']}) has size "
                 f"{image['width']}x{image['height']}"
             )
+
+    def _check_image_limits(self, images: list[dict]) -> None:
+        """Stops when an image's json size is above :attr:`image_limits`, naming the json, the image and the key."""
+        if self.image_limits is None:
+            return
+        refused = []
+        for image in images:
+            problem = self.image_limits.problem(int(image["height"]), int(image["width"]))
+            if problem:
+                refused.append(f"image id {image['id']} ({image['file_name']}) {problem}")
+        if refused:
+            raise ValueError(
+                f"COCO annotation file {self.ann_file}: {len(refused)} images are refused by their size, e.g.\n  "
+                + "\n  ".join(refused[:3])
+            )
+
+    def _count_capped(self, per_image: list[list[int]], annotations: list[dict], kept: list[int]) -> None:
+        """Counts the annotations that ``max_annotations_per_image`` leaves out of the items' targets."""
+        cap = self.max_annotations_per_image
+        if cap is None:
+            return
+        left_out, images, examples = 0, 0, []
+        for row in kept:
+            in_target = sum(self.include_crowd or not annotations[p]["iscrowd"] for p in per_image[row])
+            if in_target > cap:
+                left_out += in_target - cap
+                images += 1
+                if len(examples) < _EXAMPLES_PER_REASON:
+                    examples.append(annotations[per_image[row][0]]["image_id"])
+        self.capped = (left_out, images)
+        self._capped_examples = examples
 
     def _skip(self, reason: str, annotation) -> None:
         self.skipped[reason] += 1
@@ -354,11 +448,18 @@ class CocoDataset(torch.utils.data.Dataset):
             if not isinstance(annotation, dict):
                 self._skip("not a JSON object", annotation)
                 continue
-            image = images.get(annotation.get("image_id"))
+            image_id = annotation.get("image_id")
+            if type(image_id) is not int:  # a string, list, null or float id names no image (and may not hash)
+                self._skip("malformed image id", annotation)
+                continue
+            image = images.get(image_id)
             if image is None:
                 self._skip("unknown image id", annotation)
                 continue
             category_id = annotation.get("category_id")
+            if type(category_id) is not int:
+                self._skip("malformed category id", annotation)
+                continue
             if category_id not in self._all_category_ids:
                 self._skip("unknown category id", annotation)
                 continue
@@ -391,6 +492,9 @@ class CocoDataset(torch.utils.data.Dataset):
             return kept
         totals = compressed_rle_totals([kept[p]["segmentation"]["counts"] for p in compressed])
         bad = set()
+        valid = [p for p, total in zip(compressed, totals.tolist()) if total >= 0]
+        # The masks' extents (x, y, w, h) in one C call over the strings that decode (no mask is decoded).
+        extents = dict(zip(valid, mask_utils.toBbox([kept[p]["segmentation"] for p in valid]).tolist()))
         for position, total in zip(compressed, totals.tolist()):
             annotation = kept[position]
             image = images[annotation["image_id"]]
@@ -399,7 +503,7 @@ class CocoDataset(torch.utils.data.Dataset):
                 self._skip(reason, annotation)
                 bad.add(position)
             else:
-                kept[position] = self._complete(annotation, image)
+                kept[position] = self._complete(annotation, image, extents[position])
         return [annotation for position, annotation in enumerate(kept) if position not in bad]
 
     def _clean_segmentation(self, annotation: dict, image: dict) -> tuple[dict, str | None]:
@@ -414,23 +518,52 @@ class CocoDataset(torch.utils.data.Dataset):
         reason = _polygon_problem(segmentation, max(image["height"], image["width"]))
         if reason is not None:
             return annotation, reason
-        # pycocotools reads a 4-number polygon as a box: a polygon needs at least 3 points (6 numbers).
+        # pycocotools reads a 4-number polygon as a box: a polygon needs at least 3 points (6 numbers), and
+        # x, y pairs (an odd count leaves a coordinate without its partner).
         polygons = [p for p in segmentation if len(p) >= 6 and len(p) % 2 == 0]
         if not polygons:
+            if any(len(p) % 2 for p in segmentation):
+                return annotation, "polygon with an odd number of coordinates"
             return annotation, "polygon with fewer than 3 points"
+        removed = {
+            "polygon part with an odd number of coordinates removed"
+            if len(part) % 2
+            else "polygon part with fewer than 3 points removed"
+            for part in segmentation
+            if len(part) < 6 or len(part) % 2
+        }
+        self.repaired.update(removed)
         if len(polygons) < len(segmentation):
-            self.repaired["polygon part with fewer than 3 points removed"] += 1
             annotation = dict(annotation, segmentation=polygons)
         return annotation, None
 
-    def _complete(self, annotation: dict, image: dict) -> dict:
-        """Fills in ``iscrowd`` (0) and ``area`` (mask area) when the json leaves them out; COCOeval needs both."""
-        if "iscrowd" in annotation and "area" in annotation:
+    def _complete(self, annotation: dict, image: dict, extent: list[float] | None = None) -> dict:
+        """The annotation with ``iscrowd`` and ``area`` as COCOeval needs them; counts a bbox far from its mask.
+
+        ``iscrowd`` missing: 0. ``area`` missing, or outside ``(0, image pixels]`` (COCOeval's area ranges
+        would count it in no range, or every object in "small"): the mask's pixel count, the repair counted.
+
+        Args:
+            extent: the segmentation's ``[x, y, w, h]`` extent when the caller has it (compressed RLEs).
+        """
+        height, width = int(image["height"]), int(image["width"])
+        if extent is None:
+            extent = _segmentation_extent(annotation["segmentation"], height, width)
+        if _boxes_disagree(annotation["bbox"], extent):
+            self.bbox_disagreements += 1
+            examples = self._examples.setdefault(_BBOX_DISAGREES, [])
+            if len(examples) < _EXAMPLES_PER_REASON:
+                examples.append(annotation.get("id", "?"))
+        area = annotation.get("area")
+        area_ok = area is not None and 0 < area <= height * width
+        if "iscrowd" in annotation and area_ok:
             return annotation
         annotation = dict(annotation)
         annotation.setdefault("iscrowd", 0)
-        if "area" not in annotation:
-            rle = segmentation_to_rle(annotation["segmentation"], int(image["height"]), int(image["width"]))
+        if not area_ok:
+            if area is not None:
+                self.repaired["area outside (0, image pixels] replaced by the mask's area"] += 1
+            rle = segmentation_to_rle(annotation["segmentation"], height, width)
             annotation["area"] = float(mask_utils.area(rle))
         return annotation
 
@@ -438,9 +571,13 @@ class CocoDataset(torch.utils.data.Dataset):
         # pycocotools reads annotation id 0 as "unmatched" and needs ids to be unique;
         # renumber (in the evaluator's ground truth only) if the json's ids are unusable.
         ids = [a.get("id") for a in annotations]
-        if all(isinstance(i, int) and i > 0 for i in ids) and len(set(ids)) == len(ids):
+        if all(type(i) is int and 0 < i <= _MAX_ANNOTATION_ID for i in ids) and len(set(ids)) == len(ids):
             return
-        log.warning("%s: annotation ids are missing, duplicated or not positive; renumbering them 1..N", self.ann_file)
+        log.warning(
+            "%s: annotation ids are missing, duplicated, not positive integers or above 2**53 (pycocotools keeps "
+            "them in float64); renumbering them 1..N",
+            self.ann_file,
+        )
         for i, annotation in enumerate(annotations):
             annotations[i] = dict(annotation, id=i + 1)
 
@@ -490,19 +627,34 @@ class CocoDataset(torch.utils.data.Dataset):
         self._reported_empty = np.zeros(len(annotations), dtype=bool)  # those already counted in skipped
 
     def _check_files_exist(self, file_names: list[str]) -> None:
-        listings: dict[Path, set[str]] = {}
-        missing = []
+        """Stops unless every image file exists and is a regular file (a named pipe would block its reader).
+
+        One ``os.scandir`` per folder: its entries know their type without a ``stat`` per file.
+        """
+        listings: dict[Path, dict[str, bool]] = {}
+        missing, irregular = [], []
         for file_name in file_names:
             path = self.image_dir / file_name
             folder = path.parent
             if folder not in listings:
-                listings[folder] = set(os.listdir(folder)) if folder.is_dir() else set()
-            if path.name not in listings[folder]:
+                with contextlib.suppress(OSError), os.scandir(folder) as entries:
+                    listings[folder] = {entry.name: entry.is_file() for entry in entries}
+                listings.setdefault(folder, {})
+            regular = listings[folder].get(path.name)
+            if regular is None:
                 missing.append(str(path))
+            elif not regular:
+                irregular.append(path)
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} of {len(file_names)} image files listed in {self.ann_file} are missing, "
                 f"e.g. {missing[:3]}"
+            )
+        if irregular:
+            examples = [f"{path} ({file_kind(os.stat(path).st_mode)})" for path in irregular[:3]]
+            raise ValueError(
+                f"{len(irregular)} of {len(file_names)} image files listed in {self.ann_file} are not regular files, "
+                f"e.g. {examples}"
             )
 
     def _report(self) -> None:
@@ -536,6 +688,21 @@ class CocoDataset(torch.utils.data.Dataset):
             )
         if self.repaired:
             messages.append(f"repaired {sum(self.repaired.values())} annotations: {describe(self.repaired)}")
+        if self.bbox_disagreements:
+            examples = ", ".join(str(e) for e in self._examples[_BBOX_DISAGREES])
+            messages.append(
+                f"{self.bbox_disagreements} annotations have a bbox that differs from their segmentation's extent by "
+                f"more than max({BBOX_TOLERANCE_PIXELS:g} px, {BBOX_TOLERANCE_FRACTION:.0%} of its size) (e.g. "
+                f"annotation id {examples}); the json bbox is used for training and evaluation alike"
+            )
+        left_out, images = self.capped
+        if left_out:
+            examples = ", ".join(str(e) for e in self._capped_examples)
+            messages.append(
+                f"left {left_out} annotations of {images} images out of the targets: above "
+                f"max_annotations_per_image={self.max_annotations_per_image} (data.max_annotations_per_image) the "
+                f"largest are kept (e.g. image id {examples}); the evaluation ground truth keeps them all"
+            )
         if self.skipped_images:
             messages.append(f"left out {sum(self.skipped_images.values())} images: {describe(self.skipped_images)}")
         return "; ".join(messages)
@@ -645,7 +812,7 @@ class CocoDataset(torch.utils.data.Dataset):
         row = int(self._item_records[index])
         image_info, annotations = self._records[row]
         path = self.image_dir / image_info["file_name"]
-        image = read_image(path)
+        image = read_image(path, self.image_limits)
         height, width = int(image_info["height"]), int(image_info["width"])
         if image.shape[:2] != (height, width):
             raise ValueError(size_mismatch_message(path, image.shape[:2], (height, width), self.ann_file))
@@ -654,6 +821,12 @@ class CocoDataset(torch.utils.data.Dataset):
             not_crowd = [not a.get("iscrowd", 0) for a in annotations]
             annotations = [a for a, keep in zip(annotations, not_crowd) if keep]
             numbers = numbers[np.asarray(not_crowd, dtype=bool)]
+        cap = self.max_annotations_per_image
+        if cap is not None and len(annotations) > cap:
+            # The largest objects, in json order: dense masks cost H x W bytes each however small the object.
+            largest = np.sort(np.argsort([-a["area"] for a in annotations], kind="stable")[:cap])
+            annotations = [annotations[i] for i in largest]
+            numbers = numbers[largest]
         masks = decode_masks([a["segmentation"] for a in annotations], height, width)
         empty = ~masks.any(axis=(1, 2))
         if empty.any():
@@ -665,7 +838,11 @@ class CocoDataset(torch.utils.data.Dataset):
             "labels": np.array([self.category_id_to_label[a["category_id"]] for a in annotations], dtype=np.int64),
             "iscrowd": np.array([int(bool(a.get("iscrowd", 0))) for a in annotations], dtype=np.int64),
         }
-        image, masks, boxes, fields = transform_instances(self.transforms, image, masks, fields)
+        # The json's boxes, xyxy and clipped to the image: the boxes the evaluation scores against too.
+        boxes = np.array([a["bbox"] for a in annotations], dtype=np.float64).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        boxes = np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
+        image, masks, boxes, fields = transform_instances(self.transforms, image, masks, fields, boxes)
         return to_sample(
             image, masks, fields["labels"], image_id=image_info["id"], boxes=boxes, iscrowd=fields["iscrowd"]
         )
@@ -723,6 +900,26 @@ def decode_masks(segmentations: list, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1))
 
 
+_BBOX_DISAGREES = "bbox disagrees with its segmentation"
+
+
+def _segmentation_extent(segmentation: list | dict, height: int, width: int) -> list[float]:
+    """``[x, y, w, h]`` of a checked segmentation: a polygon's coordinate extent, an RLE's mask extent."""
+    if isinstance(segmentation, list):
+        xs = [min(part[0::2]) for part in segmentation] + [max(part[0::2]) for part in segmentation]
+        ys = [min(part[1::2]) for part in segmentation] + [max(part[1::2]) for part in segmentation]
+        return [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
+    return mask_utils.toBbox(segmentation_to_rle(segmentation, height, width)).tolist()
+
+
+def _boxes_disagree(bbox: list, extent: list) -> bool:
+    """Whether two xywh boxes differ on a side by more than the tolerance (see ``BBOX_TOLERANCE_PIXELS``)."""
+    tolerance = max(BBOX_TOLERANCE_PIXELS, BBOX_TOLERANCE_FRACTION * max(bbox[2], bbox[3], extent[2], extent[3]))
+    x, y, w, h = bbox
+    ex, ey, ew, eh = extent
+    return max(abs(x - ex), abs(y - ey), abs(x + w - ex - ew), abs(y + h - ey - eh)) > tolerance
+
+
 def _box_problem(bbox, width: int, height: int) -> str | None:
     """Why an xywh box is unusable, or ``None`` if it is fine."""
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
@@ -775,9 +972,10 @@ def _field_problem(annotation: dict) -> str | None:
     Either may be missing (:meth:`CocoDataset._complete` fills it in).
     """
     area = annotation.get("area", 0)
-    # A chained comparison rather than math.isfinite: NaN fails it too, and this runs for every annotation.
-    if type(area) not in _AREA_TYPES or not 0 <= area < math.inf:
-        return "malformed or non-finite area"
+    # NaN compares unequal to itself. An area out of range (0, negative, infinite, above the image) is a
+    # number that _complete replaces by the mask's.
+    if type(area) not in _AREA_TYPES or area != area:
+        return "malformed or NaN area"
     if annotation.get("iscrowd", 0) not in (0, 1):
         # A string "0" would be truthy: read as crowd here, as 0 by COCOeval.
         return "malformed iscrowd"

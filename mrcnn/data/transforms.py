@@ -10,11 +10,15 @@ The ready-made pipelines below are the options of the ``data/augmentation`` conf
 group (``configs/data/augmentation/*.yaml``); any albumentations list works through
 ``InstanceTransform(transforms=[...])``.
 
-Boxes are never pushed through albumentations: after the geometric transforms
-they are recomputed from the transformed masks, and instances whose mask became
-empty are dropped together with their labels. Albumentations' own box filtering
-(``min_visibility``, ``min_area``) only filters boxes and label fields, not
-masks, which is how ``len(masks) != len(boxes)`` bugs arise.
+Boxes: data without boxes of its own (Cityscapes, shapes) gets them from the
+transformed masks. Data with annotated boxes (COCO json ``bbox``) keeps those as
+the one box source for training and evaluation alike, as torchvision's references
+and Detectron2 train on the json boxes that pycocotools scores against: they go
+through the same albumentations transforms (``pascal_voc`` format, clipped), each
+tagged with its instance's index, so that the instances kept are those whose mask
+and box both survive. Albumentations' own filtering drops boxes and label fields
+but not masks, which is how ``len(masks) != len(boxes)`` bugs arise; the index
+field selects the masks and fields that go with the boxes it kept.
 """
 
 from __future__ import annotations
@@ -82,7 +86,12 @@ class InstanceTransform:
     """
 
     def __init__(self, transforms: Sequence[A.BasicTransform] | None = None, seed: int | None = None):
-        self.compose = A.Compose(list(transforms or []), seed=seed)
+        # Boxes, when given, follow the transforms as xyxy pixels (pascal_voc), clipped to the image; the
+        # instance index field says which survived. No albumentations filtering beyond an empty box.
+        # (Without transforms there is nothing to follow, and albumentations warns about an unused processor.)
+        transforms = list(transforms or [])
+        bbox_params = A.BboxParams(format="pascal_voc", label_fields=["instance"], clip=True) if transforms else None
+        self.compose = A.Compose(transforms, bbox_params=bbox_params, seed=seed)
         # Process and worker for which the random state was last re-seeded.
         self._seeded_for: tuple[int, int] | None = None
 
@@ -105,7 +114,11 @@ class InstanceTransform:
         return image, masks, boxes, fields["labels"]
 
     def apply(
-        self, image: np.ndarray, masks: np.ndarray, fields: Mapping[str, np.ndarray]
+        self,
+        image: np.ndarray,
+        masks: np.ndarray,
+        fields: Mapping[str, np.ndarray],
+        boxes: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """Transforms one sample and keeps any per-instance fields in step with the masks.
 
@@ -114,31 +127,46 @@ class InstanceTransform:
             masks: uint8 ``[N, H, W]`` with values 0/1; N may be 0.
             fields: per-instance arrays of length N, e.g. ``{"labels": int64 [N],
                 "iscrowd": int64 [N]}``.
+            boxes: float ``[N, 4]`` xyxy pixel boxes of the data's own, with positive
+                width and height inside the image; ``None``: boxes come from the masks.
 
         Returns:
             ``(image, masks, boxes, fields)``: uint8 ``[H', W', 3]``, uint8
             ``[M, H', W']``, float32 ``[M, 4]`` xyxy, and each field indexed down to
-            the M <= N instances whose mask is still non-empty (original order kept).
+            the M <= N instances whose mask is still non-empty (and, with ``boxes``,
+            whose box is; original order kept).
         """
         for name, values in fields.items():
             if len(values) != len(masks):
                 raise ValueError(f"per-instance field {name!r} has {len(values)} entries for {len(masks)} masks")
+        if boxes is not None and len(boxes) != len(masks):
+            raise ValueError(f"{len(boxes)} boxes for {len(masks)} masks")
         self._reseed_in_worker()
+        given = np.zeros((0, 4), dtype=np.float32) if boxes is None else np.asarray(boxes, dtype=np.float32)
+        instance = np.arange(len(given))
         if len(masks) == 0:
             # albumentations cannot stack an empty [0, H, W] array: transform the image alone.
-            image = self.compose(image=image)["image"]
+            out = self.compose(image=image, bboxes=given, instance=instance)
+            image = out["image"]
             masks = np.zeros((0, *image.shape[:2]), dtype=np.uint8)
         else:
-            out = self.compose(image=image, masks=masks)
+            out = self.compose(image=image, masks=masks, bboxes=given, instance=instance)
             image = out["image"]
             # Interpolating transforms may produce values other than 0/1: binarise.
             masks = (np.asarray(out["masks"]) > 0).astype(np.uint8)
 
         # Instances cropped away (or shrunk below one pixel) go, with every field of theirs.
         keep = masks.any(axis=(1, 2))
+        if boxes is not None:
+            box_of = np.full((len(masks), 4), np.nan, dtype=np.float32)
+            box_of[np.asarray(out["instance"], dtype=np.int64)] = np.asarray(out["bboxes"], dtype=np.float32)
+            width = box_of[:, 2] - box_of[:, 0]
+            height = box_of[:, 3] - box_of[:, 1]
+            keep &= (width > 0) & (height > 0)  # NaN (dropped by albumentations) compares False
         masks = masks[keep]
         fields = {name: np.asarray(values)[keep] for name, values in fields.items()}
-        return image, masks, masks_to_boxes(masks), fields
+        out_boxes = masks_to_boxes(masks) if boxes is None else box_of[keep]
+        return image, masks, out_boxes, fields
 
     def _reseed_in_worker(self) -> None:
         # DataLoader workers start as copies of the main process, so each would
@@ -246,23 +274,33 @@ def scale_jitter_transforms(
 
 
 def transform_instances(
-    transforms: InstanceTransform | None, image: np.ndarray, masks: np.ndarray, fields: Mapping[str, np.ndarray]
+    transforms: InstanceTransform | None,
+    image: np.ndarray,
+    masks: np.ndarray,
+    fields: Mapping[str, np.ndarray],
+    boxes: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Runs ``transforms.apply`` (or nothing when ``transforms`` is ``None``); see :meth:`InstanceTransform.apply`.
 
     Without transforms, instances with an empty mask are still dropped (with their
     fields), so every returned box has positive width and height.
+
+    Args:
+        boxes: float ``[N, 4]`` xyxy boxes of the data's own (kept as the box source); ``None``: from the masks.
     """
     if transforms is None:
         keep = masks.any(axis=(1, 2)) if len(masks) else np.zeros(0, dtype=bool)
         masks = masks[keep]
-        return image, masks, masks_to_boxes(masks), {k: np.asarray(v)[keep] for k, v in fields.items()}
+        out_boxes = masks_to_boxes(masks) if boxes is None else np.asarray(boxes, dtype=np.float32).reshape(-1, 4)[keep]
+        return image, masks, out_boxes, {k: np.asarray(v)[keep] for k, v in fields.items()}
     if not hasattr(transforms, "apply"):
         raise TypeError(
             f"transforms must be an InstanceTransform (something with an apply(image, masks, fields) method), "
             f"got {type(transforms).__name__}"
         )
-    return transforms.apply(image, masks, fields)
+    if boxes is None:
+        return transforms.apply(image, masks, fields)
+    return transforms.apply(image, masks, fields, boxes)
 
 
 # Target entries with one row per instance (everything else, like image_id, is per image).

@@ -1,14 +1,13 @@
 """What a run starts from: a Lightning checkpoint to resume (``ckpt_path`` / ``resume``) or weights to load."""
 
 import logging
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mrcnn.engine.model_record import MODEL_RECORD_KEY, ModelRecord, set_frozen_bn_eps
+from mrcnn.engine.model_record import MODEL_RECORD_KEY, ModelRecord, read_checkpoint, set_frozen_bn_eps
 from mrcnn.modeling.mask_rcnn import load_torchvision_weights
 
 log = logging.getLogger(__name__)
@@ -124,7 +123,13 @@ def read_resumed_run(path: str | Path) -> ResumedRun:
         raise FileNotFoundError(f"there is no checkpoint file {path}")
     # mmap: the tensors stay on disk; only the small objects around them are read. A checkpoint of this
     # project holds more than tensors (loops, callbacks), hence weights_only=False: resume only your own files.
-    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as error:  # noqa: BLE001  (torch raises KeyError, RuntimeError, EOFError... on garbage)
+        raise ValueError(
+            f"checkpoint {path} is not a PyTorch checkpoint, or it is damaged or truncated "
+            f"({type(error).__name__} while reading it)"
+        ) from None
     record = checkpoint.get(RUN_RECORD_KEY) or {}
     config = record.get("config")
     run_dir = Path(config["run_dir"]) if config and config.get("run_dir") else path.resolve().parent.parent
@@ -215,6 +220,55 @@ def _is_free(key: str) -> bool:
     return any(key == free or key.startswith(f"{free}.") for free in RESUME_FREE_KEYS)
 
 
+def check_checkpoint_fits(module: torch.nn.Module, path: str, cfg: DictConfig, option: str = "ckpt_path") -> None:
+    """Stops before evaluate / predict when a Lightning checkpoint's tensors do not fit the built module.
+
+    Instead of torch's line per mismatched tensor (64 for another ResNet depth), the message lists where the
+    checkpoint's recorded config (written by :class:`mrcnn.engine.callbacks.RunRecord`, as for resuming) differs
+    from this run's under ``model``, which is what makes the shapes differ.
+
+    Raises:
+        ValueError: naming the file, the count of tensors that differ, and the differing ``model`` keys.
+    """
+    checkpoint = read_checkpoint(path, option)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(
+            f"{option}={path} is not a Lightning checkpoint (it has no 'state_dict'); a plain state dict or "
+            "torchvision weights go in weights=<file>"
+        )
+    saved, expected = checkpoint["state_dict"], module.state_dict()
+    reshaped = [k for k in expected if k in saved and tuple(saved[k].shape) != tuple(expected[k].shape)]
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    if not (reshaped or missing or unexpected):
+        return
+    counts = f"{len(reshaped)} tensors of another shape, {len(missing)} missing and {len(unexpected)} unexpected"
+    config = (checkpoint.get(RUN_RECORD_KEY) or {}).get("config")
+    if config is not None:
+        saved_model = _flatten({"model": config.get("model", {})})
+        run_model = _flatten({"model": OmegaConf.to_container(cfg.model, resolve=True)})
+        absent = "<absent>"
+        differing = [
+            f"{key}: {saved_model.get(key, absent)!r} in the checkpoint, {run_model.get(key, absent)!r} in this run"
+            for key in sorted(saved_model.keys() | run_model.keys())
+            if saved_model.get(key, absent) != run_model.get(key, absent)
+        ]
+        overrides = (checkpoint.get(RUN_RECORD_KEY) or {}).get("overrides")
+        detail = (
+            "The checkpoint's model config differs from this run's in:\n  " + "\n  ".join(differing)
+            if differing
+            else "Its recorded model config equals this run's (the code changed since?)"
+        )
+        if overrides is not None:
+            detail += f"\nIts run was started with the overrides: {' '.join(overrides) or '(none)'}"
+    else:
+        detail = "It records no config; e.g. " + ", ".join((reshaped + missing + unexpected)[:3])
+    raise ValueError(
+        f"{option}={path} does not fit the model this run builds ({counts}). {detail}\n"
+        "Evaluate or predict with the model settings the checkpoint was trained with."
+    )
+
+
 def load_weights(model: torch.nn.Module, path: str, class_names: list[str] | None = None) -> list[str]:
     """Initialises ``model`` from a file (``weights=``): a torchvision Mask R-CNN state dict or a Lightning checkpoint.
 
@@ -235,13 +289,12 @@ def load_weights(model: torch.nn.Module, path: str, class_names: list[str] | Non
         ValueError: the file is not a state dict or checkpoint, or does not match the configured model
             (the message names the file and the mismatched keys).
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+    state = read_checkpoint(path, "weights")
+    if not isinstance(state, dict):
         raise ValueError(
             f"weights={path} is neither a plain state dict (torch.save(model.state_dict())) nor a Lightning "
             "checkpoint of this project"
-        ) from error
+        )
     record = None
     if isinstance(state, dict) and "state_dict" in state and "pytorch-lightning_version" in state:
         record = state.get(MODEL_RECORD_KEY)

@@ -1,18 +1,42 @@
-"""Checks of a composed config's numbers, before anything is built.
+"""Every user-facing config key, described once with its type and range, and checked before anything is built.
 
-A bad number otherwise fails far from its cause: a negative batch size ends in torch's "Invalid learning rate:
--0.0025" (the lr scales with the batch), zero epochs train nothing and report AP anyway. :func:`check_config`
-looks at every such key the config has and names each bad one, e.g.
-``data.datamodule.batch_size=-2: must be a positive integer``.
+A bad value otherwise fails far from its cause: a negative batch size ends in torch's "Invalid learning rate:
+-0.0025" (the lr scales with the batch), ``data.min_size=0`` in a ``ZeroDivisionError``, an empty
+``model.anchor_sizes`` in an ``IndexError``, zero epochs train nothing and report AP anyway.
+
+:data:`SCHEMA` is the one table: a key (or an ``fnmatch`` pattern of keys, e.g. ``*._target_``) and the
+:class:`Rule` its value must follow. :func:`check_config` walks every key of a composed config, checks each value
+written there (a value that interpolates another key, ``${...}``, is checked at the key it reads), and names each
+bad one, e.g. ``data.datamodule.batch_size=-2: must be a positive integer``. ``tests/test_config_schema.py``
+composes every option of every config group and fails on a key without a rule: a new key gets its line here.
 """
 
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-# A rule takes a value and returns what is wrong with it, or None.
-Rule = Callable[[object], str | None]
+_ABSENT = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What a key's value must be: ``what`` says it in words ("a positive integer"), ``ok`` checks it."""
+
+    what: str
+    ok: Callable[[object], bool]
+
+    def __call__(self, value) -> str | None:
+        """``None`` when ``value`` follows the rule, else ``"must be <what>"``."""
+        try:
+            good = self.ok(value)
+        except (TypeError, ValueError):
+            good = False
+        return None if good else f"must be {self.what}"
 
 
 def _is_int(value) -> bool:
@@ -20,93 +44,319 @@ def _is_int(value) -> bool:
 
 
 def _is_number(value) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def positive_int(value) -> str | None:
-    return None if _is_int(value) and value > 0 else "must be a positive integer"
-
-
-def non_negative_int(value) -> str | None:
-    return None if _is_int(value) and value >= 0 else "must be an integer >= 0"
-
-
-def positive_number(value) -> str | None:
-    return None if _is_number(value) and value > 0 else "must be a positive number"
-
-
-def non_negative_number(value) -> str | None:
-    return None if _is_number(value) and value >= 0 else "must be a number >= 0"
+def _is_list(value) -> bool:
+    return isinstance(value, (list, tuple, ListConfig))
 
 
 def optional(rule: Rule) -> Rule:
     """``rule``, or null."""
-
-    def check(value) -> str | None:
-        if value is None:
-            return None
-        problem = rule(value)
-        return problem and f"{problem}, or null"
-
-    return check
+    return Rule(f"{rule.what}, or null", lambda v: v is None or rule.ok(v))
 
 
-def batch_limit(value) -> str | None:
-    """Lightning's ``limit_*_batches`` / ``val_check_interval``: a count (int >= 1) or a fraction in (0, 1]."""
-    if value is None or (_is_int(value) and value >= 1) or (_is_number(value) and 0 < value <= 1):
-        return None
-    return "must be a number of batches (an integer >= 1), a fraction in (0, 1], or null"
+def one_of(*choices) -> Rule:
+    return Rule("one of " + ", ".join(repr(c) for c in choices), lambda v: v in choices)
 
 
-def limit_batches(value) -> str | None:
-    """Lightning's ``limit_*_batches``: as :func:`batch_limit`, and 0, which switches the loop off."""
-    if _is_int(value) and value == 0:
-        return None
-    problem = batch_limit(value)
-    return problem and problem.replace("an integer >= 1", "an integer >= 0")
+def list_of(rule: Rule, non_empty: bool = True) -> Rule:
+    what = f"a {'non-empty ' if non_empty else ''}list of {rule.what.removeprefix('a ').removeprefix('an ')}s"
+    return Rule(what, lambda v: _is_list(v) and (len(v) > 0 or not non_empty) and all(rule.ok(x) for x in v))
 
 
-def devices(value) -> str | None:
-    """``trainer.devices``: a count, ``auto``, ``-1`` (all) or a list of device indices."""
-    # OmegaConf hands a list over as a ListConfig, which is a Sequence but not a list.
-    if value == "auto" or value == -1 or isinstance(value, Sequence):
-        return None
-    return positive_int(value)
+positive_int = Rule("a positive integer", lambda v: _is_int(v) and v > 0)
+non_negative_int = Rule("an integer >= 0", lambda v: _is_int(v) and v >= 0)
+positive_number = Rule("a positive number", lambda v: _is_number(v) and v > 0)
+non_negative_number = Rule("a number >= 0", lambda v: _is_number(v) and v >= 0)
+probability = Rule("a number in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1)
+fraction = Rule("a number in (0, 1)", lambda v: _is_number(v) and 0 < v < 1)
+boolean = Rule("true or false", lambda v: isinstance(v, bool))
+string = Rule("a string", lambda v: isinstance(v, str))
+non_empty_string = Rule("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
+# Hydra's instantiation keys; a dotted path to a class or function.
+target = Rule("a dotted import path (Hydra's _target_)", lambda v: isinstance(v, str) and "." in v)
+config_node = Rule("a config (a mapping, usually an interpolation of another key)", lambda v: isinstance(v, Mapping))
+# A mapping whose keys are free (passed on as given): walked no further.
+free_mapping = Rule("a mapping (free form, passed on as given)", lambda v: isinstance(v, Mapping))
+any_value = Rule("any value (free form, passed on as given)", lambda v: True)
+path = optional(non_empty_string)
+sizes = Rule(
+    "a positive integer or a non-empty list of them",
+    lambda v: positive_int.ok(v) or list_of(positive_int).ok(v),
+)
+class_names = Rule(
+    "a non-empty list of distinct non-empty strings",
+    lambda v: list_of(non_empty_string).ok(v) and len(set(v)) == len(v),
+)
+milestones = Rule(
+    "a list of increasing fractions of training in (0, 1)",
+    lambda v: list_of(fraction, non_empty=False).ok(v) and list(v) == sorted(v),
+)
+batch_limit = Rule(
+    "a number of batches (an integer >= 1), a fraction in (0, 1], or null",
+    lambda v: v is None or (_is_int(v) and v >= 1) or (_is_number(v) and 0 < v <= 1),
+)
+# Lightning's limit_*_batches: as batch_limit, and 0, which switches the loop off.
+limit_batches = Rule(
+    "a number of batches (an integer >= 0), a fraction in (0, 1], or null",
+    lambda v: v == 0 or batch_limit.ok(v),
+)
+# trainer.devices: a count, "auto", -1 (all) or a list of device indices.
+devices = Rule("a positive integer", lambda v: v == "auto" or v == -1 or _is_list(v) or positive_int.ok(v))
+precision = one_of("32-true", "32", 32, "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true", "64", 64)
+label_map = optional(free_mapping)
 
-
-# Every number a run depends on, by key. Keys a config does not have (another data set, no scheduler) are skipped.
-RULES: dict[str, Rule] = {
+# One line per key: the key (or an fnmatch pattern; the first match wins) and its rule.
+SCHEMA: dict[str, Rule] = {
+    # ---- the run
     "seed": optional(non_negative_int),
-    "base_lr": positive_number,
-    "module.base_batch_size": positive_int,
+    "mode": one_of("train", "evaluate", "predict"),
+    "run_dir": non_empty_string,
+    "ckpt_path": path,
+    "resume": path,
+    "resume_allow_config_change": boolean,
+    "weights": path,
     "checkpoint_every_n_steps": optional(positive_int),
-    # data
+    "experiment_name": optional(string),
+    "base_lr": positive_number,
+    "final_eval": boolean,
+    # ---- Hydra's instantiation keys, anywhere
+    "*._target_": target,
+    "*._partial_": boolean,
+    # ---- module
+    "module.base_batch_size": positive_int,
+    "module.base_lr": positive_number,
+    "module.class_names": optional(class_names),
+    "module.channels_last": boolean,
+    "module.compile": boolean,
+    "module.compile_kwargs": free_mapping,
+    "module.cityscapes_eval_workers": optional(non_negative_int),
+    "module.model": config_node,
+    "module.optimizer": config_node,
+    "module.scheduler": config_node,
+    # ---- predict
+    "predict.input": path,
+    "predict.output": non_empty_string,
+    "predict.score_threshold": probability,
+    "predict.mask_threshold": probability,
+    "predict.class_names": optional(Rule("'coco' or a list of names", lambda v: v == "coco" or class_names.ok(v))),
+    "predict.label_to_category_id": label_map,
+    "predict.coco_json": path,
+    "predict.batch_size": positive_int,
+    "predict.num_workers": non_negative_int,
+    # ---- data: what every data config has
+    "data.classes": class_names,
+    "data.num_classes": positive_int,
+    "data.min_size": sizes,
+    "data.max_size": positive_int,
+    "data.root": non_empty_string,
+    "data.train_json": non_empty_string,
+    "data.train_images": non_empty_string,
+    "data.val_json": non_empty_string,
+    "data.val_images": non_empty_string,
+    "data.image_limits.max_pixels": positive_int,
+    "data.image_limits.max_aspect_ratio": Rule("a number >= 1", lambda v: _is_number(v) and v >= 1),
+    "data.image_limits.min_size": sizes,
+    "data.image_limits.max_size": positive_int,
+    "data.max_annotations_per_image": optional(positive_int),
+    # shapes
+    "data.image_size": positive_int,
+    "data.num_train_images": positive_int,
+    "data.num_val_images": positive_int,
+    "data.max_objects": positive_int,
+    # augmentation (configs/data/augmentation/)
+    "data.augmentation": optional(config_node),
+    "data.augmentation.hflip_prob": probability,
+    "data.augmentation.p": probability,
+    "data.augmentation.brightness": non_negative_number,
+    "data.augmentation.contrast": non_negative_number,
+    "data.augmentation.saturation": non_negative_number,
+    "data.augmentation.hue": Rule("a number in [0, 0.5]", lambda v: _is_number(v) and 0 <= v <= 0.5),
+    "data.augmentation.border_fraction": Rule("a number in [0, 0.5)", lambda v: _is_number(v) and 0 <= v < 0.5),
+    "data.augmentation.size": positive_int,
+    "data.augmentation.min_scale": positive_number,
+    "data.augmentation.max_scale": positive_number,
+    # the datamodule and its datasets
     "data.datamodule.batch_size": positive_int,
     "data.datamodule.val_batch_size": optional(positive_int),
     "data.datamodule.num_workers": non_negative_int,
-    "data.num_train_images": positive_int,
-    "data.num_val_images": positive_int,
-    "data.image_size": positive_int,
-    "data.max_objects": positive_int,
-    # trainer (max_epochs / max_steps: _length_problems)
+    "data.datamodule.pin_memory": boolean,
+    "data.datamodule.persistent_workers": boolean,
+    "data.datamodule.aspect_ratio_grouping": boolean,
+    "data.datamodule.seed": optional(non_negative_int),
+    "data.datamodule.*_dataset.image_dir": non_empty_string,
+    "data.datamodule.*_dataset.ann_file": non_empty_string,
+    "data.datamodule.*_dataset.root": non_empty_string,
+    "data.datamodule.*_dataset.split": non_empty_string,
+    "data.datamodule.*_dataset.classes": optional(class_names),
+    "data.datamodule.*_dataset.transforms": optional(config_node),
+    "data.datamodule.*_dataset.include_crowd": boolean,
+    "data.datamodule.*_dataset.drop_images_without_annotations": boolean,
+    "data.datamodule.*_dataset.check_files": boolean,
+    "data.datamodule.*_dataset.image_limits": optional(config_node),
+    "data.datamodule.*_dataset.max_annotations_per_image": optional(positive_int),
+    "data.datamodule.*_dataset.num_images": positive_int,
+    "data.datamodule.*_dataset.image_size": positive_int,
+    "data.datamodule.*_dataset.max_objects": positive_int,
+    "data.datamodule.*_dataset.seed": optional(non_negative_int),
+    # ---- model: the knobs (configs/model/*.yaml) ...
+    "model.num_classes": positive_int,
+    "model.depth": one_of(18, 34, 50, 101, 152),
+    "model.width": positive_int,
+    "model.norm": one_of("frozen_bn", "bn", "syncbn", "gn"),
+    "model.head_norm": optional(one_of("gn")),
+    "model.trainable_layers": Rule("an integer in [0, 5]", lambda v: _is_int(v) and 0 <= v <= 5),
+    "model.backbone_weights": path,
+    "model.fpn_channels": positive_int,
+    "model.feature_channels": positive_int,
+    "model.box_head_dim": positive_int,
+    "model.box_head_channels": positive_int,
+    "model.mask_head_dim": positive_int,
+    "model.mask_mlp_dim": positive_int,
+    "model.mask_in_channels": positive_int,
+    "model.mask_head_convs": non_negative_int,
+    "model.mask_target_form": one_of("soft", "binary"),
+    "model.anchor_sizes": list_of(positive_int),
+    # RoI counts the heads' inputs are padded to (null: no padding).
+    "model.roi_buckets": optional(list_of(positive_int)),
+    "model.net.roi_heads.roi_buckets": optional(list_of(positive_int)),
+    "model.canonical_scale": positive_int,
+    "model.rois_per_image": positive_int,
+    "model.neck_rois_per_image": positive_int,
+    "model.detections_per_img": positive_int,
+    "model.box_score_thresh": probability,
+    "model.rpn_*_nms_top_n_*": positive_int,
+    "model.neck_post_nms_top_n_test": positive_int,
+    "model.box_resolution": positive_int,
+    "model.mask_resolution": positive_int,
+    "model.featmap_names": list_of(non_empty_string),
+    # ... and the network they build (model.net: mostly interpolations of the knobs above)
+    "model.net.min_size": sizes,
+    "model.net.max_size": positive_int,
+    "model.net.backbone.depth": one_of(18, 34, 50, 101, 152),
+    "model.net.*.norm": optional(one_of("frozen_bn", "bn", "syncbn", "gn")),
+    "model.net.*.width": positive_int,
+    "model.net.*.weights_path": path,
+    "model.net.backbone.trainable_layers": Rule("an integer in [0, 5]", lambda v: _is_int(v) and 0 <= v <= 5),
+    "model.net.*.out_channels": positive_int,
+    "model.net.*.in_channels": positive_int,
+    "model.net.rpn.anchor_sizes": list_of(list_of(positive_int)),
+    "model.net.rpn.*_nms_top_n_*": positive_int,
+    "model.net.roi_heads.batch_size_per_image": positive_int,
+    "model.net.roi_heads.score_thresh": probability,
+    "model.net.roi_heads.detections_per_img": positive_int,
+    "model.net.roi_heads.mask_target_form": one_of("soft", "binary"),
+    "model.net.roi_heads.aligned_mask_targets": boolean,
+    "model.net.roi_heads.*resolution": positive_int,
+    "model.net.roi_heads.*.num_classes": positive_int,
+    "model.net.roi_heads.box_head.depth": one_of(18, 34, 50, 101, 152),
+    "model.net.roi_heads.box_head.representation_size": positive_int,
+    "model.net.roi_heads.mask_head.conv_dim": positive_int,
+    "model.net.roi_heads.mask_head.num_convs": non_negative_int,
+    "model.net.roi_heads.mask_head.hidden_dims": list_of(positive_int),
+    "model.net.roi_heads.mask_head.class_agnostic": boolean,
+    "model.net.roi_heads.pooler.sampling_ratio": Rule("an integer >= -1", lambda v: _is_int(v) and v >= -1),
+    "model.net.roi_heads.pooler.aligned": boolean,
+    "model.net.roi_heads.pooler.mode": one_of("avg", "max"),
+    "model.net.roi_heads.pooler.canonical_scale": positive_int,
+    "model.net.roi_heads.pooler.featmap_names": list_of(non_empty_string),
+    # ---- optimizer and schedule
+    "optimizer.lr": positive_number,
+    "optimizer.momentum": non_negative_number,
+    "optimizer.weight_decay": non_negative_number,
+    "scheduler.warmup_steps": non_negative_int,
+    "scheduler.warmup_factor": positive_number,
+    "scheduler.milestones": milestones,
+    "scheduler.gamma": positive_number,
+    # ---- trainer (Lightning's Trainer arguments; max_epochs / max_steps: _length_problems)
+    "trainer.accelerator": one_of("cpu", "gpu", "cuda", "mps", "tpu", "auto"),
     "trainer.devices": devices,
     "trainer.num_nodes": positive_int,
+    "trainer.strategy": non_empty_string,
+    "trainer.precision": precision,
+    "trainer.benchmark": optional(boolean),
+    "trainer.sync_batchnorm": boolean,
+    "trainer.deterministic": optional(boolean),
+    "trainer.use_distributed_sampler": boolean,
+    "trainer.max_epochs": any_value,
+    "trainer.max_steps": any_value,
+    "trainer.max_time": optional(non_empty_string),
     "trainer.accumulate_grad_batches": positive_int,
     "trainer.log_every_n_steps": positive_int,
     "trainer.check_val_every_n_epoch": optional(positive_int),
     "trainer.val_check_interval": batch_limit,
     "trainer.limit_train_batches": limit_batches,
     "trainer.limit_val_batches": limit_batches,
+    "trainer.num_sanity_val_steps": Rule("an integer >= -1", lambda v: _is_int(v) and v >= -1),
     "trainer.gradient_clip_val": optional(non_negative_number),
-    # optimizer and schedule
-    "optimizer.momentum": non_negative_number,
-    "optimizer.weight_decay": non_negative_number,
-    "scheduler.warmup_steps": non_negative_int,
-    "scheduler.warmup_factor": positive_number,
-    "scheduler.gamma": positive_number,
+    "trainer.default_root_dir": non_empty_string,
+    "trainer.enable_model_summary": boolean,
+    "trainer.enable_progress_bar": boolean,
+    # ---- loggers (configs/logger/) and callbacks (configs/callbacks/): their own classes' arguments
+    "logger.*.save_dir": non_empty_string,
+    "logger.csv.name": string,
+    "logger.csv.version": optional(Rule("a string or an integer", lambda v: isinstance(v, (str, int)))),
+    "logger.csv.flush_logs_every_n_steps": positive_int,
+    "logger.wandb.project": non_empty_string,
+    "logger.wandb.entity": optional(string),
+    "logger.wandb.group": optional(string),
+    "logger.wandb.job_type": optional(string),
+    "logger.wandb.name": optional(string),
+    "logger.wandb.mode": optional(one_of("online", "offline", "disabled")),
+    "logger.wandb.tags": optional(list_of(string, non_empty=False)),
+    "logger.wandb.log_model": one_of(True, False, "all"),
+    "logger.wandb.id": optional(string),
+    "callbacks.*.dirpath": non_empty_string,
+    "callbacks.lr_monitor.logging_interval": optional(one_of("step", "epoch")),
+    "callbacks.best_checkpoint.filename": non_empty_string,
+    "callbacks.best_checkpoint.auto_insert_metric_name": boolean,
+    "callbacks.best_checkpoint.monitor": optional(non_empty_string),
+    "callbacks.best_checkpoint.mode": one_of("min", "max"),
+    "callbacks.best_checkpoint.save_top_k": Rule("an integer >= -1", lambda v: _is_int(v) and v >= -1),
+    "callbacks.best_checkpoint.save_last": optional(boolean),
+    "callbacks.last_checkpoint.every_n_train_steps": optional(positive_int),
+    "callbacks.throughput.window": positive_int,
+    "callbacks.prediction_overlays.num_images": non_negative_int,
+    "callbacks.prediction_overlays.score_threshold": probability,
 }
 
-_ABSENT = object()
+
+def rule_for(key: str) -> Rule | None:
+    """The rule of a dotted key: its own line of :data:`SCHEMA`, else the first pattern that matches it."""
+    if key in SCHEMA:
+        return SCHEMA[key]
+    return next((rule for pattern, rule in SCHEMA.items() if fnmatch.fnmatchcase(key, pattern)), None)
+
+
+def config_keys(cfg: DictConfig, prefix: str = "") -> Iterator[tuple[str, bool]]:
+    """Every key of ``cfg`` in order, dotted, with whether its value is written there (not an interpolation).
+
+    A mapping that is not an interpolation is walked into (and also yielded when it is empty); lists are values.
+    """
+    for key in cfg.keys():
+        node = cfg._get_node(key)
+        name = f"{prefix}{key}"
+        if isinstance(node, DictConfig) and not node._is_interpolation() and not node._is_none():
+            if not node._is_missing() and len(node) > 0:
+                if SCHEMA.get(name) in (free_mapping, label_map):  # free-form keys: checked as one value
+                    yield name, True
+                    continue
+                yield from config_keys(node, f"{name}.")
+                continue
+        yield name, not node._is_interpolation()
+
+
+def keys_without_rule(cfg: DictConfig) -> list[str]:
+    """The keys of ``cfg`` that :data:`SCHEMA` has no rule for (``hydra`` aside)."""
+    return [key for key, _ in config_keys(cfg) if not key.startswith("hydra.") and rule_for(key) is None]
+
+
+def _value(cfg: DictConfig, key: str):
+    value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
 
 
 def _length_problems(cfg: DictConfig) -> list[str]:
@@ -124,11 +374,22 @@ def _length_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
-def config_problems(cfg: DictConfig) -> list[str]:
-    """One line per bad value, ``<key>=<value>: <what it must be>``; empty when all are good."""
+def config_problems(cfg: DictConfig, keys: Sequence[str] | None = None) -> list[str]:
+    """One line per bad value, ``<key>=<value>: <what it must be>``; empty when all are good.
+
+    Args:
+        keys: check only these keys (default: every key written in ``cfg`` that has a rule).
+    """
     problems = []
-    for key, rule in RULES.items():
-        value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+    written = [key for key, literal in config_keys(cfg) if literal] if keys is None else list(keys)
+    for key in written:
+        rule = rule_for(key)
+        if rule is None or key.startswith("hydra."):
+            continue
+        try:
+            value = _value(cfg, key)
+        except Exception:  # noqa: BLE001  (an interpolation that cannot resolve here fails where it is used)
+            continue
         if value is _ABSENT or value == "???":
             continue
         problem = rule(value)
@@ -138,7 +399,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Stops before anything is built when a number of the config is out of range.
+    """Stops before anything is built when a value of the config breaks its rule in :data:`SCHEMA`.
 
     Raises:
         ValueError: listing every bad key with its value and what it must be.

@@ -11,6 +11,8 @@ config they run with. Two facts that a state dict leaves out go with them: each 
 from __future__ import annotations
 
 import logging
+import pickle
+import re
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
+
+from mrcnn.data.images import check_regular_file
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +93,46 @@ def model_record(
     )
 
 
-def read_model_record(path: str | Path) -> ModelRecord | None:
-    """The record in a Lightning checkpoint file; ``None`` for a plain state dict or an older checkpoint."""
+def read_checkpoint(path: str | Path, option: str = "ckpt_path"):
+    """A checkpoint or state dict file's contents, loaded with ``weights_only=True``: tensors and plain containers.
+
+    No code in the file runs. A file that holds other Python objects (a whole pickled model, a foreign
+    trainer's state) is refused: evaluate and predict never load a file's arbitrary objects, whoever made it.
+
+    Args:
+        option: the config key that named the file, for the messages.
+
+    Raises:
+        FileNotFoundError / ValueError: naming ``option``, the file, and what is wrong with it.
+    """
+    check_regular_file(path, f"{option} file")
     # mmap: the tensors stay on disk, only the small objects around them are read (zip files only: older
     # torch.save files, like some of torchvision's, are read whole).
-    checkpoint = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        if found:
+            raise ValueError(
+                f"{option}={path} holds a Python object of type {found.group(1)} besides tensors and plain "
+                "containers, which is not loaded (it could run code): give a Lightning checkpoint of this project "
+                "or a plain state dict (torch.save(model.state_dict(), file))"
+            ) from None
+        raise ValueError(f"{option}={path} is not a PyTorch checkpoint (it cannot be unpickled)") from None
+    except Exception as error:  # noqa: BLE001  (torch raises KeyError, RuntimeError, EOFError... on garbage)
+        raise ValueError(
+            f"{option}={path} is not a PyTorch checkpoint, or it is damaged or truncated "
+            f"({type(error).__name__} while reading it)"
+        ) from None
+
+
+def read_model_record(path: str | Path, option: str = "ckpt_path") -> ModelRecord | None:
+    """The record in a Lightning checkpoint file; ``None`` for a plain state dict or an older checkpoint.
+
+    Raises:
+        ValueError: the file cannot be loaded safely (:func:`read_checkpoint`).
+    """
+    checkpoint = read_checkpoint(path, option)
     record = checkpoint.get(MODEL_RECORD_KEY) if isinstance(checkpoint, dict) else None
     return ModelRecord.from_dict(record) if record else None
 

@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import logging
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -30,9 +31,10 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from mrcnn.data.coco import load_coco_json
 from mrcnn.data.datamodule import collate_detection
-from mrcnn.data.images import read_image, read_image_size
+from mrcnn.data.images import ImageLimits, check_regular_file, file_kind, read_image, read_image_size
 from mrcnn.engine.build import build_module
-from mrcnn.engine.checkpoints import checkpoint_path
+from mrcnn.engine.checkpoints import check_checkpoint_fits, checkpoint_path
+from mrcnn.engine.config_checks import check_config
 from mrcnn.engine.launch import job_scope
 from mrcnn.engine.model_record import read_model_record
 from mrcnn.engine.visualize import draw_instances, select
@@ -45,50 +47,101 @@ RESULTS_FILE = "coco_results.json"
 IMAGES_FILE = "images.json"
 
 
+def overlay_name(file_name: str) -> str:
+    """The overlay PNG's name for an input file: its whole name plus ``.png`` (``a.jpg`` -> ``a.jpg.png``).
+
+    Keeping the extension keeps every input's overlay: ``a.jpg`` and ``a.png`` in one folder would both
+    become ``a.png`` by stem.
+    """
+    return f"{file_name}.png"
+
+
 class ImageFiles(Dataset):
     """One image file, or every image file in a folder (sorted by name).
 
-    Item ``i`` is ``(image float [3, H, W] in 0..1, {"image_id": ..., "file_name": ...})``: the image's id in
-    ``coco_json`` (matched by file name) when one is given, so that the results load and evaluate against that
-    json; else ``i + 1``.
+    Every file is checked when this is built, from its header: a regular file, readable as an image, within
+    ``limits``. Item ``i`` is ``(image float [3, H, W] in 0..1, {"image_id": ..., "file_name": ...})``: the
+    image's id in ``coco_json`` (matched by file name) when one is given, so that the results load and evaluate
+    against that json; else ``i + 1``.
+
+    Args:
+        limits: the largest images accepted (``data.image_limits``); ``None``: PIL's own limit only.
     """
 
-    def __init__(self, path: str | Path, coco_json: str | Path | None = None):
+    def __init__(self, path: str | Path, coco_json: str | Path | None = None, limits: ImageLimits | None = None):
         path = Path(path)
+        self.limits = limits
         if path.is_dir():
             self.files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
+        elif path.exists():
+            check_regular_file(path, "predict.input")
             self.files = [path]
         else:
             raise FileNotFoundError(f"predict.input={path} is neither an image file nor a folder")
         if not self.files:
             raise ValueError(f"predict.input={path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        irregular = [f"{f.name} ({file_kind(f.stat().st_mode)})" for f in self.files if not f.is_file()]
+        if irregular:
+            raise ValueError(f"predict.input={path}: {len(irregular)} entries are not regular files: {irregular[:3]}")
+        # (height, width) of every upright image from its header, checked against the limits before any work.
+        self.sizes = [read_image_size(f, limits) for f in self.files]
         self.image_ids = list(range(1, len(self.files) + 1))
         if coco_json is not None:
-            ids = {Path(image["file_name"]).name: int(image["id"]) for image in load_coco_json(coco_json)["images"]}
-            unknown = [f.name for f in self.files if f.name not in ids]
-            if unknown:
-                raise ValueError(f"predict.coco_json={coco_json} lists no image named {unknown[:3]} (of predict.input)")
-            self.image_ids = [ids[f.name] for f in self.files]
+            self.image_ids = self._ids_from(coco_json)
+
+    def _ids_from(self, coco_json: str | Path) -> list[int]:
+        ids = {}
+        for image in load_coco_json(coco_json)["images"]:
+            if not isinstance(image, dict) or not isinstance(image.get("file_name"), str):
+                continue
+            if type(image.get("id")) is not int:
+                raise ValueError(
+                    f"predict.coco_json={coco_json}: image {image['file_name']!r} has id {image.get('id')!r}, "
+                    "not an integer"
+                )
+            ids[Path(image["file_name"]).name] = image["id"]
+        unknown = [f.name for f in self.files if f.name not in ids]
+        if unknown:
+            raise ValueError(f"predict.coco_json={coco_json} lists no image named {unknown[:3]} (of predict.input)")
+        return [ids[f.name] for f in self.files]
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int):
-        pixels = pil_to_tensor(Image.fromarray(read_image(self.files[index])))  # upright (EXIF), 16-bit scaled
+        # Upright (EXIF), 16-bit scaled, the header checked against the limits again (a file may change).
+        pixels = pil_to_tensor(Image.fromarray(read_image(self.files[index], self.limits)))
         return pixels.float() / 255, {"image_id": self.image_ids[index], "file_name": self.files[index].name}
 
     def coco_images(self) -> list[dict]:
         """The COCO ``images`` entries (id, file name, size) that the results' ``image_id`` refer to."""
-        images = []
-        for image_id, path in zip(self.image_ids, self.files):
-            height, width = read_image_size(path)  # of the upright image, as read_image returns it
-            images.append({"id": image_id, "file_name": path.name, "height": height, "width": width})
-        return images
+        return [
+            {"id": image_id, "file_name": path.name, "height": height, "width": width}
+            for image_id, path, (height, width) in zip(self.image_ids, self.files, self.sizes)
+        ]
+
+
+def prepare_output(output: str | Path) -> Path:
+    """Creates the output folder and checks that files can be written there, before any work.
+
+    Raises:
+        ValueError: ``predict.output`` is a file (or other non-folder), or the folder is not writable.
+    """
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        kind = "a file" if output.is_file() else file_kind(output.stat().st_mode)
+        raise ValueError(f"predict.output={output} is {kind}, not a folder")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output):
+            pass
+    except OSError as err:
+        raise ValueError(f"predict.output={output}: cannot write there ({err.strerror or err})") from err
+    return output
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes ``<output>/<image stem>.png`` overlays per batch, and the COCO results json at the end.
+    """Writes ``<output>/<image file name>.png`` overlays per batch, and the COCO results json at the end.
 
     Detections scoring below ``score_threshold`` are neither drawn nor written. Under DDP each process
     draws its own images and rank zero writes the json of all of them.
@@ -126,6 +179,7 @@ class PredictionWriter(BasePredictionWriter):
             mask_threshold=mask_threshold, label_to_category_id=label_to_category_id, coco_gt=coco
         )
         self.num_detections = 0
+        self.num_overlays = 0
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
@@ -136,7 +190,8 @@ class PredictionWriter(BasePredictionWriter):
         for image, meta, detection in zip(images, metas, prediction):
             detection = select(detection, self.score_threshold)
             overlay = draw_instances(image, detection, self.class_names, self.score_threshold, self.mask_threshold)
-            write_png(overlay, str(self.output / f"{Path(meta['file_name']).stem}.png"))
+            write_png(overlay, str(self.output / overlay_name(meta["file_name"])))
+            self.num_overlays += 1
             kept.append({**detection, "image_id": meta["image_id"]})
         self.results.update(kept)
 
@@ -149,7 +204,13 @@ class PredictionWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             (self.output / RESULTS_FILE).write_text(json.dumps(results))
             (self.output / IMAGES_FILE).write_text(json.dumps(self.images, indent=1))
-            log.info("Wrote %d overlays and %d detections to %s", len(self.images), len(results), self.output)
+            log.info(
+                "Wrote %d overlays (this process) of %d images and %d detections to %s",
+                self.num_overlays,
+                len(self.images),
+                len(results),
+                self.output,
+            )
         self.num_detections = len(results)
 
 
@@ -173,6 +234,7 @@ def class_names(cfg: DictConfig, num_classes: int, trained: list[str] | None = N
 
 def predict(cfg: DictConfig) -> dict[str, float]:
     """Writes an overlay PNG per input image and ``coco_results.json`` / ``images.json`` to ``predict.output``."""
+    check_config(cfg)
     ckpt_path = checkpoint_path(cfg)
     if not ckpt_path and not cfg.get("weights"):
         raise ValueError(
@@ -182,21 +244,27 @@ def predict(cfg: DictConfig) -> dict[str, float]:
         raise ValueError("mode=predict needs predict.input=<image file or folder>")
     # A checkpoint of this project knows its classes and their category ids: the model gets its number of
     # classes, the captions its names, the json its ids, whatever data config this run has.
-    record = read_model_record(ckpt_path or cfg.weights)
+    record = read_model_record(ckpt_path or cfg.weights, "ckpt_path" if ckpt_path else "weights")
+    output = prepare_output(cfg.predict.output)
     if record is not None and record.class_names:
         with open_dict(cfg):
             cfg.model.num_classes = len(record.class_names)
             cfg.module.class_names = list(record.class_names)
     with job_scope(cfg):
         L.seed_everything(cfg.seed, workers=True)
-        dataset = ImageFiles(cfg.predict.input, cfg.predict.get("coco_json"))
+        limits = cfg.data.get("image_limits")
+        dataset = ImageFiles(
+            cfg.predict.input, cfg.predict.get("coco_json"), instantiate(limits) if limits is not None else None
+        )
         module = build_module(cfg)
+        if ckpt_path:
+            check_checkpoint_fits(module, ckpt_path, cfg)
         label_map = cfg.predict.get("label_to_category_id")
         label_map = OmegaConf.to_container(label_map) if label_map is not None else None
         if label_map is None and record is not None:
             label_map = record.label_to_category_id
         writer = PredictionWriter(
-            cfg.predict.output,
+            output,
             dataset.coco_images(),
             class_names(cfg, cfg.model.num_classes, record.class_names if record is not None else None),
             cfg.predict.score_threshold,

@@ -40,8 +40,15 @@ def format_cityscapes_metrics(metrics: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
-def write_final_metrics(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float]) -> None:
-    """Prints the AP table and writes ``<run_dir>/metrics.json`` (rank zero)."""
+def write_final_metrics(
+    cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float], nothing_to_score: str | None = None
+) -> None:
+    """Prints the AP table and writes ``<run_dir>/metrics.json`` (rank zero).
+
+    Args:
+        nothing_to_score: why the evaluation scored nothing (:attr:`mrcnn.evaluation.CocoEvaluator.nothing_to_score`):
+            printed under the table of "-" and written to ``metrics.json``.
+    """
     log.info(
         "process %d of %d done at global step %d in %s",
         trainer.global_rank,
@@ -52,6 +59,8 @@ def write_final_metrics(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, 
     if not trainer.is_global_zero:
         return
     print("\nCOCO-style AP on the validation split (%, pycocotools):\n" + format_metrics(metrics), flush=True)
+    if nothing_to_score:
+        print(f"WARNING: nothing was scored: {nothing_to_score}", flush=True)
     if "cityscapes_AP" in metrics:
         print(
             "\nCityscapes official instance AP on the validation split (%, cityscapesscripts: overlaps 0.5:0.95, "
@@ -59,6 +68,8 @@ def write_final_metrics(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, 
             flush=True,
         )
     record = {**metrics, "global_step": trainer.global_step, "world_size": trainer.world_size}
+    if nothing_to_score:
+        record["nothing_to_score"] = nothing_to_score
     path = Path(cfg.run_dir) / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")

@@ -11,9 +11,10 @@ from omegaconf import DictConfig
 import mrcnn.config  # noqa: F401  (registers the config resolvers)
 from mrcnn.engine.build import build
 from mrcnn.engine.callbacks import TrainingInterrupted
-from mrcnn.engine.checkpoints import check_resume_config, checkpoint_path, read_resumed_run
+from mrcnn.engine.checkpoints import check_checkpoint_fits, check_resume_config, checkpoint_path, read_resumed_run
 from mrcnn.engine.config_checks import check_config
 from mrcnn.engine.launch import job_scope
+from mrcnn.engine.model_record import read_checkpoint
 from mrcnn.engine.summary import write_final_metrics
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             if module.last_metrics_step != trainer.global_step:
                 trainer.validate(module, datamodule=datamodule, verbose=False)
             metrics = dict(module.last_metrics)
-            write_final_metrics(cfg, trainer, metrics)
+            write_final_metrics(cfg, trainer, metrics, module.nothing_to_score)
         return metrics
 
 
@@ -54,12 +55,16 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ValueError(
             "mode=evaluate needs ckpt_path=<Lightning checkpoint>, resume=<run dir> or weights=<torchvision file>"
         )
+    if ckpt_path:
+        read_checkpoint(ckpt_path)  # a file that is no checkpoint stops here, before the data is built
     with job_scope(cfg), stops_with_nonzero_exit(cfg):
         L.seed_everything(cfg.seed, workers=True)
         datamodule, module, trainer = build(cfg)
+        if ckpt_path:
+            check_checkpoint_fits(module, ckpt_path, cfg)
         trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
         metrics = dict(module.last_metrics)
-        write_final_metrics(cfg, trainer, metrics)
+        write_final_metrics(cfg, trainer, metrics, module.nothing_to_score)
         return metrics
 
 

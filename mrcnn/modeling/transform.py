@@ -38,7 +38,15 @@ def resize_boxes(boxes: Tensor, original_size: tuple[int, int], new_size: tuple[
 
 
 class RCNNTransform(GeneralizedRCNNTransform):
-    """GeneralizedRCNNTransform whose normalisation and training-time box resize copy nothing to the device."""
+    """GeneralizedRCNNTransform whose normalisation and training-time box resize copy nothing to the device, and
+    whose target masks are resized a few at a time.
+
+    torchvision resizes all of an image's masks in one float32 tensor (``N x H x W x 4`` bytes before and after):
+    50,000 small annotations on one image took 1.6 GB in one allocation. The same nearest-neighbour resize in
+    chunks of :attr:`MASKS_PER_CHUNK` gives the same uint8 masks with a bounded float32 peak.
+    """
+
+    MASKS_PER_CHUNK = 16
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -60,9 +68,17 @@ class RCNNTransform(GeneralizedRCNNTransform):
             size = self.torch_choice(self.min_size)
         else:
             size = self.min_size[-1]
+        masks = None if target is None else target.pop("masks", None)
         image, target = _resize_image_and_masks(image, size, self.max_size, target, self.fixed_size)
         if target is None:
             return image, target
+        if masks is not None:
+            new_size = image.shape[-2:]
+            chunks = [
+                torch.nn.functional.interpolate(chunk[:, None].float(), size=new_size)[:, 0].byte()
+                for chunk in masks.split(self.MASKS_PER_CHUNK)
+            ]
+            target["masks"] = torch.cat(chunks) if chunks else masks.new_zeros((0, *new_size))
         target["boxes"] = resize_boxes(target["boxes"], (h, w), tuple(image.shape[-2:]))
         if "keypoints" in target:
             raise ValueError("keypoints are not supported")

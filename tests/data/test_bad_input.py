@@ -6,12 +6,17 @@ Each case corrupts a freshly generated split (``tests/helpers/data.py``) one way
 - :class:`Skipped`: the dataset builds, the annotation is left out, counted under its reason and named (by id)
   in the log line with the json's path; ``at_read``: found only when its item is read, and counted then;
 - :class:`Repaired`: the annotation is kept after a repair (counted, or logged, or a field filled in);
-- :class:`Reads`: the image loads, with the pixels it should have.
+- :class:`Reads`: the image loads, with the pixels it should have;
+- :class:`Capped`: an image with more annotations than ``max_annotations_per_image`` keeps the largest, counted;
+- :class:`Disagrees`: a json bbox far from its mask is counted, and used for training and evaluation alike.
 
-Annotation cases that reach evaluation (skipped, repaired) also read every item and score perfect predictions
-with ``CocoEvaluator`` in a forked child with a time limit and a memory cap: a ground truth that makes
-``COCOeval`` loop forever in C, or a polygon whose rasterising allocates without bound, fails its case instead of
-hanging or exhausting the machine. Add a new kind of bad input as one row of a table here.
+Every case runs in a forked child with a time limit (``Case.timeout``) and a memory cap
+(``CHILD_EXTRA_MEMORY``): a named pipe that blocks a read, a ground truth that makes ``COCOeval`` loop forever in
+C, a polygon whose rasterising or an image whose decoding allocates without bound, fails its case instead of
+hanging or exhausting the machine. Annotation cases that reach evaluation (skipped, repaired) also read every item
+and score perfect predictions with ``CocoEvaluator``. Further tables: Cityscapes trees, ``mode=predict`` inputs
+and outputs, checkpoints for evaluate/predict, config values, and evaluations with nothing to score. Add a new
+kind of bad input as one row of a table here.
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ import io
 import json
 import logging
 import multiprocessing
+import os
 import resource
 import shutil
+import struct
 import traceback
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +47,7 @@ from pycocotools.cocoeval import COCOeval
 from mrcnn.data.cityscapes import CityscapesDataset, read_instance_ids
 from mrcnn.data.coco import CocoDataset
 from mrcnn.data.datamodule import InstanceDataModule
+from mrcnn.data.images import ImageLimits
 from mrcnn.evaluation import STAT_NAMES, CocoEvaluator
 from tests.helpers.data import cityscapes_instance_ids, make_cityscapes, make_coco_split, uncompressed_rle
 
@@ -84,6 +93,8 @@ class Repaired:
     logged: str | None = None
     check: Callable[[CocoDataset], None] | None = None
     pycocotools: bool = False
+    # The json pycocotools must agree with, as an edit of the case's json (the repair it implies).
+    corrected: Callable[[dict], None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,13 +106,30 @@ class Reads:
 
 
 @dataclasses.dataclass(frozen=True)
+class Capped:
+    """``left_out`` annotations of the first image left out of its target by ``max_annotations_per_image``."""
+
+    left_out: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Disagrees:
+    """The bad annotation's json bbox differs from its mask beyond the tolerance: counted, kept, used as its box."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Case:
-    """One kind of bad input: ``make(tmp_path, split) -> paths`` writes it, ``outcome`` is what must happen."""
+    """One kind of bad input: ``make(tmp_path, split) -> paths`` writes it, ``outcome`` is what must happen.
+
+    The whole case (writing the input included) runs in a forked child that must finish within ``timeout``
+    seconds and may map at most ``CHILD_EXTRA_MEMORY`` more bytes than the test process.
+    """
 
     name: str
     make: Callable
-    outcome: Stops | Skipped | Repaired | Reads
+    outcome: Stops | Skipped | Repaired | Reads | Capped | Disagrees
     kwargs: dict = dataclasses.field(default_factory=dict)  # dataset arguments
+    timeout: float = CHILD_TIMEOUT_S
 
     def __str__(self) -> str:
         return self.name
@@ -274,12 +302,78 @@ def expected_grayscale(path: Path) -> np.ndarray:
     return np.repeat(stored_pixels(HEIGHT, WIDTH)[:, :, :1], 3, axis=2)
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header says ``width x height`` (1-bit gray) and that holds no pixel data: readers see its size
+    without the file holding the pixels, as a decompression bomb's header does."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def write_png_header(width: int, height: int) -> Callable[[Path], None]:
+    return lambda path: path.write_bytes(png_header(width, height))
+
+
+def make_fifo(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+
+
+def make_folder(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.mkdir()
+
+
+def link_to_dev_null(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.symlink_to("/dev/null")
+
+
+def tiny_annotations(count: int) -> Callable:
+    """A case maker: ``count`` one-pixel-square annotations on the first image (ids from ``BAD_ID``)."""
+
+    def edit(data: dict) -> None:
+        for i in range(count):
+            x, y = 1 + i % 60, 1 + (i // 60) % 44
+            data["annotations"].append(
+                good_annotation(
+                    id=BAD_ID + i,
+                    segmentation=[[x, y, x + 2, y, x + 2, y + 2, x, y + 2]],
+                    bbox=[x, y, 2, 2],
+                    area=4.0,
+                )
+            )
+
+    return edit_json(edit)
+
+
 def expected_red(path: Path) -> np.ndarray:
     # CMYK (0, 255, 255, 0) is red; JPEG may move a value by a few levels.
     return np.broadcast_to(np.array([255, 0, 0], dtype=np.uint8), (HEIGHT, WIDTH, 3))
 
 
 # -------------------------------------------------------------------------------------------- COCO cases
+
+AREA_REPAIR = "area outside (0, image pixels] replaced by the mask's area"
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def _folder(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def _mask_area(data: dict) -> None:
+    """The json pycocotools must score as we do: the bad annotation with its mask's area."""
+    next(a for a in data["annotations"] if a["id"] == BAD_ID)["area"] = float(triangle_mask().sum())
+
 
 COCO_CASES = [
     # ---- the json file: stops naming it
@@ -464,9 +558,8 @@ COCO_CASES = [
         add_annotation(segmentation={"size": [HEIGHT, WIDTH], "counts": compressed(triangle_mask(20, 20))}),
         Skipped("RLE runs do not add up to the image size"),
     ),
-    Case("area_nan", add_annotation(area=float("nan")), Skipped("malformed or non-finite area")),
-    Case("area_a_string", add_annotation(area="40"), Skipped("malformed or non-finite area")),
-    Case("area_negative", add_annotation(area=-3.0), Skipped("malformed or non-finite area")),
+    Case("area_nan", add_annotation(area=float("nan")), Skipped("malformed or NaN area")),
+    Case("area_a_string", add_annotation(area="40"), Skipped("malformed or NaN area")),
     Case("iscrowd_a_string", add_annotation(iscrowd="0"), Skipped("malformed iscrowd")),
     # ---- found when the item is read: skipped and counted then
     Case(
@@ -535,6 +628,163 @@ COCO_CASES = [
     ),
     Case("image_grayscale_png", edit_image_file(write_grayscale_png, file_name="gray.png"), Reads(expected_grayscale)),
     Case("image_cmyk_jpeg", edit_image_file(write_cmyk_jpeg), Reads(expected_red, tolerance=3)),
+    # ---- 1. the types of the json's fields: stop naming the json and the id, or skip and count
+    Case(
+        "category_id_a_string",
+        edit_categories(lambda cats: cats[1].update(id="1")),
+        Stops(r"case\.json: category 'person' has id '1' \(str\), not an integer within int64"),
+    ),
+    Case(
+        "category_id_a_list",
+        edit_categories(lambda cats: cats[1].update(id=[1])),
+        Stops(r"case\.json: category 'person' has id \[1\] \(list\)"),
+    ),
+    Case(
+        "category_id_null",
+        edit_categories(lambda cats: cats[1].update(id=None)),
+        Stops(r"case\.json: category 'person' has id None \(NoneType\)"),
+    ),
+    Case(
+        "category_id_beyond_int64",
+        edit_categories(lambda cats: cats[1].update(id=2**70)),
+        Stops(r"case\.json: category 'person' has id 1180591620717411303424 \(int\), not an integer within int64"),
+    ),
+    Case(
+        "category_name_null",
+        edit_categories(lambda cats: cats[1].update(name=None)),
+        Stops(r"case\.json: category id 1 has name None, not a non-empty string"),
+    ),
+    Case(
+        "category_name_a_number",
+        edit_categories(lambda cats: cats[1].update(name=7)),
+        Stops(r"case\.json: category id 1 has name 7, not a non-empty string"),
+    ),
+    Case(
+        "image_id_beyond_int64",
+        edit_first_image(id=2**64),
+        Stops(r"case\.json: image '000000000100\.jpg' has id 18446744073709551616, not an integer within int64"),
+    ),
+    Case("image_id_a_list", edit_first_image(id=[100]), Stops(r"case\.json: image .* has id \[100\], not an integer")),
+    Case(
+        "image_id_null",
+        edit_json(lambda data: data["images"][0].update(id=None)),
+        Stops(r"case\.json: image .* has id None, not an integer"),
+    ),
+    Case(
+        "info_nested_too_deeply",
+        raw_json(b'{"info": ' + b"[" * 100_000 + b"]" * 100_000 + b', "images": [], "annotations": []}'),
+        Stops(r"case\.json nests its values too deeply"),
+    ),
+    Case("annotation_image_id_a_string", add_annotation(image_id="100"), Skipped("malformed image id")),
+    Case("annotation_image_id_a_list", add_annotation(image_id=[100]), Skipped("malformed image id")),
+    Case("annotation_category_id_null", add_annotation(category_id=None), Skipped("malformed category id")),
+    Case("annotation_category_id_a_float", add_annotation(category_id=1.0), Skipped("malformed category id")),
+    # pycocotools keeps annotation ids in float64 arrays: above 2**53 two ids can compare equal.
+    Case("annotation_id_beyond_2_53", add_annotation(id=2**60), Repaired(logged="renumbering them 1..N")),
+    Case("annotation_id_a_string", add_annotation(id="9001"), Repaired(logged="renumbering them 1..N")),
+    # ---- 2. files that are not regular files: refused when the dataset is built, never opened
+    Case(
+        "json_a_named_pipe",
+        lambda tmp, split: (split.image_dir, _fifo(tmp / "pipe.json")),
+        Stops(r"COCO annotation file .*pipe\.json is a named pipe, not a regular file"),
+    ),
+    Case(
+        "json_a_folder",
+        lambda tmp, split: (split.image_dir, _folder(tmp / "folder.json")),
+        Stops(r"COCO annotation file .*folder\.json is a folder, not a regular file"),
+    ),
+    Case(
+        "image_a_named_pipe",
+        edit_image_file(make_fifo),
+        Stops(rf"1 of 7 image files listed in .*case\.json are not regular files.*{FIRST_FILE} \(a named pipe\)"),
+    ),
+    Case(
+        "image_a_folder",
+        edit_image_file(make_folder),
+        Stops(rf"are not regular files.*{FIRST_FILE} \(a folder\)"),
+    ),
+    Case(
+        "image_a_link_to_a_device",
+        edit_image_file(link_to_dev_null),
+        Stops(rf"are not regular files.*{FIRST_FILE} \(a character device\)"),
+    ),
+    # ---- 3. images that cannot be held: refused from the json's sizes or the file header, never decoded
+    Case(
+        "image_of_144_megapixels",
+        edit_first_image(height=12000, width=12000),
+        Stops(r"case\.json: 1 images are refused by their size, e\.g\.\s+image id 100 .* has 144\.0 MPix .*max_pix"),
+        kwargs={"image_limits": ImageLimits()},
+    ),
+    Case(
+        "image_20000_by_20",
+        edit_first_image(height=20, width=20000),
+        Stops(r"image id 100 .* is 20000x20, an aspect ratio of 1000\.0:1, above data\.image_limits\.max_aspect"),
+        kwargs={"image_limits": ImageLimits()},
+    ),
+    Case(
+        "image_that_resizes_to_zero_pixels",
+        edit_first_image(height=20, width=20000),
+        Stops(r"image id 100 .* would shrink its shorter side to 0\.02 pixels, below one"),
+        kwargs={"image_limits": ImageLimits(max_aspect_ratio=1000, min_size=8, max_size=16)},
+    ),
+    Case(
+        "image_header_of_144_megapixels_json_small",
+        edit_image_file(write_png_header(12000, 12000), file_name="huge.png"),
+        Stops(r"image .*huge\.png has 144\.0 MPix \(12000x12000\), above data\.image_limits", at_read=True),
+        kwargs={"image_limits": ImageLimits()},
+    ),
+    Case(
+        "image_a_decompression_bomb",
+        edit_image_file(write_png_header(14000, 14000), file_name="bomb.png"),
+        Stops(r"image .*bomb\.png is refused by PIL as a decompression bomb", at_read=True),
+    ),
+    # ---- 4. annotation volume: the largest kept, the rest counted; the read stays within the memory cap
+    Case("fifty_thousand_annotations", tiny_annotations(50_000), Capped(50_000), {"max_annotations_per_image": 100}),
+    # ---- 5. what evaluation scores: the mask's area where the json's is out of range; the json bbox
+    Case(
+        "area_zero",
+        add_annotation(area=0),
+        Repaired(counted=AREA_REPAIR, check=lambda dataset: _check_completed(dataset), corrected=_mask_area),
+    ),
+    Case(
+        "area_above_1e10",
+        add_annotation(area=1e12),
+        Repaired(counted=AREA_REPAIR, check=lambda dataset: _check_completed(dataset), corrected=_mask_area),
+    ),
+    Case(
+        "area_negative",
+        add_annotation(area=-3.0),
+        Repaired(counted=AREA_REPAIR, check=lambda dataset: _check_completed(dataset), corrected=_mask_area),
+    ),
+    Case(
+        "area_infinite",
+        add_annotation(area=float("inf")),
+        Repaired(counted=AREA_REPAIR, check=lambda dataset: _check_completed(dataset), corrected=_mask_area),
+    ),
+    Case("bbox_far_from_its_mask", add_annotation(bbox=[30.0, 30.0, 20.0, 15.0]), Disagrees()),
+    Case(
+        "images_list_empty",
+        edit_json(lambda data: (data["images"].clear(), data["annotations"].clear())),
+        Stops(r"case\.json leaves no image to use: its 'images' list is empty"),
+    ),
+    Case(
+        "no_image_with_a_usable_annotation",
+        edit_json(lambda data: data["annotations"].clear()),
+        Stops(r"case\.json leaves no image to use: none of its 7 images has a usable non-crowd annotation"),
+        kwargs={"drop_images_without_annotations": True},
+    ),
+    Case("classes_empty", edit_json(lambda data: None), Stops(r"classes is empty"), kwargs={"classes": []}),
+    # ---- 10. messages that state the actual problem
+    Case(
+        "polygon_of_an_odd_number_of_coordinates",
+        add_annotation(segmentation=[[1, 1, 10, 1, 10, 10, 5]]),
+        Skipped("polygon with an odd number of coordinates"),
+    ),
+    Case(
+        "polygon_part_of_an_odd_number_of_coordinates",
+        add_annotation(segmentation=[[1, 1, 10, 1, 10, 10], [3, 3, 4, 4, 5]]),
+        Repaired(counted="polygon part with an odd number of coordinates removed", pycocotools=False),
+    ),
 ]
 
 
@@ -553,6 +803,10 @@ def split(tmp_path_factory) -> Split:
 
 @pytest.mark.parametrize("case", COCO_CASES, ids=str)
 def test_coco(case: Case, split: Split, tmp_path: Path, caplog):
+    run_in_child(_coco_case, case, split, tmp_path, caplog, timeout=case.timeout)
+
+
+def _coco_case(case: Case, split: Split, tmp_path: Path, caplog) -> None:
     image_dir, json_path = case.make(tmp_path, split)
     outcome = case.outcome
     if isinstance(outcome, Stops) and not outcome.at_read:
@@ -572,8 +826,42 @@ def test_coco(case: Case, split: Split, tmp_path: Path, caplog):
         np.testing.assert_allclose(pixels, expected, atol=outcome.tolerance, rtol=0)
     elif isinstance(outcome, Skipped):
         _check_skipped(case, dataset, split, image_dir, json_path, caplog.text)
+    elif isinstance(outcome, Capped):
+        _check_capped(case, dataset, split, json_path, caplog.text)
+    elif isinstance(outcome, Disagrees):
+        _check_disagrees(dataset, image_dir, json_path, caplog.text)
     else:
         _check_repaired(case, dataset, split, image_dir, json_path, caplog.text)
+
+
+def _check_capped(case: Case, dataset: CocoDataset, split: Split, json_path: Path, log: str) -> None:
+    """The first image's target holds the cap's count; the rest is counted and logged; the ground truth keeps all."""
+    cap = case.kwargs["max_annotations_per_image"]
+    left_out = _instances(split)[IMAGE_ID] + case.outcome.left_out - cap
+    assert dataset.capped == (left_out, 1)
+    assert f"left {left_out} annotations of 1 images out of the targets" in log and str(json_path) in log
+    _, target = dataset[dataset.image_ids.index(IMAGE_ID)]
+    assert len(target["labels"]) == cap and target["masks"].shape == (cap, HEIGHT, WIDTH)
+    # The split's own annotations are larger than the added 2x2 squares: all of them are kept.
+    assert int((target["area"] > 4).sum()) == _instances(split)[IMAGE_ID]
+    assert (
+        len(dataset.coco_gt.getAnnIds(imgIds=[IMAGE_ID]))
+        == len(split.data()["annotations"])
+        - sum(a["image_id"] != IMAGE_ID for a in split.data()["annotations"])
+        + case.outcome.left_out
+    )
+
+
+def _check_disagrees(dataset: CocoDataset, image_dir: Path, json_path: Path, log: str) -> None:
+    """Counted and named; the json bbox is the target's box; perfect predictions score as pycocotools on the json."""
+    assert dataset.bbox_disagreements == 1 and not dataset.skipped
+    assert "1 annotations have a bbox that differs from their segmentation's extent" in log
+    assert f"(e.g. annotation id {BAD_ID}); the json bbox is used for training and evaluation alike" in log
+    _, target = dataset[dataset.image_ids.index(IMAGE_ID)]
+    assert [30.0, 30.0, 50.0, 45.0] in target["boxes"].tolist()
+    result = run_in_child(read_and_evaluate, image_dir, json_path, True)
+    assert result["metrics"] == pytest.approx(result["reference"], abs=1e-9)
+    assert result["metrics"]["segm_AP"] == result["metrics"]["bbox_AP"] == 1.0
 
 
 def _check_skipped(case: Case, dataset: CocoDataset, split: Split, image_dir: Path, json_path: Path, log: str) -> None:
@@ -615,8 +903,15 @@ def _check_repaired(case: Case, dataset: CocoDataset, split: Split, image_dir: P
         assert ids == list(range(1, len(ids) + 1))
     if outcome.check:
         outcome.check(dataset)
-    result = run_in_child(read_and_evaluate, image_dir, json_path, outcome.pycocotools)
-    if outcome.pycocotools:
+    reference_json = json_path
+    if outcome.corrected:
+        data = json.loads(json_path.read_text())
+        outcome.corrected(data)
+        reference_json = json_path.with_name("corrected.json")
+        reference_json.write_text(json.dumps(data))
+    reference = outcome.pycocotools or outcome.corrected is not None
+    result = run_in_child(read_and_evaluate, image_dir, json_path, reference_json if reference else None)
+    if reference:
         assert result["metrics"] == pytest.approx(result["reference"], abs=1e-9)
     assert result["metrics"]["segm_AP"] == result["metrics"]["bbox_AP"] == 1.0
 
@@ -694,8 +989,11 @@ def run_in_child(function: Callable, *args, timeout: float = CHILD_TIMEOUT_S):
     """``function(*args)`` in a forked child with a time limit and a memory cap; fails the test if it hangs or dies.
 
     A thread could not be stopped: ``COCOeval`` looping in C holds it for good, and no Python signal gets in.
-    A child can be killed.
+    A child can be killed. Inside a child (a whole case runs in one) the call runs inline, under the child's bounds.
     """
+    if _IN_CHILD:
+        return function(*args)
+    call = f"{function.__name__}({', '.join(str(a)[:60] for a in args)})"
     context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(target=_send_result, args=(sender, function, args), daemon=True)
@@ -703,21 +1001,26 @@ def run_in_child(function: Callable, *args, timeout: float = CHILD_TIMEOUT_S):
     sender.close()  # the child's end only: the pipe reports EOF when the child dies
     try:
         if not receiver.poll(timeout):
-            pytest.fail(f"{function.__name__}{args} did not finish within {timeout} s (a hang)")
+            pytest.fail(f"{call} did not finish within {timeout} s (a hang)")
         try:
             outcome = receiver.recv()
         except EOFError:
             child.join(5)
-            pytest.fail(f"{function.__name__}{args} died without a result (exit code {child.exitcode})")
+            pytest.fail(f"{call} died without a result (exit code {child.exitcode})")
     finally:
         child.kill()
         child.join()
     if "error" in outcome:
-        pytest.fail(f"{function.__name__}{args} raised:\n{outcome['error']}")
+        pytest.fail(f"{call} raised:\n{outcome['error']}")
     return outcome["result"]
 
 
+_IN_CHILD = False
+
+
 def _send_result(sender, function: Callable, args: tuple) -> None:
+    global _IN_CHILD
+    _IN_CHILD = True
     try:
         _cap_memory()
         torch.set_num_threads(1)  # no OpenMP pool in a forked child
@@ -734,13 +1037,13 @@ def _cap_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
 
-def read_and_evaluate(image_dir: Path, json_path: Path, reference: bool) -> dict:
+def read_and_evaluate(image_dir: Path, json_path: Path, reference: bool | Path | None) -> dict:
     """Reads every item, reports read-time skips, scores perfect predictions (the non-crowd targets).
 
     Returns:
         ``instances`` (targets per image id), ``skipped`` and ``report`` after the pass, ``metrics`` of
-        ``CocoEvaluator`` and, with ``reference``, pycocotools' own numbers on the json file for the same
-        detections (only for a json that pycocotools can evaluate).
+        ``CocoEvaluator`` and, with ``reference``, pycocotools' own numbers on the json file (or on the json
+        file ``reference`` names) for the same detections (only for a json that pycocotools can evaluate).
     """
     dataset = CocoDataset(image_dir, json_path)
     evaluator = CocoEvaluator(**InstanceDataModule(dataset, dataset).evaluator_kwargs())
@@ -762,7 +1065,8 @@ def read_and_evaluate(image_dir: Path, json_path: Path, reference: bool) -> dict
         "metrics": evaluator.compute(),
     }
     if reference:
-        result["reference"] = _pycocotools_on_the_json(json_path, evaluator.results_json())
+        reference_json = json_path if reference is True else reference
+        result["reference"] = _pycocotools_on_the_json(reference_json, evaluator.results_json())
     return result
 
 
@@ -861,16 +1165,75 @@ CITYSCAPES_CASES = [
         ),
         Reads(_expected_16bit_left_image),
     ),
+    # 1 in a value's labelId: counted when read; the official evaluation reads it as void instead of a KeyError
+    Case("label_id_outside_the_table", cityscapes(lambda root: _add_region(root, 40_001)), Skipped("labelId outside")),
+    Case("region_id_outside_the_table", cityscapes(lambda root: _add_region(root, 50)), Skipped("labelId outside")),
+    Case(
+        "instance_ids_32bit_tiff_named_png",
+        cityscapes(
+            lambda root: Image.fromarray(cityscapes_instance_ids(1).astype(np.int32) * 1000).save(
+                _second_instance_ids(root), format="TIFF"
+            )
+        ),
+        Stops(r"aachen_000000_000001_gtFine_instanceIds\.png is a TIFF image in mode I .*not a 16-bit PNG"),
+    ),
+    Case(
+        "city_level_missing",
+        cityscapes(lambda root: _flatten_cities(root)),
+        Stops(r"leftImg8bit/train, but 2 directly in it .*leftImg8bit/<split>/<city>/", FileNotFoundError),
+    ),
+    Case(
+        "image_a_named_pipe",
+        cityscapes(lambda root: make_fifo(_first_image(root))),
+        Stops(r"Cityscapes image .*aachen_000000_000000_leftImg8bit\.png is a named pipe, not a regular file"),
+    ),
+    Case(
+        "instance_ids_a_named_pipe",
+        cityscapes(lambda root: make_fifo(_second_instance_ids(root))),
+        Stops(r"instanceIds file .*aachen_000000_000001_gtFine_instanceIds\.png is a named pipe"),
+    ),
+    Case(
+        "image_over_the_pixel_limit",
+        cityscapes(lambda root: None),
+        Stops(r"image .*aachen_000000_000000_leftImg8bit\.png has 0\.0 MPix \(64x32\), above data\.image_limits"),
+        kwargs={"image_limits": ImageLimits(max_pixels=1000)},
+    ),
+    Case(
+        "more_instances_than_the_cap",
+        cityscapes(lambda root: None),
+        Skipped("above max_annotations_per_image=1"),
+        kwargs={"max_annotations_per_image": 1},
+    ),
 ]
+
+
+def _add_region(root: Path, value: int) -> None:
+    """Writes ``value`` into a corner of the second instanceIds file (a labelId outside the table)."""
+    path = _second_instance_ids(root)
+    ids = np.array(Image.open(path), dtype=np.uint16)
+    ids[:3, :3] = value
+    Image.fromarray(ids).save(path)
+
+
+def _flatten_cities(root: Path) -> None:
+    """Moves the images out of their city folder, directly into leftImg8bit/train."""
+    for path in list((root / "leftImg8bit" / "train" / "aachen").iterdir()):
+        path.rename(root / "leftImg8bit" / "train" / path.name)
 
 
 @pytest.mark.parametrize("case", CITYSCAPES_CASES, ids=str)
 def test_cityscapes(case: Case, tmp_path: Path, caplog):
+    run_in_child(_cityscapes_case, case, tmp_path, caplog, timeout=case.timeout)
+
+
+def _cityscapes_case(case: Case, tmp_path: Path, caplog) -> None:
     root = case.make(tmp_path)
     outcome = case.outcome
     if isinstance(outcome, Stops):
         with pytest.raises(outcome.error, match=outcome.match):
-            CityscapesDataset(root, split="train")
+            CityscapesDataset(root, split="train", **case.kwargs)
+    elif isinstance(outcome, Skipped) and outcome.reason != "no gtFine instanceIds file":
+        _check_counted_when_read(case, root, caplog)
     elif isinstance(outcome, Skipped):
         with caplog.at_level(logging.WARNING, logger="mrcnn.data.cityscapes"):
             dataset = CityscapesDataset(root, split="train")
@@ -883,6 +1246,23 @@ def test_cityscapes(case: Case, tmp_path: Path, caplog):
         image, _ = dataset[0]
         pixels = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         np.testing.assert_array_equal(pixels, outcome.expected(dataset.image_files[0]))
+
+
+def _check_counted_when_read(case: Case, root: Path, caplog) -> None:
+    """Left out of the targets when read, counted once in one line; the official evaluation still runs."""
+    from mrcnn.cityscapes_eval import evaluate_results
+
+    dataset = CityscapesDataset(root, split="train", include_crowd=True, **case.kwargs)
+    with caplog.at_level(logging.WARNING, logger="mrcnn.data.cityscapes"):
+        for _ in range(2):  # a second pass counts nothing new
+            targets = [dataset[i][1] for i in range(len(dataset))]
+            report = dataset.report_read_skips()
+    assert case.outcome.reason in caplog.text and caplog.text.count(case.outcome.reason) == 1
+    assert report == "" and "aachen_000000_00000" in caplog.text
+    for target in targets:
+        assert set(target["labels"].tolist()) <= set(range(1, 9))
+    metrics = evaluate_results([], dict(zip(dataset.image_ids, dataset.instance_files)))
+    assert metrics["cityscapes_AP"] in (0.0, -1.0)
 
 
 def test_cityscapes_image_broken_after_the_check_stops_naming_it(tmp_path: Path):
@@ -898,3 +1278,254 @@ def test_8bit_instance_ids_read_directly_stops_naming_it(tmp_path: Path):
     Image.fromarray((cityscapes_instance_ids(0) % 256).astype(np.uint8)).save(path)
     with pytest.raises(ValueError, match=r"x_gtFine_instanceIds\.png is 8-bit"):
         read_instance_ids(path)
+
+
+# ------------------------------------------------------------------------------------ mode=predict inputs, outputs
+
+
+def _predict_folder(tmp_path: Path, *names: str) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in names:
+        Image.new("RGB", (WIDTH, HEIGHT), (200, 30, 30)).save(folder / name)
+    return folder
+
+
+def _with(write: Callable[[Path], object], name: str) -> Callable[[Path], Path]:
+    """A case maker: a folder with one good image and ``name`` written by ``write``."""
+
+    def make(tmp_path: Path) -> Path:
+        folder = _predict_folder(tmp_path, "good.png")
+        write(folder / name)
+        return folder
+
+    return make
+
+
+def _write_rgb(width: int, height: int) -> Callable[[Path], None]:
+    return lambda path: Image.new("RGB", (width, height)).save(path)
+
+
+PREDICT_CASES = [
+    Case(
+        "input_folder_with_a_named_pipe",
+        _with(make_fifo, "pipe.png"),
+        Stops(r"predict\.input=.*images: 1 entries are not regular files: \['pipe\.png \(a named pipe\)'\]"),
+    ),
+    Case(
+        "input_a_named_pipe",
+        lambda tmp: _fifo(tmp / "pipe.png"),
+        Stops(r"predict\.input .*pipe\.png is a named pipe, not a regular file"),
+    ),
+    Case(
+        "input_2000_by_20",
+        _with(_write_rgb(2000, 20), "strip.png"),
+        Stops(r"image .*strip\.png is 2000x20, an aspect ratio of 100\.0:1, above data\.image_limits"),
+        kwargs={"limits": ImageLimits()},
+    ),
+    Case(
+        "input_header_of_144_megapixels",
+        _with(write_png_header(12000, 12000), "huge.png"),
+        Stops(r"image .*huge\.png has 144\.0 MPix"),
+        kwargs={"limits": ImageLimits()},
+    ),
+    Case(
+        "input_a_decompression_bomb",
+        _with(write_png_header(14000, 14000), "bomb.png"),
+        Stops(r"image .*bomb\.png is refused by PIL as a decompression bomb"),
+    ),
+    Case(
+        "input_not_an_image",
+        _with(lambda path: path.write_bytes(b"not a png"), "text.png"),
+        Stops(r"cannot read the header of image .*text\.png"),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", PREDICT_CASES, ids=str)
+def test_predict_input(case: Case, tmp_path: Path):
+    from mrcnn.engine.predict import ImageFiles
+
+    def check() -> None:
+        with pytest.raises(case.outcome.error, match=case.outcome.match):
+            ImageFiles(case.make(tmp_path), **case.kwargs)
+
+    run_in_child(check, timeout=case.timeout)
+
+
+def test_predict_output_that_is_a_file_stops_before_any_work(tmp_path: Path):
+    from mrcnn.engine.predict import prepare_output
+
+    (tmp_path / "out").write_text("")
+    with pytest.raises(ValueError, match=r"predict\.output=.*out is a file, not a folder"):
+        prepare_output(tmp_path / "out")
+    with pytest.raises(ValueError, match=r"predict\.output=.*out/sub: cannot write there"):
+        prepare_output(tmp_path / "out" / "sub")
+
+
+def test_colliding_names_keep_every_overlay(tmp_path: Path):
+    """``a.jpg`` and ``a.png`` in one folder: two overlays, named after the whole file name."""
+    from mrcnn.engine.predict import ImageFiles, PredictionWriter
+
+    dataset = ImageFiles(_predict_folder(tmp_path, "a.jpg", "a.png", "b.png"))
+    writer = PredictionWriter(tmp_path / "out", dataset.coco_images(), ["thing"], score_threshold=0.0)
+    items = [dataset[i] for i in range(len(dataset))]
+    box = torch.tensor([[2.0, 2.0, 20.0, 20.0]])
+    detection = {"boxes": box, "labels": torch.tensor([1]), "scores": torch.tensor([0.9])}
+    detection["masks"] = torch.zeros(1, 1, HEIGHT, WIDTH)
+    images, metas = zip(*items)
+    writer.write_on_batch_end(None, None, [detection] * 3, None, (images, metas), 0, 0)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.jpg.png", "a.png.png", "b.png.png"]
+    assert writer.num_overlays == 3
+
+
+# ----------------------------------------------------------------------------- checkpoints for evaluate, predict
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"this is not a checkpoint at all")
+
+
+def _truncated(path: Path) -> None:
+    torch.save({"state_dict": {"w": torch.zeros(8)}}, path)
+    path.write_bytes(path.read_bytes()[:200])
+
+
+class _NotATensor:
+    pass
+
+
+CHECKPOINT_CASES = [
+    Case("garbage", _garbage, Stops(r"ckpt_path=.*model\.ckpt is not a PyTorch checkpoint, or it is damaged")),
+    Case("truncated", _truncated, Stops(r"ckpt_path=.*model\.ckpt is not a PyTorch checkpoint, or it is damaged")),
+    Case(
+        "pickled_object",
+        lambda path: torch.save({"model": _NotATensor()}, path),
+        Stops(r"ckpt_path=.*model\.ckpt holds a Python object of type .*_NotATensor besides tensors"),
+    ),
+    Case("named_pipe", make_fifo, Stops(r"ckpt_path file .*model\.ckpt is a named pipe, not a regular file")),
+    Case("missing", lambda path: None, Stops(r"ckpt_path file not found: .*model\.ckpt", FileNotFoundError)),
+]
+
+
+@pytest.mark.parametrize("case", CHECKPOINT_CASES, ids=str)
+def test_checkpoint(case: Case, tmp_path: Path):
+    from mrcnn.engine.model_record import read_checkpoint
+
+    def check() -> None:
+        path = tmp_path / "model.ckpt"
+        case.make(path)
+        with pytest.raises(case.outcome.error, match=case.outcome.match) as error:
+            read_checkpoint(path)
+        # Neither the message nor the error it comes from advises loading the file unsafely.
+        assert "weights_only=False" not in str(error.value) and "weights_only" not in str(error.value.__cause__)
+
+    run_in_child(check, timeout=case.timeout)
+
+
+def test_checkpoint_of_another_model_size_lists_the_differing_keys(tmp_path: Path):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from mrcnn.engine.checkpoints import RUN_RECORD_KEY, check_checkpoint_fits
+    from tests.helpers.config import TINY_MODEL, compose_config
+
+    saved_cfg = compose_config([*TINY_MODEL, "model.depth=34", "model.fpn_channels=8"])
+    saved = instantiate(saved_cfg.module)
+    path = tmp_path / "model.ckpt"
+    record = {"config": OmegaConf.to_container(saved_cfg, resolve=True), "overrides": ["model.depth=34"]}
+    torch.save({"state_dict": saved.state_dict(), RUN_RECORD_KEY: record}, path)
+    cfg = compose_config(TINY_MODEL)
+    with pytest.raises(ValueError) as error:
+        check_checkpoint_fits(instantiate(cfg.module), str(path), cfg)
+    message = str(error.value)
+    assert f"ckpt_path={path} does not fit the model this run builds" in message
+    assert "model.depth: 34 in the checkpoint, 18 in this run" in message
+    assert "model.fpn_channels: 8 in the checkpoint, 16 in this run" in message
+    assert "started with the overrides: model.depth=34" in message
+    assert len(message.splitlines()) < 20  # not a line per tensor
+    check_checkpoint_fits(saved, str(path), saved_cfg)  # its own model fits
+
+
+# ------------------------------------------------------------------------------------------------ config values
+
+CONFIG_CASES = [
+    ("min_size_zero", "data.min_size", 0),
+    ("min_size_empty", "data.min_size", []),
+    ("min_size_negative", "data.min_size", [-800]),
+    ("max_size_zero", "data.max_size", 0),
+    ("anchor_sizes_empty", "model.anchor_sizes", []),
+    ("rois_per_image_zero", "model.rois_per_image", 0),
+    ("classes_empty", "data.classes", []),
+    ("score_threshold_above_one", "predict.score_threshold", 1.5),
+    ("predict_batch_size_zero", "predict.batch_size", 0),
+    ("max_annotations_per_image_zero", "data.max_annotations_per_image", 0),
+]
+
+
+@pytest.fixture(scope="module")
+def default_config():
+    from tests.helpers.config import compose_config
+
+    return compose_config()
+
+
+@pytest.mark.parametrize("name,key,value", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_config_value(name: str, key: str, value, default_config):
+    from omegaconf import OmegaConf
+
+    from mrcnn.engine.config_checks import check_config
+
+    cfg = default_config.copy()
+    OmegaConf.update(cfg, key, value, force_add=True)
+    with pytest.raises(ValueError, match=rf"invalid config values:\n  {key}=") as error:
+        check_config(cfg)
+    assert "must be" in str(error.value)
+
+
+# ------------------------------------------------------------------------------- evaluations with nothing to score
+
+
+def _targets(iscrowd: list[int]) -> list[dict]:
+    n = len(iscrowd)
+    masks = torch.zeros(n, HEIGHT, WIDTH, dtype=torch.uint8)
+    masks[:, 2:10, 2:10] = 1
+    return [
+        {
+            "boxes": torch.tensor([[2.0, 2.0, 10.0, 10.0]] * n).reshape(n, 4),
+            "labels": torch.ones(n, dtype=torch.int64),
+            "masks": masks,
+            "iscrowd": torch.tensor(iscrowd, dtype=torch.int64),
+            "image_id": 1,
+        }
+    ]
+
+
+NOTHING_TO_SCORE = [
+    ("no_image", None, "no image was evaluated"),
+    ("only_crowd_regions", [1, 1], "the ground truth of the 1 evaluated images holds no non-crowd object"),
+    ("image_without_objects", [], "the ground truth of the 1 evaluated images holds no non-crowd object"),
+]
+
+
+@pytest.mark.parametrize("name,iscrowd,reason", NOTHING_TO_SCORE, ids=[c[0] for c in NOTHING_TO_SCORE])
+def test_nothing_to_score_is_said(name, iscrowd, reason, tmp_path: Path, capsys):
+    """The AP table of "-" says why, on the terminal and in metrics.json."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from mrcnn.engine.summary import write_final_metrics
+
+    evaluator = CocoEvaluator(class_names=["thing"])
+    if iscrowd is not None:
+        targets = _targets(iscrowd)
+        prediction = {k: targets[0][k] for k in ("boxes", "labels", "masks")}
+        evaluator.update([{**prediction, "scores": torch.ones(len(iscrowd))}], targets)
+    metrics = evaluator.compute()
+    assert all(v == -1.0 for v in metrics.values())
+    assert evaluator.nothing_to_score.startswith(reason)
+    trainer = SimpleNamespace(global_rank=0, world_size=1, global_step=0, is_global_zero=True)
+    write_final_metrics(OmegaConf.create({"run_dir": str(tmp_path)}), trainer, metrics, evaluator.nothing_to_score)
+    assert f"WARNING: nothing was scored: {reason}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "metrics.json").read_text())["nothing_to_score"].startswith(reason)

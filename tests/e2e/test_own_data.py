@@ -81,4 +81,4 @@ def test_fine_tune_evaluate_predict_on_own_coco_json(tmp_path):
     assert {r["image_id"] for r in results} <= set(ground_truth.getImgIds())
     detections = ground_truth.loadRes(str(out / "coco_results.json"))
     assert len(detections.getAnnIds()) == len(results)
-    assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{p.stem}.png" for p in val_images.iterdir())
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{p.name}.png" for p in val_images.iterdir())

@@ -37,6 +37,8 @@ def test_predict_from_a_lightning_checkpoint_writes_overlays_and_coco_results(tm
     trainer.fit(module, datamodule=instantiate(cfg.data.datamodule))
     trainer.save_checkpoint(tmp_path / "model.ckpt")
     images = write_images(tmp_path / "images", 3, 64)
+    # img0.jpg beside img0.png: by stem both would write img0.png; every input keeps its overlay.
+    Image.open(images / "img0.png").save(images / "img0.jpg")
 
     out = tmp_path / "out"
     run_py(
@@ -51,17 +53,18 @@ def test_predict_from_a_lightning_checkpoint_writes_overlays_and_coco_results(tm
         ]
     )
 
-    assert sorted(p.name for p in out.glob("*.png")) == ["img0.png", "img1.png", "img2.png"]
-    assert Image.open(out / "img0.png").size == (512, 512)  # 64 px images are enlarged for drawing
+    assert sorted(p.name for p in out.glob("*.png")) == ["img0.jpg.png", "img0.png.png", "img1.png.png", "img2.png.png"]
+    assert Image.open(out / "img0.png.png").size == (512, 512)  # 64 px images are enlarged for drawing
     listed = json.loads((out / "images.json").read_text())
     assert [(i["id"], i["file_name"], i["height"], i["width"]) for i in listed] == [
-        (1, "img0.png", 64, 64),
-        (2, "img1.png", 64, 64),
-        (3, "img2.png", 64, 64),
+        (1, "img0.jpg", 64, 64),
+        (2, "img0.png", 64, 64),
+        (3, "img1.png", 64, 64),
+        (4, "img2.png", 64, 64),
     ]
     results = json.loads((out / "coco_results.json").read_text())
     assert results, "score_threshold=0 keeps every detection of the untrained model"
-    assert {r["image_id"] for r in results} <= {1, 2, 3}
+    assert {r["image_id"] for r in results} <= {1, 2, 3, 4}
     for r in results[:5]:
         assert set(r) == {"image_id", "category_id", "bbox", "score", "segmentation"}
         assert 1 <= r["category_id"] <= 6 and len(r["bbox"]) == 4 and r["segmentation"]["size"] == [64, 64]
@@ -87,7 +90,7 @@ def test_torchvision_checkpoint_loads_and_predicts_through_run_py(tmp_path):
             f"hydra.run.dir={tmp_path / 'run'}",
         ]
     )
-    assert (out / "img0.png").exists()
+    assert (out / "img0.png.png").exists()
     results = json.loads((out / "coco_results.json").read_text())
 
     # The loaded weights give torchvision's detections (RoIAlign etc. are the same computation).
@@ -112,7 +115,7 @@ def test_weights_that_do_not_fit_the_model_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match=r"lightning\.ckpt.*does not match the configured model.*missing in file"):
         build_module(compose_config([*TINY_MODEL, f"weights={tmp_path / 'lightning.ckpt'}"]))
     (tmp_path / "notes.txt").write_text("not weights")
-    with pytest.raises(ValueError, match=r"notes\.txt is neither a plain state dict .* nor a Lightning checkpoint"):
+    with pytest.raises(ValueError, match=r"weights=.*notes\.txt is not a PyTorch checkpoint"):
         build_module(compose_config([*TINY_MODEL, f"weights={tmp_path / 'notes.txt'}"]))
 
 
