@@ -206,7 +206,11 @@ def path_problems(cfg: DictConfig) -> list[str]:
     problems = _data_problems(cfg)
     depth = OmegaConf.select(cfg, "model.depth", default=50)
     for key, holds in WEIGHTS_FILES.items():
-        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+        if not isinstance(node, DictConfig) or leaf not in OmegaConf.to_container(node, resolve=False):
+            continue
+        value = OmegaConf.to_container(node, resolve=False)[leaf]
         holds = holds.format(depth=depth)
         if value == "???":
             problems.append(f"{key} is not set: give {key}=<file>, {holds}")
