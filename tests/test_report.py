@@ -391,8 +391,6 @@ def test_records_without_job_json_get_parameters_from_the_models_their_configs_b
     reports rebuild each variant's model from the job's overrides and the sweep's recipe (no re-run)."""
     import shutil
 
-    from mrcnn.report import write_report
-
     repo = Path(__file__).resolve().parents[1] / "experiments"
     for record in ["ablation_backbone", "ablation_roialign/c5_256px_w16", "ablation_roialign/c5_256px"]:
         summary = json.loads((repo / record / "report.json").read_text())
