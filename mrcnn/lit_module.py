@@ -28,8 +28,9 @@ def warmup_multistep_schedule(
     total_steps: int,
     warmup_steps: int = 1000,
     warmup_factor: float = 0.001,
-    milestones: tuple[float, ...] = (0.667, 0.889),
+    milestones: tuple[float, ...] | None = (0.667, 0.889),
     gamma: float = 0.1,
+    milestone_steps: tuple[int, ...] | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup from ``lr * warmup_factor``, then step decay by ``gamma`` at each milestone.
 
@@ -37,8 +38,18 @@ def warmup_multistep_schedule(
         total_steps: optimizer steps of the whole run.
         milestones: fractions of ``total_steps`` (the 1x schedule's 60k and 80k of 90k are 0.667, 0.889),
             so the schedule keeps its shape when the run is shortened or lengthened.
+        milestone_steps: the milestones as optimizer steps instead (the paper's 120k of 160k), fixed whatever
+            the run's length; give these or ``milestones``, not both.
     """
-    steps = sorted(int(round(m * total_steps)) for m in milestones)
+    if milestone_steps is not None and milestones:
+        raise ValueError(
+            f"scheduler: give milestones (fractions of the run, {list(milestones)}) or milestone_steps "
+            f"(optimizer steps, {list(milestone_steps)}), not both"
+        )
+    if milestone_steps is not None:
+        steps = sorted(int(s) for s in milestone_steps)
+    else:
+        steps = sorted(int(round(m * total_steps)) for m in milestones or ())
 
     def factor(step: int) -> float:
         decay = gamma ** bisect.bisect_right(steps, step)

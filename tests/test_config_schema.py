@@ -10,7 +10,7 @@ from mrcnn.engine.config_checks import SCHEMA, check_config, config_keys, config
 from tests.helpers.config import compose_config
 
 # Groups composed by other means: Hydra's own settings, and experiments (sweeps over the groups walked here).
-_NOT_WALKED = ("hydra", "experiment", "ablation")
+_NOT_WALKED = ("hydra", "experiment", "ablation", "setting/experiment")
 # Data configs need their paths to compose their datasets' keys.
 _DATA_PATHS = {
     "coco": ["data.root=/coco"],
@@ -29,7 +29,8 @@ def group_options() -> list[list[str]]:
     options = {}
     for folder in sorted(p for p in root.rglob("*") if p.is_dir()):
         group = folder.relative_to(root).as_posix()
-        if group.split("/")[0] not in _NOT_WALKED:
+        # setting/experiment/<setting>/<experiment>.yaml are picked by an experiment, not by a user: not a group.
+        if group.split("/")[0] not in _NOT_WALKED and not group.startswith("setting/experiment"):
             options[group] = sorted(option.stem for option in folder.glob("*.yaml"))
     rounds = [[]]
     for i in range(max(len(names) for names in options.values())):

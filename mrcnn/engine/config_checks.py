@@ -9,6 +9,9 @@ A bad value otherwise fails far from its cause: a negative batch size ends in to
 written there (a value that interpolates another key, ``${...}``, is checked at the key it reads), and names each
 bad one, e.g. ``data.datamodule.batch_size=-2: must be a positive integer``. ``tests/test_config_schema.py``
 composes every option of every config group and fails on a key without a rule: a new key gets its line here.
+
+A data folder or weights file that is not set or not there (:func:`path_problems`) stops the run the same way,
+naming the key and what must be there, instead of failing after the data or the model was built.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -119,6 +123,7 @@ SCHEMA: dict[str, Rule] = {
     "weights": path,
     "checkpoint_every_n_steps": optional(positive_int),
     "experiment_name": optional(string),
+    "setting_name": non_empty_string,
     "base_lr": positive_number,
     "final_eval": boolean,
     # ---- Hydra's instantiation keys, anywhere
@@ -218,6 +223,8 @@ SCHEMA: dict[str, Rule] = {
     "model.mask_head_convs": non_negative_int,
     "model.mask_target_form": one_of("soft", "binary"),
     "model.anchor_sizes": list_of(positive_int),
+    "model.net.rpn.aspect_ratios": list_of(positive_number),
+    "model.net.roi_heads.positive_fraction": fraction,
     # RoI counts the heads' inputs are padded to (null: no padding).
     "model.roi_buckets": optional(list_of(positive_int)),
     "model.net.roi_heads.roi_buckets": optional(list_of(positive_int)),
@@ -267,7 +274,11 @@ SCHEMA: dict[str, Rule] = {
     "optimizer.weight_decay": non_negative_number,
     "scheduler.warmup_steps": non_negative_int,
     "scheduler.warmup_factor": positive_number,
-    "scheduler.milestones": milestones,
+    "scheduler.milestones": optional(milestones),  # null with scheduler=warmup_step_at (milestone_steps)
+    "scheduler.milestone_steps": Rule(
+        "a list of increasing optimizer steps (integers >= 1)",
+        lambda v: list_of(positive_int, non_empty=False).ok(v) and list(v) == sorted(v),
+    ),
     "scheduler.gamma": positive_number,
     # ---- trainer (Lightning's Trainer arguments; max_epochs / max_steps: _length_problems)
     "trainer.accelerator": one_of("cpu", "gpu", "cuda", "mps", "tpu", "auto"),
@@ -309,6 +320,10 @@ SCHEMA: dict[str, Rule] = {
     "logger.wandb.id": optional(string),
     "callbacks.*.dirpath": non_empty_string,
     "callbacks.lr_monitor.logging_interval": optional(one_of("step", "epoch")),
+    "callbacks.cost_estimate.step_time_s": optional(positive_number),
+    "callbacks.cost_estimate.step_time_note": optional(string),
+    "callbacks.cost_estimate.measure_steps": positive_int,
+    "callbacks.cost_estimate.every_n_steps": optional(positive_int),
     "callbacks.best_checkpoint.filename": non_empty_string,
     "callbacks.best_checkpoint.auto_insert_metric_name": boolean,
     "callbacks.best_checkpoint.monitor": optional(non_empty_string),
@@ -398,12 +413,96 @@ def config_problems(cfg: DictConfig, keys: Sequence[str] | None = None) -> list[
     return problems + _length_problems(cfg)
 
 
+# Weights files a run reads, by key: what the file must hold.
+WEIGHTS_FILES = {
+    "model.backbone_weights": "an ImageNet ResNet-{depth} state dict saved with torch.save, as torchvision's "
+    "resnet{depth}-*.pth (nothing is downloaded)",
+    "weights": "a torchvision Mask R-CNN state dict or a Lightning checkpoint of this project",
+}
+# Keys of a dataset config (data.datamodule.*_dataset) that name a file or folder it reads.
+DATASET_PATH_KEYS = ("root", "image_dir", "ann_file")
+
+
+def _data_layout(cfg: DictConfig) -> list[tuple[str, str]]:
+    """``(key, path as the config writes it)`` of every file and folder the datasets read, e.g.
+    ``("data.datamodule.train_dataset.ann_file", "${data.root}/annotations/instances_train2017.json")``."""
+    datamodule = OmegaConf.select(cfg, "data.datamodule", default=None)
+    written = OmegaConf.to_container(datamodule, resolve=False) if isinstance(datamodule, DictConfig) else {}
+    paths = []
+    for name in ("train_dataset", "val_dataset", "test_dataset"):
+        dataset = written.get(name)
+        for key in DATASET_PATH_KEYS if isinstance(dataset, dict) else ():
+            if key in dataset:
+                paths.append((f"data.datamodule.{name}.{key}", str(dataset[key])))
+    return paths
+
+
+def _under_root(cfg: DictConfig) -> list[str]:
+    """What data.root must hold, from the dataset configs, e.g. ``["annotations/instances_train2017.json", ...]``."""
+    return sorted({path.replace("${data.root}/", "") for _, path in _data_layout(cfg) if "${data.root}/" in path})
+
+
+def _data_problems(cfg: DictConfig) -> list[str]:
+    data = OmegaConf.select(cfg, "data", default=None)
+    if not isinstance(data, DictConfig):
+        return []
+    layout = ", ".join(_under_root(cfg)) or "the layout its configs/data/<data set>.yaml describes"
+    # Keys the data set needs and nobody set (data.root, data.train_json, ...): the paths below depend on them.
+    unset = [key for key, value in OmegaConf.to_container(data, resolve=False).items() if value == "???"]
+    if unset:
+        return [
+            f"data.{key} is not set: give data.{key}=<folder> holding {layout}"
+            if key == "root"
+            else f"data.{key} is not set (see configs/data/<data set>.yaml)"
+            for key in unset
+        ]
+    root = data.get("root")
+    if root is not None and not os.path.isdir(root):
+        return [f"data.root={root}: no such folder; it must hold {layout}"]
+    problems, lacking = [], []
+    for key, written in _data_layout(cfg):
+        path = OmegaConf.select(cfg, key, default=None)
+        if path is None or os.path.exists(path):
+            continue
+        if "${data.root}/" in written:
+            lacking.append(written.replace("${data.root}/", ""))
+        else:
+            problems.append(f"{key}={path} ({written}): no such file or folder")
+    if lacking:
+        problems.insert(0, f"data.root={root} lacks {', '.join(dict.fromkeys(lacking))}; it must hold {layout}")
+    return problems
+
+
+def path_problems(cfg: DictConfig) -> list[str]:
+    """One line per input file or folder that is not set or not there: the data (its root, and every file and
+    folder its datasets read) and the weights files; empty when all are there."""
+    problems = _data_problems(cfg)
+    depth = OmegaConf.select(cfg, "model.depth", default=50)
+    for key, holds in WEIGHTS_FILES.items():
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+        if not isinstance(node, DictConfig) or leaf not in OmegaConf.to_container(node, resolve=False):
+            continue
+        value = OmegaConf.to_container(node, resolve=False)[leaf]
+        holds = holds.format(depth=depth)
+        if value == "???":
+            problems.append(f"{key} is not set: give {key}=<file>, {holds}")
+        elif value is not None and not os.path.isfile(value):
+            problems.append(f"{key}={value}: no such file; it must be {holds}")
+    return problems
+
+
 def check_config(cfg: DictConfig) -> None:
-    """Stops before anything is built when a value of the config breaks its rule in :data:`SCHEMA`.
+    """Stops before anything is built when a value of the config breaks its rule in :data:`SCHEMA`, or an input
+    file or folder is not set or not there.
 
     Raises:
         ValueError: listing every bad key with its value and what it must be.
+        FileNotFoundError: listing every missing data folder, data file and weights file, with its key.
     """
     problems = config_problems(cfg)
     if problems:
         raise ValueError("invalid config values:\n  " + "\n  ".join(problems))
+    missing = path_problems(cfg)
+    if missing:
+        raise FileNotFoundError("missing input:\n  " + "\n  ".join(missing))

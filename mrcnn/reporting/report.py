@@ -2,7 +2,10 @@
 
 Each job directory of a Hydra sweep holds ``.hydra/`` (the job's config, its config choices and overrides),
 ``metrics.json`` (its final COCO metrics, written by ``mrcnn.engine.summary``) and, when the ``JobRecord`` callback
-ran, ``job.json`` (the model it built, parameter counts, step and wall time; ``mrcnn.reporting.job_record``).
+ran, ``job.json`` (the model it built, parameter counts, step and wall time; ``mrcnn.reporting.job_record``). A record in
+``experiments/`` keeps each job as ``jobs/<name>/`` with its ``overrides.yaml``, ``metrics.json`` and, where it was
+recorded, ``job.json``. A job without ``job.json`` gets its model and parameters from the model its config builds
+(:func:`rebuild_record`), without times.
 
 A job's label is the value of each ``variant_keys`` entry in the config it ran: the config group's choice
 (``.hydra/hydra.yaml``) or the key's value, never a name typed elsewhere. Jobs are grouped into variants by
@@ -63,6 +66,24 @@ SETTING_ROWS = (
 )
 
 
+# The recipe knobs that size a model, read from the sweep's multirun.yaml when a recorded job's model is rebuilt
+# from today's configs (rebuild_record): everything else comes from the job's config group choices.
+RECIPE_KEYS = (
+    "model.depth",
+    "model.width",
+    "model.norm",
+    "model.head_norm",
+    "model.fpn_channels",
+    "model.box_head_dim",
+    "model.mask_head_dim",
+    "model.rois_per_image",
+    "model.anchor_sizes",
+    "model.trainable_layers",
+    "model.mask_target_form",
+    "data.image_size",
+)
+
+
 @dataclass
 class Job:
     """One finished job of a sweep: its label values, metrics and, where recorded, config and ``job.json``."""
@@ -74,6 +95,12 @@ class Job:
     record: dict | None = None
     config: DictConfig | None = None
     choices: dict[str, str] = field(default_factory=dict)
+    overrides: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def setting_name(self) -> str | None:
+        """The ``setting=`` the job ran (``configs/setting/``); ``None`` for a job from before the group existed."""
+        return self.choices.get("setting") or self.setting("setting_name")
 
     def setting(self, key: str, default=None):
         """A value of the job's config (``None`` where it has none or it does not resolve)."""
@@ -128,9 +155,15 @@ class Variant:
         return models
 
 
+def _overrides_file(job_dir: Path) -> Path:
+    """Hydra's ``<job>/.hydra/overrides.yaml``, or a recorded job's ``jobs/<name>/overrides.yaml``."""
+    hydra = job_dir / ".hydra" / "overrides.yaml"
+    return hydra if hydra.is_file() else job_dir / "overrides.yaml"
+
+
 def read_overrides(job_dir: Path) -> dict[str, str]:
-    """``key=value`` overrides of one job, from Hydra's ``.hydra/overrides.yaml``."""
-    lines = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    """``key=value`` overrides of one job, from Hydra's ``.hydra/overrides.yaml`` (or a record's ``overrides.yaml``)."""
+    lines = yaml.safe_load(_overrides_file(job_dir).read_text()) or []
     overrides = {}
     for line in lines:
         key, _, value = line.partition("=")
@@ -186,6 +219,7 @@ def read_job(job_dir: Path, variant_keys: list[str]) -> Job:
         record=json.loads(record_file.read_text()) if record_file.is_file() else None,
         config=config,
         choices=choices,
+        overrides=overrides,
     )
 
 
@@ -202,12 +236,23 @@ def collect(sweep_dir: str | Path, variant_keys: list[str], order: list[str] | N
         order: optional variant names in the order the table should list them.
     """
     variants: dict[str, Variant] = {}
-    for overrides_file in sorted(Path(sweep_dir).glob("**/.hydra/overrides.yaml")):
-        job_dir = overrides_file.parent.parent
+    sweep = _sweep_config(sweep_dir)
+    for overrides_file in sorted(Path(sweep_dir).glob("**/overrides.yaml")):
+        # A Hydra job folder (<job>/.hydra/overrides.yaml) or a recorded one (jobs/<name>/overrides.yaml).
+        job_dir = overrides_file.parent.parent if overrides_file.parent.name == ".hydra" else overrides_file.parent
         if not (job_dir / "metrics.json").exists():
             log.warning("skipping %s: no metrics.json (the job failed or has not finished)", job_dir)
             continue
         job = read_job(job_dir, variant_keys)
+        if job.record is None:
+            job.record = rebuild_record(job, sweep)
+        if job.config is None and sweep is not None:
+            # A recorded job without its own config: the sweep's settings (data, schedule, batch) are its own.
+            settings = OmegaConf.to_container(sweep, resolve=False)
+            settings.pop("hydra", None)
+            job.config = OmegaConf.create(settings)
+            choices = OmegaConf.select(sweep, "hydra.runtime.choices", default=None) or {}
+            job.choices = {str(k): str(v) for k, v in choices.items() if v is not None and k not in job.overrides}
         name = variant_name(job.labels)
         variants.setdefault(name, Variant(name)).add(job)
     result = list(variants.values())
@@ -215,6 +260,100 @@ def collect(sweep_dir: str | Path, variant_keys: list[str], order: list[str] | N
         rank = {name: i for i, name in enumerate(order)}
         result.sort(key=lambda v: rank.get(v.name, len(rank)))
     return result
+
+
+def _sweep_config(sweep_dir: str | Path) -> DictConfig | None:
+    path = Path(sweep_dir) / "multirun.yaml"
+    return OmegaConf.load(path) if path.is_file() else None
+
+
+def recipe_pins(sweep: DictConfig | None) -> tuple[list[str], list[str]]:
+    """Overrides that give today's configs the recipe a recorded sweep ran (:data:`RECIPE_KEYS`), and notes.
+
+    A knob the sweep's ``multirun.yaml`` writes as a plain value is pinned to it. A knob the record does not have
+    did not exist when it ran: the model then was the one the knob's default builds (``configs/model/
+    mask_rcnn.yaml``), so it is pinned to that default and named in the notes. Interpolated values (set by a
+    config group, e.g. the RoIs per image of the backbone) are left to the job's group choices.
+    """
+    from mrcnn.config import compose_config
+
+    if sweep is None:
+        return [], []
+    defaults = compose_config(["model=mask_rcnn"], run_dir="/tmp")
+    pins, notes = [], []
+    for key in RECIPE_KEYS:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(sweep, parent, default=None)
+        if node is None:
+            continue
+        written = OmegaConf.to_container(node, resolve=False)
+        if leaf in written:
+            value = written[leaf]
+            if isinstance(value, str) and "${" in value:
+                continue
+        elif key.startswith("model."):
+            value = OmegaConf.select(defaults, key, default=None)
+            notes.append(f"{key} (not in the record; its default {value})")
+        else:
+            continue
+        pins.append(f"{key}={'null' if value is None else json.dumps(value) if isinstance(value, list) else value}")
+    return pins, notes
+
+
+def rebuild_record(job: Job, sweep: DictConfig | None) -> dict | None:
+    """What a job without ``job.json`` built, from its config: the model description and parameter counts
+    (``mrcnn.reporting.job_record``), without times; ``None`` when its model cannot be built.
+
+    A Hydra job folder has its config (``.hydra/config.yaml``). A recorded job has only its overrides: today's
+    configs are composed with them and with the sweep's recipe values (:func:`recipe_pins`), so the model is the
+    one those choices and values build now.
+    """
+    from hydra.utils import instantiate
+
+    from mrcnn.config import compose_config
+    from mrcnn.reporting.job_record import count_parameters, describe_model
+
+    try:
+        if job.config is not None and OmegaConf.select(job.config, "model.net", default=None) is not None:
+            net_config, source = job.config.model.net, "the job's config"
+        else:
+            pins, notes = recipe_pins(sweep)
+            lines = yaml.safe_load(_overrides_file(job.path).read_text()) or []
+            overrides = [line for line in lines if not line.startswith("seed=")]
+            config = compose_config([*overrides, *pins], run_dir="/tmp")
+            net_config = config.model.net
+            source = "today's configs with the job's overrides and the sweep's recipe (multirun.yaml)"
+            if notes:
+                source += "; " + ", ".join(notes)
+            # The setting today's configs give these overrides, if its recipe values are the record's.
+            today = compose_config(overrides, run_dir="/tmp")
+            same = all(
+                OmegaConf.select(today, k.split("=")[0]) == OmegaConf.select(config, k.split("=")[0]) for k in pins
+            )
+            if same and not notes:
+                job.choices.setdefault("setting_equivalent", str(today.setting_name))
+        net = instantiate(net_config)
+    except Exception as error:  # a config this code no longer builds: report the model as not recorded
+        log.warning("%s: model not rebuilt from its config (%s)", job.path, error)
+        return None
+    return {"model": describe_model(net), "parameters": count_parameters(net), "rebuilt_from": source}
+
+
+def setting_names(variants: list[Variant]) -> str:
+    """The ``setting=`` the sweep's jobs ran, for the report's header."""
+    names = []
+    for job in (j for v in variants for j in v.jobs):
+        name = job.setting_name
+        if name is None:
+            same = job.choices.get("setting_equivalent")
+            name = (
+                f"{same} (recorded before configs/setting/ existed; its recipe values are setting={same}'s)"
+                if same
+                else "not recorded (the sweep predates configs/setting/)"
+            )
+        if name not in names:
+            names.append(name)
+    return " / ".join(names)
 
 
 # ---- what was compared -------------------------------------------------------------------------------------
@@ -337,16 +476,21 @@ def _format_value(value) -> str:
     return "-" if value is None else str(value)
 
 
-def markdown_table(variants: list[Variant], title: str = "", paper: dict[str, list[float]] | None = None) -> str:
+def markdown_table(
+    variants: list[Variant], title: str = "", paper: dict[str, list[float]] | None = None, setting: str | None = None
+) -> str:
     """The paper's Table 2 layout: one row per variant; mask AP, AP50, AP75 and box AP (percent).
 
     Args:
         paper: optional published numbers per variant name, ``[AP, AP50, AP75, AP^bb or nan]``.
+        setting: the ``setting=`` the jobs ran, named under the title.
     """
     header = "| variant | " + " | ".join(label for _, label in COLUMNS) + " | seeds |"
     if paper:
         header += " paper AP | paper AP50 | paper AP75 | paper AP^bb |"
     lines = [f"**{title}**", ""] if title else []
+    if setting:
+        lines += [f"Setting: `setting={setting}`" if " " not in setting else f"Setting: {setting}", ""]
     lines += [header, "|" + " --- |" * (header.count("|") - 1)]
     for v in variants:
         row = f"| {v.name} | " + " | ".join(_cell(v, k) for k, _ in COLUMNS) + f" | {len(v.runs)} |"
@@ -413,7 +557,8 @@ def markdown_report(
     ours = our_setting(variants)
     paper_setting = {**PAPER_SETTING, **(paper_setting or {})}
     comparison = compare_models(variants)
-    parts = [markdown_table(variants, title, paper), "", "Setting (ours from the jobs' configs and records):", ""]
+    parts = [markdown_table(variants, title, paper, setting_names(variants)), ""]
+    parts += ["Setting (ours from the jobs' configs and records):", ""]
     parts += [setting_table(ours, paper_setting), ""]
     parts += [f"- {note}" for note in setting_notes(ours, paper_setting)]
     parts += [
@@ -432,6 +577,15 @@ def markdown_report(
         parts.append("**Labels that do not match their models**: " + ", ".join(comparison["inconsistent"]) + ".")
     if comparison["missing"]:
         parts.append("No `job.json` (model not recorded) for: " + ", ".join(comparison["missing"]) + ".")
+    rebuilt = sorted(
+        {j.record["rebuilt_from"] for v in variants for j in v.jobs if (j.record or {}).get("rebuilt_from")}
+    )
+    if rebuilt:
+        parts.append(
+            "No `job.json` (recorded before it existed): models and parameters rebuilt from "
+            + "; ".join(rebuilt)
+            + " (no step or job times)."
+        )
     parts += [
         "",
         "Mask-head params: the mask head's own (C4's res5 is the box head's). Median step: forward, backward and "
@@ -513,7 +667,12 @@ def summarize(
     return {
         "title": title,
         "variant_keys": variant_keys,
-        "setting": {"ours": ours, "paper": paper_setting, "notes": setting_notes(ours, paper_setting)},
+        "setting": {
+            "name": setting_names(variants),
+            "ours": ours,
+            "paper": paper_setting,
+            "notes": setting_notes(ours, paper_setting),
+        },
         "compared": comparison,
         "variants": [
             {

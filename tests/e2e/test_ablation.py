@@ -13,7 +13,7 @@ def test_a_narrowed_ablation_runs_the_named_variants_and_reports_what_was_compar
     sweep = tmp_path / "sweep"
     # The experiment sets the sweep (no -m needed); a user narrows it with plain overrides of its swept keys,
     # exactly as they would type them: two variants, one seed.
-    run_py(
+    result = run_py(
         [
             "experiment=ablation_mask_loss",
             "ablation/mask_loss=softmax,sigmoid",
@@ -25,6 +25,11 @@ def test_a_narrowed_ablation_runs_the_named_variants_and_reports_what_was_compar
     )
     jobs = sorted(p.parent.parent for p in sweep.glob("*/.hydra/overrides.yaml"))
     assert len(jobs) == 2
+    # The cost estimate: at the sweep's start from the setting's recorded step time, then in each job.
+    log = result.stdout + result.stderr
+    assert "cost estimate (sweep, 0.3 s/step, recorded in experiments/ablation_mask_loss" in log
+    assert "sweep 2 jobs x 2 steps x 0.3 s" in log
+    assert "cost estimate (job 1/2" in log and "cost estimate (job 2/2" in log
     built = {}
     for job in jobs:
         metrics = json.loads((job / "metrics.json").read_text())

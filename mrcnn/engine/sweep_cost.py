@@ -1,0 +1,204 @@
+"""What a sweep costs before and while it runs: jobs x steps x seconds a step, and the time left.
+
+A sweep logs its estimate when it starts (:class:`SweepCostAtStart`, a Hydra callback) from the step time recorded
+for its setting (``callbacks.cost_estimate.step_time_s``, set by ``configs/setting/``), and every job keeps it
+current (:class:`CostEstimate`, a Lightning callback): once its first steps are timed, the measured step time
+replaces the recorded one, and each update gives the time left of the job and of the whole sweep. The estimate
+counts training steps only; start-up and validation come on top.
+
+A job knows where it stands from Hydra: its index is ``hydra.job.num`` and the number of jobs follows from the
+sweep's parameters and command-line overrides, which the sweeper saved in ``<sweep dir>/multirun.yaml`` before
+it launched the first job (:func:`sweep_job_count` repeats the basic sweeper's product of the swept values).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def sweep_job_count(params: Mapping[str, str] | None, overrides: Sequence[str]) -> int:
+    """The number of jobs Hydra's basic sweeper launches: the product of the swept values per key.
+
+    Args:
+        params: ``hydra.sweeper.params`` (``{"seed": "0,1,2", "model/pooler": "roi_pool,roi_align"}``).
+        overrides: the command-line overrides (``hydra.overrides.task``); a key given there replaces the
+            same key of ``params``, as in the sweeper.
+    """
+    lines = [f"{key}={value}" for key, value in (params or {}).items()] + list(overrides)
+    values: dict[str, int] = {}
+    for override in OverridesParser.create().parse_overrides(lines):
+        count = len(list(override.sweep_string_iterator())) if override.is_sweep_override() else 1
+        values[override.get_key_element()] = count
+    return math.prod(values.values())
+
+
+def planned_steps(cfg: DictConfig) -> int | None:
+    """Optimizer steps a job of this config trains: ``trainer.max_steps``, else epochs x batches of the built-in
+    shapes (their number of images is in the config); ``None`` when it depends on data not yet read (COCO)."""
+    trainer = cfg.get("trainer") or {}
+    max_steps = trainer.get("max_steps", -1)
+    if max_steps is not None and max_steps > 0:
+        return int(max_steps)
+    images = OmegaConf.select(cfg, "data.num_train_images", default=None)
+    epochs = trainer.get("max_epochs")
+    if images is None or not epochs or epochs < 0:
+        return None
+    world = int(trainer.get("devices", 1) or 1) * int(trainer.get("num_nodes", 1) or 1)
+    batches = int(images) // (int(cfg.data.datamodule.batch_size) * world)  # the loader drops the last partial batch
+    limit = trainer.get("limit_train_batches")
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        batches = min(batches, limit)
+    elif isinstance(limit, float):
+        batches = int(batches * limit)
+    return int(epochs) * batches // int(trainer.get("accumulate_grad_batches", 1) or 1)
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``5.8 min`` or ``3.2 h``."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+
+
+def estimate_line(
+    jobs: int | None,
+    job: int | None,
+    steps: int | None,
+    done: int,
+    step_time: float | None,
+    source: str,
+) -> str:
+    """One log line: the job's and the sweep's cost and time left.
+
+    Args:
+        jobs: jobs in the sweep (``None``: not a sweep, or not known).
+        job: this job's index, from 0 (``None``: before the first job).
+        steps: optimizer steps of a job.
+        done: steps this job has done.
+        step_time: seconds a step; ``None``: not known yet.
+        source: where the step time comes from (``measured over 20 steps``, ``recorded for setting=cpu``).
+    """
+    where = f"job {job + 1}/{jobs}" if job is not None and jobs else ("sweep" if jobs else "run")
+    if steps is None:
+        return f"cost estimate ({where}): the number of steps is known once the data is read"
+    if step_time is None:
+        total = f"{jobs} jobs x {steps:,} steps" if jobs else f"{steps:,} steps"
+        return (
+            f"cost estimate ({where}): {total}; no step time recorded for this setting: measured after the first steps"
+        )
+    parts = [f"cost estimate ({where}, {step_time:.3g} s/step, {source}):"]
+    if job is not None or not jobs:
+        parts.append(f"step {done:,}/{steps:,}, {duration((steps - done) * step_time)} left of this job;")
+    if jobs:
+        later = jobs - (job + 1 if job is not None else 0)
+        left = (steps - done) * step_time * (job is not None) + later * steps * step_time
+        parts.append(
+            f"sweep {jobs} jobs x {steps:,} steps x {step_time:.3g} s = {duration(jobs * steps * step_time)}, "
+            f"{duration(left)} left;"
+        )
+    parts.append("training steps only (start-up and validation come on top)")
+    return " ".join(parts)
+
+
+def _sweep_position() -> tuple[int | None, int | None]:
+    """(this job's index, the sweep's number of jobs) from Hydra; ``(None, None)`` outside a sweep."""
+    if not HydraConfig.initialized():
+        return None, None
+    hydra = HydraConfig.get()
+    if str(hydra.mode) != "RunMode.MULTIRUN":
+        return None, None
+    saved = Path(hydra.sweep.dir) / "multirun.yaml"
+    if not saved.is_file():
+        return int(hydra.job.num), None
+    sweep = OmegaConf.load(saved).hydra
+    return int(hydra.job.num), sweep_job_count(sweep.sweeper.get("params"), sweep.overrides.task)
+
+
+class CostEstimate(L.Callback):
+    """Logs what the run and its sweep cost and how long they have left (rank zero; training steps only).
+
+    At the start of training it logs the estimate from the recorded ``step_time_s`` (or says there is none), after
+    ``measure_steps`` timed steps from the measured median step time, and then every ``every_n_steps`` steps.
+    A step is timed from the end of one training batch to the end of the next (data loading included;
+    the gap around a validation is not counted).
+
+    Args:
+        step_time_s: the step time recorded (or, where ``step_time_note`` says so, derived) for the run's
+            setting and hardware; ``None``: none, the first steps give it.
+        step_time_note: where ``step_time_s`` comes from, for the log.
+        measure_steps: steps timed before the measured step time replaces the recorded one.
+        every_n_steps: steps between updates; ``None``: a tenth of the run.
+        job, jobs: this job's index (from 0) and the sweep's number of jobs; ``None``: from Hydra.
+    """
+
+    def __init__(
+        self,
+        step_time_s: float | None = None,
+        step_time_note: str | None = None,
+        measure_steps: int = 20,
+        every_n_steps: int | None = None,
+        job: int | None = None,
+        jobs: int | None = None,
+    ):
+        super().__init__()
+        self.step_time_s = step_time_s
+        self.step_time_note = step_time_note or "recorded for this setting"
+        self.measure_steps = measure_steps
+        self.every_n_steps = every_n_steps
+        self.job, self.jobs = job, jobs
+        self._times: deque[float] = deque(maxlen=200)
+        self._last: float | None = None
+        self._measured_logged = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.job is None and self.jobs is None:
+            self.job, self.jobs = _sweep_position()
+        self._log(trainer, self.step_time_s, self.step_time_note)
+
+    def _log(self, trainer, step_time: float | None, source: str) -> None:
+        if trainer.is_global_zero:
+            steps = int(trainer.estimated_stepping_batches)
+            log.info(estimate_line(self.jobs, self.job, steps, trainer.global_step, step_time, source))
+
+    # The first batch of an epoch and after a validation is not timed: the gap before it is not training.
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._last = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._last = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self._times.append(now - self._last)
+        self._last = now
+        if len(self._times) < self.measure_steps:
+            return
+        every = self.every_n_steps or max(1, int(trainer.estimated_stepping_batches) // 10)
+        if not self._measured_logged or trainer.global_step % every == 0:
+            self._measured_logged = True
+            self._log(trainer, statistics.median(self._times), f"measured over the last {len(self._times)} steps")
+
+
+class SweepCostAtStart(Callback):
+    """Hydra callback: when a sweep starts, logs jobs x steps x the recorded step time of its setting."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        jobs = sweep_job_count(config.hydra.sweeper.get("params"), config.hydra.overrides.task)
+        step_time = OmegaConf.select(config, "callbacks.cost_estimate.step_time_s", default=None)
+        note = OmegaConf.select(config, "callbacks.cost_estimate.step_time_note", default=None)
+        log.info(estimate_line(jobs, None, planned_steps(config), 0, step_time, note or "recorded for this setting"))

@@ -1,0 +1,46 @@
+"""The sweep's cost estimate: the number of jobs, the steps of one, and the log lines (mrcnn/engine/sweep_cost.py)."""
+
+import logging
+
+from mrcnn.engine.sweep_cost import CostEstimate, estimate_line, planned_steps, sweep_job_count
+from tests.helpers.config import compose_config
+from tests.helpers.runs import training_only_trainer
+
+
+def test_the_job_count_is_the_sweepers_product_and_the_command_line_replaces_a_swept_key():
+    params = {"seed": "0,1,2", "model/pooler": "roi_pool,roi_warp,roi_align"}
+    assert sweep_job_count(params, ["experiment=ablation_roialign"]) == 9
+    assert sweep_job_count(params, ["model/pooler=roi_pool,roi_align", "seed=0"]) == 2
+    assert sweep_job_count(params, ["model/backbone=c5", "model/pooler=roi_pool,roi_align"]) == 6
+    assert sweep_job_count(None, ["seed=0,1"]) == 2
+
+
+def test_planned_steps_of_the_recorded_recipes_and_the_paper():
+    # ablation_roialign on the CPU: 3 epochs of 2,000 images at batch 8.
+    assert planned_steps(compose_config(["experiment=ablation_roialign"])) == 750
+    assert planned_steps(compose_config(["experiment=ablation_roialign", "setting=gpu"])) == 2000
+    paper = compose_config(["setting=paper", "data.root=/coco", "model.backbone_weights=/r50.pth"])
+    assert planned_steps(paper) == 160_000
+
+
+def test_the_estimate_says_jobs_x_steps_x_step_time_and_what_is_left():
+    start = estimate_line(9, None, 750, 0, 0.36, "recorded")
+    assert "sweep 9 jobs x 750 steps x 0.36 s = 40.5 min, 40.5 min left" in start
+    running = estimate_line(9, 2, 750, 250, 0.4, "measured over the last 20 steps")
+    # This job: 500 steps x 0.4 s; the sweep: that plus 6 more jobs of 750 steps.
+    assert "job 3/9" in running and "3.3 min left of this job" in running and "33.3 min left" in running
+    assert "no step time recorded" in estimate_line(9, None, 750, 0, None, "")
+
+
+def test_the_callback_logs_the_recorded_then_the_measured_estimate(caplog):
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    callback = CostEstimate(step_time_s=0.5, step_time_note="recorded for the test", measure_steps=5, job=1, jobs=3)
+    trainer = training_only_trainer(max_steps=30, callbacks=[callback])
+    with caplog.at_level(logging.INFO, logger="mrcnn.engine.sweep_cost"):
+        trainer.fit(BoringModel())
+    lines = [r.getMessage() for r in caplog.records if r.name == "mrcnn.engine.sweep_cost"]
+    assert lines[0].startswith("cost estimate (job 2/3, 0.5 s/step, recorded for the test): step 0/30")
+    assert "sweep 3 jobs x 30 steps x 0.5 s = 45 s" in lines[0]
+    measured = [line for line in lines if "measured over the last" in line]
+    assert measured and all("job 2/3" in line for line in measured)
