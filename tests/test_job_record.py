@@ -5,6 +5,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+import torch
 from hydra.utils import instantiate
 
 from mrcnn.reporting.job_record import JobRecord, count_parameters, describe_model
@@ -52,8 +53,8 @@ def test_parameter_counts():
 
 def test_the_callback_writes_the_model_parameters_median_step_and_wall_time(tmp_path):
     net = instantiate(compose_config(TINY_MODEL).model.net)
-    callback = JobRecord(str(tmp_path / "job" / "job.json"))
-    trainer, module = SimpleNamespace(is_global_zero=True), SimpleNamespace(model=net)
+    callback = JobRecord(str(tmp_path / "job" / "job.json"), seed=3)
+    trainer, module = SimpleNamespace(is_global_zero=True), SimpleNamespace(model=net, device=torch.device("cpu"))
     callback.setup(trainer, module, "fit")
     for seconds in (0.03, 0.01, 0.02):
         callback.on_train_batch_start(trainer, module, None, 0)
@@ -64,6 +65,11 @@ def test_the_callback_writes_the_model_parameters_median_step_and_wall_time(tmp_
     assert record["model"] == describe_model(net) and record["parameters"] == count_parameters(net)
     assert record["train_steps"] == 3 and 0.02 <= record["step_time_median_s"] < 0.03
     assert record["wall_time_s"] >= 0.06
+    # What the numbers depend on beyond the config (README, "Reproducibility").
+    environment = record["environment"]
+    assert environment["seed"] == 3 and environment["torch_threads"] == torch.get_num_threads()
+    assert environment["torch"] == torch.__version__ and environment["deterministic"] is False
+    assert {"torchvision", "cuda", "cudnn", "device"} <= environment.keys() and environment["device"]
     # Not rank zero: nothing written.
     (tmp_path / "job" / "job.json").unlink()
     callback.teardown(SimpleNamespace(is_global_zero=False), module, "validate")

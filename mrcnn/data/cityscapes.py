@@ -333,7 +333,7 @@ class CityscapesDataset(torch.utils.data.Dataset):
         masks, fields = self.instances(index)  # [N, H, W], also for N = 0
         if image.shape[:2] != masks.shape[1:]:
             raise ValueError(size_mismatch_message(image_file, image.shape[:2], masks.shape[1:], instance_file))
-        image, masks, boxes, fields = transform_instances(self.transforms, image, masks, fields)
+        image, masks, boxes, fields = transform_instances(self.transforms, image, masks, fields, index=index)
         image_id = range(1, len(self) + 1)[index]  # 1..N, also for a negative index
         return to_sample(image, masks, fields["labels"], image_id=image_id, boxes=boxes, iscrowd=fields["iscrowd"])
 

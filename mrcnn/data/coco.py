@@ -842,7 +842,7 @@ class CocoDataset(torch.utils.data.Dataset):
         boxes = np.array([a["bbox"] for a in annotations], dtype=np.float64).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
         boxes = np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
-        image, masks, boxes, fields = transform_instances(self.transforms, image, masks, fields, boxes)
+        image, masks, boxes, fields = transform_instances(self.transforms, image, masks, fields, boxes, index=index)
         return to_sample(
             image, masks, fields["labels"], image_id=image_info["id"], boxes=boxes, iscrowd=fields["iscrowd"]
         )

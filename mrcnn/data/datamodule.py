@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import lightning
+import numpy as np
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
@@ -141,6 +142,12 @@ class ResumableDataLoader(DataLoader):
             self._resume_at = None
         if source is not None:
             source.skip(skip * per_batch)
+            if self.generator is not None:
+                # The iterator draws its workers' base seed from this generator: from (seed, epoch) as well, so
+                # the workers of an epoch are seeded alike in a resumed run, and the main process's torch random
+                # state (the model's sampling) is not drawn from at all.
+                seed = getattr(source, "seed", None) or 0
+                self.generator.manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
         self._pass_epoch, self._taken, self._pass_id = epoch, skip, self._pass_id + 1
         return self._pass_id, super().__iter__()
 
@@ -384,6 +391,11 @@ class InstanceDataModule(lightning.LightningDataModule):
             persistent_workers=self.persistent_workers,
             collate_fn=collate_detection,
             worker_init_fn=functools.partial(init_worker, rank=self._world()[1] or 0),
+            # Its own generator for the workers' base seed (the training loader re-seeds it each epoch): a
+            # loader drawing it from torch's global generator would shift the model's random draws (RPN and
+            # RoI sampling) by one at each pass, validation and sanity check included, and a resumed run, which
+            # runs a sanity check the uninterrupted run did not, would draw differently from then on.
+            generator=torch.Generator().manual_seed(self._seed()),
             **kwargs,
         )
 

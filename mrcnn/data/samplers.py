@@ -24,7 +24,35 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Sampler
 
-__all__ = ["EpochSampler", "GroupedBatchSampler", "epoch_order", "orientation_groups"]
+__all__ = ["EpochSampler", "GroupedBatchSampler", "SampleIndex", "epoch_order", "orientation_groups"]
+
+
+class SampleIndex(int):
+    """A dataset index that also says which draw of the training stream it is: ``(seed, epoch)``.
+
+    It is an ``int`` everywhere (list indexing, arithmetic, comparisons, ``json``), so every dataset takes it;
+    a dataset that augments reads ``seed`` and ``epoch`` from it (``getattr``) and draws the augmentation of
+    this item from ``(seed, epoch, index)`` alone (:class:`mrcnn.data.transforms.InstanceTransform`). The
+    draw is then the same whichever process loads the item, in whatever order, with any number of loader
+    workers, and in a run resumed part-way through the epoch: no random state of a worker has to be kept.
+    :class:`EpochSampler` yields these.
+
+    Args:
+        index: the dataset index.
+        seed: the training order's seed (the run's seed).
+        epoch: the epoch of this pass.
+    """
+
+    seed: int
+    epoch: int
+
+    def __new__(cls, index: int, seed: int = 0, epoch: int = 0):
+        self = super().__new__(cls, index)
+        self.seed, self.epoch = int(seed), int(epoch)
+        return self
+
+    def __repr__(self) -> str:
+        return f"SampleIndex({int(self)}, seed={self.seed}, epoch={self.epoch})"
 
 
 def orientation_groups(image_sizes: Iterable[tuple[int, int]]) -> list[int]:
@@ -47,7 +75,8 @@ class EpochSampler(DistributedSampler):
 
     The epoch's order is a permutation drawn from ``seed + epoch`` (``set_epoch``),
     padded to a multiple of ``num_replicas`` and dealt out to the ranks, so it depends
-    only on ``(seed, epoch, rank)``. Being a ``DistributedSampler``, Lightning leaves it
+    only on ``(seed, epoch, rank)``. Each index comes as a :class:`SampleIndex` carrying
+    ``(seed, epoch)``, from which datasets draw the item's augmentation. Being a ``DistributedSampler``, Lightning leaves it
     alone under DDP and calls its ``set_epoch`` at every epoch start.
 
     Args:
@@ -82,10 +111,10 @@ class EpochSampler(DistributedSampler):
         """Makes the next pass leave out the first ``count`` indices of this rank's epoch order."""
         self._skip = int(count)
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[SampleIndex]:
         indices = list(super().__iter__())
         start, self._skip = self._skip, 0
-        return iter(indices[start:])
+        return iter([SampleIndex(i, self.seed, self.epoch) for i in indices[start:]])
 
 
 class GroupedBatchSampler(Sampler[list[int]]):

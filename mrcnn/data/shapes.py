@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from mrcnn.data.transforms import masks_to_boxes, to_sample
+from mrcnn.data.transforms import to_sample, transform_instances
 
 __all__ = ["SHAPE_CLASSES", "ShapesDataset"]
 
@@ -173,9 +173,9 @@ class ShapesDataset(torch.utils.data.Dataset):
         seed: base seed; item ``i`` is generated from ``(seed, split, i)``.
         split: ``"train"``, ``"val"`` or ``"test"``; each gives an independent
             stream of images for the same seed.
-        transforms: optional callable ``(image, masks, labels) -> (image, masks,
-            boxes, labels)`` on uint8 numpy arrays, e.g.
-            :class:`mrcnn.data.transforms.InstanceTransform`.
+        transforms: an optional :class:`mrcnn.data.transforms.InstanceTransform`
+            on the uint8 numpy arrays; a training item's draw follows from its
+            index (:class:`mrcnn.data.samplers.SampleIndex`).
     """
 
     def __init__(
@@ -247,11 +247,10 @@ class ShapesDataset(torch.utils.data.Dataset):
         if not 0 <= index < self.num_images:
             raise IndexError(f"index {index} out of range for {self.num_images} images")
         image, masks, labels = self.generate(index)
-        if self.transforms is not None:
-            image, masks, boxes, labels = self.transforms(image, masks, labels)
-        else:
-            boxes = masks_to_boxes(masks)
-        return to_sample(image, masks, labels, image_id=index + 1, boxes=boxes)
+        image, masks, boxes, fields = transform_instances(
+            self.transforms, image, masks, {"labels": labels}, index=index
+        )
+        return to_sample(image, masks, fields["labels"], image_id=int(index) + 1, boxes=boxes)
 
     def generate(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Draws item ``index`` before any transform.

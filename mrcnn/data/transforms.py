@@ -24,6 +24,7 @@ field selects the masks and fields that go with the boxes it kept.
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Mapping, Sequence
 
 import albumentations as A
@@ -78,11 +79,22 @@ class InstanceTransform:
     instances whose mask became empty (cropped away, rotated out of the frame)
     are dropped with their labels, so masks, boxes and labels always line up.
 
+    Random draws are repeatable (albumentations 2.x keeps its own random state, which
+    ``seed_everything`` does not reach):
+
+    - an item of the training stream (its index a :class:`~mrcnn.data.samplers.SampleIndex`)
+      is augmented from ``(seed, epoch, index)`` alone, so a run gives the same batches with
+      or without loader workers and when resumed part-way through an epoch;
+    - any other call draws from a random state seeded once per process: from ``seed``, or
+      without one from torch's seed of the process (``torch.initial_seed()``: the run's seed in
+      the main process, the worker's own seed in a loader worker, which differs per worker and
+      epoch).
+
     Args:
         transforms: albumentations transforms applied in order, e.g.
             ``[A.HorizontalFlip(p=0.5)]``. ``None`` or an empty list leaves the
             sample unchanged (boxes are still computed).
-        seed: seed of the albumentations random state; ``None`` draws a fresh one.
+        seed: seed of the random state in the main process; ``None``: torch's seed.
     """
 
     def __init__(self, transforms: Sequence[A.BasicTransform] | None = None, seed: int | None = None):
@@ -91,12 +103,13 @@ class InstanceTransform:
         # (Without transforms there is nothing to follow, and albumentations warns about an unused processor.)
         transforms = list(transforms or [])
         bbox_params = A.BboxParams(format="pascal_voc", label_fields=["instance"], clip=True) if transforms else None
-        self.compose = A.Compose(transforms, bbox_params=bbox_params, seed=seed)
-        # Process and worker for which the random state was last re-seeded.
+        self.compose = A.Compose(transforms, bbox_params=bbox_params)
+        self.seed = seed
+        # Process and worker for which the random state was last seeded (calls without a SampleIndex).
         self._seeded_for: tuple[int, int] | None = None
 
     def __call__(
-        self, image: np.ndarray, masks: np.ndarray, labels: np.ndarray
+        self, image: np.ndarray, masks: np.ndarray, labels: np.ndarray, index: int | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Transforms one sample.
 
@@ -104,13 +117,15 @@ class InstanceTransform:
             image: uint8 ``[H, W, 3]``.
             masks: uint8 ``[N, H, W]`` with values 0/1; N may be 0.
             labels: int64 ``[N]``.
+            index: the item's dataset index (a ``SampleIndex`` seeds this item's draw).
 
         Returns:
             ``(image, masks, boxes, labels)``: uint8 ``[H', W', 3]``, uint8
             ``[M, H', W']``, float32 ``[M, 4]`` xyxy and int64 ``[M]``, where the
             M <= N surviving instances keep their original order.
         """
-        image, masks, boxes, fields = self.apply(image, masks, {"labels": np.asarray(labels, dtype=np.int64)})
+        fields = {"labels": np.asarray(labels, dtype=np.int64)}
+        image, masks, boxes, fields = self.apply(image, masks, fields, index=index)
         return image, masks, boxes, fields["labels"]
 
     def apply(
@@ -119,6 +134,7 @@ class InstanceTransform:
         masks: np.ndarray,
         fields: Mapping[str, np.ndarray],
         boxes: np.ndarray | None = None,
+        index: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """Transforms one sample and keeps any per-instance fields in step with the masks.
 
@@ -129,6 +145,8 @@ class InstanceTransform:
                 "iscrowd": int64 [N]}``.
             boxes: float ``[N, 4]`` xyxy pixel boxes of the data's own, with positive
                 width and height inside the image; ``None``: boxes come from the masks.
+            index: the item's dataset index; a :class:`~mrcnn.data.samplers.SampleIndex` draws this
+                item's augmentation from its ``(seed, epoch, index)``.
 
         Returns:
             ``(image, masks, boxes, fields)``: uint8 ``[H', W', 3]``, uint8
@@ -141,7 +159,7 @@ class InstanceTransform:
                 raise ValueError(f"per-instance field {name!r} has {len(values)} entries for {len(masks)} masks")
         if boxes is not None and len(boxes) != len(masks):
             raise ValueError(f"{len(boxes)} boxes for {len(masks)} masks")
-        self._reseed_in_worker()
+        self._seed_draw(index)
         given = np.zeros((0, 4), dtype=np.float32) if boxes is None else np.asarray(boxes, dtype=np.float32)
         instance = np.arange(len(given))
         if len(masks) == 0:
@@ -168,18 +186,30 @@ class InstanceTransform:
         out_boxes = masks_to_boxes(masks) if boxes is None else box_of[keep]
         return image, masks, out_boxes, fields
 
-    def _reseed_in_worker(self) -> None:
-        # DataLoader workers start as copies of the main process, so each would
-        # inherit the same albumentations random state and apply the same
-        # augmentation sequence. Re-seed once per worker from torch's per-worker seed
-        # (which changes every epoch unless workers are persistent).
-        info = torch.utils.data.get_worker_info()
-        if info is None:
+    def _seed_draw(self, index: int | None) -> None:
+        """Seeds the random state for this item's draw (see the class docstring)."""
+        epoch = getattr(index, "epoch", None)
+        if epoch is not None:
+            self._set_seed(np.random.SeedSequence([index.seed, epoch, int(index)]).generate_state(1)[0])
+            self._seeded_for = None  # a later call without a SampleIndex seeds its process's state again
             return
-        key = (os.getpid(), info.id)
+        # DataLoader workers start as copies of the main process, so each would inherit the same random
+        # state: seed once per process and worker, from the worker's own torch seed in a worker.
+        info = torch.utils.data.get_worker_info()
+        key = (os.getpid(), -1 if info is None else info.id)
         if self._seeded_for != key:
-            self.compose.set_random_seed(info.seed % 2**32)
+            if info is not None:
+                seed = info.seed
+            else:
+                seed = torch.initial_seed() if self.seed is None else self.seed
+            self._set_seed(seed % 2**32)
             self._seeded_for = key
+
+    def _set_seed(self, seed: int) -> None:
+        # One generator pair shared by all the transforms (set_random_state), not one per transform
+        # (Compose.set_random_seed): transforms seeded alike would draw alike, e.g. a flip at p=0.5 and a
+        # colour jitter at p=0.8 from the same first number, so every flipped image would also be jittered.
+        self.compose.set_random_state(np.random.default_rng(int(seed)), random.Random(int(seed)))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.compose.transforms!r})"
@@ -279,8 +309,11 @@ def transform_instances(
     masks: np.ndarray,
     fields: Mapping[str, np.ndarray],
     boxes: np.ndarray | None = None,
+    index: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Runs ``transforms.apply`` (or nothing when ``transforms`` is ``None``); see :meth:`InstanceTransform.apply`.
+
+    ``index`` is the item's dataset index, passed on so that a training item's draw follows from it.
 
     Without transforms, instances with an empty mask are still dropped (with their
     fields), so every returned box has positive width and height.
@@ -298,9 +331,9 @@ def transform_instances(
             f"transforms must be an InstanceTransform (something with an apply(image, masks, fields) method), "
             f"got {type(transforms).__name__}"
         )
-    if boxes is None:
-        return transforms.apply(image, masks, fields)
-    return transforms.apply(image, masks, fields, boxes)
+    # Keywords only for what is given: an apply() of a user's own may take neither.
+    extra = {"boxes": boxes, "index": index}
+    return transforms.apply(image, masks, fields, **{k: v for k, v in extra.items() if v is not None})
 
 
 # Target entries with one row per instance (everything else, like image_id, is per image).

@@ -9,7 +9,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from mrcnn.config import check_added_keys
-from mrcnn.engine.callbacks import RunRecord
+from mrcnn.engine.callbacks import RandomState, RunRecord
 from mrcnn.engine.checkpoints import ResumedRun, load_weights
 from mrcnn.engine.data_fit import check_num_classes, warn_if_boxes_outside_anchors
 from mrcnn.engine.loggers import instantiate_loggers
@@ -28,8 +28,9 @@ def build(cfg: DictConfig, resumed: ResumedRun | None = None):
         check_num_classes(cfg.model.num_classes, datamodule.class_names)
     module = build_module(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    # Not a named config entry: it carries the whole config into every checkpoint, for the resume check.
-    callbacks = [*instantiate_callbacks(cfg), RunRecord(resolved, job_overrides())]
+    # Not named config entries, as a resume depends on them: RunRecord carries the whole config into every
+    # checkpoint (for the resume check), RandomState the random states (for the same draws after a resume).
+    callbacks = [*instantiate_callbacks(cfg), RunRecord(resolved, job_overrides()), RandomState()]
     loggers = instantiate_loggers(cfg, resumed)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     check_sync_batchnorm(module, trainer, converts_batchnorm=bool(cfg.trainer.get("sync_batchnorm")))

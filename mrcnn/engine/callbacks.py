@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import random
 import shutil
 import signal
 import threading
@@ -11,6 +13,7 @@ from collections import deque
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
@@ -23,6 +26,8 @@ from mrcnn.engine.visualize import (
     wandb_boxes,
     wandb_class_labels,
 )
+
+log = logging.getLogger(__name__)
 
 # What stops a training run gracefully: Ctrl-C, and what a cluster sends before it preempts or times out a job.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -268,6 +273,83 @@ class RunRecord(L.Callback):
             "overrides": self.overrides,
             "wandb_run_id": _wandb_run_id(trainer),
         }
+
+
+# Where RandomState writes the processes' random states in a checkpoint.
+RANDOM_STATE_KEY = "mrcnn_random_state"
+
+
+def random_state() -> dict:
+    """This process's global random states: torch (CPU and every initialised CUDA device), numpy, python."""
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        # As a tensor and plain numbers, not a numpy array: Lightning loads checkpoints with weights_only=True.
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gauss),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_random_state(state: dict) -> None:
+    """Restores what :func:`random_state` returned."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, position, has_gauss, cached_gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RandomState(L.Callback):
+    """Carries every process's random states in checkpoints, so a resumed run draws what the uninterrupted one drew.
+
+    The model draws from torch's global generator at every training step (the RPN's and the RoI heads'
+    positive/negative sampling, a random training size when ``data.min_size`` is a list). Without this a
+    resumed run starts those draws from ``seed_everything``'s state and diverges from the uninterrupted
+    run at its first step. The data needs nothing here: the training order follows from ``(seed, epoch)``
+    (:class:`~mrcnn.data.samplers.EpochSampler`), each item's augmentation from ``(seed, epoch, index)``
+    (:class:`~mrcnn.data.samplers.SampleIndex`) and the loader workers' seeds from ``(seed, epoch)``, in
+    the checkpointed run as in the resumed one, in whichever process loads the item.
+
+    ``checkpoint["mrcnn_random_state"]`` is a list with one :func:`random_state` per process (by global rank;
+    gathered from every rank under DDP, where every rank saves a checkpoint together). A resumed training
+    run restores its own rank's entry when training starts, after the sanity check and before the first
+    batch is drawn, which is where the uninterrupted run stood when it saved.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._loaded: list[dict] | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        states = [random_state()]
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * trainer.world_size
+            torch.distributed.all_gather_object(states, random_state())
+        checkpoint[RANDOM_STATE_KEY] = states
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._loaded = checkpoint.get(RANDOM_STATE_KEY)
+        if self._loaded is None:
+            log.warning(
+                "the checkpoint holds no random states (it predates them): the random draws after the resume "
+                "differ from those of the uninterrupted run"
+            )
+        elif len(self._loaded) != trainer.world_size:
+            log.warning(
+                "the checkpoint holds the random states of %d processes and this run has %d: the random draws "
+                "after the resume differ from those of the uninterrupted run",
+                len(self._loaded),
+                trainer.world_size,
+            )
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        loaded, self._loaded = self._loaded, None
+        if loaded:
+            set_random_state(loaded[trainer.global_rank % len(loaded)])
 
 
 def _wandb_run_id(trainer: L.Trainer) -> str | None:

@@ -2,6 +2,7 @@
 
 import contextlib
 import logging
+import os
 import signal
 
 import lightning as L
@@ -34,6 +35,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if resumed is not None:
         check_resume_config(cfg, resumed)
     with job_scope(cfg), stops_with_nonzero_exit(cfg):
+        prepare_determinism(cfg)
         L.seed_everything(cfg.seed, workers=True)
         datamodule, module, trainer = build(cfg, resumed)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -58,6 +60,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if ckpt_path:
         read_checkpoint(ckpt_path)  # a file that is no checkpoint stops here, before the data is built
     with job_scope(cfg), stops_with_nonzero_exit(cfg):
+        prepare_determinism(cfg)
         L.seed_everything(cfg.seed, workers=True)
         datamodule, module, trainer = build(cfg)
         if ckpt_path:
@@ -66,6 +69,20 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         metrics = dict(module.last_metrics)
         write_final_metrics(cfg, trainer, metrics, module.nothing_to_score)
         return metrics
+
+
+def prepare_determinism(cfg: DictConfig) -> None:
+    """Sets what ``trainer.deterministic=true`` needs before anything starts CUDA.
+
+    cuBLAS reads ``CUBLAS_WORKSPACE_CONFIG`` when it starts; without it, matrix products on a GPU may sum in a
+    different order from run to run, and under deterministic algorithms torch raises at the first one.
+    Lightning's Trainer sets it too, but only when it is built, after the model (and whatever a user's code ran
+    on the GPU before). The rest is Lightning's: ``torch.use_deterministic_algorithms(True)`` and cuDNN's
+    deterministic algorithms; the GPU RoIAlign and RoIPool backwards then take deterministic paths
+    (``mrcnn.modeling.roi_align.needs_deterministic_path``). On the CPU a run repeats exactly without it.
+    """
+    if cfg.trainer.get("deterministic") is True:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 @contextlib.contextmanager

@@ -22,9 +22,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torchvision.ops import roi_pool
 
-from mrcnn.modeling.roi_align import BACKWARDS, roi_align
+from mrcnn.modeling.roi_align import BACKWARDS, needs_deterministic_path, roi_align
 
 
 def boxes_to_rois(boxes: list[Tensor]) -> Tensor:
@@ -202,7 +203,38 @@ class RoIPoolPooler(RoIPooler):
     mode = "max"
 
     def pool_level(self, feature: Tensor, rois: Tensor, spatial_scale: float) -> Tensor:
+        if feature.requires_grad and torch.is_grad_enabled() and needs_deterministic_path(feature):
+            return _DeterministicRoIPool.apply(feature, rois, self.output_size, float(spatial_scale))
         return roi_pool(feature, rois, self.output_size, spatial_scale)
+
+
+class _DeterministicRoIPool(torch.autograd.Function):
+    """torchvision's RoIPool with a backward that is deterministic on a GPU (``trainer.deterministic=true``).
+
+    torchvision's CUDA backward adds each bin's gradient into its max cell with atomic adds (and raises under
+    deterministic algorithms). The forward's argmax says which cell each output came from, so the gradient is one
+    ``index_add_``, which torch runs deterministically in that mode.
+    """
+
+    @staticmethod
+    def forward(ctx, features, rois, output_size, spatial_scale):
+        output, argmax = torch.ops.torchvision.roi_pool(features, rois, spatial_scale, output_size, output_size)
+        ctx.save_for_backward(rois, argmax)
+        ctx.shape = tuple(features.shape)
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        rois, argmax = ctx.saved_tensors
+        n, c, h, w = ctx.shape
+        # Flat index of each output's max cell in [N, C, H, W]; empty bins (argmax -1) add zero to cell 0.
+        batch = rois[:, 0].long()[:, None, None, None]
+        channel = torch.arange(c, device=argmax.device)[None, :, None, None]
+        index = (batch * c + channel) * (h * w) + argmax.clamp(min=0)
+        values = grad_output * (argmax >= 0)
+        grad = grad_output.new_zeros(n * c * h * w).index_add_(0, index.reshape(-1), values.reshape(-1))
+        return grad.view(n, c, h, w), None, None, None
 
 
 def round_like_roi_pool(x: Tensor) -> Tensor:

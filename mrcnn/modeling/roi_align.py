@@ -23,7 +23,9 @@ torchvision's up to float rounding (tested in ``tests/modeling/test_poolers.py``
 The forward pass is torchvision's own kernel, so outputs are bit-identical. Which backward runs is
 decided once per call, at the forward, by :func:`choose_backward` from the map's and the output's sizes and
 an explicit ``backward`` argument (``"auto"``, or one forced by a benchmark or a test). CUDA tensors and
-inputs that need no gradient go to torchvision unchanged.
+inputs that need no gradient go to torchvision unchanged, but for one case: on a GPU under
+``torch.use_deterministic_algorithms(True)`` (``trainer.deterministic=true``) the backward is the separable one,
+which is deterministic there, where torchvision's (atomic adds) is not (:func:`deterministic_backward`).
 """
 
 from __future__ import annotations
@@ -249,6 +251,41 @@ def choose_backward(
     return "separable" if use_separable(output_size, sampling_ratio, height, width) else "sparse"
 
 
+def needs_deterministic_path(features: Tensor) -> bool:
+    """Whether ``features`` is on a GPU and deterministic algorithms are required (``trainer.deterministic=true``).
+
+    torchvision's CUDA RoIAlign and RoIPool backwards add into the feature gradient with atomic adds, whose order
+    (and so the float sum) changes from run to run; under ``torch.use_deterministic_algorithms(True)`` they raise.
+    In ``warn_only`` mode (``trainer.deterministic=warn``) torch warns about them itself and they run.
+    """
+    return (
+        features.device.type != "cpu"
+        and torch.are_deterministic_algorithms_enabled()
+        and not torch.is_deterministic_algorithms_warn_only_enabled()
+    )
+
+
+def deterministic_backward(sampling_ratio: int, supported: bool) -> str:
+    """The backward for a GPU RoIAlign under deterministic algorithms: ``"separable"``.
+
+    The separable backward is deterministic on a GPU: dense matrix products (cuBLAS, deterministic with
+    ``CUBLAS_WORKSPACE_CONFIG``, which Lightning sets for ``deterministic=True``) and ``scatter_add_`` (which
+    torch runs deterministically in this mode). It needs a fixed ``sampling_ratio`` (every config here has 2).
+
+    Raises:
+        RuntimeError: an adaptive ``sampling_ratio`` (``<= 0``) or a form only torchvision takes (a list of boxes,
+            a ``(h, w)`` output), for which no deterministic GPU backward exists.
+    """
+    if sampling_ratio <= 0 or not supported:
+        raise RuntimeError(
+            "RoIAlign on a GPU with deterministic algorithms (trainer.deterministic=true) needs a fixed "
+            f"sampling_ratio > 0 (got {sampling_ratio}), rois as one [R, 5] tensor and an int output size: "
+            "torchvision's backward is not deterministic (atomic adds). Set the pooler's sampling_ratio (the "
+            "configs use 2), or trainer.deterministic=warn to run it anyway"
+        )
+    return "separable"
+
+
 class _RoIAlignFunction(torch.autograd.Function):
     """torchvision's forward; the backward as dense or sparse products (see the module docstring)."""
 
@@ -297,18 +334,19 @@ def roi_align(
     Returns:
         ``[R, C, P, P]`` pooled features.
     """
-    fast = (
+    ours_possible = (
         isinstance(rois, Tensor)
         and isinstance(output_size, int)
-        and features.device.type == "cpu"
         and features.requires_grad
         and torch.is_grad_enabled()
         and rois.numel() > 0
     )
     kind = "torchvision"
-    if fast:
+    if ours_possible and features.device.type == "cpu":
         _, channels, height, width = features.shape
         kind = choose_backward(channels, height, width, output_size, sampling_ratio, backward)
+    elif features.requires_grad and torch.is_grad_enabled() and needs_deterministic_path(features):
+        kind = deterministic_backward(sampling_ratio, ours_possible)
     if kind == "torchvision":
         return tv_roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
     return _RoIAlignFunction.apply(

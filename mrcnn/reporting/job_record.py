@@ -4,21 +4,32 @@ The report labels each job by the config choices it ran (``mrcnn.reporting.repor
 choices built, read from the model's modules themselves, so a report can show that the variants of an
 ablation differ in the one thing they are meant to, and catch a label that does not match its model.
 
+It also records what the job's numbers depend on beyond its config (``environment``): the same command gives
+the same numbers only with the same seed, thread count, library versions, device and deterministic flag
+(README, "Reproducibility").
+
 ``job.json``::
 
     {"model": describe_model(net), "parameters": {"total": ..., "mask_head": ...},
-     "train_steps": N, "step_time_median_s": ..., "wall_time_s": ...}
+     "train_steps": N, "step_time_median_s": ..., "wall_time_s": ...,
+     "environment": {"seed": 0, "torch_threads": 2, "torch": "2.14.1", "torchvision": ..., "cuda": ...,
+                     "cudnn": ..., "device": "...", "deterministic": false, ...}}
 """
 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import statistics
 import time
 from pathlib import Path
 
+import albumentations
 import lightning as L
+import numpy as np
 import torch
+import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
@@ -120,6 +131,48 @@ def count_parameters(net: nn.Module) -> dict[str, int]:
     }
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name (``torch.cuda.get_device_name``), else the CPU's model name (from ``/proc/cpuinfo`` on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device, seed: int | None = None) -> dict[str, object]:
+    """What a job's numbers depend on beyond its config: seed, thread count, library versions, device, determinism.
+
+    The same command on the same machine with the same threads and versions gives bit-identical numbers;
+    with any of these changed they differ within the spread over seeds (README, "Reproducibility").
+
+    Args:
+        device: the device the job trains on.
+        seed: the run's seed; ``None``: the one ``seed_everything`` was given (``PL_GLOBAL_SEED``), if any.
+    """
+    if seed is None and os.environ.get("PL_GLOBAL_SEED") is not None:
+        seed = int(os.environ["PL_GLOBAL_SEED"])
+    return {
+        "seed": seed,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "device": device_name(device),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "lightning": L.__version__,
+        "numpy": np.__version__,
+        "albumentations": albumentations.__version__,
+        "python": platform.python_version(),
+    }
+
+
 class JobRecord(L.Callback):
     """Writes ``path`` (``job.json``): the model the job built, its parameter counts, its training step time and
     its wall time. Rank zero writes; the file is rewritten at the end of every fit and validation, so the last
@@ -127,6 +180,7 @@ class JobRecord(L.Callback):
 
     Args:
         path: the JSON file, normally ``${run_dir}/job.json``.
+        seed: the run's seed (``${seed}``), recorded with the rest of :func:`environment`.
 
     Times: a training step is timed from ``on_train_batch_start`` to ``on_train_batch_end`` (forward,
     backward and optimizer step; loading the batch is not included) and the median is recorded. The wall time
@@ -134,9 +188,11 @@ class JobRecord(L.Callback):
     share of a resumed run.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, seed: int | None = None):
         super().__init__()
         self.path = Path(path)
+        self.seed = seed
+        self._environment: dict | None = None
         self._start = time.perf_counter()
         self._step_start: float | None = None
         self._step_times: list[float] = []
@@ -147,6 +203,7 @@ class JobRecord(L.Callback):
         if self._model is None:
             self._model = describe_model(pl_module.model)
             self._parameters = count_parameters(pl_module.model)
+        self._environment = environment(getattr(pl_module, "device", torch.device("cpu")), self.seed)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         _synchronize(getattr(pl_module, "device", None))
@@ -171,6 +228,7 @@ class JobRecord(L.Callback):
             "train_steps": len(self._step_times),
             "step_time_median_s": statistics.median(self._step_times) if self._step_times else None,
             "wall_time_s": time.perf_counter() - self._start,
+            "environment": self._environment,
         }
 
     def write(self) -> None:

@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +101,18 @@ def training_only_trainer(**kwargs) -> L.Trainer:
         num_sanity_val_steps=0,
     )
     return L.Trainer(**{**settings, **kwargs})
+
+
+class InterruptAt(L.Callback):
+    """Test-only: sends this process SIGINT (Ctrl-C) during training step ``step - 1``.
+
+    ``mrcnn.engine.callbacks.LastCheckpoint`` finishes that step, saves ``last.ckpt`` at global step ``step`` and stops
+    the run with ``TrainingInterrupted``: a run stopped by a user at step ``step``, in the test's own process.
+    """
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step - 1:
+            os.kill(os.getpid(), signal.SIGINT)

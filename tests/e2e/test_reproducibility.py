@@ -1,0 +1,116 @@
+"""The same command with the same seed gives the same numbers, bit for bit: losses, AP and checkpoint.
+
+A short run of the default recipe (augmentation, validation with its sanity check, the default callbacks, the
+CSV logger), shrunk to the tiny model: 2 epochs of 2 steps, validated after each. It is repeated in this process,
+with loader workers in a new ``run.py`` process, and stopped at step 1 then resumed; every repetition must
+match the first exactly. Any random source on the run's path that is not drawn from the run's seed (an
+unseeded generator, a time-based seed, a worker's own state) makes these runs differ.
+"""
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from mrcnn.engine.callbacks import TrainingInterrupted
+from mrcnn.engine.train import train
+from tests.helpers.config import TINY_MODEL, compose_config
+from tests.helpers.runs import run_py
+
+STEPS = 4  # 2 epochs of 4 images in batches of 2
+STOP_AT = 1  # mid-epoch 0: the resumed run crosses an epoch end and a validation
+ARGS = [
+    *TINY_MODEL,
+    "data.num_train_images=4",
+    "data.num_val_images=2",
+    "data.datamodule.batch_size=2",
+    "trainer.max_epochs=2",
+    "trainer.check_val_every_n_epoch=1",
+    "trainer.log_every_n_steps=1",
+]
+LOSSES = (
+    "train/loss",
+    "train/rpn_class_loss",
+    "train/rpn_bbox_loss",
+    "train/fastrcnn_class_loss",
+    "train/fastrcnn_bbox_loss",
+    "train/maskrcnn_mask_loss",
+)
+
+
+def run_in_process(run_dir: Path, *overrides: str) -> dict:
+    """Trains with ``ARGS + overrides`` in this process; what the run logged and saved (:func:`read_run`)."""
+    train(compose_config([*ARGS, *overrides], run_dir=str(run_dir)))
+    return read_run(run_dir)
+
+
+def read_run(run_dir: Path, final: bool = True) -> dict:
+    """``losses`` (step -> the logged training losses, as logged), ``metrics`` (the final COCO metrics; with
+    ``final``) and the last checkpoint's ``weights``, ``optimizer`` and ``step``."""
+    with open(run_dir / "csv" / "metrics.csv", newline="") as file:
+        rows = [row for row in csv.DictReader(file) if row.get("train/loss")]
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return {
+        "losses": {int(row["step"]): tuple(row[key] for key in LOSSES) for row in rows},
+        "metrics": (run_dir / "metrics.json").read_text() if final else None,
+        "weights": checkpoint["state_dict"],
+        "optimizer": checkpoint["optimizer_states"][0]["state"],
+        "step": checkpoint["global_step"],
+    }
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [key for key in a if not torch.equal(a[key], b[key])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def assert_same_run(run: dict, reference: dict) -> None:
+    """Bit-identical logged losses at every step, final metrics and last checkpoint (weights and momentum)."""
+    assert run["losses"] == reference["losses"]
+    assert run["metrics"] == reference["metrics"]
+    assert run["step"] == reference["step"] == STEPS
+    assert_same_tensors(run["weights"], reference["weights"])
+    assert_same_tensors(
+        {(p, k): v for p, s in run["optimizer"].items() for k, v in s.items()},
+        {(p, k): v for p, s in reference["optimizer"].items() for k, v in s.items()},
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """The uninterrupted run, without loader workers, in this process."""
+    run = run_in_process(tmp_path_factory.mktemp("reference"))
+    assert sorted(run["losses"]) == list(range(STEPS))
+    return run
+
+
+def test_the_same_run_twice_in_one_process_is_bit_identical(tmp_path, reference):
+    assert_same_run(run_in_process(tmp_path), reference)
+
+
+def test_a_run_with_two_loader_workers_in_a_new_process_is_bit_identical(tmp_path, reference):
+    # A new process (its own hash seed, library state and start time) with 2 workers and this process's thread
+    # count. The batches do not depend on the workers: each item's augmentation follows from (seed, epoch, index).
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    run_py([*ARGS, "data.datamodule.num_workers=2", f"hydra.run.dir={tmp_path}"], env=env)
+    assert_same_run(read_run(tmp_path), reference)
+
+
+def test_a_run_stopped_at_step_k_and_resumed_equals_the_uninterrupted_run(tmp_path, reference):
+    # Stopped by Ctrl-C at step 1 (last.ckpt saved there), with loader workers; resumed without them.
+    with pytest.raises(TrainingInterrupted):
+        run_in_process(
+            tmp_path,
+            "data.datamodule.num_workers=2",
+            "+callbacks.interrupt._target_=tests.helpers.runs.InterruptAt",
+            f"+callbacks.interrupt.step={STOP_AT}",
+        )
+    stopped = read_run(tmp_path, final=False)
+    assert stopped["step"] == STOP_AT
+    assert stopped["losses"] == {step: reference["losses"][step] for step in range(STOP_AT)}
+    resumed = run_in_process(tmp_path, f"resume={tmp_path}")
+    # The CSV history of the resumed run continues the stopped one's: every step, each as the uninterrupted run.
+    assert_same_run(resumed, reference)
