@@ -9,6 +9,7 @@ import torch
 from hydra.utils import instantiate
 
 from mrcnn.engine.build import build_module, check_sync_batchnorm
+from mrcnn.engine.callbacks import RANDOM_STATE_KEY
 from tests.helpers.config import TINY_MODEL, compose_config
 from tests.helpers.runs import TINY_RUN, run_py, training_only_trainer
 from tests.helpers.wandb import read_wandb_records
@@ -44,6 +45,9 @@ def test_sweep_with_ddp_runs_each_job_once_with_two_processes(tmp_path):
         assert metrics["world_size"] == 2 and metrics["global_step"] == 2
         assert "segm_AP" in metrics and "bbox_AP" in metrics
         assert (job / "csv" / "metrics.csv").exists() and (job / "checkpoints" / "last.ckpt").exists()
+        # The checkpoint holds each process's random states, gathered from both (a resume restores each its own).
+        checkpoint = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert len(checkpoint[RANDOM_STATE_KEY]) == 2
         assert f"base_lr: {lr}" in (job / ".hydra" / "resolved.yaml").read_text()
         # Each process of the job ran once, with this job's config (its run_dir is this folder).
         assert [p.name for p in job.glob("ddp_rank*.log")] == ["ddp_rank1.log"]
