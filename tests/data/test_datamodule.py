@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from mrcnn.data.datamodule import InstanceDataModule, ResumableDataLoader, collate_detection
 from mrcnn.data.samplers import EpochSampler
 from mrcnn.data.shapes import ShapesDataset
-from mrcnn.data.transforms import train_transforms
+from mrcnn.data.transforms import photometric_transforms, train_transforms
 from tests.helpers.data import IdsDataset
 
 
@@ -91,6 +91,45 @@ def test_workers_draw_different_augmentations():
     # Batches alternate between the two workers.
     assert flipped[0::2] != flipped[1::2]
     assert 0 < sum(flipped) < len(flipped)
+
+
+@pytest.mark.parametrize("grouping", [False, True], ids=["plain", "grouped"])
+def test_training_batches_do_not_depend_on_loader_workers_and_change_with_the_epoch(grouping):
+    # Each item's augmentation is drawn from (seed, epoch, index), whichever process loads it: the batches with
+    # 2 workers are those without; a new epoch draws anew.
+    def epochs(num_workers):
+        dm = InstanceDataModule(
+            ShapesDataset(num_images=8, image_size=32, transforms=photometric_transforms()),
+            ShapesDataset(num_images=2, image_size=32, split="val"),
+            batch_size=2,
+            num_workers=num_workers,
+            aspect_ratio_grouping=grouping,
+            seed=5,
+        )
+        loader = dm.train_dataloader()
+        passes = []
+        for epoch in (0, 1):
+            _set_sampler_epoch(loader, epoch)
+            passes.append(
+                {int(t["image_id"]): image for images, targets in loader for image, t in zip(images, targets)}
+            )
+        return passes
+
+    without, with_workers = epochs(0), epochs(2)
+    for a, b in zip(without, with_workers):
+        assert a.keys() == b.keys() and all(torch.equal(a[i], b[i]) for i in a)
+    # The same image, augmented in epoch 0 and in epoch 1: not all alike (flip, jitter).
+    assert any(not torch.equal(without[0][i], without[1][i]) for i in without[0])
+
+
+def test_loaders_leave_the_global_torch_generator_alone():
+    # Iterating a loader (training or validation, with workers or not) draws its workers' seeds from its own
+    # generator: the model's random draws (RPN and RoI sampling) are the same with or without a validation pass.
+    dm = _datamodule(num_workers=0)
+    torch.manual_seed(0)
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(0).get_state())
 
 
 # ---- resuming the training loader mid-epoch ------------------------------------------------

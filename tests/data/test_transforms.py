@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from mrcnn.data.samplers import SampleIndex
 from mrcnn.data.transforms import (
     InstanceTransform,
     drop_crowd,
@@ -139,3 +140,48 @@ def test_drop_crowd():
     assert dropped["image_id"] == 3
     no_crowd = dict(target, iscrowd=torch.zeros_like(target["iscrowd"]))
     assert drop_crowd(no_crowd) is no_crowd
+
+
+def _textured_sample(seed):
+    """:func:`_sample` on a random image (a flip or a colour jitter of a black one changes nothing)."""
+    image, masks, labels, _ = _sample(seed)
+    return np.random.default_rng(seed).integers(0, 256, image.shape, dtype=np.uint8), masks, labels
+
+
+def test_a_training_items_draw_follows_from_seed_epoch_and_index_alone():
+    transform = photometric_transforms()
+    image, masks, labels = _textured_sample(0)
+
+    def draw(index):
+        return transform(image, masks, labels, index=index)[0]
+
+    first = draw(SampleIndex(3, seed=0, epoch=1))
+    for other in range(5):  # other draws in between change nothing
+        draw(SampleIndex(other, seed=0, epoch=0))
+        draw(other)
+    assert np.array_equal(draw(SampleIndex(3, seed=0, epoch=1)), first)
+    # Another epoch, seed or index draws anew (photometric: a colour jitter with p=0.8, a flip with p=0.5).
+    for index, seed, epoch in [(3, 0, 2), (3, 1, 1), (4, 0, 1)]:
+        assert not np.array_equal(draw(SampleIndex(index, seed=seed, epoch=epoch)), first), (index, seed, epoch)
+
+
+def test_a_sample_index_is_an_int_that_survives_pickling():
+    import pickle
+
+    index = pickle.loads(pickle.dumps(SampleIndex(7, seed=3, epoch=2)))
+    assert index == 7 and [10, 11, 12, 13, 14, 15, 16, 17][index] == 17
+    assert (index.seed, index.epoch) == (3, 2)
+
+
+def test_without_a_sample_index_the_main_process_draws_from_torchs_seed():
+    # Calls outside the training stream (a user's loop, a dataset indexed by hand) repeat after seeding torch.
+    image, masks, labels = _textured_sample(1)
+
+    def draws():
+        torch.manual_seed(4)
+        transform = photometric_transforms()
+        return [transform(image, masks, labels)[0] for _ in range(6)]
+
+    first, second = draws(), draws()
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+    assert not all(np.array_equal(first[0], other) for other in first[1:])
