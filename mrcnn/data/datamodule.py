@@ -97,7 +97,10 @@ class ResumableDataLoader(DataLoader):
     :class:`~mrcnn.data.samplers.EpochSampler`,
     :class:`~mrcnn.data.samplers.GroupedBatchSampler`. Lightning calls ``set_epoch`` at
     every epoch start; outside Lightning call it yourself, or every pass repeats one order.
-    With any other sampler it is a plain ``DataLoader`` with an empty state.
+    With any other sampler it is a plain ``DataLoader`` with an empty state. Given a
+    ``generator``, each pass re-seeds it from the sampler's ``(seed, epoch)`` before the
+    loader draws its workers' base seed from it, so the workers of an epoch are seeded
+    alike in a resumed run as in the uninterrupted one.
 
     The underlying iterator (and with it the workers' first requests) is only created
     at the first ``next()``, so a ``set_epoch`` between ``iter()`` and the first batch
