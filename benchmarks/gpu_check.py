@@ -18,7 +18,9 @@ benchmark's rounds, the training runs' logged steps, the tests that ended):
    says "skipped (no CUDA)".
 6. ``train_others`` (only with ``--steps``): the shapes run in fp32 and on the fast path, side by side: their AP
    beside bf16's.
-7. ``bench_compile`` (only with ``--steps``): as ``bench_fast`` with ``module.compile=true``, training only.
+7. ``gpu_determinism`` (only with ``--steps``): ``pytest -m gpu tests/modeling/test_gpu_determinism.py``:
+   ``trainer.deterministic=true`` repeats bit for bit, and the step time with and without it.
+8. ``bench_compile`` (only with ``--steps``): as ``bench_fast`` with ``module.compile=true``, training only.
 
 Then the project's GPU goals (benchmarks/README.md) are read off the numbers. After every step
 ``gpu_check.json`` and ``gpu_check.md`` are rewritten in ``--out``; each step's whole output is in
@@ -59,10 +61,22 @@ from xml.etree import ElementTree
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARK = ROOT / "benchmarks" / "benchmark.py"
 GPU_TESTS = "tests/modeling/test_gpu.py"
+# The test files of the steps that run GPU tests.
+TEST_STEPS = {"gpu_tests": GPU_TESTS, "gpu_determinism": "tests/modeling/test_gpu_determinism.py"}
 
-STEPS = ("environment", "bench_eager", "bench_fast", "train_bf16", "gpu_tests", "train_others", "bench_compile")
+STEPS = (
+    "environment",
+    "bench_eager",
+    "bench_fast",
+    "train_bf16",
+    "gpu_tests",
+    "train_others",
+    "gpu_determinism",
+    "bench_compile",
+)
 # Only when asked for (--steps): train_others (two more shapes runs; with train_bf16 and the tests they do not fit
-# 7 minutes) and bench_compile (compiling R50-FPN takes minutes, and compiled it ran at 0.28x torchvision on the
+# 7 minutes), gpu_determinism (trainer.deterministic=true: the same steps twice, bit for bit, and what the
+# deterministic kernels cost) and bench_compile (compiling R50-FPN takes minutes, and compiled it ran at 0.28x torchvision on the
 # H200 while the heads' shapes still varied, ../shared/gpu/2026-12-04-h200).
 DEFAULT_STEPS = ("environment", "bench_eager", "bench_fast", "train_bf16", "gpu_tests")
 DESCRIPTIONS = {
@@ -72,6 +86,7 @@ DESCRIPTIONS = {
     "train_bf16": "run.py trainer=gpu on shapes (bf16), alone: the default run's steps/s",
     "train_others": "run.py on shapes in fp32 and on the fast path (+ channels_last, autotuning), side by side: their AP",
     "gpu_tests": f"pytest -m gpu {GPU_TESTS}",
+    "gpu_determinism": f"pytest -m gpu {TEST_STEPS['gpu_determinism']}: deterministic mode repeats bit for bit; its cost",
     "bench_compile": "benchmark.py, as bench_fast with our module.compile=true (training only)",
 }
 # The training runs on the shapes, by name: fp32, bf16 (trainer=gpu's default) and the fast path. No cuDNN
@@ -182,6 +197,8 @@ GPU = Profile(
         "bench_fast": 60,
         "train_bf16": 75,
         "gpu_tests": 110,
+        # Not yet run on a GPU: 40 s for the steps test and 60-90 s for two run.py launches, estimated.
+        "gpu_determinism": 200,
         "train_others": 120,
         "bench_compile": 200,
     },
@@ -217,6 +234,7 @@ DRY_RUN = Profile(
         "train_bf16": 240,
         "train_others": 360,
         "gpu_tests": 180,
+        "gpu_determinism": 180,
         "bench_compile": 300,
     },
     total_budget=1800,
@@ -424,8 +442,8 @@ def step_output(name: str, out: Path) -> Path:
     """The file or folder where step ``name`` (or training run ``name``) leaves its results."""
     if name == "environment":
         return out / "environment.json"
-    if name == "gpu_tests":
-        return out / "gpu_tests.xml"
+    if name in TEST_STEPS:
+        return out / f"{name}.xml"
     if name in TRAIN_RUNS:
         return out / f"train_{name}"
     return out / f"{name}.json"
@@ -468,16 +486,18 @@ def step_command(name: str, profile: Profile, args, out: Path) -> list[str]:
     python = sys.executable
     if name == "environment":
         return [python, str(Path(__file__).resolve()), "--collect-environment", str(step_output(name, out))]
-    if name == "gpu_tests":
-        # -v prints each test's outcome as it ends: a run stopped at its limit still reports the finished ones.
+    if name in TEST_STEPS:
+        # -v prints each test's outcome as it ends: a run stopped at its limit still reports the finished ones;
+        # -s puts what a test prints (the determinism test's step times) into the log.
         return [
             python,
             "-m",
             "pytest",
             "-m",
             "gpu",
-            GPU_TESTS,
+            TEST_STEPS[name],
             "-v",
+            "-s",
             "-rA",
             "-p",
             "no:cacheprovider",
@@ -620,7 +640,7 @@ def read_results(name: str, out: Path, args=None) -> dict:
     path = step_output(name, out)
     if name == "environment":
         return json.loads(path.read_text())
-    if name == "gpu_tests":
+    if name in TEST_STEPS:
         return gpu_test_results(path, out / "logs" / f"{name}.log")
     if name in TRAIN_STEPS:
         batch = 8 if args is None else args.train_batch_size
@@ -643,7 +663,7 @@ def judge(name: str, results: dict, dry_run: bool) -> tuple[str, str]:
             return "failed", "no CUDA device (use --dry-run on a machine without one)"
         if results.get("gpu", {}).get("matmul_finite") is False:
             return "failed", "a matrix product on the GPU gave non-finite values"
-    if name == "gpu_tests":
+    if name in TEST_STEPS:
         if results["failed"]:
             return "failed", "failed: " + ", ".join(t for t, o in results["tests"].items() if o == "failed")
         if not results["passed"]:
@@ -1022,7 +1042,11 @@ def markdown(report: dict) -> str:
     )
     lines += ["", title, "", *bench_lines(steps)]
     lines += ["", "## Host synchronisations and head shapes (bench_eager)", "", *profile_lines(steps)]
-    tests = steps.get("gpu_tests", {}).get("results", {}).get("tests", {})
+    tests = {
+        f"{test} ({name})": outcome
+        for name in TEST_STEPS
+        for test, outcome in steps.get(name, {}).get("results", {}).get("tests", {}).items()
+    }
     lines += ["", "## GPU tests", ""] + ([f"- {t}: {o}" for t, o in tests.items()] or ["- not run"])
     failed = [s for s in report["steps"] if s["status"] == "failed"]
     if failed:

@@ -46,6 +46,7 @@ def test_dry_run_reports_every_step_and_goes_on_past_a_failing_one(tmp_path):
         "train_bf16": "failed",
         "gpu_tests": "skipped",
         "train_others": "passed",
+        "gpu_determinism": "skipped",
         "bench_compile": "skipped",
     }, {n: s["reason"] for n, s in steps.items()}
     assert steps["bench_compile"]["reason"] == "not selected (--steps)"
