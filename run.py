@@ -4,7 +4,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import mrcnn.config  # noqa: F401  (registers the config resolvers)
+from mrcnn.config import check_model_contract  # (importing it registers the config resolvers)
 from mrcnn.engine.launch import discard_unused_output, pin_ddp_child_to_its_job
 from mrcnn.engine.predict import predict
 from mrcnn.engine.train import evaluate, train
@@ -14,6 +14,7 @@ from mrcnn.engine.train import evaluate, train
 def main(cfg: DictConfig) -> float | None:
     modes = {"train": train, "evaluate": evaluate, "predict": predict}
     try:
+        check_model_contract(cfg)
         if cfg.mode not in modes:
             raise ValueError(f"mode must be one of {sorted(modes)}, got {cfg.mode!r}")
         metrics = modes[cfg.mode](cfg)

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import mrcnn.data.resolvers  # noqa: F401  (registers ${mrcnn.coco_classes:...})
 from mrcnn.modeling.backbone import stage_channels
@@ -27,7 +27,46 @@ def compose_config(
     """
     overrides = [*([f"run_dir={run_dir}"] if run_dir is not None else []), *overrides]
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=return_hydra_config)
+        cfg = compose("train", overrides=overrides, return_hydra_config=return_hydra_config)
+    check_model_contract(cfg)
+    return cfg
+
+
+def check_model_contract(cfg: DictConfig) -> None:
+    """Fails when a key the model's config groups must fill is still ``???``.
+
+    ``configs/model/mask_rcnn.yaml`` declares, as ``???`` with one line each, what a ``model/backbone`` file must set
+    (``featmap_names``, ``feature_channels``, ..., ``net.backbone``) and what ``model/roi_heads``, ``model/pooler``,
+    ``model/mask_head`` and ``model/mask_loss`` fill under ``net.roi_heads``. Hydra composes such a config without
+    complaint; building it would fail later, on the first read, far from the file at fault.
+
+    Raises:
+        ValueError: naming every unset key.
+    """
+    model = cfg.get("model")
+    if not isinstance(model, DictConfig):
+        return
+    missing = sorted(_missing_keys(model, "model"))
+    if missing:
+        keys = ", ".join(missing)
+        raise ValueError(
+            f"the model config leaves {keys} unset (???): configs/model/mask_rcnn.yaml declares what each "
+            "model/backbone file must set (and what model/roi_heads, model/pooler, model/mask_head and "
+            "model/mask_loss fill under model.net.roi_heads)"
+        )
+
+
+def _missing_keys(node: DictConfig | ListConfig, path: str) -> list[str]:
+    """Dotted paths of the ``???`` values under ``node``, without resolving interpolations (which
+    ``OmegaConf.missing_keys`` does, failing on the first one that points at a ``???``)."""
+    missing = []
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    for key in keys:
+        if OmegaConf.is_missing(node, key):
+            missing.append(f"{path}.{key}")
+        elif not OmegaConf.is_interpolation(node, key) and OmegaConf.is_config(node[key]):
+            missing += _missing_keys(node[key], f"{path}.{key}")
+    return missing
 
 
 def register_resolvers() -> None:

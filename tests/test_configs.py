@@ -8,6 +8,7 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from mrcnn.data.shapes import ShapesDataset
 from mrcnn.engine.build import instantiate_callbacks
@@ -207,3 +208,33 @@ def test_an_added_model_key_that_nothing_reads_is_an_error():
         check_added_keys(cfg, ["++model.note=x"])
     # Keys the model reads, keys outside model, and plain (not added) overrides pass.
     check_added_keys(cfg, ["model.width=32", "+model.width=32", "+data.extra=1", "+model.net.x=1"])
+
+
+def test_each_backbone_selects_its_roi_heads_and_the_command_line_wins():
+    chosen = {}
+    for backbone in options("model/backbone"):
+        cfg = compose_config([f"model/backbone={backbone}"], return_hydra_config=True)
+        chosen[backbone] = cfg.hydra.runtime.choices["model/roi_heads"]
+    assert chosen == {"c4": "res5", "c5": "standard", "fpn": "standard"}
+    # Every RoI-heads option is built by test_every_model_switch_builds_and_trains through its backbone.
+    assert set(chosen.values()) == set(options("model/roi_heads"))
+    cfg = compose_config(["model/backbone=c4", "model/roi_heads=standard"], return_hydra_config=True)
+    assert cfg.model.net.roi_heads._target_ == "mrcnn.modeling.roi_heads.RoIHeads"
+
+
+def test_a_backbone_file_that_leaves_a_declared_key_unset_fails_at_compose_naming_it(tmp_path):
+    """configs/model/mask_rcnn.yaml declares what a backbone file must fill (???); compose names what is left."""
+    declared = OmegaConf.load(Path(CONFIG_DIR) / "model" / "mask_rcnn.yaml")
+    contract = [key for key in declared if OmegaConf.is_missing(declared, key)]
+    assert len(contract) == 9 and "featmap_names" in contract and "neck_post_nms_top_n_test" in contract
+    fpn = OmegaConf.load(Path(CONFIG_DIR) / "model" / "backbone" / "fpn.yaml")
+    for key in contract:
+        # The FPN file without `key`, under another name in a config dir of the test's own.
+        partial = OmegaConf.masked_copy(fpn, [k for k in fpn if k != key])
+        (tmp_path / "model" / "backbone").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "model" / "backbone" / "partial.yaml").write_text("# @package model\n" + OmegaConf.to_yaml(partial))
+        with pytest.raises(ValueError, match=rf"leaves model\.{key} unset"):
+            compose_config([f"hydra.searchpath=[file://{tmp_path}]", "model/backbone=partial"])
+    # The same file with every key composes.
+    (tmp_path / "model" / "backbone" / "partial.yaml").write_text("# @package model\n" + OmegaConf.to_yaml(fpn))
+    compose_config([f"hydra.searchpath=[file://{tmp_path}]", "model/backbone=partial"])
