@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from mrcnn.cityscapes_eval import CityscapesEvaluator
+from mrcnn.data.datamodule import InstanceDataModule
 from mrcnn.data.transforms import drop_crowd
 from mrcnn.engine.model_record import (
     MODEL_RECORD_KEY,
@@ -62,7 +63,7 @@ def warmup_multistep_schedule(
 
 
 class MaskRCNNModule(L.LightningModule):
-    """Trains a ``MaskRCNN`` and reports the five losses and COCO box/mask AP.
+    """Trains a ``MaskRCNN`` on the sum of every loss it returns, and reports each loss and COCO box/mask AP.
 
     Args:
         model: a built ``mrcnn.modeling.mask_rcnn.MaskRCNN``.
@@ -133,22 +134,21 @@ class MaskRCNNModule(L.LightningModule):
         self.loss_watch.check(wait=True)
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None:
+        datamodule = self.trainer.datamodule
+        if not isinstance(datamodule, InstanceDataModule):
             return
         # The classes and category ids come from the data (and go into every checkpoint).
-        if getattr(datamodule, "class_names", None) is not None:
-            self.class_names = list(datamodule.class_names)
-        mapping = getattr(getattr(datamodule, "train_dataset", None), "label_to_category_id", None)
-        self.label_to_category_id = {int(k): int(v) for k, v in mapping.items()} if mapping else None
+        self.class_names = datamodule.class_names
+        self.label_to_category_id = datamodule.label_to_category_id or None
         # The dataset knows how its labels map to category ids and, for COCO json data, the ground
         # truth pycocotools should score against (crowd regions as ignore regions).
-        if hasattr(datamodule, "evaluator_kwargs") and stage in ("fit", "validate", "test"):
+        if stage in ("fit", "validate", "test"):
             split = "test" if stage == "test" else "val"
             self.evaluator = CocoEvaluator(**datamodule.evaluator_kwargs(split))
-            dataset = getattr(datamodule, f"{split}_dataset", None)
             if self.cityscapes_eval_workers is not None:
-                self.cityscapes_evaluator = CityscapesEvaluator.for_dataset(dataset, self.cityscapes_eval_workers)
+                self.cityscapes_evaluator = CityscapesEvaluator.for_dataset(
+                    datamodule.eval_dataset(split), self.cityscapes_eval_workers
+                )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[MODEL_RECORD_KEY] = model_record(self.model, self.class_names, self.label_to_category_id).to_dict()
@@ -185,12 +185,14 @@ class MaskRCNNModule(L.LightningModule):
         images, targets = batch
         # Crowd regions were dropped and the targets checked before the batch reached the device.
         _, losses = self.model(list(images), list(targets), targets_checked=True)
-        total = sum(losses[k] for k in LOSS_KEYS)
+        # Every loss the model returns counts: the five of LOSS_KEYS and any a head adds.
+        losses = in_display_order(losses)
+        total = sum(losses.values())
         self.loss_watch.push(losses, self.global_step)
         self.loss_watch.check()
         batch_size = len(images)
         # In the progress bar too, under short names (mrcnn.engine.progress.ProgressBar).
-        self.log_dict({f"train/{k}": losses[k] for k in LOSS_KEYS}, prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=batch_size)
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
         return total
@@ -213,8 +215,9 @@ class MaskRCNNModule(L.LightningModule):
         # Crowd regions are for the evaluator only (ignore regions), never model targets.
         detections, losses = self.model(list(images), [drop_crowd(t) for t in targets])
         batch_size = len(images)
-        self.log_dict({f"{stage}/{k}": losses[k] for k in LOSS_KEYS}, batch_size=batch_size, sync_dist=True)
-        self.log(f"{stage}/loss", sum(losses[k] for k in LOSS_KEYS), batch_size=batch_size, sync_dist=True)
+        losses = in_display_order(losses)
+        self.log_dict({f"{stage}/{k}": v for k, v in losses.items()}, batch_size=batch_size, sync_dist=True)
+        self.log(f"{stage}/loss", sum(losses.values()), batch_size=batch_size, sync_dist=True)
         self.evaluator.update(detections, list(targets))
 
     def on_validation_epoch_start(self) -> None:
@@ -246,8 +249,9 @@ class MaskRCNNModule(L.LightningModule):
     # ---- optimization ---------------------------------------------------------------------
     def global_batch_size(self) -> int:
         datamodule = self.trainer.datamodule
-        per_device = getattr(datamodule, "batch_size", None) if datamodule is not None else None
-        if per_device is None:
+        if isinstance(datamodule, InstanceDataModule):
+            per_device = datamodule.batch_size
+        else:
             per_device = self.trainer.train_dataloader.batch_size
         return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
@@ -292,6 +296,15 @@ class LossWatch:
                 event.synchronize()
             self.pending.popleft()
             check_finite(dict(zip(names, values)), step)
+
+
+def in_display_order(losses: dict[str, Tensor]) -> dict[str, Tensor]:
+    """All of ``losses``: the five of ``LOSS_KEYS`` first, in the paper's order, then any other a head returns, by name.
+
+    The order is only for display (logs, bar, CSV columns); every loss counts in the total.
+    """
+    known = [k for k in LOSS_KEYS if k in losses]
+    return {k: losses[k] for k in known + sorted(set(losses) - set(known))}
 
 
 def check_finite(losses: dict[str, Tensor], step: int) -> None:

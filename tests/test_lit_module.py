@@ -4,9 +4,12 @@ import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger
 
+from mrcnn.engine.progress import ProgressBar
 from mrcnn.lit_module import LossWatch, check_finite, warmup_multistep_schedule
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS
+from mrcnn.modeling.roi_heads import RoIHeads
 from tests.helpers.config import TINY_MODEL, compose_config
 from tests.helpers.runs import training_only_trainer
 
@@ -83,3 +86,39 @@ def test_loss_watch_stops_on_a_non_finite_loss_naming_the_step_it_happened_at():
     watch.push({**good, "rpn_bbox_loss": torch.tensor(float("inf"))}, 5)
     with pytest.raises(FloatingPointError, match=r"step 5: rpn_bbox_loss=inf"):
         watch.check(wait=True)
+
+
+class RoIHeadsWithExtraLoss(RoIHeads):
+    """Test-only: the standard RoI heads plus a loss of their own (a penalty on the box head's first weights)."""
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        detections, losses = super().forward(features, proposals, image_shapes, targets)
+        if targets is not None:
+            losses["box_weight_penalty"] = 10.0 * self.box_head.fc6.weight.pow(2).mean()
+        return detections, losses
+
+
+def test_a_loss_a_head_adds_counts_in_the_total_and_in_every_log(tmp_path):
+    target = f"{__name__}.{RoIHeadsWithExtraLoss.__name__}"
+    datamodule, module, _ = _fit(tmp_path, [f"model.net.roi_heads._target_={target}"])
+    logger = CSVLogger(tmp_path, name="csv", version="")
+    trainer = training_only_trainer(max_steps=1, logger=logger, log_every_n_steps=1, limit_val_batches=1)
+    trainer.fit(module, datamodule=datamodule)
+    logged = trainer.logged_metrics
+    assert float(logged["train/box_weight_penalty"]) > 0
+    losses = [f"train/{k}" for k in (*LOSS_KEYS, "box_weight_penalty")]
+    assert set(losses) <= set(logged)
+    assert float(logged["train/loss"]) == pytest.approx(sum(float(logged[k]) for k in losses), rel=1e-6)
+    # The progress bar shows it under its logged name, beside the five short ones.
+    bar = ProgressBar().get_metrics(trainer, module)
+    assert "train/box_weight_penalty" in bar and "mask" in bar
+    # Validation sums and logs it too.
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    logged = trainer.logged_metrics
+    assert "val/box_weight_penalty" in logged
+    logger.save()
+    columns = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/box_weight_penalty", "val/box_weight_penalty", "train/loss"} <= set(columns)
+    assert float(logged["val/loss"]) == pytest.approx(
+        sum(float(logged[f"val/{k}"]) for k in (*LOSS_KEYS, "box_weight_penalty")), rel=1e-5
+    )

@@ -9,6 +9,8 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from mrcnn.modeling.transform import RCNNTransform
 
+# The five losses of the paper's literature, in the order logs and the progress bar show them. A head may return
+# more; every loss the model returns counts in the training total (mrcnn.lit_module).
 LOSS_KEYS = ("rpn_class_loss", "rpn_bbox_loss", "fastrcnn_class_loss", "fastrcnn_bbox_loss", "maskrcnn_mask_loss")
 
 
@@ -57,7 +59,8 @@ class MaskRCNN(nn.Module):
         Returns:
             detections: empty in training mode; else per image ``boxes [D, 4]``, ``labels [D]``,
                 ``scores [D]`` and ``masks [D, 1, H_i, W_i]`` probabilities, in original image pixels.
-            losses: the five losses (``LOSS_KEYS``) when targets were given, else empty.
+            losses: when targets were given, the RPN's and the RoI heads' losses: the five of ``LOSS_KEYS``, and any
+                other a head adds (the LightningModule sums and logs them all); else empty.
         """
         if self.training and targets is None:
             raise ValueError("MaskRCNN needs targets in training mode")
