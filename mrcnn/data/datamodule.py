@@ -15,6 +15,7 @@ import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
+from mrcnn.data.contract import HasCategoryIds, HasCocoGroundTruth, HasImageSizes, ReportsReadSkips
 from mrcnn.data.samplers import EpochSampler, GroupedBatchSampler, epoch_order, orientation_groups
 
 __all__ = [
@@ -45,18 +46,13 @@ def collate_detection(batch: list[tuple]) -> tuple[tuple, tuple]:
 
 
 def dataset_image_sizes(dataset: Dataset) -> list[tuple[int, int]]:
-    """``(height, width)`` of every item, without decoding images.
-
-    Uses the dataset's ``image_sizes`` list (COCO, Cityscapes) or, for datasets
-    whose images all have one size, its ``image_size`` (shapes).
-    """
-    if hasattr(dataset, "image_sizes"):
+    """``(height, width)`` of every item, without decoding images: the dataset's ``image_sizes``
+    (:class:`~mrcnn.data.contract.HasImageSizes`)."""
+    if isinstance(dataset, HasImageSizes):
         return [tuple(size) for size in dataset.image_sizes]
-    if hasattr(dataset, "image_size"):
-        return [tuple(dataset.image_size)] * len(dataset)
     raise ValueError(
-        f"aspect_ratio_grouping needs the image sizes, but {type(dataset).__name__} has neither "
-        "'image_sizes' nor 'image_size'"
+        f"aspect_ratio_grouping needs the image sizes, but {type(dataset).__name__} has no 'image_sizes' "
+        "(mrcnn/data/contract.py)"
     )
 
 
@@ -235,18 +231,18 @@ def report_read_skips(dataset: Dataset | None) -> None:
 
     Such skips happen in DataLoader workers (e.g. COCO polygons that rasterise to an
     empty mask); the dataset gathers them from the workers and logs one line when new
-    ones were found. Datasets without the method (shapes, Cityscapes) have none.
+    ones were found. Datasets without the method (shapes, Cityscapes) have none
+    (:class:`~mrcnn.data.contract.ReportsReadSkips`).
     """
-    report = getattr(dataset, "report_read_skips", None)
-    if callable(report):
-        report()
+    if isinstance(dataset, ReportsReadSkips):
+        dataset.report_read_skips()
 
 
 class InstanceDataModule(lightning.LightningDataModule):
     """Serves instance-segmentation datasets that follow the project's data contract.
 
-    The datasets are built outside (Hydra's ``_target_``) and passed in, so any
-    dataset with ``class_names`` works here.
+    The datasets are built outside (Hydra's ``_target_``) and passed in: any dataset
+    that follows the contract of :mod:`mrcnn.data.contract` works here.
 
     The training loader is a :class:`ResumableDataLoader`: its order depends only on
     ``(seed, epoch, rank)`` and a run resumed from a mid-epoch checkpoint continues
@@ -318,6 +314,19 @@ class InstanceDataModule(lightning.LightningDataModule):
         """Number of foreground classes K (background excluded)."""
         return len(self.class_names)
 
+    @property
+    def label_to_category_id(self) -> dict[int, int] | None:
+        """The training data's ``{label: category id}``, when it has one (:class:`~mrcnn.data.contract.HasCategoryIds`)."""
+        if isinstance(self.train_dataset, HasCategoryIds) and self.train_dataset.label_to_category_id is not None:
+            return {int(k): int(v) for k, v in self.train_dataset.label_to_category_id.items()}
+        return None
+
+    def eval_dataset(self, stage: str = "val") -> Dataset | None:
+        """The ``"val"`` or ``"test"`` dataset."""
+        if stage not in ("val", "test"):
+            raise ValueError(f"stage must be 'val' or 'test', got {stage!r}")
+        return self.test_dataset if stage == "test" else self.val_dataset
+
     def evaluator_kwargs(self, stage: str = "val") -> dict[str, Any]:
         """Keyword arguments for :class:`mrcnn.evaluation.CocoEvaluator` on the ``"val"`` or ``"test"`` split.
 
@@ -327,18 +336,14 @@ class InstanceDataModule(lightning.LightningDataModule):
         truth (crowd regions as ignore regions, the json's areas), which makes the
         numbers pycocotools' numbers on that json.
         """
-        if stage not in ("val", "test"):
-            raise ValueError(f"stage must be 'val' or 'test', got {stage!r}")
-        dataset = self.test_dataset if stage == "test" else self.val_dataset
+        dataset = self.eval_dataset(stage)
         if dataset is None:
             raise ValueError(f"InstanceDataModule has no {stage} dataset")
         kwargs: dict[str, Any] = {"class_names": list(dataset.class_names)}
-        label_to_category_id = getattr(dataset, "label_to_category_id", None)
-        if label_to_category_id is not None:
-            kwargs["label_to_category_id"] = dict(label_to_category_id)
-        coco_gt = getattr(dataset, "coco_gt", None)
-        if coco_gt is not None:
-            kwargs["coco_gt"] = coco_gt
+        if isinstance(dataset, HasCategoryIds) and dataset.label_to_category_id is not None:
+            kwargs["label_to_category_id"] = dict(dataset.label_to_category_id)
+        if isinstance(dataset, HasCocoGroundTruth) and dataset.coco_gt is not None:
+            kwargs["coco_gt"] = dataset.coco_gt
         return kwargs
 
     # ------------------------------------------------------------------ resuming

@@ -239,6 +239,11 @@ class ShapesDataset(torch.utils.data.Dataset):
         """Number of foreground classes K (labels run 1..K)."""
         return len(self.class_names)
 
+    @property
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """``(height, width)`` of every item (all alike), for ``aspect_ratio_grouping``."""
+        return [self.image_size] * self.num_images
+
     def __len__(self) -> int:
         return self.num_images
 

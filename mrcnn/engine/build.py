@@ -5,10 +5,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import ParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from mrcnn.config import check_added_keys
+from mrcnn.data.datamodule import InstanceDataModule
 from mrcnn.engine.callbacks import RandomState, RunRecord
 from mrcnn.engine.checkpoints import ResumedRun, load_weights
 from mrcnn.engine.data_fit import check_num_classes, warn_if_boxes_outside_anchors
@@ -24,7 +26,7 @@ def build(cfg: DictConfig, resumed: ResumedRun | None = None):
             W&B run are continued.
     """
     datamodule = instantiate(cfg.data.datamodule)
-    if getattr(datamodule, "class_names", None) is not None:
+    if isinstance(datamodule, InstanceDataModule):
         check_num_classes(cfg.model.num_classes, datamodule.class_names)
     module = build_module(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -34,10 +36,10 @@ def build(cfg: DictConfig, resumed: ResumedRun | None = None):
     loggers = instantiate_loggers(cfg, resumed)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     check_sync_batchnorm(module, trainer, converts_batchnorm=bool(cfg.trainer.get("sync_batchnorm")))
-    if trainer.is_global_zero and getattr(datamodule, "val_dataset", None) is not None:
+    if trainer.is_global_zero and isinstance(datamodule, InstanceDataModule) and datamodule.val_dataset is not None:
         warn_if_boxes_outside_anchors(module.model, datamodule.val_dataset)
     for logger in trainer.loggers:
-        if type(logger).__name__ != "WandbLogger":  # W&B got the config at init (instantiate_logger)
+        if not isinstance(logger, WandbLogger):  # W&B got the config at init (instantiate_logger)
             logger.log_hyperparams(resolved)
     return datamodule, module, trainer
 

@@ -8,8 +8,8 @@ from urllib.parse import urlsplit
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
-from lightning.pytorch.loggers import CSVLogger
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
@@ -32,7 +32,7 @@ def instantiate_logger(logger_cfg: DictConfig, cfg: DictConfig, resumed: Resumed
     When resuming, a :class:`ContinuedCSVLogger` starts from the resumed run's metrics history and a
     ``WandbLogger`` continues the resumed run's W&B run (its id is in the checkpoint).
     """
-    if str(logger_cfg.get("_target_", "")).endswith("WandbLogger"):
+    if builds_wandb_logger(logger_cfg):
         settings = wandb_settings(logger_cfg, cfg, resumed.wandb_run_id if resumed else None)
         # `config` is also the name of instantiate()'s own first parameter: pass it to the partial.
         config = settings.pop("config")
@@ -45,6 +45,18 @@ def instantiate_logger(logger_cfg: DictConfig, cfg: DictConfig, resumed: Resumed
     if resumed is not None and isinstance(logger, ContinuedCSVLogger):
         logger.continue_history(resumed_metrics_file(logger, cfg.run_dir, resumed), before_step=resumed.global_step)
     return logger
+
+
+def builds_wandb_logger(logger_cfg: DictConfig | dict | None) -> bool:
+    """Whether a logger config's ``_target_`` is Lightning's ``WandbLogger`` or a subclass of it."""
+    target = (logger_cfg or {}).get("_target_")
+    if not target:
+        return False
+    try:
+        logger_class = get_class(str(target))
+    except (ImportError, ValueError):  # not a class: instantiating it says what is wrong
+        return False
+    return issubclass(logger_class, WandbLogger)
 
 
 def resumed_metrics_file(logger: CSVLogger, run_dir: str, resumed: ResumedRun) -> Path:

@@ -32,11 +32,12 @@ import torch
 import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.ops import FrozenBatchNorm2d
 
 from mrcnn.modeling.box_head import MLPBoxHead
 from mrcnn.modeling.mask_head import FCNMaskHead, MLPMaskHead
 
-NORMS = (nn.GroupNorm, nn.BatchNorm2d, nn.SyncBatchNorm)
+NORMS = (nn.GroupNorm, nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
 
 
 def _resnet(net: nn.Module) -> dict[str, object]:
@@ -56,7 +57,7 @@ def _resnet(net: nn.Module) -> dict[str, object]:
         design = "FPN"
     else:
         design = "C5" if "layer4" in body else "C4"
-    norm = next(m for m in body.modules() if isinstance(m, NORMS) or type(m).__name__ == "FrozenBatchNorm2d")
+    norm = next(m for m in body.modules() if isinstance(m, NORMS))
     return {
         "backbone": f"ResNet-{depth}-{design}",
         "backbone.width": body.conv1.out_channels,

@@ -762,7 +762,9 @@ class AblationReportCallback(Callback):
             return
         log.info("ablation report: %s", ", ".join(str(p) for p in paths.values()))
         print(paths["md"].read_text(), flush=True)
-        if any("WandbLogger" in str(c.get("_target_", "")) for c in (config.get("logger") or {}).values()):
+        from mrcnn.engine.loggers import builds_wandb_logger
+
+        if any(builds_wandb_logger(c) for c in (config.get("logger") or {}).values()):
             log_to_wandb(paths, config)
 
 
@@ -802,10 +804,10 @@ def log_to_wandb(paths: dict[str, Path], config) -> None:
     """Log the report's tables and chart to a W&B run (offline unless credentials are set)."""
     import wandb
 
-    from mrcnn.engine.loggers import wandb_mode
+    from mrcnn.engine.loggers import builds_wandb_logger, wandb_mode
 
     summary = json.loads(paths["json"].read_text())
-    logger_cfg = next(c for c in config.logger.values() if "WandbLogger" in str(c.get("_target_", "")))
+    logger_cfg = next(c for c in config.logger.values() if builds_wandb_logger(c))
     experiment = config.get("experiment_name") or "ablation"
     run = wandb.init(
         project=logger_cfg.get("project", "mrcnn"),
