@@ -24,7 +24,7 @@ def coco_format(tmp_path_factory):
 
 @pytest.mark.parametrize("data", ["shapes", "coco_format"])
 def test_num_classes_follows_the_data(data, coco_format, tmp_path):
-    overrides = [*TINY_MODEL[:-1], *(coco_format if data == "coco_format" else [])]
+    overrides = ["model=tiny", *(coco_format if data == "coco_format" else [])]
     cfg = compose_config(overrides, run_dir=str(tmp_path))
     datamodule = instantiate(cfg.data.datamodule)
     assert cfg.model.num_classes == datamodule.num_classes == (3 if data == "coco_format" else 6)
@@ -52,7 +52,7 @@ def test_check_num_classes_message_lists_the_classes():
 
 def test_warns_when_boxes_are_far_from_the_anchors(coco_format, tmp_path, caplog):
     # The small model's anchors (8-128 px) at COCO's 800 / 1333 resizing of 40-160 px images: most boxes too large.
-    cfg = compose_config([*TINY_MODEL[:-1], *coco_format], run_dir=str(tmp_path))
+    cfg = compose_config(["model=tiny", *coco_format], run_dir=str(tmp_path))
     assert (cfg.data.min_size, cfg.data.max_size) == (800, 1333)
     with caplog.at_level(logging.WARNING, logger="mrcnn.engine.data_fit"):
         build(cfg)
@@ -62,7 +62,7 @@ def test_warns_when_boxes_are_far_from_the_anchors(coco_format, tmp_path, caplog
     assert "data.min_size=" in warnings[0] and "model.anchor_sizes" in warnings[0]
 
     # At their own size the boxes fit, and so they do on the built-in shapes.
-    fitting = compose_config([*TINY_MODEL[:-1], *coco_format, "data.min_size=64", "data.max_size=160"])
+    fitting = compose_config(["model=tiny", *coco_format, "data.min_size=64", "data.max_size=160"])
     datamodule = instantiate(fitting.data.datamodule)
     assert box_size_warning(instantiate(fitting.model.net), datamodule.val_dataset) is None
     shapes = compose_config(TINY_MODEL)

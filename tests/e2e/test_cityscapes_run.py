@@ -2,7 +2,6 @@
 
 import json
 
-from tests.helpers.config import TINY_MODEL
 from tests.helpers.data import make_cityscapes_sized
 from tests.helpers.runs import run_py
 
@@ -12,7 +11,7 @@ def test_cityscapes_run_reports_both_protocols(tmp_path):
     run_dir = tmp_path / "run"
     result = run_py(
         [
-            *TINY_MODEL[:-1],
+            "model=tiny",
             "data=cityscapes",
             f"data.root={root}",
             "data.min_size=96",

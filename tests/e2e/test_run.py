@@ -2,13 +2,12 @@
 
 import csv
 
-from tests.helpers.runs import TINY_RUN, run_py
-
-TINY = [*TINY_RUN, "data.num_train_images=16", "data.num_val_images=8", "data.datamodule.batch_size=4"]
+from tests.helpers.runs import run_py
 
 
-def test_run_py_trains_evaluates_and_resumes_evaluation(tmp_path):
-    result = run_py([*TINY, f"hydra.run.dir={tmp_path}"])
+def test_run_py_debug_fast_trains_evaluates_and_resumes_evaluation(tmp_path):
+    """``python run.py debug=fast`` (the README's first command): the whole loop, four steps, one validation batch."""
+    result = run_py(["debug=fast", f"hydra.run.dir={tmp_path}"])
     assert "COCO-style AP on the validation split" in result.stdout
     assert any(line.startswith("mask ") for line in result.stdout.splitlines())
 
@@ -20,12 +19,13 @@ def test_run_py_trains_evaluates_and_resumes_evaluation(tmp_path):
         assert f"val/{key}" in columns
     assert "train/loss" in columns and "val/loss" in columns
     assert any(row["train/maskrcnn_mask_loss"] for row in rows)
+    assert max(int(row["step"]) for row in rows if row["train/loss"]) == 3  # four training steps: 0..3
     assert (tmp_path / ".hydra" / "config.yaml").exists()
     assert (tmp_path / "hparams.yaml").exists() or (tmp_path / "csv" / "hparams.yaml").exists()
 
     checkpoint = tmp_path / "checkpoints" / "last.ckpt"
     assert checkpoint.exists()
-    result = run_py([*TINY, "mode=evaluate", f"ckpt_path={checkpoint}", f"hydra.run.dir={tmp_path / 'eval'}"])
+    result = run_py(["debug=fast", "mode=evaluate", f"ckpt_path={checkpoint}", f"hydra.run.dir={tmp_path / 'eval'}"])
     assert "COCO-style AP on the validation split" in result.stdout
 
 

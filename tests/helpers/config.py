@@ -8,15 +8,9 @@ from mrcnn.config import CONFIG_DIR
 ROOT = Path(__file__).resolve().parents[2]
 assert Path(CONFIG_DIR) == ROOT / "configs"
 
-# A model small enough for unit tests: same code paths as the real ones.
-TINY_MODEL = [
-    "model.depth=18",
-    "model.fpn_channels=16",
-    "model.mask_head_dim=16",
-    "model.box_head_dim=32",
-    "model.rois_per_image=32",
-    "data.image_size=64",
-]
+# The model of the unit tests (configs/model/tiny.yaml: same code paths as the real ones) on 64x64 shapes, as
+# `python run.py debug=fast` trains it (configs/debug/fast.yaml).
+TINY_MODEL = ["model=tiny", "data.image_size=64"]
 
 
 def compose_config(overrides=(), run_dir="/tmp/mrcnn-test-run", return_hydra_config=False):

@@ -17,7 +17,13 @@ from tests.helpers.torchvision_models import torchvision_maskrcnn
 
 # torchvision's layout at the tiny model's sizes (ResNet-18, narrow FPN and heads).
 TINY_TORCHVISION = {"depth": 18, "fpn_channels": 16, "box_head_dim": 32, "mask_head_dim": 16}
-TINY_PRESET = ["model=torchvision_r50_fpn", *TINY_MODEL]
+# The torchvision preset at those sizes (model=tiny narrows model=small, whose GroupNorm heads torchvision lacks).
+TINY_PRESET = [
+    "model=torchvision_r50_fpn",
+    *(f"model.{key}={value}" for key, value in TINY_TORCHVISION.items()),
+    "model.rois_per_image=32",
+    "data.image_size=64",
+]
 CLASS_LAYERS = [
     "roi_heads.box_predictor.bbox_pred.bias",
     "roi_heads.box_predictor.bbox_pred.weight",
