@@ -163,6 +163,20 @@ class SingleMapBackbone(nn.Module):
         return self.body(x)
 
 
+def resnet_single_map(
+    depth: int = 50,
+    norm: str = "frozen_bn",
+    trainable_layers: int = 5,
+    weights_path: str | None = None,
+    width: int = 64,
+    last_stage: int = 4,
+) -> SingleMapBackbone:
+    """ResNet res2 .. res``last_stage``: the one map of the last stage, of stride ``2 ** last_stage``."""
+    body = resnet_body(depth, norm, weights_path, width)
+    freeze_stages(body, trainable_layers)
+    return SingleMapBackbone(body, f"layer{last_stage - 1}", stage_channels(depth, last_stage, width))
+
+
 def resnet_c4(
     depth: int = 50,
     norm: str = "frozen_bn",
@@ -171,9 +185,7 @@ def resnet_c4(
     width: int = 64,
 ) -> SingleMapBackbone:
     """ResNet-C4: res2-res4, stride 16. Pair it with ``Res5BoxHead`` (the paper's C4 head)."""
-    body = resnet_body(depth, norm, weights_path, width)
-    freeze_stages(body, trainable_layers)
-    return SingleMapBackbone(body, "layer3", stage_channels(depth, 4, width))
+    return resnet_single_map(depth, norm, trainable_layers, weights_path, width, last_stage=4)
 
 
 def resnet_c5(
@@ -184,6 +196,4 @@ def resnet_c5(
     width: int = 64,
 ) -> SingleMapBackbone:
     """ResNet-C5: res2-res5, stride 32 (Table 2d's large-stride features)."""
-    body = resnet_body(depth, norm, weights_path, width)
-    freeze_stages(body, trainable_layers)
-    return SingleMapBackbone(body, "layer4", stage_channels(depth, 5, width))
+    return resnet_single_map(depth, norm, trainable_layers, weights_path, width, last_stage=5)

@@ -10,6 +10,7 @@ target form is a switch of the RoI heads, not of a loss, so swapping the loss ch
 """
 
 import itertools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -203,25 +204,29 @@ def mask_inference_softmax(mask_logits: Tensor, labels: Tensor) -> Tensor:
     return _select_class(mask_logits.softmax(dim=1), labels)[:, None]
 
 
-class SigmoidMaskLoss:
-    """Config handle for the sigmoid (per-class binary) mask loss and its inference."""
+class MaskLoss:
+    """A mask loss and its inference, the pair the RoI heads call; a config names one subclass (model/mask_loss).
+
+    ``loss(mask_logits [R, C, M, M], labels [R], targets [R, M, M]) -> scalar`` and
+    ``inference(mask_logits [D, C, M, M], labels [D]) -> [D, 1, M, M]`` probabilities. ``per_class_only``: the loss
+    needs per-class mask channels (a class-agnostic head is an error).
+    """
 
     per_class_only = False
-
-    def loss(self, mask_logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
-        return mask_loss_sigmoid(mask_logits, labels, targets)
-
-    def inference(self, mask_logits: Tensor, labels: Tensor) -> Tensor:
-        return mask_inference_sigmoid(mask_logits, labels)
+    loss: Callable[[Tensor, Tensor, Tensor], Tensor]
+    inference: Callable[[Tensor, Tensor], Tensor]
 
 
-class SoftmaxMaskLoss:
-    """Config handle for the softmax (multinomial) mask loss and its inference."""
+class SigmoidMaskLoss(MaskLoss):
+    """The sigmoid (per-class binary) mask loss and its inference."""
+
+    loss = staticmethod(mask_loss_sigmoid)
+    inference = staticmethod(mask_inference_sigmoid)
+
+
+class SoftmaxMaskLoss(MaskLoss):
+    """The softmax (multinomial) mask loss and its inference."""
 
     per_class_only = True
-
-    def loss(self, mask_logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
-        return mask_loss_softmax(mask_logits, labels, targets)
-
-    def inference(self, mask_logits: Tensor, labels: Tensor) -> Tensor:
-        return mask_inference_softmax(mask_logits, labels)
+    loss = staticmethod(mask_loss_softmax)
+    inference = staticmethod(mask_inference_softmax)

@@ -119,23 +119,26 @@ class RoIPooler(nn.Module):
         return out
 
 
-def max_over_samples(
+def bilinear_bins(
     feature: Tensor,
     rois: Tensor,
     output_size: int,
     spatial_scale: float,
     sampling_ratio: int,
     aligned: bool,
+    mode: str,
     backward: str,
 ) -> Tensor:
-    """The max (instead of the average) over each bin's ``sampling_ratio x sampling_ratio`` bilinear samples.
+    """RoIAlign's bilinear samples, reduced per bin by their average (``mode="avg"``: RoIAlign itself) or their max.
 
-    A grid of ``S*r x S*r`` sub-bins with one sample at each centre places samples exactly where RoIAlign
-    with sampling ratio ``r`` places them; max-pooling ``r x r`` groups gives the per-bin max.
+    For the max, a grid of ``S*r x S*r`` sub-bins with one sample at each centre places samples exactly where
+    RoIAlign with sampling ratio ``r`` places them; max-pooling ``r x r`` groups gives the per-bin max.
 
     Shapes:
         ``feature [B, C, H, W]``, ``rois [R, 5]`` -> ``[R, C, S, S]``.
     """
+    if mode == "avg":
+        return roi_align(feature, rois, output_size, spatial_scale, sampling_ratio, aligned, backward)
     r = sampling_ratio
     samples = roi_align(feature, rois, output_size * r, spatial_scale, 1, aligned, backward)
     return F.max_pool2d(samples, kernel_size=r, stride=r)
@@ -183,12 +186,8 @@ class RoIAlignPooler(RoIPooler):
         self.backward = backward
 
     def pool_level(self, feature: Tensor, rois: Tensor, spatial_scale: float) -> Tensor:
-        if self.mode == "avg":
-            return roi_align(
-                feature, rois, self.output_size, spatial_scale, self.sampling_ratio, self.aligned, self.backward
-            )
-        return max_over_samples(
-            feature, rois, self.output_size, spatial_scale, self.sampling_ratio, self.aligned, self.backward
+        return bilinear_bins(
+            feature, rois, self.output_size, spatial_scale, self.sampling_ratio, self.aligned, self.mode, self.backward
         )
 
 
@@ -290,10 +289,6 @@ class RoIWarpPooler(RoIPooler):
         # Corners on RoIPool's cells, then +0.5 cell for aligned=True (which subtracts it again), in image pixels.
         quantized = rois.clone()
         quantized[:, 1:] = (round_like_roi_pool(rois[:, 1:] * spatial_scale) + 0.5) / spatial_scale
-        if self.mode == "avg":
-            return roi_align(
-                feature, quantized, self.output_size, spatial_scale, self.sampling_ratio, True, self.backward
-            )
-        return max_over_samples(
-            feature, quantized, self.output_size, spatial_scale, self.sampling_ratio, True, self.backward
+        return bilinear_bins(
+            feature, quantized, self.output_size, spatial_scale, self.sampling_ratio, True, self.mode, self.backward
         )
