@@ -8,6 +8,7 @@ image batch ``[B, 3, H, W]`` to an ordered dict of feature maps and that carries
   Built with torchvision's ``BackboneWithFPN``, so its state dict matches torchvision's Mask R-CNN.
 - ``resnet_c4``: res2-res4, one map of stride 16 (key "0"); res5 then runs inside the RoI head.
 - ``resnet_c5``: res2-res5, one map of stride 32 (key "0"): the large-stride features of Table 2d.
+- ``resnet_single_map``: what both are, for any last stage.
 """
 
 import math
