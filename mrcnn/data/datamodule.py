@@ -231,7 +231,7 @@ def report_read_skips(dataset: Dataset | None) -> None:
 
     Such skips happen in DataLoader workers (e.g. COCO polygons that rasterise to an
     empty mask); the dataset gathers them from the workers and logs one line when new
-    ones were found. Datasets without the method (shapes, Cityscapes) have none
+    ones were found. Datasets without the method (shapes) have none
     (:class:`~mrcnn.data.contract.ReportsReadSkips`).
     """
     if isinstance(dataset, ReportsReadSkips):

@@ -23,7 +23,7 @@ PROVIDES = {
     "shapes": {HasImageSizes},
     "coco": {HasCategoryIds, HasCocoGroundTruth, HasImageSizes, ReportsReadSkips},
     "coco_format": {HasCategoryIds, HasCocoGroundTruth, HasImageSizes, ReportsReadSkips},
-    "cityscapes": {HasCategoryIds, HasImageSizes},
+    "cityscapes": {HasCategoryIds, HasImageSizes, ReportsReadSkips},
 }
 
 
