@@ -1,7 +1,7 @@
 """RoI heads: sample RoIs and build targets, then run the box branch and the mask branch.
 
-Matching, sampling and box coding are torchvision's; the pooler, heads and mask loss are
-whatever the config chose, which is the point of owning this module.
+Matching (torchvision's Matcher, computed without host syncs), sampling and box coding are torchvision's; the
+pooler, heads and mask loss are whatever the config chose, which is the point of owning this module.
 
 Two designs, as in the paper's Fig. 4: :class:`RoIHeads` (FPN, C5) pools the mask branch's features
 from the backbone; :class:`Res5RoIHeads` (C4) runs the mask head on the res5 box head's output.
@@ -17,6 +17,7 @@ from torchvision.models.detection._utils import (
 )
 from torchvision.ops import boxes as box_ops
 
+from mrcnn.modeling import sampling
 from mrcnn.modeling.box_head import fast_rcnn_inference, fast_rcnn_loss
 from mrcnn.modeling.mask_head import MASK_TARGET_FORMS, mask_targets
 from mrcnn.modeling.transform import BoxCoder
@@ -143,11 +144,17 @@ class RoIHeads(nn.Module):
                 image_labels = torch.zeros(len(boxes), dtype=torch.int64, device=boxes.device)
                 gt_boxes = boxes.new_zeros((1, 4))
             else:
-                raw = self.proposal_matcher(box_ops.box_iou(gt_boxes, boxes))
+                # torchvision's Matcher, without its boolean-mask writes (a host sync each): the same labels.
+                iou = box_ops.box_iou(gt_boxes, boxes)[None]
+                gt_valid = torch.ones(iou.shape[:2], dtype=torch.bool, device=iou.device)
+                matcher = self.proposal_matcher
+                raw = sampling.match(iou, gt_valid, matcher.high_threshold, matcher.low_threshold)[0][0]
                 matched = raw.clamp(min=0)
-                image_labels = target["labels"][matched].to(torch.int64)
-                image_labels[raw == Matcher.BELOW_LOW_THRESHOLD] = 0
-                image_labels[raw == Matcher.BETWEEN_THRESHOLDS] = -1  # ignored by the sampler
+                image_labels = torch.where(
+                    raw == Matcher.BELOW_LOW_THRESHOLD,
+                    0,
+                    torch.where(raw == Matcher.BETWEEN_THRESHOLDS, -1, target["labels"][matched].to(torch.int64)),
+                )  # -1: ignored by the sampler
             if valid is not None:  # padding proposals: ignored too (the ground-truth rows are always real)
                 image_labels[: len(valid)].masked_fill_(~valid, -1)
             rois.append(boxes)

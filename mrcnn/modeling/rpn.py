@@ -1,12 +1,14 @@
 """Region Proposal Network: torchvision's, plus losses in eval mode so one forward serves validation."""
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 from torchvision.ops import boxes as box_ops
 
+from mrcnn.modeling import sampling
 from mrcnn.modeling.transform import BoxCoder
 
 
@@ -32,6 +34,10 @@ class RPN(RegionProposalNetwork):
             with a validity mask (:meth:`filter_proposals_batched`). The valid proposals are torchvision's up to
             float rounding of the NMS offsets and the order of equal scores. ``False``: torchvision's per-image
             loop (one host sync per image and step, and more on the CPU), bit-exact with torchvision.
+        batched_sampling: match anchors to ground truth and sample them for the losses for all images at once,
+            without waiting on the host (:mod:`mrcnn.modeling.sampling`): the same labels as torchvision, a sample
+            of the same size and distribution drawn with random keys instead of ``randperm``, and the losses as
+            masked sums. ``False``: torchvision's per-image matcher and sampler (bit-exact with torchvision).
     """
 
     def __init__(
@@ -50,6 +56,7 @@ class RPN(RegionProposalNetwork):
         positive_fraction: float = 0.5,
         score_thresh: float = 0.0,
         batched_proposals: bool = False,
+        batched_sampling: bool = False,
     ):
         sizes = tuple(tuple(int(s) for s in level) for level in anchor_sizes)
         ratios = (tuple(float(r) for r in aspect_ratios),) * len(sizes)
@@ -69,6 +76,7 @@ class RPN(RegionProposalNetwork):
         )
         self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))  # torchvision's, without its per-call copies
         self.batched_proposals = batched_proposals
+        self.batched_sampling = batched_sampling
 
     def forward(
         self, images: ImageList, features: dict[str, Tensor], targets: list[dict[str, Tensor]] | None = None
@@ -110,7 +118,10 @@ class RPN(RegionProposalNetwork):
             boxes, _ = self.filter_proposals(proposals, objectness, images.image_sizes, num_anchors_per_level)
 
         losses = {}
-        if targets is not None:
+        if targets is not None and self.batched_sampling:
+            class_loss, bbox_loss = self.batched_losses(objectness, deltas, anchors, targets)
+            losses = {"rpn_class_loss": class_loss, "rpn_bbox_loss": bbox_loss}
+        elif targets is not None:
             labels, matched_gt_boxes = self.assign_targets_to_anchors(anchors, targets)
             regression_targets = self.box_coder.encode(matched_gt_boxes, anchors)
             class_loss, bbox_loss = self.compute_loss(objectness, deltas, labels, regression_targets)
@@ -173,3 +184,40 @@ class RPN(RegionProposalNetwork):
         boxes = boxes[batch_idx, top_idx]
         valid = top_scores > float("-inf")
         return list(boxes.unbind()), list(valid.unbind())
+
+    def batched_losses(
+        self, objectness: Tensor, deltas: Tensor, anchors: list[Tensor], targets: list[dict[str, Tensor]]
+    ) -> tuple[Tensor, Tensor]:
+        """torchvision's ``assign_targets_to_anchors`` and ``compute_loss`` for all images at once, without a sync.
+
+        Args:
+            objectness: ``[B * A, 1]`` logits; deltas: ``[B * A, 4]``; anchors: per image ``[A, 4]``.
+
+        Returns:
+            class_loss: binary cross-entropy over the sampled anchors (mean); bbox_loss: smooth L1 (beta 1/9) summed
+            over the sampled positives, over the number of sampled anchors, as torchvision.
+        """
+        anchors = torch.stack(anchors)  # [B, A, 4]
+        gt_boxes, gt_valid = sampling.pad_boxes([t["boxes"].to(anchors.dtype) for t in targets])
+        iou = sampling.batched_box_iou(gt_boxes, anchors)
+        matcher = self.proposal_matcher
+        matched, _ = sampling.match(
+            iou, gt_valid, matcher.high_threshold, matcher.low_threshold, matcher.allow_low_quality_matches
+        )
+        labels = torch.where(matched == sampling.BETWEEN_THRESHOLDS, -1.0, (matched >= 0).to(torch.float32))
+        matched_gt = gt_boxes.gather(1, matched.clamp(min=0)[..., None].expand(-1, -1, 4))  # [B, A, 4]
+        regression_targets = self.box_coder.encode_single(matched_gt.reshape(-1, 4), anchors.reshape(-1, 4))
+
+        positive, negative = sampling.sample(
+            labels, self.fg_bg_sampler.batch_size_per_image, self.fg_bg_sampler.positive_fraction
+        )
+        positive, sampled = positive.flatten(), (positive | negative).flatten()
+        count = sampled.sum().clamp(min=1)
+        # where, not a product: unmatched anchors' targets may be infinite (an image without ground truth encodes
+        # against a zero box), and inf * 0 is nan.
+        box_loss = F.smooth_l1_loss(deltas, regression_targets, beta=1 / 9, reduction="none").sum(dim=1)
+        bbox_loss = torch.where(positive, box_loss, 0.0).sum() / count
+        class_loss = F.binary_cross_entropy_with_logits(
+            objectness.flatten(), labels.flatten().clamp(min=0), reduction="none"
+        )
+        return torch.where(sampled, class_loss, 0.0).sum() / count, bbox_loss
