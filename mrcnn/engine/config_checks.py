@@ -228,6 +228,12 @@ SCHEMA: dict[str, Rule] = {
     # RoI counts the heads' inputs are padded to (null: no padding).
     "model.roi_buckets": optional(list_of(positive_int)),
     "model.net.roi_heads.roi_buckets": optional(list_of(positive_int)),
+    # RPN proposals filtered for all images at once (no host sync per image).
+    "model.batched_proposals": boolean,
+    "model.net.rpn.batched_proposals": boolean,
+    # Anchors matched and sampled for all images at once (no host sync per image).
+    "model.batched_sampling": boolean,
+    "model.net.rpn.batched_sampling": boolean,
     "model.canonical_scale": positive_int,
     "model.rois_per_image": positive_int,
     "model.neck_rois_per_image": positive_int,

@@ -111,12 +111,14 @@ def fast_rcnn_inference(
     score_thresh: float = 0.05,
     nms_thresh: float = 0.5,
     detections_per_img: int = 100,
+    proposal_valid: list[Tensor] | None = None,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Turn per-RoI class scores and deltas into final detections.
 
     Every (RoI, foreground class) pair is a candidate with its own decoded box; candidates below
     ``score_thresh`` or with tiny boxes are dropped, class-wise NMS runs, and the top
-    ``detections_per_img`` by score are kept.
+    ``detections_per_img`` by score are kept. Padding proposals (``proposal_valid`` per image bool ``[P_i]``
+    ``False``) score -inf, so they never pass the threshold.
 
     Returns:
         per image: boxes ``[D, 4]``, scores ``[D]``, labels int64 ``[D]`` (1..K).
@@ -124,7 +126,10 @@ def fast_rcnn_inference(
     num_classes = class_logits.shape[-1]
     boxes_per_image = [len(p) for p in proposals]
     pred_boxes = box_coder.decode(box_regression, proposals).split(boxes_per_image)
-    pred_scores = F.softmax(class_logits, -1).split(boxes_per_image)
+    pred_scores = F.softmax(class_logits, -1)
+    if proposal_valid is not None:
+        pred_scores = pred_scores.masked_fill(~torch.cat(proposal_valid)[:, None], float("-inf"))
+    pred_scores = pred_scores.split(boxes_per_image)
 
     all_boxes, all_scores, all_labels = [], [], []
     for boxes, scores, image_shape in zip(pred_boxes, pred_scores, image_shapes):

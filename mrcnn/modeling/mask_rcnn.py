@@ -71,8 +71,8 @@ class MaskRCNN(nn.Module):
         features = self.backbone(image_list.tensors)
         if isinstance(features, Tensor):
             features = OrderedDict([("0", features)])
-        proposals, rpn_losses = self.rpn(image_list, features, targets)
-        detections, head_losses = self.roi_heads(features, proposals, image_list.image_sizes, targets)
+        proposals, valid, rpn_losses = self.rpn.propose(image_list, features, targets)
+        detections, head_losses = self.roi_heads(features, proposals, image_list.image_sizes, targets, valid)
         if detections:
             detections = self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
         return detections, {**rpn_losses, **head_losses}

@@ -1,7 +1,7 @@
 """RoI heads: sample RoIs and build targets, then run the box branch and the mask branch.
 
-Matching, sampling and box coding are torchvision's; the pooler, heads and mask loss are
-whatever the config chose, which is the point of owning this module.
+Matching (torchvision's Matcher, computed without host syncs), sampling and box coding are torchvision's; the
+pooler, heads and mask loss are whatever the config chose, which is the point of owning this module.
 
 Two designs, as in the paper's Fig. 4: :class:`RoIHeads` (FPN, C5) pools the mask branch's features
 from the backbone; :class:`Res5RoIHeads` (C4) runs the mask head on the res5 box head's output.
@@ -17,6 +17,7 @@ from torchvision.models.detection._utils import (
 )
 from torchvision.ops import boxes as box_ops
 
+from mrcnn.modeling import sampling
 from mrcnn.modeling.box_head import fast_rcnn_inference, fast_rcnn_loss
 from mrcnn.modeling.mask_head import MASK_TARGET_FORMS, mask_targets
 from mrcnn.modeling.transform import BoxCoder
@@ -116,8 +117,16 @@ class RoIHeads(nn.Module):
         """Side of the features the mask head receives: the mask pooler's output here."""
         return mask_resolution
 
-    def sample_rois(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]):
+    def sample_rois(
+        self,
+        proposals: list[Tensor],
+        targets: list[dict[str, Tensor]],
+        proposal_valid: list[Tensor] | None = None,
+    ):
         """Add ground-truth boxes to the proposals, match, and sample a balanced set per image.
+
+        ``proposal_valid`` (per image bool ``[P_i]``, from ``RPN(batched_proposals=True)``) marks padding rows,
+        which are labelled -1 like the RoIs between the IoU thresholds, so the sampler never draws them.
 
         Returns:
             rois: per image ``[S_i, 4]``; labels: per image int64 ``[S_i]`` (0 = background);
@@ -125,7 +134,9 @@ class RoIHeads(nn.Module):
             regression_targets: ``[sum S_i, 4]``.
         """
         rois, labels, matched_idxs, matched_boxes = [], [], [], []
-        for boxes, target in zip(proposals, targets):
+        if proposal_valid is None:
+            proposal_valid = [None] * len(proposals)
+        for boxes, target, valid in zip(proposals, targets, proposal_valid):
             gt_boxes = target["boxes"].to(boxes.dtype)
             boxes = torch.cat([boxes, gt_boxes])
             if len(gt_boxes) == 0:
@@ -133,11 +144,19 @@ class RoIHeads(nn.Module):
                 image_labels = torch.zeros(len(boxes), dtype=torch.int64, device=boxes.device)
                 gt_boxes = boxes.new_zeros((1, 4))
             else:
-                raw = self.proposal_matcher(box_ops.box_iou(gt_boxes, boxes))
+                # torchvision's Matcher, without its boolean-mask writes (a host sync each): the same labels.
+                iou = box_ops.box_iou(gt_boxes, boxes)[None]
+                gt_valid = torch.ones(iou.shape[:2], dtype=torch.bool, device=iou.device)
+                matcher = self.proposal_matcher
+                raw = sampling.match(iou, gt_valid, matcher.high_threshold, matcher.low_threshold)[0][0]
                 matched = raw.clamp(min=0)
-                image_labels = target["labels"][matched].to(torch.int64)
-                image_labels[raw == Matcher.BELOW_LOW_THRESHOLD] = 0
-                image_labels[raw == Matcher.BETWEEN_THRESHOLDS] = -1  # ignored by the sampler
+                image_labels = torch.where(
+                    raw == Matcher.BELOW_LOW_THRESHOLD,
+                    0,
+                    torch.where(raw == Matcher.BETWEEN_THRESHOLDS, -1, target["labels"][matched].to(torch.int64)),
+                )  # -1: ignored by the sampler
+            if valid is not None:  # padding proposals: ignored too (the ground-truth rows are always real)
+                image_labels[: len(valid)].masked_fill_(~valid, -1)
             rois.append(boxes)
             labels.append(image_labels)
             matched_idxs.append(matched)
@@ -157,6 +176,7 @@ class RoIHeads(nn.Module):
         proposals: list[Tensor],
         image_shapes: list[tuple[int, int]],
         targets: list[dict[str, Tensor]] | None = None,
+        proposal_valid: list[Tensor] | None = None,
     ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         """
         Args:
@@ -165,6 +185,8 @@ class RoIHeads(nn.Module):
             image_shapes: per image ``(H, W)`` after resizing.
             targets: per image ``boxes``, ``labels`` and ``masks``; required in training mode. In eval
                 mode they are optional and, when given, the losses are computed too.
+            proposal_valid: per image bool ``[P_i]``, ``False`` for padding proposals (``RPN.propose`` with
+                ``batched_proposals``), which are never sampled and never become detections. ``None``: all real.
 
         Returns:
             detections: in eval mode, per image ``boxes [D, 4]``, ``labels [D]``, ``scores [D]``,
@@ -175,12 +197,12 @@ class RoIHeads(nn.Module):
             raise ValueError("RoIHeads needs targets in training mode")
         losses = {}
         if targets is not None:
-            losses = self._losses(features, proposals, image_shapes, targets)
-        detections = [] if self.training else self._detect(features, proposals, image_shapes)
+            losses = self._losses(features, proposals, image_shapes, targets, proposal_valid)
+        detections = [] if self.training else self._detect(features, proposals, image_shapes, proposal_valid)
         return detections, losses
 
-    def _losses(self, features, proposals, image_shapes, targets) -> dict[str, Tensor]:
-        rois, labels, matched_idxs, regression_targets = self.sample_rois(proposals, targets)
+    def _losses(self, features, proposals, image_shapes, targets, proposal_valid=None) -> dict[str, Tensor]:
+        rois, labels, matched_idxs, regression_targets = self.sample_rois(proposals, targets, proposal_valid)
         box_features = self.run_head(self.box_head, self.box_pooler(features, rois, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
         class_loss, bbox_loss = fast_rcnn_loss(class_logits, box_regression, torch.cat(labels), regression_targets)
@@ -202,7 +224,7 @@ class RoIHeads(nn.Module):
         mask_loss = self.mask_loss.loss(mask_logits, gt_labels, gt_masks)
         return {"fastrcnn_class_loss": class_loss, "fastrcnn_bbox_loss": bbox_loss, "maskrcnn_mask_loss": mask_loss}
 
-    def _detect(self, features, proposals, image_shapes) -> list[dict[str, Tensor]]:
+    def _detect(self, features, proposals, image_shapes, proposal_valid=None) -> list[dict[str, Tensor]]:
         box_features = self.run_head(self.box_head, self.box_pooler(features, proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
         boxes, scores, labels = fast_rcnn_inference(
@@ -214,6 +236,7 @@ class RoIHeads(nn.Module):
             self.score_thresh,
             self.nms_thresh,
             self.detections_per_img,
+            proposal_valid,
         )
         masks = self.mask_loss.inference(
             self.run_head(self.mask_head, self.detection_mask_features(features, boxes, image_shapes)),

@@ -1,10 +1,14 @@
 """Region Proposal Network: torchvision's, plus losses in eval mode so one forward serves validation."""
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
+from torchvision.ops import boxes as box_ops
 
+from mrcnn.modeling import sampling
 from mrcnn.modeling.transform import BoxCoder
 
 
@@ -24,6 +28,16 @@ class RPN(RegionProposalNetwork):
         post_nms_top_n_train, post_nms_top_n_test: proposals kept per image after NMS.
         nms_thresh, fg_iou_thresh, bg_iou_thresh, batch_size_per_image, positive_fraction, score_thresh:
             as in torchvision.
+        batched_proposals: filter the proposals of all images at once, without waiting on the host: boxes that
+            torchvision removes (too small, below ``score_thresh``) get score -inf instead, one NMS call runs over
+            every image and level, and each image keeps a fixed ``min(post_nms_top_n, candidates)`` proposals
+            with a validity mask (:meth:`filter_proposals_batched`). The valid proposals are torchvision's up to
+            float rounding of the NMS offsets and the order of equal scores. ``False``: torchvision's per-image
+            loop (one host sync per image and step, and more on the CPU), bit-exact with torchvision.
+        batched_sampling: match anchors to ground truth and sample them for the losses for all images at once,
+            without waiting on the host (:mod:`mrcnn.modeling.sampling`): the same labels as torchvision, a sample
+            of the same size and distribution drawn with random keys instead of ``randperm``, and the losses as
+            masked sums. ``False``: torchvision's per-image matcher and sampler (bit-exact with torchvision).
     """
 
     def __init__(
@@ -41,6 +55,8 @@ class RPN(RegionProposalNetwork):
         batch_size_per_image: int = 256,
         positive_fraction: float = 0.5,
         score_thresh: float = 0.0,
+        batched_proposals: bool = False,
+        batched_sampling: bool = False,
     ):
         sizes = tuple(tuple(int(s) for s in level) for level in anchor_sizes)
         ratios = (tuple(float(r) for r in aspect_ratios),) * len(sizes)
@@ -59,14 +75,33 @@ class RPN(RegionProposalNetwork):
             score_thresh,
         )
         self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))  # torchvision's, without its per-call copies
+        self.batched_proposals = batched_proposals
+        self.batched_sampling = batched_sampling
 
     def forward(
         self, images: ImageList, features: dict[str, Tensor], targets: list[dict[str, Tensor]] | None = None
     ) -> tuple[list[Tensor], dict[str, Tensor]]:
         """
         Returns:
-            proposals: per image ``[P_i, 4]`` xyxy in resized-image pixels.
+            proposals: per image ``[P_i, 4]`` xyxy in resized-image pixels; with ``batched_proposals`` only the
+                valid ones (selecting them waits on the host: the model calls :meth:`propose` instead).
             losses: ``rpn_class_loss`` and ``rpn_bbox_loss`` if targets were given, else empty.
+        """
+        proposals, valid, losses = self.propose(images, features, targets)
+        if valid is not None:
+            proposals = [p[v] for p, v in zip(proposals, valid)]
+        return proposals, losses
+
+    def propose(
+        self, images: ImageList, features: dict[str, Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> tuple[list[Tensor], list[Tensor] | None, dict[str, Tensor]]:
+        """Like :meth:`forward`, but with ``batched_proposals`` the proposals keep their fixed count per image.
+
+        Returns:
+            proposals: per image ``[P_i, 4]`` xyxy in resized-image pixels.
+            valid: ``None`` (every proposal is real), or with ``batched_proposals`` per image bool ``[P_i]``:
+                ``False`` rows are padding that must never be sampled nor become detections.
+            losses: as :meth:`forward`'s.
         """
         maps = list(features.values())
         objectness, deltas = self.head(maps)
@@ -74,12 +109,115 @@ class RPN(RegionProposalNetwork):
         num_anchors_per_level = [o[0].numel() for o in objectness]
         objectness, deltas = concat_box_prediction_layers(objectness, deltas)
         proposals = self.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
-        boxes, _ = self.filter_proposals(proposals, objectness, images.image_sizes, num_anchors_per_level)
+        valid = None
+        if self.batched_proposals:
+            boxes, valid = self.filter_proposals_batched(
+                proposals, objectness, images.image_sizes, num_anchors_per_level
+            )
+        else:
+            boxes, _ = self.filter_proposals(proposals, objectness, images.image_sizes, num_anchors_per_level)
 
         losses = {}
-        if targets is not None:
+        if targets is not None and self.batched_sampling:
+            class_loss, bbox_loss = self.batched_losses(objectness, deltas, anchors, targets)
+            losses = {"rpn_class_loss": class_loss, "rpn_bbox_loss": bbox_loss}
+        elif targets is not None:
             labels, matched_gt_boxes = self.assign_targets_to_anchors(anchors, targets)
             regression_targets = self.box_coder.encode(matched_gt_boxes, anchors)
             class_loss, bbox_loss = self.compute_loss(objectness, deltas, labels, regression_targets)
             losses = {"rpn_class_loss": class_loss, "rpn_bbox_loss": bbox_loss}
-        return boxes, losses
+        return boxes, valid, losses
+
+    def filter_proposals_batched(
+        self,
+        proposals: Tensor,
+        objectness: Tensor,
+        image_shapes: list[tuple[int, int]],
+        num_anchors_per_level: list[int],
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """torchvision's ``filter_proposals`` for all images at once, with one host sync (the NMS output's length).
+
+        Per level the top ``pre_nms_top_n`` anchors by objectness, clipped to the image; boxes torchvision
+        removes get score -inf instead (they sort last, so they can suppress only each other); one NMS over all
+        images and levels, each (image, level) pair offset to its own coordinate range as ``batched_nms`` does;
+        then the top ``K = min(post_nms_top_n, candidates)`` kept boxes per image by score, the order
+        torchvision's NMS returns them in.
+
+        Args:
+            proposals: ``[B, A, 4]`` decoded boxes for every anchor.
+            objectness: ``[B * A, 1]`` logits.
+            image_shapes: per image ``(H, W)`` after resizing.
+            num_anchors_per_level: anchors per feature map, summing to ``A``.
+
+        Returns:
+            boxes: per image ``[K, 4]``; valid: per image bool ``[K]``, ``False`` for padding (fewer than K
+            boxes survived).
+        """
+        num_images = proposals.shape[0]
+        device = proposals.device
+        objectness = objectness.detach().reshape(num_images, -1)
+        levels = torch.cat(
+            [torch.full((n,), i, dtype=torch.int64, device=device) for i, n in enumerate(num_anchors_per_level)]
+        )
+        top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)  # [B, N]
+        batch_idx = torch.arange(num_images, device=device)[:, None]
+        scores = torch.sigmoid(objectness[batch_idx, top_n_idx])
+        levels = levels[top_n_idx]
+        boxes = proposals[batch_idx, top_n_idx]
+
+        # torchvision's clip, one image at a time: the bounds are host numbers, so no copy and no wait.
+        boxes = torch.stack([box_ops.clip_boxes_to_image(b, shape) for b, shape in zip(boxes, image_shapes)])
+
+        widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+        valid = (widths >= self.min_size) & (heights >= self.min_size) & (scores >= self.score_thresh)
+        scores = scores.masked_fill(~valid, float("-inf"))
+
+        flat_boxes, flat_scores = boxes.reshape(-1, 4), scores.reshape(-1)
+        group = (batch_idx * len(num_anchors_per_level) + levels).reshape(-1)
+        offsets = group.to(flat_boxes) * (flat_boxes.max() + 1)
+        keep = box_ops.nms(flat_boxes + offsets[:, None], flat_scores, self.nms_thresh)
+        kept = torch.zeros_like(flat_scores, dtype=torch.bool)
+        kept[keep] = True
+        scores = scores.masked_fill(~kept.view_as(scores), float("-inf"))
+
+        top_scores, top_idx = scores.topk(min(self.post_nms_top_n(), scores.shape[1]), dim=1)
+        boxes = boxes[batch_idx, top_idx]
+        valid = top_scores > float("-inf")
+        return list(boxes.unbind()), list(valid.unbind())
+
+    def batched_losses(
+        self, objectness: Tensor, deltas: Tensor, anchors: list[Tensor], targets: list[dict[str, Tensor]]
+    ) -> tuple[Tensor, Tensor]:
+        """torchvision's ``assign_targets_to_anchors`` and ``compute_loss`` for all images at once, without a sync.
+
+        Args:
+            objectness: ``[B * A, 1]`` logits; deltas: ``[B * A, 4]``; anchors: per image ``[A, 4]``.
+
+        Returns:
+            class_loss: binary cross-entropy over the sampled anchors (mean); bbox_loss: smooth L1 (beta 1/9) summed
+            over the sampled positives, over the number of sampled anchors, as torchvision.
+        """
+        anchors = torch.stack(anchors)  # [B, A, 4]
+        gt_boxes, gt_valid = sampling.pad_boxes([t["boxes"].to(anchors.dtype) for t in targets])
+        iou = sampling.batched_box_iou(gt_boxes, anchors)
+        matcher = self.proposal_matcher
+        matched, _ = sampling.match(
+            iou, gt_valid, matcher.high_threshold, matcher.low_threshold, matcher.allow_low_quality_matches
+        )
+        labels = torch.where(matched == sampling.BETWEEN_THRESHOLDS, -1.0, (matched >= 0).to(torch.float32))
+        matched_gt = gt_boxes.gather(1, matched.clamp(min=0)[..., None].expand(-1, -1, 4))  # [B, A, 4]
+        regression_targets = self.box_coder.encode_single(matched_gt.reshape(-1, 4), anchors.reshape(-1, 4))
+
+        positive, negative = sampling.sample(
+            labels, self.fg_bg_sampler.batch_size_per_image, self.fg_bg_sampler.positive_fraction
+        )
+        positive, sampled = positive.flatten(), (positive | negative).flatten()
+        count = sampled.sum().clamp(min=1)
+        # where, not a product: unmatched anchors' targets may be infinite (an image without ground truth encodes
+        # against a zero box), and inf * 0 is nan.
+        box_loss = F.smooth_l1_loss(deltas, regression_targets, beta=1 / 9, reduction="none").sum(dim=1)
+        bbox_loss = torch.where(positive, box_loss, 0.0).sum() / count
+        class_loss = F.binary_cross_entropy_with_logits(
+            objectness.flatten(), labels.flatten().clamp(min=0), reduction="none"
+        )
+        return torch.where(sampled, class_loss, 0.0).sum() / count, bbox_loss
