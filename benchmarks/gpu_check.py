@@ -96,14 +96,25 @@ TRAIN_RUNS = {
     "fp32": ["trainer.precision=32-true"],
     "bf16": ["trainer.precision=bf16-mixed"],
     # The shapes' images all have one size and the default model buckets its RoIs: every shape repeats.
-    "fast": ["trainer.precision=bf16-mixed", "module.channels_last=true", "trainer.benchmark=true"],
+    "fast": [
+        "trainer.precision=bf16-mixed",
+        "module.channels_last=true",
+        "trainer.benchmark=true",
+        "model.batched_proposals=true",
+        "model.batched_sampling=true",
+    ],
 }
 # Which training runs each training step runs, at the same time.
 TRAIN_STEPS = {"train_bf16": ("bf16",), "train_others": ("fp32", "fast")}
 # The fast path: bf16, channels_last, and RoI buckets (model.roi_buckets, off in the parity configuration that
 # bench_eager measures), which make every shape the convolutions see repeat at a fixed image size, so cuDNN
 # autotuning may join it (it tunes each shape once).
-FAST_OVERRIDES = ["model.roi_buckets=[16,32,64,128,256,512,1024,2048,4096]"]
+# It also takes the RPN's batched proposals and sampling (fewer host syncs; off by default until measured).
+FAST_OVERRIDES = [
+    "model.roi_buckets=[16,32,64,128,256,512,1024,2048,4096]",
+    "model.batched_proposals=true",
+    "model.batched_sampling=true",
+]
 BENCH_SWITCHES = {
     "bench_eager": ["--precision", "bf16-mixed", "--profile"],
     "bench_fast": ["--precision", "bf16-mixed", "--channels-last", "--cudnn-benchmark"],

@@ -7,6 +7,7 @@ Two designs, as in the paper's Fig. 4: :class:`RoIHeads` (FPN, C5) pools the mas
 from the backbone; :class:`Res5RoIHeads` (C4) runs the mask head on the res5 box head's output.
 """
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -80,9 +81,14 @@ class RoIHeads(nn.Module):
         if self.roi_buckets and any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for h in (box_head, mask_head) for m in h.modules()
         ):
-            raise ValueError(
-                "roi_buckets pads a head's batch with zero rows, which would enter BatchNorm's batch statistics: use gn or frozen_bn heads, or roi_buckets=null"
+            # Padded zero rows would enter BatchNorm's batch statistics: heads with BatchNorm (model.head_norm=bn or
+            # syncbn) run on their real RoI counts. Padding changes no loss, so only the shapes' repetition is lost.
+            warnings.warn(
+                "roi_buckets is off for these heads: they use BatchNorm, whose batch statistics padded rows would "
+                "change (use gn or frozen_bn heads for repeating shapes)",
+                stacklevel=2,
             )
+            self.roi_buckets = None
         if mask_loss.per_class_only and getattr(mask_head, "class_agnostic", False):
             raise ValueError(
                 f"{type(mask_loss).__name__} needs per-class masks; class_agnostic=True is only defined "
