@@ -350,20 +350,7 @@ def profile_phase(args, cfg, module, theirs, loader, device, steps: int = 2) -> 
     result = {"steps": steps}
     # Ours: the whole Lightning training step (training_step, backward, optimizer step), as users run it.
     profiler, syncs = torch.profiler.profile(activities=activities), SyncWarnings(device)
-    trainer = L.Trainer(
-        accelerator="cpu" if device.type == "cpu" else "gpu",
-        devices=1,
-        precision="32-true" if args.precision == "32" else args.precision,
-        max_steps=steps + 1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[ProfileSteps(profiler, 1, steps, syncs)],
-        benchmark=args.cudnn_benchmark,
-    )
+    trainer = training_only_trainer(args, device, steps + 1, ProfileSteps(profiler, 1, steps, syncs))
     trainer.fit(module, datamodule=FixedBatches(loader))
     result["ours"] = {**profile_counts(profiler, steps), "sync_debug": syncs.summary(steps)}
     Path(f"{stem}_profile_ours.txt").write_text(profile_tables(profiler, device))
@@ -395,6 +382,25 @@ def profile_phase(args, cfg, module, theirs, loader, device, steps: int = 2) -> 
 
 
 # ---- phases -------------------------------------------------------------------------------------
+
+
+def training_only_trainer(args, device: torch.device, max_steps: int, callback: L.Callback) -> L.Trainer:
+    """A Lightning Trainer that only trains (no logger, checkpoints, bar or validation) for ``max_steps`` steps,
+    at ``--precision``, with ``callback`` (which times or profiles the steps)."""
+    return L.Trainer(
+        accelerator="cpu" if device.type == "cpu" else "gpu",
+        devices=1,
+        precision="32-true" if args.precision == "32" else args.precision,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[callback],
+        benchmark=args.cudnn_benchmark,
+    )
 
 
 def memory_round(args) -> int:
@@ -431,20 +437,7 @@ def train_phase(args, cfg, module, theirs, loaders, device, memory, save=lambda 
     for r, loader in enumerate(loaders):
         measure_memory = r == memory_round(args)
         timer = StepTimer(device, memory if measure_memory else None)
-        trainer = L.Trainer(
-            accelerator="cpu" if device.type == "cpu" else "gpu",
-            devices=1,
-            precision="32-true" if args.precision == "32" else args.precision,
-            max_steps=args.steps,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            callbacks=[timer],
-            benchmark=args.cudnn_benchmark,
-        )
+        trainer = training_only_trainer(args, device, args.steps, timer)
         trainer.fit(module, datamodule=FixedBatches(loader))
 
         theirs.train()

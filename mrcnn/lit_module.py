@@ -249,7 +249,9 @@ class MaskRCNNModule(L.LightningModule):
     # ---- optimization ---------------------------------------------------------------------
     def global_batch_size(self) -> int:
         datamodule = self.trainer.datamodule
-        if isinstance(datamodule, InstanceDataModule):
+        # InstanceDataModule, and any other datamodule that states its per-device batch (the benchmarks' prepared
+        # batches): the training loader is not built yet when the optimizer is configured.
+        if isinstance(datamodule, InstanceDataModule) or hasattr(datamodule, "batch_size"):
             per_device = datamodule.batch_size
         else:
             per_device = self.trainer.train_dataloader.batch_size

@@ -91,8 +91,8 @@ def test_loss_watch_stops_on_a_non_finite_loss_naming_the_step_it_happened_at():
 class RoIHeadsWithExtraLoss(RoIHeads):
     """Test-only: the standard RoI heads plus a loss of their own (a penalty on the box head's first weights)."""
 
-    def forward(self, features, proposals, image_shapes, targets=None):
-        detections, losses = super().forward(features, proposals, image_shapes, targets)
+    def forward(self, features, proposals, image_shapes, targets=None, proposal_valid=None):
+        detections, losses = super().forward(features, proposals, image_shapes, targets, proposal_valid)
         if targets is not None:
             losses["box_weight_penalty"] = 10.0 * self.box_head.fc6.weight.pow(2).mean()
         return detections, losses

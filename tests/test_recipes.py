@@ -98,8 +98,8 @@ class PenalizedRoIHeads(RoIHeads):
         super().__init__(*args, **kwargs)
         self.penalty = penalty
 
-    def _losses(self, features, proposals, image_shapes, targets):
-        losses = super()._losses(features, proposals, image_shapes, targets)
+    def _losses(self, *args, **kwargs):
+        losses = super()._losses(*args, **kwargs)
         losses["bbox_weight_penalty"] = self.penalty * self.box_predictor.bbox_pred.weight.pow(2).sum()
         return losses
 

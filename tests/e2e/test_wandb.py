@@ -63,7 +63,7 @@ def test_offline_run_has_losses_ap_config_names_and_prediction_images(tmp_path, 
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
     assert config["model"]["depth"] == 18 and config["base_lr"] == 0.015 and config["run_dir"] == str(tmp_path / "run")
     assert run.run_group == "smoke"
-    assert "model.depth=18" in run.display_name and "model.depth=18" in run.tags
+    assert "model=tiny" in run.display_name and "model=tiny" in run.tags
 
     logged = {
         item.key or "/".join(item.nested_key)
