@@ -194,7 +194,10 @@ class MaskRCNNModule(L.LightningModule):
         # In the progress bar too, under short names (mrcnn.engine.progress.ProgressBar).
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=batch_size)
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
-        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
+        # A host tensor: Lightning keeps a metric on its value's device, where a float would be copied to the GPU
+        # (a copy from pageable memory, which waits for the GPU's queue) every step.
+        lr = torch.tensor(self.optimizers().param_groups[0]["lr"], dtype=torch.float64)
+        self.log("lr", lr, prog_bar=True, batch_size=batch_size)
         return total
 
     # ---- validation / test ----------------------------------------------------------------

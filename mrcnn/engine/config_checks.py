@@ -234,6 +234,7 @@ SCHEMA: dict[str, Rule] = {
     # Anchors matched and sampled for all images at once (no host sync per image).
     "model.batched_sampling": boolean,
     "model.net.rpn.batched_sampling": boolean,
+    "model.net.roi_heads.batched_sampling": boolean,
     "model.canonical_scale": positive_int,
     "model.rois_per_image": positive_int,
     "model.neck_rois_per_image": positive_int,

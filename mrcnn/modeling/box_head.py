@@ -81,7 +81,11 @@ class BoxPredictor(nn.Module):
 
 
 def fast_rcnn_loss(
-    class_logits: Tensor, box_regression: Tensor, labels: Tensor, regression_targets: Tensor
+    class_logits: Tensor,
+    box_regression: Tensor,
+    labels: Tensor,
+    regression_targets: Tensor,
+    sampled: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fast R-CNN classification and box-regression losses over sampled RoIs.
 
@@ -90,16 +94,36 @@ def fast_rcnn_loss(
         box_regression: ``[R, 4(K+1)]`` class-specific deltas.
         labels: int64 ``[R]``, 0 for background.
         regression_targets: ``[R, 4]`` encoded deltas to the matched ground truth.
+        sampled: ``None`` (every row is a sampled RoI), or bool ``[R]``: the rows that count, for the fixed-size RoI
+            layout of ``RoIHeads(batched_sampling=True)``. The others get no weight (their targets may be anything,
+            even non-finite), and R becomes the number of sampled rows; no host read either way but ``None``'s.
 
     Returns:
         (cross-entropy over all RoIs, smooth-L1 (beta 1/9) on the true class's deltas of
         positive RoIs, summed and divided by R).
     """
+    if sampled is not None:
+        return _fast_rcnn_loss_masked(class_logits, box_regression, labels, regression_targets, sampled)
     classification_loss = F.cross_entropy(class_logits, labels)
     positive = torch.where(labels > 0)[0]
     deltas = box_regression.reshape(len(box_regression), -1, 4)[positive, labels[positive]]
     box_loss = F.smooth_l1_loss(deltas, regression_targets[positive], beta=1 / 9, reduction="sum")
     return classification_loss, box_loss / max(labels.numel(), 1)
+
+
+def _fast_rcnn_loss_masked(
+    class_logits: Tensor, box_regression: Tensor, labels: Tensor, regression_targets: Tensor, sampled: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`fast_rcnn_loss` over the ``sampled`` rows only, as masked sums: the same values to float rounding."""
+    count = sampled.sum().clamp(min=1)
+    classification_loss = torch.where(sampled, F.cross_entropy(class_logits, labels, reduction="none"), 0.0).sum()
+    deltas = box_regression.reshape(len(box_regression), -1, 4)
+    deltas = deltas.gather(1, labels.clamp(min=0)[:, None, None].expand(-1, 1, 4))[:, 0]
+    # where, not a product: a row that does not count may have non-finite targets, and inf * 0 is nan.
+    positive = sampled & (labels > 0)
+    targets = torch.where(positive[:, None], regression_targets, 0.0)
+    box_loss = F.smooth_l1_loss(deltas, targets, beta=1 / 9, reduction="none").sum(dim=1)
+    return classification_loss / count, torch.where(positive, box_loss, 0.0).sum() / count
 
 
 def fast_rcnn_inference(

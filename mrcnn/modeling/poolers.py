@@ -87,12 +87,22 @@ class RoIPooler(nn.Module):
         """Pool ``rois [R, 5]`` from one feature map ``[B, C, H, W]`` into ``[R, C, S, S]``."""
         raise NotImplementedError
 
-    def forward(self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+    def forward(
+        self,
+        features: dict[str, Tensor],
+        boxes: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        every_level: bool = False,
+    ) -> Tensor:
         """
         Args:
             features: backbone outputs, each ``[B, C, H_l, W_l]``.
             boxes: per-image RoIs ``[R_i, 4]`` xyxy in resized-image pixels.
             image_shapes: per-image ``(H, W)`` after resizing, before padding.
+            every_level: with several levels, pool every RoI at every level and keep each RoI's own level's
+                output: the same values and gradients (each output row depends on its RoI and its map only; the
+                other levels' rows get zero gradient), no host read of how many RoIs each level has, at
+                ``levels`` times the pooling work. ``RoIHeads(batched_sampling=True)`` uses it in training.
 
         Returns:
             ``[sum R_i, C, S, S]`` pooled features, in the order of ``boxes``.
@@ -107,6 +117,12 @@ class RoIPooler(nn.Module):
         k_min = int(-math.log2(scales[0]))
         k_max = int(-math.log2(scales[-1]))
         levels = assign_levels(boxes, k_min, k_max, self.canonical_scale, self.canonical_level)
+        if every_level:
+            out = None
+            for level, (feature, scale) in enumerate(zip(maps, scales)):
+                pooled = self.pool_level(feature, rois, scale).to(maps[0].dtype)
+                out = pooled if out is None else torch.where((levels == level)[:, None, None, None], pooled, out)
+            return out
         # RoIs grouped by level (a stable sort keeps their order within a level, so each level pools, and its
         # backward accumulates, exactly as with one selection per level), then one host read of the group sizes
         # where a selection per level would make a GPU wait once per level.

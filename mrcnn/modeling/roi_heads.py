@@ -7,6 +7,7 @@ Two designs, as in the paper's Fig. 4: :class:`RoIHeads` (FPN, C5) pools the mas
 from the backbone; :class:`Res5RoIHeads` (C4) runs the mask head on the res5 box head's output.
 """
 
+import itertools
 import warnings
 from collections.abc import Callable
 
@@ -51,6 +52,13 @@ class RoIHeads(nn.Module):
             above the largest, to the next multiple of it. ``None``: no padding. Padded rows are zero features
             whose outputs are dropped before any loss, so they carry no weight and no gradient
             (:func:`pad_to_bucket`). Heads with BatchNorm (batch statistics) refuse it.
+        batched_sampling: in training, match and sample the RoIs of all images at once and run each head on a fixed
+            number of rows per image, without a host read (:meth:`sample_rois_batched`): ``min(batch_size_per_image,
+            candidates)`` RoI slots for the box head and ``int(batch_size_per_image * positive_fraction)`` of them
+            for the mask head, the rows beyond the sample weighted zero in the losses (the same losses as the sampled
+            rows alone, to float rounding), and the poolers pool every level (``every_level``). torchvision's
+            sample counts and distribution, drawn by random keys (:func:`mrcnn.modeling.sampling.sample`). Heads
+            with BatchNorm fall back to the per-image path (the padding rows would enter their batch statistics).
     """
 
     def __init__(
@@ -73,22 +81,27 @@ class RoIHeads(nn.Module):
         nms_thresh: float = 0.5,
         detections_per_img: int = 100,
         roi_buckets: list[int] | None = None,
+        batched_sampling: bool = False,
     ):
         super().__init__()
         self.roi_buckets = sorted(int(b) for b in roi_buckets) if roi_buckets else None
         if self.roi_buckets and self.roi_buckets[0] < 1:
             raise ValueError(f"roi_buckets must be positive counts, got {roi_buckets}")
-        if self.roi_buckets and any(
+        self.batched_sampling = batched_sampling
+        batch_norm = any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for h in (box_head, mask_head) for m in h.modules()
-        ):
-            # Padded zero rows would enter BatchNorm's batch statistics: heads with BatchNorm (model.head_norm=bn or
-            # syncbn) run on their real RoI counts. Padding changes no loss, so only the shapes' repetition is lost.
+        )
+        if batch_norm and (self.roi_buckets or batched_sampling):
+            # Padded rows would enter BatchNorm's batch statistics: heads with BatchNorm (model.head_norm=bn or
+            # syncbn) run on their real RoI counts. Padding changes no loss, so only the shapes' repetition (and,
+            # for batched_sampling, the RoI heads' share of the saved host reads) is lost.
             warnings.warn(
-                "roi_buckets is off for these heads: they use BatchNorm, whose batch statistics padded rows would "
-                "change (use gn or frozen_bn heads for repeating shapes)",
+                "roi_buckets and the RoI heads' batched_sampling are off for these heads: they use BatchNorm, whose "
+                "batch statistics padded rows would change (use gn or frozen_bn heads for repeating shapes)",
                 stacklevel=2,
             )
             self.roi_buckets = None
+            self.batched_sampling = False
         if mask_loss.per_class_only and getattr(mask_head, "class_agnostic", False):
             raise ValueError(
                 f"{type(mask_loss).__name__} needs per-class masks; class_agnostic=True is only defined "
@@ -176,6 +189,66 @@ class RoIHeads(nn.Module):
         regression_targets = torch.cat(self.box_coder.encode(matched_boxes, rois))
         return rois, labels, matched_idxs, regression_targets
 
+    def sample_rois_batched(
+        self,
+        proposals: list[Tensor],
+        targets: list[dict[str, Tensor]],
+        proposal_valid: list[Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`sample_rois` for all images at once, in a fixed layout and without a host read.
+
+        The candidates (proposals, then ground truth) of each image are padded to a common count ``L``, matched
+        with the same arithmetic as :meth:`sample_rois` (the same labels), and sampled with torchvision's counts by
+        random keys. Each image then gets ``S = min(batch_size_per_image, L)`` slots: its sampled positives first,
+        then its sampled negatives, each in candidate order, then unsampled candidates, which count in no loss. The
+        sampler takes at most ``int(batch_size_per_image * positive_fraction)`` positives, so the first that many
+        slots hold every sampled positive: the mask head's rows.
+
+        Returns:
+            rois: ``[B, S, 4]``; labels: int64 ``[B, S]`` (0 background, and 0 in slots outside the sample);
+            sampled: bool ``[B, S]``; matched_idxs: int64 ``[B, S]`` index of the matched ground truth (a valid
+            index whenever the image has ground truth); regression_targets: ``[B * S, 4]`` (0 outside the sampled
+            positives).
+        """
+        dtype = proposals[0].dtype
+        gt_boxes = [t["boxes"].to(dtype) for t in targets]
+        candidates, candidate_valid = sampling.pad_boxes([torch.cat([p, g]) for p, g in zip(proposals, gt_boxes)])
+        if proposal_valid is not None:  # padding proposals (RPN(batched_proposals=True)) are never sampled
+            for i, valid in enumerate(proposal_valid):
+                candidate_valid[i, : len(valid)] &= valid
+        gt, gt_valid = sampling.pad_boxes(gt_boxes)
+        gt_labels = torch.zeros(gt_valid.shape, dtype=torch.int64, device=gt.device)
+        for i, t in enumerate(targets):
+            gt_labels[i, : len(t["labels"])] = t["labels"]
+        matcher = self.proposal_matcher
+        raw, _ = sampling.match(
+            sampling.batched_box_iou(gt, candidates), gt_valid, matcher.high_threshold, matcher.low_threshold
+        )
+        matched = raw.clamp(min=0)
+        labels = torch.where(
+            raw == Matcher.BELOW_LOW_THRESHOLD,
+            0,
+            torch.where(raw == Matcher.BETWEEN_THRESHOLDS, -1, gt_labels.gather(1, matched)),
+        ).masked_fill(~candidate_valid, -1)
+        positive, negative = sampling.sample(
+            labels, self.fg_bg_sampler.batch_size_per_image, self.fg_bg_sampler.positive_fraction
+        )
+
+        # Slot order: sampled positives, sampled negatives, the rest; a stable sort keeps candidate order in each.
+        rank = torch.where(positive, 0, torch.where(negative, 1, 2))
+        slots = torch.argsort(rank, dim=1, stable=True)[
+            :, : min(self.fg_bg_sampler.batch_size_per_image, rank.shape[1])
+        ]
+        sampled = rank.gather(1, slots) < 2
+        rois = candidates.gather(1, slots[..., None].expand(-1, -1, 4))
+        labels = torch.where(sampled, labels.gather(1, slots), 0)
+        matched = matched.gather(1, slots)
+        matched_boxes = gt.gather(1, matched[..., None].expand(-1, -1, 4))
+        regression_targets = self.box_coder.encode_single(matched_boxes.reshape(-1, 4), rois.reshape(-1, 4))
+        # Background slots of an image without ground truth encode against a zero box (non-finite): zeros instead.
+        regression_targets = torch.where((labels > 0).reshape(-1, 1), regression_targets, 0.0)
+        return rois, labels, sampled, matched, regression_targets
+
     def forward(
         self,
         features: dict[str, Tensor],
@@ -208,6 +281,8 @@ class RoIHeads(nn.Module):
         return detections, losses
 
     def _losses(self, features, proposals, image_shapes, targets, proposal_valid=None) -> dict[str, Tensor]:
+        if self.batched_sampling:
+            return self._batched_losses(features, proposals, image_shapes, targets, proposal_valid)
         rois, labels, matched_idxs, regression_targets = self.sample_rois(proposals, targets, proposal_valid)
         box_features = self.run_head(self.box_head, self.box_pooler(features, rois, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
@@ -228,6 +303,41 @@ class RoIHeads(nn.Module):
             ]
         )
         mask_loss = self.mask_loss.loss(mask_logits, gt_labels, gt_masks)
+        return {"fastrcnn_class_loss": class_loss, "fastrcnn_bbox_loss": bbox_loss, "maskrcnn_mask_loss": mask_loss}
+
+    def _batched_losses(self, features, proposals, image_shapes, targets, proposal_valid=None) -> dict[str, Tensor]:
+        """:meth:`_losses` on the fixed layout of :meth:`sample_rois_batched`: every shape is set by the batch size
+        and the sampling settings, and nothing waits on the host."""
+        rois, labels, sampled, matched_idxs, regression_targets = self.sample_rois_batched(
+            proposals, targets, proposal_valid
+        )
+        num_images, num_slots = labels.shape
+        box_features = self.box_head(self.box_pooler(features, list(rois.unbind()), image_shapes, every_level=True))
+        class_logits, box_regression = self.box_predictor(box_features)
+        class_loss, bbox_loss = fast_rcnn_loss(
+            class_logits, box_regression, labels.flatten(), regression_targets, sampled.flatten()
+        )
+
+        # Mask branch: the first slots of each image, which hold all its sampled positives; the rest weigh nothing.
+        num_mask = min(int(self.fg_bg_sampler.batch_size_per_image * self.fg_bg_sampler.positive_fraction), num_slots)
+        first = torch.arange(num_mask, device=rois.device)
+        mask_logits = self.mask_head(
+            self.positive_mask_features(features, image_shapes, list(rois.unbind()), [first] * num_images, box_features)
+        )
+        size = mask_logits.shape[-1]
+        gt_masks = torch.cat(
+            [
+                mask_targets(
+                    t["masks"], r[:num_mask], m[:num_mask], size, self.aligned_mask_targets, self.mask_target_form
+                )
+                if len(t["masks"])
+                # No ground truth, so no positive: any finite target will do.
+                else r.new_zeros((num_mask, size, size))
+                for t, r, m in zip(targets, rois, matched_idxs)
+            ]
+        )
+        mask_labels = labels[:, :num_mask].flatten()
+        mask_loss = self.mask_loss.loss(mask_logits, mask_labels, gt_masks, mask_labels > 0)
         return {"fastrcnn_class_loss": class_loss, "fastrcnn_bbox_loss": bbox_loss, "maskrcnn_mask_loss": mask_loss}
 
     def _detect(self, features, proposals, image_shapes, proposal_valid=None) -> list[dict[str, Tensor]]:
@@ -276,7 +386,9 @@ class RoIHeads(nn.Module):
         Returns:
             ``[sum P_i, C, M, M]`` pooled features of the positive RoIs.
         """
-        return self.mask_pooler(features, [r[p] for r, p in zip(rois, positives)], image_shapes)
+        return self.mask_pooler(
+            features, [r[p] for r, p in zip(rois, positives)], image_shapes, every_level=self.batched_sampling
+        )
 
     def detection_mask_features(
         self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
@@ -313,7 +425,7 @@ class Res5RoIHeads(RoIHeads):
 
     def positive_mask_features(self, features, image_shapes, rois, positives, box_features) -> Tensor:
         # Rows of box_features follow the concatenated sampled RoIs: offset each image's positives.
-        offsets = torch.cumsum(torch.tensor([0] + [len(r) for r in rois[:-1]]), 0).tolist()
+        offsets = itertools.accumulate([0] + [len(r) for r in rois[:-1]])  # host numbers: no read of a tensor
         return box_features[torch.cat([p + o for p, o in zip(positives, offsets)])]
 
     def detection_mask_features(self, features, boxes, image_shapes) -> Tensor:
