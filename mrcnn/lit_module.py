@@ -126,6 +126,19 @@ class MaskRCNNModule(L.LightningModule):
         # Why the last evaluation had nothing to score (CocoEvaluator.nothing_to_score), or None.
         self.nothing_to_score: str | None = None
 
+    def on_train_start(self) -> None:
+        # A resumed run's optimizer comes back with the learning rate of the step it was saved at, as the saved run's
+        # schedule gave it; the schedule's milestones are fractions of this run's length, which an extended run
+        # (a larger trainer.max_steps) changes. The learning rate of this step, from this run's schedule (the same
+        # value when the length did not change):
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # closed form: base_lr * factor(step)
+                lrs = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+                for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+                    group["lr"] = lr
+                scheduler._last_lr = lrs
+
     def on_train_epoch_end(self) -> None:
         # The last steps' losses have not been looked at yet (LossWatch reads each one when the GPU has it ready).
         self.loss_watch.check(wait=True)

@@ -94,6 +94,7 @@ class LastCheckpoint(L.Callback):
         self.received_signal = 0  # the first stop signal this process received (set by the handler); 0: none
         self._stop_signal = 0  # the signal all processes agreed to stop on, once last.ckpt is saved for it
         self._saved_step = -1
+        self._final_mid_epoch_step = -1  # the step of a save where max_steps ended the run mid-epoch
         # The step the every-N count runs from: the start of this fit, then each periodic save.
         self._periodic_base = 0
         self._previous_handlers: dict[int, object] = {}
@@ -102,7 +103,7 @@ class LastCheckpoint(L.Callback):
 
     def _save(self, trainer: L.Trainer) -> None:
         """Saves ``last.ckpt`` at this step (once), as a link to another checkpoint of this step if there is one."""
-        if trainer.sanity_checking or trainer.fast_dev_run:
+        if trainer.sanity_checking or trainer.fast_dev_run or trainer.global_step == self._final_mid_epoch_step:
             return
         same_step = _checkpoint_saved_at_this_step(trainer)
         if same_step is not None and same_step != self.path:
@@ -142,6 +143,12 @@ class LastCheckpoint(L.Callback):
                 # Saved here, where the loader's position is the number of steps done; the run stops at the
                 # next hook, once Lightning has logged this step's metrics.
                 self._save(trainer)
+        if 0 <= trainer.max_steps <= trainer.global_step:
+            # trainer.max_steps ends the run mid-epoch: saved here too, as for a signal. By the end of training
+            # Lightning counts the epoch as complete, so a run resumed from a later save (to train longer) would
+            # start the next epoch and skip this one's remaining batches. Kept over later saves at this step.
+            self._save(trainer)
+            self._final_mid_epoch_step = trainer.global_step
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._save(trainer)
@@ -166,6 +173,7 @@ class LastCheckpoint(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._periodic_base = trainer.global_step
+        self._final_mid_epoch_step = -1
         # Installed here, after Lightning installed its own at the start of fit(): ours replace its SIGTERM
         # handler while the training loop runs. Signal handlers can only be set from the main thread.
         self.received_signal = self._stop_signal = 0

@@ -114,3 +114,11 @@ def test_a_run_stopped_at_step_k_and_resumed_equals_the_uninterrupted_run(tmp_pa
     resumed = run_in_process(tmp_path, f"resume={tmp_path}")
     # The CSV history of the resumed run continues the stopped one's: every step, each as the uninterrupted run.
     assert_same_run(resumed, reference)
+
+
+def test_a_run_stopped_by_max_steps_mid_epoch_and_extended_equals_the_uninterrupted_run(tmp_path, reference):
+    # trainer.max_steps ends the first run mid-epoch; the extended run goes on with that epoch's next batch.
+    train(compose_config([*ARGS, f"trainer.max_steps={STOP_AT}", "final_eval=false"], run_dir=str(tmp_path)))
+    assert read_run(tmp_path, final=False)["step"] == STOP_AT
+    resumed = run_in_process(tmp_path, f"resume={tmp_path}")
+    assert_same_run(resumed, reference)
