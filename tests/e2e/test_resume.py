@@ -145,7 +145,13 @@ def train_loss_steps(run_dir: Path) -> list[int]:
 SIGNAL_ARGS = [arg for arg in ARGS if not arg.startswith("checkpoint_every_n_steps")]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    "signum",
+    # SIGTERM through run.py is slow (a run and its resume in new processes); the default suite has it in process
+    # (test_signal_saves_the_step_reached_...) and through DDP processes (test_sigterm_to_rank_zero_...).
+    [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
+    ids=["SIGINT", "SIGTERM"],
+)
 def test_signalled_run_saves_its_step_exits_nonzero_and_resumes_with_the_same_batches(tmp_path, signum):
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -473,7 +479,12 @@ def _ddp_fit(script, folder, ckpt_path="", stop_at=0, signal_at=0):
     return result.returncode, [{int(step): ids for step, ids in json.loads(path.read_text()).items()} for path in paths]
 
 
-@pytest.mark.parametrize("grouping,num_workers", [(False, 2), (True, 0)], ids=["plain-workers", "grouped"])
+@pytest.mark.parametrize(
+    "grouping,num_workers",
+    # Grouped batches resume part-way in one process in the default suite (test above); under DDP it is slow.
+    [(False, 2), pytest.param(True, 0, marks=pytest.mark.slow)],
+    ids=["plain-workers", "grouped"],
+)
 def test_resumed_ddp_fit_continues_each_ranks_shard(tmp_path, grouping, num_workers):
     script = tmp_path / "fit.py"
     script.write_text(DDP_SCRIPT.format(root=str(ROOT), grouping=grouping, num_workers=num_workers))

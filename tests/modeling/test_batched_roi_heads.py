@@ -13,7 +13,12 @@ from tests.helpers.host_syncs import count_host_syncs
 from tests.modeling.test_roi_buckets import batches, build
 
 # Every RoI sampled (no draw, so the per-image and the batched path see the same sample), RPN per image in both.
-EVERY_ROI = ["model.rois_per_image=100000", "model.net.rpn.batched_sampling=false"]
+EVERY_ROI = [
+    "model.rois_per_image=100000",
+    "model.rpn_pre_nms_top_n_train=100",  # few enough for C4's res5 head on every one
+    "model.rpn_post_nms_top_n_train=50",
+    "model.net.rpn.batched_sampling=false",
+]
 
 
 def without_ground_truth(target):
