@@ -10,6 +10,7 @@ take as arguments), so every output is bit for bit torchvision's.
 import torch
 from torch import Tensor
 from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, _resize_image_and_masks
 
 
@@ -37,6 +38,64 @@ def resize_boxes(boxes: Tensor, original_size: tuple[int, int], new_size: tuple[
     return torch.stack((xmin * ratio_width, ymin * ratio_height, xmax * ratio_width, ymax * ratio_height), dim=1)
 
 
+def _linear_taps(start: Tensor, size: Tensor, source: int, length: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Bilinear taps along one axis of ``F.interpolate(mode="bilinear", align_corners=False)`` from ``source``
+    samples to ``size [D]`` outputs, placed at ``start [D]`` on an axis of ``length`` pixels.
+
+    Returns ``i0, i1`` (int64 ``[D, length]`` source indices), ``l0, l1`` (float32 weights, 0 outside the output).
+    """
+    position = torch.arange(length, device=start.device)
+    index = position[None, :] - start[:, None]  # the output sample each pixel shows
+    inside = (index >= 0) & (index < size[:, None])
+    # torch's area_pixel_compute_source_index in float32: (in / out) * (i + 0.5) - 0.5, clamped at 0.
+    scale = torch.tensor(float(source), dtype=torch.float32) / size.to(torch.float32)
+    real = (scale[:, None] * (index.to(torch.float32) + 0.5) - 0.5).clamp(min=0)
+    i0 = real.to(torch.int64).clamp(max=source - 1)
+    i1 = torch.where(i0 < source - 1, i0 + 1, i0)
+    l1 = (real - i0.to(torch.float32)).clamp(0, 1)
+    l0 = 1 - l1
+    return i0, i1, torch.where(inside, l0, 0.0), torch.where(inside, l1, 0.0)
+
+
+def _interpolation_matrix(start: Tensor, size: Tensor, source: int, length: int) -> Tensor:
+    """``[D, length, source]``: row ``x`` holds the two bilinear weights with which pixel ``x`` reads the source."""
+    i0, i1, l0, l1 = _linear_taps(start, size, source, length)
+    matrix = l0.new_zeros((*l0.shape, source))
+    return matrix.scatter_add_(2, i0[..., None], l0[..., None]).scatter_add_(2, i1[..., None], l1[..., None])
+
+
+def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], padding: int = 1) -> Tensor:
+    """torchvision's ``paste_masks_in_image`` for all masks at once, without reading a box on the host.
+
+    torchvision resizes each mask to its (integer, padded) box with ``F.interpolate`` and copies it into a blank
+    image, reading the box's corners on the host to size and place it: several waits per detection on a GPU.
+    Bilinear resizing is separable, so each pasted mask is ``Wy @ mask @ Wx^T``, where ``Wx [W, P]`` and
+    ``Wy [H, P]`` hold torch's bilinear weights for the box's pixels (two per row, zero outside the box): two
+    batched matrix products for all detections. The values are torchvision's to float32 rounding (sums in another
+    order: about 1e-6 at most, ``tests/modeling/test_transform.py``).
+
+    Args:
+        masks: ``[D, 1, M, M]`` probabilities in the box frame.
+        boxes: ``[D, 4]`` xyxy in image pixels.
+        image_size: ``(H, W)``.
+
+    Returns:
+        ``[D, 1, H, W]``: each mask in the image, 0 outside its box.
+    """
+    height, width = image_size
+    if len(masks) == 0:
+        return masks.new_zeros((0, 1, height, width))
+    masks, scale = expand_masks(masks, padding=padding)
+    boxes = expand_boxes(boxes, scale).to(torch.int64)
+    source = masks.shape[-1]
+    sizes = (boxes[:, 2:] - boxes[:, :2] + 1).clamp(min=1)  # torchvision's w, h: at least one pixel
+    across = _interpolation_matrix(boxes[:, 0], sizes[:, 0], source, width)  # [D, W, P]
+    down = _interpolation_matrix(boxes[:, 1], sizes[:, 1], source, height)  # [D, H, P]
+    # In float32, rounded once to the masks' dtype (torch's kernel accumulates bf16 / fp16 in float32 too).
+    pasted = down @ (masks[:, 0].float() @ across.transpose(1, 2))
+    return pasted.to(masks.dtype)[:, None]
+
+
 class RCNNTransform(GeneralizedRCNNTransform):
     """GeneralizedRCNNTransform whose normalisation and training-time box resize copy nothing to the device, and
     whose target masks are resized a few at a time.
@@ -59,6 +118,22 @@ class RCNNTransform(GeneralizedRCNNTransform):
         mean = self._mean.get(image.dtype, image.device)
         std = self._std.get(image.dtype, image.device)
         return (image - mean[:, None, None]) / std[:, None, None]
+
+    def postprocess(
+        self,
+        result: list[dict[str, Tensor]],
+        image_shapes: list[tuple[int, int]],
+        original_image_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        """torchvision's postprocess (boxes back to the original size, masks pasted into it), pasting with
+        :func:`paste_masks`: the same masks, without waiting on the host for every detection."""
+        if self.training:
+            return result
+        for pred, size, original_size in zip(result, image_shapes, original_image_sizes):
+            pred["boxes"] = resize_boxes(pred["boxes"], size, original_size)
+            if "masks" in pred:
+                pred["masks"] = paste_masks(pred["masks"], pred["boxes"], original_size)
+        return result
 
     def resize(self, image: Tensor, target: dict[str, Tensor] | None = None):
         h, w = image.shape[-2:]
