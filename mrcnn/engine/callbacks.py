@@ -368,7 +368,29 @@ def _wandb_run_id(trainer: L.Trainer) -> str | None:
     return None
 
 
-class Throughput(L.Callback):
+class StepTimer(L.Callback):
+    """Base of the callbacks that time training steps: :meth:`step_seconds`, called at the end of each training
+    batch, gives the wall time since the end of the previous one (data loading included).
+
+    The first batch of an epoch and the first after a validation get ``None``: the gap before them is not training.
+    """
+
+    _last: float | None = None  # end of the previous training batch; None: the next one is not timed
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._last = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._last = None
+
+    def step_seconds(self) -> float | None:
+        """Seconds since the previous training batch ended (``None`` as above); call once per training batch."""
+        now = time.perf_counter()
+        previous, self._last = self._last, now
+        return None if previous is None else now - previous
+
+
+class Throughput(StepTimer):
     """Logs ``train/images_per_sec``: images of the global batch per second of wall time.
 
     The time between the ends of consecutive training batches (data loading included) is averaged
@@ -382,26 +404,15 @@ class Throughput(L.Callback):
         super().__init__()
         self.window = window
         self._steps: deque[tuple[int, float]] = deque(maxlen=window)
-        self._last: float | None = None
-
-    # The first batch of an epoch and after a validation is not timed: the gap before it is not training.
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._last = None
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        self._last = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        now = time.perf_counter()
-        if self._last is not None:
-            images = len(batch[0]) * trainer.world_size
-            self._steps.append((images, now - self._last))
-            seconds = sum(s for _, s in self._steps)
-            if seconds > 0:
-                pl_module.log(
-                    "train/images_per_sec", sum(n for n, _ in self._steps) / seconds, batch_size=len(batch[0])
-                )
-        self._last = now
+        step = self.step_seconds()
+        if step is None:
+            return
+        self._steps.append((len(batch[0]) * trainer.world_size, step))
+        seconds = sum(s for _, s in self._steps)
+        if seconds > 0:
+            pl_module.log("train/images_per_sec", sum(n for n, _ in self._steps) / seconds, batch_size=len(batch[0]))
 
 
 class PredictionOverlays(L.Callback):

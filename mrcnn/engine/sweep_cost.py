@@ -16,16 +16,16 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from mrcnn.engine.callbacks import StepTimer
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def _sweep_position() -> tuple[int | None, int | None]:
     return int(hydra.job.num), sweep_job_count(sweep.sweeper.get("params"), sweep.overrides.task)
 
 
-class CostEstimate(L.Callback):
+class CostEstimate(StepTimer):
     """Logs what the run and its sweep cost and how long they have left (rank zero; training steps only).
 
     At the start of training it logs the estimate from the recorded ``step_time_s`` (or says there is none), after
@@ -161,7 +161,6 @@ class CostEstimate(L.Callback):
         self.every_n_steps = every_n_steps
         self.job, self.jobs = job, jobs
         self._times: deque[float] = deque(maxlen=200)
-        self._last: float | None = None
         self._measured_logged = False
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -174,18 +173,10 @@ class CostEstimate(L.Callback):
             steps = int(trainer.estimated_stepping_batches)
             log.info(estimate_line(self.jobs, self.job, steps, trainer.global_step, step_time, source))
 
-    # The first batch of an epoch and after a validation is not timed: the gap before it is not training.
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._last = None
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        self._last = None
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        now = time.perf_counter()
-        if self._last is not None:
-            self._times.append(now - self._last)
-        self._last = now
+        step = self.step_seconds()
+        if step is not None:
+            self._times.append(step)
         if len(self._times) < self.measure_steps:
             return
         every = self.every_n_steps or max(1, int(trainer.estimated_stepping_batches) // 10)
