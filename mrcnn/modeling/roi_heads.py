@@ -312,7 +312,8 @@ class RoIHeads(nn.Module):
             proposals, targets, proposal_valid
         )
         num_images, num_slots = labels.shape
-        box_features = self.box_head(self.box_pooler(features, list(rois.unbind()), image_shapes, every_level=True))
+        per_image = list(rois.unbind())
+        box_features = self.box_head(self.box_pooler(features, per_image, image_shapes, every_level=True))
         class_logits, box_regression = self.box_predictor(box_features)
         class_loss, bbox_loss = fast_rcnn_loss(
             class_logits, box_regression, labels.flatten(), regression_targets, sampled.flatten()
@@ -322,7 +323,7 @@ class RoIHeads(nn.Module):
         num_mask = min(int(self.fg_bg_sampler.batch_size_per_image * self.fg_bg_sampler.positive_fraction), num_slots)
         first = torch.arange(num_mask, device=rois.device)
         mask_logits = self.mask_head(
-            self.positive_mask_features(features, image_shapes, list(rois.unbind()), [first] * num_images, box_features)
+            self.positive_mask_features(features, image_shapes, per_image, [first] * num_images, box_features)
         )
         size = mask_logits.shape[-1]
         gt_masks = torch.cat(
