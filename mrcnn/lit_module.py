@@ -204,13 +204,15 @@ class MaskRCNNModule(L.LightningModule):
         self.loss_watch.push(losses, self.global_step)
         self.loss_watch.check()
         batch_size = len(images)
-        # In the progress bar too, under short names (mrcnn.engine.progress.ProgressBar).
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=batch_size)
-        self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
+        # Not prog_bar=True: Lightning reads every progress-bar metric on the host after every step, which would make
+        # each GPU step wait for the last one to finish. The bar shows the loss watch's host copies instead
+        # (mrcnn.engine.progress.ProgressBar); loggers read these values only at their logging steps.
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=batch_size)
+        self.log("train/loss", total, batch_size=batch_size)
         # A host tensor: Lightning keeps a metric on its value's device, where a float would be copied to the GPU
-        # (a copy from pageable memory, which waits for the GPU's queue) every step.
+        # (a copy from pageable memory, which waits for the GPU's queue) every step. The bar reads the optimizer's.
         lr = torch.tensor(self.optimizers().param_groups[0]["lr"], dtype=torch.float64)
-        self.log("lr", lr, prog_bar=True, batch_size=batch_size)
+        self.log("lr", lr, batch_size=batch_size)
         return total
 
     # ---- validation / test ----------------------------------------------------------------
@@ -284,16 +286,23 @@ class MaskRCNNModule(L.LightningModule):
 
 
 class LossWatch:
-    """Stops training on a non-finite loss without making any GPU step wait for the host.
+    """Stops training on a non-finite loss, and keeps the latest losses for the progress bar, without making any GPU
+    step wait for the host.
 
     Each step's losses are copied to the host asynchronously (``non_blocking``, into pinned memory) behind a CUDA
     event; :meth:`check` reads the copies whose event has completed (usually the previous step's), and ``wait=True``
     reads all (at the end of an epoch). A bad loss stops training at most a few steps late, with the message of
     :func:`check_finite` naming the step it happened at. On the CPU each step is read at once.
+
+    Attributes:
+        latest: the losses of the latest step read, as Python floats (``{}`` before the first).
+        latest_step: that step (-1 before the first).
     """
 
     def __init__(self):
         self.pending: collections.deque = collections.deque()
+        self.latest: dict[str, float] = {}
+        self.latest_step = -1
 
     def push(self, losses: dict[str, Tensor], step: int) -> None:
         values = torch.stack([v.detach().float() for v in losses.values()])
@@ -314,6 +323,7 @@ class LossWatch:
                 event.synchronize()
             self.pending.popleft()
             check_finite(dict(zip(names, values)), step)
+            self.latest, self.latest_step = dict(zip(names, values.tolist())), step
 
 
 def in_display_order(losses: dict[str, Tensor]) -> dict[str, Tensor]:

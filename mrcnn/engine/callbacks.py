@@ -412,7 +412,10 @@ class Throughput(StepTimer):
         self._steps.append((len(batch[0]) * trainer.world_size, step))
         seconds = sum(s for _, s in self._steps)
         if seconds > 0:
-            pl_module.log("train/images_per_sec", sum(n for n, _ in self._steps) / seconds, batch_size=len(batch[0]))
+            # A host tensor: Lightning keeps a metric on its value's device, and a float would be copied to the GPU
+            # every step (a copy from pageable memory, which waits for the GPU's queue).
+            rate = torch.tensor(sum(n for n, _ in self._steps) / seconds, dtype=torch.float64)
+            pl_module.log("train/images_per_sec", rate, batch_size=len(batch[0]))
 
 
 class PredictionOverlays(L.Callback):

@@ -19,10 +19,23 @@ PERCENT = ("val/bbox_AP", "val/segm_AP", "val/cityscapes_AP")
 
 
 class ProgressBar(TQDMProgressBar):
-    """Lightning's tqdm bar with :data:`SHORT_NAMES` and AP in percent; other metrics as logged."""
+    """Lightning's tqdm bar with :data:`SHORT_NAMES` and AP in percent; other metrics as logged.
+
+    The training losses and their sum come from the module's :class:`mrcnn.lit_module.LossWatch`: host copies of the
+    latest step the GPU has finished (on a GPU usually the previous step; on the CPU the current one), and the
+    learning rate from the optimizer. Lightning reads every progress-bar metric (``self.log(..., prog_bar=True)``)
+    on the host after every step, which makes the step wait for the GPU, so the module logs none during training.
+    """
 
     def get_metrics(self, trainer, pl_module) -> dict:
         metrics = super().get_metrics(trainer, pl_module)
+        watch = getattr(pl_module, "loss_watch", None)
+        if watch is not None and watch.latest:
+            training = {f"train/{k}": v for k, v in watch.latest.items()}
+            training["train/loss"] = sum(watch.latest.values())
+            if trainer is not None and trainer.optimizers:
+                training["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+            metrics = {**training, **metrics}
         shown = {}
         for key, value in metrics.items():
             if key in PERCENT and isinstance(value, (int, float)) and value >= 0:

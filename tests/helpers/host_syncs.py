@@ -91,14 +91,37 @@ def _caller() -> str:
     return f"{path}:{frame.f_lineno} {frame.f_code.co_name}"
 
 
-class SyncCounter(collections.Counter):
-    """A ``Counter`` of sync names, with ``where``: a ``Counter`` of ``(name, "file:line function")``."""
+def _on_stack(frames: tuple[tuple[str | None, str | None], ...]) -> bool:
+    """Whether a frame of the calling stack matches one of ``(path fragment or None, function name or None)``."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        path, function = frame.f_code.co_filename, frame.f_code.co_name
+        for fragment, name in frames:
+            if (fragment is None or fragment in path) and (name is None or name == function):
+                return True
+        frame = frame.f_back
+    return False
 
-    def __init__(self):
+
+class SyncCounter(collections.Counter):
+    """A ``Counter`` of sync names, with ``where``: a ``Counter`` of ``(name, "file:line function")``.
+
+    Args:
+        host_side: frames of work that runs on host data in a GPU run too (e.g. loading and collating a batch in the
+            main process): ``(path fragment or None, function name or None)`` pairs; a sync with a matching frame
+            anywhere on its stack is recorded in ``skipped`` (same keys as ``where``) instead of being counted.
+    """
+
+    def __init__(self, host_side: tuple[tuple[str | None, str | None], ...] = ()):
         super().__init__()
         self.where = collections.Counter()
+        self.skipped = collections.Counter()
+        self.host_side = host_side
 
     def add(self, name: str) -> None:
+        if self.host_side and _on_stack(self.host_side):
+            self.skipped[name, _caller()] += 1
+            return
         self[name] += 1
         self.where[name, _caller()] += 1
 
