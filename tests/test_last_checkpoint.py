@@ -1,5 +1,7 @@
-"""LastCheckpoint's every-N saves: at N, 2N, ...; one skipped because a validation follows is made a batch later."""
+"""LastCheckpoint: every-N saves (at N, 2N, ...; one skipped because a validation follows is made a batch later), the
+save where max_steps ends a run mid-epoch, and the processes' agreement on a stop signal."""
 
+import signal
 from types import SimpleNamespace
 
 from mrcnn.engine.callbacks import LastCheckpoint
@@ -32,3 +34,41 @@ def test_a_run_that_max_steps_ends_mid_epoch_is_saved_at_its_last_batch():
     # Where the loader's position is the steps done; by the end of training Lightning counts the epoch complete.
     assert saved_steps(every=0, val_check_batch=100, steps=7, max_steps=7) == [7]
     assert saved_steps(every=4, val_check_batch=100, steps=6, max_steps=6) == [4, 6]
+
+
+def _agree_in_process(rank: int, store: str, out: str) -> None:
+    """One of two processes: rank 1 received SIGTERM; both ask the callback which signal they all stop on, first with
+    the default group a CPU job has (gloo), then as in a GPU job (NCCL reported)."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    # A root device no tensor can be reduced on: the flag must be a host tensor whatever the training device.
+    trainer = SimpleNamespace(
+        world_size=2, global_step=0, received_sigterm=False, strategy=SimpleNamespace(root_device=torch.device("meta"))
+    )
+    results = []
+    for backend in ("gloo", "nccl"):
+        dist.get_backend = lambda group=None, backend=backend: backend
+        callback = LastCheckpoint(dirpath=".")
+        callback.on_train_start(trainer, None)
+        try:
+            callback.received_signal = int(signal.SIGTERM) if rank == 1 else 0
+            results.append(f"{backend} {callback._agreed_signal(trainer)} {callback._flag_group is dist.group.WORLD}")
+        finally:
+            callback._restore_handlers()
+    with open(f"{out}.{rank}", "w") as file:
+        file.write("\n".join(results))
+
+
+def test_processes_agree_on_the_stop_signal_over_a_host_group(tmp_path):
+    # After every step the processes agree on whether any received a stop signal. In a GPU job (NCCL) the flag goes
+    # through a gloo group of its own, so reading the result never waits for the GPU; CPU processes (gloo) use the
+    # default group.
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agree_in_process, args=(str(tmp_path / "store"), str(tmp_path / "agreed")), nprocs=2)
+    sigterm = int(signal.SIGTERM)
+    for rank in (0, 1):
+        lines = (tmp_path / f"agreed.{rank}").read_text().splitlines()
+        assert lines == [f"gloo {sigterm} True", f"nccl {sigterm} False"]

@@ -68,7 +68,8 @@ class LastCheckpoint(L.Callback):
     a job) during training, the run finishes the step it is in, saves ``last.ckpt`` (with the training
     loader's position, so a resumed run sees the batches the uninterrupted run would have seen) and
     raises :class:`TrainingInterrupted`: the process exits with 130 / 143. Under DDP any process's
-    signal stops all of them at the same step (one all-reduce of a flag per step). A signal received
+    signal stops all of them at the same step (one all-reduce of a flag per step, on the host: a GPU step never
+    waits for it). A signal received
     during a validation takes effect when the validation ends. A second Ctrl-C stops at once, saving
     nothing. These handlers replace Lightning's SIGTERM handler while the training loop runs (it would
     stop without saving and exit with 0).
@@ -98,6 +99,7 @@ class LastCheckpoint(L.Callback):
         # The step the every-N count runs from: the start of this fit, then each periodic save.
         self._periodic_base = 0
         self._previous_handlers: dict[int, object] = {}
+        self._flag_group = None  # the host process group the stop flag is agreed on (several processes only)
 
     # ---- saving ---------------------------------------------------------------------------------
 
@@ -180,6 +182,7 @@ class LastCheckpoint(L.Callback):
         if self.stop_on_signal and threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
                 self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        self._flag_group = host_process_group(trainer) if self.stop_on_signal else None
 
     def _on_signal(self, signum: int, frame) -> None:
         if signum == signal.SIGINT and self.received_signal:
@@ -200,9 +203,11 @@ class LastCheckpoint(L.Callback):
         if not self._previous_handlers:  # not handling signals: no process is, so no collective either
             return 0
         signum = self.received_signal or (int(signal.SIGTERM) if trainer.received_sigterm else 0)
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            flag = torch.tensor([signum], device=trainer.strategy.root_device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if self._flag_group is not None:
+            # A host tensor on a host (gloo) group: this runs after every step, and an NCCL all-reduce's result read
+            # back on the host would make each step wait until the GPU has finished it.
+            flag = torch.tensor([signum])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._flag_group)
             signum = int(flag.item())
         return signum
 
@@ -231,6 +236,20 @@ class LastCheckpoint(L.Callback):
             # None: a handler not set from Python; the default is the closest we can restore.
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         self._previous_handlers = {}
+
+
+def host_process_group(trainer: L.Trainer):
+    """A process group of every rank whose collectives run on the host (gloo); ``None`` in a single process.
+
+    The default group when it is gloo already (CPU processes); otherwise (NCCL) a new gloo group, created by every
+    rank at the same point, as ``torch.distributed.new_group`` requires.
+    """
+    dist = torch.distributed
+    if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return None
+    if dist.get_backend() == dist.Backend.GLOO:
+        return dist.group.WORLD
+    return dist.new_group(backend=dist.Backend.GLOO)
 
 
 def _epoch_end_or_validation_follows(trainer: L.Trainer, batch_idx: int) -> bool:
