@@ -1,6 +1,7 @@
 """Bad numbers in a config stop a run before anything is built, with a message that names the key."""
 
 import pytest
+import torch
 
 from mrcnn.engine.config_checks import check_config, config_problems
 from tests.helpers.config import compose_config
@@ -85,3 +86,13 @@ def test_run_py_stops_on_a_negative_batch_size_naming_the_key(tmp_path):
     assert "data.datamodule.batch_size=-2: must be a positive integer" in result.stderr
     assert "trainer.max_epochs=0: must be a positive integer" in result.stderr
     assert "Invalid learning rate" not in result.stderr
+
+
+@pytest.mark.parametrize("trainer", ["gpu", "ddp"])
+def test_a_gpu_trainer_without_a_gpu_says_so_and_how_to_train_on_the_cpu(monkeypatch, trainer):
+    cfg = compose_config([f"trainer={trainer}"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"trainer.accelerator=gpu \(trainer=gpu or trainer=ddp\) needs a CUDA GPU"):
+        check_config(cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_config(cfg)  # with one, nothing to say

@@ -22,6 +22,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 _ABSENT = object()
@@ -513,3 +514,11 @@ def check_config(cfg: DictConfig) -> None:
     missing = path_problems(cfg)
     if missing:
         raise FileNotFoundError("missing input:\n  " + "\n  ".join(missing))
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator", default=None)
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        # Lightning's own message ("No supported gpu backend found!") names neither the switch nor the way out.
+        raise RuntimeError(
+            f"trainer.accelerator={accelerator} (trainer=gpu or trainer=ddp) needs a CUDA GPU, and torch sees none "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}). Leave trainer= out to train on the CPU "
+            "(trainer=ddp_cpu for several CPU processes)."
+        )

@@ -479,10 +479,11 @@ def _ddp_fit(script, folder, ckpt_path="", stop_at=0, signal_at=0):
     return result.returncode, [{int(step): ids for step, ids in json.loads(path.read_text()).items()} for path in paths]
 
 
+@pytest.mark.slow  # the default suite resumes each rank's shard in the SIGTERM test below (with loader workers)
 @pytest.mark.parametrize(
     "grouping,num_workers",
-    # Grouped batches resume part-way in one process in the default suite (test above); under DDP it is slow.
-    [(False, 2), pytest.param(True, 0, marks=pytest.mark.slow)],
+    # Grouped batches resume part-way in one process in the default suite (test above).
+    [(False, 2), (True, 0)],
     ids=["plain-workers", "grouped"],
 )
 def test_resumed_ddp_fit_continues_each_ranks_shard(tmp_path, grouping, num_workers):
@@ -502,8 +503,9 @@ def test_resumed_ddp_fit_continues_each_ranks_shard(tmp_path, grouping, num_work
 
 
 def test_sigterm_to_rank_zero_stops_every_ddp_process_at_its_step_and_resumes(tmp_path):
+    # With loader workers: each rank's loader resumes at its own position in its shard.
     script = tmp_path / "fit.py"
-    script.write_text(DDP_SCRIPT.format(root=str(ROOT), grouping=False, num_workers=0))
+    script.write_text(DDP_SCRIPT.format(root=str(ROOT), grouping=False, num_workers=2))
     _, expected = _ddp_fit(script, tmp_path / "uninterrupted")
     # Rank zero alone gets SIGTERM in step 8 (mid-epoch 1, between the every-4-steps checkpoints): both
     # processes finish step 8, last.ckpt is saved at step 9, and the job exits with 143.
