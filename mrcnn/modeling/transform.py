@@ -161,7 +161,8 @@ class RCNNTransform(GeneralizedRCNNTransform):
 
 
 class BoxCoder(det_utils.BoxCoder):
-    """torchvision's BoxCoder without a host-to-device copy per call (its weights, and 0.5 in decoding)."""
+    """torchvision's BoxCoder without a host-to-device copy per call (its weights, and 0.5 in decoding), decoding
+    in float32 at least (torchvision decodes in the regression outputs' dtype, bf16 under autocast)."""
 
     def __init__(self, weights, bbox_xform_clip: float = det_utils.math.log(1000.0 / 16)):
         super().__init__(weights, bbox_xform_clip)
@@ -172,7 +173,10 @@ class BoxCoder(det_utils.BoxCoder):
         return det_utils.encode_boxes(reference_boxes, proposals, weights)
 
     def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
-        boxes = boxes.to(rel_codes.dtype)
+        # torchvision decodes in the regression outputs' dtype: under bf16 autocast the boxes would be rounded to
+        # bf16's spacing (8 px from 1024). In float32 (or a wider dtype) it is torchvision's arithmetic.
+        dtype = torch.promote_types(rel_codes.dtype, torch.float32)
+        rel_codes, boxes = rel_codes.to(dtype), boxes.to(dtype)
         widths = boxes[:, 2] - boxes[:, 0]
         heights = boxes[:, 3] - boxes[:, 1]
         ctr_x = boxes[:, 0] + 0.5 * widths
