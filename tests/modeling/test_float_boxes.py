@@ -2,8 +2,9 @@
 
 torchvision makes anchors in the feature maps' dtype and decodes boxes in the regression outputs' dtype, so under
 bf16 autocast every coordinate is rounded to bf16's spacing: 4 px from 512, 8 px from 1024. At COCO's 800x1333 that
-moves anchors by up to 7 px and makes about 9% of them duplicates. Ours keeps the box arithmetic in float32 (or the
-inputs' wider dtype); in float32 it is torchvision's, bit for bit (tests/modeling/test_parity.py).
+moves anchors by up to 7 px and makes about 9% of them duplicates, and the RoI heads cast the ground-truth boxes to
+the proposals' dtype before matching them. Ours keeps the box arithmetic in float32 (or the inputs' wider dtype); in
+float32 it is torchvision's, bit for bit (tests/modeling/test_parity.py).
 """
 
 import pytest
