@@ -217,12 +217,8 @@ GPU = Profile(
     total_budget=420,
     train_steps=300,
     train_batch=8,
-    train_overrides=[
-        "trainer=gpu",
-        "data.datamodule.num_workers=4",
-        "data.datamodule.persistent_workers=true",
-        "data.datamodule.pin_memory=true",
-    ],
+    # The default run: trainer=gpu's shapes loader has 4 persistent workers and pinned memory (configs/data/shapes.yaml).
+    train_overrides=["trainer=gpu"],
     bench_image=(800, 1333),
     bench_batch=8,
     bench_steps=5,

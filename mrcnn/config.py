@@ -76,7 +76,7 @@ def _missing_keys(node: DictConfig | ListConfig, path: str) -> list[str]:
 
 
 def register_resolvers() -> None:
-    """Register ``${mrcnn.stage_channels:depth,stage[,width]}`` and ``${mrcnn.per_level:sizes}`` (idempotent)."""
+    """Register the ``${mrcnn.*:...}`` resolvers of the configs (idempotent)."""
     resolvers = {
         # Channels of a ResNet stage, e.g. ${mrcnn.stage_channels:50,4} -> 1024; optional third argument: width.
         "mrcnn.stage_channels": lambda depth, stage, width=64: stage_channels(int(depth), int(stage), int(width)),
@@ -86,6 +86,8 @@ def register_resolvers() -> None:
         "mrcnn.single_level": lambda sizes: OmegaConf.create([[int(s) for s in sizes]]),
         "mrcnn.mul": lambda a, b: a * b,
         "mrcnn.len": lambda seq: len(seq),
+        # A value by where training runs: ${mrcnn.if_cpu:${trainer.accelerator},<on the CPU>,<else>}.
+        "mrcnn.if_cpu": lambda accelerator, on_cpu, otherwise: on_cpu if str(accelerator) == "cpu" else otherwise,
     }
     # List-valued resolvers return a ListConfig so OmegaConf.resolve() can store them in place.
     for name, fn in resolvers.items():

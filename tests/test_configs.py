@@ -238,3 +238,18 @@ def test_a_backbone_file_that_leaves_a_declared_key_unset_fails_at_compose_namin
     # The same file with every key composes.
     (tmp_path / "model" / "backbone" / "partial.yaml").write_text("# @package model\n" + OmegaConf.to_yaml(fpn))
     compose_config([f"hydra.searchpath=[file://{tmp_path}]", "model/backbone=partial"])
+
+
+@pytest.mark.parametrize(
+    "overrides, workers, persistent",
+    [
+        ([], 0, False),  # the CPU: generating in the main process beats handing images over from workers
+        (["trainer=ddp_cpu"], 0, False),
+        (["trainer=gpu"], 4, True),  # a GPU: the main process's time bounds the step
+        (["trainer=ddp"], 4, True),
+        (["trainer=gpu", "data.datamodule.num_workers=0"], 0, False),  # no workers to keep
+    ],
+)
+def test_the_shapes_loader_workers_follow_where_training_runs(overrides, workers, persistent):
+    datamodule = instantiate(compose_config(overrides).data.datamodule)
+    assert (datamodule.num_workers, datamodule.persistent_workers) == (workers, persistent)
