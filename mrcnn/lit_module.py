@@ -123,6 +123,7 @@ class MaskRCNNModule(L.LightningModule):
         self.last_metrics: dict[str, float] = {}
         self.last_metrics_step = -1
         self.loss_watch = LossWatch()
+        self.step_lr: float | None = None  # the learning rate of the latest training step
         # Why the last evaluation had nothing to score (CocoEvaluator.nothing_to_score), or None.
         self.nothing_to_score: str | None = None
 
@@ -210,9 +211,9 @@ class MaskRCNNModule(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=batch_size)
         self.log("train/loss", total, batch_size=batch_size)
         # A host tensor: Lightning keeps a metric on its value's device, where a float would be copied to the GPU
-        # (a copy from pageable memory, which waits for the GPU's queue) every step. The bar reads the optimizer's.
-        lr = torch.tensor(self.optimizers().param_groups[0]["lr"], dtype=torch.float64)
-        self.log("lr", lr, batch_size=batch_size)
+        # (a copy from pageable memory, which waits for the GPU's queue) every step.
+        self.step_lr = self.optimizers().param_groups[0]["lr"]  # the bar shows it beside this step's losses
+        self.log("lr", torch.tensor(self.step_lr, dtype=torch.float64), batch_size=batch_size)
         return total
 
     # ---- validation / test ----------------------------------------------------------------

@@ -92,7 +92,11 @@ def test_run_py_stops_on_a_negative_batch_size_naming_the_key(tmp_path):
 def test_a_gpu_trainer_without_a_gpu_says_so_and_how_to_train_on_the_cpu(monkeypatch, trainer):
     cfg = compose_config([f"trainer={trainer}"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match=r"trainer.accelerator=gpu \(trainer=gpu or trainer=ddp\) needs a CUDA GPU"):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"trainer.accelerator=gpu \(trainer=gpu or trainer=ddp\) needs a GPU"):
         check_config(cfg)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    check_config(cfg)  # Apple's GPU: Lightning's "gpu" takes it
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     check_config(cfg)  # with one, nothing to say

@@ -251,5 +251,7 @@ def test_a_backbone_file_that_leaves_a_declared_key_unset_fails_at_compose_namin
     ],
 )
 def test_the_shapes_loader_workers_follow_where_training_runs(overrides, workers, persistent):
-    datamodule = instantiate(compose_config(overrides).data.datamodule)
+    cfg = compose_config(overrides)
+    datamodule = instantiate(cfg.data.datamodule)
     assert (datamodule.num_workers, datamodule.persistent_workers) == (workers, persistent)
+    assert cfg.data.datamodule.pin_memory is (cfg.trainer.accelerator != "cpu")  # pinned for a GPU only

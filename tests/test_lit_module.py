@@ -112,6 +112,8 @@ def test_a_loss_a_head_adds_counts_in_the_total_and_in_every_log(tmp_path):
     # The progress bar shows it under its logged name, beside the five short ones.
     bar = ProgressBar().get_metrics(trainer, module)
     assert "train/box_weight_penalty" in bar and "mask" in bar
+    assert trainer.optimizers[0].param_groups[0]["lr"] != module.step_lr  # the scheduler has stepped since
+    assert bar["lr"] == float(logged["lr"])  # the step's learning rate, not the next one's (warmup changes it)
     # Validation sums and logs it too.
     trainer.validate(module, datamodule=datamodule, verbose=False)
     logged = trainer.logged_metrics

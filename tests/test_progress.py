@@ -22,16 +22,15 @@ def test_the_bar_shows_every_loss_short_and_ap_in_percent(monkeypatch):
     assert shown["lr"] == 0.01 and shown["v_num"] == 3
 
 
-def test_the_bar_shows_the_losses_the_loss_watch_read_and_the_optimizers_learning_rate():
+def test_the_bar_shows_the_losses_the_loss_watch_read_and_the_steps_learning_rate():
     # During training the module logs nothing with prog_bar=True (Lightning would read it on the host after every
-    # step): the bar takes the latest losses read from the host copies, and the learning rate from the optimizer.
+    # step): the bar takes the latest losses read from the host copies, and the learning rate the step used.
     watch = LossWatch()
     watch.push({k: torch.tensor(float(i)) for i, k in enumerate(LOSS_KEYS)}, step=7)
     watch.check()
     assert watch.latest_step == 7
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0125)
-    trainer = SimpleNamespace(optimizers=[optimizer], progress_bar_metrics={}, loggers=[], logger=None)
-    shown = ProgressBar().get_metrics(trainer, SimpleNamespace(loss_watch=watch))
+    trainer = SimpleNamespace(progress_bar_metrics={}, loggers=[], logger=None)
+    shown = ProgressBar().get_metrics(trainer, SimpleNamespace(loss_watch=watch, step_lr=0.0125))
     assert [shown[SHORT_NAMES[f"train/{k}"]] for k in LOSS_KEYS] == [0.0, 1.0, 2.0, 3.0, 4.0]
     assert shown["loss"] == 10.0 and shown["lr"] == 0.0125
     assert list(shown)[:6] == [

@@ -238,18 +238,26 @@ class LastCheckpoint(L.Callback):
         self._previous_handlers = {}
 
 
+_HOST_GROUPS: dict = {}  # default process group -> its gloo twin, made once per process
+
+
 def host_process_group(trainer: L.Trainer):
     """A process group of every rank whose collectives run on the host (gloo); ``None`` in a single process.
 
-    The default group when it is gloo already (CPU processes); otherwise (NCCL) a new gloo group, created by every
-    rank at the same point, as ``torch.distributed.new_group`` requires.
+    The default group when it is gloo already (CPU processes); otherwise (NCCL) a gloo group over the same ranks,
+    created once per default group by every rank at the same point, as ``torch.distributed.new_group`` requires.
+    Across nodes gloo talks over TCP: on a cluster whose hostnames do not resolve to the interface the nodes share,
+    set ``GLOO_SOCKET_IFNAME`` (as for ``trainer=ddp_cpu``).
     """
     dist = torch.distributed
     if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
         return None
     if dist.get_backend() == dist.Backend.GLOO:
         return dist.group.WORLD
-    return dist.new_group(backend=dist.Backend.GLOO)
+    world = dist.group.WORLD
+    if world not in _HOST_GROUPS:
+        _HOST_GROUPS[world] = dist.new_group(backend=dist.Backend.GLOO)
+    return _HOST_GROUPS[world]
 
 
 def _epoch_end_or_validation_follows(trainer: L.Trainer, batch_idx: int) -> bool:

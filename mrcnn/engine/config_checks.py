@@ -515,10 +515,12 @@ def check_config(cfg: DictConfig) -> None:
     if missing:
         raise FileNotFoundError("missing input:\n  " + "\n  ".join(missing))
     accelerator = OmegaConf.select(cfg, "trainer.accelerator", default=None)
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+    # Lightning's "gpu" is CUDA, or Apple's MPS where there is no CUDA.
+    has_gpu = torch.cuda.is_available() or (accelerator == "gpu" and torch.backends.mps.is_available())
+    if accelerator in ("gpu", "cuda") and not has_gpu:
         # Lightning's own message ("No supported gpu backend found!") names neither the switch nor the way out.
         raise RuntimeError(
-            f"trainer.accelerator={accelerator} (trainer=gpu or trainer=ddp) needs a CUDA GPU, and torch sees none "
+            f"trainer.accelerator={accelerator} (trainer=gpu or trainer=ddp) needs a GPU, and torch sees none "
             f"(torch {torch.__version__}, CUDA build {torch.version.cuda}). Leave trainer= out to train on the CPU "
             "(trainer=ddp_cpu for several CPU processes)."
         )

@@ -23,7 +23,7 @@ class ProgressBar(TQDMProgressBar):
 
     The training losses and their sum come from the module's :class:`mrcnn.lit_module.LossWatch`: host copies of the
     latest step the GPU has finished (on a GPU usually the previous step; on the CPU the current one), and the
-    learning rate from the optimizer. Lightning reads every progress-bar metric (``self.log(..., prog_bar=True)``)
+    learning rate of the latest step (``step_lr``). Lightning reads every progress-bar metric (``self.log(..., prog_bar=True)``)
     on the host after every step, which makes the step wait for the GPU, so the module logs none during training.
     """
 
@@ -33,8 +33,9 @@ class ProgressBar(TQDMProgressBar):
         if watch is not None and watch.latest:
             training = {f"train/{k}": v for k, v in watch.latest.items()}
             training["train/loss"] = sum(watch.latest.values())
-            if trainer is not None and trainer.optimizers:
-                training["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+            if getattr(pl_module, "step_lr", None) is not None:
+                # The step's own: by the bar's update Lightning has already stepped the scheduler.
+                training["lr"] = pl_module.step_lr
             metrics = {**training, **metrics}
         shown = {}
         for key, value in metrics.items():

@@ -11,20 +11,22 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, con
 from torchvision.ops import boxes as box_ops
 
 from mrcnn.modeling import sampling
-from mrcnn.modeling.transform import BoxCoder
+from mrcnn.modeling.transform import BoxCoder, box_dtype
 
 
 class AnchorGenerator(anchor_utils.AnchorGenerator):
-    """torchvision's anchors, in float32 whatever the feature maps' dtype, and made once per input size.
+    """torchvision's anchors, in float32 under autocast whatever the feature maps' dtype, and made once per input size.
 
     torchvision makes them in the feature maps' dtype: under bf16 autocast every coordinate is rounded to bf16's
     spacing (4 px from 512, 8 px from 1024); at 800x1333 anchors move by up to 7 px and about 9% become duplicates.
-    In float32 (or a wider dtype, which is kept) they are torchvision's, bit for bit. They depend only on the padded
-    input size and the feature-map sizes, so those of the last ``cache_size`` sizes are kept, not remade every step.
+    Under autocast they are made in float32 (or a wider dtype, which is kept), where they are torchvision's, bit for
+    bit; without it in the maps' dtype, as torchvision (:func:`mrcnn.modeling.transform.box_dtype`). They depend only
+    on the padded input size and the feature-map sizes, so those of the last ``cache_size`` sizes are kept, not
+    remade every step.
 
     Args:
         sizes, aspect_ratios: torchvision's ``AnchorGenerator`` arguments (per feature map).
-        cache_size: how many input sizes to keep the anchors of.
+        cache_size: how many input sizes to keep the anchors of (0: none).
     """
 
     def __init__(self, sizes, aspect_ratios, cache_size: int = 16):
@@ -34,21 +36,28 @@ class AnchorGenerator(anchor_utils.AnchorGenerator):
 
     def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
         """Returns per image the ``[A, 4]`` anchors of every level, concatenated (one tensor shared by all images)."""
-        dtype = torch.promote_types(feature_maps[0].dtype, torch.float32)
-        device = feature_maps[0].device
+        dtype, device = box_dtype(feature_maps[0]), feature_maps[0].device
         image_size = tuple(image_list.tensors.shape[-2:])
         key = (image_size, tuple(tuple(f.shape[-2:]) for f in feature_maps), dtype, device)
         anchors = self._cache.get(key)
-        if anchors is None:
+        if anchors is not None:
+            self._cache.move_to_end(key)
+        else:
             # torchvision's computation for one image, on stand-ins that carry only the sizes, dtype and device.
-            one_image = ImageList(torch.empty((1, 0, *image_size), device=device), [image_size])
-            maps = [torch.empty((1, 0, *f.shape[-2:]), dtype=dtype, device=device) for f in feature_maps]
-            anchors = super().forward(one_image, maps)[0]
-            self._cache[key] = anchors
-            if len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(key)
+            # Normal tensors even when made under inference_mode (a validation), as training reuses them.
+            with torch.inference_mode(False), torch.no_grad():
+                one_image = ImageList(torch.empty((1, 0, *image_size), device=device), [image_size])
+                maps = [torch.empty((1, 0, *f.shape[-2:]), dtype=dtype, device=device) for f in feature_maps]
+                anchors = super().forward(one_image, maps)[0]
+            if self.cache_size > 0:
+                self._cache[key] = anchors
+                if len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
         return [anchors] * len(image_list.image_sizes)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cache.clear()  # moved or cast: the kept anchors would hold memory on the old device
+        return super()._apply(fn, *args, **kwargs)
 
 
 class RPN(RegionProposalNetwork):

@@ -160,9 +160,22 @@ class RCNNTransform(GeneralizedRCNNTransform):
         return image, target
 
 
+def box_dtype(values: Tensor) -> torch.dtype:
+    """The dtype for box coordinates computed from ``values``: float32 at least under autocast, else ``values``'.
+
+    Under autocast a layer's reduced-precision output (bf16, fp16) says nothing about the precision boxes need, and
+    their coordinates would be rounded to its spacing (bf16: 4 px from 512, 8 px from 1024). A model run in half
+    precision without autocast (``model.half()``, ``trainer.precision=16-true``) keeps its dtype everywhere: its
+    RoIAlign and NMS kernels need the boxes in the features' dtype.
+    """
+    if torch.is_autocast_enabled(values.device.type):
+        return torch.promote_types(values.dtype, torch.float32)
+    return values.dtype
+
+
 class BoxCoder(det_utils.BoxCoder):
     """torchvision's BoxCoder without a host-to-device copy per call (its weights, and 0.5 in decoding), decoding
-    in float32 at least (torchvision decodes in the regression outputs' dtype, bf16 under autocast)."""
+    in float32 at least under autocast (:func:`box_dtype`; torchvision decodes in the regression outputs' dtype)."""
 
     def __init__(self, weights, bbox_xform_clip: float = det_utils.math.log(1000.0 / 16)):
         super().__init__(weights, bbox_xform_clip)
@@ -175,7 +188,7 @@ class BoxCoder(det_utils.BoxCoder):
     def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
         # torchvision decodes in the regression outputs' dtype: under bf16 autocast the boxes would be rounded to
         # bf16's spacing (8 px from 1024). In float32 (or a wider dtype) it is torchvision's arithmetic.
-        dtype = torch.promote_types(rel_codes.dtype, torch.float32)
+        dtype = box_dtype(rel_codes)
         rel_codes, boxes = rel_codes.to(dtype), boxes.to(dtype)
         widths = boxes[:, 2] - boxes[:, 0]
         heights = boxes[:, 3] - boxes[:, 1]
