@@ -91,8 +91,10 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], paddi
     sizes = (boxes[:, 2:] - boxes[:, :2] + 1).clamp(min=1)  # torchvision's w, h: at least one pixel
     across = _interpolation_matrix(boxes[:, 0], sizes[:, 0], source, width)  # [D, W, P]
     down = _interpolation_matrix(boxes[:, 1], sizes[:, 1], source, height)  # [D, H, P]
-    # In float32, rounded once to the masks' dtype (torch's kernel accumulates bf16 / fp16 in float32 too).
-    pasted = down @ (masks[:, 0].float() @ across.transpose(1, 2))
+    # In float32, rounded once to the masks' dtype (torch's kernel accumulates bf16 / fp16 in float32 too); with
+    # autocast off, which would run the products in bf16 (weights and sums to 3 digits) during a bf16 validation.
+    with torch.autocast(masks.device.type, enabled=False):
+        pasted = down @ (masks[:, 0].float() @ across.transpose(1, 2))
     return pasted.to(masks.dtype)[:, None]
 
 

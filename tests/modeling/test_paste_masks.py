@@ -42,6 +42,15 @@ def test_no_detections_and_low_precision():
     torch.testing.assert_close(half.float(), paste_masks(masks, boxes, (40, 50)), rtol=0, atol=4e-3)
 
 
+def test_pasting_under_bf16_autocast_computes_in_float32():
+    # A bf16-mixed validation pastes under autocast: the products must not drop to bf16 there.
+    masks, boxes = detections(20, 90, 110, seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = paste_masks(masks, boxes, (90, 110))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, paste_masks(masks, boxes, (90, 110)), rtol=0, atol=0)
+
+
 def test_postprocess_pastes_without_a_host_read_per_detection():
     transform = RCNNTransform((64,), 96, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]).eval()
     masks, boxes = detections(30, 48, 64)
