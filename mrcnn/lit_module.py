@@ -210,9 +210,9 @@ class MaskRCNNModule(L.LightningModule):
         # (mrcnn.engine.progress.ProgressBar); loggers read these values only at their logging steps.
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=batch_size)
         self.log("train/loss", total, batch_size=batch_size)
+        self.step_lr = self.optimizers().param_groups[0]["lr"]  # the bar shows it beside this step's losses
         # A host tensor: Lightning keeps a metric on its value's device, where a float would be copied to the GPU
         # (a copy from pageable memory, which waits for the GPU's queue) every step.
-        self.step_lr = self.optimizers().param_groups[0]["lr"]  # the bar shows it beside this step's losses
         self.log("lr", torch.tensor(self.step_lr, dtype=torch.float64), batch_size=batch_size)
         return total
 

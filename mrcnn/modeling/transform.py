@@ -72,7 +72,7 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], paddi
     Bilinear resizing is separable, so each pasted mask is ``Wy @ mask @ Wx^T``, where ``Wx [W, P]`` and
     ``Wy [H, P]`` hold torch's bilinear weights for the box's pixels (two per row, zero outside the box): two
     batched matrix products for all detections. The values are torchvision's to float32 rounding (sums in another
-    order: about 1e-6 at most, ``tests/modeling/test_transform.py``).
+    order: about 1e-6 at most, ``tests/modeling/test_paste_masks.py``).
 
     Args:
         masks: ``[D, 1, M, M]`` probabilities in the box frame.
