@@ -153,29 +153,17 @@ def _select_class(mask_logits: Tensor, labels: Tensor) -> Tensor:
     return mask_logits[torch.arange(len(labels), device=labels.device), index]
 
 
-def _mean_over_rows(pixel_losses: Tensor, valid: Tensor) -> Tensor:
-    """The mean of ``pixel_losses [R, M, M]`` over the rows where ``valid [R]`` (bool) is set, without a host read:
-    the mean over the valid rows alone, to float rounding (0 when none is valid)."""
-    per_row = torch.where(valid, pixel_losses.flatten(start_dim=1).sum(dim=1), 0.0)
-    return per_row.sum() / (valid.sum() * pixel_losses[0].numel()).clamp(min=1)
-
-
-def mask_loss_sigmoid(mask_logits: Tensor, labels: Tensor, targets: Tensor, valid: Tensor | None = None) -> Tensor:
+def mask_loss_sigmoid(mask_logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
     """Per-class binary cross-entropy on the ground-truth class's channel only (the paper's default).
 
     Args:
         mask_logits: ``[R, C, M, M]``.
         labels: int64 ``[R]`` ground-truth class of each positive RoI.
         targets: ``[R, M, M]`` foreground probability of each pixel, in [0, 1] (soft or binary).
-        valid: ``None`` (every row is a positive RoI), or bool ``[R]``: the rows that count, for RoI heads that run
-            the mask head on a fixed number of rows (``RoIHeads(batched_sampling=True)``); the others get no weight.
     """
     if targets.numel() == 0:
         # Keep every parameter in the graph (DDP with find_unused_parameters=False needs it).
         return mask_logits.sum() * 0
-    if valid is not None:
-        losses = F.binary_cross_entropy_with_logits(_select_class(mask_logits, labels), targets, reduction="none")
-        return _mean_over_rows(losses, valid)
     return F.binary_cross_entropy_with_logits(_select_class(mask_logits, labels), targets)
 
 
@@ -186,7 +174,7 @@ def mask_inference_sigmoid(mask_logits: Tensor, labels: Tensor) -> Tensor:
     return _select_class(mask_logits, labels).sigmoid()[:, None]
 
 
-def mask_loss_softmax(mask_logits: Tensor, labels: Tensor, targets: Tensor, valid: Tensor | None = None) -> Tensor:
+def mask_loss_softmax(mask_logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
     """Multinomial loss: a per-pixel softmax over all ``K + 1`` channels, so classes compete.
 
     Each pixel's target is a distribution over the channels: the RoI's ground-truth class with probability
@@ -199,7 +187,6 @@ def mask_loss_softmax(mask_logits: Tensor, labels: Tensor, targets: Tensor, vali
         mask_logits: ``[R, K+1, M, M]``.
         labels: int64 ``[R]`` ground-truth class (1..K) of each positive RoI.
         targets: ``[R, M, M]`` foreground probability of each pixel, in [0, 1] (soft or binary).
-        valid: as :func:`mask_loss_sigmoid`'s.
     """
     if targets.numel() == 0:
         return mask_logits.sum() * 0
@@ -208,7 +195,7 @@ def mask_loss_softmax(mask_logits: Tensor, labels: Tensor, targets: Tensor, vali
     log_probs = F.log_softmax(mask_logits, dim=1)
     class_log_probs = _select_class(log_probs, labels)
     losses = -(targets * class_log_probs + (1 - targets) * log_probs[:, 0])
-    return losses.mean() if valid is None else _mean_over_rows(losses, valid)
+    return losses.mean()
 
 
 def mask_inference_softmax(mask_logits: Tensor, labels: Tensor) -> Tensor:
@@ -221,8 +208,7 @@ def mask_inference_softmax(mask_logits: Tensor, labels: Tensor) -> Tensor:
 class MaskLoss:
     """A mask loss and its inference, the pair the RoI heads call; a config names one subclass (model/mask_loss).
 
-    ``loss(mask_logits [R, C, M, M], labels [R], targets [R, M, M], valid=None) -> scalar`` (``valid``: bool ``[R]``
-    rows that count, or ``None`` for all; the fixed-size RoI layout of ``RoIHeads(batched_sampling=True)`` passes it) and
+    ``loss(mask_logits [R, C, M, M], labels [R], targets [R, M, M]) -> scalar`` and
     ``inference(mask_logits [D, C, M, M], labels [D]) -> [D, 1, M, M]`` probabilities. ``per_class_only``: the loss
     needs per-class mask channels (a class-agnostic head is an error).
     """

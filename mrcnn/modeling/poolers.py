@@ -92,46 +92,52 @@ class RoIPooler(nn.Module):
         features: dict[str, Tensor],
         boxes: list[Tensor],
         image_shapes: list[tuple[int, int]],
-        every_level: bool = False,
+        valid: Tensor | None = None,
     ) -> Tensor:
         """
         Args:
             features: backbone outputs, each ``[B, C, H_l, W_l]``.
             boxes: per-image RoIs ``[R_i, 4]`` xyxy in resized-image pixels.
             image_shapes: per-image ``(H, W)`` after resizing, before padding.
-            every_level: with several levels, pool every RoI at every level and keep each RoI's own level's
-                output: the same values and gradients (each output row depends on its RoI and its map only; the
-                other levels' rows get zero gradient), no host read of how many RoIs each level has, at
-                ``levels`` times the pooling work. ``RoIHeads(batched_sampling=True)`` uses it in training.
+            valid: ``None`` (pool every RoI), or bool ``[sum R_i]``: pool only these RoIs, e.g. the positives among
+                ``RoIHeads(batched_sampling=True)``'s fixed slots. Their number is read on the host together with
+                the level sizes, in the one read a pyramid needs anyway (a single map: one read of the count).
 
         Returns:
-            ``[sum R_i, C, S, S]`` pooled features, in the order of ``boxes``.
+            ``[sum R_i, C, S, S]`` pooled features, in the order of ``boxes``; with ``valid``, ``[V, C, S, S]``
+            for its ``V`` set rows, in the same order.
         """
         maps = [features[name] for name in self.featmap_names]
         max_h = max(s[0] for s in image_shapes)
         scales = [infer_scale(m.shape[-2], max_h) for m in maps]
         rois = boxes_to_rois(boxes)
         if len(maps) == 1:
+            if valid is not None:
+                # The set rows, in order (a stable sort puts them first), after one read of their count.
+                rois = rois[torch.argsort(~valid, stable=True)[: int(valid.sum())]]
             return self.pool_level(maps[0], rois, scales[0])
 
         k_min = int(-math.log2(scales[0]))
         k_max = int(-math.log2(scales[-1]))
         levels = assign_levels(boxes, k_min, k_max, self.canonical_scale, self.canonical_level)
-        if every_level:
-            out = None
-            for level, (feature, scale) in enumerate(zip(maps, scales)):
-                pooled = self.pool_level(feature, rois, scale).to(maps[0].dtype)
-                out = pooled if out is None else torch.where((levels == level)[:, None, None, None], pooled, out)
-            return out
+        if valid is not None:
+            levels = torch.where(valid, levels, len(maps))  # one more group, never pooled
         # RoIs grouped by level (a stable sort keeps their order within a level, so each level pools, and its
         # backward accumulates, exactly as with one selection per level), then one host read of the group sizes
         # where a selection per level would make a GPU wait once per level.
         order = torch.argsort(levels, stable=True)
-        per_level = (levels[None, :] == torch.arange(len(maps), device=levels.device)[:, None]).sum(dim=1)
-        groups = rois[order].split(per_level.tolist())
-        pooled = [self.pool_level(feature, group, scale) for feature, group, scale in zip(maps, groups, scales)]
-        out = rois.new_zeros((len(rois), maps[0].shape[1], self.output_size, self.output_size), dtype=maps[0].dtype)
-        out[order] = torch.cat([p.to(out.dtype) for p in pooled])
+        groups = torch.arange(len(maps) + (valid is not None), device=levels.device)
+        sizes = (levels[None, :] == groups[:, None]).sum(dim=1).tolist()
+        pooled = [
+            self.pool_level(feature, group, scale)
+            for feature, group, scale in zip(maps, rois[order].split(sizes), scales)
+        ]
+        count = sum(sizes[: len(maps)])
+        out = rois.new_zeros((count, maps[0].shape[1], self.output_size, self.output_size), dtype=maps[0].dtype)
+        index = order[:count]
+        if valid is not None:
+            index = (torch.cumsum(valid, dim=0) - 1)[index]  # a pooled RoI's row: its place among the valid ones
+        out[index] = torch.cat([p.to(out.dtype) for p in pooled])
         return out
 
 

@@ -7,7 +7,6 @@ Two designs, as in the paper's Fig. 4: :class:`RoIHeads` (FPN, C5) pools the mas
 from the backbone; :class:`Res5RoIHeads` (C4) runs the mask head on the res5 box head's output.
 """
 
-import itertools
 import warnings
 from collections.abc import Callable
 
@@ -52,13 +51,14 @@ class RoIHeads(nn.Module):
             above the largest, to the next multiple of it. ``None``: no padding. Padded rows are zero features
             whose outputs are dropped before any loss, so they carry no weight and no gradient
             (:func:`pad_to_bucket`). Heads with BatchNorm (batch statistics) refuse it.
-        batched_sampling: in training, match and sample the RoIs of all images at once and run each head on a fixed
-            number of rows per image, without a host read (:meth:`sample_rois_batched`): ``min(batch_size_per_image,
-            candidates)`` RoI slots for the box head and ``int(batch_size_per_image * positive_fraction)`` of them
-            for the mask head, the rows beyond the sample weighted zero in the losses (the same losses as the sampled
-            rows alone, to float rounding), and the poolers pool every level (``every_level``). torchvision's
-            sample counts and distribution, drawn by random keys (:func:`mrcnn.modeling.sampling.sample`). Heads
-            with BatchNorm fall back to the per-image path (the padding rows would enter their batch statistics).
+        batched_sampling: in training, match and sample the RoIs of all images at once (:meth:`sample_rois_batched`):
+            torchvision's sample counts and distribution, drawn by random keys (:func:`mrcnn.modeling.sampling.sample`)
+            instead of per-image ``nonzero`` and ``randperm``. The box head runs on a fixed ``min(batch_size_per_image,
+            candidates)`` RoI slots per image, the slots beyond the sample weighted zero in its losses (the same
+            losses as the sampled rows alone, to float rounding); the mask head on the positives alone, whose count
+            the host reads once, in the mask pooler's read of its level sizes (so ``roi_buckets`` gives it repeating
+            shapes). Heads with BatchNorm fall back to the per-image path (unsampled slots would enter their batch
+            statistics).
     """
 
     def __init__(
@@ -292,7 +292,8 @@ class RoIHeads(nn.Module):
         positives = [torch.where(image_labels > 0)[0] for image_labels in labels]
         pos_rois = [r[p] for r, p in zip(rois, positives)]
         mask_logits = self.run_head(
-            self.mask_head, self.positive_mask_features(features, image_shapes, rois, positives, box_features)
+            self.mask_head,
+            self.positive_mask_features(features, image_shapes, rois, torch.cat(labels) > 0, box_features),
         )
         size = mask_logits.shape[-1]
         gt_labels = torch.cat([t["labels"][m[p]] for t, m, p in zip(targets, matched_idxs, positives)])
@@ -306,39 +307,45 @@ class RoIHeads(nn.Module):
         return {"fastrcnn_class_loss": class_loss, "fastrcnn_bbox_loss": bbox_loss, "maskrcnn_mask_loss": mask_loss}
 
     def _batched_losses(self, features, proposals, image_shapes, targets, proposal_valid=None) -> dict[str, Tensor]:
-        """:meth:`_losses` on the fixed layout of :meth:`sample_rois_batched`: every shape is set by the batch size
-        and the sampling settings, and nothing waits on the host."""
+        """:meth:`_losses` on the fixed layout of :meth:`sample_rois_batched`: the box head's shape is set by the
+        batch size and the sampling settings, and the host reads only how many positives the mask head gets (in
+        the mask pooler's one read of its level sizes; C4: one read of the count) and the box pooler's level sizes.
+        """
         rois, labels, sampled, matched_idxs, regression_targets = self.sample_rois_batched(
             proposals, targets, proposal_valid
         )
         num_images, num_slots = labels.shape
         per_image = list(rois.unbind())
-        box_features = self.box_head(self.box_pooler(features, per_image, image_shapes, every_level=True))
+        box_features = self.box_head(self.box_pooler(features, per_image, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
         class_loss, bbox_loss = fast_rcnn_loss(
             class_logits, box_regression, labels.flatten(), regression_targets, sampled.flatten()
         )
 
-        # Mask branch: the first slots of each image, which hold all its sampled positives; the rest weigh nothing.
-        num_mask = min(int(self.fg_bg_sampler.batch_size_per_image * self.fg_bg_sampler.positive_fraction), num_slots)
-        first = torch.arange(num_mask, device=rois.device)
-        mask_logits = self.mask_head(
-            self.positive_mask_features(features, image_shapes, per_image, [first] * num_images, box_features)
+        # Mask branch: the positive slots only, which are among the first num_mask of each image.
+        positive = labels.flatten() > 0
+        mask_logits = self.run_head(
+            self.mask_head, self.positive_mask_features(features, image_shapes, per_image, positive, box_features)
         )
+        # The positives' slots, in order: a stable sort puts them first, and the mask head's rows say how many.
+        slots = torch.argsort(~positive, stable=True)[: len(mask_logits)]
+        num_mask = min(int(self.fg_bg_sampler.batch_size_per_image * self.fg_bg_sampler.positive_fraction), num_slots)
         size = mask_logits.shape[-1]
+        # Targets for the first num_mask slots of every image (no read of how many each image has), then the
+        # positives' rows.
         gt_masks = torch.cat(
             [
                 mask_targets(
                     t["masks"], r[:num_mask], m[:num_mask], size, self.aligned_mask_targets, self.mask_target_form
                 )
                 if len(t["masks"])
-                # No ground truth, so no positive: any finite target will do.
+                # No ground truth, so no positive: these rows are never picked.
                 else r.new_zeros((num_mask, size, size))
                 for t, r, m in zip(targets, rois, matched_idxs)
             ]
         )
-        mask_labels = labels[:, :num_mask].flatten()
-        mask_loss = self.mask_loss.loss(mask_logits, mask_labels, gt_masks, mask_labels > 0)
+        image, slot = slots // num_slots, slots % num_slots
+        mask_loss = self.mask_loss.loss(mask_logits, labels.flatten()[slots], gt_masks[image * num_mask + slot])
         return {"fastrcnn_class_loss": class_loss, "fastrcnn_bbox_loss": bbox_loss, "maskrcnn_mask_loss": mask_loss}
 
     def _detect(self, features, proposals, image_shapes, proposal_valid=None) -> list[dict[str, Tensor]]:
@@ -374,22 +381,20 @@ class RoIHeads(nn.Module):
         features: dict[str, Tensor],
         image_shapes: list[tuple[int, int]],
         rois: list[Tensor],
-        positives: list[Tensor],
+        positive: Tensor,
         box_features: Tensor,
     ) -> Tensor:
         """The mask head's input for the positive sampled RoIs, in training.
 
         Args:
             rois: per image sampled RoIs ``[S_i, 4]``.
-            positives: per image indices of the positive RoIs into ``rois[i]``.
+            positive: bool ``[sum S_i]``, the positive RoIs.
             box_features: the box head's output for all sampled RoIs, ``[sum S_i, ...]`` (unused here).
 
         Returns:
-            ``[sum P_i, C, M, M]`` pooled features of the positive RoIs.
+            ``[P, C, M, M]`` pooled features of the ``P`` positive RoIs, in order.
         """
-        return self.mask_pooler(
-            features, [r[p] for r, p in zip(rois, positives)], image_shapes, every_level=self.batched_sampling
-        )
+        return self.mask_pooler(features, rois, image_shapes, valid=positive)
 
     def detection_mask_features(
         self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
@@ -424,10 +429,9 @@ class Res5RoIHeads(RoIHeads):
         """res5 starts with a stride-2 block: 14x14 RoIs give the mask head 7x7 features."""
         return (box_resolution + 1) // 2
 
-    def positive_mask_features(self, features, image_shapes, rois, positives, box_features) -> Tensor:
-        # Rows of box_features follow the concatenated sampled RoIs: offset each image's positives.
-        offsets = itertools.accumulate([0] + [len(r) for r in rois[:-1]])  # host numbers: no read of a tensor
-        return box_features[torch.cat([p + o for p, o in zip(positives, offsets)])]
+    def positive_mask_features(self, features, image_shapes, rois, positive, box_features) -> Tensor:
+        # Rows of box_features follow the sampled RoIs: the positive ones, in order, after one read of their count.
+        return box_features[torch.argsort(~positive, stable=True)[: int(positive.sum())]]
 
     def detection_mask_features(self, features, boxes, image_shapes) -> Tensor:
         return self.run_head(self.box_head, self.box_pooler(features, boxes, image_shapes))
