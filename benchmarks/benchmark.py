@@ -423,25 +423,34 @@ def summarize(times: list[float], images: int) -> dict:
     }
 
 
-def train_phase(args, cfg, module, theirs, loaders, device, memory, save=lambda partial: None) -> dict:
-    """Alternating rounds of ``--steps`` training steps: Lightning (ours), plain loop (torchvision).
+def train_phase(args, cfg, modules, theirs, loaders, device, memory, save=lambda partial: None) -> dict:
+    """Alternating rounds of ``--steps`` training steps: Lightning (ours, then each ``--variant``), plain loop
+    (torchvision).
 
-    Round ``r`` trains both systems on ``loaders[r]``: new batches every round, the same for both, so a cache
+    Round ``r`` trains every system on ``loaders[r]``: new batches every round, the same for all, so a cache
     keyed by shape (cuDNN autotuning, torch.compile) cannot favour one system by having seen the batches before.
     ``save`` gets the numbers of the rounds finished so far after every round (a run stopped at its time limit
     keeps them).
+
+    Args:
+        modules: ``{"ours": MaskRCNNModule, <variant name>: MaskRCNNModule, ...}``, each trained in its turn.
     """
-    rounds = {"ours": [], "torchvision": []}
-    peaks = {"ours": None, "torchvision": None}
-    timer = None
+    rounds = {name: [] for name in [*modules, "torchvision"]}
+    peaks = dict.fromkeys(rounds)
+    lr = None
     for r, loader in enumerate(loaders):
         measure_memory = r == memory_round(args)
-        timer = StepTimer(device, memory if measure_memory else None)
-        trainer = training_only_trainer(args, device, args.steps, timer)
-        trainer.fit(module, datamodule=FixedBatches(loader))
+        times = {}
+        for name, module in modules.items():
+            timer = StepTimer(device, memory if measure_memory else None)
+            trainer = training_only_trainer(args, device, args.steps, timer)
+            trainer.fit(module, datamodule=FixedBatches(loader))
+            times[name], lr = timer.times, timer.lr
+            if measure_memory:
+                peaks[name] = timer.peak_mib
 
         theirs.train()
-        times = []
+        times["torchvision"] = []
         if measure_memory:
             memory.start()
         params = [p for p in theirs.parameters() if p.requires_grad]
@@ -459,25 +468,42 @@ def train_phase(args, cfg, module, theirs, loaders, device, memory, save=lambda 
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"torchvision: non-finite loss {loss.item()}")
             sync(device)
-            times.append(time.perf_counter() - start)
+            times["torchvision"].append(time.perf_counter() - start)
         if measure_memory:
-            peaks = {"ours": timer.peak_mib, "torchvision": memory.stop()}
+            peaks["torchvision"] = memory.stop()
         if r >= args.warmup:
-            rounds["ours"].append(timer.times)
-            rounds["torchvision"].append(times)
-            save(train_summary(args, rounds, peaks, timer.lr, complete=False))
-    return train_summary(args, rounds, peaks, timer.lr if timer else None, complete=True)
+            for name, steps in times.items():
+                rounds[name].append(steps)
+            save(train_summary(args, rounds, peaks, lr, complete=False))
+    return train_summary(args, rounds, peaks, lr, complete=True)
 
 
 def train_summary(args, rounds: dict, peaks: dict, lr: float | None, complete: bool) -> dict:
-    """The training numbers of the measured rounds in ``rounds`` (``complete``: all ``--repeats`` of them)."""
+    """The training numbers of the measured rounds in ``rounds`` (``complete``: all ``--repeats`` of them).
+
+    ``ours``, ``torchvision`` and ``ratio`` (ours / torchvision throughput); each ``--variant`` under
+    ``variants.<name>``, with its ``overrides``, its ``ratio`` to torchvision and ``vs_ours`` (its throughput over
+    ours').
+    """
     result = {"complete": complete, "rounds": len(rounds["ours"])}
+    summaries = {}
     for name, steps in rounds.items():
         # One round's time: the sum of its steps (so its throughput is steps * batch / time).
-        result[name] = summarize([sum(s) for s in steps], args.steps * args.batch_size)
-        result[name].update(step_times_s=steps, peak_mem_mib=peaks[name])
+        summaries[name] = summarize([sum(s) for s in steps], args.steps * args.batch_size)
+        summaries[name].update(step_times_s=steps, peak_mem_mib=peaks[name], lr=lr)
+    summaries["torchvision"]["lr"] = args.lr
+    result["ours"], result["torchvision"] = summaries.pop("ours"), summaries.pop("torchvision")
     result["ratio"] = result["ours"]["images_per_s"] / result["torchvision"]["images_per_s"]
-    result["ours"]["lr"], result["torchvision"]["lr"] = lr, args.lr
+    if summaries:
+        result["variants"] = {
+            name: {
+                "overrides": args.variants[name],
+                **summary,
+                "ratio": summary["images_per_s"] / result["torchvision"]["images_per_s"],
+                "vs_ours": summary["images_per_s"] / result["ours"]["images_per_s"],
+            }
+            for name, summary in summaries.items()
+        }
     return result
 
 
@@ -675,6 +701,8 @@ def table(results: dict) -> str:
             t["torchvision"]["peak_mem_mib"],
             t["ours"]["peak_mem_mib"] / max(t["torchvision"]["peak_mem_mib"], 1e-9),
         )
+        for name, v in t.get("variants", {}).items():
+            row(f"  variant {name}", "img/s", v["images_per_s"], t["torchvision"]["images_per_s"], v["ratio"])
     for key, m in results.get("infer", {}).items():
         mode, batch = key.split("_batch")
         label = f"infer {'model only' if mode == 'model' else 'end to end'} (batch {batch})"
@@ -692,6 +720,11 @@ def table(results: dict) -> str:
             m["ours"]["peak_mem_mib"] / max(m["torchvision"]["peak_mem_mib"], 1e-9),
         )
     rows.append("ours/tv: speed ratio (>= 0.97 is the goal) on time rows, memory ratio on MiB rows")
+    if "variants" in results.get("train", {}):
+        rows.append(
+            "variants (ours with more overrides, in the ours column): "
+            + "; ".join(f"{n}: {' '.join(v['overrides'])}" for n, v in results["train"]["variants"].items())
+        )
     if "eval" in results:
         e = results["eval"]
         rows.append(
@@ -760,8 +793,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=["model=torchvision_r50_fpn"],
         help="Hydra overrides of our model; must stay loadable from torchvision's state dict",
     )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=OVERRIDES",
+        help="another configuration of ours, trained in the same rounds on the same batches with the same weights: "
+        "--overrides plus these space-separated Hydra overrides (training only; repeatable), e.g. "
+        "--variant 'per_image=model.batched_sampling=false'",
+    )
     p.add_argument("--out", default="benchmark.json")
     args = p.parse_args(argv)
+    args.variants = {}
+    for text in args.variant:
+        name, sep, extra = text.partition("=")
+        if not sep or not name.isidentifier() or name in ("ours", "torchvision") or name in args.variants:
+            p.error(
+                f"--variant takes NAME=OVERRIDES with a new identifier for NAME (not ours/torchvision), got {text!r}"
+            )
+        args.variants[name] = extra.split()
     args.skip = {s for s in args.skip.split(",") if s}
     args.infer_modes = [m for m in args.infer_modes.split(",") if m]
     if not args.infer_modes or set(args.infer_modes) - {"model", "e2e"}:
@@ -832,13 +882,20 @@ def main(argv: list[str] | None = None) -> dict:
     # The reference was built from parts with FrozenBatchNorm's default eps (1e-5), not loaded from torchvision's
     # COCO file (eps 0): keep ours at the same eps so both compute the same thing.
     load_torchvision_weights(module.model, initial, frozen_bn_eps=None)
+    # Each --variant: ours with more overrides, the same weights, trained in the same rounds (training only).
+    variants = {}
+    for name, extra in args.variants.items():
+        variant_cfg = compose_config([*overrides, *extra])
+        variants[name] = instantiate(variant_cfg.module, scheduler=None, base_lr=base_lr)
+        load_torchvision_weights(variants[name].model, initial, frozen_bn_eps=None)
     if args.channels_last:
-        module.to(memory_format=torch.channels_last), theirs.to(memory_format=torch.channels_last)
+        for m in (module, theirs, *variants.values()):
+            m.to(memory_format=torch.channels_last)
     rounds = [[(image.to(device), {k: to(v, device) for k, v in t.items()}) for image, t in r] for r in rounds]
     theirs.to(device)
     results["trainable_params"] = {
-        "ours": sum(p.numel() for p in module.parameters() if p.requires_grad),
-        "torchvision": sum(p.numel() for p in theirs.parameters() if p.requires_grad),
+        name: sum(p.numel() for p in m.parameters() if p.requires_grad)
+        for name, m in {"ours": module, **variants, "torchvision": theirs}.items()
     }
     results["complete"] = False
 
@@ -854,8 +911,9 @@ def main(argv: list[str] | None = None) -> dict:
             DataLoader(r[: args.steps * args.batch_size], batch_size=args.batch_size, collate_fn=collate_detection)
             for r in rounds
         ]
-        shapes = HeadShapes({"ours": module.model, "torchvision": theirs})
-        results["train"] = train_phase(args, cfg, module, theirs, loaders, device, memory, save("train"))
+        shapes = HeadShapes({"ours": module.model, **{n: v.model for n, v in variants.items()}, "torchvision": theirs})
+        modules = {"ours": module, **variants}
+        results["train"] = train_phase(args, cfg, modules, theirs, loaders, device, memory, save("train"))
         results["head_shapes"] = shapes.summary()
         shapes.remove()
         if args.profile:

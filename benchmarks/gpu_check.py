@@ -116,6 +116,16 @@ FAST_OVERRIDES = [
     "model.batched_proposals=true",
     "model.batched_sampling=true",
 ]
+# Configurations of ours trained in the same rounds as ours in a benchmark step (benchmark.py --variant), each
+# differing from ours in the named switches only, so one run says what each switch is worth on the GPU: the batched
+# RPN proposals and the batched anchor/RoI sampling (off by default until measured; a few seconds each).
+BENCH_VARIANTS = {
+    "bench_eager": {
+        "batched_sampling": ["model.batched_sampling=true"],
+        "batched": ["model.batched_sampling=true", "model.batched_proposals=true"],
+    },
+    "bench_fast": {"per_image": ["model.batched_sampling=false", "model.batched_proposals=false"]},
+}
 BENCH_SWITCHES = {
     "bench_eager": ["--precision", "bf16-mixed", "--profile"],
     "bench_fast": ["--precision", "bf16-mixed", "--channels-last", "--cudnn-benchmark"],
@@ -194,19 +204,20 @@ class Profile:
 
 
 # One H100/H200-class GPU. The limits are what each step took in the check of 2026-12-04 on an H200
-# (benchmarks/README.md, "Results: GPU") plus about 50%; the default steps' add up to 370 s, inside the 7 minutes
+# (benchmarks/README.md, "Results: GPU") plus about 50%; the default steps' add up to 400 s, inside the 7 minutes
 # a check may take and the 10 minutes one device command may run with the wheels' install:
 # environment 17.4 s (the first imports on a fresh machine); bench_eager 64.5 s (128 images of 800x1333
 # generated, both models built, the first CUDA step, 4 rounds x 5 steps x 2 systems, 3 profiled steps, model-only
 # inference); bench_fast 55.1 s with inference, about 40 s without; train_bf16 50.7 s (300 steps at 13.2
 # steps/s, start-up, 200 validation images); gpu_tests 74.7 s. train_others ran past 75 s (two runs side by
-# side, their validations slowed each other down).
+# side, their validations slowed each other down). The BENCH_VARIANTS came later: each adds a model build and
+# 4 rounds x 5 steps (about 4 s at the 2026-12-04 step time of 0.18 s), 15 s more for each step's limit.
 GPU = Profile(
     device="cuda",
     budgets={
         "environment": 30,
-        "bench_eager": 95,
-        "bench_fast": 60,
+        "bench_eager": 110,
+        "bench_fast": 75,
         "train_bf16": 75,
         "gpu_tests": 110,
         # Not yet run on a GPU: 40 s for the steps test and 60-90 s for two run.py launches, estimated.
@@ -541,6 +552,8 @@ def step_command(name: str, profile: Profile, args, out: Path) -> list[str]:
         "--out",
         str(step_output(name, out)),
     ]
+    for variant, overrides in BENCH_VARIANTS.get(name, {}).items():
+        command += ["--variant", f"{variant}={' '.join(overrides)}"]
     fast = FAST_OVERRIDES if name in ("bench_fast", "bench_compile") else []
     compile_overrides = profile.compile_overrides if name == "bench_compile" else []
     return [*command, "--overrides", *profile.bench_overrides, *fast, *compile_overrides]
@@ -626,6 +639,18 @@ def bench_results(path: Path) -> dict:
                 for system in ("ours", "torchvision")
             },
         }
+        if "variants" in train:
+            result["train"]["variants"] = {
+                name: {
+                    "overrides": v["overrides"],
+                    "images_per_s": v["images_per_s"],
+                    "images_per_s_range": v.get("images_per_s_range"),
+                    "peak_mem_mib": v["peak_mem_mib"],
+                    "ratio": v["ratio"],
+                    "vs_ours": v["vs_ours"],
+                }
+                for name, v in train["variants"].items()
+            }
     if "infer" in bench:
         result["infer"] = {
             key: {
@@ -945,6 +970,12 @@ def bench_lines(steps: dict) -> list[str]:
         else:
             cells += ["not run", "-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
+        for variant, v in (train or {}).get("variants", {}).items():
+            lines.append(
+                f"| {name}, variant `{variant}` ({' '.join(v['overrides'])}; {fmt(v['vs_ours'])}x ours) | "
+                f"{with_range(v)} | {with_range(train['torchvision'])} | {fmt(v['ratio'])} | {fmt(train.get('rounds'))} | "
+                f"{fmt(v['peak_mem_mib'], 4)} / {fmt(train['torchvision']['peak_mem_mib'], 4)} | | | |"
+            )
     return lines
 
 

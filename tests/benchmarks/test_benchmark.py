@@ -49,6 +49,8 @@ def test_benchmark_script_writes_all_numbers(tmp_path):
         "2",
         "--out",
         str(out),
+        "--variant",
+        "batched=model.batched_sampling=true model.batched_proposals=true",
         "--overrides",
         *SMALL_HEADS,
     ]
@@ -68,6 +70,13 @@ def test_benchmark_script_writes_all_numbers(tmp_path):
         train = results["train"][system]
         assert train["images_per_s"] > 0 and len(train["step_times_s"]) == 1 and train["peak_mem_mib"] >= 0
     assert results["train"]["ratio"] > 0
+    # A variant trains in the same rounds, with the same trainable weights, and says what it changed.
+    variant = results["train"]["variants"]["batched"]
+    assert variant["overrides"] == ["model.batched_sampling=true", "model.batched_proposals=true"]
+    assert variant["images_per_s"] > 0 and len(variant["step_times_s"]) == 1 and variant["ratio"] > 0
+    assert variant["vs_ours"] > 0 and variant["lr"] == results["train"]["ours"]["lr"]
+    assert results["trainable_params"]["batched"] == results["trainable_params"]["ours"]
+    assert "variant batched" in proc.stdout
     assert abs(results["train"]["ours"]["lr"] - results["train"]["torchvision"]["lr"]) < 1e-12
     assert set(results["infer"]) == {"model_batch1", "e2e_batch1"}
     for entry in results["infer"].values():

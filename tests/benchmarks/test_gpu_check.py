@@ -77,6 +77,11 @@ def test_dry_run_reports_every_step_and_goes_on_past_a_failing_one(tmp_path):
         assert bench["train"]["ours"]["images_per_s"] > 0 and bench["train"]["torchvision"]["images_per_s"] > 0
         assert bench["train"]["ratio"] > 0 and bench["train"]["rounds"] == gpu_check.DRY_RUN.bench_repeats
         assert bench["partial"] is False
+    # The variants: ours with the named switches changed, in the same rounds.
+    for bench, name in ((eager, "bench_eager"), (fast, "bench_fast")):
+        variants = bench["train"]["variants"]
+        assert {n: v["overrides"] for n, v in variants.items()} == gpu_check.BENCH_VARIANTS[name]
+        assert all(v["images_per_s"] > 0 and v["vs_ours"] > 0 for v in variants.values())
     assert eager["infer"]["model_batch1"]["ours"]["latency_ms"] > 0 and "infer" not in fast  # fast: training only
     assert list(eager["infer"]) == ["model_batch1"]  # model only: no COCO-json encoding
     assert fast["args"]["channels_last"] is True and eager["args"]["channels_last"] is False
@@ -98,6 +103,7 @@ def test_dry_run_reports_every_step_and_goes_on_past_a_failing_one(tmp_path):
         assert f"| {name} | {gpu_check.DESCRIPTIONS[name]} | {status} |" in summary
     assert "skipped (no CUDA)" in summary and f"| python | {platform.python_version()} " in summary
     assert "## Failures" in summary and "### train_bf16: timed out after 1 s" in summary
+    assert "| bench_fast, variant `per_image` (model.batched_sampling=false model.batched_proposals=false; " in summary
     assert "| sync ops per step" in summary and "| mask_head input shapes in training |" in summary
 
 
