@@ -1,6 +1,7 @@
 """Region Proposal Network: torchvision's, plus losses in eval mode so one forward serves validation."""
 
 import collections
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, con
 from torchvision.ops import boxes as box_ops
 
 from mrcnn.modeling import sampling
+from mrcnn.modeling.nms import grouped_nms
 from mrcnn.modeling.transform import BoxCoder, box_dtype
 
 
@@ -77,11 +79,11 @@ class RPN(RegionProposalNetwork):
         nms_thresh, fg_iou_thresh, bg_iou_thresh, batch_size_per_image, positive_fraction, score_thresh:
             as in torchvision.
         batched_proposals: filter the proposals of all images at once, without waiting on the host: boxes that
-            torchvision removes (too small, below ``score_thresh``) get score -inf instead, one NMS call runs over
-            every image and level, and each image keeps a fixed ``min(post_nms_top_n, candidates)`` proposals
-            with a validity mask (:meth:`filter_proposals_batched`). The valid proposals are torchvision's up to
-            float rounding of the NMS offsets and the order of equal scores. ``False``: torchvision's per-image
-            loop (one host sync per image and step, and more on the CPU), bit-exact with torchvision.
+            torchvision removes (too small, below ``score_thresh``) get score -inf instead, one NMS kernel
+            suppresses within every (image, level) group at once, and each image keeps a fixed
+            ``min(post_nms_top_n, candidates)`` proposals with a validity mask (:meth:`filter_proposals_batched`).
+            The valid proposals are torchvision's up to the order of equal scores. ``False``: torchvision's
+            per-image loop (several host syncs per image and step), bit-exact with torchvision.
         batched_sampling: match anchors to ground truth and sample them for the losses for all images at once,
             without waiting on the host (:mod:`mrcnn.modeling.sampling`): the same labels as torchvision, a sample
             of the same size and distribution drawn with random keys instead of ``randperm``, and the losses as
@@ -183,13 +185,13 @@ class RPN(RegionProposalNetwork):
         image_shapes: list[tuple[int, int]],
         num_anchors_per_level: list[int],
     ) -> tuple[list[Tensor], list[Tensor]]:
-        """torchvision's ``filter_proposals`` for all images at once, with one host sync (the NMS output's length).
+        """torchvision's ``filter_proposals`` for all images at once; on a GPU without a host sync.
 
         Per level the top ``pre_nms_top_n`` anchors by objectness, clipped to the image; boxes torchvision
-        removes get score -inf instead (they sort last, so they can suppress only each other); one NMS over all
-        images and levels, each (image, level) pair offset to its own coordinate range as ``batched_nms`` does;
-        then the top ``K = min(post_nms_top_n, candidates)`` kept boxes per image by score, the order
-        torchvision's NMS returns them in.
+        removes (too small, below ``score_thresh``) take no part in the NMS and get score -inf; NMS within every
+        (image, level) group at once (:func:`mrcnn.modeling.nms.grouped_nms`: one Triton kernel on a GPU,
+        torchvision's ``nms`` per group on the CPU); then the top ``K = min(post_nms_top_n, candidates)`` kept
+        boxes per image by score, the order torchvision's NMS returns them in.
 
         Args:
             proposals: ``[B, A, 4]`` decoded boxes for every anchor.
@@ -204,13 +206,9 @@ class RPN(RegionProposalNetwork):
         num_images = proposals.shape[0]
         device = proposals.device
         objectness = objectness.detach().reshape(num_images, -1)
-        levels = torch.cat(
-            [torch.full((n,), i, dtype=torch.int64, device=device) for i, n in enumerate(num_anchors_per_level)]
-        )
         top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)  # [B, N]
         batch_idx = torch.arange(num_images, device=device)[:, None]
         scores = torch.sigmoid(objectness[batch_idx, top_n_idx])
-        levels = levels[top_n_idx]
         boxes = proposals[batch_idx, top_n_idx]
 
         # torchvision's clip, one image at a time: the bounds are host numbers, so no copy and no wait.
@@ -220,13 +218,11 @@ class RPN(RegionProposalNetwork):
         valid = (widths >= self.min_size) & (heights >= self.min_size) & (scores >= self.score_thresh)
         scores = scores.masked_fill(~valid, float("-inf"))
 
-        flat_boxes, flat_scores = boxes.reshape(-1, 4), scores.reshape(-1)
-        group = (batch_idx * len(num_anchors_per_level) + levels).reshape(-1)
-        offsets = group.to(flat_boxes) * (flat_boxes.max() + 1)
-        keep = box_ops.nms(flat_boxes + offsets[:, None], flat_scores, self.nms_thresh)
-        kept = torch.zeros_like(flat_scores, dtype=torch.bool)
-        kept[keep] = True
-        scores = scores.masked_fill(~kept.view_as(scores), float("-inf"))
+        # Each level's top boxes sit in one segment of every row, in decreasing objectness: NMS within each (image,
+        # level) segment, as torchvision's per-level batched_nms, all at once (on a GPU without a host read).
+        ends = list(itertools.accumulate(min(self.pre_nms_top_n(), n) for n in num_anchors_per_level))
+        keep = grouped_nms(boxes, valid, list(zip([0, *ends[:-1]], ends)), self.nms_thresh)
+        scores = scores.masked_fill(~keep, float("-inf"))
 
         top_scores, top_idx = scores.topk(min(self.post_nms_top_n(), scores.shape[1]), dim=1)
         boxes = boxes[batch_idx, top_idx]

@@ -188,3 +188,22 @@ def test_ddp_with_syncbn_trains_on_one_gpu(tmp_path):
     # 8 images, 2 per batch, one process: 4 optimizer steps.
     assert metrics["world_size"] == 1 and metrics["global_step"] == 4
     assert 0 <= metrics["segm_AP"] <= 1 and 0 <= metrics["bbox_AP"] <= 1
+
+
+def test_grouped_nms_kernel_keeps_torchvisions_boxes_without_a_host_sync():
+    # The batched RPN's NMS: the Triton kernel compiled for this GPU, against torchvision's nms on each group alone.
+    from mrcnn.modeling.nms import grouped_nms_torchvision, grouped_nms_triton
+    from tests.modeling.test_nms import SEGMENTS, grouped_boxes
+
+    pytest.importorskip("triton")
+    boxes, valid = grouped_boxes(8, SEGMENTS)
+    boxes, valid = boxes.to(DEVICE), valid.to(DEVICE)
+    expected = grouped_nms_torchvision(boxes, valid, SEGMENTS, 0.7)
+    grouped_nms_triton(boxes, valid, SEGMENTS, 0.7)  # compiles, and makes the segments' device copy, once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = grouped_nms_triton(boxes, valid, SEGMENTS, 0.7)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got, expected)

@@ -1,0 +1,98 @@
+"""NMS within many groups at once (mrcnn.modeling.nms): torchvision's ``nms`` on each group alone, box for box, and
+the GPU kernel's launch waits on nothing. The Triton kernel runs here in Triton's interpreter."""
+
+import pytest
+import torch
+from torchvision.ops import nms
+
+from mrcnn.modeling import nms as nms_module
+from mrcnn.modeling.nms import grouped_nms, grouped_nms_torchvision, grouped_nms_triton
+from tests.helpers.host_syncs import count_host_syncs
+
+pytest.importorskip("triton")
+
+
+def grouped_boxes(num_images: int, segments: list[tuple[int, int]], seed: int = 0):
+    """Crowded random boxes, each segment in decreasing score order, about 10% not candidates; plus a pair at IoU
+    exactly 0.5 (kept: the threshold is strict) and a duplicate pair (IoU 1) at the front of the first segment."""
+    generator = torch.Generator().manual_seed(seed)
+    length = segments[-1][1]
+    centres = torch.rand(num_images, length, 2, generator=generator) * 60
+    sides = torch.rand(num_images, length, 2, generator=generator) * 30 + 1
+    boxes = torch.cat([centres - sides / 2, centres + sides / 2], dim=-1)
+    boxes[:, 0:4] = torch.tensor(
+        [[0.0, 0.0, 3.0, 1.0], [1.0, 0.0, 4.0, 1.0], [5.0, 5.0, 9.0, 9.0], [5.0, 5.0, 9.0, 9.0]]
+    )
+    valid = torch.rand(num_images, length, generator=generator) > 0.1
+    valid[:, 0:4] = True
+    return boxes, valid
+
+
+def reference(boxes, valid, segments, threshold):
+    """torchvision's nms on each (image, segment) group alone, with decreasing scores in the group's order."""
+    keep = torch.zeros_like(valid)
+    for image in range(boxes.shape[0]):
+        for start, end in segments:
+            index = torch.arange(start, end)[valid[image, start:end]]
+            scores = torch.linspace(1, 0, end - start)[index - start]
+            keep[image, index[nms(boxes[image, index], scores, threshold)]] = True
+    return keep
+
+
+SEGMENTS = [(0, 150), (150, 180), (180, 181), (181, 181), (181, 260)]
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.7])
+def test_the_kernel_keeps_what_torchvision_keeps_in_each_group(threshold):
+    boxes, valid = grouped_boxes(2, SEGMENTS)
+    expected = reference(boxes, valid, SEGMENTS, threshold)
+    # A block of 64 boxes per pass: the 150-box group takes three passes.
+    got = grouped_nms_triton(boxes, valid, SEGMENTS, threshold, block=64)
+    assert torch.equal(got, expected)
+    assert torch.equal(grouped_nms_torchvision(boxes, valid, SEGMENTS, threshold), expected)
+    # Some boxes suppressed, some kept; never a non-candidate; the pair at IoU exactly 0.5 both kept.
+    assert 0 < expected.sum() < valid.sum() and not (expected & ~valid).any()
+    assert expected[:, :2].all() and expected[:, 2].all() and not expected[:, 3].any()
+
+
+def test_a_wrong_kernel_is_caught():
+    # The same check fails for a kernel that ignores the group bounds (one group over the whole row).
+    boxes, valid = grouped_boxes(1, SEGMENTS, seed=3)
+    whole_row = grouped_nms_triton(boxes, valid, [(0, SEGMENTS[-1][1])], 0.5, block=64)
+    assert not torch.equal(whole_row, reference(boxes, valid, SEGMENTS, 0.5))
+
+
+def test_the_kernel_launch_waits_on_nothing():
+    boxes, valid = grouped_boxes(2, SEGMENTS)
+    # Triton's interpreter reads the tensors' memory directly, which the counter does not see: what it counts is
+    # the launch's own work, which a GPU would wait on.
+    _, counts = count_host_syncs(grouped_nms_triton, boxes, valid, SEGMENTS, 0.7, block=64)
+    assert sum(counts.values()) == 0, counts.report()
+
+
+def test_cpu_tensors_take_torchvisions_nms_per_group(monkeypatch):
+    monkeypatch.setattr(nms_module, "grouped_nms_triton", lambda *args, **kwargs: pytest.fail("no kernel on a CPU"))
+    boxes, valid = grouped_boxes(2, SEGMENTS)
+    assert torch.equal(grouped_nms(boxes, valid, SEGMENTS, 0.7), reference(boxes, valid, SEGMENTS, 0.7))
+
+
+def test_the_kernel_compiles_for_a_hopper_gpu():
+    # Triton's compiler and ptxas need no GPU: a kernel that would fail to compile fails here, not in a GPU session.
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {
+        "boxes": "*fp32",
+        "keep": "*i8",
+        "starts": "*i64",
+        "ends": "*i64",
+        "row_length": "i32",
+        "threshold": "fp32",
+        "BLOCK": "constexpr",
+    }
+    source = ASTSource(fn=triton.jit(nms_module._nms_program), signature=signature, constexprs={"BLOCK": 1024})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    ptx = compiled.asm["ptx"]
+    assert "div.rn.f32" in ptx and "bar.sync" in ptx  # IEEE division; the barrier between a group's boxes
+    assert compiled.asm["cubin"]
