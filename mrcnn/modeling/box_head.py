@@ -7,6 +7,7 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import boxes as box_ops
 
 from mrcnn.modeling.backbone import resnet_body, stage_channels
+from mrcnn.modeling.nms import grouped_nms
 
 
 class MLPBoxHead(nn.Module):
@@ -135,14 +136,12 @@ def fast_rcnn_inference(
     score_thresh: float = 0.05,
     nms_thresh: float = 0.5,
     detections_per_img: int = 100,
-    proposal_valid: list[Tensor] | None = None,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Turn per-RoI class scores and deltas into final detections.
 
     Every (RoI, foreground class) pair is a candidate with its own decoded box; candidates below
     ``score_thresh`` or with tiny boxes are dropped, class-wise NMS runs, and the top
-    ``detections_per_img`` by score are kept. Padding proposals (``proposal_valid`` per image bool ``[P_i]``
-    ``False``) score -inf, so they never pass the threshold.
+    ``detections_per_img`` by score are kept.
 
     Returns:
         per image: boxes ``[D, 4]``, scores ``[D]``, labels int64 ``[D]`` (1..K).
@@ -151,8 +150,6 @@ def fast_rcnn_inference(
     boxes_per_image = [len(p) for p in proposals]
     pred_boxes = box_coder.decode(box_regression, proposals).split(boxes_per_image)
     pred_scores = F.softmax(class_logits, -1)
-    if proposal_valid is not None:
-        pred_scores = pred_scores.masked_fill(~torch.cat(proposal_valid)[:, None], float("-inf"))
     pred_scores = pred_scores.split(boxes_per_image)
 
     all_boxes, all_scores, all_labels = [], [], []
@@ -170,3 +167,56 @@ def fast_rcnn_inference(
         all_scores.append(scores[keep])
         all_labels.append(labels[keep])
     return all_boxes, all_scores, all_labels
+
+
+def fast_rcnn_inference_batched(
+    class_logits: Tensor,
+    box_regression: Tensor,
+    proposals: Tensor,
+    proposal_valid: Tensor,
+    image_shapes: list[tuple[int, int]],
+    box_coder: BoxCoder,
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.5,
+    detections_per_img: int = 100,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """:func:`fast_rcnn_inference` for images with the same number of proposals (``RPN(batched_proposals=True)``),
+    all at once, with one host read: how many detections each image has.
+
+    The same candidates (every (RoI, foreground class) pair above ``score_thresh`` with a box of at least 0.01 px a
+    side), the same class-wise NMS (:func:`mrcnn.modeling.nms.grouped_nms`, one group per (image, class), each in
+    decreasing score order) and the same top ``detections_per_img`` by score: torchvision's detections up to the
+    order of equal scores.
+
+    Args:
+        class_logits: ``[B * P, K]``; box_regression: ``[B * P, K * 4]``; proposals: ``[B, P, 4]``;
+        proposal_valid: bool ``[B, P]`` (padding proposals are never detected).
+
+    Returns:
+        per image: boxes ``[D, 4]``, scores ``[D]``, labels int64 ``[D]`` (1..K-1), in decreasing score order.
+    """
+    num_images, num_proposals = proposals.shape[:2]
+    num_classes = class_logits.shape[-1]
+    boxes = box_coder.decode(box_regression, list(proposals.unbind())).view(num_images, num_proposals, -1, 4)
+    boxes = torch.stack([box_ops.clip_boxes_to_image(b, shape) for b, shape in zip(boxes, image_shapes)])
+    scores = F.softmax(class_logits, -1).view(num_images, num_proposals, num_classes)
+    scores = scores.masked_fill(~proposal_valid[..., None], float("-inf"))
+    # One group per (image, foreground class): [B, K-1, P], each in decreasing score order.
+    scores, order = scores[..., 1:].transpose(1, 2).sort(dim=2, descending=True, stable=True)
+    boxes = boxes[:, :, 1:].transpose(1, 2).gather(2, order[..., None].expand(-1, -1, -1, 4))
+    above = scores > score_thresh
+    widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    valid = above & (widths >= 1e-2) & (heights >= 1e-2)  # torchvision's remove_small_boxes(min_size=1e-2)
+    segments = [(c * num_proposals, (c + 1) * num_proposals) for c in range(num_classes - 1)]
+    flat_boxes = boxes.reshape(num_images, -1, 4)
+    keep = grouped_nms(flat_boxes, valid.reshape(num_images, -1), segments, nms_thresh, above.sum(dim=2))
+    scores = scores.reshape(num_images, -1).masked_fill(~keep, float("-inf"))
+    top_scores, top = scores.topk(min(detections_per_img, scores.shape[1]), dim=1)
+    counts = (top_scores > float("-inf")).sum(dim=1).tolist()  # the one host read
+    top_boxes = flat_boxes.gather(1, top[..., None].expand(-1, -1, 4))
+    top_labels = top // num_proposals + 1
+    return (
+        [b[:n] for b, n in zip(top_boxes, counts)],
+        [s[:n] for s, n in zip(top_scores, counts)],
+        [c[:n] for c, n in zip(top_labels, counts)],
+    )

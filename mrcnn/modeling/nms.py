@@ -35,8 +35,9 @@ BLOCK = 1024
 
 if tl is not None:
 
-    def _nms_program(boxes, keep, starts, ends, row_length, threshold, BLOCK: tl.constexpr):
-        """One group: image ``program_id(0)``, boxes ``starts[g] .. ends[g] - 1`` of its row, ``g = program_id(1)``.
+    def _nms_program(boxes, keep, starts, ends, lengths, row_length, threshold, BLOCK: tl.constexpr):
+        """One group: image ``program_id(0)``, boxes ``starts[g] .. ends[g] - 1`` of its row, ``g = program_id(1)``,
+        of which only the first ``lengths[image, g]`` can be kept (``lengths`` may be a null pointer: all of them).
 
         ``keep`` enters as the candidates (1) and leaves as the kept boxes: walking the group in order, a box still
         marked when its turn comes is kept and unmarks every later box of the group whose IoU with it exceeds the
@@ -46,6 +47,8 @@ if tl is not None:
         row = tl.program_id(0).to(tl.int64) * row_length
         start = tl.load(starts + tl.program_id(1))
         end = tl.load(ends + tl.program_id(1))
+        if lengths is not None:
+            end = tl.minimum(end, start + tl.load(lengths + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)))
         for i in range(start, end):
             if tl.load(keep + row + i) != 0:
                 x1 = tl.load(boxes + (row + i) * 4)
@@ -93,7 +96,12 @@ def _segments(segments: tuple[tuple[int, int], ...], device: torch.device) -> tu
 
 
 def grouped_nms_triton(
-    boxes: Tensor, valid: Tensor, segments: list[tuple[int, int]], threshold: float, block: int = BLOCK
+    boxes: Tensor,
+    valid: Tensor,
+    segments: list[tuple[int, int]],
+    threshold: float,
+    lengths: Tensor | None = None,
+    block: int = BLOCK,
 ) -> Tensor:
     """:func:`grouped_nms` with the Triton kernel (on CPU tensors: in Triton's interpreter, for tests). ``block``:
     the boxes a program compares per pass (a power of two)."""
@@ -103,13 +111,20 @@ def grouped_nms_triton(
     boxes = boxes.to(torch.float32).contiguous()
     keep = valid.to(torch.int8).contiguous()
     starts, ends = _segments(tuple((int(s), int(e)) for s, e in segments), boxes.device)
+    if lengths is not None:
+        lengths = lengths.to(torch.int64).contiguous()
     # One program per (image, segment); each walks its own group of boxes, in order.
-    kernel[(boxes.shape[0], len(segments))](boxes, keep, starts, ends, boxes.shape[1], float(threshold), BLOCK=block)
+    kernel[(boxes.shape[0], len(segments))](
+        boxes, keep, starts, ends, lengths, boxes.shape[1], float(threshold), BLOCK=block
+    )
     return keep.bool()
 
 
-def grouped_nms_torchvision(boxes: Tensor, valid: Tensor, segments: list[tuple[int, int]], threshold: float) -> Tensor:
-    """:func:`grouped_nms` by one torchvision ``nms`` call per group (each waits on the host for its output)."""
+def grouped_nms_torchvision(
+    boxes: Tensor, valid: Tensor, segments: list[tuple[int, int]], threshold: float, lengths: Tensor | None = None
+) -> Tensor:
+    """:func:`grouped_nms` by one torchvision ``nms`` call per group (each waits on the host for its output).
+    ``lengths`` is not needed: the boxes past them are not ``valid``."""
     keep = torch.zeros_like(valid)
     for image in range(boxes.shape[0]):
         for start, end in segments:
@@ -126,7 +141,9 @@ def _warn_fallback(error: str) -> None:
     warnings.warn(f"grouped NMS: the Triton kernel failed ({error}); using torchvision's nms per group", stacklevel=3)
 
 
-def grouped_nms(boxes: Tensor, valid: Tensor, segments: list[tuple[int, int]], threshold: float) -> Tensor:
+def grouped_nms(
+    boxes: Tensor, valid: Tensor, segments: list[tuple[int, int]], threshold: float, lengths: Tensor | None = None
+) -> Tensor:
     """NMS within every (image, segment) group of boxes sorted by score, as torchvision's ``nms`` on each alone.
 
     Args:
@@ -134,6 +151,8 @@ def grouped_nms(boxes: Tensor, valid: Tensor, segments: list[tuple[int, int]], t
         valid: bool ``[B, N]``: the candidates; the others take no part (neither kept nor suppressing).
         segments: ``(start, end)`` column ranges, the same for every image: the groups.
         threshold: suppress a box whose IoU with a kept, higher-scoring box of its group exceeds this.
+        lengths: ``None``, or int ``[B, len(segments)]`` on the boxes' device: every candidate of a group is among
+            its first ``lengths`` boxes (e.g. those above a score threshold), so the kernel walks only those.
 
     Returns:
         bool ``[B, N]``: the kept boxes. On a GPU no host synchronisation (the Triton kernel; if Triton fails,
@@ -141,7 +160,7 @@ def grouped_nms(boxes: Tensor, valid: Tensor, segments: list[tuple[int, int]], t
     """
     if boxes.device.type == "cuda":
         try:
-            return grouped_nms_triton(boxes, valid, segments, threshold)
+            return grouped_nms_triton(boxes, valid, segments, threshold, lengths)
         except Exception as error:  # no Triton, or a version that cannot compile the kernel: still correct
             _warn_fallback(f"{type(error).__name__}: {error}".splitlines()[0])
     return grouped_nms_torchvision(boxes, valid, segments, threshold)

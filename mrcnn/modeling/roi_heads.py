@@ -19,7 +19,7 @@ from torchvision.models.detection._utils import (
 from torchvision.ops import boxes as box_ops
 
 from mrcnn.modeling import sampling
-from mrcnn.modeling.box_head import fast_rcnn_inference, fast_rcnn_loss
+from mrcnn.modeling.box_head import fast_rcnn_inference, fast_rcnn_inference_batched, fast_rcnn_loss
 from mrcnn.modeling.mask_head import MASK_TARGET_FORMS, mask_targets
 from mrcnn.modeling.transform import BoxCoder
 
@@ -265,7 +265,9 @@ class RoIHeads(nn.Module):
             targets: per image ``boxes``, ``labels`` and ``masks``; required in training mode. In eval
                 mode they are optional and, when given, the losses are computed too.
             proposal_valid: per image bool ``[P_i]``, ``False`` for padding proposals (``RPN.propose`` with
-                ``batched_proposals``), which are never sampled and never become detections. ``None``: all real.
+                ``batched_proposals``: the same count ``P`` for every image), which are never sampled and never
+                become detections; the detections of all images are then made at once
+                (:func:`~mrcnn.modeling.box_head.fast_rcnn_inference_batched`). ``None``: all real.
 
         Returns:
             detections: in eval mode, per image ``boxes [D, 4]``, ``labels [D]``, ``scores [D]``,
@@ -351,17 +353,20 @@ class RoIHeads(nn.Module):
     def _detect(self, features, proposals, image_shapes, proposal_valid=None) -> list[dict[str, Tensor]]:
         box_features = self.run_head(self.box_head, self.box_pooler(features, proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
-        boxes, scores, labels = fast_rcnn_inference(
-            class_logits,
-            box_regression,
-            proposals,
-            image_shapes,
-            self.box_coder,
-            self.score_thresh,
-            self.nms_thresh,
-            self.detections_per_img,
-            proposal_valid,
-        )
+        settings = (self.box_coder, self.score_thresh, self.nms_thresh, self.detections_per_img)
+        if proposal_valid is None:
+            boxes, scores, labels = fast_rcnn_inference(
+                class_logits, box_regression, proposals, image_shapes, *settings
+            )
+        else:  # the batched RPN's fixed count of proposals per image: every image's detections at once
+            boxes, scores, labels = fast_rcnn_inference_batched(
+                class_logits,
+                box_regression,
+                torch.stack(proposals),
+                torch.stack(proposal_valid),
+                image_shapes,
+                *settings,
+            )
         masks = self.mask_loss.inference(
             self.run_head(self.mask_head, self.detection_mask_features(features, boxes, image_shapes)),
             torch.cat(labels),

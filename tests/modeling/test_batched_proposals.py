@@ -5,9 +5,10 @@ import pytest
 import torch
 from torchvision.models.detection.image_list import ImageList
 
+from mrcnn.modeling import box_head as box_head_module
 from mrcnn.modeling import nms as nms_module
 from mrcnn.modeling import rpn as rpn_module
-from mrcnn.modeling.box_head import fast_rcnn_inference
+from mrcnn.modeling.box_head import fast_rcnn_inference, fast_rcnn_inference_batched
 from mrcnn.modeling.rpn import RPN
 from mrcnn.modeling.transform import BoxCoder
 from tests.helpers.host_syncs import count_host_syncs
@@ -68,8 +69,8 @@ def test_padding_proposals_are_never_sampled_nor_detected():
     assert len(rois[0]) == 2 and labels[0].tolist() == [0, 2]  # the real proposal (background) and the gt box
 
     logits = torch.tensor([[-5.0, 5.0, 0.0]]).repeat(6, 1)  # every RoI confidently class 1
-    boxes, scores, _ = fast_rcnn_inference(
-        logits, torch.zeros(6, 12), proposals, [(64, 64)], BoxCoder((10.0, 10.0, 5.0, 5.0)), 0.05, 0.5, 100, valid
+    boxes, scores, _ = fast_rcnn_inference_batched(
+        logits, torch.zeros(6, 12), proposals[0][None], valid[0][None], [(64, 64)], BoxCoder((10.0, 10.0, 5.0, 5.0))
     )
     assert len(boxes[0]) == 1 and torch.equal(boxes[0], proposals[0][:1])
 
@@ -98,3 +99,38 @@ def test_the_model_computes_the_same_losses_and_detections_either_way():
             for got, want in zip(detections, expected_detections):
                 for key in ("boxes", "scores", "labels", "masks"):
                     assert torch.equal(got[key], want[key]), ("detection", key)
+
+
+@pytest.mark.parametrize("nms", ["triton", "torchvision"])
+@pytest.mark.parametrize("detections_per_img", [10, 100])
+def test_batched_detections_are_torchvisions_with_one_host_read(nms, detections_per_img, monkeypatch):
+    if nms == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setattr(box_head_module, "grouped_nms", getattr(nms_module, f"grouped_nms_{nms}"))
+    generator = torch.Generator().manual_seed(0)
+    num_images, num_proposals, num_classes = 2, 40, 4
+    corners = torch.rand(num_images, num_proposals, 2, generator=generator) * 40
+    proposals = torch.cat(
+        [corners, corners + 4 + torch.rand(num_images, num_proposals, 2, generator=generator) * 20], -1
+    )
+    valid = torch.rand(num_images, num_proposals, generator=generator) > 0.2
+    logits = torch.randn(num_images * num_proposals, num_classes, generator=generator) * 2
+    deltas = torch.randn(num_images * num_proposals, num_classes * 4, generator=generator) * 0.3
+    image_shapes, coder = [(64, 64), (48, 56)], BoxCoder((10.0, 10.0, 5.0, 5.0))
+    settings = (coder, 0.05, 0.5, detections_per_img)
+    (boxes, scores, labels), syncs = count_host_syncs(
+        fast_rcnn_inference_batched, logits, deltas, proposals, valid, image_shapes, *settings
+    )
+    if nms == "triton":
+        assert sum(syncs.values()) == 1, syncs.report()  # how many detections each image has
+    rows = valid.flatten()
+    for i in range(num_images):
+        # torchvision's per-image inference on the image's real proposals alone.
+        mine = rows.view(num_images, -1).clone()
+        mine[torch.arange(num_images) != i] = False
+        (want_boxes,), (want_scores,), (want_labels,) = fast_rcnn_inference(
+            logits[mine.flatten()], deltas[mine.flatten()], [proposals[i][valid[i]]], [image_shapes[i]], *settings
+        )
+        assert 0 < len(want_boxes) <= detections_per_img
+        assert torch.equal(boxes[i], want_boxes) and torch.equal(scores[i], want_scores)
+        assert torch.equal(labels[i], want_labels)

@@ -87,12 +87,31 @@ def test_the_kernel_compiles_for_a_hopper_gpu():
         "keep": "*i8",
         "starts": "*i64",
         "ends": "*i64",
+        "lengths": "*i64",
         "row_length": "i32",
         "threshold": "fp32",
         "BLOCK": "constexpr",
     }
-    source = ASTSource(fn=triton.jit(nms_module._nms_program), signature=signature, constexprs={"BLOCK": 1024})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
-    ptx = compiled.asm["ptx"]
-    assert "div.rn.f32" in ptx and "bar.sync" in ptx  # IEEE division; the barrier between a group's boxes
-    assert compiled.asm["cubin"]
+    kernel = triton.jit(nms_module._nms_program)
+    # With a bound per (image, group) and without (lengths=None: a constant, as a launch with None compiles it).
+    for lengths in ("*i64", "constexpr"):
+        constexprs = {"BLOCK": 1024, **({"lengths": None} if lengths == "constexpr" else {})}
+        source = ASTSource(fn=kernel, signature={**signature, "lengths": lengths}, constexprs=constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        ptx = compiled.asm["ptx"]
+        assert "div.rn.f32" in ptx and "bar.sync" in ptx  # IEEE division; the barrier between a group's boxes
+        assert compiled.asm["cubin"]
+
+
+def test_lengths_bound_each_groups_walk():
+    boxes, valid = grouped_boxes(2, SEGMENTS, seed=5)
+    sizes = torch.tensor([end - start for start, end in SEGMENTS])
+    lengths = (torch.rand(2, len(SEGMENTS), generator=torch.Generator().manual_seed(5)) * (sizes + 1)).long()
+    for image in range(2):
+        for (start, end), length in zip(SEGMENTS, lengths[image]):
+            valid[image, start + length : end] = False  # the candidates are among each group's first `lengths`
+    expected = reference(boxes, valid, SEGMENTS, 0.6)
+    assert torch.equal(grouped_nms_triton(boxes, valid, SEGMENTS, 0.6, lengths, block=64), expected)
+    # A bound that cuts candidates off drops them: the kernel does read it.
+    shorter = (lengths - 1).clamp(min=0)
+    assert not torch.equal(grouped_nms_triton(boxes, valid, SEGMENTS, 0.6, shorter, block=64), expected)
