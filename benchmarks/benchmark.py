@@ -539,18 +539,24 @@ def coco_json_plain(detections: list[dict], image_ids: list[int]) -> list[dict]:
     return results
 
 
-def infer_phase(args, ours, theirs, rounds, device, memory, save=lambda partial: None) -> dict:
+def infer_phase(args, ours, theirs, rounds, device, memory, save=lambda partial: None, variants=None) -> dict:
     """Eval-mode forward, model only and (with ``e2e`` in ``--infer-modes``) end to end, at batch 1 and
-    ``--infer-batch-size``; round ``r`` runs on the images of ``rounds[r]`` (new images every round)."""
+    ``--infer-batch-size``; round ``r`` runs on the images of ``rounds[r]`` (new images every round).
+
+    ``variants``: ``{name: model}``, the ``--variant`` configurations of ours, measured in the same rounds; each entry
+    has them under ``variants.<name>`` with ``ratio`` (to torchvision) and ``vs_ours``.
+    """
+    variants = variants or {}
     ours.eval(), theirs.eval()
-    systems = {
-        "ours": (lambda images: ours(images)[0], coco_json_ours),
-        "torchvision": (lambda images: theirs(images), coco_json_plain),
-    }
+    systems = {"ours": (lambda images: ours(images)[0], coco_json_ours)}
+    for name, model in variants.items():
+        model.eval()
+        systems[name] = (lambda images, model=model: model(images)[0], coco_json_ours)
+    systems["torchvision"] = (lambda images: theirs(images), coco_json_plain)
     result = {}
     for batch in sorted({1, args.infer_batch_size}):
         for mode in args.infer_modes:
-            times = {"ours": [], "torchvision": []}
+            times = {name: [] for name in systems}
             peaks, detections = {}, {}
             for r, samples in enumerate(rounds):
                 images = [image for image, _ in samples[:batch]]
@@ -576,6 +582,11 @@ def infer_phase(args, ours, theirs, rounds, device, memory, save=lambda partial:
                 entry[name] = summarize(times[name], batch)
                 entry[name].update(peak_mem_mib=peaks[name], detections_per_image=detections[name])
             entry["ratio"] = entry["ours"]["images_per_s"] / entry["torchvision"]["images_per_s"]
+            if variants:
+                entry["variants"] = {name: entry.pop(name) for name in variants}
+                for variant in entry["variants"].values():
+                    variant["ratio"] = variant["images_per_s"] / entry["torchvision"]["images_per_s"]
+                    variant["vs_ours"] = variant["images_per_s"] / entry["ours"]["images_per_s"]
             result[f"{mode}_batch{batch}"] = entry
             save(result)
     return result
@@ -706,10 +717,12 @@ def table(results: dict) -> str:
     for key, m in results.get("infer", {}).items():
         mode, batch = key.split("_batch")
         label = f"infer {'model only' if mode == 'model' else 'end to end'} (batch {batch})"
-        if batch == "1":
-            row(label + " latency", "ms", m["ours"]["latency_ms"], m["torchvision"]["latency_ms"], m["ratio"])
-        else:
-            row(label, "img/s", m["ours"]["images_per_s"], m["torchvision"]["images_per_s"], m["ratio"])
+        for name, entry in {"": m, **{f"  variant {n}": v for n, v in m.get("variants", {}).items()}}.items():
+            ours, ratio = (m["ours"], m["ratio"]) if not name else (entry, entry["ratio"])
+            if batch == "1":
+                row(name or label + " latency", "ms", ours["latency_ms"], m["torchvision"]["latency_ms"], ratio)
+            else:
+                row(name or label, "img/s", ours["images_per_s"], m["torchvision"]["images_per_s"], ratio)
     if "infer" in results:
         m = results["infer"][max(results["infer"], key=lambda k: int(k.split("_batch")[1]))]
         row(
@@ -720,10 +733,10 @@ def table(results: dict) -> str:
             m["ours"]["peak_mem_mib"] / max(m["torchvision"]["peak_mem_mib"], 1e-9),
         )
     rows.append("ours/tv: speed ratio (>= 0.97 is the goal) on time rows, memory ratio on MiB rows")
-    if "variants" in results.get("train", {}):
+    if results["args"].get("variants"):
         rows.append(
             "variants (ours with more overrides, in the ours column): "
-            + "; ".join(f"{n}: {' '.join(v['overrides'])}" for n, v in results["train"]["variants"].items())
+            + "; ".join(f"{n}: {' '.join(overrides)}" for n, overrides in results["args"]["variants"].items())
         )
     if "eval" in results:
         e = results["eval"]
@@ -798,8 +811,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME=OVERRIDES",
-        help="another configuration of ours, trained in the same rounds on the same batches with the same weights: "
-        "--overrides plus these space-separated Hydra overrides (training only; repeatable), e.g. "
+        help="another configuration of ours, measured in the same rounds on the same batches with the same weights: "
+        "--overrides plus these space-separated Hydra overrides (repeatable), e.g. "
         "--variant 'per_image=model.batched_sampling=false'",
     )
     p.add_argument("--out", default="benchmark.json")
@@ -922,9 +935,12 @@ def main(argv: list[str] | None = None) -> dict:
     if "infer" not in args.skip:
         if "train" not in args.skip:  # back to the same weights: training moved the two a little apart
             theirs.load_state_dict(initial)
-            load_torchvision_weights(module.model, initial, frozen_bn_eps=None)
-        module.to(device)  # Lightning's teardown leaves it on the CPU
-        results["infer"] = infer_phase(args, module.model, theirs, rounds, device, memory, save("infer"))
+            for m in (module, *variants.values()):
+                load_torchvision_weights(m.model, initial, frozen_bn_eps=None)
+        for m in (module, *variants.values()):
+            m.to(device)  # Lightning's teardown leaves it on the CPU
+        models = {name: m.model for name, m in variants.items()}
+        results["infer"] = infer_phase(args, module.model, theirs, rounds, device, memory, save("infer"), models)
     if "eval" not in args.skip:
         results["eval"] = eval_phase(args, cfg)
     results["complete"] = True

@@ -81,8 +81,8 @@ STEPS = (
 DEFAULT_STEPS = ("environment", "bench_eager", "bench_fast", "train_bf16", "gpu_tests")
 DESCRIPTIONS = {
     "environment": "GPU, memory, versions; the project imports",
-    "bench_eager": "benchmark.py, ours and torchvision, bf16 autocast, eager; host syncs, profile, head shapes",
-    "bench_fast": "benchmark.py, ours on the fast path (bf16, channels_last, RoI buckets, cuDNN autotuning) and torchvision (bf16, channels_last, autotuning), training only",
+    "bench_eager": "benchmark.py, ours and torchvision, bf16 autocast, eager; host syncs, profile, head shapes; ours with the batched switches beside",
+    "bench_fast": "benchmark.py, ours on the fast path (bf16, channels_last, RoI buckets, batched switches, cuDNN autotuning) and torchvision (bf16, channels_last, autotuning), training only; ours per image beside",
     "train_bf16": "run.py trainer=gpu on shapes (bf16), alone: the default run's steps/s",
     "train_others": "run.py on shapes in fp32 and on the fast path (+ channels_last, autotuning), side by side: their AP",
     "gpu_tests": f"pytest -m gpu {GPU_TESTS}",
@@ -652,13 +652,21 @@ def bench_results(path: Path) -> dict:
                 for name, v in train["variants"].items()
             }
     if "infer" in bench:
+        numbers = ("latency_ms", "images_per_s", "peak_mem_mib")
         result["infer"] = {
             key: {
                 "ratio": entry["ratio"],
-                **{
-                    system: {k: entry[system][k] for k in ("latency_ms", "images_per_s", "peak_mem_mib")}
-                    for system in ("ours", "torchvision")
-                },
+                **{system: {k: entry[system][k] for k in numbers} for system in ("ours", "torchvision")},
+                **(
+                    {
+                        "variants": {
+                            name: {k: v[k] for k in (*numbers, "ratio", "vs_ours")}
+                            for name, v in entry["variants"].items()
+                        }
+                    }
+                    if "variants" in entry
+                    else {}
+                ),
             }
             for key, entry in bench["infer"].items()
         }
@@ -970,12 +978,32 @@ def bench_lines(steps: dict) -> list[str]:
         else:
             cells += ["not run", "-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
-        for variant, v in (train or {}).get("variants", {}).items():
-            lines.append(
-                f"| {name}, variant `{variant}` ({' '.join(v['overrides'])}; {fmt(v['vs_ours'])}x ours) | "
-                f"{with_range(v)} | {with_range(train['torchvision'])} | {fmt(v['ratio'])} | {fmt(train.get('rounds'))} | "
-                f"{fmt(v['peak_mem_mib'], 4)} / {fmt(train['torchvision']['peak_mem_mib'], 4)} | | | |"
-            )
+        for variant, overrides in BENCH_VARIANTS.get(name, {}).items():
+            v = (train or {}).get("variants", {}).get(variant)
+            cells = [f"{name}, variant `{variant}` ({' '.join(overrides)})"]
+            if v:
+                cells += [
+                    f"{with_range(v)}; {fmt(v['vs_ours'])}x ours",
+                    with_range(train["torchvision"]),
+                    fmt(v["ratio"]),
+                    fmt(train.get("rounds")),
+                    f"{fmt(v['peak_mem_mib'], 4)} / {fmt(train['torchvision']['peak_mem_mib'], 4)}",
+                ]
+            else:
+                cells += ["-"] * 5
+            if batches and "variants" in infer[f"model_batch{batches[0]}"]:
+                one = infer[f"model_batch{batches[0]}"]["variants"][variant]
+                model = infer[f"model_batch{batches[-1]}"]["variants"][variant]
+                cells += [
+                    f"{fmt(one['latency_ms'])} / {fmt(infer[f'model_batch{batches[0]}']['torchvision']['latency_ms'])}",
+                    f"{fmt(model['images_per_s'])} / "
+                    f"{fmt(infer[f'model_batch{batches[-1]}']['torchvision']['images_per_s'])}",
+                    f"{fmt(model['peak_mem_mib'], 4)} / "
+                    f"{fmt(infer[f'model_batch{batches[-1]}']['torchvision']['peak_mem_mib'], 4)}",
+                ]
+            else:
+                cells += ["-"] * 3
+            lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 

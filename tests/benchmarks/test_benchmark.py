@@ -77,6 +77,10 @@ def test_benchmark_script_writes_all_numbers(tmp_path):
     assert variant["vs_ours"] > 0 and variant["lr"] == results["train"]["ours"]["lr"]
     assert results["trainable_params"]["batched"] == results["trainable_params"]["ours"]
     assert "variant batched" in proc.stdout
+    for entry in results["infer"].values():
+        variant = entry["variants"]["batched"]
+        assert variant["latency_ms"] > 0 and variant["ratio"] > 0 and variant["vs_ours"] > 0
+        assert variant["detections_per_image"] >= 0
     assert abs(results["train"]["ours"]["lr"] - results["train"]["torchvision"]["lr"]) < 1e-12
     assert set(results["infer"]) == {"model_batch1", "e2e_batch1"}
     for entry in results["infer"].values():

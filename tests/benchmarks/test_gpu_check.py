@@ -82,6 +82,7 @@ def test_dry_run_reports_every_step_and_goes_on_past_a_failing_one(tmp_path):
         variants = bench["train"]["variants"]
         assert {n: v["overrides"] for n, v in variants.items()} == gpu_check.BENCH_VARIANTS[name]
         assert all(v["images_per_s"] > 0 and v["vs_ours"] > 0 for v in variants.values())
+    assert set(eager["infer"]["model_batch1"]["variants"]) == set(gpu_check.BENCH_VARIANTS["bench_eager"])
     assert eager["infer"]["model_batch1"]["ours"]["latency_ms"] > 0 and "infer" not in fast  # fast: training only
     assert list(eager["infer"]) == ["model_batch1"]  # model only: no COCO-json encoding
     assert fast["args"]["channels_last"] is True and eager["args"]["channels_last"] is False
@@ -103,7 +104,11 @@ def test_dry_run_reports_every_step_and_goes_on_past_a_failing_one(tmp_path):
         assert f"| {name} | {gpu_check.DESCRIPTIONS[name]} | {status} |" in summary
     assert "skipped (no CUDA)" in summary and f"| python | {platform.python_version()} " in summary
     assert "## Failures" in summary and "### train_bf16: timed out after 1 s" in summary
-    assert "| bench_fast, variant `per_image` (model.batched_sampling=false model.batched_proposals=false; " in summary
+    assert (
+        "| bench_fast, variant `per_image` (model.batched_sampling=false model.batched_proposals=false) | " in summary
+    )
+    batched_row = next(line for line in summary.splitlines() if line.startswith("| bench_eager, variant `batched` ("))
+    assert "x ours" in batched_row and " - |" not in batched_row  # training and inference numbers
     assert "| sync ops per step" in summary and "| mask_head input shapes in training |" in summary
 
 
