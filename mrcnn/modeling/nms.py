@@ -8,17 +8,21 @@ shape, so nothing waits on the host:
 
 * on a GPU, one Triton kernel with one program per group (:func:`_nms_program`): each walks its group in score order
   as torchvision's NMS does, and the groups run side by side (torchvision's CUDA NMS ends in a single-block pass over
-  all the boxes of a call, the RPN's largest GPU cost on the H200: 19% of a training step);
+  all the boxes of a call: the RPN's NMS was 19% of the kernels' GPU time of a training step on the H200);
 * on the CPU, torchvision's ``nms`` per group (a host read costs nothing there).
 
-Both keep exactly the boxes torchvision's ``nms`` keeps for each group alone: the same IoU arithmetic in float32
-(IEEE division), the same ``>`` threshold, the same greedy order (``tests/modeling/test_nms.py`` runs the kernel
-in Triton's interpreter on the CPU).
+Both keep exactly the boxes torchvision's CPU ``nms`` keeps for each group alone: the same IoU arithmetic in
+float32, each step rounded (the kernel is compiled without fused multiply-adds, and divides with IEEE rounding), the
+same strict comparison with the threshold (taken in double precision there), the same greedy order
+(``tests/modeling/test_nms.py`` runs the kernel in Triton's interpreter on the CPU). torchvision's CUDA ``nms``
+may differ from its CPU ``nms`` in the last bit of an IoU (and its ``batched_nms`` offsets the coordinates), so on a
+GPU a pair at the threshold can be decided either way.
 """
 
 import functools
 import warnings
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchvision.ops import nms
@@ -113,11 +117,30 @@ def grouped_nms_triton(
     starts, ends = _segments(tuple((int(s), int(e)) for s, e in segments), boxes.device)
     if lengths is not None:
         lengths = lengths.to(torch.int64).contiguous()
-    # One program per (image, segment); each walks its own group of boxes, in order.
+    # One program per (image, segment); each walks its own group of boxes, in order. Without fused multiply-adds,
+    # so every IoU is rounded as on the CPU.
     kernel[(boxes.shape[0], len(segments))](
-        boxes, keep, starts, ends, lengths, boxes.shape[1], float(threshold), BLOCK=block
+        boxes,
+        keep,
+        starts,
+        ends,
+        lengths,
+        boxes.shape[1],
+        float32_threshold(threshold),
+        BLOCK=block,
+        enable_fp_fusion=False,
     )
     return keep.bool()
+
+
+def float32_threshold(threshold: float) -> float:
+    """The float32 ``t`` with ``iou > t`` exactly when ``iou > threshold`` for every float32 ``iou``: torchvision's CPU
+    ``nms`` compares the float IoU with the threshold in double precision. ``threshold`` itself if float32 holds it
+    (0.5), else the largest float32 below it (float32(0.6) is above 0.6: an IoU of exactly float32(0.6) exceeds 0.6)."""
+    value = np.float32(threshold)
+    if float(value) > threshold:
+        value = np.nextafter(value, np.float32(-np.inf))
+    return float(value)
 
 
 def grouped_nms_torchvision(

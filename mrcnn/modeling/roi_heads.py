@@ -202,7 +202,7 @@ class RoIHeads(nn.Module):
         random keys. Each image then gets ``S = min(batch_size_per_image, L)`` slots: its sampled positives first,
         then its sampled negatives, each in candidate order, then unsampled candidates, which count in no loss. The
         sampler takes at most ``int(batch_size_per_image * positive_fraction)`` positives, so the first that many
-        slots hold every sampled positive: the mask head's rows.
+        slots hold every sampled positive (the only slots the mask targets are made for).
 
         Returns:
             rois: ``[B, S, 4]``; labels: int64 ``[B, S]`` (0 background, and 0 in slots outside the sample);

@@ -13,18 +13,26 @@ pytest.importorskip("triton")
 
 
 def grouped_boxes(num_images: int, segments: list[tuple[int, int]], seed: int = 0):
-    """Crowded random boxes, each segment in decreasing score order, about 10% not candidates; plus a pair at IoU
-    exactly 0.5 (kept: the threshold is strict) and a duplicate pair (IoU 1) at the front of the first segment."""
+    """Crowded random boxes, each segment in decreasing score order, about 10% not candidates; at the front of the
+    first segment a pair at IoU exactly 0.5, a duplicate pair (IoU 1) and a pair at IoU 3/5 (float32(0.6), which is
+    above 0.6)."""
     generator = torch.Generator().manual_seed(seed)
     length = segments[-1][1]
     centres = torch.rand(num_images, length, 2, generator=generator) * 60
     sides = torch.rand(num_images, length, 2, generator=generator) * 30 + 1
     boxes = torch.cat([centres - sides / 2, centres + sides / 2], dim=-1)
-    boxes[:, 0:4] = torch.tensor(
-        [[0.0, 0.0, 3.0, 1.0], [1.0, 0.0, 4.0, 1.0], [5.0, 5.0, 9.0, 9.0], [5.0, 5.0, 9.0, 9.0]]
+    boxes[:, 0:6] = torch.tensor(
+        [
+            [0.0, 0.0, 3.0, 1.0],
+            [1.0, 0.0, 4.0, 1.0],
+            [5.0, 5.0, 9.0, 9.0],
+            [5.0, 5.0, 9.0, 9.0],
+            [20.0, 20.0, 24.0, 21.0],
+            [21.0, 20.0, 25.0, 21.0],
+        ]
     )
     valid = torch.rand(num_images, length, generator=generator) > 0.1
-    valid[:, 0:4] = True
+    valid[:, 0:6] = True
     return boxes, valid
 
 
@@ -42,7 +50,7 @@ def reference(boxes, valid, segments, threshold):
 SEGMENTS = [(0, 150), (150, 180), (180, 181), (181, 181), (181, 260)]
 
 
-@pytest.mark.parametrize("threshold", [0.5, 0.7])
+@pytest.mark.parametrize("threshold", [0.5, 0.6, 0.7])
 def test_the_kernel_keeps_what_torchvision_keeps_in_each_group(threshold):
     boxes, valid = grouped_boxes(2, SEGMENTS)
     expected = reference(boxes, valid, SEGMENTS, threshold)
@@ -53,6 +61,8 @@ def test_the_kernel_keeps_what_torchvision_keeps_in_each_group(threshold):
     # Some boxes suppressed, some kept; never a non-candidate; the pair at IoU exactly 0.5 both kept.
     assert 0 < expected.sum() < valid.sum() and not (expected & ~valid).any()
     assert expected[:, :2].all() and expected[:, 2].all() and not expected[:, 3].any()
+    # IoU 3/5 is float32(0.6) > 0.6: suppressed at 0.5 and 0.6, kept at 0.7.
+    assert expected[:, 4].all() and bool(expected[:, 5].all()) == (threshold == 0.7)
 
 
 def test_a_wrong_kernel_is_caught():
@@ -97,9 +107,11 @@ def test_the_kernel_compiles_for_a_hopper_gpu():
     for lengths in ("*i64", "constexpr"):
         constexprs = {"BLOCK": 1024, **({"lengths": None} if lengths == "constexpr" else {})}
         source = ASTSource(fn=kernel, signature={**signature, "lengths": lengths}, constexprs=constexprs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        # As grouped_nms_triton launches it: without fused multiply-adds.
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
         ptx = compiled.asm["ptx"]
         assert "div.rn.f32" in ptx and "bar.sync" in ptx  # IEEE division; the barrier between a group's boxes
+        assert "fma.rn.f32" not in ptx  # every product rounded, as on the CPU
         assert compiled.asm["cubin"]
 
 
