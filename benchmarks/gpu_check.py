@@ -951,60 +951,44 @@ def bench_lines(steps: dict) -> list[str]:
         low, high = entry.get("images_per_s_range") or (None, None)
         return f"{fmt(entry['images_per_s'])} ({fmt(low)}-{fmt(high)})"
 
+    def row(label, train, infer, pick, not_run="not run"):
+        """One table row for ours or a variant (``pick(entry)``: its numbers in a train or infer entry, or None)."""
+        cells = [label]
+        mine = pick(train) if train else None
+        if mine:
+            note = "" if mine is train["ours"] else f"; {fmt(mine['vs_ours'])}x ours"
+            tv = train["torchvision"]
+            cells += [
+                with_range(mine) + note,
+                with_range(tv),
+                fmt(train["ratio"] if mine is train["ours"] else mine["ratio"]),
+                fmt(train.get("rounds")),
+                f"{fmt(mine['peak_mem_mib'], 4)} / {fmt(tv['peak_mem_mib'], 4)}",
+            ]
+        else:
+            cells += ["-"] * 5
+        batches = sorted(int(k.removeprefix("model_batch")) for k in infer if k.startswith("model_batch"))
+        one, model = (infer[f"model_batch{b}"] for b in (batches[0], batches[-1])) if batches else (None, None)
+        if one and pick(one) and pick(model):
+            cells += [
+                f"{fmt(pick(one)['latency_ms'])} / {fmt(one['torchvision']['latency_ms'])}",
+                f"{fmt(pick(model)['images_per_s'])} / {fmt(model['torchvision']['images_per_s'])}",
+                f"{fmt(pick(model)['peak_mem_mib'], 4)} / {fmt(model['torchvision']['peak_mem_mib'], 4)}",
+            ]
+        else:
+            cells += [not_run, "-", "-"]
+        return "| " + " | ".join(cells) + " |"
+
     for name in ("bench_eager", "bench_fast", "bench_compile"):
         results = steps.get(name, {}).get("results", {})
         if not results:
             lines.append(f"| {name} | not measured | | | | | | | |")
             continue
         train, infer = results.get("train"), results.get("infer", {})
-        cells = [name + (" (partial)" if results.get("partial") else "")]
-        if train:
-            cells += [
-                with_range(train["ours"]),
-                with_range(train["torchvision"]),
-                fmt(train["ratio"]),
-                fmt(train.get("rounds")),
-                f"{fmt(train['ours']['peak_mem_mib'], 4)} / {fmt(train['torchvision']['peak_mem_mib'], 4)}",
-            ]
-        else:
-            cells += ["-"] * 5
-        batches = sorted(int(k.removeprefix("model_batch")) for k in infer if k.startswith("model_batch"))
-        if batches:
-            one, model = infer[f"model_batch{batches[0]}"], infer[f"model_batch{batches[-1]}"]
-            cells += [
-                f"{fmt(one['ours']['latency_ms'])} / {fmt(one['torchvision']['latency_ms'])}",
-                f"{fmt(model['ours']['images_per_s'])} / {fmt(model['torchvision']['images_per_s'])}",
-                f"{fmt(model['ours']['peak_mem_mib'], 4)} / {fmt(model['torchvision']['peak_mem_mib'], 4)}",
-            ]
-        else:
-            cells += ["not run", "-", "-"]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(row(name + (" (partial)" if results.get("partial") else ""), train, infer, lambda e: e["ours"]))
         for variant, overrides in BENCH_VARIANTS.get(name, {}).items():
-            v = (train or {}).get("variants", {}).get(variant)
-            cells = [f"{name}, variant `{variant}` ({' '.join(overrides)})"]
-            if v:
-                cells += [
-                    f"{with_range(v)}; {fmt(v['vs_ours'])}x ours",
-                    with_range(train["torchvision"]),
-                    fmt(v["ratio"]),
-                    fmt(train.get("rounds")),
-                    f"{fmt(v['peak_mem_mib'], 4)} / {fmt(train['torchvision']['peak_mem_mib'], 4)}",
-                ]
-            else:
-                cells += ["-"] * 5
-            if batches and "variants" in infer[f"model_batch{batches[0]}"]:
-                one = infer[f"model_batch{batches[0]}"]["variants"][variant]
-                model = infer[f"model_batch{batches[-1]}"]["variants"][variant]
-                cells += [
-                    f"{fmt(one['latency_ms'])} / {fmt(infer[f'model_batch{batches[0]}']['torchvision']['latency_ms'])}",
-                    f"{fmt(model['images_per_s'])} / "
-                    f"{fmt(infer[f'model_batch{batches[-1]}']['torchvision']['images_per_s'])}",
-                    f"{fmt(model['peak_mem_mib'], 4)} / "
-                    f"{fmt(infer[f'model_batch{batches[-1]}']['torchvision']['peak_mem_mib'], 4)}",
-                ]
-            else:
-                cells += ["-"] * 3
-            lines.append("| " + " | ".join(cells) + " |")
+            label = f"{name}, variant `{variant}` ({' '.join(overrides)})"
+            lines.append(row(label, train, infer, lambda e, v=variant: e.get("variants", {}).get(v), not_run="-"))
     return lines
 
 
