@@ -337,11 +337,12 @@ def profile_tables(profiler, device: torch.device, rows: int = 25) -> str:
     return "\n".join(parts) + "\n"
 
 
-def profile_phase(args, cfg, module, theirs, loader, device, steps: int = 2) -> dict:
-    """Host synchronisations per training step and a torch.profiler table of ``steps`` steps of each system,
-    after one unprofiled step, on ``loader``'s batches (``--steps`` must be at least ``steps + 1``).
+def profile_phase(args, cfg, module, theirs, loader, device, steps: int = 2, variants=None) -> dict:
+    """Host synchronisations per training step and a torch.profiler table of ``steps`` steps of each system (ours,
+    each of ``variants``: ``{name: MaskRCNNModule}``, torchvision), after one unprofiled step, on ``loader``'s batches
+    (``--steps`` must be at least ``steps + 1``).
 
-    Tables go to ``<--out without .json>_profile_<system>.txt``.
+    Tables go to ``<--out without .json>_profile_<system>.txt``; the variants' numbers to ``variants.<name>``.
     """
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -349,11 +350,16 @@ def profile_phase(args, cfg, module, theirs, loader, device, steps: int = 2) -> 
     stem = str(args.out).removesuffix(".json")
     result = {"steps": steps}
     # Ours: the whole Lightning training step (training_step, backward, optimizer step), as users run it.
-    profiler, syncs = torch.profiler.profile(activities=activities), SyncWarnings(device)
-    trainer = training_only_trainer(args, device, steps + 1, ProfileSteps(profiler, 1, steps, syncs))
-    trainer.fit(module, datamodule=FixedBatches(loader))
-    result["ours"] = {**profile_counts(profiler, steps), "sync_debug": syncs.summary(steps)}
-    Path(f"{stem}_profile_ours.txt").write_text(profile_tables(profiler, device))
+    for name, system in {"ours": module, **(variants or {})}.items():
+        profiler, syncs = torch.profiler.profile(activities=activities), SyncWarnings(device)
+        trainer = training_only_trainer(args, device, steps + 1, ProfileSteps(profiler, 1, steps, syncs))
+        trainer.fit(system, datamodule=FixedBatches(loader))
+        counts = {**profile_counts(profiler, steps), "sync_debug": syncs.summary(steps)}
+        if name == "ours":
+            result["ours"] = counts
+        else:
+            result.setdefault("variants", {})[name] = counts
+        Path(f"{stem}_profile_{name}.txt").write_text(profile_tables(profiler, device))
     # torchvision: the plain loop of train_phase.
     theirs.train()
     params = [p for p in theirs.parameters() if p.requires_grad]
@@ -934,7 +940,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["head_shapes"] = shapes.summary()
         shapes.remove()
         if args.profile:
-            results["profile"] = profile_phase(args, cfg, module, theirs, loaders[-1], device)
+            results["profile"] = profile_phase(args, cfg, module, theirs, loaders[-1], device, variants=variants)
         write_json(results, args.out)
     if "infer" not in args.skip:
         if "train" not in args.skip:  # back to the same weights: training moved the two a little apart
