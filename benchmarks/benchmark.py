@@ -496,25 +496,27 @@ def train_summary(args, rounds: dict, peaks: dict, lr: float | None, complete: b
     ours').
     """
     result = {"complete": complete, "rounds": len(rounds["ours"])}
-    summaries = {}
     for name, steps in rounds.items():
         # One round's time: the sum of its steps (so its throughput is steps * batch / time).
-        summaries[name] = summarize([sum(s) for s in steps], args.steps * args.batch_size)
-        summaries[name].update(step_times_s=steps, peak_mem_mib=peaks[name], lr=lr)
-    summaries["torchvision"]["lr"] = args.lr
-    result["ours"], result["torchvision"] = summaries.pop("ours"), summaries.pop("torchvision")
-    result["ratio"] = result["ours"]["images_per_s"] / result["torchvision"]["images_per_s"]
-    if summaries:
-        result["variants"] = {
-            name: {
-                "overrides": args.variants[name],
-                **summary,
-                "ratio": summary["images_per_s"] / result["torchvision"]["images_per_s"],
-                "vs_ours": summary["images_per_s"] / result["ours"]["images_per_s"],
-            }
-            for name, summary in summaries.items()
-        }
+        result[name] = summarize([sum(s) for s in steps], args.steps * args.batch_size)
+        result[name].update(step_times_s=steps, peak_mem_mib=peaks[name], lr=lr)
+    result["torchvision"]["lr"] = args.lr
+    result = with_ratios(result, [name for name in rounds if name not in ("ours", "torchvision")])
+    for name, variant in result.get("variants", {}).items():
+        variant["overrides"] = args.variants[name]
     return result
+
+
+def with_ratios(entry: dict, variants: list[str]) -> dict:
+    """``entry`` (one measurement's numbers per system) with ``ratio``: ours' throughput over torchvision's, and
+    each of ``variants`` moved under ``variants.<name>`` with its own ``ratio`` and ``vs_ours`` (over ours')."""
+    entry["ratio"] = entry["ours"]["images_per_s"] / entry["torchvision"]["images_per_s"]
+    if variants:
+        entry["variants"] = {name: entry.pop(name) for name in variants}
+        for variant in entry["variants"].values():
+            variant["ratio"] = variant["images_per_s"] / entry["torchvision"]["images_per_s"]
+            variant["vs_ours"] = variant["images_per_s"] / entry["ours"]["images_per_s"]
+    return entry
 
 
 def coco_json_ours(detections: list[dict], image_ids: list[int]) -> list[dict]:
@@ -591,13 +593,7 @@ def infer_phase(args, ours, theirs, rounds, device, memory, save=lambda partial:
             for name in systems:
                 entry[name] = summarize(times[name], batch)
                 entry[name].update(peak_mem_mib=peaks[name], detections_per_image=detections[name])
-            entry["ratio"] = entry["ours"]["images_per_s"] / entry["torchvision"]["images_per_s"]
-            if variants:
-                entry["variants"] = {name: entry.pop(name) for name in variants}
-                for variant in entry["variants"].values():
-                    variant["ratio"] = variant["images_per_s"] / entry["torchvision"]["images_per_s"]
-                    variant["vs_ours"] = variant["images_per_s"] / entry["ours"]["images_per_s"]
-            result[f"{mode}_batch{batch}"] = entry
+            result[f"{mode}_batch{batch}"] = with_ratios(entry, list(variants))
             save(result)
     return result
 
@@ -727,12 +723,13 @@ def table(results: dict) -> str:
     for key, m in results.get("infer", {}).items():
         mode, batch = key.split("_batch")
         label = f"infer {'model only' if mode == 'model' else 'end to end'} (batch {batch})"
-        for name, entry in {"": m, **{f"  variant {n}": v for n, v in m.get("variants", {}).items()}}.items():
-            ours, ratio = (m["ours"], m["ratio"]) if not name else (entry, entry["ratio"])
+        systems = [(label + (" latency" if batch == "1" else ""), m["ours"], m["ratio"])]
+        systems += [(f"  variant {n}", v, v["ratio"]) for n, v in m.get("variants", {}).items()]
+        for text, mine, ratio in systems:
             if batch == "1":
-                row(name or label + " latency", "ms", ours["latency_ms"], m["torchvision"]["latency_ms"], ratio)
+                row(text, "ms", mine["latency_ms"], m["torchvision"]["latency_ms"], ratio)
             else:
-                row(name or label, "img/s", ours["images_per_s"], m["torchvision"]["images_per_s"], ratio)
+                row(text, "img/s", mine["images_per_s"], m["torchvision"]["images_per_s"], ratio)
     if "infer" in results:
         m = results["infer"][max(results["infer"], key=lambda k: int(k.split("_batch")[1]))]
         row(
