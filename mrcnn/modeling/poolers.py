@@ -93,6 +93,7 @@ class RoIPooler(nn.Module):
         boxes: list[Tensor],
         image_shapes: list[tuple[int, int]],
         valid: Tensor | None = None,
+        num_valid: int | None = None,
     ) -> Tensor:
         """
         Args:
@@ -102,6 +103,8 @@ class RoIPooler(nn.Module):
             valid: ``None`` (pool every RoI), or bool ``[sum R_i]``: pool only these RoIs, e.g. the positives among
                 ``RoIHeads(batched_sampling=True)``'s fixed slots. Their number is read on the host together with
                 the level sizes, in the one read a pyramid needs anyway (a single map: one read of the count).
+            num_valid: how many rows ``valid`` sets, where the caller knows it already: a single map then reads
+                nothing (a pyramid still reads its level sizes).
 
         Returns:
             ``[sum R_i, C, S, S]`` pooled features, in the order of ``boxes``; with ``valid``, ``[V, C, S, S]``
@@ -114,7 +117,8 @@ class RoIPooler(nn.Module):
         if len(maps) == 1:
             if valid is not None:
                 # The set rows, in order (a stable sort puts them first), after one read of their count.
-                rois = rois[torch.argsort(~valid, stable=True)[: int(valid.sum())]]
+                count = int(valid.sum()) if num_valid is None else num_valid
+                rois = rois[torch.argsort(~valid, stable=True)[:count]]
             return self.pool_level(maps[0], rois, scales[0])
 
         k_min = int(-math.log2(scales[0]))

@@ -293,9 +293,12 @@ class RoIHeads(nn.Module):
         # Mask branch: positive RoIs only, each against its matched ground-truth mask.
         positives = [torch.where(image_labels > 0)[0] for image_labels in labels]
         pos_rois = [r[p] for r, p in zip(rois, positives)]
+        num_positive = sum(len(p) for p in positives)  # known on the host from the index lists: no further read
         mask_logits = self.run_head(
             self.mask_head,
-            self.positive_mask_features(features, image_shapes, rois, torch.cat(labels) > 0, box_features),
+            self.positive_mask_features(
+                features, image_shapes, rois, torch.cat(labels) > 0, box_features, num_positive
+            ),
         )
         size = mask_logits.shape[-1]
         gt_labels = torch.cat([t["labels"][m[p]] for t, m, p in zip(targets, matched_idxs, positives)])
@@ -388,6 +391,7 @@ class RoIHeads(nn.Module):
         rois: list[Tensor],
         positive: Tensor,
         box_features: Tensor,
+        num_positive: int | None = None,
     ) -> Tensor:
         """The mask head's input for the positive sampled RoIs, in training.
 
@@ -395,11 +399,13 @@ class RoIHeads(nn.Module):
             rois: per image sampled RoIs ``[S_i, 4]``.
             positive: bool ``[sum S_i]``, the positive RoIs.
             box_features: the box head's output for all sampled RoIs, ``[sum S_i, ...]`` (unused here).
+            num_positive: how many ``positive`` sets, where the caller knows it (the per-image path's index lists);
+                ``None``: read on the host with the pooler's level sizes.
 
         Returns:
             ``[P, C, M, M]`` pooled features of the ``P`` positive RoIs, in order.
         """
-        return self.mask_pooler(features, rois, image_shapes, valid=positive)
+        return self.mask_pooler(features, rois, image_shapes, valid=positive, num_valid=num_positive)
 
     def detection_mask_features(
         self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
@@ -434,9 +440,11 @@ class Res5RoIHeads(RoIHeads):
         """res5 starts with a stride-2 block: 14x14 RoIs give the mask head 7x7 features."""
         return (box_resolution + 1) // 2
 
-    def positive_mask_features(self, features, image_shapes, rois, positive, box_features) -> Tensor:
-        # Rows of box_features follow the sampled RoIs: the positive ones, in order, after one read of their count.
-        return box_features[torch.argsort(~positive, stable=True)[: int(positive.sum())]]
+    def positive_mask_features(self, features, image_shapes, rois, positive, box_features, num_positive=None) -> Tensor:
+        # Rows of box_features follow the sampled RoIs: the positive ones, in order (one read of their count, unless
+        # the caller knows it).
+        count = int(positive.sum()) if num_positive is None else num_positive
+        return box_features[torch.argsort(~positive, stable=True)[:count]]
 
     def detection_mask_features(self, features, boxes, image_shapes) -> Tensor:
         return self.run_head(self.box_head, self.box_pooler(features, boxes, image_shapes))

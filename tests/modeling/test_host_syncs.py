@@ -183,8 +183,17 @@ def _training_loop_syncs(overrides, tmp_path) -> list[SyncCounter]:
 # per-image proposal filtering (28 syncs in small) into none (on a GPU its NMS is one kernel for every image and
 # level), its anchor matching and sampling (16) into none, and the RoI heads' sampling, pooling and losses (11) into
 # 2: one read per pooler (the box pooler's level sizes; the mask pooler's level sizes of the positives, whose sum
-# sizes the mask head).
-MAX_SYNCS = {"small": 55, "small_batched": 2, "torchvision_r50_fpn": 33, "r50_batched": 2}
+# sizes the mask head). C4 (one map, no mask pooler: the mask head reads res5's box features) reads only the
+# positives' count with both switches; per image, C4 and C5 take that count from the index lists they already read.
+MAX_SYNCS = {
+    "small": 55,
+    "small_c4": 31,
+    "small_c5": 31,
+    "c4_batched": 1,
+    "small_batched": 2,
+    "torchvision_r50_fpn": 33,
+    "r50_batched": 2,
+}
 # On a logging step (trainer.log_every_n_steps) the loggers read the logged values: the six losses, the learning rate
 # and the throughput (the last two host tensors, read without a wait on a GPU), and Lightning's LearningRateMonitor
 # copies the learning rate to the device. The first read waits for the step; the others find it done.
@@ -195,6 +204,12 @@ MAX_LOGGING_SYNCS = 9
     "model, overrides",
     [
         ("small", ["data.image_size=64"]),
+        ("small_c4", ["data.image_size=64", "model/backbone=c4"]),
+        ("small_c5", ["data.image_size=64", "model/backbone=c5"]),
+        (
+            "c4_batched",
+            ["data.image_size=64", "model/backbone=c4", "model.batched_proposals=true", "model.batched_sampling=true"],
+        ),
         ("small_batched", ["data.image_size=64", "model.batched_proposals=true", "model.batched_sampling=true"]),
         (
             "torchvision_r50_fpn",
