@@ -96,14 +96,18 @@ def test_the_rebuild_command_never_overwrites_the_sweeps_report_and_names_a_miss
     assert result.returncode == 0, result.stderr
     assert own.read_text() == before and (sweep / "report_by_seed.md").is_file()
     missing = tmp_path / "no_such_sweep"
-    result = subprocess.run(
-        [sys.executable, "-m", "mrcnn.reporting", str(missing)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    # A mistyped folder is answered before torch loads (seconds): the module says which modules it imported.
+    check = (
+        "import runpy, sys\n"
+        "try:\n"
+        f"    sys.argv = ['mrcnn.reporting', {str(missing)!r}]\n"
+        "    runpy.run_module('mrcnn.reporting', run_name='__main__')\n"
+        "finally:\n"
+        "    print('torch loaded:', 'torch' in sys.modules)\n"
     )
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and f"{missing}: no such folder" in result.stderr
+    assert "torch loaded: False" in result.stdout, result.stdout
 
 
 def test_the_rebuild_command_reads_the_report_settings_from_the_sweep(sweep):

@@ -30,8 +30,6 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-import mrcnn.config  # noqa: F401  (registers the resolvers a job's config.yaml may use)
-
 log = logging.getLogger(__name__)
 
 COLUMNS = (("segm_AP", "AP"), ("segm_AP50", "AP50"), ("segm_AP75", "AP75"), ("bbox_AP", "AP^bb"))
@@ -235,6 +233,10 @@ def collect(sweep_dir: str | Path, variant_keys: list[str], order: list[str] | N
     Args:
         order: optional variant names in the order the table should list them.
     """
+    # Registers the resolvers a job's config.yaml may use. Here, not at the top: it loads torch (seconds), and
+    # `python -m mrcnn.reporting` should answer a mistyped folder at once.
+    import mrcnn.config  # noqa: F401
+
     variants: dict[str, Variant] = {}
     sweep = _sweep_config(sweep_dir)
     for overrides_file in sorted(Path(sweep_dir).glob("**/overrides.yaml")):
