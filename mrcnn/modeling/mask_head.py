@@ -147,6 +147,67 @@ def mask_targets(
     return targets
 
 
+def stack_masks(gt_masks: list[Tensor]) -> Tensor:
+    """Every image's ground-truth masks in one ``[sum G_i, H, W]`` uint8 tensor, ``H, W`` the largest sizes.
+
+    Images of one size are simply concatenated. A smaller image's masks are padded, with their last row and column
+    repeated once beyond the image (zeros further out), so that RoIAlign reads them there as it reads the unpadded
+    mask: it clamps a sample between the last pixel's centre and the image's edge to the last pixel, and a RoI inside
+    its image samples no further out. (A zero row there would blend the mask's edge with 0.)
+    """
+    if len({m.shape[1:] for m in gt_masks}) <= 1:
+        return torch.cat(gt_masks)
+    height, width = max(m.shape[1] for m in gt_masks), max(m.shape[2] for m in gt_masks)
+    stacked = gt_masks[0].new_zeros((sum(len(m) for m in gt_masks), height, width))
+    start = 0
+    for masks in gt_masks:
+        count, h, w = masks.shape
+        if count and h and w:
+            image = stacked[start : start + count]
+            image[:, :h, :w] = masks
+            if h < height:
+                image[:, h, :w] = masks[:, h - 1]
+            if w < width:
+                rows = min(h + 1, height)
+                image[:, :rows, w] = image[:, :rows, w - 1]
+        start += count
+    return stacked
+
+
+def mask_targets_batched(
+    gt_masks: list[Tensor],
+    images: Tensor,
+    proposals: Tensor,
+    matched_idxs: Tensor,
+    size: int,
+    aligned: bool = False,
+    form: str = "soft",
+) -> Tensor:
+    """:func:`mask_targets` for RoIs of several images in one RoIAlign (the ``[B]`` per-image calls otherwise).
+
+    The images' masks are stacked (:func:`stack_masks`) and each RoI reads its ground truth there. The RoIs must
+    lie in their images (proposals are clipped to them; ground-truth boxes lie in them). Targets equal the
+    per-image ones bit for bit when the images have one size; else the samples at a smaller image's bottom or right
+    edge blend two equal values where the per-image call reads one (float rounding,
+    ``tests/modeling/test_heads_losses.py``).
+
+    Args:
+        gt_masks: per image uint8 ``[G_i, H_i, W_i]``.
+        images: int64 ``[K]``, the image of each RoI.
+        proposals: ``[K, 4]`` RoIs.
+        matched_idxs: int64 ``[K]``, each RoI's ground truth within its image (``< G_i``).
+        size, aligned, form: as :func:`mask_targets`.
+
+    Returns:
+        float ``[K, size, size]`` targets.
+    """
+    # Each image's first row in the stack, from the mask counts the host knows: a copy to the device that does not
+    # wait for it (non_blocking from pageable memory is staged at once).
+    firsts = torch.tensor([0, *itertools.accumulate(len(m) for m in gt_masks)][:-1], dtype=torch.int64)
+    firsts = firsts.to(matched_idxs.device, non_blocking=True)
+    return mask_targets(stack_masks(gt_masks), proposals, firsts[images] + matched_idxs, size, aligned, form)
+
+
 def _select_class(mask_logits: Tensor, labels: Tensor) -> Tensor:
     """``[R, C, M, M]`` -> ``[R, M, M]``: the channel of each RoI's class (channel 0 if class-agnostic)."""
     index = torch.zeros_like(labels) if mask_logits.shape[1] == 1 else labels

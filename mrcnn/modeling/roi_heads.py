@@ -20,7 +20,7 @@ from torchvision.ops import boxes as box_ops
 
 from mrcnn.modeling import sampling
 from mrcnn.modeling.box_head import fast_rcnn_inference, fast_rcnn_inference_batched, fast_rcnn_loss
-from mrcnn.modeling.mask_head import MASK_TARGET_FORMS, mask_targets
+from mrcnn.modeling.mask_head import MASK_TARGET_FORMS, mask_targets, mask_targets_batched
 from mrcnn.modeling.transform import BoxCoder
 
 
@@ -202,7 +202,7 @@ class RoIHeads(nn.Module):
         random keys. Each image then gets ``S = min(batch_size_per_image, L)`` slots: its sampled positives first,
         then its sampled negatives, each in candidate order, then unsampled candidates, which count in no loss. The
         sampler takes at most ``int(batch_size_per_image * positive_fraction)`` positives, so the first that many
-        slots hold every sampled positive (the only slots the mask targets are made for).
+        slots hold every sampled positive.
 
         Returns:
             rois: ``[B, S, 4]``; labels: int64 ``[B, S]`` (0 background, and 0 in slots outside the sample);
@@ -327,30 +327,24 @@ class RoIHeads(nn.Module):
             class_logits, box_regression, labels.flatten(), regression_targets, sampled.flatten()
         )
 
-        # Mask branch: the positive slots only, which are among the first num_mask of each image.
+        # Mask branch: the positive slots only.
         positive = labels.flatten() > 0
         mask_logits = self.run_head(
             self.mask_head, self.positive_mask_features(features, image_shapes, per_image, positive, box_features)
         )
         # The positives' slots, in order: a stable sort puts them first, and the mask head's rows say how many.
         slots = torch.argsort(~positive, stable=True)[: len(mask_logits)]
-        num_mask = min(int(self.fg_bg_sampler.batch_size_per_image * self.fg_bg_sampler.positive_fraction), num_slots)
-        size = mask_logits.shape[-1]
-        # Targets for the first num_mask slots of every image (no read of how many each image has), then the
-        # positives' rows.
-        gt_masks = torch.cat(
-            [
-                mask_targets(
-                    t["masks"], r[:num_mask], m[:num_mask], size, self.aligned_mask_targets, self.mask_target_form
-                )
-                if len(t["masks"])
-                # No ground truth, so no positive: these rows are never picked.
-                else r.new_zeros((num_mask, size, size))
-                for t, r, m in zip(targets, rois, matched_idxs)
-            ]
+        # Their targets, for all images in one RoIAlign.
+        gt_masks = mask_targets_batched(
+            [t["masks"] for t in targets],
+            slots // num_slots,
+            rois.flatten(0, 1)[slots],
+            matched_idxs.flatten()[slots],
+            mask_logits.shape[-1],
+            self.aligned_mask_targets,
+            self.mask_target_form,
         )
-        image, slot = slots // num_slots, slots % num_slots
-        mask_loss = self.mask_loss.loss(mask_logits, labels.flatten()[slots], gt_masks[image * num_mask + slot])
+        mask_loss = self.mask_loss.loss(mask_logits, labels.flatten()[slots], gt_masks)
         return {"fastrcnn_class_loss": class_loss, "fastrcnn_bbox_loss": bbox_loss, "maskrcnn_mask_loss": mask_loss}
 
     def _detect(self, features, proposals, image_shapes, proposal_valid=None) -> list[dict[str, Tensor]]:

@@ -24,6 +24,8 @@ from mrcnn.modeling.mask_head import (
     mask_loss_sigmoid,
     mask_loss_softmax,
     mask_targets,
+    mask_targets_batched,
+    stack_masks,
 )
 
 
@@ -174,6 +176,83 @@ def test_mask_targets_crop_and_resize_the_matched_mask():
     unaligned = mask_targets(masks, proposals, torch.tensor([0, 0, 1]), 8, aligned=False)
     assert unaligned[0, :-1, :-1].min() > 0.99 and unaligned[0, -1].max() < 0.7
     assert not torch.allclose(unaligned[0], unaligned[0].flip(0).flip(1))
+
+
+def _images_of_masks(sizes, seed=0):
+    """Per image uint8 masks [G_i, H_i, W_i] (random blobs, some touching the bottom-right edge) and RoIs in each
+    image, among them boxes reaching its bottom and right edges exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    masks, rois, images, matched = [], [], [], []
+    for i, (count, h, w) in enumerate(sizes):
+        m = (torch.rand(count, h, w, generator=gen) > 0.4).to(torch.uint8)
+        masks.append(m)
+        corners = torch.rand(6, 2, generator=gen) * torch.tensor([w / 2, h / 2])
+        boxes = torch.cat([corners, corners + torch.rand(6, 2, generator=gen) * torch.tensor([w / 2, h / 2]) + 1], 1)
+        boxes = torch.cat([boxes, torch.tensor([[w / 2, h / 2, w, h], [0.0, 0.0, w, h], [w - 1.3, h - 2.7, w, h]])])
+        rois.append(boxes)
+        images.append(torch.full((len(boxes),), i))
+        matched.append(
+            torch.randint(count, (len(boxes),), generator=gen) if count else torch.zeros(0, dtype=torch.long)
+        )
+    keep = [len(m) > 0 for m in masks]  # RoIs of images without ground truth are never positive
+    rois = torch.cat([r for r, k in zip(rois, keep) if k])
+    images = torch.cat([x for x, k in zip(images, keep) if k])
+    matched = torch.cat([x for x, k in zip(matched, keep) if k])
+    return masks, images, rois, matched
+
+
+def _per_image_targets(masks, images, rois, matched, size, **kwargs):
+    out = torch.zeros(len(rois), size, size)
+    for i, m in enumerate(masks):
+        rows = images == i
+        if rows.any():
+            out[rows] = mask_targets(m, rois[rows], matched[rows], size, **kwargs)
+    return out
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_batched_mask_targets_equal_the_per_image_ones_bit_for_bit_on_images_of_one_size(aligned):
+    masks, images, rois, matched = _images_of_masks([(3, 40, 56), (0, 40, 56), (5, 40, 56)])
+    batched = mask_targets_batched(masks, images, rois, matched, 14, aligned=aligned)
+    assert torch.equal(batched, _per_image_targets(masks, images, rois, matched, 14, aligned=aligned))
+
+
+@pytest.mark.parametrize("form", ["soft", "binary"])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_batched_mask_targets_equal_the_per_image_ones_on_images_of_other_sizes(aligned, form):
+    # The first image is the smallest both ways: its RoIs at the bottom and right edges sample the stack's padding.
+    sizes = [(3, 30, 41), (0, 64, 20), (4, 52, 77), (2, 64, 60)]
+    masks, images, rois, matched = _images_of_masks(sizes)
+    batched = mask_targets_batched(masks, images, rois, matched, 28, aligned=aligned, form=form)
+    expected = _per_image_targets(masks, images, rois, matched, 28, aligned=aligned, form=form)
+    if form == "soft":
+        torch.testing.assert_close(batched, expected, rtol=0, atol=1e-6)
+    else:  # thresholded: equal, barring a value within rounding of 0.5
+        assert (batched != expected).float().mean() < 1e-3
+    # With the padding zeros instead of the repeated edge, the edge RoIs' targets would differ.
+    stacked = stack_masks(masks)
+    assert stacked.shape == (9, 64, 77) and (stacked[:3, 30, :41] == masks[0][:, -1]).all()
+    zero_padded = stacked.clone()
+    zero_padded[:3, 30:] = 0
+    zero_padded[:3, :, 41:] = 0
+    firsts = torch.tensor([0, 3, 3, 7])
+    wrong = mask_targets(zero_padded, rois, firsts[images] + matched, 28, aligned=aligned, form=form)
+    assert (wrong - expected).abs().max() > 0.1
+
+
+def test_stacked_masks_keep_every_image_and_pad_beyond_the_repeated_edge_with_zeros():
+    masks = [
+        torch.ones(2, 3, 4, dtype=torch.uint8),
+        torch.zeros(0, 7, 7, dtype=torch.uint8),
+        torch.ones(1, 6, 2, dtype=torch.uint8),
+    ]
+    stacked = stack_masks(masks)
+    # The largest sizes of all images, those without masks too.
+    assert stacked.shape == (3, 7, 7) and stacked.dtype == torch.uint8
+    # 3 x 4 masks: the last row and column repeated once, then zeros.
+    assert stacked[:2, :4, :5].all() and not stacked[:2, 4:].any() and not stacked[:2, :, 5:].any()
+    assert stacked[2, :, :3].all() and not stacked[2, :, 3:].any()
+    assert stack_masks([m[:0] for m in masks]).shape[0] == 0
 
 
 def test_binary_mask_targets_are_the_soft_ones_thresholded_at_one_half():
