@@ -189,7 +189,8 @@ def mask_targets_batched(
     lie in their images (proposals are clipped to them; ground-truth boxes lie in them). Targets equal the
     per-image ones bit for bit when the images have one size; else the samples at a smaller image's bottom or right
     edge blend two equal values where the per-image call reads one (float rounding,
-    ``tests/modeling/test_heads_losses.py``).
+    ``tests/modeling/test_heads_losses.py``). It holds every image's masks in float32 at once, where the per-image
+    calls hold one image's (COCO, batch 8: about 7 masks of 800 x 1200 an image, 0.2 GB).
 
     Args:
         gt_masks: per image uint8 ``[G_i, H_i, W_i]``.
