@@ -16,11 +16,14 @@ benchmark's rounds, the training runs' logged steps, the tests that ended):
 5. ``gpu_tests``: ``pytest -m gpu tests/modeling/test_gpu.py`` (bf16 autocast, channels_last, torch.compile,
    SyncBatchNorm, DDP on one GPU; comparisons in full fp32, TF32 off). Without CUDA the tests skip and the step
    says "skipped (no CUDA)".
-6. ``train_others`` (only with ``--steps``): the shapes run in fp32 and on the fast path, side by side: their AP
+6. ``train_batched`` (only with ``--steps``): ``train_bf16`` with the batched switches (``model.batched_sampling``,
+   ``model.batched_proposals``), alone: their steps/s beside the default's, the number that says whether
+   ``trainer=gpu`` should turn them on.
+7. ``train_others`` (only with ``--steps``): the shapes run in fp32 and on the fast path, side by side: their AP
    beside bf16's.
-7. ``gpu_determinism`` (only with ``--steps``): ``pytest -m gpu tests/modeling/test_gpu_determinism.py``:
+8. ``gpu_determinism`` (only with ``--steps``): ``pytest -m gpu tests/modeling/test_gpu_determinism.py``:
    ``trainer.deterministic=true`` repeats bit for bit, and the step time with and without it.
-8. ``bench_compile`` (only with ``--steps``): as ``bench_fast`` with ``module.compile=true``, training only.
+9. ``bench_compile`` (only with ``--steps``): as ``bench_fast`` with ``module.compile=true``, training only.
 
 Then the project's GPU goals (benchmarks/README.md) are read off the numbers. After every step
 ``gpu_check.json`` and ``gpu_check.md`` are rewritten in ``--out``; each step's whole output is in
@@ -70,11 +73,12 @@ STEPS = (
     "bench_fast",
     "train_bf16",
     "gpu_tests",
+    "train_batched",
     "train_others",
     "gpu_determinism",
     "bench_compile",
 )
-# Only when asked for (--steps): train_others (two more shapes runs; with train_bf16 and the tests they do not fit
+# Only when asked for (--steps): train_batched (one more shapes run: 50-75 s), train_others (two more shapes runs; with train_bf16 and the tests they do not fit
 # 7 minutes), gpu_determinism (trainer.deterministic=true: the same steps twice, bit for bit, and what the
 # deterministic kernels cost) and bench_compile (compiling R50-FPN takes minutes, and compiled it ran at 0.28x torchvision on the
 # H200 while the heads' shapes still varied, ../shared/gpu/2026-12-04-h200).
@@ -84,6 +88,7 @@ DESCRIPTIONS = {
     "bench_eager": "benchmark.py, ours and torchvision, bf16 autocast, eager; host syncs, profile, head shapes; ours with the batched switches beside",
     "bench_fast": "benchmark.py, ours on the fast path (bf16, channels_last, RoI buckets, batched switches, cuDNN autotuning) and torchvision (bf16, channels_last, autotuning), training only; ours per image beside",
     "train_bf16": "run.py trainer=gpu on shapes (bf16), alone: the default run's steps/s",
+    "train_batched": "run.py trainer=gpu on shapes (bf16) with the batched switches, alone: their steps/s",
     "train_others": "run.py on shapes in fp32 and on the fast path (+ channels_last, autotuning), side by side: their AP",
     "gpu_tests": f"pytest -m gpu {GPU_TESTS}",
     "gpu_determinism": f"pytest -m gpu {TEST_STEPS['gpu_determinism']}: deterministic mode repeats bit for bit; its cost",
@@ -95,6 +100,8 @@ DESCRIPTIONS = {
 TRAIN_RUNS = {
     "fp32": ["trainer.precision=32-true"],
     "bf16": ["trainer.precision=bf16-mixed"],
+    # bf16 with the sync-free switches (off by default until measured): its steps/s beside bf16's.
+    "batched": ["trainer.precision=bf16-mixed", "model.batched_proposals=true", "model.batched_sampling=true"],
     # The shapes' images all have one size and the default model buckets its RoIs: every shape repeats.
     "fast": [
         "trainer.precision=bf16-mixed",
@@ -105,7 +112,7 @@ TRAIN_RUNS = {
     ],
 }
 # Which training runs each training step runs, at the same time.
-TRAIN_STEPS = {"train_bf16": ("bf16",), "train_others": ("fp32", "fast")}
+TRAIN_STEPS = {"train_bf16": ("bf16",), "train_batched": ("batched",), "train_others": ("fp32", "fast")}
 # The fast path: bf16, channels_last, and RoI buckets (model.roi_buckets, off in the parity configuration that
 # bench_eager measures), which make every shape the convolutions see repeat at a fixed image size, so cuDNN
 # autotuning may join it (it tunes each shape once).
@@ -221,6 +228,8 @@ GPU = Profile(
         "bench_fast": 80,
         "train_bf16": 75,
         "gpu_tests": 110,
+        # train_bf16's run with two switches: its limit.
+        "train_batched": 75,
         # Not yet run on a GPU: 40 s for the steps test and 60-90 s for two run.py launches, estimated.
         "gpu_determinism": 200,
         "train_others": 120,
@@ -252,6 +261,7 @@ DRY_RUN = Profile(
         "bench_eager": 420,
         "bench_fast": 300,
         "train_bf16": 240,
+        "train_batched": 240,
         "train_others": 360,
         "gpu_tests": 180,
         "gpu_determinism": 180,
@@ -827,6 +837,7 @@ def read_goals(steps: dict, dry_run: bool, ap_tolerance: float) -> list[dict]:
     fast_vs_eager = fast["ours"]["images_per_s"] / eager["torchvision"]["images_per_s"] if fast and eager else None
     fast_images = fast and fast["ours"]["images_per_s"]
     shapes = results("train_bf16").get("bf16", {}).get("steps_per_s")
+    shapes_batched = results("train_batched").get("batched", {}).get("steps_per_s")
     profile = results("bench_eager").get("profile") or {}
     syncs = profile.get("ours", {}).get("aten_total_per_step")
     # The batched switches' variant: the path built to meet this goal.
@@ -866,6 +877,13 @@ def read_goals(steps: dict, dry_run: bool, ap_tolerance: float) -> list[dict]:
             shapes,
             check(shapes, lambda v: v >= GOAL_SHAPES_STEPS_PER_S),
             "train_bf16",
+        ),
+        goal(
+            "run.py trainer=gpu on the shapes with the batched switches, steps/s",
+            f">= {GOAL_SHAPES_STEPS_PER_S}",
+            shapes_batched,
+            check(shapes_batched, lambda v: v >= GOAL_SHAPES_STEPS_PER_S),
+            "train_batched (optional)",
         ),
         goal(
             "inference, model only, largest batch: ours / torchvision throughput",

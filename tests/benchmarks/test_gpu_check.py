@@ -45,6 +45,7 @@ def test_dry_run_reports_every_step_and_goes_on_past_a_failing_one(tmp_path):
         "bench_fast": "passed",
         "train_bf16": "failed",
         "gpu_tests": "skipped",
+        "train_batched": "skipped",
         "train_others": "passed",
         "gpu_determinism": "skipped",
         "bench_compile": "skipped",
@@ -93,13 +94,14 @@ def test_dry_run_reports_every_step_and_goes_on_past_a_failing_one(tmp_path):
         assert (out / f"bench_eager_profile_{system}.txt").read_text().startswith("== by CPU time")
 
     goals = {g["goal"]: g for g in report["goals"]}
-    assert len(goals) == 10 and all(g["met"] is None for g in goals.values())  # no verdicts in a dry run
+    assert len(goals) == 11 and all(g["met"] is None for g in goals.values())  # no verdicts in a dry run
     assert goals["training, bf16 eager: ours / torchvision"]["value"] > 0
     assert goals["host synchronisations per training step, ours"]["value"] > 0
     # The batched variant's count is measured too (on the CPU its NMS runs per group, so it is not the GPU's count).
     assert goals["host synchronisations per training step, ours with the batched switches"]["value"] > 0
     assert (out / "bench_eager_profile_batched.txt").read_text().startswith("== by CPU time")
     assert goals["run.py trainer=gpu on the shapes, steps/s"]["value"] is None  # train_bf16 failed
+    assert goals["run.py trainer=gpu on the shapes with the batched switches, steps/s"]["value"] is None  # not run
     assert goals["mask AP change, fast path - fp32 (points)"]["value"] is not None
 
     summary = (out / "gpu_check.md").read_text()
