@@ -202,9 +202,10 @@ def mask_targets_batched(
     Returns:
         float ``[K, size, size]`` targets.
     """
-    # Each image's first row in the stack, from the mask counts the host knows: a copy to the device that does not
-    # wait for it (non_blocking from pageable memory is staged at once).
-    firsts = torch.tensor([0, *itertools.accumulate(len(m) for m in gt_masks)][:-1], dtype=torch.int64)
+    # Each image's first row in the stack, from the mask counts the host knows, copied to the device from pinned
+    # memory without waiting for it (a copy from pageable memory may wait for the device's queue).
+    starts = [0, *itertools.accumulate(len(m) for m in gt_masks)][:-1]
+    firsts = torch.tensor(starts, dtype=torch.int64, pin_memory=matched_idxs.is_cuda)
     firsts = firsts.to(matched_idxs.device, non_blocking=True)
     return mask_targets(stack_masks(gt_masks), proposals, firsts[images] + matched_idxs, size, aligned, form)
 

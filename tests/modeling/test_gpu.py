@@ -3,6 +3,7 @@ DDP on one GPU. Marked ``gpu`` and skipped without CUDA; ``benchmarks/gpu_check.
 ``pytest -m gpu tests/modeling/test_gpu.py``. tests/test_configs.py checks the same switches on the CPU."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -209,3 +210,28 @@ def test_grouped_nms_kernel_keeps_torchvisions_boxes_without_a_host_sync():
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert torch.equal(got.cpu(), expected), threshold
+
+
+def test_a_batched_training_step_waits_on_the_host_once_per_pooler():
+    # Both batched switches: the CPU count (tests/modeling/test_host_syncs.py) is 2, the box and mask poolers' reads
+    # of their level sizes. On the GPU, torch's sync debug mode sees every wait, also those the CPU counter cannot
+    # (a blocking copy of a host tensor to the device). The targets were checked on the host, as run.py does.
+    module = build(["model.batched_sampling=true", "model.batched_proposals=true"]).train()
+    images, targets = shapes_batch(size=4)
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        _, losses = module.model(images, targets, targets_checked=True)
+        sum(losses.values()).backward()
+
+    step()  # compiles the NMS kernel and copies its segments to the GPU, once
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(waits) <= 2, waits
