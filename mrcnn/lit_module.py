@@ -109,6 +109,8 @@ class MaskRCNNModule(L.LightningModule):
         if compile:
             kwargs = dict(compile_kwargs or {})
             self.model.backbone.compile(**kwargs)
+            # The heads' row counts change from step to step (among the RoI buckets): one dynamic graph for all of
+            # them, where static ones would compile once per count (tests/modeling/test_compile.py).
             for head in (self.model.roi_heads.box_head, self.model.roi_heads.mask_head):
                 head.compile(**{**kwargs, "dynamic": True})
         self.optimizer_factory = optimizer
