@@ -27,15 +27,21 @@ def pad_boxes(boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
 
 
 def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """``torchvision.ops.box_iou`` per image, with the same arithmetic: ``[B, N, 4]`` x ``[B, M, 4]`` -> ``[B, N, M]``."""
+    """``torchvision.ops.box_iou`` per image, with the same arithmetic: ``[B, N, 4]`` x ``[B, M, 4]`` -> ``[B, N, M]``.
+
+    The intersection's width and height are computed one at a time, so the largest temporaries are ``[B, N, M]``
+    (torchvision's corners are ``[N, M, 2]`` pairs): at COCO's settings the RPN's table is every anchor of every
+    image against the batch's most ground-truth boxes (8 x 30 x 242,000 floats: 0.23 GB a tensor).
+    """
     area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
     area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
-    lt = torch.max(boxes1[:, :, None, :2], boxes2[:, None, :, :2])
-    rb = torch.min(boxes1[:, :, None, 2:], boxes2[:, None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area1[:, :, None] + area2[:, None, :] - inter
-    return inter / union
+    a, b = boxes1[:, :, None, :], boxes2[:, None, :, :]
+    width = (torch.min(a[..., 2], b[..., 2]) - torch.max(a[..., 0], b[..., 0])).clamp_(min=0)
+    height = (torch.min(a[..., 3], b[..., 3]) - torch.max(a[..., 1], b[..., 1])).clamp_(min=0)
+    inter = width.mul_(height)
+    del height
+    union = (area1[:, :, None] + area2[:, None, :]).sub_(inter)
+    return inter.div_(union)
 
 
 def match(
