@@ -82,3 +82,42 @@ def test_fine_tune_evaluate_predict_on_own_coco_json(tmp_path):
     detections = ground_truth.loadRes(str(out / "coco_results.json"))
     assert len(detections.getAnnIds()) == len(results)
     assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{p.name}.png" for p in val_images.iterdir())
+
+
+def test_the_batched_switches_train_and_detect_on_images_of_many_sizes(tmp_path):
+    # model.batched_sampling and model.batched_proposals on images of 40-160 px in batches of 2 and 3: the mask
+    # targets come from a stack of masks of other sizes, and the detections of a batch are made at once.
+    train_json, train_images = make_coco_split(tmp_path / "data", "train", categories=CATEGORIES)
+    val_json, val_images = make_coco_split(tmp_path / "data", "val", seed=1, categories=CATEGORIES)
+    data = [*coco_format_overrides(train_json, train_images, val_json, val_images), *SIZE]
+    batched = ["model.batched_sampling=true", "model.batched_proposals=true"]
+    train_dir = tmp_path / "train"
+    run_py([*MODEL, *data, *batched, "trainer.max_epochs=1", "final_eval=false", f"hydra.run.dir={train_dir}"])
+    checkpoint = train_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == 3  # 7 images, full batches of 2
+
+    # The same checkpoint detects the same boxes per image and all at once.
+    found = {}
+    for switch in ("false", "true"):
+        out = tmp_path / f"predictions_{switch}"
+        run_py(
+            [
+                *MODEL,
+                *SIZE,
+                "mode=predict",
+                f"model.batched_proposals={switch}",
+                f"ckpt_path={checkpoint}",
+                f"predict.input={val_images}",
+                f"predict.output={out}",
+                "predict.batch_size=3",
+                "predict.score_threshold=0.0",
+                f"hydra.run.dir={tmp_path / f'predict_{switch}'}",
+            ]
+        )
+        results = json.loads((out / "coco_results.json").read_text())
+        found[switch] = sorted(results, key=lambda r: (r["image_id"], -r["score"], r["category_id"], r["bbox"]))
+    per_image, at_once = found["false"], found["true"]
+    assert per_image and len(per_image) == len(at_once)
+    for a, b in zip(per_image, at_once):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        assert abs(a["score"] - b["score"]) < 1e-5 and max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) < 1e-3
