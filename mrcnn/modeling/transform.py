@@ -99,8 +99,9 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], paddi
 
 
 class RCNNTransform(GeneralizedRCNNTransform):
-    """GeneralizedRCNNTransform whose normalisation and training-time box resize copy nothing to the device, and
-    whose target masks are resized a few at a time.
+    """GeneralizedRCNNTransform whose normalisation and training-time box resize copy nothing to the device, whose
+    target masks are resized a few at a time, and which skips the copies torchvision makes of images already at
+    their size (a resize by 1, a padding by 0): the same outputs, bit for bit.
 
     torchvision resizes all of an image's masks in one float32 tensor (``N x H x W x 4`` bytes before and after):
     50,000 small annotations on one image took 1.6 GB in one allocation. The same nearest-neighbour resize in
@@ -137,6 +138,14 @@ class RCNNTransform(GeneralizedRCNNTransform):
                 pred["masks"] = paste_masks(pred["masks"], pred["boxes"], original_size)
         return result
 
+    def batch_images(self, images: list[Tensor], size_divisible: int = 32) -> Tensor:
+        """torchvision's ``batch_images`` (zero-padded to the largest size, rounded up to ``size_divisible``); images
+        of one size that needs no padding are stacked in one copy instead of one per image."""
+        shapes = {tuple(image.shape) for image in images}
+        if len(shapes) == 1 and all(side % size_divisible == 0 for side in images[0].shape[-2:]):
+            return torch.stack(images)
+        return super().batch_images(images, size_divisible)
+
     def resize(self, image: Tensor, target: dict[str, Tensor] | None = None):
         h, w = image.shape[-2:]
         if self.training:
@@ -145,6 +154,12 @@ class RCNNTransform(GeneralizedRCNNTransform):
             size = self.torch_choice(self.min_size)
         else:
             size = self.min_size[-1]
+        if target is not None and "keypoints" in target:
+            raise ValueError("keypoints are not supported")
+        if self.fixed_size is None and min(size / min(h, w), self.max_size / max(h, w)) == 1.0:
+            # Already at its size (fixed-size data such as the shapes): torchvision's resize by a factor of exactly 1
+            # gives back the same pixels, masks and boxes (bilinear weights 1 and 0), after copying each.
+            return image, target
         masks = None if target is None else target.pop("masks", None)
         image, target = _resize_image_and_masks(image, size, self.max_size, target, self.fixed_size)
         if target is None:
@@ -157,8 +172,6 @@ class RCNNTransform(GeneralizedRCNNTransform):
             ]
             target["masks"] = torch.cat(chunks) if chunks else masks.new_zeros((0, *new_size))
         target["boxes"] = resize_boxes(target["boxes"], (h, w), tuple(image.shape[-2:]))
-        if "keypoints" in target:
-            raise ValueError("keypoints are not supported")
         return image, target
 
 
