@@ -10,6 +10,10 @@ model and data afresh, and the backwards are alternated within a round so drift 
 
     python benchmarks/step_time.py --config "experiment=ablation_roialign hydra.mode=RUN model/backbone=c4 model/pooler=roi_align" \\
         --backward auto,sparse,torchvision --steps 20 --rounds 2 --out step_time.json
+
+``--count-ops`` also counts the operators a step's forward and backward dispatch (on the last batch), with and
+without views: on a GPU each of the others is a kernel launch, host time that a small model on small images does not hide (the CPU's
+own RoIAlign backward and NMS loops, which a GPU replaces by one kernel each, are counted apart).
 """
 
 from __future__ import annotations
@@ -17,15 +21,76 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
 from benchmark import compose_config  # benchmarks/benchmark.py, beside this script (also registers the resolvers)
 from hydra.utils import instantiate
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mrcnn.modeling import roi_align as roi_align_module
+from mrcnn.modeling.mask_rcnn import check_targets
 
 BACKWARDS = roi_align_module.BACKWARDS
+# Operators that make no new data (views, metadata): no kernel on a GPU.
+VIEW_OPS = {
+    "alias",
+    "as_strided",
+    "chunk",
+    "detach",
+    "expand",
+    "flatten",
+    "lift_fresh",
+    "narrow",
+    "permute",
+    "reshape",
+    "select",
+    "slice",
+    "split",
+    "split_with_sizes",
+    "squeeze",
+    "t",
+    "transpose",
+    "unbind",
+    "unflatten",
+    "unsqueeze",
+    "view",
+    "_reshape_alias",
+    "_unsafe_view",
+}
+# Code that runs on a CPU only, as (file, function): a GPU runs one kernel instead (torchvision's RoIAlign backward
+# for our sparse and separable ones, the Triton NMS for the loop over groups).
+CPU_ONLY = {("mrcnn/modeling/roi_align.py", "backward"), ("mrcnn/modeling/nms.py", "grouped_nms_torchvision")}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the operators dispatched inside it: ``total``, ``kernels`` (no views) and ``cpu_only`` (kernels
+    dispatched under a function of ``CPU_ONLY``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = self.kernels = self.cpu_only = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.total += 1
+        if func.overloadpacket.__name__ not in VIEW_OPS:
+            self.kernels += 1
+            frame = sys._getframe(1)
+            while frame is not None and not any(
+                frame.f_code.co_filename.endswith(file) and frame.f_code.co_name == function
+                for file, function in CPU_ONLY
+            ):
+                frame = frame.f_back
+            self.cpu_only += frame is not None
+        return func(*args, **(kwargs or {}))
+
+
+def train_step(model, optimizer, images, targets) -> None:
+    _, losses = model(images, targets, targets_checked=True)  # checked once, below, as run.py does on the host
+    sum(losses.values()).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def time_steps(model, optimizer, batches, warmup: int) -> list[float]:
@@ -33,12 +98,19 @@ def time_steps(model, optimizer, batches, warmup: int) -> list[float]:
     times = []
     for images, targets in batches:
         start = time.perf_counter()
-        _, losses = model(images, targets)
-        sum(losses.values()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, images, targets)
         times.append(time.perf_counter() - start)
     return times[warmup:]
+
+
+def count_ops(model, optimizer, images, targets) -> dict:
+    """The operators one training step's forward and backward dispatch (see :class:`OpCounter`). The optimizer step
+    is left out: on a GPU torch's SGD updates all parameters with a few foreach kernels, on the CPU it loops."""
+    with OpCounter() as counter:
+        _, losses = model(images, targets, targets_checked=True)
+        sum(losses.values()).backward()
+    optimizer.zero_grad(set_to_none=True)
+    return {"ops": counter.total, "kernels": counter.kernels, "cpu_only_kernels": counter.cpu_only}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -50,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="write the numbers to this json file")
+    parser.add_argument("--count-ops", action="store_true", help="also count the operators of one step (first round)")
     args = parser.parse_args(argv)
     backwards = [b for b in args.backward.split(",") if b]
     unknown = sorted(set(backwards) - set(BACKWARDS))
@@ -62,20 +135,34 @@ def main(argv: list[str] | None = None) -> dict:
     for config in args.config:
         cfg = compose_config(config.split())
         medians: dict[str, list[float]] = {b: [] for b in backwards}
-        for _ in range(args.rounds):
+        ops: dict[str, dict] = {}
+        for round_index in range(args.rounds):
             torch.manual_seed(0)
             datamodule = instantiate(cfg.data.datamodule)
             datamodule.setup("fit")
             loader = iter(datamodule.train_dataloader())
             # The same batches for every backward: fetched once, before any timing.
             batches = [next(loader) for _ in range(args.warmup + args.steps)]
+            for _, targets in batches:
+                check_targets(targets)  # on the host, before the steps, as run.py does
             for backward in backwards:
                 torch.manual_seed(0)
                 model = instantiate(cfg.model.net, roi_heads={"pooler": {"backward": backward}}).train()
                 optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
                 medians[backward].append(statistics.median(time_steps(model, optimizer, batches, args.warmup)))
-        results[config] = {b: {"median_step_s_per_round": m} for b, m in medians.items()}
+                if args.count_ops and round_index == 0:
+                    ops[backward] = count_ops(model, optimizer, *batches[-1])
+        results[config] = {
+            b: {"median_step_s_per_round": m, **({"ops_per_step": ops[b]} if b in ops else {})}
+            for b, m in medians.items()
+        }
         print(config, "  ".join(f"{b}: {', '.join(f'{s:.3f}' for s in m)} s" for b, m in medians.items()), flush=True)
+        for backward, counts in ops.items():
+            print(
+                f"  {backward}: {counts['ops']} ops a step, {counts['kernels']} of them not views, "
+                f"{counts['cpu_only_kernels']} of those CPU-only (RoIAlign backward, NMS loops)",
+                flush=True,
+            )
     if args.out:
         meta = {
             "threads": torch.get_num_threads(),

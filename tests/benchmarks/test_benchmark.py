@@ -136,7 +136,9 @@ def test_step_time_benchmark_times_every_backward(tmp_path):
         "--out",
         str(out),
     ]
-    proc = subprocess.run(command, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [*command, "--count-ops"], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
     assert results["meta"]["steps"] == 1
@@ -144,5 +146,13 @@ def test_step_time_benchmark_times_every_backward(tmp_path):
     assert sorted(steps) == ["auto", "separable", "sparse", "torchvision"]
     for numbers in steps.values():
         assert len(numbers["median_step_s_per_round"]) == 1 and numbers["median_step_s_per_round"][0] > 0
+        ops = numbers["ops_per_step"]
+        assert ops["ops"] > ops["kernels"] > ops["cpu_only_kernels"] >= 0
+    # Our CPU RoIAlign backwards are CPU-only loops; torchvision's is one kernel, as on a GPU.
+    assert (
+        steps["sparse"]["ops_per_step"]["cpu_only_kernels"]
+        > 0
+        == steps["torchvision"]["ops_per_step"]["cpu_only_kernels"]
+    )
     with pytest.raises(subprocess.CalledProcessError):
         subprocess.run([*command[:4], "--backward", "fast"], cwd=tmp_path, capture_output=True, check=True)
