@@ -31,9 +31,13 @@ from mrcnn.modeling.roi_align import BACKWARDS, needs_deterministic_path, roi_al
 def boxes_to_rois(boxes: list[Tensor]) -> Tensor:
     """Concatenate per-image boxes into the ``[R, 5]`` (batch_index, x1, y1, x2, y2) format."""
     rois = torch.cat(boxes, dim=0)
-    batch_index = torch.cat(
-        [torch.full((len(b), 1), i, dtype=rois.dtype, device=rois.device) for i, b in enumerate(boxes)], dim=0
-    )
+    if len({len(b) for b in boxes}) == 1:  # a fixed count per image (the batched paths): one index for all
+        index = torch.arange(len(boxes), dtype=rois.dtype, device=rois.device)
+        batch_index = index[:, None].expand(len(boxes), len(boxes[0])).reshape(-1, 1)
+    else:
+        batch_index = torch.cat(
+            [torch.full((len(b), 1), i, dtype=rois.dtype, device=rois.device) for i, b in enumerate(boxes)], dim=0
+        )
     return torch.cat([batch_index, rois], dim=1)
 
 

@@ -11,6 +11,7 @@ from mrcnn.modeling.poolers import (
     RoIPoolPooler,
     RoIWarpPooler,
     assign_levels,
+    boxes_to_rois,
     round_like_roi_pool,
 )
 
@@ -378,3 +379,12 @@ def test_fast_roi_align_backward_in_bf16_and_with_far_out_boxes():
     out.float().sum().backward()
     assert leaf.grad.dtype == torch.bfloat16
     torch.testing.assert_close(leaf.grad.float(), grads[0], rtol=0.02, atol=0.02)
+
+
+def test_boxes_to_rois_index_every_box_by_its_image():
+    for lengths in ([3, 3, 3], [2, 0, 4], [0, 0]):
+        boxes = [torch.rand(n, 4) for n in lengths]
+        rois = boxes_to_rois(boxes)
+        expected = torch.tensor([i for i, n in enumerate(lengths) for _ in range(n)], dtype=torch.float32)
+        assert rois.shape == (sum(lengths), 5) and torch.equal(rois[:, 0], expected)
+        assert torch.equal(rois[:, 1:], torch.cat(boxes))
