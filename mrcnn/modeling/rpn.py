@@ -9,7 +9,6 @@ from torch import Tensor
 from torchvision.models.detection import anchor_utils
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
-from torchvision.ops import boxes as box_ops
 
 from mrcnn.modeling import sampling
 from mrcnn.modeling.nms import grouped_nms
@@ -211,8 +210,10 @@ class RPN(RegionProposalNetwork):
         scores = torch.sigmoid(objectness[batch_idx, top_n_idx])
         boxes = proposals[batch_idx, top_n_idx]
 
-        # torchvision's clip, one image at a time: the bounds are host numbers, so no copy and no wait.
-        boxes = torch.stack([box_ops.clip_boxes_to_image(b, shape) for b, shape in zip(boxes, image_shapes)])
+        # torchvision's clip (clamp to [0, width] and [0, height]) for all images at once: the bounds are host numbers,
+        # copied to the device from pinned memory without waiting for it.
+        bounds = torch.tensor([(w, h, w, h) for h, w in image_shapes], dtype=boxes.dtype, pin_memory=boxes.is_cuda)
+        boxes = torch.minimum(boxes.clamp(min=0), bounds.to(device, non_blocking=True)[:, None, :])
 
         widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
         valid = (widths >= self.min_size) & (heights >= self.min_size) & (scores >= self.score_thresh)

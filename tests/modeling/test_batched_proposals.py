@@ -75,6 +75,21 @@ def test_padding_proposals_are_never_sampled_nor_detected():
     assert len(boxes[0]) == 1 and torch.equal(boxes[0], proposals[0][:1])
 
 
+def test_padding_proposals_are_never_sampled_by_the_batched_sampler_either():
+    heads = build(["model.batched_proposals=true", "model.batched_sampling=true"]).roi_heads
+    gt = torch.tensor([[8.0, 8.0, 40.0, 40.0]])
+    targets = [{"boxes": gt, "labels": torch.tensor([2])}, {"boxes": gt + 4, "labels": torch.tensor([1])}]
+    # Two images with the batched RPN's fixed count of proposals; padding rows exactly on the ground truth.
+    proposals = [torch.cat([torch.tensor([[0.0, 0.0, 60.0, 60.0]]), g.repeat(5, 1)]) for g in (gt, gt + 4)]
+    valid = [torch.tensor([True] + [False] * 5), torch.tensor([True, True] + [False] * 4)]
+    torch.manual_seed(0)
+    rois, labels, sampled, _, _ = heads.sample_rois_batched(proposals, targets, valid)
+    # Image 0: its real proposal (background) and its gt box; image 1: two real proposals (the second on the gt box)
+    # and the gt box. No padding row among them.
+    assert sampled.sum(dim=1).tolist() == [2, 3]
+    assert sorted(labels[0][sampled[0]].tolist()) == [0, 2] and sorted(labels[1][sampled[1]].tolist()) == [0, 1, 1]
+
+
 def test_the_model_computes_the_same_losses_and_detections_either_way():
     # Sample every RoI (no random subset): the losses then depend only on the proposals, which must be the same.
     overrides = ["model.rois_per_image=100000"]
