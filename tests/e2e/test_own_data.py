@@ -114,10 +114,21 @@ def test_the_batched_switches_train_and_detect_on_images_of_many_sizes(tmp_path)
                 f"hydra.run.dir={tmp_path / f'predict_{switch}'}",
             ]
         )
-        results = json.loads((out / "coco_results.json").read_text())
-        found[switch] = sorted(results, key=lambda r: (r["image_id"], -r["score"], r["category_id"], r["bbox"]))
+        found[switch] = json.loads((out / "coco_results.json").read_text())
     per_image, at_once = found["false"], found["true"]
     assert per_image and len(per_image) == len(at_once)
-    for a, b in zip(per_image, at_once):
-        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
-        assert abs(a["score"] - b["score"]) < 1e-5 and max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) < 1e-3
+
+    # Each detection has its twin: the same image and class, its score and box within float rounding (the heads
+    # run on other row counts, so the last bits may differ and near-equal scores may swap places).
+    def twins(a, b):
+        return (
+            (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+            and abs(a["score"] - b["score"]) < 1e-5
+            and max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) < 1e-3
+        )
+
+    unmatched = list(at_once)
+    for detection in per_image:
+        twin = next((i for i, other in enumerate(unmatched) if twins(detection, other)), None)
+        assert twin is not None, detection
+        unmatched.pop(twin)
