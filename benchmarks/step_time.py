@@ -12,8 +12,9 @@ model and data afresh, and the backwards are alternated within a round so drift 
         --backward auto,sparse,torchvision --steps 20 --rounds 2 --out step_time.json
 
 ``--count-ops`` also counts the operators a step's forward and backward dispatch (on the last batch), with and
-without views: on a GPU each of the others is a kernel launch, host time that a small model on small images does not hide (the CPU's
-own RoIAlign backward and NMS loops, which a GPU replaces by one kernel each, are counted apart).
+without views: on a GPU each of the others is a kernel launch, host time that a small model on small images does
+not hide (the CPU's own RoIAlign backward and NMS loops, which a GPU replaces by one kernel each, are counted
+apart).
 """
 
 from __future__ import annotations
@@ -86,9 +87,13 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def train_step(model, optimizer, images, targets) -> None:
+def forward_backward(model, images, targets) -> None:
     _, losses = model(images, targets, targets_checked=True)  # checked once, below, as run.py does on the host
     sum(losses.values()).backward()
+
+
+def train_step(model, optimizer, images, targets) -> None:
+    forward_backward(model, images, targets)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -107,8 +112,7 @@ def count_ops(model, optimizer, images, targets) -> dict:
     """The operators one training step's forward and backward dispatch (see :class:`OpCounter`). The optimizer step
     is left out: on a GPU torch's SGD updates all parameters with a few foreach kernels, on the CPU it loops."""
     with OpCounter() as counter:
-        _, losses = model(images, targets, targets_checked=True)
-        sum(losses.values()).backward()
+        forward_backward(model, images, targets)
     optimizer.zero_grad(set_to_none=True)
     return {"ops": counter.total, "kernels": counter.kernels, "cpu_only_kernels": counter.cpu_only}
 

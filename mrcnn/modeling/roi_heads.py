@@ -213,12 +213,9 @@ class RoIHeads(nn.Module):
         dtype = proposals[0].dtype
         gt_boxes = [t["boxes"].to(dtype) for t in targets]
         candidates, candidate_valid = sampling.pad_boxes([torch.cat([p, g]) for p, g in zip(proposals, gt_boxes)])
-        if proposal_valid is not None:  # padding proposals (RPN(batched_proposals=True)) are never sampled
-            if len({len(valid) for valid in proposal_valid}) == 1:  # the batched RPN's fixed count: one operation
-                candidate_valid[:, : len(proposal_valid[0])] &= torch.stack(proposal_valid)
-            else:
-                for i, valid in enumerate(proposal_valid):
-                    candidate_valid[i, : len(valid)] &= valid
+        if proposal_valid is not None:
+            # Padding proposals (RPN(batched_proposals=True), the same count for every image) are never sampled.
+            candidate_valid[:, : len(proposal_valid[0])] &= torch.stack(proposal_valid)
         gt, gt_valid = sampling.pad_boxes(gt_boxes)
         gt_labels = torch.zeros(gt_valid.shape, dtype=torch.int64, device=gt.device)
         for i, t in enumerate(targets):
