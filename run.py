@@ -4,20 +4,30 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mrcnn.config import check_model_contract  # (importing it registers the config resolvers)
+# Only light modules before Hydra composes: a mistyped override or a bad value fails in about a second, before
+# torch and Lightning are loaded (several seconds), which the mode's own module imports.
+from mrcnn.config import check_added_keys, check_model_contract, hydra_group_options  # (registers the resolvers)
+from mrcnn.engine.config_checks import check_config
 from mrcnn.engine.launch import discard_unused_output, pin_ddp_child_to_its_job
-from mrcnn.engine.predict import predict
-from mrcnn.engine.train import evaluate, train
+
+MODES = ("train", "evaluate", "predict")
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    modes = {"train": train, "evaluate": evaluate, "predict": predict}
     try:
         check_model_contract(cfg)
-        if cfg.mode not in modes:
-            raise ValueError(f"mode must be one of {sorted(modes)}, got {cfg.mode!r}")
-        metrics = modes[cfg.mode](cfg)
+        check_added_keys(cfg, HydraConfig.get().overrides.task, group_options=hydra_group_options)
+        if cfg.mode not in MODES:
+            raise ValueError(f"mode must be one of {sorted(MODES)}, got {cfg.mode!r}")
+        check_config(cfg)
+        if cfg.mode == "predict":
+            from mrcnn.engine.predict import predict as run_mode
+        else:
+            from mrcnn.engine import train as train_module
+
+            run_mode = getattr(train_module, cfg.mode)
+        metrics = run_mode(cfg)
     except BaseException:
         # A job that failed before writing anything leaves no empty output folder behind.
         discard_unused_output(HydraConfig.get().runtime.output_dir)

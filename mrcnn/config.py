@@ -8,8 +8,9 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+# Light on purpose: run.py imports this before Hydra composes, so that a mistyped override fails in a second,
+# not after torch and Lightning load. What the resolvers compute is imported when one is first resolved.
 import mrcnn.data.resolvers  # noqa: F401  (registers ${mrcnn.coco_classes:...})
-from mrcnn.modeling.backbone import stage_channels
 
 # The project's Hydra configs (beside the package in this repository).
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -75,11 +76,17 @@ def _missing_keys(node: DictConfig | ListConfig, path: str) -> list[str]:
     return missing
 
 
+def _stage_channels(depth, stage, width=64) -> int:
+    from mrcnn.modeling.backbone import stage_channels  # torchvision: only when a config reads it
+
+    return stage_channels(int(depth), int(stage), int(width))
+
+
 def register_resolvers() -> None:
     """Register the ``${mrcnn.*:...}`` resolvers of the configs (idempotent)."""
     resolvers = {
         # Channels of a ResNet stage, e.g. ${mrcnn.stage_channels:50,4} -> 1024; optional third argument: width.
-        "mrcnn.stage_channels": lambda depth, stage, width=64: stage_channels(int(depth), int(stage), int(width)),
+        "mrcnn.stage_channels": _stage_channels,
         # One anchor size per FPN level: [32, 64] -> [[32], [64]].
         "mrcnn.per_level": lambda sizes: OmegaConf.create([[int(s)] for s in sizes]),
         # All anchor sizes on one feature map (C4/C5): [32, 64] -> [[32, 64]].
@@ -96,6 +103,15 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+
+
+def hydra_group_options(group: str) -> list[str]:
+    """The options of a config group in the running Hydra app's search path (``[]`` if it is no group)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not GlobalHydra.instance().is_initialized():
+        return []
+    return GlobalHydra.instance().config_loader().get_group_options(group)
 
 
 def check_added_keys(

@@ -2,7 +2,8 @@
 
 import logging
 
-from mrcnn.engine.sweep_cost import CostEstimate, estimate_line, planned_steps, sweep_job_count
+from mrcnn.engine.callbacks import CostEstimate
+from mrcnn.engine.sweep_cost import estimate_line, planned_steps, sweep_job_count
 from tests.helpers.config import compose_config
 from tests.helpers.runs import training_only_trainer
 
@@ -37,9 +38,9 @@ def test_the_callback_logs_the_recorded_then_the_measured_estimate(caplog):
 
     callback = CostEstimate(step_time_s=0.5, step_time_note="recorded for the test", measure_steps=5, job=1, jobs=3)
     trainer = training_only_trainer(max_steps=30, callbacks=[callback])
-    with caplog.at_level(logging.INFO, logger="mrcnn.engine.sweep_cost"):
+    with caplog.at_level(logging.INFO, logger="mrcnn.engine.callbacks"):
         trainer.fit(BoringModel())
-    lines = [r.getMessage() for r in caplog.records if r.name == "mrcnn.engine.sweep_cost"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "mrcnn.engine.callbacks"]
     assert lines[0].startswith("cost estimate (job 2/3, 0.5 s/step, recorded for the test): step 0/30")
     assert "sweep 3 jobs x 30 steps x 0.5 s = 45 s" in lines[0]
     measured = [line for line in lines if "measured over the last" in line]

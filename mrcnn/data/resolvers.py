@@ -13,14 +13,14 @@ from functools import lru_cache
 
 from omegaconf import ListConfig, OmegaConf
 
-from mrcnn.data.coco import read_category_names
-
 __all__ = ["coco_classes", "register_data_resolvers"]
 
 
 @lru_cache(maxsize=8)
 def _cached_names(path: str, mtime_ns: int, size: int) -> tuple[str, ...]:
     # Keyed by modification time and size too, so an edited json is read again.
+    from mrcnn.data.coco import read_category_names  # torch and pycocotools: only when a config reads a json
+
     return tuple(read_category_names(path))
 
 

@@ -9,7 +9,6 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import ParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
-from mrcnn.config import check_added_keys
 from mrcnn.data.datamodule import InstanceDataModule
 from mrcnn.engine.callbacks import RandomState, RunRecord
 from mrcnn.engine.checkpoints import ResumedRun, load_weights
@@ -54,21 +53,10 @@ def job_overrides() -> list[str] | None:
 def build_module(cfg: DictConfig) -> L.LightningModule:
     """The LightningModule, initialised from ``weights`` (a torchvision state dict or a Lightning checkpoint) when given."""
     silence_library_noise()
-    if HydraConfig.initialized():
-        check_added_keys(cfg, HydraConfig.get().overrides.task, group_options=_group_options)
     module = instantiate(cfg.module)
     if cfg.get("weights"):
         load_weights(module.model, cfg.weights, class_names=module.class_names)
     return module
-
-
-def _group_options(group: str) -> list[str]:
-    """The options of a config group in the running Hydra app's search path (``[]`` if it is no group)."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    if not GlobalHydra.instance().is_initialized():
-        return []
-    return GlobalHydra.instance().config_loader().get_group_options(group)
 
 
 def instantiate_callbacks(cfg: DictConfig) -> list[L.Callback]:

@@ -1,4 +1,5 @@
-"""Lightning callbacks: the last checkpoint (also on SIGINT / SIGTERM), the run record in checkpoints, throughput, W&B overlays."""
+"""Lightning callbacks: the last checkpoint (also on SIGINT / SIGTERM), the run record in checkpoints, throughput, the
+sweep's cost estimate, W&B overlays."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import threading
 import time
 from collections import deque
@@ -18,6 +20,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from mrcnn.engine.checkpoints import RUN_RECORD_KEY
+from mrcnn.engine.sweep_cost import estimate_line, sweep_position
 from mrcnn.engine.visualize import (
     draw_instances,
     select,
@@ -443,6 +446,63 @@ class Throughput(StepTimer):
             # every step (a copy from pageable memory, which waits for the GPU's queue).
             rate = torch.tensor(sum(n for n, _ in self._steps) / seconds, dtype=torch.float64)
             pl_module.log("train/images_per_sec", rate, batch_size=len(batch[0]))
+
+
+class CostEstimate(StepTimer):
+    """Logs what the run and its sweep cost and how long they have left (rank zero; training steps only).
+
+    At the start of training it logs the estimate from the recorded ``step_time_s`` (or says there is none), after
+    ``measure_steps`` timed steps from the measured median step time, and then every ``every_n_steps`` steps.
+    A step is timed from the end of one training batch to the end of the next (data loading included;
+    the gap around a validation is not counted).
+
+    Args:
+        step_time_s: the step time recorded (or, where ``step_time_note`` says so, derived) for the run's
+            setting and hardware; ``None``: none, the first steps give it.
+        step_time_note: where ``step_time_s`` comes from, for the log.
+        measure_steps: steps timed before the measured step time replaces the recorded one.
+        every_n_steps: steps between updates; ``None``: a tenth of the run.
+        job, jobs: this job's index (from 0) and the sweep's number of jobs; ``None``: from Hydra.
+    """
+
+    def __init__(
+        self,
+        step_time_s: float | None = None,
+        step_time_note: str | None = None,
+        measure_steps: int = 20,
+        every_n_steps: int | None = None,
+        job: int | None = None,
+        jobs: int | None = None,
+    ):
+        super().__init__()
+        self.step_time_s = step_time_s
+        self.step_time_note = step_time_note or "recorded for this setting"
+        self.measure_steps = measure_steps
+        self.every_n_steps = every_n_steps
+        self.job, self.jobs = job, jobs
+        self._times: deque[float] = deque(maxlen=200)
+        self._measured_logged = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.job is None and self.jobs is None:
+            self.job, self.jobs = sweep_position()
+        self._log(trainer, self.step_time_s, self.step_time_note)
+
+    def _log(self, trainer, step_time: float | None, source: str) -> None:
+        if trainer.is_global_zero:
+            steps = int(trainer.estimated_stepping_batches)
+            log.info(estimate_line(self.jobs, self.job, steps, trainer.global_step, step_time, source))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = self.step_seconds()
+        if step is not None:
+            self._times.append(step)
+        if len(self._times) < self.measure_steps:
+            return
+        every = self.every_n_steps or max(1, int(trainer.estimated_stepping_batches) // 10)
+        if not self._measured_logged or trainer.global_step % every == 0:
+            self._measured_logged = True
+            self._log(trainer, statistics.median(self._times), f"measured over the last {len(self._times)} steps")
 
 
 class PredictionOverlays(L.Callback):

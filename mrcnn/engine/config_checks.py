@@ -22,7 +22,6 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 _ABSENT = object()
@@ -515,9 +514,13 @@ def check_config(cfg: DictConfig) -> None:
     if missing:
         raise FileNotFoundError("missing input:\n  " + "\n  ".join(missing))
     accelerator = OmegaConf.select(cfg, "trainer.accelerator", default=None)
+    if accelerator not in ("gpu", "cuda"):
+        return
+    import torch  # only for this check: run.py checks the config before torch is loaded
+
     # Lightning's "gpu" is CUDA, or Apple's MPS where there is no CUDA.
     has_gpu = torch.cuda.is_available() or (accelerator == "gpu" and torch.backends.mps.is_available())
-    if accelerator in ("gpu", "cuda") and not has_gpu:
+    if not has_gpu:
         # Lightning's own message ("No supported gpu backend found!") names neither the switch nor the way out.
         raise RuntimeError(
             f"trainer.accelerator={accelerator} (trainer=gpu or trainer=ddp) needs a GPU, and torch sees none "

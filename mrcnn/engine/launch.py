@@ -14,7 +14,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -43,6 +42,8 @@ def job_scope(cfg: DictConfig):
     the next job of a sweep would take its processes to be started externally and wait for peers that
     never come.
     """
+    import torch  # here, not at the top: run.py imports this module before Hydra composes (a typo fails fast)
+
     saved_env = {key: os.environ.get(key) for key in (*_LAUNCHER_ENV, DDP_JOB_DIR_ENV)}
     threads = torch.get_num_threads()
     if HydraConfig.initialized() and DDP_JOB_DIR_ENV not in os.environ:

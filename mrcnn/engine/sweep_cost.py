@@ -2,9 +2,12 @@
 
 A sweep logs its estimate when it starts (:class:`SweepCostAtStart`, a Hydra callback) from the step time recorded
 for its setting (``callbacks.cost_estimate.step_time_s``, set by ``configs/setting/``), and every job keeps it
-current (:class:`CostEstimate`, a Lightning callback): once its first steps are timed, the measured step time
+current (:class:`mrcnn.engine.callbacks.CostEstimate`, a Lightning callback): once its first steps are timed, the measured step time
 replaces the recorded one, and each update gives the time left of the job and of the whole sweep. The estimate
 counts training steps only; start-up and validation come on top.
+
+This module holds what the sweep-level estimate needs and no more: Hydra instantiates :class:`SweepCostAtStart`
+before every run, so it must not load torch or Lightning (a mistyped override would wait seconds for them).
 
 A job knows where it stands from Hydra: its index is ``hydra.job.num`` and the number of jobs follows from the
 sweep's parameters and command-line overrides, which the sweeper saved in ``<sweep dir>/multirun.yaml`` before
@@ -15,8 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
-from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -24,8 +25,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
-
-from mrcnn.engine.callbacks import StepTimer
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ def estimate_line(
     return " ".join(parts)
 
 
-def _sweep_position() -> tuple[int | None, int | None]:
+def sweep_position() -> tuple[int | None, int | None]:
     """(this job's index, the sweep's number of jobs) from Hydra; ``(None, None)`` outside a sweep."""
     if not HydraConfig.initialized():
         return None, None
@@ -126,63 +125,6 @@ def _sweep_position() -> tuple[int | None, int | None]:
         return int(hydra.job.num), None
     sweep = OmegaConf.load(saved).hydra
     return int(hydra.job.num), sweep_job_count(sweep.sweeper.get("params"), sweep.overrides.task)
-
-
-class CostEstimate(StepTimer):
-    """Logs what the run and its sweep cost and how long they have left (rank zero; training steps only).
-
-    At the start of training it logs the estimate from the recorded ``step_time_s`` (or says there is none), after
-    ``measure_steps`` timed steps from the measured median step time, and then every ``every_n_steps`` steps.
-    A step is timed from the end of one training batch to the end of the next (data loading included;
-    the gap around a validation is not counted).
-
-    Args:
-        step_time_s: the step time recorded (or, where ``step_time_note`` says so, derived) for the run's
-            setting and hardware; ``None``: none, the first steps give it.
-        step_time_note: where ``step_time_s`` comes from, for the log.
-        measure_steps: steps timed before the measured step time replaces the recorded one.
-        every_n_steps: steps between updates; ``None``: a tenth of the run.
-        job, jobs: this job's index (from 0) and the sweep's number of jobs; ``None``: from Hydra.
-    """
-
-    def __init__(
-        self,
-        step_time_s: float | None = None,
-        step_time_note: str | None = None,
-        measure_steps: int = 20,
-        every_n_steps: int | None = None,
-        job: int | None = None,
-        jobs: int | None = None,
-    ):
-        super().__init__()
-        self.step_time_s = step_time_s
-        self.step_time_note = step_time_note or "recorded for this setting"
-        self.measure_steps = measure_steps
-        self.every_n_steps = every_n_steps
-        self.job, self.jobs = job, jobs
-        self._times: deque[float] = deque(maxlen=200)
-        self._measured_logged = False
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        if self.job is None and self.jobs is None:
-            self.job, self.jobs = _sweep_position()
-        self._log(trainer, self.step_time_s, self.step_time_note)
-
-    def _log(self, trainer, step_time: float | None, source: str) -> None:
-        if trainer.is_global_zero:
-            steps = int(trainer.estimated_stepping_batches)
-            log.info(estimate_line(self.jobs, self.job, steps, trainer.global_step, step_time, source))
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = self.step_seconds()
-        if step is not None:
-            self._times.append(step)
-        if len(self._times) < self.measure_steps:
-            return
-        every = self.every_n_steps or max(1, int(trainer.estimated_stepping_batches) // 10)
-        if not self._measured_logged or trainer.global_step % every == 0:
-            self._measured_logged = True
-            self._log(trainer, statistics.median(self._times), f"measured over the last {len(self._times)} steps")
 
 
 class SweepCostAtStart(Callback):

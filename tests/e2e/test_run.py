@@ -1,8 +1,15 @@
 """`python run.py` end to end: trains, logs the five losses, validates, prints AP, checkpoints, evaluates."""
 
 import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from tests.helpers.runs import run_py
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_run_py_debug_fast_trains_evaluates_and_resumes_evaluation(tmp_path):
@@ -41,3 +48,31 @@ def test_a_typo_fails_loudly_and_leaves_no_output_folder(tmp_path):
     (kept / "csv").mkdir(parents=True)
     result = run_py(["+model.pooler=roi_pool", f"hydra.run.dir={kept}"], cwd=tmp_path, check=False, timeout=120)
     assert result.returncode != 0 and (kept / "csv").is_dir() and (kept / ".hydra").is_dir()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model/pooler=roi_alignx"], "Could not find 'model/pooler/roi_alignx'"),
+        (["+model.pooler=roi_pool"], "nothing reads model.pooler"),
+        (["data.datamodule.batch_size=-2"], "data.datamodule.batch_size=-2: must be a positive integer"),
+        (["mode=evaluat"], "mode must be one of ['evaluate', 'predict', 'train'], got 'evaluat'"),
+        (["data=coco", "data.root=/no/such/folder"], "data.root=/no/such/folder: no such folder"),
+    ],
+    ids=["unknown_option", "added_key", "bad_value", "unknown_mode", "missing_data"],
+)
+def test_a_config_mistake_is_answered_before_torch_loads(tmp_path, overrides, message):
+    # Loading torch and Lightning takes seconds; a mistyped command should not wait for them. run.py runs in a
+    # process that reports, when it exits, whether torch was imported.
+    check = (
+        "import runpy, sys\n"
+        "try:\n"
+        f"    sys.argv = ['run.py', *{overrides!r}, 'hydra.run.dir={tmp_path / 'run'}']\n"
+        f"    runpy.run_path({str(ROOT / 'run.py')!r}, run_name='__main__')\n"
+        "finally:\n"
+        "    print('torch loaded:', 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert "torch loaded: False" in result.stdout, result.stdout
+    assert not (tmp_path / "run").exists()  # and it left no output folder
