@@ -13,42 +13,6 @@ from mrcnn.modeling.mask_rcnn import load_torchvision_weights
 log = logging.getLogger(__name__)
 
 
-def checkpoint_path(cfg: DictConfig) -> str | None:
-    """The Lightning checkpoint to start from: ``ckpt_path``, or ``<resume>/checkpoints/last.ckpt``.
-
-    Raises:
-        FileNotFoundError: ``resume`` has no ``checkpoints/last.ckpt``; the message says why it may be
-            missing and what to do.
-    """
-    if cfg.get("resume"):
-        if cfg.get("ckpt_path"):
-            raise ValueError("give either ckpt_path=<file> or resume=<run dir>, not both")
-        path = Path(cfg.resume) / "checkpoints" / "last.ckpt"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"resume={cfg.resume}: there is no {path}. {_why_no_last_checkpoint(Path(cfg.resume))}"
-            )
-        return str(path)
-    return cfg.get("ckpt_path")
-
-
-def _why_no_last_checkpoint(run_dir: Path) -> str:
-    """What a missing ``<run_dir>/checkpoints/last.ckpt`` means, and what to do about it."""
-    if not run_dir.is_dir():
-        return "resume= takes the folder of a run (outputs/<date>/<time>, or a sweep job's folder), and this is none."
-    if not (run_dir / ".hydra").is_dir():
-        return "It is not the folder of a run (that has .hydra/ and checkpoints/): check the path."
-    hint = (
-        "The run stopped before it saved its first checkpoint (last.ckpt is written at every epoch end, every "
-        "checkpoint_every_n_steps steps, and when a run is stopped with Ctrl-C or SIGTERM): start it again "
-        "without resume=."
-    )
-    others = sorted((run_dir / "checkpoints").glob("*.ckpt"))
-    if others:
-        hint += f" Or start from another of its checkpoints: ckpt_path={others[-1]}."
-    return hint
-
-
 # ---- what a checkpoint says about its run, and the resume check --------------------------------------
 
 # Where mrcnn.engine.callbacks.RunRecord writes the run's resolved config, overrides and W&B run id in a checkpoint.

@@ -11,7 +11,11 @@ bad one, e.g. ``data.datamodule.batch_size=-2: must be a positive integer``. ``t
 composes every option of every config group and fails on a key without a rule: a new key gets its line here.
 
 A data folder or weights file that is not set or not there (:func:`path_problems`) stops the run the same way,
-naming the key and what must be there, instead of failing after the data or the model was built.
+naming the key and what must be there, instead of failing after the data or the model was built; so does a
+checkpoint to start from that is not there (:func:`checkpoint_path`), or an evaluation without one.
+
+This module loads neither torch nor Lightning (but for the GPU check, when a GPU is asked for): ``run.py`` runs
+:func:`check_config` before it imports them, so a mistake is answered in about a second.
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ import fnmatch
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from mrcnn.data.images import check_regular_file
 
 _ABSENT = object()
 
@@ -499,13 +506,51 @@ def path_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
+def checkpoint_path(cfg: DictConfig) -> str | None:
+    """The Lightning checkpoint to start from: ``ckpt_path``, or ``<resume>/checkpoints/last.ckpt``.
+
+    Raises:
+        FileNotFoundError: ``resume`` has no ``checkpoints/last.ckpt``; the message says why it may be
+            missing and what to do.
+    """
+    if cfg.get("resume"):
+        if cfg.get("ckpt_path"):
+            raise ValueError("give either ckpt_path=<file> or resume=<run dir>, not both")
+        path = Path(cfg.resume) / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"resume={cfg.resume}: there is no {path}. {_why_no_last_checkpoint(Path(cfg.resume))}"
+            )
+        return str(path)
+    return cfg.get("ckpt_path")
+
+
+def _why_no_last_checkpoint(run_dir: Path) -> str:
+    """What a missing ``<run_dir>/checkpoints/last.ckpt`` means, and what to do about it."""
+    if not run_dir.is_dir():
+        return "resume= takes the folder of a run (outputs/<date>/<time>, or a sweep job's folder), and this is none."
+    if not (run_dir / ".hydra").is_dir():
+        return "It is not the folder of a run (that has .hydra/ and checkpoints/): check the path."
+    hint = (
+        "The run stopped before it saved its first checkpoint (last.ckpt is written at every epoch end, every "
+        "checkpoint_every_n_steps steps, and when a run is stopped with Ctrl-C or SIGTERM): start it again "
+        "without resume=."
+    )
+    others = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    if others:
+        hint += f" Or start from another of its checkpoints: ckpt_path={others[-1]}."
+    return hint
+
+
 def check_config(cfg: DictConfig) -> None:
     """Stops before anything is built when a value of the config breaks its rule in :data:`SCHEMA`, or an input
     file or folder is not set or not there.
 
     Raises:
-        ValueError: listing every bad key with its value and what it must be.
-        FileNotFoundError: listing every missing data folder, data file and weights file, with its key.
+        ValueError: listing every bad key with its value and what it must be; or evaluate / predict without a
+            checkpoint or weights to start from (predict: or without its input).
+        FileNotFoundError: listing every missing data folder, data file and weights file, with its key; or the
+            checkpoint to start from is not there (:func:`checkpoint_path` says why a run folder may lack one).
     """
     problems = config_problems(cfg)
     if problems:
@@ -513,6 +558,16 @@ def check_config(cfg: DictConfig) -> None:
     missing = path_problems(cfg)
     if missing:
         raise FileNotFoundError("missing input:\n  " + "\n  ".join(missing))
+    start = checkpoint_path(cfg)
+    if start is not None:
+        check_regular_file(start, "ckpt_path file")
+    mode = cfg.get("mode")
+    if mode in ("evaluate", "predict") and start is None and not cfg.get("weights"):
+        raise ValueError(
+            f"mode={mode} needs ckpt_path=<Lightning checkpoint>, resume=<run dir> or weights=<torchvision file>"
+        )
+    if mode == "predict" and not OmegaConf.select(cfg, "predict.input", default=None):
+        raise ValueError("mode=predict needs predict.input=<image file or folder>")
     accelerator = OmegaConf.select(cfg, "trainer.accelerator", default=None)
     if accelerator not in ("gpu", "cuda"):
         return

@@ -33,8 +33,8 @@ from mrcnn.data.coco import load_coco_json
 from mrcnn.data.datamodule import collate_detection
 from mrcnn.data.images import ImageLimits, check_regular_file, file_kind, read_image, read_image_size
 from mrcnn.engine.build import build_module
-from mrcnn.engine.checkpoints import check_checkpoint_fits, checkpoint_path
-from mrcnn.engine.config_checks import check_config
+from mrcnn.engine.checkpoints import check_checkpoint_fits
+from mrcnn.engine.config_checks import check_config, checkpoint_path
 from mrcnn.engine.launch import job_scope
 from mrcnn.engine.model_record import read_model_record
 from mrcnn.engine.visualize import draw_instances, select
@@ -235,13 +235,7 @@ def class_names(cfg: DictConfig, num_classes: int, trained: list[str] | None = N
 def predict(cfg: DictConfig) -> dict[str, float]:
     """Writes an overlay PNG per input image and ``coco_results.json`` / ``images.json`` to ``predict.output``."""
     check_config(cfg)
-    ckpt_path = checkpoint_path(cfg)
-    if not ckpt_path and not cfg.get("weights"):
-        raise ValueError(
-            "mode=predict needs ckpt_path=<Lightning checkpoint>, resume=<run dir> or weights=<torchvision file>"
-        )
-    if not cfg.predict.get("input"):
-        raise ValueError("mode=predict needs predict.input=<image file or folder>")
+    ckpt_path = checkpoint_path(cfg)  # check_config: there, or weights= given; predict.input given
     # A checkpoint of this project knows its classes and their category ids: the model gets its number of
     # classes, the captions its names, the json its ids, whatever data config this run has.
     record = read_model_record(ckpt_path or cfg.weights, "ckpt_path" if ckpt_path else "weights")

@@ -12,8 +12,8 @@ from omegaconf import DictConfig
 import mrcnn.config  # noqa: F401  (registers the config resolvers)
 from mrcnn.engine.build import build
 from mrcnn.engine.callbacks import TrainingInterrupted
-from mrcnn.engine.checkpoints import check_checkpoint_fits, check_resume_config, checkpoint_path, read_resumed_run
-from mrcnn.engine.config_checks import check_config
+from mrcnn.engine.checkpoints import check_checkpoint_fits, check_resume_config, read_resumed_run
+from mrcnn.engine.config_checks import check_config, checkpoint_path
 from mrcnn.engine.launch import job_scope
 from mrcnn.engine.model_record import read_checkpoint
 from mrcnn.engine.summary import write_final_metrics
@@ -52,11 +52,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate a Lightning checkpoint (``ckpt_path`` / ``resume``) or torchvision ``weights`` on the validation split."""
     check_config(cfg)
-    ckpt_path = checkpoint_path(cfg)
-    if not ckpt_path and not cfg.get("weights"):
-        raise ValueError(
-            "mode=evaluate needs ckpt_path=<Lightning checkpoint>, resume=<run dir> or weights=<torchvision file>"
-        )
+    ckpt_path = checkpoint_path(cfg)  # check_config: there, or weights= given
     if ckpt_path:
         read_checkpoint(ckpt_path)  # a file that is no checkpoint stops here, before the data is built
     with job_scope(cfg), stops_with_nonzero_exit(cfg):

@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mrcnn.data.datamodule import InstanceDataModule, init_worker
 from mrcnn.engine.callbacks import LastCheckpoint, TrainingInterrupted
-from mrcnn.engine.checkpoints import checkpoint_path
+from mrcnn.engine.config_checks import checkpoint_path
 from mrcnn.engine.train import stops_with_nonzero_exit
 from tests.helpers.config import TINY_MODEL, compose_config
 from tests.helpers.data import IdsDataset

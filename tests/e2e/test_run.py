@@ -58,8 +58,24 @@ def test_a_typo_fails_loudly_and_leaves_no_output_folder(tmp_path):
         (["data.datamodule.batch_size=-2"], "data.datamodule.batch_size=-2: must be a positive integer"),
         (["mode=evaluat"], "mode must be one of ['evaluate', 'predict', 'train'], got 'evaluat'"),
         (["data=coco", "data.root=/no/such/folder"], "data.root=/no/such/folder: no such folder"),
+        (["ckpt_path=/no/such/last.ckpt"], "ckpt_path file not found: /no/such/last.ckpt"),
+        (["resume=/no/such/run"], "resume=/no/such/run: there is no /no/such/run/checkpoints/last.ckpt"),
+        (["mode=evaluate"], "mode=evaluate needs ckpt_path=<Lightning checkpoint>, resume=<run dir> or weights="),
+        (["mode=predict", "weights=/no/such/weights.pth"], "weights=/no/such/weights.pth: no such file"),
+        (["mode=predict", f"ckpt_path={ROOT / 'run.py'}"], "mode=predict needs predict.input=<image file or folder>"),
     ],
-    ids=["unknown_option", "added_key", "bad_value", "unknown_mode", "missing_data"],
+    ids=[
+        "unknown_option",
+        "added_key",
+        "bad_value",
+        "unknown_mode",
+        "missing_data",
+        "missing_checkpoint",
+        "missing_run",
+        "evaluate_without_checkpoint",
+        "missing_weights",
+        "predict_without_input",
+    ],
 )
 def test_a_config_mistake_is_answered_before_torch_loads(tmp_path, overrides, message):
     # Loading torch and Lightning takes seconds; a mistyped command should not wait for them. run.py runs in a
