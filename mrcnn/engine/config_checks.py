@@ -566,8 +566,15 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(
             f"mode={mode} needs ckpt_path=<Lightning checkpoint>, resume=<run dir> or weights=<torchvision file>"
         )
-    if mode == "predict" and not OmegaConf.select(cfg, "predict.input", default=None):
-        raise ValueError("mode=predict needs predict.input=<image file or folder>")
+    if mode == "predict":
+        source = OmegaConf.select(cfg, "predict.input", default=None)
+        if not source:
+            raise ValueError("mode=predict needs predict.input=<image file or folder>")
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"predict.input={source} is neither an image file nor a folder")
+        coco_json = OmegaConf.select(cfg, "predict.coco_json", default=None)
+        if coco_json is not None:
+            check_regular_file(coco_json, "predict.coco_json file")
     accelerator = OmegaConf.select(cfg, "trainer.accelerator", default=None)
     if accelerator not in ("gpu", "cuda"):
         return

@@ -63,6 +63,14 @@ def test_a_typo_fails_loudly_and_leaves_no_output_folder(tmp_path):
         (["mode=evaluate"], "mode=evaluate needs ckpt_path=<Lightning checkpoint>, resume=<run dir> or weights="),
         (["mode=predict", "weights=/no/such/weights.pth"], "weights=/no/such/weights.pth: no such file"),
         (["mode=predict", f"ckpt_path={ROOT / 'run.py'}"], "mode=predict needs predict.input=<image file or folder>"),
+        (
+            ["mode=predict", f"ckpt_path={ROOT / 'run.py'}", "predict.input=/no/such/images"],
+            "predict.input=/no/such/images is neither an image file nor a folder",
+        ),
+        (
+            ["mode=predict", f"ckpt_path={ROOT / 'run.py'}", f"predict.input={ROOT}", "predict.coco_json=/no/val.json"],
+            "predict.coco_json file not found: /no/val.json",
+        ),
     ],
     ids=[
         "unknown_option",
@@ -75,6 +83,8 @@ def test_a_typo_fails_loudly_and_leaves_no_output_folder(tmp_path):
         "evaluate_without_checkpoint",
         "missing_weights",
         "predict_without_input",
+        "missing_predict_input",
+        "missing_predict_json",
     ],
 )
 def test_a_config_mistake_is_answered_before_torch_loads(tmp_path, overrides, message):
