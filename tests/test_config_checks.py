@@ -1,5 +1,7 @@
 """Bad numbers in a config stop a run before anything is built, with a message that names the key."""
 
+import os
+
 import pytest
 import torch
 
@@ -21,6 +23,11 @@ from tests.helpers.runs import run_py
         ["trainer.val_check_interval=0.5", "trainer.limit_val_batches=10", "checkpoint_every_n_steps=50"],
         # 0 switches validation off (Lightning's way); devices as a list of indices (a ListConfig).
         ["trainer.limit_val_batches=0", "trainer.devices=[0,1]"],
+        # What the README offers: SyncBatchNorm in the backbone and the mask head, deterministic with warnings.
+        ["model.norm=syncbn", "model.head_norm=syncbn"],
+        ["model.norm=bn", "model.head_norm=bn"],
+        ["trainer.deterministic=warn"],
+        ["trainer.deterministic=true"],
     ],
 )
 def test_shipped_configs_and_good_values_pass(overrides):
@@ -55,6 +62,8 @@ def test_shipped_configs_and_good_values_pass(overrides):
         ("data.num_train_images=0", "data.num_train_images=0: must be a positive integer"),
         ("scheduler.warmup_steps=-1", "scheduler.warmup_steps=-1: must be an integer >= 0"),
         ("optimizer.weight_decay=-1e-4", "optimizer.weight_decay=-0.0001: must be a number >= 0"),
+        ("trainer.deterministic=yes", "trainer.deterministic=yes: must be true, false or 'warn', or null"),
+        ("model.head_norm=frozen_bn", "model.head_norm=frozen_bn: must be one of 'gn', 'bn', 'syncbn', or null"),
     ],
 )
 def test_a_bad_value_is_named_with_what_it_must_be(override, message):
@@ -100,3 +109,12 @@ def test_a_gpu_trainer_without_a_gpu_says_so_and_how_to_train_on_the_cpu(monkeyp
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     check_config(cfg)  # with one, nothing to say
+
+
+@pytest.mark.parametrize("value, sets", [("true", True), ("warn", True), ("false", False), ("null", False)])
+def test_deterministic_runs_set_cublas_before_cuda_starts(monkeypatch, value, sets):
+    from mrcnn.engine.train import prepare_determinism
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    prepare_determinism(compose_config([f"trainer.deterministic={value}"]))
+    assert (os.environ.get("CUBLAS_WORKSPACE_CONFIG") == ":4096:8") is sets

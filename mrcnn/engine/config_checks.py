@@ -217,7 +217,9 @@ SCHEMA: dict[str, Rule] = {
     "model.depth": one_of(18, 34, 50, 101, 152),
     "model.width": positive_int,
     "model.norm": one_of("frozen_bn", "bn", "syncbn", "gn"),
-    "model.head_norm": optional(one_of("gn")),
+    # The FCN mask head's norm after each conv (mrcnn.modeling.backbone.norm_layer); frozen_bn has no statistics to
+    # freeze in a head trained from scratch.
+    "model.head_norm": optional(one_of("gn", "bn", "syncbn")),
     "model.trainable_layers": Rule("an integer in [0, 5]", lambda v: _is_int(v) and 0 <= v <= 5),
     "model.backbone_weights": path,
     "model.fpn_channels": positive_int,
@@ -302,7 +304,8 @@ SCHEMA: dict[str, Rule] = {
     "trainer.precision": precision,
     "trainer.benchmark": optional(boolean),
     "trainer.sync_batchnorm": boolean,
-    "trainer.deterministic": optional(boolean),
+    # Lightning's: true, or "warn" (deterministic algorithms where torch has them, a warning where it has none).
+    "trainer.deterministic": optional(Rule("true, false or 'warn'", lambda v: isinstance(v, bool) or v == "warn")),
     "trainer.use_distributed_sampler": boolean,
     "trainer.max_epochs": any_value,
     "trainer.max_steps": any_value,

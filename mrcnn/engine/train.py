@@ -68,7 +68,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 def prepare_determinism(cfg: DictConfig) -> None:
-    """Sets what ``trainer.deterministic=true`` needs before anything starts CUDA.
+    """Sets what ``trainer.deterministic=true`` (or ``warn``) needs before anything starts CUDA.
 
     cuBLAS reads ``CUBLAS_WORKSPACE_CONFIG`` when it starts; without it, matrix products on a GPU may sum in a
     different order from run to run, and under deterministic algorithms torch raises at the first one.
@@ -77,7 +77,7 @@ def prepare_determinism(cfg: DictConfig) -> None:
     deterministic algorithms; the GPU RoIAlign and RoIPool backwards then take deterministic paths
     (``mrcnn.modeling.roi_align.needs_deterministic_path``). On the CPU a run repeats exactly without it.
     """
-    if cfg.trainer.get("deterministic") is True:
+    if cfg.trainer.get("deterministic") in (True, "warn"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 

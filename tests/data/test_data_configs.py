@@ -134,3 +134,12 @@ def test_shapes_default_is_still_hflip_half():
     assert transforms == {"_target_": "mrcnn.data.transforms.train_transforms", "hflip_prob": 0.5}
     assert "transforms" not in cfg.data.datamodule.val_dataset
     assert [type(t).__name__ for t in instantiate(cfg.data.augmentation).compose.transforms] == ["HorizontalFlip"]
+
+
+@pytest.mark.parametrize("data", sorted(p.stem for p in (Path(CONFIG_DIR) / "data").glob("*.yaml")))
+def test_aspect_ratio_grouping_is_a_switch_of_every_data_config(data):
+    # The README's data.datamodule.aspect_ratio_grouping=true must compose with every data config, not only COCO's.
+    cfg = compose_config([f"data={data}", "data.datamodule.aspect_ratio_grouping=true", *FAST])
+    assert cfg.data.datamodule.aspect_ratio_grouping is True
+    if data == "shapes":  # no files needed: the grouped loader gives its batches
+        assert _first_batch(cfg).aspect_ratio_grouping
