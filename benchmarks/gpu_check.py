@@ -82,7 +82,7 @@ STEPS = (
 # with train_bf16 and the tests they do not fit 7 minutes), gpu_determinism (trainer.deterministic=true: the same
 # steps twice, bit for bit, and what the deterministic kernels cost) and bench_compile (compiling R50-FPN takes
 # minutes, and compiled it ran at 0.28x torchvision on the H200 while the heads' shapes still varied,
-# ../shared/gpu/2026-12-04-h200).
+# gpu/2026-12-04-h200).
 DEFAULT_STEPS = ("environment", "bench_eager", "bench_fast", "train_bf16", "gpu_tests")
 DESCRIPTIONS = {
     "environment": "GPU, memory, versions; the project imports",
