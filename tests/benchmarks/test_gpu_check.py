@@ -209,3 +209,30 @@ def test_a_hanging_step_is_killed_with_its_children_at_its_time_limit(tmp_path):
     while alive(child) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(child)
+
+
+def test_what_only_a_gpu_runs_passes_the_config_checks():
+    # The check's training runs and benchmark configurations, and the run.py commands of the GPU tests, composed and
+    # checked here: a value the config checks refuse (model.head_norm=syncbn was one) must not cost a GPU session.
+    from mrcnn.engine.config_checks import config_problems
+    from tests.helpers.config import compose_config
+    from tests.modeling.test_gpu import SYNCBN_RUN
+    from tests.modeling.test_gpu_determinism import DETERMINISTIC_RUN
+
+    gpu = gpu_check.GPU
+    runs = {
+        f"train run {name}": [*gpu.train_overrides, *overrides, "++trainer.max_steps=300", "seed=0"]
+        for name, overrides in gpu_check.TRAIN_RUNS.items()
+    }
+    fast = gpu_check.FAST_OVERRIDES
+    runs["bench_eager"] = gpu.bench_overrides
+    runs["bench_fast"] = [*gpu.bench_overrides, *fast]
+    runs["bench_compile"] = [*gpu.bench_overrides, *fast, *gpu.compile_overrides]
+    for step, variants in gpu_check.BENCH_VARIANTS.items():
+        for name, overrides in variants.items():
+            runs[f"{step} variant {name}"] = [*runs[step], *overrides]
+    runs["test_ddp_with_syncbn_trains_on_one_gpu"] = SYNCBN_RUN
+    runs["test_a_deterministic_gpu_run_of_run_py_repeats_its_losses_and_ap"] = DETERMINISTIC_RUN
+    assert len(runs) == 4 + 3 + 2 + 2
+    for name, overrides in runs.items():
+        assert config_problems(compose_config(overrides)) == [], (name, overrides)

@@ -45,6 +45,20 @@ def process_group(tmp_path_factory):
     dist.destroy_process_group()
 
 
+# run.py's overrides in test_ddp_with_syncbn_trains_on_one_gpu (tests/benchmarks/test_gpu_check.py checks them on the
+# CPU: a value the config checks refuse would otherwise be found only on a GPU).
+SYNCBN_RUN = [
+    "trainer=ddp",
+    "trainer.devices=1",
+    "model.norm=syncbn",
+    "model.head_norm=syncbn",
+    *TINY_RUN,
+    "data.num_train_images=8",
+    "data.num_val_images=4",
+    "data.datamodule.batch_size=2",
+]
+
+
 def build(overrides=()):
     """The tiny model's MaskRCNNModule with ``overrides``, on the GPU, from seed 0."""
     torch.manual_seed(0)
@@ -172,17 +186,7 @@ def test_ddp_with_syncbn_trains_on_one_gpu(tmp_path):
     # Lightning's ddp strategy on one GPU: an NCCL process group, the DDP wrapper, bf16 (trainer=ddp's
     # precision), SyncBatchNorm in the backbone and the mask head.
     run_py(
-        [
-            "trainer=ddp",
-            "trainer.devices=1",
-            "model.norm=syncbn",
-            "model.head_norm=syncbn",
-            *TINY_RUN,
-            "data.num_train_images=8",
-            "data.num_val_images=4",
-            "data.datamodule.batch_size=2",
-            f"hydra.run.dir={tmp_path}",
-        ],
+        [*SYNCBN_RUN, f"hydra.run.dir={tmp_path}"],
         cwd=tmp_path,
     )
     metrics = json.loads((tmp_path / "metrics.json").read_text())

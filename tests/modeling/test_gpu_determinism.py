@@ -104,20 +104,23 @@ def test_two_identical_training_steps_on_cuda_give_identical_losses_and_gradient
         assert run["same_gradients"], name
 
 
+# run.py's overrides in the test below (tests/benchmarks/test_gpu_check.py checks them on the CPU).
+DETERMINISTIC_RUN = [
+    *TINY_RUN,
+    "trainer=gpu",
+    "trainer.deterministic=true",
+    "data.num_train_images=8",
+    "data.num_val_images=2",
+    "data.datamodule.batch_size=2",
+]
+
+
 @needs_cuda
 def test_a_deterministic_gpu_run_of_run_py_repeats_its_losses_and_ap(tmp_path):
     # End to end (trainer=gpu: bf16-mixed; validation, sanity check, callbacks and the CSV logger on), twice.
-    args = [
-        *TINY_RUN,
-        "trainer=gpu",
-        "trainer.deterministic=true",
-        "data.num_train_images=8",
-        "data.num_val_images=2",
-        "data.datamodule.batch_size=2",
-    ]
     runs = []
     for name in ("first", "second"):
-        run_py([*args, f"hydra.run.dir={tmp_path / name}"])
+        run_py([*DETERMINISTIC_RUN, f"hydra.run.dir={tmp_path / name}"])
         with open(tmp_path / name / "csv" / "metrics.csv", newline="") as file:
             losses = [
                 {k: v for k, v in row.items() if k.startswith(("train/", "val/")) and "per_sec" not in k}
