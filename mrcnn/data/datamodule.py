@@ -254,8 +254,8 @@ class InstanceDataModule(lightning.LightningDataModule):
     validation and test with a non-shuffling one (the evaluator counts the images
     it repeats once). Lightning leaves a ``DistributedSampler`` alone, but it
     cannot wrap a custom batch sampler: with ``aspect_ratio_grouping`` the Trainer
-    must be built with ``use_distributed_sampler=False``
-    (``+trainer.use_distributed_sampler=false``); a clear error says so otherwise.
+    must be built with ``use_distributed_sampler=False`` (``trainer=ddp`` and ``ddp_cpu`` set it; elsewhere
+    ``++trainer.use_distributed_sampler=false``); a clear error says so otherwise.
     That setting is right for every loader of this module.
 
     Args:
@@ -457,9 +457,10 @@ class InstanceDataModule(lightning.LightningDataModule):
                 raise ValueError(
                     "data.datamodule.aspect_ratio_grouping=true shards the training batches by rank itself; "
                     "Lightning cannot wrap a custom batch sampler for DDP. Build the Trainer with "
-                    "use_distributed_sampler=False (on the command line +trainer.use_distributed_sampler=false, or "
-                    "use_distributed_sampler: false in the trainer config; this datamodule shards all its loaders "
-                    "itself), or turn the grouping off (data.datamodule.aspect_ratio_grouping=false)."
+                    "use_distributed_sampler=False (trainer=ddp and trainer=ddp_cpu set it; on the command line "
+                    "++trainer.use_distributed_sampler=false, or use_distributed_sampler: false in the trainer "
+                    "config; this datamodule shards all its loaders itself), or turn the grouping off "
+                    "(data.datamodule.aspect_ratio_grouping=false)."
                 )
 
     def val_dataloader(self) -> DataLoader:

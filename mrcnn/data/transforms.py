@@ -75,9 +75,9 @@ def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
 class InstanceTransform:
     """Runs albumentations transforms on an image and its instance masks.
 
-    After the transforms the boxes are recomputed from the transformed masks and
-    instances whose mask became empty (cropped away, rotated out of the frame)
-    are dropped with their labels, so masks, boxes and labels always line up.
+    Boxes given with the masks (COCO-format json boxes) are transformed with them; without given boxes they are
+    recomputed from the transformed masks. Instances whose mask became empty (cropped away, rotated out of the
+    frame), or whose given box did, are dropped with their labels, so masks, boxes and labels always line up.
 
     Random draws are repeatable (albumentations 2.x keeps its own random state, which
     ``seed_everything`` does not reach):

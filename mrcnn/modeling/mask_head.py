@@ -36,7 +36,8 @@ class FCNMaskHead(nn.Module):
         num_classes: foreground classes K.
         num_convs: number of 3x3 conv layers before the deconv.
         conv_dim: channels of the convs and the deconv.
-        norm: ``None`` or ``"gn"`` (GroupNorm after each conv, for training from scratch).
+        norm: ``None``, or a norm after each conv (:func:`~mrcnn.modeling.backbone.norm_layer`): ``"gn"``
+            (GroupNorm, for training from scratch), ``"bn"`` or ``"syncbn"``.
         class_agnostic: predict one mask per RoI instead of one per class.
 
     Shapes:
