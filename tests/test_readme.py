@@ -1,11 +1,13 @@
-"""What README.md tells a user to type composes, and passes the config checks.
+"""What the documentation tells a user to type composes, and passes the config checks.
 
-Every ``python run.py ...`` command in it, and every override it shows in backticks (``model.head_norm=syncbn``), is
+Every ``python run.py ...`` command in README.md, benchmarks/README.md and experiments/ (the recorded runs'
+commands), and every override README.md shows in backticks (``model.head_norm=syncbn``), is
 composed with Hydra and checked by :func:`mrcnn.engine.config_checks.config_problems`, which ``run.py`` runs before
 anything is built. Placeholders (``<file>``, ``...``, ``N``) are left out; a sweep (``a,b``) is checked at each value.
 Paths need not exist: only the values are checked here.
 """
 
+import functools
 import itertools
 import re
 import shlex
@@ -17,7 +19,12 @@ from hydra.errors import HydraException
 from mrcnn.engine.config_checks import config_problems
 from tests.helpers.config import compose_config
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+DOCS = {
+    path.relative_to(ROOT).as_posix(): path.read_text()
+    for path in [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "experiments").rglob("*.md"))]
+}
 # NAME="..." lines of the README's shell examples, expanded where a command uses $NAME.
 SHELL_VARIABLES = dict(re.findall(r'^([A-Z]+)="([^"]*)"', README, flags=re.MULTILINE))
 # Config groups and top-level keys of configs/train.yaml: an inline `key=value` whose key starts with none of them
@@ -50,11 +57,12 @@ def _override_sets(args: list[str]) -> list[list[str]]:
 
 def _commands() -> list[str]:
     commands = set()
-    for match in re.finditer(r"python run\.py([^`\n]*)", README):
-        line = match.group(1).split("#")[0].rstrip(" \\")
-        for name, value in SHELL_VARIABLES.items():
-            line = line.replace(f"${name}", value)
-        commands.add(line.strip())
+    for doc, text in DOCS.items():
+        for match in re.finditer(r"python run\.py([^`\n]*)", text):
+            line = match.group(1).split("#")[0].rstrip(" \\")
+            for name, value in SHELL_VARIABLES.items():
+                line = line.replace(f"${name}", value)
+            commands.add(f"{doc}: {line.strip()}")
     return sorted(commands)
 
 
@@ -67,7 +75,8 @@ def _inline_overrides() -> list[str]:
     return sorted(spans)
 
 
-def _problems(overrides: list[str]) -> list[str]:
+@functools.cache
+def _problems(overrides: tuple[str, ...]) -> list[str]:
     """What is wrong with ``overrides`` in the first context where they compose (every context's error if none)."""
     errors = []
     for context in CONTEXTS:
@@ -82,22 +91,24 @@ def _problems(overrides: list[str]) -> list[str]:
 
 def test_the_readme_has_commands_and_overrides_to_check():
     # The extraction itself: a change of the README's formatting must not make the tests below check nothing.
-    assert len(_commands()) >= 30 and len(_inline_overrides()) >= 60
-    assert " debug=fast" in {f" {c}" for c in _commands()}
+    assert len(_commands()) >= 60 and len(_inline_overrides()) >= 60
+    assert "README.md: debug=fast" in _commands()
+    assert any(c.startswith("experiments/ablation_mask_loss/") for c in _commands())
     assert "model.head_norm=syncbn" in _inline_overrides()
 
 
 @pytest.mark.parametrize("command", _commands())
 def test_every_run_py_command_composes_and_passes_the_checks(command):
+    doc, _, line = command.partition(": ")
     try:
-        args = shlex.split(command)
+        args = shlex.split(line)
     except ValueError:  # prose around a placeholder (<the run's overrides>)
         pytest.skip("not a command line")
     for overrides in _override_sets(args):
-        assert _problems(overrides) == [], f"python run.py {command}"
+        assert _problems(tuple(overrides)) == [], f"{doc}: python run.py {line}"
 
 
 @pytest.mark.parametrize("span", _inline_overrides())
 def test_every_override_shown_composes_and_passes_the_checks(span):
     for overrides in _override_sets(span.split()):
-        assert _problems(overrides) == [], span
+        assert _problems(tuple(overrides)) == [], span
