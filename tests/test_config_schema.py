@@ -1,4 +1,4 @@
-"""Every key of every shipped config has a rule in ``mrcnn.config_checks.SCHEMA``, and the rules catch bad values."""
+"""Every key of every shipped config has a rule in ``mrcnn.engine.config_checks.SCHEMA``, and the rules catch bad values."""
 
 from pathlib import Path
 
