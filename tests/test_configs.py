@@ -84,7 +84,7 @@ def test_optimizer_and_scheduler_configs_instantiate(group):
 
 def test_shapes_data_config_instantiates():
     # The file-based data configs (coco, coco_format, cityscapes) are instantiated on generated
-    # datasets in tests/test_data_configs.py.
+    # datasets in tests/data/test_data_configs.py.
     for option in ["shapes"]:
         cfg = compose_config(
             [f"data={option}", "data.num_train_images=4", "data.num_val_images=2", "data.datamodule.batch_size=2"]

@@ -1,4 +1,5 @@
-"""Every ``mrcnn.<module>.<name>`` that the documentation, the configs' comments, docstrings and comments name exists.
+"""Every ``mrcnn.<module>.<name>`` and every repository file that the docs, config comments and code comments name
+exists.
 
 Code moves (a class renamed, a module split); a name left behind in prose sends a reader nowhere. Names of the
 OmegaConf resolvers (``${mrcnn.len:...}``) are resolvers, not modules; an attribute an instance sets in its class's
@@ -52,4 +53,21 @@ def test_every_mrcnn_name_mentioned_exists():
             mentions.setdefault(name, []).append(path.relative_to(ROOT).as_posix())
     assert len(mentions) > 100  # the search finds the names at all
     missing = {name: sorted(set(files)) for name, files in mentions.items() if not _exists(name)}
+    assert missing == {}, missing
+
+
+# A repository path ending in a file name; not one with a placeholder (<run>, *, {train,val}), nor a --out target.
+PATH = re.compile(r"(?<![\w/.$])((?:mrcnn|configs|tests|benchmarks|experiments)/[\w./-]*\.(?:py|yaml|md|json|png|txt))")
+
+
+def test_every_repository_file_mentioned_exists():
+    mentions: dict[str, list[str]] = {}
+    for source in SOURCES:
+        text = source.read_text()
+        for match in PATH.finditer(text):
+            if text[max(0, match.start() - 6) : match.start()].endswith("--out "):
+                continue
+            mentions.setdefault(match.group(1), []).append(source.relative_to(ROOT).as_posix())
+    assert len(mentions) > 50  # the search finds the paths at all
+    missing = {path: sorted(set(files)) for path, files in mentions.items() if not (ROOT / path).exists()}
     assert missing == {}, missing
