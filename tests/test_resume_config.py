@@ -91,6 +91,21 @@ def test_an_added_or_removed_key_is_a_change(tmp_path):
         check_resume_config(cfg, resumed)
 
 
+def test_a_key_a_newer_config_writes_out_at_its_default_is_no_change():
+    # shapes.yaml gained aspect_ratio_grouping: false (InstanceDataModule's default): a run recorded before resumes.
+    current = OmegaConf.to_container(compose_config(TINY, run_dir="/runs/a"), resolve=True)
+    older = OmegaConf.to_container(compose_config(TINY, run_dir="/runs/a"), resolve=True)
+    del older["data"]["datamodule"]["aspect_ratio_grouping"]
+    assert config_changes(older, current, "/runs/a", "/runs/a") == []
+    # Another value than the default (batch_size 2, whose default is 4; grouping true) is a change.
+    current["data"]["datamodule"]["aspect_ratio_grouping"] = True
+    assert config_changes(older, current, "/runs/a", "/runs/a") == [
+        "data.datamodule.aspect_ratio_grouping: '<absent>' -> True"
+    ]
+    del older["data"]["datamodule"]["batch_size"]
+    assert "data.datamodule.batch_size: '<absent>' -> 2" in config_changes(older, current, "/runs/a", "/runs/a")
+
+
 def test_a_checkpoint_without_a_record_is_resumed_unchecked(tmp_path, caplog):
     path = tmp_path / "old.ckpt"
     torch.save({"global_step": 3, "state_dict": {}}, path)

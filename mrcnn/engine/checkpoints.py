@@ -1,5 +1,7 @@
 """What a run starts from: a Lightning checkpoint to resume (``ckpt_path`` / ``resume``) or weights to load."""
 
+import importlib
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,8 +121,32 @@ def config_changes(saved: dict, current: dict, saved_run_dir: str, current_run_d
     return [
         f"{key}: {old.get(key, absent)!r} -> {new.get(key, absent)!r}"
         for key in sorted(old.keys() | new.keys())
-        if not _is_free(key) and old.get(key, absent) != new.get(key, absent)
+        if not _is_free(key)
+        and old.get(key, absent) != new.get(key, absent)
+        and not (key not in old and _is_target_default(current, key, new[key]))
     ]
+
+
+def _is_target_default(config: dict, key: str, value) -> bool:
+    """Whether ``key`` is an argument of the ``_target_`` of the node holding it and ``value`` is its default.
+
+    A newer config may write out an argument an older one left to its default (shapes.yaml gained
+    ``aspect_ratio_grouping: false``): the object built is the same, so resuming the older run changes nothing.
+    """
+    parent, _, name = key.rpartition(".")
+    node = config
+    for part in parent.split(".") if parent else []:
+        node = node.get(part) if isinstance(node, dict) else None
+    target = node.get("_target_") if isinstance(node, dict) else None
+    if not isinstance(target, str):
+        return False
+    module, _, attribute = target.rpartition(".")
+    try:
+        built = getattr(importlib.import_module(module), attribute)
+        default = inspect.signature(built).parameters[name].default
+    except (ImportError, AttributeError, KeyError, TypeError, ValueError):
+        return False
+    return default is not inspect.Parameter.empty and default == value
 
 
 def check_resume_config(cfg: DictConfig, resumed: ResumedRun) -> None:
