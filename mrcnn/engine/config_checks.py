@@ -513,6 +513,7 @@ def checkpoint_path(cfg: DictConfig) -> str | None:
     """The Lightning checkpoint to start from: ``ckpt_path``, or ``<resume>/checkpoints/last.ckpt``.
 
     Raises:
+        ValueError: both ``ckpt_path`` and ``resume`` are given.
         FileNotFoundError: ``resume`` has no ``checkpoints/last.ckpt``; the message says why it may be
             missing and what to do.
     """
