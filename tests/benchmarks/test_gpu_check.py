@@ -211,28 +211,32 @@ def test_a_hanging_step_is_killed_with_its_children_at_its_time_limit(tmp_path):
     assert not alive(child)
 
 
-def test_what_only_a_gpu_runs_passes_the_config_checks():
+def test_what_only_a_gpu_runs_passes_the_config_checks(tmp_path):
     # The check's training runs and benchmark configurations, and the run.py commands of the GPU tests, composed and
     # checked here: a value the config checks refuse (model.head_norm=syncbn was one) must not cost a GPU session.
+    # The check's overrides are read off the command lines it would run on the GPU.
     from mrcnn.engine.config_checks import config_problems
     from tests.helpers.config import compose_config
     from tests.modeling.test_gpu import SYNCBN_RUN
     from tests.modeling.test_gpu_determinism import DETERMINISTIC_RUN
 
-    gpu = gpu_check.GPU
-    runs = {
-        f"train run {name}": [*gpu.train_overrides, *overrides, "++trainer.max_steps=300", "seed=0"]
-        for name, overrides in gpu_check.TRAIN_RUNS.items()
-    }
-    fast = gpu_check.FAST_OVERRIDES
-    runs["bench_eager"] = gpu.bench_overrides
-    runs["bench_fast"] = [*gpu.bench_overrides, *fast]
-    runs["bench_compile"] = [*gpu.bench_overrides, *fast, *gpu.compile_overrides]
-    for step, variants in gpu_check.BENCH_VARIANTS.items():
-        for name, overrides in variants.items():
-            runs[f"{step} variant {name}"] = [*runs[step], *overrides]
+    args = gpu_check.parse_args(["--out", str(tmp_path)])
+    runs = {}
+    for step in (*gpu_check.TRAIN_STEPS, "bench_eager", "bench_fast", "bench_compile"):
+        for name, command in gpu_check.step_commands(step, gpu_check.GPU, args, tmp_path).items():
+            if step in gpu_check.TRAIN_STEPS:  # python run.py <overrides> hydra.run.dir=...
+                runs[f"{step} {name}"] = [a for a in command[2:] if not a.startswith("hydra.")]
+                continue
+            # python benchmark.py ... --variant NAME=OVERRIDES ... --overrides <ours' overrides>
+            ours = command[command.index("--overrides") + 1 :]
+            runs[step] = ours
+            for flag, value in zip(command, command[1:]):
+                if flag == "--variant":
+                    variant, _, overrides = value.partition("=")
+                    runs[f"{step} variant {variant}"] = [*ours, *overrides.split()]
     runs["test_ddp_with_syncbn_trains_on_one_gpu"] = SYNCBN_RUN
     runs["test_a_deterministic_gpu_run_of_run_py_repeats_its_losses_and_ap"] = DETERMINISTIC_RUN
     assert len(runs) == 4 + 3 + 2 + 2
+    assert runs["train_bf16 bf16"][0] == "trainer=gpu" and "module.compile=true" in runs["bench_compile"]
     for name, overrides in runs.items():
         assert config_problems(compose_config(overrides)) == [], (name, overrides)
