@@ -143,10 +143,10 @@ def test_a_benchmark_stopped_at_its_limit_reports_the_rounds_it_finished(tmp_pat
     }
     path = tmp_path / "bench_eager.json"
     record = gpu_check.run_step(
-        "bench_eager", hang_after(f"open({str(path)!r}, 'w').write({json.dumps(partial)!r})"), tmp_path, timeout_s=5
+        "bench_eager", hang_after(f"open({str(path)!r}, 'w').write({json.dumps(partial)!r})"), tmp_path, timeout_s=2
     )
     assert record["status"] == "failed"
-    assert record["reason"] == "timed out after 5 s (its time limit); partial results kept"
+    assert record["reason"] == "timed out after 2 s (its time limit); partial results kept"
     assert record["results"]["partial"] is True and record["results"]["train"]["rounds"] == 1
     assert record["results"]["train"]["ours"]["images_per_s"] == 45.0
 
@@ -159,7 +159,7 @@ def test_a_training_run_stopped_at_its_limit_reports_the_steps_it_logged(tmp_pat
         "log.mkdir(parents=True)\n"
         "(log / 'metrics.csv').write_text('step,train/images_per_sec\\n49,80.0\\n99,96.0\\n')"
     )
-    record = gpu_check.run_step("train_bf16", {"bf16": hang_after(write_log)}, tmp_path, timeout_s=5)
+    record = gpu_check.run_step("train_bf16", {"bf16": hang_after(write_log)}, tmp_path, timeout_s=2)
     assert record["status"] == "failed" and record["reason"].endswith("partial results kept")
     bf16 = record["results"]["bf16"]
     assert bf16 == {"images_per_s": 96.0, "steps_per_s": 12.0, "global_step": 99, "partial": True}
@@ -169,7 +169,7 @@ def test_gpu_tests_stopped_at_their_limit_report_the_finished_tests(tmp_path):
     printed = (
         "print('tests/modeling/test_gpu.py::test_a PASSED [ 16%]'); print('tests/modeling/test_gpu.py::test_b FAILED')"
     )
-    record = gpu_check.run_step("gpu_tests", hang_after(printed), tmp_path, timeout_s=5)
+    record = gpu_check.run_step("gpu_tests", hang_after(printed), tmp_path, timeout_s=2)
     assert record["status"] == "failed" and record["reason"].endswith("partial results kept")
     assert record["results"]["tests"] == {"test_a": "passed", "test_b": "failed"} and record["results"]["partial"]
 
@@ -200,8 +200,8 @@ def test_a_hanging_step_is_killed_with_its_children_at_its_time_limit(tmp_path):
         "print('waiting forever', flush=True)\n"
         "time.sleep(120)\n"
     )
-    record = gpu_check.run_step("bench_eager", [sys.executable, "-c", hang], tmp_path, timeout_s=5)
-    assert record["status"] == "failed" and record["reason"] == "timed out after 5 s (its time limit)"
+    record = gpu_check.run_step("bench_eager", [sys.executable, "-c", hang], tmp_path, timeout_s=2)
+    assert record["status"] == "failed" and record["reason"] == "timed out after 2 s (its time limit)"
     assert record["seconds"] < 30 and "waiting forever" in record["tail"]
     # The step's whole process group was killed: a worker it started holds no GPU memory afterwards.
     child = int(pid_file.read_text())
