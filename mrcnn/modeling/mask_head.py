@@ -15,9 +15,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import roi_align
 
 from mrcnn.modeling.backbone import norm_layer
+from mrcnn.modeling.roi_align import roi_align_kernel
 
 
 def _init_conv(module: nn.Module) -> None:
@@ -142,7 +142,9 @@ def mask_targets(
     if form not in MASK_TARGET_FORMS:
         raise ValueError(f"mask target form must be one of {MASK_TARGET_FORMS}, got {form!r}")
     rois = torch.cat([matched_idxs[:, None].to(proposals), proposals], dim=1)
-    targets = roi_align(gt_masks[:, None].to(rois), rois, (size, size), 1.0, aligned=aligned)[:, 0]
+    # torchvision's kernel itself (adaptive sampling), as torchvision.ops.roi_align calls it outside deterministic
+    # mode on a GPU (roi_align_kernel says why).
+    targets = roi_align_kernel(gt_masks[:, None].to(rois), rois, size, 1.0, -1, aligned)[:, 0]
     if form == "binary":
         targets = (targets >= 0.5).to(targets.dtype)
     return targets

@@ -232,9 +232,20 @@ class RoIPoolPooler(RoIPooler):
     mode = "max"
 
     def pool_level(self, feature: Tensor, rois: Tensor, spatial_scale: float) -> Tensor:
-        if feature.requires_grad and torch.is_grad_enabled() and needs_deterministic_path(feature):
-            return _DeterministicRoIPool.apply(feature, rois, self.output_size, float(spatial_scale))
-        return roi_pool(feature, rois, self.output_size, spatial_scale)
+        # torchvision's kernel needs one dtype for the features and the boxes. Under autocast they differ (bf16
+        # features, float32 boxes), and torchvision's autocast wrapper of roi_pool exists only for CUDA (on the CPU
+        # the kernel refuses the pair) and returns the argmax as a float tensor (which the deterministic backward
+        # cannot index with). So pool outside autocast, in float32 where the dtypes differ, as that wrapper does;
+        # the max of bf16 values is exact in float32, and the result goes back to the features' dtype.
+        dtype = feature.dtype
+        if rois.dtype != dtype:
+            feature, rois = feature.float(), rois.float()
+        with torch.autocast(feature.device.type, enabled=False):
+            if feature.requires_grad and torch.is_grad_enabled() and needs_deterministic_path(feature):
+                pooled = _DeterministicRoIPool.apply(feature, rois, self.output_size, float(spatial_scale))
+            else:
+                pooled = roi_pool(feature, rois, self.output_size, spatial_scale)
+        return pooled.to(dtype)
 
 
 class _DeterministicRoIPool(torch.autograd.Function):

@@ -286,6 +286,22 @@ def deterministic_backward(sampling_ratio: int, supported: bool) -> str:
     return "separable"
 
 
+def roi_align_kernel(
+    features: Tensor, rois: Tensor, output_size: int, spatial_scale: float, sampling_ratio: int, aligned: bool
+) -> Tensor:
+    """torchvision's RoIAlign kernel, called directly: ``[N, C, H, W]`` and ``rois [R, 5]`` -> ``[R, C, P, P]``.
+
+    ``torchvision.ops.roi_align`` swaps its kernel for a ``torch.compile``d Python version on a GPU whenever
+    deterministic algorithms are on (``trainer.deterministic=true`` or ``warn``): a compile for each new output
+    size, sampling ratio and RoI count, and with an adaptive ``sampling_ratio`` (mask targets) a sum over every
+    pixel of the map for every bin. Its forward is deterministic (only the backward adds atomically), so this
+    calls the kernel itself: the same outputs, autocast and autograd as the wrapper's default path.
+    """
+    return torch.ops.torchvision.roi_align(
+        features, rois, spatial_scale, output_size, output_size, sampling_ratio, aligned
+    )
+
+
 class _RoIAlignFunction(torch.autograd.Function):
     """torchvision's forward; the backward as dense or sparse products (see the module docstring)."""
 
@@ -293,7 +309,7 @@ class _RoIAlignFunction(torch.autograd.Function):
     def forward(ctx, features, rois, output_size, spatial_scale, sampling_ratio, aligned, separable):
         ctx.save_for_backward(rois)
         ctx.args = (spatial_scale, sampling_ratio, aligned, tuple(features.shape), features.dtype, separable)
-        return tv_roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
+        return roi_align_kernel(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
 
     @staticmethod
     @once_differentiable  # as torchvision's: no double backward
@@ -334,21 +350,20 @@ def roi_align(
     Returns:
         ``[R, C, P, P]`` pooled features.
     """
-    ours_possible = (
-        isinstance(rois, Tensor)
-        and isinstance(output_size, int)
-        and features.requires_grad
-        and torch.is_grad_enabled()
-        and rois.numel() > 0
-    )
+    tensor_form = isinstance(rois, Tensor) and isinstance(output_size, int)
+    needs_grad = features.requires_grad and torch.is_grad_enabled()
     kind = "torchvision"
-    if ours_possible and features.device.type == "cpu":
+    if needs_grad and tensor_form and features.device.type == "cpu" and rois.numel() > 0:
         _, channels, height, width = features.shape
         kind = choose_backward(channels, height, width, output_size, sampling_ratio, backward)
-    elif features.requires_grad and torch.is_grad_enabled() and needs_deterministic_path(features):
-        kind = deterministic_backward(sampling_ratio, ours_possible)
+    elif needs_grad and needs_deterministic_path(features):
+        # Also for no RoIs (an FPN level that gets none, a batch without objects): torchvision's backward would
+        # raise there as anywhere, and the separable one returns zeros.
+        kind = deterministic_backward(sampling_ratio, tensor_form)
     if kind == "torchvision":
-        return tv_roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
+        if not tensor_form:
+            return tv_roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
+        return roi_align_kernel(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
     return _RoIAlignFunction.apply(
         features, rois, output_size, float(spatial_scale), int(sampling_ratio), aligned, kind == "separable"
     )

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torchvision.ops import roi_pool
 
-from mrcnn.modeling.poolers import _DeterministicRoIPool
+from mrcnn.modeling.poolers import RoIPoolPooler, _DeterministicRoIPool
 from tests.helpers.config import ROOT, TINY_MODEL
 from tests.helpers.runs import TINY_RUN, run_py
 
@@ -35,6 +35,16 @@ import torch
 from hydra.utils import instantiate
 from mrcnn.data.shapes import ShapesDataset
 from tests.helpers.config import compose_config
+import torchvision.ops.roi_align as torchvision_roi_align
+
+# torchvision.ops.roi_align swaps its kernel for a compiled Python version on a GPU under deterministic algorithms
+# (slow, and a compile per shape): count its calls, which mrcnn.modeling.roi_align.roi_align_kernel avoids.
+python_roi_align = torchvision_roi_align._roi_align
+python_roi_align_calls = []
+def counted_python_roi_align(*args, **kwargs):
+    python_roi_align_calls.append(1)
+    return python_roi_align(*args, **kwargs)
+torchvision_roi_align._roi_align = counted_python_roi_align
 
 torch.backends.cudnn.benchmark = False
 dataset = ShapesDataset(num_images=4, image_size=64, seed=1)
@@ -75,7 +85,9 @@ for name, overrides in {poolers!r}.items():
         "same_gradients": len(grads1) == len(grads2) and all(torch.equal(a, b) for a, b in zip(grads1, grads2)),
         "deterministic_step_s": times[-1],
         "default_step_s": free_times[-1],
+        "python_roi_align_calls": len(python_roi_align_calls),
     }}
+    python_roi_align_calls.clear()
 print("RESULT " + json.dumps(results))
 """
 
@@ -102,6 +114,7 @@ def test_two_identical_training_steps_on_cuda_give_identical_losses_and_gradient
     for name, run in results.items():
         assert run["same_losses"], (name, run["losses"])
         assert run["same_gradients"], name
+        assert run["python_roi_align_calls"] == 0, name
 
 
 # run.py's overrides in the test below (tests/benchmarks/test_gpu_check.py checks them on the CPU).
@@ -146,3 +159,28 @@ def test_the_deterministic_roi_pool_backward_equals_torchvisions():
     (grad,) = torch.autograd.grad(output, features, grad_output)
     assert torch.equal(output, expected)
     torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
+
+
+@needs_cuda
+def test_the_deterministic_roi_pool_under_bf16_autocast_pools_and_backpropagates_as_in_float32():
+    # torchvision's CUDA autocast wrapper of roi_pool returns the argmax as a float tensor, which the deterministic
+    # backward cannot index with; the pooler pools outside autocast (in float32, as that wrapper does).
+    pooler = RoIPoolPooler(["0"], 7)
+    features = torch.randn(2, 8, 32, 32, device="cuda").to(torch.bfloat16)
+    boxes = [
+        torch.tensor([[2.0, 3.0, 40.0, 50.0]], device="cuda"),
+        torch.tensor([[0.0, 0.0, 63.0, 63.0]], device="cuda"),
+    ]
+    reference = features.float().requires_grad_()
+    expected = pooler({"0": reference}, boxes, [(64, 64)] * 2)
+    expected.sum().backward()
+    leaf = features.clone().requires_grad_()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = pooler({"0": leaf}, boxes, [(64, 64)] * 2)
+        out.float().sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert out.dtype == torch.bfloat16 and torch.equal(out.float(), expected)
+    torch.testing.assert_close(leaf.grad.float(), reference.grad)

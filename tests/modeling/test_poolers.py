@@ -4,6 +4,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from torchvision.ops import MultiScaleRoIAlign
 
 from mrcnn.modeling.poolers import (
@@ -14,6 +15,7 @@ from mrcnn.modeling.poolers import (
     boxes_to_rois,
     round_like_roi_pool,
 )
+from tests.helpers.config import ROOT, TINY_MODEL, compose_config
 
 
 def ramp(size: int = 16) -> dict[str, torch.Tensor]:
@@ -388,3 +390,79 @@ def test_boxes_to_rois_index_every_box_by_its_image():
         expected = torch.tensor([i for i, n in enumerate(lengths) for _ in range(n)], dtype=torch.float32)
         assert rois.shape == (sum(lengths), 5) and torch.equal(rois[:, 0], expected)
         assert torch.equal(rois[:, 1:], torch.cat(boxes))
+
+
+POOLER_OPTIONS = sorted(path.stem for path in (ROOT / "configs" / "model" / "pooler").glob("*.yaml"))
+
+
+def configured_pooler(name: str):
+    """The box pooler ``model/pooler=<name>`` builds for the tiny FPN model (levels P2-P5)."""
+    cfg = compose_config([*TINY_MODEL, f"model/pooler={name}"])
+    return instantiate(cfg.model.net).roi_heads.box_pooler
+
+
+def pyramid(requires_grad=True, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """P2-P5 maps of a batch of 2 images of 64 px, values exact in bf16."""
+    generator = torch.Generator().manual_seed(0)
+    return {
+        name: torch.randn(2, 4, side, side, generator=generator)
+        .to(torch.bfloat16)
+        .to(dtype)
+        .requires_grad_(requires_grad)
+        for name, side in zip(("0", "1", "2", "3"), (16, 8, 4, 2))
+    }
+
+
+# At 64 px every box maps to P2 (k = floor(4 + log2(sqrt(area) / 224)) <= 2): P3-P5 get no RoIs, as an FPN level
+# often does at any size (and the mask pooler's levels at a step without positives).
+PYRAMID_BOXES = [torch.tensor([[2.0, 3.0, 40.0, 50.0]]), torch.tensor([[0.0, 0.0, 63.0, 63.0], [5.0, 5.0, 9.0, 30.0]])]
+
+
+@pytest.mark.parametrize("name", POOLER_OPTIONS)
+def test_every_pooler_runs_under_bf16_autocast_and_pools_what_it_pools_in_float32(name):
+    # Under autocast the backbone hands the poolers bf16 maps while the boxes stay float32: each pooler must take
+    # the pair (torchvision's roi_pool has no CPU autocast kernel and refused it) and give the float32 result.
+    pooler = configured_pooler(name)
+    reference_maps = pyramid()
+    reference = pooler(reference_maps, PYRAMID_BOXES, [(64, 64)] * 2)
+    reference.sum().backward()
+    maps = pyramid(dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pooler(maps, PYRAMID_BOXES, [(64, 64)] * 2)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and out.shape == reference.shape
+    torch.testing.assert_close(out.float(), reference, rtol=0.01, atol=0.02)
+    for level, map_ in maps.items():
+        assert map_.grad.dtype == torch.bfloat16
+        grad, expected = map_.grad.float(), reference_maps[level].grad
+        if pooler.mode == "max" and not isinstance(pooler, RoIPoolPooler):
+            # The max of bilinear samples computed in bf16 can pick another of two near-equal samples: the
+            # gradient then lands elsewhere, but each output still sends its whole gradient to the map.
+            grad, expected = grad.sum(), expected.sum()
+        torch.testing.assert_close(grad, expected, rtol=0.01, atol=0.02)
+
+
+@pytest.mark.parametrize("name", POOLER_OPTIONS)
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_deterministic_gpu_path_of_every_pooler_takes_levels_without_rois(name, autocast, monkeypatch):
+    # trainer.deterministic=true on a GPU: the poolers' own backwards replace torchvision's atomic adds. Forced
+    # here on the CPU (needs_deterministic_path says yes), where the CPU's choice of backward does not run first
+    # for an empty level: every level but P2 has no RoIs, which once raised "needs a fixed sampling_ratio".
+    pooler = configured_pooler(name)
+    dtype = torch.bfloat16 if autocast else torch.float32
+    expected_maps = pyramid(dtype=dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        expected = pooler(expected_maps, PYRAMID_BOXES, [(64, 64)] * 2)
+    expected.float().sum().backward()
+    monkeypatch.setattr("mrcnn.modeling.roi_align.needs_deterministic_path", lambda features: True)
+    monkeypatch.setattr("mrcnn.modeling.poolers.needs_deterministic_path", lambda features: True)
+    maps = pyramid(dtype=dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = pooler(maps, PYRAMID_BOXES, [(64, 64)] * 2)
+    out.float().sum().backward()
+    assert torch.equal(out, expected)
+    for level, map_ in maps.items():
+        assert map_.grad.dtype == dtype
+        torch.testing.assert_close(map_.grad, expected_maps[level].grad, rtol=1e-5, atol=1e-5)
+        if level != "0":
+            assert not map_.grad.any()  # no RoI read these levels
