@@ -36,6 +36,13 @@ except ImportError:
 # Boxes one program compares with the box it keeps, per pass: a group longer than this takes several passes.
 BLOCK = 1024
 
+# Why the Triton kernel failed in this process ("ErrorType: message"), or None while it has not. Set by the first
+# failure: later calls go straight to torchvision's per-group nms (Triton caches compiled kernels only, so a failed
+# compile would be tried again at every call), and benchmarks record it beside their numbers (benchmarks/benchmark.py).
+triton_failure: str | None = None
+# The start of the warning the first failure gives (benchmarks/gpu_check.py looks for it in training runs' logs).
+FALLBACK_WARNING = "grouped NMS: the Triton kernel failed"
+
 
 if tl is not None:
 
@@ -159,9 +166,9 @@ def grouped_nms_torchvision(
     return keep
 
 
-@functools.cache
-def _warn_fallback(error: str) -> None:
-    warnings.warn(f"grouped NMS: the Triton kernel failed ({error}); using torchvision's nms per group", stacklevel=3)
+def _on_gpu(boxes: Tensor) -> bool:
+    """Whether :func:`grouped_nms` tries the Triton kernel for ``boxes``: on a GPU (tests pretend, on the CPU)."""
+    return boxes.device.type == "cuda"
 
 
 def grouped_nms(
@@ -179,11 +186,14 @@ def grouped_nms(
 
     Returns:
         bool ``[B, N]``: the kept boxes. On a GPU no host synchronisation (the Triton kernel; if Triton fails,
-        torchvision's per-group loop with a warning); on the CPU torchvision's per-group loop.
+        torchvision's per-group loop, with one warning and ``triton_failure`` set, from then on); on the CPU
+        torchvision's per-group loop.
     """
-    if boxes.device.type == "cuda":
+    global triton_failure
+    if _on_gpu(boxes) and triton_failure is None:
         try:
             return grouped_nms_triton(boxes, valid, segments, threshold, lengths)
         except Exception as error:  # no Triton, or a version that cannot compile the kernel: still correct
-            _warn_fallback(f"{type(error).__name__}: {error}".splitlines()[0])
+            triton_failure = f"{type(error).__name__}: {error}".splitlines()[0]
+            warnings.warn(f"{FALLBACK_WARNING} ({triton_failure}); using torchvision's nms per group", stacklevel=2)
     return grouped_nms_torchvision(boxes, valid, segments, threshold)

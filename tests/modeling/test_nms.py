@@ -1,6 +1,8 @@
 """NMS within many groups at once (mrcnn.modeling.nms): torchvision's ``nms`` on each group alone, box for box, and
 the GPU kernel's launch waits on nothing. The Triton kernel runs here in Triton's interpreter."""
 
+import warnings
+
 import pytest
 import torch
 from torchvision.ops import nms
@@ -84,6 +86,29 @@ def test_cpu_tensors_take_torchvisions_nms_per_group(monkeypatch):
     monkeypatch.setattr(nms_module, "grouped_nms_triton", lambda *args, **kwargs: pytest.fail("no kernel on a CPU"))
     boxes, valid = grouped_boxes(2, SEGMENTS)
     assert torch.equal(grouped_nms(boxes, valid, SEGMENTS, 0.7), reference(boxes, valid, SEGMENTS, 0.7))
+
+
+def test_a_failed_kernel_is_recorded_and_not_tried_again(monkeypatch):
+    # A GPU whose Triton cannot compile the kernel, pretended on the CPU: the first call warns, records why and
+    # falls back to torchvision's nms per group; later calls go straight to the fallback.
+    tries = []
+
+    def failing_kernel(*args, **kwargs):
+        tries.append(1)
+        raise RuntimeError("PassManager::run failed\nmore compiler output")
+
+    monkeypatch.setattr(nms_module, "_on_gpu", lambda boxes: True)
+    monkeypatch.setattr(nms_module, "grouped_nms_triton", failing_kernel)
+    monkeypatch.setattr(nms_module, "triton_failure", None)
+    boxes, valid = grouped_boxes(2, SEGMENTS)
+    expected = reference(boxes, valid, SEGMENTS, 0.7)
+    with pytest.warns(UserWarning, match=nms_module.FALLBACK_WARNING) as caught:
+        assert torch.equal(grouped_nms(boxes, valid, SEGMENTS, 0.7), expected)
+    assert len(caught) == 1 and nms_module.triton_failure == "RuntimeError: PassManager::run failed"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(grouped_nms(boxes, valid, SEGMENTS, 0.7), expected)
+    assert len(tries) == 1
 
 
 def test_the_kernel_compiles_for_a_hopper_gpu():
