@@ -58,8 +58,10 @@ from torchvision.ops import FrozenBatchNorm2d, masks_to_boxes
 import mrcnn.config  # compose_config; registers the config resolvers
 from mrcnn.data.datamodule import collate_detection
 from mrcnn.data.shapes import ShapesDataset
+from mrcnn.data.transforms import drop_crowd
 from mrcnn.evaluation import BACKENDS, CocoEvaluator
-from mrcnn.modeling.mask_rcnn import load_torchvision_weights
+from mrcnn.modeling import nms as nms_module
+from mrcnn.modeling.mask_rcnn import check_targets, load_torchvision_weights
 
 PHASES = ("train", "infer", "eval")
 
@@ -139,7 +141,14 @@ class StepTimer(L.Callback):
 
 
 class FixedBatches(L.LightningDataModule):
-    """Serves one prepared DataLoader; ``batch_size`` is what ``MaskRCNNModule`` scales its lr by."""
+    """Serves one prepared DataLoader; ``batch_size`` is what ``MaskRCNNModule`` scales its lr by.
+
+    Its batches are on the device already, their targets cleaned and checked on the host before the copy
+    (:func:`host_checked`), as run.py's are. So this datamodule's ``on_before_batch_transfer`` passes them on
+    unchanged: Lightning then calls it instead of ``MaskRCNNModule``'s, which would read the device tensors
+    (``iscrowd.any()``, the degenerate-box check: two host waits per image) between the steps, inside the profiled
+    window (Lightning runs a batch's transfer hooks before ``on_train_batch_start``), where run.py makes none.
+    """
 
     def __init__(self, loader: DataLoader):
         super().__init__()
@@ -148,6 +157,17 @@ class FixedBatches(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self.loader
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        return batch
+
+
+def host_checked(samples: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
+    """``samples`` with their targets as ``MaskRCNNModule.on_before_batch_transfer`` makes them on the host in a
+    run.py run: crowd regions dropped (``drop_crowd``) and checked (``check_targets``, which raises on a bad one)."""
+    targets = [drop_crowd(target) for _, target in samples]
+    check_targets(targets)
+    return [(image, target) for (image, _), target in zip(samples, targets)]
 
 
 # ---- building -----------------------------------------------------------------------------------
@@ -740,6 +760,11 @@ def table(results: dict) -> str:
             m["ours"]["peak_mem_mib"] / max(m["torchvision"]["peak_mem_mib"], 1e-9),
         )
     rows.append("ours/tv: speed ratio (>= 0.97 is the goal) on time rows, memory ratio on MiB rows")
+    if results.get("nms_triton_failure"):
+        rows.append(
+            f"NMS: the Triton kernel failed ({results['nms_triton_failure']}); the runs with "
+            "model.batched_proposals=true measured torchvision's per-group nms instead"
+        )
     if results["args"].get("variants"):
         rows.append(
             "variants (ours with more overrides, in the ours column): "
@@ -850,7 +875,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     Returns:
         Everything written to the json: ``args``, ``config_overrides``, ``hardware``, ``memory_method``,
-        ``trainable_params`` and, per phase run, ``train``, ``infer``, ``eval``.
+        ``trainable_params``, ``nms_triton_failure`` (why the Triton NMS kernel failed, so that the batched paths
+        measured torchvision's per-group nms instead; None if it did not) and, per phase run, ``train``, ``infer``,
+        ``eval``.
     """
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -861,6 +888,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
+    # FixedBatches' identity hook replaces MaskRCNNModule's on purpose (its docstring says why).
+    warnings.filterwarnings("ignore", ".*overridden `on_before_batch_transfer` in both.*")
     device = torch.device(args.device)
     memory = PeakMemory(device)
     height, width = args.image_size, args.image_width or args.image_size
@@ -911,7 +940,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.channels_last:
         for m in (module, theirs, *variants.values()):
             m.to(memory_format=torch.channels_last)
-    rounds = [[(image.to(device), {k: to(v, device) for k, v in t.items()}) for image, t in r] for r in rounds]
+    # Targets cleaned and checked on the host before the copy, as run.py's (FixedBatches).
+    rounds = [
+        [(image.to(device), {k: to(v, device) for k, v in t.items()}) for image, t in host_checked(r)] for r in rounds
+    ]
     theirs.to(device)
     results["trainable_params"] = {
         name: sum(p.numel() for p in m.parameters() if p.requires_grad)
@@ -919,12 +951,18 @@ def main(argv: list[str] | None = None) -> dict:
     }
     results["complete"] = False
 
-    def save(phase):
-        def write(partial):
-            results[phase] = partial
-            write_json(results, args.out)
+    def write():
+        # Whether the batched paths (grouped_nms on a GPU) measured torchvision's per-group nms instead of the Triton
+        # kernel, which failed in this process (None: it did not fail, or no batched path ran on a GPU).
+        results["nms_triton_failure"] = nms_module.triton_failure
+        write_json(results, args.out)
 
-        return write
+    def save(phase):
+        def write_partial(partial):
+            results[phase] = partial
+            write()
+
+        return write_partial
 
     if "train" not in args.skip:
         loaders = [
@@ -938,7 +976,7 @@ def main(argv: list[str] | None = None) -> dict:
         shapes.remove()
         if args.profile:
             results["profile"] = profile_phase(args, cfg, module, theirs, loaders[-1], device, variants=variants)
-        write_json(results, args.out)
+        write()
     if "infer" not in args.skip:
         if "train" not in args.skip:  # back to the same weights: training moved the two a little apart
             theirs.load_state_dict(initial)
@@ -953,7 +991,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["complete"] = True
 
     print(table(results), flush=True)
-    write_json(results, args.out)
+    write()
     print(f"\nwrote {args.out}")
     return results
 
