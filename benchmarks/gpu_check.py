@@ -26,10 +26,12 @@ benchmark's rounds, the training runs' logged steps, the tests that ended):
 9. ``bench_compile`` (only with ``--steps``): as ``bench_fast`` with ``module.compile=true``, training only.
 
 Then the project's GPU goals (benchmarks/README.md) are read off the numbers. After every step
-``gpu_check.json`` and ``gpu_check.md`` are rewritten in ``--out``; each step's whole output is in
-``--out/logs/<step>.log``, its files beside them (``train_*/``, ``bench_*.json``, ``bench_eager_profile_*.txt``,
-``gpu_tests.xml``).
-The exit status is 1 when a step failed.
+``gpu_check.json`` and ``gpu_check.md`` are rewritten in ``--out`` (and, with ``--copy-to DIR``, copied into DIR
+with the profile tables: a folder that comes back from a machine even if the check is cut off); each step's whole
+output is in ``--out/logs/<step>.log``, its files beside them (``train_*/``, ``bench_*.json``,
+``bench_eager_profile_*.txt``, ``gpu_tests.xml``).
+The exit status is 1 when a step failed; 143 when the check was stopped by SIGTERM (the step it was running is
+recorded as stopped, with what it finished, and the later ones as not run).
 
 This script imports nothing beyond the standard library; the steps run with whatever torch, torchvision and
 Lightning the machine has (and record them). ``--dry-run`` runs the same steps on the CPU at tiny sizes
@@ -169,6 +171,12 @@ GOAL_HOST_SYNCS = 8  # host synchronisations per training step
 AP_TOLERANCE = 3.0
 
 TAIL_LINES = 40
+# The start of the warning mrcnn.modeling.nms gives when its Triton kernel fails and the batched paths fall back to
+# torchvision's per-group nms (nms.FALLBACK_WARNING; this script imports nothing of the project's).
+NMS_FALLBACK_WARNING = "grouped NMS: the Triton kernel failed"
+# Seconds to wait for a step's process to end after SIGKILL. A CUDA process stuck in the driver may never end: the
+# check records it and goes on rather than waiting for it.
+REAP_TIMEOUT_S = 10
 # A step is not started with less time than this left in the total budget: it could not get past its imports.
 MIN_STEP_S = 5
 
@@ -213,7 +221,8 @@ class Profile:
 # One H100/H200-class GPU. The limits are what each step took in the check of 2026-12-04 on an H200
 # (benchmarks/README.md, "Results: GPU") plus about 50%; the default steps' add up to 420 s, inside the 7 minutes
 # a check may take and the 10 minutes one device command may run with the wheels' install:
-# environment 17.4 s (the first imports on a fresh machine); bench_eager 64.5 s (128 images of 800x1333
+# environment 17.4 s (the first imports on a fresh machine; the first check of that day stopped it at its 20 s limit,
+# gpu/2026-12-04-h200/README.md, so it gets 45 s); bench_eager 64.5 s (128 images of 800x1333
 # generated, both models built, the first CUDA step, 4 rounds x 5 steps x 2 systems, 3 profiled steps, model-only
 # inference); bench_fast 55.1 s with inference, about 40 s without; train_bf16 50.7 s (300 steps at 13.2
 # steps/s, start-up, 200 validation images); gpu_tests 74.7 s. train_others ran past 75 s (two runs side by
@@ -221,13 +230,15 @@ class Profile:
 # model build, 4 Lightning fits of 5 steps (about 4 s of steps at the 2026-12-04 step time of 0.18 s), in bench_eager
 # its inference rounds, and the batched path compiles its Triton NMS kernel (twice: with and without lengths) on a
 # fresh machine: about 25 s for bench_eager and 15 s for bench_fast, estimated; with them the limits leave 40-50%.
+# To give the environment its 45 s inside 420, bench_fast went from 80 to 70 s (about 55 s estimated: 40 s measured
+# without inference plus its variant's 15 s; 27% left) and train_bf16 from 75 to 70 s (50.7 s measured; 38% left).
 GPU = Profile(
     device="cuda",
     budgets={
-        "environment": 30,
+        "environment": 45,
         "bench_eager": 125,
-        "bench_fast": 80,
-        "train_bf16": 75,
+        "bench_fast": 70,
+        "train_bf16": 70,
         "gpu_tests": 110,
         # train_bf16's run with two switches: its limit.
         "train_batched": 75,
@@ -407,29 +418,33 @@ def run_command(command: list[str], log_path: Path, timeout_s: float) -> tuple[i
     Returns:
         The exit code (None if the time limit passed) and the seconds it ran.
     """
-    returncodes, seconds = run_commands({"": command}, {"": log_path}, timeout_s)
+    returncodes, seconds, _ = run_commands({"": command}, {"": log_path}, timeout_s)
     return returncodes[""], seconds
 
 
-def run_commands(commands: dict, log_paths: dict, timeout_s: float) -> tuple[dict, float]:
+def run_commands(commands: dict, log_paths: dict, timeout_s: float) -> tuple[dict, float, list]:
     """Runs ``commands`` (by name) side by side, as :func:`run_command` runs one, all stopped at ``timeout_s``.
 
     Each one runs in a process group of its own, in this script's session: a machine that ends a stopped
     command's processes by session ends the step's too.
 
     Returns:
-        The exit code of each (None where the time limit passed) and the seconds the step ran.
+        The exit code of each (None where the time limit passed), the seconds the step ran, and the names of the
+        commands whose process had not ended ``REAP_TIMEOUT_S`` after SIGKILL (left behind, said in its log).
     """
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1", WANDB_MODE="disabled")
+    # No internet on a lent GPU machine: albumentations would try to reach PyPI for its version check on import.
+    env = dict(
+        os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1", WANDB_MODE="disabled", NO_ALBUMENTATIONS_UPDATE="1"
+    )
     # This checkout's mrcnn, also where the project is not installed (benchmark.py runs from benchmarks/).
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     start = time.monotonic()
-    processes, logs = {}, []
+    processes, logs, stuck = {}, {}, []
     try:
         for name, command in commands.items():
             log_paths[name].parent.mkdir(parents=True, exist_ok=True)
             log = log_paths[name].open("w")
-            logs.append(log)
+            logs[name] = log
             log.write("$ " + " ".join(command) + "\n")
             log.flush()
             # preexec_fn is safe here (this script starts no threads); Popen's process_group needs Python 3.11.
@@ -449,12 +464,18 @@ def run_commands(commands: dict, log_paths: dict, timeout_s: float) -> tuple[dic
             except subprocess.TimeoutExpired:
                 returncodes[name] = None
     finally:
-        for process in processes.values():
+        for name, process in processes.items():
             kill_group(process.pid)
-            process.wait()
-        for log in logs:
+            try:
+                process.wait(timeout=REAP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                stuck.append(name)
+                logs[name].write(
+                    f"\ngpu_check: pid {process.pid} had not ended {REAP_TIMEOUT_S} s after SIGKILL; left\n"
+                )
+        for log in logs.values():
             log.close()
-    return returncodes, time.monotonic() - start
+    return returncodes, time.monotonic() - start, stuck
 
 
 def tail(log_path: Path, lines: int = TAIL_LINES) -> str:
@@ -478,6 +499,12 @@ def step_output(name: str, out: Path) -> Path:
     if name in TRAIN_RUNS:
         return out / f"train_{name}"
     return out / f"{name}.json"
+
+
+def log_path(name: str, run: str, out: Path, runs: int | None = None) -> Path:
+    """The log of command ``run`` of step ``name``, which runs ``runs`` commands (default: its training runs)."""
+    runs = len(TRAIN_STEPS.get(name, (name,))) if runs is None else runs
+    return out / "logs" / (f"{name}.log" if runs == 1 else f"{name}.{run}.log")
 
 
 def step_outputs(name: str, out: Path) -> list[Path]:
@@ -532,6 +559,10 @@ def step_command(name: str, profile: Profile, args, out: Path) -> list[str]:
             "-rA",
             "-p",
             "no:cacheprovider",
+            # No log capture: a failure's report would end with torch's DEBUG records, and the step's tail (the
+            # last 40 lines) with them instead of the assertion.
+            "-p",
+            "no:logging",
             f"--junitxml={step_output(name, out)}",
         ]
     height, width = args.bench_image_size
@@ -607,8 +638,20 @@ def last_logged(csv_path: Path, key: str) -> float | None:
     return float(values[-1]) if values else None
 
 
-def train_results(run_dir: Path, batch_size: int) -> dict:
-    """AP (in points) and steps from the run's metrics.json, its last logged throughput and steps/s.
+def nms_fallback(log_path: Path) -> str | None:
+    """The line of a log that says the Triton NMS kernel failed (the run's batched paths then ran torchvision's
+    per-group nms), or None."""
+    if not log_path.exists():
+        return None
+    for line in log_path.read_text(errors="replace").splitlines():
+        if NMS_FALLBACK_WARNING in line:
+            return line[line.index(NMS_FALLBACK_WARNING) :][:300]
+    return None
+
+
+def train_results(run_dir: Path, batch_size: int, log_path: Path | None = None) -> dict:
+    """AP (in points) and steps from the run's metrics.json, its last logged throughput and steps/s; with
+    ``log_path`` (its output), ``nms_fallback`` where the run's Triton NMS kernel failed.
 
     A run stopped before it wrote metrics.json (its time limit) still reports the steps it logged and its
     throughput, from the CSV log, with ``partial``: true.
@@ -619,6 +662,8 @@ def train_results(run_dir: Path, batch_size: int) -> dict:
         "images_per_s": images_per_s,
         "steps_per_s": images_per_s / batch_size if images_per_s else None,
     }
+    if log_path is not None and nms_fallback(log_path):
+        result["nms_fallback"] = nms_fallback(log_path)
     if not (run_dir / "metrics.json").exists():
         step = last_logged(csv_path, "step")
         if step is None:
@@ -635,7 +680,13 @@ def bench_results(path: Path) -> dict:
     (where it profiled) host syncs per step and the RoI heads' input shapes. ``partial``: the run was stopped
     before its end (its json holds the rounds it finished)."""
     bench = json.loads(path.read_text())
-    result = {"hardware": bench["hardware"], "args": bench["args"], "partial": not bench.get("complete", True)}
+    result = {
+        "hardware": bench["hardware"],
+        "args": bench["args"],
+        "partial": not bench.get("complete", True),
+        # Why the Triton NMS kernel failed (its batched paths then measured torchvision's per-group nms), or None.
+        "nms_triton_failure": bench.get("nms_triton_failure"),
+    }
     if "train" in bench:
         train = bench["train"]
         result["train"] = {
@@ -700,7 +751,7 @@ def read_results(name: str, out: Path, args=None) -> dict:
         results = {}
         for run in TRAIN_STEPS[name]:
             with contextlib.suppress(OSError, ValueError, KeyError):
-                results[run] = train_results(step_output(run, out), batch)
+                results[run] = train_results(step_output(run, out), batch, log_path(name, run, out))
         if not results:
             raise FileNotFoundError(f"no training run of {name} logged a step")
         return results
@@ -744,17 +795,23 @@ def run_step(name: str, command, out: Path, timeout_s: float, dry_run: bool = Fa
     Returns:
         ``name``, ``status`` (passed, failed, skipped), ``reason``, ``seconds``, ``time_limit_s``, ``command``,
         ``log`` (relative to ``out``), ``results`` (whatever could be read, also after a failure or a stop at the
-        time limit: the rounds and steps it finished) and, for a failed step, ``tail`` (the end of its output).
+        time limit: the rounds and steps it finished) and, for a failed step, ``tail`` (the end of its output);
+        ``stopped`` (the exit code to end with) when the check itself was stopped from outside during the step, and
+        ``unreaped`` (the commands whose process did not end after SIGKILL) where there are such.
     """
     commands = command if isinstance(command, dict) else {name: command}
-    log_paths = {run: out / "logs" / (f"{name}.log" if len(commands) == 1 else f"{name}.{run}.log") for run in commands}
+    log_paths = {run: log_path(name, run, out, len(commands)) for run in commands}
     # Results of an earlier check in the same folder must not pass for this one's.
     for output in step_outputs(name, out) if name in STEPS else [step_output(name, out)]:
         if output.is_dir():
             shutil.rmtree(output)
         else:
             output.unlink(missing_ok=True)
-    returncodes, seconds = run_commands(commands, log_paths, timeout_s)
+    start, stopped, stuck = time.monotonic(), None, []
+    try:
+        returncodes, seconds, stuck = run_commands(commands, log_paths, timeout_s)
+    except SystemExit as exit:  # the check was stopped from outside (main's SIGTERM handler): keep what it finished
+        stopped, returncodes, seconds = exit.code, dict.fromkeys(commands), time.monotonic() - start
     record = {
         "name": name,
         "description": DESCRIPTIONS.get(name, ""),
@@ -769,7 +826,12 @@ def run_step(name: str, command, out: Path, timeout_s: float, dry_run: bool = Fa
         status, reason = judge(name, record["results"], dry_run)
     except (OSError, ValueError, KeyError, TypeError, ElementTree.ParseError) as error:
         status, reason = "failed", f"no results ({type(error).__name__}: {error})"
-    if None in returncodes.values():
+    if stopped is not None:
+        status, reason = "failed", f"stopped from outside after {seconds:.0f} s (the check was ended)"
+        record["stopped"] = stopped
+        if record["results"]:
+            reason += "; partial results kept"
+    elif None in returncodes.values():
         status, reason = "failed", f"timed out after {timeout_s:.0f} s (its time limit)"
         if record["results"]:
             reason += "; partial results kept"
@@ -779,7 +841,10 @@ def run_step(name: str, command, out: Path, timeout_s: float, dry_run: bool = Fa
         detail = reason if status == "failed" and record["results"] else error_line(log_paths[run])
         prefix = f"{run}: " if len(commands) > 1 else ""
         status, reason = "failed", f"{prefix}exit code {code}" + (f": {detail}" if detail else "")
-    record.update(status=status, reason=reason)
+    if stuck:
+        record["unreaped"] = stuck
+        reason += f"; {', '.join(stuck)}: still not ended {REAP_TIMEOUT_S} s after SIGKILL (stuck in the driver?), left"
+    record.update(status=status, reason=reason.removeprefix("; "))
     if status == "failed":
         record["tail"] = "\n".join(
             (f"--- {run}\n" if len(commands) > 1 else "") + tail(path) for run, path in log_paths.items()
@@ -968,6 +1033,20 @@ def environment_lines(env: dict) -> list[str]:
     return ["| | |", "| --- | --- |", *(f"| {k} | {v if v is not None else '-'} |" for k, v in rows)]
 
 
+def uses_grouped_nms(name: str, variant: str | None = None) -> bool:
+    """Whether benchmark step ``name``'s ours (or its ``variant``) runs the batched proposals, whose NMS is the
+    Triton kernel on a GPU (mrcnn.modeling.nms.grouped_nms)."""
+    fast = FAST_OVERRIDES if name in ("bench_fast", "bench_compile") else []
+    overrides = [*fast, *BENCH_VARIANTS.get(name, {}).get(variant, [])]
+    values = [o.partition("=")[2] for o in overrides if o.startswith("model.batched_proposals=")]
+    return bool(values) and values[-1] == "true"
+
+
+def fallback_mark(failure: str | None, name: str, variant: str | None = None) -> str:
+    """What a benchmark row's label gets when the Triton NMS kernel of its step failed and the row used it."""
+    return " **(NMS fallback)**" if failure and uses_grouped_nms(name, variant) else ""
+
+
 def bench_lines(steps: dict) -> list[str]:
     header = (
         "| run | ours train img/s (range) | torchvision train img/s (range) | ours/tv | rounds | "
@@ -1008,17 +1087,25 @@ def bench_lines(steps: dict) -> list[str]:
             cells += [not_run, "-", "-"]
         return "| " + " | ".join(cells) + " |"
 
+    notes = []
     for name in ("bench_eager", "bench_fast", "bench_compile"):
         results = steps.get(name, {}).get("results", {})
         if not results:
             lines.append(f"| {name} | not measured | | | | | | | |")
             continue
         train, infer = results.get("train"), results.get("infer", {})
-        lines.append(row(name + (" (partial)" if results.get("partial") else ""), train, infer, lambda e: e["ours"]))
+        failure = results.get("nms_triton_failure")
+        label = name + (" (partial)" if results.get("partial") else "") + fallback_mark(failure, name)
+        lines.append(row(label, train, infer, lambda e: e["ours"]))
         for variant, overrides in BENCH_VARIANTS.get(name, {}).items():
-            label = f"{name}, variant `{variant}` ({' '.join(overrides)})"
+            label = f"{name}, variant `{variant}` ({' '.join(overrides)}){fallback_mark(failure, name, variant)}"
             lines.append(row(label, train, infer, lambda e, v=variant: e.get("variants", {}).get(v), not_run="-"))
-    return lines
+        if failure:
+            notes.append(
+                f"**{name}: the Triton NMS kernel failed ({failure}).** Its rows with `model.batched_proposals=true`, "
+                "marked NMS fallback, measured torchvision's per-group nms instead."
+            )
+    return lines + (["", *notes] if notes else [])
 
 
 def profile_lines(steps: dict) -> list[str]:
@@ -1106,16 +1193,25 @@ def markdown(report: dict) -> str:
         "| run | step | mask AP | AP50 | AP75 | box AP | steps | images/s (last logged) | steps/s | step seconds |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    fallbacks = []
     for step, runs in TRAIN_STEPS.items():
         for run in runs:
             r = steps.get(step, {}).get("results", {}).get(run, {})
+            if r.get("nms_fallback"):
+                fallbacks.append(f"**{run} ({step}): {r['nms_fallback']}.**")
+            label = (
+                run
+                + (" (partial)" if r.get("partial") else "")
+                + (" **(NMS fallback)**" if r.get("nms_fallback") else "")
+            )
             lines.append(
-                f"| {run}{' (partial)' if r.get('partial') else ''} | {step} | {fmt(r.get('segm_AP'))} | "
+                f"| {label} | {step} | {fmt(r.get('segm_AP'))} | "
                 f"{fmt(r.get('segm_AP50'))} | {fmt(r.get('segm_AP75'))} | {fmt(r.get('bbox_AP'))} | "
                 f"{fmt(r.get('global_step'))} | {fmt(r.get('images_per_s'))} | {fmt(r.get('steps_per_s'))} | "
                 f"{steps.get(step, {}).get('seconds', '-')} |"
             )
     lines += ["", "train_others runs its two runs side by side on the GPU: their steps/s are shared-GPU numbers."]
+    lines += [line for fallback in fallbacks for line in ("", fallback)]
     height, width = args["bench_image_size"]
     title = (
         f"## Benchmark ({height}x{width}, batch {args['bench_batch_size']}, {args['bench_steps']} steps a "
@@ -1154,6 +1250,17 @@ def write_report(report: dict, out: Path) -> None:
     (out / "gpu_check.md").write_text(markdown(report))
 
 
+def copy_results(out: Path, to: Path) -> None:
+    """Copies the report and the profile tables from ``out`` into ``to`` (``--copy-to``), each through a temporary
+    file: a check stopped from outside before its end (a machine's time limit) leaves there what it had found."""
+    to.mkdir(parents=True, exist_ok=True)
+    for path in [out / "gpu_check.md", out / "gpu_check.json", *sorted(out.glob("*_profile_*.txt"))]:
+        if path.is_file():
+            tmp = to / f"{path.name}.tmp"
+            shutil.copyfile(path, tmp)
+            tmp.replace(to / path.name)
+
+
 # ---- the command line ------------------------------------------------------------------------------------
 
 
@@ -1168,6 +1275,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="folder for gpu_check.json, gpu_check.md, logs/ and the steps' files")
     p.add_argument("--dry-run", action="store_true", help="the same steps on the CPU at tiny sizes")
+    p.add_argument(
+        "--copy-to",
+        metavar="DIR",
+        help="also copy gpu_check.md, gpu_check.json and the profile tables into DIR after every step (a folder that "
+        "comes back even if the check is stopped from outside, such as a lent machine's $OUT)",
+    )
     p.add_argument(
         "--steps",
         default=",".join(DEFAULT_STEPS),
@@ -1231,7 +1344,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Runs the selected steps in order, rewriting the report after each; returns 1 if one failed."""
     args = parse_args(argv)
-    # Stopped from outside: end the running step's process group too (run_command's finally), then exit.
+    # Stopped from outside (a `timeout` around the check): end the running step's process group (run_commands'
+    # finally), record the step as stopped with what it finished, write and copy the report, then exit 143.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.collect_environment:
         Path(args.collect_environment).write_text(json.dumps(collect_environment(), indent=2) + "\n")
@@ -1257,11 +1371,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     earlier = earlier_records(out, args.dry_run)
     start = time.monotonic()
-    no_cuda = False
+    no_cuda, stopped = False, None
     for number, name in enumerate(STEPS, 1):
         left = args.total_budget - (time.monotonic() - start)
         if name not in args.steps:
             record = earlier.get(name) or not_run(name, "not selected (--steps)")
+        elif stopped is not None:
+            record = not_run(name, "not run: the check was stopped from outside")
         elif no_cuda:
             record = not_run(name, "not run: no CUDA device (see environment)")
         elif left < MIN_STEP_S:
@@ -1271,6 +1387,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{number}/{len(STEPS)}] {name}: {DESCRIPTIONS[name]} (limit {limit:.0f} s)", flush=True)
             record = run_step(name, step_commands(name, profile, args, out), out, limit, args.dry_run, args)
             no_cuda = name == "environment" and not args.dry_run and record["results"].get("cuda_available") is False
+            stopped = record.get("stopped")
         kept = f" (from the check of {record['earlier_run']})" if record.get("earlier_run") else ""
         print(
             f"    {name}: {record['status']}{kept} in {record['seconds']} s"
@@ -1280,7 +1397,11 @@ def main(argv: list[str] | None = None) -> int:
         report["steps"].append(record)
         report["seconds"] = round(time.monotonic() - start, 1)
         write_report(report, out)
+        if args.copy_to:
+            copy_results(out, Path(args.copy_to))
     print(f"wrote {out / 'gpu_check.md'} and {out / 'gpu_check.json'}", flush=True)
+    if stopped is not None:
+        return stopped
     return 1 if any(s["status"] == "failed" for s in report["steps"]) else 0
 
 

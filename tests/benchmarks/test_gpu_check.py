@@ -3,7 +3,9 @@ that fails or hangs is reported with the end of its output (no timing is checked
 
 import importlib.util
 import json
+import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -28,7 +30,8 @@ def test_dry_run_reports_every_step_and_goes_on_past_a_failing_one(tmp_path):
     # train_bf16 gets a 1-second limit: it cannot get past its imports, so it fails, and the steps after it run.
     out = tmp_path / "check"
     selected = "environment,bench_eager,bench_fast,train_bf16,gpu_tests,train_others"
-    command = [sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), "--steps", selected]
+    copy = tmp_path / "copy"
+    command = [sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), "--copy-to", str(copy), "--steps", selected]
     proc = subprocess.run(
         [*command, "--budget", "train_bf16=1"], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=1800
     )
@@ -88,6 +91,7 @@ def test_dry_run_reports_every_step_and_goes_on_past_a_failing_one(tmp_path):
     assert list(eager["infer"]) == ["model_batch1"]  # model only: no COCO-json encoding
     assert fast["args"]["channels_last"] is True and eager["args"]["channels_last"] is False
     # The profile: the CPU counts the same sync ops a GPU step would wait on; both systems have some today.
+    profiled = ("ours", "batched", "torchvision")
     for system in ("ours", "torchvision"):
         assert eager["profile"][system]["aten_total_per_step"] > 0
         assert eager["head_shapes"][system]["mask_head"]["calls"] > 0
@@ -105,6 +109,13 @@ def test_dry_run_reports_every_step_and_goes_on_past_a_failing_one(tmp_path):
     assert goals["mask AP change, fast path - fp32 (points)"]["value"] is not None
 
     summary = (out / "gpu_check.md").read_text()
+    # --copy-to: the report and the profile tables, as they were after the last step (what a lent machine's $OUT gets).
+    copied = sorted(p.name for p in copy.iterdir())
+    assert copied == sorted(["gpu_check.md", "gpu_check.json", *(f"bench_eager_profile_{s}.txt" for s in profiled)])
+    assert (copy / "gpu_check.md").read_text() == summary and (copy / "gpu_check.json").read_text() == (
+        out / "gpu_check.json"
+    ).read_text()
+    assert eager["nms_triton_failure"] is None and "NMS fallback" not in summary  # no Triton kernel on a CPU
     for name, status in statuses.items():
         assert f"| {name} | {gpu_check.DESCRIPTIONS[name]} | {status} |" in summary
     assert "skipped (no CUDA)" in summary and f"| python | {platform.python_version()} " in summary
@@ -240,3 +251,129 @@ def test_what_only_a_gpu_runs_passes_the_config_checks(tmp_path):
     assert runs["train_bf16 bf16"][0] == "trainer=gpu" and "module.compile=true" in runs["bench_compile"]
     for name, overrides in runs.items():
         assert config_problems(compose_config(overrides)) == [], (name, overrides)
+
+
+def test_a_process_that_outlives_sigkill_is_recorded_and_left(tmp_path, monkeypatch):
+    # A CUDA process stuck in the driver may never end after SIGKILL: the step waits a bounded time, says so, goes on.
+    # Pretended here by a kill that does nothing.
+    pid_file = tmp_path / "step.pid"
+    monkeypatch.setattr(gpu_check, "kill_group", lambda pgid: None)
+    monkeypatch.setattr(gpu_check, "REAP_TIMEOUT_S", 1)
+    command = hang_after(f"import os; open({str(pid_file)!r}, 'w').write(str(os.getpid()))")
+    try:
+        start = time.monotonic()
+        record = gpu_check.run_step("bench_eager", command, tmp_path, timeout_s=2)
+        assert time.monotonic() - start < 20
+        assert record["status"] == "failed" and record["unreaped"] == ["bench_eager"]
+        assert record["reason"] == (
+            "timed out after 2 s (its time limit); bench_eager: still not ended 1 s after SIGKILL (stuck in the "
+            "driver?), left"
+        )
+        assert "had not ended 1 s after SIGKILL" in (tmp_path / "logs" / "bench_eager.log").read_text()
+    finally:
+        if pid_file.exists():
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_the_steps_run_without_the_internet_and_pytest_without_log_capture(tmp_path):
+    # albumentations asks PyPI for its latest version on import unless told not to; a lent GPU machine has no network.
+    command = [
+        sys.executable,
+        "-c",
+        "import os; print('update check off:', os.environ.get('NO_ALBUMENTATIONS_UPDATE'))",
+    ]
+    gpu_check.run_step("bench_eager", command, tmp_path, timeout_s=60)
+    assert "update check off: 1" in (tmp_path / "logs" / "bench_eager.log").read_text()
+    # A failing GPU test's report must end with its assertion, not with torch's DEBUG log records.
+    args = gpu_check.parse_args(["--out", str(tmp_path)])
+    for step in gpu_check.TEST_STEPS:
+        command = gpu_check.step_command(step, gpu_check.GPU, args, tmp_path)
+        assert "no:logging" in [b for a, b in zip(command, command[1:]) if a == "-p"]
+
+
+def test_a_check_stopped_from_outside_reports_the_step_it_was_running_in_its_copy(tmp_path):
+    # A lent machine's time limit (or the `timeout` around the check) ends it with SIGTERM: the report, rewritten and
+    # copied into --copy-to, says which step was stopped, and the exit status is 128 + SIGTERM.
+    out, copy = tmp_path / "check", tmp_path / "copy"
+    command = [sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), "--copy-to", str(copy)]
+    proc = subprocess.Popen(
+        [*command, "--steps", "environment"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        lines = []
+        while not any(line.startswith("[1/") for line in lines):
+            lines.append(proc.stdout.readline())
+            assert lines[-1], "".join(lines)
+        time.sleep(1)  # into the environment step (its imports take longer)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    report = json.loads((copy / "gpu_check.json").read_text())
+    steps = {s["name"]: s for s in report["steps"]}
+    assert steps["environment"]["status"] == "failed" and steps["environment"]["stopped"] == 128 + signal.SIGTERM
+    assert steps["environment"]["reason"].startswith("stopped from outside after ")
+    assert steps["train_bf16"]["reason"] == "not selected (--steps)"
+    assert (copy / "gpu_check.md").read_text() == (out / "gpu_check.md").read_text()
+    assert not list(copy.glob("*.tmp"))
+
+
+def test_a_failed_triton_nms_is_shown_beside_the_results_it_affects(tmp_path):
+    from mrcnn.modeling import nms
+
+    assert gpu_check.NMS_FALLBACK_WARNING == nms.FALLBACK_WARNING
+    # A benchmark whose Triton kernel failed: its rows with batched proposals are marked, the others not.
+    bench = {
+        "complete": True,
+        "args": {"steps": 5},
+        "hardware": {},
+        "nms_triton_failure": "RuntimeError: PassManager::run failed",
+        "train": {
+            "rounds": 1,
+            "ratio": 0.9,
+            "ours": {"images_per_s": 45.0, "peak_mem_mib": 9000, "median_s": 1},
+            "torchvision": {"images_per_s": 50.0, "peak_mem_mib": 9000, "median_s": 0.9},
+        },
+    }
+    path = gpu_check.step_output("bench_fast", tmp_path)
+    write = [sys.executable, "-c", f"open({str(path)!r}, 'w').write({json.dumps(bench)!r})"]
+    record = gpu_check.run_step("bench_fast", write, tmp_path, timeout_s=60)
+    assert record["status"] == "passed" and record["results"]["nms_triton_failure"] == bench["nms_triton_failure"]
+    lines = gpu_check.bench_lines({"bench_fast": record})
+    assert any(line.startswith("| bench_fast **(NMS fallback)** | 45 ") for line in lines)
+    assert any(line.startswith("| bench_fast, variant `per_image` (") and "fallback" not in line for line in lines)
+    assert any(
+        line.startswith("**bench_fast: the Triton NMS kernel failed (RuntimeError: PassManager::run failed).**")
+        for line in lines
+    )
+    # A training run: the warning grouped_nms gives, in its log (a GPU whose kernel fails, pretended on the CPU).
+    run_dir = gpu_check.step_output("batched", tmp_path)
+    warned = (
+        "import pathlib, torch\n"
+        "from mrcnn.modeling import nms\n"
+        f"log = pathlib.Path({str(run_dir / 'csv')!r})\n"
+        "log.mkdir(parents=True)\n"
+        "(log / 'metrics.csv').write_text('step,train/images_per_sec\\n99,96.0\\n')\n"
+        "nms._on_gpu = lambda boxes: True\n"
+        "def fail(*args, **kwargs): raise RuntimeError('x')\n"
+        "nms.grouped_nms_triton = fail\n"
+        "nms.grouped_nms(torch.tensor([[[0.0, 0, 1, 1]]]), torch.ones(1, 1, dtype=torch.bool), [(0, 1)], 0.5)\n"
+    )
+    record = gpu_check.run_step("train_batched", {"batched": [sys.executable, "-c", warned]}, tmp_path, timeout_s=60)
+    fallback = record["results"]["batched"]["nms_fallback"]
+    assert fallback == f"{nms.FALLBACK_WARNING} (RuntimeError: x); using torchvision's nms per group"
+    report = {
+        "dry_run": False,
+        "started": "now",
+        "seconds": 1.0,
+        "total_budget_s": 420,
+        "command": "gpu_check.py",
+        "args": vars(gpu_check.parse_args(["--out", str(tmp_path)])),
+        "steps": [record],
+        "goals": [],
+    }
+    summary = gpu_check.markdown(report)
+    assert (
+        "| batched (partial) **(NMS fallback)** | train_batched |" in summary
+        and f"**batched (train_batched): {fallback}.**" in summary
+    )
