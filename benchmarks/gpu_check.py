@@ -662,8 +662,9 @@ def train_results(run_dir: Path, batch_size: int, log_path: Path | None = None) 
         "images_per_s": images_per_s,
         "steps_per_s": images_per_s / batch_size if images_per_s else None,
     }
-    if log_path is not None and nms_fallback(log_path):
-        result["nms_fallback"] = nms_fallback(log_path)
+    fallback = nms_fallback(log_path) if log_path is not None else None
+    if fallback:
+        result["nms_fallback"] = fallback
     if not (run_dir / "metrics.json").exists():
         step = last_logged(csv_path, "step")
         if step is None:
@@ -810,8 +811,8 @@ def run_step(name: str, command, out: Path, timeout_s: float, dry_run: bool = Fa
     start, stopped, stuck = time.monotonic(), None, []
     try:
         returncodes, seconds, stuck = run_commands(commands, log_paths, timeout_s)
-    except SystemExit as exit:  # the check was stopped from outside (main's SIGTERM handler): keep what it finished
-        stopped, returncodes, seconds = exit.code, dict.fromkeys(commands), time.monotonic() - start
+    except SystemExit as stop:  # the check was stopped from outside (main's SIGTERM handler): keep what it finished
+        stopped, returncodes, seconds = stop.code, dict.fromkeys(commands), time.monotonic() - start
     record = {
         "name": name,
         "description": DESCRIPTIONS.get(name, ""),
