@@ -1,7 +1,6 @@
 """The benchmark scripts run end to end at tiny sizes and write their documented json (no timing is checked)."""
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ from mrcnn import lit_module
 from mrcnn.data.datamodule import collate_detection
 from mrcnn.data.shapes import ShapesDataset
 from tests.helpers.config import TINY_MODEL, compose_config
+from tests.helpers.runs import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "benchmark.py"
 
@@ -170,20 +170,12 @@ def test_step_time_benchmark_times_every_backward(tmp_path):
         subprocess.run([*command[:4], "--backward", "fast"], cwd=tmp_path, capture_output=True, check=True)
 
 
-def load_benchmark():
-    """benchmarks/benchmark.py as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_benchmarks_steps_read_no_device_targets_between_them(monkeypatch):
     # The benchmark's batches are on the device before Lightning sees them. MaskRCNNModule's batch hook reads the
     # targets (crowd regions, degenerate boxes): on the host in run.py, but on device tensors here, two host waits per
     # image that Lightning runs before on_train_batch_start, inside the profiled window. The benchmark checks them on
     # the host before the copy, and its datamodule keeps the module's hook out.
-    bench = load_benchmark()
+    bench = load_script(SCRIPT)
     reads = []
     monkeypatch.setattr(lit_module, "check_targets", lambda targets: reads.append(len(targets)))
     cfg = compose_config(TINY_MODEL)

@@ -1,7 +1,6 @@
 """benchmarks/gpu_check.py: the dry run on the CPU reports every step, goes on past a failing one, and a step
 that fails or hangs is reported with the end of its output (no timing is checked)."""
 
-import importlib.util
 import json
 import os
 import platform
@@ -11,19 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+from tests.helpers.runs import load_script
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
 GPU_TESTS = Path(__file__).resolve().parents[1] / "modeling" / "test_gpu.py"
 
 
-def load_gpu_check():
-    """The script as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = load_gpu_check()
+gpu_check = load_script(SCRIPT)
 
 
 def test_dry_run_reports_every_step_and_goes_on_past_a_failing_one(tmp_path):

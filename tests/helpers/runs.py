@@ -1,6 +1,7 @@
 """Running ``run.py`` as a user would, at a tiny setting, and recording what a training run saw."""
 
 import hashlib
+import importlib.util
 import json
 import os
 import signal
@@ -19,6 +20,14 @@ TINY_RUN = [
     "trainer.check_val_every_n_epoch=1",
     "trainer.log_every_n_steps=1",
 ]
+
+
+def load_script(path: Path):
+    """A script of ``benchmarks/`` as a module (the folder is not a package), named after its file."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_py(args, cwd=ROOT, env=None, timeout=300, check=True) -> subprocess.CompletedProcess:
