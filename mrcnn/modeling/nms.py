@@ -19,6 +19,7 @@ may differ from its CPU ``nms`` in the last bit of an IoU (and its ``batched_nms
 GPU a pair at the threshold can be decided either way.
 """
 
+import contextlib
 import functools
 import warnings
 
@@ -125,18 +126,21 @@ def grouped_nms_triton(
     if lengths is not None:
         lengths = lengths.to(torch.int64).contiguous()
     # One program per (image, segment); each walks its own group of boxes, in order. Without fused multiply-adds,
-    # so every IoU is rounded as on the CPU.
-    kernel[(boxes.shape[0], len(segments))](
-        boxes,
-        keep,
-        starts,
-        ends,
-        lengths,
-        boxes.shape[1],
-        float32_threshold(threshold),
-        BLOCK=block,
-        enable_fp_fusion=False,
-    )
+    # so every IoU is rounded as on the CPU. Triton launches on the current CUDA device and its stream: for boxes on
+    # another GPU (a model moved to cuda:1 without torch.cuda.set_device) that device must be made current first.
+    guard = torch.cuda.device(boxes.device) if boxes.device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        kernel[(boxes.shape[0], len(segments))](
+            boxes,
+            keep,
+            starts,
+            ends,
+            lengths,
+            boxes.shape[1],
+            float32_threshold(threshold),
+            BLOCK=block,
+            enable_fp_fusion=False,
+        )
     return keep.bool()
 
 

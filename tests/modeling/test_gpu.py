@@ -216,6 +216,22 @@ def test_grouped_nms_kernel_keeps_torchvisions_boxes_without_a_host_sync():
         assert torch.equal(got.cpu(), expected), threshold
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_grouped_nms_kernel_runs_on_the_boxes_gpu_not_the_current_one():
+    # Triton launches on the current device: boxes on cuda:1 while cuda:0 is current (a model moved to cuda:1
+    # without torch.cuda.set_device) must still be suppressed on their own GPU.
+    from mrcnn.modeling.nms import grouped_nms_torchvision, grouped_nms_triton
+    from tests.modeling.test_nms import SEGMENTS, grouped_boxes
+
+    pytest.importorskip("triton")
+    boxes, valid = grouped_boxes(8, SEGMENTS)
+    expected = grouped_nms_torchvision(boxes, valid, SEGMENTS, 0.5)
+    with torch.cuda.device(0):
+        got = grouped_nms_triton(boxes.to("cuda:1"), valid.to("cuda:1"), SEGMENTS, 0.5)
+        assert got.device == torch.device("cuda:1")
+        assert torch.equal(got.cpu(), expected)
+
+
 def test_a_batched_training_step_waits_on_the_host_once_per_pooler():
     # Both batched switches: the CPU count (tests/modeling/test_host_syncs.py) is 2, the box and mask poolers' reads
     # of their level sizes. On the GPU, torch's sync debug mode sees every wait, also those the CPU counter cannot
