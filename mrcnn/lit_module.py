@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from mrcnn.cityscapes_eval import CityscapesEvaluator
 from mrcnn.data.datamodule import InstanceDataModule
 from mrcnn.data.transforms import drop_crowd
+from mrcnn.engine.loggers import writes_train_metrics
 from mrcnn.engine.model_record import (
     MODEL_RECORD_KEY,
     ModelRecord,
@@ -206,17 +207,21 @@ class MaskRCNNModule(L.LightningModule):
         total = sum(losses.values())
         self.loss_watch.push(losses, self.global_step)
         self.loss_watch.check()
-        batch_size = len(images)
+        self.step_lr = self.optimizers().param_groups[0]["lr"]  # the bar shows it beside this step's losses
+        # Only on the steps whose metrics the loggers write: a self.log call costs host time whether or not they do.
+        if writes_train_metrics(self.trainer):
+            self._log_train_step(losses, total, len(images))
+        return total
+
+    def _log_train_step(self, losses: dict[str, Tensor], total: Tensor, batch_size: int) -> None:
         # Not prog_bar=True: Lightning reads every progress-bar metric on the host after every step, which would make
         # each GPU step wait for the last one to finish. The bar shows the loss watch's host copies instead
         # (mrcnn.engine.progress.ProgressBar); loggers read these values only at their logging steps.
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=batch_size)
         self.log("train/loss", total, batch_size=batch_size)
-        self.step_lr = self.optimizers().param_groups[0]["lr"]  # the bar shows it beside this step's losses
         # A host tensor: Lightning keeps a metric on its value's device, where a float would be copied to the GPU
         # (a copy from pageable memory, which waits for the GPU's queue) every step.
         self.log("lr", torch.tensor(self.step_lr, dtype=torch.float64), batch_size=batch_size)
-        return total
 
     # ---- validation / test ----------------------------------------------------------------
     def validation_step(self, batch, batch_idx: int) -> None:

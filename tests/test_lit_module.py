@@ -1,11 +1,14 @@
 """LightningModule: schedule, lr scaling, loss logging, the non-finite guard."""
 
+import csv
+
 import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
 
+from mrcnn.engine.callbacks import Throughput
 from mrcnn.engine.progress import ProgressBar
 from mrcnn.lit_module import LossWatch, check_finite, warmup_multistep_schedule
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS
@@ -124,3 +127,52 @@ def test_a_loss_a_head_adds_counts_in_the_total_and_in_every_log(tmp_path):
     assert float(logged["val/loss"]) == pytest.approx(
         sum(float(logged[f"val/{k}"]) for k in (*LOSS_KEYS, "box_weight_penalty")), rel=1e-5
     )
+
+
+def _fit_logging(tmp_path, name, monkeypatch=None):
+    """Two epochs of 4 steps, the loggers writing every 3rd step; returns the CSV rows, the steps at which the module's
+    ``log`` was called and the trainer's ``callback_metrics`` at the end. With ``monkeypatch``: every step logs."""
+    if monkeypatch is not None:
+        import mrcnn.engine.callbacks
+        import mrcnn.lit_module
+
+        for module in (mrcnn.lit_module, mrcnn.engine.callbacks):
+            monkeypatch.setattr(module, "writes_train_metrics", lambda trainer: True)
+    datamodule, module, _ = _fit(tmp_path, [])
+    logger = CSVLogger(tmp_path, name=name, version="")
+    trainer = training_only_trainer(max_steps=8, logger=logger, log_every_n_steps=3, callbacks=[Throughput(window=2)])
+    calls = []  # the batch index of every call of the module's log (log_dict calls it once per key)
+    log = module.log
+
+    def counted_log(*args, **kwargs):
+        calls.append(trainer.fit_loop.epoch_loop.total_batch_idx)
+        return log(*args, **kwargs)
+
+    module.log = counted_log
+    trainer.fit(module, datamodule=datamodule)
+    with open(tmp_path / name / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    return rows, calls, {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+
+
+def test_training_logs_only_at_the_loggers_steps_and_writes_what_logging_every_step_writes(tmp_path, monkeypatch):
+    rows, calls, epoch_end = _fit_logging(tmp_path, "gated")
+    # The loggers write at steps 2 and 5 (every 3rd); the epochs' last batches (3, 7) log for callback_metrics. Every
+    # logging step calls log 8 times: the five losses (one log_dict), their sum, the learning rate, the throughput.
+    assert sorted(set(calls)) == [2, 3, 5, 7] and len(calls) == 4 * 8
+    assert [int(r["step"]) for r in rows if r["train/loss"]] == [2, 5]
+    assert all(r["train/images_per_sec"] for r in rows if r["train/loss"])
+
+    rows_every_step, calls_every_step, epoch_end_every_step = _fit_logging(tmp_path, "every_step", monkeypatch)
+    # Every step logs (the throughput from each epoch's second step: the first is not timed).
+    assert sorted(set(calls_every_step)) == list(range(8)) and len(calls_every_step) == 8 * 8 - 2
+    # The same rows, values and columns (the throughput is wall time: present on the same rows only).
+    rate = "train/images_per_sec"
+    assert [{k: v for k, v in r.items() if k != rate} for r in rows] == [
+        {k: v for k, v in r.items() if k != rate} for r in rows_every_step
+    ]
+    assert [bool(r[rate]) for r in rows] == [bool(r[rate]) for r in rows_every_step]
+    # What a callback reads at the end (a checkpoint or early stop on a training loss): the last step's values.
+    assert epoch_end.keys() == epoch_end_every_step.keys() and "train/maskrcnn_mask_loss" in epoch_end
+    epoch_end.pop(rate), epoch_end_every_step.pop(rate)
+    assert epoch_end == epoch_end_every_step
