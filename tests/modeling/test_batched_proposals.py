@@ -12,6 +12,7 @@ from mrcnn.modeling.box_head import fast_rcnn_inference, fast_rcnn_inference_bat
 from mrcnn.modeling.rpn import RPN
 from mrcnn.modeling.transform import BoxCoder
 from tests.helpers.host_syncs import count_host_syncs
+from tests.helpers.triton_interpreter import require_interpreter
 from tests.modeling.test_roi_buckets import batches, build
 
 
@@ -36,7 +37,7 @@ def sorted_rows(boxes):
 @pytest.mark.parametrize("sizes", [[[16, 32]], [[16], [32]]])
 def test_batched_proposals_are_torchvisions_without_a_host_sync(sizes, nms, monkeypatch):
     if nms == "triton":
-        pytest.importorskip("triton")
+        require_interpreter()
     # The GPU's NMS (the Triton kernel, here in Triton's interpreter) or the CPU's (torchvision's nms per group).
     monkeypatch.setattr(rpn_module, "grouped_nms", getattr(nms_module, f"grouped_nms_{nms}"))
     plain, batched = rpn_pair(sizes, pre_nms_top_n_test=200, post_nms_top_n_test=60, score_thresh=0.7)
@@ -120,7 +121,7 @@ def test_the_model_computes_the_same_losses_and_detections_either_way():
 @pytest.mark.parametrize("detections_per_img", [10, 100])
 def test_batched_detections_are_torchvisions_with_one_host_read(nms, detections_per_img, monkeypatch):
     if nms == "triton":
-        pytest.importorskip("triton")
+        require_interpreter()
     monkeypatch.setattr(box_head_module, "grouped_nms", getattr(nms_module, f"grouped_nms_{nms}"))
     generator = torch.Generator().manual_seed(0)
     num_images, num_proposals, num_classes = 2, 40, 4

@@ -10,6 +10,7 @@ from torchvision.ops import nms
 from mrcnn.modeling import nms as nms_module
 from mrcnn.modeling.nms import grouped_nms, grouped_nms_torchvision, grouped_nms_triton
 from tests.helpers.host_syncs import count_host_syncs
+from tests.helpers.triton_interpreter import require_interpreter
 
 pytest.importorskip("triton")
 
@@ -54,6 +55,7 @@ SEGMENTS = [(0, 150), (150, 180), (180, 181), (181, 181), (181, 260)]
 
 @pytest.mark.parametrize("threshold", [0.5, 0.6, 0.7])
 def test_the_kernel_keeps_what_torchvision_keeps_in_each_group(threshold):
+    require_interpreter()
     boxes, valid = grouped_boxes(2, SEGMENTS)
     expected = reference(boxes, valid, SEGMENTS, threshold)
     # A block of 64 boxes per pass: the 150-box group takes three passes.
@@ -68,6 +70,7 @@ def test_the_kernel_keeps_what_torchvision_keeps_in_each_group(threshold):
 
 
 def test_a_wrong_kernel_is_caught():
+    require_interpreter()
     # The same check fails for a kernel that ignores the group bounds (one group over the whole row).
     boxes, valid = grouped_boxes(1, SEGMENTS, seed=3)
     whole_row = grouped_nms_triton(boxes, valid, [(0, SEGMENTS[-1][1])], 0.5, block=64)
@@ -75,6 +78,7 @@ def test_a_wrong_kernel_is_caught():
 
 
 def test_the_kernel_launch_waits_on_nothing():
+    require_interpreter()
     boxes, valid = grouped_boxes(2, SEGMENTS)
     # Triton's interpreter reads the tensors' memory directly, which the counter does not see: what it counts is
     # the launch's own work, which a GPU would wait on.
@@ -141,6 +145,7 @@ def test_the_kernel_compiles_for_a_hopper_gpu():
 
 
 def test_lengths_bound_each_groups_walk():
+    require_interpreter()
     boxes, valid = grouped_boxes(2, SEGMENTS, seed=5)
     sizes = torch.tensor([end - start for start, end in SEGMENTS])
     lengths = (torch.rand(2, len(SEGMENTS), generator=torch.Generator().manual_seed(5)) * (sizes + 1)).long()
