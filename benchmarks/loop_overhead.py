@@ -21,6 +21,7 @@ also times the loop as it was before the module and the throughput callback logg
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import statistics
@@ -79,7 +80,7 @@ def stub_forward(model: torch.nn.Module):
 def make_batches(overrides: list[str], count: int) -> tuple[list, int]:
     """``count`` training batches of the configured data (host tensors, epoch after epoch), and the per-device batch
     size."""
-    cfg = mrcnn.config.compose_config(overrides, run_dir=tempfile.mkdtemp(prefix="loop-overhead-"))
+    cfg = mrcnn.config.compose_config(overrides, run_dir="/tmp/mrcnn-loop-overhead")  # nothing is written there
     datamodule = instantiate(cfg.data.datamodule)
     datamodule.setup("fit")
     batches = []
@@ -90,29 +91,22 @@ def make_batches(overrides: list[str], count: int) -> tuple[list, int]:
 
 def time_loop(overrides: list[str], batches: list, batch_size: int, warmup: int, log_every_step: bool) -> float:
     """Median seconds per step of run.py's loop with the stub model over ``batches`` (the first ``warmup`` dropped)."""
-    run_dir = tempfile.mkdtemp(prefix="loop-overhead-")
-    steps = len(batches)
-    cfg = mrcnn.config.compose_config(
-        [*overrides, f"trainer.max_steps={steps}", "trainer.max_epochs=-1", "trainer.limit_val_batches=0"],
-        run_dir=run_dir,
-    )
-    _, module, trainer = build(cfg)
-    module.model.forward = stub_forward(module.model)
     ends = StepEnds()
-    trainer.callbacks.append(ends)
-    patches = []
-    if log_every_step:  # the loop before the module and the throughput logged on the loggers' steps only
-        for target in (mrcnn.lit_module, mrcnn.engine.callbacks):
-            patches.append(mock.patch.object(target, "writes_train_metrics", lambda trainer: True))
-    for patch in patches:
-        patch.start()
-    try:
+    # The run's folder (its CSV log and last.ckpt) goes when the round is timed.
+    with tempfile.TemporaryDirectory(prefix="loop-overhead-") as run_dir, contextlib.ExitStack() as patches:
+        cfg = mrcnn.config.compose_config(
+            [*overrides, f"trainer.max_steps={len(batches)}", "trainer.max_epochs=-1", "trainer.limit_val_batches=0"],
+            run_dir=run_dir,
+        )
+        _, module, trainer = build(cfg)
+        module.model.forward = stub_forward(module.model)
+        trainer.callbacks.append(ends)
+        if log_every_step:  # the loop before the module and the throughput logged on the loggers' steps only
+            for target in (mrcnn.lit_module, mrcnn.engine.callbacks):
+                patches.enter_context(mock.patch.object(target, "writes_train_metrics", lambda trainer: True))
         with warnings.catch_warnings():  # validation is off on purpose
             warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no `val_dataloader`")
             trainer.fit(module, datamodule=PreparedBatches(batches, batch_size))
-    finally:
-        for patch in patches:
-            patch.stop()
     gaps = [b - a for a, b in zip(ends.times, ends.times[1:])]
     # The last step also saves last.ckpt (LastCheckpoint, at max_steps): left out with the warmup.
     return statistics.median(gaps[warmup:-1])
