@@ -14,7 +14,9 @@ model and data afresh, and the backwards are alternated within a round so drift 
 ``--count-ops`` also counts the operators a step's forward and backward dispatch (on the last batch), with and
 without views: on a GPU each of the others is a kernel launch, host time that a small model on small images does
 not hide (the CPU's own RoIAlign backward and NMS loops, which a GPU replaces by one kernel each, are counted
-apart).
+apart). It also sums the bytes those kernels write, by dtype, and counts the dtype casts among them: on a GPU the
+elementwise kernels are bound by memory traffic, so the bytes are what they cost, whatever a CPU's time says.
+``--autocast bf16`` runs the forward under bf16 autocast (``trainer.precision=bf16-mixed``'s arithmetic).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import sys
 import time
 
 import torch
+import torch.utils._pytree as pytree
 from benchmark import compose_config  # benchmarks/benchmark.py, beside this script (also registers the resolvers)
 from hydra.utils import instantiate
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -65,56 +68,80 @@ VIEW_OPS = {
 CPU_ONLY = {("mrcnn/modeling/roi_align.py", "backward"), ("mrcnn/modeling/nms.py", "grouped_nms_torchvision")}
 
 
+# Operators that convert a tensor to another dtype (autocast's casts among them).
+CAST_OPS = {"_to_copy", "to", "copy_"}
+
+
 class OpCounter(TorchDispatchMode):
     """Counts the operators dispatched inside it: ``total``, ``kernels`` (no views) and ``cpu_only`` (kernels
-    dispatched under a function of ``CPU_ONLY``)."""
+    dispatched under a function of ``CPU_ONLY``). Of the other kernels (those a GPU runs too), ``bytes_written``
+    sums the outputs by dtype name, and ``casts`` counts those of ``CAST_OPS`` that change a tensor's dtype."""
 
     def __init__(self):
         super().__init__()
-        self.total = self.kernels = self.cpu_only = 0
+        self.total = self.kernels = self.cpu_only = self.casts = 0
+        self.bytes_written: dict[str, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.total += 1
-        if func.overloadpacket.__name__ not in VIEW_OPS:
-            self.kernels += 1
-            frame = sys._getframe(1)
-            while frame is not None and not any(
-                frame.f_code.co_filename.endswith(file) and frame.f_code.co_name == function
-                for file, function in CPU_ONLY
-            ):
-                frame = frame.f_back
-            self.cpu_only += frame is not None
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in VIEW_OPS:
+            return out
+        self.kernels += 1
+        frame = sys._getframe(1)
+        while frame is not None and not any(
+            frame.f_code.co_filename.endswith(file) and frame.f_code.co_name == function for file, function in CPU_ONLY
+        ):
+            frame = frame.f_back
+        if frame is not None:
+            self.cpu_only += 1
+            return out
+        tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        for tensor in tensors:
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            self.bytes_written[dtype] = self.bytes_written.get(dtype, 0) + tensor.numel() * tensor.element_size()
+        source = args[1] if name == "copy_" else args[0]
+        if name in CAST_OPS and tensors and isinstance(source, torch.Tensor) and source.dtype != tensors[0].dtype:
+            self.casts += 1
+        return out
 
 
-def forward_backward(model, images, targets) -> None:
-    _, losses = model(images, targets, targets_checked=True)  # checked once, below, as run.py does on the host
+def forward_backward(model, images, targets, autocast: str = "none") -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast == "bf16"):
+        _, losses = model(images, targets, targets_checked=True)  # checked once, below, as run.py does on the host
     sum(losses.values()).backward()
 
 
-def train_step(model, optimizer, images, targets) -> None:
-    forward_backward(model, images, targets)
+def train_step(model, optimizer, images, targets, autocast: str = "none") -> None:
+    forward_backward(model, images, targets, autocast)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
-def time_steps(model, optimizer, batches, warmup: int) -> list[float]:
+def time_steps(model, optimizer, batches, warmup: int, autocast: str = "none") -> list[float]:
     """Seconds per training step over ``batches``, the first ``warmup`` dropped."""
     times = []
     for images, targets in batches:
         start = time.perf_counter()
-        train_step(model, optimizer, images, targets)
+        train_step(model, optimizer, images, targets, autocast)
         times.append(time.perf_counter() - start)
     return times[warmup:]
 
 
-def count_ops(model, optimizer, images, targets) -> dict:
+def count_ops(model, optimizer, images, targets, autocast: str = "none") -> dict:
     """The operators one training step's forward and backward dispatch (see :class:`OpCounter`). The optimizer step
     is left out: on a GPU torch's SGD updates all parameters with a few foreach kernels, on the CPU it loops."""
     with OpCounter() as counter:
-        forward_backward(model, images, targets)
+        forward_backward(model, images, targets, autocast)
     optimizer.zero_grad(set_to_none=True)
-    return {"ops": counter.total, "kernels": counter.kernels, "cpu_only_kernels": counter.cpu_only}
+    return {
+        "ops": counter.total,
+        "kernels": counter.kernels,
+        "cpu_only_kernels": counter.cpu_only,
+        "casts": counter.casts,
+        "bytes_written": dict(sorted(counter.bytes_written.items())),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -127,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="write the numbers to this json file")
     parser.add_argument("--count-ops", action="store_true", help="also count the operators of one step (first round)")
+    parser.add_argument("--autocast", choices=("none", "bf16"), default="none", help="the forward under bf16 autocast")
     args = parser.parse_args(argv)
     backwards = [b for b in args.backward.split(",") if b]
     unknown = sorted(set(backwards) - set(BACKWARDS))
@@ -153,9 +181,10 @@ def main(argv: list[str] | None = None) -> dict:
                 torch.manual_seed(0)
                 model = instantiate(cfg.model.net, roi_heads={"pooler": {"backward": backward}}).train()
                 optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-                medians[backward].append(statistics.median(time_steps(model, optimizer, batches, args.warmup)))
+                times = time_steps(model, optimizer, batches, args.warmup, args.autocast)
+                medians[backward].append(statistics.median(times))
                 if args.count_ops and round_index == 0:
-                    ops[backward] = count_ops(model, optimizer, *batches[-1])
+                    ops[backward] = count_ops(model, optimizer, *batches[-1], args.autocast)
         results[config] = {
             b: {"median_step_s_per_round": m, **({"ops_per_step": ops[b]} if b in ops else {})}
             for b, m in medians.items()
@@ -164,7 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
         for backward, counts in ops.items():
             print(
                 f"  {backward}: {counts['ops']} ops a step, {counts['kernels']} of them not views, "
-                f"{counts['cpu_only_kernels']} of those CPU-only (RoIAlign backward, NMS loops)",
+                f"{counts['cpu_only_kernels']} of those CPU-only (RoIAlign backward, NMS loops); {counts['casts']} "
+                "casts; MB written: "
+                + ", ".join(f"{dtype} {size / 2**20:.1f}" for dtype, size in counts["bytes_written"].items()),
                 flush=True,
             )
     if args.out:
@@ -174,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
             "steps": args.steps,
             "warmup": args.warmup,
             "rounds": args.rounds,
+            "autocast": args.autocast,
             "min_channels": roi_align_module.MIN_CHANNELS,
             "separable_max_ratio": roi_align_module.SEPARABLE_MAX_RATIO,
         }

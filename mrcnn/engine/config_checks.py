@@ -244,6 +244,9 @@ SCHEMA: dict[str, Rule] = {
     "model.batched_sampling": boolean,
     "model.net.rpn.batched_sampling": boolean,
     "model.net.roi_heads.batched_sampling": boolean,
+    # FrozenBatchNorm2d returns its input's dtype (bf16 activations under autocast).
+    "model.frozen_bn_keeps_dtype": boolean,
+    "model.net.frozen_bn_keeps_dtype": boolean,
     "model.canonical_scale": positive_int,
     "model.rois_per_image": positive_int,
     "model.neck_rois_per_image": positive_int,

@@ -1,12 +1,14 @@
 """MaskRCNN: transform -> backbone -> RPN -> RoI heads -> postprocess; always returns (detections, losses)."""
 
 import re
+import warnings
 from collections import OrderedDict
 
 import torch
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from mrcnn.modeling import frozen_bn
 from mrcnn.modeling.transform import RCNNTransform
 
 # The five losses of the paper's literature, in the order logs and the progress bar show them. A head may return
@@ -24,6 +26,9 @@ class MaskRCNN(nn.Module):
         min_size: shorter image side after resizing; a list picks one at random per training batch.
         max_size: cap on the longer side after resizing.
         image_mean, image_std: input normalization (ImageNet statistics, as torchvision).
+        frozen_bn_keeps_dtype: every FrozenBatchNorm2d of the parts returns its input's dtype (bf16 under autocast)
+            instead of float32 (``mrcnn.modeling.frozen_bn``): the same maths in float32, and under autocast the
+            activations between the convolutions stay bf16. No effect on a model without FrozenBatchNorm2d.
     """
 
     def __init__(
@@ -35,6 +40,7 @@ class MaskRCNN(nn.Module):
         max_size: int = 1333,
         image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
         image_std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+        frozen_bn_keeps_dtype: bool = False,
     ):
         super().__init__()
         min_size = (min_size,) if isinstance(min_size, int) else tuple(min_size)
@@ -42,6 +48,12 @@ class MaskRCNN(nn.Module):
         self.backbone = backbone
         self.rpn = rpn
         self.roi_heads = roi_heads
+        if frozen_bn_keeps_dtype and not frozen_bn.frozen_bn_keeps_dtype(self):
+            warnings.warn(
+                "model.frozen_bn_keeps_dtype=true does nothing: the model has no FrozenBatchNorm2d (model.norm is not "
+                "frozen_bn)",
+                stacklevel=2,
+            )
 
     def forward(
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None, targets_checked: bool = False

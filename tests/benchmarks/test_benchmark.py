@@ -161,6 +161,7 @@ def test_step_time_benchmark_times_every_backward(tmp_path):
         assert len(numbers["median_step_s_per_round"]) == 1 and numbers["median_step_s_per_round"][0] > 0
         ops = numbers["ops_per_step"]
         assert ops["ops"] > ops["kernels"] > ops["cpu_only_kernels"] >= 0
+        assert ops["casts"] >= 0 and ops["bytes_written"]["float32"] > 0
     # Our CPU RoIAlign backwards are CPU-only loops; torchvision's is one kernel, as on a GPU.
     assert (
         steps["sparse"]["ops_per_step"]["cpu_only_kernels"]
@@ -216,3 +217,18 @@ def test_loop_overhead_benchmark_times_the_loop_with_and_without_every_step_logg
     assert lit_module.writes_train_metrics is writes_train_metrics
     with pytest.raises(SystemExit):
         loop_overhead.main(["--steps", "1"])
+
+
+def test_the_op_counter_sums_the_bytes_each_dtype_is_written_and_counts_the_casts(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # step_time imports benchmark.py beside it
+    step_time = load_script(SCRIPT.parent / "step_time.py")
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    x = torch.randn(2, 3, 16, 16)
+    with step_time.OpCounter() as counter:
+        y = conv(x).relu()  # float32: a convolution and a ReLU, no cast
+    assert counter.casts == 0 and counter.bytes_written == {"float32": 2 * y.numel() * 4}
+    with step_time.OpCounter() as counter, torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+    # autocast casts the input and the weight to bf16, then the convolution writes bf16.
+    assert counter.casts == 2
+    assert counter.bytes_written == {"bfloat16": (x.numel() + conv.weight.numel() + y.numel()) * 2}
