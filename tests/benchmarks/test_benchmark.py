@@ -232,3 +232,27 @@ def test_the_op_counter_sums_the_bytes_each_dtype_is_written_and_counts_the_cast
     # autocast casts the input and the weight to bf16, then the convolution writes bf16.
     assert counter.casts == 2
     assert counter.bytes_written == {"bfloat16": (x.numel() + conv.weight.numel() + y.numel()) * 2}
+
+
+def test_cudnn_autotuning_is_for_ours_only(monkeypatch, tmp_path):
+    """--cudnn-benchmark tunes our model, whose RoI buckets make its shapes repeat; torchvision trains without it."""
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+    from mrcnn.modeling.mask_rcnn import MaskRCNN
+
+    bench = load_script(SCRIPT)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored after
+    seen = {"ours": set(), "torchvision": set()}
+    for name, cls in (("ours", MaskRCNN), ("torchvision", GeneralizedRCNN)):
+
+        def forward(self, *args, _forward=cls.forward, _name=name, **kwargs):
+            if self.training:
+                seen[_name].add(torch.backends.cudnn.benchmark)
+            return _forward(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "forward", forward)
+    argv = ["--image-size", "64", "--batch-size", "1", "--steps", "1", "--repeats", "1", "--warmup", "0"]
+    argv += ["--skip", "infer,eval", "--cudnn-benchmark", "--out", str(tmp_path / "b.json")]
+    bench.main([*argv, "--overrides", *SMALL_HEADS])
+    assert seen == {"ours": {True}, "torchvision": {False}}
+    assert torch.backends.cudnn.benchmark is True  # the process's setting, back after torchvision's loops
