@@ -25,7 +25,16 @@ def test_channels_last_backbone_passes_the_comparison(images):
     plain, fast = build(), build(["module.channels_last=true"])
     fast.load_state_dict(plain.state_dict())
     assert fast.model.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    assert_same_backbone(fast, plain, images.contiguous(memory_format=torch.channels_last))
+    # On one NCHW batch the two layouts are really compared: the NHWC weights make their convolutions NHWC, the
+    # reference's stay NCHW. (An NHWC batch would have made the reference's NHWC as well.)
+    with torch.no_grad():
+        assert all(m.is_contiguous() for m in plain.model.backbone(images).values())
+        maps = fast.model.backbone(images)
+        assert all(m.is_contiguous(memory_format=torch.channels_last) for m in maps.values())
+        assert not maps["0"].is_contiguous()  # (a 1x1 map, P6 here, is both)
+        nhwc_batch = images.contiguous(memory_format=torch.channels_last)
+        assert not plain.model.backbone(nhwc_batch)["0"].is_contiguous()
+    assert_same_backbone(fast, plain, images)
 
 
 def test_a_swapped_channel_order_fails_the_comparison(images):
@@ -35,7 +44,7 @@ def test_a_swapped_channel_order_fails_the_comparison(images):
         weight = swapped.model.backbone.body.conv1.weight
         weight.copy_(weight[:, [2, 1, 0]].clone())
     with pytest.raises(AssertionError, match="feature map"):
-        assert_same_backbone(swapped, plain, images.contiguous(memory_format=torch.channels_last))
+        assert_same_backbone(swapped, plain, images)
 
 
 def test_dtype_tolerance_admits_reordered_sums_and_rejects_real_errors():
