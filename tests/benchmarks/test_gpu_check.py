@@ -369,3 +369,13 @@ def test_a_failed_triton_nms_is_shown_beside_the_results_it_affects(tmp_path):
         "| batched (partial) **(NMS fallback)** | train_batched |" in summary
         and f"**batched (train_batched): {fallback}.**" in summary
     )
+
+
+def test_the_host_sync_goal_counts_the_waits_a_gpu_reports_and_the_sync_ops_without_one():
+    # On a GPU torch's sync debug mode sees the real waits (none is a count too); the profiler's aten count adds reads
+    # of host tensors. The CPU dry run has only the aten count.
+    gpu = {"aten_total_per_step": 3.0, "sync_debug": {"per_step": 2.0, "where": {}}}
+    assert gpu_check.host_syncs_per_step(gpu) == 2.0
+    assert gpu_check.host_syncs_per_step({**gpu, "sync_debug": {"per_step": 0.0, "where": {}}}) == 0.0
+    assert gpu_check.host_syncs_per_step({"aten_total_per_step": 3.0, "sync_debug": {}}) == 3.0
+    assert gpu_check.host_syncs_per_step({}) is None
