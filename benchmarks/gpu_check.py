@@ -27,7 +27,8 @@ benchmark's rounds, the training runs' logged steps, the tests that ended):
 
 Then the project's GPU goals (benchmarks/README.md) are read off the numbers. After every step
 ``gpu_check.json`` and ``gpu_check.md`` are rewritten in ``--out`` (and, with ``--copy-to DIR``, copied into DIR
-with the profile tables: a folder that comes back from a machine even if the check is cut off); each step's whole
+with the profile tables and an archive of the rest: a folder that comes back from a machine even if the check is cut
+off); each step's whole
 output is in ``--out/logs/<step>.log``, its files beside them (``train_*/``, ``bench_*.json``,
 ``bench_eager_profile_*.txt``, ``gpu_tests.xml``).
 The exit status is 1 when a step failed; 143 when the check was stopped by SIGTERM (the step it was running is
@@ -59,6 +60,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 from xml.etree import ElementTree
@@ -1263,15 +1265,25 @@ def write_report(report: dict, out: Path) -> None:
     (out / "gpu_check.md").write_text(markdown(report))
 
 
+# What --copy-to archives of the rest of --out.
+FILES_ARCHIVE = "gpu_check_files.tar.gz"
+
+
 def copy_results(out: Path, to: Path) -> None:
-    """Copies the report and the profile tables from ``out`` into ``to`` (``--copy-to``), each through a temporary
-    file: a check stopped from outside before its end (a machine's time limit) leaves there what it had found."""
+    """Copies the report and the profile tables from ``out`` into ``to`` (``--copy-to``), with ``FILES_ARCHIVE``: the
+    rest of ``out`` (logs, the benchmarks' jsons, the training runs without their checkpoints). Each goes through a
+    temporary file: a check stopped from outside before its end (a machine's time limit) leaves there what it had
+    found."""
     to.mkdir(parents=True, exist_ok=True)
     for path in [out / "gpu_check.md", out / "gpu_check.json", *sorted(out.glob("*_profile_*.txt"))]:
         if path.is_file():
             tmp = to / f"{path.name}.tmp"
             shutil.copyfile(path, tmp)
             tmp.replace(to / path.name)
+    tmp = to / f"{FILES_ARCHIVE}.tmp"
+    with tarfile.open(tmp, "w:gz") as archive:
+        archive.add(out, arcname=".", filter=lambda info: None if "checkpoints" in Path(info.name).parts else info)
+    tmp.replace(to / FILES_ARCHIVE)
 
 
 # ---- the command line ------------------------------------------------------------------------------------
@@ -1291,7 +1303,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--copy-to",
         metavar="DIR",
-        help="also copy gpu_check.md, gpu_check.json and the profile tables into DIR after every step (a folder that "
+        help="also copy gpu_check.md, gpu_check.json, the profile tables and an archive of the rest of --out "
+        f"({FILES_ARCHIVE}: logs, jsons, training runs without checkpoints) into DIR after every step (a folder that "
         "comes back even if the check is stopped from outside, such as a lent machine's $OUT)",
     )
     p.add_argument(
@@ -1333,6 +1346,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         return args
     if not args.out:
         p.error("--out is required")
+    if args.copy_to and Path(args.copy_to).resolve().is_relative_to(Path(args.out).resolve()):
+        p.error("--copy-to must be outside --out (it gets an archive of --out)")
     args.steps = [s for s in args.steps.split(",") if s]
     if set(args.steps) - set(STEPS):
         p.error(f"--steps takes {','.join(STEPS)}, got {','.join(args.steps)}")

@@ -7,8 +7,11 @@ import platform
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.helpers.runs import load_script
 
@@ -102,9 +105,16 @@ def test_dry_run_reports_every_step_and_goes_on_past_a_failing_one(tmp_path):
     assert goals["mask AP change, fast path - fp32 (points)"]["value"] is not None
 
     summary = (out / "gpu_check.md").read_text()
-    # --copy-to: the report and the profile tables, as they were after the last step (what a lent machine's $OUT gets).
+    # --copy-to: the report and the profile tables, as they were after the last step (what a lent machine's $OUT gets),
+    # and an archive of the rest: logs, benchmark jsons, training runs without their checkpoints.
     copied = sorted(p.name for p in copy.iterdir())
-    assert copied == sorted(["gpu_check.md", "gpu_check.json", *(f"bench_eager_profile_{s}.txt" for s in profiled)])
+    profiles = [f"bench_eager_profile_{s}.txt" for s in profiled]
+    assert copied == sorted(["gpu_check.md", "gpu_check.json", *profiles, gpu_check.FILES_ARCHIVE])
+    with tarfile.open(copy / gpu_check.FILES_ARCHIVE) as archive:
+        archived = {Path(name).as_posix() for name in archive.getnames()}
+    assert {"logs/train_others.fp32.log", "bench_eager.json", "gpu_check.json"} <= archived
+    assert any(name.startswith("train_fp32/") for name in archived) and any((out / "train_fp32").rglob("checkpoints"))
+    assert not any("checkpoints" in name for name in archived)
     assert (copy / "gpu_check.md").read_text() == summary and (copy / "gpu_check.json").read_text() == (
         out / "gpu_check.json"
     ).read_text()
@@ -306,7 +316,7 @@ def test_a_check_stopped_from_outside_reports_the_step_it_was_running_in_its_cop
     assert steps["environment"]["reason"].startswith("stopped from outside after ")
     assert steps["train_bf16"]["reason"] == "not selected (--steps)"
     assert (copy / "gpu_check.md").read_text() == (out / "gpu_check.md").read_text()
-    assert not list(copy.glob("*.tmp"))
+    assert (copy / gpu_check.FILES_ARCHIVE).is_file() and not list(copy.glob("*.tmp"))
 
 
 def test_a_failed_triton_nms_is_shown_beside_the_results_it_affects(tmp_path):
@@ -379,3 +389,11 @@ def test_the_host_sync_goal_counts_the_waits_a_gpu_reports_and_the_sync_ops_with
     assert gpu_check.host_syncs_per_step({**gpu, "sync_debug": {"per_step": 0.0, "where": {}}}) == 0.0
     assert gpu_check.host_syncs_per_step({"aten_total_per_step": 3.0, "sync_debug": {}}) == 3.0
     assert gpu_check.host_syncs_per_step({}) is None
+
+
+def test_the_copy_folder_must_be_outside_the_check_folder(tmp_path, capsys):
+    # It gets an archive of --out after every step, which would otherwise take in its own copies.
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--out", str(tmp_path), "--copy-to", str(tmp_path / "copy")])
+    assert "--copy-to must be outside --out" in capsys.readouterr().err
+    assert gpu_check.parse_args(["--out", str(tmp_path / "check"), "--copy-to", str(tmp_path / "copy")]).copy_to
