@@ -157,6 +157,11 @@ class RPN(RegionProposalNetwork):
         anchors = self.anchor_generator(images, maps)
         num_anchors_per_level = [o[0].numel() for o in objectness]
         objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+        # Under bf16 autocast the logits are bf16, and so would be their sigmoid, which rounds every logit above
+        # about 6.5 to exactly 1: the most confident proposals would tie, and NMS and the top-n would keep an
+        # arbitrary one of them. In float32 (or wider: box_dtype) the ranking is the logits'; without autocast
+        # nothing changes (torchvision's arithmetic). The loss reads them in float32 under autocast anyway.
+        objectness = objectness.to(box_dtype(objectness))
         proposals = self.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
         valid = None
         if self.batched_proposals:

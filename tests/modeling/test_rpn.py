@@ -1,5 +1,6 @@
 """The RPN directly: anchors per map, proposal counts per mode, and losses in train and eval mode alike."""
 
+import pytest
 import torch
 from torchvision.models.detection.image_list import ImageList
 
@@ -58,3 +59,38 @@ def test_losses_in_eval_mode_equal_train_mode_and_handle_an_empty_image():
     for key, value in train_losses.items():
         assert torch.isfinite(value) and value > 0
         torch.testing.assert_close(eval_losses[key], value.detach())
+
+
+class FixedHead(torch.nn.Module):
+    """An RPN head that returns the given objectness logits and box deltas (per level) whatever its input."""
+
+    def __init__(self, objectness, deltas):
+        super().__init__()
+        self.objectness, self.deltas = objectness, deltas
+
+    def forward(self, maps):
+        return self.objectness, self.deltas
+
+
+@pytest.mark.parametrize("batched_proposals", [False, True])
+def test_under_bf16_autocast_confident_proposals_are_ranked_by_their_logits(batched_proposals):
+    # Logits from 7 to 12 (bf16 holds them exactly) on two levels: a bf16 sigmoid rounds every one of them to 1.0, a
+    # tie; the proposals kept must be those a float32 ranking keeps, in its order.
+    generator = torch.Generator().manual_seed(0)
+    sizes = (16, 8)
+    count = sum(3 * s * s for s in sizes)
+    logits = (7 + torch.randperm(count, generator=generator).float() / 160).to(torch.bfloat16).float()
+    assert torch.sigmoid(logits.to(torch.bfloat16)).unique().tolist() == [1.0]
+    logits = list(logits.split([3 * s * s for s in sizes]))
+    logits = [level.reshape(1, 3, s, s) for level, s in zip(logits, sizes)]
+    deltas = [torch.zeros(1, 12, s, s) for s in sizes]
+    images = ImageList(torch.zeros(1, 3, 64, 64), [(64, 64)])
+    features = {str(i): torch.zeros(1, 8, s, s) for i, s in enumerate(sizes)}
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        rpn = RPN(8, [[16], [32]], post_nms_top_n_test=20, batched_proposals=batched_proposals).eval()
+        rpn.head = FixedHead([x.to(dtype) for x in logits], [x.to(dtype) for x in deltas])
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            proposals, _ = rpn(images, features)
+        results.append(proposals[0])
+    assert len(results[0]) == 20 and torch.equal(results[1], results[0])
