@@ -18,8 +18,8 @@ each number is the median of ``--repeats`` rounds after ``--warmup`` discarded r
   resident set size high-water mark, reset through ``/proc/self/clear_refs`` after ``malloc_trim`` (where
   that is impossible: the process-wide ``ru_maxrss``, which only shows new highs). CUDA:
   ``torch.cuda.max_memory_allocated``.
-* ``--cudnn-benchmark`` (cuDNN autotuning) applies to ours only, whose RoI buckets (``model.roi_buckets``) make its
-  shapes repeat at a fixed image size. torchvision's training loop runs without it: its mask head meets a new number
+* ``--cudnn-benchmark`` (cuDNN autotuning) applies to ours only in training, whose RoI buckets (``model.roi_buckets``)
+  make its shapes repeat at a fixed image size. torchvision's training loops run without it: its mask head meets a new number
   of RoIs at almost every step, and autotuning every new shape made its step 4.7x slower on the H200
   (benchmarks/gpu/2026-12-04-h200/README.md), a handicap no user of it would choose.
 
@@ -319,6 +319,7 @@ class SyncWarnings:
         self.device = device
         self.lines: list[str] = []
         self._catcher = None
+        self.measured = False  # a start() and stop() ran on a GPU
 
     def start(self) -> None:
         if self.device.type != "cuda":
@@ -334,13 +335,15 @@ class SyncWarnings:
         torch.cuda.set_sync_debug_mode("default")
         self._catcher.__exit__(None, None, None)
         self._catcher = None
+        self.measured = True
         self.lines += [
             f"{Path(w.filename).name}:{w.lineno}" for w in self._caught if "synchroniz" in str(w.message).lower()
         ]
 
     def summary(self, steps: int) -> dict:
-        """On a GPU the waits per step (0 included) and the lines that waited most; on the CPU nothing."""
-        if self.device.type != "cuda":
+        """The waits per step (0 included) and the lines that waited most, if it measured; else (the CPU, or steps
+        that never reached their end) nothing."""
+        if not self.measured:
             return {}
         counts = collections.Counter(self.lines)
         return {"per_step": len(self.lines) / steps, "where": dict(counts.most_common(20))}

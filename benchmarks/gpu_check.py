@@ -91,7 +91,7 @@ DEFAULT_STEPS = ("environment", "bench_eager", "bench_fast", "train_bf16", "gpu_
 DESCRIPTIONS = {
     "environment": "GPU, memory, versions; the project imports",
     "bench_eager": "benchmark.py, ours and torchvision, bf16 autocast, eager; host syncs, profile, head shapes; ours with the batched switches beside",
-    "bench_fast": "benchmark.py, ours on the fast path (bf16, channels_last, RoI buckets, batched switches, cuDNN autotuning) and torchvision (bf16, channels_last, autotuning), training only; ours per image beside",
+    "bench_fast": "benchmark.py, ours on the fast path (bf16, channels_last, RoI buckets, batched switches, bf16 FrozenBatchNorm, cuDNN autotuning) and torchvision (bf16, channels_last), training only; ours with float32 FrozenBatchNorm beside",
     "train_bf16": "run.py trainer=gpu on shapes (bf16), alone: the default run's steps/s",
     "train_batched": "run.py trainer=gpu on shapes (bf16) with the batched switches, alone: their steps/s",
     "train_others": "run.py on shapes in fp32 and on the fast path (+ channels_last, autotuning), side by side: their AP",
@@ -1269,21 +1269,27 @@ def write_report(report: dict, out: Path) -> None:
 FILES_ARCHIVE = "gpu_check_files.tar.gz"
 
 
-def copy_results(out: Path, to: Path) -> None:
+def copy_results(out: Path, to: Path, archive: bool = True) -> None:
     """Copies the report and the profile tables from ``out`` into ``to`` (``--copy-to``), with ``FILES_ARCHIVE``: the
     rest of ``out`` (logs, the benchmarks' jsons, the training runs without their checkpoints). Each goes through a
     temporary file: a check stopped from outside before its end (a machine's time limit) leaves there what it had
-    found."""
+    found. ``archive``: make the archive too (after a step that ran; the others change nothing in it)."""
     to.mkdir(parents=True, exist_ok=True)
     for path in [out / "gpu_check.md", out / "gpu_check.json", *sorted(out.glob("*_profile_*.txt"))]:
         if path.is_file():
             tmp = to / f"{path.name}.tmp"
             shutil.copyfile(path, tmp)
             tmp.replace(to / path.name)
+    if not archive:
+        return
     tmp = to / f"{FILES_ARCHIVE}.tmp"
-    with tarfile.open(tmp, "w:gz") as archive:
-        archive.add(out, arcname=".", filter=lambda info: None if "checkpoints" in Path(info.name).parts else info)
-    tmp.replace(to / FILES_ARCHIVE)
+    try:
+        with tarfile.open(tmp, "w:gz") as files:
+            files.add(out, arcname=".", filter=lambda info: None if "checkpoints" in Path(info.name).parts else info)
+        tmp.replace(to / FILES_ARCHIVE)
+    except OSError as error:  # a file changed while read (a step's process outlived its kill): keep the last archive
+        print(f"    could not archive {out} into {to}: {error}", flush=True)
+        tmp.unlink(missing_ok=True)
 
 
 # ---- the command line ------------------------------------------------------------------------------------
@@ -1402,6 +1408,7 @@ def main(argv: list[str] | None = None) -> int:
     no_cuda, stopped = False, None
     for number, name in enumerate(STEPS, 1):
         left = args.total_budget - (time.monotonic() - start)
+        ran = False
         if name not in args.steps:
             record = earlier.get(name) or not_run(name, "not selected (--steps)")
         elif stopped is not None:
@@ -1414,6 +1421,7 @@ def main(argv: list[str] | None = None) -> int:
             limit = min(args.budgets[name], left)
             print(f"[{number}/{len(STEPS)}] {name}: {DESCRIPTIONS[name]} (limit {limit:.0f} s)", flush=True)
             record = run_step(name, step_commands(name, profile, args, out), out, limit, args.dry_run, args)
+            ran = True
             no_cuda = name == "environment" and not args.dry_run and record["results"].get("cuda_available") is False
             stopped = record.get("stopped")
         kept = f" (from the check of {record['earlier_run']})" if record.get("earlier_run") else ""
@@ -1426,7 +1434,7 @@ def main(argv: list[str] | None = None) -> int:
         report["seconds"] = round(time.monotonic() - start, 1)
         write_report(report, out)
         if args.copy_to:
-            copy_results(out, Path(args.copy_to))
+            copy_results(out, Path(args.copy_to), archive=ran)
     print(f"wrote {out / 'gpu_check.md'} and {out / 'gpu_check.json'}", flush=True)
     if stopped is not None:
         return stopped

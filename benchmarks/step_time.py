@@ -69,7 +69,7 @@ CPU_ONLY = {("mrcnn/modeling/roi_align.py", "backward"), ("mrcnn/modeling/nms.py
 
 
 # Operators that convert a tensor to another dtype (autocast's casts among them).
-CAST_OPS = {"_to_copy", "to", "copy_"}
+CAST_OPS = {"_to_copy", "copy_"}
 
 
 class OpCounter(TorchDispatchMode):
@@ -101,9 +101,9 @@ class OpCounter(TorchDispatchMode):
         for tensor in tensors:
             dtype = str(tensor.dtype).removeprefix("torch.")
             self.bytes_written[dtype] = self.bytes_written.get(dtype, 0) + tensor.numel() * tensor.element_size()
-        source = args[1] if name == "copy_" else args[0]
-        if name in CAST_OPS and tensors and isinstance(source, torch.Tensor) and source.dtype != tensors[0].dtype:
-            self.casts += 1
+        if name in CAST_OPS and tensors:
+            source = args[1] if name == "copy_" else args[0]
+            self.casts += isinstance(source, torch.Tensor) and source.dtype != tensors[0].dtype
         return out
 
 

@@ -38,8 +38,9 @@ def test_the_checkpoint_tells_the_step_config_overrides_and_wandb_run(tmp_path):
         ["data.datamodule.num_workers=2", "logger=wandb"],
         ["checkpoint_every_n_steps=10", "trainer.log_every_n_steps=1", "callbacks.throughput.window=5"],
         ["module.compile=true", "trainer.check_val_every_n_epoch=1", "experiment_name=x"],
+        ["model.frozen_bn_keeps_dtype=true"],
     ],
-    ids=["same", "longer", "max-steps", "workers-logger", "logging", "speed-validation"],
+    ids=["same", "longer", "max-steps", "workers-logger", "logging", "speed-validation", "frozen-bn-dtype"],
 )
 def test_the_length_of_training_and_runtime_keys_may_change(tmp_path, changes):
     resumed = saved_run(tmp_path)
@@ -47,6 +48,15 @@ def test_the_length_of_training_and_runtime_keys_may_change(tmp_path, changes):
     cfg = compose_config([*TINY, *changes, f"resume={tmp_path / 'run'}"], run_dir=str(tmp_path / "resumed"))
     check_resume_config(cfg, resumed)
     assert config_changes(resumed.config, OmegaConf.to_container(cfg, resolve=True), resumed.run_dir, cfg.run_dir) == []
+
+
+def test_a_run_saved_before_a_speed_switch_existed_resumes(tmp_path):
+    # model.frozen_bn_keeps_dtype came later: a checkpoint's config without it resumes (the default changes nothing).
+    resumed = saved_run(tmp_path)
+    for node in (resumed.config["model"], resumed.config["model"]["net"], resumed.config["module"]["model"]):
+        del node["frozen_bn_keeps_dtype"]
+    cfg = compose_config([*TINY, f"resume={tmp_path / 'run'}"], run_dir=str(tmp_path / "resumed"))
+    check_resume_config(cfg, resumed)
 
 
 def test_resuming_without_the_runs_overrides_stops_and_lists_what_differs(tmp_path):

@@ -42,6 +42,10 @@ RESUME_FREE_KEYS = (
     "data.datamodule.pin_memory",
     "data.datamodule.persistent_workers",
     "module.channels_last",
+    # Only the rounding of bf16 activations (bit-identical in float32), as channels_last only the order of sums.
+    "model.frozen_bn_keeps_dtype",
+    "model.net.frozen_bn_keeps_dtype",
+    "module.model.frozen_bn_keeps_dtype",  # module.model is model.net
     "module.compile",
     "module.compile_kwargs",
     "trainer.accelerator",

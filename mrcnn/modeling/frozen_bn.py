@@ -4,8 +4,9 @@ torchvision's ``FrozenBatchNorm2d`` computes ``x * scale + bias`` with float32 `
 autocast its input (a convolution's output) is bf16, so type promotion makes its output float32: the ReLU, the
 residual add and the next block's input all run on float32 activations, and autocast casts them back to bf16 before
 every convolution. On the H200 (``benchmarks/gpu/2026-12-04-h200/prof_ours.txt``, R50-FPN at 800x1333, batch 8)
-those elementwise kernels and casts (``aten::mul``, ``add``, ``add_``, ``copy_``, ``clamp_min_``) took about 85 of
-the 240 ms of GPU time of two training steps, in torchvision's model and ours alike.
+all the elementwise kernels of those kinds (``aten::mul``, ``add``, ``add_``, ``copy_``, ``clamp_min_``: these and
+others, such as the weights' casts) took 85 of the 240 ms of GPU time of two training steps, in torchvision's model
+and ours alike: the most this can save.
 
 ``FrozenBatchNorm2dKeepsDtype`` computes the same affine map in the input's dtype when that differs from its
 buffers' (one ``addcmul`` kernel), so the residual stream stays bf16, as it does with trainable BatchNorm under
@@ -36,7 +37,7 @@ class FrozenBatchNorm2dKeepsDtype(FrozenBatchNorm2d):
         """``[N, C, H, W]`` -> ``[N, C, H, W]`` of ``x``'s dtype."""
         if x.dtype == self.weight.dtype:
             return super().forward(x)
-        # The scale and shift in the buffers' precision, as torchvision computes them; only the result is cast.
+        # The scale and shift in the buffers' precision, as torchvision computes them, then rounded to x's dtype.
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         bias = self.bias - self.running_mean * scale
         shape = (1, -1, 1, 1)
@@ -47,6 +48,9 @@ def frozen_bn_keeps_dtype(model: nn.Module) -> int:
     """Replaces every torchvision ``FrozenBatchNorm2d`` in ``model`` by a ``FrozenBatchNorm2dKeepsDtype``, in place.
 
     The new layers hold the old ones' buffers (the same tensors) and ``eps``.
+
+    Args:
+        model: any module; its submodules are searched at every depth.
 
     Returns:
         how many layers were replaced.

@@ -61,7 +61,8 @@ def _resnet(net: nn.Module) -> dict[str, object]:
     return {
         "backbone": f"ResNet-{depth}-{design}",
         "backbone.width": body.conv1.out_channels,
-        "backbone.norm": type(norm).__name__,
+        # The family's name: a speed variant of a norm (FrozenBatchNorm2dKeepsDtype) computes the same layer.
+        "backbone.norm": next(cls.__name__ for cls in NORMS if isinstance(norm, cls)),
     }
 
 

@@ -397,3 +397,23 @@ def test_the_copy_folder_must_be_outside_the_check_folder(tmp_path, capsys):
         gpu_check.parse_args(["--out", str(tmp_path), "--copy-to", str(tmp_path / "copy")])
     assert "--copy-to must be outside --out" in capsys.readouterr().err
     assert gpu_check.parse_args(["--out", str(tmp_path / "check"), "--copy-to", str(tmp_path / "copy")]).copy_to
+
+
+def test_an_archive_that_fails_keeps_the_last_one_and_the_check_goes_on(tmp_path, monkeypatch, capsys):
+    # A step's process that outlived its kill can change a file while it is archived: the copy must not end the check.
+    out, copy = tmp_path / "check", tmp_path / "copy"
+    (out / "logs").mkdir(parents=True)
+    (out / "gpu_check.md").write_text("report\n")
+    (out / "logs" / "step.log").write_text("first\n")
+    gpu_check.copy_results(out, copy)
+    first = (copy / gpu_check.FILES_ARCHIVE).read_bytes()
+
+    def failing_open(*args, **kwargs):
+        raise OSError("file changed as we read it")
+
+    monkeypatch.setattr(gpu_check.tarfile, "open", failing_open)
+    (out / "gpu_check.md").write_text("report, later\n")
+    gpu_check.copy_results(out, copy)
+    assert (copy / "gpu_check.md").read_text() == "report, later\n"  # the report is still copied
+    assert (copy / gpu_check.FILES_ARCHIVE).read_bytes() == first and not list(copy.glob("*.tmp"))
+    assert "could not archive" in capsys.readouterr().out

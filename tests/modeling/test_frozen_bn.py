@@ -9,10 +9,11 @@ from torchvision.ops import FrozenBatchNorm2d
 from mrcnn.data.shapes import ShapesDataset
 from mrcnn.modeling.frozen_bn import FrozenBatchNorm2dKeepsDtype, frozen_bn_keeps_dtype
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS
+from mrcnn.reporting.job_record import describe_model
 from tests.helpers.comparisons import assert_close_for_dtype
 from tests.helpers.config import TINY_MODEL, compose_config
 
-BF16_EPS = 2.0**-8  # bf16's machine epsilon (8 significant bits)
+BF16_EPS = 2.0**-8  # bf16's unit roundoff, the largest relative error of one rounding (8 significant bits)
 
 
 def randomize(layer: FrozenBatchNorm2d, generator: torch.Generator) -> None:
@@ -32,7 +33,9 @@ def test_the_layer_is_torchvisions_in_float32_and_keeps_bf16_within_its_rounding
     assert frozen_bn_keeps_dtype(ours) == 1
     ours = ours[0]
     assert isinstance(ours, FrozenBatchNorm2dKeepsDtype) and ours.eps == theirs.eps
-    assert all(getattr(ours, name) is getattr(theirs, name) for name in ("weight", "bias", "running_var"))
+    assert all(
+        getattr(ours, name) is getattr(theirs, name) for name in ("weight", "bias", "running_mean", "running_var")
+    )
 
     x = torch.randn(2, 32, 9, 11, generator=generator, requires_grad=True)
     y_ours, y_theirs = ours(x), theirs(x)
@@ -89,6 +92,9 @@ def test_the_switch_replaces_every_frozen_bn_and_keeps_the_state_dict():
     plain_state, keeps_state = plain.state_dict(), keeps.state_dict()
     assert list(keeps_state) == list(plain_state)
     assert all(torch.equal(keeps_state[k], v) for k, v in plain_state.items())
+    # A speed switch: the job record (and so a sweep's report) describes the same model.
+    assert describe_model(keeps) == describe_model(plain)
+    assert describe_model(keeps)["backbone.norm"] == "FrozenBatchNorm2d"
 
 
 def test_in_float32_the_model_computes_exactly_what_it_did():
@@ -111,8 +117,8 @@ def test_in_float32_the_model_computes_exactly_what_it_did():
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def block_output_dtypes(model, images, targets) -> set[torch.dtype]:
-    """The dtypes of every ResNet block's output in one bf16-autocast training forward."""
+def block_output_dtypes(model, images, targets, device_type="cpu") -> tuple[set[torch.dtype], dict]:
+    """The dtypes of every ResNet block's output in one bf16-autocast training forward, and its losses."""
     dtypes = set()
     hooks = [
         m.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
@@ -120,7 +126,7 @@ def block_output_dtypes(model, images, targets) -> set[torch.dtype]:
         if isinstance(m, (BasicBlock, Bottleneck))
     ]
     torch.manual_seed(5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device_type, dtype=torch.bfloat16):
         _, losses = model(images, targets)
     for hook in hooks:
         hook.remove()

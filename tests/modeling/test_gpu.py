@@ -133,6 +133,19 @@ def test_channels_last_gives_the_contiguous_losses():
     assert_same_backbone(fast, plain, torch.stack(images))
 
 
+def test_frozen_bn_keeps_the_residual_stream_bf16_under_cuda_autocast():
+    # CUDA autocast's op lists differ from the CPU's (tests/modeling/test_frozen_bn.py): with the switch every ResNet
+    # block's output is bf16, without it float32 (torchvision's FrozenBatchNorm2d promotes), and the losses are finite.
+    from tests.modeling.test_frozen_bn import block_output_dtypes, frozen_bn_model
+
+    images, targets = shapes_batch()
+    for keeps_dtype in (False, True):
+        model = frozen_bn_model(keeps_dtype).to(DEVICE).train()
+        dtypes, losses = block_output_dtypes(model, images, targets, device_type=DEVICE)
+        assert dtypes == ({torch.bfloat16} if keeps_dtype else {torch.float32})
+        assert all(torch.isfinite(losses[key]) for key in LOSS_KEYS)
+
+
 def test_compile_gives_the_eager_losses():
     eager, compiled = build(), build(["module.compile=true"])
     compiled.load_state_dict(eager.state_dict())  # the same keys: compiling in place keeps them
