@@ -19,8 +19,8 @@ each number is the median of ``--repeats`` rounds after ``--warmup`` discarded r
   that is impossible: the process-wide ``ru_maxrss``, which only shows new highs). CUDA:
   ``torch.cuda.max_memory_allocated``.
 * ``--cudnn-benchmark`` (cuDNN autotuning) applies to ours only in training, whose RoI buckets (``model.roi_buckets``)
-  make its shapes repeat at a fixed image size. torchvision's training loops run without it: its mask head meets a new number
-  of RoIs at almost every step, and autotuning every new shape made its step 4.7x slower on the H200
+  make its shapes repeat at a fixed image size. torchvision's training steps run without it: its mask head meets a
+  new number of RoIs at almost every step, and autotuning every new shape made its step 4.7x slower on the H200
   (benchmarks/gpu/2026-12-04-h200/README.md), a handicap no user of it would choose.
 
 Usage::
@@ -395,38 +395,37 @@ def profile_phase(args, cfg, module, theirs, loader, device, steps: int = 2, var
     params = [p for p in theirs.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=cfg.optimizer.momentum)
     profiler, syncs = torch.profiler.profile(activities=activities), SyncWarnings(device)
-    with without_cudnn_autotuning():
-        for i, (images, targets) in enumerate(loader):
-            if i == steps + 1:
-                break
-            if i == 1:
-                profiler.start()
-                syncs.start()
-            with autocast(device, args.precision):
-                loss = sum(theirs(list(images), list(targets)).values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if not math.isfinite(loss.item()):  # as train_phase and torchvision's reference script
-                raise FloatingPointError(f"torchvision: non-finite loss {loss.item()}")
-            if i == steps:
-                sync(device)
-                syncs.stop()
-                profiler.stop()
+    for i, (images, targets) in enumerate(loader):
+        if i == steps + 1:
+            break
+        if i == 1:
+            profiler.start()
+            syncs.start()
+        torchvision_train_step(theirs, optimizer, images, targets, device, args.precision)
+        if i == steps:
+            sync(device)
+            syncs.stop()
+            profiler.stop()
     result["torchvision"] = {**profile_counts(profiler, steps), "sync_debug": syncs.summary(steps)}
     Path(f"{stem}_profile_torchvision.txt").write_text(profile_tables(profiler, device))
     return result
 
 
-@contextlib.contextmanager
-def without_cudnn_autotuning():
-    """cuDNN autotuning off inside (torchvision's training loops: see the module's docstring), restored after."""
-    before = torch.backends.cudnn.benchmark
+def torchvision_train_step(theirs, optimizer, images, targets, device: torch.device, precision: str) -> None:
+    """One training step of torchvision's model, as its reference script runs it (the loss read with ``item()`` and
+    checked), with cuDNN autotuning off whatever ``--cudnn-benchmark`` says (the module's docstring says why)."""
+    autotuning = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = False
     try:
-        yield
+        with autocast(device, precision):
+            loss = sum(theirs(list(images), list(targets)).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"torchvision: non-finite loss {loss.item()}")
     finally:
-        torch.backends.cudnn.benchmark = before
+        torch.backends.cudnn.benchmark = autotuning
 
 
 # ---- phases -------------------------------------------------------------------------------------
@@ -509,19 +508,12 @@ def train_phase(args, cfg, modules, theirs, loaders, device, memory, save=lambda
         optimizer = torch.optim.SGD(
             params, lr=args.lr, momentum=cfg.optimizer.momentum, weight_decay=cfg.optimizer.weight_decay
         )
-        with without_cudnn_autotuning():
-            for images, targets in loader:
-                sync(device)
-                start = time.perf_counter()
-                with autocast(device, args.precision):
-                    loss = sum(theirs(list(images), list(targets)).values())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"torchvision: non-finite loss {loss.item()}")
-                sync(device)
-                times["torchvision"].append(time.perf_counter() - start)
+        for images, targets in loader:
+            sync(device)
+            start = time.perf_counter()
+            torchvision_train_step(theirs, optimizer, images, targets, device, args.precision)
+            sync(device)
+            times["torchvision"].append(time.perf_counter() - start)
         if measure_memory:
             peaks["torchvision"] = memory.stop()
         if r >= args.warmup:
