@@ -1,4 +1,5 @@
-"""Small datasets the tests generate in the real COCO and Cityscapes layouts, and a dataset of bare ids."""
+"""Small datasets the tests generate in the real COCO and Cityscapes layouts, a dataset of bare ids, and a batch of
+the built-in shapes."""
 
 import json
 from pathlib import Path
@@ -7,6 +8,8 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 from PIL import Image
+
+from mrcnn.data.shapes import ShapesDataset
 
 # ---- COCO ---------------------------------------------------------------------------------
 
@@ -219,3 +222,14 @@ def coco_format_overrides(train_json, train_images, val_json, val_images) -> lis
         "data.datamodule.num_workers=0",
         "data.datamodule.persistent_workers=false",
     ]
+
+
+# ---- the built-in shapes ------------------------------------------------------------------
+
+
+def shapes_batch(count=2, seed=1, device="cpu", image_size=64):
+    """``count`` shapes images of ``image_size`` pixels (a list of ``[3, H, W]``) and their targets, on ``device``."""
+    dataset = ShapesDataset(num_images=count, image_size=image_size, seed=seed)
+    images, targets = zip(*(dataset[i] for i in range(count)))
+    targets = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
+    return [image.to(device) for image in images], targets

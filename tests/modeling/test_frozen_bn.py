@@ -6,12 +6,12 @@ from hydra.utils import instantiate
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
-from mrcnn.data.shapes import ShapesDataset
 from mrcnn.modeling.frozen_bn import FrozenBatchNorm2dKeepsDtype, frozen_bn_keeps_dtype
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS
 from mrcnn.reporting.job_record import describe_model
 from tests.helpers.comparisons import assert_close_for_dtype
 from tests.helpers.config import TINY_MODEL, compose_config
+from tests.helpers.data import shapes_batch
 
 BF16_EPS = 2.0**-8  # bf16's unit roundoff, the largest relative error of one rounding (8 significant bits)
 
@@ -65,21 +65,16 @@ def test_the_layer_is_torchvisions_in_float32_and_keeps_bf16_within_its_rounding
     assert ((grad.float() - 2 * exact * scale).abs() <= 8 * BF16_EPS * terms * scale.abs()).all()
 
 
-def frozen_bn_model(keeps_dtype: bool, seed: int = 0):
-    """The tiny model with FrozenBatchNorm2d in its ResNet (random statistics, the same for every seed)."""
+def frozen_bn_model(keeps_dtype: bool):
+    """The tiny model with FrozenBatchNorm2d in its ResNet, from seed 0, with random statistics (the same each call)."""
     cfg = compose_config([*TINY_MODEL, "model.norm=frozen_bn", f"model.frozen_bn_keeps_dtype={keeps_dtype}"])
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     model = instantiate(cfg.model.net)
     generator = torch.Generator().manual_seed(1)
     for module in model.modules():
         if isinstance(module, FrozenBatchNorm2d):
             randomize(module, generator)
     return model
-
-
-def shapes_batch(n=2, size=64):
-    images, targets = zip(*(ShapesDataset(num_images=n, image_size=size, seed=3)[i] for i in range(n)))
-    return list(images), list(targets)
 
 
 def test_the_switch_replaces_every_frozen_bn_and_keeps_the_state_dict():
@@ -98,7 +93,7 @@ def test_the_switch_replaces_every_frozen_bn_and_keeps_the_state_dict():
 
 
 def test_in_float32_the_model_computes_exactly_what_it_did():
-    images, targets = shapes_batch()
+    images, targets = shapes_batch(seed=3)
     results = []
     for keeps_dtype in (False, True):
         model = frozen_bn_model(keeps_dtype).train()
@@ -135,7 +130,7 @@ def block_output_dtypes(model, images, targets, device_type="cpu") -> tuple[set[
 
 @pytest.mark.parametrize("keeps_dtype", [False, True])
 def test_under_bf16_autocast_the_residual_stream_stays_bf16(keeps_dtype):
-    images, targets = shapes_batch()
+    images, targets = shapes_batch(seed=3)
     dtypes, losses = block_output_dtypes(frozen_bn_model(keeps_dtype).train(), images, targets)
     # torchvision's FrozenBatchNorm2d turns every block's output into float32; with the switch none is.
     assert dtypes == ({torch.bfloat16} if keeps_dtype else {torch.float32})
@@ -145,7 +140,7 @@ def test_under_bf16_autocast_the_residual_stream_stays_bf16(keeps_dtype):
 def test_under_bf16_autocast_the_features_and_rpn_losses_agree_to_bf16_rounding():
     # The backbone's maps (what the switch changes) within bf16's tolerance, and the RPN losses, which read them
     # directly. The heads' losses are left out: which proposals a random model ranks first flips with any rounding.
-    images, targets = shapes_batch()
+    images, targets = shapes_batch(seed=3)
     maps, losses = [], []
     for keeps_dtype in (False, True):
         model = frozen_bn_model(keeps_dtype).train()

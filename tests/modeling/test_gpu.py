@@ -11,10 +11,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from mrcnn.data.shapes import ShapesDataset
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS
 from tests.helpers.comparisons import assert_same_backbone
 from tests.helpers.config import TINY_MODEL, compose_config
+from tests.helpers.data import shapes_batch
 from tests.helpers.runs import TINY_RUN, run_py
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")]
@@ -65,14 +65,6 @@ def build(overrides=()):
     return instantiate(compose_config([*TINY_MODEL, *overrides]).module).to(DEVICE)
 
 
-def shapes_batch(seed=1, size=2):
-    """``size`` 64-pixel shapes images and their targets, on the GPU."""
-    dataset = ShapesDataset(num_images=size, image_size=64, seed=seed)
-    images, targets = zip(*(dataset[i] for i in range(size)))
-    targets = [{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
-    return [image.to(DEVICE) for image in images], targets
-
-
 def train_step(module, images, targets, bf16=False):
     """One forward and backward in training mode; the losses. The RPN and RoI samplers draw from torch's
     generator, seeded here so that two models sample alike."""
@@ -105,7 +97,7 @@ def conv1_grad(module):
 def test_bf16_autocast_trains_with_finite_losses_and_gradients():
     module = build()
     maps = first_feature_map(module)
-    images, targets = shapes_batch()
+    images, targets = shapes_batch(device=DEVICE)
     fp32 = train_step(module, images, targets)
     bf16 = train_step(module, images, targets, bf16=True)
     # Autocast took effect: the convolutions ran in bf16.
@@ -121,7 +113,7 @@ def test_channels_last_gives_the_contiguous_losses():
     fast.load_state_dict(plain.state_dict())  # copies into the NHWC weights, keeping their layout
     assert fast.model.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     maps = first_feature_map(fast)
-    images, targets = shapes_batch()
+    images, targets = shapes_batch(device=DEVICE)
     reference, losses = train_step(plain, images, targets), train_step(fast, images, targets)
     # The convolutions ran in NHWC.
     assert maps[0].is_contiguous(memory_format=torch.channels_last) and not maps[0].is_contiguous()
@@ -138,7 +130,7 @@ def test_frozen_bn_keeps_the_residual_stream_bf16_under_cuda_autocast():
     # block's output is bf16, without it float32 (torchvision's FrozenBatchNorm2d promotes), and the losses are finite.
     from tests.modeling.test_frozen_bn import block_output_dtypes, frozen_bn_model
 
-    images, targets = shapes_batch()
+    images, targets = shapes_batch(device=DEVICE)
     for keeps_dtype in (False, True):
         model = frozen_bn_model(keeps_dtype).to(DEVICE).train()
         dtypes, losses = block_output_dtypes(model, images, targets, device_type=DEVICE)
@@ -152,7 +144,7 @@ def test_compile_gives_the_eager_losses():
     parts = [compiled.model.backbone, compiled.model.roi_heads.box_head, compiled.model.roi_heads.mask_head]
     assert all(part._compiled_call_impl is not None for part in parts)
     # One batch: compiling a second one for the heads' other RoI count took half of this test's 49 s on the H200.
-    images, targets = shapes_batch(seed=1)
+    images, targets = shapes_batch(seed=1, device=DEVICE)
     reference, losses = train_step(eager, images, targets), train_step(compiled, images, targets)
     assert_same_losses(losses, reference, rtol=1e-3, atol=1e-4)
     # Gradients on the compiled backbone alone, as for channels_last: inductor reorders fp32 sums, and end to end
@@ -166,7 +158,7 @@ def test_syncbn_model_trains_like_batchnorm_in_a_process_group(process_group):
     synced = build(["model.norm=syncbn", "model.head_norm=syncbn"])
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
     synced.load_state_dict(plain.state_dict())
-    images, targets = shapes_batch()
+    images, targets = shapes_batch(device=DEVICE)
     reference, losses = train_step(plain, images, targets), train_step(synced, images, targets)
     # One process: SyncBatchNorm normalises with this batch's statistics, as BatchNorm does.
     assert_same_losses(losses, reference, rtol=1e-4, atol=1e-5)
@@ -253,7 +245,7 @@ def test_a_batched_training_step_waits_on_the_host_once_per_pooler():
     # of their level sizes. On the GPU, torch's sync debug mode sees every wait, also those the CPU counter cannot
     # (a blocking copy of a host tensor to the device). The targets were checked on the host, as run.py does.
     module = build(["model.batched_sampling=true", "model.batched_proposals=true"]).train()
-    images, targets = shapes_batch(size=4)
+    images, targets = shapes_batch(4, device=DEVICE)
 
     def step():
         module.zero_grad(set_to_none=True)
