@@ -36,8 +36,7 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 import mrcnn.config
-import mrcnn.engine.callbacks
-import mrcnn.lit_module
+import mrcnn.engine.loggers
 from mrcnn.engine.build import build
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS
 
@@ -92,8 +91,13 @@ def make_batches(overrides: list[str], count: int) -> tuple[list, int]:
 def time_loop(overrides: list[str], batches: list, batch_size: int, warmup: int, log_every_step: bool) -> float:
     """Median seconds per step of run.py's loop with the stub model over ``batches`` (the first ``warmup`` dropped)."""
     ends = StepEnds()
+    # The loop before the module and the throughput logged on the loggers' steps only.
+    every_step = mock.patch.object(mrcnn.engine.loggers, "writes_train_metrics", lambda trainer: True)
     # The run's folder (its CSV log and last.ckpt) goes when the round is timed.
-    with tempfile.TemporaryDirectory(prefix="loop-overhead-") as run_dir, contextlib.ExitStack() as patches:
+    with (
+        tempfile.TemporaryDirectory(prefix="loop-overhead-") as run_dir,
+        every_step if log_every_step else contextlib.nullcontext(),
+    ):
         cfg = mrcnn.config.compose_config(
             [*overrides, f"trainer.max_steps={len(batches)}", "trainer.max_epochs=-1", "trainer.limit_val_batches=0"],
             run_dir=run_dir,
@@ -101,9 +105,6 @@ def time_loop(overrides: list[str], batches: list, batch_size: int, warmup: int,
         _, module, trainer = build(cfg)
         module.model.forward = stub_forward(module.model)
         trainer.callbacks.append(ends)
-        if log_every_step:  # the loop before the module and the throughput logged on the loggers' steps only
-            for target in (mrcnn.lit_module, mrcnn.engine.callbacks):
-                patches.enter_context(mock.patch.object(target, "writes_train_metrics", lambda trainer: True))
         with warnings.catch_warnings():  # validation is off on purpose
             warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no `val_dataloader`")
             trainer.fit(module, datamodule=PreparedBatches(batches, batch_size))

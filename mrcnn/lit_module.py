@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from mrcnn.cityscapes_eval import CityscapesEvaluator
 from mrcnn.data.datamodule import InstanceDataModule
 from mrcnn.data.transforms import drop_crowd
-from mrcnn.engine.loggers import writes_train_metrics
+from mrcnn.engine import loggers as engine_loggers
 from mrcnn.engine.model_record import (
     MODEL_RECORD_KEY,
     ModelRecord,
@@ -209,7 +209,7 @@ class MaskRCNNModule(L.LightningModule):
         self.loss_watch.check()
         self.step_lr = self.optimizers().param_groups[0]["lr"]  # the bar shows it beside this step's losses
         # Only on the steps whose metrics the loggers write: a self.log call costs host time whether or not they do.
-        if writes_train_metrics(self.trainer):
+        if engine_loggers.writes_train_metrics(self.trainer):
             self._log_train_step(losses, total, len(images))
         return total
 

@@ -133,11 +133,9 @@ def _fit_logging(tmp_path, name, monkeypatch=None):
     """Two epochs of 4 steps, the loggers writing every 3rd step; returns the CSV rows, the steps at which the module's
     ``log`` was called and the trainer's ``callback_metrics`` at the end. With ``monkeypatch``: every step logs."""
     if monkeypatch is not None:
-        import mrcnn.engine.callbacks
-        import mrcnn.lit_module
+        import mrcnn.engine.loggers
 
-        for module in (mrcnn.lit_module, mrcnn.engine.callbacks):
-            monkeypatch.setattr(module, "writes_train_metrics", lambda trainer: True)
+        monkeypatch.setattr(mrcnn.engine.loggers, "writes_train_metrics", lambda trainer: True)
     datamodule, module, _ = _fit(tmp_path, [])
     logger = CSVLogger(tmp_path, name=name, version="")
     trainer = training_only_trainer(max_steps=8, logger=logger, log_every_n_steps=3, callbacks=[Throughput(window=2)])

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
+from mrcnn.engine import loggers as engine_loggers
 from mrcnn.engine.checkpoints import RUN_RECORD_KEY
-from mrcnn.engine.loggers import writes_train_metrics
 from mrcnn.engine.sweep_cost import estimate_line, sweep_position
 from mrcnn.engine.visualize import (
     draw_instances,
@@ -442,7 +442,7 @@ class Throughput(StepTimer):
             return
         self._steps.append((len(batch[0]) * trainer.world_size, step))
         seconds = sum(s for _, s in self._steps)
-        if seconds > 0 and writes_train_metrics(trainer):
+        if seconds > 0 and engine_loggers.writes_train_metrics(trainer):
             # A host tensor: Lightning keeps a metric on its value's device, and a float would be copied to the GPU
             # every step (a copy from pageable memory, which waits for the GPU's queue).
             rate = torch.tensor(sum(n for n, _ in self._steps) / seconds, dtype=torch.float64)
