@@ -169,6 +169,11 @@ class CocoEvaluator(Metric):
         if len(targets) != len(predictions):
             raise ValueError(f"{len(predictions)} predictions but {len(targets)} targets")
 
+        # Each read below of a tensor on the GPU would make the host wait for it: copy the batch to the host at once.
+        segm = "segm" in self.iou_types
+        predictions = on_host(predictions, self.mask_threshold if segm else None)
+        targets = on_host(targets, 0.5 if segm and self.coco_gt is None else None)  # coco_gt: only the image ids
+
         self._merged = None
         for prediction, target in zip(predictions, targets):
             image_id = _image_id(prediction, target)
@@ -425,6 +430,60 @@ def _xyxy_to_xywh(boxes: torch.Tensor) -> list[list[float]]:
     boxes = boxes.detach().cpu().double().reshape(-1, 4)
     boxes[:, 2:] -= boxes[:, :2]
     return boxes.tolist()
+
+
+def on_host(records: Sequence[dict | None], mask_threshold: float | None) -> list[dict | None]:
+    """The tensors of a batch's per-image dicts on the host, copied from the device in one transfer.
+
+    Reading each image's boxes, labels, scores and masks from the GPU one by one makes the host wait for the GPU once
+    per tensor (five times an image); one copy of them all waits once per batch. Masks are thresholded on the device
+    first: bool is a quarter of float32's bytes.
+
+    Args:
+        records: per image a dict of tensors (``masks`` [M, 1, H, W] or [M, H, W], float probabilities or
+            uint8/bool), or None.
+        mask_threshold: a float mask is ``masks > mask_threshold`` (a uint8 or bool one is ``masks != 0``); None: masks
+            left on the device are not copied, and their key is dropped (box AP does not read them).
+
+    Returns:
+        New dicts (the same Nones) whose device tensors are host tensors of the same shape; masks copied from the
+        device are bool. Host tensors and other values are the same objects.
+    """
+    records = [None if record is None else dict(record) for record in records]
+    parts = []  # (image, key, device tensor)
+    for i, record in enumerate(records):
+        if record is None:
+            continue
+        for key, value in list(record.items()):
+            if not _on_device(value):
+                continue
+            value = value.detach()
+            if key == "masks":
+                if mask_threshold is None:
+                    del record[key]
+                    continue
+                value = value > mask_threshold if value.is_floating_point() else value != 0
+            if value.numel() == 0:
+                record[key] = torch.empty(value.shape, dtype=value.dtype)  # nothing to read
+                continue
+            parts.append((i, key, value.contiguous()))
+    if not parts:
+        return records
+    # One buffer of bytes, widest elements first: every part then starts at a multiple of its own element size (all
+    # sizes are powers of two), which viewing the host bytes as that dtype again requires.
+    parts.sort(key=lambda part: -part[2].element_size())
+    host = torch.cat([value.reshape(-1).view(torch.uint8) for _, _, value in parts]).cpu()
+    start = 0
+    for i, key, value in parts:
+        size = value.numel() * value.element_size()
+        records[i][key] = host[start : start + size].view(value.dtype).view(value.shape)
+        start += size
+    return records
+
+
+def _on_device(value: Any) -> bool:
+    """Whether ``value`` is a tensor that reading on the host would have to copy from an accelerator first."""
+    return isinstance(value, torch.Tensor) and value.device.type != "cpu"
 
 
 def _binary_masks(masks: torch.Tensor, threshold: float) -> np.ndarray:

@@ -189,13 +189,23 @@ class MaskRCNNModule(L.LightningModule):
 
     # ---- training -------------------------------------------------------------------------
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        # Training targets are cleaned and checked here, on the host before the copy to the device, where reading
-        # their values costs nothing; in training_step on a GPU each read would make the step wait (issue 22).
-        if self._trainer is not None and self.trainer.training:
+        # Targets are cleaned and checked here, on the host before the copy to the device, where reading their values
+        # costs nothing; in a step on a GPU each read would make the step wait (issue 22).
+        if self._trainer is None:
+            return batch
+        trainer = self.trainer
+        if trainer.training:
             images, targets = batch
             targets = [drop_crowd(t) for t in targets]
             check_targets(targets)
             batch = (images, targets)
+        elif trainer.validating or trainer.sanity_checking or trainer.testing:
+            images, targets = batch
+            model_targets = [drop_crowd(t) for t in targets]
+            check_targets(model_targets)
+            # The evaluator's targets (crowd regions and all) stay on the host, where it reads them: a trip to the
+            # device and back would copy every full-size mask twice and wait for each read.
+            batch = (images, model_targets, HostOnly(list(targets)))
         return batch
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
@@ -237,9 +247,15 @@ class MaskRCNNModule(L.LightningModule):
         return detections
 
     def _eval_step(self, batch, stage: str) -> None:
-        images, targets = batch
-        # Crowd regions are for the evaluator only (ignore regions), never model targets.
-        detections, losses = self.model(list(images), [drop_crowd(t) for t in targets])
+        if len(batch) == 3:  # from on_before_batch_transfer: the model's targets checked, the evaluator's on the host
+            images, model_targets, host_targets = batch
+            targets = host_targets.value
+        else:
+            images, targets = batch
+            # Crowd regions are for the evaluator only (ignore regions), never model targets.
+            model_targets = [drop_crowd(t) for t in targets]
+            check_targets(model_targets)
+        detections, losses = self.model(list(images), list(model_targets), targets_checked=True)
         batch_size = len(images)
         losses = in_display_order(losses)
         self.log_dict({f"{stage}/{k}": v for k, v in losses.items()}, batch_size=batch_size, sync_dist=True)
@@ -332,6 +348,22 @@ class LossWatch:
             self.pending.popleft()
             check_finite(dict(zip(names, values)), step)
             self.latest, self.latest_step = dict(zip(names, values.tolist())), step
+
+
+class HostOnly:
+    """A value that stays on the host when Lightning copies a batch to the device.
+
+    Lightning moves every tensor it finds in a batch's lists, tuples, dicts and dataclasses (and anything with a
+    ``to``), but leaves other objects as they are.
+
+    Args:
+        value: anything, e.g. a list of target dicts of host tensors.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
 
 
 def in_display_order(losses: dict[str, Tensor]) -> dict[str, Tensor]:

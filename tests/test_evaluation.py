@@ -18,7 +18,9 @@ import torch.multiprocessing as mp
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from mrcnn import evaluation
 from mrcnn.evaluation import STAT_NAMES, CocoEvaluator
+from tests.helpers.host_syncs import SyncCounter, count_host_syncs, counting_host_syncs
 
 KEYS = [f"{t}_{n}" for t in ("bbox", "segm") for n in STAT_NAMES]
 MAPPING = {1: 1, 2: 7, 3: 90}
@@ -489,3 +491,86 @@ def test_same_ap_as_torchmetrics_mean_average_precision_where_conventions_agree(
                 float(theirs[f"{iou_type}_{their_name}"]), abs=1e-6
             ), (iou_type, ours_name)
     assert 0.1 < ours["segm_AP"] < 0.95 and 0.1 < ours["bbox_AP"] < 0.95  # neither trivial nor perfect
+
+
+# ---------------------------------------------------------- reads of device tensors (issue 22)
+
+
+def _as_if_on_a_gpu(monkeypatch):
+    # On the CPU every tensor is a host tensor: treat each as a device tensor, so that the batched copy runs.
+    monkeypatch.setattr(evaluation, "_on_device", lambda value: isinstance(value, torch.Tensor))
+
+
+def test_on_host_copies_a_batch_in_one_read_and_keeps_every_value(monkeypatch):
+    _as_if_on_a_gpu(monkeypatch)
+    generator = torch.Generator().manual_seed(0)
+    records = [
+        {
+            "boxes": torch.rand(3, 4, generator=generator) * 50,
+            "labels": torch.tensor([1, 3, 2]),
+            "scores": torch.rand(3, generator=generator).bfloat16(),
+            "masks": torch.rand(3, 1, 5, 7, generator=generator),
+            "image_id": torch.tensor(7),
+        },
+        {
+            "boxes": torch.zeros(0, 4),
+            "labels": torch.zeros(0, dtype=torch.int64),
+            "scores": torch.zeros(0),
+            "masks": torch.zeros(0, 1, 5, 7),
+            "image_id": torch.tensor(8),
+            "file_name": "b.png",
+        },
+        None,
+        {"masks": torch.tensor([[[0, 2], [1, 0]]], dtype=torch.uint8), "labels": torch.tensor([5])},
+    ]
+    out, counts = count_host_syncs(evaluation.on_host, records, 0.5)
+    assert dict(counts) == {"Tensor.cpu": 1}, counts.report()  # one read, whatever the number of images
+    assert out[2] is None and out[1]["file_name"] == "b.png"
+    for record, copied in zip(records, out):
+        if record is None:
+            continue
+        assert copied is not record and set(copied) == set(record)
+        for key, value in record.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            expected = (value > 0.5 if value.is_floating_point() else value != 0) if key == "masks" else value
+            assert copied[key].dtype == expected.dtype and copied[key].shape == expected.shape, key
+            assert torch.equal(copied[key], expected), key
+
+    without_masks = evaluation.on_host(records, None)  # box AP: device masks are not copied
+    assert all("masks" not in record for record in without_masks if record is not None)
+
+
+def test_the_evaluator_reads_a_batch_on_the_device_once_and_scores_what_it_scores_from_the_host(samples, monkeypatch):
+    expected, _ = evaluate(samples, batch_size=3)
+
+    _as_if_on_a_gpu(monkeypatch)
+    copied = set()  # ids of the tensors the batched copies made
+    on_host = evaluation.on_host
+
+    def recording_on_host(records, mask_threshold):
+        out = on_host(records, mask_threshold)
+        copied.update(id(v) for r in out if r is not None for v in r.values() if isinstance(v, torch.Tensor))
+        return out
+
+    def reading_only_copies(method):
+        def read(self, *args):
+            record = args[-1]
+            assert all(id(v) in copied for v in record.values() if isinstance(v, torch.Tensor)), method.__name__
+            return method(self, *args)
+
+        return read
+
+    monkeypatch.setattr(evaluation, "on_host", recording_on_host)
+    monkeypatch.setattr(CocoEvaluator, "_results", reading_only_copies(CocoEvaluator._results))
+    monkeypatch.setattr(CocoEvaluator, "_gt_annotations", reading_only_copies(CocoEvaluator._gt_annotations))
+    evaluator = CocoEvaluator()
+    # What reads the copies runs on the host in a GPU run too.
+    per_image = tuple(("/mrcnn/evaluation.py", name) for name in ("_image_id", "_results", "_gt_annotations"))
+    for start in range(0, len(samples), 3):
+        batch = samples[start : start + 3]
+        counts = SyncCounter(per_image)
+        with counting_host_syncs(counts):
+            evaluator.update([p for _, p in batch], [t for t, _ in batch])
+        assert dict(counts) == {"Tensor.cpu": 2}, counts.report()  # the predictions, then the targets
+    assert_same(evaluator.compute(), expected)

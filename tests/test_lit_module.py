@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.loggers import CSVLogger
 
 from mrcnn.engine.callbacks import Throughput
@@ -174,3 +175,30 @@ def test_training_logs_only_at_the_loggers_steps_and_writes_what_logging_every_s
     assert epoch_end.keys() == epoch_end_every_step.keys() and "train/maskrcnn_mask_loss" in epoch_end
     epoch_end.pop(rate), epoch_end_every_step.pop(rate)
     assert epoch_end == epoch_end_every_step
+
+
+@pytest.mark.parametrize("stage", ["validating", "sanity_checking", "testing"])
+def test_an_evaluation_batch_keeps_the_evaluators_targets_on_the_host(tmp_path, stage):
+    _, module, trainer = _fit(tmp_path, [])
+    module.trainer = trainer
+    setattr(trainer, stage, True)
+    masks = torch.zeros(2, 32, 32, dtype=torch.uint8)
+    masks[0, 2:10, 2:10] = masks[1, 12:30, 12:30] = 1
+    target = {
+        "boxes": torch.tensor([[2.0, 2.0, 10.0, 10.0], [12.0, 12.0, 30.0, 30.0]]),
+        "labels": torch.tensor([1, 2]),
+        "masks": masks,
+        "iscrowd": torch.tensor([0, 1]),
+        "image_id": torch.tensor(3),
+    }
+    batch = module.on_before_batch_transfer(((torch.rand(3, 32, 32),), (target,)), 0)
+    # What Lightning does next; the meta device shows what moved.
+    images, model_targets, host_targets = move_data_to_device(batch, torch.device("meta"))
+    assert images[0].device.type == "meta"
+    assert all(v.device.type == "meta" for v in model_targets[0].values())
+    assert model_targets[0]["labels"].shape == (1,)  # the crowd region is no model target
+    assert host_targets.value[0] is target  # the evaluator's, crowd region and all, never left the host
+
+    target["boxes"][0, 2] = 1.0  # a box with a negative width: named here, on the host
+    with pytest.raises(ValueError, match=r"image_id 3.*non-positive width"):
+        module.on_before_batch_transfer(((torch.rand(3, 32, 32),), (target,)), 0)

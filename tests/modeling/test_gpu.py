@@ -263,3 +263,25 @@ def test_a_batched_training_step_waits_on_the_host_once_per_pooler():
             torch.cuda.set_sync_debug_mode("default")
     waits = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
     assert len(waits) <= 2, waits
+
+
+def test_the_evaluator_waits_once_for_a_batch_of_device_predictions_and_scores_them_as_host_ones():
+    from mrcnn.evaluation import CocoEvaluator
+    from tests.test_evaluation import make_data
+
+    samples = make_data(seed=5)
+    predictions, targets = [p for _, p in samples], [t for t, _ in samples]
+    on_host, on_device = CocoEvaluator(), CocoEvaluator()
+    on_host.update(predictions, targets)
+    device_predictions = [{k: v.to(DEVICE) for k, v in p.items()} for p in predictions]
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            on_device.update(device_predictions, targets)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(waits) == 1, waits  # one copy of the whole batch
+    assert on_device.compute() == on_host.compute()

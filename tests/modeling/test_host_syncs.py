@@ -247,6 +247,61 @@ def test_a_training_step_waits_on_the_host_at_most_the_recorded_number_of_times(
         )
 
 
+# ---- a validation step ----------------------------------------------------------------------------------------
+class CountSyncsPerValidationBatch(L.Callback):
+    """Counts the host syncs of each validation batch, leaving out the evaluator's update (which
+    tests/test_evaluation.py counts: one read of a batch's predictions) and, as in training, ``HOST_SIDE``."""
+
+    def __init__(self):
+        self.batches: list[SyncCounter] = []
+        self._counting = None
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.batches.append(SyncCounter((*HOST_SIDE, ("/mrcnn/evaluation.py", "update"))))
+        self._counting = counting_host_syncs(self.batches[-1])
+        self._counting.__enter__()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._counting.__exit__(None, None, None)
+        self._counting = None
+
+
+# Recorded at batch 2, 64x64: the model's forward with targets (losses and detections). Before the targets were
+# checked and stripped of crowd regions on the host, and the evaluator's targets kept there, the step also read every
+# target's boxes and crowd flags from the device, and the evaluator read each image's targets and predictions: 66 in
+# all for "small".
+MAX_VALIDATION_SYNCS = {"small": 28, "small_batched": 5}
+
+
+@pytest.mark.parametrize(
+    "model, overrides",
+    [("small", []), ("small_batched", ["model.batched_proposals=true", "model.batched_sampling=true"])],
+)
+def test_a_validation_step_reads_no_target_on_the_device(model, overrides, tmp_path):
+    cfg = compose_config(
+        [
+            "data.num_train_images=2",
+            "data.num_val_images=4",
+            "data.datamodule.batch_size=2",
+            "data.datamodule.num_workers=0",
+            "data.image_size=64",
+            *overrides,
+        ],
+        run_dir=str(tmp_path),
+    )
+    L.seed_everything(0)
+    datamodule, module, trainer = build(cfg)
+    counter = CountSyncsPerValidationBatch()
+    trainer.callbacks.insert(0, counter)
+    trainer.validate(module, datamodule=datamodule)
+    assert len(counter.batches) == 2
+    for counts in counter.batches:
+        print(f"{sum(counts.values())} device syncs\n{counts.report()}")
+        assert sum(counts.values()) <= MAX_VALIDATION_SYNCS[model], counts.report()
+        places = "\n".join(place for _, place in counts.where)
+        assert "check_targets" not in places and "drop_crowd" not in places, counts.report()
+
+
 # ---- inference ------------------------------------------------------------------------------------------------
 def _inference_syncs(detections_per_img: int, overrides=()) -> tuple[SyncCounter, list[int]]:
     cfg = compose_config(
