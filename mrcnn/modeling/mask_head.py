@@ -118,13 +118,28 @@ class MLPMaskHead(nn.Module):
 MASK_TARGET_FORMS = ("soft", "binary")
 
 
+# RoIAlign reads float masks: at most this many bytes of them at once. COCO's usual batch needs far less (8 images of
+# 7 masks of 800 x 1200: 0.2 GB) and takes one pass; dense images (90 instances at 800 x 1333 are 0.4 GB an image,
+# 3 GB for a batched batch of 8) take several passes instead of a peak of that size.
+MASK_TARGET_CHUNK_BYTES = 256 * 2**20
+
+
 def mask_targets(
-    gt_masks: Tensor, proposals: Tensor, matched_idxs: Tensor, size: int, aligned: bool = False, form: str = "soft"
+    gt_masks: Tensor,
+    proposals: Tensor,
+    matched_idxs: Tensor,
+    size: int,
+    aligned: bool = False,
+    form: str = "soft",
+    chunk_bytes: int = MASK_TARGET_CHUNK_BYTES,
 ) -> Tensor:
     """Crop each positive RoI's matched ground-truth mask and resize it to ``size x size``.
 
     Each ground-truth mask is treated as its own 1-channel "image" so only the matched masks
-    are read, at the RoI's resolution (no full-resolution copy per RoI).
+    are read, at the RoI's resolution (no full-resolution copy per RoI). RoIAlign reads float masks: when
+    all of them would take more than ``chunk_bytes``, they are converted and read a chunk at a time, each pass
+    resampling the RoIs of its masks (the others get an empty box, which costs RoIAlign nothing). The targets are
+    the same bit for bit; the chunks follow from the masks' shape alone, so the host reads nothing.
 
     Args:
         gt_masks: uint8 ``[G, H, W]`` masks of one image.
@@ -135,16 +150,30 @@ def mask_targets(
         form: ``"soft"``: the bilinearly resampled mask, values in [0, 1] (torchvision's targets, the parity
             default); ``"binary"``: that mask thresholded at 0.5, values in {0, 1} (Detectron's and the
             paper's binary mask targets).
+        chunk_bytes: the most bytes of float masks RoIAlign reads at once.
 
     Returns:
         float ``[P, size, size]`` targets in [0, 1].
     """
     if form not in MASK_TARGET_FORMS:
         raise ValueError(f"mask target form must be one of {MASK_TARGET_FORMS}, got {form!r}")
-    rois = torch.cat([matched_idxs[:, None].to(proposals), proposals], dim=1)
+    per_mask = gt_masks[0].numel() * proposals.element_size() if len(gt_masks) else 1
+    chunk = max(1, chunk_bytes // max(per_mask, 1))
     # torchvision's kernel itself (adaptive sampling), as torchvision.ops.roi_align calls it outside deterministic
     # mode on a GPU (roi_align_kernel says why).
-    targets = roi_align_kernel(gt_masks[:, None].to(rois), rois, size, 1.0, -1, aligned)[:, 0]
+    if len(gt_masks) <= chunk:
+        rois = torch.cat([matched_idxs[:, None].to(proposals), proposals], dim=1)
+        targets = roi_align_kernel(gt_masks[:, None].to(rois), rois, size, 1.0, -1, aligned)[:, 0]
+    else:
+        targets = proposals.new_zeros((len(proposals), size, size))
+        empty = torch.zeros_like(proposals)
+        for start in range(0, len(gt_masks), chunk):
+            masks = gt_masks[start : start + chunk]
+            inside = (matched_idxs >= start) & (matched_idxs < start + len(masks))
+            local = torch.where(inside, matched_idxs - start, 0)
+            rois = torch.cat([local[:, None].to(proposals), torch.where(inside[:, None], proposals, empty)], dim=1)
+            chunk_targets = roi_align_kernel(masks[:, None].to(rois), rois, size, 1.0, -1, aligned)[:, 0]
+            targets = torch.where(inside[:, None, None], chunk_targets, targets)
     if form == "binary":
         targets = (targets >= 0.5).to(targets.dtype)
     return targets
@@ -185,6 +214,7 @@ def mask_targets_batched(
     size: int,
     aligned: bool = False,
     form: str = "soft",
+    chunk_bytes: int = MASK_TARGET_CHUNK_BYTES,
 ) -> Tensor:
     """:func:`mask_targets` for RoIs of several images in one RoIAlign (the ``[B]`` per-image calls otherwise).
 
@@ -192,15 +222,15 @@ def mask_targets_batched(
     lie in their images (proposals are clipped to them; ground-truth boxes lie in them). Targets equal the
     per-image ones bit for bit when the images have one size; else the samples at a smaller image's bottom or right
     edge blend two equal values where the per-image call reads one (float rounding,
-    ``tests/modeling/test_heads_losses.py``). It holds every image's masks in float32 at once, where the per-image
-    calls hold one image's (COCO, batch 8: about 7 masks of 800 x 1200 an image, 0.2 GB).
+    ``tests/modeling/test_heads_losses.py``). It holds every image's masks at once, as uint8 (the float copy RoIAlign
+    reads is bounded by :data:`MASK_TARGET_CHUNK_BYTES`).
 
     Args:
         gt_masks: per image uint8 ``[G_i, H_i, W_i]``.
         images: int64 ``[K]``, the image of each RoI.
         proposals: ``[K, 4]`` RoIs.
         matched_idxs: int64 ``[K]``, each RoI's ground truth within its image (``< G_i``).
-        size, aligned, form: as :func:`mask_targets`.
+        size, aligned, form, chunk_bytes: as :func:`mask_targets`.
 
     Returns:
         float ``[K, size, size]`` targets.
@@ -210,7 +240,9 @@ def mask_targets_batched(
     starts = [0, *itertools.accumulate(len(m) for m in gt_masks)][:-1]
     firsts = torch.tensor(starts, dtype=torch.int64, pin_memory=matched_idxs.is_cuda)
     firsts = firsts.to(matched_idxs.device, non_blocking=True)
-    return mask_targets(stack_masks(gt_masks), proposals, firsts[images] + matched_idxs, size, aligned, form)
+    return mask_targets(
+        stack_masks(gt_masks), proposals, firsts[images] + matched_idxs, size, aligned, form, chunk_bytes
+    )
 
 
 def _select_class(mask_logits: Tensor, labels: Tensor) -> Tensor:

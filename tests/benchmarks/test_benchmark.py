@@ -126,6 +126,20 @@ def test_roi_align_backward_benchmark_runs(tmp_path):
     assert cases["FPN P2 256px box (stride 4, 64 ch, 7x7)"]["chosen"] == "sparse"
 
 
+def test_mask_target_memory_benchmark_compares_whole_and_chunked_targets(tmp_path, monkeypatch):
+    script = load_script(SCRIPT.parent / "mask_target_memory.py")
+    shape = ["--images", "2", "--instances", "5", "--height", "60", "--width", "80", "--rois", "16"]
+    one = script.main([*shape, "--chunk-bytes", "1"])  # what each new process runs and prints
+    assert one["chunk_bytes"] == 1 and one["peak_rss_gib"] > 0 and one["seconds"] > 0
+    # The report, with each setting measured here instead of in a new process.
+    monkeypatch.setattr(script, "in_new_process", lambda shape, chunk_bytes: script.measure(*shape, chunk_bytes))
+    out = tmp_path / "memory.json"
+    report = script.main([*shape, "--bound", str(2 * 60 * 80 * 4), "--out", str(out)])
+    assert json.loads(out.read_text()) == report
+    assert report["chunked"]["chunk_bytes"] == 2 * 60 * 80 * 4 and report["whole"]["chunk_bytes"] > 2**40
+    assert report["same_targets"] and report["whole"]["checksum"] == one["checksum"] > 0
+
+
 def test_step_time_benchmark_times_every_backward(tmp_path):
     script = SCRIPT.parent / "step_time.py"
     out = tmp_path / "steps.json"

@@ -9,6 +9,7 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.roi_heads import fastrcnn_loss as tv_fastrcnn_loss
 from torchvision.models.detection.roi_heads import maskrcnn_loss as tv_maskrcnn_loss
 
+from mrcnn.modeling import mask_head
 from mrcnn.modeling.box_head import (
     BoxPredictor,
     MLPBoxHead,
@@ -27,6 +28,7 @@ from mrcnn.modeling.mask_head import (
     mask_targets_batched,
     stack_masks,
 )
+from tests.helpers.host_syncs import count_host_syncs
 
 
 def test_fcn_head_shapes_fpn_c4_and_agnostic():
@@ -291,3 +293,29 @@ def test_fast_rcnn_inference_thresholds_nms_and_empty():
         logits, torch.zeros(3, 12), proposals, [(100, 100)], coder, score_thresh=1.0
     )
     assert boxes[0].shape == (0, 4) and scores[0].shape == (0,) and labels[0].shape == (0,)
+
+
+@pytest.mark.parametrize("form", ["soft", "binary"])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_mask_targets_read_float_masks_a_bounded_chunk_at_a_time_and_give_the_same_targets(aligned, form, monkeypatch):
+    # Dense images: a float copy of every mask at once is GBs; chunks of at most chunk_bytes give the same targets.
+    masks, images, rois, matched = _images_of_masks([(7, 40, 56), (0, 40, 56), (6, 40, 56)])
+    whole = mask_targets_batched(masks, images, rois, matched, 14, aligned=aligned, form=form)
+
+    read = []
+    kernel = mask_head.roi_align_kernel
+
+    def recording_kernel(features, *args):
+        read.append(features.numel() * features.element_size())
+        return kernel(features, *args)
+
+    monkeypatch.setattr(mask_head, "roi_align_kernel", recording_kernel)
+    per_mask = 40 * 56 * 4
+    for chunk_bytes, passes in ((4 * per_mask, 4), (5 * per_mask + 3, 3), (per_mask, 13), (1, 13)):
+        read.clear()
+        chunked, counts = count_host_syncs(
+            mask_targets_batched, masks, images, rois, matched, 14, aligned=aligned, form=form, chunk_bytes=chunk_bytes
+        )
+        assert torch.equal(chunked, whole), chunk_bytes
+        assert len(read) == passes and max(read) <= max(chunk_bytes, per_mask), read
+        assert sum(counts.values()) == 0, counts.report()  # the chunks come from shapes, not values
