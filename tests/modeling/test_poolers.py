@@ -295,6 +295,30 @@ def test_fast_cpu_roi_align_backward_equals_torchvision(
     assert chosen == [f"{backward}_backward"]
 
 
+@pytest.mark.parametrize("rois_per_chunk", [None, 5, 1])
+def test_separable_backward_in_chunks_of_rois_equals_torchvision_and_reads_the_host_once(rois_per_chunk):
+    # Its largest intermediate is C*P*W values a RoI: a bounded chunk of RoIs at a time keeps the gradient.
+    from torchvision.ops import roi_align as torchvision_roi_align
+
+    from mrcnn.modeling.roi_align import separable_backward
+    from tests.helpers.host_syncs import count_host_syncs
+
+    shape, scale, output_size = (3, 4, 10, 12), 1 / 4, 7
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
+    rois = random_rois(shape[0], shape[2], shape[3], scale, 40, generator)
+    rois[:, 0] = rois[:, 0].clamp(max=1)  # the last image has no RoI; the others' RoIs are interleaved
+    grad_out = torch.randn(40, shape[1], output_size, output_size, generator=generator, dtype=torch.float64)
+    expected = torchvision_roi_align(features, rois, output_size, scale, 2, False)
+    (expected_grad,) = torch.autograd.grad(expected, features, grad_out)
+
+    per_roi = shape[1] * output_size * shape[3] * 8
+    chunk_bytes = {} if rois_per_chunk is None else {"chunk_bytes": rois_per_chunk * per_roi + 3}
+    grad, counts = count_host_syncs(separable_backward, grad_out, rois, scale, 2, False, shape, **chunk_bytes)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-10)
+    assert dict(counts) == {"Tensor.tolist": 1}, counts.report()  # each image's RoI count, once
+
+
 def test_separable_backward_is_chosen_for_small_maps_and_sparse_for_large():
     from mrcnn.modeling.roi_align import MIN_CHANNELS, choose_backward
 
