@@ -94,6 +94,41 @@ def test_a_changed_batch_size_is_refused_unless_allowed(tmp_path, caplog):
     assert "data.datamodule.batch_size: 2 -> 4" in caplog.text
 
 
+def test_a_run_saved_before_the_batched_switches_existed_resumes_unless_they_are_turned_on(tmp_path):
+    # model.batched_sampling and model.batched_proposals came later; their default builds what the older run built
+    # (MaskRCNN's RPN and RoI heads' default arguments), so only turning one on is a change.
+    resumed = saved_run(tmp_path)
+    net_nodes = (resumed.config["model"]["net"], resumed.config["module"]["model"])
+    for net in net_nodes:
+        for node, keys in (
+            (net["rpn"], ("batched_proposals", "batched_sampling")),
+            (net["roi_heads"], ("batched_sampling",)),
+        ):
+            for key in keys:
+                del node[key]
+    for key in ("batched_proposals", "batched_sampling"):
+        del resumed.config["model"][key]
+    cfg = compose_config([*TINY, f"resume={tmp_path / 'run'}"], run_dir=str(tmp_path / "resumed"))
+    check_resume_config(cfg, resumed)
+
+    switched = compose_config(
+        [*TINY, "model.batched_sampling=true", f"resume={tmp_path / 'run'}"], run_dir=str(tmp_path / "resumed")
+    )
+    with pytest.raises(ValueError) as error:
+        check_resume_config(switched, resumed)
+    for key in ("model.batched_sampling", "model.net.rpn.batched_sampling", "model.net.roi_heads.batched_sampling"):
+        assert f"{key}: '<absent>' -> True" in str(error.value)
+    assert "batched_proposals" not in str(error.value)
+
+
+def test_a_plain_key_that_no_target_reads_is_a_change_when_it_is_new(tmp_path):
+    # Without a _target_ argument to compare with, a new key (here one nothing interpolates) is a change.
+    resumed = saved_run(tmp_path)
+    cfg = compose_config([*TINY, "+model.note=1"], run_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=r"model.note: '<absent>' -> 1"):
+        check_resume_config(cfg, resumed)
+
+
 def test_an_added_or_removed_key_is_a_change(tmp_path):
     resumed = saved_run(tmp_path)
     cfg = compose_config([*TINY, "+model.net.roi_heads.nms_thresh=0.4"], run_dir=str(tmp_path / "run"))

@@ -113,22 +113,44 @@ def read_resumed_run(path: str | Path) -> ResumedRun:
     )
 
 
-def config_changes(saved: dict, current: dict, saved_run_dir: str, current_run_dir: str) -> list[str]:
+def config_changes(
+    saved: dict, current: dict, saved_run_dir: str, current_run_dir: str, unresolved: dict | None = None
+) -> list[str]:
     """``<key>: <saved> -> <current>`` for each key that differs, but for :data:`RESUME_FREE_KEYS`.
 
     Paths inside each run's own folder are compared relative to it, so a run resumed into a new folder
-    differs from its original only where it really does.
+    differs from its original only where it really does. A key the saved config lacks is no change when it
+    builds what the older run built: an argument of a ``_target_`` at its default, or (with ``unresolved``, the
+    current config before interpolation) a key whose every use (``${key}``) is such an argument.
     """
     old = _flatten(_relative_to_run_dir(saved, str(saved_run_dir)))
     new = _flatten(_relative_to_run_dir(current, str(current_run_dir)))
+    uses = _interpolations(unresolved) if unresolved is not None else {}
     absent = "<absent>"
     return [
         f"{key}: {old.get(key, absent)!r} -> {new.get(key, absent)!r}"
         for key in sorted(old.keys() | new.keys())
         if not _is_free(key)
         and old.get(key, absent) != new.get(key, absent)
-        and not (key not in old and _is_target_default(current, key, new[key]))
+        and not (key not in old and _builds_the_default(current, key, new[key], uses))
     ]
+
+
+def _builds_the_default(config: dict, key: str, value, uses: dict[str, list[str]]) -> bool:
+    """Whether ``key`` with ``value`` is a ``_target_``'s default argument, or only feeds such arguments."""
+    if _is_target_default(config, key, value):
+        return True
+    # E.g. model.batched_sampling, a switch of its own that configs interpolate into model.net.batched_sampling.
+    return bool(uses.get(key)) and all(_is_target_default(config, use, value) for use in uses[key])
+
+
+def _interpolations(unresolved: dict) -> dict[str, list[str]]:
+    """``{key: [paths whose value is exactly "${key}"]}`` in a config before interpolation."""
+    uses: dict[str, list[str]] = {}
+    for path, value in _flatten(unresolved).items():
+        if isinstance(value, str) and value.startswith("${") and value.endswith("}") and value.count("$") == 1:
+            uses.setdefault(value[2:-1].strip(), []).append(path)
+    return uses
 
 
 def _is_target_default(config: dict, key: str, value) -> bool:
@@ -167,7 +189,8 @@ def check_resume_config(cfg: DictConfig, resumed: ResumedRun) -> None:
         )
         return
     current = OmegaConf.to_container(cfg, resolve=True)
-    changes = config_changes(resumed.config, current, resumed.run_dir, cfg.run_dir)
+    unresolved = OmegaConf.to_container(cfg, resolve=False)
+    changes = config_changes(resumed.config, current, resumed.run_dir, cfg.run_dir, unresolved)
     if not changes:
         return
     listing = "\n  ".join(changes)
