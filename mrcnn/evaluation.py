@@ -436,47 +436,55 @@ def on_host(records: Sequence[dict | None], mask_threshold: float | None) -> lis
     """The tensors of a batch's per-image dicts on the host, copied from the device in one transfer.
 
     Reading each image's boxes, labels, scores and masks from the GPU one by one makes the host wait for the GPU once
-    per tensor (five times an image); one copy of them all waits once per batch. Masks are thresholded on the device
-    first: bool is a quarter of float32's bytes.
+    per tensor (five times an image); one copy of them all waits once per batch. Every tensor is written into one
+    device buffer (masks thresholded on the way: bool is a quarter of float32's bytes), which is copied once.
 
     Args:
         records: per image a dict of tensors (``masks`` [M, 1, H, W] or [M, H, W], float probabilities or
             uint8/bool), or None.
-        mask_threshold: a float mask is ``masks > mask_threshold`` (a uint8 or bool one is ``masks != 0``); None: masks
-            left on the device are not copied, and their key is dropped (box AP does not read them).
+        mask_threshold: a float mask is ``masks > mask_threshold`` (a uint8 or bool one is ``masks != 0``); None:
+            masks on the device stay there, uncopied (box AP reads only their shape).
 
     Returns:
         New dicts (the same Nones) whose device tensors are host tensors of the same shape; masks copied from the
         device are bool. Host tensors and other values are the same objects.
     """
     records = [None if record is None else dict(record) for record in records]
-    parts = []  # (image, key, device tensor)
+    parts = []  # (image, key, device tensor, dtype on the host)
     for i, record in enumerate(records):
         if record is None:
             continue
-        for key, value in list(record.items()):
-            if not _on_device(value):
+        for key, value in record.items():
+            if not _on_device(value) or (key == "masks" and mask_threshold is None):
                 continue
-            value = value.detach()
-            if key == "masks":
-                if mask_threshold is None:
-                    del record[key]
-                    continue
-                value = value > mask_threshold if value.is_floating_point() else value != 0
+            dtype = torch.bool if key == "masks" else value.dtype
             if value.numel() == 0:
-                record[key] = torch.empty(value.shape, dtype=value.dtype)  # nothing to read
-                continue
-            parts.append((i, key, value.contiguous()))
+                record[key] = torch.empty(value.shape, dtype=dtype)  # nothing to read
+            else:
+                parts.append((i, key, value.detach(), dtype))
     if not parts:
         return records
-    # One buffer of bytes, widest elements first: every part then starts at a multiple of its own element size (all
-    # sizes are powers of two), which viewing the host bytes as that dtype again requires.
-    parts.sort(key=lambda part: -part[2].element_size())
-    host = torch.cat([value.reshape(-1).view(torch.uint8) for _, _, value in parts]).cpu()
+    # Widest elements first: every part then starts at a multiple of its own element size (all sizes are powers of
+    # two), which viewing the bytes as that dtype requires, on the device and on the host.
+    parts.sort(key=lambda part: -part[3].itemsize)
+    sizes = [value.numel() * dtype.itemsize for _, _, value, dtype in parts]
+    device = parts[0][2].device
+    buffer = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
     start = 0
-    for i, key, value in parts:
-        size = value.numel() * value.element_size()
-        records[i][key] = host[start : start + size].view(value.dtype).view(value.shape)
+    for (_, key, value, dtype), size in zip(parts, sizes):
+        part = buffer[start : start + size].view(dtype).view(value.shape)
+        value = value.to(device)  # (one model's outputs share a device: a no-op)
+        if key != "masks":
+            part.copy_(value)
+        elif value.is_floating_point():
+            torch.gt(value, mask_threshold, out=part)
+        else:
+            torch.ne(value, 0, out=part)
+        start += size
+    host = buffer.cpu()
+    start = 0
+    for (i, key, value, dtype), size in zip(parts, sizes):
+        records[i][key] = host[start : start + size].view(dtype).view(value.shape)
         start += size
     return records
 

@@ -538,7 +538,17 @@ def test_on_host_copies_a_batch_in_one_read_and_keeps_every_value(monkeypatch):
             assert torch.equal(copied[key], expected), key
 
     without_masks = evaluation.on_host(records, None)  # box AP: device masks are not copied
-    assert all("masks" not in record for record in without_masks if record is not None)
+    assert all(copied["masks"] is record["masks"] for record, copied in zip(records, without_masks) if record)
+
+
+def test_box_ap_on_device_targets_keeps_each_images_size_from_its_masks(samples, monkeypatch):
+    _as_if_on_a_gpu(monkeypatch)
+    evaluator = CocoEvaluator(iou_types=("bbox",))
+    evaluator.update([p for _, p in samples[:2]], [t for t, _ in samples[:2]])
+    records = evaluator._records()
+    for target, _ in samples[:2]:
+        record = records[int(target["image_id"])]
+        assert (record["height"], record["width"]) == tuple(target["masks"].shape[-2:])
 
 
 def test_the_evaluator_reads_a_batch_on_the_device_once_and_scores_what_it_scores_from_the_host(samples, monkeypatch):

@@ -195,7 +195,7 @@ def separable_backward(
     ax = _axis_matrix(x0, w, width, p, sampling_ratio).to(grad_output.dtype)  # [R, P, W]
     grad_output = grad_output[order].reshape(num_rois, c * p, p)
     per_roi = c * p * width * grad_output.element_size()
-    step = max(1, chunk_bytes // per_roi)
+    step = max(1, chunk_bytes // max(per_roi, 1))
     grad = grad_output.new_zeros(n, height, c * width)
     first = 0
     # A loop over the images and, for images with many RoIs, over chunks of them; never over RoIs or pixels.
