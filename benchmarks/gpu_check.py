@@ -122,23 +122,24 @@ TRAIN_STEPS = {"train_bf16": ("bf16",), "train_batched": ("batched",), "train_ot
 # bench_eager measures), which make every shape the convolutions see repeat at a fixed image size, so cuDNN
 # autotuning may join it (it tunes each shape once).
 # It also takes the batched proposals and sampling (RPN and RoI heads: one host sync per training step instead of
-# about 55, and fixed head shapes whatever the buckets), and FrozenBatchNorm in bf16 (model.frozen_bn_keeps_dtype:
-# the backbone's activations stay bf16; half the bytes a training step writes, counted on the CPU); all three are off
-# by default until measured.
+# about 55, and fixed head shapes whatever the buckets), and FrozenBatchNorm folded into its convolution
+# (model.fold_frozen_bn: the norms' activation-sized kernels go and the backbone's activations stay bf16; 44% of the
+# bytes a training step writes, counted on the CPU; it supersedes model.frozen_bn_keeps_dtype, which then has no norm
+# left to change); all three are off by default until measured.
 FAST_OVERRIDES = [
     "model.roi_buckets=[16,32,64,128,256,512,1024,2048,4096]",
     "model.batched_proposals=true",
     "model.batched_sampling=true",
-    "model.frozen_bn_keeps_dtype=true",
+    "model.fold_frozen_bn=true",
 ]
 # Configurations of ours measured in the same rounds as ours in a benchmark step (benchmark.py --variant), each
 # differing from ours in the named switches only, so one run says what a switch that is off by default until measured
 # is worth on the GPU: the batched RPN proposals and detections and the batched anchor/RoI sampling beside the parity
-# configuration in eager mode (training and inference), and the float32 FrozenBatchNorm beside the fast path (whose
-# bf16 one it replaces). One variant each: more would not fit the check's 7 minutes.
+# configuration in eager mode (training and inference), and torchvision's float32 FrozenBatchNorm beside the fast path
+# (whose folded one it replaces). One variant each: more would not fit the check's 7 minutes.
 BENCH_VARIANTS = {
     "bench_eager": {"batched": ["model.batched_sampling=true", "model.batched_proposals=true"]},
-    "bench_fast": {"frozen_bn_float32": ["model.frozen_bn_keeps_dtype=false"]},
+    "bench_fast": {"frozen_bn_float32": ["model.fold_frozen_bn=false"]},
 }
 BENCH_SWITCHES = {
     "bench_eager": ["--precision", "bf16-mixed", "--profile"],

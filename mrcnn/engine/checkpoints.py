@@ -46,6 +46,10 @@ RESUME_FREE_KEYS = (
     "model.frozen_bn_keeps_dtype",
     "model.net.frozen_bn_keeps_dtype",
     "module.model.frozen_bn_keeps_dtype",  # module.model is model.net
+    # Only the rounding of the convolution and its norm (the weights, buffers and state dict are the same).
+    "model.fold_frozen_bn",
+    "model.net.fold_frozen_bn",
+    "module.model.fold_frozen_bn",
     "module.compile",
     "module.compile_kwargs",
     "trainer.accelerator",

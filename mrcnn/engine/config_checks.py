@@ -247,6 +247,9 @@ SCHEMA: dict[str, Rule] = {
     # FrozenBatchNorm2d returns its input's dtype (bf16 activations under autocast).
     "model.frozen_bn_keeps_dtype": boolean,
     "model.net.frozen_bn_keeps_dtype": boolean,
+    # FrozenBatchNorm2d folded into the convolution before it.
+    "model.fold_frozen_bn": boolean,
+    "model.net.fold_frozen_bn": boolean,
     "model.canonical_scale": positive_int,
     "model.rois_per_image": positive_int,
     "model.neck_rois_per_image": positive_int,

@@ -29,6 +29,10 @@ class MaskRCNN(nn.Module):
         frozen_bn_keeps_dtype: every FrozenBatchNorm2d of the parts returns its input's dtype (bf16 under autocast)
             instead of float32 (``mrcnn.modeling.frozen_bn``): the same maths in float32, and under autocast the
             activations between the convolutions stay bf16. No effect on a model without FrozenBatchNorm2d.
+        fold_frozen_bn: every FrozenBatchNorm2d right after a convolution (all of a ResNet's) is applied by that
+            convolution, as rescaled weights and a bias (``mrcnn.modeling.frozen_bn.fold_frozen_bn``): the same maths
+            up to rounding, without the norm's activation-sized kernels; under autocast its output is bf16 too.
+            Applied before ``frozen_bn_keeps_dtype``, which then concerns only the norms left.
     """
 
     def __init__(
@@ -41,6 +45,7 @@ class MaskRCNN(nn.Module):
         image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
         image_std: tuple[float, float, float] = (0.229, 0.224, 0.225),
         frozen_bn_keeps_dtype: bool = False,
+        fold_frozen_bn: bool = False,
     ):
         super().__init__()
         min_size = (min_size,) if isinstance(min_size, int) else tuple(min_size)
@@ -48,7 +53,13 @@ class MaskRCNN(nn.Module):
         self.backbone = backbone
         self.rpn = rpn
         self.roi_heads = roi_heads
-        if frozen_bn_keeps_dtype and not frozen_bn.frozen_bn_keeps_dtype(self):
+        if fold_frozen_bn and not frozen_bn.fold_frozen_bn(self):
+            warnings.warn(
+                "model.fold_frozen_bn=true does nothing: the model has no FrozenBatchNorm2d after a convolution "
+                "(model.norm is not frozen_bn)",
+                stacklevel=2,
+            )
+        if frozen_bn_keeps_dtype and not frozen_bn.frozen_bn_keeps_dtype(self) and not fold_frozen_bn:
             warnings.warn(
                 "model.frozen_bn_keeps_dtype=true does nothing: the model has no FrozenBatchNorm2d (model.norm is not "
                 "frozen_bn)",

@@ -123,7 +123,7 @@ def test_dry_run_reports_every_step_and_goes_on_past_a_failing_one(tmp_path):
         assert f"| {name} | {gpu_check.DESCRIPTIONS[name]} | {status} |" in summary
     assert "skipped (no CUDA)" in summary and f"| python | {platform.python_version()} " in summary
     assert "## Failures" in summary and "### train_bf16: timed out after 1 s" in summary
-    assert "| bench_fast, variant `frozen_bn_float32` (model.frozen_bn_keeps_dtype=false) | " in summary
+    assert "| bench_fast, variant `frozen_bn_float32` (model.fold_frozen_bn=false) | " in summary
     batched_row = next(line for line in summary.splitlines() if line.startswith("| bench_eager, variant `batched` ("))
     assert "x ours" in batched_row and " - |" not in batched_row  # training and inference numbers
     assert "| sync ops per step" in summary and "| mask_head input shapes in training |" in summary

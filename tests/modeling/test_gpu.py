@@ -4,6 +4,7 @@ DDP on one GPU. Marked ``gpu`` and skipped without CUDA; ``benchmarks/gpu_check.
 
 import json
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -131,11 +132,21 @@ def test_frozen_bn_keeps_the_residual_stream_bf16_under_cuda_autocast():
     from tests.modeling.test_frozen_bn import block_output_dtypes, frozen_bn_model
 
     images, targets = shapes_batch(device=DEVICE)
-    for keeps_dtype in (False, True):
-        model = frozen_bn_model(keeps_dtype).to(DEVICE).train()
+    for keeps_dtype, fold in ((False, False), (True, False), (False, True)):
+        model = frozen_bn_model(keeps_dtype, fold=fold).to(DEVICE).train()
         dtypes, losses = block_output_dtypes(model, images, targets, device_type=DEVICE)
-        assert dtypes == ({torch.bfloat16} if keeps_dtype else {torch.float32})
+        assert dtypes == ({torch.bfloat16} if keeps_dtype or fold else {torch.float32}), (keeps_dtype, fold)
         assert all(torch.isfinite(losses[key]) for key in LOSS_KEYS)
+
+
+def test_the_folded_frozen_bn_backbone_gives_the_unfolded_maps_on_the_gpu():
+    # model.fold_frozen_bn: the convolution applies the norm (cuDNN with a bias) instead of the norm's own kernels.
+    from tests.modeling.test_frozen_bn import frozen_bn_model
+
+    images, _ = shapes_batch(device=DEVICE)
+    plain = SimpleNamespace(model=frozen_bn_model(False).to(DEVICE).train())
+    folded = SimpleNamespace(model=frozen_bn_model(False, fold=True).to(DEVICE).train())
+    assert_same_backbone(folded, plain, torch.stack(images))  # the maps and conv1's gradient
 
 
 def test_compile_gives_the_eager_losses():
