@@ -26,7 +26,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import write_png
 from torchvision.transforms.functional import pil_to_tensor
 
 from mrcnn.data.coco import load_coco_json
@@ -37,8 +36,8 @@ from mrcnn.engine.checkpoints import check_checkpoint_fits
 from mrcnn.engine.config_checks import check_config, checkpoint_path
 from mrcnn.engine.launch import job_scope
 from mrcnn.engine.model_record import read_model_record
-from mrcnn.engine.visualize import draw_instances, select
-from mrcnn.evaluation import CocoEvaluator
+from mrcnn.engine.visualize import draw_instances, save_png, select
+from mrcnn.evaluation import CocoEvaluator, on_host
 
 log = logging.getLogger(__name__)
 
@@ -186,11 +185,15 @@ class PredictionWriter(BasePredictionWriter):
     ) -> None:
         self.output.mkdir(parents=True, exist_ok=True)
         images, metas = batch
+        # The batch's detections and images on the host in one copy, masks thresholded on the device first: read
+        # image by image, tensor by tensor, each read would wait for the GPU, and the float masks would cross whole.
+        records = on_host([{**d, "image": image} for d, image in zip(prediction, images)], self.mask_threshold)
         kept = []
-        for image, meta, detection in zip(images, metas, prediction):
-            detection = select(detection, self.score_threshold)
+        for record, meta in zip(records, metas):
+            image = record.pop("image")
+            detection = select(record, self.score_threshold)
             overlay = draw_instances(image, detection, self.class_names, self.score_threshold, self.mask_threshold)
-            write_png(overlay, str(self.output / overlay_name(meta["file_name"])))
+            save_png(overlay, self.output / overlay_name(meta["file_name"]))
             self.num_overlays += 1
             kept.append({**detection, "image_id": meta["image_id"]})
         self.results.update(kept)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import colorsys
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,6 +43,11 @@ def to_uint8(image: Tensor) -> Tensor:
     if image.dtype == torch.uint8:
         return image
     return (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def save_png(image: Tensor, path: str | Path) -> None:
+    """Writes a uint8 ``[3, H, W]`` host image as a PNG file (with PIL: torchvision 0.29 deprecates its encoders)."""
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path, format="PNG")
 
 
 def binary_masks(masks: Tensor, threshold: float = 0.5) -> Tensor:

@@ -159,3 +159,45 @@ def test_captions_sit_beside_their_box_and_never_on_each_other():
         for j, other in enumerate(rects[:i]):
             ox1, oy1, ox2, oy2 = other
             assert not (x1 < ox2 and ox1 < x2 and y1 < oy2 and oy1 < y2), f"captions {j} and {i} overlap"
+
+
+def test_the_prediction_writer_reads_a_batch_from_the_device_once_and_writes_what_it_wrote_from_the_host(
+    tmp_path, monkeypatch
+):
+    from mrcnn import evaluation
+    from mrcnn.engine.predict import PredictionWriter
+    from tests.helpers.host_syncs import SyncCounter, counting_host_syncs
+
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 40, 56, generator=generator) for _ in range(3)]
+    metas = [{"image_id": i + 1, "file_name": f"{i}.png"} for i in range(3)]
+    coco_images = [{"id": i + 1, "file_name": f"{i}.png", "height": 40, "width": 56} for i in range(3)]
+    detections = []
+    for count in (4, 0, 2):
+        corner = torch.rand(count, 2, generator=generator) * 25
+        detections.append(
+            {
+                "boxes": torch.cat([corner, corner + 10], 1),
+                "labels": torch.randint(1, 3, (count,), generator=generator),
+                "scores": torch.rand(count, generator=generator),
+                "masks": torch.rand(count, 1, 40, 56, generator=generator),
+            }
+        )
+
+    def write(folder, counts=None):
+        writer = PredictionWriter(folder, coco_images, ["a", "b"], score_threshold=0.3)
+        with counting_host_syncs(counts if counts is not None else SyncCounter()):
+            writer.write_on_batch_end(None, None, detections, None, (images, metas), 0, 0)
+        return writer
+
+    expected = write(tmp_path / "host")
+    # As if the model ran on a GPU: every tensor is treated as a device tensor, so the batched copy runs. What the
+    # writer does after it (selecting, drawing, RLE encoding) reads its host copies.
+    monkeypatch.setattr(evaluation, "_on_device", lambda value: isinstance(value, torch.Tensor))
+    after_the_copy = tuple(("/mrcnn/", name) for name in ("select", "draw_instances", "save_png", "update"))
+    counts = SyncCounter(after_the_copy)
+    actual = write(tmp_path / "device", counts)
+    assert dict(counts) == {"Tensor.cpu": 1}, counts.report()
+    assert actual.results.results_json() == expected.results.results_json()
+    for i in range(3):
+        assert (tmp_path / "device" / f"{i}.png.png").read_bytes() == (tmp_path / "host" / f"{i}.png.png").read_bytes()
