@@ -3,7 +3,7 @@
 import bisect
 import collections
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
@@ -196,16 +196,12 @@ class MaskRCNNModule(L.LightningModule):
         trainer = self.trainer
         if trainer.training:
             images, targets = batch
-            targets = [drop_crowd(t) for t in targets]
-            check_targets(targets)
-            batch = (images, targets)
+            batch = (images, model_targets(targets))
         elif trainer.validating or trainer.sanity_checking or trainer.testing:
             images, targets = batch
-            model_targets = [drop_crowd(t) for t in targets]
-            check_targets(model_targets)
             # The evaluator's targets (crowd regions and all) stay on the host, where it reads them: a trip to the
             # device and back would copy every full-size mask twice and wait for each read.
-            batch = (images, model_targets, HostOnly(list(targets)))
+            batch = (images, model_targets(targets), HostOnly(list(targets)))
         return batch
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
@@ -248,14 +244,12 @@ class MaskRCNNModule(L.LightningModule):
 
     def _eval_step(self, batch, stage: str) -> None:
         if len(batch) == 3:  # from on_before_batch_transfer: the model's targets checked, the evaluator's on the host
-            images, model_targets, host_targets = batch
+            images, checked, host_targets = batch
             targets = host_targets.value
-        else:
+        else:  # a step called without Lightning's transfer hooks
             images, targets = batch
-            # Crowd regions are for the evaluator only (ignore regions), never model targets.
-            model_targets = [drop_crowd(t) for t in targets]
-            check_targets(model_targets)
-        detections, losses = self.model(list(images), list(model_targets), targets_checked=True)
+            checked = model_targets(targets)
+        detections, losses = self.model(list(images), list(checked), targets_checked=True)
         batch_size = len(images)
         losses = in_display_order(losses)
         self.log_dict({f"{stage}/{k}": v for k, v in losses.items()}, batch_size=batch_size, sync_dist=True)
@@ -348,6 +342,14 @@ class LossWatch:
             self.pending.popleft()
             check_finite(dict(zip(names, values)), step)
             self.latest, self.latest_step = dict(zip(names, values.tolist())), step
+
+
+def model_targets(targets: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+    """The targets the model learns from and scores losses on: without crowd regions (which are ignore regions for
+    the evaluator only), checked (:func:`~mrcnn.modeling.mask_rcnn.check_targets`, which names a bad image)."""
+    targets = [drop_crowd(t) for t in targets]
+    check_targets(targets)
+    return targets
 
 
 class HostOnly:
