@@ -106,20 +106,24 @@ def test_the_switch_replaces_every_frozen_bn_and_keeps_the_state_dict():
     assert describe_model(keeps)["backbone.norm"] == "FrozenBatchNorm2d"
 
 
+def train_and_detect(model, images, targets) -> tuple[dict, dict, list]:
+    """One training forward and backward (losses, parameter gradients), then the detections in eval mode."""
+    model.train()
+    torch.manual_seed(5)
+    _, losses = model(images, targets)
+    sum(losses.values()).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    model.eval()
+    with torch.no_grad():
+        detections, _ = model(images)
+    return losses, grads, detections
+
+
 def test_in_float32_the_model_computes_exactly_what_it_did():
     images, targets = shapes_batch(seed=3)
-    results = []
-    for keeps_dtype in (False, True):
-        model = frozen_bn_model(keeps_dtype).train()
-        torch.manual_seed(5)
-        _, losses = model(images, targets)
-        sum(losses.values()).backward()
-        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        model.eval()
-        with torch.no_grad():
-            detections, _ = model(images)
-        results.append((losses, grads, detections))
-    (losses0, grads0, det0), (losses1, grads1, det1) = results
+    (losses0, grads0, det0), (losses1, grads1, det1) = (
+        train_and_detect(frozen_bn_model(keeps_dtype), images, targets) for keeps_dtype in (False, True)
+    )
     assert all(torch.equal(losses0[k], losses1[k]) for k in LOSS_KEYS)
     assert grads0.keys() == grads1.keys() and all(torch.equal(grads0[k], grads1[k]) for k in grads0)
     for a, b in zip(det0, det1):
@@ -233,18 +237,9 @@ def test_the_folded_model_trains_and_detects_as_the_unfolded_one():
     # float64, where the two roundings differ by about 1e-16: the same proposals, samples and detections.
     images, targets = shapes_batch(seed=3)
     images = [image.double() for image in images]
-    results = []
-    for fold in (False, True):
-        model = frozen_bn_model(False, fold=fold).double().train()
-        torch.manual_seed(5)
-        _, losses = model(images, targets)
-        sum(losses.values()).backward()
-        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        model.eval()
-        with torch.no_grad():
-            detections, _ = model(images)
-        results.append((losses, grads, detections))
-    (losses0, grads0, det0), (losses1, grads1, det1) = results
+    (losses0, grads0, det0), (losses1, grads1, det1) = (
+        train_and_detect(frozen_bn_model(False, fold=fold).double(), images, targets) for fold in (False, True)
+    )
     for key in LOSS_KEYS:
         torch.testing.assert_close(losses1[key], losses0[key], rtol=1e-9, atol=1e-12)
     assert grads0.keys() == grads1.keys()
