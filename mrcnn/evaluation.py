@@ -495,14 +495,14 @@ def _on_device(value: Any) -> bool:
 
 
 def _binary_masks(masks: torch.Tensor, threshold: float) -> np.ndarray:
-    """Masks [N, 1, H, W] or [N, H, W] (float, uint8 or bool) -> uint8 [N, H, W] of 0/1."""
+    """Host masks [N, 1, H, W] or [N, H, W] (float, uint8 or bool) -> uint8 [N, H, W] of 0/1.
+
+    Device masks were thresholded and copied by :func:`on_host` before they get here.
+    """
     masks = masks.detach()
     if masks.dim() == 4:
         masks = masks[:, 0]
-    if masks.device.type != "cpu":
-        # Threshold before leaving the GPU: a bool mask is a quarter of a float one.
-        masks = masks > threshold if masks.is_floating_point() else masks != 0
-    elif masks.dtype == torch.bfloat16:
+    if masks.dtype == torch.bfloat16:
         masks = masks.float()  # numpy has no bfloat16
     # On the CPU, numpy: torch's elementwise ops use OpenMP threads, which slow
     # down many times over when other processes (dataloader workers) hold the cores.
