@@ -6,7 +6,7 @@ chosen. ``chosen`` says which backward the model uses for the shape, ``speedup``
 over that one's.
 
 The shapes are those of one training step of the CPU settings (batch 8, 64 RoIs per image; 128 and 256 px
-shapes images, full and quarter width) plus one COCO-sized FPN level. Medians of --repeats after one
+shapes images, full and quarter width) plus COCO-sized FPN levels (P2 to P4). Medians of --repeats after one
 warm-up round; the three are alternated within each round.
 
     python benchmarks/roi_align_backward.py [--repeats 5] [--threads N] [--cases C5,C4] [--out roi_align.json]
@@ -34,7 +34,13 @@ CASES = {
     "FPN P2 256px box (stride 4, 64 ch, 7x7)": ((8, 64, 64, 64), 1 / 4, 512, 7),
     "FPN P3 256px box (stride 8, 64 ch, 7x7)": ((8, 64, 32, 32), 1 / 8, 512, 7),
     "FPN P2 256px mask (stride 4, 64 ch, 14x14)": ((8, 64, 64, 64), 1 / 4, 128, 14),
+    "FPN P2 256px full width box (stride 4, 256 ch, 7x7)": ((8, 256, 64, 64), 1 / 4, 512, 7),
+    "FPN P2 256px full width mask (stride 4, 256 ch, 14x14)": ((8, 256, 64, 64), 1 / 4, 128, 14),
     "COCO FPN P2 box (800x1333, 256 ch, 7x7)": ((2, 256, 200, 334), 1 / 4, 1024, 7),
+    "COCO FPN P3 box (800x1333, 256 ch, 7x7)": ((2, 256, 100, 167), 1 / 8, 1024, 7),
+    "COCO FPN P3 mask (800x1333, 256 ch, 14x14)": ((2, 256, 100, 167), 1 / 8, 256, 14),
+    "COCO FPN P4 box (800x1333, 256 ch, 7x7)": ((2, 256, 50, 84), 1 / 16, 1024, 7),
+    "COCO FPN P4 mask (800x1333, 256 ch, 14x14)": ((2, 256, 50, 84), 1 / 16, 256, 14),
 }
 
 
@@ -73,8 +79,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
     results = {}
+    width = max(len(name) for name in cases)
     print(
-        f"{'case':46s} {'torchvision ms':>15s} {'sparse ms':>10s} {'separable ms':>13s} {'chosen':>12s} {'speed-up':>9s}"
+        f"{'case':{width}s} {'torchvision ms':>15s} {'sparse ms':>10s} {'separable ms':>13s} {'chosen':>12s} {'speed-up':>9s}"
     )
     for name, (shape, scale, count, output_size) in cases.items():
         features = torch.randn(*shape, generator=generator, requires_grad=True)
@@ -92,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
         numbers["speedup"] = numbers["torchvision_ms"] / numbers[f"{chosen}_ms"]
         results[name] = numbers
         print(
-            f"{name:46s} {numbers['torchvision_ms']:15.1f} {numbers['sparse_ms']:10.1f} "
+            f"{name:{width}s} {numbers['torchvision_ms']:15.1f} {numbers['sparse_ms']:10.1f} "
             f"{numbers['separable_ms']:13.1f} {chosen:>12s} {numbers['speedup']:9.2f}"
         )
     if args.out:
