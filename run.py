@@ -1,14 +1,22 @@
 """Entry point: `python run.py [group=option ...] [key=value ...]`; `-m` sweeps. See README.md."""
 
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 # Only light modules before Hydra composes: a mistyped override or a bad value fails in about a second, before
 # torch and Lightning are loaded (several seconds), which the mode's own module imports.
-from mrcnn.config import check_added_keys, check_model_contract, hydra_group_options  # (registers the resolvers)
+from mrcnn.config import (  # (registers the resolvers)
+    check_added_keys,
+    check_group_overrides,
+    check_model_contract,
+    hydra_group_options,
+)
 from mrcnn.engine.config_checks import check_config
 from mrcnn.engine.launch import discard_unused_output, pin_ddp_child_to_its_job
+from mrcnn.engine.quiet import silence_library_noise
 
 MODES = ("train", "evaluate", "predict")
 
@@ -27,6 +35,7 @@ def main(cfg: DictConfig) -> float | None:
             from mrcnn.engine import train as train_module
 
             run_mode = getattr(train_module, cfg.mode)
+        silence_library_noise()  # after the mode's module has imported Lightning, before its first message
         metrics = run_mode(cfg)
     except BaseException:
         # A job that failed before writing anything leaves no empty output folder behind.
@@ -38,4 +47,8 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     pin_ddp_child_to_its_job()
+    try:
+        check_group_overrides(sys.argv[1:])  # before Hydra, whose own message for this mistake misleads
+    except ValueError as error:
+        sys.exit(f"{type(error).__name__}: {error}")
     main()

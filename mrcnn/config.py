@@ -152,3 +152,37 @@ def check_added_keys(
                 f" To choose a {group}/{key} option, write {group}/{key}={value} (options: {', '.join(options)})."
             )
         raise ValueError(message)
+
+
+def check_group_overrides(args: Sequence[str], config_dir: str | Path = CONFIG_DIR) -> None:
+    """Fails on a command-line override that picks a config group's option with a dot: ``model.backbone=c4``
+    meant as ``model/backbone=c4``.
+
+    Hydra reads ``model.backbone`` as a config key; there is none, so it fails with "Could not override
+    'model.backbone' ... use +model.backbone=c4", which would add a key that nothing reads (where a key of that name
+    exists, such as ``data.augmentation``, the override replaces a mapping with a string). Checked on the raw
+    command line, before Hydra composes: the key with slashes is a group folder under ``config_dir``, and the value
+    (each of a sweep's comma-separated values) is one of its options.
+
+    Args:
+        args: the command line after the script's name (flags and their values are passed over).
+        config_dir: the folder of the config groups.
+
+    Raises:
+        ValueError: naming the override and the one that picks the option.
+    """
+    for arg in args:
+        match = re.fullmatch(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)=(.+)", arg)
+        if match is None:
+            continue
+        key, value = match.groups()
+        group = Path(config_dir, *key.split("."))
+        if not group.is_dir():
+            continue
+        options = sorted(p.stem for p in group.glob("*.yaml"))
+        if all(v.strip() in options for v in value.split(",")):
+            slashed = key.replace(".", "/")
+            raise ValueError(
+                f"{arg}: {slashed} is a config group; choose its option with {slashed}={value} (a slash: with a "
+                f"dot, {key} names a config key; options: {', '.join(options)})."
+            )

@@ -1,5 +1,6 @@
 """Every config file in every group composes and instantiates; bad choices fail clearly."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -208,6 +209,27 @@ def test_an_added_model_key_that_nothing_reads_is_an_error():
         check_added_keys(cfg, ["++model.note=x"])
     # Keys the model reads, keys outside model, and plain (not added) overrides pass.
     check_added_keys(cfg, ["model.width=32", "+model.width=32", "+data.extra=1", "+model.net.x=1"])
+
+
+def test_a_group_option_picked_with_a_dot_is_an_error_that_names_the_slash():
+    from mrcnn.config import check_group_overrides
+
+    # Every config group (nested ones too), with one of its options and a sweep over all of them.
+    groups = sorted({str(p.parent.relative_to(CONFIG_DIR)) for p in Path(CONFIG_DIR).rglob("*.yaml")})
+    groups = [group for group in groups if "/" in group]  # a top-level group's name has no dot to mistake
+    assert {"model/backbone", "data/augmentation", "setting/experiment/cpu"} <= set(groups)
+    for group in groups:
+        option, every = options(group)[0], ",".join(options(group))
+        for value in (option, every):
+            dotted = f"{group.replace('/', '.')}={value}"
+            with pytest.raises(ValueError, match=rf"^{re.escape(dotted)}: {group} is a config group; .* {group}="):
+                check_group_overrides(["-m", "seed=0", dotted])
+    # The slash, keys that are no group, values that are no option (data.augmentation=null sets a key), flags,
+    # and added keys (check_added_keys answers those) pass.
+    check_group_overrides(
+        ["model/backbone=c4", "model.depth=50", "model.backbone=c9", "data.augmentation=null", "model.backbone=c4,c9"]
+    )
+    check_group_overrides(["--multirun", "--config-name", "train", "+model.backbone=c4", "~model.pooler"])
 
 
 def test_each_backbone_selects_its_roi_heads_and_the_command_line_wins():

@@ -34,9 +34,27 @@ class _DropPrefixes(logging.Filter):
         return not str(record.msg).startswith(self.prefixes)
 
 
+def one_copy_of_lightning_logs() -> None:
+    """Shows each Lightning log record once when the root logger has handlers (Hydra's job logging).
+
+    ``import lightning`` gives the ``lightning`` logger a console handler of its own ("INFO: ..."), whatever the root
+    logger has, while its subpackages propagate to the root logger when it has handlers. Under Hydra every Lightning
+    message ("GPU available: ...", "`Trainer.fit` stopped: ...") was printed twice: once by that handler, once in the
+    job's format. Without Lightning's console handler each shows once, in the job's format, and still reaches the
+    job's log file. Without root handlers (a plain script) Lightning's handler is the only one, so it stays.
+    """
+    if not logging.getLogger().handlers:
+        return
+    package = logging.getLogger("lightning")
+    for handler in list(package.handlers):
+        if type(handler) is logging.StreamHandler:  # a console handler; a FileHandler (a subclass) is someone's choice
+            package.removeHandler(handler)
+
+
 def silence_library_noise() -> None:
-    """Installs the filters above, once per process."""
+    """Installs the filters above, once per process, and shows each Lightning log record once."""
     global _installed
+    one_copy_of_lightning_logs()  # each call: Lightning may have been imported since the last one
     if _installed:
         return
     for pattern in NOISE_WARNINGS:

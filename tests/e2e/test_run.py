@@ -17,6 +17,11 @@ def test_run_py_debug_fast_trains_evaluates_and_resumes_evaluation(tmp_path):
     result = run_py(["debug=fast", f"hydra.run.dir={tmp_path}"])
     assert "COCO-style AP on the validation split" in result.stdout
     assert any(line.startswith("mask ") for line in result.stdout.splitlines())
+    # Each of Lightning's messages once, in the job's format (Lightning's own console handler printed them again),
+    # and in the job's log file.
+    for message in ("Seed set to 0", "GPU available: False", "`Trainer.fit` stopped: `max_steps=4` reached"):
+        assert (result.stdout + result.stderr).count(message) == 1, message
+        assert message in (tmp_path / "run.log").read_text()
 
     rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
     columns = set(rows[0])
@@ -55,6 +60,7 @@ def test_a_typo_fails_loudly_and_leaves_no_output_folder(tmp_path):
     [
         (["model/pooler=roi_alignx"], "Could not find 'model/pooler/roi_alignx'"),
         (["+model.pooler=roi_pool"], "nothing reads model.pooler"),
+        (["model.pooler=roi_pool"], "model/pooler is a config group; choose its option with model/pooler=roi_pool"),
         (["data.datamodule.batch_size=-2"], "data.datamodule.batch_size=-2: must be a positive integer"),
         (["mode=evaluat"], "mode must be one of ['evaluate', 'predict', 'train'], got 'evaluat'"),
         (["data=coco", "data.root=/no/such/folder"], "data.root=/no/such/folder: no such folder"),
@@ -75,6 +81,7 @@ def test_a_typo_fails_loudly_and_leaves_no_output_folder(tmp_path):
     ids=[
         "unknown_option",
         "added_key",
+        "dotted_group",
         "bad_value",
         "unknown_mode",
         "missing_data",
