@@ -544,7 +544,7 @@ def _why_no_last_checkpoint(run_dir: Path) -> str:
     hint = (
         "The run stopped before it saved its first checkpoint (last.ckpt is written at every epoch end, every "
         "checkpoint_every_n_steps steps, and when a run is stopped with Ctrl-C or SIGTERM): start it again "
-        "without resume=."
+        "without resume=, in a new folder (without hydra.run.dir)."
     )
     others = sorted((run_dir / "checkpoints").glob("*.ckpt"))
     if others:

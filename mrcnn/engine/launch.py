@@ -140,3 +140,92 @@ def discard_unused_output(job_dir: Path) -> bool:
         except OSError:  # not empty: other runs
             break
     return True
+
+
+# What a run leaves in its folder that a new run there would write over: its checkpoints, its CSV log (Lightning's
+# CSVLogger deletes an old metrics.csv when it saves a new one) and its final metrics.
+RUN_OUTPUTS = ("checkpoints/*.ckpt", "csv/metrics.csv", "metrics.json")
+
+
+def check_run_dir_is_free(
+    run_dir: str | Path, mode: str = "train", ckpt_path: str | None = None, sweep_job: bool = False
+) -> None:
+    """Stops a job whose folder (``hydra.run.dir``) holds another run's output, before the job writes there.
+
+    Hydra gives every run a new folder; one named with ``hydra.run.dir`` may hold a run already (the resume command
+    without its ``resume=``). Lightning would only warn, then write over that run's checkpoints and delete its CSV
+    log, and Hydra over its ``.hydra`` record. Resuming a checkpoint of the folder's own run (``resume=<run_dir>``, or
+    ``ckpt_path=`` inside it) in ``mode=train`` continues that run and is allowed; evaluating or predicting writes a
+    job's own record there, so they need another folder.
+
+    Args:
+        run_dir: the job's folder.
+        mode: ``train``, ``evaluate`` or ``predict``.
+        ckpt_path: the Lightning checkpoint the job starts from, if any.
+        sweep_job: the job is one of a sweep's (its folder is below ``hydra.sweep.dir``): the message says so.
+
+    Raises:
+        FileExistsError: naming the folder, what it holds and the ways on.
+    """
+    run_dir = Path(run_dir)
+    found = sorted(str(path.relative_to(run_dir)) for pattern in RUN_OUTPUTS for path in run_dir.glob(pattern))
+    if not found:
+        return
+    if mode == "train" and ckpt_path is not None and run_dir.resolve() in Path(ckpt_path).resolve().parents:
+        return  # the folder's own run, continued
+    shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    if mode == "train":
+        harm = "a new run there would write over them (Lightning deletes the old csv/metrics.csv)"
+        ways = f"Continue that run with resume={run_dir} hydra.run.dir={run_dir}, or write"
+    else:
+        harm = f"mode={mode} would write its own record over that run's"
+        ways = "Write"
+    if sweep_job:
+        raise FileExistsError(
+            f"this sweep job's folder {run_dir} holds another run's output ({shown}): {harm}. Write the sweep to a "
+            "new folder: leave hydra.sweep.dir out, or name an empty one."
+        )
+    raise FileExistsError(
+        f"hydra.run.dir={run_dir} holds another run's output ({shown}): {harm}. {ways} to a new folder: leave "
+        "hydra.run.dir out, or name an empty one."
+    )
+
+
+def in_sweep() -> bool:
+    """Whether this process runs a job of a Hydra sweep (``-m``, or an experiment that sweeps)."""
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def check_named_run_dir(args: list[str]) -> None:
+    """Stops a command whose ``hydra.run.dir=`` (or, for a sweep, ``hydra.sweep.dir=``) names a folder that holds a
+    run's output, before Hydra writes its record there (``.hydra/``, a sweep's ``multirun.yaml``).
+
+    A single job is checked by :func:`check_run_dir_is_free` with ``mode``, ``resume`` and ``ckpt_path`` as the
+    command line gives them (a config file that sets them is checked again in the job, as every sweep job's own
+    folder is). A sweep folder that holds any run's output is refused: the new jobs' folders would be the old ones.
+    DDP children, which run in their job's folder, pass.
+    """
+    if is_ddp_child():
+        return
+    values = dict(arg.lstrip("+").split("=", 1) for arg in args if "=" in arg and not arg.startswith("-"))
+    unquoted = {key: value.strip("'\"") for key, value in values.items()}
+    # An experiment sweeps without -m (its config sets hydra.mode=MULTIRUN): a named sweep folder is checked too.
+    if "-m" in args or "--multirun" in args or "hydra.sweep.dir" in unquoted:
+        if "hydra.sweep.dir" in unquoted and unquoted.get("hydra.mode") != "RUN":
+            sweep_dir = Path(unquoted["hydra.sweep.dir"])
+            found = sorted(str(p.relative_to(sweep_dir)) for pattern in RUN_OUTPUTS for p in sweep_dir.rglob(pattern))
+            if found:
+                shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+                raise FileExistsError(
+                    f"hydra.sweep.dir={sweep_dir} holds runs' output ({shown}): a new sweep there would write over "
+                    "them and its multirun.yaml. Write to a new folder: leave hydra.sweep.dir out, or name an empty "
+                    "one."
+                )
+        return
+    if "hydra.run.dir" not in unquoted:
+        return
+    resume = unquoted.get("resume")
+    ckpt_path = str(Path(resume) / "checkpoints" / "last.ckpt") if resume else unquoted.get("ckpt_path")
+    check_run_dir_is_free(unquoted["hydra.run.dir"], unquoted.get("mode", "train"), ckpt_path)

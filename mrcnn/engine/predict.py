@@ -34,7 +34,7 @@ from mrcnn.data.images import ImageLimits, check_regular_file, file_kind, read_i
 from mrcnn.engine.build import build_module
 from mrcnn.engine.checkpoints import check_checkpoint_fits
 from mrcnn.engine.config_checks import check_config, checkpoint_path
-from mrcnn.engine.launch import job_scope
+from mrcnn.engine.launch import check_run_dir_is_free, in_sweep, job_scope
 from mrcnn.engine.model_record import read_model_record
 from mrcnn.engine.visualize import draw_instances, save_png, select
 from mrcnn.evaluation import CocoEvaluator, on_host
@@ -242,6 +242,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     # A checkpoint of this project knows its classes and their category ids: the model gets its number of
     # classes, the captions its names, the json its ids, whatever data config this run has.
     record = read_model_record(ckpt_path or cfg.weights, "ckpt_path" if ckpt_path else "weights")
+    check_run_dir_is_free(cfg.run_dir, cfg.mode, ckpt_path, sweep_job=in_sweep())
     output = prepare_output(cfg.predict.output)
     if record is not None and record.class_names:
         with open_dict(cfg):

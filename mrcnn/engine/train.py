@@ -14,7 +14,7 @@ from mrcnn.engine.build import build
 from mrcnn.engine.callbacks import TrainingInterrupted
 from mrcnn.engine.checkpoints import check_checkpoint_fits, check_resume_config, read_resumed_run
 from mrcnn.engine.config_checks import check_config, checkpoint_path
-from mrcnn.engine.launch import job_scope
+from mrcnn.engine.launch import check_run_dir_is_free, in_sweep, job_scope
 from mrcnn.engine.model_record import read_checkpoint
 from mrcnn.engine.summary import write_final_metrics
 
@@ -34,6 +34,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resumed = read_resumed_run(ckpt_path) if ckpt_path else None
     if resumed is not None:
         check_resume_config(cfg, resumed)
+    check_run_dir_is_free(cfg.run_dir, cfg.mode, ckpt_path, sweep_job=in_sweep())
     with job_scope(cfg), stops_with_nonzero_exit(cfg):
         prepare_determinism(cfg)
         L.seed_everything(cfg.seed, workers=True)
@@ -55,6 +56,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = checkpoint_path(cfg)  # check_config: there, or weights= given
     if ckpt_path:
         read_checkpoint(ckpt_path)  # a file that is no checkpoint stops here, before the data is built
+    check_run_dir_is_free(cfg.run_dir, cfg.mode, ckpt_path, sweep_job=in_sweep())
     with job_scope(cfg), stops_with_nonzero_exit(cfg):
         prepare_determinism(cfg)
         L.seed_everything(cfg.seed, workers=True)

@@ -95,17 +95,36 @@ def test_a_typo_fails_loudly_and_leaves_no_output_folder(tmp_path):
     ],
 )
 def test_a_config_mistake_is_answered_before_torch_loads(tmp_path, overrides, message):
-    # Loading torch and Lightning takes seconds; a mistyped command should not wait for them. run.py runs in a
-    # process that reports, when it exits, whether torch was imported.
+    # Loading torch and Lightning takes seconds; a mistyped command should not wait for them.
+    run_dir = tmp_path / "run"
+    result = run_before_torch(tmp_path, [*overrides, f"hydra.run.dir={run_dir}"])
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert "torch loaded: False" in result.stdout, result.stdout
+    assert not run_dir.exists()  # and it left no output folder
+
+
+def test_a_folder_that_holds_a_run_is_refused_before_hydra_writes_there(tmp_path):
+    # The resume command without its resume=: Lightning would write over the run's checkpoints and CSV log.
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"a run's weights")
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
+    result = run_before_torch(tmp_path, ["seed=1", f"hydra.run.dir={run_dir}"])
+    assert result.returncode != 0 and "holds another run's output (checkpoints/last.ckpt)" in result.stderr
+    assert f"resume={run_dir} hydra.run.dir={run_dir}" in result.stderr and "torch loaded: False" in result.stdout
+    assert sorted(p.name for p in run_dir.rglob("*")) == [".hydra", "checkpoints", "last.ckpt", "overrides.yaml"]
+    assert (run_dir / ".hydra" / "overrides.yaml").read_text() == "- seed=0\n"
+
+
+def run_before_torch(tmp_path, args: list[str]) -> subprocess.CompletedProcess:
+    """``python run.py <args>`` in a process that reports, when it exits, whether torch was imported."""
     check = (
         "import runpy, sys\n"
         "try:\n"
-        f"    sys.argv = ['run.py', *{overrides!r}, 'hydra.run.dir={tmp_path / 'run'}']\n"
+        f"    sys.argv = ['run.py', *{args!r}]\n"
         f"    runpy.run_path({str(ROOT / 'run.py')!r}, run_name='__main__')\n"
         "finally:\n"
         "    print('torch loaded:', 'torch' in sys.modules)\n"
     )
-    result = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
-    assert "torch loaded: False" in result.stdout, result.stdout
-    assert not (tmp_path / "run").exists()  # and it left no output folder
+    return subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=120)

@@ -1,0 +1,102 @@
+"""A job never writes into a folder that holds another run's output: only that run's resume may go on there."""
+
+import pytest
+import torch
+
+from mrcnn.engine.launch import DDP_JOB_DIR_ENV, RUN_OUTPUTS, check_named_run_dir, check_run_dir_is_free
+from tests.helpers.config import TINY_MODEL, compose_config
+
+# One file of each kind RUN_OUTPUTS names.
+OUTPUTS = ("checkpoints/last.ckpt", "csv/metrics.csv", "metrics.json")
+
+
+def run_folder(path, outputs=OUTPUTS):
+    """A run's folder: Hydra's record and log, and ``outputs``."""
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
+    (path / "run.log").write_text("")
+    for name in outputs:
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text("x")
+    return path
+
+
+def test_each_kind_of_output_stops_every_mode_but_the_runs_own_resume(tmp_path):
+    assert len(OUTPUTS) == len(RUN_OUTPUTS)
+    for name in OUTPUTS:
+        run = run_folder(tmp_path / name.replace("/", "_"), [name])
+        for mode in ("train", "evaluate", "predict"):
+            with pytest.raises(FileExistsError, match=rf"hydra\.run\.dir={run} holds another run's output \({name}\)"):
+                check_run_dir_is_free(run, mode)
+    run = run_folder(tmp_path / "run")
+    # The run's own resume goes on, from last.ckpt or another of its checkpoints, written any way.
+    (run / "checkpoints" / "epoch0-step4.ckpt").write_text("x")
+    for ckpt in ("checkpoints/last.ckpt", "checkpoints/epoch0-step4.ckpt", "checkpoints/../checkpoints/last.ckpt"):
+        check_run_dir_is_free(run, "train", str(run / ckpt))
+    # A checkpoint of another folder, or evaluating / predicting the run's own, would write over its record.
+    other = run_folder(tmp_path / "other")
+    with pytest.raises(FileExistsError, match=rf"Continue that run with resume={run} hydra\.run\.dir={run}"):
+        check_run_dir_is_free(run, "train", str(other / "checkpoints" / "last.ckpt"))
+    for mode in ("evaluate", "predict"):
+        with pytest.raises(FileExistsError, match=rf"mode={mode} would write its own record over that run's"):
+            check_run_dir_is_free(run, mode, str(run / "checkpoints" / "last.ckpt"))
+    # A sweep's job is told to move the sweep, not its own folder.
+    with pytest.raises(FileExistsError, match=rf"this sweep job's folder {run} .* leave hydra\.sweep\.dir out"):
+        check_run_dir_is_free(run, "train", sweep_job=True)
+    # A folder with Hydra's record and log only (a job that failed before writing), or none at all, is free.
+    check_run_dir_is_free(run_folder(tmp_path / "failed", []), "train")
+    check_run_dir_is_free(tmp_path / "new", "train")
+
+
+def test_the_command_line_is_checked_before_hydra_writes_its_record(tmp_path, monkeypatch):
+    monkeypatch.delenv(DDP_JOB_DIR_ENV, raising=False)
+    run = run_folder(tmp_path / "run")
+    for args in (
+        [f"hydra.run.dir={run}"],
+        [f"hydra.run.dir='{run}'", "seed=1"],
+        [f"++hydra.run.dir={run}", f"weights={run}/checkpoints/last.ckpt"],
+        ["mode=evaluate", f"resume={run}", f"hydra.run.dir={run}"],
+        ["mode=predict", f"ckpt_path={run}/checkpoints/last.ckpt", f"hydra.run.dir={run}"],
+        [f"resume={tmp_path / 'elsewhere'}", f"hydra.run.dir={run}"],
+    ):
+        with pytest.raises(FileExistsError, match=str(run)):
+            check_named_run_dir(args)
+    # Its resume; no named folder; a sweep (each job checks its own folder); a DDP child in its job's folder.
+    check_named_run_dir([f"resume={run}", f"hydra.run.dir={run}"])
+    check_named_run_dir([f"ckpt_path={run}/checkpoints/last.ckpt", f"hydra.run.dir={run}", "trainer.max_epochs=9"])
+    check_named_run_dir(["seed=1", f"resume={run}"])
+    check_named_run_dir(["-m", "seed=1,2", f"hydra.run.dir={run}"])
+    # A sweep into a folder whose jobs hold output (any depth: Hydra's subdir may be nested) would reuse their folders.
+    sweep = tmp_path / "sweep"
+    run_folder(sweep / "model" / "0", ["csv/metrics.csv"])
+    # An experiment sweeps without -m.
+    for sweeping in (["-m", "seed=1,2"], ["--multirun"], ["experiment=ablation_mask_loss"]):
+        with pytest.raises(FileExistsError, match=rf"hydra\.sweep\.dir={sweep} holds runs' output \(model/0/csv"):
+            check_named_run_dir([*sweeping, f"hydra.sweep.dir={sweep}"])
+    check_named_run_dir(["experiment=ablation_mask_loss", "hydra.mode=RUN", f"hydra.sweep.dir={sweep}"])
+    check_named_run_dir(["-m", f"hydra.sweep.dir={tmp_path / 'new'}"])
+    check_named_run_dir(["-m", f"hydra.sweep.dir={run_folder(tmp_path / 'stopped', [])}"])
+    monkeypatch.setenv(DDP_JOB_DIR_ENV, str(run))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    check_named_run_dir([f"hydra.run.dir={run}"])
+
+
+def test_a_job_whose_folder_holds_a_run_stops_before_it_writes_there(tmp_path):
+    # What a sweep's job (its folder is not on the command line) meets: the same check, at the start of the mode.
+    from mrcnn.engine.predict import predict
+    from mrcnn.engine.train import evaluate, train
+
+    run = run_folder(tmp_path / "run")
+    torch.save({}, run / "checkpoints" / "last.ckpt")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    jobs = {
+        train: [],
+        evaluate: ["mode=evaluate", f"ckpt_path={tmp_path / 'other.ckpt'}"],
+        predict: ["mode=predict", f"weights={tmp_path / 'other.ckpt'}", f"predict.input={tmp_path}"],
+    }
+    torch.save({}, tmp_path / "other.ckpt")
+    for job, overrides in jobs.items():
+        cfg = compose_config([*TINY_MODEL, *overrides], run_dir=str(run))
+        with pytest.raises(FileExistsError, match=rf"hydra\.run\.dir={run} holds another run's output"):
+            job(cfg)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
