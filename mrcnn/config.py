@@ -1,5 +1,5 @@
-"""OmegaConf resolvers used by the configs, so each fact is written once and derived elsewhere; and the
-check that a key a user adds under ``model`` is read by something."""
+"""OmegaConf resolvers used by the configs, so each fact is written once and derived elsewhere; the check that a
+key a user adds under ``model`` is read by something; and the check that a group's option is picked with a slash."""
 
 import re
 from collections.abc import Callable, Sequence

@@ -21,12 +21,12 @@ def run_folder(path, outputs=OUTPUTS):
     return path
 
 
-def test_each_kind_of_output_stops_every_mode_but_the_runs_own_resume(tmp_path):
+def test_each_kind_of_output_stops_every_mode_but_the_runs_own_resume(tmp_path, monkeypatch):
     assert len(OUTPUTS) == len(RUN_OUTPUTS)
     for name in OUTPUTS:
         run = run_folder(tmp_path / name.replace("/", "_"), [name])
         for mode in ("train", "evaluate", "predict"):
-            with pytest.raises(FileExistsError, match=rf"hydra\.run\.dir={run} holds another run's output \({name}\)"):
+            with pytest.raises(FileExistsError, match=rf"the job's folder {run} holds another run's output \({name}\)"):
                 check_run_dir_is_free(run, mode)
     run = run_folder(tmp_path / "run")
     # The run's own resume goes on, from last.ckpt or another of its checkpoints, written any way.
@@ -40,9 +40,21 @@ def test_each_kind_of_output_stops_every_mode_but_the_runs_own_resume(tmp_path):
     for mode in ("evaluate", "predict"):
         with pytest.raises(FileExistsError, match=rf"mode={mode} would write its own record over that run's"):
             check_run_dir_is_free(run, mode, str(run / "checkpoints" / "last.ckpt"))
-    # A sweep's job is told to move the sweep, not its own folder.
-    with pytest.raises(FileExistsError, match=rf"this sweep job's folder {run} .* leave hydra\.sweep\.dir out"):
+    # A sweep's job is told to move the sweep; a job SLURM requeued (the same command again), to resume.
+    with pytest.raises(FileExistsError, match=r"Write the sweep to a new folder: leave hydra\.sweep\.dir out"):
         check_run_dir_is_free(run, "train", sweep_job=True)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with pytest.raises(FileExistsError, match=rf"SLURM requeued this job; continue it with resume={run} hydra\.run"):
+        check_run_dir_is_free(run, "train", sweep_job=True)
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    # Only the job's first process checks: it writes these files, and a resumed run's first process writes the
+    # continued csv/metrics.csv before the others reach their check.
+    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.setenv(name, "1")
+        check_run_dir_is_free(run, "evaluate")
+        monkeypatch.setenv(name, "0")
+    with pytest.raises(FileExistsError):
+        check_run_dir_is_free(run, "evaluate")
     # A folder with Hydra's record and log only (a job that failed before writing), or none at all, is free.
     check_run_dir_is_free(run_folder(tmp_path / "failed", []), "train")
     check_run_dir_is_free(tmp_path / "new", "train")
@@ -73,7 +85,14 @@ def test_the_command_line_is_checked_before_hydra_writes_its_record(tmp_path, mo
     for sweeping in (["-m", "seed=1,2"], ["--multirun"], ["experiment=ablation_mask_loss"]):
         with pytest.raises(FileExistsError, match=rf"hydra\.sweep\.dir={sweep} holds runs' output \(model/0/csv"):
             check_named_run_dir([*sweeping, f"hydra.sweep.dir={sweep}"])
+    # One job: its hydra.run.dir counts, not hydra.sweep.dir; a command that only prints writes nothing.
     check_named_run_dir(["experiment=ablation_mask_loss", "hydra.mode=RUN", f"hydra.sweep.dir={sweep}"])
+    check_named_run_dir(["seed=1", f"hydra.sweep.dir={sweep}"])
+    with pytest.raises(FileExistsError, match=str(run)):
+        check_named_run_dir(["experiment=ablation_mask_loss", "hydra.mode=RUN", f"hydra.run.dir={run}"])
+    for flag in ("--cfg", "--info", "--help"):
+        check_named_run_dir([flag, "job", f"hydra.run.dir={run}"])
+        check_named_run_dir([flag, "-m", f"hydra.sweep.dir={sweep}"])
     check_named_run_dir(["-m", f"hydra.sweep.dir={tmp_path / 'new'}"])
     check_named_run_dir(["-m", f"hydra.sweep.dir={run_folder(tmp_path / 'stopped', [])}"])
     monkeypatch.setenv(DDP_JOB_DIR_ENV, str(run))
@@ -97,6 +116,6 @@ def test_a_job_whose_folder_holds_a_run_stops_before_it_writes_there(tmp_path):
     torch.save({}, tmp_path / "other.ckpt")
     for job, overrides in jobs.items():
         cfg = compose_config([*TINY_MODEL, *overrides], run_dir=str(run))
-        with pytest.raises(FileExistsError, match=rf"hydra\.run\.dir={run} holds another run's output"):
+        with pytest.raises(FileExistsError, match=rf"the job's folder {run} holds another run's output"):
             job(cfg)
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before

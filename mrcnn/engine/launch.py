@@ -6,6 +6,10 @@ would run every job of the sweep (Lightning issue 11300). Both halves of the fix
 :func:`job_scope` (in the job's main process) writes the job's resolved config and names its folder
 in ``MRCNN_DDP_JOB_DIR``; :func:`pin_ddp_child_to_its_job` (at the top of ``run.py``, in a child)
 turns the child's command line into one that runs exactly that config.
+
+A job's folder is its own: :func:`check_named_run_dir` (in ``run.py``, before Hydra writes there) and
+:func:`check_run_dir_is_free` (at the start of each mode) stop a job whose folder holds another run's output,
+unless the job resumes that run.
 """
 
 import contextlib
@@ -158,6 +162,10 @@ def check_run_dir_is_free(
     ``ckpt_path=`` inside it) in ``mode=train`` continues that run and is allowed; evaluating or predicting writes a
     job's own record there, so they need another folder.
 
+    Only the job's first process checks (:func:`is_first_process`): it is the one that writes these files, and a
+    resumed run's first process writes the continued ``csv/metrics.csv`` before the others (started by Lightning
+    at ``fit``, or by SLURM at any time) would reach their check.
+
     Args:
         run_dir: the job's folder.
         mode: ``train``, ``evaluate`` or ``predict``.
@@ -168,27 +176,46 @@ def check_run_dir_is_free(
         FileExistsError: naming the folder, what it holds and the ways on.
     """
     run_dir = Path(run_dir)
-    found = sorted(str(path.relative_to(run_dir)) for pattern in RUN_OUTPUTS for path in run_dir.glob(pattern))
+    if not is_first_process():
+        return
+    found = _outputs(run_dir, Path.glob)
     if not found:
         return
     if mode == "train" and ckpt_path is not None and run_dir.resolve() in Path(ckpt_path).resolve().parents:
         return  # the folder's own run, continued
-    shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
     if mode == "train":
         harm = "a new run there would write over them (Lightning deletes the old csv/metrics.csv)"
         ways = f"Continue that run with resume={run_dir} hydra.run.dir={run_dir}, or write"
     else:
         harm = f"mode={mode} would write its own record over that run's"
         ways = "Write"
-    if sweep_job:
-        raise FileExistsError(
-            f"this sweep job's folder {run_dir} holds another run's output ({shown}): {harm}. Write the sweep to a "
-            "new folder: leave hydra.sweep.dir out, or name an empty one."
-        )
+    if os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
+        # Requeued (preempted, or out of time under submitit): the same command again, in the same folder.
+        ways = f"SLURM requeued this job; continue it with resume={run_dir} hydra.run.dir={run_dir}, or write"
+    elif sweep_job:
+        ways = "Write the sweep"
     raise FileExistsError(
-        f"hydra.run.dir={run_dir} holds another run's output ({shown}): {harm}. {ways} to a new folder: leave "
-        "hydra.run.dir out, or name an empty one."
+        f"the job's folder {run_dir} holds another run's output ({found}): {harm}. {ways} to a new folder: leave "
+        f"{'hydra.sweep.dir' if sweep_job else 'hydra.run.dir'} out, or name an empty one."
     )
+
+
+def _outputs(folder: Path, glob) -> str:
+    """What ``folder`` holds of :data:`RUN_OUTPUTS` (``glob``: ``Path.glob``, or ``Path.rglob`` for every depth), the
+    first three named; ``""`` if nothing."""
+    found = sorted(str(path.relative_to(folder)) for pattern in RUN_OUTPUTS for path in glob(folder, pattern))
+    return ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+
+
+def is_first_process() -> bool:
+    """Whether this process is its job's first (global rank 0), read from the variables launchers set: Lightning's
+    children (``LOCAL_RANK``, ``NODE_RANK``), SLURM's tasks (``SLURM_PROCID``), torchrun's processes (``RANK``)."""
+    return all(os.environ.get(name, "0") in ("", "0") for name in _RANK_ENV)
+
+
+# Variables that give a process's rank (or its node's) before a Trainer exists; in a job's first process none is set
+# or each is 0.
+_RANK_ENV = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
 
 
 def in_sweep() -> bool:
@@ -198,28 +225,34 @@ def in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+# Hydra's flags that only print (the config, the app's info, help, shell completion): nothing is written.
+_PRINT_ONLY_FLAGS = ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--shell-completion", "-sc")
+
+
 def check_named_run_dir(args: list[str]) -> None:
-    """Stops a command whose ``hydra.run.dir=`` (or, for a sweep, ``hydra.sweep.dir=``) names a folder that holds a
-    run's output, before Hydra writes its record there (``.hydra/``, a sweep's ``multirun.yaml``).
+    """Stops a command whose ``hydra.run.dir=`` (for a sweep, ``hydra.sweep.dir=``) names a folder that holds a run's
+    output, before Hydra writes its record there (``.hydra/``, a sweep's ``multirun.yaml``).
 
     A single job is checked by :func:`check_run_dir_is_free` with ``mode``, ``resume`` and ``ckpt_path`` as the
-    command line gives them (a config file that sets them is checked again in the job, as every sweep job's own
-    folder is). A sweep folder that holds any run's output is refused: the new jobs' folders would be the old ones.
-    DDP children, which run in their job's folder, pass.
+    command line gives them (a config file that sets them, or the folder, is checked again in the job, as every
+    sweep job's own folder is). A sweep (``-m``, or an ``experiment=``, which sweeps unless ``hydra.mode=RUN``) into
+    a folder that holds any run's output is refused: the new jobs' folders would be the old ones. DDP children and
+    the job's other processes pass (:func:`is_first_process`), as does a command that only prints.
     """
-    if is_ddp_child():
+    if is_ddp_child() or not is_first_process() or any(arg in _PRINT_ONLY_FLAGS for arg in args):
         return
     values = dict(arg.lstrip("+").split("=", 1) for arg in args if "=" in arg and not arg.startswith("-"))
     unquoted = {key: value.strip("'\"") for key, value in values.items()}
-    # An experiment sweeps without -m (its config sets hydra.mode=MULTIRUN): a named sweep folder is checked too.
-    if "-m" in args or "--multirun" in args or "hydra.sweep.dir" in unquoted:
-        if "hydra.sweep.dir" in unquoted and unquoted.get("hydra.mode") != "RUN":
+    sweeping = (
+        "-m" in args or "--multirun" in args or ("experiment" in unquoted and unquoted.get("hydra.mode") != "RUN")
+    )
+    if sweeping:
+        if "hydra.sweep.dir" in unquoted:
             sweep_dir = Path(unquoted["hydra.sweep.dir"])
-            found = sorted(str(p.relative_to(sweep_dir)) for pattern in RUN_OUTPUTS for p in sweep_dir.rglob(pattern))
+            found = _outputs(sweep_dir, Path.rglob)
             if found:
-                shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
                 raise FileExistsError(
-                    f"hydra.sweep.dir={sweep_dir} holds runs' output ({shown}): a new sweep there would write over "
+                    f"hydra.sweep.dir={sweep_dir} holds runs' output ({found}): a new sweep there would write over "
                     "them and its multirun.yaml. Write to a new folder: leave hydra.sweep.dir out, or name an empty "
                     "one."
                 )

@@ -4,6 +4,7 @@ Each entry says why it is noise here. Everything else (our own messages, real wa
 """
 
 import logging
+import sys
 import warnings
 
 # Warnings by message (regular expressions, matched at the start).
@@ -35,20 +36,26 @@ class _DropPrefixes(logging.Filter):
 
 
 def one_copy_of_lightning_logs() -> None:
-    """Shows each Lightning log record once when the root logger has handlers (Hydra's job logging).
+    """Shows each Lightning log record once when the root logger prints to the console (Hydra's job logging).
 
     ``import lightning`` gives the ``lightning`` logger a console handler of its own ("INFO: ..."), whatever the root
     logger has, while its subpackages propagate to the root logger when it has handlers. Under Hydra every Lightning
     message ("GPU available: ...", "`Trainer.fit` stopped: ...") was printed twice: once by that handler, once in the
     job's format. Without Lightning's console handler each shows once, in the job's format, and still reaches the
-    job's log file. Without root handlers (a plain script) Lightning's handler is the only one, so it stays.
+    job's log file. Where the root logger has no console handler (a plain script, one that logs to a file only,
+    pytest's capture) Lightning's handler is the only one on the console, so it stays.
     """
-    if not logging.getLogger().handlers:
+    if not any(_is_console(handler) for handler in logging.getLogger().handlers):
         return
     package = logging.getLogger("lightning")
     for handler in list(package.handlers):
-        if type(handler) is logging.StreamHandler:  # a console handler; a FileHandler (a subclass) is someone's choice
+        if _is_console(handler):
             package.removeHandler(handler)
+
+
+def _is_console(handler: logging.Handler) -> bool:
+    """A handler that writes to the terminal: standard output or standard error (not a file, not a buffer)."""
+    return isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (sys.stdout, sys.stderr)
 
 
 def silence_library_noise() -> None:

@@ -58,6 +58,14 @@ def test_sweep_with_ddp_runs_each_job_once_with_two_processes(tmp_path):
         [record] = [r.run for r in read_wandb_records(wandb_log) if r.WhichOneof("record_type") == "run"]
         assert record.run_group == str(tmp_path / "sweep") and record.display_name.startswith(f"base_lr={lr},")
 
+    # Job 0 continued for another epoch in a new folder, with two processes: the first writes the continued
+    # csv/metrics.csv before Lightning starts the second, whose check of the folder must not take it for another
+    # run's (tests/test_run_dir.py).
+    resumed = tmp_path / "resumed"
+    overrides = ["base_lr=0.01", "trainer=ddp_cpu", "trainer.devices=2", "data.num_val_images=3", *TINY]
+    run_py([*overrides, "trainer.max_epochs=2", f"resume={jobs[0]}", f"hydra.run.dir={resumed}"], cwd=tmp_path)
+    assert json.loads((resumed / "metrics.json").read_text())["global_step"] == 4
+
 
 def test_ddp_evaluation_matches_one_process_on_an_odd_number_of_images(tmp_path):
     # 5 images over 2 processes: the DistributedSampler repeats one image to fill the last batch.
