@@ -46,6 +46,8 @@ def test_each_kind_of_output_stops_every_mode_but_the_runs_own_resume(tmp_path, 
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     with pytest.raises(FileExistsError, match=rf"SLURM requeued this job; continue it with resume={run} hydra\.run"):
         check_run_dir_is_free(run, "train", sweep_job=True)
+    with pytest.raises(FileExistsError, match=r"record over that run's\. Write to a new folder"):
+        check_run_dir_is_free(run, "evaluate")  # nothing of its own to continue
     monkeypatch.delenv("SLURM_RESTART_COUNT")
     # Only the job's first process checks: it writes these files, and a resumed run's first process writes the
     # continued csv/metrics.csv before the others reach their check.

@@ -526,13 +526,18 @@ def checkpoint_path(cfg: DictConfig) -> str | None:
     if cfg.get("resume"):
         if cfg.get("ckpt_path"):
             raise ValueError("give either ckpt_path=<file> or resume=<run dir>, not both")
-        path = Path(cfg.resume) / "checkpoints" / "last.ckpt"
+        path = resume_checkpoint(cfg.resume)
         if not path.is_file():
             raise FileNotFoundError(
                 f"resume={cfg.resume}: there is no {path}. {_why_no_last_checkpoint(Path(cfg.resume))}"
             )
         return str(path)
     return cfg.get("ckpt_path")
+
+
+def resume_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint ``resume=<run_dir>`` continues from: the run's ``checkpoints/last.ckpt``."""
+    return Path(run_dir) / "checkpoints" / "last.ckpt"
 
 
 def _why_no_last_checkpoint(run_dir: Path) -> str:

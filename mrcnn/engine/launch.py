@@ -21,6 +21,8 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from mrcnn.engine.config_checks import resume_checkpoint
+
 # A job's main process names its Hydra output folder here for the DDP children Lightning starts from
 # it; run.py, started as such a child, runs <folder>/.hydra/<RESOLVED_CONFIG>.yaml.
 DDP_JOB_DIR_ENV = "MRCNN_DDP_JOB_DIR"
@@ -189,7 +191,7 @@ def check_run_dir_is_free(
     else:
         harm = f"mode={mode} would write its own record over that run's"
         ways = "Write"
-    if os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
+    if mode == "train" and os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
         # Requeued (preempted, or out of time under submitit): the same command again, in the same folder.
         ways = f"SLURM requeued this job; continue it with resume={run_dir} hydra.run.dir={run_dir}, or write"
     elif sweep_job:
@@ -260,5 +262,5 @@ def check_named_run_dir(args: list[str]) -> None:
     if "hydra.run.dir" not in unquoted:
         return
     resume = unquoted.get("resume")
-    ckpt_path = str(Path(resume) / "checkpoints" / "last.ckpt") if resume else unquoted.get("ckpt_path")
+    ckpt_path = str(resume_checkpoint(resume)) if resume else unquoted.get("ckpt_path")
     check_run_dir_is_free(unquoted["hydra.run.dir"], unquoted.get("mode", "train"), ckpt_path)

@@ -239,10 +239,10 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     """Writes an overlay PNG per input image and ``coco_results.json`` / ``images.json`` to ``predict.output``."""
     check_config(cfg)
     ckpt_path = checkpoint_path(cfg)  # check_config: there, or weights= given; predict.input given
+    check_run_dir_is_free(cfg.run_dir, cfg.mode, ckpt_path, sweep_job=in_sweep())
     # A checkpoint of this project knows its classes and their category ids: the model gets its number of
     # classes, the captions its names, the json its ids, whatever data config this run has.
     record = read_model_record(ckpt_path or cfg.weights, "ckpt_path" if ckpt_path else "weights")
-    check_run_dir_is_free(cfg.run_dir, cfg.mode, ckpt_path, sweep_job=in_sweep())
     output = prepare_output(cfg.predict.output)
     if record is not None and record.class_names:
         with open_dict(cfg):

@@ -31,10 +31,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     check_config(cfg)
     ckpt_path = checkpoint_path(cfg)
+    check_run_dir_is_free(cfg.run_dir, cfg.mode, ckpt_path, sweep_job=in_sweep())
     resumed = read_resumed_run(ckpt_path) if ckpt_path else None
     if resumed is not None:
         check_resume_config(cfg, resumed)
-    check_run_dir_is_free(cfg.run_dir, cfg.mode, ckpt_path, sweep_job=in_sweep())
     with job_scope(cfg), stops_with_nonzero_exit(cfg):
         prepare_determinism(cfg)
         L.seed_everything(cfg.seed, workers=True)
@@ -54,9 +54,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate a Lightning checkpoint (``ckpt_path`` / ``resume``) or torchvision ``weights`` on the validation split."""
     check_config(cfg)
     ckpt_path = checkpoint_path(cfg)  # check_config: there, or weights= given
+    check_run_dir_is_free(cfg.run_dir, cfg.mode, ckpt_path, sweep_job=in_sweep())
     if ckpt_path:
         read_checkpoint(ckpt_path)  # a file that is no checkpoint stops here, before the data is built
-    check_run_dir_is_free(cfg.run_dir, cfg.mode, ckpt_path, sweep_job=in_sweep())
     with job_scope(cfg), stops_with_nonzero_exit(cfg):
         prepare_determinism(cfg)
         L.seed_everything(cfg.seed, workers=True)
