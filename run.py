@@ -15,7 +15,7 @@ from mrcnn.config import (  # (registers the resolvers)
     hydra_group_options,
 )
 from mrcnn.engine.config_checks import check_config
-from mrcnn.engine.launch import check_named_run_dir, discard_unused_output, pin_ddp_child_to_its_job
+from mrcnn.engine.launch import discard_unused_output, pin_ddp_child_to_its_job
 from mrcnn.engine.quiet import silence_library_noise
 
 MODES = ("train", "evaluate", "predict")
@@ -49,7 +49,6 @@ if __name__ == "__main__":
     pin_ddp_child_to_its_job()
     try:
         check_group_overrides(sys.argv[1:])  # before Hydra, whose own message for this mistake misleads
-        check_named_run_dir(sys.argv[1:])  # before Hydra writes its record into another run's folder
-    except (ValueError, FileExistsError) as error:
+    except ValueError as error:
         sys.exit(f"{type(error).__name__}: {error}")
     main()

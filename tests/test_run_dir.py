@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mrcnn.engine.launch import DDP_JOB_DIR_ENV, RUN_OUTPUTS, check_named_run_dir, check_run_dir_is_free
+from mrcnn.engine.launch import DDP_JOB_DIR_ENV, RUN_OUTPUTS, RunDirIsFree, check_run_dir_is_free
 from tests.helpers.config import TINY_MODEL, compose_config
 
 # One file of each kind RUN_OUTPUTS names.
@@ -62,44 +62,64 @@ def test_each_kind_of_output_stops_every_mode_but_the_runs_own_resume(tmp_path, 
     check_run_dir_is_free(tmp_path / "new", "train")
 
 
-def test_the_command_line_is_checked_before_hydra_writes_its_record(tmp_path, monkeypatch):
+def refusal(call) -> str:
+    """What ``call()`` exits with (the callback's refusal), or ``""`` when it goes on."""
+    try:
+        call()
+    except SystemExit as stop:
+        return str(stop.code)
+    return ""
+
+
+def test_the_composed_folder_is_checked_before_hydra_writes_its_record(tmp_path, monkeypatch):
+    # Hydra calls RunDirIsFree with the composed config: the folder, mode, resume and ckpt_path as the command line,
+    # the config files and their interpolations set them.
     monkeypatch.delenv(DDP_JOB_DIR_ENV, raising=False)
+    monkeypatch.setenv("RUN_FOLDER", str(tmp_path / "run"))
     run = run_folder(tmp_path / "run")
-    for args in (
+    callback = RunDirIsFree()
+
+    def run_start(*overrides):
+        return refusal(lambda: callback.on_run_start(compose_config(overrides, return_hydra_config=True)))
+
+    def multirun_start(*overrides):
+        return refusal(lambda: callback.on_multirun_start(compose_config(overrides, return_hydra_config=True)))
+
+    for overrides in (
         [f"hydra.run.dir={run}"],
-        [f"hydra.run.dir='{run}'", "seed=1"],
-        [f"++hydra.run.dir={run}", f"weights={run}/checkpoints/last.ckpt"],
+        ["hydra.run.dir=${oc.env:RUN_FOLDER}", "seed=1"],
+        [f"hydra.run.dir={run}", f"weights={run}/checkpoints/last.ckpt"],
         ["mode=evaluate", f"resume={run}", f"hydra.run.dir={run}"],
         ["mode=predict", f"ckpt_path={run}/checkpoints/last.ckpt", f"hydra.run.dir={run}"],
         [f"resume={tmp_path / 'elsewhere'}", f"hydra.run.dir={run}"],
+        ["experiment=ablation_mask_loss", "hydra.mode=RUN", f"hydra.run.dir={run}"],
     ):
-        with pytest.raises(FileExistsError, match=str(run)):
-            check_named_run_dir(args)
-    # Its resume; no named folder; a sweep (each job checks its own folder); a DDP child in its job's folder.
-    check_named_run_dir([f"resume={run}", f"hydra.run.dir={run}"])
-    check_named_run_dir([f"ckpt_path={run}/checkpoints/last.ckpt", f"hydra.run.dir={run}", "trainer.max_epochs=9"])
-    check_named_run_dir(["seed=1", f"resume={run}"])
-    check_named_run_dir(["-m", "seed=1,2", f"hydra.run.dir={run}"])
-    # A sweep into a folder whose jobs hold output (any depth: Hydra's subdir may be nested) would reuse their folders.
+        assert refusal_message(run) in run_start(*overrides), overrides
+    # Its own resume, from last.ckpt or a checkpoint named inside it; a folder not named (a new one by the time).
+    assert run_start(f"resume={run}", f"hydra.run.dir={run}") == ""
+    assert run_start(f"ckpt_path={run}/checkpoints/last.ckpt", f"hydra.run.dir={run}", "trainer.max_epochs=9") == ""
+    assert run_start("seed=1", f"resume={run}") == ""
+    # A sweep into a folder whose jobs hold output (any depth: Hydra's subdir may be nested) would reuse their folders;
+    # its hydra.run.dir does not count, and each of its jobs checks its own folder when its mode starts.
     sweep = tmp_path / "sweep"
     run_folder(sweep / "model" / "0", ["csv/metrics.csv"])
-    # An experiment sweeps without -m.
-    for sweeping in (["-m", "seed=1,2"], ["--multirun"], ["experiment=ablation_mask_loss"]):
-        with pytest.raises(FileExistsError, match=rf"hydra\.sweep\.dir={sweep} holds runs' output \(model/0/csv"):
-            check_named_run_dir([*sweeping, f"hydra.sweep.dir={sweep}"])
-    # One job: its hydra.run.dir counts, not hydra.sweep.dir; a command that only prints writes nothing.
-    check_named_run_dir(["experiment=ablation_mask_loss", "hydra.mode=RUN", f"hydra.sweep.dir={sweep}"])
-    check_named_run_dir(["seed=1", f"hydra.sweep.dir={sweep}"])
-    with pytest.raises(FileExistsError, match=str(run)):
-        check_named_run_dir(["experiment=ablation_mask_loss", "hydra.mode=RUN", f"hydra.run.dir={run}"])
-    for flag in ("--cfg", "--info", "--help"):
-        check_named_run_dir([flag, "job", f"hydra.run.dir={run}"])
-        check_named_run_dir([flag, "-m", f"hydra.sweep.dir={sweep}"])
-    check_named_run_dir(["-m", f"hydra.sweep.dir={tmp_path / 'new'}"])
-    check_named_run_dir(["-m", f"hydra.sweep.dir={run_folder(tmp_path / 'stopped', [])}"])
+    message = f"FileExistsError: hydra.sweep.dir={sweep} holds runs' output (model/0/csv/metrics.csv)"
+    for overrides in (["seed=1"], ["experiment=ablation_mask_loss"]):
+        assert multirun_start(*overrides, f"hydra.sweep.dir={sweep}").startswith(message)
+        assert multirun_start(*overrides, f"hydra.sweep.dir={sweep}", f"hydra.run.dir={tmp_path / 'new'}")
+        assert multirun_start(*overrides, f"hydra.run.dir={run}") == ""
+    assert run_start("seed=1", f"hydra.sweep.dir={sweep}") == ""
+    assert multirun_start(f"hydra.sweep.dir={run_folder(tmp_path / 'stopped', [])}") == ""
+    # A DDP child runs in its job's folder; a job's other processes leave the check to the first.
     monkeypatch.setenv(DDP_JOB_DIR_ENV, str(run))
     monkeypatch.setenv("LOCAL_RANK", "1")
-    check_named_run_dir([f"hydra.run.dir={run}"])
+    assert run_start(f"hydra.run.dir={run}") == multirun_start(f"hydra.sweep.dir={sweep}") == ""
+    monkeypatch.delenv(DDP_JOB_DIR_ENV)
+    assert run_start(f"hydra.run.dir={run}") == multirun_start(f"hydra.sweep.dir={sweep}") == ""
+
+
+def refusal_message(run) -> str:
+    return f"FileExistsError: the job's folder {run} holds another run's output"
 
 
 def test_a_job_whose_folder_holds_a_run_stops_before_it_writes_there(tmp_path):

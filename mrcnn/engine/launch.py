@@ -7,7 +7,7 @@ would run every job of the sweep (Lightning issue 11300). Both halves of the fix
 in ``MRCNN_DDP_JOB_DIR``; :func:`pin_ddp_child_to_its_job` (at the top of ``run.py``, in a child)
 turns the child's command line into one that runs exactly that config.
 
-A job's folder is its own: :func:`check_named_run_dir` (in ``run.py``, before Hydra writes there) and
+A job's folder is its own: :class:`RunDirIsFree` (a Hydra callback, before Hydra writes there) and
 :func:`check_run_dir_is_free` (at the start of each mode) stop a job whose folder holds another run's output,
 unless the job resumes that run.
 """
@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from mrcnn.engine.config_checks import resume_checkpoint
@@ -227,40 +228,59 @@ def in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-# Hydra's flags that only print (the config, the app's info, help, shell completion): nothing is written.
-_PRINT_ONLY_FLAGS = ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--shell-completion", "-sc")
+class RunDirIsFree(Callback):
+    """Hydra callback: stops a command whose folder holds a run's output, before Hydra writes its record there.
 
+    Hydra calls it with the composed config, once the command line, the config files and their interpolations have
+    set the folder (``hydra.run.dir``; ``hydra.sweep.dir`` for a sweep), ``mode``, ``resume`` and ``ckpt_path``, and
+    before it creates the folder, writes ``.hydra/`` or ``multirun.yaml`` there and opens the log. Commands that only
+    print (``--cfg``, ``--help``, ``--info``) start no run and are not checked.
 
-def check_named_run_dir(args: list[str]) -> None:
-    """Stops a command whose ``hydra.run.dir=`` (for a sweep, ``hydra.sweep.dir=``) names a folder that holds a run's
-    output, before Hydra writes its record there (``.hydra/``, a sweep's ``multirun.yaml``).
+    A single job is checked by :func:`check_run_dir_is_free`. A sweep into a folder that holds any run's output, at
+    any depth, is refused: the new jobs' folders would be the old ones. Each sweep job checks its own folder again
+    when its mode starts (a sweep's job folders are known only then). DDP children and a job's other processes pass
+    (:func:`is_first_process`).
 
-    A single job is checked by :func:`check_run_dir_is_free` with ``mode``, ``resume`` and ``ckpt_path`` as the
-    command line gives them (a config file that sets them, or the folder, is checked again in the job, as every
-    sweep job's own folder is). A sweep (``-m``, or an ``experiment=``, which sweeps unless ``hydra.mode=RUN``) into
-    a folder that holds any run's output is refused: the new jobs' folders would be the old ones. DDP children and
-    the job's other processes pass (:func:`is_first_process`), as does a command that only prints.
+    A refusal exits with its message (as ``sys.exit`` does), not with a traceback from inside Hydra.
     """
-    if is_ddp_child() or not is_first_process() or any(arg in _PRINT_ONLY_FLAGS for arg in args):
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        if is_ddp_child():
+            return
+        resume = config.get("resume")
+        ckpt_path = str(resume_checkpoint(resume)) if resume else config.get("ckpt_path")
+        _exit_if_refused(check_run_dir_is_free, str(config.hydra.run.dir), config.get("mode", "train"), ckpt_path)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if is_ddp_child():
+            return
+        _exit_if_refused(check_sweep_dir_is_free, str(config.hydra.sweep.dir))
+
+
+def check_sweep_dir_is_free(sweep_dir: str | Path) -> None:
+    """Stops a sweep into a folder that holds any run's output (at any depth: Hydra's job subfolders may nest).
+
+    Raises:
+        FileExistsError: naming the folder and what it holds.
+    """
+    sweep_dir = Path(sweep_dir)
+    if not is_first_process():
         return
-    values = dict(arg.lstrip("+").split("=", 1) for arg in args if "=" in arg and not arg.startswith("-"))
-    unquoted = {key: value.strip("'\"") for key, value in values.items()}
-    sweeping = (
-        "-m" in args or "--multirun" in args or ("experiment" in unquoted and unquoted.get("hydra.mode") != "RUN")
-    )
-    if sweeping:
-        if "hydra.sweep.dir" in unquoted:
-            sweep_dir = Path(unquoted["hydra.sweep.dir"])
-            found = _outputs(sweep_dir, Path.rglob)
-            if found:
-                raise FileExistsError(
-                    f"hydra.sweep.dir={sweep_dir} holds runs' output ({found}): a new sweep there would write over "
-                    "them and its multirun.yaml. Write to a new folder: leave hydra.sweep.dir out, or name an empty "
-                    "one."
-                )
-        return
-    if "hydra.run.dir" not in unquoted:
-        return
-    resume = unquoted.get("resume")
-    ckpt_path = str(resume_checkpoint(resume)) if resume else unquoted.get("ckpt_path")
-    check_run_dir_is_free(unquoted["hydra.run.dir"], unquoted.get("mode", "train"), ckpt_path)
+    found = _outputs(sweep_dir, Path.rglob)
+    if found:
+        raise FileExistsError(
+            f"hydra.sweep.dir={sweep_dir} holds runs' output ({found}): a new sweep there would write over them and "
+            "its multirun.yaml. Write to a new folder: leave hydra.sweep.dir out, or name an empty one."
+        )
+
+
+def _exit_if_refused(check, *args) -> None:
+    """Runs ``check(*args)``; a refusal ends the command with its message, as ``sys.exit`` does.
+
+    Raised inside a Hydra callback, the error would come with Hydra's traceback of its own frames; the message is
+    all the user needs.
+    """
+    try:
+        check(*args)
+    except FileExistsError as error:
+        sys.exit(f"{type(error).__name__}: {error}")

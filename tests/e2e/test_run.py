@@ -115,6 +115,12 @@ def test_a_folder_that_holds_a_run_is_refused_before_hydra_writes_there(tmp_path
     assert f"resume={run_dir} hydra.run.dir={run_dir}" in result.stderr and "torch loaded: False" in result.stdout
     assert sorted(p.name for p in run_dir.rglob("*")) == [".hydra", "checkpoints", "last.ckpt", "overrides.yaml"]
     assert (run_dir / ".hydra" / "overrides.yaml").read_text() == "- seed=0\n"
+    # A sweep (an experiment sweeps) into a folder that holds a run's jobs; a command that only prints goes on.
+    result = run_before_torch(tmp_path, ["experiment=ablation_mask_loss", f"hydra.sweep.dir={tmp_path}"])
+    assert result.returncode != 0 and f"hydra.sweep.dir={tmp_path} holds runs' output" in result.stderr
+    assert "torch loaded: False" in result.stdout and not (tmp_path / "multirun.yaml").exists()
+    result = run_before_torch(tmp_path, ["--cfg", "job", f"hydra.run.dir={run_dir}"])
+    assert result.returncode == 0 and "seed: 0" in result.stdout, result.stderr[-2000:]
 
 
 def run_before_torch(tmp_path, args: list[str]) -> subprocess.CompletedProcess:
