@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mrcnn.reporting.report import collect, markdown_table, write_report
+from mrcnn.reporting.report import collect, markdown_table, our_setting, write_report
 from mrcnn.reporting.report import main as report_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +135,77 @@ def test_the_rebuild_command_needs_keys_without_a_recorded_callback(sweep):
         timeout=120,
     )
     assert result.returncode == 2 and "--keys is needed" in result.stderr
+
+
+def test_jobs_that_differ_in_another_swept_key_are_never_averaged_as_seeds(tmp_path, caplog):
+    # A sweep over model/pooler x base_lr x seed, reported by model/pooler: base_lr joins the labels.
+    for i, (pooler, lr, seed) in enumerate(
+        (p, lr, s) for p in ("roi_pool", "roi_align") for lr in ("0.02", "0.04") for s in ("0", "1")
+    ):
+        fake_job(tmp_path, str(i), [f"model/pooler={pooler}", f"base_lr={lr}", f"seed={seed}"], metrics(0.1 * (i + 1)))
+    # A runtime key (loader workers) does not make results differ: jobs are still averaged across it.
+    (tmp_path / "7" / ".hydra" / "overrides.yaml").write_text(
+        "- model/pooler=roi_align\n- base_lr=0.04\n- seed=1\n- data.datamodule.num_workers=4\n"
+    )
+    with caplog.at_level("WARNING"):
+        variants = collect(tmp_path, ["model/pooler"])
+    assert "the jobs also differ in base_lr" in caplog.text
+    assert {v.name: v.seeds for v in variants} == {
+        f"model/pooler={p}, base_lr={lr}": ["0", "1"] for p in ("roi_pool", "roi_align") for lr in ("0.02", "0.04")
+    }
+    assert variants[0].mean("segm_AP") == pytest.approx(0.15)
+    # A job that ran a key's default differs from one that set another value; a repeated seed is said.
+    fake_job(tmp_path, "8", ["model/pooler=roi_pool", "seed=1"], metrics(0.5))
+    (tmp_path / "8" / ".hydra" / "config.yaml").write_text(yaml.safe_dump({**CONFIG, "seed": 1}))
+    fake_job(tmp_path, "9", ["model/pooler=roi_pool", "base_lr=0.02", "seed=1"], metrics(0.5))
+    with caplog.at_level("WARNING"):
+        names = {v.name: v.seeds for v in collect(tmp_path, ["model/pooler"])}
+    # Job 8 joins the jobs that set base_lr=0.04 (its config's value), job 9 those that set 0.02.
+    assert (
+        names["model/pooler=roi_pool, base_lr=0.04"] == names["model/pooler=roi_pool, base_lr=0.02"] == ["0", "1", "1"]
+    )
+    assert "model/pooler=roi_pool, base_lr=0.02: seed 1 repeats (3 runs averaged)" in caplog.text
+
+
+def test_a_sweep_kept_inside_another_is_its_own_record(tmp_path):
+    # experiments/ablation_mask_head keeps its superseded report, and a newer sweep in scaled_mlp/: a report on the
+    # outer folder must not take the inner sweep's jobs for its own.
+    outer = tmp_path / "ablation"
+    fake_job(outer, "0", ["model/pooler=roi_pool", "seed=0"], metrics(0.2))
+    inner = outer / "rerun"
+    (inner).mkdir()
+    (inner / "multirun.yaml").write_text("hydra: {}\n")
+    fake_job(inner / "jobs", "0", ["model/pooler=roi_pool", "seed=0"], metrics(0.6))
+    fake_job(inner / "jobs", "1", ["model/pooler=roi_align", "seed=0"], metrics(0.7))
+    assert {v.name: v.mean("segm_AP") for v in collect(outer, ["model/pooler"])} == {"model/pooler=roi_pool": 0.2}
+    assert {v.name for v in collect(inner, ["model/pooler"])} == {"model/pooler=roi_pool", "model/pooler=roi_align"}
+    import shutil
+
+    shutil.rmtree(outer / "0")
+    with pytest.raises(ValueError, match=r"no finished runs .* \(the sweeps inside it have their own reports: rerun\)"):
+        write_report(outer, ["model/pooler"])
+
+
+def test_a_recorded_job_is_labelled_by_its_sweeps_choices_and_its_batch_counts_accumulation(tmp_path):
+    # A recorded job (jobs/<name>/overrides.yaml, no .hydra) overrides only the ablated key; the others are the
+    # sweep's choices (multirun.yaml).
+    sweep_config = {**CONFIG, "hydra": {"runtime": {"choices": {"model/backbone": "fpn", "model/mask_head": "fcn"}}}}
+    sweep_config["trainer"] = {**CONFIG["trainer"], "accumulate_grad_batches": 4}
+    (tmp_path / "multirun.yaml").write_text(yaml.safe_dump(sweep_config))
+    for name, head in (("0", "fcn"), ("1", "mlp2")):
+        job = tmp_path / "jobs" / name
+        job.mkdir(parents=True)
+        (job / "overrides.yaml").write_text(f"- model/mask_head={head}\n- seed=0\n")
+        (job / "metrics.json").write_text(json.dumps({**metrics(0.3), "global_step": 100, "world_size": 2}))
+        (job / "job.json").write_text(json.dumps({"model": model(), "parameters": {"total": 1, "mask_head": 1}}))
+    variants = collect(tmp_path, ["model/mask_head", "model/backbone"])
+    assert [v.name for v in variants] == [
+        "model/mask_head=fcn, model/backbone=fpn",
+        "model/mask_head=mlp2, model/backbone=fpn",
+    ]
+    # 8 images a process x 2 processes x 4 accumulated batches a step; the module scales the lr by the same.
+    setting = our_setting(variants)
+    assert setting["batch"] == "64 images" and setting["learning rate"] == "0.16 (base_lr 0.04 at batch 16)"
 
 
 def test_an_empty_sweep_is_a_clear_error(tmp_path):

@@ -201,7 +201,7 @@ def label_value(key: str, choices: dict[str, str], overrides: dict[str, str], co
     return "default"
 
 
-def read_job(job_dir: Path, variant_keys: list[str]) -> Job:
+def read_job(job_dir: Path) -> Job:
     overrides = read_overrides(job_dir)
     choices = read_choices(job_dir)
     config = read_config(job_dir)
@@ -211,7 +211,7 @@ def read_job(job_dir: Path, variant_keys: list[str]) -> Job:
         seed = str(OmegaConf.select(config, "seed", default="default"))
     return Job(
         path=job_dir,
-        labels={k: label_value(k, choices, overrides, config) for k in variant_keys},
+        labels={},  # by collect, once a recorded job has its sweep's config and choices
         seed=seed or "default",
         metrics=json.loads((job_dir / "metrics.json").read_text()),
         record=json.loads(record_file.read_text()) if record_file.is_file() else None,
@@ -228,7 +228,10 @@ def variant_name(labels: dict[str, str]) -> str:
 def collect(sweep_dir: str | Path, variant_keys: list[str], order: list[str] | None = None) -> list[Variant]:
     """Group the finished jobs of ``sweep_dir`` by their values of ``variant_keys``.
 
-    Jobs without ``metrics.json`` (failed or still running) are skipped and logged, not averaged in.
+    Jobs without ``metrics.json`` (failed or still running) are skipped and logged, not averaged in. A subfolder that
+    holds a sweep of its own (its ``multirun.yaml``) is another record and is left out. Jobs that differ in another
+    override than the seed (a second swept key, e.g. ``base_lr``) are never averaged together: that key joins their
+    labels, and the log says so. A seed that repeats within a variant is logged.
 
     Args:
         order: optional variant names in the order the table should list them.
@@ -237,15 +240,18 @@ def collect(sweep_dir: str | Path, variant_keys: list[str], order: list[str] | N
     # `python -m mrcnn.reporting` should answer a mistyped folder at once.
     import mrcnn.config  # noqa: F401
 
-    variants: dict[str, Variant] = {}
+    sweep_dir = Path(sweep_dir)
     sweep = _sweep_config(sweep_dir)
-    for overrides_file in sorted(Path(sweep_dir).glob("**/overrides.yaml")):
+    jobs = []
+    for overrides_file in sorted(sweep_dir.glob("**/overrides.yaml")):
         # A Hydra job folder (<job>/.hydra/overrides.yaml) or a recorded one (jobs/<name>/overrides.yaml).
         job_dir = overrides_file.parent.parent if overrides_file.parent.name == ".hydra" else overrides_file.parent
+        if nested_sweep(sweep_dir, job_dir) is not None:
+            continue
         if not (job_dir / "metrics.json").exists():
             log.warning("skipping %s: no metrics.json (the job failed or has not finished)", job_dir)
             continue
-        job = read_job(job_dir, variant_keys)
+        job = read_job(job_dir)
         if job.record is None:
             job.record = rebuild_record(job, sweep)
         if job.config is None and sweep is not None:
@@ -255,13 +261,68 @@ def collect(sweep_dir: str | Path, variant_keys: list[str], order: list[str] | N
             job.config = OmegaConf.create(settings)
             choices = OmegaConf.select(sweep, "hydra.runtime.choices", default=None) or {}
             job.choices = {str(k): str(v) for k, v in choices.items() if v is not None and k not in job.overrides}
+        jobs.append(job)
+    keys = [*variant_keys, *other_swept_keys(jobs, variant_keys)]
+    variants: dict[str, Variant] = {}
+    for job in jobs:
+        job.labels = {k: label_value(k, job.choices, job.overrides, job.config) for k in keys}
         name = variant_name(job.labels)
         variants.setdefault(name, Variant(name)).add(job)
+    for variant in variants.values():
+        repeated = sorted({seed for seed in variant.seeds if variant.seeds.count(seed) > 1})
+        if repeated:
+            log.warning("%s: seed %s repeats (%d runs averaged)", variant.name, ", ".join(repeated), len(variant.runs))
     result = list(variants.values())
     if order:
         rank = {name: i for i, name in enumerate(order)}
         result.sort(key=lambda v: rank.get(v.name, len(rank)))
     return result
+
+
+# Overrides jobs may differ in and still be averaged together: the seed (what a variant is averaged over), the
+# experiment's name, and the runtime keys a resumed run may change (mrcnn.engine.checkpoints.RESUME_FREE_KEYS: paths,
+# loggers, loader workers, speed switches). Not the length of training or the initial weights, which are also in
+# RESUME_FREE_KEYS (a resumed run keeps its weights and may train longer) but change what a sweep's job trains.
+REPORT_FREE_KEYS = ("seed", "experiment")
+_TRAINED_KEYS = ("trainer.max_epochs", "trainer.max_steps", "weights")
+
+
+def other_swept_keys(jobs: list[Job], variant_keys: list[str]) -> list[str]:
+    """The overridden keys, but for the variant keys and the seed, whose value differs between ``jobs``.
+
+    A sweep over ``model/pooler`` and ``base_lr`` labelled by ``model/pooler`` alone would average each pooler over
+    both learning rates as if they were seeds: ``base_lr`` is returned, to join the labels.
+    """
+    from mrcnn.engine.checkpoints import RESUME_FREE_KEYS
+
+    def free(key: str) -> bool:
+        if key in _TRAINED_KEYS:
+            return False
+        return any(key == k or key.startswith(f"{k}.") for k in (*REPORT_FREE_KEYS, *RESUME_FREE_KEYS))
+
+    candidates = dict.fromkeys(k for job in jobs for k in job.overrides if k not in variant_keys and not free(k))
+    other = [
+        key for key in candidates if len({label_value(key, job.choices, job.overrides, job.config) for job in jobs}) > 1
+    ]
+    if other:
+        log.warning(
+            "the jobs also differ in %s: %s join%s the variant labels (jobs are averaged over seeds only)",
+            ", ".join(other),
+            "they" if len(other) > 1 else "it",
+            "" if len(other) > 1 else "s",
+        )
+    return other
+
+
+def nested_sweep(sweep_dir: Path, job_dir: Path) -> Path | None:
+    """The folder below ``sweep_dir`` and above (or at) ``job_dir`` that holds a sweep of its own
+    (``multirun.yaml``), if any: a record kept inside another (``experiments/ablation_mask_head/scaled_mlp``)."""
+    for folder in [job_dir, *job_dir.parents]:
+        if folder == sweep_dir or sweep_dir not in folder.parents:
+            return None
+        if (folder / "multirun.yaml").is_file():
+            return folder
+    return None
 
 
 def _sweep_config(sweep_dir: str | Path) -> DictConfig | None:
@@ -403,7 +464,9 @@ def _job_setting(job: Job) -> dict[str, str]:
         )
     batch = job.setting("data.datamodule.batch_size")
     if batch is not None:
-        global_batch = int(batch) * int(job.metrics.get("world_size", 1))
+        # Images per optimizer step, as the module scales the learning rate (mrcnn.lit_module).
+        accumulate = int(job.setting("trainer.accumulate_grad_batches", 1))
+        global_batch = int(batch) * int(job.metrics.get("world_size", 1)) * accumulate
         rows["batch"] = f"{global_batch} images"
         base_lr, base_batch = job.setting("base_lr"), job.setting("module.base_batch_size", 16)
         if base_lr is not None:
@@ -711,7 +774,9 @@ def write_report(
     sweep_dir = Path(sweep_dir)
     variants = collect(sweep_dir, variant_keys, order)
     if not variants:
-        raise ValueError(f"no finished runs (with metrics.json) under {sweep_dir}")
+        nested = sorted({str(f.parent.relative_to(sweep_dir)) for f in sweep_dir.glob("*/**/multirun.yaml")})
+        inside = f" (the sweeps inside it have their own reports: {', '.join(nested)})" if nested else ""
+        raise ValueError(f"no finished runs (with metrics.json) under {sweep_dir}{inside}")
     paths = {kind: sweep_dir / f"{stem}.{kind}" for kind in ("md", "json", "png")}
     paths["md"].write_text(markdown_report(variants, title, paper, paper_setting) + "\n")
     summary = summarize(variants, title, variant_keys, paper, paper_setting)
