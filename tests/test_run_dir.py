@@ -141,3 +141,18 @@ def test_a_job_whose_folder_holds_a_run_stops_before_it_writes_there(tmp_path):
         with pytest.raises(FileExistsError, match=rf"the job's folder {run} holds another run's output"):
             job(cfg)
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+def test_a_job_that_failed_before_its_first_step_leaves_no_folder(tmp_path, monkeypatch):
+    from mrcnn.engine.launch import discard_unused_output
+
+    monkeypatch.delenv(DDP_JOB_DIR_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    # Hydra's record and log, and the CSV logger's hparams.yaml (written when fit starts): nothing of a run.
+    failed = run_folder(tmp_path / "outputs" / "day" / "failed", [])
+    (failed / "csv").mkdir()
+    (failed / "csv" / "hparams.yaml").write_text("a: 1\n")
+    assert discard_unused_output(failed) and not (tmp_path / "outputs").exists()
+    for kept in ("csv/metrics.csv", "checkpoints/last.ckpt", "wandb/run.txt"):
+        run = run_folder(tmp_path / kept.replace("/", "_"), [kept, "csv/hparams.yaml"])
+        assert not discard_unused_output(run) and (run / kept).is_file()

@@ -443,6 +443,15 @@ class InstanceDataModule(lightning.LightningDataModule):
             loader = self._loader(
                 self.train_dataset, ResumableDataLoader, batch_size=self.batch_size, sampler=sampler, drop_last=True
             )
+            if len(loader) == 0:
+                # Lightning would only warn, skip training and report the untrained model's AP as the run's.
+                per_process = f" ({len(sampler)} a process over {world})" if (world or 1) > 1 else ""
+                raise ValueError(
+                    f"the training set has {len(self.train_dataset)} image(s){per_process}, fewer than one batch "
+                    f"(data.datamodule.batch_size={self.batch_size}): training would take no step. Lower the batch "
+                    "size, add images, or turn on data.datamodule.aspect_ratio_grouping (it fills a last batch "
+                    "with repeated images)."
+                )
         if self._train_loader_state is not None:
             loader.load_state_dict(self._train_loader_state)
             self._train_loader_state = None

@@ -19,6 +19,16 @@ tagged with its instance's index, so that the instances kept are those whose mas
 and box both survive. Albumentations' own filtering drops boxes and label fields
 but not masks, which is how ``len(masks) != len(boxes)`` bugs arise; the index
 field selects the masks and fields that go with the boxes it kept.
+
+A transform that can cut an object (a crop, a rotation) leaves its json box
+spanning the part that was cut away: clipped to the image, the box of a tall
+object cropped to its top quarter is still four times too tall. After such a
+pipeline each given box is cut to its transformed mask's box, widened by a pixel
+(Detectron2 recomputes every box from the masks when it crops, mmdetection's
+``RandomCrop(recompute_bbox=True)`` likewise): an object left whole keeps its json
+box (the pixels a polygon covers span its box to within a pixel), a cut one gets
+the box of what is left of it. Flips, resizes, padding and colour changes map
+boxes exactly and keep the json boxes as they are.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import random
 from collections.abc import Mapping, Sequence
 
 import albumentations as A
+import cv2
 import numpy as np
 import torch
 
@@ -72,6 +83,19 @@ def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
     return np.stack([x1, y1, x2, y2], axis=1).astype(np.float32)
 
 
+# Transforms that map every box exactly (through its corners) and never cut an object away: a given box stays the
+# box of its instance. Any other (a crop, a rotation, an affine or elastic warp, a composite) may cut one.
+BOX_EXACT_TRANSFORMS = (
+    A.HorizontalFlip,
+    A.VerticalFlip,
+    A.Resize,
+    A.LongestMaxSize,
+    A.SmallestMaxSize,
+    A.RandomScale,
+    A.PadIfNeeded,
+)
+
+
 class InstanceTransform:
     """Runs albumentations transforms on an image and its instance masks.
 
@@ -95,15 +119,28 @@ class InstanceTransform:
             ``[A.HorizontalFlip(p=0.5)]``. ``None`` or an empty list leaves the
             sample unchanged (boxes are still computed).
         seed: seed of the random state in the main process; ``None``: torch's seed.
+        cut_boxes_to_masks: cut each given box to its transformed mask's box widened by one pixel (see the
+            module docstring). ``None``: when a transform may cut an object, i.e. any but flips, resizes,
+            padding and pixel-value changes (:data:`BOX_EXACT_TRANSFORMS`, ``A.ImageOnlyTransform``).
     """
 
-    def __init__(self, transforms: Sequence[A.BasicTransform] | None = None, seed: int | None = None):
+    def __init__(
+        self,
+        transforms: Sequence[A.BasicTransform] | None = None,
+        seed: int | None = None,
+        cut_boxes_to_masks: bool | None = None,
+    ):
         # Boxes, when given, follow the transforms as xyxy pixels (pascal_voc), clipped to the image; the
         # instance index field says which survived. No albumentations filtering beyond an empty box.
         # (Without transforms there is nothing to follow, and albumentations warns about an unused processor.)
         transforms = list(transforms or [])
         bbox_params = A.BboxParams(format="pascal_voc", label_fields=["instance"], clip=True) if transforms else None
         self.compose = A.Compose(transforms, bbox_params=bbox_params)
+        if cut_boxes_to_masks is None:
+            cut_boxes_to_masks = not all(
+                isinstance(t, (A.ImageOnlyTransform, *BOX_EXACT_TRANSFORMS)) for t in transforms
+            )
+        self.cut_boxes_to_masks = cut_boxes_to_masks
         self.seed = seed
         # Process and worker for which the random state was last seeded (calls without a SampleIndex).
         self._seeded_for: tuple[int, int] | None = None
@@ -178,6 +215,12 @@ class InstanceTransform:
         if boxes is not None:
             box_of = np.full((len(masks), 4), np.nan, dtype=np.float32)
             box_of[np.asarray(out["instance"], dtype=np.int64)] = np.asarray(out["bboxes"], dtype=np.float32)
+            if self.cut_boxes_to_masks and keep.any():
+                # A cut object's box spans what was cut away: limit it to its mask's box, widened by the pixel a
+                # whole object's rasterized mask may fall short of its box by (see the module docstring).
+                visible = masks_to_boxes(masks[keep]) + np.array([-1, -1, 1, 1], dtype=np.float32)
+                box_of[keep, :2] = np.maximum(box_of[keep, :2], visible[:, :2])
+                box_of[keep, 2:] = np.minimum(box_of[keep, 2:], visible[:, 2:])
             width = box_of[:, 2] - box_of[:, 0]
             height = box_of[:, 3] - box_of[:, 1]
             keep &= (width > 0) & (height > 0)  # NaN (dropped by albumentations) compares False
@@ -295,8 +338,12 @@ def scale_jitter_transforms(
     return InstanceTransform(
         [
             A.HorizontalFlip(p=hflip_prob),
-            A.LongestMaxSize(max_size=int(size), p=1.0),
-            A.RandomScale(scale_limit=(min_scale - 1.0, max_scale - 1.0), p=1.0),
+            # Masks by the nearest pixel centre (cv2's INTER_NEAREST, albumentations' default, takes the pixel at
+            # the scaled corner: each resize moves masks half a pixel right and down of the bilinear image).
+            A.LongestMaxSize(max_size=int(size), mask_interpolation=cv2.INTER_NEAREST_EXACT, p=1.0),
+            A.RandomScale(
+                scale_limit=(min_scale - 1.0, max_scale - 1.0), mask_interpolation=cv2.INTER_NEAREST_EXACT, p=1.0
+            ),
             # Pads with zeros (image and masks) at the bottom/right when the image is smaller.
             A.RandomCrop(height=int(size), width=int(size), pad_if_needed=True, pad_position="top_left", p=1.0),
         ]

@@ -117,10 +117,11 @@ def is_ddp_child() -> bool:
 
 
 def discard_unused_output(job_dir: Path) -> bool:
-    """Removes a job's output folder that holds nothing but Hydra's own files (``.hydra/``, ``*.log``).
+    """Removes a job's output folder that holds nothing but Hydra's own files (``.hydra/``, ``*.log``) and the CSV
+    logger's copy of the config (``csv/hparams.yaml``, written when training starts).
 
-    Called when a job fails before it wrote anything (a typo, a missing file): the user is left
-    with the error, not with an empty ``outputs/<date>/<time>/``. A folder that holds anything else
+    Called when a job fails before it wrote anything (a typo, a missing file, too few images for a batch): the user
+    is left with the error, not with an empty ``outputs/<date>/<time>/``. A folder that holds anything else
     (metrics, checkpoints, an earlier run's files) is kept. The folders above it inside the working
     directory (``outputs/<date>/``) go too while that leaves them empty.
 
@@ -134,7 +135,7 @@ def discard_unused_output(job_dir: Path) -> bool:
     if is_ddp_child() or not job_dir.is_dir():
         return False
     for path in job_dir.iterdir():
-        if not (path.name == ".hydra" or (path.is_file() and path.suffix == ".log")):
+        if not (path.name == ".hydra" or (path.is_file() and path.suffix == ".log") or _only_hparams(path)):
             return False
     shutil.rmtree(job_dir)
     # Then the folders Hydra made above it (outputs/<date>/), while empty and inside the working directory.
@@ -147,6 +148,11 @@ def discard_unused_output(job_dir: Path) -> bool:
         except OSError:  # not empty: other runs
             break
     return True
+
+
+def _only_hparams(path: Path) -> bool:
+    """Whether ``path`` is the CSV logger's folder holding nothing but ``hparams.yaml`` (no logged step)."""
+    return path.name == "csv" and path.is_dir() and [p.name for p in path.iterdir()] in ([], ["hparams.yaml"])
 
 
 # What a run leaves in its folder that a new run there would write over: its checkpoints, its CSV log (Lightning's

@@ -54,6 +54,35 @@ def test_batch_sizes():
     assert val_ids == list(range(1, 8))
 
 
+def test_a_training_set_smaller_than_one_batch_is_an_error_not_a_run_of_no_steps():
+    # Lightning would warn, skip training and report the untrained model's AP as the run's.
+    small = InstanceDataModule(
+        ShapesDataset(num_images=3, image_size=32), ShapesDataset(num_images=2, split="val"), batch_size=4
+    )
+    with pytest.raises(ValueError, match=r"the training set has 3 image\(s\), fewer than one batch .*batch_size=4\)"):
+        small.train_dataloader()
+    # Per process under DDP: 6 images over 2 processes are 3 each.
+    ddp = InstanceDataModule(
+        ShapesDataset(num_images=6, image_size=32), ShapesDataset(num_images=2, split="val"), batch_size=4
+    )
+    ddp.trainer = SimpleNamespace(world_size=2, global_rank=1, _accelerator_connector=None)
+    with pytest.raises(ValueError, match=r"has 6 image\(s\) \(3 a process over 2\), fewer than one batch"):
+        ddp.train_dataloader()
+    # One full batch is enough; the grouped sampler fills its last batch with repeated images.
+    assert (
+        len(
+            InstanceDataModule(
+                ShapesDataset(num_images=4), ShapesDataset(num_images=2), batch_size=4
+            ).train_dataloader()
+        )
+        == 1
+    )
+    grouped = InstanceDataModule(
+        ShapesDataset(num_images=3), ShapesDataset(num_images=2), batch_size=4, aspect_ratio_grouping=True
+    )
+    assert len(grouped.train_dataloader()) == 1
+
+
 def test_missing_test_dataset_raises():
     dm = InstanceDataModule(ShapesDataset(num_images=2), ShapesDataset(num_images=2, split="val"))
     assert dm.val_batch_size == dm.batch_size

@@ -67,6 +67,75 @@ def test_every_pipeline_keeps_instances_in_step(name):
             assert out_image.shape[:2] == (64, 64)
 
 
+def _triangles(seed, height=60, width=80, n=6):
+    """Right triangles (so a crop leaves less of one than its box clipped to the crop) and their exact json boxes."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, height, width), dtype=np.uint8)
+    rows, cols = np.mgrid[:height, :width]
+    for i in range(n):
+        y, x, size = rng.integers(0, height - 10), rng.integers(0, width - 10), rng.integers(8, 40)
+        masks[i] = (rows >= y) & (cols >= x) & ((rows - y) + (cols - x) < size)
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    return image, masks, np.arange(1, n + 1, dtype=np.int64), masks_to_boxes(masks)
+
+
+@pytest.mark.parametrize("name", ["random_crop", "scale_jitter", "rotate"])
+def test_a_cut_objects_json_box_is_cut_to_what_is_left_of_it(name):
+    # A crop that keeps a triangle's corner leaves its json box, clipped to the crop, around the cut-away part.
+    make = {**PIPELINES, "rotate": lambda: InstanceTransform([A.Rotate(limit=(30, 30), p=1.0)])}[name]
+    transform = make()
+    assert transform.cut_boxes_to_masks
+    uncut = InstanceTransform(transform.compose.transforms, cut_boxes_to_masks=False)
+    cut = 0
+    for seed in range(20):
+        image, masks, labels, boxes = _triangles(seed)
+        transform.compose.set_random_seed(seed)
+        _, out_masks, out_boxes, out = transform.apply(image, masks, {"labels": labels}, boxes=boxes)
+        visible = masks_to_boxes(out_masks)
+        # Within a pixel of what is left of each object (the json box, scaled, falls within a pixel of the mask).
+        assert (out_boxes[:, :2] >= visible[:, :2] - 1).all() and (out_boxes[:, 2:] <= visible[:, 2:] + 1).all()
+        assert (out_boxes[:, 2:] > out_boxes[:, :2]).all() and len(out_boxes) == len(out["labels"])
+        # The same draw without cutting: the boxes of cut objects span the part that was cut away.
+        uncut.compose.set_random_seed(seed)
+        _, _, loose, _ = uncut.apply(image, masks, {"labels": labels}, boxes=boxes)
+        cut += int(len(loose) == len(out_boxes) and (np.abs(loose - out_boxes) > 2).any())
+    assert cut >= 3
+
+
+def test_scale_jitter_keeps_masks_on_the_objects_of_the_image():
+    # Each object is drawn white in the image: after the jitter's two resizes its mask covers the same pixels as
+    # the bilinear image's object, not pixels shifted right and down (cv2's INTER_NEAREST).
+    transform = scale_jitter_transforms(size=96, min_scale=0.5, max_scale=2.0, hflip_prob=0.0)
+    offsets = []
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        mask = np.zeros((1, 61, 83), dtype=np.uint8)
+        y, x = rng.integers(0, 40), rng.integers(0, 60)
+        mask[0, y : y + rng.integers(6, 20), x : x + rng.integers(6, 20)] = 1
+        image = np.repeat(mask[0, :, :, None] * 255, 3, axis=2)
+        transform.compose.set_random_seed(seed)
+        out_image, out_masks, _, _ = transform.apply(image, mask, {"labels": np.array([1])})
+        if len(out_masks):
+            drawn = masks_to_boxes((out_image[None, :, :, 0] > 127).astype(np.uint8))
+            offsets.append(masks_to_boxes(out_masks)[0] - drawn[0])
+    offsets = np.array(offsets)
+    assert len(offsets) >= 20 and np.abs(offsets).max() <= 1 and np.abs(offsets.mean(axis=0)).max() < 0.25, offsets
+
+
+def test_only_transforms_that_may_cut_an_object_cut_the_json_boxes():
+    assert not InstanceTransform(
+        [A.HorizontalFlip(), A.ColorJitter(), A.LongestMaxSize(64), A.PadIfNeeded(64, 64)]
+    ).cut_boxes_to_masks
+    assert InstanceTransform([A.HorizontalFlip(), A.RandomCrop(20, 20)]).cut_boxes_to_masks
+    assert InstanceTransform([A.Affine(rotate=10)]).cut_boxes_to_masks
+    assert not InstanceTransform([A.RandomCrop(20, 20)], cut_boxes_to_masks=False).cut_boxes_to_masks
+    # A flip keeps a json box that is wider than its mask as it is (the data's own box, mapped exactly).
+    image, masks, labels, boxes = _triangles(0)
+    wide = boxes + np.array([-0.5, 0.0, 3.0, 0.0], dtype=np.float32)
+    _, _, flipped, _ = train_transforms(1.0).apply(image, masks, {"labels": labels}, boxes=np.clip(wide, 0, 80))
+    assert np.allclose(flipped[:, [0, 2]], 80 - np.clip(wide, 0, 80)[:, [2, 0]])
+
+
 def test_crop_drops_vanished_instances_with_all_their_fields():
     image = np.zeros((40, 60, 3), dtype=np.uint8)
     masks = np.zeros((3, 40, 60), dtype=np.uint8)
