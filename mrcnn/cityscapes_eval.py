@@ -97,8 +97,14 @@ def write_image_predictions(results: Sequence[dict], gt_file: str | Path, folder
     return txt
 
 
-def official_args(prediction_root: str | Path) -> object:
-    """A copy of the script's parameters (overlaps 0.5:0.95, 100-pixel minimum region, no distances), quiet."""
+def official_args(prediction_root: str | Path, classes: Sequence[str] | None = None) -> object:
+    """A copy of the script's parameters (overlaps 0.5:0.95, 100-pixel minimum region, no distances), quiet.
+
+    Args:
+        classes: the classes to score, a subset of the script's 8 (those the model was trained on, ``data.classes``);
+            ``None``: all 8. The script averages over every class it scores, so a class the model never learned
+            would count as AP 0; left out, its ground truth is not scored, as in the COCO-style AP.
+    """
     args = copy.deepcopy(official_module().args)
     args.predictionPath = str(Path(prediction_root).absolute())
     args.predictionWalk = None
@@ -106,6 +112,11 @@ def official_args(prediction_root: str | Path) -> object:
     args.quiet = True
     args.colorized = False
     official_module().setInstanceLabels(args)
+    if classes is not None:
+        unknown = sorted(set(classes) - set(args.instLabels))
+        if unknown:
+            raise ValueError(f"classes {unknown} are not Cityscapes instance classes {args.instLabels}")
+        args.instLabels = [name for name in args.instLabels if name in set(classes)]
     return args
 
 
@@ -142,15 +153,19 @@ def _label_ids_in_table(gt_file: Path, folder: Path) -> Path:
     return copy_path
 
 
-def match_image(results: Sequence[dict], gt_file: str | Path, folder: str | Path) -> dict:
+def match_image(
+    results: Sequence[dict], gt_file: str | Path, folder: str | Path, classes: Sequence[str] | None = None
+) -> dict:
     """Writes one image's predictions and matches them with its ground truth by the script's functions.
+
+    ``classes``: those scored (:func:`official_args`).
 
     Returns:
         the script's matches of this image, ``{<gt file path>: {"groundTruth": ..., "prediction": ...}}``.
     """
     official = official_module()
     txt = write_image_predictions(results, gt_file, folder)
-    args = official_args(folder)
+    args = official_args(folder, classes)
     gt_file = str(_label_ids_in_table(Path(gt_file), Path(folder)).absolute())
     with _script_errors():
         gt_instances = official.instances2dict([gt_file], False)
@@ -161,13 +176,14 @@ def _match_image_task(task: tuple) -> dict:
     return match_image(*task)
 
 
-def evaluate_matches(matches: dict, prediction_root: str | Path) -> dict:
-    """The script's AP from its matches: ``{"allAp", "allAp50%", "classes": {name: {"ap", "ap50%"}}}``.
+def evaluate_matches(matches: dict, prediction_root: str | Path, classes: Sequence[str] | None = None) -> dict:
+    """The script's AP from its matches: ``{"allAp", "allAp50%", "classes": {name: {"ap", "ap50%"}}}``, over
+    ``classes`` (:func:`official_args`).
 
     Fractions; NaN for a class without ground truth.
     """
     official = official_module()
-    args = official_args(prediction_root)
+    args = official_args(prediction_root, classes)
     with _script_errors():
         return official.computeAverages(official.evaluateMatches(matches, args), args)
 
@@ -189,7 +205,12 @@ def metrics_from_averages(averages: dict) -> dict[str, float]:
     return metrics
 
 
-def evaluate_results(results: Sequence[dict], gt_files: Mapping[int, str | Path], workers: int = 0) -> dict[str, float]:
+def evaluate_results(
+    results: Sequence[dict],
+    gt_files: Mapping[int, str | Path],
+    workers: int = 0,
+    classes: Sequence[str] | None = None,
+) -> dict[str, float]:
     """Official Cityscapes AP of COCO-style results on the images ``gt_files`` names.
 
     The same computation as the script's ``evaluateImgLists`` (images matched one by one, then AP over all
@@ -200,6 +221,7 @@ def evaluate_results(results: Sequence[dict], gt_files: Mapping[int, str | Path]
         results: COCO result dicts (see :func:`write_image_predictions`); those of other images are ignored.
         gt_files: ``{image_id: *_gtFine_instanceIds.png}`` of the images to evaluate.
         workers: processes for writing and matching.
+        classes: the classes scored (:func:`official_args`); ``None``: the script's 8.
     """
     if not gt_files:
         raise ValueError("no images to evaluate")
@@ -208,7 +230,7 @@ def evaluate_results(results: Sequence[dict], gt_files: Mapping[int, str | Path]
         if result["image_id"] in by_image:
             by_image[result["image_id"]].append(result)
     with tempfile.TemporaryDirectory(prefix="cityscapes_eval_") as folder:
-        tasks = [(by_image[image_id], gt_file, folder) for image_id, gt_file in gt_files.items()]
+        tasks = [(by_image[image_id], gt_file, folder, classes) for image_id, gt_file in gt_files.items()]
         if workers > 0:
             with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
                 per_image = list(pool.map(_match_image_task, tasks, chunksize=max(1, len(tasks) // (4 * workers))))
@@ -217,7 +239,7 @@ def evaluate_results(results: Sequence[dict], gt_files: Mapping[int, str | Path]
         matches = {}
         for image_matches in per_image:  # in ground-truth order, as the script keeps them
             matches.update(image_matches)
-        averages = evaluate_matches(matches, folder)
+        averages = evaluate_matches(matches, folder, classes)
     return metrics_from_averages(averages)
 
 
@@ -228,11 +250,13 @@ class CityscapesEvaluator:
         gt_files: ``{image_id: *_gtFine_instanceIds.png}`` of the validation set
             (:class:`mrcnn.data.cityscapes.CityscapesDataset`'s ``image_ids`` and ``instance_files``).
         workers: processes that write and match the predictions (0: the calling process).
+        classes: the classes the model detects (the dataset's ``class_names``), those scored; ``None``: all 8.
     """
 
-    def __init__(self, gt_files: Mapping[int, str | Path], workers: int = 0):
+    def __init__(self, gt_files: Mapping[int, str | Path], workers: int = 0, classes: Sequence[str] | None = None):
         self.gt_files = {int(k): Path(v) for k, v in gt_files.items()}
         self.workers = int(workers)
+        self.classes = None if classes is None else list(classes)
         official_module()  # fail at setup, not at the end of an epoch, when cityscapesscripts is missing
 
     @classmethod
@@ -242,7 +266,7 @@ class CityscapesEvaluator:
 
         if not isinstance(dataset, CityscapesDataset):
             return None
-        return cls(dict(zip(dataset.image_ids, dataset.instance_files)), workers)
+        return cls(dict(zip(dataset.image_ids, dataset.instance_files)), workers, dataset.class_names)
 
     def compute(self, results: Sequence[dict], image_ids: Sequence[int]) -> dict[str, float]:
         """Official AP over the images ``image_ids`` (those evaluated; a partial pass counts only those).
@@ -279,4 +303,4 @@ class CityscapesEvaluator:
         unknown = sorted(set(image_ids) - set(self.gt_files))
         if unknown:
             raise ValueError(f"image ids {unknown[:5]} are not images of the Cityscapes ground truth")
-        return evaluate_results(results, {i: self.gt_files[i] for i in sorted(image_ids)}, self.workers)
+        return evaluate_results(results, {i: self.gt_files[i] for i in sorted(image_ids)}, self.workers, self.classes)

@@ -146,3 +146,32 @@ def test_only_evaluated_images_count(val_dataset):
     with pytest.raises(ValueError, match=r"image ids \[99\]"):
         evaluator.compute([], [99])
     assert CityscapesEvaluator.for_dataset(object()) is None
+
+
+def test_a_model_of_some_classes_is_scored_on_those_classes(tmp_path_factory):
+    # data.classes=[person, car]: the script's average over all 8 classes would count the 6 others as AP 0.
+    root = make_cityscapes_sized(tmp_path_factory.mktemp("cityscapes_subset"), splits=("val",), per_city=2)
+    for classes in (["person", "car"], None):
+        kwargs = {} if classes is None else {"classes": classes}
+        dataset = CityscapesDataset(root, split="val", include_crowd=True, **kwargs)
+        coco = CocoEvaluator(**InstanceDataModule(dataset, dataset, batch_size=2).evaluator_kwargs())
+        for _, targets in InstanceDataModule(dataset, dataset, batch_size=2).val_dataloader():
+            # Every object found, with its mask: perfect detections of the model's classes.
+            found = [t["iscrowd"] == 0 for t in targets]
+            detections = [
+                {
+                    "boxes": t["boxes"][k],
+                    "labels": t["labels"][k],
+                    "scores": torch.ones(int(k.sum())),
+                    "masks": t["masks"][k][:, None].float(),
+                }
+                for t, k in zip(targets, found)
+            ]
+            coco.update(detections, list(targets))
+        assert coco.compute()["segm_AP"] == pytest.approx(1.0)
+        official = CityscapesEvaluator.for_dataset(dataset).compute(coco.results_json(), coco.image_ids())
+        assert official["cityscapes_AP"] == pytest.approx(1.0), official
+        scored = {key.removeprefix("cityscapes_AP_") for key in official if key.startswith("cityscapes_AP_")}
+        assert scored == set(classes or dataset.class_names)
+    with pytest.raises(ValueError, match=r"classes \['pedestrian'\] are not Cityscapes instance classes"):
+        CityscapesEvaluator({1: dataset.instance_files[0]}, classes=["pedestrian"]).compute([], [1])
