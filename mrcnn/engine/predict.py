@@ -275,6 +275,9 @@ def predict(cfg: DictConfig) -> dict[str, float]:
             num_workers=cfg.predict.num_workers,
             collate_fn=collate_detection,
         )
-        trainer = instantiate(cfg.trainer, callbacks=[writer], logger=False)
+        # Lightning shards this plain loader over DDP processes without repeating an image (its unrepeated sampler
+        # for predict). The trainer configs turn that off for the datamodule's loaders, which shard themselves:
+        # left off here, every process would predict every image and the json would hold each detection per process.
+        trainer = instantiate(cfg.trainer, callbacks=[writer], logger=False, use_distributed_sampler=True)
         trainer.predict(module, dataloaders=loader, ckpt_path=ckpt_path, return_predictions=False)
         return {"images": float(len(dataset)), "detections": float(writer.num_detections)}

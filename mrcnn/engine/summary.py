@@ -41,20 +41,23 @@ def format_cityscapes_metrics(metrics: dict[str, float]) -> str:
 
 
 def write_final_metrics(
-    cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float], nothing_to_score: str | None = None
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    metrics: dict[str, float],
+    nothing_to_score: str | None = None,
+    global_step: int | None = None,
 ) -> None:
     """Prints the AP table and writes ``<run_dir>/metrics.json`` (rank zero).
 
     Args:
         nothing_to_score: why the evaluation scored nothing (:attr:`mrcnn.evaluation.CocoEvaluator.nothing_to_score`):
             printed under the table of "-" and written to ``metrics.json``.
+        global_step: the optimizer steps the evaluated weights were trained for, where the Trainer's own count is
+            not it (``mode=evaluate`` of a checkpoint); ``None``: the Trainer's.
     """
+    step = trainer.global_step if global_step is None else int(global_step)
     log.info(
-        "process %d of %d done at global step %d in %s",
-        trainer.global_rank,
-        trainer.world_size,
-        trainer.global_step,
-        cfg.run_dir,
+        "process %d of %d done at global step %d in %s", trainer.global_rank, trainer.world_size, step, cfg.run_dir
     )
     if not trainer.is_global_zero:
         return
@@ -67,7 +70,7 @@ def write_final_metrics(
             "regions under 100 pixels ignored):\n" + format_cityscapes_metrics(metrics),
             flush=True,
         )
-    record = {**metrics, "global_step": trainer.global_step, "world_size": trainer.world_size}
+    record = {**metrics, "global_step": step, "world_size": trainer.world_size}
     if nothing_to_score:
         record["nothing_to_score"] = nothing_to_score
     path = Path(cfg.run_dir) / "metrics.json"

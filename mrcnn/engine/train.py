@@ -55,8 +55,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_config(cfg)
     ckpt_path = checkpoint_path(cfg)  # check_config: there, or weights= given
     check_run_dir_is_free(cfg.run_dir, cfg.mode, ckpt_path, sweep_job=in_sweep())
-    if ckpt_path:
-        read_checkpoint(ckpt_path)  # a file that is no checkpoint stops here, before the data is built
+    # A file that is no checkpoint stops here, before the data is built. The step its weights were trained to is
+    # the evaluation's (the Trainer's own stays 0: validate restores no training loop); weights= have none.
+    step = read_checkpoint(ckpt_path).get("global_step") if ckpt_path else None
     with job_scope(cfg), stops_with_nonzero_exit(cfg):
         prepare_determinism(cfg)
         L.seed_everything(cfg.seed, workers=True)
@@ -65,7 +66,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             check_checkpoint_fits(module, ckpt_path, cfg)
         trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
         metrics = dict(module.last_metrics)
-        write_final_metrics(cfg, trainer, metrics, module.nothing_to_score)
+        write_final_metrics(cfg, trainer, metrics, module.nothing_to_score, global_step=step)
         return metrics
 
 

@@ -7,9 +7,11 @@ import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
+from PIL import Image
 
 from mrcnn.engine.build import build_module, check_sync_batchnorm
 from mrcnn.engine.callbacks import RANDOM_STATE_KEY
+from mrcnn.engine.predict import predict
 from tests.helpers.config import TINY_MODEL, compose_config
 from tests.helpers.runs import TINY_RUN, run_py, training_only_trainer
 from tests.helpers.wandb import read_wandb_records
@@ -95,9 +97,41 @@ def test_ddp_evaluation_matches_one_process_on_an_odd_number_of_images(tmp_path)
         cwd=tmp_path,
     )
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    assert two.pop("world_size") == 2 and two.pop("global_step") == 0
+    assert two.pop("world_size") == 2 and two.pop("global_step") == 4  # the checkpoint's, not validate's 0
     assert one == two
     assert max(one["bbox_AP50"], one["segm_AP50"]) > 0, one  # the numbers compared are not all zero
+
+    # Prediction on the same 5 images: each process predicts its own, none twice; the json is one process's.
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(5):
+        pixels = (datamodule.val_dataset[i][0] * 255).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    predict_args = [
+        f"ckpt_path={checkpoint}",
+        *common,
+        "mode=predict",
+        f"predict.input={images}",
+        "predict.score_threshold=0.0",
+    ]
+    predict(compose_config([*predict_args, f"predict.output={tmp_path / 'one_pred'}"], run_dir=str(tmp_path / "p1")))
+    run_py(
+        [
+            *predict_args,
+            "trainer=ddp_cpu",
+            "trainer.devices=2",
+            f"hydra.run.dir={tmp_path / 'p2'}",
+            f"predict.output={tmp_path / 'two_pred'}",
+        ],
+        cwd=tmp_path,
+    )
+    one_pred = json.loads((tmp_path / "one_pred" / "coco_results.json").read_text())
+    two_pred = json.loads((tmp_path / "two_pred" / "coco_results.json").read_text())
+    assert {r["image_id"] for r in one_pred} == {1, 2, 3, 4, 5} and len(two_pred) == len(one_pred)
+    for a, b in zip(one_pred, two_pred):  # the same detections (to the last bits: the processes' thread counts differ)
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        assert b["score"] == pytest.approx(a["score"], rel=1e-4) and b["bbox"] == pytest.approx(a["bbox"], abs=1e-3)
+    assert sorted(p.name for p in (tmp_path / "two_pred").glob("*.png.png")) == [f"{i}.png.png" for i in range(5)]
 
 
 def test_sync_batchnorm_with_cpu_processes_is_a_clear_error():
