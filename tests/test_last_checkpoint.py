@@ -72,3 +72,50 @@ def test_processes_agree_on_the_stop_signal_over_a_host_group(tmp_path):
     for rank in (0, 1):
         lines = (tmp_path / f"agreed.{rank}").read_text().splitlines()
         assert lines == [f"gloo {sigterm} True", f"nccl {sigterm} False"]
+
+
+def test_with_accumulated_gradients_saves_and_stops_wait_for_the_optimizer_step():
+    # Two batches a step: a checkpoint holds no gradients, so a save (or a stop) between them would lose the first.
+    callback = LastCheckpoint("/tmp/unused", every_n_train_steps=2, stop_on_signal=False)
+    saved, asked = [], []
+    callback._save = lambda trainer: saved.append(trainer.global_step)
+    callback._agree_to_stop = lambda trainer: asked.append(trainer.global_step)
+    trainer = SimpleNamespace(global_step=0, num_training_batches=100, val_check_batch=100, max_steps=-1)
+    for batch_idx in range(9):
+        callback.on_train_batch_start(trainer, None, None, batch_idx)
+        trainer.global_step += batch_idx % 2  # the second batch of each pair steps
+        callback.on_train_batch_end(trainer, None, None, None, batch_idx)
+    assert saved == [2, 4] and asked == [1, 2, 3, 4]
+
+
+def test_a_loss_not_read_yet_that_is_not_finite_stops_the_run_before_it_is_saved():
+    # On a GPU the module reads a step's losses when the GPU has them ready, a step or more later: the save of that
+    # step's weights must not come first and replace the last good last.ckpt.
+    import pytest
+    import torch
+
+    from mrcnn.lit_module import LossWatch
+
+    class NotReady:  # a CUDA event whose copy has not arrived
+        def query(self):
+            return False
+
+        def synchronize(self):
+            pass
+
+    watch = LossWatch()
+    watch.pending.append((6, ["rpn_class_loss"], torch.tensor([float("nan")]), NotReady()))
+    watch.check()
+    assert watch.pending  # not read during the step
+    written = []
+    trainer = SimpleNamespace(
+        sanity_checking=False,
+        fast_dev_run=False,
+        global_step=7,
+        checkpoint_callbacks=[],
+        lightning_module=SimpleNamespace(loss_watch=watch),
+        save_checkpoint=lambda path, weights_only: written.append(path),
+    )
+    with pytest.raises(FloatingPointError, match="step 6"):
+        LastCheckpoint("/tmp/unused")._save(trainer)
+    assert written == []

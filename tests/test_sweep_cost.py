@@ -45,3 +45,19 @@ def test_the_callback_logs_the_recorded_then_the_measured_estimate(caplog):
     assert "sweep 3 jobs x 30 steps x 0.5 s = 45 s" in lines[0]
     measured = [line for line in lines if "measured over the last" in line]
     assert measured and all("job 2/3" in line for line in measured)
+
+
+def test_a_step_of_accumulated_batches_is_timed_whole():
+    # The remaining steps are optimizer steps: with two batches a step, a step takes two batches' time.
+    from types import SimpleNamespace
+
+    callback = CostEstimate(measure_steps=1000)
+    callback.step_seconds = lambda: 1.0
+    trainer = SimpleNamespace(global_step=0, is_global_zero=False, estimated_stepping_batches=10)
+    callback.job = callback.jobs = 0
+    callback.on_train_start(trainer, None)
+    for batch_idx in range(8):
+        trainer.global_step += batch_idx % 2
+        callback.on_train_batch_end(trainer, None, None, None, batch_idx)
+    # Four steps; the first is not timed: its first batch is the fit's (StepTimer times none before it).
+    assert list(callback._times) == [2.0, 2.0, 2.0]

@@ -100,6 +100,7 @@ class LastCheckpoint(L.Callback):
         self._stop_signal = 0  # the signal all processes agreed to stop on, once last.ckpt is saved for it
         self._saved_step = -1
         self._final_mid_epoch_step = -1  # the step of a save where max_steps ended the run mid-epoch
+        self._step_at_batch_start = -1  # the global step when the current training batch started
         # The step the every-N count runs from: the start of this fit, then each periodic save.
         self._periodic_base = 0
         self._previous_handlers: dict[int, object] = {}
@@ -111,6 +112,11 @@ class LastCheckpoint(L.Callback):
         """Saves ``last.ckpt`` at this step (once), as a link to another checkpoint of this step if there is one."""
         if trainer.sanity_checking or trainer.fast_dev_run or trainer.global_step == self._final_mid_epoch_step:
             return
+        # The steps' losses not read yet (on a GPU the module reads each when the GPU has it ready, a step or more
+        # later): a non-finite one stops the run here, before its weights replace the last good last.ckpt.
+        watch = getattr(trainer.lightning_module, "loss_watch", None)
+        if watch is not None:
+            watch.check(wait=True)
         same_step = _checkpoint_saved_at_this_step(trainer)
         if same_step is not None and same_step != self.path:
             self._link(trainer, same_step)
@@ -136,6 +142,10 @@ class LastCheckpoint(L.Callback):
         if _epoch_end_or_validation_follows(trainer, batch_idx):
             # Lightning resumes a checkpoint saved here past the validation that follows (it takes it for
             # one saved after it): saving and stopping wait for the epoch's end, or for the next batch.
+            return
+        if trainer.global_step == self._step_at_batch_start:
+            # A batch whose gradients wait for the next ones (trainer.accumulate_grad_batches): a checkpoint holds no
+            # gradients, so a save here would resume with part of the window lost. Every rank skips the same batches.
             return
         # Due once the step count passes a multiple of N since the last periodic save: a save skipped because a
         # validation followed (above) is made at the next batch instead of being lost.
@@ -227,6 +237,7 @@ class LastCheckpoint(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._stop_signal:
             self._raise_stop()
+        self._step_at_batch_start = trainer.global_step
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if self._stop_signal and not trainer.sanity_checking:
@@ -454,8 +465,9 @@ class CostEstimate(StepTimer):
 
     At the start of training it logs the estimate from the recorded ``step_time_s`` (or says there is none), after
     ``measure_steps`` timed steps from the measured median step time, and then every ``every_n_steps`` steps.
-    A step is timed from the end of one training batch to the end of the next (data loading included;
-    the gap around a validation is not counted).
+    A step is timed from the end of one optimizer step's last training batch to the end of the next one's (data
+    loading included; ``trainer.accumulate_grad_batches`` batches a step; the gap around a validation is not
+    counted), as the remaining steps (``estimated_stepping_batches``) count optimizer steps.
 
     Args:
         step_time_s: the step time recorded (or, where ``step_time_note`` says so, derived) for the run's
@@ -483,10 +495,15 @@ class CostEstimate(StepTimer):
         self.job, self.jobs = job, jobs
         self._times: deque[float] = deque(maxlen=200)
         self._measured_logged = False
+        # The optimizer step being timed: its batches' seconds so far (None: one of them was not timed), and the
+        # global step before it. With trainer.accumulate_grad_batches=k a step is k batches.
+        self._window: float | None = None
+        self._step_seen = -1
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.job is None and self.jobs is None:
             self.job, self.jobs = sweep_position()
+        self._step_seen = trainer.global_step
         self._log(trainer, self.step_time_s, self.step_time_note)
 
     def _log(self, trainer, step_time: float | None, source: str) -> None:
@@ -495,9 +512,15 @@ class CostEstimate(StepTimer):
             log.info(estimate_line(self.jobs, self.job, steps, trainer.global_step, step_time, source))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = self.step_seconds()
-        if step is not None:
-            self._times.append(step)
+        seconds = self.step_seconds()
+        # A step with an untimed batch (the first of a fit or an epoch, the first after a validation) is not timed.
+        self._window = None if seconds is None or self._window is None else self._window + seconds
+        if trainer.global_step == self._step_seen:
+            return  # gradients accumulate: the step is not done
+        self._step_seen = trainer.global_step
+        if self._window is not None:
+            self._times.append(self._window)
+        self._window = 0.0
         if len(self._times) < self.measure_steps:
             return
         every = self.every_n_steps or max(1, int(trainer.estimated_stepping_batches) // 10)
