@@ -269,7 +269,8 @@ def mask_inference_sigmoid(mask_logits: Tensor, labels: Tensor) -> Tensor:
     """Foreground probability of each detection's class: ``[D, C, M, M]`` -> ``[D, 1, M, M]``."""
     if len(labels) == 0:
         return mask_logits.new_zeros((0, 1, *mask_logits.shape[-2:]))
-    return _select_class(mask_logits, labels).sigmoid()[:, None]
+    # In float32, as the softmax arm's probabilities are under autocast: both arms are thresholded alike.
+    return _select_class(mask_logits, labels).float().sigmoid()[:, None]
 
 
 def mask_loss_softmax(mask_logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:

@@ -42,8 +42,15 @@ def boxes_to_rois(boxes: list[Tensor]) -> Tensor:
 
 
 def infer_scale(feature_size: int, image_size: int) -> float:
-    """Stride-reciprocal of a feature map, rounded to a power of two (e.g. 1/4, 1/8)."""
-    return 2.0 ** round(math.log2(feature_size / image_size))
+    """Stride-reciprocal of a feature map (e.g. 1/4, 1/8), from its height and the largest image's unpadded height.
+
+    The batch is padded to a multiple of the largest stride, so the map spans ``stride`` pixels a row and the image
+    less than a row fewer: ``image_size / feature_size`` lies in ``(stride / 2, stride]`` for any image taller than
+    half that multiple, and the stride is the power of two it rounds up to. (torchvision rounds ``log2`` to the
+    nearest, which is the same at the usual sizes and wrong at some small ones: a stride-32 map of a 40-pixel-high
+    batch, 2 rows, gave 1/16.)
+    """
+    return 2.0 ** -math.ceil(math.log2(image_size / feature_size) - 1e-9)
 
 
 def assign_levels(

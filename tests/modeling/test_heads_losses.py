@@ -319,3 +319,15 @@ def test_mask_targets_read_float_masks_a_bounded_chunk_at_a_time_and_give_the_sa
         assert torch.equal(chunked, whole), chunk_bytes
         assert len(read) == passes and max(read) <= max(chunk_bytes, per_mask), read
         assert sum(counts.values()) == 0, counts.report()  # the chunks come from shapes, not values
+
+
+def test_both_mask_loss_arms_give_float32_probabilities_from_bf16_logits():
+    # Under bf16 autocast the softmax is computed in float32; the sigmoid arm's probabilities must not be rounded to
+    # bf16 before the 0.5 threshold either, or Table 2b's arms would be thresholded at different points.
+    logits = torch.randn(3, 4, 28, 28).to(torch.bfloat16)
+    labels = torch.tensor([1, 3, 2])
+    sigmoid = mask_head.mask_inference_sigmoid(logits, labels)
+    softmax = mask_head.mask_inference_softmax(logits.float(), labels)
+    assert sigmoid.dtype == softmax.dtype == torch.float32 and sigmoid.shape == softmax.shape == (3, 1, 28, 28)
+    expected = logits.float()[torch.arange(3), labels].sigmoid()[:, None]
+    torch.testing.assert_close(sigmoid, expected, rtol=0, atol=0)

@@ -157,6 +157,19 @@ def test_spatial_scale_is_inferred_from_the_feature_stride():
     torch.testing.assert_close(out[0, 0, 0], torch.tensor([3.0, 5.0, 7.0, 9.0]))
 
 
+def test_the_stride_of_every_map_is_right_at_every_image_height():
+    # The batch is padded to a multiple of 32: a stride-s map has padded / s rows. torchvision's rounding took a
+    # stride-32 map of a 40-pixel-high batch (2 rows) for stride 16; every height from 17 up is right here.
+    import math
+
+    from mrcnn.modeling.poolers import infer_scale
+
+    for height in range(17, 1400):
+        padded = math.ceil(height / 32) * 32
+        for stride in (4, 8, 16, 32):
+            assert infer_scale(padded // stride, height) == 1 / stride, (height, stride)
+
+
 def test_fpn_level_assignment_follows_the_fpn_paper():
     # Levels P2..P5 (k = 2..5); a 224-pixel box goes to k0 = 4, halving the side lowers the level by one.
     boxes = torch.tensor(
