@@ -290,7 +290,14 @@ class MaskRCNNModule(L.LightningModule):
         if isinstance(datamodule, InstanceDataModule) or hasattr(datamodule, "batch_size"):
             per_device = datamodule.batch_size
         else:
-            per_device = self.trainer.train_dataloader.batch_size
+            loader = self.trainer.train_dataloader  # (None here when fit() was given bare dataloaders)
+            per_device = getattr(loader, "batch_size", None)
+            if per_device is None:
+                raise ValueError(
+                    "MaskRCNNModule scales its learning rate by the global batch (base_lr at base_batch_size), so it "
+                    "must know the batch size when the optimizer is built: give fit() a datamodule with a batch_size "
+                    "attribute (mrcnn.data.datamodule.InstanceDataModule), not bare dataloaders"
+                )
         return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def configure_optimizers(self):

@@ -63,6 +63,13 @@ def test_lr_scales_linearly_with_the_global_batch(tmp_path):
     assert trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(0.02 * 2 / 16)
 
 
+def test_bare_dataloaders_are_a_clear_error_not_an_attribute_error(tmp_path):
+    # The learning rate needs the batch size when the optimizer is built, before Lightning has the training loader.
+    datamodule, module, trainer = _fit(tmp_path, [], max_steps=1)
+    with pytest.raises(ValueError, match="give fit\\(\\) a datamodule with a batch_size attribute"):
+        trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
+
+
 def test_a_nan_input_stops_training_with_the_step_and_loss_names(tmp_path):
     datamodule, module, trainer = _fit(tmp_path, [])
 

@@ -50,9 +50,10 @@ def test_a_typo_fails_loudly_and_leaves_no_output_folder(tmp_path):
     assert not (tmp_path / "outputs").exists()
     # A run that wrote something keeps its folder, also when it fails afterwards.
     kept = tmp_path / "kept"
-    (kept / "csv").mkdir(parents=True)
+    (kept / "predictions").mkdir(parents=True)
+    (kept / "predictions" / "a.jpg.png").write_bytes(b"an overlay")
     result = run_py(["+model.pooler=roi_pool", f"hydra.run.dir={kept}"], cwd=tmp_path, check=False, timeout=120)
-    assert result.returncode != 0 and (kept / "csv").is_dir() and (kept / ".hydra").is_dir()
+    assert result.returncode != 0 and (kept / "predictions" / "a.jpg.png").is_file() and (kept / ".hydra").is_dir()
 
 
 @pytest.mark.parametrize(
