@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 # Only light modules before Hydra composes: a mistyped override or a bad value fails in about a second, before
 # torch and Lightning are loaded (several seconds), which the mode's own module imports.
 from mrcnn.config import (  # (registers the resolvers)
+    check_ablation_overrides,
     check_added_keys,
     check_group_overrides,
     check_model_contract,
@@ -26,6 +27,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         check_model_contract(cfg)
         check_added_keys(cfg, HydraConfig.get().overrides.task, group_options=hydra_group_options)
+        check_ablation_overrides(HydraConfig.get().runtime.choices, HydraConfig.get().overrides.task)
         if cfg.mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}, got {cfg.mode!r}")
         check_config(cfg)

@@ -2,7 +2,7 @@
 key a user adds under ``model`` is read by something; and the check that a group's option is picked with a slash."""
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -103,6 +103,36 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+
+
+# Groups whose options switch another group's choice (configs/ablation/<name>/ overrides model/<name>): the ablated
+# group, set on the command line beside them, would replace every variant's choice.
+ABLATION_GROUPS = {"ablation/mask_loss": "model/mask_loss"}
+
+
+def check_ablation_overrides(choices: Mapping[str, str | None], overrides: Sequence[str]) -> None:
+    """Fails when the command line sets the group an ``ablation/...`` group's options switch.
+
+    ``experiment=ablation_mask_loss`` sweeps ``ablation/mask_loss`` (each option picks ``model/mask_loss``); a
+    ``model/mask_loss=softmax`` beside it would give every variant that loss under its own label.
+
+    Args:
+        choices: the job's config group choices (``hydra.runtime.choices``).
+        overrides: the job's command-line overrides (``hydra.overrides.task``).
+
+    Raises:
+        ValueError: naming the override and the ablation group to narrow instead.
+    """
+    for ablation, group in ABLATION_GROUPS.items():
+        if choices.get(ablation) is None:
+            continue
+        for override in overrides:
+            if override.lstrip("+~").split("=", 1)[0] == group:
+                raise ValueError(
+                    f"{override}: the {ablation} switch of this run picks {group} for each variant, so {group}= would "
+                    f"give every variant the same one under its own label. Choose the variants with {ablation}=... "
+                    f"(options: {', '.join(hydra_group_options(ablation)) or 'see configs/' + ablation})"
+                )
 
 
 def hydra_group_options(group: str) -> list[str]:

@@ -83,6 +83,56 @@ def test_every_bad_value_is_listed_at_once():
     ]
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["model/backbone=fpn", "model/roi_heads=res5"],
+            "model/roi_heads=res5 does not go with the resnet_fpn backbone",
+        ),
+        (["model/backbone=c5", "model/roi_heads=res5"], "model/roi_heads=res5 does not go with the resnet_c5 backbone"),
+        (["model/backbone=c4", "model/roi_heads=standard"], "model/roi_heads=standard does not go with the resnet_c4"),
+        (["model.anchor_sizes=[8,16,32]"], "FPN's RPN has 5 maps (P2-P6), one anchor size each: give 5 sizes"),
+    ],
+)
+def test_switches_that_do_not_go_together_stop_before_a_shape_mismatch_deep_in_torch(overrides, message):
+    # Each value passes its own rule; together they built a model whose first step failed (a shape mismatch).
+    with pytest.raises(ValueError, match="invalid config values") as error:
+        check_config(compose_config(overrides))
+    assert message in str(error.value)
+    # The pairs each backbone picks itself, and any number of anchor sizes on one map.
+    for good in (["model/backbone=c4"], ["model/backbone=c5"], ["model/backbone=c4", "model.anchor_sizes=[8,16,32]"]):
+        assert config_problems(compose_config(good)) == []
+
+
+def test_resnet_152_builds_as_the_schema_says():
+    from hydra.utils import instantiate
+
+    for backbone in ("fpn", "c4"):
+        cfg = compose_config(["model=tiny", "model.depth=152", "model.width=8", f"model/backbone={backbone}"])
+        assert config_problems(cfg) == []
+        net = instantiate(cfg.model.net)
+        blocks = sum(1 for m in net.modules() if type(m).__name__ == "Bottleneck")
+        assert blocks == 3 + 8 + 36 + 3, backbone  # res2-res5 (C4: res5 in the box head)
+
+
+def test_a_validation_schedule_that_leaves_out_the_last_epochs_is_said():
+    from mrcnn.engine.config_checks import validation_schedule_note
+
+    assert validation_schedule_note(compose_config([])) is None  # 5 epochs, validated every 5
+    note = validation_schedule_note(compose_config(["trainer.max_epochs=12"]))
+    assert (
+        "the last validation while training is at epoch 10, so the best checkpoint is chosen without epochs 11-12"
+        in note
+    )
+    note = validation_schedule_note(compose_config(["trainer.max_epochs=3"]))
+    assert "never validates while training, so no best checkpoint is written" in note
+    assert (
+        validation_schedule_note(compose_config(["trainer.max_epochs=12", "trainer.check_val_every_n_epoch=4"])) is None
+    )
+    assert validation_schedule_note(compose_config(["trainer.max_epochs=3", "trainer.max_steps=10"])) is None
+
+
 def test_run_py_stops_on_a_negative_batch_size_naming_the_key(tmp_path):
     # Before the check, this ended in torch's "Invalid learning rate: -0.0025" (the lr scales with the batch).
     result = run_py(

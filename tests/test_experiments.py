@@ -294,3 +294,21 @@ def test_every_recorded_sweep_still_composes_and_rebuilds_its_report(name):
             key, value = override.lstrip("+").split("=", 1)
             if key in choices:
                 assert choices[key] == value, f"{name}: {job}"
+
+
+def test_the_mask_loss_ablation_keeps_each_variants_switch_when_the_head_is_narrowed():
+    # model/mask_head=mlp2 narrows every variant to the MLP head; the agnostic variant still predicts one mask.
+    from hydra.utils import instantiate
+
+    from mrcnn.config import check_ablation_overrides
+
+    for option, agnostic in (("sigmoid", False), ("sigmoid_agnostic", True), ("softmax", False)):
+        cfg = compose_config(["experiment=ablation_mask_loss", f"ablation/mask_loss={option}", "model/mask_head=mlp2"])
+        head = instantiate(cfg.model.net.roi_heads.mask_head)
+        assert type(head).__name__ == "MLPMaskHead" and head.class_agnostic is agnostic, option
+    # model/mask_loss= beside the ablation's switch would give every variant one loss under its own label.
+    choices = {"ablation/mask_loss": "sigmoid", "model/mask_loss": "softmax"}
+    with pytest.raises(ValueError, match=r"model/mask_loss=softmax: the ablation/mask_loss switch of this run picks"):
+        check_ablation_overrides(choices, ["ablation/mask_loss=sigmoid,softmax", "model/mask_loss=softmax"])
+    check_ablation_overrides(choices, ["ablation/mask_loss=sigmoid,softmax", "model/mask_head=mlp2"])
+    check_ablation_overrides({"ablation/mask_loss": None}, ["model/mask_loss=softmax"])

@@ -433,7 +433,66 @@ def config_problems(cfg: DictConfig, keys: Sequence[str] | None = None) -> list[
         problem = rule(value)
         if problem:
             problems.append(f"{key}={value}: {problem}")
-    return problems + _length_problems(cfg)
+    return problems + _length_problems(cfg) + _model_problems(cfg)
+
+
+def _target(cfg: DictConfig, key: str) -> str:
+    """The class or function name a ``_target_`` under ``key`` builds (``""`` where there is none)."""
+    target = OmegaConf.select(cfg, f"{key}._target_", default=None, throw_on_missing=False)
+    return str(target).rpartition(".")[2] if target else ""
+
+
+def _model_problems(cfg: DictConfig) -> list[str]:
+    """Combinations of the model's switches that each pass their own rule and would fail in the first step, deep in
+    torch (a shape mismatch): the RoI heads that go with the backbone, and one anchor size for each FPN map."""
+    backbone = _target(cfg, "model.net.backbone")
+    if not backbone:
+        return []
+    problems = []
+    res5_heads = _target(cfg, "model.net.roi_heads") == "Res5RoIHeads"
+    if res5_heads != (backbone == "resnet_c4"):
+        problems.append(
+            f"model/roi_heads={'res5' if res5_heads else 'standard'} does not go with the {backbone} backbone: res5 "
+            "(res5 as the box head on the stride-16 map) goes with model/backbone=c4 only, standard with fpn and c5. "
+            "Leave model/roi_heads out: each model/backbone picks its own"
+        )
+    if backbone == "resnet_fpn":
+        sizes = OmegaConf.select(cfg, "model.anchor_sizes", default=None, throw_on_missing=False)
+        names = OmegaConf.select(cfg, "model.featmap_names", default=None, throw_on_missing=False)
+        if _is_list(sizes) and _is_list(names) and len(sizes) != len(names) + 1:
+            problems.append(
+                f"model.anchor_sizes={list(sizes)}: FPN's RPN has {len(names) + 1} maps (P2-P{len(names) + 2}), one "
+                f"anchor size each: give {len(names) + 1} sizes, smallest first (C4 and C5 take any number)"
+            )
+    return problems
+
+
+def validation_schedule_note(cfg: DictConfig) -> str | None:
+    """What an epoch-limited run's validation schedule leaves out of the best checkpoint, if anything.
+
+    Lightning validates every ``trainer.check_val_every_n_epoch`` epochs: when that does not divide
+    ``trainer.max_epochs``, the last epochs' weights are never compared (the final evaluation scores them, after
+    training), and a run shorter than the interval never validates, so ``callbacks.best_checkpoint`` writes nothing.
+    """
+    every = OmegaConf.select(cfg, "trainer.check_val_every_n_epoch", default=None)
+    epochs = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
+    steps = OmegaConf.select(cfg, "trainer.max_steps", default=-1)
+    if OmegaConf.select(cfg, "callbacks.best_checkpoint", default=None) is None or steps not in (-1, None):
+        return None
+    if not (_is_int(every) and _is_int(epochs) and every > 0 and epochs > 0) or epochs % every == 0:
+        return None
+    way = f"set trainer.check_val_every_n_epoch to a divisor of {epochs}"
+    if epochs < every:
+        return (
+            f"trainer.max_epochs={epochs} is shorter than trainer.check_val_every_n_epoch={every}: the run never "
+            f"validates while training, so no best checkpoint is written (last.ckpt and the final evaluation are); {way}"
+        )
+    last = epochs - epochs % every
+    return (
+        f"trainer.check_val_every_n_epoch={every} does not divide trainer.max_epochs={epochs}: the last validation "
+        f"while training is at epoch {last}, so the best checkpoint is chosen without epochs {last + 1}-{epochs} "
+        f"(the final evaluation scores the last weights); {way}"
+    )
 
 
 # Weights files a run reads, by key: what the file must hold.

@@ -13,7 +13,7 @@ import mrcnn.config  # noqa: F401  (registers the config resolvers)
 from mrcnn.engine.build import build
 from mrcnn.engine.callbacks import TrainingInterrupted
 from mrcnn.engine.checkpoints import check_checkpoint_fits, check_resume_config, read_resumed_run
-from mrcnn.engine.config_checks import check_config, checkpoint_path
+from mrcnn.engine.config_checks import check_config, checkpoint_path, validation_schedule_note
 from mrcnn.engine.launch import check_run_dir_is_free, in_sweep, job_scope
 from mrcnn.engine.model_record import read_checkpoint
 from mrcnn.engine.summary import write_final_metrics
@@ -32,6 +32,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_config(cfg)
     ckpt_path = checkpoint_path(cfg)
     check_run_dir_is_free(cfg.run_dir, cfg.mode, ckpt_path, sweep_job=in_sweep())
+    note = validation_schedule_note(cfg)
+    if note:
+        log.warning(note)
     resumed = read_resumed_run(ckpt_path) if ckpt_path else None
     if resumed is not None:
         check_resume_config(cfg, resumed)

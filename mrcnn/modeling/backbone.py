@@ -29,6 +29,7 @@ RESNETS = {
     34: (resnet.BasicBlock, [3, 4, 6, 3]),
     50: (resnet.Bottleneck, [3, 4, 6, 3]),
     101: (resnet.Bottleneck, [3, 4, 23, 3]),
+    152: (resnet.Bottleneck, [3, 8, 36, 3]),
 }
 NORMS = ("frozen_bn", "bn", "gn", "syncbn")
 
