@@ -989,6 +989,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["train"] = train_phase(args, cfg, modules, theirs, loaders, device, memory, save("train"))
         results["head_shapes"] = shapes.summary()
         shapes.remove()
+        write()  # before the profile, which a step's time limit may stop
         if args.profile:
             results["profile"] = profile_phase(args, cfg, module, theirs, loaders[-1], device, variants=variants)
         write()

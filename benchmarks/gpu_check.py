@@ -514,8 +514,11 @@ def log_path(name: str, run: str, out: Path, runs: int | None = None) -> Path:
 
 
 def step_outputs(name: str, out: Path) -> list[Path]:
-    """Every file or folder step ``name`` writes its results to."""
-    return [step_output(run, out) for run in TRAIN_STEPS[name]] if name in TRAIN_STEPS else [step_output(name, out)]
+    """Every file or folder step ``name`` writes its results to (a benchmark's profiler tables and partial json too)."""
+    if name in TRAIN_STEPS:
+        return [step_output(run, out) for run in TRAIN_STEPS[name]]
+    output = step_output(name, out)
+    return [output, *sorted(out.glob(f"{output.stem}_profile_*.txt")), *sorted(out.glob(f"{output.name}.tmp"))]
 
 
 def train_command(run: str, profile: Profile, args, out: Path) -> list[str]:
@@ -612,11 +615,19 @@ def gpu_test_results(junit_xml: Path, log_path: Path | None = None) -> dict:
     """Per test: passed, failed or skipped (with the reason), from pytest's junit xml; where pytest was stopped
     before writing it, the outcomes its ``-v`` output printed so far (``partial``: true)."""
     if not junit_xml.exists() and log_path is not None and log_path.exists():
-        tests = {}
+        tests, current = {}, None
         for line in log_path.read_text(errors="replace").splitlines():
-            found = re.match(r"\S+::(\w+) (PASSED|FAILED|SKIPPED|ERROR)", line)
-            if found:
-                tests[found.group(1)] = {"ERROR": "failed"}.get(found.group(2), found.group(2).lower())
+            # "<file>::<test> PASSED"; with -s a test's own output comes between its name and its outcome, which
+            # then starts a line of its own.
+            named = re.match(r"\S+::(\w+)(?: (PASSED|FAILED|SKIPPED|ERROR))?", line)
+            if named:
+                current, outcome = named.group(1), named.group(2)
+            else:
+                found = re.match(r"(PASSED|FAILED|SKIPPED|ERROR)\b", line)
+                outcome = found.group(1) if found and current is not None else None
+            if outcome:
+                tests[current] = {"ERROR": "failed"}.get(outcome, outcome.lower())
+                current = None
         counts = {o: sum(1 for v in tests.values() if v == o) for o in ("passed", "failed", "skipped")}
         return {**counts, "tests": tests, "skip_reasons": {}, "partial": True}
     tests, reasons = {}, {}
@@ -809,7 +820,7 @@ def run_step(name: str, command, out: Path, timeout_s: float, dry_run: bool = Fa
     commands = command if isinstance(command, dict) else {name: command}
     log_paths = {run: log_path(name, run, out, len(commands)) for run in commands}
     # Results of an earlier check in the same folder must not pass for this one's.
-    for output in step_outputs(name, out) if name in STEPS else [step_output(name, out)]:
+    for output in step_outputs(name, out):
         if output.is_dir():
             shutil.rmtree(output)
         else:

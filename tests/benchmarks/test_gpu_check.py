@@ -178,12 +178,25 @@ def test_a_training_run_stopped_at_its_limit_reports_the_steps_it_logged(tmp_pat
 
 
 def test_gpu_tests_stopped_at_their_limit_report_the_finished_tests(tmp_path):
+    # With -s a test's own output comes between its name and its outcome (test_c prints a json).
     printed = (
-        "print('tests/modeling/test_gpu.py::test_a PASSED [ 16%]'); print('tests/modeling/test_gpu.py::test_b FAILED')"
+        "print('tests/modeling/test_gpu.py::test_a PASSED [ 16%]'); print('tests/modeling/test_gpu.py::test_b FAILED');"
+        "print('tests/modeling/test_gpu_determinism.py::test_c {'); print('  \"same\": true'); print('}');"
+        "print('PASSED [ 50%]'); print('tests/modeling/test_gpu_determinism.py::test_d ')"
     )
     record = gpu_check.run_step("gpu_tests", hang_after(printed), tmp_path, timeout_s=2)
     assert record["status"] == "failed" and record["reason"].endswith("partial results kept")
-    assert record["results"]["tests"] == {"test_a": "passed", "test_b": "failed"} and record["results"]["partial"]
+    assert record["results"]["tests"] == {"test_a": "passed", "test_b": "failed", "test_c": "passed"}
+    assert record["results"]["partial"] and record["results"]["passed"] == 2
+
+
+def test_an_earlier_checks_profile_tables_are_not_taken_for_this_ones(tmp_path):
+    # A rerun into the same folder: bench_eager stopped before its profile must not report the last run's tables.
+    for name in ("bench_eager.json", "bench_eager_profile_ours.txt", "bench_eager_profile_torchvision.txt"):
+        (tmp_path / name).write_text("{}" if name.endswith(".json") else "an earlier check's table")
+    (tmp_path / "bench_fast_profile_ours.txt").write_text("another step's table")
+    gpu_check.run_step("bench_eager", [sys.executable, "-c", "raise SystemExit(3)"], tmp_path, timeout_s=30)
+    assert sorted(p.name for p in tmp_path.glob("*_profile_*.txt")) == ["bench_fast_profile_ours.txt"]
 
 
 def alive(pid: int) -> bool:
