@@ -446,8 +446,8 @@ def _model_problems(cfg: DictConfig) -> list[str]:
     """Combinations of the model's switches that each pass their own rule and would fail in the first step, deep in
     torch (a shape mismatch): the RoI heads that go with the backbone, and one anchor size for each FPN map."""
     backbone = _target(cfg, "model.net.backbone")
-    if not backbone:
-        return []
+    if backbone not in ("resnet_c4", "resnet_c5", "resnet_fpn"):
+        return []  # a backbone of a user's own: its pairing is its author's
     problems = []
     res5_heads = _target(cfg, "model.net.roi_heads") == "Res5RoIHeads"
     if res5_heads != (backbone == "resnet_c4"):
