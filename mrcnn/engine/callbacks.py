@@ -562,9 +562,10 @@ class PredictionOverlays(L.Callback):
         images = [image for image, _ in samples]
         with torch.no_grad():
             detections, _ = pl_module.model([image.to(pl_module.device) for image in images])
-        self._log(
-            loggers, trainer.global_step, images, [target for _, target in samples], detections, pl_module.class_names
-        )
+        # The step Lightning logs this validation's metrics at (one lower than global_step at an epoch's end), so
+        # the images sit in the same history row as the AP (Lightning's LearningRateMonitor reads it the same way).
+        step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+        self._log(loggers, step, images, [target for _, target in samples], detections, pl_module.class_names)
 
     def _log(self, loggers, step, images, targets, detections, class_names) -> None:
         import wandb

@@ -342,7 +342,6 @@ SCHEMA: dict[str, Rule] = {
     "logger.wandb.log_model": one_of(True, False, "all"),
     "logger.wandb.id": optional(string),
     "callbacks.*.dirpath": non_empty_string,
-    "callbacks.lr_monitor.logging_interval": optional(one_of("step", "epoch")),
     "callbacks.cost_estimate.step_time_s": optional(positive_number),
     "callbacks.cost_estimate.step_time_note": optional(string),
     "callbacks.cost_estimate.measure_steps": positive_int,

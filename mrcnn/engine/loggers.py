@@ -180,19 +180,49 @@ def wandb_settings(logger_cfg: DictConfig, cfg: DictConfig, resumed_id: str | No
 
 
 def wandb_mode() -> str:
-    """``WANDB_MODE`` when set; else ``online`` when W&B credentials exist, ``offline`` when not.
+    """``WANDB_MODE`` when set; else the mode ``wandb offline`` / ``wandb disabled`` wrote to W&B's settings files;
+    else ``online`` when W&B credentials exist, ``offline`` when not.
 
-    Credentials are ``WANDB_API_KEY`` (or ``WANDB_IDENTITY_TOKEN_FILE``) or a netrc entry for the W&B
-    host (what ``wandb login`` writes). Offline runs are uploaded later with ``wandb sync <run dir>/wandb``.
+    Credentials are ``WANDB_API_KEY`` (or ``WANDB_IDENTITY_TOKEN_FILE``) or a netrc entry for the W&B server (what
+    ``wandb login`` writes): ``WANDB_BASE_URL``, else the ``base_url`` that ``wandb login --host`` wrote to the settings
+    files, else W&B's cloud. Offline runs are uploaded later with ``wandb sync <run dir>/wandb``.
     """
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
+    settings = wandb_settings_files()
+    mode = settings.get("mode")
+    if mode in ("offline", "dryrun", "disabled"):
+        return "offline" if mode == "dryrun" else mode
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return "online"
-    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    base_url = os.environ.get("WANDB_BASE_URL") or settings.get("base_url")
+    # W&B's cloud under its names old and new (wandb 0.31 calls it api.forge.coreweave.com).
+    servers = [base_url] if base_url else ["https://api.wandb.ai", "https://api.forge.coreweave.com"]
     try:
-        if netrc.netrc(os.environ.get("NETRC")).authenticators(host):
-            return "online"
+        entries = netrc.netrc(os.environ.get("NETRC"))
     except (OSError, netrc.NetrcParseError):
-        pass
+        return "offline"
+    for server in servers:
+        parts = urlsplit(server if "//" in server else f"//{server}")
+        # wandb writes the host with its port (a self-hosted server's http://localhost:8080 is localhost:8080).
+        if any(entries.authenticators(name) for name in {parts.netloc, parts.hostname} if name):
+            return "online"
     return "offline"
+
+
+def wandb_settings_files() -> dict[str, str]:
+    """The ``[default]`` keys of W&B's settings files: the global one (``$WANDB_CONFIG_DIR/settings``, else
+    ``~/.config/wandb/settings``), then the workspace's (``./wandb/settings``, where ``wandb offline`` writes)."""
+    import configparser
+
+    config_dir = os.environ.get("WANDB_CONFIG_DIR") or os.path.join(os.path.expanduser("~"), ".config", "wandb")
+    values: dict[str, str] = {}
+    for path in (os.path.join(config_dir, "settings"), os.path.join("wandb", "settings")):
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(path)
+        except (OSError, configparser.Error):
+            continue
+        if parser.has_section("default"):
+            values.update(parser["default"])
+    return values

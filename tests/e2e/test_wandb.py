@@ -19,6 +19,9 @@ def no_credentials(tmp_path, monkeypatch):
     for key in W_AND_B_ENV:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    # No settings file of this machine's user or folder (`wandb offline`, `wandb login --host`) counts either.
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.chdir(tmp_path)
     return tmp_path / "netrc"
 
 
@@ -31,6 +34,37 @@ def test_mode_is_offline_without_credentials_and_online_with_them(no_credentials
     assert wandb_mode() == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert wandb_mode() == "disabled"
+
+
+def test_mode_follows_wandbs_own_settings_files_and_self_hosted_servers(no_credentials, tmp_path, monkeypatch):
+    key = "0" * 40
+
+    def login(machine):
+        no_credentials.write_text(f"machine {machine}\n  login user\n  password {key}\n")
+
+    # wandb 0.31 names its cloud api.forge.coreweave.com in netrc.
+    login("api.forge.coreweave.com")
+    assert wandb_mode() == "online"
+    # A self-hosted server: wandb writes its host with the port.
+    login("localhost:8080")
+    assert wandb_mode() == "offline"
+    monkeypatch.setenv("WANDB_BASE_URL", "http://localhost:8080")
+    assert wandb_mode() == "online"
+    monkeypatch.delenv("WANDB_BASE_URL")
+    # ... or its address only in the settings `wandb login --host` writes.
+    (tmp_path / "wandb_config").mkdir()
+    (tmp_path / "wandb_config" / "settings").write_text("[default]\nbase_url = http://localhost:8080\n")
+    assert wandb_mode() == "online"
+    # `wandb offline` (the workspace's settings) and `wandb disabled` win over credentials.
+    monkeypatch.setenv("WANDB_API_KEY", key)
+    (tmp_path / "wandb").mkdir()
+    (tmp_path / "wandb" / "settings").write_text("[default]\nmode = offline\n")
+    assert wandb_mode() == "offline"
+    (tmp_path / "wandb_config" / "settings").write_text("[default]\nmode = disabled\n")
+    (tmp_path / "wandb" / "settings").unlink()
+    assert wandb_mode() == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert wandb_mode() == "online"
 
 
 def test_offline_run_has_losses_ap_config_names_and_prediction_images(tmp_path, no_credentials):
@@ -76,6 +110,17 @@ def test_offline_run_has_losses_ap_config_names_and_prediction_images(tmp_path, 
     for key in ("train/loss", "val/loss", "val/segm_AP", "val/segm_AP50", "val/bbox_AP", "lr", "train/images_per_sec"):
         assert key in logged, key
     assert "val/predictions/all_masks" in logged and "val/predictions/all_boxes" in logged
+    # The prediction images sit at the step of the validation's AP; the lr is logged once a step, by the module
+    # (a LearningRateMonitor beside it wrote a second row a step).
+    steps = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            items = {item.key or "/".join(item.nested_key): item.value_json for item in r.history.item}
+            for key in ("val/segm_AP", "val/predictions", "lr"):
+                if any(k == key or k.startswith(key + "/") for k in items):
+                    steps.setdefault(key, []).append(json.loads(items["trainer/global_step"]))
+    assert steps["val/predictions"] == steps["val/segm_AP"], steps
+    assert len(steps["lr"]) == len(set(steps["lr"])) and not any(k.startswith("lr-") for k in logged), logged
 
     media = runs[0] / "files" / "media"
     images = [str(p.relative_to(media)) for p in media.rglob("*.png")]
