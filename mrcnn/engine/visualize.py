@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+from torchvision.utils import draw_bounding_boxes
 
 # Hue step between consecutive instance colours: the golden ratio spreads any number of hues evenly.
 _GOLDEN_RATIO = 0.618033988749895
@@ -176,12 +176,38 @@ def draw_instances(
         masks = binary_masks(instances["masks"], mask_threshold)
         if scale > 1:
             masks = masks.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
-        canvas = draw_segmentation_masks(canvas, masks, alpha=alpha, colors=colors)
+        canvas = blend_masks(canvas, masks, colors, alpha, scores)
     canvas = draw_bounding_boxes(canvas, boxes, colors=colors, width=box_width)
     captions = [class_name(label, class_names) for label in labels]
     if scores is not None:
         captions = [f"{caption} {score:.2f}" for caption, score in zip(captions, scores.tolist())]
     return _draw_captions(canvas, boxes, captions, colors, scores)
+
+
+def blend_masks(
+    canvas: Tensor, masks: Tensor, colors: list[tuple[int, int, int]], alpha: float, scores: Tensor | None = None
+) -> Tensor:
+    """``canvas`` with each mask's pixels blended with its colour; where masks overlap, the most confident one's
+    colour (the first one's without ``scores``). torchvision's ``draw_segmentation_masks`` leaves a pixel under two
+    masks without colour, blended towards black.
+
+    Args:
+        canvas: uint8 ``[3, H, W]``.
+        masks: bool ``[N, H, W]``.
+        colors: ``N`` RGB colours.
+        alpha: the colour's share of a masked pixel.
+        scores: ``[N]`` confidences, or ``None`` (ground truth).
+    """
+    if len(masks) == 0:
+        return canvas
+    order = torch.arange(len(masks)) if scores is None else scores.argsort(descending=True, stable=True)
+    palette = torch.tensor(colors, dtype=torch.float32)[order]  # [N, 3], most confident first
+    masks = masks[order]
+    covered = masks.any(dim=0)
+    first = masks.float().argmax(dim=0)  # the first mask over each pixel (0 where none: masked out below)
+    layer = palette[first].permute(2, 0, 1)  # [3, H, W]
+    blended = canvas.float() * (1 - alpha) + layer * alpha
+    return torch.where(covered, blended.round().clamp(0, 255).to(torch.uint8), canvas)
 
 
 def _draw_captions(canvas: Tensor, boxes: Tensor, captions: list[str], colors: list, scores: Tensor | None) -> Tensor:
