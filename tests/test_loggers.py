@@ -68,6 +68,30 @@ def test_a_run_resumed_into_a_new_folder_starts_with_the_resumed_runs_rows(tmp_p
     assert len(read_metrics(tmp_path / "first" / "csv" / "metrics.csv")[1]) == len(INTERRUPTED)  # left as it was
 
 
+def test_a_run_resumed_in_its_folder_moved_since_keeps_its_history(tmp_path):
+    # Trained at /cluster/outputs/run (its recorded run_dir), copied to here, resumed here: the history is here.
+    import torch
+
+    from mrcnn.engine.checkpoints import RUN_RECORD_KEY, read_resumed_run
+
+    here = tmp_path / "laptop" / "run"
+    write_metrics(here / "csv" / "metrics.csv", INTERRUPTED)
+    checkpoint = here / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir()
+    record = {"config": {"run_dir": str(tmp_path / "cluster" / "run")}, "overrides": []}
+    torch.save({"global_step": 4, RUN_RECORD_KEY: record}, checkpoint)
+    resumed = read_resumed_run(checkpoint)
+    assert resumed.run_dir == tmp_path / "cluster" / "run" and resumed.folder == here
+    cfg = compose_config([], run_dir=str(here))
+    for found in (resumed, ResumedRun(checkpoint=checkpoint, global_step=4, run_dir=tmp_path / "gone")):
+        write_metrics(here / "csv" / "metrics.csv", INTERRUPTED)
+        logger = instantiate_logger(cfg.logger.csv, cfg, found)
+        logger.log_metrics({"train/loss": 0.25}, step=4)
+        logger.save()
+        # (ResumedRun without a folder: this folder's own log, not an empty history over it.)
+        assert [r["step"] for r in read_metrics(here / "csv" / "metrics.csv")[1]] == ["0", "1", "2", "3", "3", "4"]
+
+
 def test_without_a_resume_it_starts_over_as_lightning_does(tmp_path):
     metrics = tmp_path / "csv" / "metrics.csv"
     write_metrics(metrics, INTERRUPTED)

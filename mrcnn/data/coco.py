@@ -924,7 +924,11 @@ def _box_problem(bbox, width: int, height: int) -> str | None:
     """Why an xywh box is unusable, or ``None`` if it is fine."""
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
         return "missing or malformed bbox"
-    if not math.isfinite(sum(bbox)):  # NaN compares false with everything: it would pass the checks below
+    try:
+        finite = math.isfinite(sum(bbox))  # NaN compares false with everything: it would pass the checks below
+    except OverflowError:  # an integer beyond a float's range (json reads a 309-digit literal exactly)
+        finite = False
+    if not finite:
         return "non-finite bbox"
     x, y, w, h = bbox
     if not (w > 0 and h > 0):
@@ -957,7 +961,10 @@ def _polygon_problem(segmentation: list, side: int) -> str | None:
     for part in segmentation:
         if not isinstance(part, list) or not set(map(type, part)) <= _NUMBER_TYPES:
             return "malformed polygon"
-        norm = math.hypot(*part)
+        try:
+            norm = math.hypot(*part)
+        except OverflowError:  # an integer beyond a float's range
+            return "non-finite polygon coordinate"
         if not math.isfinite(norm):
             return "non-finite polygon coordinate"
         # Coordinates all within two sides of the origin have a norm of at most 2 * side * sqrt(len(part)).

@@ -75,11 +75,13 @@ class ResumedRun:
     Attributes:
         checkpoint: the checkpoint file.
         global_step: the optimizer steps it was saved at.
-        run_dir: the run's folder (its config's ``run_dir``; else the checkpoint's grandparent,
-            ``<run_dir>/checkpoints/<file>``).
+        run_dir: the run's folder as it trained there (its config's ``run_dir``; else :attr:`folder`): the paths
+            of its saved config are relative to it.
         config: the resolved config the run was trained with; ``None`` in checkpoints that predate it.
         overrides: the run's command-line overrides; ``None`` when unknown.
         wandb_run_id: the id of its W&B run; ``None`` without W&B.
+        folder: where the run's files are now: the checkpoint's grandparent (``<run folder>/checkpoints/<file>``),
+            which differs from ``run_dir`` when the folder was moved or copied since; else ``run_dir``.
     """
 
     checkpoint: Path
@@ -88,6 +90,11 @@ class ResumedRun:
     config: dict | None = None
     overrides: list[str] | None = None
     wandb_run_id: str | None = None
+    folder: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.folder is None:
+            self.folder = self.run_dir
 
 
 def read_resumed_run(path: str | Path) -> ResumedRun:
@@ -106,6 +113,9 @@ def read_resumed_run(path: str | Path) -> ResumedRun:
         ) from None
     record = checkpoint.get(RUN_RECORD_KEY) or {}
     config = record.get("config")
+    # A run's checkpoints are <run folder>/checkpoints/*.ckpt (callbacks.last_checkpoint, best_checkpoint): the folder
+    # they are in now, whatever path the run trained at (a folder moved or copied since keeps its files).
+    here = path.resolve().parent.parent if path.resolve().parent.name == "checkpoints" else None
     run_dir = Path(config["run_dir"]) if config and config.get("run_dir") else path.resolve().parent.parent
     return ResumedRun(
         checkpoint=path,
@@ -114,6 +124,7 @@ def read_resumed_run(path: str | Path) -> ResumedRun:
         config=config,
         overrides=record.get("overrides"),
         wandb_run_id=record.get("wandb_run_id"),
+        folder=here or run_dir,
     )
 
 

@@ -62,7 +62,11 @@ def instantiate_logger(logger_cfg: DictConfig, cfg: DictConfig, resumed: Resumed
         return logger
     logger = instantiate(logger_cfg)
     if resumed is not None and isinstance(logger, ContinuedCSVLogger):
-        logger.continue_history(resumed_metrics_file(logger, cfg.run_dir, resumed), before_step=resumed.global_step)
+        history = resumed_metrics_file(logger, cfg.run_dir, resumed)
+        own = Path(logger.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+        if not history.is_file() and own.is_file():
+            history = own  # this folder's own log, rather than an empty history over it
+        logger.continue_history(history, before_step=resumed.global_step)
     return logger
 
 
@@ -79,10 +83,11 @@ def builds_wandb_logger(logger_cfg: DictConfig | dict | None) -> bool:
 
 
 def resumed_metrics_file(logger: CSVLogger, run_dir: str, resumed: ResumedRun) -> Path:
-    """The ``metrics.csv`` the resumed run wrote: at the same place inside its run folder as this logger's."""
+    """The ``metrics.csv`` the resumed run wrote: at the same place inside its run folder (where it is now) as this
+    logger's."""
     log_dir = Path(logger.log_dir)
     try:
-        return resumed.run_dir / log_dir.relative_to(run_dir) / ExperimentWriter.NAME_METRICS_FILE
+        return resumed.folder / log_dir.relative_to(run_dir) / ExperimentWriter.NAME_METRICS_FILE
     except ValueError:  # a log folder outside the run folder: the same one
         return log_dir / ExperimentWriter.NAME_METRICS_FILE
 

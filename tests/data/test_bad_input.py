@@ -469,6 +469,8 @@ COCO_CASES = [
     Case("bbox_outside_the_image", add_annotation(bbox=[500, 5, 3, 3]), Skipped("box outside the image")),
     Case("bbox_nan", add_annotation(bbox=[1, 1, float("nan"), 9]), Skipped("non-finite bbox")),
     Case("bbox_infinite", add_annotation(bbox=[1, 1, float("inf"), 9]), Skipped("non-finite bbox")),
+    # json reads a 400-digit integer exactly, beyond any float: float() of it overflows.
+    Case("bbox_beyond_a_float", add_annotation(bbox=[1, 1, 10**400, 9]), Skipped("non-finite bbox")),
     Case("segmentation_missing", add_annotation("segmentation"), Skipped("no segmentation")),
     Case("segmentation_empty", add_annotation(segmentation=[]), Skipped("no segmentation")),
     Case("polygon_of_strings", add_annotation(segmentation=[["1", 1, 10, 1, 10, 10]]), Skipped("malformed polygon")),
@@ -486,6 +488,11 @@ COCO_CASES = [
     Case(
         "polygon_infinite",
         add_annotation(segmentation=[[1, 1, float("-inf"), 1, 10, 10]]),
+        Skipped("non-finite polygon coordinate"),
+    ),
+    Case(
+        "polygon_beyond_a_float",
+        add_annotation(segmentation=[[1, 1, 10**400, 1, 10, 10]]),
         Skipped("non-finite polygon coordinate"),
     ),
     Case(
