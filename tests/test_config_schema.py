@@ -9,8 +9,9 @@ from mrcnn.config import CONFIG_DIR
 from mrcnn.engine.config_checks import SCHEMA, check_config, config_keys, config_problems, keys_without_rule, rule_for
 from tests.helpers.config import compose_config
 
-# Groups composed by other means: Hydra's own settings, and experiments (sweeps over the groups walked here).
-_NOT_WALKED = ("hydra", "experiment", "ablation", "setting/experiment")
+# Groups composed by other means: Hydra's own settings, experiments (sweeps over the groups walked here), and the RoI
+# heads, which each model/backbone picks (c4: res5, c5 and fpn: standard; another pairing is refused).
+_NOT_WALKED = ("hydra", "experiment", "ablation", "setting/experiment", "model/roi_heads")
 # Data configs need their paths to compose their datasets' keys.
 _DATA_PATHS = {
     "coco": ["data.root=/coco"],
@@ -30,7 +31,11 @@ def group_options() -> list[list[str]]:
     for folder in sorted(p for p in root.rglob("*") if p.is_dir()):
         group = folder.relative_to(root).as_posix()
         # setting/experiment/<setting>/<experiment>.yaml are picked by an experiment, not by a user: not a group.
-        if group.split("/")[0] not in _NOT_WALKED and not group.startswith("setting/experiment"):
+        if (
+            group.split("/")[0] not in _NOT_WALKED
+            and group not in _NOT_WALKED
+            and not group.startswith("setting/experiment")
+        ):
             options[group] = sorted(option.stem for option in folder.glob("*.yaml"))
     rounds = [[]]
     for i in range(max(len(names) for names in options.values())):
