@@ -134,6 +134,8 @@ def test_overlay_colours_each_instance_and_label_map_puts_the_best_on_top():
     assert drawn.dtype == torch.uint8 and drawn.shape == (3, 64, 64)
     assert drawn[:, 3, 3].tolist() != drawn[:, 12, 12].tolist()  # two instances, two colours
     assert drawn[:, 60, 60].tolist() == [0, 0, 0]  # background untouched
+    # Where they overlap, the more confident one's colour (half of it over black), not a pixel left uncoloured.
+    assert drawn[:, 7, 7].tolist() == [round(c / 2) for c in instance_colors(2)[1]]
     assert draw_instances(image, instances, score_threshold=0.95).eq(0).all()  # nothing above the threshold
     # A small image is enlarged 8x for drawing (each pixel a block): captions are legible beside small objects.
     large = draw_instances(image, instances, ["a", "b"], score_threshold=0.5)
