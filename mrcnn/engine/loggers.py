@@ -223,7 +223,7 @@ def wandb_settings_files() -> dict[str, str]:
     config_dir = os.environ.get("WANDB_CONFIG_DIR") or os.path.join(os.path.expanduser("~"), ".config", "wandb")
     values: dict[str, str] = {}
     for path in (os.path.join(config_dir, "settings"), os.path.join("wandb", "settings")):
-        parser = configparser.ConfigParser()
+        parser = configparser.ConfigParser(interpolation=None)  # a value may hold a "%" (an api key, a URL)
         try:
             parser.read(path)
         except (OSError, configparser.Error):
