@@ -964,7 +964,7 @@ def _polygon_problem(segmentation: list, side: int) -> str | None:
         try:
             norm = math.hypot(*part)
         except OverflowError:  # an integer beyond a float's range
-            return "non-finite polygon coordinate"
+            norm = math.inf
         if not math.isfinite(norm):
             return "non-finite polygon coordinate"
         # Coordinates all within two sides of the origin have a norm of at most 2 * side * sqrt(len(part)).

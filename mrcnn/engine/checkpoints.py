@@ -115,8 +115,9 @@ def read_resumed_run(path: str | Path) -> ResumedRun:
     config = record.get("config")
     # A run's checkpoints are <run folder>/checkpoints/*.ckpt (callbacks.last_checkpoint, best_checkpoint): the folder
     # they are in now, whatever path the run trained at (a folder moved or copied since keeps its files).
-    here = path.resolve().parent.parent if path.resolve().parent.name == "checkpoints" else None
-    run_dir = Path(config["run_dir"]) if config and config.get("run_dir") else path.resolve().parent.parent
+    parent = path.resolve().parent
+    here = parent.parent if parent.name == "checkpoints" else None
+    run_dir = Path(config["run_dir"]) if config and config.get("run_dir") else parent.parent
     return ResumedRun(
         checkpoint=path,
         global_step=int(checkpoint.get("global_step", 0)),
@@ -145,7 +146,7 @@ def config_changes(
     return [
         f"{key}: {old.get(key, absent)!r} -> {new.get(key, absent)!r}"
         for key in sorted(old.keys() | new.keys())
-        if not _is_free(key)
+        if not is_resume_free_key(key)
         and old.get(key, absent) != new.get(key, absent)
         and not (key not in old and _builds_the_default(current, key, new[key], uses))
     ]
@@ -248,7 +249,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _is_free(key: str) -> bool:
+def is_resume_free_key(key: str) -> bool:
+    """Whether a resumed run may change ``key`` (one of :data:`RESUME_FREE_KEYS`, or a key under one)."""
     return any(key == free or key.startswith(f"{free}.") for free in RESUME_FREE_KEYS)
 
 

@@ -251,15 +251,11 @@ class RunDirIsFree(Callback):
     """
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        if is_ddp_child():
-            return
         resume = config.get("resume")
         ckpt_path = str(resume_checkpoint(resume)) if resume else config.get("ckpt_path")
         _exit_if_refused(check_run_dir_is_free, str(config.hydra.run.dir), config.get("mode", "train"), ckpt_path)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        if is_ddp_child():
-            return
         _exit_if_refused(check_sweep_dir_is_free, str(config.hydra.sweep.dir))
 
 

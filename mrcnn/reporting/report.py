@@ -293,12 +293,10 @@ def other_swept_keys(jobs: list[Job], variant_keys: list[str]) -> list[str]:
     A sweep over ``model/pooler`` and ``base_lr`` labelled by ``model/pooler`` alone would average each pooler over
     both learning rates as if they were seeds: ``base_lr`` is returned, to join the labels.
     """
-    from mrcnn.engine.checkpoints import RESUME_FREE_KEYS
+    from mrcnn.engine.checkpoints import is_resume_free_key
 
     def free(key: str) -> bool:
-        if key in _TRAINED_KEYS:
-            return False
-        return any(key == k or key.startswith(f"{k}.") for k in (*REPORT_FREE_KEYS, *RESUME_FREE_KEYS))
+        return key in REPORT_FREE_KEYS or (key not in _TRAINED_KEYS and is_resume_free_key(key))
 
     candidates = dict.fromkeys(k for job in jobs for k in job.overrides if k not in variant_keys and not free(k))
     other = [
