@@ -139,8 +139,8 @@ def config_changes(
     builds what the older run built: an argument of a ``_target_`` at its default, or (with ``unresolved``, the
     current config before interpolation) a key whose every use (``${key}``) is such an argument.
     """
-    old = _flatten(_relative_to_run_dir(saved, str(saved_run_dir)))
-    new = _flatten(_relative_to_run_dir(current, str(current_run_dir)))
+    old = flatten_config(_relative_to_run_dir(saved, str(saved_run_dir)))
+    new = flatten_config(_relative_to_run_dir(current, str(current_run_dir)))
     uses = _interpolations(unresolved) if unresolved is not None else {}
     absent = "<absent>"
     return [
@@ -163,7 +163,7 @@ def _builds_the_default(config: dict, key: str, value, uses: dict[str, list[str]
 def _interpolations(unresolved: dict) -> dict[str, list[str]]:
     """``{key: [paths whose value is exactly "${key}"]}`` in a config before interpolation."""
     uses: dict[str, list[str]] = {}
-    for path, value in _flatten(unresolved).items():
+    for path, value in flatten_config(unresolved).items():
         if isinstance(value, str) and value.startswith("${") and value.endswith("}") and value.count("$") == 1:
             uses.setdefault(value[2:-1].strip(), []).append(path)
     return uses
@@ -237,13 +237,13 @@ def _relative_to_run_dir(value, run_dir: str):
     return value
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flatten_config(tree: dict, prefix: str = "") -> dict:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists are values."""
     flat = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{name}."))
+            flat.update(flatten_config(value, f"{name}."))
         else:
             flat[name] = value
     return flat
@@ -252,6 +252,19 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def is_resume_free_key(key: str) -> bool:
     """Whether a resumed run may change ``key`` (one of :data:`RESUME_FREE_KEYS`, or a key under one)."""
     return any(key == free or key.startswith(f"{free}.") for free in RESUME_FREE_KEYS)
+
+
+def model_differences(saved_model: dict, cfg: DictConfig) -> list[tuple[str, str]]:
+    """``(key, "<key>: <value> in the checkpoint, <value> in this run")`` for every ``model`` key whose value
+    differs between a checkpoint's recorded (resolved) model config and ``cfg``'s, sorted by key."""
+    saved = flatten_config({"model": saved_model})
+    run = flatten_config({"model": OmegaConf.to_container(cfg.model, resolve=True)})
+    absent = "<absent>"
+    return [
+        (key, f"{key}: {saved.get(key, absent)!r} in the checkpoint, {run.get(key, absent)!r} in this run")
+        for key in sorted(saved.keys() | run.keys())
+        if saved.get(key, absent) != run.get(key, absent)
+    ]
 
 
 def check_checkpoint_fits(module: torch.nn.Module, path: str, cfg: DictConfig, option: str = "ckpt_path") -> None:
@@ -279,14 +292,7 @@ def check_checkpoint_fits(module: torch.nn.Module, path: str, cfg: DictConfig, o
     counts = f"{len(reshaped)} tensors of another shape, {len(missing)} missing and {len(unexpected)} unexpected"
     config = (checkpoint.get(RUN_RECORD_KEY) or {}).get("config")
     if config is not None:
-        saved_model = _flatten({"model": config.get("model", {})})
-        run_model = _flatten({"model": OmegaConf.to_container(cfg.model, resolve=True)})
-        absent = "<absent>"
-        differing = [
-            f"{key}: {saved_model.get(key, absent)!r} in the checkpoint, {run_model.get(key, absent)!r} in this run"
-            for key in sorted(saved_model.keys() | run_model.keys())
-            if saved_model.get(key, absent) != run_model.get(key, absent)
-        ]
+        differing = [line for _, line in model_differences(config.get("model", {}), cfg)]
         overrides = (checkpoint.get(RUN_RECORD_KEY) or {}).get("overrides")
         detail = (
             "The checkpoint's model config differs from this run's in:\n  " + "\n  ".join(differing)
@@ -295,6 +301,10 @@ def check_checkpoint_fits(module: torch.nn.Module, path: str, cfg: DictConfig, o
         )
         if overrides is not None:
             detail += f"\nIts run was started with the overrides: {' '.join(overrides) or '(none)'}"
+        detail += (
+            "\nWithout model=, model/<group>=, experiment=, ablation/, setting= or debug= overrides, evaluate and "
+            "predict build the model the checkpoint records"
+        )
     else:
         detail = "It records no config; e.g. " + ", ".join((reshaped + missing + unexpected)[:3])
     raise ValueError(

@@ -31,7 +31,8 @@ from torchvision.transforms.functional import pil_to_tensor
 from mrcnn.data.coco import load_coco_json
 from mrcnn.data.datamodule import collate_detection
 from mrcnn.data.images import ImageLimits, check_regular_file, file_kind, read_image, read_image_size
-from mrcnn.engine.build import build_module
+from mrcnn.engine.build import build_module, job_overrides
+from mrcnn.engine.checkpoint_model import use_checkpoint_model
 from mrcnn.engine.checkpoints import check_checkpoint_fits
 from mrcnn.engine.config_checks import check_config, checkpoint_path
 from mrcnn.engine.launch import check_run_dir_is_free, in_sweep, job_scope
@@ -243,6 +244,8 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     # A checkpoint of this project knows its classes and their category ids: the model gets its number of
     # classes, the captions its names, the json its ids, whatever data config this run has.
     record = read_model_record(ckpt_path or cfg.weights, "ckpt_path" if ckpt_path else "weights")
+    if ckpt_path:
+        use_checkpoint_model(cfg, ckpt_path, job_overrides())  # the architecture the weights were trained as
     output = prepare_output(cfg.predict.output)
     if record is not None and record.class_names:
         with open_dict(cfg):

@@ -10,8 +10,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 import mrcnn.config  # noqa: F401  (registers the config resolvers)
-from mrcnn.engine.build import build
+from mrcnn.engine.build import build, job_overrides
 from mrcnn.engine.callbacks import TrainingInterrupted
+from mrcnn.engine.checkpoint_model import use_checkpoint_model
 from mrcnn.engine.checkpoints import check_checkpoint_fits, check_resume_config, read_resumed_run
 from mrcnn.engine.config_checks import check_config, checkpoint_path, validation_schedule_note
 from mrcnn.engine.launch import check_run_dir_is_free, in_sweep, job_scope
@@ -61,6 +62,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     # A file that is no checkpoint stops here, before the data is built. The step its weights were trained to is
     # the evaluation's (the Trainer's own stays 0: validate restores no training loop); weights= have none.
     step = read_checkpoint(ckpt_path).get("global_step") if ckpt_path else None
+    if ckpt_path:
+        use_checkpoint_model(cfg, ckpt_path, job_overrides())  # the architecture the weights were trained as
     with job_scope(cfg), stops_with_nonzero_exit(cfg):
         prepare_determinism(cfg)
         L.seed_everything(cfg.seed, workers=True)

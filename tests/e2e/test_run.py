@@ -1,6 +1,7 @@
 """`python run.py` end to end: trains, logs the five losses, validates, prints AP, checkpoints, evaluates."""
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -37,8 +38,19 @@ def test_run_py_debug_fast_trains_evaluates_and_resumes_evaluation(tmp_path):
 
     checkpoint = tmp_path / "checkpoints" / "last.ckpt"
     assert checkpoint.exists()
-    result = run_py(["debug=fast", "mode=evaluate", f"ckpt_path={checkpoint}", f"hydra.run.dir={tmp_path / 'eval'}"])
+    # No model overrides: the checkpoint's model (debug=fast's tiny one) is built, not the default model=small.
+    evaluation = tmp_path / "eval"
+    data = [
+        "data.image_size=64",
+        "data.num_val_images=2",
+        "data.datamodule.num_workers=0",
+        "trainer.limit_val_batches=1",
+    ]
+    result = run_py(["mode=evaluate", f"ckpt_path={checkpoint}", *data, f"hydra.run.dir={evaluation}"])
     assert "COCO-style AP on the validation split" in result.stdout
+    assert "the model is built from the config" in (evaluation / "run.log").read_text()
+    trained, evaluated = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path, evaluation))
+    assert evaluated == trained  # the same weights, model and validation images: the same numbers
 
 
 def test_a_typo_fails_loudly_and_leaves_no_output_folder(tmp_path):

@@ -1,0 +1,155 @@
+"""evaluate / predict build the model a checkpoint was trained as (mrcnn.engine.checkpoint_model)."""
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from mrcnn.engine.checkpoint_model import MODEL_GROUPS, chooses_model_by_group, use_checkpoint_model
+from mrcnn.engine.checkpoints import RUN_RECORD_KEY, check_checkpoint_fits
+from mrcnn.modeling.mask_head import SigmoidMaskLoss, SoftmaxMaskLoss
+from mrcnn.modeling.poolers import RoIAlignPooler, RoIPoolPooler
+from tests.helpers.config import ROOT, TINY_MODEL, compose_config
+
+# A model whose switches without weights (pooler, mask loss) differ from the default's: its weights load into the
+# default model without a complaint.
+TRAINED = [*TINY_MODEL, "model/pooler=roi_pool", "model/mask_loss=softmax"]
+
+
+def save_checkpoint(path: Path, overrides, **config_changes):
+    """A Lightning-style checkpoint of a freshly built model of ``overrides``, recording its resolved config."""
+    cfg = compose_config(overrides)
+    torch.manual_seed(0)
+    module = instantiate(cfg.module)
+    config = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for key, value in config_changes.items():
+        OmegaConf.update(config, key, value, merge=False)
+    config = OmegaConf.to_container(config)
+    torch.save({"state_dict": module.state_dict(), RUN_RECORD_KEY: {"config": config, "overrides": overrides}}, path)
+    return module
+
+
+def detections(module, image):
+    module.eval()
+    with torch.no_grad():
+        return module.model([image])[0][0]
+
+
+def test_without_model_overrides_the_checkpoints_model_is_built_and_scores_as_trained(tmp_path, caplog):
+    # The weights were trained (here: drawn) on model/pooler=roi_pool, model/mask_loss=softmax, and an ImageNet
+    # file on another machine; this run composes the tiny model with the defaults, at another input size.
+    trained = save_checkpoint(
+        tmp_path / "a.ckpt",
+        TRAINED,
+        **{"model.backbone_weights": "/elsewhere/r18.pth", "model.net.backbone.weights_path": "/elsewhere/r18.pth"},
+    )
+    trained.model.roi_heads.score_thresh = 0.0
+    cfg = compose_config([*TINY_MODEL, "data.min_size=72", "model.box_score_thresh=0.0"])
+    composed = compose_config([*TINY_MODEL, "data.min_size=72", "model.box_score_thresh=0.0"])
+    assert check_checkpoint_fits(instantiate(composed.module), str(tmp_path / "a.ckpt"), composed) is None  # fits
+
+    with caplog.at_level(logging.INFO):
+        use_checkpoint_model(cfg, str(tmp_path / "a.ckpt"), ["model.box_score_thresh=0.0", "data.min_size=72"])
+    assert "model.net.roi_heads.pooler._target_" in caplog.text  # says what it changed
+    module = instantiate(cfg.module)
+    heads = module.model.roi_heads
+    assert isinstance(heads.box_pooler, RoIPoolPooler) and isinstance(heads.mask_loss, SoftmaxMaskLoss)
+    # The command line's model key applies on top, through the config's interpolation; the data's size is this run's;
+    # the ImageNet file is not read (the checkpoint's weights replace it).
+    assert heads.score_thresh == 0.0 and list(module.model.transform.min_size) == [72]
+    assert cfg.model.backbone_weights is None and cfg.model.net.backbone.weights_path is None
+
+    module.load_state_dict(trained.state_dict())
+    module.model.transform.min_size = trained.model.transform.min_size
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1))
+    expected, got = detections(trained, image), detections(module, image)
+    assert len(expected["scores"]) > 0
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+    # The run's own composed model, with the same weights, would have scored another model.
+    composed = instantiate(compose_config([*TINY_MODEL, "model.box_score_thresh=0.0"]).module)
+    composed.load_state_dict(trained.state_dict())
+    assert isinstance(composed.model.roi_heads.box_pooler, RoIAlignPooler)
+    assert not torch.equal(detections(composed, image)["scores"], expected["scores"])
+
+
+def test_a_model_key_deleted_on_the_command_line_is_deleted_from_the_checkpoints_model(tmp_path):
+    save_checkpoint(tmp_path / "a.ckpt", [*TRAINED, "model.detections_per_img=7"])
+    cfg = compose_config([*TINY_MODEL, "~model.net.roi_heads.detections_per_img"])
+    use_checkpoint_model(cfg, str(tmp_path / "a.ckpt"), ["~model.net.roi_heads.detections_per_img"])
+    assert "detections_per_img" not in cfg.model.net.roi_heads
+    assert cfg.model.detections_per_img == 7
+    assert isinstance(instantiate(cfg.module).model.roi_heads.box_pooler, RoIPoolPooler)
+
+
+def test_a_model_chosen_by_group_is_kept_with_a_warning_naming_the_differences(tmp_path, caplog):
+    save_checkpoint(tmp_path / "a.ckpt", TRAINED)
+    cfg = compose_config([*TINY_MODEL, "model/pooler=roi_align"])
+    before = OmegaConf.to_container(cfg, resolve=False)
+    with caplog.at_level(logging.WARNING):
+        use_checkpoint_model(cfg, str(tmp_path / "a.ckpt"), ["model=tiny", "model/pooler=roi_align"])
+    assert OmegaConf.to_container(cfg, resolve=False) == before
+    assert (
+        "model.net.roi_heads.pooler._target_: 'mrcnn.modeling.poolers.RoIPoolPooler' in the checkpoint" in caplog.text
+    )
+    assert "model.net.roi_heads.mask_loss._target_" in caplog.text
+    assert isinstance(instantiate(cfg.module).model.roi_heads.mask_loss, SigmoidMaskLoss)
+
+
+def test_the_same_model_by_group_gives_no_warning_and_an_old_checkpoint_changes_nothing(tmp_path, caplog):
+    save_checkpoint(tmp_path / "a.ckpt", TRAINED)
+    cfg = compose_config([*TRAINED, "data.min_size=72"])
+    with caplog.at_level(logging.WARNING):
+        use_checkpoint_model(cfg, str(tmp_path / "a.ckpt"), [*TRAINED, "data.min_size=72"])
+    assert caplog.text == ""  # the input size is the data's (warned about separately, when it differs)
+
+    torch.save({"state_dict": {}}, tmp_path / "old.ckpt")
+    cfg = compose_config(TINY_MODEL)
+    before = OmegaConf.to_container(cfg, resolve=False)
+    use_checkpoint_model(cfg, str(tmp_path / "old.ckpt"), [])
+    assert OmegaConf.to_container(cfg, resolve=False) == before
+
+
+@pytest.mark.parametrize(
+    "override, by_group",
+    [
+        ("model=small", True),
+        ("model/pooler=roi_pool", True),
+        ("+model/mask_head@model.net.roi_heads.mask_head=mlp", True),
+        ("experiment=ablation_roialign", True),
+        ("ablation/mask_loss=softmax", True),
+        ("setting=paper", True),
+        ("debug=fast", True),
+        ("model.box_score_thresh=0.1", False),
+        ("~model.net.roi_heads.detections_per_img", False),
+        ("seed=1", False),
+        ("data=coco", False),
+        ("trainer=gpu", False),
+    ],
+)
+def test_which_overrides_choose_the_model_by_group(override, by_group):
+    assert chooses_model_by_group(override) is by_group
+
+
+def test_every_config_group_that_sets_model_keys_is_a_model_group():
+    # A new group whose options set model keys, or choose model/ options, must join MODEL_GROUPS: else evaluate would
+    # replace the model its option chose with the checkpoint's without a word.
+    setting_model = set()
+    for path in (ROOT / "configs").rglob("*.yaml"):
+        group = path.relative_to(ROOT / "configs").parts
+        if len(group) < 2:
+            continue  # train.yaml
+        text = path.read_text()
+        config = yaml.safe_load(text) or {}
+        defaults = [str(d) for d in config.get("defaults", [])] if isinstance(config, dict) else []
+        global_package = "@package _global_" in text
+        sets_model = isinstance(config, dict) and (
+            (global_package and "model" in config) or any("/model" in d or "model/" in d for d in defaults)
+        )
+        if sets_model or group[0] == "model":
+            setting_model.add(group[0])
+    assert setting_model and setting_model <= set(MODEL_GROUPS), setting_model - set(MODEL_GROUPS)
