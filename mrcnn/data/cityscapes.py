@@ -203,6 +203,13 @@ class CityscapesDataset(torch.utils.data.Dataset):
             instance_files.append(instance_file)
         if not image_files:
             raise FileNotFoundError(self._why_no_images(image_root))
+        # Ground truth whose image is missing (an incomplete leftImg8bit download or extraction) would shrink the
+        # split without a word: the official evaluation stops on it; here it is counted and reported.
+        paired = set(instance_files)
+        for instance_file in sorted(gt_root.glob(f"*/*{_INSTANCE_SUFFIX}")):
+            if instance_file not in paired:
+                self.skipped_images["no leftImg8bit image file (its gtFine instanceIds file is there)"] += 1
+                missing_examples.append(str(instance_file))
         # Paths relative to the root, as str: (leftImg8bit path, gtFine path) per item.
         self._files = PackedRecords(
             (str(image.relative_to(self.root)), str(ids.relative_to(self.root)))

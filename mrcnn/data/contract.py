@@ -103,7 +103,10 @@ def check_sample(sample: tuple[Tensor, dict[str, Tensor]], num_classes: int) -> 
     if image.numel() and not (0 <= float(image.min()) and float(image.max()) <= 1):
         raise ValueError(f"image values must lie in 0..1, got {float(image.min())}..{float(image.max())}")
     height, width = image.shape[-2:]
-    n = len(target.get("labels", ()))
+    labels = target.get("labels")
+    if isinstance(labels, Tensor) and labels.ndim != 1:  # N is read from it
+        raise ValueError(f"target 'labels' must be [N], one per instance, got shape {tuple(labels.shape)}")
+    n = len(labels) if isinstance(labels, Tensor) else 0
     shapes = {"[N, 4]": (n, 4), "[N]": (n,), "[N, H, W]": (n, height, width)}
     for field, (dtype, shape, meaning) in TARGET_FIELDS.items():
         value = target.get(field)
@@ -114,13 +117,17 @@ def check_sample(sample: tuple[Tensor, dict[str, Tensor]], num_classes: int) -> 
                 f"target '{field}' must be {dtype} {shape} = {shapes[shape]} ({meaning}), got {value.dtype} "
                 f"{tuple(value.shape)}"
             )
-    if not isinstance(target.get("image_id"), int):
-        raise ValueError(f"target 'image_id' must be an int, got {type(target.get('image_id')).__name__}")
-    boxes, labels = target["boxes"], target["labels"]
+    image_id = target.get("image_id")
+    if not isinstance(image_id, int) or isinstance(image_id, bool):
+        raise ValueError(f"target 'image_id' must be an int, got {type(image_id).__name__}")
+    boxes = target["boxes"]
     if n and not bool(((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all()):
         raise ValueError(f"target 'boxes' must have x2 > x1 and y2 > y1, got {boxes.tolist()}")
     if n and not (1 <= int(labels.min()) and int(labels.max()) <= num_classes):
         raise ValueError(f"target 'labels' must lie in 1..{num_classes}, got {labels.tolist()}")
+    for field in ("masks", "iscrowd"):
+        if n and int(target[field].max()) > 1:
+            raise ValueError(f"target '{field}' must hold 0 or 1, got values up to {int(target[field].max())}")
 
 
 def _shape(value: Any) -> tuple:

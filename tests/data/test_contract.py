@@ -80,3 +80,11 @@ def test_the_contract_check_names_what_is_wrong():
         check_sample((image * 255, target), len(dataset.class_names))
     with pytest.raises(ValueError, match="'image_id' must be an int"):
         check_sample((image, {**target, "image_id": torch.tensor(0)}), len(dataset.class_names))
+    with pytest.raises(ValueError, match="'image_id' must be an int, got bool"):
+        check_sample((image, {**target, "image_id": True}), len(dataset.class_names))
+    with pytest.raises(ValueError, match=r"'labels' must be \[N\], one per instance, got shape \(\)"):
+        check_sample((image, {**target, "labels": torch.tensor(1)}), len(dataset.class_names))
+    with pytest.raises(ValueError, match="'masks' must hold 0 or 1, got values up to 255"):
+        check_sample((image, {**target, "masks": target["masks"] * 255}), len(dataset.class_names))
+    with pytest.raises(ValueError, match="'iscrowd' must hold 0 or 1, got values up to 2"):
+        check_sample((image, {**target, "iscrowd": target["iscrowd"] + 2}), len(dataset.class_names))
