@@ -157,6 +157,11 @@ def mask_targets(
     """
     if form not in MASK_TARGET_FORMS:
         raise ValueError(f"mask target form must be one of {MASK_TARGET_FORMS}, got {form!r}")
+    # In float32 whatever the boxes' dtype (trainer.precision=bf16-true / 16-true): the mask index rides in RoIAlign's
+    # box column, and bfloat16 holds whole numbers exactly only up to 256 (float16: 2048), past which a RoI would
+    # read another object's mask.
+    dtype = proposals.dtype
+    proposals = proposals.float() if proposals.element_size() < 4 else proposals
     per_mask = gt_masks[0].numel() * proposals.element_size() if len(gt_masks) else 1
     chunk = max(1, chunk_bytes // max(per_mask, 1))
     # torchvision's kernel itself (adaptive sampling), as torchvision.ops.roi_align calls it outside deterministic
@@ -176,7 +181,7 @@ def mask_targets(
             targets = torch.where(inside[:, None, None], chunk_targets, targets)
     if form == "binary":
         targets = (targets >= 0.5).to(targets.dtype)
-    return targets
+    return targets.to(dtype)
 
 
 def stack_masks(gt_masks: list[Tensor]) -> Tensor:
@@ -185,7 +190,10 @@ def stack_masks(gt_masks: list[Tensor]) -> Tensor:
     Images of one size are simply concatenated. A smaller image's masks are padded, with their last row and column
     repeated once beyond the image (zeros further out), so that RoIAlign reads them there as it reads the unpadded
     mask: it clamps a sample between the last pixel's centre and the image's edge to the last pixel, and a RoI inside
-    its image samples no further out. (A zero row there would blend the mask's edge with 0.)
+    its image samples no further out. (A zero row there would blend the mask's edge with 0.) The exception: with
+    ``aligned=False`` RoIAlign widens a RoI under one pixel to one, and such a RoI at a smaller image's bottom or
+    right edge samples past it, where the per-image call reads 0 and this reads the repeated edge (a proposal under
+    a pixel wide that overlaps a ground-truth box by IoU 0.5: almost never).
     """
     if len({m.shape[1:] for m in gt_masks}) <= 1:
         return torch.cat(gt_masks)

@@ -34,6 +34,19 @@ def test_matching_gives_torchvisions_labels_for_every_image(low_quality):
         assert torch.equal(matched[i], matcher(box_iou(gt, predictions[i]))), i
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_boxes_match_as_torchvisions_do(dtype):
+    # trainer.precision=16-true / bf16-true: boxes without autocast. torchvision computes IoU in float32; in float16 a
+    # 512-px anchor's area is infinite, its IoU NaN, and a NaN IoU passes every threshold test in match.
+    gt = torch.tensor([[[0.0, 0.0, 500.0, 500.0]]])
+    anchors = torch.tensor([[[0.0, 0.0, 512.0, 512.0], [100.0, 100.0, 400.0, 420.0], [0.0, 0.0, 300.0, 280.0]]])
+    iou = sampling.batched_box_iou(gt.to(dtype), anchors.to(dtype))
+    assert iou.dtype == torch.float32
+    torch.testing.assert_close(iou[0], box_iou(gt[0].to(dtype), anchors[0].to(dtype)), rtol=0, atol=0)
+    matched, _ = sampling.match(iou, torch.ones(1, 1, dtype=torch.bool), 0.7, 0.3)
+    assert matched[0].tolist() == Matcher(0.7, 0.3)(box_iou(gt[0], anchors[0])).tolist() == [0, -2, -2]
+
+
 def test_sampling_draws_torchvisions_counts_uniformly():
     labels = torch.full((2, 40), -1)
     labels[0, :6], labels[0, 6:30] = 1, 0  # 6 positives (more than the 4 allowed), 24 negatives

@@ -180,6 +180,16 @@ def test_mask_targets_crop_and_resize_the_matched_mask():
     assert not torch.allclose(unaligned[0], unaligned[0].flip(0).flip(1))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mask_targets_of_half_precision_rois_read_the_matched_mask_past_256(dtype):
+    # trainer.precision=bf16-true: the mask index rides in RoIAlign's box column, and bfloat16 rounds 301 to 300.
+    masks = torch.zeros(302, 8, 8, dtype=torch.uint8)
+    masks[301] = 1
+    proposals = torch.tensor([[0.0, 0.0, 8.0, 8.0]], dtype=dtype)
+    targets = mask_targets(masks, proposals, torch.tensor([301]), 4, aligned=True)
+    assert targets.dtype == dtype and targets.min() == 1
+
+
 def _images_of_masks(sizes, seed=0):
     """Per image uint8 masks [G_i, H_i, W_i] (random blobs, some touching the bottom-right edge) and RoIs in each
     image, among them boxes reaching its bottom and right edges exactly."""
