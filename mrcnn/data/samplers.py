@@ -159,6 +159,17 @@ class GroupedBatchSampler(Sampler[list[int]]):
         self.rank = own_rank if rank is None else int(rank)
         if not 0 <= self.rank < self.num_replicas:
             raise ValueError(f"rank must be in [0, {self.num_replicas}), got {self.rank}")
+        # Each rank takes its share of the batches here: an order already split by rank (a DistributedSampler, an
+        # EpochSampler under DDP) would split twice, and the epoch would use 1 / world of the data, padded up to length.
+        split = int(getattr(sampler, "num_replicas", 1) or 1)
+        if split > 1 or (hasattr(sampler, "__len__") and len(sampler) != len(group_ids)):
+            raise ValueError(
+                f"GroupedBatchSampler needs the order of all {len(group_ids)} indices, the same on every rank, and "
+                f"splits the batches between ranks itself; it got a sampler of "
+                f"{len(sampler) if hasattr(sampler, '__len__') else 'unknown'} indices"
+                + (f" already split between {split} ranks" if split > 1 else "")
+                + " (use mrcnn.data.samplers.epoch_order)"
+            )
         self.sampler = sampler
         self.group_ids = [int(g) for g in group_ids]
         self.batch_size = int(batch_size)

@@ -78,6 +78,13 @@ def test_defaults_without_torch_distributed():
     assert list(sampler) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]
     with pytest.raises(ValueError, match="rank"):
         GroupedBatchSampler(range(10), [0] * 10, 4, num_replicas=2, rank=2)
+    # An order already split by rank would be split again: half the data, padded up to length.
+    with pytest.raises(
+        ValueError, match=r"order of all 16 indices.*got a sampler of 8 indices already split between 2"
+    ):
+        GroupedBatchSampler(EpochSampler(range(16), num_replicas=2, rank=0), [0] * 16, 2, num_replicas=2, rank=0)
+    with pytest.raises(ValueError, match="got a sampler of 9 indices"):
+        GroupedBatchSampler(range(9), [0] * 10, 4)
 
 
 def test_epoch_sampler_is_torchs_distributed_order_and_skips_for_one_pass():
