@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from mrcnn.engine.checkpoint_model import MODEL_GROUPS, chooses_model_by_group, use_checkpoint_model
 from mrcnn.engine.checkpoints import RUN_RECORD_KEY, check_checkpoint_fits
+from mrcnn.engine.launch import DDP_JOB_DIR_ENV
 from mrcnn.modeling.mask_head import SigmoidMaskLoss, SoftmaxMaskLoss
 from mrcnn.modeling.poolers import RoIAlignPooler, RoIPoolPooler
 from tests.helpers.config import ROOT, TINY_MODEL, compose_config
@@ -29,7 +30,8 @@ def save_checkpoint(path: Path, overrides, **config_changes):
     for key, value in config_changes.items():
         OmegaConf.update(config, key, value, merge=False)
     config = OmegaConf.to_container(config)
-    torch.save({"state_dict": module.state_dict(), RUN_RECORD_KEY: {"config": config, "overrides": overrides}}, path)
+    record = {"config": config, "overrides": overrides}
+    torch.save({"state_dict": module.state_dict(), "pytorch-lightning_version": "2.6.6", RUN_RECORD_KEY: record}, path)
     return module
 
 
@@ -153,3 +155,53 @@ def test_every_config_group_that_sets_model_keys_is_a_model_group():
         if sets_model or group[0] == "model":
             setting_model.add(group[0])
     assert setting_model and setting_model <= set(MODEL_GROUPS), setting_model - set(MODEL_GROUPS)
+
+
+def test_a_ddp_child_keeps_the_config_its_jobs_main_process_wrote(tmp_path, monkeypatch):
+    # Lightning's DDP children read the job's resolved.yaml (swapped already, overrides applied) with no overrides of
+    # their own: swapping again would give them the checkpoint's raw model, not rank zero's.
+    save_checkpoint(tmp_path / "a.ckpt", TRAINED)
+    monkeypatch.setenv(DDP_JOB_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    cfg = compose_config(TINY_MODEL)
+    before = OmegaConf.to_container(cfg, resolve=False)
+    use_checkpoint_model(cfg, str(tmp_path / "a.ckpt"), [])
+    assert OmegaConf.to_container(cfg, resolve=False) == before
+
+
+def test_the_class_count_follows_the_data_in_every_layer_that_reads_it(tmp_path):
+    # Trained on two of the shapes; this run's data has all six. The heads read model.num_classes, which reads the
+    # data's: each layer gets six (and then fails to fit, or re-initialises under weights=), never a mix of two and six.
+    save_checkpoint(tmp_path / "a.ckpt", [*TRAINED, "data.classes=[circle,square]"])
+    cfg = compose_config(TINY_MODEL)
+    use_checkpoint_model(cfg, str(tmp_path / "a.ckpt"), [])
+    assert isinstance(instantiate(cfg.module).model.roi_heads.box_pooler, RoIPoolPooler)
+    assert cfg.model.num_classes == cfg.model.net.roi_heads.box_predictor.num_classes == 6
+    assert cfg.model.net.roi_heads.mask_head.num_classes == 6
+
+
+def test_a_model_key_the_checkpoints_network_does_not_read_is_named(tmp_path, caplog):
+    # A C4 model derives its one anchor map's sizes from model.anchor_sizes another way than this run's FPN config:
+    # the override cannot reach them, and says so instead of changing nothing without a word.
+    save_checkpoint(tmp_path / "a.ckpt", [*TINY_MODEL, "model/backbone=c4", "model.anchor_sizes=[8,16,32]"])
+    cfg = compose_config([*TINY_MODEL, "model.anchor_sizes=[4,8,16,32,64]", "model.box_score_thresh=0.2"])
+    with caplog.at_level(logging.WARNING):
+        use_checkpoint_model(
+            cfg, str(tmp_path / "a.ckpt"), ["model.anchor_sizes=[4,8,16,32,64]", "model.box_score_thresh=0.2"]
+        )
+    assert "model.anchor_sizes=[4, 8, 16, 32, 64] changes nothing in the model" in caplog.text
+    assert "box_score_thresh" not in caplog.text and cfg.model.net.roi_heads.score_thresh == 0.2
+
+
+def test_evaluate_with_weights_from_a_checkpoint_of_this_project_builds_its_model(tmp_path, caplog):
+    from mrcnn.engine.train import evaluate
+
+    save_checkpoint(tmp_path / "a.ckpt", TRAINED)
+    data = ["data.num_val_images=2", "data.datamodule.num_workers=0", "trainer.limit_val_batches=1"]
+    cfg = compose_config(
+        [*TINY_MODEL, *data, "mode=evaluate", f"weights={tmp_path / 'a.ckpt'}"], run_dir=str(tmp_path / "eval")
+    )
+    with caplog.at_level(logging.INFO):
+        evaluate(cfg)
+    assert f"the model is built from the config {tmp_path / 'a.ckpt'} was trained with" in caplog.text
+    assert "model.net.roi_heads.pooler._target_" in caplog.text

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mrcnn.engine.checkpoints import RUN_RECORD_KEY, flatten_config, model_differences
+from mrcnn.engine.launch import is_ddp_child
 from mrcnn.engine.model_record import read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -59,16 +60,18 @@ def model_key_overrides(overrides: Sequence[str]) -> list[tuple[str, bool]]:
     return keys
 
 
-def recorded_model_config(ckpt_path: str) -> dict | None:
+def recorded_model_config(ckpt_path: str, option: str = "ckpt_path") -> dict | None:
     """The ``model`` section of the config a checkpoint's run was trained with; ``None`` when it records none."""
-    checkpoint = read_checkpoint(ckpt_path)
+    checkpoint = read_checkpoint(ckpt_path, option)
     record = checkpoint.get(RUN_RECORD_KEY) if isinstance(checkpoint, dict) else None
     config = record.get("config") if isinstance(record, dict) else None
     model = config.get("model") if isinstance(config, dict) else None
     return model if isinstance(model, dict) else None
 
 
-def use_checkpoint_model(cfg: DictConfig, ckpt_path: str, overrides: Sequence[str] | None) -> None:
+def use_checkpoint_model(
+    cfg: DictConfig, ckpt_path: str, overrides: Sequence[str] | None, option: str = "ckpt_path"
+) -> None:
     """Sets ``cfg.model`` to the model ``ckpt_path`` was trained as, unless the command line chose one by group.
 
     Keys that the run's config derives from outside ``model`` (``${data.min_size}``, ``${data.num_classes}``)
@@ -78,12 +81,16 @@ def use_checkpoint_model(cfg: DictConfig, ckpt_path: str, overrides: Sequence[st
 
     Args:
         cfg: the run's composed config; changed in place.
-        ckpt_path: a Lightning checkpoint of this project (older ones that record no config leave ``cfg`` as is).
+        ckpt_path: a Lightning checkpoint of this project (older ones that record no config, and torchvision state
+            dicts, leave ``cfg`` as is).
         overrides: the command-line overrides (Hydra's ``overrides.task``); ``None`` (no Hydra job): none.
+        option: the config key that named the file, for the messages.
     """
-    saved = recorded_model_config(ckpt_path)
+    if is_ddp_child():
+        return  # its config is the job's resolved.yaml, written after the job's main process made this change
+    saved = recorded_model_config(ckpt_path, option)
     if saved is None:
-        log.info("%s records no config: the model is built from this run's config", ckpt_path)
+        log.info("%s=%s records no config: the model is built from this run's config", option, ckpt_path)
         return
     overrides = list(overrides or [])
     by_group = [o for o in overrides if chooses_model_by_group(o)]
@@ -119,13 +126,27 @@ def use_checkpoint_model(cfg: DictConfig, ckpt_path: str, overrides: Sequence[st
             if _is_initial_weights(key):
                 OmegaConf.update(cfg, key, None, merge=False)
         for key, deleted, value in given:
+            net = _plain(cfg.model.net)
             if deleted:
                 parent, _, name = key.rpartition(".")
                 node = OmegaConf.select(cfg, parent)
                 if isinstance(node, DictConfig) and name in node:
                     del node[name]
-            else:
-                OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+                continue
+            before = _plain(OmegaConf.select(cfg, key, default=None, throw_on_missing=False))
+            OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+            if not key.startswith("model.net.") and value != before and _plain(cfg.model.net) == net:
+                # This run's config derives the network's keys from it, the checkpoint's (another backbone, an older
+                # config) does not: the override would change nothing, and a test-time change would go unmade.
+                log.warning(
+                    "%s=%s changes nothing in the model %s was trained as: its config does not derive any key of "
+                    "model.net from %s. Set the key under model.net it should change (the checkpoint's config is in "
+                    "its run's .hydra/resolved.yaml)",
+                    key,
+                    value,
+                    ckpt_path,
+                    key,
+                )
     differing = [
         key
         for key, _ in model_differences(OmegaConf.to_container(cfg.model, resolve=True), _with_model(cfg, composed))
@@ -170,23 +191,27 @@ def _refers_outside_model(interpolation: str) -> bool:
 
 def _relink(cfg: DictConfig, linked: dict[str, str]) -> None:
     """Puts the run's interpolations back where the checkpoint's config has the same key (see
-    :func:`use_checkpoint_model`): those reading outside ``model`` always, those reading ``model`` keys where they
-    give the checkpoint's value."""
+    :func:`use_checkpoint_model`): first those reading ``model`` keys, where they give the checkpoint's value; then
+    those reading outside ``model``, always (so that ``box_predictor.num_classes: ${model.num_classes}``, equal to
+    the checkpoint's before, follows ``model.num_classes`` to the data's after)."""
+    internal = {k: v for k, v in linked.items() if not _refers_outside_model(v)}
+    external = {k: v for k, v in linked.items() if _refers_outside_model(v)}
     with open_dict(cfg):
-        for key, interpolation in linked.items():
+        for key, interpolation in internal.items():
             recorded = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
             if recorded is _ABSENT:
                 continue
             recorded = _plain(recorded)
             OmegaConf.update(cfg, key, interpolation, merge=False)
-            if _refers_outside_model(interpolation):
-                continue
             try:
                 same = _plain(OmegaConf.select(cfg, key)) == recorded
             except Exception:  # noqa: BLE001  (an interpolation of a key the checkpoint's config lacks)
                 same = False
             if not same:
                 OmegaConf.update(cfg, key, recorded, merge=False)
+        for key, interpolation in external.items():
+            if OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False) is not _ABSENT:
+                OmegaConf.update(cfg, key, interpolation, merge=False)
 
 
 def _is_initial_weights(key: str) -> bool:

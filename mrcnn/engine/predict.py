@@ -244,8 +244,8 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     # A checkpoint of this project knows its classes and their category ids: the model gets its number of
     # classes, the captions its names, the json its ids, whatever data config this run has.
     record = read_model_record(ckpt_path or cfg.weights, "ckpt_path" if ckpt_path else "weights")
-    if ckpt_path:
-        use_checkpoint_model(cfg, ckpt_path, job_overrides())  # the architecture the weights were trained as
+    # The architecture the weights were trained as (a torchvision state dict in weights= records none).
+    use_checkpoint_model(cfg, ckpt_path or cfg.weights, job_overrides(), "ckpt_path" if ckpt_path else "weights")
     output = prepare_output(cfg.predict.output)
     if record is not None and record.class_names:
         with open_dict(cfg):

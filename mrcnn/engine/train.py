@@ -62,8 +62,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     # A file that is no checkpoint stops here, before the data is built. The step its weights were trained to is
     # the evaluation's (the Trainer's own stays 0: validate restores no training loop); weights= have none.
     step = read_checkpoint(ckpt_path).get("global_step") if ckpt_path else None
-    if ckpt_path:
-        use_checkpoint_model(cfg, ckpt_path, job_overrides())  # the architecture the weights were trained as
+    # The architecture the weights were trained as (a torchvision state dict in weights= records none).
+    use_checkpoint_model(cfg, ckpt_path or cfg.weights, job_overrides(), "ckpt_path" if ckpt_path else "weights")
     with job_scope(cfg), stops_with_nonzero_exit(cfg):
         prepare_determinism(cfg)
         L.seed_everything(cfg.seed, workers=True)
