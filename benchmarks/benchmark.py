@@ -21,7 +21,13 @@ each number is the median of ``--repeats`` rounds after ``--warmup`` discarded r
 * ``--cudnn-benchmark`` (cuDNN autotuning) applies to ours only in training, whose RoI buckets (``model.roi_buckets``)
   make its shapes repeat at a fixed image size. torchvision's training steps run without it: its mask head meets a
   new number of RoIs at almost every step, and autotuning every new shape made its step 4.7x slower on the H200
-  (benchmarks/gpu/2026-12-04-h200/README.md), a handicap no user of it would choose.
+  (benchmarks/gpu/2026-12-04-h200/README.md), a handicap no user of it would choose. cuDNN's plan cache is one per
+  process and not keyed by the flag: a convolution torchvision runs in the same shapes, strides and dtype as ours
+  reuses the plan ours tuned (a bias towards torchvision; none with ``--torchvision-eager``, where the memory formats
+  differ).
+* losses: every system's training round starts from the same random state (:func:`round_seed`) on the same batches
+  and weights, so where the sampling is torchvision's the first steps' losses differ only by arithmetic: each
+  system's ``same_losses`` says by how much (issue #22's "with the same losses").
 
 Usage::
 
@@ -124,6 +130,7 @@ class StepTimer(L.Callback):
         self.device = device
         self.memory = memory
         self.times: list[float] = []
+        self.losses: list[float] = []
         self.peak_mib = 0.0
 
     def on_train_start(self, trainer, pl_module):
@@ -142,6 +149,9 @@ class StepTimer(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         sync(self.device)
         self.times.append(time.perf_counter() - self._start)
+        # After the clock stops: the step's loss (the sum of the five), to compare with torchvision's.
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss))
 
 
 class FixedBatches(L.LightningDataModule):
@@ -393,7 +403,9 @@ def profile_phase(args, cfg, module, theirs, loader, device, steps: int = 2, var
     # torchvision: the plain loop of train_phase.
     theirs.train()
     params = [p for p in theirs.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=cfg.optimizer.momentum)
+    optimizer = torch.optim.SGD(
+        params, lr=args.lr, momentum=cfg.optimizer.momentum, weight_decay=cfg.optimizer.weight_decay
+    )
     profiler, syncs = torch.profiler.profile(activities=activities), SyncWarnings(device)
     for i, (images, targets) in enumerate(loader):
         if i == steps + 1:
@@ -411,9 +423,13 @@ def profile_phase(args, cfg, module, theirs, loader, device, steps: int = 2, var
     return result
 
 
-def torchvision_train_step(theirs, optimizer, images, targets, device: torch.device, precision: str) -> None:
+def torchvision_train_step(theirs, optimizer, images, targets, device: torch.device, precision: str) -> float:
     """One training step of torchvision's model, as its reference script runs it (the loss read with ``item()`` and
-    checked), with cuDNN autotuning off whatever ``--cudnn-benchmark`` says (the module's docstring says why)."""
+    checked), with cuDNN autotuning off whatever ``--cudnn-benchmark`` says (the module's docstring says why).
+
+    Returns:
+        The step's loss (the sum of the five).
+    """
     autotuning = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = False
     try:
@@ -422,8 +438,10 @@ def torchvision_train_step(theirs, optimizer, images, targets, device: torch.dev
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"torchvision: non-finite loss {loss.item()}")
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"torchvision: non-finite loss {value}")
+        return value
     finally:
         torch.backends.cudnn.benchmark = autotuning
 
@@ -483,63 +501,107 @@ def train_phase(args, cfg, modules, theirs, loaders, device, memory, save=lambda
         modules: ``{"ours": MaskRCNNModule, <variant name>: MaskRCNNModule, ...}``, each trained in its turn.
     """
     rounds = {name: [] for name in [*modules, "torchvision"]}
+    losses = {name: [] for name in rounds}
     peaks = dict.fromkeys(rounds)
     lr = None
     names = list(modules)
     for r, loader in enumerate(loaders):
         measure_memory = r == memory_round(args)
-        times = {}
+        times, round_losses = {}, {}
         # Ours and the variants take turns at going first: with cuDNN autotuning the first to meet a new shape pays
         # for its tuning, and the others would get it free.
         for name in names[r % len(names) :] + names[: r % len(names)]:
             module = modules[name]
             timer = StepTimer(device, memory if measure_memory else None)
             trainer = training_only_trainer(args, device, args.steps, timer)
+            # Every system's round starts from the same random state: the same anchors and RoIs sampled where the
+            # sampling is torchvision's, so the first step's losses compare (train_summary's "same_losses").
+            torch.manual_seed(round_seed(r))
             trainer.fit(module, datamodule=FixedBatches(loader))
-            times[name], lr = timer.times, timer.lr
+            times[name], round_losses[name], lr = timer.times, timer.losses, timer.lr
             if measure_memory:
                 peaks[name] = timer.peak_mib
 
         theirs.train()
-        times["torchvision"] = []
+        times["torchvision"], round_losses["torchvision"] = [], []
         if measure_memory:
             memory.start()
         params = [p for p in theirs.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(
             params, lr=args.lr, momentum=cfg.optimizer.momentum, weight_decay=cfg.optimizer.weight_decay
         )
+        torch.manual_seed(round_seed(r))
         for images, targets in loader:
             sync(device)
             start = time.perf_counter()
-            torchvision_train_step(theirs, optimizer, images, targets, device, args.precision)
+            loss = torchvision_train_step(theirs, optimizer, images, targets, device, args.precision)
             sync(device)
             times["torchvision"].append(time.perf_counter() - start)
+            round_losses["torchvision"].append(loss)
         if measure_memory:
             peaks["torchvision"] = memory.stop()
+        # Its momentum buffers go now, not when the next round's optimizer replaces them: alive, they would sit in
+        # the baseline of the next round that measures memory.
+        del optimizer, params
         if r >= args.warmup:
             for name, steps in times.items():
                 rounds[name].append(steps)
-            save(train_summary(args, rounds, peaks, lr, complete=False))
-    return train_summary(args, rounds, peaks, lr, complete=True)
+                losses[name].append(round_losses[name])
+            save(train_summary(args, rounds, peaks, lr, complete=False, losses=losses))
+    return train_summary(args, rounds, peaks, lr, complete=True, losses=losses)
 
 
-def train_summary(args, rounds: dict, peaks: dict, lr: float | None, complete: bool) -> dict:
+def round_seed(r: int) -> int:
+    """The random seed every system's training round ``r`` starts from."""
+    return 1000 + r
+
+
+def train_summary(
+    args, rounds: dict, peaks: dict, lr: float | None, complete: bool, losses: dict | None = None
+) -> dict:
     """The training numbers of the measured rounds in ``rounds`` (``complete``: all ``--repeats`` of them).
 
     ``ours``, ``torchvision`` and ``ratio`` (ours / torchvision throughput); each ``--variant`` under
     ``variants.<name>``, with its ``overrides``, its ``ratio`` to torchvision and ``vs_ours`` (its throughput over
-    ours').
+    ours'). With ``losses`` (per system, per round, per step): each system's ``step_losses`` and its
+    ``same_losses`` (:func:`same_losses`) against torchvision's.
     """
     result = {"complete": complete, "rounds": len(rounds["ours"])}
     for name, steps in rounds.items():
         # One round's time: the sum of its steps (so its throughput is steps * batch / time).
         result[name] = summarize([sum(s) for s in steps], args.steps * args.batch_size)
         result[name].update(step_times_s=steps, peak_mem_mib=peaks[name], lr=lr)
+        if losses is not None:
+            result[name]["step_losses"] = losses[name]
+            if name != "torchvision":
+                result[name]["same_losses"] = same_losses(losses[name], losses["torchvision"])
     result["torchvision"]["lr"] = args.lr
     result = with_ratios(result, [name for name in rounds if name not in ("ours", "torchvision")])
     for name, variant in result.get("variants", {}).items():
         variant["overrides"] = args.variants[name]
     return result
+
+
+def same_losses(ours: list[list[float]], theirs: list[list[float]]) -> dict:
+    """How far one system's training losses are from torchvision's, round by round (issue #22's "with the same
+    losses").
+
+    Each round starts both from the same random state on the same batches, so the first step's losses differ only
+    by arithmetic (summation order, bf16 rounding) where the sampling is torchvision's: ``first_step_rel_diff`` is
+    the largest ``|ours - theirs| / |theirs|`` over the rounds' first steps. Later steps follow weights that have
+    moved apart by that much: ``all_steps_rel_diff`` is the largest over every step. Switches that sample
+    differently (``model.batched_sampling``) differ by their draws as well.
+    """
+
+    def rel(a: float, b: float) -> float:
+        return abs(a - b) / max(abs(b), 1e-12)
+
+    pairs = [(a, b) for round_a, round_b in zip(ours, theirs) for a, b in zip(round_a, round_b)]
+    firsts = [(round_a[0], round_b[0]) for round_a, round_b in zip(ours, theirs) if round_a and round_b]
+    return {
+        "first_step_rel_diff": max((rel(a, b) for a, b in firsts), default=None),
+        "all_steps_rel_diff": max((rel(a, b) for a, b in pairs), default=None),
+    }
 
 
 def with_ratios(entry: dict, variants: list[str]) -> dict:
@@ -755,6 +817,12 @@ def table(results: dict) -> str:
         )
         for name, v in t.get("variants", {}).items():
             row(f"  variant {name}", "img/s", v["images_per_s"], t["torchvision"]["images_per_s"], v["ratio"])
+        for name, v in [("ours", t["ours"]), *t.get("variants", {}).items()]:
+            diff = v.get("same_losses", {}).get("first_step_rel_diff")
+            if diff is not None:
+                rows.append(
+                    f"{'  loss vs torchvision, first steps':36}{name:>8}   largest relative difference {diff:.2g}"
+                )
     for key, m in results.get("infer", {}).items():
         mode, batch = key.split("_batch")
         label = f"infer {'model only' if mode == 'model' else 'end to end'} (batch {batch})"
@@ -774,7 +842,10 @@ def table(results: dict) -> str:
             m["torchvision"]["peak_mem_mib"],
             m["ours"]["peak_mem_mib"] / max(m["torchvision"]["peak_mem_mib"], 1e-9),
         )
-    rows.append("ours/tv: speed ratio (>= 0.97 is the goal) on time rows, memory ratio on MiB rows")
+    rows.append(
+        "ours/tv: speed ratio on time rows (issue #22's goals: >= 1.3 eager, >= 2 on the fast path against torchvision "
+        "eager), memory ratio on MiB rows"
+    )
     if results.get("nms_triton_failure"):
         rows.append(
             f"NMS: the Triton kernel failed ({results['nms_triton_failure']}); the runs with "
@@ -827,6 +898,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("32", "bf16-mixed"), default="32")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--cudnn-benchmark", action="store_true")
+    p.add_argument(
+        "--torchvision-eager",
+        action="store_true",
+        help="torchvision keeps the default memory format whatever --channels-last says (it never autotunes): the "
+        "fast path's reference, torchvision eager, in the same process",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument(
         "--torchvision-roi-align-backward",
@@ -953,7 +1030,8 @@ def main(argv: list[str] | None = None) -> dict:
         variants[name] = instantiate(variant_cfg.module, scheduler=None, base_lr=base_lr)
         load_torchvision_weights(variants[name].model, initial, frozen_bn_eps=None)
     if args.channels_last:
-        for m in (module, theirs, *variants.values()):
+        # --torchvision-eager: torchvision as its users run it by default (and as issue #22's fast-path goal names it).
+        for m in (module, *variants.values(), *([] if args.torchvision_eager else [theirs])):
             m.to(memory_format=torch.channels_last)
     # Targets cleaned and checked on the host before the copy, as run.py's (FixedBatches).
     rounds = [

@@ -84,6 +84,10 @@ def test_benchmark_script_writes_all_numbers(tmp_path):
         train = results["train"][system]
         assert train["images_per_s"] > 0 and len(train["step_times_s"]) == 1 and train["peak_mem_mib"] >= 0
     assert results["train"]["ratio"] > 0
+    # Each round starts both from one random state on the same batches and weights: the same losses (issue #22).
+    assert results["train"]["ours"]["same_losses"]["first_step_rel_diff"] < 1e-5
+    assert len(results["train"]["ours"]["step_losses"]) == len(results["train"]["torchvision"]["step_losses"]) == 1
+    assert "loss vs torchvision, first steps" in proc.stdout
     # A variant trains in the same rounds, with the same trainable weights, and says what it changed.
     variant = results["train"]["variants"]["batched"]
     assert variant["overrides"] == ["model.batched_sampling=true", "model.batched_proposals=true"]
@@ -250,8 +254,9 @@ def test_the_op_counter_sums_the_bytes_each_dtype_is_written_and_counts_the_cast
     assert counter.bytes_written == {"bfloat16": (x.numel() + conv.weight.numel() + y.numel()) * 2}
 
 
-def test_cudnn_autotuning_is_for_ours_only(monkeypatch, tmp_path):
-    """--cudnn-benchmark tunes our model, whose RoI buckets make its shapes repeat; torchvision trains without it."""
+def test_cudnn_autotuning_and_channels_last_are_for_ours_only_against_torchvision_eager(monkeypatch, tmp_path):
+    """--cudnn-benchmark tunes our model, whose RoI buckets make its shapes repeat; torchvision trains without it. With
+    --torchvision-eager (bench_fast) torchvision also keeps the default memory format: the fast path's reference."""
     from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
     from mrcnn.modeling.mask_rcnn import MaskRCNN
@@ -263,12 +268,33 @@ def test_cudnn_autotuning_is_for_ours_only(monkeypatch, tmp_path):
 
         def forward(self, *args, _forward=cls.forward, _name=name, **kwargs):
             if self.training:
-                seen[_name].add(torch.backends.cudnn.benchmark)
+                weight = next(m.weight for m in self.modules() if isinstance(m, torch.nn.Conv2d))
+                layout = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) else None
+                seen[_name].add((torch.backends.cudnn.benchmark, layout))
             return _forward(self, *args, **kwargs)
 
         monkeypatch.setattr(cls, "forward", forward)
     argv = ["--image-size", "64", "--batch-size", "1", "--steps", "1", "--repeats", "1", "--warmup", "0"]
     argv += ["--skip", "infer,eval", "--cudnn-benchmark", "--out", str(tmp_path / "b.json")]
     bench.main([*argv, "--overrides", *SMALL_HEADS])
-    assert seen == {"ours": {True}, "torchvision": {False}}
+    assert seen == {"ours": {(True, None)}, "torchvision": {(False, None)}}
     assert torch.backends.cudnn.benchmark is True  # the process's setting, back after torchvision's loops
+
+    seen = {"ours": set(), "torchvision": set()}
+    bench.main([*argv, "--channels-last", "--torchvision-eager", "--overrides", *SMALL_HEADS])
+    assert seen == {"ours": {(True, torch.channels_last)}, "torchvision": {(False, None)}}
+
+
+def test_the_summaries_ratios_spread_and_loss_differences_are_what_the_times_and_losses_say():
+    bench = load_script(SCRIPT)
+    # Three rounds of 8 images: 2 s, 4 s and 1 s.
+    summary = bench.summarize([2.0, 4.0, 1.0], images=8)
+    assert summary["median_s"] == 2.0 and summary["images_per_s"] == 4.0 and summary["latency_ms"] == 2000.0
+    assert summary["images_per_s_range"] == [2.0, 8.0]  # the slowest round's throughput, then the fastest's
+    entry = {"ours": {"images_per_s": 6.0}, "torchvision": {"images_per_s": 4.0}, "fast": {"images_per_s": 12.0}}
+    entry = bench.with_ratios(entry, ["fast"])
+    assert entry["ratio"] == 1.5  # ours over torchvision: above 1 is faster
+    assert entry["variants"]["fast"]["ratio"] == 3.0 and entry["variants"]["fast"]["vs_ours"] == 2.0
+    # Two rounds of two steps: the first steps differ by 1e-6 and 2e-2 relative, a later step by 10%.
+    same = bench.same_losses([[1.000001, 2.2], [2.04, 1.0]], [[1.0, 2.0], [2.0, 1.0]])
+    assert same["first_step_rel_diff"] == pytest.approx(0.02) and same["all_steps_rel_diff"] == pytest.approx(0.1)
