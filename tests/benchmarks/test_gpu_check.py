@@ -96,6 +96,10 @@ def test_dry_run_reports_every_step_and_goes_on_past_a_failing_one(tmp_path):
     goals = {g["goal"]: g for g in report["goals"]}
     assert len(goals) == 11 and all(g["met"] is None for g in goals.values())  # no verdicts in a dry run
     assert goals["training, bf16 eager: ours / torchvision"]["value"] > 0
+    # The fast path against torchvision eager measured beside it, in one process (bench_fast's --torchvision-eager).
+    fast_goal = goals["training: ours on the fast path / torchvision eager"]
+    assert fast_goal["value"] == fast["train"]["ratio"] and fast_goal["source"] == "bench_fast"
+    assert fast["args"]["torchvision_eager"] is True and eager["args"]["torchvision_eager"] is False
     assert goals["host synchronisations per training step, ours"]["value"] > 0
     # The batched variant's count is measured too (on the CPU its NMS runs per group, so it is not the GPU's count).
     assert goals["host synchronisations per training step, ours with the batched switches"]["value"] > 0
