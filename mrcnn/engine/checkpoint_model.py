@@ -152,11 +152,14 @@ def use_checkpoint_model(
         for key, _ in model_differences(OmegaConf.to_container(cfg.model, resolve=True), _with_model(cfg, composed))
         if not _is_initial_weights(key)
     ]
+    # What is built (model.net) first: the knobs above it differ wherever the network does.
+    built = [key for key in differing if key.startswith("model.net.")] or differing
+    shown = ", ".join(built[:8]) + (f" and {len(built) - 8} more" if len(built) > 8 else "")
     log.info(
         "the model is built from the config %s was trained with%s (a model=/model/<group>= override builds this "
         "run's instead)",
         ckpt_path,
-        f"; it differs from this run's composed model in {', '.join(differing)}" if differing else "",
+        f"; it differs from this run's composed model in {len(differing)} keys: {shown}" if differing else "",
     )
 
 

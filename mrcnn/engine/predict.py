@@ -37,6 +37,7 @@ from mrcnn.engine.checkpoints import check_checkpoint_fits
 from mrcnn.engine.config_checks import check_config, checkpoint_path
 from mrcnn.engine.launch import check_run_dir_is_free, in_sweep, job_scope
 from mrcnn.engine.model_record import read_model_record
+from mrcnn.engine.quiet import reading_weights_only
 from mrcnn.engine.visualize import draw_instances, save_png, select
 from mrcnn.evaluation import CocoEvaluator, on_host
 
@@ -282,5 +283,6 @@ def predict(cfg: DictConfig) -> dict[str, float]:
         # for predict). The trainer configs turn that off for the datamodule's loaders, which shard themselves:
         # left off here, every process would predict every image and the json would hold each detection per process.
         trainer = instantiate(cfg.trainer, callbacks=[writer], logger=False, use_distributed_sampler=True)
-        trainer.predict(module, dataloaders=loader, ckpt_path=ckpt_path, return_predictions=False)
+        with reading_weights_only():
+            trainer.predict(module, dataloaders=loader, ckpt_path=ckpt_path, return_predictions=False)
         return {"images": float(len(dataset)), "detections": float(writer.num_detections)}

@@ -3,6 +3,7 @@
 Each entry says why it is noise here. Everything else (our own messages, real warnings) still shows.
 """
 
+import contextlib
 import logging
 import sys
 import warnings
@@ -23,7 +24,23 @@ NOISE_LOGS = {
     "lightning_fabric.utilities.rank_zero": ("💡 Tip:",),
 }
 
+# What Lightning says when a checkpoint's callback states are restored into a run that only reads its weights
+# (mode=evaluate, mode=predict): the training run's checkpoint callbacks are neither there nor needed.
+WEIGHTS_ONLY_NOISE = (
+    r"The dirpath has changed from",
+    r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be provided",
+)
+
 _installed = False
+
+
+@contextlib.contextmanager
+def reading_weights_only():
+    """Silences :data:`WEIGHTS_ONLY_NOISE` inside: around ``trainer.validate`` / ``trainer.predict`` with a checkpoint."""
+    with warnings.catch_warnings():
+        for pattern in WEIGHTS_ONLY_NOISE:
+            warnings.filterwarnings("ignore", message=pattern)
+        yield
 
 
 class _DropPrefixes(logging.Filter):

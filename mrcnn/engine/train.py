@@ -17,6 +17,7 @@ from mrcnn.engine.checkpoints import check_checkpoint_fits, check_resume_config,
 from mrcnn.engine.config_checks import check_config, checkpoint_path, validation_schedule_note
 from mrcnn.engine.launch import check_run_dir_is_free, in_sweep, job_scope
 from mrcnn.engine.model_record import read_checkpoint
+from mrcnn.engine.quiet import reading_weights_only
 from mrcnn.engine.summary import write_final_metrics
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         datamodule, module, trainer = build(cfg)
         if ckpt_path:
             check_checkpoint_fits(module, ckpt_path, cfg)
-        trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+        with reading_weights_only():
+            trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
         metrics = dict(module.last_metrics)
         write_final_metrics(cfg, trainer, metrics, module.nothing_to_score, global_step=step)
         return metrics

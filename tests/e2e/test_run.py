@@ -49,6 +49,7 @@ def test_run_py_debug_fast_trains_evaluates_and_resumes_evaluation(tmp_path):
     result = run_py(["mode=evaluate", f"ckpt_path={checkpoint}", *data, f"hydra.run.dir={evaluation}"])
     assert "COCO-style AP on the validation split" in result.stdout
     assert "the model is built from the config" in (evaluation / "run.log").read_text()
+    assert "dirpath has changed" not in result.stderr  # the training run's checkpoint callbacks are not this run's
     trained, evaluated = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path, evaluation))
     assert evaluated == trained  # the same weights, model and validation images: the same numbers
 
