@@ -281,8 +281,13 @@ def test_cudnn_autotuning_and_channels_last_are_for_ours_only_against_torchvisio
     assert torch.backends.cudnn.benchmark is True  # the process's setting, back after torchvision's loops
 
     seen = {"ours": set(), "torchvision": set()}
-    bench.main([*argv, "--channels-last", "--torchvision-eager", "--overrides", *SMALL_HEADS])
+    # The GPU check's bench_fast, at a tiny size: bf16 autocast too (the CPU runs it as well).
+    results = bench.main(
+        [*argv, "--channels-last", "--torchvision-eager", "--precision", "bf16-mixed", "--overrides", *SMALL_HEADS]
+    )
     assert seen == {"ours": {(True, torch.channels_last)}, "torchvision": {(False, None)}}
+    # The same losses up to bf16's rounding (its relative step is 2^-8).
+    assert results["train"]["ours"]["same_losses"]["first_step_rel_diff"] < 2**-6
 
 
 def test_the_summaries_ratios_spread_and_loss_differences_are_what_the_times_and_losses_say():
