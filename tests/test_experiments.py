@@ -66,6 +66,8 @@ BUILT = {
 ABLATED = {
     "ablation_roialign": {"pooler", "pooler.mode", "pooler.sampling_ratio", "pooler.aligned"},
     "ablation_mask_loss": {"mask_loss", "mask_head.class_agnostic"},
+    # Normalised alike (model.head_norm): GroupNorm after every hidden layer of both at setting=cpu, none in either at
+    # setting=paper.
     "ablation_mask_head": {"mask_head", "mask_head.convs", "mask_head.width", "mask_head.fc", "mask_head.input_size"},
     # C4 vs FPN is a different design of the whole network: res5 as the box head, one map, no mask convs.
     "ablation_backbone": {
@@ -76,6 +78,7 @@ ABLATED = {
         "pooler.box_size",
         "pooler.mask_size",
         "mask_head.convs",
+        "mask_head.norm",  # C4's mask branch has no convs to normalise (res5 and a deconv)
     },
 }
 

@@ -82,6 +82,9 @@ class MLPMaskHead(nn.Module):
         hidden_dims: widths of the hidden fc layers: ``(1024, 1024)`` or ``(1024, 1024, 1024)``.
         mask_resolution: side M of the predicted masks (28).
         class_agnostic: predict one mask per RoI instead of one per class.
+        norm: ``None`` (the paper's), or a norm after each hidden fc layer, as :class:`FCNMaskHead` has after each
+            conv (the configs give both ``model.head_norm``, so the two heads of Table 2e differ in their layout only;
+            ``gn`` normalises groups of a layer's features).
 
     The first fc layer is sized for ``resolution``: the RoI heads refuse a head whose ``input_resolution``
     differs from the side of the features they feed it (14 pooled for FPN / C5, res5's 7 for C4).
@@ -98,6 +101,7 @@ class MLPMaskHead(nn.Module):
         hidden_dims: tuple[int, ...] = (1024, 1024),
         mask_resolution: int = 28,
         class_agnostic: bool = False,
+        norm: str | None = None,
     ):
         super().__init__()
         self.class_agnostic = class_agnostic
@@ -105,13 +109,19 @@ class MLPMaskHead(nn.Module):
         self.mask_resolution = mask_resolution
         self.out_masks = 1 if class_agnostic else num_classes + 1
         dims = [in_channels * resolution**2, *hidden_dims]
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
+        # A norm's shift makes the fc's bias redundant, as for FCNMaskHead's convs.
+        self.hidden = nn.ModuleList(nn.Linear(a, b, bias=norm is None) for a, b in itertools.pairwise(dims))
+        self.norms = nn.ModuleList(norm_layer(norm)(b) for b in hidden_dims) if norm else None
         self.predictor = nn.Linear(dims[-1], self.out_masks * mask_resolution**2)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.flatten(start_dim=1)
-        for fc in self.hidden:
-            x = F.relu(fc(x))
+        for i, fc in enumerate(self.hidden):
+            x = fc(x)
+            if self.norms is not None:
+                # As [R, C, 1, 1]: the 2-d norms (GroupNorm, BatchNorm2d) take it, each feature a channel.
+                x = self.norms[i](x[:, :, None, None]).flatten(start_dim=1)
+            x = F.relu(x)
         return self.predictor(x).view(len(x), self.out_masks, self.mask_resolution, self.mask_resolution)
 
 

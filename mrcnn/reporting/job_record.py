@@ -83,6 +83,10 @@ def _box_head(head: nn.Module) -> dict[str, object]:
     return {"box_head": type(head).__name__, "box_head.width": width}
 
 
+# Normalisation layers, as a head may hold them.
+NORM_TYPES = (nn.GroupNorm, nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d, nn.LayerNorm)
+
+
 def _mask_head(head: nn.Module) -> dict[str, object]:
     if isinstance(head, FCNMaskHead):
         layers = {
@@ -96,9 +100,13 @@ def _mask_head(head: nn.Module) -> dict[str, object]:
         }
     else:
         layers = {}
+    # The hidden layers' normalisation (GroupNorm from scratch): a variant with it and one without differ in more than
+    # their layout.
+    norms = sorted({type(m).__name__ for m in head.modules() if isinstance(m, NORM_TYPES)})
     return {
         "mask_head": type(head).__name__,
         **layers,
+        "mask_head.norm": ", ".join(norms) or None,
         "mask_head.class_agnostic": bool(getattr(head, "class_agnostic", False)),
     }
 
