@@ -127,6 +127,7 @@ class MaskRCNNModule(L.LightningModule):
         self.last_metrics_step = -1
         self.loss_watch = LossWatch()
         self.step_lr: float | None = None  # the learning rate of the latest training step
+        self.scaled_lr: float | None = None  # base_lr scaled to the global batch (configure_optimizers)
         # Why the last evaluation had nothing to score (CocoEvaluator.nothing_to_score), or None.
         self.nothing_to_score: str | None = None
 
@@ -134,17 +135,30 @@ class MaskRCNNModule(L.LightningModule):
         # A resumed run's optimizer comes back with the learning rate of the step it was saved at, as the saved run's
         # schedule gave it; the schedule's milestones are fractions of this run's length, which an extended run
         # (a larger trainer.max_steps) changes. The learning rate of this step, from this run's schedule (the same
-        # value when the length did not change):
+        # value when the length did not change). Its base is this run's too (configure_optimizers: base_lr scaled to
+        # the global batch), not the one the checkpoint's scheduler state brings back: the same, unless a
+        # resume_allow_config_change run changed the batch or base_lr, a change that would otherwise be dropped.
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
-            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # closed form: base_lr * factor(step)
-                lrs = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-                for group, lr in zip(scheduler.optimizer.param_groups, lrs):
-                    group["lr"] = lr
-                scheduler._last_lr = lrs
+            if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                continue
+            if self.scaled_lr is not None:
+                scheduler.base_lrs = [self.scaled_lr] * len(scheduler.base_lrs)
+                for group in scheduler.optimizer.param_groups:
+                    group["initial_lr"] = self.scaled_lr
+            # Closed form: base_lr * factor(step).
+            lrs = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+            for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            scheduler._last_lr = lrs
 
     def on_train_epoch_end(self) -> None:
         # The last steps' losses have not been looked at yet (LossWatch reads each one when the GPU has it ready).
+        self.loss_watch.check(wait=True)
+
+    def on_validation_start(self) -> None:
+        # Lightning validates before on_train_epoch_end: the weights of a step whose loss was not finite, not read yet
+        # on a GPU, would be validated and could be saved as the best checkpoint. Read them all first.
         self.loss_watch.check(wait=True)
 
     def on_train_end(self) -> None:
@@ -302,6 +316,7 @@ class MaskRCNNModule(L.LightningModule):
 
     def configure_optimizers(self):
         lr = self.base_lr * self.global_batch_size() / self.base_batch_size
+        self.scaled_lr = lr
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params, lr=lr)
         if self.scheduler_factory is None:

@@ -209,3 +209,33 @@ def test_an_evaluation_batch_keeps_the_evaluators_targets_on_the_host(tmp_path, 
     target["boxes"][0, 2] = 1.0  # a box with a negative width: named here, on the host
     with pytest.raises(ValueError, match=r"image_id 3.*non-positive width"):
         module.on_before_batch_transfer(((torch.rand(3, 32, 32),), (target,)), 0)
+
+
+def test_a_resume_that_changes_the_global_batch_trains_at_the_lr_of_the_new_batch(tmp_path):
+    # resume_allow_config_change: the checkpoint's scheduler state holds the old run's base lr; the linear scaling
+    # rule gives this run's batch its own.
+    datamodule, module, trainer = _fit(tmp_path, ["base_lr=0.02"], max_steps=2)
+    trainer.fit(module, datamodule=datamodule)
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    datamodule, module, trainer = _fit(tmp_path, ["base_lr=0.02", "data.datamodule.batch_size=4"], max_steps=3)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=tmp_path / "two.ckpt")
+    [scheduler] = [config.scheduler for config in trainer.lr_scheduler_configs]
+    assert scheduler.base_lrs == [pytest.approx(0.02 * 4 / 16)]
+    assert trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(0.02 * 4 / 16)
+
+
+def test_a_non_finite_loss_not_read_yet_stops_the_run_before_its_weights_are_validated():
+    # On a GPU a step's losses are read a step or more late, and Lightning validates before the epoch's end hook.
+    class NotReady:  # a CUDA event whose copy has not arrived
+        def query(self):
+            return False
+
+        def synchronize(self):
+            pass
+
+    module = instantiate(compose_config(TINY_MODEL).module)
+    module.loss_watch.pending.append((6, ["rpn_class_loss"], torch.tensor([float("nan")]), NotReady()))
+    module.loss_watch.check()
+    assert module.loss_watch.pending
+    with pytest.raises(FloatingPointError, match="step 6"):
+        module.on_validation_start()
