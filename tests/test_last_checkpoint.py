@@ -95,16 +95,10 @@ def test_a_loss_not_read_yet_that_is_not_finite_stops_the_run_before_it_is_saved
     import torch
 
     from mrcnn.lit_module import LossWatch
-
-    class NotReady:  # a CUDA event whose copy has not arrived
-        def query(self):
-            return False
-
-        def synchronize(self):
-            pass
+    from tests.helpers.runs import NotReadyEvent
 
     watch = LossWatch()
-    watch.pending.append((6, ["rpn_class_loss"], torch.tensor([float("nan")]), NotReady()))
+    watch.pending.append((6, ["rpn_class_loss"], torch.tensor([float("nan")]), NotReadyEvent()))
     watch.check()
     assert watch.pending  # not read during the step
     written = []

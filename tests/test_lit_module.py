@@ -15,7 +15,7 @@ from mrcnn.lit_module import LossWatch, check_finite, warmup_multistep_schedule
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS
 from mrcnn.modeling.roi_heads import RoIHeads
 from tests.helpers.config import TINY_MODEL, compose_config
-from tests.helpers.runs import training_only_trainer
+from tests.helpers.runs import NotReadyEvent, training_only_trainer
 
 
 def test_warmup_then_step_decay():
@@ -226,15 +226,8 @@ def test_a_resume_that_changes_the_global_batch_trains_at_the_lr_of_the_new_batc
 
 def test_a_non_finite_loss_not_read_yet_stops_the_run_before_its_weights_are_validated():
     # On a GPU a step's losses are read a step or more late, and Lightning validates before the epoch's end hook.
-    class NotReady:  # a CUDA event whose copy has not arrived
-        def query(self):
-            return False
-
-        def synchronize(self):
-            pass
-
     module = instantiate(compose_config(TINY_MODEL).module)
-    module.loss_watch.pending.append((6, ["rpn_class_loss"], torch.tensor([float("nan")]), NotReady()))
+    module.loss_watch.pending.append((6, ["rpn_class_loss"], torch.tensor([float("nan")]), NotReadyEvent()))
     module.loss_watch.check()
     assert module.loss_watch.pending
     with pytest.raises(FloatingPointError, match="step 6"):

@@ -125,3 +125,14 @@ class InterruptAt(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step - 1:
             os.kill(os.getpid(), signal.SIGINT)
+
+
+class NotReadyEvent:
+    """A CUDA event whose copy has not arrived: what :class:`mrcnn.lit_module.LossWatch` holds on a GPU between a
+    step and the read of its losses, for tests on the CPU."""
+
+    def query(self):
+        return False
+
+    def synchronize(self):
+        pass
