@@ -117,22 +117,22 @@ def use_checkpoint_model(
         (key, deleted, None if deleted else _plain(OmegaConf.select(cfg, key, throw_on_missing=False)))
         for key, deleted in model_key_overrides(overrides)
     ]
-    composed = OmegaConf.to_container(cfg.model, resolve=False)
+    composed = OmegaConf.to_container(cfg.model, resolve=True)  # this run's own model, for the log line
     with open_dict(cfg):
         cfg.model = copy.deepcopy(saved)
     _relink(cfg, linked)
     with open_dict(cfg):
-        for key in _leaf_keys(cfg):
+        for key in _model_leaves(cfg):
             if _is_initial_weights(key):
                 OmegaConf.update(cfg, key, None, merge=False)
         for key, deleted, value in given:
-            net = _plain(cfg.model.net)
             if deleted:
                 parent, _, name = key.rpartition(".")
                 node = OmegaConf.select(cfg, parent)
                 if isinstance(node, DictConfig) and name in node:
                     del node[name]
                 continue
+            net = _plain(cfg.model.net)
             before = _plain(OmegaConf.select(cfg, key, default=None, throw_on_missing=False))
             OmegaConf.update(cfg, key, value, merge=False, force_add=True)
             if not key.startswith("model.net.") and value != before and _plain(cfg.model.net) == net:
@@ -147,11 +147,7 @@ def use_checkpoint_model(
                     ckpt_path,
                     key,
                 )
-    differing = [
-        key
-        for key, _ in model_differences(OmegaConf.to_container(cfg.model, resolve=True), _with_model(cfg, composed))
-        if not _is_initial_weights(key)
-    ]
+    differing = [key for key, _ in model_differences(composed, cfg) if not _is_initial_weights(key)]
     # What is built (model.net) first: the knobs above it differ wherever the network does.
     built = [key for key in differing if key.startswith("model.net.")] or differing
     shown = ", ".join(built[:8]) + (f" and {len(built) - 8} more" if len(built) > 8 else "")
@@ -163,14 +159,6 @@ def use_checkpoint_model(
     )
 
 
-def _with_model(cfg: DictConfig, model: dict) -> DictConfig:
-    """A copy of ``cfg`` whose ``model`` is ``model`` (a container, interpolations unresolved)."""
-    other = copy.deepcopy(cfg)
-    with open_dict(other):
-        other.model = model
-    return other
-
-
 def _plain(value):
     """A config value as plain containers (resolved), to put where the model config is replaced."""
     if isinstance(value, DictConfig) or OmegaConf.is_list(value):
@@ -178,13 +166,14 @@ def _plain(value):
     return value
 
 
+def _model_leaves(cfg: DictConfig) -> dict:
+    """``{key: value}`` of every leaf under ``cfg.model``, interpolations unresolved."""
+    return flatten_config({"model": OmegaConf.to_container(cfg.model, resolve=False)})
+
+
 def _interpolated_leaves(cfg: DictConfig) -> dict[str, str]:
-    """``{key: interpolation}`` for every leaf under ``cfg.model`` whose value is an interpolation (unresolved)."""
-    return {
-        key: value
-        for key, value in flatten_config({"model": OmegaConf.to_container(cfg.model, resolve=False)}).items()
-        if isinstance(value, str) and "${" in value
-    }
+    """``{key: interpolation}`` for every leaf under ``cfg.model`` whose value is an interpolation."""
+    return {key: value for key, value in _model_leaves(cfg).items() if isinstance(value, str) and "${" in value}
 
 
 def _refers_outside_model(interpolation: str) -> bool:
@@ -219,7 +208,3 @@ def _relink(cfg: DictConfig, linked: dict[str, str]) -> None:
 
 def _is_initial_weights(key: str) -> bool:
     return key.rpartition(".")[2] in INITIAL_WEIGHTS_KEYS
-
-
-def _leaf_keys(cfg: DictConfig) -> list[str]:
-    return list(flatten_config({"model": OmegaConf.to_container(cfg.model, resolve=False)}))

@@ -244,9 +244,10 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     check_run_dir_is_free(cfg.run_dir, cfg.mode, ckpt_path, sweep_job=in_sweep())
     # A checkpoint of this project knows its classes and their category ids: the model gets its number of
     # classes, the captions its names, the json its ids, whatever data config this run has.
-    record = read_model_record(ckpt_path or cfg.weights, "ckpt_path" if ckpt_path else "weights")
+    source, option = (ckpt_path, "ckpt_path") if ckpt_path else (cfg.weights, "weights")
+    record = read_model_record(source, option)
     # The architecture the weights were trained as (a torchvision state dict in weights= records none).
-    use_checkpoint_model(cfg, ckpt_path or cfg.weights, job_overrides(), "ckpt_path" if ckpt_path else "weights")
+    use_checkpoint_model(cfg, source, job_overrides(), option)
     output = prepare_output(cfg.predict.output)
     if record is not None and record.class_names:
         with open_dict(cfg):

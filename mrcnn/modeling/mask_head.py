@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from mrcnn.modeling.backbone import norm_layer
 from mrcnn.modeling.roi_align import roi_align_kernel
+from mrcnn.modeling.sampling import upcast
 
 
 def _init_conv(module: nn.Module) -> None:
@@ -171,7 +172,7 @@ def mask_targets(
     # box column, and bfloat16 holds whole numbers exactly only up to 256 (float16: 2048), past which a RoI would
     # read another object's mask.
     dtype = proposals.dtype
-    proposals = proposals.float() if proposals.element_size() < 4 else proposals
+    proposals = upcast(proposals)
     per_mask = gt_masks[0].numel() * proposals.element_size() if len(gt_masks) else 1
     chunk = max(1, chunk_bytes // max(per_mask, 1))
     # torchvision's kernel itself (adaptive sampling), as torchvision.ops.roi_align calls it outside deterministic

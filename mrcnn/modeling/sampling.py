@@ -26,8 +26,9 @@ def pad_boxes(boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
     return padded, valid
 
 
-def _upcast(boxes: Tensor) -> Tensor:
-    """float16 / bfloat16 boxes as float32; float32, float64 and integer boxes as they are."""
+def upcast(boxes: Tensor) -> Tensor:
+    """float16 / bfloat16 boxes as float32 (torchvision's ``_upcast``); float32, float64 and integer boxes as they
+    are."""
     return boxes.float() if boxes.is_floating_point() and boxes.element_size() < 4 else boxes
 
 
@@ -40,7 +41,7 @@ def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     boxes are upcast to float32 first, as torchvision's are: in float16 an area above 65504 px^2 is infinite and its
     IoU NaN, which :func:`match` would take for a match (``NaN < low`` is false).
     """
-    boxes1, boxes2 = _upcast(boxes1), _upcast(boxes2)
+    boxes1, boxes2 = upcast(boxes1), upcast(boxes2)
     area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
     area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
     a, b = boxes1[:, :, None, :], boxes2[:, None, :, :]

@@ -61,9 +61,14 @@ def _resnet(net: nn.Module) -> dict[str, object]:
     return {
         "backbone": f"ResNet-{depth}-{design}",
         "backbone.width": body.conv1.out_channels,
-        # The family's name: a speed variant of a norm (FrozenBatchNorm2dKeepsDtype) computes the same layer.
-        "backbone.norm": next(cls.__name__ for cls in NORMS if isinstance(norm, cls)),
+        "backbone.norm": _norm_name(norm),
     }
+
+
+def _norm_name(norm: nn.Module) -> str:
+    """The family's name of a layer of :data:`NORMS`: a speed variant of a norm (FrozenBatchNorm2dKeepsDtype)
+    computes the same layer."""
+    return next(cls.__name__ for cls in NORMS if isinstance(norm, cls))
 
 
 def _pooler(heads: nn.Module) -> dict[str, object]:
@@ -83,10 +88,6 @@ def _box_head(head: nn.Module) -> dict[str, object]:
     return {"box_head": type(head).__name__, "box_head.width": width}
 
 
-# Normalisation layers, as a head may hold them.
-NORM_TYPES = (nn.GroupNorm, nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d, nn.LayerNorm)
-
-
 def _mask_head(head: nn.Module) -> dict[str, object]:
     if isinstance(head, FCNMaskHead):
         layers = {
@@ -102,7 +103,7 @@ def _mask_head(head: nn.Module) -> dict[str, object]:
         layers = {}
     # The hidden layers' normalisation (GroupNorm from scratch): a variant with it and one without differ in more than
     # their layout.
-    norms = sorted({type(m).__name__ for m in head.modules() if isinstance(m, NORM_TYPES)})
+    norms = sorted({_norm_name(m) for m in head.modules() if isinstance(m, NORMS)})
     return {
         "mask_head": type(head).__name__,
         **layers,
