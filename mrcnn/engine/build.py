@@ -10,6 +10,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from mrcnn.data.datamodule import InstanceDataModule
+from mrcnn.engine import job_processes
 from mrcnn.engine.callbacks import RandomState, RunRecord
 from mrcnn.engine.checkpoints import ResumedRun, load_weights
 from mrcnn.engine.data_fit import check_num_classes, warn_if_boxes_outside_anchors
@@ -34,6 +35,7 @@ def build(cfg: DictConfig, resumed: ResumedRun | None = None):
     callbacks = [*instantiate_callbacks(cfg), RunRecord(resolved, job_overrides()), RandomState()]
     loggers = instantiate_loggers(cfg, resumed)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    job_processes.track(trainer)
     check_sync_batchnorm(module, trainer, converts_batchnorm=bool(cfg.trainer.get("sync_batchnorm")))
     if trainer.is_global_zero and isinstance(datamodule, InstanceDataModule) and datamodule.val_dataset is not None:
         warn_if_boxes_outside_anchors(module.model, datamodule.val_dataset)

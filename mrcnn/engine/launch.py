@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from mrcnn.engine import job_processes
 from mrcnn.engine.config_checks import resume_checkpoint
 
 # A job's main process names its Hydra output folder here for the DDP children Lightning starts from
@@ -44,19 +45,23 @@ def job_scope(cfg: DictConfig):
     folder, and nothing else. Under SLURM (or torchrun) the processes are created outside Lightning and
     each one composes the job itself, as usual.
 
-    At the end of the job it finishes the W&B run (one run per sweep job), destroys the process group
-    and restores the variables Lightning's launcher set in this process: with ``LOCAL_RANK`` left over,
+    If the job fails in this process, the DDP processes Lightning started for it get a moment to end on their
+    own and are then killed (:func:`mrcnn.engine.job_processes.stop_after_failure`): they may be waiting for this
+    one, and in a sweep the next job needs their devices. At the end of the job it finishes the W&B run (one run
+    per sweep job), destroys the process group and restores the variables Lightning's launcher set in this process: with ``LOCAL_RANK`` left over,
     the next job of a sweep would take its processes to be started externally and wait for peers that
     never come.
     """
     import torch  # here, not at the top: run.py imports this module before Hydra composes (a typo fails fast)
 
-    saved_env = {key: os.environ.get(key) for key in (*_LAUNCHER_ENV, DDP_JOB_DIR_ENV)}
+    saved_env = {key: os.environ.get(key) for key in (*_LAUNCHER_ENV, DDP_JOB_DIR_ENV, job_processes.MAIN_PID_ENV)}
     threads = torch.get_num_threads()
     if HydraConfig.initialized() and DDP_JOB_DIR_ENV not in os.environ:
         job_dir = Path(HydraConfig.get().runtime.output_dir)
         write_resolved_config(cfg, job_dir / ".hydra" / f"{RESOLVED_CONFIG}.yaml")
         os.environ[DDP_JOB_DIR_ENV] = str(job_dir)
+        os.environ[job_processes.MAIN_PID_ENV] = str(os.getpid())
+    job_processes.forget()
     failed = False
     try:
         yield
@@ -64,6 +69,11 @@ def job_scope(cfg: DictConfig):
         failed = True
         raise
     finally:
+        if failed:
+            # First: the other processes may be waiting for this one in a collective, holding their GPUs, and
+            # destroying an NCCL group can wait for its peers.
+            job_processes.stop_after_failure()
+        job_processes.forget()
         wandb = sys.modules.get("wandb")  # only if something imported it
         if wandb is not None and wandb.run is not None:
             wandb.finish(exit_code=int(failed))
@@ -94,10 +104,12 @@ def pin_ddp_child_to_its_job() -> None:
     sweep (Lightning issue 11300). The job's main process has written the job's resolved config and
     named the job folder in ``MRCNN_DDP_JOB_DIR`` (:func:`job_scope`); here the command line
     is replaced by one that runs exactly that config, in that folder, without rewriting its ``.hydra``
-    files, logging to ``ddp_rank<N>.log``.
+    files, logging to ``ddp_rank<N>.log``. The child ends when the main process dies, even by SIGKILL
+    (:func:`mrcnn.engine.job_processes.exit_with_parent`).
     """
     if not is_ddp_child():
         return
+    job_processes.exit_with_parent()
     job_dir = os.environ[DDP_JOB_DIR_ENV]
     # Quoted: a sweep job folder's name holds "=" and "," (Hydra's override_dirname).
     quoted_dir = '"' + job_dir.replace("\\", "\\\\").replace('"', '\\"') + '"'

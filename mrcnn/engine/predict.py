@@ -31,6 +31,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from mrcnn.data.coco import load_coco_json
 from mrcnn.data.datamodule import collate_detection
 from mrcnn.data.images import ImageLimits, check_regular_file, file_kind, read_image, read_image_size
+from mrcnn.engine import job_processes
 from mrcnn.engine.build import build_module, job_overrides
 from mrcnn.engine.checkpoint_model import use_checkpoint_model
 from mrcnn.engine.checkpoints import check_checkpoint_fits
@@ -284,6 +285,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
         # for predict). The trainer configs turn that off for the datamodule's loaders, which shard themselves:
         # left off here, every process would predict every image and the json would hold each detection per process.
         trainer = instantiate(cfg.trainer, callbacks=[writer], logger=False, use_distributed_sampler=True)
+        job_processes.track(trainer)
         with reading_weights_only():
             trainer.predict(module, dataloaders=loader, ckpt_path=ckpt_path, return_predictions=False)
         return {"images": float(len(dataset)), "detections": float(writer.num_detections)}

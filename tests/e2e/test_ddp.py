@@ -1,7 +1,11 @@
-"""DDP on CPU processes (trainer=ddp_cpu): a Hydra sweep runs each job once; evaluation matches one process."""
+"""DDP on CPU processes (trainer=ddp_cpu): a Hydra sweep runs each job once; evaluation matches one process; a
+failure in the main process leaves no process waiting for it."""
 
 import json
 import os
+import signal
+import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -11,8 +15,10 @@ from PIL import Image
 
 from mrcnn.engine.build import build_module, check_sync_batchnorm
 from mrcnn.engine.callbacks import RANDOM_STATE_KEY
+from mrcnn.engine.launch import DDP_JOB_DIR_ENV
 from mrcnn.engine.predict import predict
 from tests.helpers.config import TINY_MODEL, compose_config
+from tests.helpers.data import coco_format_overrides, make_coco_split
 from tests.helpers.runs import TINY_RUN, run_py, training_only_trainer
 from tests.helpers.wandb import read_wandb_records
 
@@ -141,3 +147,42 @@ def test_sync_batchnorm_with_cpu_processes_is_a_clear_error():
     check_sync_batchnorm(module, L.Trainer(accelerator="cpu", devices=1, logger=False))
     with pytest.raises(ValueError, match="needs CUDA devices"):
         check_sync_batchnorm(module, L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False))
+
+
+def _job_processes(job_dir) -> list[int]:
+    """The running processes that Lightning started for the job in ``job_dir`` (read from their environment)."""
+    marker = f"{DDP_JOB_DIR_ENV}={job_dir}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:  # another user's process, or one that ended meanwhile
+            continue
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads processes' environments from /proc")
+def test_a_failure_in_the_main_process_stops_the_processes_waiting_for_it(tmp_path):
+    # One training image is truncated: the main process, whose shard holds it, fails reading it at its third step,
+    # while the other process waits for it in a collective (over NCCL: until the process group's timeout).
+    train_json, train_images = make_coco_split(tmp_path / "data", "train", seed=1)
+    val_json, val_images = make_coco_split(tmp_path / "data", "val", seed=2)
+    broken = train_images / "000000000107.jpg"
+    broken.write_bytes(broken.read_bytes()[:300])
+    job = tmp_path / "job"
+    data = [*coco_format_overrides(train_json, train_images, val_json, val_images), "data.min_size=64"]
+    overrides = [*data, "data.max_size=160", "data.datamodule.batch_size=1", "model=tiny", "trainer.max_epochs=1"]
+    result = run_py(
+        [*overrides, "trainer=ddp_cpu", "trainer.devices=2", f"hydra.run.dir={job}"], cwd=tmp_path, check=False
+    )
+
+    left = _job_processes(job)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    log = result.stdout + result.stderr
+    assert result.returncode == 1, log[-3000:]
+    assert f"cannot read image {broken}" in log
+    assert not left, "the job's other process outlived it"
+    # Stopped by the main process, not left to fail on the main process's closed sockets.
+    assert "stopped the DDP process of local rank 1" in log and "Connection closed by peer" not in log

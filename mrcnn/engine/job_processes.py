@@ -1,0 +1,130 @@
+"""A job's DDP processes end with it: none is left waiting for a process that failed or was killed.
+
+Lightning's ``ddp`` strategy starts a job's other processes (its children) from the job's main process. When a
+child fails, Lightning's own observer kills the main process and the other children. Nothing does the reverse:
+
+- **The main process fails** (a broken image in its shard, a non-finite loss it found, an error in its final
+  evaluation) and raises. Its children are then waiting for it in a collective. Over gloo they fail once its
+  sockets close, with "Connection closed by peer"; over NCCL they wait until the process group's timeout (30 min
+  under Lightning), holding their GPUs. In a Hydra sweep the main process goes on to the next job meanwhile, whose
+  processes then find those GPUs full. :func:`stop_after_failure` (called by ``launch.job_scope``) gives them a
+  moment to end on their own (when they met the same error), then kills them.
+- **The main process is killed** (the kernel's out-of-memory killer, ``kill -9``): no code of it runs.
+  :func:`exit_with_parent`, in each child, asks Linux to kill the child when its parent dies.
+
+Processes a cluster starts (SLURM's tasks, torchrun's workers) are not children of the main process; their
+launcher ends them (torchrun does; ``srun`` does with ``--kill-on-bad-exit=1``).
+
+This module imports neither torch nor Lightning: ``run.py`` uses it before Hydra composes.
+"""
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+
+log = logging.getLogger(__name__)
+
+# Set by the job's main process for the children Lightning starts from it: its process id.
+MAIN_PID_ENV = "MRCNN_DDP_MAIN_PID"
+# Seconds the children of a failed main process get to end on their own before they are killed: enough for a
+# process that met the same error to unwind and exit (a second or two), far below any collective's timeout.
+STOP_GRACE_S = 10.0
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+# The process launchers of the current job's Trainers (Lightning's ``_SubprocessScriptLauncher``, whose ``procs``
+# lists the children it started): their ``procs`` is replaced at each launch, so the launcher is what is kept.
+_launchers: list = []
+
+
+def track(trainer) -> None:
+    """Lets :func:`stop_after_failure` find the processes ``trainer`` starts (none without a process launcher)."""
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if launcher is not None and hasattr(launcher, "procs") and launcher not in _launchers:
+        _launchers.append(launcher)
+
+
+def forget() -> None:
+    """Forgets the tracked launchers (at a job's start and end: a sweep's next job has its own)."""
+    _launchers.clear()
+
+
+def tracked_processes() -> list[tuple[int, object]]:
+    """``(local rank, subprocess.Popen)`` of each process the tracked Trainers started (local ranks from 1)."""
+    return [
+        (local_rank, proc)
+        for launcher in _launchers
+        for local_rank, proc in enumerate(getattr(launcher, "procs", None) or [], start=1)
+    ]
+
+
+def stop_after_failure(grace: float = STOP_GRACE_S, poll: float = 0.1) -> list[int]:
+    """After the job failed in this process: waits up to ``grace`` seconds for its other processes to exit on their
+    own, then kills (SIGKILL) those still running, with a warning naming each. A process that had failed already
+    is named too: its error may be the cause of this one's.
+
+    SIGKILL, not SIGTERM: a process waiting in a collective is inside C++ code, where a Python signal handler
+    never runs.
+
+    Returns:
+        The process ids killed.
+    """
+    processes = tracked_processes()
+    for local_rank, proc in processes:
+        if proc.poll():
+            # Over gloo this process's own error then only says that a peer closed its connection.
+            log.warning(
+                "the DDP process of local rank %d (pid %d) had failed already (exit code %d): its error, printed "
+                "above, is likely what stopped this process",
+                local_rank,
+                proc.pid,
+                proc.returncode,
+            )
+    for launcher in _launchers:
+        # Lightning's observer thread watches this same list and kills this process (SIGKILL) once a child has
+        # exited non-zero, which each of these will, or was killed: emptied, it stops watching, and this process
+        # ends as its error says (finishing its W&B run) instead of being killed in the middle of that.
+        if getattr(launcher, "procs", None):
+            launcher.procs.clear()
+    deadline = time.monotonic() + grace
+    while any(proc.poll() is None for _, proc in processes) and time.monotonic() < deadline:
+        time.sleep(poll)
+    killed = []
+    for local_rank, proc in processes:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            killed.append(proc.pid)
+            log.warning(
+                "stopped the DDP process of local rank %d (pid %d): %.0f s after this process failed it was still "
+                "running, waiting for this one (over NCCL until the process group's timeout, holding its GPU)",
+                local_rank,
+                proc.pid,
+                grace,
+            )
+    return killed
+
+
+def exit_with_parent() -> None:
+    """In a child of the job's main process: Linux kills this process (SIGKILL) when its parent dies.
+
+    If the parent has died already (before this call), exits at once. Does nothing where ``prctl`` is not
+    available (not Linux), or outside a child of a main process that set ``MRCNN_DDP_MAIN_PID``.
+    """
+    main_pid = os.environ.get(MAIN_PID_ENV)
+    if main_pid is None or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        failed = libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0
+    except (OSError, AttributeError):
+        failed = True
+    if failed:
+        log.debug("prctl(PR_SET_PDEATHSIG) is not available; this process does not end with its parent")
+        return
+    if os.getppid() != int(main_pid):
+        # The parent died before the request was made: no signal will come.
+        sys.exit(f"the job's main process (pid {main_pid}) ended before this DDP process started; stopping")
