@@ -88,7 +88,7 @@ class ResumableDataLoader(DataLoader):
 
     The order comes from the custom batch sampler, else from the sampler (the loader's
     ``BatchSampler`` cuts it into consecutive batches); it must reproduce an epoch's
-    order from its ``epoch`` alone (``epoch``, ``set_epoch``, e.g. from ``seed + epoch``)
+    order from its ``epoch`` alone (``epoch``, ``set_epoch``, e.g. from ``(seed, epoch)``)
     and start its next pass part-way (``skip(count)``):
     :class:`~mrcnn.data.samplers.EpochSampler`,
     :class:`~mrcnn.data.samplers.GroupedBatchSampler`. Lightning calls ``set_epoch`` at
@@ -272,7 +272,7 @@ class InstanceDataModule(lightning.LightningDataModule):
         aspect_ratio_grouping: batch landscape and portrait training images
             separately (every batch then has ``batch_size`` images, a group's last
             batch completed by repeating images of that group).
-        seed: seed of the training order (reshuffled every epoch from ``seed + epoch``,
+        seed: seed of the training order (reshuffled every epoch from ``(seed, epoch)``,
             identical on all ranks); ``None`` takes the seed given to
             ``lightning.seed_everything``.
     """

@@ -1,7 +1,7 @@
 """Training samplers: an order from (seed, epoch, rank) alone, resumable part-way through an epoch.
 
-:class:`EpochSampler` shuffles all indices (torch's ``DistributedSampler``: a permutation
-from ``seed + epoch``, this rank's share of it); :class:`GroupedBatchSampler` batches
+:class:`EpochSampler` shuffles all indices (a permutation drawn from ``(seed, epoch)``, dealt out to
+the ranks as torch's ``DistributedSampler`` does); :class:`GroupedBatchSampler` batches
 images by orientation, sharded over DDP ranks. Both reproduce an epoch's order from
 their ``epoch`` alone and can start their next pass part-way (``skip``): what
 :class:`~mrcnn.data.datamodule.ResumableDataLoader` needs to continue a checkpointed
@@ -21,10 +21,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Sequence
 
+import numpy as np
+import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Sampler
 
-__all__ = ["EpochSampler", "GroupedBatchSampler", "SampleIndex", "epoch_order", "orientation_groups"]
+__all__ = ["EpochSampler", "GroupedBatchSampler", "SampleIndex", "epoch_order", "order_seed", "orientation_groups"]
 
 
 class SampleIndex(int):
@@ -64,6 +66,17 @@ def orientation_groups(image_sizes: Iterable[tuple[int, int]]) -> list[int]:
     return [0 if width >= height else 1 for height, width in image_sizes]
 
 
+def order_seed(seed: int, epoch: int) -> int:
+    """The seed of the training order of ``epoch`` in a run seeded ``seed``: the pair hashed, not ``seed + epoch``.
+
+    torch's ``DistributedSampler`` draws epoch ``e`` from ``seed + e``, so a run seeded ``s`` trains on the orders of
+    the run seeded ``s + 1``, shifted by one epoch: the seeds of an ablation (0, 1, 2) shared all but one of their
+    epochs' orders, and their spread left out what the data order adds. numpy's ``SeedSequence`` mixes the pair
+    into a 32-bit seed (what torch's CPU generator reads of its seed), so every pair draws an order of its own.
+    """
+    return int(np.random.SeedSequence([int(seed) % 2**64, int(epoch)]).generate_state(1)[0])
+
+
 def _default_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
@@ -71,11 +84,12 @@ def _default_world() -> tuple[int, int]:
 
 
 class EpochSampler(DistributedSampler):
-    """torch's ``DistributedSampler`` whose next pass can start part-way through the epoch.
+    """torch's ``DistributedSampler`` whose next pass can start part-way through the epoch, and whose epochs'
+    orders do not repeat across seeds.
 
-    The epoch's order is a permutation drawn from ``seed + epoch`` (``set_epoch``),
-    padded to a multiple of ``num_replicas`` and dealt out to the ranks, so it depends
-    only on ``(seed, epoch, rank)``. Each index comes as a :class:`SampleIndex` carrying
+    The epoch's order is a permutation drawn from :func:`order_seed` of ``(seed, epoch)`` (``set_epoch``), padded
+    to a multiple of ``num_replicas`` (or cut, with ``drop_last``) and dealt out to the ranks as torch's sampler
+    does, so it depends only on ``(seed, epoch, rank)``. Each index comes as a :class:`SampleIndex` carrying
     ``(seed, epoch)``, from which datasets draw the item's augmentation. Being a ``DistributedSampler``, Lightning leaves it
     alone under DDP and calls its ``set_epoch`` at every epoch start.
 
@@ -112,7 +126,18 @@ class EpochSampler(DistributedSampler):
         self._skip = int(count)
 
     def __iter__(self) -> Iterator[SampleIndex]:
-        indices = list(super().__iter__())
+        count = len(self.dataset)
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(order_seed(self.seed, self.epoch))
+            indices = torch.randperm(count, generator=generator).tolist()
+        else:
+            indices = list(range(count))
+        # torch's DistributedSampler from here: every rank gets as many indices (the first ones repeated, or the
+        # last ones left out with drop_last), rank r those at r, r + num_replicas, ...
+        padding = self.total_size - count
+        if padding > 0:
+            indices += (indices * math.ceil(padding / count))[:padding]
+        indices = indices[self.rank : self.total_size : self.num_replicas]
         start, self._skip = self._skip, 0
         return iter([SampleIndex(i, self.seed, self.epoch) for i in indices[start:]])
 
@@ -234,7 +259,7 @@ def epoch_order(num_items: int, shuffle: bool = True, seed: int = 0) -> EpochSam
     """A sampler of all ``num_items`` indices, reshuffled by ``set_epoch`` from ``seed``, identical on every rank.
 
     It is an :class:`EpochSampler` with a single replica: a permutation drawn from
-    ``seed + epoch``, which is exactly what every rank of a :class:`GroupedBatchSampler`
+    ``(seed, epoch)`` alone, which is exactly what every rank of a :class:`GroupedBatchSampler`
     must agree on.
     """
     return EpochSampler(range(num_items), num_replicas=1, rank=0, shuffle=shuffle, seed=seed)

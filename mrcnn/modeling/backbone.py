@@ -122,7 +122,13 @@ def _narrow(body: resnet.ResNet, block: type[nn.Module], layers: list[int], widt
 
 
 def freeze_stages(body: resnet.ResNet, trainable_layers: int) -> None:
-    """Freeze all but the last ``trainable_layers`` of (conv1, layer1, ..., layer4) in place."""
+    """Freeze all but the last ``trainable_layers`` of (conv1, layer1, ..., layer4) in place.
+
+    A frozen stage's BatchNorm layers (``norm=bn``, ``syncbn``) become ``FrozenBatchNorm2d`` holding their
+    statistics, as Detectron2 freezes them: left trainable, a frozen stage would still normalise by each batch's
+    statistics in training and move its running ones, so it would compute another function at every step (and
+    another again at evaluation). torchvision freezes only the parameters.
+    """
     if not 0 <= trainable_layers <= 5:
         raise ValueError(f"trainable_layers must be in [0, 5], got {trainable_layers}")
     trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
@@ -131,6 +137,32 @@ def freeze_stages(body: resnet.ResNet, trainable_layers: int) -> None:
     for name, parameter in body.named_parameters():
         if all(not name.startswith(layer) for layer in trainable):
             parameter.requires_grad_(False)
+    for name in ("bn1", "layer1", "layer2", "layer3", "layer4"):
+        if name not in trainable:
+            setattr(body, name, frozen_batchnorm(getattr(body, name)))
+
+
+def frozen_batchnorm(module: nn.Module) -> nn.Module:
+    """``module`` with each BatchNorm layer (plain or synchronised, at any depth) replaced by a ``FrozenBatchNorm2d``
+    holding its affine parameters, running statistics and ``eps``; ``module`` itself if it is one.
+
+    In evaluation mode the result computes what ``module`` computes; in training mode too.
+    """
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+        with torch.no_grad():
+            for buffer, value in (
+                ("weight", module.weight),
+                ("bias", module.bias),
+                ("running_mean", module.running_mean),
+                ("running_var", module.running_var),
+            ):
+                if value is not None:  # affine=False or track_running_stats=False: FrozenBatchNorm2d's 1 and 0
+                    getattr(frozen, buffer).copy_(value)
+        return frozen
+    for name, child in module.named_children():
+        setattr(module, name, frozen_batchnorm(child))
+    return module
 
 
 def resnet_fpn(

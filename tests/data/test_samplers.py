@@ -87,15 +87,21 @@ def test_defaults_without_torch_distributed():
         GroupedBatchSampler(range(9), [0] * 10, 4)
 
 
-def test_epoch_sampler_is_torchs_distributed_order_and_skips_for_one_pass():
+def test_epoch_sampler_deals_its_order_out_as_torchs_distributed_sampler_and_skips_for_one_pass():
     sampler = EpochSampler(range(10), seed=3)
     assert (sampler.num_replicas, sampler.rank, sampler.epoch) == (1, 0, 0)
-    for rank in range(3):
-        torch_sampler = DistributedSampler(range(10), num_replicas=3, rank=rank, seed=3)
-        ours = EpochSampler(range(10), num_replicas=3, rank=rank, seed=3)
-        torch_sampler.set_epoch(2)
-        ours.set_epoch(2)
-        assert list(ours) == list(torch_sampler) and len(ours) == len(torch_sampler) == 4
+    sampler.set_epoch(2)
+    order = list(sampler)
+    assert sorted(order) == list(range(10))
+    for drop_last, length in ((False, 4), (True, 3)):
+        for rank in range(3):
+            # torch's sampler over the positions of our order, unshuffled: its padding (or cut) and dealing out.
+            torch_sampler = DistributedSampler(range(10), num_replicas=3, rank=rank, shuffle=False, drop_last=drop_last)
+            ours = EpochSampler(range(10), num_replicas=3, rank=rank, seed=3, drop_last=drop_last)
+            ours.set_epoch(2)
+            assert list(ours) == [order[i] for i in torch_sampler] and len(ours) == len(torch_sampler) == length
+    unshuffled = EpochSampler(range(10), num_replicas=3, rank=1, shuffle=False)
+    assert list(unshuffled) == list(DistributedSampler(range(10), num_replicas=3, rank=1, shuffle=False))
     sampler.set_epoch(1)
     full = list(sampler)
     assert full != list(EpochSampler(range(10), seed=3))  # reshuffled by epoch
@@ -157,3 +163,20 @@ def test_datamodule_shards_the_plain_loader_under_ddp():
     loader = dm.train_dataloader()
     assert isinstance(loader.sampler, DistributedSampler) and loader.sampler.num_replicas == 3
     assert [len(images) for images, _ in loader] == [4]
+
+
+def test_runs_that_differ_in_their_seed_never_share_an_epochs_order():
+    # torch's DistributedSampler draws epoch e of seed s from s + e: seed 1's first epoch would be seed 0's second,
+    # and an ablation's seeds would train on the same orders shifted by an epoch.
+    orders = {}
+    for seed in range(5):
+        for epoch in range(10):
+            sampler = EpochSampler(range(50), seed=seed)
+            sampler.set_epoch(epoch)
+            orders[seed, epoch] = tuple(sampler)
+    assert len(set(orders.values())) == len(orders)
+    assert all(sorted(order) == list(range(50)) for order in orders.values())
+    # Every rank of a run agrees on an epoch's order (drawn from the seed and epoch alone).
+    again = EpochSampler(range(50), seed=4)
+    again.set_epoch(9)
+    assert tuple(again) == orders[4, 9]

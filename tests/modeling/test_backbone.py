@@ -65,3 +65,41 @@ def test_pretrained_weights_with_a_narrow_width_are_a_clear_error(tmp_path):
         resnet_body(18, "frozen_bn", str(path), width=16)
     with pytest.raises(ValueError, match="width must be positive"):
         resnet_body(18, "gn", width=0)
+
+
+@pytest.mark.parametrize("norm", ["bn", "syncbn"])
+def test_frozen_stages_keep_their_batchnorm_statistics(norm):
+    # As Detectron2 freezes them: a frozen stage is a fixed function; trainable BatchNorm in it would still
+    # normalise by each batch's statistics and move its running ones.
+    torch.manual_seed(0)
+    trained = resnet_fpn(depth=18, norm=norm, trainable_layers=5, width=8)
+    for module in trained.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):  # statistics of their own, not 0 and 1
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    frozen = resnet_fpn(depth=18, norm=norm, trainable_layers=2, width=8)
+    frozen.load_state_dict(trained.state_dict())  # a checkpoint trained with BatchNorm everywhere loads
+    images = torch.randn(2, 3, 64, 64)
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+
+    frozen.train()
+    if norm == "syncbn":  # one process: SyncBatchNorm refuses a CPU input in training; its frozen stages take it
+        for stage in ("layer1", "layer2"):
+            assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in getattr(frozen.body, stage).modules())
+    else:
+        frozen(images)
+        after = frozen.state_dict()
+        moved = {k for k in before if "running" in k and not torch.equal(before[k], after[k])}
+        assert moved and all(k.startswith(("body.layer3.", "body.layer4.")) for k in moved), sorted(moved)
+    # The frozen stages compute what the trained model's stages compute at evaluation, in training too.
+    trained.eval()
+    reference = trained.body.layer2(
+        trained.body.layer1(trained.body.maxpool(trained.body.relu(trained.body.bn1(trained.body.conv1(images)))))
+    )
+    ours = frozen.body.layer2(
+        frozen.body.layer1(frozen.body.maxpool(frozen.body.relu(frozen.body.bn1(frozen.body.conv1(images)))))
+    )
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    assert not any(
+        p.requires_grad for name, p in frozen.body.named_parameters() if not name.startswith(("layer3", "layer4"))
+    )
