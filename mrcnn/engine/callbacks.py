@@ -304,7 +304,7 @@ class RunRecord(L.Callback):
 
     ``checkpoint["mrcnn_run"]`` (``mrcnn.engine.checkpoints.RUN_RECORD_KEY``) holds the resolved config (a resumed run
     compares its own with it: ``mrcnn.engine.checkpoints.check_resume_config``), the command-line overrides and the
-    W&B run id (a resumed run continues that W&B run). Hydra rewrites ``<run_dir>/.hydra`` when a run is
+    W&B run's id and labels (a resumed run continues that W&B run, under its name, group and tags). Hydra rewrites ``<run_dir>/.hydra`` when a run is
     resumed into its own folder, so the checkpoint is the one place these facts outlive the run's start.
 
     Args:
@@ -322,6 +322,7 @@ class RunRecord(L.Callback):
             "config": self.config,
             "overrides": self.overrides,
             "wandb_run_id": _wandb_run_id(trainer),
+            "wandb_labels": _wandb_labels(trainer),
         }
 
 
@@ -407,6 +408,20 @@ def _wandb_run_id(trainer: L.Trainer) -> str | None:
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
             return logger.experiment.id
+    return None
+
+
+def _wandb_labels(trainer: L.Trainer) -> dict | None:
+    """The name, group and tags of this run's W&B run, on rank zero; ``None`` without W&B.
+
+    A resumed run gives them to W&B again (:func:`mrcnn.engine.loggers.wandb_settings`): W&B keeps a run's labels on
+    its server, but a run that never reached it (offline, not synced) would be continued online without them.
+    """
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            run = logger.experiment
+            labels = {"name": run.name or None, "group": run.group or None, "tags": list(run.tags or ()) or None}
+            return {key: value for key, value in labels.items() if value is not None}
     return None
 
 

@@ -80,6 +80,8 @@ class ResumedRun:
         config: the resolved config the run was trained with; ``None`` in checkpoints that predate it.
         overrides: the run's command-line overrides; ``None`` when unknown.
         wandb_run_id: the id of its W&B run; ``None`` without W&B.
+        wandb_labels: that run's ``name``, ``group`` and ``tags`` (those it had); ``None`` in checkpoints that
+            predate them.
         folder: where the run's files are now: the checkpoint's grandparent (``<run folder>/checkpoints/<file>``),
             which differs from ``run_dir`` when the folder was moved or copied since; else ``run_dir``.
     """
@@ -90,6 +92,7 @@ class ResumedRun:
     config: dict | None = None
     overrides: list[str] | None = None
     wandb_run_id: str | None = None
+    wandb_labels: dict | None = None
     folder: Path | None = None
 
     def __post_init__(self) -> None:
@@ -125,6 +128,7 @@ def read_resumed_run(path: str | Path) -> ResumedRun:
         config=config,
         overrides=record.get("overrides"),
         wandb_run_id=record.get("wandb_run_id"),
+        wandb_labels=record.get("wandb_labels"),
         folder=here or run_dir,
     )
 

@@ -52,7 +52,9 @@ def instantiate_logger(logger_cfg: DictConfig, cfg: DictConfig, resumed: Resumed
     ``WandbLogger`` continues the resumed run's W&B run (its id is in the checkpoint).
     """
     if builds_wandb_logger(logger_cfg):
-        settings = wandb_settings(logger_cfg, cfg, resumed.wandb_run_id if resumed else None)
+        settings = wandb_settings(
+            logger_cfg, cfg, resumed.wandb_run_id if resumed else None, resumed.wandb_labels if resumed else None
+        )
         # `config` is also the name of instantiate()'s own first parameter: pass it to the partial.
         config = settings.pop("config")
         logger = instantiate(logger_cfg, _partial_=True, **settings)(config=config)
@@ -149,7 +151,9 @@ class _ContinuedWriter(ExperimentWriter):
         pass
 
 
-def wandb_settings(logger_cfg: DictConfig, cfg: DictConfig, resumed_id: str | None = None) -> dict:
+def wandb_settings(
+    logger_cfg: DictConfig, cfg: DictConfig, resumed_id: str | None = None, resumed_labels: dict | None = None
+) -> dict:
     """``wandb.init`` arguments derived from the job, for the keys the logger config leaves null.
 
     * ``config``: the full resolved config, given at init so that offline runs keep it too.
@@ -159,14 +163,18 @@ def wandb_settings(logger_cfg: DictConfig, cfg: DictConfig, resumed_id: str | No
     * ``tags``: the job's command-line overrides.
 
     With ``resumed_id`` (the W&B run of the run being resumed) it is ``id``: Lightning's ``WandbLogger``
-    initialises with ``resume="allow"``, so W&B continues that run; its name, group and tags stay as
-    they were (the resumed job's overrides hold ``resume=...``).
+    initialises with ``resume="allow"``, so W&B continues that run. Its name, group and tags are the resumed run's
+    (``resumed_labels``, from its checkpoint), not this job's (whose overrides hold ``resume=...``): given again,
+    because a run that never reached W&B's server (offline, not synced) would be continued online without them.
     """
     settings = {"config": OmegaConf.to_container(cfg, resolve=True)}
     if logger_cfg.get("mode") is None:
         settings["mode"] = wandb_mode()
     if resumed_id is not None and logger_cfg.get("id") is None:
         settings["id"] = resumed_id
+        for key, value in (resumed_labels or {}).items():
+            if key in ("name", "group", "tags") and logger_cfg.get(key) is None:
+                settings[key] = value
         return settings
     if not HydraConfig.initialized():
         return settings

@@ -151,6 +151,14 @@ def test_a_resumed_run_continues_its_wandb_run_and_its_csv_history(tmp_path, no_
     records = [read_wandb_records(next(folder.glob("*.wandb"))) for folder in runs]
     [first, second] = [[r.run for r in rs if r.WhichOneof("record_type") == "run"][0] for rs in records]
     assert first.run_id and second.run_id == first.run_id  # ... of the same W&B run, which the second one resumes
+    # Under the first session's labels (from the checkpoint), not the resuming job's: given again, so that a run
+    # continued online whose first session never reached the server is labelled too.
+    assert first.display_name and first.tags
+    assert (second.display_name, list(second.tags), second.run_group) == (
+        first.display_name,
+        list(first.tags),
+        first.run_group,
+    )
     assert all(folder.name.endswith(f"-{first.run_id}") for folder in runs)
     steps = [
         {
