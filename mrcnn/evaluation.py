@@ -427,9 +427,10 @@ def _image_id(prediction: dict, target: dict | None) -> int:
 
 def _xyxy_to_xywh(boxes: torch.Tensor) -> list[list[float]]:
     """[N, 4] xyxy tensor -> N lists [x, y, w, h] of python floats."""
-    boxes = boxes.detach().cpu().double().reshape(-1, 4)
-    boxes[:, 2:] -= boxes[:, :2]
-    return boxes.tolist()
+    boxes = boxes.detach().reshape(-1, 4).to("cpu", torch.float64)
+    # Out of place: the conversion above copies nothing when the boxes are float64 on the host already (the
+    # caller's own tensor).
+    return torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
 
 
 def on_host(records: Sequence[dict | None], mask_threshold: float | None) -> list[dict | None]:

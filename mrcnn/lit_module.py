@@ -285,11 +285,17 @@ class MaskRCNNModule(L.LightningModule):
     def _log_ap(self, stage: str) -> None:
         # Every rank calls compute(): it gathers all ranks' predictions, so all get the same numbers.
         metrics = self.evaluator.compute()
-        self.nothing_to_score = self.evaluator.nothing_to_score
+        nothing_to_score = self.evaluator.nothing_to_score
         if self.cityscapes_evaluator is not None:
             # The same detections, scored by Cityscapes' own protocol (cityscapes_AP, cityscapes_AP50, per class).
             metrics.update(self.cityscapes_evaluator.compute(self.evaluator.results_json(), self.evaluator.image_ids()))
         self.evaluator.reset()
+        if self._trainer is not None and self._trainer.sanity_checking:
+            # A few batches, scored so that a broken evaluation fails before the first epoch, not after it: never the
+            # run's metrics. (A run resumed from the end of its last epoch is sanity-checked at its final step, where
+            # train() takes metrics of the current step for the final validation's.)
+            return
+        self.nothing_to_score = nothing_to_score
         self.last_metrics = metrics
         self.last_metrics_step = self.global_step
         for key, value in metrics.items():

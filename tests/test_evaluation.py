@@ -351,6 +351,18 @@ def test_update_same_image_twice_counts_once(samples):
     assert len(evaluator.results_json()) == len(single.results_json())
 
 
+def test_update_leaves_the_callers_boxes_as_they_were(samples):
+    # float64 host boxes: the conversion to COCO's xywh copies nothing, so an in-place subtraction wrote into them.
+    targets = [{**t, "boxes": t["boxes"].double()} for t, _ in samples]
+    predictions = [{**p, "boxes": p["boxes"].double()} for _, p in samples]
+    before = [(t["boxes"].clone(), p["boxes"].clone()) for t, p in zip(targets, predictions)]
+    evaluator = CocoEvaluator()
+    evaluator.update(predictions, targets)
+    for (target_boxes, prediction_boxes), t, p in zip(before, targets, predictions):
+        assert torch.equal(t["boxes"], target_boxes) and torch.equal(p["boxes"], prediction_boxes)
+    assert_same(evaluator.compute(), evaluate(samples)[0])
+
+
 def test_reset(samples):
     evaluator = CocoEvaluator()
     evaluator.update([p for _, p in samples], [t for t, _ in samples])

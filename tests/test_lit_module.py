@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from mrcnn.engine.callbacks import Throughput
 from mrcnn.engine.progress import ProgressBar
+from mrcnn.evaluation import CocoEvaluator
 from mrcnn.lit_module import LossWatch, check_finite, warmup_multistep_schedule
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS
 from mrcnn.modeling.roi_heads import RoIHeads
@@ -232,3 +233,20 @@ def test_a_non_finite_loss_not_read_yet_stops_the_run_before_its_weights_are_val
     assert module.loss_watch.pending
     with pytest.raises(FloatingPointError, match="step 6"):
         module.on_validation_start()
+
+
+def test_the_sanity_checks_scores_are_never_the_runs_metrics(tmp_path, monkeypatch):
+    # A run resumed from the end of its last epoch is sanity-checked at its final step and trains no more: train()
+    # takes metrics of the current step for the final validation's, and would report a batch's AP.
+    datamodule, module, _ = _fit(tmp_path, [])
+    trainer = training_only_trainer(max_epochs=1)
+    trainer.fit(module, datamodule=datamodule)
+    trainer.save_checkpoint(tmp_path / "end.ckpt")
+    datamodule, module, _ = _fit(tmp_path, [])
+    trainer = training_only_trainer(max_epochs=1, num_sanity_val_steps=1, limit_val_batches=1.0)
+    scored = []
+    compute = CocoEvaluator.compute
+    monkeypatch.setattr(CocoEvaluator, "compute", lambda self: scored.append(trainer.sanity_checking) or compute(self))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=tmp_path / "end.ckpt")
+    assert trainer.global_step == 4 and scored == [True]  # the sanity check scored (an evaluation that fails, fails)
+    assert module.last_metrics_step == -1 and module.last_metrics == {}

@@ -26,8 +26,9 @@ object cropped to its top quarter is still four times too tall. After such a
 pipeline each given box is cut to its transformed mask's box, widened by a pixel
 (Detectron2 recomputes every box from the masks when it crops, mmdetection's
 ``RandomCrop(recompute_bbox=True)`` likewise): an object left whole keeps its json
-box (the pixels a polygon covers span its box to within a pixel), a cut one gets
-the box of what is left of it. Flips, resizes, padding and colour changes map
+box (the pixels a polygon covers span its box to within a pixel; after an upscaling
+resize the mask's nearest-neighbour resampling may fall short of it by a little more,
+about 1.5 px at COCO's scale jitter to 1024), a cut one gets the box of what is left of it. Flips, resizes, padding and colour changes map
 boxes exactly and keep the json boxes as they are.
 """
 
@@ -117,7 +118,7 @@ class InstanceTransform:
     Args:
         transforms: albumentations transforms applied in order, e.g.
             ``[A.HorizontalFlip(p=0.5)]``. ``None`` or an empty list leaves the
-            sample unchanged (boxes are still computed).
+            sample unchanged (given boxes are kept; without them, boxes are computed from the masks).
         seed: seed of the random state in the main process; ``None``: torch's seed.
         cut_boxes_to_masks: cut each given box to its transformed mask's box widened by one pixel (see the
             module docstring). ``None``: when a transform may cut an object, i.e. any but flips, resizes,
@@ -268,7 +269,7 @@ def train_transforms(hflip_prob: float = 0.5) -> InstanceTransform:
 
 
 def identity_transforms() -> InstanceTransform:
-    """No augmentation (validation and test); boxes are still recomputed from masks."""
+    """No augmentation (validation and test): given boxes (a COCO json's) are kept, others computed from the masks."""
     return InstanceTransform([])
 
 
