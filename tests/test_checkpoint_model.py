@@ -205,3 +205,18 @@ def test_evaluate_with_weights_from_a_checkpoint_of_this_project_builds_its_mode
         evaluate(cfg)
     assert f"the model is built from the config {tmp_path / 'a.ckpt'} was trained with" in caplog.text
     assert "model.net.roi_heads.pooler._target_" in caplog.text
+
+
+def test_a_checkpoint_with_batchnorm_where_this_model_freezes_it_fits_and_loads(tmp_path):
+    # Saved with BatchNorm in every stage (or before frozen stages' BatchNorm was frozen): its step counts have no
+    # place in a FrozenBatchNorm2d, which drops them on load.
+    trained_cfg = compose_config([*TINY_MODEL, "model.norm=bn", "model.trainable_layers=5"])
+    trained = instantiate(trained_cfg.module)
+    torch.save({"state_dict": trained.state_dict()}, tmp_path / "bn.ckpt")
+    cfg = compose_config([*TINY_MODEL, "model.norm=bn", "model.trainable_layers=3"])
+    module = instantiate(cfg.module)
+    check_checkpoint_fits(module, str(tmp_path / "bn.ckpt"), cfg)
+    module.load_state_dict(trained.state_dict())  # strict, as Lightning loads it
+    frozen = module.model.backbone.body.layer1[0].bn1
+    assert type(frozen).__name__ == "FrozenBatchNorm2d"
+    assert torch.equal(frozen.running_var, trained.model.backbone.body.layer1[0].bn1.running_var)

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from mrcnn.engine import job_processes
+from mrcnn.engine.launch import is_stop
 from tests.helpers.runs import ROOT
 
 SLEEP = [sys.executable, "-c", "import time; time.sleep(60)"]
@@ -134,3 +135,34 @@ def test_a_child_whose_main_process_ended_before_it_started_stops():
     )
     assert child.returncode == 1 and "ready" not in child.stdout
     assert "ended before this DDP process started" in child.stderr
+
+
+def test_after_a_stop_no_process_is_named_as_its_cause(launcher, caplog):
+    # Ctrl-C or SIGTERM: every process stops at the same step, exiting 128 + the signal.
+    launcher, started = launcher
+    stopped = subprocess.Popen([sys.executable, "-c", "raise SystemExit(130)"])
+    waiting = subprocess.Popen(SLEEP)
+    started += [stopped, waiting]
+    launcher.procs += [stopped, waiting]
+    stopped.wait()
+    with caplog.at_level(logging.WARNING, logger=job_processes.__name__):
+        assert job_processes.stop_after_failure(grace=0.5, stopped=True) == [waiting.pid]
+    assert "had failed already" not in caplog.text
+    assert f"local rank 2 (pid {waiting.pid}): 0 s after this process was stopped" in caplog.text
+
+
+def test_what_counts_as_a_stop_on_purpose():
+    def raised_while_handling(error, context):
+        try:
+            try:
+                raise context
+            except BaseException:
+                raise error  # noqa: B904  (as sys.exit inside an except block does)
+        except BaseException as caught:
+            return caught
+
+    assert is_stop(KeyboardInterrupt())
+    assert is_stop(SystemExit(130)) and is_stop(SystemExit(143))  # TrainingInterrupted, SIGTERM outside training
+    assert is_stop(raised_while_handling(SystemExit(1), KeyboardInterrupt()))  # Lightning, after a second Ctrl-C
+    assert not is_stop(SystemExit(1)) and not is_stop(SystemExit("error")) and not is_stop(ValueError())
+    assert not is_stop(raised_while_handling(SystemExit(1), ValueError()))

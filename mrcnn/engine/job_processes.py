@@ -22,6 +22,7 @@ import ctypes
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -61,10 +62,14 @@ def tracked_processes() -> list[tuple[int, object]]:
     ]
 
 
-def stop_after_failure(grace: float = STOP_GRACE_S, poll: float = 0.1) -> list[int]:
+def stop_after_failure(grace: float = STOP_GRACE_S, poll: float = 0.1, stopped: bool = False) -> list[int]:
     """After the job failed in this process: waits up to ``grace`` seconds for its other processes to exit on their
     own, then kills (SIGKILL) those still running, with a warning naming each. A process that had failed already
     is named too: its error may be the cause of this one's.
+
+    ``stopped``: the job was stopped on purpose (Ctrl-C, SIGTERM: every process stops at the same step), not by
+    an error; the other processes' own exit codes then say so (130, 143, or SIGKILL from Lightning's second-Ctrl-C
+    path), and none is named as a cause.
 
     SIGKILL, not SIGTERM: a process waiting in a collective is inside C++ code, where a Python signal handler
     never runs.
@@ -74,7 +79,7 @@ def stop_after_failure(grace: float = STOP_GRACE_S, poll: float = 0.1) -> list[i
     """
     processes = tracked_processes()
     for local_rank, proc in processes:
-        if proc.poll():
+        if proc.poll() and not stopped:
             # Over gloo this process's own error then only says that a peer closed its connection.
             log.warning(
                 "the DDP process of local rank %d (pid %d) had failed already (exit code %d): its error, printed "
@@ -96,15 +101,21 @@ def stop_after_failure(grace: float = STOP_GRACE_S, poll: float = 0.1) -> list[i
     for local_rank, proc in processes:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
             killed.append(proc.pid)
             log.warning(
-                "stopped the DDP process of local rank %d (pid %d): %.0f s after this process failed it was still "
+                "stopped the DDP process of local rank %d (pid %d): %.0f s after this process %s it was still "
                 "running, waiting for this one (over NCCL until the process group's timeout, holding its GPU)",
                 local_rank,
                 proc.pid,
                 grace,
+                "was stopped" if stopped else "failed",
             )
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:  # in uninterruptible sleep (a hung driver, a stalled file system)
+                log.warning(
+                    "the DDP process %d is still there %.0f s after SIGKILL; not waiting for it", proc.pid, grace
+                )
     return killed
 
 

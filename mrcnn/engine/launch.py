@@ -62,17 +62,17 @@ def job_scope(cfg: DictConfig):
         os.environ[DDP_JOB_DIR_ENV] = str(job_dir)
         os.environ[job_processes.MAIN_PID_ENV] = str(os.getpid())
     job_processes.forget()
-    failed = False
+    failed = stopped = False
     try:
         yield
-    except BaseException:
-        failed = True
+    except BaseException as error:
+        failed, stopped = True, is_stop(error)
         raise
     finally:
         if failed:
             # First: the other processes may be waiting for this one in a collective, holding their GPUs, and
             # destroying an NCCL group can wait for its peers.
-            job_processes.stop_after_failure()
+            job_processes.stop_after_failure(stopped=stopped)
         job_processes.forget()
         wandb = sys.modules.get("wandb")  # only if something imported it
         if wandb is not None and wandb.run is not None:
@@ -85,6 +85,17 @@ def job_scope(cfg: DictConfig):
             else:
                 os.environ[key] = value
         torch.set_num_threads(threads)
+
+
+def is_stop(error: BaseException) -> bool:
+    """Whether ``error`` ends a job stopped on purpose: Ctrl-C, or a signal's exit (``128 + signal number``, as
+    ``mrcnn.engine.callbacks.TrainingInterrupted`` and a SIGTERM outside training exit), or Lightning's exit after
+    a second Ctrl-C (``sys.exit(1)`` while handling the ``KeyboardInterrupt``)."""
+    if isinstance(error, KeyboardInterrupt):
+        return True
+    if not isinstance(error, SystemExit):
+        return False
+    return (isinstance(error.code, int) and error.code > 128) or isinstance(error.__context__, KeyboardInterrupt)
 
 
 def write_resolved_config(cfg: DictConfig, path: Path) -> None:

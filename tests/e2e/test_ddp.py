@@ -13,6 +13,8 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
+from mrcnn.data.datamodule import dataset_image_sizes
+from mrcnn.data.samplers import GroupedBatchSampler, epoch_order, orientation_groups
 from mrcnn.engine.build import build_module, check_sync_batchnorm
 from mrcnn.engine.callbacks import RANDOM_STATE_KEY
 from mrcnn.engine.launch import DDP_JOB_DIR_ENV
@@ -164,15 +166,19 @@ def _job_processes(job_dir) -> list[int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads processes' environments from /proc")
 def test_a_failure_in_the_main_process_stops_the_processes_waiting_for_it(tmp_path):
-    # One training image is truncated: the main process, whose shard holds it, fails reading it at its third step,
-    # while the other process waits for it in a collective (over NCCL: until the process group's timeout).
+    # The main process's first training image is truncated: it fails reading it, while the other process waits for it
+    # in a collective (over NCCL: until the process group's timeout).
     train_json, train_images = make_coco_split(tmp_path / "data", "train", seed=1)
     val_json, val_images = make_coco_split(tmp_path / "data", "val", seed=2)
-    broken = train_images / "000000000107.jpg"
-    broken.write_bytes(broken.read_bytes()[:300])
     job = tmp_path / "job"
     data = [*coco_format_overrides(train_json, train_images, val_json, val_images), "data.min_size=64"]
     overrides = [*data, "data.max_size=160", "data.datamodule.batch_size=1", "model=tiny", "trainer.max_epochs=1"]
+    # Rank 0's first batch, as the datamodule's sampler deals them (seed 0, one image a batch, two ranks).
+    dataset = instantiate(compose_config(overrides).data.datamodule).train_dataset
+    order = epoch_order(len(dataset), seed=0)
+    [[first], *_] = GroupedBatchSampler(order, orientation_groups(dataset_image_sizes(dataset)), 1, 2, rank=0)
+    broken = train_images / dataset.record(first)[0]["file_name"]
+    broken.write_bytes(broken.read_bytes()[:300])
     result = run_py(
         [*overrides, "trainer=ddp_cpu", "trainer.devices=2", f"hydra.run.dir={job}"], cwd=tmp_path, check=False
     )
