@@ -645,6 +645,10 @@ def check_config(cfg: DictConfig) -> None:
             raise ValueError("mode=predict needs predict.input=<image file or folder>")
         if not os.path.exists(source):
             raise FileNotFoundError(f"predict.input={source} is neither an image file nor a folder")
+        output = OmegaConf.select(cfg, "predict.output", default=None)
+        if output and os.path.isdir(source) and os.path.realpath(output) == os.path.realpath(source):
+            # A second run would take the first one's overlays (<name>.png) for images to predict on.
+            raise ValueError(f"predict.output={output} is the input folder: write the predictions to another folder")
         coco_json = OmegaConf.select(cfg, "predict.coco_json", default=None)
         if coco_json is not None:
             check_regular_file(coco_json, "predict.coco_json file")

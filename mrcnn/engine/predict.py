@@ -30,7 +30,14 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from mrcnn.data.coco import load_coco_json
 from mrcnn.data.datamodule import collate_detection
-from mrcnn.data.images import ImageLimits, check_regular_file, file_kind, read_image, read_image_size
+from mrcnn.data.images import (
+    ImageLimits,
+    check_regular_file,
+    file_kind,
+    read_image,
+    read_image_size,
+    size_mismatch_message,
+)
 from mrcnn.engine import job_processes
 from mrcnn.engine.build import build_module, job_overrides
 from mrcnn.engine.checkpoint_model import use_checkpoint_model
@@ -74,7 +81,19 @@ class ImageFiles(Dataset):
         path = Path(path)
         self.limits = limits
         if path.is_dir():
-            self.files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            entries = sorted(path.iterdir())
+            self.files = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
+            others = [p.name + ("/" if p.is_dir() else "") for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES]
+            if others:
+                # Said, not silent: a folder of photos may hold kinds this reader leaves out (.heic, .jfif, subfolders).
+                log.info(
+                    "predict.input=%s: %d image files; %d other entries left out (%s%s)",
+                    path,
+                    len(self.files),
+                    len(others),
+                    ", ".join(others[:5]),
+                    ", ..." if len(others) > 5 else "",
+                )
         elif path.exists():
             check_regular_file(path, "predict.input")
             self.files = [path]
@@ -92,7 +111,8 @@ class ImageFiles(Dataset):
             self.image_ids = self._ids_from(coco_json)
 
     def _ids_from(self, coco_json: str | Path) -> list[int]:
-        ids = {}
+        """Each file's image id in ``coco_json``, matched by file name; the json's size checked against the file's."""
+        entries: dict[str, list[dict]] = {}
         for image in load_coco_json(coco_json)["images"]:
             if not isinstance(image, dict) or not isinstance(image.get("file_name"), str):
                 continue
@@ -101,11 +121,27 @@ class ImageFiles(Dataset):
                     f"predict.coco_json={coco_json}: image {image['file_name']!r} has id {image.get('id')!r}, "
                     "not an integer"
                 )
-            ids[Path(image["file_name"]).name] = image["id"]
-        unknown = [f.name for f in self.files if f.name not in ids]
+            entries.setdefault(Path(image["file_name"]).name, []).append(image)
+        unknown = [f.name for f in self.files if f.name not in entries]
         if unknown:
             raise ValueError(f"predict.coco_json={coco_json} lists no image named {unknown[:3]} (of predict.input)")
-        return [ids[f.name] for f in self.files]
+        ids = []
+        for file, size in zip(self.files, self.sizes):
+            images = entries[file.name]
+            if len({image["id"] for image in images}) > 1:
+                # e.g. train/1.jpg and val/1.jpg: the results would go to whichever came last.
+                listed = ", ".join(f"{image['file_name']!r} (id {image['id']})" for image in images[:3])
+                raise ValueError(
+                    f"predict.coco_json={coco_json} names {len(images)} images {file.name!r}: {listed}; predict on "
+                    "a folder that holds one of them, with a json that lists it once"
+                )
+            image = images[0]
+            expected = (image.get("height"), image.get("width"))
+            if all(type(v) is int for v in expected) and expected != tuple(size):
+                # Scored against this json, masks of another size never match (pycocotools gives IoU -1).
+                raise ValueError(size_mismatch_message(file, tuple(size), expected, f"predict.coco_json={coco_json}"))
+            ids.append(image["id"])
+        return ids
 
     def __len__(self) -> int:
         return len(self.files)
@@ -286,6 +322,12 @@ def predict(cfg: DictConfig) -> dict[str, float]:
         # left off here, every process would predict every image and the json would hold each detection per process.
         trainer = instantiate(cfg.trainer, callbacks=[writer], logger=False, use_distributed_sampler=True)
         job_processes.track(trainer)
+        if trainer.world_size > len(dataset):
+            # Lightning's unrepeated sharding would leave a process without images, which fails its own assertion.
+            raise ValueError(
+                f"predict.input={cfg.predict.input} holds {len(dataset)} images for {trainer.world_size} processes: "
+                f"give at least one image a process, or fewer devices (trainer.devices)"
+            )
         with reading_weights_only():
             trainer.predict(module, dataloaders=loader, ckpt_path=ckpt_path, return_predictions=False)
         return {"images": float(len(dataset)), "detections": float(writer.num_detections)}

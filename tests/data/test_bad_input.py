@@ -1369,6 +1369,44 @@ def test_predict_input(case: Case, tmp_path: Path):
     run_in_child(check, timeout=case.timeout)
 
 
+def _predict_json(tmp_path: Path, *images: dict) -> Path:
+    path = tmp_path / "images.json"
+    path.write_text(json.dumps({"images": list(images), "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
+    return path
+
+
+def test_predict_ids_from_a_json_that_names_a_file_twice_or_gives_another_size(tmp_path: Path):
+    from mrcnn.engine.predict import ImageFiles
+
+    folder = _predict_folder(tmp_path, "1.jpg")
+    entry = {"file_name": "1.jpg", "height": HEIGHT, "width": WIDTH}
+    # The same name in two folders of the json: which image the results belong to is not known.
+    twice = _predict_json(tmp_path, {**entry, "id": 7, "file_name": "val/1.jpg"}, {**entry, "id": 9})
+    with pytest.raises(ValueError, match=r"names 2 images '1\.jpg': 'val/1\.jpg' \(id 7\), '1\.jpg' \(id 9\)"):
+        ImageFiles(folder, twice)
+    # A size the file does not have (e.g. the unrotated size of an EXIF-rotated photo): its masks would never match.
+    other_size = _predict_json(tmp_path, {**entry, "id": 7, "height": WIDTH, "width": HEIGHT})
+    with pytest.raises(
+        ValueError, match=rf"1\.jpg is {WIDTH}x{HEIGHT} \(WxH\) but predict\.coco_json=.*images\.json says"
+    ):
+        ImageFiles(folder, other_size)
+    # Listed once with its own size (or twice with one id): its id.
+    same = _predict_json(tmp_path, {**entry, "id": 7}, {**entry, "id": 7, "file_name": "again/1.jpg"})
+    assert ImageFiles(folder, same).image_ids == [7]
+
+
+def test_predict_says_which_entries_of_a_folder_it_leaves_out(tmp_path: Path, caplog):
+    from mrcnn.engine.predict import ImageFiles
+
+    folder = _predict_folder(tmp_path, "a.jpg")
+    (folder / "notes.txt").write_text("")
+    (folder / "photo.heic").write_bytes(b"")
+    (folder / "sub").mkdir()
+    with caplog.at_level(logging.INFO, logger="mrcnn.engine.predict"):
+        assert [f.name for f in ImageFiles(folder).files] == ["a.jpg"]
+    assert "1 image files; 3 other entries left out (notes.txt, photo.heic, sub/)" in caplog.text
+
+
 def test_predict_output_that_is_a_file_stops_before_any_work(tmp_path: Path):
     from mrcnn.engine.predict import prepare_output
 

@@ -91,6 +91,10 @@ def test_a_typo_fails_loudly_and_leaves_no_output_folder(tmp_path):
             ["mode=predict", f"ckpt_path={ROOT / 'run.py'}", f"predict.input={ROOT}", "predict.coco_json=/no/val.json"],
             "predict.coco_json file not found: /no/val.json",
         ),
+        (
+            ["mode=predict", f"ckpt_path={ROOT / 'run.py'}", f"predict.input={ROOT}", f"predict.output={ROOT}/."],
+            f"predict.output={ROOT}/. is the input folder: write the predictions to another folder",
+        ),
     ],
     ids=[
         "unknown_option",
@@ -106,6 +110,7 @@ def test_a_typo_fails_loudly_and_leaves_no_output_folder(tmp_path):
         "predict_without_input",
         "missing_predict_input",
         "missing_predict_json",
+        "predict_into_its_input",
     ],
 )
 def test_a_config_mistake_is_answered_before_torch_loads(tmp_path, overrides, message):
