@@ -198,14 +198,19 @@ def _to_rgb(image: Image.Image, file_format: str | None, path: str | os.PathLike
         wide = np.asarray(image).astype(np.uint32, copy=False)
         gray = (np.clip(wide, 0, 65535) >> 8).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
-    if image.mode in ("I", "F"):
-        kind = "32-bit integer" if image.mode == "I" else "floating-point"
-        raise UnsupportedImageError(
-            f"image {path} is a {kind} {file_format or ''} image (PIL mode {image.mode}) whose value range is "
-            "unknown; convert it to 8-bit (or 16-bit PNG) RGB or grayscale first"
-        )
+    _check_mode(image.mode, file_format, path)
     # convert() forces the full decode, so truncation shows here, not later.
     return np.array(image.convert("RGB"))
+
+
+def _check_mode(mode: str, file_format: str | None, path: str | os.PathLike) -> None:
+    """Refuses a PIL mode whose pixels have no known 8-bit meaning (32-bit integer but a PNG's, floating point)."""
+    if mode == "F" or (mode == "I" and file_format != "PNG"):
+        kind = "32-bit integer" if mode == "I" else "floating-point"
+        raise UnsupportedImageError(
+            f"image {path} is a {kind} {file_format or ''} image (PIL mode {mode}) whose value range is "
+            "unknown; convert it to 8-bit (or 16-bit PNG) RGB or grayscale first"
+        )
 
 
 def read_image_size(path: str | os.PathLike, limits: ImageLimits | None = None) -> tuple[int, int]:
@@ -216,6 +221,7 @@ def read_image_size(path: str | os.PathLike, limits: ImageLimits | None = None) 
 
     Raises:
         ValueError: not a regular file, not an image, above ``limits`` or a decompression bomb, naming the file.
+        UnsupportedImageError: a ``ValueError``: pixels with no known 8-bit meaning (the mode is in the header).
     """
     check_regular_file(path)
     try:
@@ -223,9 +229,10 @@ def read_image_size(path: str | os.PathLike, limits: ImageLimits | None = None) 
             width, height = image.size
             if limits is not None:
                 limits.check(path, height, width)
+            _check_mode(image.mode, image.format, path)
             if exif_orientation(image) in _SWAPS_SIDES:
                 width, height = height, width
-    except ImageLimitError:
+    except (ImageLimitError, UnsupportedImageError):
         raise
     except Image.DecompressionBombError as err:
         raise ValueError(f"image {path} is refused by PIL as a decompression bomb: {err}") from err

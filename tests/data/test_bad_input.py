@@ -1355,6 +1355,11 @@ PREDICT_CASES = [
         _with(lambda path: path.write_bytes(b"not a png"), "text.png"),
         Stops(r"cannot read the header of image .*text\.png"),
     ),
+    Case(  # refused from its header, not when its turn comes in the run
+        "input_a_32_bit_tiff",
+        _with(lambda path: Image.fromarray(np.zeros((8, 8), np.int32)).save(path), "deep.tif"),
+        Stops(r"image .*deep\.tif is a 32-bit integer TIFF image \(PIL mode I\)"),
+    ),
 ]
 
 

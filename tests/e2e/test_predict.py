@@ -217,3 +217,17 @@ def test_fewer_images_than_processes_is_a_clear_error_before_any_starts(tmp_path
     cfg = compose_config([*TINY_MODEL, "mode=predict", *overrides, "trainer=ddp_cpu", "trainer.devices=2"])
     with pytest.raises(ValueError, match=r"one\.png holds 1 images for 2 processes: give at least one image a process"):
         predict(cfg)
+
+
+def test_a_label_map_that_leaves_a_label_out_is_a_clear_error_before_any_image(tmp_path):
+    from mrcnn.engine.predict import predict
+
+    cfg = compose_config([*TINY_MODEL], run_dir=str(tmp_path))
+    weights = tmp_path / "tiny.pth"
+    torch.save(instantiate(cfg.module).model.state_dict(), weights)
+    Image.new("RGB", (64, 48)).save(tmp_path / "one.png")
+    overrides = [f"weights={weights}", f"predict.input={tmp_path / 'one.png'}", f"predict.output={tmp_path / 'out'}"]
+    labels = "{" + ", ".join(f"{k}: {10 + k}" for k in range(1, cfg.model.num_classes)) + "}"  # all but the last
+    cfg = compose_config([*TINY_MODEL, "mode=predict", *overrides, f"predict.label_to_category_id={labels}"])
+    with pytest.raises(ValueError, match=rf"maps no category id to labels \[{cfg.model.num_classes}\]"):
+        predict(cfg)
