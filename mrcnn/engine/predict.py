@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import lightning as L
+import torch
 import torch.distributed as dist
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import BasePredictionWriter
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 RESULTS_FILE = "coco_results.json"
+UNREADABLE_STAND_IN = (32, 32)  # (height, width) of the black image the model sees for a file that cannot be read
 IMAGES_FILE = "images.json"
 
 
@@ -147,9 +149,16 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int):
-        # Upright (EXIF), 16-bit scaled, the header checked against the limits again (a file may change).
-        pixels = pil_to_tensor(Image.fromarray(read_image(self.files[index], self.limits)))
-        return pixels.float() / 255, {"image_id": self.image_ids[index], "file_name": self.files[index].name}
+        meta = {"image_id": self.image_ids[index], "file_name": self.files[index].name}
+        try:
+            # Upright (EXIF), 16-bit scaled, the header checked against the limits again (a file may change).
+            pixels = read_image(self.files[index], self.limits)
+        except (ValueError, FileNotFoundError) as error:
+            # Its header was read, its pixels are not (a truncated JPEG, a file changed since): one broken photo in a
+            # folder of thousands is skipped and counted (PredictionWriter), not the end of the run and its results.
+            # A small black stand-in keeps the batch whole; nothing of it is written.
+            return torch.zeros(3, *UNREADABLE_STAND_IN), {**meta, "unreadable": str(error)}
+        return pil_to_tensor(Image.fromarray(pixels)).float() / 255, meta
 
     def coco_images(self) -> list[dict]:
         """The COCO ``images`` entries (id, file name, size) that the results' ``image_id`` refer to."""
@@ -182,7 +191,9 @@ class PredictionWriter(BasePredictionWriter):
     """Writes ``<output>/<image file name>.png`` overlays per batch, and the COCO results json at the end.
 
     Detections scoring below ``score_threshold`` are neither drawn nor written. Under DDP each process
-    draws its own images and rank zero writes the json of all of them.
+    draws its own images and rank zero writes the json of all of them. An image whose file could not be read
+    (:class:`ImageFiles` marks it) is skipped with a warning: no overlay, no results, and it is left out of
+    ``images.json``; :attr:`unreadable` lists them (all processes') at the end.
 
     Args:
         output: folder for the files.
@@ -218,6 +229,7 @@ class PredictionWriter(BasePredictionWriter):
         )
         self.num_detections = 0
         self.num_overlays = 0
+        self.unreadable: list[tuple[str, str]] = []  # (file name, why), this process's until the end
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
@@ -230,6 +242,10 @@ class PredictionWriter(BasePredictionWriter):
         kept = []
         for record, meta in zip(records, metas):
             image = record.pop("image")
+            if "unreadable" in meta:
+                log.warning("skipped %s: %s", meta["file_name"], meta["unreadable"])
+                self.unreadable.append((meta["file_name"], meta["unreadable"]))
+                continue
             detection = select(record, self.score_threshold)
             overlay = draw_instances(image, detection, self.class_names, self.score_threshold, self.mask_threshold)
             save_png(overlay, self.output / overlay_name(meta["file_name"]))
@@ -240,12 +256,23 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_end(self, trainer, pl_module) -> None:
         results = self.results.results_json()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[list[dict] | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, results)
-            results = sorted((r for part in gathered for r in part), key=lambda r: r["image_id"])
+            gathered: list[tuple[list[dict], list] | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (results, self.unreadable))
+            results = sorted((r for part, _ in gathered for r in part), key=lambda r: r["image_id"])
+            self.unreadable = sorted({tuple(u) for _, part in gathered for u in part})
         if trainer.is_global_zero:
+            skipped = {name for name, _ in self.unreadable}
             (self.output / RESULTS_FILE).write_text(json.dumps(results))
-            (self.output / IMAGES_FILE).write_text(json.dumps(self.images, indent=1))
+            images = [image for image in self.images if image["file_name"] not in skipped]
+            (self.output / IMAGES_FILE).write_text(json.dumps(images, indent=1))
+            if skipped:
+                log.warning(
+                    "%d of %d images could not be read and were skipped (left out of %s): %s",
+                    len(skipped),
+                    len(self.images),
+                    IMAGES_FILE,
+                    ", ".join(sorted(skipped)[:10]) + (", ..." if len(skipped) > 10 else ""),
+                )
             log.info(
                 "Wrote %d overlays (this process) of %d images and %d detections to %s",
                 self.num_overlays,
@@ -337,4 +364,8 @@ def predict(cfg: DictConfig) -> dict[str, float]:
             )
         with reading_weights_only():
             trainer.predict(module, dataloaders=loader, ckpt_path=ckpt_path, return_predictions=False)
-        return {"images": float(len(dataset)), "detections": float(writer.num_detections)}
+        return {
+            "images": float(len(dataset)),
+            "detections": float(writer.num_detections),
+            "unreadable": float(len(writer.unreadable)),
+        }

@@ -1,6 +1,7 @@
 """mode=predict (overlay PNGs + COCO results json), overlay drawing, and torchvision weights through run.py."""
 
 import json
+import logging
 
 import lightning as L
 import numpy as np
@@ -231,3 +232,33 @@ def test_a_label_map_that_leaves_a_label_out_is_a_clear_error_before_any_image(t
     cfg = compose_config([*TINY_MODEL, "mode=predict", *overrides, f"predict.label_to_category_id={labels}"])
     with pytest.raises(ValueError, match=rf"maps no category id to labels \[{cfg.model.num_classes}\]"):
         predict(cfg)
+
+
+def test_an_image_that_cannot_be_read_is_skipped_and_counted_and_the_rest_written(tmp_path, caplog):
+    # Its header reads (so the check before the run passes), its pixels do not: one broken photo in a folder.
+    from mrcnn.engine.predict import predict
+
+    cfg = compose_config([*TINY_MODEL], run_dir=str(tmp_path))
+    weights = tmp_path / "tiny.pth"
+    torch.save(instantiate(cfg.module).model.state_dict(), weights)
+    images = tmp_path / "images"
+    images.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        Image.fromarray(pixels).save(images / name)
+    broken = (images / "b.jpg").read_bytes()
+    (images / "b.jpg").write_bytes(broken[: len(broken) * 2 // 3])
+    out = tmp_path / "out"
+    overrides = [f"weights={weights}", f"predict.input={images}", f"predict.output={out}", "predict.batch_size=2"]
+    cfg = compose_config([*TINY_MODEL, "mode=predict", *overrides, "predict.score_threshold=0.0"])
+    with caplog.at_level(logging.WARNING, logger="mrcnn.engine.predict"):
+        summary = predict(cfg)
+
+    assert summary["images"] == 3 and summary["unreadable"] == 1
+    assert "skipped b.jpg: cannot read image" in caplog.text
+    assert "1 of 3 images could not be read and were skipped (left out of images.json): b.jpg" in caplog.text
+    assert sorted(p.name for p in out.glob("*.png")) == ["a.jpg.png", "c.jpg.png"]
+    written = json.loads((out / "images.json").read_text())
+    assert [image["file_name"] for image in written] == ["a.jpg", "c.jpg"]
+    results = json.loads((out / "coco_results.json").read_text())
+    assert results and {r["image_id"] for r in results} <= {image["id"] for image in written}
