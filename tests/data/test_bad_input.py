@@ -1412,6 +1412,19 @@ def test_predict_says_which_entries_of_a_folder_it_leaves_out(tmp_path: Path, ca
     assert "1 image files; 3 other entries left out (notes.txt, photo.heic, sub/)" in caplog.text
 
 
+def test_predict_inputs_whose_overlay_names_would_be_too_long_stop_before_any_work(tmp_path: Path):
+    from mrcnn.engine.predict import check_overlay_names
+
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    longest = "a" * (limit - 8) + ".jpg"  # its overlay, <name>.png, just fits
+    too_long = "b" * (limit - 7) + ".jpg"
+    check_overlay_names([Path(longest)], tmp_path)
+    with pytest.raises(
+        ValueError, match=rf"overlay names of 1 inputs .* longer than the {limit} bytes .*\['b+\.jpg'\]"
+    ):
+        check_overlay_names([Path(longest), Path(too_long)], tmp_path)
+
+
 def test_predict_output_that_is_a_file_stops_before_any_work(tmp_path: Path):
     from mrcnn.engine.predict import prepare_output
 

@@ -15,6 +15,7 @@ from mrcnn.data.shapes import ShapesDataset
 from mrcnn.engine.build import build_module
 from mrcnn.engine.visualize import draw_instances, instance_colors, place_captions, semantic_label_map
 from tests.helpers.config import TINY_MODEL, compose_config
+from tests.helpers.data import shapes_batch
 from tests.helpers.runs import run_py, training_only_trainer
 from tests.helpers.torchvision_models import torchvision_maskrcnn
 
@@ -262,3 +263,34 @@ def test_an_image_that_cannot_be_read_is_skipped_and_counted_and_the_rest_writte
     assert [image["file_name"] for image in written] == ["a.jpg", "c.jpg"]
     results = json.loads((out / "coco_results.json").read_text())
     assert results and {r["image_id"] for r in results} <= {image["id"] for image in written}
+
+
+@pytest.mark.parametrize(
+    "model", [TINY_MODEL, ["model=torchvision_r50_fpn", "model.depth=18", "model.fpn_channels=16"]]
+)
+def test_the_models_own_threshold_raised_to_predicts_keeps_exactly_what_predict_keeps(model):
+    # Detections below predict.score_threshold are dropped by the model, before their masks are pasted.
+    from mrcnn.engine.predict import raise_score_threshold
+    from mrcnn.engine.visualize import select
+
+    module = build_module(compose_config([*model, "model.box_score_thresh=0.0"]))
+    module.eval()
+    images, _ = shapes_batch(2, image_size=64)
+    with torch.no_grad():
+        everything, _ = module.model(images)
+    scores = torch.cat([d["scores"] for d in everything])
+    assert len(scores) > 20
+    threshold = float(scores.median())  # a score some detection has: kept, as predict keeps it (>=)
+    raise_score_threshold(module.model, threshold)
+    with torch.no_grad():
+        kept, _ = module.model(images)
+    for ours, theirs in zip(kept, everything):
+        expected = select(theirs, threshold)
+        assert len(expected["scores"]) > 0 and set(ours) >= set(expected)
+        for key in ("boxes", "labels", "scores"):
+            assert torch.equal(ours[key], expected[key]), key
+        # The mask head ran on fewer RoIs: float32 sums in another order (3e-8 seen), the same pixels above 0.5.
+        torch.testing.assert_close(ours["masks"], expected["masks"], rtol=0, atol=1e-6)
+        assert torch.equal(ours["masks"] > 0.5, expected["masks"] > 0.5)
+    raise_score_threshold(module.model, 0.0)  # never lowered
+    assert module.model.roi_heads.score_thresh > 0.0
