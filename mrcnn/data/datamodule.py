@@ -151,7 +151,8 @@ class ResumableDataLoader(DataLoader):
         return self._pass_id, super().__iter__()
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"epoch", "batches", "seed"}``: the current pass's epoch and the batches taken from it.
+        """``{"epoch", "batches", "seed", "order"}``: the current pass's epoch and the batches taken from it, and how
+        the sampler draws an epoch's order (``EPOCH_ORDER``).
 
         Empty when the sampler cannot resume.
         """
@@ -164,7 +165,12 @@ class ResumableDataLoader(DataLoader):
             epoch, batches = int(source.epoch), 0
         else:
             epoch, batches = self._pass_epoch, self._taken
-        return {"epoch": epoch, "batches": batches, "seed": getattr(source, "seed", None)}
+        return {
+            "epoch": epoch,
+            "batches": batches,
+            "seed": getattr(source, "seed", None),
+            "order": getattr(source, "order", None),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """The next pass continues ``state_dict``'s epoch after its ``batches`` (the next epoch if that one was done)."""
@@ -187,6 +193,15 @@ class ResumableDataLoader(DataLoader):
                 f"the training loader resumes with seed {seed}, but the checkpoint's order was drawn with seed "
                 f"{state_dict.get('seed')}: the batches after the resume are not those the interrupted run would "
                 "have seen",
+                stacklevel=2,
+            )
+        order = getattr(source, "order", None)
+        if batches and state_dict.get("order") != order:
+            # A checkpoint of a version that drew epochs' orders otherwise (torch's seed + epoch, recorded as None).
+            warnings.warn(
+                f"the training loader resumes epoch {epoch} after {batches} batches, but the checkpoint's version drew "
+                f"that epoch's order as {state_dict.get('order') or 'seed + epoch'}, this one as {order}: for the rest "
+                "of this epoch some images come twice and others not at all; the epochs after it are whole",
                 stacklevel=2,
             )
         source.set_epoch(epoch)

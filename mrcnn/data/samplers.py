@@ -26,7 +26,15 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Sampler
 
-__all__ = ["EpochSampler", "GroupedBatchSampler", "SampleIndex", "epoch_order", "order_seed", "orientation_groups"]
+__all__ = [
+    "EPOCH_ORDER",
+    "EpochSampler",
+    "GroupedBatchSampler",
+    "SampleIndex",
+    "epoch_order",
+    "order_seed",
+    "orientation_groups",
+]
 
 
 class SampleIndex(int):
@@ -64,6 +72,11 @@ def orientation_groups(image_sizes: Iterable[tuple[int, int]]) -> list[int]:
         image_sizes: ``(height, width)`` of each image.
     """
     return [0 if width >= height else 1 for height, width in image_sizes]
+
+
+# How an epoch's order is drawn, saved with a loader's position: a checkpoint saved part-way through an epoch by a
+# version that drew it otherwise (torch's seed + epoch, before this name existed) resumes into another order.
+EPOCH_ORDER = "order_seed"
 
 
 def order_seed(seed: int, epoch: int) -> int:
@@ -120,6 +133,8 @@ class EpochSampler(DistributedSampler):
             drop_last=drop_last,
         )
         self._skip = 0
+
+    order = EPOCH_ORDER  # how each epoch's order is drawn (saved with a loader's position)
 
     def skip(self, count: int) -> None:
         """Makes the next pass leave out the first ``count`` indices of this rank's epoch order."""
@@ -213,6 +228,11 @@ class GroupedBatchSampler(Sampler[list[int]]):
     def seed(self) -> int | None:
         """``sampler``'s seed (``None`` if it has none)."""
         return getattr(self.sampler, "seed", None)
+
+    @property
+    def order(self) -> str | None:
+        """How ``sampler`` draws an epoch's order (``None`` if it does not say)."""
+        return getattr(self.sampler, "order", None)
 
     def set_epoch(self, epoch: int) -> None:
         """Passes the epoch on to ``sampler`` (if it reshuffles by epoch)."""

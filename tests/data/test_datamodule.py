@@ -1,5 +1,6 @@
 """Behaviour of the detection collate function and the LightningDataModule."""
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -8,7 +9,7 @@ from lightning.fabric.utilities.data import _set_sampler_epoch
 from torch.utils.data import DataLoader
 
 from mrcnn.data.datamodule import InstanceDataModule, ResumableDataLoader, collate_detection
-from mrcnn.data.samplers import EpochSampler
+from mrcnn.data.samplers import EPOCH_ORDER, EpochSampler
 from mrcnn.data.shapes import ShapesDataset
 from mrcnn.data.transforms import photometric_transforms, train_transforms
 from tests.helpers.data import IdsDataset
@@ -199,7 +200,7 @@ def test_train_loader_resumes_mid_epoch_on_every_rank(grouping, num_workers):
         taken = _ids(next(iterator) for _ in range(3))
         assert taken == epochs[1][:3]
         state = loader.state_dict()
-        assert state == {"epoch": 1, "batches": 3, "seed": 5}
+        assert state == {"epoch": 1, "batches": 3, "seed": 5, "order": EPOCH_ORDER}
         del iterator
 
         # Lightning saves rank zero's state; every rank loads it into a fresh loader, creates its
@@ -212,7 +213,7 @@ def test_train_loader_resumes_mid_epoch_on_every_rank(grouping, num_workers):
         iterator = iter(resumed)
         _set_sampler_epoch(resumed, 1)
         assert _ids(iterator) == epochs[1][3:]
-        assert resumed.state_dict() == {"epoch": 1, "batches": len(resumed), "seed": 5}
+        assert resumed.state_dict() == {"epoch": 1, "batches": len(resumed), "seed": 5, "order": EPOCH_ORDER}
         # The next epoch is whole again.
         _set_sampler_epoch(resumed, 2)
         assert len(_ids(resumed)) == len(resumed)
@@ -236,7 +237,7 @@ def test_datamodule_state_reaches_the_next_train_loader():
     iterator = iter(loader)
     next(iterator), next(iterator)
     state = dm.state_dict()
-    assert state == {"train_loader": {"epoch": 1, "batches": 2, "seed": 5}}
+    assert state == {"train_loader": {"epoch": 1, "batches": 2, "seed": 5, "order": EPOCH_ORDER}}
 
     resumed = datamodule()
     resumed.load_state_dict(state)
@@ -256,9 +257,22 @@ def test_train_loader_state_at_an_epoch_end_resumes_with_the_next_epoch():
     _set_sampler_epoch(loader, 1)
     epoch1 = _ids(loader)
     finished = _train_loader(grouping=False)
-    finished.load_state_dict({"epoch": 0, "batches": len(finished), "seed": 5})
-    assert finished.state_dict() == {"epoch": 1, "batches": 0, "seed": 5}
+    finished.load_state_dict({"epoch": 0, "batches": len(finished), "seed": 5, "order": EPOCH_ORDER})
+    assert finished.state_dict() == {"epoch": 1, "batches": 0, "seed": 5, "order": EPOCH_ORDER}
     assert _ids(finished) == epoch1
+
+
+@pytest.mark.parametrize("grouping", [False, True], ids=["plain", "grouped"])
+def test_a_mid_epoch_position_saved_by_a_version_that_drew_orders_otherwise_is_warned_about(grouping):
+    old = {"epoch": 1, "batches": 2, "seed": 5}  # saved before the order was recorded: drawn from seed + epoch
+    with pytest.warns(
+        UserWarning, match=r"resumes epoch 1 after 2 batches, but .* drew that epoch's order as seed \+ epoch"
+    ):
+        _train_loader(grouping).load_state_dict(old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train_loader(grouping).load_state_dict({**old, "order": EPOCH_ORDER})  # this version's: nothing to say
+        _train_loader(grouping).load_state_dict({**old, "batches": 0})  # an epoch's start: its order is whole
 
 
 def test_set_epoch_between_iter_and_the_first_batch_counts_with_workers():
@@ -275,7 +289,7 @@ def test_set_epoch_between_iter_and_the_first_batch_counts_with_workers():
 def test_resuming_with_another_seed_warns():
     loader = _train_loader(grouping=False)
     with pytest.warns(UserWarning, match="seed 5"):
-        loader.load_state_dict({"epoch": 0, "batches": 1, "seed": 6})
+        loader.load_state_dict({"epoch": 0, "batches": 1, "seed": 6, "order": EPOCH_ORDER})
 
 
 def test_resumable_loader_with_an_order_that_cannot_skip_is_a_plain_loader():
@@ -291,6 +305,6 @@ def test_resumable_loader_with_an_order_that_cannot_skip_is_a_plain_loader():
         IdsDataset(8), batch_size=2, sampler=EpochSampler(range(8), seed=1), collate_fn=collate_detection
     )
     full = _ids(loader)
-    loader.load_state_dict({"epoch": 0, "batches": 1, "seed": 1})
+    loader.load_state_dict({"epoch": 0, "batches": 1, "seed": 1, "order": EPOCH_ORDER})
     assert _ids(loader) == full[1:]
     assert isinstance(loader, DataLoader)

@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mrcnn.data.datamodule import InstanceDataModule, init_worker
+from mrcnn.data.samplers import EPOCH_ORDER
 from mrcnn.engine.callbacks import LastCheckpoint, TrainingInterrupted
 from mrcnn.engine.config_checks import checkpoint_path
 from mrcnn.engine.train import stops_with_nonzero_exit
@@ -93,7 +94,12 @@ def test_killed_run_resumes_mid_epoch_with_the_same_step_optimizer_schedule_and_
     assert 0 < killed_at < STEPS_PER_EPOCH * EPOCHS and killed_at % STEPS_PER_EPOCH != 0
     # The checkpoint holds the training loader's position: the epoch and the batches taken from it (in the
     # fit loop's state, and in the datamodule's, which gets it to the loader despite Lightning issue 20550).
-    position = {"epoch": killed_at // STEPS_PER_EPOCH, "batches": killed_at % STEPS_PER_EPOCH, "seed": 0}
+    position = {
+        "epoch": killed_at // STEPS_PER_EPOCH,
+        "batches": killed_at % STEPS_PER_EPOCH,
+        "seed": 0,
+        "order": EPOCH_ORDER,
+    }
     assert killed["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [position]
     assert killed["InstanceDataModule"] == {"train_loader": position}
     killed_records = read_records(records)
