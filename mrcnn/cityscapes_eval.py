@@ -185,7 +185,31 @@ def evaluate_matches(matches: dict, prediction_root: str | Path, classes: Sequen
     official = official_module()
     args = official_args(prediction_root, classes)
     with _script_errors():
-        return official.computeAverages(official.evaluateMatches(matches, args), args)
+        try:
+            aps = official.evaluateMatches(matches, args)
+        except IndexError:
+            aps = _evaluate_each_class_and_overlap(official, matches, args)
+        return official.computeAverages(aps, args)
+
+
+def _evaluate_each_class_and_overlap(official, matches: dict, args) -> np.ndarray:
+    """The script's AP array, one (class, overlap) cell at a time, with 0 where the script fails.
+
+    The script fails (``IndexError`` on an empty array) for a class that has ground truth and predictions when, at
+    an overlap, every prediction matched nothing and was discounted on ignore pixels (void, a group region, a
+    too-small instance): no score is left to rank. Its recall is then 0, and so is its AP; every other cell is the
+    script's own number.
+    """
+    aps = np.zeros((1, len(args.instLabels), len(args.overlaps)))
+    for li, label in enumerate(args.instLabels):
+        for oi, overlap in enumerate(args.overlaps):
+            one = copy.copy(args)
+            one.instLabels, one.overlaps = [label], np.array([overlap])
+            try:
+                aps[0, li, oi] = official.evaluateMatches(matches, one)[0, 0, 0]
+            except IndexError:
+                aps[0, li, oi] = 0.0
+    return aps
 
 
 def metrics_from_averages(averages: dict) -> dict[str, float]:

@@ -4,11 +4,12 @@ import json
 import math
 
 import numpy as np
+import pycocotools.mask as mask_utils
 import pytest
 import torch
 from PIL import Image
 
-from mrcnn.cityscapes_eval import CityscapesEvaluator, official_module, prediction_stem
+from mrcnn.cityscapes_eval import CityscapesEvaluator, evaluate_results, official_module, prediction_stem
 from mrcnn.data.cityscapes import CityscapesDataset
 from mrcnn.data.datamodule import InstanceDataModule
 from mrcnn.evaluation import CocoEvaluator
@@ -175,3 +176,35 @@ def test_a_model_of_some_classes_is_scored_on_those_classes(tmp_path_factory):
         assert scored == set(classes or dataset.class_names)
     with pytest.raises(ValueError, match=r"classes \['pedestrian'\] are not Cityscapes instance classes"):
         CityscapesEvaluator({1: dataset.instance_files[0]}, classes=["pedestrian"]).compute([], [1])
+
+
+def _rle(mask):
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+
+
+def test_a_class_whose_every_prediction_lies_on_ignore_pixels_scores_zero_not_a_crash(tmp_path):
+    # cityscapesscripts itself fails here (IndexError on an empty array): a car in the ground truth, and the only car
+    # prediction on the ego-vehicle strip, discounted as void at every overlap. Nothing is left to rank: AP 0.
+    ids = np.zeros((64, 64), np.uint16)
+    ids[10:30, 10:20] = 26001  # a car of 200 pixels
+    ids[56:, :] = 1  # the ego vehicle (void)
+    gt_file = tmp_path / "aachen_000000_000019_gtFine_instanceIds.png"
+    Image.fromarray(ids).save(gt_file)
+    on_void = np.zeros((64, 64), bool)
+    on_void[58:62, 5:40] = True
+    person = np.zeros((64, 64), bool)
+    person[40:50, 40:50] = True  # a false positive of a class without ground truth: NaN, left out of the mean
+    results = [
+        {"image_id": 1, "category_id": 26, "score": 0.9, "segmentation": _rle(on_void)},
+        {"image_id": 1, "category_id": 24, "score": 0.8, "segmentation": _rle(person)},
+    ]
+    metrics = evaluate_results(results, {1: gt_file})
+    assert metrics["cityscapes_AP_car"] == 0.0 and metrics["cityscapes_AP50_car"] == 0.0
+    assert metrics["cityscapes_AP_person"] == -1.0  # no ground truth
+    assert metrics["cityscapes_AP"] == 0.0
+
+    # A car prediction on the car as well: every cell is the script's own number again.
+    on_car = ids == 26001
+    results.append({"image_id": 1, "category_id": 26, "score": 0.7, "segmentation": _rle(on_car)})
+    assert evaluate_results(results, {1: gt_file})["cityscapes_AP_car"] == pytest.approx(1.0)
