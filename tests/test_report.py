@@ -64,6 +64,11 @@ def test_write_report_and_the_rebuild_command(sweep):
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads(paths["json"].read_text())
     assert {v["variant"] for v in summary["variants"]} == {"model/pooler=roi_pool", "model/pooler=roi_align"}
+    # The failed job is named in the report, not only in the log.
+    assert summary["left_out"] == [{"job": "4", "why": "no metrics.json: failed or not finished"}]
+    assert (
+        "**Left out of the table: 1 job(s)**: `4` (no metrics.json: failed or not finished)." in paths["md"].read_text()
+    )
     paths["md"].unlink()
     result = subprocess.run(
         [sys.executable, "-m", "mrcnn.reporting", str(sweep), "--keys", "model/pooler", "--title", "again"],
@@ -165,6 +170,30 @@ def test_jobs_that_differ_in_another_swept_key_are_never_averaged_as_seeds(tmp_p
         names["model/pooler=roi_pool, base_lr=0.04"] == names["model/pooler=roi_pool, base_lr=0.02"] == ["0", "1", "1"]
     )
     assert "model/pooler=roi_pool, base_lr=0.02: seed 1 repeats (3 runs averaged)" in caplog.text
+
+
+def test_jobs_scored_on_other_batches_or_trained_for_another_time_are_never_averaged_as_seeds(tmp_path, caplog):
+    # Keys a resumed run may change, but which change what a job trains or what its final evaluation scores.
+    fake_job(tmp_path, "0", ["model/pooler=roi_align", "seed=0"], metrics(0.4))
+    fake_job(tmp_path, "1", ["model/pooler=roi_align", "seed=1", "trainer.limit_val_batches=0.1"], metrics(0.5))
+    fake_job(tmp_path, "2", ["model/pooler=roi_align", "seed=2", "trainer.max_time=00:00:01:00"], metrics(0.1))
+    with caplog.at_level("WARNING"):
+        variants = collect(tmp_path, ["model/pooler"])
+    assert len(variants) == 3 and all(len(v.runs) == 1 for v in variants), [v.name for v in variants]
+    assert "trainer.limit_val_batches" in caplog.text and "trainer.max_time" in caplog.text
+
+
+def test_a_job_that_scored_nothing_is_left_out_not_averaged_as_ap_minus_one(tmp_path, caplog):
+    fake_job(tmp_path, "0", ["model/pooler=roi_pool", "seed=0"], metrics(0.10))
+    nothing = {k: -1.0 for k in metrics(0.0)} | {"nothing_to_score": "the validation set has no objects"}
+    fake_job(tmp_path, "1", ["model/pooler=roi_pool", "seed=1"], nothing)
+    with caplog.at_level("WARNING"):
+        [variant] = collect(tmp_path, ["model/pooler"])
+    assert variant.seeds == ["0"] and variant.mean("segm_AP") == pytest.approx(0.10)
+    assert "it scored nothing (the validation set has no objects)" in caplog.text
+    # One run gives no spread: none is reported (not 0.0), and the table shows no ±.
+    assert math.isnan(variant.std("segm_AP"))
+    assert "10.0 ±" not in markdown_table([variant], "t", None)
 
 
 def test_a_sweep_kept_inside_another_is_its_own_record(tmp_path):

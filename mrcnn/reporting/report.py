@@ -127,10 +127,10 @@ class Variant:
         return sum(values) / len(values) if values else float("nan")
 
     def std(self, key: str) -> float:
-        """Sample standard deviation over seeds (0 for a single run)."""
+        """Sample standard deviation over seeds (nan for a single run: one run says nothing of the spread)."""
         values = [r[key] for r in self.runs if key in r]
         if len(values) < 2:
-            return 0.0
+            return float("nan")
         m = sum(values) / len(values)
         return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
@@ -225,16 +225,20 @@ def variant_name(labels: dict[str, str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in labels.items())
 
 
-def collect(sweep_dir: str | Path, variant_keys: list[str], order: list[str] | None = None) -> list[Variant]:
+def collect(
+    sweep_dir: str | Path, variant_keys: list[str], order: list[str] | None = None, left_out: list | None = None
+) -> list[Variant]:
     """Group the finished jobs of ``sweep_dir`` by their values of ``variant_keys``.
 
-    Jobs without ``metrics.json`` (failed or still running) are skipped and logged, not averaged in. A subfolder that
+    Jobs without ``metrics.json`` (failed or still running) or whose evaluation scored nothing (``nothing_to_score``:
+    its APs are -1) are skipped and logged, not averaged in. A subfolder that
     holds a sweep of its own (its ``multirun.yaml``) is another record and is left out. Jobs that differ in another
     override than the seed (a second swept key, e.g. ``base_lr``) are never averaged together: that key joins their
     labels, and the log says so. A seed that repeats within a variant is logged.
 
     Args:
         order: optional variant names in the order the table should list them.
+        left_out: if given, gets ``(job folder relative to sweep_dir, why)`` of each job skipped (for the report).
     """
     # Registers the resolvers a job's config.yaml may use. Here, not at the top: it loads torch (seconds), and
     # `python -m mrcnn.reporting` should answer a mistyped folder at once.
@@ -250,8 +254,16 @@ def collect(sweep_dir: str | Path, variant_keys: list[str], order: list[str] | N
             continue
         if not (job_dir / "metrics.json").exists():
             log.warning("skipping %s: no metrics.json (the job failed or has not finished)", job_dir)
+            if left_out is not None:
+                left_out.append((str(job_dir.relative_to(sweep_dir)), "no metrics.json: failed or not finished"))
             continue
         job = read_job(job_dir)
+        if job.metrics.get("nothing_to_score"):
+            # Its APs are pycocotools' -1 ("nothing to score"), not numbers to average with the other seeds'.
+            log.warning("skipping %s: it scored nothing (%s)", job_dir, job.metrics["nothing_to_score"])
+            if left_out is not None:
+                left_out.append((str(job_dir.relative_to(sweep_dir)), "scored nothing"))
+            continue
         if job.record is None:
             job.record = rebuild_record(job, sweep)
         if job.config is None and sweep is not None:
@@ -281,10 +293,19 @@ def collect(sweep_dir: str | Path, variant_keys: list[str], order: list[str] | N
 
 # Overrides jobs may differ in and still be averaged together: the seed (what a variant is averaged over), the
 # experiment's name, and the runtime keys a resumed run may change (mrcnn.engine.checkpoints.RESUME_FREE_KEYS: paths,
-# loggers, loader workers, speed switches). Not the length of training or the initial weights, which are also in
-# RESUME_FREE_KEYS (a resumed run keeps its weights and may train longer) but change what a sweep's job trains.
+# loggers, loader workers, speed switches). Not those of RESUME_FREE_KEYS that change what a sweep's job trains or
+# what its final evaluation scores: the length of training (also max_time, which may stop it early), the initial
+# weights (a resumed run keeps its own), the validation batches scored, whether it evaluates, and the mode.
 REPORT_FREE_KEYS = ("seed", "experiment")
-_TRAINED_KEYS = ("trainer.max_epochs", "trainer.max_steps", "weights")
+_TRAINED_KEYS = (
+    "trainer.max_epochs",
+    "trainer.max_steps",
+    "trainer.max_time",
+    "weights",
+    "trainer.limit_val_batches",
+    "final_eval",
+    "mode",
+)
 
 
 def other_swept_keys(jobs: list[Job], variant_keys: list[str]) -> list[str]:
@@ -615,12 +636,20 @@ def markdown_report(
     title: str = "",
     paper: dict[str, list[float]] | None = None,
     paper_setting: dict[str, str] | None = None,
+    left_out: list | None = None,
 ) -> str:
-    """The whole ``report.md``: the setting beside the paper's, the results, and what each variant built and cost."""
+    """The whole ``report.md``: the setting beside the paper's, the results, and what each variant built and cost.
+
+    ``left_out``: ``(job folder, why)`` of the sweep's jobs not in the table (:func:`collect`), named under it: a
+    variant whose jobs all failed would otherwise be missing from the table without a word.
+    """
     ours = our_setting(variants)
     paper_setting = {**PAPER_SETTING, **(paper_setting or {})}
     comparison = compare_models(variants)
     parts = [markdown_table(variants, title, paper, setting_names(variants)), ""]
+    if left_out:
+        named = "; ".join(f"`{job}` ({why})" for job, why in left_out)
+        parts += [f"**Left out of the table: {len(left_out)} job(s)**: {named}.", ""]
     parts += ["Setting (ours from the jobs' configs and records):", ""]
     parts += [setting_table(ours, paper_setting), ""]
     parts += [f"- {note}" for note in setting_notes(ours, paper_setting)]
@@ -770,14 +799,16 @@ def write_report(
 ) -> dict[str, Path]:
     """Write ``<stem>.md``, ``<stem>.json`` and ``<stem>.png`` into ``sweep_dir``; returns their paths."""
     sweep_dir = Path(sweep_dir)
-    variants = collect(sweep_dir, variant_keys, order)
+    left_out: list = []
+    variants = collect(sweep_dir, variant_keys, order, left_out)
     if not variants:
         nested = sorted({str(f.parent.relative_to(sweep_dir)) for f in sweep_dir.glob("*/**/multirun.yaml")})
         inside = f" (the sweeps inside it have their own reports: {', '.join(nested)})" if nested else ""
         raise ValueError(f"no finished runs (with metrics.json) under {sweep_dir}{inside}")
     paths = {kind: sweep_dir / f"{stem}.{kind}" for kind in ("md", "json", "png")}
-    paths["md"].write_text(markdown_report(variants, title, paper, paper_setting) + "\n")
+    paths["md"].write_text(markdown_report(variants, title, paper, paper_setting, left_out) + "\n")
     summary = summarize(variants, title, variant_keys, paper, paper_setting)
+    summary["left_out"] = [{"job": job, "why": why} for job, why in left_out]
     # NaN (a paper number the paper does not give) is written as null: report.json stays standard JSON.
     paths["json"].write_text(json.dumps(_nan_to_none(summary), indent=2))
     chart(variants, paths["png"], title, paper, paper_setting)
