@@ -207,16 +207,28 @@ def test_the_prediction_writer_reads_a_batch_from_the_device_once_and_writes_wha
         assert (tmp_path / "device" / f"{i}.png.png").read_bytes() == (tmp_path / "host" / f"{i}.png.png").read_bytes()
 
 
+def tiny_weights(tmp_path) -> tuple[str, int]:
+    """``weights=<file>`` of an untrained tiny model, and its number of classes."""
+    cfg = compose_config([*TINY_MODEL], run_dir=str(tmp_path))
+    weights = tmp_path / "tiny.pth"
+    torch.save(instantiate(cfg.module).model.state_dict(), weights)
+    return f"weights={weights}", cfg.model.num_classes
+
+
+def one_image(tmp_path) -> list[str]:
+    """``predict.input`` of one 64x48 image, ``predict.output`` beside it."""
+    Image.new("RGB", (64, 48)).save(tmp_path / "one.png")
+    return [f"predict.input={tmp_path / 'one.png'}", f"predict.output={tmp_path / 'out'}"]
+
+
 def test_fewer_images_than_processes_is_a_clear_error_before_any_starts(tmp_path):
     # Lightning deals predict's images out without repeating one: a process left without images fails an assertion.
     from mrcnn.engine.predict import predict
 
-    cfg = compose_config([*TINY_MODEL], run_dir=str(tmp_path))
-    weights = tmp_path / "tiny.pth"
-    torch.save(instantiate(cfg.module).model.state_dict(), weights)
-    Image.new("RGB", (64, 48)).save(tmp_path / "one.png")
-    overrides = [f"weights={weights}", f"predict.input={tmp_path / 'one.png'}", f"predict.output={tmp_path / 'out'}"]
-    cfg = compose_config([*TINY_MODEL, "mode=predict", *overrides, "trainer=ddp_cpu", "trainer.devices=2"])
+    weights, _ = tiny_weights(tmp_path)
+    cfg = compose_config(
+        [*TINY_MODEL, "mode=predict", weights, *one_image(tmp_path), "trainer=ddp_cpu", "trainer.devices=2"]
+    )
     with pytest.raises(ValueError, match=r"one\.png holds 1 images for 2 processes: give at least one image a process"):
         predict(cfg)
 
@@ -224,14 +236,12 @@ def test_fewer_images_than_processes_is_a_clear_error_before_any_starts(tmp_path
 def test_a_label_map_that_leaves_a_label_out_is_a_clear_error_before_any_image(tmp_path):
     from mrcnn.engine.predict import predict
 
-    cfg = compose_config([*TINY_MODEL], run_dir=str(tmp_path))
-    weights = tmp_path / "tiny.pth"
-    torch.save(instantiate(cfg.module).model.state_dict(), weights)
-    Image.new("RGB", (64, 48)).save(tmp_path / "one.png")
-    overrides = [f"weights={weights}", f"predict.input={tmp_path / 'one.png'}", f"predict.output={tmp_path / 'out'}"]
-    labels = "{" + ", ".join(f"{k}: {10 + k}" for k in range(1, cfg.model.num_classes)) + "}"  # all but the last
-    cfg = compose_config([*TINY_MODEL, "mode=predict", *overrides, f"predict.label_to_category_id={labels}"])
-    with pytest.raises(ValueError, match=rf"maps no category id to labels \[{cfg.model.num_classes}\]"):
+    weights, num_classes = tiny_weights(tmp_path)
+    labels = "{" + ", ".join(f"{k}: {10 + k}" for k in range(1, num_classes)) + "}"  # all but the last
+    cfg = compose_config(
+        [*TINY_MODEL, "mode=predict", weights, *one_image(tmp_path), f"predict.label_to_category_id={labels}"]
+    )
+    with pytest.raises(ValueError, match=rf"maps no category id to labels \[{num_classes}\]"):
         predict(cfg)
 
 
@@ -239,9 +249,7 @@ def test_an_image_that_cannot_be_read_is_skipped_and_counted_and_the_rest_writte
     # Its header reads (so the check before the run passes), its pixels do not: one broken photo in a folder.
     from mrcnn.engine.predict import predict
 
-    cfg = compose_config([*TINY_MODEL], run_dir=str(tmp_path))
-    weights = tmp_path / "tiny.pth"
-    torch.save(instantiate(cfg.module).model.state_dict(), weights)
+    weights, _ = tiny_weights(tmp_path)
     images = tmp_path / "images"
     images.mkdir()
     pixels = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
@@ -250,7 +258,7 @@ def test_an_image_that_cannot_be_read_is_skipped_and_counted_and_the_rest_writte
     broken = (images / "b.jpg").read_bytes()
     (images / "b.jpg").write_bytes(broken[: len(broken) * 2 // 3])
     out = tmp_path / "out"
-    overrides = [f"weights={weights}", f"predict.input={images}", f"predict.output={out}", "predict.batch_size=2"]
+    overrides = [weights, f"predict.input={images}", f"predict.output={out}", "predict.batch_size=2"]
     cfg = compose_config([*TINY_MODEL, "mode=predict", *overrides, "predict.score_threshold=0.0"])
     with caplog.at_level(logging.WARNING, logger="mrcnn.engine.predict"):
         summary = predict(cfg)
