@@ -131,6 +131,23 @@ def test_the_rebuild_command_reads_the_report_settings_from_the_sweep(sweep):
     assert "30.3 | 51.2 | 31.5 | - |" in rows[1]
 
 
+def test_a_rebuild_with_fewer_keys_keeps_the_papers_numbers_and_order_where_they_map_one_to_one(tmp_path, capsys):
+    # The sweep ran C4 jobs and recorded its report by backbone and pooler, with Table 2d's C5 rows as well.
+    for i, pooler in enumerate(("roi_pool", "roi_align")):
+        fake_job(tmp_path, str(i), ["model/backbone=c4", f"model/pooler={pooler}", "seed=0"], metrics(0.2 + 0.1 * i))
+    paper = {
+        f"model/backbone={backbone}, model/pooler={pooler}": [value, 50.0, 30.0, math.nan]
+        for backbone, pooler, value in (("c4", "roi_align", 30.3), ("c4", "roi_pool", 26.9), ("c5", "roi_align", 30.9))
+    }
+    order = ["model/backbone=c4, model/pooler=roi_align", "model/backbone=c4, model/pooler=roi_pool"]
+    callback = {"variant_keys": ["model/backbone", "model/pooler"], "title": "T", "order": order, "paper": paper}
+    (tmp_path / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"callbacks": {"ablation_report": callback}}}))
+    report_main([str(tmp_path), "--keys", "model/pooler"])
+    summary = json.loads((tmp_path / "report_by_model-pooler.json").read_text())
+    assert [v["variant"] for v in summary["variants"]] == ["model/pooler=roi_align", "model/pooler=roi_pool"]
+    assert [v["paper"][0] for v in summary["variants"]] == [30.3, 26.9]  # C4's rows, the backbone the jobs ran
+
+
 def test_the_rebuild_command_needs_keys_without_a_recorded_callback(sweep):
     result = subprocess.run(
         [sys.executable, "-m", "mrcnn.reporting", str(sweep)],

@@ -19,6 +19,7 @@ Rebuild a report from an existing sweep::
 """
 
 import argparse
+import collections
 import json
 import logging
 import math
@@ -934,6 +935,25 @@ def settings_from_sweep(sweep_dir: str | Path) -> dict:
     return settings
 
 
+def project_names(names: list[str], recorded_keys: list[str], keys: list[str]) -> dict[str, str]:
+    """``{recorded variant name: its name under keys}``, for the names whose projection no other name shares.
+
+    A report rebuilt with fewer variant keys than its sweep recorded (``--keys model/pooler`` on a sweep labelled by
+    backbone and pooler) finds the paper's numbers and the row order under the recorded names: each is carried over
+    to the name its values of ``keys`` give, unless two recorded names give the same one (which paper row would it
+    be?). Keys that the recorded names do not hold carry nothing over.
+    """
+    if not set(keys) <= set(recorded_keys):
+        return {}
+    projected = {}
+    for name in names:
+        labels = dict(part.split("=", 1) for part in name.split(", ") if "=" in part)
+        if set(recorded_keys) <= set(labels):
+            projected[name] = variant_name({key: labels[key] for key in keys})
+    counts = collections.Counter(projected.values())
+    return {name: new for name, new in projected.items() if counts[new] == 1}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description="Rebuild an ablation report from a sweep directory (e.g. after a sweep was stopped early)."
@@ -955,6 +975,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.keys and args.keys != settings.get("variant_keys"):
         stem = "report_by_" + "_".join(re.sub(r"\W+", "-", key).strip("-") for key in args.keys)
     if args.keys:
+        recorded = settings.get("variant_keys")
+        if recorded and args.keys != recorded:
+            # The paper's rows and the order are keyed by the recorded names: carried over where they map one to one,
+            # among the variants the sweep ran (a roialign sweep of C4 jobs records Table 2d's C5 rows as well).
+            ran = {variant.name for variant in collect(args.sweep_dir, list(recorded))}
+            names = [name for name in [*(settings.get("paper") or {}), *(settings.get("order") or [])] if name in ran]
+            renamed = project_names(names, list(recorded), args.keys)
+            if settings.get("paper"):
+                settings["paper"] = {renamed[k]: v for k, v in settings["paper"].items() if k in renamed}
+            if settings.get("order"):
+                settings["order"] = list(dict.fromkeys(renamed[k] for k in settings["order"] if k in renamed))
         settings["variant_keys"] = args.keys
     if args.title is not None:
         settings["title"] = args.title
