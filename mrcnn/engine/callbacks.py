@@ -304,8 +304,8 @@ class RunRecord(L.Callback):
 
     ``checkpoint["mrcnn_run"]`` (``mrcnn.engine.checkpoints.RUN_RECORD_KEY``) holds the resolved config (a resumed run
     compares its own with it: ``mrcnn.engine.checkpoints.check_resume_config``), the command-line overrides and the
-    W&B run's id and labels (a resumed run continues that W&B run, under its name, group and tags). Hydra rewrites ``<run_dir>/.hydra`` when a run is
-    resumed into its own folder, so the checkpoint is the one place these facts outlive the run's start.
+    W&B run's id and labels (a resumed run continues that W&B run, under its name, group and tags). Hydra rewrites
+    ``<run_dir>/.hydra`` when a run is resumed into its own folder, so the checkpoint is the one place these facts outlive the run's start.
 
     Args:
         config: the resolved config, as plain containers.
@@ -403,12 +403,18 @@ class RandomState(L.Callback):
             set_random_state(loaded[trainer.global_rank % len(loaded)])
 
 
-def _wandb_run_id(trainer: L.Trainer) -> str | None:
-    """The id of this run's W&B run, on rank zero (the rank that writes checkpoints and owns the W&B run)."""
+def _wandb_run(trainer: L.Trainer):
+    """This run's W&B run, on rank zero (the rank that writes checkpoints and owns the W&B run); else ``None``."""
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
-            return logger.experiment.id
+            return logger.experiment
     return None
+
+
+def _wandb_run_id(trainer: L.Trainer) -> str | None:
+    """The id of this run's W&B run, on rank zero; ``None`` without W&B."""
+    run = _wandb_run(trainer)
+    return None if run is None else run.id
 
 
 def _wandb_labels(trainer: L.Trainer) -> dict | None:
@@ -417,12 +423,11 @@ def _wandb_labels(trainer: L.Trainer) -> dict | None:
     A resumed run gives them to W&B again (:func:`mrcnn.engine.loggers.wandb_settings`): W&B keeps a run's labels on
     its server, but a run that never reached it (offline, not synced) would be continued online without them.
     """
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
-            run = logger.experiment
-            labels = {"name": run.name or None, "group": run.group or None, "tags": list(run.tags or ()) or None}
-            return {key: value for key, value in labels.items() if value is not None}
-    return None
+    run = _wandb_run(trainer)
+    if run is None:
+        return None
+    labels = {"name": run.name or None, "group": run.group or None, "tags": list(run.tags or ()) or None}
+    return {key: value for key, value in labels.items() if value is not None}
 
 
 class StepTimer(L.Callback):

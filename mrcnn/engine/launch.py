@@ -48,9 +48,9 @@ def job_scope(cfg: DictConfig):
     If the job fails in this process, the DDP processes Lightning started for it get a moment to end on their
     own and are then killed (:func:`mrcnn.engine.job_processes.stop_after_failure`): they may be waiting for this
     one, and in a sweep the next job needs their devices. At the end of the job it finishes the W&B run (one run
-    per sweep job), destroys the process group and restores the variables Lightning's launcher set in this process: with ``LOCAL_RANK`` left over,
-    the next job of a sweep would take its processes to be started externally and wait for peers that
-    never come.
+    per sweep job), destroys the process group and restores the variables Lightning's launcher set in this
+    process: with ``LOCAL_RANK`` left over, the next job of a sweep would take its processes to be started
+    externally and wait for peers that never come.
     """
     import torch  # here, not at the top: run.py imports this module before Hydra composes (a typo fails fast)
 

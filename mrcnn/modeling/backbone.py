@@ -23,6 +23,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from mrcnn.modeling.frozen_bn import frozen_batchnorm
+
 # Residual block type and blocks per stage (res2-res5) of each depth, as in torchvision's builders.
 RESNETS = {
     18: (resnet.BasicBlock, [2, 2, 2, 2]),
@@ -140,29 +142,6 @@ def freeze_stages(body: resnet.ResNet, trainable_layers: int) -> None:
     for name in ("bn1", "layer1", "layer2", "layer3", "layer4"):
         if name not in trainable:
             setattr(body, name, frozen_batchnorm(getattr(body, name)))
-
-
-def frozen_batchnorm(module: nn.Module) -> nn.Module:
-    """``module`` with each BatchNorm layer (plain or synchronised, at any depth) replaced by a ``FrozenBatchNorm2d``
-    holding its affine parameters, running statistics and ``eps``; ``module`` itself if it is one.
-
-    In evaluation mode the result computes what ``module`` computes; in training mode too.
-    """
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
-        with torch.no_grad():
-            for buffer, value in (
-                ("weight", module.weight),
-                ("bias", module.bias),
-                ("running_mean", module.running_mean),
-                ("running_var", module.running_var),
-            ):
-                if value is not None:  # affine=False or track_running_stats=False: FrozenBatchNorm2d's 1 and 0
-                    getattr(frozen, buffer).copy_(value)
-        return frozen
-    for name, child in module.named_children():
-        setattr(module, name, frozen_batchnorm(child))
-    return module
 
 
 def resnet_fpn(

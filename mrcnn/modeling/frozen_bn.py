@@ -1,4 +1,5 @@
-"""A FrozenBatchNorm2d that returns its input's dtype (``model.frozen_bn_keeps_dtype``).
+"""A FrozenBatchNorm2d that returns its input's dtype (``model.frozen_bn_keeps_dtype``); BatchNorm layers frozen
+into FrozenBatchNorm2d (:func:`frozen_batchnorm`, for a backbone's frozen stages).
 
 torchvision's ``FrozenBatchNorm2d`` computes ``x * scale + bias`` with float32 ``scale`` and ``bias``. Under bf16
 autocast its input (a convolution's output) is bf16, so type promotion makes its output float32: the ReLU, the
@@ -25,6 +26,25 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 
 BUFFERS = ("weight", "bias", "running_mean", "running_var")
+
+
+def frozen_batchnorm(module: nn.Module) -> nn.Module:
+    """``module`` with each BatchNorm layer (plain or synchronised, at any depth) replaced by a ``FrozenBatchNorm2d``
+    holding its affine parameters, running statistics and ``eps``; ``module`` itself if it is one.
+
+    In evaluation mode the result computes what ``module`` computes; in training mode too.
+    """
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+        with torch.no_grad():
+            for buffer in BUFFERS:
+                value = getattr(module, buffer)
+                if value is not None:  # affine=False or track_running_stats=False: FrozenBatchNorm2d's 1 and 0
+                    getattr(frozen, buffer).copy_(value)
+        return frozen
+    for name, child in module.named_children():
+        setattr(module, name, frozen_batchnorm(child))
+    return module
 
 
 class FrozenBatchNorm2dKeepsDtype(FrozenBatchNorm2d):
