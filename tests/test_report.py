@@ -5,9 +5,11 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
+from hydra.core.utils import JobStatus
 
 from mrcnn.reporting.report import collect, markdown_table, our_setting, write_report
 from mrcnn.reporting.report import main as report_main
@@ -519,3 +521,91 @@ def test_records_without_job_json_get_parameters_from_the_models_their_configs_b
         assert rebuilt[name]["model"]["backbone.width"] == 16
     assert rebuilt["model/backbone=c4"]["model"]["backbone"] == "ResNet-18-C4"
     assert "rebuilt from today's configs" in (copy / "report.md").read_text()
+
+
+SWEEP_APP = """
+import json
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+
+
+@hydra.main(version_base=None, config_path=".", config_name="app")
+def main(cfg):
+    if cfg.pooler == "roi_pool":
+        raise RuntimeError("this job fails")
+    ap = 0.3 if cfg.pooler == "roi_align" else 0.2
+    metrics = {"segm_AP": ap, "segm_AP50": ap, "segm_AP75": ap, "bbox_AP": ap}
+    (Path(HydraConfig.get().runtime.output_dir) / "metrics.json").write_text(json.dumps(metrics))
+
+
+main()
+"""
+
+
+def test_a_sweep_with_a_failed_job_still_reports_the_jobs_that_finished(tmp_path):
+    # Hydra's sweeper raises on a failed job once all jobs ran, before on_multirun_end: the report is written as
+    # each job ends, so the finished jobs are reported and the failed one is named.
+    sweep = tmp_path / "sweep"
+    (tmp_path / "app.py").write_text(SWEEP_APP)
+    (tmp_path / "app.yaml").write_text(
+        "pooler: roi_align\n"
+        "hydra:\n"
+        f"  sweep: {{dir: {sweep}}}\n"
+        "  callbacks:\n"
+        "    ablation_report:\n"
+        "      _target_: mrcnn.reporting.report.AblationReportCallback\n"
+        "      variant_keys: [pooler]\n"
+        "      title: With a failed job\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "app.py"), "-m", "pooler=roi_align,roi_pool,max_pool"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0 and "this job fails" in result.stderr
+    report = (sweep / "report.md").read_text()
+    assert report.startswith("**With a failed job**")
+    rows = [line.split(" |")[0] for line in report.splitlines() if line.startswith("| pooler=")]
+    assert rows[:2] == ["| pooler=roi_align", "| pooler=max_pool"]
+    assert "**Left out of the table: 1 job(s)**: `1` (no metrics.json: failed or not finished)." in report
+    log = result.stdout + result.stderr
+    assert "job 1 failed: the report leaves it out" in log
+    assert log.count("ablation report of the jobs finished so far") == 3  # after each job, the failed one too
+    assert not [p.name for p in sweep.iterdir() if ".tmp" in p.name]
+
+
+def test_jobs_that_end_together_write_the_report_in_turn(sweep):
+    # While another job of the sweep (here: this test) writes the report, a job that ends waits for it, then writes
+    # the report of everything finished by then.
+    import fcntl
+    import threading
+
+    from omegaconf import OmegaConf
+
+    from mrcnn.reporting.report import AblationReportCallback
+
+    config = OmegaConf.create({"hydra": {"mode": "RunMode.MULTIRUN", "sweep": {"dir": str(sweep)}, "job": {"num": 3}}})
+    done = SimpleNamespace(status=JobStatus.COMPLETED)
+    with open(sweep / ".report.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        writer = threading.Thread(target=AblationReportCallback(["model/pooler"], "T").on_job_end, args=(config, done))
+        writer.start()
+        writer.join(timeout=3)
+        assert writer.is_alive() and not (sweep / "report.md").exists()
+        fake_job(sweep, "5", ["model/pooler=roi_pool", "seed=2"], metrics(0.25))  # ended while the lock was held
+    writer.join(timeout=120)
+    assert not writer.is_alive()
+    summary = json.loads((sweep / "report.json").read_text())
+    assert {v["variant"]: len(v["runs"]) for v in summary["variants"]} == {
+        "model/pooler=roi_pool": 3,
+        "model/pooler=roi_align": 2,
+    }
+    # Outside a sweep (one job of an experiment run alone, a DDP child process) there is nothing to report.
+    (sweep / "report.md").unlink()
+    config.hydra.mode = "RunMode.RUN"
+    AblationReportCallback(["model/pooler"], "T").on_job_end(config, done)
+    assert not (sweep / "report.md").exists()

@@ -20,14 +20,18 @@ Rebuild a report from an existing sweep::
 
 import argparse
 import collections
+import contextlib
+import fcntl
 import json
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -807,13 +811,39 @@ def write_report(
         inside = f" (the sweeps inside it have their own reports: {', '.join(nested)})" if nested else ""
         raise ValueError(f"no finished runs (with metrics.json) under {sweep_dir}{inside}")
     paths = {kind: sweep_dir / f"{stem}.{kind}" for kind in ("md", "json", "png")}
-    paths["md"].write_text(markdown_report(variants, title, paper, paper_setting, left_out) + "\n")
     summary = summarize(variants, title, variant_keys, paper, paper_setting)
     summary["left_out"] = [{"job": job, "why": why} for job, why in left_out]
+    # Each file is written beside its place and moved there: a reader (or a job's report written at the same time,
+    # AblationReportCallback.on_job_end) never sees half a file.
+    _replace(
+        paths["md"], lambda tmp: tmp.write_text(markdown_report(variants, title, paper, paper_setting, left_out) + "\n")
+    )
     # NaN (a paper number the paper does not give) is written as null: report.json stays standard JSON.
-    paths["json"].write_text(json.dumps(_nan_to_none(summary), indent=2))
-    chart(variants, paths["png"], title, paper, paper_setting)
+    _replace(paths["json"], lambda tmp: tmp.write_text(json.dumps(_nan_to_none(summary), indent=2)))
+    _replace(paths["png"], lambda tmp: chart(variants, tmp, title, paper, paper_setting))
     return paths
+
+
+def _replace(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then move it to ``path`` in one step."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # the suffix names the chart's format
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _report_lock(sweep_dir: Path):
+    """Held while a sweep's report is collected and written: jobs of a SLURM array that end together write it in
+    turn, each from every job finished before it (else one that collected earlier could write last)."""
+    with open(sweep_dir / ".report.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as error:  # a file system without locks: the files are still whole (_replace)
+            log.warning("writing the report without a lock (%s): %s", sweep_dir, error)
+        yield
 
 
 def _nan_to_none(value):
@@ -827,7 +857,7 @@ def _nan_to_none(value):
 
 
 class AblationReportCallback(Callback):
-    """Hydra callback: when a sweep ends, write its ablation report into the sweep directory.
+    """Hydra callback: write a sweep's ablation report into the sweep directory, after each job and when it ends.
 
     Configured by the ``experiment=ablation_*`` configs under ``hydra.callbacks``. When the sweep's
     logger is W&B, the tables and chart also go to a W&B run of ``job_type="report"`` in the
@@ -849,6 +879,32 @@ class AblationReportCallback(Callback):
         self.order = list(order) if order else None
         self.paper = {k: [float(x) for x in v] for k, v in (paper or {}).items()}
         self.paper_setting = {str(k): str(v) for k, v in (paper_setting or {}).items()}
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        """After each job of a sweep, the report of the jobs finished so far.
+
+        Hydra's sweeper raises on a failed job once every job has run, before ``on_multirun_end``: without this, one
+        failed job of twelve would leave no report of the other eleven. A job's report comes after its
+        ``metrics.json``; the last job's is the whole sweep's.
+        """
+        if str(config.hydra.mode) != "RunMode.MULTIRUN":
+            return  # one job of an experiment run alone (or a DDP child process): no sweep to report
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if job_return.status == JobStatus.FAILED:
+            log.error("job %s failed: the report leaves it out", config.hydra.job.num)
+        try:
+            with _report_lock(sweep_dir):
+                paths = write_report(
+                    sweep_dir, self.variant_keys, self.title, self.order, self.paper, self.paper_setting
+                )
+        except ValueError as error:
+            log.info("no ablation report yet: %s", error)
+            return
+        except Exception:
+            # The job's own results are written; a report can be rebuilt from them (python -m mrcnn.reporting).
+            log.exception("the ablation report of the jobs finished so far was not written (%s)", sweep_dir)
+            return
+        log.info("ablation report of the jobs finished so far: %s", paths["md"])
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = config.hydra.sweep.dir
