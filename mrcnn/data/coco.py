@@ -199,9 +199,16 @@ def _decode_categories(raw: mmap.mmap) -> list | None:
 read_rgb_image = read_image
 
 
-def _is_json_int(value) -> bool:
-    """An integer id that numpy's int64 (and so pycocotools and torch) can hold; a bool is no id."""
-    return type(value) is int and _MIN_INT64 <= value <= _MAX_INT64
+def _json_id(value) -> int | None:
+    """``value`` as an id, or ``None`` if it is none: an integer that numpy's int64 (and so pycocotools and torch)
+    can hold, or a float with a whole value (tools that pass ids through pandas write ``100.0``; pycocotools reads
+    it as the same key as ``100``) up to 2**53, which a float holds exactly. A bool, a string or ``1.5`` is no id.
+    """
+    if type(value) is int:
+        return value if _MIN_INT64 <= value <= _MAX_INT64 else None
+    if type(value) is float and value.is_integer() and abs(value) <= _MAX_ANNOTATION_ID:
+        return int(value)
+    return None
 
 
 def _check_categories(categories: list, path) -> list[dict]:
@@ -211,11 +218,13 @@ def _check_categories(categories: list, path) -> list[dict]:
             raise ValueError(
                 f"COCO annotation file {path}: every category needs an 'id' and a 'name', got {_short(category)}"
             )
-        if not _is_json_int(category["id"]):
+        category_id = _json_id(category["id"])
+        if category_id is None:
             raise ValueError(
                 f"COCO annotation file {path}: category {_short(category['name'])} has id {_short(category['id'])} "
                 f"({type(category['id']).__name__}), not an integer within int64"
             )
+        category["id"] = category_id
         if not isinstance(category["name"], str) or not category["name"].strip():
             raise ValueError(
                 f"COCO annotation file {path}: category id {category['id']} has name {_short(category['name'])}, "
@@ -331,6 +340,7 @@ class CocoDataset(torch.utils.data.Dataset):
                         if images
                         else "its 'images' list is empty"
                     )
+                    + (f" ({self._describe_skips()})" if self.skipped else "")
                 )
             self._check_image_limits([images[row] for row in kept])
             self._count_capped(per_image, annotations, kept)
@@ -366,11 +376,13 @@ class CocoDataset(torch.utils.data.Dataset):
             ]
             if missing:
                 raise ValueError(f"COCO annotation file {self.ann_file}: image entry {image!r} lacks {missing}")
-            if not _is_json_int(image["id"]):
+            image_id = _json_id(image["id"])
+            if image_id is None:
                 raise ValueError(
                     f"COCO annotation file {self.ann_file}: image {_short(image['file_name'])} has id "
                     f"{_short(image['id'])}, not an integer within int64"
                 )
+            image["id"] = image_id
             if image["id"] in seen:
                 raise ValueError(f"COCO annotation file {self.ann_file}: image id {image['id']} appears twice")
             if not isinstance(image["file_name"], str) or not image["file_name"]:
@@ -449,17 +461,23 @@ class CocoDataset(torch.utils.data.Dataset):
                 self._skip("not a JSON object", annotation)
                 continue
             image_id = annotation.get("image_id")
-            if type(image_id) is not int:  # a string, list, null or float id names no image (and may not hash)
-                self._skip("malformed image id", annotation)
-                continue
+            if type(image_id) is not int:
+                image_id = _json_id(image_id)  # a string, list or null names no image (and may not hash)
+                if image_id is None:
+                    self._skip("malformed image id", annotation)
+                    continue
+                annotation = dict(annotation, image_id=image_id)
             image = images.get(image_id)
             if image is None:
                 self._skip("unknown image id", annotation)
                 continue
             category_id = annotation.get("category_id")
             if type(category_id) is not int:
-                self._skip("malformed category id", annotation)
-                continue
+                category_id = _json_id(category_id)
+                if category_id is None:
+                    self._skip("malformed category id", annotation)
+                    continue
+                annotation = dict(annotation, category_id=category_id)
             if category_id not in self._all_category_ids:
                 self._skip("unknown category id", annotation)
                 continue
@@ -479,8 +497,31 @@ class CocoDataset(torch.utils.data.Dataset):
             else:
                 kept.append(self._complete(annotation, image))
         kept = self._drop_bad_compressed_rles(kept, compressed, images)
+        kept = self._drop_collapsed_boxes(kept, images)
         self._fix_annotation_ids(kept)
         return kept
+
+    def _drop_collapsed_boxes(self, kept: list[dict], images: dict) -> list[dict]:
+        """``kept`` without the boxes that :meth:`__getitem__` would make empty.
+
+        A box of positive width in the json can still end with ``x2 == x1`` once it is made xyxy, clipped to the
+        image and cast to float32, as ``__getitem__`` does: a width of 1e-7 px at x = 27 (float noise from a
+        converter), or a box starting within a float32 step of the image's edge. Such a box crashed the augmentation
+        in a loader worker without naming the file. One numpy pass over all boxes.
+        """
+        if not kept:
+            return kept
+        boxes = np.array([a["bbox"] for a in kept], dtype=np.float64)
+        sizes = np.array([(images[a["image_id"]]["width"], images[a["image_id"]]["height"]) for a in kept])
+        boxes[:, 2:] += boxes[:, :2]
+        boxes = np.clip(boxes, 0, np.tile(sizes, 2)).astype(np.float32)
+        collapsed = np.flatnonzero((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))
+        for position in collapsed.tolist():
+            self._skip("box too thin (empty once clipped to the image in float32)", kept[position])
+        if not collapsed.size:
+            return kept
+        dropped = set(collapsed.tolist())
+        return [annotation for position, annotation in enumerate(kept) if position not in dropped]
 
     def _drop_bad_compressed_rles(self, kept: list[dict], compressed: list[int], images: dict) -> list[dict]:
         """``kept`` without the compressed RLEs whose runs do not add up to their image, the others completed.
@@ -515,6 +556,8 @@ class CocoDataset(torch.utils.data.Dataset):
             return annotation, rle_problem(segmentation, height, width, decode_strings=False)
         if not isinstance(segmentation, list) or not segmentation:
             return annotation, "no segmentation"
+        if any(isinstance(part, dict) for part in segmentation):
+            return self._merge_rle_list(annotation, image)
         reason = _polygon_problem(segmentation, max(image["height"], image["width"]))
         if reason is not None:
             return annotation, reason
@@ -536,6 +579,22 @@ class CocoDataset(torch.utils.data.Dataset):
         if len(polygons) < len(segmentation):
             annotation = dict(annotation, segmentation=polygons)
         return annotation, None
+
+    def _merge_rle_list(self, annotation: dict, image: dict) -> tuple[dict, str | None]:
+        """A segmentation given as a list of RLEs (which pycocotools reads: the union of their masks) as one
+        compressed RLE, or the reason it is unusable; counted among the repairs."""
+        segmentation = annotation["segmentation"]
+        if not all(isinstance(part, dict) for part in segmentation):
+            return annotation, "segmentation mixes polygons and RLEs"
+        height, width = int(image["height"]), int(image["width"])
+        for part in segmentation:
+            reason = rle_problem(part, height, width)
+            if reason is not None:
+                return annotation, reason
+        merged = mask_utils.merge([segmentation_to_rle(part, height, width) for part in segmentation])
+        counts = merged["counts"].decode("ascii") if isinstance(merged["counts"], bytes) else merged["counts"]
+        self.repaired["list of RLEs merged into one RLE"] += 1
+        return dict(annotation, segmentation={"size": [height, width], "counts": counts}), None
 
     def _complete(self, annotation: dict, image: dict, extent: list[float] | None = None) -> dict:
         """The annotation with ``iscrowd`` and ``area`` as COCOeval needs them; counts a bbox far from its mask.
@@ -570,6 +629,9 @@ class CocoDataset(torch.utils.data.Dataset):
     def _fix_annotation_ids(self, annotations: list[dict]) -> None:
         # pycocotools reads annotation id 0 as "unmatched" and needs ids to be unique;
         # renumber (in the evaluator's ground truth only) if the json's ids are unusable.
+        for i, annotation in enumerate(annotations):
+            if type(annotation.get("id")) is float and _json_id(annotation["id"]) is not None:  # 7.0: id 7
+                annotations[i] = dict(annotation, id=int(annotation["id"]))
         ids = [a.get("id") for a in annotations]
         if all(type(i) is int and 0 < i <= _MAX_ANNOTATION_ID for i in ids) and len(set(ids)) == len(ids):
             return
@@ -579,7 +641,8 @@ class CocoDataset(torch.utils.data.Dataset):
             self.ann_file,
         )
         for i, annotation in enumerate(annotations):
-            annotations[i] = dict(annotation, id=i + 1)
+            # The json's own id stays beside the new one: messages name the annotation as the json does.
+            annotations[i] = dict(annotation, id=i + 1, json_id=annotation.get("id", "?"))
 
     def _group_by_image(self, images: list[dict], annotations: list[dict]) -> list[list[int]]:
         """Per json image (json order), the positions in ``annotations`` of its annotations (json order)."""
@@ -618,6 +681,8 @@ class CocoDataset(torch.utils.data.Dataset):
         sizes = [(int(images[row]["height"]), int(images[row]["width"])) for row in kept]
         self._image_sizes = np.asarray(sizes, dtype=np.int64).reshape(len(kept), 2)
         self.num_annotations = len(annotations)
+        # What training learns from: the non-crowd ones (crowd regions, even in the targets, are kept out of it).
+        self.num_trainable_annotations = sum(not a["iscrowd"] for a in annotations)
         per_record = np.fromiter((len(positions) for positions in per_image), dtype=np.int64, count=len(per_image))
         # int64 [records + 1]: record r holds the annotations numbered _record_starts[r] up to _record_starts[r + 1].
         self._record_starts = np.concatenate([[0], np.cumsum(per_record)])
@@ -643,6 +708,8 @@ class CocoDataset(torch.utils.data.Dataset):
             regular = listings[folder].get(path.name)
             if regular is None:
                 missing.append(str(path))
+            elif not regular and not os.path.exists(path):  # a link to nothing (its target moved or was deleted)
+                missing.append(f"{path} (a symbolic link to {os.readlink(path)}, which does not exist)")
             elif not regular:
                 irregular.append(path)
         if missing:
@@ -736,7 +803,8 @@ class CocoDataset(torch.utils.data.Dataset):
         self.skipped[reason] += new.size
         examples = self._examples.setdefault(reason, [])
         for number in new[: _EXAMPLES_PER_REASON - len(examples)].tolist():
-            examples.append(self._annotation(number).get("id", "?"))
+            annotation = self._annotation(number)
+            examples.append(annotation.get("json_id", annotation.get("id", "?")))
         self.skip_report = self._describe_skips()
         examples = ", ".join(str(e) for e in self._examples[reason])
         message = (

@@ -19,6 +19,8 @@ not provided):
   ``aspect_ratio_grouping``.
 - ``report_read_skips()`` (:class:`ReportsReadSkips`): logs what it left out while reading items (e.g. in loader
   workers); the datamodule calls it after every pass.
+- ``num_trainable_annotations`` (:class:`CountsTrainableAnnotations`): how many non-crowd annotations its items'
+  targets hold in all, known without reading them; training stops before its first step when it is 0.
 """
 
 from collections.abc import Mapping, Sequence
@@ -29,6 +31,7 @@ from torch import Tensor
 
 __all__ = [
     "TARGET_FIELDS",
+    "CountsTrainableAnnotations",
     "HasCategoryIds",
     "HasCocoGroundTruth",
     "HasImageSizes",
@@ -85,6 +88,13 @@ class ReportsReadSkips(Protocol):
     """A dataset that counts what it leaves out while reading items and logs it when asked."""
 
     def report_read_skips(self) -> str: ...
+
+
+@runtime_checkable
+class CountsTrainableAnnotations(Protocol):
+    """A dataset that knows how many non-crowd annotations (what training learns from) its items hold, unread."""
+
+    num_trainable_annotations: int
 
 
 def check_sample(sample: tuple[Tensor, dict[str, Tensor]], num_classes: int) -> None:

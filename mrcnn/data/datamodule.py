@@ -15,7 +15,13 @@ import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
-from mrcnn.data.contract import HasCategoryIds, HasCocoGroundTruth, HasImageSizes, ReportsReadSkips
+from mrcnn.data.contract import (
+    CountsTrainableAnnotations,
+    HasCategoryIds,
+    HasCocoGroundTruth,
+    HasImageSizes,
+    ReportsReadSkips,
+)
 from mrcnn.data.samplers import EpochSampler, GroupedBatchSampler, epoch_order, orientation_groups
 
 __all__ = [
@@ -253,6 +259,17 @@ def report_read_skips(dataset: Dataset | None) -> None:
         dataset.report_read_skips()
 
 
+def check_something_to_learn(dataset: Dataset) -> None:
+    """Stops when a training set's targets hold no annotation at all (:class:`~mrcnn.data.contract.CountsTrainableAnnotations`).
+
+    A json whose every annotation was skipped (box-only exports without segmentations, ids of an unknown form)
+    would otherwise train the whole schedule on background alone, its only sign a warning at the start.
+    """
+    if isinstance(dataset, CountsTrainableAnnotations) and dataset.num_trainable_annotations == 0:
+        why = getattr(dataset, "skip_report", "") or "it has none"
+        raise ValueError(f"the training set {dataset!r} has no annotation to train on: {why}")
+
+
 class InstanceDataModule(lightning.LightningDataModule):
     """Serves instance-segmentation datasets that follow the project's data contract.
 
@@ -442,6 +459,7 @@ class InstanceDataModule(lightning.LightningDataModule):
         return GroupedBatchSampler(order, group_ids, self.batch_size, num_replicas=world, rank=rank)
 
     def train_dataloader(self) -> ResumableDataLoader:
+        check_something_to_learn(self.train_dataset)
         if self.aspect_ratio_grouping:
             self._check_grouping_under_ddp()
             loader = self._loader(self.train_dataset, ResumableDataLoader, batch_sampler=self.grouped_batch_sampler())

@@ -332,6 +332,11 @@ def link_to_dev_null(path: Path) -> None:
     path.symlink_to("/dev/null")
 
 
+def link_to_nothing(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.symlink_to(path.with_name("moved_away.jpg"))
+
+
 def tiny_annotations(count: int) -> Callable:
     """A case maker: ``count`` one-pixel-square annotations on the first image (ids from ``BAD_ID``)."""
 
@@ -466,6 +471,17 @@ COCO_CASES = [
     Case("bbox_of_strings", add_annotation(bbox=["1", "1", "9", "9"]), Skipped("missing or malformed bbox")),
     Case("bbox_zero_width", add_annotation(bbox=[5, 5, 0, 4]), Skipped("zero-area box")),
     Case("bbox_zero_height", add_annotation(bbox=[5, 5, 3, 0]), Skipped("zero-area box")),
+    # Positive in the json, empty once xyxy in float32 (float noise from a converter; a box at the image's edge).
+    Case(
+        "bbox_thinner_than_float32",
+        add_annotation(bbox=[2.0, 1.0, 1e-7, 8.0]),
+        Skipped("box too thin (empty once clipped to the image in float32)"),
+    ),
+    Case(
+        "bbox_within_float32_of_the_edge",
+        add_annotation(bbox=[WIDTH - 1e-6, 1.0, 8.0, 8.0]),
+        Skipped("box too thin (empty once clipped to the image in float32)"),
+    ),
     Case("bbox_outside_the_image", add_annotation(bbox=[500, 5, 3, 3]), Skipped("box outside the image")),
     Case("bbox_nan", add_annotation(bbox=[1, 1, float("nan"), 9]), Skipped("non-finite bbox")),
     Case("bbox_infinite", add_annotation(bbox=[1, 1, float("inf"), 9]), Skipped("non-finite bbox")),
@@ -583,6 +599,29 @@ COCO_CASES = [
         add_annotation(segmentation=[[1, 1, 10, 1, 10, 10], [3, 3, 4, 4]]),
         Repaired(counted="polygon part with fewer than 3 points removed", pycocotools=True),
     ),
+    # pycocotools reads a list of RLEs as the union of their masks (Detectron2 drops it).
+    Case(
+        "rle_list",
+        add_annotation(segmentation=[{"size": [HEIGHT, WIDTH], "counts": uncompressed_counts()}] * 2),
+        Repaired(counted="list of RLEs merged into one RLE", pycocotools=True),
+    ),
+    Case(
+        "rle_list_of_compressed_strings",
+        add_annotation(segmentation=[{"size": [HEIGHT, WIDTH], "counts": compressed(triangle_mask())}]),
+        Repaired(counted="list of RLEs merged into one RLE", corrected=lambda data: _rle_list_as_one(data)),
+    ),
+    Case(
+        "rle_list_of_another_size",
+        add_annotation(segmentation=[{"size": [HEIGHT, WIDTH + 1], "counts": uncompressed_counts(HEIGHT, WIDTH + 1)}]),
+        Skipped("RLE size differs from the image size"),
+    ),
+    Case(
+        "rle_list_mixed_with_polygons",
+        add_annotation(
+            segmentation=[{"size": [HEIGHT, WIDTH], "counts": uncompressed_counts()}, [1, 1, 10, 1, 10, 10]]
+        ),
+        Skipped("segmentation mixes polygons and RLEs"),
+    ),
     # pycocotools reads annotation id 0 as "unmatched", and keeps one annotation of a duplicated id.
     Case("annotation_id_zero", add_annotation(id=0), Repaired(logged="renumbering them 1..N")),
     Case(
@@ -685,7 +724,20 @@ COCO_CASES = [
     Case("annotation_image_id_a_string", add_annotation(image_id="100"), Skipped("malformed image id")),
     Case("annotation_image_id_a_list", add_annotation(image_id=[100]), Skipped("malformed image id")),
     Case("annotation_category_id_null", add_annotation(category_id=None), Skipped("malformed category id")),
-    Case("annotation_category_id_a_float", add_annotation(category_id=1.0), Skipped("malformed category id")),
+    Case("annotation_category_id_a_fraction", add_annotation(category_id=1.5), Skipped("malformed category id")),
+    Case("annotation_image_id_a_fraction", add_annotation(image_id=100.5), Skipped("malformed image id")),
+    Case("annotation_category_id_a_bool", add_annotation(category_id=True), Skipped("malformed category id")),
+    # Whole-number floats (ids passed through pandas by a converter): pycocotools reads 1.0 as the key 1.
+    Case(
+        "annotation_ids_whole_floats",
+        add_annotation(category_id=1.0, image_id=float(IMAGE_ID), id=float(BAD_ID)),
+        Repaired(check=lambda dataset: _check_int_ids(dataset), pycocotools=True),
+    ),
+    Case(
+        "image_and_category_ids_whole_floats",
+        edit_json(lambda data: _float_ids(data)),
+        Repaired(check=lambda dataset: _check_int_ids(dataset), pycocotools=True),
+    ),
     # pycocotools keeps annotation ids in float64 arrays: above 2**53 two ids can compare equal.
     Case("annotation_id_beyond_2_53", add_annotation(id=2**60), Repaired(logged="renumbering them 1..N")),
     Case("annotation_id_a_string", add_annotation(id="9001"), Repaired(logged="renumbering them 1..N")),
@@ -714,6 +766,15 @@ COCO_CASES = [
         "image_a_link_to_a_device",
         edit_image_file(link_to_dev_null),
         Stops(rf"are not regular files.*{FIRST_FILE} \(a character device\)"),
+    ),
+    Case(
+        "image_a_link_to_nothing",
+        edit_image_file(link_to_nothing),
+        Stops(
+            rf"1 of 7 image files listed in .*case\.json are missing.*{FIRST_FILE} \(a symbolic link to "
+            r".*moved_away\.jpg, which does not exist\)",
+            FileNotFoundError,
+        ),
     ),
     # ---- 3. images that cannot be held: refused from the json's sizes or the file header, never decoded
     Case(
@@ -923,6 +984,32 @@ def _check_repaired(case: Case, dataset: CocoDataset, split: Split, image_dir: P
     assert result["metrics"]["segm_AP"] == result["metrics"]["bbox_AP"] == 1.0
 
 
+def _float_ids(data: dict) -> None:
+    """Every image and category id, and every annotation's references to them, written as whole floats."""
+    for entry in [*data["images"], *data["categories"]]:
+        entry["id"] = float(entry["id"])
+    for annotation in data["annotations"]:
+        annotation.update(image_id=float(annotation["image_id"]), category_id=float(annotation["category_id"]))
+    data["annotations"].append(good_annotation())
+
+
+def _check_int_ids(dataset: CocoDataset) -> None:
+    """The dataset holds the ids as ints, the float-written annotation included."""
+    gt = dataset.coco_gt.dataset
+    for entry in [*gt["images"], *gt["categories"]]:
+        assert type(entry["id"]) is int
+    for annotation in gt["annotations"]:
+        assert all(type(annotation[key]) is int for key in ("id", "image_id", "category_id")), annotation
+    assert BAD_ID in {a["id"] for a in gt["annotations"]}
+    assert all(type(i) is int for i in [*dataset.image_ids, *dataset.label_to_category_id.values()])
+
+
+def _rle_list_as_one(data: dict) -> None:
+    """The case's list of one compressed RLE, as that RLE (pycocotools reads a list of RLEs only uncompressed)."""
+    annotation = next(a for a in data["annotations"] if a["id"] == BAD_ID)
+    annotation["segmentation"] = annotation["segmentation"][0]
+
+
 def _instances(split: Split) -> dict[int, int]:
     """Non-crowd annotations per image id in the clean split."""
     data = split.data()
@@ -930,6 +1017,48 @@ def _instances(split: Split) -> dict[int, int]:
     for annotation in data["annotations"]:
         counts[annotation["image_id"]] += not annotation["iscrowd"]
     return counts
+
+
+@pytest.mark.parametrize("drop_images_without_annotations", [False, True])
+def test_a_training_set_with_no_usable_annotation_stops_before_training(
+    split: Split, tmp_path: Path, drop_images_without_annotations
+):
+    # A box-only export (no segmentations): every annotation is skipped. Training it would learn background only.
+    data = split.data()
+    for annotation in data["annotations"]:
+        annotation["segmentation"] = []
+    path = tmp_path / "boxes_only.json"
+    path.write_text(json.dumps(data))
+    count = len(data["annotations"])
+    if drop_images_without_annotations:
+        # No image is left: the error says why, at the build.
+        with pytest.raises(
+            ValueError,
+            match=rf"boxes_only\.json leaves no image to use: .*\(skipped {count} annotations: {count} no segmentation",
+        ):
+            CocoDataset(split.image_dir, path, drop_images_without_annotations=True)
+        return
+    dataset = CocoDataset(split.image_dir, path)
+    assert len(dataset) == len(data["images"]) and dataset.num_trainable_annotations == 0
+    datamodule = InstanceDataModule(dataset, dataset, batch_size=2)
+    with pytest.raises(
+        ValueError,
+        match=rf"boxes_only\.json.* has no annotation to train on: skipped {count} annotations: {count} no segmentation",
+    ):
+        datamodule.train_dataloader()
+    # Crowd regions alone are nothing to train on either: training keeps them out, also in the targets.
+    data = split.data()
+    for annotation in data["annotations"]:
+        annotation["iscrowd"] = 1
+    path.write_text(json.dumps(data))
+    for include_crowd in (False, True):
+        crowd = CocoDataset(split.image_dir, path, include_crowd=include_crowd)
+        with pytest.raises(ValueError, match="has no annotation to train on"):
+            InstanceDataModule(crowd, dataset, batch_size=2).train_dataloader()
+    # One annotation is enough.
+    data["annotations"][0]["iscrowd"] = 0
+    path.write_text(json.dumps(data))
+    InstanceDataModule(CocoDataset(split.image_dir, path), dataset, batch_size=2).train_dataloader()
 
 
 def test_skips_are_counted_in_one_log_line(split: Split, tmp_path: Path, caplog):
@@ -987,6 +1116,23 @@ def test_empty_mask_found_in_a_worker_is_counted_after_the_pass(split: Split, tm
     assert f"{path}: 1 more annotations have an empty mask" in caplog.text and f"annotation id {BAD_ID}" in caplog.text
     assert "skipped 1 annotations: 1 empty mask" in dataset.skip_report
     assert dataset.report_read_skips() == ""  # nothing new
+
+
+def test_an_empty_mask_is_named_by_its_json_id_when_the_ids_were_renumbered(split: Split, tmp_path: Path, caplog):
+    # Another annotation's id 0 makes the dataset renumber all of them (for pycocotools): the message about the
+    # collinear polygon still names it as the json does.
+    def edit(data: dict) -> None:
+        data["annotations"][0]["id"] = 0
+        data["annotations"].append(good_annotation(segmentation=[[2, 2, 20, 20, 11, 11]]))
+
+    image_dir, path = edit_json(edit)(tmp_path, split)
+    dataset = CocoDataset(image_dir, path)
+    with caplog.at_level(logging.WARNING, logger="mrcnn.data.coco"):
+        for index in range(len(dataset)):
+            dataset[index]
+        dataset.report_read_skips()
+    assert "renumbering them 1..N" in caplog.text
+    assert f"(e.g. annotation id {BAD_ID})" in caplog.text
 
 
 # ------------------------------------------------------------------------------- evaluation in a bounded child

@@ -204,9 +204,11 @@ SKIP_REPORTS = ("skipped", "repaired", "skipped_images", "_examples", "skip_repo
 def _reachable_objects(dataset) -> int:
     """Python objects reachable from the dataset's attributes but its skip reports.
 
-    A tensor, an array or a path counts as one (a path caches its parts as it is used).
+    A tensor, an array or a path counts as one (a path caches its parts as it is used). An attribute that is an int
+    (a count) counts as none: whether two equal counts are one object or two depends on their size (CPython caches
+    small ints only).
     """
-    seen, stack = set(), [v for k, v in vars(dataset).items() if k not in SKIP_REPORTS]
+    seen, stack = set(), [v for k, v in vars(dataset).items() if k not in SKIP_REPORTS and type(v) is not int]
     while stack:
         obj = stack.pop()
         if id(obj) in seen or isinstance(obj, (type, type(gc))):
