@@ -3,6 +3,7 @@ sweep's cost estimate, W&B overlays."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -167,6 +168,13 @@ class LastCheckpoint(L.Callback):
             self._final_mid_epoch_step = trainer.global_step
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.current.completed < trainer.num_training_batches:
+            # The epoch ends before its last batch: something set trainer.should_stop (trainer.max_time's timer,
+            # early stopping) after Lightning's validation at the stop. Saved as a mid-epoch checkpoint, so that a
+            # resumed run trains this epoch's remaining batches instead of starting the next epoch.
+            with _as_mid_epoch(trainer):
+                self._save(trainer)
+            self._final_mid_epoch_step = trainer.global_step
         self._save(trainer)
         # A stop waits for the next epoch's start: a ModelCheckpoint saving at epoch ends runs after this callback.
         self._agree_to_stop(trainer)
@@ -287,6 +295,25 @@ def _epoch_end_or_validation_follows(trainer: L.Trainer, batch_idx: int) -> bool
     return isinstance(every, int) and every > 0 and ((batch_idx + 1) % every == 0 or trainer.global_step % every == 0)
 
 
+@contextlib.contextmanager
+def _as_mid_epoch(trainer: L.Trainer):
+    """While held, the fit loop's progress reads as during the epoch rather than at its end.
+
+    Lightning counts an epoch as processed just before ``on_train_epoch_end``, and a checkpoint saved with that count
+    resumes at the next epoch; one saved with it one lower resumes after the epoch's last finished batch, as a
+    checkpoint saved after a validation in the middle of an epoch does (the loader's position, saved with it, says
+    which batches were taken).
+    """
+    progress = trainer.fit_loop.epoch_progress
+    progress.total.processed -= 1
+    progress.current.processed -= 1
+    try:
+        yield
+    finally:
+        progress.total.processed += 1
+        progress.current.processed += 1
+
+
 def _checkpoint_saved_at_this_step(trainer: L.Trainer) -> Path | None:
     """The file a ``ModelCheckpoint`` saved at the current global step (e.g. the best by mask AP), if any."""
     for callback in trainer.checkpoint_callbacks:
@@ -374,12 +401,27 @@ class RandomState(L.Callback):
     def __init__(self):
         super().__init__()
         self._loaded: list[dict] | None = None
+        self._before_stop_validation: tuple[int, dict] | None = None  # (global step, this process's states)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        # A validation Lightning runs only because training stops mid-epoch (trainer.should_stop: max_time's timer,
+        # early stopping) is one the uninterrupted run does not have, and it draws from the random states (a loader
+        # iterator draws its base seed). A checkpoint of this step carries the states from before it: the resumed
+        # run, which skips that validation, then draws what the uninterrupted run drew.
+        self._before_stop_validation = None
+        if trainer.sanity_checking or not trainer.should_stop or trainer.state.fn != "fit":
+            return
+        if not _epoch_end_or_validation_follows(trainer, trainer.fit_loop.epoch_loop.batch_idx):
+            self._before_stop_validation = (trainer.global_step, random_state())
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        states = [random_state()]
+        state = random_state()
+        if self._before_stop_validation is not None and self._before_stop_validation[0] == trainer.global_step:
+            state = self._before_stop_validation[1]
+        states = [state]
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             states = [None] * trainer.world_size
-            torch.distributed.all_gather_object(states, random_state())
+            torch.distributed.all_gather_object(states, state)
         checkpoint[RANDOM_STATE_KEY] = states
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:

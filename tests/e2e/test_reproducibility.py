@@ -122,3 +122,33 @@ def test_a_run_stopped_by_max_steps_mid_epoch_and_extended_equals_the_uninterrup
     assert read_run(tmp_path, final=False)["step"] == STOP_AT
     resumed = run_in_process(tmp_path, f"resume={tmp_path}")
     assert_same_run(resumed, reference)
+
+
+def test_a_run_stopped_mid_epoch_by_should_stop_and_resumed_equals_the_uninterrupted_run(tmp_path, reference):
+    # A callback sets trainer.should_stop mid-epoch, as trainer.max_time's timer and early stopping do. Lightning
+    # validates at such a stop, then ends the epoch there: the resumed run must go on with the epoch's next batch
+    # (not start the next epoch), with the random states from before that extra validation.
+    stop = ["+callbacks.stop._target_=tests.helpers.runs.ShouldStopAt", f"+callbacks.stop.step={STOP_AT}"]
+    train(compose_config([*ARGS, *stop, "final_eval=false"], run_dir=str(tmp_path)))
+    assert read_run(tmp_path, final=False)["step"] == STOP_AT
+    resumed = run_in_process(tmp_path, f"resume={tmp_path}")
+    assert_same_run(resumed, reference)
+
+
+def test_a_run_that_max_steps_ends_just_before_a_validation_resumes_with_the_epochs_next_batch(tmp_path):
+    # Validated after every batch: max_steps ends the run at a batch a validation follows, where last.ckpt cannot be
+    # saved (Lightning would take it for one saved after the validation); it is saved when the epoch ends early.
+    every_batch = ["trainer.val_check_interval=1"]
+    reference = run_in_process(tmp_path / "reference", *every_batch)
+    train(
+        compose_config(
+            [*ARGS, *every_batch, f"trainer.max_steps={STOP_AT}", "final_eval=false"], run_dir=str(tmp_path / "run")
+        )
+    )
+    assert read_run(tmp_path / "run", final=False)["step"] == STOP_AT
+    resumed = run_in_process(tmp_path / "run", f"resume={tmp_path / 'run'}")
+    # Every step trained, the rest of epoch 0 as in the uninterrupted run. Not bit-exact beyond it: the random draws
+    # of epoch 1 differ from the uninterrupted run's (a difference in Lightning's restart at a validation, not
+    # found yet), so this checks the data position only.
+    assert resumed["step"] == reference["step"] == STEPS and sorted(resumed["losses"]) == list(range(STEPS))
+    assert [resumed["losses"][step] for step in range(2)] == [reference["losses"][step] for step in range(2)]

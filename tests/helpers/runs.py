@@ -127,6 +127,17 @@ class InterruptAt(L.Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
+class ShouldStopAt(L.Callback):
+    """Test-only: sets ``trainer.should_stop`` after training step ``step - 1``, as early stopping or a timer would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
 class NotReadyEvent:
     """A CUDA event whose copy has not arrived: what :class:`mrcnn.lit_module.LossWatch` holds on a GPU between a
     step and the read of its losses, for tests on the CPU."""
