@@ -552,7 +552,9 @@ def test_a_sweep_with_a_failed_job_still_reports_the_jobs_that_finished(tmp_path
     (tmp_path / "app.yaml").write_text(
         "pooler: roi_align\n"
         "hydra:\n"
-        f"  sweep: {{dir: {sweep}}}\n"
+        # A relative folder, with each job run in its own folder: the report still goes to the sweep's.
+        "  sweep: {dir: sweep}\n"
+        "  job: {chdir: true}\n"
         "  callbacks:\n"
         "    ablation_report:\n"
         "      _target_: mrcnn.reporting.report.AblationReportCallback\n"
@@ -561,7 +563,7 @@ def test_a_sweep_with_a_failed_job_still_reports_the_jobs_that_finished(tmp_path
     )
     result = subprocess.run(
         [sys.executable, str(tmp_path / "app.py"), "-m", "pooler=roi_align,roi_pool,max_pool"],
-        cwd=ROOT,
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,
@@ -578,7 +580,7 @@ def test_a_sweep_with_a_failed_job_still_reports_the_jobs_that_finished(tmp_path
     assert not [p.name for p in sweep.iterdir() if ".tmp" in p.name]
 
 
-def test_jobs_that_end_together_write_the_report_in_turn(sweep):
+def test_jobs_that_end_together_write_the_report_in_turn(sweep, monkeypatch):
     # While another job of the sweep (here: this test) writes the report, a job that ends waits for it, then writes
     # the report of everything finished by then.
     import fcntl
@@ -588,7 +590,16 @@ def test_jobs_that_end_together_write_the_report_in_turn(sweep):
 
     from mrcnn.reporting.report import AblationReportCallback
 
-    config = OmegaConf.create({"hydra": {"mode": "RunMode.MULTIRUN", "sweep": {"dir": str(sweep)}, "job": {"num": 3}}})
+    config = OmegaConf.create(
+        {
+            "hydra": {
+                "mode": "RunMode.MULTIRUN",
+                "sweep": {"dir": sweep.name},
+                "runtime": {"cwd": str(sweep.parent)},
+                "job": {"num": 3},
+            }
+        }
+    )
     done = SimpleNamespace(status=JobStatus.COMPLETED)
     with open(sweep / ".report.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -607,5 +618,10 @@ def test_jobs_that_end_together_write_the_report_in_turn(sweep):
     # Outside a sweep (one job of an experiment run alone, a DDP child process) there is nothing to report.
     (sweep / "report.md").unlink()
     config.hydra.mode = "RunMode.RUN"
+    AblationReportCallback(["model/pooler"], "T").on_job_end(config, done)
+    assert not (sweep / "report.md").exists()
+    # A job's other SLURM tasks (srun starts each in the sweep's job) leave it to the first.
+    config.hydra.mode = "RunMode.MULTIRUN"
+    monkeypatch.setenv("SLURM_PROCID", "1")
     AblationReportCallback(["model/pooler"], "T").on_job_end(config, done)
     assert not (sweep / "report.md").exists()

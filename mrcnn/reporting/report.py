@@ -887,9 +887,15 @@ class AblationReportCallback(Callback):
         failed job of twelve would leave no report of the other eleven. A job's report comes after its
         ``metrics.json``; the last job's is the whole sweep's.
         """
+        from mrcnn.engine.launch import is_first_process
+
         if str(config.hydra.mode) != "RunMode.MULTIRUN":
             return  # one job of an experiment run alone (or a DDP child process): no sweep to report
-        sweep_dir = Path(config.hydra.sweep.dir)
+        if not is_first_process():
+            return  # one of a job's SLURM tasks (srun starts each in the sweep's job): its first writes the report
+        # From where the sweep was started (hydra.runtime.cwd): a job that runs in its own folder (hydra.job.chdir)
+        # would read the relative default, multirun/<experiment>/<time>, from there.
+        sweep_dir = Path(config.hydra.runtime.cwd, config.hydra.sweep.dir)
         if job_return.status == JobStatus.FAILED:
             log.error("job %s failed: the report leaves it out", config.hydra.job.num)
         try:
