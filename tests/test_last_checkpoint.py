@@ -113,3 +113,57 @@ def test_a_loss_not_read_yet_that_is_not_finite_stops_the_run_before_it_is_saved
     with pytest.raises(FloatingPointError, match="step 6"):
         LastCheckpoint("/tmp/unused")._save(trainer)
     assert written == []
+
+
+def test_cuda_random_states_restore_on_the_process_device_whatever_the_devices_visible(monkeypatch, caplog):
+    # A run saved on a machine with 4 visible GPUs, resumed with one visible (CUDA_VISIBLE_DEVICES, a smaller
+    # allocation): restoring every saved device's state would raise inside torch.
+    import logging
+
+    import torch
+
+    from mrcnn.engine.callbacks import random_state, set_random_state
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(int(state[0])))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(int(s[0]) for s in states[9]))
+    state = random_state()
+    # This version: the process's own device.
+    set_random_state({**state, "cuda_device": torch.tensor([7], dtype=torch.uint8)})
+    # Older checkpoints: one state per device visible then; the process's device is taken.
+    set_random_state({**state, "cuda": [torch.tensor([d], dtype=torch.uint8) for d in (10, 11, 12, 13)]})
+    assert restored == [7, 10]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 5)
+    with caplog.at_level(logging.WARNING, logger="mrcnn.engine.callbacks"):
+        set_random_state({**state, "cuda": [torch.tensor([d], dtype=torch.uint8) for d in (10, 11)]})
+    assert restored == [7, 10] and "CUDA random states of 2 devices and this process trains on device 5" in caplog.text
+
+
+def test_an_epoch_ended_early_is_saved_as_mid_epoch_and_a_stop_inside_an_accumulation_window_is_said(caplog):
+    import logging
+
+    callback = LastCheckpoint("/tmp/unused", stop_on_signal=False)
+    seen = []
+    progress = SimpleNamespace(total=SimpleNamespace(processed=1), current=SimpleNamespace(processed=1))
+    # Saved with the epoch not counted as processed yet: Lightning resumes it after the last batch taken.
+    callback._save = lambda trainer: seen.append((trainer.global_step, progress.total.processed))
+    callback._agree_to_stop = lambda trainer: None
+    fit_loop = SimpleNamespace(
+        epoch_progress=progress,
+        epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=SimpleNamespace(completed=3))),
+    )
+    trainer = SimpleNamespace(
+        global_step=1, num_training_batches=6, accumulate_grad_batches=2, fit_loop=fit_loop, max_steps=-1
+    )
+    callback.on_train_batch_start(trainer, None, None, 2)  # the third batch: the first of a window, no step
+    with caplog.at_level(logging.WARNING, logger="mrcnn.engine.callbacks"):
+        callback.on_train_epoch_end(trainer, None)
+    assert seen == [(1, 0)] and progress.total.processed == progress.current.processed == 1
+    assert "stopped inside a gradient-accumulation window (trainer.accumulate_grad_batches=2)" in caplog.text
+    # A complete epoch is saved as Lightning counts it.
+    fit_loop.epoch_loop.batch_progress.current.completed = 6
+    trainer.global_step = 3
+    callback.on_train_epoch_end(trainer, None)
+    assert seen[-1] == (3, 1)

@@ -79,7 +79,9 @@ def test_a_run_resumed_in_its_folder_moved_since_keeps_its_history(tmp_path):
     checkpoint = here / "checkpoints" / "last.ckpt"
     checkpoint.parent.mkdir()
     record = {"config": {"run_dir": str(tmp_path / "cluster" / "run")}, "overrides": []}
-    torch.save({"global_step": 4, RUN_RECORD_KEY: record}, checkpoint)
+    torch.save(
+        {"global_step": 4, "state_dict": {}, "pytorch-lightning_version": "2.6.6", RUN_RECORD_KEY: record}, checkpoint
+    )
     resumed = read_resumed_run(checkpoint)
     assert resumed.run_dir == tmp_path / "cluster" / "run" and resumed.folder == here
     cfg = compose_config([], run_dir=str(here))

@@ -9,6 +9,8 @@ from omegaconf import OmegaConf
 from mrcnn.engine.checkpoints import RUN_RECORD_KEY, check_resume_config, config_changes, read_resumed_run
 from tests.helpers.config import TINY_MODEL, compose_config
 
+# What marks a file as a Lightning checkpoint (read_resumed_run refuses a plain state dict).
+LIGHTNING = {"pytorch-lightning_version": "2.6.6"}
 TINY = [*TINY_MODEL, "data.num_train_images=12", "data.datamodule.batch_size=2", "trainer.max_epochs=2"]
 
 
@@ -19,7 +21,7 @@ def saved_run(tmp_path, overrides=TINY, run_dir=None, wandb_run_id=None):
     path = run_dir / "checkpoints" / "last.ckpt"
     path.parent.mkdir(parents=True)
     record = {"config": config, "overrides": list(overrides), "wandb_run_id": wandb_run_id}
-    torch.save({"global_step": 7, "state_dict": {"w": torch.zeros(2)}, RUN_RECORD_KEY: record}, path)
+    torch.save({"global_step": 7, "state_dict": {"w": torch.zeros(2)}, RUN_RECORD_KEY: record, **LIGHTNING}, path)
     return read_resumed_run(path)
 
 
@@ -153,7 +155,7 @@ def test_a_key_a_newer_config_writes_out_at_its_default_is_no_change():
 
 def test_a_checkpoint_without_a_record_is_resumed_unchecked(tmp_path, caplog):
     path = tmp_path / "old.ckpt"
-    torch.save({"global_step": 3, "state_dict": {}}, path)
+    torch.save({"global_step": 3, "state_dict": {}, **LIGHTNING}, path)
     resumed = read_resumed_run(path)
     assert resumed.config is None and resumed.global_step == 3 and resumed.wandb_run_id is None
     with caplog.at_level(logging.WARNING, logger="mrcnn.engine.checkpoints"):
@@ -168,3 +170,16 @@ def test_keys_that_leave_the_weights_alone_may_change(tmp_path):
         run_dir=str(tmp_path / "run"),
     )
     check_resume_config(cfg, resumed)  # no error
+
+
+@pytest.mark.parametrize(
+    "content",
+    [{"model": {"w": torch.zeros(2)}}, {"w": torch.zeros(2)}, {"state_dict": {"w": torch.zeros(2)}}],
+    ids=["torchvision-pth", "state-dict", "state-dict-entry"],
+)
+def test_a_plain_state_dict_given_to_resume_is_refused_naming_weights(tmp_path, content):
+    # Mixing up weights= and ckpt_path=: a file Lightning cannot resume stops before the data and model are built.
+    path = tmp_path / "model.pth"
+    torch.save(content, path)
+    with pytest.raises(ValueError, match=rf"ckpt_path={path} is not a Lightning checkpoint.*use weights={path}"):
+        read_resumed_run(path)

@@ -63,9 +63,10 @@ def dataset_image_sizes(dataset: Dataset) -> list[tuple[int, int]]:
 
 
 def init_worker(worker_id: int, rank: int = 0) -> None:
-    """Starts a loader worker: it ignores SIGINT and SIGTERM, then seeds itself as Lightning would.
+    """Starts a loader worker: it ignores SIGINT, SIGTERM and SIGUSR2, then seeds itself as Lightning would.
 
-    Ctrl-C and a cluster's SIGTERM reach every process of a job, loader workers included. A worker killed
+    Ctrl-C, a cluster's SIGTERM and the SIGUSR2 SLURM sends before a time limit under the SLURM launcher
+    reach every process of a job, loader workers included (SIGUSR2's default action ends a process). A worker killed
     by one makes the main process fail at once (torch: "DataLoader worker ... is killed by signal")
     instead of finishing its step and saving ``last.ckpt`` (``mrcnn.engine.callbacks.LastCheckpoint``); the
     workers end with the main process anyway. A loader with its own ``worker_init_fn`` does not get
@@ -73,6 +74,7 @@ def init_worker(worker_id: int, rank: int = 0) -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     if int(os.environ.get("PL_SEED_WORKERS", 0)):
         pl_worker_init_function(worker_id, rank=rank)
 

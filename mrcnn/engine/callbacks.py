@@ -35,7 +35,9 @@ from mrcnn.engine.visualize import (
 log = logging.getLogger(__name__)
 
 # What stops a training run gracefully: Ctrl-C, and what a cluster sends before it preempts or times out a job.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGUSR2: what the SLURM launcher (submitit) asks SLURM to send 90 s before a job's time limit; its own handler would
+# requeue the job and exit mid-step, saving nothing.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
 
 class TrainingInterrupted(SystemExit):
@@ -69,8 +71,8 @@ class LastCheckpoint(L.Callback):
     checkpoints stay with Lightning's ``ModelCheckpoint``; when one of them was saved at the current
     step, ``last.ckpt`` becomes a hard link to it instead of a second copy of the same weights.
 
-    On SIGINT (Ctrl-C) or SIGTERM (what SLURM and other schedulers send before they preempt or time out
-    a job) during training, the run finishes the step it is in, saves ``last.ckpt`` (with the training
+    On SIGINT (Ctrl-C), SIGTERM (what SLURM and other schedulers send before they preempt or time out
+    a job) or SIGUSR2 (what SLURM sends 90 s before a job's time limit under the SLURM launcher) during training, the run finishes the step it is in, saves ``last.ckpt`` (with the training
     loader's position, so a resumed run sees the batches the uninterrupted run would have seen) and
     raises :class:`TrainingInterrupted`: the process exits with 130 / 143. Under DDP any process's
     signal stops all of them at the same step (one all-reduce of a flag per step, on the host: a GPU step never
@@ -83,7 +85,7 @@ class LastCheckpoint(L.Callback):
         dirpath: folder of the checkpoint.
         every_n_train_steps: also save every that many optimizer steps; ``None`` or 0: epoch ends only.
         filename: checkpoint file name.
-        stop_on_signal: handle SIGINT and SIGTERM as above; ``False`` leaves them to Lightning and Python.
+        stop_on_signal: handle SIGINT, SIGTERM and SIGUSR2 as above; ``False`` leaves them to Lightning and Python.
     """
 
     def __init__(
@@ -168,14 +170,25 @@ class LastCheckpoint(L.Callback):
             self._final_mid_epoch_step = trainer.global_step
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.fit_loop.epoch_loop.batch_progress.current.completed < trainer.num_training_batches:
-            # The epoch ends before its last batch: something set trainer.should_stop (trainer.max_time's timer,
-            # early stopping) after Lightning's validation at the stop. Saved as a mid-epoch checkpoint, so that a
-            # resumed run trains this epoch's remaining batches instead of starting the next epoch.
+        batches = trainer.num_training_batches
+        if batches != float("inf") and trainer.fit_loop.epoch_loop.batch_progress.current.completed < batches:
+            # The epoch ends before its last batch: trainer.max_steps at a batch a validation followed (no save was
+            # made there), or trainer.should_stop set by trainer.max_time's timer or early stopping (Lightning
+            # validates at such a stop). Saved as a mid-epoch checkpoint, so that a resumed run trains this epoch's
+            # remaining batches instead of starting the next epoch.
+            if trainer.global_step == self._step_at_batch_start and trainer.global_step != self._final_mid_epoch_step:
+                # The last batch stepped no optimizer: the stop came inside a gradient-accumulation window.
+                log.warning(
+                    "training stopped inside a gradient-accumulation window (trainer.accumulate_grad_batches=%s): "
+                    "%s holds no gradients, so the resumed run steps without this window's batches taken so far",
+                    trainer.accumulate_grad_batches,
+                    self.path,
+                )
             with _as_mid_epoch(trainer):
                 self._save(trainer)
             self._final_mid_epoch_step = trainer.global_step
-        self._save(trainer)
+        else:
+            self._save(trainer)
         # A stop waits for the next epoch's start: a ModelCheckpoint saving at epoch ends runs after this callback.
         self._agree_to_stop(trainer)
 
@@ -367,7 +380,9 @@ def random_state() -> dict:
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # The device this process trains on (Lightning makes it the current one), not every visible device: a run
+        # resumed where fewer devices are visible (CUDA_VISIBLE_DEVICES, a smaller allocation) restores it as well.
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -377,8 +392,22 @@ def set_random_state(state: dict) -> None:
     kind, keys, position, has_gauss, cached_gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if not torch.cuda.is_available():
+        return
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"])
+    elif "cuda" in state:
+        # Saved by an older version: one state per device visible then; this process's device is the current one.
+        device = torch.cuda.current_device()
+        if device < len(state["cuda"]):
+            torch.cuda.set_rng_state(state["cuda"][device])
+        else:
+            log.warning(
+                "the checkpoint holds the CUDA random states of %d devices and this process trains on device %d: "
+                "its CUDA random draws differ from those of the uninterrupted run",
+                len(state["cuda"]),
+                device,
+            )
 
 
 class RandomState(L.Callback):

@@ -114,6 +114,13 @@ def read_resumed_run(path: str | Path) -> ResumedRun:
             f"checkpoint {path} is not a PyTorch checkpoint, or it is damaged or truncated "
             f"({type(error).__name__} while reading it)"
         ) from None
+    if not isinstance(checkpoint, dict) or not {"state_dict", "pytorch-lightning_version"} <= checkpoint.keys():
+        # A plain state dict (torchvision's .pth, a model.state_dict()) would reach Lightning's fit, after the data
+        # and the model are built, and stop there with a KeyError.
+        raise ValueError(
+            f"ckpt_path={path} is not a Lightning checkpoint (it has no 'state_dict' and 'pytorch-lightning_version'), "
+            f"so there is no run to resume; to start training from its weights use weights={path}"
+        )
     record = checkpoint.get(RUN_RECORD_KEY) or {}
     config = record.get("config")
     # A run's checkpoints are <run folder>/checkpoints/*.ckpt (callbacks.last_checkpoint, best_checkpoint): the folder

@@ -360,17 +360,20 @@ def _fit_validated(folder, module, ckpt_path=None):
     return module
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+# SIGUSR2: what SLURM sends 90 s before a job's time limit under the SLURM launcher (submitit).
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR2], ids=["SIGINT", "SIGTERM", "SIGUSR2"]
+)
 @pytest.mark.parametrize("signal_at", [3, 5, 8], ids=["mid-epoch", "last-batch-of-epoch", "after-a-best-checkpoint"])
 def test_signal_saves_the_step_reached_and_the_resumed_fit_sees_the_same_batches(tmp_path, signum, signal_at):
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
     expected = _fit_validated(tmp_path / "uninterrupted", _SignallingModule())
     assert expected.validated_at == [6, 12]
 
     interrupted = _SignallingModule(signal_at=signal_at, signum=signum)
     with pytest.raises(TrainingInterrupted) as stop:
         _fit_validated(tmp_path / "run", interrupted)
-    assert stop.value.code == 128 + signum  # the process's exit status: 130 / 143
+    assert stop.value.code == 128 + signum  # the process's exit status: 130 / 143 / 140
     # The step in progress finished, and training stopped after it; the signal handlers are the test's again.
     assert interrupted.seen == {step: expected.seen[step] for step in range(signal_at + 1)}
     assert {s: signal.getsignal(s) for s in handlers} == handlers
@@ -398,19 +401,19 @@ def test_loader_workers_ignore_stop_signals_and_are_seeded_as_lightning_seeds_th
         return next(iter(loader))
 
     ignored, seed = worker_state(functools.partial(init_worker, rank=1))
-    assert ignored  # SIGINT and SIGTERM: the main process saves last.ckpt, the workers end with it
+    assert ignored  # SIGINT, SIGTERM and SIGUSR2: the main process saves last.ckpt, the workers end with it
     assert seed == worker_state(functools.partial(pl_worker_init_function, rank=1))[1]
 
 
 class _WorkerState(torch.utils.data.Dataset):
-    """One item: whether this process ignores SIGINT and SIGTERM, and its torch seed."""
+    """One item: whether this process ignores SIGINT, SIGTERM and SIGUSR2, and its torch seed."""
 
     def __len__(self):
         return 1
 
     def __getitem__(self, index):
-        handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
-        return handlers == (signal.SIG_IGN, signal.SIG_IGN), torch.initial_seed()
+        handlers = [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)]
+        return handlers == [signal.SIG_IGN] * 3, torch.initial_seed()
 
 
 def test_lightnings_own_sigterm_stop_outside_the_training_loop_exits_nonzero():
