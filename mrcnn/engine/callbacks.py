@@ -327,6 +327,25 @@ def _as_mid_epoch(trainer: L.Trainer):
         progress.current.processed += 1
 
 
+def _validates_without_the_stop(trainer: L.Trainer) -> bool:
+    """Whether Lightning would validate after the current training batch had ``trainer.should_stop`` not been set.
+
+    Lightning's own decision (``_should_check_val_fx`` of its training epoch loop: the epoch's last batch,
+    ``val_check_interval``, ``check_val_every_n_epoch``) asked with ``should_stop`` off; where that private method is
+    missing (another Lightning version), :func:`_epoch_end_or_validation_follows`, which may say yes wrongly.
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+    decide = getattr(epoch_loop, "_should_check_val_fx", None)
+    fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+    if decide is None or fetcher is None:
+        return _epoch_end_or_validation_follows(trainer, epoch_loop.batch_idx)
+    should_stop, trainer.should_stop = trainer.should_stop, False
+    try:
+        return bool(decide(fetcher))
+    finally:
+        trainer.should_stop = should_stop
+
+
 def _checkpoint_saved_at_this_step(trainer: L.Trainer) -> Path | None:
     """The file a ``ModelCheckpoint`` saved at the current global step (e.g. the best by mask AP), if any."""
     for callback in trainer.checkpoint_callbacks:
@@ -440,7 +459,7 @@ class RandomState(L.Callback):
         self._before_stop_validation = None
         if trainer.sanity_checking or not trainer.should_stop or trainer.state.fn != "fit":
             return
-        if not _epoch_end_or_validation_follows(trainer, trainer.fit_loop.epoch_loop.batch_idx):
+        if not _validates_without_the_stop(trainer):
             self._before_stop_validation = (trainer.global_step, random_state())
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:

@@ -152,3 +152,17 @@ def test_a_run_that_max_steps_ends_just_before_a_validation_resumes_with_the_epo
     # found yet), so this checks the data position only.
     assert resumed["step"] == reference["step"] == STEPS and sorted(resumed["losses"]) == list(range(STEPS))
     assert [resumed["losses"][step] for step in range(2)] == [reference["losses"][step] for step in range(2)]
+
+
+def test_a_stop_where_the_step_count_but_not_the_batch_index_is_a_validation_interval_resumes_bit_exact(tmp_path):
+    # 3 batches an epoch, validated every 2 batches of an epoch (and at its end). Step 4 is epoch 1's first batch:
+    # a multiple of 2 as a step count, yet Lightning does not validate there, so the validation at the stop is one
+    # the uninterrupted run does not have, and the random states come from before it.
+    setting = ["data.num_train_images=6", "trainer.val_check_interval=2"]
+    reference = run_in_process(tmp_path / "reference", *setting)
+    stop = ["+callbacks.stop._target_=tests.helpers.runs.ShouldStopAt", "+callbacks.stop.step=4"]
+    train(compose_config([*ARGS, *setting, *stop, "final_eval=false"], run_dir=str(tmp_path / "run")))
+    assert read_run(tmp_path / "run", final=False)["step"] == 4
+    resumed = run_in_process(tmp_path / "run", *setting, f"resume={tmp_path / 'run'}")
+    assert resumed["step"] == reference["step"] == 6 and resumed["losses"] == reference["losses"]
+    assert_same_tensors(resumed["weights"], reference["weights"])
