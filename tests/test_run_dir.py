@@ -76,6 +76,7 @@ def test_the_composed_folder_is_checked_before_hydra_writes_its_record(tmp_path,
     # the config files and their interpolations set them.
     monkeypatch.delenv(DDP_JOB_DIR_ENV, raising=False)
     monkeypatch.setenv("RUN_FOLDER", str(tmp_path / "run"))
+    monkeypatch.chdir(tmp_path)  # a folder named by the time (outputs/<date>/<time>) is created here
     run = run_folder(tmp_path / "run")
     callback = RunDirIsFree()
 
@@ -116,6 +117,35 @@ def test_the_composed_folder_is_checked_before_hydra_writes_its_record(tmp_path,
     assert run_start(f"hydra.run.dir={run}") == multirun_start(f"hydra.sweep.dir={sweep}") == ""
     monkeypatch.delenv(DDP_JOB_DIR_ENV)
     assert run_start(f"hydra.run.dir={run}") == multirun_start(f"hydra.sweep.dir={sweep}") == ""
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch, caplog):
+    # Three runs whose folder, named by the time, comes out the same (here: by the year): each takes its own, made
+    # atomically before Hydra writes there, and says so. A folder given by name stays as given.
+    monkeypatch.delenv(DDP_JOB_DIR_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    callback = RunDirIsFree()
+    folders = []
+    for seed in range(3):
+        config = compose_config([f"seed={seed}", "hydra.run.dir=runs/${now:%Y}"], return_hydra_config=True)
+        callback.on_run_start(config)
+        folders.append(str(config.hydra.run.dir))
+    year = folders[0].split("/")[1]
+    assert folders == [f"runs/{year}", f"runs/{year}-2", f"runs/{year}-3"]
+    assert all((tmp_path / folder).is_dir() for folder in folders)
+    assert f"runs/{year} was taken by a run started in the same second: this run writes to runs/{year}-3" in caplog.text
+    named = compose_config([f"hydra.run.dir={tmp_path / 'named'}"], return_hydra_config=True)
+    callback.on_run_start(named)
+    assert named.hydra.run.dir == str(tmp_path / "named") and not (tmp_path / "named").exists()
+    # A job's other processes run in the folder their first process took.
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    child = compose_config(["hydra.run.dir=runs/${now:%Y}"], return_hydra_config=True)
+    callback.on_run_start(child)
+    assert child.hydra.run.dir == f"runs/{year}" and sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
+        year,
+        f"{year}-2",
+        f"{year}-3",
+    ]
 
 
 def refusal_message(run) -> str:

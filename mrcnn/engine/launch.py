@@ -13,6 +13,7 @@ unless the job resumes that run.
 """
 
 import contextlib
+import logging
 import os
 import shutil
 import sys
@@ -20,10 +21,12 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from mrcnn.engine import job_processes
 from mrcnn.engine.config_checks import resume_checkpoint
+
+log = logging.getLogger(__name__)
 
 # A job's main process names its Hydra output folder here for the DDP children Lightning starts from
 # it; run.py, started as such a child, runs <folder>/.hydra/<RESOLVED_CONFIG>.yaml.
@@ -276,10 +279,37 @@ class RunDirIsFree(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         resume = config.get("resume")
         ckpt_path = str(resume_checkpoint(resume)) if resume else config.get("ckpt_path")
+        claim_timed_run_dir(config)
         _exit_if_refused(check_run_dir_is_free, str(config.hydra.run.dir), config.get("mode", "train"), ckpt_path)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         _exit_if_refused(check_sweep_dir_is_free, str(config.hydra.sweep.dir))
+
+
+def claim_timed_run_dir(config: DictConfig) -> None:
+    """Makes a run's folder named by the time it started (``outputs/<date>/<H-M-S>``) its own, before Hydra uses it.
+
+    Two runs started within the same second (``for s in 0 1 2; do python run.py seed=$s & done``) compose the same
+    folder, and neither holds any output yet for :func:`check_run_dir_is_free` to see: they would write over each
+    other's record, checkpoints and metrics. The folder is created here, by one atomic ``mkdir``; a run that finds it
+    taken takes ``<H-M-S>-2`` (then ``-3``, ...) and ``hydra.run.dir`` is set to it. A folder named without the time
+    (``hydra.run.dir=<path>``, a resume) is left to :func:`check_run_dir_is_free`; so is every process but the job's
+    first (DDP children run in their job's folder).
+    """
+    if not is_first_process() or "${now:" not in str(OmegaConf.to_container(config.hydra.run, resolve=False)["dir"]):
+        return
+    composed = Path(str(config.hydra.run.dir))
+    for number in range(1, 1000):
+        candidate = composed if number == 1 else composed.with_name(f"{composed.name}-{number}")
+        try:
+            candidate.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        if candidate != composed:
+            log.warning("%s was taken by a run started in the same second: this run writes to %s", composed, candidate)
+            with open_dict(config), read_write(config):
+                config.hydra.run.dir = str(candidate)
+        return
 
 
 def check_sweep_dir_is_free(sweep_dir: str | Path) -> None:
