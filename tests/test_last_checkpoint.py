@@ -59,6 +59,10 @@ def _agree_in_process(rank: int, store: str, out: str) -> None:
             callback._restore_handlers()
     with open(f"{out}.{rank}", "w") as file:
         file.write("\n".join(results))
+    # Both leave together: a process whose peer already tore its gloo groups down can abort in gloo (SIGABRT) as its
+    # own groups are destroyed at exit.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def test_processes_agree_on_the_stop_signal_over_a_host_group(tmp_path):
@@ -152,10 +156,21 @@ def test_an_epoch_ended_early_is_saved_as_mid_epoch_and_a_stop_inside_an_accumul
     callback._agree_to_stop = lambda trainer: None
     fit_loop = SimpleNamespace(
         epoch_progress=progress,
-        epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=SimpleNamespace(completed=3))),
+        epoch_loop=SimpleNamespace(
+            batch_progress=SimpleNamespace(current=SimpleNamespace(completed=3)),
+            batch_idx=2,
+            _batches_that_stepped=1,
+            _should_check_val_fx=lambda fetcher: False,  # no validation was due after this batch
+        ),
+        _data_fetcher=object(),
     )
     trainer = SimpleNamespace(
-        global_step=1, num_training_batches=6, accumulate_grad_batches=2, fit_loop=fit_loop, max_steps=-1
+        global_step=1,
+        num_training_batches=6,
+        accumulate_grad_batches=2,
+        fit_loop=fit_loop,
+        max_steps=-1,
+        should_stop=True,
     )
     callback.on_train_batch_start(trainer, None, None, 2)  # the third batch: the first of a window, no step
     with caplog.at_level(logging.WARNING, logger="mrcnn.engine.callbacks"):

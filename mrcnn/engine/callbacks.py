@@ -318,13 +318,19 @@ def _as_mid_epoch(trainer: L.Trainer):
     which batches were taken).
     """
     progress = trainer.fit_loop.epoch_progress
+    # Where a validation was due after the last batch, Lightning's restart goes through that batch's end once more (a
+    # checkpoint saved at a validation's end is saved before it) and counts its step for the loggers again: the
+    # logged step would run one ahead of the uninterrupted run's.
+    recounted = int(_validates_without_the_stop(trainer))
     progress.total.processed -= 1
     progress.current.processed -= 1
+    trainer.fit_loop.epoch_loop._batches_that_stepped -= recounted
     try:
         yield
     finally:
         progress.total.processed += 1
         progress.current.processed += 1
+        trainer.fit_loop.epoch_loop._batches_that_stepped += recounted
 
 
 def _validates_without_the_stop(trainer: L.Trainer) -> bool:
