@@ -72,9 +72,10 @@ class LastCheckpoint(L.Callback):
     step, ``last.ckpt`` becomes a hard link to it instead of a second copy of the same weights.
 
     On SIGINT (Ctrl-C), SIGTERM (what SLURM and other schedulers send before they preempt or time out
-    a job) or SIGUSR2 (what SLURM sends 90 s before a job's time limit under the SLURM launcher) during training, the run finishes the step it is in, saves ``last.ckpt`` (with the training
+    a job) or SIGUSR2 (what SLURM sends 90 s before a job's time limit under the SLURM launcher) during
+    training, the run finishes the step it is in, saves ``last.ckpt`` (with the training
     loader's position, so a resumed run sees the batches the uninterrupted run would have seen) and
-    raises :class:`TrainingInterrupted`: the process exits with 130 / 143. Under DDP any process's
+    raises :class:`TrainingInterrupted`: the process exits with 130 / 143 / 140. Under DDP any process's
     signal stops all of them at the same step (one all-reduce of a flag per step, on the host: a GPU step never
     waits for it). A signal received
     during a validation takes effect when the validation ends. A second Ctrl-C stops at once, saving
