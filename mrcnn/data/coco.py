@@ -432,7 +432,7 @@ class CocoDataset(torch.utils.data.Dataset):
             return
         left_out, images, examples = 0, 0, []
         for row in kept:
-            in_target = sum(self.include_crowd or not annotations[p]["iscrowd"] for p in per_image[row])
+            in_target = sum(self._in_targets(p, annotations[p], self.include_crowd) for p in per_image[row])
             if in_target > cap:
                 left_out += in_target - cap
                 images += 1
@@ -497,31 +497,33 @@ class CocoDataset(torch.utils.data.Dataset):
             else:
                 kept.append(self._complete(annotation, image))
         kept = self._drop_bad_compressed_rles(kept, compressed, images)
-        kept = self._drop_collapsed_boxes(kept, images)
+        self._collapsed = self._find_collapsed_boxes(kept, images)
         self._fix_annotation_ids(kept)
         return kept
 
-    def _drop_collapsed_boxes(self, kept: list[dict], images: dict) -> list[dict]:
-        """``kept`` without the boxes that :meth:`__getitem__` would make empty.
+    def _find_collapsed_boxes(self, kept: list[dict], images: dict) -> np.ndarray:
+        """bool ``[len(kept)]``: the annotations whose box :meth:`__getitem__` would make empty; counted as skipped.
 
         A box of positive width in the json can still end with ``x2 == x1`` once it is made xyxy, clipped to the
         image and cast to float32, as ``__getitem__`` does: a width of 1e-7 px at x = 27 (float noise from a
         converter), or a box starting within a float32 step of the image's edge. Such a box crashed the augmentation
-        in a loader worker without naming the file. One numpy pass over all boxes.
+        in a loader worker without naming the file. It is left out of the targets; the evaluation ground truth keeps
+        it, as pycocotools on the json does. One numpy pass over all boxes.
         """
         if not kept:
-            return kept
+            return np.zeros(0, dtype=bool)
         boxes = np.array([a["bbox"] for a in kept], dtype=np.float64)
         sizes = np.array([(images[a["image_id"]]["width"], images[a["image_id"]]["height"]) for a in kept])
         boxes[:, 2:] += boxes[:, :2]
         boxes = np.clip(boxes, 0, np.tile(sizes, 2)).astype(np.float32)
-        collapsed = np.flatnonzero((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))
-        for position in collapsed.tolist():
+        collapsed = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+        for position in np.flatnonzero(collapsed).tolist():
             self._skip("box too thin (empty once clipped to the image in float32)", kept[position])
-        if not collapsed.size:
-            return kept
-        dropped = set(collapsed.tolist())
-        return [annotation for position, annotation in enumerate(kept) if position not in dropped]
+        return collapsed
+
+    def _in_targets(self, position: int, annotation: dict, with_crowd: bool) -> bool:
+        """Whether the annotation at ``position`` (json order) goes into its item's target (crowd: ``with_crowd``)."""
+        return not self._collapsed[position] and (with_crowd or not annotation["iscrowd"])
 
     def _drop_bad_compressed_rles(self, kept: list[dict], compressed: list[int], images: dict) -> list[dict]:
         """``kept`` without the compressed RLEs whose runs do not add up to their image, the others completed.
@@ -659,7 +661,7 @@ class CocoDataset(torch.utils.data.Dataset):
         rows = range(len(per_image))
         if not drop_images_without_annotations:
             return list(rows)
-        kept = [row for row in rows if any(not annotations[p].get("iscrowd", 0) for p in per_image[row])]
+        kept = [row for row in rows if any(self._in_targets(p, annotations[p], False) for p in per_image[row])]
         if len(kept) < len(per_image):
             self.skipped_images["no usable non-crowd annotation"] = len(per_image) - len(kept)
         return kept
@@ -682,7 +684,9 @@ class CocoDataset(torch.utils.data.Dataset):
         self._image_sizes = np.asarray(sizes, dtype=np.int64).reshape(len(kept), 2)
         self.num_annotations = len(annotations)
         # What training learns from: the non-crowd ones (crowd regions, even in the targets, are kept out of it).
-        self.num_trainable_annotations = sum(not a["iscrowd"] for a in annotations)
+        self.num_trainable_annotations = sum(self._in_targets(p, a, False) for p, a in enumerate(annotations))
+        # bool [num_annotations], by number (record order): annotations left out of the targets (_find_collapsed_boxes).
+        self._collapsed = self._collapsed[self._gt_order]
         per_record = np.fromiter((len(positions) for positions in per_image), dtype=np.int64, count=len(per_image))
         # int64 [records + 1]: record r holds the annotations numbered _record_starts[r] up to _record_starts[r + 1].
         self._record_starts = np.concatenate([[0], np.cumsum(per_record)])
@@ -885,6 +889,10 @@ class CocoDataset(torch.utils.data.Dataset):
         if image.shape[:2] != (height, width):
             raise ValueError(size_mismatch_message(path, image.shape[:2], (height, width), self.ann_file))
         numbers = np.arange(self._record_starts[row], self._record_starts[row + 1])
+        usable = ~self._collapsed[numbers]
+        if not usable.all():
+            annotations = [a for a, keep in zip(annotations, usable) if keep]
+            numbers = numbers[usable]
         if not self.include_crowd:
             not_crowd = [not a.get("iscrowd", 0) for a in annotations]
             annotations = [a for a, keep in zip(annotations, not_crowd) if keep]

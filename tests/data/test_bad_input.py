@@ -75,10 +75,15 @@ class Stops:
 
 @dataclasses.dataclass(frozen=True)
 class Skipped:
-    """The bad annotation (``BAD_ID``) skipped and counted under ``reason``; ``at_read``: when its item is read."""
+    """The bad annotation (``BAD_ID``) skipped and counted under ``reason``; ``at_read``: when its item is read.
+
+    ``in_ground_truth``: counted when the dataset is built and left out of the targets, but kept in the evaluation
+    ground truth (where pycocotools on the json reads it too): a miss for perfect predictions, as for pycocotools.
+    """
 
     reason: str
     at_read: bool = False
+    in_ground_truth: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -475,12 +480,12 @@ COCO_CASES = [
     Case(
         "bbox_thinner_than_float32",
         add_annotation(bbox=[2.0, 1.0, 1e-7, 8.0]),
-        Skipped("box too thin (empty once clipped to the image in float32)"),
+        Skipped("box too thin (empty once clipped to the image in float32)", in_ground_truth=True),
     ),
     Case(
         "bbox_within_float32_of_the_edge",
         add_annotation(bbox=[WIDTH - 1e-6, 1.0, 8.0, 8.0]),
-        Skipped("box too thin (empty once clipped to the image in float32)"),
+        Skipped("box too thin (empty once clipped to the image in float32)", in_ground_truth=True),
     ),
     Case("bbox_outside_the_image", add_annotation(bbox=[500, 5, 3, 3]), Skipped("box outside the image")),
     Case("bbox_nan", add_annotation(bbox=[1, 1, float("nan"), 9]), Skipped("non-finite bbox")),
@@ -941,13 +946,18 @@ def _check_skipped(case: Case, dataset: CocoDataset, split: Split, image_dir: Pa
     else:
         assert dataset.skipped == {reason: 1}
         assert f"{json_path}: skipped 1 annotations: 1 {reason} (e.g. annotation id {bad_id})" in log
-    # Kept in the records (and the evaluation ground truth) only when found at read time.
+    # Kept in the records (and the evaluation ground truth) only when found at read time, or where it says so.
     kept_ids = {a["id"] for a in dataset.record(dataset.image_ids.index(IMAGE_ID))[1]}
-    assert (BAD_ID in kept_ids) == case.outcome.at_read
+    in_ground_truth = case.outcome.at_read or case.outcome.in_ground_truth
+    assert (BAD_ID in kept_ids) == in_ground_truth
 
-    result = run_in_child(read_and_evaluate, image_dir, json_path, case.outcome.at_read)
+    result = run_in_child(read_and_evaluate, image_dir, json_path, in_ground_truth)
     assert result["instances"] == _instances(split)  # the bad annotation in no target
-    if case.outcome.at_read:
+    if case.outcome.in_ground_truth:
+        # A miss for perfect predictions, scored as pycocotools scores it on the json file.
+        assert result["metrics"] == pytest.approx(result["reference"], abs=1e-9)
+        assert result["metrics"]["bbox_AP"] < 1
+    elif case.outcome.at_read:
         assert result["skipped"] == {reason: 1}
         assert f"{json_path}: 1 more annotations have an empty mask" in result["report"]
         assert f"(e.g. annotation id {BAD_ID})" in result["report"]
@@ -1091,7 +1101,9 @@ def test_skips_are_counted_in_one_log_line(split: Split, tmp_path: Path, caplog)
     index = dataset.image_ids.index(IMAGE_ID)
     _, target = dataset[index]
     assert len(target["labels"]) == _instances(split)[IMAGE_ID] + 1
-    assert len(dataset.coco_gt.dataset["annotations"]) == len(split.data()["annotations"]) + 1
+    # The ground truth: the clean split's, the repaired one's, and those skipped from the targets only.
+    in_ground_truth = sum(case.outcome.in_ground_truth for case in skipped)
+    assert len(dataset.coco_gt.dataset["annotations"]) == len(split.data()["annotations"]) + 1 + in_ground_truth
 
 
 def test_missing_image_file_without_the_check_stops_when_read(split: Split, tmp_path: Path):
