@@ -313,6 +313,7 @@ class CocoDataset(torch.utils.data.Dataset):
         self.max_annotations_per_image = max_annotations_per_image
         self.capped = (0, 0)
         self.bbox_disagreements = 0
+        self._xyxy_boxes = 0  # of those, the boxes that match their segmentation when read as [x1, y1, x2, y2]
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.image_dir} (for {self.ann_file})")
         self.skipped: Counter[str] = Counter()
@@ -330,6 +331,7 @@ class CocoDataset(torch.utils.data.Dataset):
             self._all_category_ids = {c["id"] for c in data["categories"]}
             images = self._check_images(data["images"])
             annotations = self._clean_annotations(data["annotations"], images)
+            self._check_box_format(len(annotations))
             per_image = self._group_by_image(images, annotations)
             kept = self._kept_images(per_image, annotations, drop_images_without_annotations)
             if not kept:
@@ -615,6 +617,9 @@ class CocoDataset(torch.utils.data.Dataset):
             examples = self._examples.setdefault(_BBOX_DISAGREES, [])
             if len(examples) < _EXAMPLES_PER_REASON:
                 examples.append(annotation.get("id", "?"))
+            x1, y1, x2, y2 = annotation["bbox"]
+            if x2 > x1 and y2 > y1 and not _boxes_disagree([x1, y1, x2 - x1, y2 - y1], extent):
+                self._xyxy_boxes += 1
         area = annotation.get("area")
         area_ok = area is not None and 0 < area <= height * width
         if "iscrowd" in annotation and area_ok:
@@ -627,6 +632,22 @@ class CocoDataset(torch.utils.data.Dataset):
             rle = segmentation_to_rle(annotation["segmentation"], height, width)
             annotation["area"] = float(mask_utils.area(rle))
         return annotation
+
+    def _check_box_format(self, usable: int) -> None:
+        """Stops when most boxes are ``[x1, y1, x2, y2]``: they match their segmentation only when read that way.
+
+        COCO's bbox is ``[x, y, width, height]``. Read as that, corner boxes (from a converter that wrote them, or a
+        json written by hand) reach past their objects; training and the box AP would use them as they are, with no
+        sign but the count of boxes that differ from their segmentation.
+        """
+        if self._xyxy_boxes and 2 * self._xyxy_boxes > usable:
+            examples = ", ".join(str(e) for e in self._examples[_BBOX_DISAGREES])
+            raise ValueError(
+                f"COCO annotation file {self.ann_file}: {self._xyxy_boxes} of its {usable} usable annotations have a "
+                f"bbox that matches its segmentation only when read as [x1, y1, x2, y2] (e.g. annotation id "
+                f"{examples}); COCO's bbox is [x, y, width, height]: convert the file (width = x2 - x1, height = "
+                "y2 - y1)"
+            )
 
     def _fix_annotation_ids(self, annotations: list[dict]) -> None:
         # pycocotools reads annotation id 0 as "unmatched" and needs ids to be unique;

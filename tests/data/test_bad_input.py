@@ -119,7 +119,13 @@ class Capped:
 
 @dataclasses.dataclass(frozen=True)
 class Disagrees:
-    """The bad annotation's json bbox differs from its mask beyond the tolerance: counted, kept, used as its box."""
+    """The bad annotation's json bbox differs from its mask beyond the tolerance: counted, kept, used as its box.
+
+    ``check_box``: the case's box is ``bbox_far_from_its_mask``'s (checked in the target, and AP against
+    pycocotools); otherwise only counted and kept.
+    """
+
+    check_box: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -835,6 +841,17 @@ COCO_CASES = [
         Repaired(counted=AREA_REPAIR, check=lambda dataset: _check_completed(dataset), corrected=_mask_area),
     ),
     Case("bbox_far_from_its_mask", add_annotation(bbox=[30.0, 30.0, 20.0, 15.0]), Disagrees()),
+    # Every box written as [x1, y1, x2, y2]: each matches its mask only when read that way.
+    Case(
+        "bboxes_in_xyxy",
+        edit_json(lambda data: _boxes_as_corners(data)),
+        Stops(
+            r"case\.json: \d+ of its \d+ usable annotations have a bbox that matches its segmentation only when read "
+            r"as \[x1, y1, x2, y2\] \(e\.g\. annotation id .*\); COCO's bbox is \[x, y, width, height\]"
+        ),
+    ),
+    # One such box among many (a slip of the pen) is counted and kept, as any box far from its mask.
+    Case("one_bbox_in_xyxy", edit_json(lambda data: _boxes_as_corners(data, first=1)), Disagrees(check_box=False)),
     Case(
         "images_list_empty",
         edit_json(lambda data: (data["images"].clear(), data["annotations"].clear())),
@@ -902,7 +919,7 @@ def _coco_case(case: Case, split: Split, tmp_path: Path, caplog) -> None:
     elif isinstance(outcome, Capped):
         _check_capped(case, dataset, split, json_path, caplog.text)
     elif isinstance(outcome, Disagrees):
-        _check_disagrees(dataset, image_dir, json_path, caplog.text)
+        _check_disagrees(dataset, image_dir, json_path, caplog.text, outcome.check_box)
     else:
         _check_repaired(case, dataset, split, image_dir, json_path, caplog.text)
 
@@ -925,11 +942,13 @@ def _check_capped(case: Case, dataset: CocoDataset, split: Split, json_path: Pat
     )
 
 
-def _check_disagrees(dataset: CocoDataset, image_dir: Path, json_path: Path, log: str) -> None:
+def _check_disagrees(dataset: CocoDataset, image_dir: Path, json_path: Path, log: str, check_box: bool = True) -> None:
     """Counted and named; the json bbox is the target's box; perfect predictions score as pycocotools on the json."""
     assert dataset.bbox_disagreements == 1 and not dataset.skipped
     assert "1 annotations have a bbox that differs from their segmentation's extent" in log
     assert f"(e.g. annotation id {BAD_ID}); the json bbox is used for training and evaluation alike" in log
+    if not check_box:
+        return
     _, target = dataset[dataset.image_ids.index(IMAGE_ID)]
     assert [30.0, 30.0, 50.0, 45.0] in target["boxes"].tolist()
     result = run_in_child(read_and_evaluate, image_dir, json_path, True)
@@ -992,6 +1011,15 @@ def _check_repaired(case: Case, dataset: CocoDataset, split: Split, image_dir: P
     if reference:
         assert result["metrics"] == pytest.approx(result["reference"], abs=1e-9)
     assert result["metrics"]["segm_AP"] == result["metrics"]["bbox_AP"] == 1.0
+
+
+def _boxes_as_corners(data: dict, first: int | None = None) -> None:
+    """The json's boxes (the ``first`` ones, or all) written as ``[x1, y1, x2, y2]``; one of them gets ``BAD_ID``."""
+    annotations = [a for a in data["annotations"] if a["bbox"][2] > 1 and a["bbox"][3] > 1][:first]
+    for annotation in annotations:
+        x, y, w, h = annotation["bbox"]
+        annotation["bbox"] = [x, y, x + w, y + h]
+    annotations[0]["id"] = BAD_ID
 
 
 def _float_ids(data: dict) -> None:
