@@ -480,6 +480,8 @@ class CocoDataset(torch.utils.data.Dataset):
                     self._skip("malformed category id", annotation)
                     continue
                 annotation = dict(annotation, category_id=category_id)
+            if type(annotation.get("id")) is float and _json_id(annotation["id"]) is not None:  # 7.0: id 7
+                annotation = dict(annotation, id=_json_id(annotation["id"]))
             if category_id not in self._all_category_ids:
                 self._skip("unknown category id", annotation)
                 continue
@@ -652,9 +654,6 @@ class CocoDataset(torch.utils.data.Dataset):
     def _fix_annotation_ids(self, annotations: list[dict]) -> None:
         # pycocotools reads annotation id 0 as "unmatched" and needs ids to be unique;
         # renumber (in the evaluator's ground truth only) if the json's ids are unusable.
-        for i, annotation in enumerate(annotations):
-            if type(annotation.get("id")) is float and _json_id(annotation["id"]) is not None:  # 7.0: id 7
-                annotations[i] = dict(annotation, id=int(annotation["id"]))
         ids = [a.get("id") for a in annotations]
         if all(type(i) is int and 0 < i <= _MAX_ANNOTATION_ID for i in ids) and len(set(ids)) == len(ids):
             return
@@ -910,14 +909,13 @@ class CocoDataset(torch.utils.data.Dataset):
         if image.shape[:2] != (height, width):
             raise ValueError(size_mismatch_message(path, image.shape[:2], (height, width), self.ann_file))
         numbers = np.arange(self._record_starts[row], self._record_starts[row + 1])
-        usable = ~self._collapsed[numbers]
-        if not usable.all():
-            annotations = [a for a, keep in zip(annotations, usable) if keep]
-            numbers = numbers[usable]
+        # What goes into the target, as _in_targets counts it: not a collapsed box, not a crowd region unless asked.
+        keep = ~self._collapsed[numbers]
         if not self.include_crowd:
-            not_crowd = [not a.get("iscrowd", 0) for a in annotations]
-            annotations = [a for a, keep in zip(annotations, not_crowd) if keep]
-            numbers = numbers[np.asarray(not_crowd, dtype=bool)]
+            keep &= np.array([not a.get("iscrowd", 0) for a in annotations], dtype=bool)
+        if not keep.all():
+            annotations = [a for a, kept in zip(annotations, keep) if kept]
+            numbers = numbers[keep]
         cap = self.max_annotations_per_image
         if cap is not None and len(annotations) > cap:
             # The largest objects, in json order: dense masks cost H x W bytes each however small the object.

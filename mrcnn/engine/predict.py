@@ -370,15 +370,16 @@ def predict(cfg: DictConfig) -> dict[str, float]:
         label_map = OmegaConf.to_container(label_map) if label_map is not None else None
         if label_map is None and record is not None:
             label_map = record.label_to_category_id
-        # Keys as the evaluator reads them (int(k)): a map given with string keys ({"1": 3}) maps label 1.
-        mapped = {int(k) for k in label_map} if label_map is not None else None
-        unmapped = [k for k in range(1, cfg.model.num_classes + 1) if mapped is not None and k not in mapped]
-        if unmapped:
-            # Found before any image, not at the first detection of such a label.
-            raise ValueError(
-                f"predict.label_to_category_id maps no category id to labels {unmapped[:5]} of the model's "
-                f"{cfg.model.num_classes} classes: give one for each label 1..{cfg.model.num_classes}"
-            )
+        if label_map is not None:
+            # Keys as the evaluator reads them (int(k)): a map given with string keys ({"1": 3}) maps label 1.
+            mapped = {int(k) for k in label_map}
+            unmapped = [k for k in range(1, cfg.model.num_classes + 1) if k not in mapped]
+            if unmapped:
+                # Found before any image, not at the first detection of such a label.
+                raise ValueError(
+                    f"predict.label_to_category_id maps no category id to labels {unmapped[:5]} of the model's "
+                    f"{cfg.model.num_classes} classes: give one for each label 1..{cfg.model.num_classes}"
+                )
         writer = PredictionWriter(
             output,
             dataset.coco_images(),
