@@ -40,12 +40,14 @@ def test_each_kind_of_output_stops_every_mode_but_the_runs_own_resume(tmp_path, 
     for mode in ("evaluate", "predict"):
         with pytest.raises(FileExistsError, match=rf"mode={mode} would write its own record over that run's"):
             check_run_dir_is_free(run, mode, str(run / "checkpoints" / "last.ckpt"))
-    # A sweep's job is told to move the sweep; a job SLURM requeued (the same command again), to resume.
+    # A sweep's job is told to move the sweep.
     with pytest.raises(FileExistsError, match=r"Write the sweep to a new folder: leave hydra\.sweep\.dir out"):
         check_run_dir_is_free(run, "train", sweep_job=True)
+    # A training job SLURM requeued (the same command again) is the folder's own run: it continues from its
+    # last.ckpt (checkpoint_path chooses it), or starts over where its first start saved none.
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    with pytest.raises(FileExistsError, match=rf"SLURM requeued this job; continue it with resume={run} hydra\.run"):
-        check_run_dir_is_free(run, "train", sweep_job=True)
+    check_run_dir_is_free(run, "train", sweep_job=True)
+    check_run_dir_is_free(run_folder(tmp_path / "requeued", ["csv/metrics.csv"]), "train")
     with pytest.raises(FileExistsError, match=r"record over that run's\. Write to a new folder"):
         check_run_dir_is_free(run, "evaluate")  # nothing of its own to continue
     monkeypatch.delenv("SLURM_RESTART_COUNT")
@@ -100,6 +102,11 @@ def test_the_composed_folder_is_checked_before_hydra_writes_its_record(tmp_path,
     assert run_start(f"resume={run}", f"hydra.run.dir={run}") == ""
     assert run_start(f"ckpt_path={run}/checkpoints/last.ckpt", f"hydra.run.dir={run}", "trainer.max_epochs=9") == ""
     assert run_start("seed=1", f"resume={run}") == ""
+    # A training job SLURM requeued continues its folder's run (mrcnn.engine.config_checks.requeued_checkpoint).
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert run_start(f"hydra.run.dir={run}") == ""
+    assert refusal_message(run) in run_start("mode=evaluate", f"hydra.run.dir={run}", f"weights={run}/x.pth")
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
     # A sweep into a folder whose jobs hold output (any depth: Hydra's subdir may be nested) would reuse their folders;
     # its hydra.run.dir does not count, and each of its jobs checks its own folder when its mode starts.
     sweep = tmp_path / "sweep"

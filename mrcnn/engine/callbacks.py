@@ -50,11 +50,12 @@ class TrainingInterrupted(SystemExit):
         signum: the signal.
         path: the checkpoint to resume from.
         step: the global step it was saved at.
+        start_step: the global step this fit started from (a resumed run's checkpoint's; 0 for a new run).
     """
 
-    def __init__(self, signum: int, path: Path, step: int):
+    def __init__(self, signum: int, path: Path, step: int, start_step: int = 0):
         super().__init__(128 + signum)
-        self.signum, self.path, self.step = signum, path, step
+        self.signum, self.path, self.step, self.start_step = signum, path, step, start_step
 
     def __str__(self) -> str:
         return f"stopped by {signal.Signals(self.signum).name} at step {self.step}; resume from {self.path}"
@@ -75,7 +76,8 @@ class LastCheckpoint(L.Callback):
     a job) or SIGUSR2 (what SLURM sends 90 s before a job's time limit under the SLURM launcher) during
     training, the run finishes the step it is in, saves ``last.ckpt`` (with the training
     loader's position, so a resumed run sees the batches the uninterrupted run would have seen) and
-    raises :class:`TrainingInterrupted`: the process exits with 130 / 143 / 140. Under DDP any process's
+    raises :class:`TrainingInterrupted`: the process exits with 130 / 143 / 140 (after SIGUSR2 in a SLURM job,
+    ``mrcnn.engine.train.requeue`` requeues the job first). Under DDP any process's
     signal stops all of them at the same step (one all-reduce of a flag per step, on the host: a GPU step never
     waits for it). A signal received
     during a validation takes effect when the validation ends. A second Ctrl-C stops at once, saving
@@ -107,6 +109,7 @@ class LastCheckpoint(L.Callback):
         self._step_at_batch_start = -1  # the global step when the current training batch started
         # The step the every-N count runs from: the start of this fit, then each periodic save.
         self._periodic_base = 0
+        self._start_step = 0  # the global step this fit started from
         self._previous_handlers: dict[int, object] = {}
         self._flag_group = None  # the host process group the stop flag is agreed on (several processes only)
 
@@ -210,7 +213,7 @@ class LastCheckpoint(L.Callback):
     # ---- stopping on a signal ----------------------------------------------------------------------
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._periodic_base = trainer.global_step
+        self._periodic_base = self._start_step = trainer.global_step
         self._final_mid_epoch_step = -1
         # Installed here, after Lightning installed its own at the start of fit(): ours replace its SIGTERM
         # handler while the training loop runs. Signal handlers can only be set from the main thread.
@@ -254,7 +257,7 @@ class LastCheckpoint(L.Callback):
 
     def _raise_stop(self) -> None:
         self._restore_handlers()
-        raise TrainingInterrupted(self._stop_signal, self.path, self._saved_step)
+        raise TrainingInterrupted(self._stop_signal, self.path, self._saved_step, self._start_step)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._stop_signal:

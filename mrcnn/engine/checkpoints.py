@@ -35,6 +35,7 @@ RESUME_FREE_KEYS = (
     "weights",  # the checkpoint's weights replace them
     "experiment_name",
     "checkpoint_every_n_steps",
+    "slurm_requeue",
     "predict",
     "logger",
     "callbacks",

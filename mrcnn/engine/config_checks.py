@@ -133,6 +133,7 @@ SCHEMA: dict[str, Rule] = {
     "setting_name": non_empty_string,
     "base_lr": positive_number,
     "final_eval": boolean,
+    "slurm_requeue": boolean,
     # ---- Hydra's instantiation keys, anywhere
     "*._target_": target,
     "*._partial_": boolean,
@@ -574,7 +575,8 @@ def path_problems(cfg: DictConfig) -> list[str]:
 
 
 def checkpoint_path(cfg: DictConfig) -> str | None:
-    """The Lightning checkpoint to start from: ``ckpt_path``, or ``<resume>/checkpoints/last.ckpt``.
+    """The Lightning checkpoint to start from: ``ckpt_path``, or ``<resume>/checkpoints/last.ckpt``; in a training
+    job SLURM requeued, its own folder's ``last.ckpt`` when there is one (:func:`requeued_checkpoint`).
 
     Raises:
         ValueError: both ``ckpt_path`` and ``resume`` are given.
@@ -589,13 +591,37 @@ def checkpoint_path(cfg: DictConfig) -> str | None:
             raise FileNotFoundError(
                 f"resume={cfg.resume}: there is no {path}. {_why_no_last_checkpoint(Path(cfg.resume))}"
             )
-        return str(path)
-    return cfg.get("ckpt_path")
+    requeued = requeued_checkpoint(cfg.run_dir, cfg.get("mode", "train"))
+    if requeued is not None:
+        return str(requeued)
+    return str(resume_checkpoint(cfg.resume)) if cfg.get("resume") else cfg.get("ckpt_path")
 
 
 def resume_checkpoint(run_dir: str | Path) -> Path:
     """The checkpoint ``resume=<run_dir>`` continues from: the run's ``checkpoints/last.ckpt``."""
     return Path(run_dir) / "checkpoints" / "last.ckpt"
+
+
+def slurm_restart_count() -> int:
+    """How many times SLURM has requeued this job (``SLURM_RESTART_COUNT``): 0 outside SLURM and in a first start."""
+    value = os.environ.get("SLURM_RESTART_COUNT", "")
+    return int(value) if value.isdigit() else 0
+
+
+def requeued_checkpoint(run_dir: str | Path, mode: str) -> Path | None:
+    """The checkpoint a training job continues from when SLURM has requeued it: its own folder's ``last.ckpt``.
+
+    SLURM starts a requeued job (preempted, or requeued by ``mrcnn.engine.train.requeue`` before its time limit)
+    with the same command, so it names the same folder (``hydra.run.dir``, or a sweep job's folder) and the same
+    ``resume`` / ``ckpt_path`` as its first start. What it must continue from is the newest state of its own run,
+    the ``last.ckpt`` its stop saved, not the file it started from the first time. ``None`` outside a requeued job,
+    in ``mode=evaluate`` / ``predict``, and where the folder holds no ``last.ckpt`` (the job was stopped before its
+    first save, or its folder is new: one named by the time it started).
+    """
+    if mode != "train" or slurm_restart_count() == 0:
+        return None
+    path = resume_checkpoint(run_dir)
+    return path if path.is_file() else None
 
 
 def _why_no_last_checkpoint(run_dir: Path) -> str:

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from mrcnn.engine import job_processes
-from mrcnn.engine.config_checks import resume_checkpoint
+from mrcnn.engine.config_checks import requeued_checkpoint, resume_checkpoint, slurm_restart_count
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ RUN_OUTPUTS = ("checkpoints/*.ckpt", "csv/metrics.csv", "metrics.json")
 
 
 def check_run_dir_is_free(
-    run_dir: str | Path, mode: str = "train", ckpt_path: str | None = None, sweep_job: bool = False
+    run_dir: str | Path, mode: str = "train", ckpt_path: str | Path | None = None, sweep_job: bool = False
 ) -> None:
     """Stops a job whose folder (``hydra.run.dir``) holds another run's output, before the job writes there.
 
@@ -218,16 +219,18 @@ def check_run_dir_is_free(
         return
     if mode == "train" and ckpt_path is not None and run_dir.resolve() in Path(ckpt_path).resolve().parents:
         return  # the folder's own run, continued
+    if mode == "train" and slurm_restart_count():
+        # Requeued by SLURM (the same command again) with no last.ckpt to continue from (checkpoint_path would have
+        # chosen it): its first start stopped before its first save, and this is that run's own output, which it
+        # writes again (mrcnn.engine.train.train says so).
+        return
     if mode == "train":
         harm = "a new run there would write over them (Lightning deletes the old csv/metrics.csv)"
         ways = f"Continue that run with resume={run_dir} hydra.run.dir={run_dir}, or write"
     else:
         harm = f"mode={mode} would write its own record over that run's"
         ways = "Write"
-    if mode == "train" and os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
-        # Requeued (preempted, or out of time under submitit): the same command again, in the same folder.
-        ways = f"SLURM requeued this job; continue it with resume={run_dir} hydra.run.dir={run_dir}, or write"
-    elif sweep_job:
+    if sweep_job:
         ways = "Write the sweep"
     raise FileExistsError(
         f"the job's folder {run_dir} holds another run's output ({found}): {harm}. {ways} to a new folder: leave "
@@ -251,6 +254,32 @@ def is_first_process() -> bool:
 # Variables that give a process's rank (or its node's) before a Trainer exists; in a job's first process none is set
 # or each is 0.
 _RANK_ENV = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+
+
+def requeue_slurm_job() -> str | None:
+    """Asks SLURM to requeue the job this process runs in (``scontrol requeue``), as submitit and Lightning do.
+
+    SLURM ends the job's processes and starts the job again with the same command once it is scheduled; that run
+    continues from its folder's ``last.ckpt`` (:func:`mrcnn.engine.config_checks.requeued_checkpoint`). A task of a
+    job array is named ``<array job>_<task>``.
+
+    Returns:
+        The job's id, or ``None`` outside SLURM or where ``scontrol`` failed (a job submitted with ``--no-requeue``,
+        a cluster that allows no requeue, no ``scontrol`` on the node): the reason is logged.
+    """
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array_job}_{task}" if array_job and task else os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    try:
+        subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, text=True, timeout=60)
+    except subprocess.CalledProcessError as error:
+        log.error("scontrol requeue %s failed (exit %d): %s", job, error.returncode, error.stderr.strip())
+        return None
+    except (OSError, subprocess.TimeoutExpired) as error:
+        log.error("scontrol requeue %s failed: %s", job, error)
+        return None
+    return job
 
 
 def in_sweep() -> bool:
@@ -277,10 +306,14 @@ class RunDirIsFree(Callback):
     """
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        resume = config.get("resume")
-        ckpt_path = str(resume_checkpoint(resume)) if resume else config.get("ckpt_path")
+        resume, mode = config.get("resume"), config.get("mode", "train")
         claim_timed_run_dir(config)
-        _exit_if_refused(check_run_dir_is_free, str(config.hydra.run.dir), config.get("mode", "train"), ckpt_path)
+        run_dir = str(config.hydra.run.dir)
+        # As mrcnn.engine.config_checks.checkpoint_path chooses it (config.run_dir does not resolve before the job).
+        ckpt_path = requeued_checkpoint(run_dir, mode) or (
+            resume_checkpoint(resume) if resume else config.get("ckpt_path")
+        )
+        _exit_if_refused(check_run_dir_is_free, run_dir, mode, ckpt_path)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         _exit_if_refused(check_sweep_dir_is_free, str(config.hydra.sweep.dir))

@@ -14,8 +14,14 @@ from mrcnn.engine.build import build, job_overrides
 from mrcnn.engine.callbacks import TrainingInterrupted
 from mrcnn.engine.checkpoint_model import use_checkpoint_model
 from mrcnn.engine.checkpoints import check_checkpoint_fits, check_resume_config, read_resumed_run
-from mrcnn.engine.config_checks import check_config, checkpoint_path, validation_schedule_note
-from mrcnn.engine.launch import check_run_dir_is_free, in_sweep, job_scope
+from mrcnn.engine.config_checks import (
+    check_config,
+    checkpoint_path,
+    resume_checkpoint,
+    slurm_restart_count,
+    validation_schedule_note,
+)
+from mrcnn.engine.launch import check_run_dir_is_free, in_sweep, is_first_process, job_scope, requeue_slurm_job
 from mrcnn.engine.model_record import read_checkpoint
 from mrcnn.engine.quiet import reading_weights_only
 from mrcnn.engine.summary import write_final_metrics
@@ -34,13 +40,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_config(cfg)
     ckpt_path = checkpoint_path(cfg)
     check_run_dir_is_free(cfg.run_dir, cfg.mode, ckpt_path, sweep_job=in_sweep())
+    if slurm_restart_count() and is_first_process():
+        log_requeued_start(cfg.run_dir, ckpt_path)
     note = validation_schedule_note(cfg)
     if note:
         log.warning(note)
     resumed = read_resumed_run(ckpt_path) if ckpt_path else None
     if resumed is not None:
         check_resume_config(cfg, resumed)
-    with job_scope(cfg), stops_with_nonzero_exit(cfg):
+    with says_how_it_continues(cfg), job_scope(cfg), stops_with_nonzero_exit():
         prepare_determinism(cfg)
         L.seed_everything(cfg.seed, workers=True)
         datamodule, module, trainer = build(cfg, resumed)
@@ -65,7 +73,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     step = read_checkpoint(ckpt_path).get("global_step") if ckpt_path else None
     # The architecture the weights were trained as (a torchvision state dict in weights= records none).
     use_checkpoint_model(cfg, ckpt_path or cfg.weights, job_overrides(), "ckpt_path" if ckpt_path else "weights")
-    with job_scope(cfg), stops_with_nonzero_exit(cfg):
+    with job_scope(cfg), stops_with_nonzero_exit():
         prepare_determinism(cfg)
         L.seed_everything(cfg.seed, workers=True)
         datamodule, module, trainer = build(cfg)
@@ -92,25 +100,76 @@ def prepare_determinism(cfg: DictConfig) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
+def log_requeued_start(run_dir: str, ckpt_path: str | None) -> None:
+    """Says what a training job SLURM requeued continues from (``checkpoint_path`` chose ``ckpt_path``)."""
+    if ckpt_path == str(resume_checkpoint(run_dir)):
+        log.info("SLURM requeued this job: it continues from %s", ckpt_path)
+    else:
+        log.warning(
+            "SLURM requeued this job, and its folder %s holds no checkpoints/last.ckpt: it starts over, as its first "
+            "start did (a job script whose folder is named by the time it started gets a new one at each start: name "
+            "it, hydra.run.dir=<path>, for a requeued job to continue its run)",
+            run_dir,
+        )
+
+
+def requeue(cfg: DictConfig, stop: TrainingInterrupted) -> str | None:
+    """Requeues a SLURM job that SIGUSR2 stopped (``slurm_requeue``), from its first process; the job's id, or ``None``.
+
+    SIGUSR2 is the notice SLURM sends before a job's time limit where asked to (the SLURM launcher's
+    ``signal_delay_s``, ``#SBATCH --signal=USR2@<seconds>``); ``scancel`` and a preemption send SIGTERM (SLURM
+    requeues a preempted job itself where it is set to). A job that trained no step since it started is not
+    requeued: it would stop the same way at every start.
+    """
+    if not (
+        cfg.get("slurm_requeue")
+        and stop.signum == signal.SIGUSR2
+        and os.environ.get("SLURM_JOB_ID")
+        and is_first_process()
+    ):
+        return None
+    if stop.step <= stop.start_step:
+        log.warning("not requeued: the job trained no step after step %d, where it started", stop.start_step)
+        return None
+    return requeue_slurm_job()
+
+
 @contextlib.contextmanager
-def stops_with_nonzero_exit(cfg: DictConfig):
-    """A job stopped by a signal exits non-zero (128 + the signal), saying how to resume when it trained.
+def says_how_it_continues(cfg: DictConfig):
+    """A training job stopped by a signal (:class:`TrainingInterrupted`) is requeued (:func:`requeue`), or says how
+    to resume it.
+
+    Around :func:`mrcnn.engine.launch.job_scope`: SLURM ends a job's processes as soon as it requeues it, so the
+    loggers, the W&B run and the job's other processes are finished first.
+    """
+    try:
+        yield
+    except TrainingInterrupted as stop:
+        job = requeue(cfg, stop)
+        if job is not None:
+            log.warning("%s. SLURM requeued job %s: it continues from there when it starts again", stop, job)
+        else:
+            log.warning(
+                "%s. Continue with: python run.py <the same overrides> resume=%s hydra.run.dir=%s",
+                stop,
+                cfg.run_dir,
+                cfg.run_dir,
+            )
+        raise
+
+
+@contextlib.contextmanager
+def stops_with_nonzero_exit():
+    """A job stopped by a signal exits non-zero (128 + the signal), also outside the training loop.
 
     In the training loop ``mrcnn.engine.callbacks.LastCheckpoint`` saves ``last.ckpt`` and raises
-    :class:`TrainingInterrupted`. Outside it (sanity check, the final validation, ``mode=evaluate``)
+    :class:`TrainingInterrupted`, which exits with that code (:func:`says_how_it_continues` logs how the run goes
+    on). Outside it (sanity check, the final validation, ``mode=evaluate``)
     Lightning's own SIGTERM handler stops the run with ``SIGTERMException``, a ``SystemExit`` with no
     code, which would exit with 0 as if the job had finished.
     """
     try:
         yield
-    except TrainingInterrupted as stop:
-        log.warning(
-            "%s. Continue with: python run.py <the same overrides> resume=%s hydra.run.dir=%s",
-            stop,
-            cfg.run_dir,
-            cfg.run_dir,
-        )
-        raise
     except SIGTERMException as stop:
         log.warning("stopped by SIGTERM outside the training loop; nothing was saved now")
         raise SystemExit(128 + signal.SIGTERM) from stop

@@ -32,7 +32,7 @@ from mrcnn.engine.config_checks import checkpoint_path
 from mrcnn.engine.train import stops_with_nonzero_exit
 from tests.helpers.config import TINY_MODEL, compose_config
 from tests.helpers.data import IdsDataset
-from tests.helpers.runs import training_only_trainer
+from tests.helpers.runs import fake_scontrol, training_only_trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS_PER_EPOCH = 6  # 12 images, 2 per batch
@@ -155,13 +155,18 @@ SIGNAL_ARGS = [arg for arg in ARGS if not arg.startswith("checkpoint_every_n_ste
     "signum",
     # SIGTERM through run.py is slow (a run and its resume in new processes); the default suite has it in process
     # (test_signal_saves_the_step_reached_...) and through DDP processes (test_sigterm_to_rank_zero_...).
-    [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
-    ids=["SIGINT", "SIGTERM"],
+    # SIGUSR2 in a SLURM job: SLURM's notice before the time limit. The job asks SLURM to requeue it (a stand-in
+    # scontrol records the call), and SLURM's second start of the same command continues from last.ckpt.
+    [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow), signal.SIGUSR2],
+    ids=["SIGINT", "SIGTERM", "SIGUSR2-SLURM-requeue"],
 )
 def test_signalled_run_saves_its_step_exits_nonzero_and_resumes_with_the_same_batches(tmp_path, signum):
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
     records = tmp_path / "batches.jsonl"
+    env, scontrol_calls = dict(os.environ), tmp_path / "scontrol.txt"
+    if signum == signal.SIGUSR2:
+        env.update(SLURM_JOB_ID="4242", PATH=f"{fake_scontrol(tmp_path, scontrol_calls)}{os.pathsep}{env['PATH']}")
     # With loader workers: a terminal's Ctrl-C and SLURM's SIGTERM reach them too.
     command = [
         sys.executable,
@@ -173,7 +178,9 @@ def test_signalled_run_saves_its_step_exits_nonzero_and_resumes_with_the_same_ba
     ]
     with open(tmp_path / "stderr.txt", "w") as stderr:
         # Its own process group, so that the signal goes to all its processes and to nothing else.
-        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True
+        )
         try:
             # Signal it as soon as its first training batch has started, as Ctrl-C or a cluster would.
             deadline = time.monotonic() + 240
@@ -190,7 +197,14 @@ def test_signalled_run_saves_its_step_exits_nonzero_and_resumes_with_the_same_ba
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     assert process.returncode == 128 + signum, (tmp_path / "stderr.txt").read_text()[-3000:]
-    assert f"resume={run_dir} hydra.run.dir={run_dir}" in (run_dir / "run.log").read_text()  # how to go on
+    if signum == signal.SIGUSR2:
+        assert scontrol_calls.read_text() == "requeue 4242\n"
+        assert (
+            "SLURM requeued job 4242: it continues from there when it starts again" in (run_dir / "run.log").read_text()
+        )
+    else:
+        assert not scontrol_calls.exists()
+        assert f"resume={run_dir} hydra.run.dir={run_dir}" in (run_dir / "run.log").read_text()  # how to go on
     # It finished the step in progress and saved last.ckpt there, with the loader's position.
     stopped_records = read_records(records)
     stopped_at = len(stopped_records)
@@ -214,10 +228,16 @@ def test_signalled_run_saves_its_step_exits_nonzero_and_resumes_with_the_same_ba
             "data.num_train_images: 12 -> 2000" in result.stderr and "resume_allow_config_change=true" in result.stderr
         )
 
-    result = subprocess.run(
-        [*command, f"resume={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
-    )
+    if signum == signal.SIGUSR2:
+        # SLURM starts the requeued job with the same command: no resume=, and SLURM_RESTART_COUNT set.
+        env["SLURM_RESTART_COUNT"] = "1"
+    else:
+        command = [*command, f"resume={run_dir}"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
+    if signum == signal.SIGUSR2:
+        assert f"SLURM requeued this job: it continues from {last}" in (run_dir / "run.log").read_text()
+        assert scontrol_calls.read_text() == "requeue 4242\n"  # a job that ends is not requeued again
     planned = planned_batches(ARGS)
     assert stopped_records == [(step, planned[step]) for step in range(stopped_at)]
     assert read_records(records)[stopped_at:] == [(step, planned[step]) for step in range(stopped_at, len(planned))]
@@ -419,7 +439,7 @@ class _WorkerState(torch.utils.data.Dataset):
 def test_lightnings_own_sigterm_stop_outside_the_training_loop_exits_nonzero():
     # Lightning stops a validation (sanity check, final validation, mode=evaluate) on SIGTERM with a SystemExit
     # that has no code: the process would exit 0 as if the job had finished.
-    with pytest.raises(SystemExit) as stop, stops_with_nonzero_exit(compose_config([])):
+    with pytest.raises(SystemExit) as stop, stops_with_nonzero_exit():
         raise SIGTERMException
     assert stop.value.code == 128 + signal.SIGTERM
 

@@ -147,3 +147,15 @@ class NotReadyEvent:
 
     def synchronize(self):
         pass
+
+
+def fake_scontrol(tmp_path: Path, calls: Path, exit_code: int = 0) -> Path:
+    """A folder holding a stand-in for SLURM's ``scontrol``: it appends its arguments to ``calls`` and exits with
+    ``exit_code`` (saying why on stderr when that is not 0)."""
+    folder = tmp_path / "slurm-bin"
+    folder.mkdir(exist_ok=True)
+    script = folder / "scontrol"
+    why = 'echo "scontrol: error: Requeue of job is disabled" >&2' if exit_code else ""
+    script.write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\n{why}\nexit {exit_code}\n')
+    script.chmod(0o755)
+    return folder
