@@ -38,31 +38,41 @@ __all__ = [
 
 
 class SampleIndex(int):
-    """A dataset index that also says which draw of the training stream it is: ``(seed, epoch)``.
+    """A dataset index that also says which draw of the training stream it is: ``(seed, epoch, repeat)``.
 
     It is an ``int`` everywhere (list indexing, arithmetic, comparisons, ``json``), so every dataset takes it;
-    a dataset that augments reads ``seed`` and ``epoch`` from it (``getattr``) and draws the augmentation of
-    this item from ``(seed, epoch, index)`` alone (:class:`mrcnn.data.transforms.InstanceTransform`). The
-    draw is then the same whichever process loads the item, in whatever order, with any number of loader
-    workers, and in a run resumed part-way through the epoch: no random state of a worker has to be kept.
-    :class:`EpochSampler` yields these.
+    a dataset that augments reads ``seed``, ``epoch`` and ``repeat`` from it (``getattr``) and draws the
+    augmentation of this item from ``(seed, epoch, index, repeat)`` alone
+    (:class:`mrcnn.data.transforms.InstanceTransform`). The draw is then the same whichever process loads the
+    item, in whatever order, with any number of loader workers, and in a run resumed part-way through the epoch: no
+    random state of a worker has to be kept. :class:`EpochSampler` yields these, and :class:`GroupedBatchSampler`
+    numbers the repeats it makes.
 
     Args:
         index: the dataset index.
         seed: the training order's seed (the run's seed).
         epoch: the epoch of this pass.
+        repeat: how many times the epoch's order (all ranks together) used this index before: 0 for its first use.
+            An index used again in one epoch (DDP's padding to equal shares, a group's short batch completed) is
+            augmented anew each time, as a random draw would be, not as an exact copy of its first use.
     """
 
     seed: int
     epoch: int
+    repeat: int
 
-    def __new__(cls, index: int, seed: int = 0, epoch: int = 0):
+    def __new__(cls, index: int, seed: int = 0, epoch: int = 0, repeat: int = 0):
         self = super().__new__(cls, index)
-        self.seed, self.epoch = int(seed), int(epoch)
+        self.seed, self.epoch, self.repeat = int(seed), int(epoch), int(repeat)
         return self
 
+    def again(self, repeat: int) -> SampleIndex:
+        """This index's use number ``repeat`` in the same epoch."""
+        return SampleIndex(int(self), self.seed, self.epoch, repeat)
+
     def __repr__(self) -> str:
-        return f"SampleIndex({int(self)}, seed={self.seed}, epoch={self.epoch})"
+        again = f", repeat={self.repeat}" if self.repeat else ""
+        return f"SampleIndex({int(self)}, seed={self.seed}, epoch={self.epoch}{again})"
 
 
 def orientation_groups(image_sizes: Iterable[tuple[int, int]]) -> list[int]:
@@ -152,9 +162,10 @@ class EpochSampler(DistributedSampler):
         padding = self.total_size - count
         if padding > 0:
             indices += (indices * math.ceil(padding / count))[:padding]
-        indices = indices[self.rank : self.total_size : self.num_replicas]
+        # The order's position p holds a use of its index that is number p // count (the padding cycles the order).
+        positions = range(self.rank, self.total_size, self.num_replicas)
         start, self._skip = self._skip, 0
-        return iter([SampleIndex(i, self.seed, self.epoch) for i in indices[start:]])
+        return iter([SampleIndex(indices[p], self.seed, self.epoch, p // count) for p in positions[start:]])
 
 
 class GroupedBatchSampler(Sampler[list[int]]):
@@ -268,11 +279,26 @@ class GroupedBatchSampler(Sampler[list[int]]):
             return
         padded = len(self) * self.num_replicas
         batches += [batches[i % len(batches)] for i in range(padded - len(batches))]
-        yield from batches[self.rank :: self.num_replicas][start:]
+        yield from _number_repeats(batches)[self.rank :: self.num_replicas][start:]
 
     def __len__(self) -> int:
         """Batches per rank and epoch (the same on every rank)."""
         return math.ceil(self._total_batches / self.num_replicas)
+
+
+def _number_repeats(batches: list[list[int]]) -> list[list[int]]:
+    """``batches`` with each later use of a :class:`SampleIndex` in them numbered (:meth:`SampleIndex.again`), in
+    order; plain ints, which carry no draw, are left as they are."""
+    uses: dict[int, int] = {}
+    numbered = []
+    for batch in batches:
+        row = []
+        for index in batch:
+            used = uses.get(int(index), 0)
+            uses[int(index)] = used + 1
+            row.append(index.again(used) if used and isinstance(index, SampleIndex) else index)
+        numbered.append(row)
+    return numbered
 
 
 def epoch_order(num_items: int, shuffle: bool = True, seed: int = 0) -> EpochSampler:

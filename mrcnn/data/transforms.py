@@ -108,7 +108,7 @@ class InstanceTransform:
     ``seed_everything`` does not reach):
 
     - an item of the training stream (its index a :class:`~mrcnn.data.samplers.SampleIndex`)
-      is augmented from ``(seed, epoch, index)`` alone, so a run gives the same batches with
+      is augmented from ``(seed, epoch, index, repeat)`` alone, so a run gives the same batches with
       or without loader workers and when resumed part-way through an epoch;
     - any other call draws from a random state seeded once per process: from ``seed``, or
       without one from torch's seed of the process (``torch.initial_seed()``: the run's seed in
@@ -234,7 +234,10 @@ class InstanceTransform:
         """Seeds the random state for this item's draw (see the class docstring)."""
         epoch = getattr(index, "epoch", None)
         if epoch is not None:
-            self._set_seed(np.random.SeedSequence([index.seed, epoch, int(index)]).generate_state(1)[0])
+            # A first use keeps the key it had before repeats were numbered: recorded runs draw as they did.
+            repeat = getattr(index, "repeat", 0)
+            key = [index.seed, epoch, int(index), *([repeat] if repeat else [])]
+            self._set_seed(np.random.SeedSequence(key).generate_state(1)[0])
             self._seeded_for = None  # a later call without a SampleIndex seeds its process's state again
             return
         # DataLoader workers start as copies of the main process, so each would inherit the same random

@@ -446,7 +446,7 @@ class RandomState(L.Callback):
     positive/negative sampling, a random training size when ``data.min_size`` is a list). Without this a
     resumed run starts those draws from ``seed_everything``'s state and diverges from the uninterrupted
     run at its first step. The data needs nothing here: the training order follows from ``(seed, epoch)``
-    (:class:`~mrcnn.data.samplers.EpochSampler`), each item's augmentation from ``(seed, epoch, index)``
+    (:class:`~mrcnn.data.samplers.EpochSampler`), each item's augmentation from ``(seed, epoch, index, repeat)``
     (:class:`~mrcnn.data.samplers.SampleIndex`) and the loader workers' seeds from ``(seed, epoch)``, in
     the checkpointed run as in the resumed one, in whichever process loads the item.
 

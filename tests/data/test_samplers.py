@@ -52,6 +52,15 @@ def test_every_index_once_per_epoch_across_ranks(n, batch_size, num_replicas):
     rank_padding = (len(per_rank[0]) * num_replicas - full_batches) * batch_size
     assert sum(counts.values()) - n == group_padding + rank_padding
     assert group_padding < batch_size * len(group_sizes) and rank_padding < batch_size * num_replicas
+    # Each use of an index is numbered in the epoch (all ranks together): augmented anew, not as a copy.
+    assert sorted((int(i), i.repeat) for i in indices_of(batches)) == sorted(
+        (i, k) for i, count in counts.items() for k in range(count)
+    )
+    assert all((i.seed, i.epoch) == (0, 0) for i in indices_of(batches))
+
+
+def indices_of(batches):
+    return [i for batch in batches for i in batch]
 
 
 def test_without_padding_each_index_exactly_once():
@@ -100,6 +109,11 @@ def test_epoch_sampler_deals_its_order_out_as_torchs_distributed_sampler_and_ski
             ours = EpochSampler(range(10), num_replicas=3, rank=rank, seed=3, drop_last=drop_last)
             ours.set_epoch(2)
             assert list(ours) == [order[i] for i in torch_sampler] and len(ours) == len(torch_sampler) == length
+            # The padding's indices (10 -> 12: the order's first two) are their second use in the epoch.
+            assert [i.repeat for i in ours] == [int(p >= 10) for p in range(rank, 3 * length, 3)]
+    # An order shorter than the ranks cycles: each use numbered.
+    tiny = [list(EpochSampler(range(1), num_replicas=3, rank=rank)) for rank in range(3)]
+    assert [[(int(i), i.repeat) for i in share] for share in tiny] == [[(0, 0)], [(0, 1)], [(0, 2)]]
     unshuffled = EpochSampler(range(10), num_replicas=3, rank=1, shuffle=False)
     assert list(unshuffled) == list(DistributedSampler(range(10), num_replicas=3, rank=1, shuffle=False))
     sampler.set_epoch(1)
@@ -120,7 +134,9 @@ def test_grouped_sampler_skips_batches_of_its_own_shard_for_one_pass(num_replica
         assert (sampler.epoch, sampler.seed) == (3, 7)
         full = list(sampler)
         sampler.skip(2)
-        assert list(sampler) == full[2:]
+        skipped = list(sampler)
+        assert skipped == full[2:]
+        assert [[i.repeat for i in batch] for batch in skipped] == [[i.repeat for i in batch] for batch in full[2:]]
         assert list(sampler) == full
     # Over an order without epochs (a plain range) there is no epoch or seed to report.
     plain = GroupedBatchSampler(range(8), [0] * 8, 4)

@@ -232,14 +232,20 @@ def test_a_training_items_draw_follows_from_seed_epoch_and_index_alone():
     # Another epoch, seed or index draws anew (photometric: a colour jitter with p=0.8, a flip with p=0.5).
     for index, seed, epoch in [(3, 0, 2), (3, 1, 1), (4, 0, 1)]:
         assert not np.array_equal(draw(SampleIndex(index, seed=seed, epoch=epoch)), first), (index, seed, epoch)
+    # A later use of the index in the same epoch (DDP's padding, a completed batch) draws anew too, each its own;
+    # the first use keeps the draw of (seed, epoch, index), as runs recorded before repeats were numbered drew.
+    repeats = [draw(SampleIndex(3, seed=0, epoch=1, repeat=k)) for k in range(4)]
+    assert np.array_equal(repeats[0], first)
+    assert not any(np.array_equal(a, b) for i, a in enumerate(repeats) for b in repeats[i + 1 :])
+    assert np.array_equal(draw(SampleIndex(3, seed=0, epoch=1, repeat=2)), repeats[2])
 
 
 def test_a_sample_index_is_an_int_that_survives_pickling():
     import pickle
 
-    index = pickle.loads(pickle.dumps(SampleIndex(7, seed=3, epoch=2)))
+    index = pickle.loads(pickle.dumps(SampleIndex(7, seed=3, epoch=2, repeat=1)))
     assert index == 7 and [10, 11, 12, 13, 14, 15, 16, 17][index] == 17
-    assert (index.seed, index.epoch) == (3, 2)
+    assert (index.seed, index.epoch, index.repeat) == (3, 2, 1)
 
 
 def test_without_a_sample_index_the_main_process_draws_from_torchs_seed():
