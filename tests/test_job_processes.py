@@ -151,6 +151,24 @@ def test_after_a_stop_no_process_is_named_as_its_cause(launcher, caplog):
     assert f"local rank 2 (pid {waiting.pid}): 0 s after this process was stopped" in caplog.text
 
 
+def test_processes_released_from_lightnings_observer_are_still_stopped_with_the_job(launcher):
+    # A stop on purpose releases the children from Lightning's observer (it would kill this process on their exit
+    # with 128 + the signal); the job still waits for them and kills one that does not end.
+    launcher, started = launcher
+    stopped = subprocess.Popen([sys.executable, "-c", "raise SystemExit(140)"])
+    waiting = subprocess.Popen(SLEEP)
+    started += [stopped, waiting]
+    launcher.procs += [stopped, waiting]
+    observed = launcher.procs
+    job_processes.release_from_observer()
+    assert observed == [] and job_processes.tracked_processes() == [(1, stopped), (2, waiting)]
+    job_processes.release_from_observer()  # twice: nothing listed twice
+    assert job_processes.tracked_processes() == [(1, stopped), (2, waiting)]
+    assert job_processes.stop_after_failure(grace=0.5, stopped=True) == [waiting.pid]
+    job_processes.forget()
+    assert job_processes.tracked_processes() == []
+
+
 def test_what_counts_as_a_stop_on_purpose():
     def raised_while_handling(error, context):
         try:

@@ -5,86 +5,156 @@ The whole cycle through ``run.py`` (SIGUSR2, the save, the requeue, the second s
 """
 
 import logging
+import re
 import signal
-from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
 
-from mrcnn.engine.callbacks import TrainingInterrupted
+from mrcnn.data.datamodule import InstanceDataModule
+from mrcnn.engine.callbacks import LastCheckpoint, TrainingInterrupted
+from mrcnn.engine.checkpoints import ResumedRun, check_resume_config
 from mrcnn.engine.config_checks import checkpoint_path
-from mrcnn.engine.train import requeue, says_how_it_continues
+from mrcnn.engine.launch import requeue_after_stop
+from mrcnn.engine.train import says_how_it_continues
 from tests.helpers.config import compose_config
-from tests.helpers.runs import fake_scontrol
+from tests.helpers.data import IdsDataset
+from tests.helpers.runs import InterruptAt, fake_scontrol, training_only_trainer
 
-SLURM_ENV = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT", "SLURM_PROCID")
+SLURM_ENV = (
+    "SLURM_JOB_ID",
+    "SLURM_ARRAY_JOB_ID",
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_RESTART_COUNT",
+    "SLURM_PROCID",
+    "SUBMITIT_EXECUTOR",
+)
 
 
 @pytest.fixture
 def slurm(tmp_path, monkeypatch):
-    """A SLURM job's environment (job 77) with a stand-in ``scontrol``; returns the file it records its calls in."""
+    """A SLURM job's environment (job 77, under the SLURM launcher) with a stand-in ``scontrol``; returns the file it
+    records its calls in."""
     for name in SLURM_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
     calls = tmp_path / "scontrol.txt"
     monkeypatch.setenv("PATH", str(fake_scontrol(tmp_path, calls)))
     return calls
 
 
-def stop(signum=signal.SIGUSR2, step=5, start_step=2) -> TrainingInterrupted:
-    return TrainingInterrupted(signum, Path("run/checkpoints/last.ckpt"), step, start_step)
+@pytest.fixture
+def hydra_job():
+    """Sets the running Hydra job's config, as run.py's job has it: ``hydra_job(overrides)``."""
+
+    def set_config(overrides):
+        HydraConfig.instance().set_config(compose_config(overrides, return_hydra_config=True))
+
+    yield set_config
+    HydraConfig.instance().cfg = None
 
 
-def test_sigusr2_requeues_the_job_from_its_first_process(slurm, monkeypatch):
-    cfg = compose_config()
-    assert cfg.slurm_requeue is True  # the default
-    assert requeue(cfg, stop()) == "77"
-    # A task of a job array is requeued by its array name.
+class _Model(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight * 2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit(folder, signum=signal.SIGUSR2, ckpt_path=None, stop_at=2, **last_checkpoint) -> TrainingInterrupted:
+    """A fit of 4 steps signalled with ``signum`` in the step that ends at ``stop_at``; the stop it raises."""
+    datamodule = InstanceDataModule(IdsDataset(8), IdsDataset(2), batch_size=2, seed=0)
+    callbacks = [LastCheckpoint(str(folder), **last_checkpoint), InterruptAt(stop_at, signum)]
+    trainer = training_only_trainer(max_epochs=1, enable_checkpointing=True, callbacks=callbacks)
+    with pytest.raises(TrainingInterrupted) as stop:
+        trainer.fit(_Model(), datamodule=datamodule, ckpt_path=ckpt_path)
+    return stop.value
+
+
+def test_sigusr2_requeues_the_job_once_last_ckpt_is_saved(tmp_path, slurm, monkeypatch):
+    stop = fit(tmp_path / "run", slurm_requeue=True)
+    assert (stop.code, stop.step, stop.requeued) == (140, 2, "77")
+    assert slurm.read_text() == "requeue 77\n"
+    assert torch.load(tmp_path / "run" / "last.ckpt", weights_only=False)["global_step"] == 2
+    # A task of a job array is requeued by its array name. SLURM sends the job's processes SIGTERM when it requeues
+    # the job: the stop handlers still hold, so it changes nothing, and the stop ends as it began.
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "70")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
-    assert requeue(cfg, stop()) == "70_3"
+    monkeypatch.setenv("PATH", str(fake_scontrol(tmp_path, slurm, terminate_caller=True)))
+    stop = fit(tmp_path / "array", slurm_requeue=True)
+    assert (stop.code, stop.requeued) == (140, "70_3")
     assert slurm.read_text() == "requeue 77\nrequeue 70_3\n"
 
 
-def test_no_requeue_without_sigusr2_slurm_progress_or_the_switch(slurm, monkeypatch, caplog):
-    cfg = compose_config()
+def test_no_requeue_without_sigusr2_in_a_slurm_job_or_the_switch(tmp_path, slurm, monkeypatch):
     # Ctrl-C, and the SIGTERM of scancel (a preempted job is requeued by SLURM itself).
-    assert requeue(cfg, stop(signal.SIGINT)) is None
-    assert requeue(cfg, stop(signal.SIGTERM)) is None
-    assert requeue(compose_config(["slurm_requeue=false"]), stop()) is None
-    # A job that trained no step since it started would stop the same way at every start.
-    with caplog.at_level(logging.WARNING):
-        assert requeue(cfg, stop(step=2, start_step=2)) is None
-    assert "not requeued: the job trained no step after step 2, where it started" in caplog.text
-    # The job's other processes (SLURM's tasks; Lightning's children) leave it to the first.
-    monkeypatch.setenv("SLURM_PROCID", "1")
-    assert requeue(cfg, stop()) is None
-    monkeypatch.delenv("SLURM_PROCID")
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    assert requeue(cfg, stop()) is None
-    monkeypatch.delenv("LOCAL_RANK")
+    assert fit(tmp_path / "int", signal.SIGINT, slurm_requeue=True).requeued is None
+    assert fit(tmp_path / "term", signal.SIGTERM, slurm_requeue=True).requeued is None
+    assert fit(tmp_path / "off", slurm_requeue=False).requeued is None
     monkeypatch.delenv("SLURM_JOB_ID")  # not a SLURM job
-    assert requeue(cfg, stop()) is None
+    assert fit(tmp_path / "no-slurm", slurm_requeue=True).requeued is None
     assert not slurm.exists()
 
 
+def test_a_job_is_requeued_only_where_its_next_start_continues_its_run(slurm, monkeypatch, hydra_job, caplog):
+    caplog.set_level(logging.WARNING)
+    # Under the SLURM launcher each job starts again in its own folder.
+    assert requeue_after_stop(trained=True, started_over=False) == "77"
+    # A job script runs its command again: a single run in a folder it names.
+    monkeypatch.delenv("SUBMITIT_EXECUTOR")
+    hydra_job(["hydra.run.dir=/tmp/named-run"])
+    assert requeue_after_stop(trained=True, started_over=False) == "77"
+    # A folder named by the time would be a new one: the run would start over at every start.
+    hydra_job([])
+    assert requeue_after_stop(trained=True, started_over=False) is None
+    assert "not requeued: its folder is named by the time it started (hydra.run.dir)" in caplog.text
+    # So would a sweep of Hydra's basic launcher inside one job.
+    hydra_job(["hydra.mode=MULTIRUN"])
+    assert requeue_after_stop(trained=True, started_over=False) is None
+    assert "a sweep run by Hydra's basic launcher would start again as a whole" in caplog.text
+    # A start that trained nothing, or that was a requeued start that started over, would stop the same way again.
+    hydra_job(["hydra.run.dir=/tmp/named-run"])
+    assert requeue_after_stop(trained=False, started_over=False) is None
+    assert "it trained no step since it started" in caplog.text
+    assert requeue_after_stop(trained=True, started_over=True) is None
+    assert "this start was a requeued one that started over" in caplog.text
+    assert slurm.read_text() == "requeue 77\nrequeue 77\n"
+
+
+def test_a_requeued_start_that_started_over_is_not_requeued_again(tmp_path, slurm, monkeypatch):
+    # The fit continues its folder's last.ckpt: requeued again. It started from another file: not.
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    run = tmp_path / "run"
+    first = fit(run, slurm_requeue=True)
+    assert first.requeued is None  # this start began at step 0 although SLURM had requeued it
+    again = fit(run, ckpt_path=run / "last.ckpt", stop_at=3, slurm_requeue=True)
+    assert (again.step, again.requeued) == (3, "77")
+
+
 def test_a_failed_requeue_says_why_and_the_job_waits_for_resume(tmp_path, slurm, monkeypatch, caplog):
-    cfg = compose_config(run_dir=str(tmp_path / "run"))
+    caplog.set_level(logging.WARNING)
     monkeypatch.setenv("PATH", str(fake_scontrol(tmp_path, slurm, exit_code=1)))
-    with caplog.at_level(logging.WARNING), pytest.raises(TrainingInterrupted), says_how_it_continues(cfg):
-        raise stop()
+    assert requeue_after_stop(trained=True, started_over=False) is None
     assert "scontrol requeue 77 failed (exit 1): scontrol: error: Requeue of job is disabled" in caplog.text
-    assert f"Continue with: python run.py <the same overrides> resume={tmp_path / 'run'}" in caplog.text
     monkeypatch.setenv("PATH", str(tmp_path / "no-such-folder"))  # no scontrol on the node
-    caplog.clear()
-    assert requeue(cfg, stop()) is None
+    assert requeue_after_stop(trained=True, started_over=False) is None
     assert "scontrol requeue 77 failed: [Errno 2] No such file or directory" in caplog.text
-    # Requeued: the log says so instead of how to resume.
-    monkeypatch.setenv("PATH", str(fake_scontrol(tmp_path, slurm)))
-    caplog.clear()
-    with caplog.at_level(logging.WARNING), pytest.raises(TrainingInterrupted), says_how_it_continues(cfg):
-        raise stop()
-    assert "SLURM requeued job 77: it continues from there when it starts again" in caplog.text
-    assert "Continue with" not in caplog.text
+    # The job's log says how it goes on.
+    cfg = compose_config(run_dir=str(tmp_path / "run"))
+    for requeued, said in ((None, f"resume={tmp_path / 'run'} hydra.run.dir="), ("77", "SLURM requeued job 77")):
+        caplog.clear()
+        with pytest.raises(TrainingInterrupted), says_how_it_continues(cfg):
+            raise TrainingInterrupted(signal.SIGUSR2, tmp_path / "run" / "last.ckpt", 5, requeued)
+        assert said in caplog.text
 
 
 def test_a_requeued_training_job_continues_from_its_own_folders_last_checkpoint(tmp_path, slurm, monkeypatch):
@@ -113,3 +183,17 @@ def test_a_requeued_training_job_continues_from_its_own_folders_last_checkpoint(
     # Not requeued: the folder's last.ckpt is another run's, and the first start is refused there (test_run_dir).
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
     assert start() is None
+
+
+def test_a_requeued_start_whose_config_files_changed_meanwhile_says_so(tmp_path, monkeypatch):
+    # The same command again, but the config files were edited while the job waited: the error names the requeue.
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").touch()
+    cfg = compose_config(run_dir=str(run))
+    saved = OmegaConf.to_container(compose_config(["base_lr=0.08"], run_dir=str(run)), resolve=True)
+    resumed = ResumedRun(checkpoint=run / "checkpoints" / "last.ckpt", global_step=3, run_dir=run, config=saved)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    message = f"SLURM requeued this job to continue from {run / 'checkpoints' / 'last.ckpt'}, but the config differs"
+    with pytest.raises(ValueError, match=re.escape(message) + r"(.|\n)*base_lr: 0\.08 -> 0\.04"):
+        check_resume_config(cfg, resumed)

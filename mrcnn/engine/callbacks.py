@@ -20,8 +20,11 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
+from mrcnn.engine import job_processes
 from mrcnn.engine import loggers as engine_loggers
 from mrcnn.engine.checkpoints import RUN_RECORD_KEY
+from mrcnn.engine.config_checks import slurm_restart_count
+from mrcnn.engine.launch import requeue_after_stop
 from mrcnn.engine.sweep_cost import estimate_line, sweep_position
 from mrcnn.engine.visualize import (
     draw_instances,
@@ -35,8 +38,8 @@ from mrcnn.engine.visualize import (
 log = logging.getLogger(__name__)
 
 # What stops a training run gracefully: Ctrl-C, and what a cluster sends before it preempts or times out a job.
-# SIGUSR2: what the SLURM launcher (submitit) asks SLURM to send 90 s before a job's time limit; its own handler would
-# requeue the job and exit mid-step, saving nothing.
+# SIGUSR2: what the SLURM launcher (submitit) asks SLURM to send 120 s (signal_delay_s) before a job's time limit;
+# its own handler would requeue the job and exit mid-step, saving nothing.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
 
@@ -50,12 +53,12 @@ class TrainingInterrupted(SystemExit):
         signum: the signal.
         path: the checkpoint to resume from.
         step: the global step it was saved at.
-        start_step: the global step this fit started from (a resumed run's checkpoint's; 0 for a new run).
+        requeued: the SLURM job that was requeued to continue from it, if any.
     """
 
-    def __init__(self, signum: int, path: Path, step: int, start_step: int = 0):
+    def __init__(self, signum: int, path: Path, step: int, requeued: str | None = None):
         super().__init__(128 + signum)
-        self.signum, self.path, self.step, self.start_step = signum, path, step, start_step
+        self.signum, self.path, self.step, self.requeued = signum, path, step, requeued
 
     def __str__(self) -> str:
         return f"stopped by {signal.Signals(self.signum).name} at step {self.step}; resume from {self.path}"
@@ -73,11 +76,12 @@ class LastCheckpoint(L.Callback):
     step, ``last.ckpt`` becomes a hard link to it instead of a second copy of the same weights.
 
     On SIGINT (Ctrl-C), SIGTERM (what SLURM and other schedulers send before they preempt or time out
-    a job) or SIGUSR2 (what SLURM sends 90 s before a job's time limit under the SLURM launcher) during
+    a job) or SIGUSR2 (what SLURM sends 120 s before a job's time limit under the SLURM launcher) during
     training, the run finishes the step it is in, saves ``last.ckpt`` (with the training
     loader's position, so a resumed run sees the batches the uninterrupted run would have seen) and
-    raises :class:`TrainingInterrupted`: the process exits with 130 / 143 / 140 (after SIGUSR2 in a SLURM job,
-    ``mrcnn.engine.train.requeue`` requeues the job first). Under DDP any process's
+    raises :class:`TrainingInterrupted`: the process exits with 130 / 143 / 140. After SIGUSR2 in a SLURM job
+    (``slurm_requeue``) the job's first process first asks SLURM to requeue the job
+    (:func:`mrcnn.engine.launch.requeue_after_stop`), while the others wait for it. Under DDP any process's
     signal stops all of them at the same step (one all-reduce of a flag per step, on the host: a GPU step never
     waits for it). A signal received
     during a validation takes effect when the validation ends. A second Ctrl-C stops at once, saving
@@ -89,6 +93,7 @@ class LastCheckpoint(L.Callback):
         every_n_train_steps: also save every that many optimizer steps; ``None`` or 0: epoch ends only.
         filename: checkpoint file name.
         stop_on_signal: handle SIGINT, SIGTERM and SIGUSR2 as above; ``False`` leaves them to Lightning and Python.
+        slurm_requeue: after a stop by SIGUSR2 in a SLURM job, requeue the job, as above.
     """
 
     def __init__(
@@ -97,11 +102,13 @@ class LastCheckpoint(L.Callback):
         every_n_train_steps: int | None = None,
         filename: str = "last.ckpt",
         stop_on_signal: bool = True,
+        slurm_requeue: bool = False,
     ):
         super().__init__()
         self.path = Path(dirpath) / filename
         self.every_n_train_steps = every_n_train_steps or 0
         self.stop_on_signal = stop_on_signal
+        self.slurm_requeue = slurm_requeue
         self.received_signal = 0  # the first stop signal this process received (set by the handler); 0: none
         self._stop_signal = 0  # the signal all processes agreed to stop on, once last.ckpt is saved for it
         self._saved_step = -1
@@ -201,13 +208,13 @@ class LastCheckpoint(L.Callback):
             # Saved at the epoch's end, before a ModelCheckpoint saved there too: link to its file instead.
             self._save(trainer)
         if self._stop_signal:
-            self._raise_stop()
+            self._raise_stop(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._save(trainer)
         self._agree_to_stop(trainer)
         if self._stop_signal:
-            self._raise_stop()
+            self._raise_stop(trainer)
         self._restore_handlers()
 
     # ---- stopping on a signal ----------------------------------------------------------------------
@@ -255,18 +262,40 @@ class LastCheckpoint(L.Callback):
         if not self._stop_signal:
             self._stop_signal = self._agreed_signal(trainer)
 
-    def _raise_stop(self) -> None:
+    def _raise_stop(self, trainer: L.Trainer) -> None:
+        # Requeued before the handlers are restored: the SIGTERM SLURM sends the job's processes when it requeues
+        # the job then changes nothing, and they finish their loggers until its SIGKILL (KillWait later).
+        requeued = self._requeue(trainer)
         self._restore_handlers()
-        raise TrainingInterrupted(self._stop_signal, self.path, self._saved_step, self._start_step)
+        job_processes.release_from_observer()  # the children exit 128 + the signal too: no failure to kill for
+        raise TrainingInterrupted(self._stop_signal, self.path, self._saved_step, requeued)
+
+    def _requeue(self, trainer: L.Trainer) -> str | None:
+        """After a stop by SIGUSR2 in a SLURM job (``slurm_requeue``): the first process asks SLURM to requeue the
+        job, and every process waits for it. A process that exited first would end the first one with it: srun's
+        ``--kill-on-bad-exit`` ends a job step at its first non-zero exit. The requeued job's id, on the first
+        process; ``None`` elsewhere or where it was not requeued."""
+        if not (self.slurm_requeue and self._stop_signal == signal.SIGUSR2 and os.environ.get("SLURM_JOB_ID")):
+            return None
+        job = None
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.save()  # the rows logged so far (the CSV logger buffers them), before SLURM ends the job
+            continued = trainer.ckpt_path is not None and Path(trainer.ckpt_path).resolve() == self.path.resolve()
+            job = requeue_after_stop(
+                trained=self._saved_step > self._start_step, started_over=slurm_restart_count() > 0 and not continued
+            )
+        trainer.strategy.barrier()
+        return job
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._stop_signal:
-            self._raise_stop()
+            self._raise_stop(trainer)
         self._step_at_batch_start = trainer.global_step
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if self._stop_signal and not trainer.sanity_checking:
-            self._raise_stop()
+            self._raise_stop(trainer)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore_handlers()

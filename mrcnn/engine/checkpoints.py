@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mrcnn.engine.config_checks import requeued_checkpoint
 from mrcnn.engine.model_record import MODEL_RECORD_KEY, ModelRecord, read_checkpoint, set_frozen_bn_eps
 from mrcnn.modeling.mask_rcnn import load_torchvision_weights
 
@@ -227,10 +228,14 @@ def check_resume_config(cfg: DictConfig, resumed: ResumedRun) -> None:
             "resuming %s with a changed config (resume_allow_config_change=true):\n  %s", resumed.checkpoint, listing
         )
         return
-    source = f"resume={cfg.resume}" if cfg.get("resume") else f"ckpt_path={cfg.ckpt_path}"
+    requeued = requeued_checkpoint(cfg.run_dir, cfg.get("mode", "train"))
+    if requeued is not None:  # the same command again: the config files changed while the job waited
+        source = f"SLURM requeued this job to continue from {requeued}, but"
+    else:
+        source = f"resume={cfg.resume}:" if cfg.get("resume") else f"ckpt_path={cfg.ckpt_path}:"
     started = " ".join(resumed.overrides) if resumed.overrides is not None else "(not recorded)"
     raise ValueError(
-        f"{source}: the config differs from the one the run was trained with, in:\n  {listing}\n"
+        f"{source} the config differs from the one the run was trained with, in:\n  {listing}\n"
         f"The run was started with the overrides: {started}\n"
         "Resume with the same overrides (trainer.max_epochs, trainer.max_steps and runtime keys such as loggers, "
         "callbacks or data.datamodule.num_workers may change), or add resume_allow_config_change=true to go on "

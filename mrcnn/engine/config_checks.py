@@ -354,6 +354,7 @@ SCHEMA: dict[str, Rule] = {
     "callbacks.best_checkpoint.save_top_k": Rule("an integer >= -1", lambda v: _is_int(v) and v >= -1),
     "callbacks.best_checkpoint.save_last": optional(boolean),
     "callbacks.last_checkpoint.every_n_train_steps": optional(positive_int),
+    "callbacks.last_checkpoint.slurm_requeue": boolean,
     "callbacks.throughput.window": positive_int,
     "callbacks.prediction_overlays.num_images": non_negative_int,
     "callbacks.prediction_overlays.score_threshold": probability,

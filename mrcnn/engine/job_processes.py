@@ -39,6 +39,8 @@ _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 # The process launchers of the current job's Trainers (Lightning's ``_SubprocessScriptLauncher``, whose ``procs``
 # lists the children it started): their ``procs`` is replaced at each launch, so the launcher is what is kept.
 _launchers: list = []
+# (local rank, process) of children taken out of their launcher's list by release_from_observer, still this job's.
+_released: list = []
 
 
 def track(trainer) -> None:
@@ -49,17 +51,38 @@ def track(trainer) -> None:
 
 
 def forget() -> None:
-    """Forgets the tracked launchers (at a job's start and end: a sweep's next job has its own)."""
+    """Forgets the tracked launchers and processes (at a job's start and end: a sweep's next job has its own)."""
     _launchers.clear()
+    _released.clear()
 
 
 def tracked_processes() -> list[tuple[int, object]]:
     """``(local rank, subprocess.Popen)`` of each process the tracked Trainers started (local ranks from 1)."""
+    return _released + _launched()
+
+
+def _launched() -> list[tuple[int, object]]:
     return [
         (local_rank, proc)
         for launcher in _launchers
         for local_rank, proc in enumerate(getattr(launcher, "procs", None) or [], start=1)
     ]
+
+
+def release_from_observer() -> None:
+    """Takes the tracked processes out of the list Lightning's observer watches; they stay tracked here.
+
+    Called when every process of the job stops at the same step on purpose (``mrcnn.engine.callbacks.
+    LastCheckpoint`` on a stop signal), each then exiting with 128 + the signal. Lightning's observer thread would
+    take the first child's exit for a failure and SIGKILL this process (every 5 s it looks) while it still
+    finishes its stop: its loggers, its W&B run, a SLURM requeue. :func:`stop_after_failure` still waits for them
+    and kills any that does not end. A no-op in a process that started none (a child, one process).
+    """
+    launched = _launched()
+    _released.extend(launched)
+    for launcher in _launchers:
+        if getattr(launcher, "procs", None):
+            launcher.procs.clear()
 
 
 def stop_after_failure(grace: float = STOP_GRACE_S, poll: float = 0.1, stopped: bool = False) -> list[int]:
@@ -88,12 +111,9 @@ def stop_after_failure(grace: float = STOP_GRACE_S, poll: float = 0.1, stopped: 
                 proc.pid,
                 proc.returncode,
             )
-    for launcher in _launchers:
-        # Lightning's observer thread watches this same list and kills this process (SIGKILL) once a child has
-        # exited non-zero, which each of these will, or was killed: emptied, it stops watching, and this process
-        # ends as its error says (finishing its W&B run) instead of being killed in the middle of that.
-        if getattr(launcher, "procs", None):
-            launcher.procs.clear()
+    # Lightning's observer thread would kill this process (SIGKILL) once a child has exited non-zero, which each of
+    # these will, or was killed: this process ends as its error says (finishing its W&B run) instead.
+    release_from_observer()
     deadline = time.monotonic() + grace
     while any(proc.poll() is None for _, proc in processes) and time.monotonic() < deadline:
         time.sleep(poll)

@@ -256,12 +256,66 @@ def is_first_process() -> bool:
 _RANK_ENV = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
 
 
+def requeue_after_stop(trained: bool, started_over: bool) -> str | None:
+    """After a training job stopped by SIGUSR2 saved ``last.ckpt``: requeues the SLURM job, where its next start
+    continues this run (:func:`requeue_slurm_job`). Called by the job's first process.
+
+    SIGUSR2 is the notice SLURM sends before a job's time limit where asked to (the SLURM launcher's
+    ``signal_delay_s``, ``#SBATCH --signal=USR2@<seconds>``); ``scancel`` and a preemption send SIGTERM (SLURM
+    requeues a preempted job itself where it is set to). A job is not requeued, the reason logged, where its next
+    start would not continue from this ``last.ckpt`` (:func:`why_a_requeued_start_starts_over`), or would stop the
+    same way again: no step trained since this start, or this start was itself a requeued one that started over.
+
+    Args:
+        trained: a step was trained since this start.
+        started_over: this start was a requeued one that did not continue from its folder's ``last.ckpt``.
+
+    Returns:
+        The requeued job's id, or ``None``.
+    """
+    why = why_a_requeued_start_starts_over()
+    if not why and not trained:
+        why = "it trained no step since it started, and would stop the same way at every start"
+    if not why and started_over:
+        why = "this start was a requeued one that started over, as the next would"
+    if why:
+        log.warning("not requeued: %s", why)
+        return None
+    return requeue_slurm_job()
+
+
+def why_a_requeued_start_starts_over() -> str:
+    """Why a start of this job that SLURM requeued would not continue from this start's folder; ``""`` if it would.
+
+    Under the SLURM launcher (submitit) SLURM starts the same job again in its folder. A job script runs its command
+    again: a single run (``python run.py``) names the same folder when ``hydra.run.dir`` is not named by the time.
+    """
+    from hydra.types import RunMode
+
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        return ""
+    if not HydraConfig.initialized():
+        return "this process runs no Hydra job"
+    hydra = HydraConfig.get()
+    if hydra.mode == RunMode.MULTIRUN:
+        return (
+            "a sweep run by Hydra's basic launcher would start again as a whole (hydra/launcher=slurm requeues each "
+            "job on its own)"
+        )
+    if "${now:" in str(OmegaConf.to_container(hydra.run, resolve=False)["dir"]):
+        return (
+            "its folder is named by the time it started (hydra.run.dir), so a requeued start would train from the "
+            "start in a new one: name it in the job script (hydra.run.dir=<path>)"
+        )
+    return ""
+
+
 def requeue_slurm_job() -> str | None:
     """Asks SLURM to requeue the job this process runs in (``scontrol requeue``), as submitit and Lightning do.
 
-    SLURM ends the job's processes and starts the job again with the same command once it is scheduled; that run
-    continues from its folder's ``last.ckpt`` (:func:`mrcnn.engine.config_checks.requeued_checkpoint`). A task of a
-    job array is named ``<array job>_<task>``.
+    SLURM ends the job's processes and starts the job again once it is scheduled; that start continues from its
+    folder's ``last.ckpt`` (:func:`mrcnn.engine.config_checks.requeued_checkpoint`). A task of a job array is
+    named ``<array job>_<task>``.
 
     Returns:
         The job's id, or ``None`` outside SLURM or where ``scontrol`` failed (a job submitted with ``--no-requeue``,

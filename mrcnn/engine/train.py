@@ -21,7 +21,7 @@ from mrcnn.engine.config_checks import (
     slurm_restart_count,
     validation_schedule_note,
 )
-from mrcnn.engine.launch import check_run_dir_is_free, in_sweep, is_first_process, job_scope, requeue_slurm_job
+from mrcnn.engine.launch import check_run_dir_is_free, in_sweep, is_first_process, job_scope
 from mrcnn.engine.model_record import read_checkpoint
 from mrcnn.engine.quiet import reading_weights_only
 from mrcnn.engine.summary import write_final_metrics
@@ -113,41 +113,18 @@ def log_requeued_start(run_dir: str, ckpt_path: str | None) -> None:
         )
 
 
-def requeue(cfg: DictConfig, stop: TrainingInterrupted) -> str | None:
-    """Requeues a SLURM job that SIGUSR2 stopped (``slurm_requeue``), from its first process; the job's id, or ``None``.
-
-    SIGUSR2 is the notice SLURM sends before a job's time limit where asked to (the SLURM launcher's
-    ``signal_delay_s``, ``#SBATCH --signal=USR2@<seconds>``); ``scancel`` and a preemption send SIGTERM (SLURM
-    requeues a preempted job itself where it is set to). A job that trained no step since it started is not
-    requeued: it would stop the same way at every start.
-    """
-    if not (
-        cfg.get("slurm_requeue")
-        and stop.signum == signal.SIGUSR2
-        and os.environ.get("SLURM_JOB_ID")
-        and is_first_process()
-    ):
-        return None
-    if stop.step <= stop.start_step:
-        log.warning("not requeued: the job trained no step after step %d, where it started", stop.start_step)
-        return None
-    return requeue_slurm_job()
-
-
 @contextlib.contextmanager
 def says_how_it_continues(cfg: DictConfig):
-    """A training job stopped by a signal (:class:`TrainingInterrupted`) is requeued (:func:`requeue`), or says how
-    to resume it.
+    """A training job stopped by a signal (:class:`TrainingInterrupted`) says how it goes on: requeued by SLURM
+    (``mrcnn.engine.callbacks.LastCheckpoint`` asked for it), or with the command that resumes it.
 
-    Around :func:`mrcnn.engine.launch.job_scope`: SLURM ends a job's processes as soon as it requeues it, so the
-    loggers, the W&B run and the job's other processes are finished first.
+    Around :func:`mrcnn.engine.launch.job_scope`: the last thing the job logs.
     """
     try:
         yield
     except TrainingInterrupted as stop:
-        job = requeue(cfg, stop)
-        if job is not None:
-            log.warning("%s. SLURM requeued job %s: it continues from there when it starts again", stop, job)
+        if stop.requeued is not None:
+            log.warning("%s. SLURM requeued job %s: it continues from there when it starts again", stop, stop.requeued)
         else:
             log.warning(
                 "%s. Continue with: python run.py <the same overrides> resume=%s hydra.run.dir=%s",

@@ -113,18 +113,18 @@ def training_only_trainer(**kwargs) -> L.Trainer:
 
 
 class InterruptAt(L.Callback):
-    """Test-only: sends this process SIGINT (Ctrl-C) during training step ``step - 1``.
+    """Test-only: sends this process SIGINT (Ctrl-C), or ``signum``, during training step ``step - 1``.
 
     ``mrcnn.engine.callbacks.LastCheckpoint`` finishes that step, saves ``last.ckpt`` at global step ``step`` and stops
     the run with ``TrainingInterrupted``: a run stopped by a user at step ``step``, in the test's own process.
     """
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, signum: int = signal.SIGINT):
+        self.step, self.signum = step, signum
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step - 1:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), self.signum)
 
 
 class ShouldStopAt(L.Callback):
@@ -149,13 +149,15 @@ class NotReadyEvent:
         pass
 
 
-def fake_scontrol(tmp_path: Path, calls: Path, exit_code: int = 0) -> Path:
+def fake_scontrol(tmp_path: Path, calls: Path, exit_code: int = 0, terminate_caller: bool = False) -> Path:
     """A folder holding a stand-in for SLURM's ``scontrol``: it appends its arguments to ``calls`` and exits with
-    ``exit_code`` (saying why on stderr when that is not 0)."""
+    ``exit_code`` (saying why on stderr when that is not 0). ``terminate_caller``: it sends its caller SIGTERM
+    first, as SLURM sends a job's processes when it requeues the job."""
     folder = tmp_path / "slurm-bin"
     folder.mkdir(exist_ok=True)
     script = folder / "scontrol"
     why = 'echo "scontrol: error: Requeue of job is disabled" >&2' if exit_code else ""
-    script.write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\n{why}\nexit {exit_code}\n')
+    terminate = "kill -TERM $PPID" if terminate_caller else ""
+    script.write_text(f'#!/bin/sh\n{terminate}\necho "$@" >> "{calls}"\n{why}\nexit {exit_code}\n')
     script.chmod(0o755)
     return folder
