@@ -483,13 +483,13 @@ from tests.helpers.data import IdsDataset
 from tests.e2e.test_resume import _SignallingModule
 
 folder, ckpt_path = sys.argv[1], sys.argv[2] or None
-module = _SignallingModule(stop_at=int(sys.argv[3]) or None, signal_at=int(sys.argv[4]) or None)
+module = _SignallingModule(stop_at=int(sys.argv[3]) or None, signal_at=int(sys.argv[4]) or None, signum={signum})
 datamodule = InstanceDataModule(IdsDataset(26), IdsDataset(2), batch_size=2, num_workers={num_workers},
                                 aspect_ratio_grouping={grouping}, seed=3)
 trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", use_distributed_sampler=False, max_epochs=2,
                     logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                     num_sanity_val_steps=0, limit_val_batches=0,
-                    callbacks=[LastCheckpoint(folder, every_n_train_steps=4)])
+                    callbacks=[LastCheckpoint(folder, every_n_train_steps=4, slurm_requeue={requeue})])
 try:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 finally:
@@ -501,7 +501,17 @@ finally:
 """
 
 
-def _ddp_fit(script, folder, ckpt_path="", stop_at=0, signal_at=0):
+def ddp_script(path: Path, grouping=False, num_workers=0, signum=signal.SIGTERM, requeue=False) -> Path:
+    """:data:`DDP_SCRIPT` written to ``path``."""
+    path.write_text(
+        DDP_SCRIPT.format(
+            root=str(ROOT), grouping=grouping, num_workers=num_workers, signum=int(signum), requeue=requeue
+        )
+    )
+    return path
+
+
+def _ddp_fit(script, folder, ckpt_path="", stop_at=0, signal_at=0, env=None):
     """Runs ``script`` (:data:`DDP_SCRIPT`, 2 processes); rank zero's exit code and each rank's batches by step."""
     folder.mkdir(exist_ok=True)
     paths = [folder / f"rank{rank}.json" for rank in range(2)]
@@ -513,6 +523,7 @@ def _ddp_fit(script, folder, ckpt_path="", stop_at=0, signal_at=0):
         capture_output=True,
         timeout=300,
         check=False,
+        env=env,
     )
     deadline = time.monotonic() + 60
     while not all(path.exists() for path in paths) and time.monotonic() < deadline:
@@ -528,8 +539,7 @@ def _ddp_fit(script, folder, ckpt_path="", stop_at=0, signal_at=0):
     ids=["plain-workers", "grouped"],
 )
 def test_resumed_ddp_fit_continues_each_ranks_shard(tmp_path, grouping, num_workers):
-    script = tmp_path / "fit.py"
-    script.write_text(DDP_SCRIPT.format(root=str(ROOT), grouping=grouping, num_workers=num_workers))
+    script = ddp_script(tmp_path / "fit.py", grouping, num_workers)
 
     def fit(folder, ckpt_path="", stop_at=0):
         return _ddp_fit(script, folder, ckpt_path, stop_at)[1]
@@ -545,8 +555,7 @@ def test_resumed_ddp_fit_continues_each_ranks_shard(tmp_path, grouping, num_work
 
 def test_sigterm_to_rank_zero_stops_every_ddp_process_at_its_step_and_resumes(tmp_path):
     # With loader workers: each rank's loader resumes at its own position in its shard.
-    script = tmp_path / "fit.py"
-    script.write_text(DDP_SCRIPT.format(root=str(ROOT), grouping=False, num_workers=2))
+    script = ddp_script(tmp_path / "fit.py", num_workers=2)
     _, expected = _ddp_fit(script, tmp_path / "uninterrupted")
     # Rank zero alone gets SIGTERM in step 8 (mid-epoch 1, between the every-4-steps checkpoints): both
     # processes finish step 8, last.ckpt is saved at step 9, and the job exits with 143.
@@ -557,6 +566,22 @@ def test_sigterm_to_rank_zero_stops_every_ddp_process_at_its_step_and_resumes(tm
     returncode, resumed = _ddp_fit(script, tmp_path / "run", ckpt_path=tmp_path / "run" / "last.ckpt")
     assert returncode == 0
     assert resumed == [{step: seen for step, seen in ids.items() if step >= 9} for ids in expected]
+
+
+def test_sigusr2_in_a_ddp_slurm_job_is_requeued_once_while_every_process_waits(tmp_path):
+    # The first process asks SLURM to requeue the job, the other waits for it at a barrier, and the SIGTERM SLURM
+    # sends the job's processes when it requeues it (here from the stand-in scontrol) changes nothing.
+    calls = tmp_path / "scontrol.txt"
+    folder = fake_scontrol(tmp_path, calls, terminate_caller=True)
+    env = dict(
+        os.environ, SLURM_JOB_ID="4242", SUBMITIT_EXECUTOR="slurm", PATH=f"{folder}{os.pathsep}{os.environ['PATH']}"
+    )
+    script = ddp_script(tmp_path / "fit.py", signum=signal.SIGUSR2, requeue=True)
+    returncode, stopped = _ddp_fit(script, tmp_path / "run", signal_at=8, env=env)
+    assert returncode == 128 + signal.SIGUSR2
+    assert [sorted(seen) for seen in stopped] == [list(range(9))] * 2  # both processes stopped after step 8
+    assert torch.load(tmp_path / "run" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 9
+    assert calls.read_text() == "requeue 4242\n"
 
 
 def test_resume_needs_a_run_folder_with_a_last_checkpoint(tmp_path):

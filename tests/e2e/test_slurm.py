@@ -45,5 +45,7 @@ def test_submitit_gets_the_slurm_parameters(tmp_path, monkeypatch):
     sbatch = _make_sbatch_string(command="python -u -m submitit.core._submit", folder=str(tmp_path), **parameters)
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4", "#SBATCH --time=90"):
         assert line in sbatch
+    # The notice before the time limit that makes a job save last.ckpt and requeue itself (README, "Stopping").
+    assert "#SBATCH --signal=USR2@120" in sbatch
     # srun ends a job's other tasks when one fails (they would wait for it in NCCL until the group's timeout).
     assert sbatch.index("export SLURM_KILL_BAD_EXIT=1") < sbatch.index("srun ")
