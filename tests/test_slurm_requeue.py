@@ -19,7 +19,7 @@ from mrcnn.engine.callbacks import LastCheckpoint, TrainingInterrupted
 from mrcnn.engine.checkpoints import ResumedRun, check_resume_config
 from mrcnn.engine.config_checks import checkpoint_path
 from mrcnn.engine.launch import requeue_after_stop
-from mrcnn.engine.train import says_how_it_continues
+from mrcnn.engine.train import stops_with_nonzero_exit
 from tests.helpers.config import compose_config
 from tests.helpers.data import IdsDataset
 from tests.helpers.runs import InterruptAt, fake_scontrol, training_only_trainer
@@ -152,7 +152,7 @@ def test_a_failed_requeue_says_why_and_the_job_waits_for_resume(tmp_path, slurm,
     cfg = compose_config(run_dir=str(tmp_path / "run"))
     for requeued, said in ((None, f"resume={tmp_path / 'run'} hydra.run.dir="), ("77", "SLURM requeued job 77")):
         caplog.clear()
-        with pytest.raises(TrainingInterrupted), says_how_it_continues(cfg):
+        with pytest.raises(TrainingInterrupted), stops_with_nonzero_exit(cfg):
             raise TrainingInterrupted(signal.SIGUSR2, tmp_path / "run" / "last.ckpt", 5, requeued)
         assert said in caplog.text
 

@@ -48,7 +48,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resumed = read_resumed_run(ckpt_path) if ckpt_path else None
     if resumed is not None:
         check_resume_config(cfg, resumed)
-    with says_how_it_continues(cfg), job_scope(cfg), stops_with_nonzero_exit():
+    with job_scope(cfg), stops_with_nonzero_exit(cfg):
         prepare_determinism(cfg)
         L.seed_everything(cfg.seed, workers=True)
         datamodule, module, trainer = build(cfg, resumed)
@@ -73,7 +73,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     step = read_checkpoint(ckpt_path).get("global_step") if ckpt_path else None
     # The architecture the weights were trained as (a torchvision state dict in weights= records none).
     use_checkpoint_model(cfg, ckpt_path or cfg.weights, job_overrides(), "ckpt_path" if ckpt_path else "weights")
-    with job_scope(cfg), stops_with_nonzero_exit():
+    with job_scope(cfg), stops_with_nonzero_exit(cfg):
         prepare_determinism(cfg)
         L.seed_everything(cfg.seed, workers=True)
         datamodule, module, trainer = build(cfg)
@@ -114,11 +114,14 @@ def log_requeued_start(run_dir: str, ckpt_path: str | None) -> None:
 
 
 @contextlib.contextmanager
-def says_how_it_continues(cfg: DictConfig):
-    """A training job stopped by a signal (:class:`TrainingInterrupted`) says how it goes on: requeued by SLURM
-    (``mrcnn.engine.callbacks.LastCheckpoint`` asked for it), or with the command that resumes it.
+def stops_with_nonzero_exit(cfg: DictConfig):
+    """A job stopped by a signal exits non-zero (128 + the signal), saying how it goes on when it trained: requeued
+    by SLURM, or with the command that resumes it.
 
-    Around :func:`mrcnn.engine.launch.job_scope`: the last thing the job logs.
+    In the training loop ``mrcnn.engine.callbacks.LastCheckpoint`` saves ``last.ckpt`` (and may requeue the job)
+    and raises :class:`TrainingInterrupted`. Outside it (sanity check, the final validation, ``mode=evaluate``)
+    Lightning's own SIGTERM handler stops the run with ``SIGTERMException``, a ``SystemExit`` with no
+    code, which would exit with 0 as if the job had finished.
     """
     try:
         yield
@@ -133,20 +136,6 @@ def says_how_it_continues(cfg: DictConfig):
                 cfg.run_dir,
             )
         raise
-
-
-@contextlib.contextmanager
-def stops_with_nonzero_exit():
-    """A job stopped by a signal exits non-zero (128 + the signal), also outside the training loop.
-
-    In the training loop ``mrcnn.engine.callbacks.LastCheckpoint`` saves ``last.ckpt`` and raises
-    :class:`TrainingInterrupted`, which exits with that code (:func:`says_how_it_continues` logs how the run goes
-    on). Outside it (sanity check, the final validation, ``mode=evaluate``)
-    Lightning's own SIGTERM handler stops the run with ``SIGTERMException``, a ``SystemExit`` with no
-    code, which would exit with 0 as if the job had finished.
-    """
-    try:
-        yield
     except SIGTERMException as stop:
         log.warning("stopped by SIGTERM outside the training loop; nothing was saved now")
         raise SystemExit(128 + signal.SIGTERM) from stop

@@ -451,7 +451,7 @@ class _WorkerState(torch.utils.data.Dataset):
 def test_lightnings_own_sigterm_stop_outside_the_training_loop_exits_nonzero():
     # Lightning stops a validation (sanity check, final validation, mode=evaluate) on SIGTERM with a SystemExit
     # that has no code: the process would exit 0 as if the job had finished.
-    with pytest.raises(SystemExit) as stop, stops_with_nonzero_exit():
+    with pytest.raises(SystemExit) as stop, stops_with_nonzero_exit(compose_config([])):
         raise SIGTERMException
     assert stop.value.code == 128 + signal.SIGTERM
 
