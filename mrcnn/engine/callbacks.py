@@ -23,8 +23,7 @@ from lightning.pytorch.loggers import WandbLogger
 from mrcnn.engine import job_processes
 from mrcnn.engine import loggers as engine_loggers
 from mrcnn.engine.checkpoints import RUN_RECORD_KEY
-from mrcnn.engine.config_checks import slurm_restart_count
-from mrcnn.engine.launch import requeue_after_stop
+from mrcnn.engine.launch import outlive_the_requeue_sigterm, requeue_after_stop, slurm_job_id
 from mrcnn.engine.sweep_cost import estimate_line, sweep_position
 from mrcnn.engine.visualize import (
     draw_instances,
@@ -263,29 +262,33 @@ class LastCheckpoint(L.Callback):
             self._stop_signal = self._agreed_signal(trainer)
 
     def _raise_stop(self, trainer: L.Trainer) -> None:
-        # Requeued before the handlers are restored: the SIGTERM SLURM sends the job's processes when it requeues
-        # the job then changes nothing, and they finish their loggers until its SIGKILL (KillWait later).
         requeued = self._requeue(trainer)
         self._restore_handlers()
+        if requeued is not None and threading.current_thread() is threading.main_thread():
+            outlive_the_requeue_sigterm()  # in place of Lightning's handler (train.py's stop sets it again after)
         job_processes.release_from_observer()  # the children exit 128 + the signal too: no failure to kill for
         raise TrainingInterrupted(self._stop_signal, self.path, self._saved_step, requeued)
 
     def _requeue(self, trainer: L.Trainer) -> str | None:
         """After a stop by SIGUSR2 in a SLURM job (``slurm_requeue``): the first process asks SLURM to requeue the
-        job, and every process waits for it. A process that exited first would end the first one with it: srun's
-        ``--kill-on-bad-exit`` ends a job step at its first non-zero exit. The requeued job's id, on the first
-        process; ``None`` elsewhere or where it was not requeued."""
+        job (:func:`mrcnn.engine.launch.requeue_after_stop`) and tells the others, which wait for it: one that
+        exited first would end the first one with it (srun's ``--kill-on-bad-exit`` ends a job step at its first
+        non-zero exit). Before the stop handlers are restored, so a SIGTERM SLURM sends meanwhile is only recorded.
+
+        Returns:
+            The requeued job's id, on every process; ``None`` where it was not requeued.
+        """
         if not (self.slurm_requeue and self._stop_signal == signal.SIGUSR2 and os.environ.get("SLURM_JOB_ID")):
             return None
         job = None
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.save()  # the rows logged so far (the CSV logger buffers them), before SLURM ends the job
-            continued = trainer.ckpt_path is not None and Path(trainer.ckpt_path).resolve() == self.path.resolve()
-            job = requeue_after_stop(
-                trained=self._saved_step > self._start_step, started_over=slurm_restart_count() > 0 and not continued
-            )
-        trainer.strategy.barrier()
+            job = requeue_after_stop(trained=self._saved_step > self._start_step)
+        if self._flag_group is not None:  # on the host, as the stop flag
+            requeued = torch.tensor([int(job is not None)])
+            torch.distributed.all_reduce(requeued, op=torch.distributed.ReduceOp.MAX, group=self._flag_group)
+            job = slurm_job_id() if int(requeued.item()) else None
         return job
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,10 @@ from mrcnn.engine import job_processes
 from mrcnn.engine.config_checks import requeued_checkpoint, resume_checkpoint, slurm_restart_count
 
 log = logging.getLogger(__name__)
+
+# Set by RunDirIsFree when SLURM requeued this job and its folder was not there at this start: the run started over,
+# and a next start would too (why_a_requeued_start_starts_over).
+_requeued_into_a_new_folder = False
 
 # A job's main process names its Hydra output folder here for the DDP children Lightning starts from
 # it; run.py, started as such a child, runs <folder>/.hydra/<RESOLVED_CONFIG>.yaml.
@@ -256,19 +261,18 @@ def is_first_process() -> bool:
 _RANK_ENV = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
 
 
-def requeue_after_stop(trained: bool, started_over: bool) -> str | None:
+def requeue_after_stop(trained: bool) -> str | None:
     """After a training job stopped by SIGUSR2 saved ``last.ckpt``: requeues the SLURM job, where its next start
     continues this run (:func:`requeue_slurm_job`). Called by the job's first process.
 
     SIGUSR2 is the notice SLURM sends before a job's time limit where asked to (the SLURM launcher's
     ``signal_delay_s``, ``#SBATCH --signal=USR2@<seconds>``); ``scancel`` and a preemption send SIGTERM (SLURM
     requeues a preempted job itself where it is set to). A job is not requeued, the reason logged, where its next
-    start would not continue from this ``last.ckpt`` (:func:`why_a_requeued_start_starts_over`), or would stop the
-    same way again: no step trained since this start, or this start was itself a requeued one that started over.
+    start would not continue from this ``last.ckpt`` (:func:`why_a_requeued_start_starts_over`), or where it trained
+    no step since this start (it would stop the same way at every start).
 
     Args:
         trained: a step was trained since this start.
-        started_over: this start was a requeued one that did not continue from its folder's ``last.ckpt``.
 
     Returns:
         The requeued job's id, or ``None``.
@@ -276,8 +280,6 @@ def requeue_after_stop(trained: bool, started_over: bool) -> str | None:
     why = why_a_requeued_start_starts_over()
     if not why and not trained:
         why = "it trained no step since it started, and would stop the same way at every start"
-    if not why and started_over:
-        why = "this start was a requeued one that started over, as the next would"
     if why:
         log.warning("not requeued: %s", why)
         return None
@@ -288,7 +290,9 @@ def why_a_requeued_start_starts_over() -> str:
     """Why a start of this job that SLURM requeued would not continue from this start's folder; ``""`` if it would.
 
     Under the SLURM launcher (submitit) SLURM starts the same job again in its folder. A job script runs its command
-    again: a single run (``python run.py``) names the same folder when ``hydra.run.dir`` is not named by the time.
+    again: a single run (``python run.py``) names the same folder when ``hydra.run.dir`` is not named by the time,
+    and did so at this start if this start found its folder from the last one (:class:`RunDirIsFree` looks: a
+    folder named in the job script by ``$(date)``, or one that ``claim_timed_run_dir`` renamed, is new each time).
     """
     from hydra.types import RunMode
 
@@ -302,10 +306,10 @@ def why_a_requeued_start_starts_over() -> str:
             "a sweep run by Hydra's basic launcher would start again as a whole (hydra/launcher=slurm requeues each "
             "job on its own)"
         )
-    if "${now:" in str(OmegaConf.to_container(hydra.run, resolve=False)["dir"]):
+    if _requeued_into_a_new_folder or "${now:" in str(OmegaConf.to_container(hydra.run, resolve=False)["dir"]):
         return (
-            "its folder is named by the time it started (hydra.run.dir), so a requeued start would train from the "
-            "start in a new one: name it in the job script (hydra.run.dir=<path>)"
+            "its folder is new at each start (hydra.run.dir named by the time), so a requeued start would train from "
+            "the start in a new one: name it in the job script (hydra.run.dir=<path>)"
         )
     return ""
 
@@ -321,8 +325,7 @@ def requeue_slurm_job() -> str | None:
         The job's id, or ``None`` outside SLURM or where ``scontrol`` failed (a job submitted with ``--no-requeue``,
         a cluster that allows no requeue, no ``scontrol`` on the node): the reason is logged.
     """
-    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    job = f"{array_job}_{task}" if array_job and task else os.environ.get("SLURM_JOB_ID")
+    job = slurm_job_id()
     if not job:
         return None
     try:
@@ -334,6 +337,21 @@ def requeue_slurm_job() -> str | None:
         log.error("scontrol requeue %s failed: %s", job, error)
         return None
     return job
+
+
+def slurm_job_id() -> str | None:
+    """This SLURM job's id as ``scontrol`` takes it (``<array job>_<task>`` for a task of a job array); ``None``
+    outside SLURM."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array_job}_{task}" if array_job and task else os.environ.get("SLURM_JOB_ID") or None
+
+
+def outlive_the_requeue_sigterm() -> None:
+    """Once this job asked SLURM to requeue it: ignores the SIGTERM SLURM then sends the job's processes, so they
+    finish their stop (the loggers' last rows, the W&B run, the other processes' exits) until SLURM's SIGKILL,
+    ``KillWait`` (30 s by default) later. Lightning's SIGTERM handler would kill the DDP children and broadcast from
+    inside the handler; Python's default would end the process at once, with 143."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def in_sweep() -> bool:
@@ -360,9 +378,12 @@ class RunDirIsFree(Callback):
     """
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        global _requeued_into_a_new_folder
         resume, mode = config.get("resume"), config.get("mode", "train")
         claim_timed_run_dir(config)
         run_dir = str(config.hydra.run.dir)
+        # Hydra writes its record there next: a folder without one is new to this job.
+        _requeued_into_a_new_folder = bool(slurm_restart_count()) and not (Path(run_dir) / ".hydra").is_dir()
         # As mrcnn.engine.config_checks.checkpoint_path chooses it (config.run_dir does not resolve before the job).
         ckpt_path = requeued_checkpoint(run_dir, mode) or (
             resume_checkpoint(resume) if resume else config.get("ckpt_path")

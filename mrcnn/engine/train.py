@@ -21,7 +21,13 @@ from mrcnn.engine.config_checks import (
     slurm_restart_count,
     validation_schedule_note,
 )
-from mrcnn.engine.launch import check_run_dir_is_free, in_sweep, is_first_process, job_scope
+from mrcnn.engine.launch import (
+    check_run_dir_is_free,
+    in_sweep,
+    is_first_process,
+    job_scope,
+    outlive_the_requeue_sigterm,
+)
 from mrcnn.engine.model_record import read_checkpoint
 from mrcnn.engine.quiet import reading_weights_only
 from mrcnn.engine.summary import write_final_metrics
@@ -127,6 +133,7 @@ def stops_with_nonzero_exit(cfg: DictConfig):
         yield
     except TrainingInterrupted as stop:
         if stop.requeued is not None:
+            outlive_the_requeue_sigterm()  # again: Lightning's teardown restored the handler it found
             log.warning("%s. SLURM requeued job %s: it continues from there when it starts again", stop, stop.requeued)
         else:
             log.warning(
