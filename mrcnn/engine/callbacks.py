@@ -303,6 +303,11 @@ class LastCheckpoint(L.Callback):
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore_handlers()
 
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        # Before Lightning loads its loops from the checkpoint, with this fit's trainer.max_steps.
+        if trainer.max_steps != -1:
+            _resume_after_a_trained_epoch_at_the_next(checkpoint)
+
     def _restore_handlers(self) -> None:
         for signum, handler in self._previous_handlers.items():
             # None: a handler not set from Python; the default is the closest we can restore.
@@ -367,6 +372,33 @@ def _as_mid_epoch(trainer: L.Trainer):
         progress.total.processed += 1
         progress.current.processed += 1
         trainer.fit_loop.epoch_loop._batches_that_stepped += recounted
+
+
+def _resume_after_a_trained_epoch_at_the_next(checkpoint: dict) -> None:
+    """Makes a fit with ``trainer.max_steps`` set resume a checkpoint saved after an epoch's last batch (at the
+    validation that follows it, at the epoch's end, at the end of training) at the next epoch's first batch.
+
+    Lightning 2.6 takes every fit with ``max_steps`` for a restart, and resumes such a checkpoint into an epoch whose
+    batches it counts as taken already: a run extended to train longer (``trainer.max_steps=8 trainer.max_epochs=2``
+    after 4 steps, 1 epoch) trained no step and stopped at ``max_epochs``, or trained one. Without ``max_steps`` it
+    starts the next epoch, as it does here with the loop state written as at that epoch's start: the epoch finished,
+    no batch of the next taken. Lightning's restart then counts one more step for the loggers, which the checkpoint
+    already counts when it was saved after the validation: one less is loaded. Nothing else runs between an epoch's
+    last validation and the next epoch that a resume would have to repeat: the learning-rate schedule steps by
+    optimizer step, and the loader's position (the whole epoch taken) starts the next epoch.
+    """
+    fit = checkpoint.get("loops", {}).get("fit_loop")
+    if not fit or not fit.get("epoch_loop.batch_progress", {}).get("is_last_batch"):
+        return
+    epochs = fit["epoch_progress"]
+    counted = epochs["total"]["processed"] == epochs["total"]["started"]  # saved after the epoch's validation
+    for counts in epochs.values():  # "total" and "current"
+        counts["processed"] = counts["completed"] = counts["started"]
+    batches = fit["epoch_loop.batch_progress"]
+    batches["current"] = dict.fromkeys(batches["current"], 0)
+    batches["is_last_batch"] = False
+    if counted:
+        fit["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
 
 
 def _validates_without_the_stop(trainer: L.Trainer) -> bool:

@@ -124,6 +124,25 @@ def test_a_run_stopped_by_max_steps_mid_epoch_and_extended_equals_the_uninterrup
     assert_same_run(resumed, reference)
 
 
+@pytest.mark.parametrize(
+    "validation",
+    # last.ckpt: a link to the best checkpoint, saved at the validation after the epoch; LastCheckpoint's own save.
+    [["trainer.check_val_every_n_epoch=1"], ["trainer.check_val_every_n_epoch=2"]],
+    ids=["saved-at-its-validation", "saved-at-its-end"],
+)
+def test_a_run_that_max_steps_ends_at_an_epochs_end_extended_equals_the_uninterrupted_run(tmp_path, validation):
+    # trainer.max_steps ends the first run with epoch 0, and the run is extended with trainer.max_steps set again
+    # (trainer.max_epochs is in ARGS): Lightning resumed epoch 1 as if its batches were taken, and trained no step.
+    # Milestones at a fixed step: the learning rate does not depend on the planned length, which the extension changes.
+    setting = ["scheduler=warmup_step_at", "scheduler.milestone_steps=[3]", *validation]
+    reference = run_in_process(tmp_path / "reference", *setting)
+    train(compose_config([*ARGS, *setting, "trainer.max_steps=2", "final_eval=false"], run_dir=str(tmp_path / "run")))
+    assert read_run(tmp_path / "run", final=False)["step"] == 2
+    resumed = run_in_process(tmp_path / "run", *setting, f"resume={tmp_path / 'run'}", f"trainer.max_steps={STEPS}")
+    # Bit for bit, and logged at the same steps.
+    assert_same_run(resumed, reference)
+
+
 def test_a_run_stopped_mid_epoch_by_should_stop_and_resumed_equals_the_uninterrupted_run(tmp_path, reference):
     # A callback sets trainer.should_stop mid-epoch, as trainer.max_time's timer and early stopping do. Lightning
     # validates at such a stop, then ends the epoch there: the resumed run must go on with the epoch's next batch
