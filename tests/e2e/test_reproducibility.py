@@ -125,17 +125,22 @@ def test_a_run_stopped_by_max_steps_mid_epoch_and_extended_equals_the_uninterrup
 
 
 @pytest.mark.parametrize(
-    "validation",
-    # last.ckpt: a link to the best checkpoint, saved at the validation after the epoch; LastCheckpoint's own save.
-    [["trainer.check_val_every_n_epoch=1"], ["trainer.check_val_every_n_epoch=2"]],
-    ids=["saved-at-its-validation", "saved-at-its-end"],
+    "schedule",
+    [
+        # last.ckpt: a link to the best checkpoint, saved at the validation after the epoch; LastCheckpoint's own save.
+        ["trainer.check_val_every_n_epoch=1"],
+        ["trainer.check_val_every_n_epoch=2"],
+        # As setting=paper: max_steps alone. Lightning trained on, but with epoch 1 in another epoch's order.
+        ["trainer.max_epochs=-1"],
+    ],
+    ids=["saved-at-its-validation", "saved-at-its-end", "no-max-epochs"],
 )
-def test_a_run_that_max_steps_ends_at_an_epochs_end_extended_equals_the_uninterrupted_run(tmp_path, validation):
+def test_a_run_that_max_steps_ends_at_an_epochs_end_extended_equals_the_uninterrupted_run(tmp_path, schedule):
     # trainer.max_steps ends the first run with epoch 0, and the run is extended with trainer.max_steps set again
-    # (trainer.max_epochs is in ARGS): Lightning resumed epoch 1 as if its batches were taken, and trained no step.
+    # (trainer.max_epochs: ARGS'): Lightning resumed epoch 1 as if its batches were taken, and trained no step.
     # Milestones at a fixed step: the learning rate does not depend on the planned length, which the extension changes.
-    setting = ["scheduler=warmup_step_at", "scheduler.milestone_steps=[3]", *validation]
-    reference = run_in_process(tmp_path / "reference", *setting)
+    setting = ["scheduler=warmup_step_at", "scheduler.milestone_steps=[3]", *schedule]
+    reference = run_in_process(tmp_path / "reference", *setting, f"trainer.max_steps={STEPS}")
     train(compose_config([*ARGS, *setting, "trainer.max_steps=2", "final_eval=false"], run_dir=str(tmp_path / "run")))
     assert read_run(tmp_path / "run", final=False)["step"] == 2
     resumed = run_in_process(tmp_path / "run", *setting, f"resume={tmp_path / 'run'}", f"trainer.max_steps={STEPS}")
