@@ -24,6 +24,21 @@ def test_planned_steps_of_the_recorded_recipes_and_the_paper():
     assert planned_steps(paper) == 160_000
 
 
+def test_planned_steps_stop_where_lightning_stops():
+    # 2,000 images at batch 8 on one process: 250 steps an epoch. Whichever limit comes first ends the job.
+    base = ["data.datamodule.batch_size=8", "trainer.max_epochs=4"]
+    assert planned_steps(compose_config([*base, "trainer.max_steps=100000"])) == 1000
+    assert planned_steps(compose_config([*base, "trainer.max_steps=300"])) == 300
+    # Accumulated windows: the last, short one of each epoch steps too (Lightning: 84 a epoch, not 83.3).
+    assert planned_steps(compose_config([*base, "trainer.accumulate_grad_batches=3"])) == 4 * 84
+    # Devices as a list, a count in a string; Lightning's own choice ("auto", -1) is not known before it runs.
+    assert planned_steps(compose_config([*base, "trainer=ddp_cpu", "trainer.devices=[0,1]"])) == 500
+    assert planned_steps(compose_config([*base, "trainer=ddp_cpu", "trainer.devices='2'"])) == 500
+    for devices in ("auto", "-1"):
+        assert planned_steps(compose_config([*base, f"trainer.devices={devices}"])) is None
+        assert planned_steps(compose_config([*base, f"trainer.devices={devices}", "trainer.max_steps=300"])) == 300
+
+
 def test_the_estimate_says_jobs_x_steps_x_step_time_and_what_is_left():
     start = estimate_line(9, None, 750, 0, 0.36, "recorded")
     assert "sweep 9 jobs x 750 steps x 0.36 s = 40.5 min, 40.5 min left" in start

@@ -46,24 +46,40 @@ def sweep_job_count(params: Mapping[str, str] | None, overrides: Sequence[str]) 
 
 
 def planned_steps(cfg: DictConfig) -> int | None:
-    """Optimizer steps a job of this config trains: ``trainer.max_steps``, else epochs x batches of the built-in
-    shapes (their number of images is in the config); ``None`` when it depends on data not yet read (COCO)."""
+    """Optimizer steps a job of this config trains, as Lightning stops it: at ``trainer.max_steps`` or after
+    ``trainer.max_epochs`` epochs of the built-in shapes (their number of images is in the config), whichever comes
+    first; ``None`` when neither is known (epochs of data not yet read, such as COCO; devices chosen by Lightning)."""
     trainer = cfg.get("trainer") or {}
     max_steps = trainer.get("max_steps", -1)
-    if max_steps is not None and max_steps > 0:
-        return int(max_steps)
-    images = OmegaConf.select(cfg, "data.num_train_images", default=None)
+    max_steps = int(max_steps) if max_steps is not None and max_steps > 0 else None
+    per_epoch = _steps_per_epoch(cfg)
     epochs = trainer.get("max_epochs")
-    if images is None or not epochs or epochs < 0:
+    by_epochs = int(epochs) * per_epoch if per_epoch is not None and epochs and epochs > 0 else None
+    known = [steps for steps in (max_steps, by_epochs) if steps is not None]
+    return min(known) if known else None
+
+
+def _steps_per_epoch(cfg: DictConfig) -> int | None:
+    """Optimizer steps of one epoch of the built-in shapes on every process; ``None`` for other data or where
+    Lightning picks the number of devices (``trainer.devices=auto`` or ``-1``)."""
+    trainer = cfg.get("trainer") or {}
+    images = OmegaConf.select(cfg, "data.num_train_images", default=None)
+    devices = trainer.get("devices", 1)
+    if OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
+        devices = len(devices)
+    elif isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if images is None or not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
         return None
-    world = int(trainer.get("devices", 1) or 1) * int(trainer.get("num_nodes", 1) or 1)
+    world = devices * int(trainer.get("num_nodes", 1) or 1)
     batches = int(images) // (int(cfg.data.datamodule.batch_size) * world)  # the loader drops the last partial batch
     limit = trainer.get("limit_train_batches")
     if isinstance(limit, int) and not isinstance(limit, bool):
         batches = min(batches, limit)
     elif isinstance(limit, float):
         batches = int(batches * limit)
-    return int(epochs) * batches // int(trainer.get("accumulate_grad_batches", 1) or 1)
+    # Lightning steps at the end of each epoch's last window, a short one too.
+    return math.ceil(batches / int(trainer.get("accumulate_grad_batches", 1) or 1))
 
 
 def duration(seconds: float) -> str:
@@ -93,7 +109,7 @@ def estimate_line(
     """
     where = f"job {job + 1}/{jobs}" if job is not None and jobs else ("sweep" if jobs else "run")
     if steps is None:
-        return f"cost estimate ({where}): the number of steps is known once the data is read"
+        return f"cost estimate ({where}): the number of steps is known once the job has read its data and its devices"
     if step_time is None:
         total = f"{jobs} jobs x {steps:,} steps" if jobs else f"{steps:,} steps"
         return (
