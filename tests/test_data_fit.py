@@ -3,6 +3,7 @@
 import logging
 
 import pytest
+import torch
 from hydra.utils import instantiate
 
 from mrcnn.engine.build import build
@@ -67,3 +68,18 @@ def test_warns_when_boxes_are_far_from_the_anchors(coco_format, tmp_path, caplog
     assert box_size_warning(instantiate(fitting.model.net), datamodule.val_dataset) is None
     shapes = compose_config(TINY_MODEL)
     assert box_size_warning(instantiate(shapes.model.net), instantiate(shapes.data.datamodule).val_dataset) is None
+
+
+def test_boxes_without_area_neither_crash_the_check_nor_size_its_advice():
+    # Mostly empty boxes (a box-only export with zero sizes) beside a few large ones: the median of all would be 0 px.
+    class Boxes(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            boxes = torch.tensor([[5.0, 5.0, 5.0, 5.0]] * 3 + [[0.0, 0.0, 60.0, 60.0]])
+            return torch.zeros(3, 64, 64), {"boxes": boxes, "labels": torch.ones(4, dtype=torch.int64)}
+
+    model = instantiate(compose_config([*TINY_MODEL, "data.min_size=800", "data.max_size=1333"]).model.net)
+    message = box_size_warning(model, Boxes())
+    assert message is not None and "of 4 ground-truth boxes" in message and "median box side 750 px" in message

@@ -75,6 +75,7 @@ def sampled_box_sides(model: nn.Module, dataset, max_images: int = 32) -> np.nda
 def box_size_warning(model: nn.Module, dataset, max_images: int = 32) -> str | None:
     """A warning when most sampled boxes are out of the anchors' reach after resizing; ``None`` when they fit."""
     sides = sampled_box_sides(model, dataset, max_images)
+    sides = sides[sides > 0]  # a box with no area fits no anchor, and would size the advice by 0 px
     if len(sides) == 0:
         return None
     smallest, largest = anchor_range(model)
