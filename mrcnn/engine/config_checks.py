@@ -612,9 +612,9 @@ def slurm_restart_count() -> int:
 def requeued_checkpoint(run_dir: str | Path, mode: str) -> Path | None:
     """The checkpoint a training job continues from when SLURM has requeued it: its own folder's ``last.ckpt``.
 
-    SLURM starts a requeued job (preempted, or requeued by ``mrcnn.engine.train.requeue`` before its time limit)
-    with the same command, so it names the same folder (``hydra.run.dir``, or a sweep job's folder) and the same
-    ``resume`` / ``ckpt_path`` as its first start. What it must continue from is the newest state of its own run,
+    SLURM starts a requeued job (preempted, or requeued by ``mrcnn.engine.launch.requeue_after_stop`` before its
+    time limit) with the same command, so it names the same folder (``hydra.run.dir``, or a sweep job's folder) and
+    the same ``resume`` / ``ckpt_path`` as its first start. What it must continue from is the newest state of its own run,
     the ``last.ckpt`` its stop saved, not the file it started from the first time. ``None`` outside a requeued job,
     in ``mode=evaluate`` / ``predict``, and where the folder holds no ``last.ckpt`` (the job was stopped before its
     first save, or its folder is new: one named by the time it started).
