@@ -592,10 +592,17 @@ def checkpoint_path(cfg: DictConfig) -> str | None:
             raise FileNotFoundError(
                 f"resume={cfg.resume}: there is no {path}. {_why_no_last_checkpoint(Path(cfg.resume))}"
             )
-    requeued = requeued_checkpoint(cfg.run_dir, cfg.get("mode", "train"))
+    start = start_checkpoint(cfg.run_dir, cfg.get("mode", "train"), cfg.get("resume"), cfg.get("ckpt_path"))
+    return None if start is None else str(start)
+
+
+def start_checkpoint(run_dir: str | Path, mode: str, resume: str | None, ckpt_path: str | None) -> str | Path | None:
+    """The checkpoint a job starts from, unchecked: in a training job SLURM requeued, its folder's ``last.ckpt`` when
+    there is one (:func:`requeued_checkpoint`); else ``<resume>/checkpoints/last.ckpt``; else ``ckpt_path``."""
+    requeued = requeued_checkpoint(run_dir, mode)
     if requeued is not None:
-        return str(requeued)
-    return str(resume_checkpoint(cfg.resume)) if cfg.get("resume") else cfg.get("ckpt_path")
+        return requeued
+    return resume_checkpoint(resume) if resume else ckpt_path
 
 
 def resume_checkpoint(run_dir: str | Path) -> Path:

@@ -26,7 +26,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from mrcnn.engine import job_processes
-from mrcnn.engine.config_checks import requeued_checkpoint, resume_checkpoint, slurm_restart_count
+from mrcnn.engine.config_checks import slurm_restart_count, start_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -384,10 +384,8 @@ class RunDirIsFree(Callback):
         run_dir = str(config.hydra.run.dir)
         # Hydra writes its record there next: a folder without one is new to this job.
         _requeued_into_a_new_folder = bool(slurm_restart_count()) and not (Path(run_dir) / ".hydra").is_dir()
-        # As mrcnn.engine.config_checks.checkpoint_path chooses it (config.run_dir does not resolve before the job).
-        ckpt_path = requeued_checkpoint(run_dir, mode) or (
-            resume_checkpoint(resume) if resume else config.get("ckpt_path")
-        )
+        # From hydra.run.dir: config.run_dir does not resolve before the job.
+        ckpt_path = start_checkpoint(run_dir, mode, resume, config.get("ckpt_path"))
         _exit_if_refused(check_run_dir_is_free, run_dir, mode, ckpt_path)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
