@@ -145,6 +145,7 @@ def test_mask_target_memory_benchmark_compares_whole_and_chunked_targets(tmp_pat
     assert report["chunked"]["sha256"] != script.measure(2, 5, 60, 81, 16, 1)["sha256"]  # the hash sees a change
 
 
+@pytest.mark.slow  # about 13 s; the default suite runs the other benchmark scripts
 def test_step_time_benchmark_times_every_backward(tmp_path):
     script = SCRIPT.parent / "step_time.py"
     out = tmp_path / "steps.json"

@@ -22,6 +22,9 @@ GPU_TESTS = Path(__file__).resolve().parents[1] / "modeling" / "test_gpu.py"
 gpu_check = load_script(SCRIPT)
 
 
+# Slow (about 60 s: six steps, each a new process). The default suite checks the runner's parts one at a time below:
+# limits, partial numbers, crashes, hangs, skips.
+@pytest.mark.slow
 def test_dry_run_reports_every_step_and_goes_on_past_a_failing_one(tmp_path):
     # train_bf16 gets a 1-second limit: it cannot get past its imports, so it fails, and the steps after it run.
     out = tmp_path / "check"

@@ -27,6 +27,7 @@ from tests.helpers.wandb import read_wandb_records
 TINY = [*TINY_RUN, "data.num_train_images=8", "data.datamodule.batch_size=2"]
 
 
+@pytest.mark.slow  # about 35 s; the default suite runs DDP through run.py in the evaluation test below
 def test_sweep_with_ddp_runs_each_job_once_with_two_processes(tmp_path):
     # Lightning's ddp re-runs sys.argv in its children: unless pinned to their job, they re-run the sweep.
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
@@ -164,6 +165,9 @@ def _job_processes(job_dir) -> list[int]:
     return found
 
 
+# Slow (about 22 s); the default suite stops a job's processes after a failure in process
+# (tests/test_job_processes.py).
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads processes' environments from /proc")
 def test_a_failure_in_the_main_process_stops_the_processes_waiting_for_it(tmp_path):
     # The main process's first training image is truncated: it fails reading it, while the other process waits for it

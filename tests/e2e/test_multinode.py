@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.helpers.config import ROOT
 from tests.helpers.runs import TINY_RUN
 
@@ -29,6 +31,9 @@ def read_records(path):
     return [tuple(json.loads(line)) for line in path.read_text().splitlines()]
 
 
+# Slow (about 20 s: two run.py processes); the default suite runs two DDP processes through run.py in
+# tests/e2e/test_ddp.py and shards the data in process (tests/data/test_samplers.py).
+@pytest.mark.slow
 def test_two_nodes_scale_the_lr_shard_the_data_and_keep_identical_weights(tmp_path):
     port = free_port()
     processes = []

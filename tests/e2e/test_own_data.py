@@ -4,6 +4,7 @@ COCO weights -> evaluate -> predict, on generated data whose category ids are 3,
 import json
 import re
 
+import pytest
 import torch
 from pycocotools.coco import COCO
 
@@ -84,6 +85,9 @@ def test_fine_tune_evaluate_predict_on_own_coco_json(tmp_path):
     assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{p.name}.png" for p in val_images.iterdir())
 
 
+# Slow (about 25 s); the default suite checks the batched paths on images of many sizes in process
+# (tests/modeling/test_heads_losses.py, test_batched_proposals.py).
+@pytest.mark.slow
 def test_the_batched_switches_train_and_detect_on_images_of_many_sizes(tmp_path):
     # model.batched_sampling and model.batched_proposals on images of 40-160 px in batches of 2 and 3: the mask
     # targets come from a stack of masks of other sizes, and the detections of a batch are made at once.

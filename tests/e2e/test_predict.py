@@ -72,6 +72,9 @@ def test_predict_from_a_lightning_checkpoint_writes_overlays_and_coco_results(tm
         assert 1 <= r["category_id"] <= 6 and len(r["bbox"]) == 4 and r["segmentation"]["size"] == [64, 64]
 
 
+# Slow (about 10 s); the default suite loads torchvision's weights in process (tests/modeling/test_parity.py) and
+# predicts through run.py from a Lightning checkpoint above.
+@pytest.mark.slow
 def test_torchvision_checkpoint_loads_and_predicts_through_run_py(tmp_path):
     torch.manual_seed(0)
     reference = torchvision.models.detection.maskrcnn_resnet50_fpn(

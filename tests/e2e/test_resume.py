@@ -158,8 +158,14 @@ SIGNAL_ARGS = [arg for arg in ARGS if not arg.startswith("checkpoint_every_n_ste
     # SIGTERM through run.py is slow (a run and its resume in new processes); the default suite has it in process
     # (test_signal_saves_the_step_reached_...) and through DDP processes (test_sigterm_to_rank_zero_...).
     # SIGUSR2 in a SLURM job: SLURM's notice before the time limit. The job asks SLURM to requeue it (a stand-in
-    # scontrol records the call), and SLURM's second start of the same command continues from last.ckpt.
-    [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow), signal.SIGUSR2],
+    # scontrol records the call), and SLURM's second start of the same command continues from last.ckpt. Slow too:
+    # the default suite requeues through DDP processes (test_sigusr2_in_a_ddp_slurm_job_...) and continues a
+    # requeued job in process (tests/test_slurm_requeue.py).
+    [
+        signal.SIGINT,
+        pytest.param(signal.SIGTERM, marks=pytest.mark.slow),
+        pytest.param(signal.SIGUSR2, marks=pytest.mark.slow),
+    ],
     ids=["SIGINT", "SIGTERM", "SIGUSR2-SLURM-requeue"],
 )
 def test_signalled_run_saves_its_step_exits_nonzero_and_resumes_with_the_same_batches(tmp_path, signum):

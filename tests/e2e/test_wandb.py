@@ -129,6 +129,9 @@ def test_offline_run_has_losses_ap_config_names_and_prediction_images(tmp_path, 
     assert any(p.startswith("images/mask/val/predictions") for p in images), images  # the label maps
 
 
+# Slow (about 20 s); the default suite resumes the CSV history in process (tests/test_loggers.py) and runs W&B
+# offline through run.py above.
+@pytest.mark.slow
 def test_a_resumed_run_continues_its_wandb_run_and_its_csv_history(tmp_path, no_credentials):
     env = {k: v for k, v in os.environ.items() if k not in W_AND_B_ENV}
     env.update(NETRC=str(no_credentials), WANDB_DIR=str(tmp_path), WANDB_SILENT="true")

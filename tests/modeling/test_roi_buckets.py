@@ -38,7 +38,11 @@ def losses_and_grads(model, images, targets):
     return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("overrides", [[], ["model/backbone=c4"], ["model/mask_head=mlp2"]])
+@pytest.mark.parametrize(
+    "overrides",
+    # C4 (its res5 head padded) is slow in float64, about 16 s: it runs with the slow tests, as in CI.
+    [[], pytest.param(["model/backbone=c4"], marks=pytest.mark.slow), ["model/mask_head=mlp2"]],
+)
 def test_padded_heads_give_the_unpadded_losses_and_gradients(overrides):
     torch.manual_seed(0)
     plain = build([*overrides, "model.roi_buckets=null"]).train()
