@@ -24,6 +24,7 @@ import copy
 import io
 import logging
 import math
+import multiprocessing
 import tempfile
 import types
 from collections.abc import Mapping, Sequence
@@ -256,7 +257,12 @@ def evaluate_results(
     with tempfile.TemporaryDirectory(prefix="cityscapes_eval_") as folder:
         tasks = [(by_image[image_id], gt_file, folder, classes) for image_id, gt_file in gt_files.items()]
         if workers > 0:
-            with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+            # Spawned, not forked: a fork copies the training process with its threads (loader pinning, W&B, NCCL), and a
+            # lock one of them held at that moment stays held in the copy for good, a hang. A spawned worker starts a
+            # new interpreter and imports only this module (light: numpy, PIL, pycocotools), about a second once per
+            # evaluation.
+            spawn = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=spawn) as pool:
                 per_image = list(pool.map(_match_image_task, tasks, chunksize=max(1, len(tasks) // (4 * workers))))
         else:
             per_image = [_match_image_task(task) for task in tasks]

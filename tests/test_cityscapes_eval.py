@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -132,8 +133,14 @@ def test_official_ap_equals_cityscapesscripts_run_directly(val_dataset, tmp_path
     assert ours["cityscapes_AP"] != pytest.approx(coco_metrics["segm_AP"], abs=1e-3)
 
 
-def test_worker_processes_give_the_same_numbers(val_dataset):
+def test_worker_processes_give_the_same_numbers_and_are_not_forks_of_the_training_process(val_dataset, monkeypatch):
     _, in_process, _ = evaluate_as_the_module_does(val_dataset)
+
+    # A fork copies the training process's threads' held locks: the workers must start afresh.
+    def fork():
+        raise AssertionError("os.fork: an evaluation worker would be a copy of the training process")
+
+    monkeypatch.setattr(os, "fork", fork)
     _, with_workers, _ = evaluate_as_the_module_does(val_dataset, workers=2)
     assert with_workers == in_process
 
