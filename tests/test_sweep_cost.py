@@ -2,8 +2,10 @@
 
 import logging
 
+from omegaconf import OmegaConf
+
 from mrcnn.engine.callbacks import CostEstimate
-from mrcnn.engine.sweep_cost import estimate_line, planned_steps, sweep_job_count
+from mrcnn.engine.sweep_cost import estimate_line, jobs_at_once, planned_steps, sweep_job_count
 from tests.helpers.config import compose_config
 from tests.helpers.runs import training_only_trainer
 
@@ -76,3 +78,60 @@ def test_a_step_of_accumulated_batches_is_timed_whole():
         callback.on_train_batch_end(trainer, None, None, None, batch_idx)
     # Four steps; the first is not timed: its first batch is the fit's (StepTimer times none before it).
     assert list(callback._times) == [2.0, 2.0, 2.0]
+
+
+def test_jobs_that_run_side_by_side_are_counted_in_rounds():
+    # 9 jobs, 4 at a time: 3 rounds of 750 steps x 0.4 s (5 min each).
+    start = estimate_line(9, None, 750, 0, 0.4, "recorded", at_once=4)
+    assert "sweep 9 jobs x 750 steps x 0.4 s = 45.0 min of job time, 15.0 min left with 4 running at once" in start
+    # Job 3 (first round): the rest of its own 5 min, then two more rounds; job 6 (second round): one more.
+    assert "13.3 min left with 4" in estimate_line(9, 2, 750, 250, 0.4, "measured", at_once=4)
+    assert "8.3 min left with 4" in estimate_line(9, 5, 750, 250, 0.4, "measured", at_once=4)
+    assert "3.3 min left with 4" in estimate_line(9, 8, 750, 250, 0.4, "measured", at_once=4)
+    # More slots than jobs: every job at once. One slot: the serial line, as Hydra's basic launcher runs them.
+    assert "5.0 min left with 9 running at once" in estimate_line(9, None, 750, 0, 0.4, "recorded", at_once=256)
+    assert estimate_line(9, 2, 750, 250, 0.4, "m", at_once=1) == estimate_line(9, 2, 750, 250, 0.4, "m")
+
+
+def test_the_launcher_says_how_many_jobs_run_at_once():
+    def launcher(*overrides):
+        return compose_config(list(overrides), return_hydra_config=True).hydra.launcher
+
+    assert jobs_at_once(launcher(), 6) == 1  # Hydra's basic launcher: one after another
+    assert jobs_at_once(launcher("hydra/launcher=slurm", "trainer=ddp"), 6) == 6  # a job array, 256 at a time
+    slurm = launcher("hydra/launcher=slurm", "trainer=ddp", "hydra.launcher.array_parallelism=4")
+    assert jobs_at_once(slurm, 6) == 4
+    assert jobs_at_once(launcher("hydra/launcher=submitit_local"), 6) == 6  # every job started at once
+    assert jobs_at_once(None, 6) == 1
+
+
+def test_a_sweep_job_reads_its_launcher_from_the_sweeps_record(tmp_path):
+    from hydra.core.hydra_config import HydraConfig
+
+    from mrcnn.engine.sweep_cost import sweep_position
+
+    sweep = compose_config(
+        ["hydra/launcher=slurm", "trainer=ddp", "hydra.launcher.array_parallelism=2"],
+        return_hydra_config=True,
+    )
+    sweep.hydra.sweep.dir = str(tmp_path)
+    sweep.hydra.overrides.task = ["seed=0,1,2"]
+    (tmp_path / "multirun.yaml").write_text(OmegaConf.to_yaml(sweep))
+    job = OmegaConf.merge(sweep, {"hydra": {"mode": "MULTIRUN", "job": {"num": 2}}})
+    HydraConfig.instance().set_config(job)
+    try:
+        assert sweep_position() == (2, 3, 2)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert sweep_position() == (None, None, 1)
+
+
+def test_the_callback_counts_the_jobs_that_run_at_once(caplog):
+    from types import SimpleNamespace
+
+    callback = CostEstimate(step_time_s=1.0, job=0, jobs=4, at_once=2)
+    trainer = SimpleNamespace(global_step=0, is_global_zero=True, estimated_stepping_batches=60)
+    with caplog.at_level(logging.INFO, logger="mrcnn.engine.callbacks"):
+        callback.on_train_start(trainer, None)
+    # Two rounds of 60 s: this job's minute, then the round of jobs 3 and 4.
+    assert "4.0 min of job time, 2.0 min left with 2 running at once" in caplog.text

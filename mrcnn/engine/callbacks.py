@@ -660,6 +660,7 @@ class CostEstimate(StepTimer):
         measure_steps: steps timed before the measured step time replaces the recorded one.
         every_n_steps: steps between updates; ``None``: a tenth of the run.
         job, jobs: this job's index (from 0) and the sweep's number of jobs; ``None``: from Hydra.
+        at_once: how many of the sweep's jobs run side by side; ``None``: from Hydra's launcher (1 outside a sweep).
     """
 
     def __init__(
@@ -670,13 +671,14 @@ class CostEstimate(StepTimer):
         every_n_steps: int | None = None,
         job: int | None = None,
         jobs: int | None = None,
+        at_once: int | None = None,
     ):
         super().__init__()
         self.step_time_s = step_time_s
         self.step_time_note = step_time_note or "recorded for this setting"
         self.measure_steps = measure_steps
         self.every_n_steps = every_n_steps
-        self.job, self.jobs = job, jobs
+        self.job, self.jobs, self.at_once = job, jobs, at_once
         self._times: deque[float] = deque(maxlen=200)
         self._measured_logged = False
         # The optimizer step being timed: its batches' seconds so far (None: one of them was not timed), and the
@@ -686,14 +688,16 @@ class CostEstimate(StepTimer):
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.job is None and self.jobs is None:
-            self.job, self.jobs = sweep_position()
+            self.job, self.jobs, at_once = sweep_position()
+            self.at_once = self.at_once or at_once
         self._step_seen = trainer.global_step
         self._log(trainer, self.step_time_s, self.step_time_note)
 
     def _log(self, trainer, step_time: float | None, source: str) -> None:
         if trainer.is_global_zero:
             steps = int(trainer.estimated_stepping_batches)
-            log.info(estimate_line(self.jobs, self.job, steps, trainer.global_step, step_time, source))
+            at_once = self.at_once or 1
+            log.info(estimate_line(self.jobs, self.job, steps, trainer.global_step, step_time, source, at_once))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         seconds = self.step_seconds()

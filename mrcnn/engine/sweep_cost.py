@@ -96,6 +96,7 @@ def estimate_line(
     done: int,
     step_time: float | None,
     source: str,
+    at_once: int = 1,
 ) -> str:
     """One log line: the job's and the sweep's cost and time left.
 
@@ -106,6 +107,8 @@ def estimate_line(
         done: steps this job has done.
         step_time: seconds a step; ``None``: not known yet.
         source: where the step time comes from (``measured over 20 steps``, ``recorded for setting=cpu``).
+        at_once: how many of the sweep's jobs its launcher runs side by side (:func:`jobs_at_once`); the time left
+            counts the jobs in rounds of that many, job ``j`` in round ``j // at_once``.
     """
     where = f"job {job + 1}/{jobs}" if job is not None and jobs else ("sweep" if jobs else "run")
     if steps is None:
@@ -119,28 +122,51 @@ def estimate_line(
     if job is not None or not jobs:
         parts.append(f"step {done:,}/{steps:,}, {duration((steps - done) * step_time)} left of this job;")
     if jobs:
-        later = jobs - (job + 1 if job is not None else 0)
+        at_once = max(1, min(at_once, jobs))
+        rounds = math.ceil(jobs / at_once)
+        later = rounds - (job // at_once + 1 if job is not None else 0)
         left = (steps - done) * step_time * (job is not None) + later * steps * step_time
-        parts.append(
-            f"sweep {jobs} jobs x {steps:,} steps x {step_time:.3g} s = {duration(jobs * steps * step_time)}, "
-            f"{duration(left)} left;"
-        )
+        total = f"sweep {jobs} jobs x {steps:,} steps x {step_time:.3g} s = {duration(jobs * steps * step_time)}"
+        if at_once == 1:
+            parts.append(f"{total}, {duration(left)} left;")
+        else:
+            parts.append(
+                f"{total} of job time, {duration(left)} left with {at_once} running at once (as the scheduler "
+                "starts them);"
+            )
     parts.append("training steps only (start-up and validation come on top)")
     return " ".join(parts)
 
 
-def sweep_position() -> tuple[int | None, int | None]:
-    """(this job's index, the sweep's number of jobs) from Hydra; ``(None, None)`` outside a sweep."""
+def jobs_at_once(launcher: Mapping | None, jobs: int) -> int:
+    """How many of a sweep's ``jobs`` its launcher (``hydra.launcher``) runs side by side.
+
+    Hydra's basic launcher runs them one after another. submitit's SLURM launcher submits them as one job array that
+    runs up to ``array_parallelism`` (256 by default) at a time, as the cluster's queue allows; its local launcher
+    starts every job at once.
+    """
+    target = str((launcher or {}).get("_target_", ""))
+    if target.endswith("submitit_launcher.SlurmLauncher"):
+        return max(1, min(int((launcher or {}).get("array_parallelism") or 256), jobs))
+    if target.endswith("submitit_launcher.LocalLauncher"):
+        return max(1, jobs)
+    return 1
+
+
+def sweep_position() -> tuple[int | None, int | None, int]:
+    """(this job's index, the sweep's number of jobs, how many run at once) from Hydra; ``(None, None, 1)`` outside
+    a sweep."""
     if not HydraConfig.initialized():
-        return None, None
+        return None, None, 1
     hydra = HydraConfig.get()
     if str(hydra.mode) != "RunMode.MULTIRUN":
-        return None, None
+        return None, None, 1
     saved = Path(hydra.sweep.dir) / "multirun.yaml"
     if not saved.is_file():
-        return int(hydra.job.num), None
+        return int(hydra.job.num), None, 1
     sweep = OmegaConf.load(saved).hydra
-    return int(hydra.job.num), sweep_job_count(sweep.sweeper.get("params"), sweep.overrides.task)
+    jobs = sweep_job_count(sweep.sweeper.get("params"), sweep.overrides.task)
+    return int(hydra.job.num), jobs, jobs_at_once(sweep.get("launcher"), jobs)
 
 
 class SweepCostAtStart(Callback):
@@ -150,4 +176,6 @@ class SweepCostAtStart(Callback):
         jobs = sweep_job_count(config.hydra.sweeper.get("params"), config.hydra.overrides.task)
         step_time = OmegaConf.select(config, "callbacks.cost_estimate.step_time_s", default=None)
         note = OmegaConf.select(config, "callbacks.cost_estimate.step_time_note", default=None)
-        log.info(estimate_line(jobs, None, planned_steps(config), 0, step_time, note or "recorded for this setting"))
+        at_once = jobs_at_once(config.hydra.get("launcher"), jobs)
+        source = note or "recorded for this setting"
+        log.info(estimate_line(jobs, None, planned_steps(config), 0, step_time, source, at_once))
