@@ -4,8 +4,9 @@ from types import SimpleNamespace
 
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
-from mrcnn.engine.progress import SHORT_NAMES, ProgressBar
+from mrcnn.engine.progress import SHORT_NAMES, ProgressBar, percent
 from mrcnn.lit_module import LossWatch
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS
 
@@ -17,8 +18,11 @@ def test_the_bar_shows_every_loss_short_and_ap_in_percent(monkeypatch):
     shown = ProgressBar().get_metrics(None, None)
     assert {SHORT_NAMES[f"train/{k}"] for k in LOSS_KEYS} <= set(shown) and shown["loss"] == 2.5
     assert len({SHORT_NAMES[f"train/{k}"] for k in LOSS_KEYS}) == 5  # five distinct names
-    assert shown["mask_AP%"] == 8.2  # as the final table prints it
-    assert shown["box_AP%"] == -1.0  # pycocotools' "no ground truth" stays as it is
+    # As the final table prints them: in percent, one decimal; pycocotools' -1 (nothing to score) as "-". The bar
+    # shows exactly that text (Lightning pads numbers: 8.2 would read 8.200, and -1 -1.00).
+    assert shown["mask_AP"] == "8.2 %" and Tqdm.format_num(shown["mask_AP"]) == "8.2 %"
+    assert shown["box_AP"] == "-" and Tqdm.format_num(shown["box_AP"]) == "-"
+    assert Tqdm.format_num(percent(0.389)) == "38.9 %" and Tqdm.format_num(percent(0.003)) == "0.3 %"
     assert shown["lr"] == 0.01 and shown["v_num"] == 3
 
 

@@ -2,8 +2,8 @@
 
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-# Logged key -> what the bar shows. Losses keep their values; AP is shown in percent, like the final
-# table and the reports (the logged value stays pycocotools' fraction).
+# Logged key -> what the bar shows. Losses keep their values; AP is shown in percent (:func:`percent`), like the
+# final table and the reports (the logged value stays pycocotools' fraction).
 SHORT_NAMES = {
     "train/loss": "loss",
     "train/rpn_class_loss": "rpn_cls",
@@ -11,9 +11,9 @@ SHORT_NAMES = {
     "train/fastrcnn_class_loss": "cls",
     "train/fastrcnn_bbox_loss": "box",
     "train/maskrcnn_mask_loss": "mask",
-    "val/bbox_AP": "box_AP%",
-    "val/segm_AP": "mask_AP%",
-    "val/cityscapes_AP": "cityscapes_AP%",
+    "val/bbox_AP": "box_AP",
+    "val/segm_AP": "mask_AP",
+    "val/cityscapes_AP": "cityscapes_AP",
 }
 PERCENT = ("val/bbox_AP", "val/segm_AP", "val/cityscapes_AP")
 
@@ -39,7 +39,17 @@ class ProgressBar(TQDMProgressBar):
             metrics = {**training, **metrics}
         shown = {}
         for key, value in metrics.items():
-            if key in PERCENT and isinstance(value, (int, float)) and value >= 0:
-                value = round(100 * value, 1)
+            if key in PERCENT and isinstance(value, (int, float)):
+                value = percent(value)
             shown[SHORT_NAMES.get(key, key)] = value
         return shown
+
+
+def percent(fraction: float) -> str:
+    """An AP for the bar: ``0.0823`` -> ``"8.2 %"``; pycocotools' -1 (nothing to score) -> ``"-"``, as the final table
+    prints it.
+
+    A string, because the bar pads every float to three decimals (``0.3`` would read ``0.300``, like a fraction, and
+    -1 ``-1.00``); the space before ``%`` keeps the text at Lightning's pad width, which it would fill with zeros.
+    """
+    return f"{100 * fraction:.1f} %" if fraction >= 0 else "-"
