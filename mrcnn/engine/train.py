@@ -63,10 +63,32 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("final_eval", True):
             # Skip a second pass when fit() already validated the final weights.
             if module.last_metrics_step != trainer.global_step:
-                trainer.validate(module, datamodule=datamodule, verbose=False)
+                with logged_as_after_the_last_step(trainer):
+                    trainer.validate(module, datamodule=datamodule, verbose=False)
             metrics = dict(module.last_metrics)
             write_final_metrics(cfg, trainer, metrics, module.nothing_to_score)
         return metrics
+
+
+@contextlib.contextmanager
+def logged_as_after_the_last_step(trainer: L.Trainer):
+    """While held, Lightning logs at the step and epoch its validation after the fit's last step would have logged at.
+
+    In the fit Lightning validates after a step before it counts that step for the loggers: the validation after
+    step N (``global_step`` N) is logged at step N - 1, in the epoch of that step. After the fit both counts have moved
+    on, so a validation of the same weights was logged at step N under the next epoch: one row later in the CSV log
+    and on W&B's charts, and a run resumed from the checkpoint of step N dropped it from the CSV history (rows from
+    the checkpoint's step on are the resumed run's to log again). Nothing is moved before any step was trained.
+    """
+    loop = trainer.fit_loop
+    moved = int(loop.epoch_loop._batches_that_stepped > 0 and loop.epoch_progress.current.completed > 0)
+    loop.epoch_loop._batches_that_stepped -= moved
+    loop.epoch_progress.current.completed -= moved
+    try:
+        yield
+    finally:
+        loop.epoch_loop._batches_that_stepped += moved
+        loop.epoch_progress.current.completed += moved
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:

@@ -187,3 +187,25 @@ def test_a_stop_where_the_step_count_but_not_the_batch_index_is_a_validation_int
     resumed = run_in_process(tmp_path / "run", *setting, f"resume={tmp_path / 'run'}")
     assert resumed["step"] == reference["step"] == 6 and resumed["losses"] == reference["losses"]
     assert_same_tensors(resumed["weights"], reference["weights"])
+
+
+def validation_rows(run_dir: Path) -> list[tuple[str, str, str]]:
+    """``(step, epoch, val/segm_AP)`` of every validation row of a run's ``csv/metrics.csv``, in file order."""
+    with open(run_dir / "csv" / "metrics.csv", newline="") as file:
+        return [(r["step"], r["epoch"], r["val/segm_AP"]) for r in csv.DictReader(file) if r.get("val/segm_AP")]
+
+
+def test_the_final_validation_is_logged_where_the_fits_own_would_be_and_a_resume_keeps_it(tmp_path):
+    # One epoch of 2 steps. Validated in the fit after its last step: logged at step 1, in epoch 0.
+    # Milestones at a fixed step: the learning rate does not depend on the planned length, which the extension changes.
+    schedule = ["scheduler=warmup_step_at", "scheduler.milestone_steps=[3]"]
+    run_in_process(tmp_path / "in_fit", *schedule, "trainer.max_epochs=1")
+    [in_fit] = validation_rows(tmp_path / "in_fit")
+    assert in_fit[:2] == ("1", "0")
+    # Not validated in the fit (every second epoch): the final validation of the same weights, in the same row.
+    every_second = [*schedule, "trainer.check_val_every_n_epoch=2"]
+    run_in_process(tmp_path / "run", *every_second, "trainer.max_epochs=1")
+    assert validation_rows(tmp_path / "run") == [in_fit]
+    # Extended to two epochs from its last.ckpt (step 2): the history keeps that validation, then the new one.
+    run_in_process(tmp_path / "run", *every_second, "trainer.max_epochs=2", f"resume={tmp_path / 'run'}")
+    assert [row[:2] for row in validation_rows(tmp_path / "run")] == [("1", "0"), ("3", "1")]
