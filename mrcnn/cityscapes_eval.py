@@ -245,7 +245,8 @@ def evaluate_results(
     Args:
         results: COCO result dicts (see :func:`write_image_predictions`); those of other images are ignored.
         gt_files: ``{image_id: *_gtFine_instanceIds.png}`` of the images to evaluate.
-        workers: processes for writing and matching.
+        workers: processes for writing and matching, spawned: a script that calls this with ``workers > 0`` needs
+            the ``if __name__ == "__main__":`` guard, as every spawned process's main script does (``run.py`` has it).
         classes: the classes scored (:func:`official_args`); ``None``: the script's 8.
     """
     if not gt_files:
@@ -259,8 +260,8 @@ def evaluate_results(
         if workers > 0:
             # Spawned, not forked: a fork copies the training process with its threads (loader pinning, W&B, NCCL), and a
             # lock one of them held at that moment stays held in the copy for good, a hang. A spawned worker starts a
-            # new interpreter and imports only this module (light: numpy, PIL, pycocotools), about a second once per
-            # evaluation.
+            # new interpreter that imports this module and the main script's top level (run.py's: Hydra and the
+            # config, not torch), about 0.6 s for two workers once per evaluation.
             spawn = multiprocessing.get_context("spawn")
             with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=spawn) as pool:
                 per_image = list(pool.map(_match_image_task, tasks, chunksize=max(1, len(tasks) // (4 * workers))))

@@ -1,6 +1,7 @@
 """LightningModule: schedule, lr scaling, loss logging, the non-finite guard."""
 
 import csv
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -250,3 +251,12 @@ def test_the_sanity_checks_scores_are_never_the_runs_metrics(tmp_path, monkeypat
     trainer.fit(module, datamodule=datamodule, ckpt_path=tmp_path / "end.ckpt")
     assert trainer.global_step == 4 and scored == [True]  # the sanity check scored (an evaluation that fails, fails)
     assert module.last_metrics_step == -1 and module.last_metrics == {}
+
+
+def test_the_global_batch_counts_every_process_and_accumulated_batch():
+    # Two nodes of two processes, batches of 2, two batches a step: a global batch of 16, base_lr's own.
+    module = instantiate(compose_config([*TINY_MODEL, "base_lr=0.02"]).module)
+    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(batch_size=2), world_size=4, accumulate_grad_batches=2)
+    assert module.global_batch_size() == 16
+    module._trainer.world_size = 8
+    assert module.global_batch_size() == 32

@@ -1,11 +1,13 @@
 """The sweep's cost estimate: the number of jobs, the steps of one, and the log lines (mrcnn/engine/sweep_cost.py)."""
 
 import logging
+from types import SimpleNamespace
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from mrcnn.engine.callbacks import CostEstimate
-from mrcnn.engine.sweep_cost import estimate_line, jobs_at_once, planned_steps, sweep_job_count
+from mrcnn.engine.sweep_cost import estimate_line, jobs_at_once, planned_steps, sweep_job_count, sweep_position
 from tests.helpers.config import compose_config
 from tests.helpers.runs import training_only_trainer
 
@@ -106,10 +108,6 @@ def test_the_launcher_says_how_many_jobs_run_at_once():
 
 
 def test_a_sweep_job_reads_its_launcher_from_the_sweeps_record(tmp_path):
-    from hydra.core.hydra_config import HydraConfig
-
-    from mrcnn.engine.sweep_cost import sweep_position
-
     sweep = compose_config(
         ["hydra/launcher=slurm", "trainer=ddp", "hydra.launcher.array_parallelism=2"],
         return_hydra_config=True,
@@ -127,8 +125,6 @@ def test_a_sweep_job_reads_its_launcher_from_the_sweeps_record(tmp_path):
 
 
 def test_the_callback_counts_the_jobs_that_run_at_once(caplog):
-    from types import SimpleNamespace
-
     callback = CostEstimate(step_time_s=1.0, job=0, jobs=4, at_once=2)
     trainer = SimpleNamespace(global_step=0, is_global_zero=True, estimated_stepping_batches=60)
     with caplog.at_level(logging.INFO, logger="mrcnn.engine.callbacks"):

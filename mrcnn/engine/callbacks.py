@@ -660,7 +660,8 @@ class CostEstimate(StepTimer):
         measure_steps: steps timed before the measured step time replaces the recorded one.
         every_n_steps: steps between updates; ``None``: a tenth of the run.
         job, jobs: this job's index (from 0) and the sweep's number of jobs; ``None``: from Hydra.
-        at_once: how many of the sweep's jobs run side by side; ``None``: from Hydra's launcher (1 outside a sweep).
+        at_once: how many of the sweep's jobs run side by side; ``None``: from Hydra's launcher when ``job`` and
+            ``jobs`` come from Hydra too, else 1.
     """
 
     def __init__(

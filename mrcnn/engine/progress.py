@@ -46,10 +46,9 @@ class ProgressBar(TQDMProgressBar):
 
 
 def percent(fraction: float) -> str:
-    """An AP for the bar: ``0.0823`` -> ``"8.2 %"``; pycocotools' -1 (nothing to score) -> ``"-"``, as the final table
-    prints it.
+    """An AP as the bar shows it: ``0.0823`` -> ``"8.2%"``; pycocotools' -1 (nothing to score) -> ``"-"``.
 
-    A string, because the bar pads every float to three decimals (``0.3`` would read ``0.300``, like a fraction, and
-    -1 ``-1.00``); the space before ``%`` keeps the text at Lightning's pad width, which it would fill with zeros.
+    As the final table prints it. A string, which the bar shows as it is: it pads every number to three decimals
+    (``0.3`` would read ``0.300``, like a fraction, and -1 ``-1.000``).
     """
-    return f"{100 * fraction:.1f} %" if fraction >= 0 else "-"
+    return f"{100 * fraction:.1f}%" if fraction >= 0 else "-"

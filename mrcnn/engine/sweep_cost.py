@@ -143,7 +143,7 @@ def jobs_at_once(launcher: Mapping | None, jobs: int) -> int:
 
     Hydra's basic launcher runs them one after another. submitit's SLURM launcher submits them as one job array that
     runs up to ``array_parallelism`` (256 by default) at a time, as the cluster's queue allows; its local launcher
-    starts every job at once.
+    starts every job at once. Other launchers count as one after another.
     """
     target = str((launcher or {}).get("_target_", ""))
     if target.endswith("submitit_launcher.SlurmLauncher"):
@@ -154,8 +154,7 @@ def jobs_at_once(launcher: Mapping | None, jobs: int) -> int:
 
 
 def sweep_position() -> tuple[int | None, int | None, int]:
-    """(this job's index, the sweep's number of jobs, how many run at once) from Hydra; ``(None, None, 1)`` outside
-    a sweep."""
+    """(job index, number of jobs, how many run at once) from Hydra; ``(None, None, 1)`` outside a sweep."""
     if not HydraConfig.initialized():
         return None, None, 1
     hydra = HydraConfig.get()

@@ -27,7 +27,10 @@ from tests.helpers.wandb import read_wandb_records
 TINY = [*TINY_RUN, "data.num_train_images=8", "data.datamodule.batch_size=2"]
 
 
-@pytest.mark.slow  # about 35 s; the default suite runs DDP through run.py in the evaluation test below
+# Slow (about 35 s): the only run of `run.py -m` under DDP, and of the real model training under DDP through run.py.
+# The default suite checks its parts: a DDP child pinned to its job and the variables a job restores
+# (tests/test_launch.py), DDP through run.py (the evaluation test below), a DDP fit and resume (tests/e2e/test_resume.py).
+@pytest.mark.slow
 def test_sweep_with_ddp_runs_each_job_once_with_two_processes(tmp_path):
     # Lightning's ddp re-runs sys.argv in its children: unless pinned to their job, they re-run the sweep.
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")

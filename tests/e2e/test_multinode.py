@@ -31,8 +31,9 @@ def read_records(path):
     return [tuple(json.loads(line)) for line in path.read_text().splitlines()]
 
 
-# Slow (about 20 s: two run.py processes); the default suite runs two DDP processes through run.py in
-# tests/e2e/test_ddp.py and shards the data in process (tests/data/test_samplers.py).
+# Slow (about 20 s: two run.py processes, the only multi-node run). The default suite checks its parts: DDP through
+# run.py (tests/e2e/test_ddp.py's evaluation), the data's shards (tests/data/test_samplers.py) and the learning rate
+# of the global batch over every process (tests/test_lit_module.py).
 @pytest.mark.slow
 def test_two_nodes_scale_the_lr_shard_the_data_and_keep_identical_weights(tmp_path):
     port = free_port()

@@ -5,9 +5,11 @@ import json
 import os
 
 import pytest
+from omegaconf import OmegaConf
 
-from mrcnn.engine.loggers import wandb_mode
+from mrcnn.engine.loggers import wandb_mode, wandb_settings
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS
+from tests.helpers.config import compose_config
 from tests.helpers.runs import TINY_RUN, run_py
 from tests.helpers.wandb import read_wandb_records
 
@@ -129,8 +131,24 @@ def test_offline_run_has_losses_ap_config_names_and_prediction_images(tmp_path, 
     assert any(p.startswith("images/mask/val/predictions") for p in images), images  # the label maps
 
 
-# Slow (about 20 s); the default suite resumes the CSV history in process (tests/test_loggers.py) and runs W&B
-# offline through run.py above.
+def test_a_resumed_run_continues_the_wandb_run_it_resumes_under_its_labels(monkeypatch):
+    # The resumed run's id, and its name, group and tags (this job's overrides hold resume=...), where the logger
+    # config leaves them null; a W&B run that never reached the server is continued online with them.
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = compose_config(["logger=wandb"])
+    logger = cfg.logger.wandb
+    labels = {"name": "model/pooler=roi_pool", "group": "ablation_roialign", "tags": ["model/pooler=roi_pool"]}
+    settings = wandb_settings(logger, cfg, resumed_id="abc123", resumed_labels=labels)
+    assert settings["id"] == "abc123" and {k: settings[k] for k in labels} == labels
+    assert settings["config"]["seed"] == cfg.seed  # the whole resolved config
+    # A name the logger config gives is kept.
+    named = OmegaConf.merge(logger, {"name": "mine"})
+    assert "name" not in wandb_settings(named, cfg, resumed_id="abc123", resumed_labels=labels)
+    assert "id" not in wandb_settings(logger, cfg)
+
+
+# Slow (about 20 s): a run and its resume through run.py. The default suite resumes the CSV history in process
+# (tests/test_loggers.py), checks the W&B settings of a resumed run above, and runs W&B offline through run.py.
 @pytest.mark.slow
 def test_a_resumed_run_continues_its_wandb_run_and_its_csv_history(tmp_path, no_credentials):
     env = {k: v for k, v in os.environ.items() if k not in W_AND_B_ENV}

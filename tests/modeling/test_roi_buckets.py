@@ -40,7 +40,8 @@ def losses_and_grads(model, images, targets):
 
 @pytest.mark.parametrize(
     "overrides",
-    # C4 (its res5 head padded) is slow in float64, about 16 s: it runs with the slow tests, as in CI.
+    # C4 (its res5 head padded) is slow in float64, about 16 s: it runs with the slow tests, as in CI; the default
+    # suite pads C4's heads in float32 for their shapes (tests/modeling/test_batched_roi_heads.py).
     [[], pytest.param(["model/backbone=c4"], marks=pytest.mark.slow), ["model/mask_head=mlp2"]],
 )
 def test_padded_heads_give_the_unpadded_losses_and_gradients(overrides):
@@ -64,7 +65,7 @@ def test_padded_heads_give_the_unpadded_losses_and_gradients(overrides):
         expected, expected_grads = losses_and_grads(plain, images, targets)
         got, grads = losses_and_grads(padded, images, targets)
         for key in expected:
-            if linear_mask_head:
+            if linear_mask_head and key == "maskrcnn_mask_loss":
                 assert torch.allclose(got[key], expected[key], rtol=1e-12, atol=0), (key, got[key], expected[key])
             else:
                 assert torch.equal(got[key], expected[key]), (key, got[key], expected[key])

@@ -1,0 +1,58 @@
+"""A sweep job's DDP processes run that job alone, and a job leaves nothing of its launch to the next
+(mrcnn/engine/launch.py; the whole path, ``run.py -m`` under DDP, is the slow tests/e2e/test_ddp.py sweep)."""
+
+import os
+import sys
+
+import pytest
+
+from mrcnn.engine import job_processes, launch
+from tests.helpers.config import TINY_MODEL, compose_config
+
+
+def test_a_ddp_child_of_a_sweep_job_runs_that_jobs_resolved_config_in_its_folder(monkeypatch, tmp_path):
+    # Lightning starts a job's other processes with the main process's command line: under -m, the whole sweep.
+    job_dir = tmp_path / "multirun" / "base_lr=0.01,seed=1"
+    monkeypatch.setattr(job_processes, "exit_with_parent", lambda: None)
+    monkeypatch.setattr(sys, "argv", ["run.py", "-m", "base_lr=0.01,0.02", "seed=1"])
+    monkeypatch.setenv(launch.DDP_JOB_DIR_ENV, str(job_dir))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    launch.pin_ddp_child_to_its_job()
+    assert sys.argv == [
+        "run.py",
+        f"--config-path={job_dir / '.hydra'}",
+        f"--config-name={launch.RESOLVED_CONFIG}",
+        f'hydra.run.dir="{job_dir}"',  # quoted: the folder's name holds "=" and ","
+        "hydra.output_subdir=null",
+        "hydra.job.name=ddp_rank1",
+    ]
+
+
+@pytest.mark.parametrize("env", [{}, {"LOCAL_RANK": "1"}, {launch.DDP_JOB_DIR_ENV: "/tmp/job"}])
+def test_the_main_process_and_processes_started_by_others_keep_their_command_line(monkeypatch, env):
+    # Without both variables: a job's main process, or one that srun or torchrun started (no job folder named).
+    for key in ("LOCAL_RANK", launch.DDP_JOB_DIR_ENV):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(sys, "argv", ["run.py", "-m", "seed=0,1"])
+    launch.pin_ddp_child_to_its_job()
+    assert sys.argv == ["run.py", "-m", "seed=0,1"]
+
+
+def test_a_job_restores_the_variables_lightnings_launcher_set_for_the_next_job(monkeypatch):
+    # With LOCAL_RANK left over, the next job of a sweep would take its processes for externally started ones and
+    # wait for peers that never come.
+    for key in launch._LAUNCHER_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    cfg = compose_config(TINY_MODEL)
+    with launch.job_scope(cfg):
+        os.environ.update(LOCAL_RANK="0", WORLD_SIZE="2", NODE_RANK="0", MASTER_PORT="41234")
+    assert all(key not in os.environ for key in ("LOCAL_RANK", "WORLD_SIZE", "NODE_RANK"))
+    assert os.environ["MASTER_PORT"] == "29500"
+    # And after a job that failed.
+    with pytest.raises(RuntimeError), launch.job_scope(cfg):
+        os.environ["LOCAL_RANK"] = "0"
+        raise RuntimeError("the job failed")
+    assert "LOCAL_RANK" not in os.environ
