@@ -51,8 +51,8 @@ def coco_and_weights(tmp_path_factory):
     return root, weights
 
 
-# Slow (about 27 s: every ablation's variants built at the paper's full width). The default suite composes every
-# experiment at every setting and checks setting=paper's recipe key by key (tests/test_settings.py).
+# Slow (about 27 s: one variant of each experiment, a full-width ResNet-50 model, trained at setting=paper). The default
+# suite composes every experiment at every setting and checks setting=paper's recipe key by key (tests/test_settings.py).
 @pytest.mark.slow
 def test_every_experiment_at_setting_paper_trains_two_steps_and_validates(coco_and_weights, tmp_path):
     root, weights = coco_and_weights
