@@ -22,11 +22,13 @@ import argparse
 import collections
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -251,6 +253,7 @@ def collect(
 
     sweep_dir = Path(sweep_dir)
     sweep = _sweep_config(sweep_dir)
+    recipe = functools.cache(lambda: recipe_pins(sweep))  # composed for the first job rebuilt, if any
     jobs = []
     for overrides_file in sorted(sweep_dir.glob("**/overrides.yaml")):
         # A Hydra job folder (<job>/.hydra/overrides.yaml) or a recorded one (jobs/<name>/overrides.yaml).
@@ -270,7 +273,7 @@ def collect(
                 left_out.append((str(job_dir.relative_to(sweep_dir)), "scored nothing"))
             continue
         if job.record is None:
-            job.record = rebuild_record(job, sweep)
+            job.record = rebuild_record(job, sweep, recipe)
         if job.config is None and sweep is not None:
             # A recorded job without its own config: the sweep's settings (data, schedule, batch) are its own.
             settings = OmegaConf.to_container(sweep, resolve=False)
@@ -387,13 +390,19 @@ def recipe_pins(sweep: DictConfig | None) -> tuple[list[str], list[str]]:
     return pins, notes
 
 
-def rebuild_record(job: Job, sweep: DictConfig | None) -> dict | None:
+def rebuild_record(
+    job: Job, sweep: DictConfig | None, recipe: Callable[[], tuple[list[str], list[str]]] | None = None
+) -> dict | None:
     """What a job without ``job.json`` built, from its config: the model description and parameter counts
     (``mrcnn.reporting.job_record``), without times; ``None`` when its model cannot be built.
 
     A Hydra job folder has its config (``.hydra/config.yaml``). A recorded job has only its overrides: today's
     configs are composed with them and with the sweep's recipe values (:func:`recipe_pins`), so the model is the
     one those choices and values build now.
+
+    Args:
+        recipe: gives ``recipe_pins(sweep)``; :func:`collect` passes one that composes them once for all its jobs
+            (a composition takes about 0.15 s).
     """
     from hydra.utils import instantiate
 
@@ -404,7 +413,7 @@ def rebuild_record(job: Job, sweep: DictConfig | None) -> dict | None:
         if job.config is not None and OmegaConf.select(job.config, "model.net", default=None) is not None:
             net_config, source = job.config.model.net, "the job's config"
         else:
-            pins, notes = recipe_pins(sweep)
+            pins, notes = recipe() if recipe is not None else recipe_pins(sweep)
             lines = yaml.safe_load(_overrides_file(job.path).read_text()) or []
             overrides = [line for line in lines if not line.startswith("seed=")]
             config = compose_config([*overrides, *pins], run_dir="/tmp")
@@ -413,7 +422,7 @@ def rebuild_record(job: Job, sweep: DictConfig | None) -> dict | None:
             if notes:
                 source += "; " + ", ".join(notes)
             # The setting today's configs give these overrides, if its recipe values are the record's.
-            today = compose_config(overrides, run_dir="/tmp")
+            today = compose_config(overrides, run_dir="/tmp") if pins else config
             same = all(
                 OmegaConf.select(today, k.split("=")[0]) == OmegaConf.select(config, k.split("=")[0]) for k in pins
             )
