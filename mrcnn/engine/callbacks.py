@@ -278,7 +278,7 @@ class LastCheckpoint(L.Callback):
         Returns:
             The requeued job's id, on every process; ``None`` where it was not requeued.
         """
-        if not (self.slurm_requeue and self._stop_signal == signal.SIGUSR2 and os.environ.get("SLURM_JOB_ID")):
+        if not (self.slurm_requeue and self._stop_signal == signal.SIGUSR2 and slurm_job_id()):
             return None
         job = None
         if trainer.is_global_zero:
