@@ -145,9 +145,10 @@ def jobs_at_once(launcher: Mapping | None, jobs: int) -> int:
     runs up to ``array_parallelism`` (256 by default) at a time, as the cluster's queue allows; its local launcher
     starts every job at once. Other launchers count as one after another.
     """
-    target = str((launcher or {}).get("_target_", ""))
+    launcher = launcher or {}
+    target = str(launcher.get("_target_", ""))
     if target.endswith("submitit_launcher.SlurmLauncher"):
-        return max(1, min(int((launcher or {}).get("array_parallelism") or 256), jobs))
+        return max(1, min(int(launcher.get("array_parallelism") or 256), jobs))
     if target.endswith("submitit_launcher.LocalLauncher"):
         return max(1, jobs)
     return 1
