@@ -81,16 +81,24 @@ def test_sweep_with_ddp_runs_each_job_once_with_two_processes(tmp_path):
     assert json.loads((resumed / "metrics.json").read_text())["global_step"] == 4
 
 
-def test_ddp_evaluation_matches_one_process_on_an_odd_number_of_images(tmp_path):
-    # 5 images over 2 processes: the DistributedSampler repeats one image to fill the last batch.
-    common = [*TINY, "data.num_val_images=5", "++data.datamodule.val_batch_size=1", "model.box_score_thresh=0.0"]
-    cfg = compose_config(common, run_dir=str(tmp_path))
+# 5 images over 2 processes: the DistributedSampler repeats one image to fill the last batch.
+ODD = [*TINY, "data.num_val_images=5", "++data.datamodule.val_batch_size=1", "model.box_score_thresh=0.0"]
+
+
+def _trained_checkpoint(tmp_path):
+    """A checkpoint of the tiny model after 4 steps (``ODD``), the module and its datamodule."""
+    cfg = compose_config(ODD, run_dir=str(tmp_path))
     L.seed_everything(0)
     module, datamodule = instantiate(cfg.module), instantiate(cfg.data.datamodule)
     trainer = training_only_trainer(max_steps=4)
     trainer.fit(module, datamodule=datamodule)
     checkpoint = tmp_path / "model.ckpt"
     trainer.save_checkpoint(checkpoint)
+    return checkpoint, module, datamodule
+
+
+def test_ddp_evaluation_matches_one_process_on_an_odd_number_of_images(tmp_path):
+    checkpoint, module, datamodule = _trained_checkpoint(tmp_path)
     # One process, here; then two, through run.py.
     L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(
         module, datamodule=datamodule, verbose=False
@@ -101,7 +109,7 @@ def test_ddp_evaluation_matches_one_process_on_an_odd_number_of_images(tmp_path)
         [
             "mode=evaluate",
             f"ckpt_path={checkpoint}",
-            *common,
+            *ODD,
             "trainer=ddp_cpu",
             "trainer.devices=2",
             f"hydra.run.dir={tmp_path / 'two'}",
@@ -113,6 +121,12 @@ def test_ddp_evaluation_matches_one_process_on_an_odd_number_of_images(tmp_path)
     assert one == two
     assert max(one["bbox_AP50"], one["segm_AP50"]) > 0, one  # the numbers compared are not all zero
 
+
+# Slow (about 14 s): the only DDP prediction through run.py. The default suite checks DDP through run.py (the
+# evaluation test above) and prediction through run.py in one process (tests/e2e/test_predict.py).
+@pytest.mark.slow
+def test_ddp_prediction_writes_each_image_once_as_one_process_does(tmp_path):
+    checkpoint, _, datamodule = _trained_checkpoint(tmp_path)
     # Prediction on the same 5 images: each process predicts its own, none twice; the json is one process's.
     images = tmp_path / "images"
     images.mkdir()
@@ -121,7 +135,7 @@ def test_ddp_evaluation_matches_one_process_on_an_odd_number_of_images(tmp_path)
         Image.fromarray(pixels).save(images / f"{i}.png")
     predict_args = [
         f"ckpt_path={checkpoint}",
-        *common,
+        *ODD,
         "mode=predict",
         f"predict.input={images}",
         "predict.score_threshold=0.0",
