@@ -1,10 +1,13 @@
-"""The README's four recipes ("Extending it"), each done as the README says: a new backbone, a new RoI-heads variant,
-a new dataset and a new logger, each one file in a config folder of the test's own (Hydra's searchpath) plus the
-class its ``_target_`` names (here, in this module)."""
+"""The README's recipes ("Extending it"), each done as the README says: a new pooler, a new backbone, a new RoI-heads
+variant, a new dataset and a new logger, each one file in a config folder of the test's own (Hydra's searchpath) plus
+the class its ``_target_`` names (here, in this module)."""
 
 import json
+import re
+import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
@@ -15,8 +18,9 @@ from mrcnn.engine.build import build
 from mrcnn.engine.loggers import ContinuedCSVLogger
 from mrcnn.modeling.backbone import SingleMapBackbone, freeze_stages, resnet_body, stage_channels
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS
+from mrcnn.modeling.poolers import RoIPooler
 from mrcnn.modeling.roi_heads import RoIHeads
-from tests.helpers.config import TINY_MODEL, compose_config
+from tests.helpers.config import ROOT, TINY_MODEL, compose_config
 
 
 def write_configs(root: Path, files: dict[str, str]) -> list[str]:
@@ -36,6 +40,42 @@ def train_once(net) -> dict[str, torch.Tensor]:
     assert all(torch.isfinite(v) for v in losses.values()), losses
     sum(losses.values()).backward()
     return losses
+
+
+# ---- The README's example: add a pooler ---------------------------------------------------------------------------
+
+
+class CentrePooler(RoIPooler):
+    """RoIAlign with one bilinear sample at each bin's centre (``sampling_ratio=1``): ``[R, C, S, S]`` per level."""
+
+    def pool_level(self, feature, rois, spatial_scale):
+        from torchvision.ops import roi_align
+
+        return roi_align(feature, rois, self.output_size, spatial_scale, sampling_ratio=1, aligned=True)
+
+
+def readme_pooler_yaml(target: str) -> str:
+    """The pooler file that README.md's "Extending it" shows, with its ``_target_`` replaced by ``target``."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```yaml\n( *# @package model\.net\.roi_heads\n.*?)```", readme, re.DOTALL)
+    assert block, "README.md's pooler recipe has no yaml block"
+    text = textwrap.dedent(block.group(1))
+    assert "_target_: mrcnn.modeling.poolers.MyPooler" in text
+    return text.replace("mrcnn.modeling.poolers.MyPooler", target)
+
+
+def test_recipe_add_a_pooler_as_the_readme_shows(tmp_path):
+    text = readme_pooler_yaml("tests.test_recipes.CentrePooler")
+    search = write_configs(tmp_path, {"model/pooler/centre.yaml": text})
+    net = instantiate(compose_config([*search, *TINY_MODEL, "model/pooler=centre"]).model.net)
+    poolers = [net.roi_heads.box_pooler, net.roi_heads.mask_pooler]
+    assert all(isinstance(pooler, CentrePooler) for pooler in poolers)
+    assert [pooler.output_size for pooler in poolers] == [7, 14]
+    assert set(train_once(net)) == set(LOSS_KEYS)
+    # The README says what happens without the file's first line.
+    write_configs(tmp_path, {"model/pooler/centre.yaml": text.split("\n", 1)[1]})
+    with pytest.raises(ValueError, match=r"leaves model\.net\.roi_heads\.pooler unset"):
+        compose_config([*search, *TINY_MODEL, "model/pooler=centre"])
 
 
 # ---- Recipe 1: add a backbone ------------------------------------------------------------------------------------
