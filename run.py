@@ -4,6 +4,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 # Only light modules before Hydra composes: a mistyped override or a bad value fails in about a second, before
@@ -14,6 +15,7 @@ from mrcnn.config import (  # (registers the resolvers)
     check_group_overrides,
     check_model_contract,
     hydra_group_options,
+    where_built,
 )
 from mrcnn.engine.config_checks import check_config
 from mrcnn.engine.launch import discard_unused_output, pin_ddp_child_to_its_job
@@ -26,7 +28,7 @@ MODES = ("train", "evaluate", "predict")
 def main(cfg: DictConfig) -> float | None:
     try:
         check_model_contract(cfg)
-        check_added_keys(cfg, HydraConfig.get().overrides.task, group_options=hydra_group_options)
+        check_added_keys(cfg, HydraConfig.get().overrides.task, hydra_group_options, HydraConfig.get().runtime.choices)
         check_ablation_overrides(HydraConfig.get().runtime.choices, HydraConfig.get().overrides.task)
         if cfg.mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}, got {cfg.mode!r}")
@@ -39,6 +41,10 @@ def main(cfg: DictConfig) -> float | None:
             run_mode = getattr(train_module, cfg.mode)
         silence_library_noise()  # after the mode's module has imported Lightning, before its first message
         metrics = run_mode(cfg)
+    except InstantiationException as error:
+        discard_unused_output(HydraConfig.get().runtime.output_dir)
+        # Hydra names where the object is built; say which key and config group wrote it.
+        raise InstantiationException(where_built(str(error), cfg, HydraConfig.get().runtime.choices)) from error
     except BaseException:
         # A job that failed before writing anything leaves no empty output folder behind.
         discard_unused_output(HydraConfig.get().runtime.output_dir)

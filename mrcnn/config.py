@@ -1,6 +1,8 @@
 """OmegaConf resolvers used by the configs, so each fact is written once and derived elsewhere; the check that a
-key a user adds under ``model`` is read by something; and the check that a group's option is picked with a slash."""
+key a user adds on the command line is read by something; and the check that a group's option is picked with a
+slash."""
 
+import difflib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -144,44 +146,157 @@ def hydra_group_options(group: str) -> list[str]:
     return GlobalHydra.instance().config_loader().get_group_options(group)
 
 
+_ABSENT = object()
+
+
 def check_added_keys(
     cfg: DictConfig,
     overrides: Sequence[str],
-    groups: Sequence[str] = ("model",),
     group_options: Callable[[str], list[str]] | None = None,
+    choices: Mapping[str, str | None] | None = None,
 ) -> None:
-    """Fails when a command-line override adds a key under ``groups`` that nothing in the config reads.
+    """Fails when a command-line override adds a key (``+key=value``, ``++key=value``) that nothing reads.
 
-    ``model`` holds the knobs that ``model.net`` reads through interpolation (``${model.width}``); a key
-    added there (``+model.pooler=roi_pool``, which Hydra itself suggests for the typo ``model.pooler=...``
-    meant as ``model/pooler=...``) would otherwise be silently ignored.
+    Hydra answers a mistyped key, ``data.min_sise=64``, with "To append to your config use +data.min_sise=64";
+    taken at its word, the run would go on with a key that nothing reads, and ``data.min_size`` unchanged. The same
+    for ``+model.pooler=roi_pool`` meant as ``model/pooler=roi_pool``, and for ``+data.train_json=...`` without
+    ``data=coco_format``. An added key is read when
+
+    - it is not a key of another option of its config group only (``data.train_json`` is ``data=coco_format``'s);
+    - and the project reads it: it has a rule in :data:`mrcnn.engine.config_checks.SCHEMA` (every key of a shipped
+      config has one, ``tests/test_config_schema.py``);
+    - or a mapping above it has a ``_target_``: it is an argument of what that builds (``+trainer.profiler=simple``),
+      and Python refuses a name the constructor does not take;
+    - or an interpolation reads it, or a mapping above it as a whole (``${data.augmentation}``).
 
     Args:
         cfg: the composed config, unresolved.
         overrides: the job's command-line overrides (Hydra's ``overrides.task``).
-        groups: top-level keys whose added children must be read.
-        group_options: the options of a config group (``"model/pooler"`` -> ``["roi_align", ...]``), to
-            suggest ``model/pooler=<option>``; None: no suggestion.
+        group_options: the options of a config group (``"model/pooler"`` -> ``["roi_align", ...]``), to tell a
+            group added with ``+`` from a key and to suggest ``model/pooler=<option>``; None: no groups known.
+        choices: the option chosen for each config group (Hydra's ``runtime.choices``); None: not known.
 
     Raises:
-        ValueError: naming the override, and the config group it probably meant.
+        ValueError: naming the override, and the key or config group it probably meant.
     """
+    from mrcnn.engine.config_checks import config_keys, rule_for
+
     text = OmegaConf.to_yaml(cfg, resolve=False)
     for override in overrides:
-        match = re.match(r"\+\+?([A-Za-z_][\w]*)\.([A-Za-z_]\w*)(?:=|$)", override)
-        if match is None or match.group(1) not in groups:
+        match = re.match(r"\+\+?([A-Za-z_][\w.]*)=", override)
+        if match is None:
             continue
-        group, key = match.groups()
-        if key == "net" or re.search(rf"\$\{{{group}\.{key}\b", text):
+        key = match.group(1)
+        options = group_options(key.replace(".", "/")) if group_options else []
+        if key.split(".")[0] == "hydra" or (options and "." not in key):  # Hydra's own, or +group=option
             continue
-        message = f"{override}: nothing reads {group}.{key}, so it would change nothing."
-        options = group_options(f"{group}/{key}") if group_options else []
-        if options:
-            value = override.split("=", 1)[1] if "=" in override else "<option>"
+        if OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False) is _ABSENT:
+            continue  # not a key of the config: a config group's option (+experiment=...) adds no such key
+        group = key.partition(".")[0]
+        holders = _options_with_key(key, group_options) if group_options else []
+        other_options_key = bool(holders) and (choices or {}).get(group) not in (None, *holders)
+        if not other_options_key and _is_read(cfg, key, text, rule_for):
+            continue
+        value = override.split("=", 1)[1]
+        message = f"{override}: nothing reads {key}, so it would change nothing."
+        if other_options_key:
             message += (
-                f" To choose a {group}/{key} option, write {group}/{key}={value} (options: {', '.join(options)})."
+                f" {key} is a key of {' and '.join(f'{group}={o}' for o in holders)}, not of {group}="
+                f"{choices[group]}: choose it, and give {key}={value} without the +."
             )
+        elif options:
+            message += f" To choose a {key.replace('.', '/')} option, write {key.replace('.', '/')}={value} (options: "
+            message += f"{', '.join(options)})."
+        else:
+            # A typo: the closest key beside it (``data.min_size`` for ``data.min_sise``).
+            parent, _, name = key.rpartition(".")
+            siblings = [
+                k.rpartition(".")[2] for k, _ in config_keys(cfg) if k.rpartition(".")[0] == parent and k != key
+            ]
+            close = difflib.get_close_matches(name, siblings, n=1, cutoff=0.75)
+            if close:
+                message += f" Did you mean {f'{parent}.' if parent else ''}{close[0]}={value} (no +)?"
         raise ValueError(message)
+
+
+def _options_with_key(key: str, group_options: Callable[[str], list[str]]) -> list[str]:
+    """The options of the config group ``key`` starts with (``data``) whose file in ``configs/`` sets the rest of it
+    (``train_json``)."""
+    group, _, rest = key.partition(".")
+    holders = []
+    for option in group_options(group) if rest else []:
+        path = Path(CONFIG_DIR, group, f"{option}.yaml")
+        if not path.is_file():
+            continue
+        node = OmegaConf.to_container(OmegaConf.load(path))  # a ??? value counts: the option declares the key
+        for part in rest.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT:
+            holders.append(option)
+    return holders
+
+
+def _is_read(cfg: DictConfig, key: str, text: str, rule_for: Callable) -> bool:
+    """Whether something reads ``key`` of ``cfg`` (``text``: ``cfg`` as unresolved yaml); see :func:`check_added_keys`."""
+    if rule_for(key) is not None:
+        return True
+    parts = key.split(".")
+    ancestors = [".".join(parts[:i]) for i in range(1, len(parts))]
+    for ancestor in ancestors:
+        node = OmegaConf.select(cfg, ancestor, default=None, throw_on_missing=False)
+        if isinstance(node, DictConfig) and "_target_" in node:
+            return True
+    # ${key}, ${key.sub}, ${oc.select:key,default}; an ancestor only as a whole: ${ancestor} or ${oc.select:ancestor,...}
+    resolver = r"\$\{(?:[\w.-]+:)?"
+    if re.search(resolver + re.escape(key) + r"(?![\w])", text):
+        return True
+    return any(re.search(resolver + re.escape(ancestor) + r"(?=[},])", text) for ancestor in ancestors)
+
+
+def where_built(message: str, cfg: DictConfig, choices: Mapping[str, str | None] | None = None) -> str:
+    """Hydra's instantiation error ``message`` with the config key and the group option its ``full_key`` comes from.
+
+    Hydra names where an object is built (``module.model.roi_heads.pooler``), which an interpolation may have
+    brought from elsewhere (``module.model: ${model.net}``): the key to fix is ``model.net.roi_heads.pooler``, set
+    by the config group ``model/pooler``.
+
+    Args:
+        cfg: the composed config, unresolved.
+        choices: Hydra's ``runtime.choices`` (``{"model/pooler": "roi_align", ...}``).
+    """
+    match = re.search(r"full_key: ([\w.]+)", message)
+    if match is None:
+        return message
+    key = config_key(cfg, match.group(1))
+    if key is None:
+        return message
+    parts = key.split(".")
+    # The most specific group whose name is a part of the key: model/pooler for model.net.roi_heads.pooler.
+    best = None
+    for group, option in (choices or {}).items():
+        name = group.rpartition("/")[2]
+        if option is not None and name in parts and (best is None or parts.index(name) > best[0]):
+            best = (parts.index(name), f"{group}={option}")
+    notes = ([f"written as {key}"] if key != match.group(1) else []) + ([f"chosen by {best[1]}"] if best else [])
+    origin = f" ({', '.join(notes)})" if notes else ""
+    return message[: match.end()] + origin + message[match.end() :]
+
+
+def config_key(cfg: DictConfig, full_key: str) -> str | None:
+    """The key ``full_key`` is written at, following interpolations of whole nodes (``${model.net}``)."""
+    node, path = cfg, []
+    for part in full_key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return None
+        child = node._get_node(part)
+        reference = re.fullmatch(r"\$\{([\w.]+)\}", str(child._value())) if child._is_interpolation() else None
+        if reference:
+            path = reference.group(1).split(".")
+            node = OmegaConf.select(cfg, reference.group(1), default=None, throw_on_missing=False)
+        else:
+            path.append(part)
+            node = child
+    return ".".join(path)
 
 
 def check_group_overrides(args: Sequence[str], config_dir: str | Path = CONFIG_DIR) -> None:

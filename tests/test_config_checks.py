@@ -133,6 +133,36 @@ def test_a_validation_schedule_that_leaves_out_the_last_epochs_is_said():
     assert validation_schedule_note(compose_config(["trainer.max_epochs=3", "trainer.max_steps=10"])) is None
 
 
+def test_a_target_that_names_nothing_is_named_before_anything_is_built():
+    from mrcnn.engine.config_checks import target_problem
+
+    # In this package: the module's source is read (not imported), with the name or module meant.
+    assert target_problem("mrcnn.modeling.poolers.RoIAlignPoolr") == (
+        "mrcnn/modeling/poolers.py defines no RoIAlignPoolr (did you mean mrcnn.modeling.poolers.RoIAlignPooler?)"
+    )
+    assert target_problem("mrcnn.modeling.poolr.RoIAlignPooler") == (
+        "no module mrcnn.modeling.poolr (did you mean mrcnn.modeling.poolers?)"
+    )
+    assert target_problem("mrcnn.modelling.poolers.RoIAlignPooler") == (
+        "no module mrcnn.modelling (did you mean mrcnn.modeling?)"
+    )
+    # What the module defines, imports or assigns, and attributes of a class, pass.
+    for good in (
+        "mrcnn.modeling.poolers.RoIAlignPooler",
+        "mrcnn.lit_module.warmup_multistep_schedule",
+        "mrcnn.modeling.roi_heads.RoIHeads.forward",
+        "mrcnn.engine.config_checks.SCHEMA",
+        "mrcnn.engine.config_checks.Path",
+    ):
+        assert target_problem(good) is None, good
+    # Elsewhere: only whether the top-level package is there (installed, or on PYTHONPATH).
+    assert target_problem("lightning.Trainer") is None and target_problem("torch.optim.Nope") is None
+    assert "no module named 'my_extension' here: install it, or add its folder to PYTHONPATH" in target_problem(
+        "my_extension.poolers.CentrePooler"
+    )
+    # Through run.py, before torch loads: tests/e2e/test_run.py.
+
+
 def test_run_py_stops_on_a_negative_batch_size_naming_the_key(tmp_path):
     # Before the check, this ended in torch's "Invalid learning rate: -0.0025" (the lr scales with the batch).
     result = run_py(

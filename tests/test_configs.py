@@ -199,16 +199,85 @@ def test_lightning_limits_are_plain_overrides(tmp_path):
     assert (trainer.val_check_interval, trainer.accumulate_grad_batches) == (2, 2)
 
 
-def test_an_added_model_key_that_nothing_reads_is_an_error():
+def test_an_added_key_that_nothing_reads_is_an_error_that_names_what_was_meant():
     from mrcnn.config import check_added_keys
 
-    cfg = compose_config(["+model.pooler=roi_pool", "+model.note=x", "model.width=32"])
+    def check(*overrides, group_options=None):
+        check_added_keys(compose_config(list(overrides)), list(overrides), group_options=group_options)
+
+    # A config group's option picked as a key (Hydra's own hint for model.pooler=roi_pool).
     with pytest.raises(ValueError, match=r"nothing reads model\.pooler.*model/pooler=roi_pool \(options: a, b\)"):
-        check_added_keys(cfg, ["+model.pooler=roi_pool"], group_options=lambda group: ["a", "b"])
-    with pytest.raises(ValueError, match=r"\+\+model\.note=x: nothing reads model\.note"):
-        check_added_keys(cfg, ["++model.note=x"])
-    # Keys the model reads, keys outside model, and plain (not added) overrides pass.
-    check_added_keys(cfg, ["model.width=32", "+model.width=32", "+data.extra=1", "+model.net.x=1"])
+        check("+model.pooler=roi_pool", group_options=lambda group: ["a", "b"])
+    # A mistyped key, anywhere (Hydra's hint for data.min_sise=64), with the keys it may have meant.
+    with pytest.raises(ValueError, match=r"^\+data\.min_sise=64: nothing reads data\.min_sise.*data\.min_size=64 \(no"):
+        check("+data.min_sise=64")
+    with pytest.raises(
+        ValueError, match=r"^\+\+model\.note=x: nothing reads model\.note, so it would change nothing\.$"
+    ):
+        check("++model.note=x")
+    with pytest.raises(ValueError, match=r"nothing reads predict\.scor_threshold.*predict\.score_threshold=0\.2"):
+        check("+predict.scor_threshold=0.2")
+    with pytest.raises(ValueError, match=r"nothing reads new_top_level"):
+        check("+new_top_level.x=1")
+    # A key of another option of its group (data=coco_format's), given without choosing that option.
+    data_options = lambda group: ["cityscapes", "coco", "coco_format", "shapes"] * (group == "data")  # noqa: E731
+    cfg = compose_config(["+data.train_json=train.json"], return_hydra_config=True)
+    with pytest.raises(
+        ValueError, match=r"data\.train_json is a key of data=coco_format, not of data=shapes: choose it, and give"
+    ):
+        check_added_keys(cfg, ["+data.train_json=train.json"], data_options, cfg.hydra.runtime.choices)
+    cfg = compose_config(["data=coco_format", "++data.train_json=train.json"], return_hydra_config=True)
+    check_added_keys(cfg, ["++data.train_json=train.json"], data_options, cfg.hydra.runtime.choices)
+    # Read: keys with a rule (given again with ++), arguments of what a _target_ builds (the trainer, a callback
+    # added whole, the model's modules), keys an interpolation reads, plain (not added) overrides, Hydra's own
+    # keys, and config groups added with + (no key of that name in the config).
+    check(
+        "model.width=32",
+        "++model.width=32",
+        "++data.min_size=96",
+        "+trainer.profiler=simple",
+        "+callbacks.stop._target_=lightning.pytorch.callbacks.EarlyStopping",
+        "+callbacks.stop.monitor=val/segm_AP",
+        "+model.net.roi_heads.new_knob=1",
+        "+module.compile_kwargs.backend=eager",
+        "++data.datamodule.val_batch_size=1",
+        group_options=lambda group: [],
+    )
+    # A config group's option added with + (its keys land elsewhere: no key of the group's name).
+    check_added_keys(compose_config(["debug=fast"]), ["+debug=fast"], group_options=lambda group: ["fast"])
+    cfg = compose_config(["+data.extra=1"])
+    cfg.model.width = "${data.extra}"  # read by an interpolation
+    check_added_keys(cfg, ["+data.extra=1"])
+    cfg = compose_config(["+data.augmentation.extra=1"])
+    check_added_keys(cfg, ["+data.augmentation.extra=1"])  # ${data.augmentation} reads the mapping as a whole
+
+
+def test_an_instantiation_error_names_the_key_and_the_group_option_that_wrote_it():
+    from hydra.errors import InstantiationException
+
+    from mrcnn.config import config_key, where_built
+
+    cfg = compose_config(
+        [*TINY_MODEL, "model/pooler=roi_pool", "+model.net.roi_heads.pooler.align=1"], return_hydra_config=True
+    )
+    choices = dict(cfg.hydra.runtime.choices)
+    with pytest.raises(InstantiationException) as error:
+        instantiate(cfg.module)
+    message = where_built(str(error.value), cfg, choices)
+    assert "unexpected keyword argument 'align'" in message
+    assert (
+        "full_key: module.model.roi_heads (written as model.net.roi_heads, chosen by model/roi_heads=standard)"
+        in message
+    )
+    # Through the interpolation module.model: ${model.net}, to the most specific group named in the key.
+    assert config_key(cfg, "module.model.roi_heads.pooler") == "model.net.roi_heads.pooler"
+    assert "(written as model.net.roi_heads.pooler, chosen by model/pooler=roi_pool)" in where_built(
+        "Error locating target 'x.Y'\nfull_key: module.model.roi_heads.pooler", cfg, choices
+    )
+    assert "full_key: trainer (chosen by trainer=cpu)" in where_built("full_key: trainer", cfg, choices)
+    # Nothing to add: a key that is not there, or no full_key.
+    assert where_built("full_key: no.such.key", cfg, choices) == "full_key: no.such.key"
+    assert where_built("Error locating target 'x.Y'", cfg, choices) == "Error locating target 'x.Y'"
 
 
 def test_a_group_option_picked_with_a_dot_is_an_error_that_names_the_slash():

@@ -20,10 +20,15 @@ This module loads neither torch nor Lightning (but for the GPU check, when a GPU
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import difflib
 import fnmatch
+import functools
+import importlib.util
 import math
 import os
+import pkgutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -434,7 +439,75 @@ def config_problems(cfg: DictConfig, keys: Sequence[str] | None = None) -> list[
         problem = rule(value)
         if problem:
             problems.append(f"{key}={value}: {problem}")
-    return problems + _length_problems(cfg) + _model_problems(cfg)
+    return problems + _length_problems(cfg) + _model_problems(cfg) + _target_problems(cfg, written)
+
+
+def _target_problems(cfg: DictConfig, keys: Sequence[str]) -> list[str]:
+    """``_target_`` values that name nothing: Hydra would say "Error locating target" only once torch and Lightning
+    have loaded, naming the key where the object is built, not where it is written."""
+    problems = []
+    for key in keys:
+        if not key.endswith("._target_"):
+            continue
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if isinstance(value, str) and "." in value:
+            problem = target_problem(value)
+            if problem:
+                problems.append(f"{key}={value}: {problem}")
+    return problems
+
+
+def target_problem(path: str) -> str | None:
+    """Why the dotted ``path`` of a ``_target_`` names nothing, or ``None``; read without importing it.
+
+    In this package the module's file must define (or import) the name: its source is read, not run. Elsewhere only
+    the top-level package is looked for (importing it to look further would load what run.py keeps for later).
+    """
+    parts = path.split(".")
+    if parts[0] != "mrcnn":
+        if importlib.util.find_spec(parts[0]) is None:
+            return f"no module named {parts[0]!r} here: install it, or add its folder to PYTHONPATH"
+        return None
+    for i in range(len(parts) - 1, 0, -1):  # the longest prefix that is a module: mrcnn.a.b for mrcnn.a.b.Class
+        module = ".".join(parts[:i])
+        try:
+            spec = importlib.util.find_spec(module)
+        except ImportError:  # a parent of it is no module
+            continue
+        if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+            continue
+        names = _top_level_names(spec.origin, os.path.getmtime(spec.origin))
+        name = parts[i]
+        if name in names:
+            return None
+        if spec.submodule_search_locations is not None:  # a package: the name was meant as one of its modules
+            modules = [m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)]
+            close = difflib.get_close_matches(name, sorted(modules), n=1, cutoff=0.75)
+            hint = f" (did you mean {module}.{close[0]}?)" if close else ""
+            return f"no module {module}.{name}{hint}"
+        close = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.75)
+        hint = f" (did you mean {module}.{close[0]}?)" if close else ""
+        return f"{os.path.relpath(spec.origin, _PACKAGE_ROOT)} defines no {name}{hint}"
+    return f"no module {'.'.join(parts[:-1])} in this package"
+
+
+# The folder that holds the mrcnn package, for file names in messages.
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+
+@functools.lru_cache(maxsize=64)
+def _top_level_names(path: str, mtime: float) -> frozenset[str]:
+    """The names a module's top level defines, assigns or imports (``mtime``: a changed file is read again)."""
+    names = set()
+    for node in ast.parse(Path(path).read_text(), path).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return frozenset(names)
 
 
 def _target(cfg: DictConfig, key: str) -> str:

@@ -74,6 +74,15 @@ def test_a_typo_fails_loudly_and_leaves_no_output_folder(tmp_path):
     [
         (["model/pooler=roi_alignx"], "Could not find 'model/pooler/roi_alignx'"),
         (["+model.pooler=roi_pool"], "nothing reads model.pooler"),
+        (
+            ["+data.min_sise=64"],
+            "nothing reads data.min_sise, so it would change nothing. Did you mean data.min_size=64",
+        ),
+        (["+data.train_json=t.json"], "data.train_json is a key of data=coco_format, not of data=shapes: choose it"),
+        (
+            ["model.net.roi_heads.pooler._target_=mrcnn.modeling.poolers.RoIAlignPoolr"],
+            "mrcnn/modeling/poolers.py defines no RoIAlignPoolr (did you mean mrcnn.modeling.poolers.RoIAlignPooler?)",
+        ),
         (["model.pooler=roi_pool"], "model/pooler is a config group; choose its option with model/pooler=roi_pool"),
         (["data.datamodule.batch_size=-2"], "data.datamodule.batch_size=-2: must be a positive integer"),
         (["mode=evaluat"], "mode must be one of ['evaluate', 'predict', 'train'], got 'evaluat'"),
@@ -99,6 +108,9 @@ def test_a_typo_fails_loudly_and_leaves_no_output_folder(tmp_path):
     ids=[
         "unknown_option",
         "added_key",
+        "added_key_mistyped",
+        "added_key_of_another_data_option",
+        "target_mistyped",
         "dotted_group",
         "bad_value",
         "unknown_mode",
