@@ -1,6 +1,7 @@
 """evaluate / predict build the model a checkpoint was trained as (mrcnn.engine.checkpoint_model)."""
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -196,7 +197,8 @@ def test_a_model_key_the_checkpoints_network_does_not_read_is_named(tmp_path, ca
 def test_evaluate_with_weights_from_a_checkpoint_of_this_project_builds_its_model(tmp_path, caplog):
     from mrcnn.engine.train import evaluate
 
-    save_checkpoint(tmp_path / "a.ckpt", TRAINED)
+    # Trained with another score threshold too: a knob above model.net (model.box_score_thresh) and what it derives.
+    save_checkpoint(tmp_path / "a.ckpt", [*TRAINED, "model.box_score_thresh=0.3"])
     data = ["data.num_val_images=2", "data.datamodule.num_workers=0", "trainer.limit_val_batches=1"]
     cfg = compose_config(
         [*TINY_MODEL, *data, "mode=evaluate", f"weights={tmp_path / 'a.ckpt'}"], run_dir=str(tmp_path / "eval")
@@ -205,6 +207,14 @@ def test_evaluate_with_weights_from_a_checkpoint_of_this_project_builds_its_mode
         evaluate(cfg)
     assert f"the model is built from the config {tmp_path / 'a.ckpt'} was trained with" in caplog.text
     assert "model.net.roi_heads.pooler._target_" in caplog.text
+    # The count of what is listed is the count of the list: the model.net keys, the first 8 shown.
+    counts = re.search(
+        r"composed model in (\d+) keys, (\d+) of them under model\.net: (.*?)(?: and (\d+) more)? \(a", caplog.text
+    )
+    assert counts, caplog.text
+    listed = counts.group(3).split(", ")
+    assert all(key.startswith("model.net.") for key in listed)
+    assert int(counts.group(2)) == len(listed) + int(counts.group(4) or 0) < int(counts.group(1))
 
 
 def test_a_checkpoint_with_batchnorm_where_this_model_freezes_it_fits_and_loads(tmp_path):

@@ -151,11 +151,12 @@ def use_checkpoint_model(
     # What is built (model.net) first: the knobs above it differ wherever the network does.
     built = [key for key in differing if key.startswith("model.net.")] or differing
     shown = ", ".join(built[:8]) + (f" and {len(built) - 8} more" if len(built) > 8 else "")
+    of_them = f", {len(built)} of them under model.net" if len(built) < len(differing) else ""
     log.info(
         "the model is built from the config %s was trained with%s (a model=/model/<group>= override builds this "
         "run's instead)",
         ckpt_path,
-        f"; it differs from this run's composed model in {len(differing)} keys: {shown}" if differing else "",
+        f"; it differs from this run's composed model in {len(differing)} keys{of_them}: {shown}" if differing else "",
     )
 
 

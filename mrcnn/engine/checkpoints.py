@@ -10,7 +10,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mrcnn.engine.config_checks import requeued_checkpoint
-from mrcnn.engine.model_record import MODEL_RECORD_KEY, ModelRecord, read_checkpoint, set_frozen_bn_eps
+from mrcnn.engine.model_record import (
+    MODEL_RECORD_KEY,
+    ModelRecord,
+    check_classes,
+    read_checkpoint,
+    set_frozen_bn_eps,
+)
 from mrcnn.modeling.mask_rcnn import load_torchvision_weights
 
 log = logging.getLogger(__name__)
@@ -291,14 +297,23 @@ def check_checkpoint_fits(module: torch.nn.Module, path: str, cfg: DictConfig, o
     checkpoint's recorded config (written by :class:`mrcnn.engine.callbacks.RunRecord`, as for resuming) differs
     from this run's under ``model``, which is what makes the shapes differ.
 
+    Other classes than the run's data (``module.class_names``) are named first, both lists, whether or not their
+    number changes the class-specific layers' shapes.
+
     Raises:
-        ValueError: naming the file, the count of tensors that differ, and the differing ``model`` keys.
+        ValueError: naming the file, the count of tensors that differ, and the differing ``model`` keys; or both
+            class lists.
     """
     checkpoint = read_checkpoint(path, option)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ValueError(
             f"{option}={path} is not a Lightning checkpoint (it has no 'state_dict'); a plain state dict or "
             "torchvision weights go in weights=<file>"
+        )
+    record = checkpoint.get(MODEL_RECORD_KEY)
+    if record:
+        check_classes(
+            ModelRecord.from_dict(record).class_names, getattr(module, "class_names", None), f"{option}={path}"
         )
     saved, expected = checkpoint["state_dict"], module.state_dict()
     reshaped = [k for k in expected if k in saved and tuple(saved[k].shape) != tuple(expected[k].shape)]

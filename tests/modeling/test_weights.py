@@ -10,6 +10,7 @@ from torchvision.models import resnet18
 from torchvision.ops import FrozenBatchNorm2d
 
 from mrcnn.engine.build import build_module
+from mrcnn.engine.checkpoints import check_checkpoint_fits
 from mrcnn.modeling.mask_rcnn import is_class_specific, load_torchvision_weights, torchvision_to_mrcnn_state_dict
 from tests.helpers.config import TINY_MODEL, compose_config
 from tests.helpers.runs import training_only_trainer
@@ -202,11 +203,16 @@ def test_checkpoint_of_other_classes_stops_with_both_lists(tmp_path, caplog):
     """What Lightning calls for ckpt_path= (evaluate, resume): other classes stop before any tensor loads."""
     path, trained, _ = train_checkpoint(tmp_path, [], steps=1)
     checkpoint = torch.load(path, weights_only=True)
-    other = build_module(compose_config([*TINY_MODEL, "data.classes=[circle,square]"]))
+    other_cfg = compose_config([*TINY_MODEL, "data.classes=[circle,square]"])
+    other = build_module(other_cfg)
     with pytest.raises(
         ValueError, match=r"trained on 6 classes \['circle', .*'star'\], but this run's data has 2 classes"
     ):
         other.on_load_checkpoint(checkpoint)
+    # evaluate and predict check the tensors' shapes first, which the number of classes changes: the classes are
+    # named there too, not the shapes.
+    with pytest.raises(ValueError, match=rf"^ckpt_path={path} was trained on 6 classes .* has 2 classes \['circle'"):
+        check_checkpoint_fits(other, str(path), other_cfg)
     # The same classes at another input size load, with a warning naming both sizes.
     resized = build_module(compose_config([*TINY_MODEL, "data.min_size=96", "data.max_size=96"]))
     with caplog.at_level(logging.WARNING, logger="mrcnn.engine.model_record"):
