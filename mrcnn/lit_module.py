@@ -2,6 +2,7 @@
 
 import bisect
 import collections
+import logging
 import math
 from collections.abc import Callable, Sequence
 
@@ -23,6 +24,8 @@ from mrcnn.engine.model_record import (
 )
 from mrcnn.evaluation import CocoEvaluator
 from mrcnn.modeling.mask_rcnn import LOSS_KEYS, check_targets
+
+log = logging.getLogger(__name__)
 
 
 def warmup_multistep_schedule(
@@ -59,6 +62,22 @@ def warmup_multistep_schedule(
             alpha = step / warmup_steps
             return decay * (warmup_factor * (1 - alpha) + alpha)
         return decay
+
+    # A short run (a small dataset, a smoke run) may end, or drop the learning rate, before the warmup does: the
+    # learning rate then never reaches the one the run asked for, without a word.
+    first_drop = min([s for s in steps if s > 0] + [total_steps])
+    if 0 < first_drop <= warmup_steps:
+        peak = max(factor(step) for step in range(first_drop))
+        log.warning(
+            "scheduler.warmup_steps=%d does not end before %s: the learning rate peaks at %.3g times the one asked "
+            "for (base_lr scaled to the batch). Set scheduler.warmup_steps below %d for a run this short",
+            warmup_steps,
+            f"the learning rate's first drop, at step {first_drop} of this {total_steps}-step run"
+            if first_drop < total_steps
+            else f"this {total_steps}-step run does",
+            peak,
+            first_drop,
+        )
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

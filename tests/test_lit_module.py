@@ -1,6 +1,7 @@
 """LightningModule: schedule, lr scaling, loss logging, the non-finite guard."""
 
 import csv
+import logging
 from types import SimpleNamespace
 
 import lightning as L
@@ -35,6 +36,28 @@ def test_warmup_then_step_decay():
     assert lrs[10] == pytest.approx(1.0) and lrs[49] == pytest.approx(1.0)
     assert lrs[50] == pytest.approx(0.1) and lrs[79] == pytest.approx(0.1)
     assert lrs[80] == pytest.approx(0.01) and lrs[99] == pytest.approx(0.01)
+
+
+def test_a_warmup_that_outlasts_a_short_run_or_its_first_drop_is_named_with_the_peak_reached(caplog):
+    def schedule(total_steps, warmup_steps, milestones=(0.667, 0.889)):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mrcnn.lit_module"):
+            warmup_multistep_schedule(optimizer, total_steps, warmup_steps, 0.001, milestones)
+        return caplog.text
+
+    # 15 steps (6 images, batch 2, 5 epochs) under the default 200-step warmup: the first drop is at step 10, where
+    # the learning rate has reached 0.001 + 0.999 * 9 / 200 of the one asked for.
+    text = schedule(15, 200)
+    assert (
+        "scheduler.warmup_steps=200 does not end before the learning rate's first drop, at step 10 of this 15-step"
+        in text
+    )
+    assert f"peaks at {0.001 + 0.999 * 9 / 200:.3g} times" in text and "below 10 for a run this short" in text
+    assert "does not end before this 15-step run does" in schedule(15, 200, milestones=())
+    # A warmup that ends before the first drop, or none, says nothing (debug=fast: 2 of 4 steps, the drop at 3).
+    assert schedule(4, 2) == schedule(1000, 200) == schedule(15, 0) == ""
+    assert "first drop, at step 3" in schedule(4, 3)
 
 
 def test_check_finite_names_the_step_and_the_bad_losses():
