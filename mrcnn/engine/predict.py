@@ -46,7 +46,7 @@ from mrcnn.engine.build import build_module, job_overrides
 from mrcnn.engine.checkpoint_model import use_checkpoint_model
 from mrcnn.engine.checkpoints import check_checkpoint_fits
 from mrcnn.engine.config_checks import check_config, checkpoint_path
-from mrcnn.engine.launch import check_run_dir_is_free, in_sweep, job_scope
+from mrcnn.engine.launch import check_run_dir_is_free, in_sweep, is_ddp_child, job_scope
 from mrcnn.engine.model_record import read_model_record
 from mrcnn.engine.quiet import reading_weights_only
 from mrcnn.engine.visualize import draw_instances, save_png, select
@@ -339,6 +339,41 @@ def class_names(cfg: DictConfig, num_classes: int, trained: list[str] | None = N
     return names
 
 
+SIZE_KEYS = ("data.min_size", "data.max_size")
+
+
+def use_recorded_input_size(cfg: DictConfig, record, overrides: Sequence[str] | None, source: str) -> None:
+    """Predicts at the input size the model was trained at: ``data.min_size`` / ``data.max_size`` become the
+    checkpoint's, unless the command line sets either.
+
+    Prediction needs no data config, and without one the data config's sizes are the default data's (the built-in
+    shapes': 128 px), not those of the images the model was trained on.
+
+    Args:
+        record: the checkpoint's :class:`~mrcnn.engine.model_record.ModelRecord` (no size recorded: nothing changes).
+        overrides: the command-line overrides (Hydra's ``overrides.task``); ``None`` (no Hydra job): none.
+        source: the option and file, for the log line.
+    """
+    if record.min_size is None or record.max_size is None:
+        return
+    given = [o for o in overrides or () if o.lstrip("+~").split("=", 1)[0] in SIZE_KEYS]
+    if given:
+        return
+    min_size = list(record.min_size) if len(record.min_size) > 1 else record.min_size[0]
+    current = (OmegaConf.select(cfg, "data.min_size"), OmegaConf.select(cfg, "data.max_size"))
+    if current == (min_size, record.max_size):
+        return
+    with open_dict(cfg):
+        cfg.data.min_size, cfg.data.max_size = min_size, record.max_size
+    log.info(
+        "predicting at the input size %s was trained at: data.min_size=%s data.max_size=%s (set them to predict at "
+        "another)",
+        source,
+        min_size,
+        record.max_size,
+    )
+
+
 def predict(cfg: DictConfig) -> dict[str, float]:
     """Writes an overlay PNG per input image and ``coco_results.json`` / ``images.json`` to ``predict.output``."""
     check_config(cfg)
@@ -355,6 +390,8 @@ def predict(cfg: DictConfig) -> dict[str, float]:
         with open_dict(cfg):
             cfg.model.num_classes = len(record.class_names)
             cfg.module.class_names = list(record.class_names)
+    if record is not None and not is_ddp_child():  # a DDP child's config is its main process's, already set
+        use_recorded_input_size(cfg, record, job_overrides(), f"{option}={source}")
     with job_scope(cfg):
         L.seed_everything(cfg.seed, workers=True)
         limits = cfg.data.get("image_limits")

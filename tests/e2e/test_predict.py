@@ -43,9 +43,10 @@ def test_predict_from_a_lightning_checkpoint_writes_overlays_and_coco_results(tm
     Image.open(images / "img0.png").save(images / "img0.jpg")
 
     out = tmp_path / "out"
-    run_py(
+    # No size given: the model predicts at the 64 px it was trained at, not the default data's 128.
+    result = run_py(
         [
-            *TINY_MODEL,
+            "model=tiny",
             "mode=predict",
             f"ckpt_path={tmp_path / 'model.ckpt'}",
             f"predict.input={images}",
@@ -54,6 +55,8 @@ def test_predict_from_a_lightning_checkpoint_writes_overlays_and_coco_results(tm
             f"hydra.run.dir={tmp_path / 'run'}",
         ]
     )
+    assert "was trained at: data.min_size=64 data.max_size=64" in result.stdout + result.stderr
+    assert "but this run resizes images" not in result.stdout + result.stderr
 
     assert sorted(p.name for p in out.glob("*.png")) == ["img0.jpg.png", "img0.png.png", "img1.png.png", "img2.png.png"]
     assert Image.open(out / "img0.png.png").size == (512, 512)  # 64 px images are enlarged for drawing
@@ -70,6 +73,29 @@ def test_predict_from_a_lightning_checkpoint_writes_overlays_and_coco_results(tm
     for r in results[:5]:
         assert set(r) == {"image_id", "category_id", "bbox", "score", "segmentation"}
         assert 1 <= r["category_id"] <= 6 and len(r["bbox"]) == 4 and r["segmentation"]["size"] == [64, 64]
+
+
+def test_prediction_takes_the_checkpoints_input_size_unless_the_command_line_sets_one():
+    from mrcnn.engine.model_record import ModelRecord
+    from mrcnn.engine.predict import use_recorded_input_size
+
+    record = ModelRecord(min_size=[96], max_size=160)
+    cfg = compose_config(["model=tiny", "mode=predict"])
+    assert (cfg.data.min_size, cfg.data.max_size) == (128, 128)  # the built-in shapes'
+    use_recorded_input_size(cfg, record, [], "ckpt_path=a.ckpt")
+    assert build_module(cfg).model.transform.min_size == (96,) and cfg.data.max_size == 160
+    # Multi-scale training: the list, whose last size torchvision's transform takes at test time.
+    cfg = compose_config(["model=tiny", "mode=predict"])
+    use_recorded_input_size(cfg, ModelRecord(min_size=[64, 96], max_size=160), None, "ckpt_path=a.ckpt")
+    assert list(cfg.data.min_size) == [64, 96]
+    # Either size on the command line keeps both as the config has them; a checkpoint without sizes changes nothing.
+    for given in (["data.min_size=128"], ["data.max_size=200"], ["++data.max_size=200"]):
+        cfg = compose_config(["model=tiny", "mode=predict", *given])
+        use_recorded_input_size(cfg, record, given, "ckpt_path=a.ckpt")
+        assert cfg.data.min_size == 128
+    cfg = compose_config(["model=tiny", "mode=predict"])
+    use_recorded_input_size(cfg, ModelRecord(), [], "ckpt_path=a.ckpt")
+    assert (cfg.data.min_size, cfg.data.max_size) == (128, 128)
 
 
 # Slow (about 10 s); the default suite loads torchvision's weights in process (tests/modeling/test_parity.py) and
