@@ -162,12 +162,12 @@ def check_added_keys(
     for ``+model.pooler=roi_pool`` meant as ``model/pooler=roi_pool``, and for ``+data.train_json=...`` without
     ``data=coco_format``. An added key is read when
 
-    - it is not a key of another option of its config group only (``data.train_json`` is ``data=coco_format``'s);
-    - and the project reads it: it has a rule in :data:`mrcnn.engine.config_checks.SCHEMA` (every key of a shipped
-      config has one, ``tests/test_config_schema.py``);
-    - or a mapping above it has a ``_target_``: it is an argument of what that builds (``+trainer.profiler=simple``),
+    - a mapping above it has a ``_target_``: it is an argument of what that builds (``+trainer.profiler=simple``),
       and Python refuses a name the constructor does not take;
-    - or an interpolation reads it, or a mapping above it as a whole (``${data.augmentation}``).
+    - or an interpolation reads it, or a mapping above it as a whole (``${data.augmentation}``);
+    - or the project reads it: it has a rule in :data:`mrcnn.engine.config_checks.SCHEMA` (every key of a shipped
+      config has one, ``tests/test_config_schema.py``), unless it is a key of other options of its config group
+      only (``data.train_json`` is ``data=coco_format``'s, and nothing reads it under ``data=shapes``).
 
     Args:
         cfg: the composed config, unresolved.
@@ -194,8 +194,13 @@ def check_added_keys(
             continue  # not a key of the config: a config group's option (+experiment=...) adds no such key
         group = key.partition(".")[0]
         holders = _options_with_key(key, group_options) if group_options else []
-        other_options_key = bool(holders) and (choices or {}).get(group) not in (None, *holders)
-        if not other_options_key and _is_read(cfg, key, text, rule_for):
+        read_by = _read_by(cfg, key, text, rule_for)
+        # SCHEMA has a rule for every key of every option: a key of another option's (data=coco_format's
+        # train_json, under data=shapes) has one, and nothing reads it.
+        other_options_key = (
+            read_by in (None, "schema") and bool(holders) and (choices or {}).get(group) not in (None, *holders)
+        )
+        if read_by is not None and not other_options_key:
             continue
         value = override.split("=", 1)[1]
         message = f"{override}: nothing reads {key}, so it would change nothing."
@@ -236,21 +241,23 @@ def _options_with_key(key: str, group_options: Callable[[str], list[str]]) -> li
     return holders
 
 
-def _is_read(cfg: DictConfig, key: str, text: str, rule_for: Callable) -> bool:
-    """Whether something reads ``key`` of ``cfg`` (``text``: ``cfg`` as unresolved yaml); see :func:`check_added_keys`."""
-    if rule_for(key) is not None:
-        return True
+def _read_by(cfg: DictConfig, key: str, text: str, rule_for: Callable) -> str | None:
+    """What reads ``key`` of ``cfg`` (``text``: ``cfg`` as unresolved yaml): ``"target"`` (an argument of what a
+    ``_target_`` above it builds), ``"interpolation"``, ``"schema"`` (a key the project reads), or ``None``; see
+    :func:`check_added_keys`."""
     parts = key.split(".")
     ancestors = [".".join(parts[:i]) for i in range(1, len(parts))]
     for ancestor in ancestors:
         node = OmegaConf.select(cfg, ancestor, default=None, throw_on_missing=False)
         if isinstance(node, DictConfig) and "_target_" in node:
-            return True
+            return "target"
     # ${key}, ${key.sub}, ${oc.select:key,default}; an ancestor only as a whole: ${ancestor} or ${oc.select:ancestor,...}
     resolver = r"\$\{(?:[\w.-]+:)?"
-    if re.search(resolver + re.escape(key) + r"(?![\w])", text):
-        return True
-    return any(re.search(resolver + re.escape(ancestor) + r"(?=[},])", text) for ancestor in ancestors)
+    if re.search(resolver + re.escape(key) + r"(?![\w])", text) or any(
+        re.search(resolver + re.escape(ancestor) + r"(?=[},])", text) for ancestor in ancestors
+    ):
+        return "interpolation"
+    return "schema" if rule_for(key) is not None else None
 
 
 def where_built(message: str, cfg: DictConfig, choices: Mapping[str, str | None] | None = None) -> str:

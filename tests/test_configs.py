@@ -228,6 +228,9 @@ def test_an_added_key_that_nothing_reads_is_an_error_that_names_what_was_meant()
         check_added_keys(cfg, ["+data.train_json=train.json"], data_options, cfg.hydra.runtime.choices)
     cfg = compose_config(["data=coco_format", "++data.train_json=train.json"], return_hydra_config=True)
     check_added_keys(cfg, ["++data.train_json=train.json"], data_options, cfg.hydra.runtime.choices)
+    # A key another option sets, under a _target_ here too: an argument of what it builds.
+    cfg = compose_config(["++data.datamodule.val_batch_size=1"], return_hydra_config=True)
+    check_added_keys(cfg, ["++data.datamodule.val_batch_size=1"], data_options, cfg.hydra.runtime.choices)
     # Read: keys with a rule (given again with ++), arguments of what a _target_ builds (the trainer, a callback
     # added whole, the model's modules), keys an interpolation reads, plain (not added) overrides, Hydra's own
     # keys, and config groups added with + (no key of that name in the config).
