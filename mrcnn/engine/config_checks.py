@@ -468,7 +468,7 @@ def target_problem(path: str) -> str | None:
         if importlib.util.find_spec(parts[0]) is None:
             return f"no module named {parts[0]!r} here: install it, or add its folder to PYTHONPATH"
         return None
-    for i in range(len(parts) - 1, 0, -1):  # the longest prefix that is a module: mrcnn.a.b for mrcnn.a.b.Class
+    for i in range(len(parts) - 1, 0, -1):  # the longest prefix that is a module (a method's path names its class too)
         module = ".".join(parts[:i])
         try:
             spec = importlib.util.find_spec(module)

