@@ -5,6 +5,7 @@ import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 # Only light modules before Hydra composes: a mistyped override or a bad value fails in about a second, before
@@ -24,15 +25,26 @@ from mrcnn.engine.quiet import silence_library_noise
 MODES = ("train", "evaluate", "predict")
 
 
+def check_command(cfg: DictConfig) -> None:
+    """The checks that answer a mistake in the command (a typo, a bad value, a missing file) before torch loads."""
+    check_model_contract(cfg)
+    check_added_keys(cfg, HydraConfig.get().overrides.task, hydra_group_options, HydraConfig.get().runtime.choices)
+    check_ablation_overrides(HydraConfig.get().runtime.choices, HydraConfig.get().overrides.task)
+    if cfg.mode not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)}, got {cfg.mode!r}")
+    check_config(cfg)
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
-        check_model_contract(cfg)
-        check_added_keys(cfg, HydraConfig.get().overrides.task, hydra_group_options, HydraConfig.get().runtime.choices)
-        check_ablation_overrides(HydraConfig.get().runtime.choices, HydraConfig.get().overrides.task)
-        if cfg.mode not in MODES:
-            raise ValueError(f"mode must be one of {sorted(MODES)}, got {cfg.mode!r}")
-        check_config(cfg)
+        try:
+            check_command(cfg)
+        except (ValueError, FileNotFoundError, RuntimeError) as error:
+            if HydraConfig.get().mode != RunMode.RUN:
+                raise  # a sweep's job: Hydra records it as failed, and the sweep's callbacks see it
+            # The message alone, as for a group picked with a dot below: the checks' traceback says nothing more.
+            raise SystemExit(f"{type(error).__name__}: {error}") from None
         if cfg.mode == "predict":
             from mrcnn.engine.predict import predict as run_mode
         else:
