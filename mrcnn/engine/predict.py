@@ -144,8 +144,25 @@ class ImageFiles(Dataset):
         irregular = [f"{f.name} ({file_kind(f.stat().st_mode)})" for f in self.files if not f.is_file()]
         if irregular:
             raise ValueError(f"predict.input={path}: {len(irregular)} entries are not regular files: {irregular[:3]}")
-        # (height, width) of every upright image from its header, checked against the limits before any work.
-        self.sizes = [read_image_size(f, limits) for f in self.files]
+        # (height, width) of every upright image from its header, checked against the limits before any work. In a
+        # folder, a file whose header cannot be read (empty, not an image, beyond the limits) is skipped and counted,
+        # as one whose pixels cannot be read is later: one bad file in a folder of thousands does not stop the run.
+        self.skipped: list[tuple[str, str]] = []  # (file name, why)
+        self.sizes = []
+        for file in list(self.files):
+            try:
+                self.sizes.append(read_image_size(file, limits))
+            except ValueError as error:
+                if not path.is_dir():
+                    raise
+                self.files.remove(file)
+                self.skipped.append((file.name, str(error)))
+                log.warning("skipped %s: %s", file.name, error)
+        if not self.files:
+            raise ValueError(
+                f"predict.input={path}: none of its {len(self.skipped)} image files can be read, e.g. "
+                f"{self.skipped[0][1]}"
+            )
         self.image_ids = list(range(1, len(self.files) + 1))
         if coco_json is not None:
             self.image_ids = self._ids_from(coco_json)
@@ -240,6 +257,8 @@ class PredictionWriter(BasePredictionWriter):
         score_threshold: lowest score kept.
         mask_threshold: mask probabilities above it are foreground.
         label_to_category_id: maps labels 1..K to the json's category ids (default: the label).
+        skipped: ``(file name, why)`` of the input files left out before the run (:attr:`ImageFiles.skipped`),
+            counted with those that could not be read.
     """
 
     def __init__(
@@ -250,10 +269,12 @@ class PredictionWriter(BasePredictionWriter):
         score_threshold: float = 0.5,
         mask_threshold: float = 0.5,
         label_to_category_id: Mapping[int, int] | None = None,
+        skipped: Sequence[tuple[str, str]] = (),
     ):
         super().__init__(write_interval="batch")
         self.output = Path(output)
         self.images = images
+        self.num_inputs = len(images) + len(skipped)
         self.class_names = class_names
         self.score_threshold = score_threshold
         self.mask_threshold = mask_threshold
@@ -267,7 +288,7 @@ class PredictionWriter(BasePredictionWriter):
         )
         self.num_detections = 0
         self.num_overlays = 0
-        self.unreadable: list[tuple[str, str]] = []  # (file name, why), this process's until the end
+        self.unreadable: list[tuple[str, str]] = list(skipped)  # (file name, why), this process's until the end
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
@@ -307,7 +328,7 @@ class PredictionWriter(BasePredictionWriter):
                 log.warning(
                     "%d of %d images could not be read and were skipped (left out of %s): %s",
                     len(skipped),
-                    len(self.images),
+                    self.num_inputs,
                     IMAGES_FILE,
                     ", ".join(sorted(skipped)[:10]) + (", ..." if len(skipped) > 10 else ""),
                 )
@@ -424,6 +445,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
             cfg.predict.score_threshold,
             cfg.predict.mask_threshold,
             label_map,
+            dataset.skipped,
         )
         loader = DataLoader(
             dataset,
@@ -445,7 +467,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
         with reading_weights_only():
             trainer.predict(module, dataloaders=loader, ckpt_path=ckpt_path, return_predictions=False)
         return {
-            "images": float(len(dataset)),
+            "images": float(len(dataset) + len(dataset.skipped)),
             "detections": float(writer.num_detections),
             "unreadable": float(len(writer.unreadable)),
         }

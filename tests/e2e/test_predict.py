@@ -290,20 +290,36 @@ def test_an_image_that_cannot_be_read_is_skipped_and_counted_and_the_rest_writte
         Image.fromarray(pixels).save(images / name)
     broken = (images / "b.jpg").read_bytes()
     (images / "b.jpg").write_bytes(broken[: len(broken) * 2 // 3])
+    # Files whose header does not read either: an empty one, and text under an image's name.
+    (images / "d.jpg").write_bytes(b"")
+    (images / "e.png").write_text("not an image")
     out = tmp_path / "out"
     overrides = [weights, f"predict.input={images}", f"predict.output={out}", "predict.batch_size=2"]
     cfg = compose_config([*TINY_MODEL, "mode=predict", *overrides, "predict.score_threshold=0.0"])
     with caplog.at_level(logging.WARNING, logger="mrcnn.engine.predict"):
         summary = predict(cfg)
 
-    assert summary["images"] == 3 and summary["unreadable"] == 1
+    assert summary["images"] == 5 and summary["unreadable"] == 3
     assert "skipped b.jpg: cannot read image" in caplog.text
-    assert "1 of 3 images could not be read and were skipped (left out of images.json): b.jpg" in caplog.text
+    assert "skipped d.jpg: cannot read the header of image" in caplog.text and "skipped e.png:" in caplog.text
+    assert "3 of 5 images could not be read and were skipped (left out of images.json): b.jpg, d.jpg, e.png" in (
+        caplog.text
+    )
     assert sorted(p.name for p in out.glob("*.png")) == ["a.jpg.png", "c.jpg.png"]
     written = json.loads((out / "images.json").read_text())
     assert [image["file_name"] for image in written] == ["a.jpg", "c.jpg"]
     results = json.loads((out / "coco_results.json").read_text())
     assert results and {r["image_id"] for r in results} <= {image["id"] for image in written}
+    # One file given alone, or a folder of nothing readable, stops with the file's problem.
+    from mrcnn.engine.predict import ImageFiles
+
+    with pytest.raises(ValueError, match=r"cannot read the header of image .*d\.jpg"):
+        ImageFiles(images / "d.jpg")
+    (images / "a.jpg").unlink()
+    (images / "c.jpg").unlink()
+    (images / "b.jpg").unlink()
+    with pytest.raises(ValueError, match=r"none of its 2 image files can be read, e\.g\. cannot read the header"):
+        ImageFiles(images)
 
 
 @pytest.mark.parametrize(
