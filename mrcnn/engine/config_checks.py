@@ -474,8 +474,10 @@ def target_problem(path: str) -> str | None:
             spec = importlib.util.find_spec(module)
         except ImportError:  # a parent of it is no module
             continue
-        if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+        if spec is None:
             continue
+        if spec.origin is None or not spec.origin.endswith(".py"):
+            return None  # no source to read (compiled only): Hydra finds out when it builds
         names = _top_level_names(spec.origin, os.path.getmtime(spec.origin))
         name = parts[i]
         if name in names:
