@@ -28,6 +28,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import resource
 import shutil
 import struct
@@ -129,6 +130,14 @@ class Disagrees:
 
 
 @dataclasses.dataclass(frozen=True)
+class LeftOut:
+    """``mode=predict`` on a folder: the bad file is skipped and counted (``ImageFiles.skipped``, its reason matching
+    ``match``, which names it) and the folder's other images are predicted; given alone, it stops with that message."""
+
+    match: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Case:
     """One kind of bad input: ``make(tmp_path, split) -> paths`` writes it, ``outcome`` is what must happen.
 
@@ -138,7 +147,7 @@ class Case:
 
     name: str
     make: Callable
-    outcome: Stops | Skipped | Repaired | Reads | Capped | Disagrees
+    outcome: Stops | Skipped | Repaired | Reads | Capped | Disagrees | LeftOut
     kwargs: dict = dataclasses.field(default_factory=dict)  # dataset arguments
     timeout: float = CHILD_TIMEOUT_S
 
@@ -1522,29 +1531,29 @@ PREDICT_CASES = [
     Case(
         "input_2000_by_20",
         _with(_write_rgb(2000, 20), "strip.png"),
-        Stops(r"image .*strip\.png is 2000x20, an aspect ratio of 100\.0:1, above data\.image_limits"),
+        LeftOut(r"image .*strip\.png is 2000x20, an aspect ratio of 100\.0:1, above data\.image_limits"),
         kwargs={"limits": ImageLimits()},
     ),
     Case(
         "input_header_of_144_megapixels",
         _with(write_png_header(12000, 12000), "huge.png"),
-        Stops(r"image .*huge\.png has 144\.0 MPix"),
+        LeftOut(r"image .*huge\.png has 144\.0 MPix"),
         kwargs={"limits": ImageLimits()},
     ),
     Case(
         "input_a_decompression_bomb",
         _with(write_png_header(14000, 14000), "bomb.png"),
-        Stops(r"image .*bomb\.png is refused by PIL as a decompression bomb"),
+        LeftOut(r"image .*bomb\.png is refused by PIL as a decompression bomb"),
     ),
     Case(
         "input_not_an_image",
         _with(lambda path: path.write_bytes(b"not a png"), "text.png"),
-        Stops(r"cannot read the header of image .*text\.png"),
+        LeftOut(r"cannot read the header of image .*text\.png"),
     ),
     Case(  # refused from its header, not when its turn comes in the run
         "input_a_32_bit_tiff",
         _with(lambda path: Image.fromarray(np.zeros((8, 8), np.int32)).save(path), "deep.tif"),
-        Stops(r"image .*deep\.tif is a 32-bit integer TIFF image \(PIL mode I\)"),
+        LeftOut(r"image .*deep\.tif is a 32-bit integer TIFF image \(PIL mode I\)"),
     ),
 ]
 
@@ -1554,8 +1563,17 @@ def test_predict_input(case: Case, tmp_path: Path):
     from mrcnn.engine.predict import ImageFiles
 
     def check() -> None:
-        with pytest.raises(case.outcome.error, match=case.outcome.match):
-            ImageFiles(case.make(tmp_path), **case.kwargs)
+        if isinstance(case.outcome, Stops):
+            with pytest.raises(case.outcome.error, match=case.outcome.match):
+                ImageFiles(case.make(tmp_path), **case.kwargs)
+            return
+        folder = case.make(tmp_path)
+        files = ImageFiles(folder, **case.kwargs)
+        assert [f.name for f in files.files] == ["good.png"] and files.sizes == [(HEIGHT, WIDTH)]
+        [(name, why)] = files.skipped
+        assert re.search(case.outcome.match, why), why
+        with pytest.raises(ValueError, match=case.outcome.match):
+            ImageFiles(folder / name, **case.kwargs)
 
     run_in_child(check, timeout=case.timeout)
 
