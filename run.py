@@ -3,6 +3,7 @@
 import sys
 
 import hydra
+from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
@@ -28,7 +29,14 @@ MODES = ("train", "evaluate", "predict")
 def check_command(cfg: DictConfig) -> None:
     """The checks that answer a mistake in the command (a typo, a bad value, a missing file) before torch loads."""
     check_model_contract(cfg)
-    check_added_keys(cfg, HydraConfig.get().overrides.task, hydra_group_options, HydraConfig.get().runtime.choices)
+    check_added_keys(
+        cfg,
+        HydraConfig.get().overrides.task,
+        hydra_group_options,
+        HydraConfig.get().runtime.choices,
+        recompose=lambda overrides: compose(config_name="train", overrides=overrides),
+        hydra_cfg=HydraConfig.get(),
+    )
     check_ablation_overrides(HydraConfig.get().runtime.choices, HydraConfig.get().overrides.task)
     if cfg.mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {cfg.mode!r}")
@@ -55,8 +63,12 @@ def main(cfg: DictConfig) -> float | None:
         metrics = run_mode(cfg)
     except InstantiationException as error:
         discard_unused_output(HydraConfig.get().runtime.output_dir)
-        # Hydra names where the object is built; say which key and config group wrote it.
-        raise InstantiationException(where_built(str(error), cfg, HydraConfig.get().runtime.choices)) from error
+        # Hydra names where the object is built; say which key and config group wrote it. (evaluate and predict
+        # build the model a checkpoint records, whose options this command's choices do not name.)
+        choices = HydraConfig.get().runtime.choices
+        if cfg.mode != "train":
+            choices = {group: option for group, option in choices.items() if not group.startswith("model")}
+        raise InstantiationException(where_built(str(error), cfg, choices)) from error
     except BaseException:
         # A job that failed before writing anything leaves no empty output folder behind.
         discard_unused_output(HydraConfig.get().runtime.output_dir)

@@ -231,6 +231,27 @@ def test_an_added_key_that_nothing_reads_is_an_error_that_names_what_was_meant()
     # A key another option sets, under a _target_ here too: an argument of what it builds.
     cfg = compose_config(["++data.datamodule.val_batch_size=1"], return_hydra_config=True)
     check_added_keys(cfg, ["++data.datamodule.val_batch_size=1"], data_options, cfg.hydra.runtime.choices)
+    # Callbacks and loggers, read entry by entry: one added whole, or switched off.
+    for added in (
+        "+callbacks.early={_target_:lightning.pytorch.callbacks.EarlyStopping,monitor:val/segm_AP}",
+        "++callbacks.progress_bar=null",
+        "++logger.csv=null",
+    ):
+        check(added)
+    # A key that only Hydra's own settings read (run.py passes them apart: a job's config has no hydra node).
+    overrides = ["+tag=baseline", "hydra.run.dir=/tmp/runs/${tag}"]
+    hydra_cfg = compose_config(overrides, return_hydra_config=True).hydra
+    with pytest.raises(ValueError, match="nothing reads tag"):
+        check_added_keys(compose_config(overrides), overrides)
+    check_added_keys(compose_config(overrides), overrides, hydra_cfg=hydra_cfg)
+    # ++ of a key the chosen option has by inheritance (model=small composes model=mask_rcnn): composed without the
+    # override, the key is there, so nothing is added.
+    overrides = ["model=small", "model/mask_head=mlp2", "++model.mask_head_convs=2"]
+    cfg = compose_config(overrides, return_hydra_config=True)
+    model_options = lambda group: ["mask_rcnn", "small", "tiny"] * (group == "model")  # noqa: E731
+    with pytest.raises(ValueError, match="nothing reads model.mask_head_convs"):
+        check_added_keys(cfg, overrides, model_options, cfg.hydra.runtime.choices)
+    check_added_keys(cfg, overrides, model_options, cfg.hydra.runtime.choices, recompose=compose_config)
     # Read: keys with a rule (given again with ++), arguments of what a _target_ builds (the trainer, a callback
     # added whole, the model's modules), keys an interpolation reads, plain (not added) overrides, Hydra's own
     # keys, and config groups added with + (no key of that name in the config).
