@@ -1,12 +1,14 @@
 """Bad numbers in a config stop a run before anything is built, with a message that names the key."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from mrcnn.engine.config_checks import check_config, config_problems
-from tests.helpers.config import compose_config
+from tests.helpers.config import ROOT, compose_config
 from tests.helpers.runs import run_py
 
 
@@ -155,12 +157,36 @@ def test_a_target_that_names_nothing_is_named_before_anything_is_built():
         "mrcnn.engine.config_checks.Path",
     ):
         assert target_problem(good) is None, good
+    assert target_problem("mrcnn.modeling") is None  # a module itself: Hydra says what it makes of it
     # Elsewhere: only whether the top-level package is there (installed, or on PYTHONPATH).
     assert target_problem("lightning.Trainer") is None and target_problem("torch.optim.Nope") is None
     assert "no module named 'my_extension' here: install it, or add its folder to PYTHONPATH" in target_problem(
         "my_extension.poolers.CentrePooler"
     )
-    # Through run.py, before torch loads: tests/e2e/test_run.py.
+    # Through run.py, before torch loads: tests/e2e/test_run.py. A path through a module that imports torch reads
+    # its source only, in a new process without torch:
+    code = (
+        "import sys; from mrcnn.engine.config_checks import target_problem; "
+        "print(target_problem('mrcnn.data.datamodule.InstanceDataModule.setup'), 'torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert result.stdout.split() == ["None", "False"]
+
+
+def test_a_modules_names_are_read_from_its_source_or_not_at_all_where_it_cannot_tell(tmp_path):
+    from mrcnn.engine.config_checks import _top_level_names
+
+    def names(source: str):
+        path = tmp_path / f"m{len(list(tmp_path.iterdir()))}.py"
+        path.write_text(source)
+        return _top_level_names(str(path), path.stat().st_mtime)
+
+    assert names(
+        "import os.path\nfrom a import b as c\nX, (Y, Z) = 1, (2, 3)\nif X:\n    def f(): pass\nelse:\n"
+        "    class K: pass\ntry:\n    from d import e\nexcept ImportError:\n    e = None\n"
+    ) == {"os", "c", "X", "Y", "Z", "f", "K", "e"}
+    assert names("from a import *\n") is None
+    assert names("def __getattr__(name): ...\n") is None
 
 
 def test_run_py_stops_on_a_negative_batch_size_naming_the_key(tmp_path):

@@ -460,7 +460,8 @@ def _target_problems(cfg: DictConfig, keys: Sequence[str]) -> list[str]:
 def target_problem(path: str) -> str | None:
     """Why the dotted ``path`` of a ``_target_`` names nothing, or ``None``; read without importing it.
 
-    In this package the module's file must define (or import) the name: its source is read, not run. Elsewhere only
+    In this package the path is walked from the top: packages by their folders (their ``__init__`` is light), then
+    the module's source, read with ``ast`` and not run, which must define (or import) the next name. Elsewhere only
     the top-level package is looked for (importing it to look further would load what run.py keeps for later).
     """
     parts = path.split(".")
@@ -468,29 +469,29 @@ def target_problem(path: str) -> str | None:
         if importlib.util.find_spec(parts[0]) is None:
             return f"no module named {parts[0]!r} here: install it, or add its folder to PYTHONPATH"
         return None
-    for i in range(len(parts) - 1, 0, -1):  # the longest prefix that is a module (a method's path names its class too)
-        module = ".".join(parts[:i])
-        try:
-            spec = importlib.util.find_spec(module)
-        except ImportError:  # a parent of it is no module
-            continue
-        if spec is None:
-            continue
-        if spec.origin is None or not spec.origin.endswith(".py"):
-            return None  # no source to read (compiled only): Hydra finds out when it builds
-        names = _top_level_names(spec.origin, os.path.getmtime(spec.origin))
-        name = parts[i]
-        if name in names:
-            return None
-        if spec.submodule_search_locations is not None:  # a package: the name was meant as one of its modules
+    spec = importlib.util.find_spec("mrcnn")
+    for i in range(1, len(parts)):
+        module, name = ".".join(parts[:i]), parts[i]
+        if spec.submodule_search_locations is not None:  # a package: the name may be one of its modules
             modules = [m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)]
-            close = difflib.get_close_matches(name, sorted(modules), n=1, cutoff=0.75)
+            if name in modules:
+                spec = importlib.util.find_spec(f"{module}.{name}")  # imports the package's __init__, not the module
+                continue
+        names = _top_level_names(spec.origin, os.path.getmtime(spec.origin)) if _has_source(spec) else None
+        if names is None or name in names:
+            return None  # defined there, or the module's names cannot be told from its source: Hydra will tell
+        if spec.submodule_search_locations is not None:
+            close = difflib.get_close_matches(name, sorted(modules + list(names)), n=1, cutoff=0.75)
             hint = f" (did you mean {module}.{close[0]}?)" if close else ""
             return f"no module {module}.{name}{hint}"
         close = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.75)
         hint = f" (did you mean {module}.{close[0]}?)" if close else ""
         return f"{os.path.relpath(spec.origin, _PACKAGE_ROOT)} defines no {name}{hint}"
-    return f"no module {'.'.join(parts[:-1])} in this package"
+    return None  # a module itself
+
+
+def _has_source(spec) -> bool:
+    return spec is not None and spec.origin is not None and spec.origin.endswith(".py")
 
 
 # The folder that holds the mrcnn package, for file names in messages.
@@ -498,17 +499,29 @@ _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
 @functools.lru_cache(maxsize=64)
-def _top_level_names(path: str, mtime: float) -> frozenset[str]:
-    """The names a module's top level defines, assigns or imports (``mtime``: a changed file is read again)."""
-    names = set()
-    for node in ast.parse(Path(path).read_text(), path).body:
+def _top_level_names(path: str, mtime: float) -> frozenset[str] | None:
+    """The names a module's top level defines, assigns or imports (also under a top-level ``if`` / ``try``);
+    ``None`` where its source cannot tell (``from x import *``, a module ``__getattr__``). ``mtime``: a changed
+    file is read again."""
+    names: set[str] = set()
+    statements = list(ast.parse(Path(path).read_text(), path).body)
+    while statements:
+        node = statements.pop()
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            if node.name == "__getattr__":
+                return None
             names.add(node.name)
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            if any(alias.name == "*" for alias in node.names):
+                return None
             names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            names.update(t.id for t in targets if isinstance(t, ast.Name))
+            names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):
+            for field in ("body", "orelse", "finalbody"):
+                statements.extend(getattr(node, field, []))
+            statements.extend(s for handler in getattr(node, "handlers", []) for s in handler.body)
     return frozenset(names)
 
 
