@@ -109,9 +109,10 @@ class ImageFiles(Dataset):
     """One image file, or every image file in a folder (sorted by name).
 
     Every file is checked when this is built, from its header: a regular file, readable as an image, within
-    ``limits``. Item ``i`` is ``(image float [3, H, W] in 0..1, {"image_id": ..., "file_name": ...})``: the
-    image's id in ``coco_json`` (matched by file name) when one is given, so that the results load and evaluate
-    against that json; else ``i + 1``.
+    ``limits``; in a folder, a file that is not is left out and listed in :attr:`skipped`. Item ``i`` is
+    ``(image float [3, H, W] in 0..1, {"image_id": ..., "file_name": ...})``: the image's id in ``coco_json``
+    (matched by file name) when one is given, so that the results load and evaluate against that json; else its
+    number in the folder's image files by name, from 1 (the files left out keep theirs).
 
     Args:
         limits: the largest images accepted (``data.image_limits``); ``None``: PIL's own limit only.
@@ -148,22 +149,24 @@ class ImageFiles(Dataset):
         # folder, a file whose header cannot be read (empty, not an image, beyond the limits) is skipped and counted,
         # as one whose pixels cannot be read is later: one bad file in a folder of thousands does not stop the run.
         self.skipped: list[tuple[str, str]] = []  # (file name, why)
-        self.sizes = []
-        for file in list(self.files):
+        self.sizes, self.image_ids, kept = [], [], []
+        for number, file in enumerate(self.files, start=1):
             try:
                 self.sizes.append(read_image_size(file, limits))
             except ValueError as error:
                 if not path.is_dir():
                     raise
-                self.files.remove(file)
                 self.skipped.append((file.name, str(error)))
                 log.warning("skipped %s: %s", file.name, error)
+                continue
+            kept.append(file)
+            self.image_ids.append(number)  # a skipped file keeps its number: the others' ids do not move
+        self.files = kept
         if not self.files:
             raise ValueError(
                 f"predict.input={path}: none of its {len(self.skipped)} image files can be read, e.g. "
                 f"{self.skipped[0][1]}"
             )
-        self.image_ids = list(range(1, len(self.files) + 1))
         if coco_json is not None:
             self.image_ids = self._ids_from(coco_json)
 
@@ -364,8 +367,8 @@ SIZE_KEYS = ("data.min_size", "data.max_size")
 
 
 def use_recorded_input_size(cfg: DictConfig, record, overrides: Sequence[str] | None, source: str) -> None:
-    """Predicts at the input size the model was trained at: ``data.min_size`` / ``data.max_size`` become the
-    checkpoint's, unless the command line sets either.
+    """Predicts at the input size the model was trained at: ``data.min_size`` and ``data.max_size`` become the
+    checkpoint's, each unless the command line sets it.
 
     Prediction needs no data config, and without one the data config's sizes are the default data's (the built-in
     shapes': 128 px), not those of the images the model was trained on.
@@ -377,21 +380,25 @@ def use_recorded_input_size(cfg: DictConfig, record, overrides: Sequence[str] | 
     """
     if record.min_size is None or record.max_size is None:
         return
-    given = [o for o in overrides or () if o.lstrip("+~").split("=", 1)[0] in SIZE_KEYS]
-    if given:
-        return
-    min_size = list(record.min_size) if len(record.min_size) > 1 else record.min_size[0]
-    current = (OmegaConf.select(cfg, "data.min_size"), OmegaConf.select(cfg, "data.max_size"))
-    if current == (min_size, record.max_size):
+    given = {o.lstrip("+~").split("=", 1)[0] for o in overrides or ()}
+    recorded = {
+        "min_size": list(record.min_size) if len(record.min_size) > 1 else record.min_size[0],
+        "max_size": record.max_size,
+    }
+    changed = {
+        key: value
+        for key, value in recorded.items()
+        if f"data.{key}" not in given and OmegaConf.select(cfg, f"data.{key}") != value
+    }
+    if not changed:
         return
     with open_dict(cfg):
-        cfg.data.min_size, cfg.data.max_size = min_size, record.max_size
+        for key, value in changed.items():
+            cfg.data[key] = value
     log.info(
-        "predicting at the input size %s was trained at: data.min_size=%s data.max_size=%s (set them to predict at "
-        "another)",
+        "predicting at the input size %s was trained at: %s (set it on the command line to predict at another)",
         source,
-        min_size,
-        record.max_size,
+        " ".join(f"data.{key}={value}" for key, value in changed.items()),
     )
 
 

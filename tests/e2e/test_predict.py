@@ -88,11 +88,17 @@ def test_prediction_takes_the_checkpoints_input_size_unless_the_command_line_set
     cfg = compose_config(["model=tiny", "mode=predict"])
     use_recorded_input_size(cfg, ModelRecord(min_size=[64, 96], max_size=160), None, "ckpt_path=a.ckpt")
     assert list(cfg.data.min_size) == [64, 96]
-    # Either size on the command line keeps both as the config has them; a checkpoint without sizes changes nothing.
-    for given in (["data.min_size=128"], ["data.max_size=200"], ["++data.max_size=200"]):
+    # A size on the command line is kept, the other one is the checkpoint's; a checkpoint without sizes changes
+    # nothing.
+    for given, expected in (
+        (["data.min_size=128"], (128, 160)),
+        (["data.max_size=200"], (96, 200)),
+        (["++data.max_size=200"], (96, 200)),
+        (["data.min_size=100", "data.max_size=200"], (100, 200)),
+    ):
         cfg = compose_config(["model=tiny", "mode=predict", *given])
         use_recorded_input_size(cfg, record, given, "ckpt_path=a.ckpt")
-        assert cfg.data.min_size == 128
+        assert (cfg.data.min_size, cfg.data.max_size) == expected, given
     cfg = compose_config(["model=tiny", "mode=predict"])
     use_recorded_input_size(cfg, ModelRecord(), [], "ckpt_path=a.ckpt")
     assert (cfg.data.min_size, cfg.data.max_size) == (128, 128)
@@ -291,7 +297,7 @@ def test_an_image_that_cannot_be_read_is_skipped_and_counted_and_the_rest_writte
     broken = (images / "b.jpg").read_bytes()
     (images / "b.jpg").write_bytes(broken[: len(broken) * 2 // 3])
     # Files whose header does not read either: an empty one, and text under an image's name.
-    (images / "d.jpg").write_bytes(b"")
+    (images / "0.jpg").write_bytes(b"")
     (images / "e.png").write_text("not an image")
     out = tmp_path / "out"
     overrides = [weights, f"predict.input={images}", f"predict.output={out}", "predict.batch_size=2"]
@@ -301,20 +307,21 @@ def test_an_image_that_cannot_be_read_is_skipped_and_counted_and_the_rest_writte
 
     assert summary["images"] == 5 and summary["unreadable"] == 3
     assert "skipped b.jpg: cannot read image" in caplog.text
-    assert "skipped d.jpg: cannot read the header of image" in caplog.text and "skipped e.png:" in caplog.text
-    assert "3 of 5 images could not be read and were skipped (left out of images.json): b.jpg, d.jpg, e.png" in (
+    assert "skipped 0.jpg: cannot read the header of image" in caplog.text and "skipped e.png:" in caplog.text
+    assert "3 of 5 images could not be read and were skipped (left out of images.json): 0.jpg, b.jpg, e.png" in (
         caplog.text
     )
     assert sorted(p.name for p in out.glob("*.png")) == ["a.jpg.png", "c.jpg.png"]
     written = json.loads((out / "images.json").read_text())
     assert [image["file_name"] for image in written] == ["a.jpg", "c.jpg"]
+    assert [image["id"] for image in written] == [2, 4]  # numbered in the folder: 0.jpg and b.jpg keep theirs
     results = json.loads((out / "coco_results.json").read_text())
     assert results and {r["image_id"] for r in results} <= {image["id"] for image in written}
     # One file given alone, or a folder of nothing readable, stops with the file's problem.
     from mrcnn.engine.predict import ImageFiles
 
-    with pytest.raises(ValueError, match=r"cannot read the header of image .*d\.jpg"):
-        ImageFiles(images / "d.jpg")
+    with pytest.raises(ValueError, match=r"cannot read the header of image .*0\.jpg"):
+        ImageFiles(images / "0.jpg")
     (images / "a.jpg").unlink()
     (images / "c.jpg").unlink()
     (images / "b.jpg").unlink()
