@@ -22,14 +22,15 @@ def compose_config(overrides=(), run_dir="/tmp/mrcnn-test-run", return_hydra_con
 
     A composition takes about 0.15 s and the suite asks for the same one many times, so each is composed once per
     test session and handed out as a copy (a test may change its config). Only the project's own configs are
-    cached: they do not change while the tests run, where a test's own config folder (``hydra.searchpath``) may.
+    cached: they do not change while the tests run, where a test's own config folder (``hydra.searchpath``) may;
+    and not with the ``hydra`` node, which holds the process's state (its working folder).
     """
     overrides = tuple(overrides)
-    if any(override.startswith(("hydra.searchpath", "+hydra.searchpath")) for override in overrides):
+    if return_hydra_config or any(override.lstrip("+").startswith("hydra.searchpath") for override in overrides):
         return mrcnn.config.compose_config(overrides, run_dir=run_dir, return_hydra_config=return_hydra_config)
-    return copy.deepcopy(_composed(overrides, run_dir, return_hydra_config))
+    return copy.deepcopy(_composed(overrides, run_dir))
 
 
 @functools.cache
-def _composed(overrides: tuple[str, ...], run_dir: str, return_hydra_config: bool) -> DictConfig:
-    return mrcnn.config.compose_config(overrides, run_dir=run_dir, return_hydra_config=return_hydra_config)
+def _composed(overrides: tuple[str, ...], run_dir: str) -> DictConfig:
+    return mrcnn.config.compose_config(overrides, run_dir=run_dir)
