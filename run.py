@@ -34,7 +34,7 @@ def check_command(cfg: DictConfig) -> None:
         HydraConfig.get().overrides.task,
         hydra_group_options,
         HydraConfig.get().runtime.choices,
-        recompose=lambda overrides: compose(config_name="train", overrides=overrides),
+        recompose=lambda overrides: compose(config_name=HydraConfig.get().job.config_name, overrides=overrides),
         hydra_cfg=HydraConfig.get(),
     )
     check_ablation_overrides(HydraConfig.get().runtime.choices, HydraConfig.get().overrides.task)
