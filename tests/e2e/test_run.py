@@ -134,6 +134,7 @@ def test_a_config_mistake_is_answered_before_torch_loads(tmp_path, overrides, me
     run_dir = tmp_path / "run"
     result = run_before_torch(tmp_path, [*overrides, f"hydra.run.dir={run_dir}"])
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]  # the message alone
     assert "torch loaded: False" in result.stdout, result.stdout
     assert not run_dir.exists()  # and it left no output folder
 
