@@ -272,8 +272,11 @@ def test_an_added_key_that_nothing_reads_is_an_error_that_names_what_was_meant()
     cfg = compose_config(["+data.extra=1"])
     cfg.model.width = "${data.extra}"  # read by an interpolation
     check_added_keys(cfg, ["+data.extra=1"])
-    cfg = compose_config(["+data.augmentation.extra=1"])
-    check_added_keys(cfg, ["+data.augmentation.extra=1"])  # ${data.augmentation} reads the mapping as a whole
+    cfg = compose_config(["+data.extra.a=1"])
+    cfg.model.width = "${data.extra}"  # reads the mapping as a whole, and so its keys
+    check_added_keys(cfg, ["+data.extra.a=1"])
+    with pytest.raises(ValueError, match=r"nothing reads data\.extra\.a"):
+        check_added_keys(compose_config(["+data.extra.a=1"]), ["+data.extra.a=1"])
 
 
 def test_an_instantiation_error_names_the_key_and_the_group_option_that_wrote_it():
