@@ -61,17 +61,16 @@ def main(cfg: DictConfig) -> float | None:
             run_mode = getattr(train_module, cfg.mode)
         silence_library_noise()  # after the mode's module has imported Lightning, before its first message
         metrics = run_mode(cfg)
-    except InstantiationException as error:
-        discard_unused_output(HydraConfig.get().runtime.output_dir)
-        # Hydra names where the object is built; say which key and config group wrote it. (evaluate and predict
-        # build the model a checkpoint records, whose options this command's choices do not name.)
-        choices = HydraConfig.get().runtime.choices
-        if cfg.mode != "train":
-            choices = {group: option for group, option in choices.items() if not group.startswith("model")}
-        raise InstantiationException(where_built(str(error), cfg, choices)) from error
-    except BaseException:
+    except BaseException as error:
         # A job that failed before writing anything leaves no empty output folder behind.
         discard_unused_output(HydraConfig.get().runtime.output_dir)
+        if isinstance(error, InstantiationException):
+            # Hydra names where the object is built; say which key and config group wrote it. (evaluate and predict
+            # build the model a checkpoint records, whose options this command's choices do not name.)
+            choices = HydraConfig.get().runtime.choices
+            if cfg.mode != "train":
+                choices = {group: option for group, option in choices.items() if not group.startswith("model")}
+            raise InstantiationException(where_built(str(error), cfg, choices)) from error
         raise
     # The returned value is what Hydra sweepers optimise.
     return metrics.get("segm_AP")
