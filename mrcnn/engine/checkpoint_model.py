@@ -50,12 +50,13 @@ def chooses_model_by_group(override: str) -> bool:
     return key.split("/", 1)[0] in MODEL_GROUPS
 
 
-def model_key_overrides(overrides: Sequence[str]) -> list[tuple[str, bool]]:
-    """The ``model.*`` keys the command line sets, each with whether it deletes it (``~model.x``), in order."""
+def key_overrides(overrides: Sequence[str], prefix: str) -> list[tuple[str, bool]]:
+    """The keys starting with ``prefix`` (``model.``) that the command line sets, each with whether it deletes it
+    (``~model.x``), in order."""
     keys = []
     for override in overrides:
         key = override.lstrip("+~").split("=", 1)[0]
-        if key.startswith("model."):
+        if key.startswith(prefix):
             keys.append((key, override.startswith("~")))
     return keys
 
@@ -115,7 +116,7 @@ def use_checkpoint_model(
     # The values the command line gives model keys, read before the model is replaced.
     given = [
         (key, deleted, None if deleted else _plain(OmegaConf.select(cfg, key, throw_on_missing=False)))
-        for key, deleted in model_key_overrides(overrides)
+        for key, deleted in key_overrides(overrides, "model.")
     ]
     composed = OmegaConf.to_container(cfg.model, resolve=True)  # this run's own model, for the log line
     with open_dict(cfg):

@@ -43,7 +43,7 @@ from mrcnn.data.images import (
 )
 from mrcnn.engine import job_processes
 from mrcnn.engine.build import build_module, job_overrides
-from mrcnn.engine.checkpoint_model import use_checkpoint_model
+from mrcnn.engine.checkpoint_model import key_overrides, use_checkpoint_model
 from mrcnn.engine.checkpoints import check_checkpoint_fits
 from mrcnn.engine.config_checks import check_config, checkpoint_path
 from mrcnn.engine.launch import check_run_dir_is_free, in_sweep, is_ddp_child, job_scope
@@ -380,7 +380,7 @@ def use_recorded_input_size(cfg: DictConfig, record, overrides: Sequence[str] | 
     """
     if record.min_size is None or record.max_size is None:
         return
-    given = {o.lstrip("+~").split("=", 1)[0] for o in overrides or ()}
+    given = {key for key, _ in key_overrides(overrides or (), "data.")}
     recorded = {
         "min_size": list(record.min_size) if len(record.min_size) > 1 else record.min_size[0],
         "max_size": record.max_size,
