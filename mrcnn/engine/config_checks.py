@@ -480,12 +480,11 @@ def target_problem(path: str) -> str | None:
         names = _top_level_names(spec.origin, os.path.getmtime(spec.origin)) if _has_source(spec) else None
         if names is None or name in names:
             return None  # defined there, or the module's names cannot be told from its source: Hydra will tell
-        if spec.submodule_search_locations is not None:
-            close = difflib.get_close_matches(name, sorted(modules + list(names)), n=1, cutoff=0.75)
-            hint = f" (did you mean {module}.{close[0]}?)" if close else ""
-            return f"no module {module}.{name}{hint}"
-        close = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.75)
+        package = spec.submodule_search_locations is not None
+        close = difflib.get_close_matches(name, sorted([*names, *(modules if package else [])]), n=1, cutoff=0.75)
         hint = f" (did you mean {module}.{close[0]}?)" if close else ""
+        if package:
+            return f"no module {module}.{name}{hint}"
         return f"{os.path.relpath(spec.origin, _PACKAGE_ROOT)} defines no {name}{hint}"
     return None  # a module itself
 
