@@ -217,6 +217,19 @@ def test_a_gpu_trainer_without_a_gpu_says_so_and_how_to_train_on_the_cpu(monkeyp
     check_config(cfg)  # with one, nothing to say
 
 
+def test_a_job_that_runs_on_another_machine_has_only_its_values_checked(monkeypatch):
+    # A SLURM sweep is checked on the machine that submits it: its data and GPUs are the cluster's.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    cfg = compose_config(["trainer=ddp", "data=coco", "data.root=/cluster/scratch/coco"])
+    with pytest.raises(FileNotFoundError, match="data.root=/cluster/scratch/coco: no such folder"):
+        check_config(cfg)
+    check_config(cfg, on_this_machine=False)
+    cfg.data.datamodule.batch_size = -2
+    with pytest.raises(ValueError, match="data.datamodule.batch_size=-2: must be a positive integer"):
+        check_config(cfg, on_this_machine=False)
+
+
 @pytest.mark.parametrize("value, sets", [("true", True), ("warn", True), ("false", False), ("null", False)])
 def test_deterministic_runs_set_cublas_before_cuda_starts(monkeypatch, value, sets):
     from mrcnn.engine.train import prepare_determinism

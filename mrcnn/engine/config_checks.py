@@ -736,9 +736,14 @@ def _why_no_last_checkpoint(run_dir: Path) -> str:
     return hint
 
 
-def check_config(cfg: DictConfig) -> None:
+def check_config(cfg: DictConfig, on_this_machine: bool = True) -> None:
     """Stops before anything is built when a value of the config breaks its rule in :data:`SCHEMA`, or an input
     file or folder is not set or not there.
+
+    Args:
+        on_this_machine: whether the job runs on this machine. When it does not (a SLURM sweep checked on the
+            machine that submits it), only the config's values are checked: its files and GPUs are another
+            machine's.
 
     Raises:
         ValueError: listing every bad key with its value and what it must be; or evaluate / predict without a
@@ -749,6 +754,8 @@ def check_config(cfg: DictConfig) -> None:
     problems = config_problems(cfg)
     if problems:
         raise ValueError("invalid config values:\n  " + "\n  ".join(problems))
+    if not on_this_machine:
+        return
     missing = path_problems(cfg)
     if missing:
         raise FileNotFoundError("missing input:\n  " + "\n  ".join(missing))

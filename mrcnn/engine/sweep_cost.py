@@ -21,6 +21,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
@@ -29,20 +30,23 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 
-def sweep_job_count(params: Mapping[str, str] | None, overrides: Sequence[str]) -> int:
-    """The number of jobs Hydra's basic sweeper launches: the product of the swept values per key.
+def sweep_jobs(params: Mapping[str, str] | None, overrides: Sequence[str], config_loader=None) -> list[list[str]]:
+    """The overrides of each job Hydra's basic sweeper launches, in its order: the product of the swept values per key.
 
     Args:
         params: ``hydra.sweeper.params`` (``{"seed": "0,1,2", "model/pooler": "roi_pool,roi_align"}``).
         overrides: the command-line overrides (``hydra.overrides.task``); a key given there replaces the
             same key of ``params``, as in the sweeper.
+        config_loader: Hydra's config loader, which a ``glob(...)`` sweep of a config group's options needs.
     """
     lines = [f"{key}={value}" for key, value in (params or {}).items()] + list(overrides)
-    values: dict[str, int] = {}
-    for override in OverridesParser.create().parse_overrides(lines):
-        count = len(list(override.sweep_string_iterator())) if override.is_sweep_override() else 1
-        values[override.get_key_element()] = count
-    return math.prod(values.values())
+    parsed = OverridesParser.create(config_loader=config_loader).parse_overrides(lines)
+    return BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
+
+
+def sweep_job_count(params: Mapping[str, str] | None, overrides: Sequence[str]) -> int:
+    """The number of jobs Hydra's basic sweeper launches (:func:`sweep_jobs`)."""
+    return len(sweep_jobs(params, overrides))
 
 
 def planned_steps(cfg: DictConfig) -> int | None:

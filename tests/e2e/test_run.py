@@ -139,6 +139,26 @@ def test_a_config_mistake_is_answered_before_torch_loads(tmp_path, overrides, me
     assert not run_dir.exists()  # and it left no output folder
 
 
+def test_a_sweep_with_a_mistake_in_one_job_stops_before_its_first_job(tmp_path):
+    # Jobs 0 and 1 are fine: without the check at the sweep's start, both would train before job 2 failed.
+    sweep = tmp_path / "sweep"
+    result = run_before_torch(tmp_path, ["-m", "data.min_size=64,-5", "seed=0,1", f"hydra.sweep.dir={sweep}"])
+    assert result.returncode != 0, result.stderr[-2000:]
+    assert result.stderr.splitlines() == [
+        "2 of the sweep's 4 jobs would fail, so none was started:",
+        "  #2 data.min_size=-5 seed=0, #3 data.min_size=-5 seed=1:",
+        "    ValueError: invalid config values:",
+        "      data.min_size=-5: must be a positive integer or a non-empty list of them",
+    ]
+    assert "torch loaded: False" in result.stdout and not sweep.exists()
+    # The same for a mistake every job shares, in a sweep an experiment sets.
+    result = run_before_torch(
+        tmp_path, ["experiment=ablation_mask_loss", "+data.min_sise=64", f"hydra.sweep.dir={sweep}"]
+    )
+    assert result.returncode != 0 and "  every job:\n    ValueError: +data.min_sise=64: nothing reads" in result.stderr
+    assert "torch loaded: False" in result.stdout and not sweep.exists()
+
+
 def test_a_folder_that_holds_a_run_is_refused_before_hydra_writes_there(tmp_path):
     # The resume command without its resume=: Lightning would write over the run's checkpoints and CSV log.
     run_dir = tmp_path / "run"
