@@ -25,6 +25,7 @@ def test_a_ddp_child_of_a_sweep_job_runs_that_jobs_resolved_config_in_its_folder
         f'hydra.run.dir="{job_dir}"',  # quoted: the folder's name holds "=" and ","
         "hydra.output_subdir=null",
         "hydra.job.name=ddp_rank1",
+        "++hydra.job_logging.handlers.console.level=ERROR",
     ]
 
 

@@ -105,7 +105,7 @@ def test_ddp_evaluation_matches_one_process_on_an_odd_number_of_images(tmp_path)
     )
     one = dict(module.last_metrics)
 
-    run_py(
+    result = run_py(
         [
             "mode=evaluate",
             f"ckpt_path={checkpoint}",
@@ -116,6 +116,9 @@ def test_ddp_evaluation_matches_one_process_on_an_odd_number_of_images(tmp_path)
         ],
         cwd=tmp_path,
     )
+    # The second process logs to its file; on the console only the first speaks (each would say the same).
+    assert "GLOBAL_RANK: 1" in (tmp_path / "two" / "ddp_rank1.log").read_text()
+    assert "GLOBAL_RANK: 0" in result.stdout and "GLOBAL_RANK: 1" not in result.stdout + result.stderr
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert two.pop("world_size") == 2 and two.pop("global_step") == 4  # the checkpoint's, not validate's 0
     assert one == two
