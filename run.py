@@ -12,22 +12,17 @@ from omegaconf import DictConfig
 # torch and Lightning are loaded (several seconds), which the mode's own module imports.
 from mrcnn.config import check_group_overrides, where_built  # (registers the resolvers)
 from mrcnn.engine.command_checks import COMMAND_ERRORS, check_command
-from mrcnn.engine.launch import discard_unused_output, pin_ddp_child_to_its_job
+from mrcnn.engine.config_checks import CommandError
+from mrcnn.engine.launch import discard_unused_output, pin_ddp_child_to_its_job, restore_run_record
 from mrcnn.engine.quiet import silence_library_noise
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    checked = False
     try:
-        try:
-            check_command(cfg, HydraConfig.get())
-        except COMMAND_ERRORS as error:
-            if HydraConfig.get().mode != RunMode.RUN:
-                # A sweep's job. Every job passed these checks when the sweep started (SweepJobsPass); one that
-                # fails now (a file removed since) is recorded as failed by Hydra, and the sweep's callbacks see it.
-                raise
-            # The message alone, as for a group picked with a dot below: the checks' traceback says nothing more.
-            raise SystemExit(f"{type(error).__name__}: {error}") from None
+        check_command(cfg, HydraConfig.get())
+        checked = True
         if cfg.mode == "predict":
             from mrcnn.engine.predict import predict as run_mode
         else:
@@ -37,8 +32,10 @@ def main(cfg: DictConfig) -> float | None:
         silence_library_noise()  # after the mode's module has imported Lightning, before its first message
         metrics = run_mode(cfg)
     except BaseException as error:
-        # A job that failed before writing anything leaves no empty output folder behind.
+        # A job that failed before writing anything leaves no empty output folder behind, and a job that continued
+        # its folder's run and saved nothing leaves that run's record as it was.
         discard_unused_output(HydraConfig.get().runtime.output_dir)
+        restore_run_record(HydraConfig.get().runtime.output_dir)
         if isinstance(error, InstantiationException):
             # Hydra names where the object is built; say which key and config group wrote it. (evaluate and predict
             # build the model a checkpoint records, whose options this command's choices do not name.)
@@ -46,6 +43,12 @@ def main(cfg: DictConfig) -> float | None:
             if cfg.mode != "train":
                 choices = {group: option for group, option in choices.items() if not group.startswith("model")}
             raise InstantiationException(where_built(str(error), cfg, choices)) from error
+        mistake = isinstance(error, CommandError) or (not checked and isinstance(error, COMMAND_ERRORS))
+        if mistake and HydraConfig.get().mode == RunMode.RUN:
+            # The message alone, as for a group picked with a dot below: the check's traceback says nothing more. (A
+            # sweep's job raises it: Hydra records the job as failed, and the sweep's callbacks see it. Every job passed
+            # check_command when the sweep started, SweepJobsPass; one fails it now if a file was removed since.)
+            raise SystemExit(f"{type(error).__name__}: {error}") from None
         raise
     # The returned value is what Hydra sweepers optimise.
     return metrics.get("segm_AP")

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from mrcnn.engine.launch import DDP_JOB_DIR_ENV, RUN_OUTPUTS, RunDirIsFree, check_run_dir_is_free
+from mrcnn.engine.launch import (
+    DDP_JOB_DIR_ENV,
+    RUN_OUTPUTS,
+    RunDirIsFree,
+    check_run_dir_is_free,
+    keep_run_record,
+    restore_run_record,
+)
 from tests.helpers.config import TINY_MODEL, compose_config
 
 # One file of each kind RUN_OUTPUTS names.
@@ -193,3 +200,25 @@ def test_a_job_that_failed_before_its_first_step_leaves_no_folder(tmp_path, monk
     for kept in ("csv/metrics.csv", "checkpoints/last.ckpt", "wandb/run.txt"):
         run = run_folder(tmp_path / kept.replace("/", "_"), [kept, "csv/hparams.yaml"])
         assert not discard_unused_output(run) and (run / kept).is_file()
+
+
+def test_a_continued_run_that_saved_nothing_leaves_the_runs_record_as_it_was(tmp_path, monkeypatch):
+    # Hydra writes the job's record over the run's before the job starts; a job that fails before its first save
+    # (its config refused, a Ctrl-C) has not continued the run, whose record must still say how it was trained.
+    for key in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID", DDP_JOB_DIR_ENV):
+        monkeypatch.delenv(key, raising=False)
+    run = run_folder(tmp_path / "run")
+    (run / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    for saves_a_checkpoint in (False, True):
+        keep_run_record(run)
+        (run / ".hydra" / "overrides.yaml").write_text("- resume=run\n")  # what Hydra writes for the job
+        (run / ".hydra" / "resolved.yaml").write_text("seed: 0\n")  # a file the run had not written
+        if saves_a_checkpoint:
+            (run / "checkpoints" / "last.ckpt").write_text("the continued run")
+        assert restore_run_record(run) is not saves_a_checkpoint
+        record = {path.name: path.read_text() for path in (run / ".hydra").iterdir()}
+        if saves_a_checkpoint:  # the job continued the run: its record stands
+            assert record["overrides.yaml"] == "- resume=run\n" and "resolved.yaml" in record
+        else:
+            assert record == {"overrides.yaml": "- seed=0\n", "config.yaml": "seed: 0\n"}
+    assert not restore_run_record(run)  # once per job

@@ -3,13 +3,15 @@
 import importlib
 import inspect
 import logging
+import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mrcnn.engine.config_checks import requeued_checkpoint
+from mrcnn.engine.config_checks import CommandError, requeued_checkpoint
 from mrcnn.engine.model_record import (
     MODEL_RECORD_KEY,
     ModelRecord,
@@ -162,13 +164,36 @@ def config_changes(
     new = flatten_config(_relative_to_run_dir(current, str(current_run_dir)))
     uses = _interpolations(unresolved) if unresolved is not None else {}
     absent = "<absent>"
-    return [
-        f"{key}: {old.get(key, absent)!r} -> {new.get(key, absent)!r}"
+    changed = [
+        key
         for key in sorted(old.keys() | new.keys())
         if not is_resume_free_key(key)
         and old.get(key, absent) != new.get(key, absent)
         and not (key not in old and _builds_the_default(current, key, new[key], uses))
     ]
+    # A key that only repeats another changed key (data.min_size: ${data.image_size}; module.model: ${model.net}, a
+    # whole node) is that change again: each change is named once, where it is written.
+    written = flatten_config(unresolved) if unresolved is not None else {}
+    changed = [key for key in changed if not _repeats_a_change(key, written, set(changed))]
+    return [f"{key}: {old.get(key, absent)!r} -> {new.get(key, absent)!r}" for key in changed]
+
+
+def _repeats_a_change(key: str, written: dict, changed: set[str]) -> bool:
+    """Whether ``key``'s value is, through whole-value interpolations (``${other}``, at ``key`` or at a node above
+    it), that of a key in ``changed``. ``written``: the config before interpolation, flattened."""
+    for _ in range(len(written)):  # a chain of interpolations, each at most once
+        parts = key.split(".")
+        for end in range(len(parts), 0, -1):
+            value = written.get(".".join(parts[:end]))
+            if isinstance(value, str) and value.startswith("${") and value.endswith("}") and value.count("$") == 1:
+                source = value[2:-1].strip()
+                break
+        else:
+            return False
+        key = ".".join([source, *parts[end:]])
+        if key in changed:
+            return True
+    return False
 
 
 def _builds_the_default(config: dict, key: str, value, uses: dict[str, list[str]]) -> bool:
@@ -216,7 +241,7 @@ def check_resume_config(cfg: DictConfig, resumed: ResumedRun) -> None:
     ``resume_allow_config_change=true`` lets it go on (with a warning that lists the changes).
 
     Raises:
-        ValueError: listing the differing keys, the run's original overrides and the way out.
+        CommandError: listing the differing keys and the way out: the command with the run's own overrides.
     """
     if resumed.config is None:
         log.warning(
@@ -239,14 +264,44 @@ def check_resume_config(cfg: DictConfig, resumed: ResumedRun) -> None:
         source = f"SLURM requeued this job to continue from {requeued}, but"
     else:
         source = f"resume={cfg.resume}:" if cfg.get("resume") else f"ckpt_path={cfg.ckpt_path}:"
-    started = " ".join(resumed.overrides) if resumed.overrides is not None else "(not recorded)"
-    raise ValueError(
-        f"{source} the config differs from the one the run was trained with, in:\n  {listing}\n"
-        f"The run was started with the overrides: {started}\n"
-        "Resume with the same overrides (trainer.max_epochs, trainer.max_steps and runtime keys such as loggers, "
-        "callbacks or data.datamodule.num_workers may change), or add resume_allow_config_change=true to go on "
-        "with these changes."
+    may_change = (
+        "trainer.max_epochs, trainer.max_steps and runtime keys such as loggers, callbacks or "
+        "data.datamodule.num_workers may change"
     )
+    if requeued is None and resumed.overrides is not None:
+        start = f"resume={cfg.resume}" if cfg.get("resume") else f"ckpt_path={cfg.ckpt_path}"
+        same_folder = Path(cfg.run_dir).resolve() == Path(resumed.folder).resolve()
+        way = (
+            f"Resume with the overrides the run was started with ({may_change}):\n"
+            f"  {continue_command(resumed.overrides, start, cfg.run_dir if same_folder else None)}\n"
+            "or add resume_allow_config_change=true to go on with these changes."
+        )
+    else:
+        started = " ".join(resumed.overrides) if resumed.overrides is not None else "(not recorded)"
+        way = (
+            f"The run was started with the overrides: {started}\nResume with the same overrides ({may_change}), or "
+            "add resume_allow_config_change=true to go on with these changes."
+        )
+    raise CommandError(f"{source} the config differs from the one the run was trained with, in:\n  {listing}\n{way}")
+
+
+# What a command names to start from, and where it writes: the command that continues a run sets them itself.
+_START_KEYS = ("resume", "ckpt_path", "hydra.run.dir")
+
+
+def continue_command(overrides: Sequence[str] | None, start: str, run_dir: str | Path | None = None) -> str:
+    """The command that continues a run: ``python run.py <its overrides> <start> [hydra.run.dir=<run_dir>]``.
+
+    Args:
+        overrides: the run's command-line overrides (``None``: not known, outside a Hydra job); the ``resume=``,
+            ``ckpt_path=`` and ``hydra.run.dir=`` among them are left out (a resumed run's own).
+        start: what it continues from, ``resume=<run folder>`` or ``ckpt_path=<file>``.
+        run_dir: the folder to continue in; ``None``: a new one.
+    """
+    kept = [o for o in overrides or () if o.lstrip("+~").split("=", 1)[0] not in _START_KEYS]
+    words = [*kept, start, *([f"hydra.run.dir={run_dir}"] if run_dir is not None else [])]
+    same = "<the same overrides> " if overrides is None else ""
+    return f"python run.py {same}" + " ".join(shlex.quote(str(word)) for word in words)
 
 
 def _relative_to_run_dir(value, run_dir: str):

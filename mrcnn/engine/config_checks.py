@@ -39,6 +39,13 @@ from mrcnn.data.images import check_regular_file
 _ABSENT = object()
 
 
+class CommandError(ValueError):
+    """A mistake in the command found once the job has started, by a check that reads more than the config (a
+    checkpoint whose run was trained with another config, an input that is not an image): ``run.py`` prints its
+    message alone, as it prints the checks' before torch loads, since a traceback through the check says nothing
+    more. Raise it only where the message names what to change."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """What a key's value must be: ``what`` says it in words ("a positive integer"), ``ok`` checks it."""
@@ -721,6 +728,8 @@ def requeued_checkpoint(run_dir: str | Path, mode: str) -> Path | None:
 
 def _why_no_last_checkpoint(run_dir: Path) -> str:
     """What a missing ``<run_dir>/checkpoints/last.ckpt`` means, and what to do about it."""
+    if run_dir.is_file():
+        return f"resume= takes the folder of a run, and this is a file: to start from a checkpoint, use ckpt_path={run_dir}."
     if not run_dir.is_dir():
         return "resume= takes the folder of a run (outputs/<date>/<time>, or a sweep job's folder), and this is none."
     if not (run_dir / ".hydra").is_dir():

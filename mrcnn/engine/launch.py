@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 # and a next start would too (why_a_requeued_start_starts_over).
 _requeued_into_a_new_folder = False
 
+# Set by RunDirIsFree when a job starts in a folder that holds a run's record (a resume into the run's own folder,
+# a requeued job): the folder, its .hydra/*.yaml as that run left them, and its checkpoints' (name, size, mtime)
+# then, for restore_run_record.
+_kept_record: tuple[Path, dict[str, bytes], frozenset] | None = None
+
 # A job's main process names its Hydra output folder here for the DDP children Lightning starts from
 # it; run.py, started as such a child, runs <folder>/.hydra/<RESOLVED_CONFIG>.yaml.
 DDP_JOB_DIR_ENV = "MRCNN_DDP_JOB_DIR"
@@ -183,6 +188,51 @@ def discard_unused_output(job_dir: Path) -> bool:
         except OSError:  # not empty: other runs
             break
     return True
+
+
+def keep_run_record(run_dir: str | Path) -> None:
+    """Remembers the record of the run in ``run_dir`` (``.hydra/*.yaml``) before Hydra rewrites it for this job, and
+    the state of its checkpoints, for :func:`restore_run_record`; nothing when the folder holds no record."""
+    global _kept_record
+    record = Path(run_dir) / ".hydra"
+    files = {path.name: path.read_bytes() for path in record.glob("*.yaml")} if record.is_dir() else {}
+    _kept_record = (Path(run_dir), files, _checkpoint_state(Path(run_dir))) if files else None
+
+
+def restore_run_record(run_dir: str | Path) -> bool:
+    """Puts back the record of the run a failed job continued in its folder (:func:`keep_run_record`), when the job
+    saved no checkpoint there.
+
+    Hydra writes a job's record (``.hydra/config.yaml``, ``hydra.yaml``, ``overrides.yaml``) before the job starts.
+    A job that resumes the run of its own folder and fails before saving anything (its config differs from the
+    run's and is refused, a typo in a file, Ctrl-C before the first step) would leave the run described by its
+    command: the run's own overrides, which the sweep report and the next resume read, would be lost. A job that
+    saved a checkpoint has continued the run, and its record stands.
+
+    Returns:
+        Whether the record was put back.
+    """
+    global _kept_record
+    kept, _kept_record = _kept_record, None
+    if kept is None or is_ddp_child() or Path(run_dir).resolve() != kept[0].resolve():
+        return False
+    folder, files, checkpoints = kept
+    if _checkpoint_state(folder) != checkpoints:
+        return False
+    record = folder / ".hydra"
+    for path in record.glob("*.yaml"):
+        if path.name not in files:
+            path.unlink()  # written by this job alone
+    for name, content in files.items():
+        (record / name).write_bytes(content)
+    return True
+
+
+def _checkpoint_state(run_dir: Path) -> frozenset:
+    """(name, size, mtime) of each file in ``run_dir/checkpoints``: changes when a checkpoint is saved there."""
+    folder = run_dir / "checkpoints"
+    files = folder.iterdir() if folder.is_dir() else ()
+    return frozenset((path.name, path.lstat().st_size, path.lstat().st_mtime_ns) for path in files)
 
 
 def _only_hparams(path: Path) -> bool:
@@ -390,6 +440,8 @@ class RunDirIsFree(Callback):
         # From hydra.run.dir: config.run_dir does not resolve before the job.
         ckpt_path = start_checkpoint(run_dir, mode, resume, config.get("ckpt_path"))
         _exit_if_refused(check_run_dir_is_free, run_dir, mode, ckpt_path)
+        if is_first_process():
+            keep_run_record(run_dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         _exit_if_refused(check_sweep_dir_is_free, str(config.hydra.sweep.dir))

@@ -13,7 +13,7 @@ import mrcnn.config  # noqa: F401  (registers the config resolvers)
 from mrcnn.engine.build import build, job_overrides
 from mrcnn.engine.callbacks import TrainingInterrupted
 from mrcnn.engine.checkpoint_model import use_checkpoint_model
-from mrcnn.engine.checkpoints import check_checkpoint_fits, check_resume_config, read_resumed_run
+from mrcnn.engine.checkpoints import check_checkpoint_fits, check_resume_config, continue_command, read_resumed_run
 from mrcnn.engine.config_checks import (
     check_config,
     checkpoint_path,
@@ -159,10 +159,7 @@ def stops_with_nonzero_exit(cfg: DictConfig):
             log.warning("%s. SLURM requeued job %s: it continues from there when it starts again", stop, stop.requeued)
         else:
             log.warning(
-                "%s. Continue with: python run.py <the same overrides> resume=%s hydra.run.dir=%s",
-                stop,
-                cfg.run_dir,
-                cfg.run_dir,
+                "%s. Continue with: %s", stop, continue_command(job_overrides(), f"resume={cfg.run_dir}", cfg.run_dir)
             )
         raise
     except SIGTERMException as stop:

@@ -9,6 +9,7 @@ import csv
 import functools
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -212,7 +213,10 @@ def test_signalled_run_saves_its_step_exits_nonzero_and_resumes_with_the_same_ba
         )
     else:
         assert not scontrol_calls.exists()
-        assert f"resume={run_dir} hydra.run.dir={run_dir}" in (run_dir / "run.log").read_text()  # how to go on
+        # How to go on: the run's own command, continued in its folder.
+        overrides = " ".join(shlex.quote(arg) for arg in command[2:-1])  # without hydra.run.dir
+        continued = f"python run.py {overrides} resume={run_dir} hydra.run.dir={run_dir}"
+        assert f"Continue with: {continued}\n" in (run_dir / "run.log").read_text()
     # It finished the step in progress and saved last.ckpt there, with the loader's position.
     stopped_records = read_records(records)
     stopped_at = len(stopped_records)
@@ -222,7 +226,10 @@ def test_signalled_run_saves_its_step_exits_nonzero_and_resumes_with_the_same_ba
     assert position["epoch"] * STEPS_PER_EPOCH + position["batches"] == stopped_at
 
     if signum == signal.SIGINT:
-        # Resumed without the run's overrides (the default 2000 images, ...): stops, naming what differs.
+        # Resumed without the run's overrides (the default 2000 images, ...): stops, naming what differs, each
+        # change once (not again under module.model, which repeats model.net), and the command to use instead. The
+        # folder's record still says how the run was trained.
+        record = {path.name: path.read_bytes() for path in (run_dir / ".hydra").glob("*.yaml")}
         result = subprocess.run(
             [sys.executable, "run.py", f"resume={run_dir}", f"hydra.run.dir={run_dir}"],
             cwd=ROOT,
@@ -235,6 +242,9 @@ def test_signalled_run_saves_its_step_exits_nonzero_and_resumes_with_the_same_ba
         assert (
             "data.num_train_images: 12 -> 2000" in result.stderr and "resume_allow_config_change=true" in result.stderr
         )
+        assert f"\n  {continued}\n" in result.stderr and "module.model." not in result.stderr
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert {path.name: path.read_bytes() for path in (run_dir / ".hydra").glob("*.yaml")} == record
 
     if signum == signal.SIGUSR2:
         # SLURM starts the requeued job with the same command: no resume=, and SLURM_RESTART_COUNT set.
@@ -243,6 +253,7 @@ def test_signalled_run_saves_its_step_exits_nonzero_and_resumes_with_the_same_ba
         command = [*command, f"resume={run_dir}"]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "exists and is not empty" not in result.stderr  # Lightning's warning: these checkpoints are the run's own
     if signum == signal.SIGUSR2:
         assert f"SLURM requeued this job: it continues from {last}" in (run_dir / "run.log").read_text()
     planned = planned_batches(ARGS)

@@ -93,6 +93,10 @@ def test_a_typo_fails_loudly_and_leaves_no_output_folder(tmp_path):
         (["data=coco", "data.root=/no/such/folder"], "data.root=/no/such/folder: no such folder"),
         (["ckpt_path=/no/such/last.ckpt"], "ckpt_path file not found: /no/such/last.ckpt"),
         (["resume=/no/such/run"], "resume=/no/such/run: there is no /no/such/run/checkpoints/last.ckpt"),
+        (
+            [f"resume={ROOT / 'run.py'}"],
+            f"this is a file: to start from a checkpoint, use ckpt_path={ROOT / 'run.py'}.",
+        ),
         (["mode=evaluate"], "mode=evaluate needs ckpt_path=<Lightning checkpoint>, resume=<run dir> or weights="),
         (["mode=predict", "weights=/no/such/weights.pth"], "weights=/no/such/weights.pth: no such file"),
         (["mode=predict", f"ckpt_path={ROOT / 'run.py'}"], "mode=predict needs predict.input=<image file or folder>"),
@@ -121,6 +125,7 @@ def test_a_typo_fails_loudly_and_leaves_no_output_folder(tmp_path):
         "missing_data",
         "missing_checkpoint",
         "missing_run",
+        "resume_of_a_file",
         "evaluate_without_checkpoint",
         "missing_weights",
         "predict_without_input",
