@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -45,7 +45,7 @@ from mrcnn.engine import job_processes
 from mrcnn.engine.build import build_module, job_overrides
 from mrcnn.engine.checkpoint_model import key_overrides, use_checkpoint_model
 from mrcnn.engine.checkpoints import check_checkpoint_fits
-from mrcnn.engine.config_checks import check_config, checkpoint_path
+from mrcnn.engine.config_checks import CommandError, check_config, checkpoint_path
 from mrcnn.engine.launch import check_run_dir_is_free, in_sweep, is_ddp_child, job_scope
 from mrcnn.engine.model_record import read_model_record
 from mrcnn.engine.quiet import reading_weights_only
@@ -155,7 +155,7 @@ class ImageFiles(Dataset):
                 self.sizes.append(read_image_size(file, limits))
             except ValueError as error:
                 if not path.is_dir():
-                    raise
+                    raise CommandError(f"predict.input={path}: {error}") from None
                 self.skipped.append((file.name, str(error)))
                 log.warning("skipped %s: %s", file.name, error)
                 continue
@@ -243,6 +243,20 @@ def prepare_output(output: str | Path) -> Path:
     except OSError as err:
         raise ValueError(f"predict.output={output}: cannot write there ({err.strerror or err})") from err
     return output
+
+
+@contextlib.contextmanager
+def output_folder(output: str | Path) -> Iterator[Path]:
+    """:func:`prepare_output` for one run: the folder it created is removed again if the run fails before writing
+    anything there (a bad input found after it was made), so a failed run leaves no empty folder behind."""
+    made = not Path(output).exists()
+    folder = prepare_output(output)
+    try:
+        yield folder
+    except BaseException:
+        if made and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -413,14 +427,13 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     record = read_model_record(source, option)
     # The architecture the weights were trained as (a torchvision state dict in weights= records none).
     use_checkpoint_model(cfg, source, job_overrides(), option)
-    output = prepare_output(cfg.predict.output)
     if record is not None and record.class_names:
         with open_dict(cfg):
             cfg.model.num_classes = len(record.class_names)
             cfg.module.class_names = list(record.class_names)
     if record is not None and not is_ddp_child():  # a DDP child's config is its main process's, already set
         use_recorded_input_size(cfg, record, job_overrides(), f"{option}={source}")
-    with job_scope(cfg):
+    with job_scope(cfg), output_folder(cfg.predict.output) as output:
         L.seed_everything(cfg.seed, workers=True)
         limits = cfg.data.get("image_limits")
         dataset = ImageFiles(

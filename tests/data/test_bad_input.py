@@ -1560,6 +1560,7 @@ PREDICT_CASES = [
 
 @pytest.mark.parametrize("case", PREDICT_CASES, ids=str)
 def test_predict_input(case: Case, tmp_path: Path):
+    from mrcnn.engine.config_checks import CommandError
     from mrcnn.engine.predict import ImageFiles
 
     def check() -> None:
@@ -1572,8 +1573,10 @@ def test_predict_input(case: Case, tmp_path: Path):
         assert [f.name for f in files.files] == ["good.png"] and files.sizes == [(HEIGHT, WIDTH)]
         [(name, why)] = files.skipped
         assert re.search(case.outcome.match, why), why
-        with pytest.raises(ValueError, match=case.outcome.match):
+        # Given alone, it stops the run: a mistake in the command, said without a traceback (run.py).
+        with pytest.raises(CommandError, match=case.outcome.match) as error:
             ImageFiles(folder / name, **case.kwargs)
+        assert str(error.value).startswith(f"predict.input={folder / name}: ")
 
     run_in_child(check, timeout=case.timeout)
 

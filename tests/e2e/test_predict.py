@@ -278,6 +278,7 @@ def test_a_label_map_that_leaves_a_label_out_is_a_clear_error_before_any_image(t
     )
     with pytest.raises(ValueError, match=rf"maps no category id to labels \[{num_classes}\]"):
         predict(cfg)
+    assert not (tmp_path / "out").exists()  # the output folder it made for the run is gone with it
     # String keys (a yaml config's "1": 11) are read as the evaluator reads them: label "1" is label 1.
     cfg.predict.label_to_category_id = {str(k): 10 + k for k in range(2, num_classes + 1)}  # all but label 1
     with pytest.raises(ValueError, match=r"maps no category id to labels \[1\]"):
