@@ -42,3 +42,31 @@ def test_the_bar_shows_the_losses_the_loss_watch_read_and_the_steps_learning_rat
         *(SHORT_NAMES[f"train/{k}"] for k in LOSS_KEYS),
         "loss",
     ]  # the paper's order, then the sum
+
+
+def test_a_run_resumed_in_the_middle_of_an_epoch_shows_the_epoch_and_its_length(tmp_path):
+    # Lightning calls no on_train_epoch_start for the epoch a resumed run continues: the bar read "Training: 3/?".
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    class Shown(L.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            bar = trainer.progress_bar_callback.train_progress_bar
+            self.seen = (bar.desc, bar.total, bar.n)
+
+    def trainer(*callbacks):
+        return L.Trainer(
+            max_steps=6,
+            limit_train_batches=8,
+            limit_val_batches=0,
+            logger=False,
+            enable_model_summary=False,
+            callbacks=[ProgressBar(), *callbacks],
+        )
+
+    uninterrupted, resumed = Shown(), Shown()
+    saves = ModelCheckpoint(tmp_path, "{step}", every_n_train_steps=3, save_top_k=-1)
+    trainer(saves, uninterrupted).fit(BoringModel())
+    trainer(resumed).fit(BoringModel(), ckpt_path=tmp_path / "step=3.ckpt")
+    assert resumed.seen == uninterrupted.seen == ("Epoch 0: ", 6, 6)  # the 6 steps of max_steps, all done

@@ -1,6 +1,7 @@
 """The progress bar: the five losses under short names beside their sum, and AP in percent as everywhere else."""
 
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 
 # Logged key -> what the bar shows. Losses keep their values; AP is shown in percent (:func:`percent`), like the
 # final table and the reports (the logged value stays pycocotools' fraction).
@@ -26,6 +27,20 @@ class ProgressBar(TQDMProgressBar):
     learning rate of the latest step (``step_lr``). Lightning reads every progress-bar metric (``self.log(..., prog_bar=True)``)
     on the host after every step, which makes the step wait for the GPU, so the module logs none during training.
     """
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        if trainer.fit_loop.restarted_mid_epoch:
+            # Lightning (2.6) calls no on_train_epoch_start for the epoch a resumed run continues, where the bar gets
+            # its title and length: it would read "Training: 23/?" instead of "Epoch 0: 23/30".
+            self.on_train_epoch_start(trainer, pl_module)
+            # The epoch's length as a run that had not stopped would show it: the batches done before the stop count
+            # (under max_steps Lightning gives only the steps left).
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            self.train_progress_bar.total = convert_inf(
+                min(trainer.num_training_batches, done + self.total_train_batches)
+            )
+            self.train_progress_bar.n = done
 
     def get_metrics(self, trainer, pl_module) -> dict:
         metrics = super().get_metrics(trainer, pl_module)
