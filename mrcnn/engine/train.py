@@ -79,16 +79,20 @@ def logged_as_after_the_last_step(trainer: L.Trainer):
     on, so a validation of the same weights was logged at step N under the next epoch: one row later in the CSV log
     and on W&B's charts, and a run resumed from the checkpoint of step N dropped it from the CSV history (rows from
     the checkpoint's step on are the resumed run's to log again). Nothing is moved before any step was trained.
+
+    The step is set, not counted back: a run resumed from a checkpoint of its last step (saved after that step, before
+    Lightning counted it for the loggers, as a stop during the last step saves it) trains nothing more, and its count
+    is one lower already; counted back, its validation was logged one step early, before the step it validates.
     """
     loop = trainer.fit_loop
-    moved = int(loop.epoch_loop._batches_that_stepped > 0 and loop.epoch_progress.current.completed > 0)
-    loop.epoch_loop._batches_that_stepped -= moved
-    loop.epoch_progress.current.completed -= moved
+    counted, completed = loop.epoch_loop._batches_that_stepped, loop.epoch_progress.current.completed
+    if trainer.global_step > 0 and counted > 0:
+        loop.epoch_loop._batches_that_stepped = trainer.global_step - 1
+        loop.epoch_progress.current.completed -= int(completed > 0)
     try:
         yield
     finally:
-        loop.epoch_loop._batches_that_stepped += moved
-        loop.epoch_progress.current.completed += moved
+        loop.epoch_loop._batches_that_stepped, loop.epoch_progress.current.completed = counted, completed
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:

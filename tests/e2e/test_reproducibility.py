@@ -195,6 +195,28 @@ def validation_rows(run_dir: Path) -> list[tuple[str, str, str]]:
         return [(r["step"], r["epoch"], r["val/segm_AP"]) for r in csv.DictReader(file) if r.get("val/segm_AP")]
 
 
+@pytest.mark.parametrize(
+    "counted, completed, logged",
+    [
+        (12, 1, (11, 0)),  # the fit trained its last step, step 12, which ended epoch 0
+        (11, 1, (11, 0)),  # resumed from a save during step 12 (before Lightning counted it), nothing left to train
+        (0, 0, (0, 0)),  # nothing trained: nothing moved
+    ],
+)
+def test_the_final_validation_is_logged_at_the_row_of_the_last_step(counted, completed, logged):
+    # A stop during the last step saves there; its resume trains nothing and validates: it was logged at step 10.
+    from types import SimpleNamespace
+
+    from mrcnn.engine.train import logged_as_after_the_last_step
+
+    progress = SimpleNamespace(current=SimpleNamespace(completed=completed))
+    loop = SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=counted), epoch_progress=progress)
+    trainer = SimpleNamespace(global_step=12 if counted else 0, fit_loop=loop)
+    with logged_as_after_the_last_step(trainer):
+        assert (loop.epoch_loop._batches_that_stepped, progress.current.completed) == logged
+    assert (loop.epoch_loop._batches_that_stepped, progress.current.completed) == (counted, completed)
+
+
 def test_the_final_validation_is_logged_where_the_fits_own_would_be_and_a_resume_keeps_it(tmp_path):
     # One epoch of 2 steps. Validated in the fit after its last step: logged at step 1, in epoch 0.
     # Milestones at a fixed step: the learning rate does not depend on the planned length, which the extension changes.
