@@ -347,7 +347,8 @@ def check_group_overrides(args: Sequence[str], config_dir: str | Path = CONFIG_D
         ValueError: naming the override and the one that picks the option.
     """
     for arg in args:
-        match = re.fullmatch(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)=(.+)", arg)
+        # With + or ++ too: ++data.augmentation=photometric replaces the mapping with a string all the same.
+        match = re.fullmatch(r"\+{0,2}([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)=(.+)", arg)
         if match is None:
             continue
         key, value = match.groups()

@@ -320,12 +320,16 @@ def test_a_group_option_picked_with_a_dot_is_an_error_that_names_the_slash():
             dotted = f"{group.replace('/', '.')}={value}"
             with pytest.raises(ValueError, match=rf"^{re.escape(dotted)}: {group} is a config group; .* {group}="):
                 check_group_overrides(["-m", "seed=0", dotted])
-    # The slash, keys that are no group, values that are no option (data.augmentation=null sets a key), flags,
-    # and added keys (check_added_keys answers those) pass.
+    # Added with + or ++ as well: ++data.augmentation=photometric would replace the mapping with a string.
+    for added in ("+model.backbone=c4", "++data.augmentation=photometric"):
+        with pytest.raises(ValueError, match=rf"^{re.escape(added)}: .* is a config group; choose its option with "):
+            check_group_overrides([added])
+    # The slash, keys that are no group, values that are no option (data.augmentation=null sets a key), flags and
+    # deletions pass.
     check_group_overrides(
         ["model/backbone=c4", "model.depth=50", "model.backbone=c9", "data.augmentation=null", "model.backbone=c4,c9"]
     )
-    check_group_overrides(["--multirun", "--config-name", "train", "+model.backbone=c4", "~model.pooler"])
+    check_group_overrides(["--multirun", "--config-name", "train", "+model.backbone=c9", "~model.pooler"])
 
 
 def test_each_backbone_selects_its_roi_heads_and_the_command_line_wins():
