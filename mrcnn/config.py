@@ -192,9 +192,7 @@ def check_added_keys(
     """
     from mrcnn.engine.config_checks import config_keys, rule_for
 
-    text = OmegaConf.to_yaml(cfg, resolve=False)
-    if hydra_cfg is not None:
-        text += OmegaConf.to_yaml(hydra_cfg, resolve=False)
+    text = None  # the config and Hydra's settings as yaml, where interpolations are looked for: once, if needed
     for override in overrides:
         match = re.match(r"\+\+?([A-Za-z_][\w.]*)=", override)
         if match is None:
@@ -210,6 +208,9 @@ def check_added_keys(
             continue  # not a key of the config: a config group's option (+experiment=...) adds no such key
         group = key.partition(".")[0]
         holders = _options_with_key(key, group_options) if group_options else []
+        if text is None:
+            text = OmegaConf.to_yaml(cfg, resolve=False)
+            text += OmegaConf.to_yaml(hydra_cfg, resolve=False) if hydra_cfg is not None else ""
         read_by = _read_by(cfg, key, text, rule_for)
         # SCHEMA has a rule for every key of every option: a key of another option's (data=coco_format's
         # train_json, under data=shapes) has one, and nothing reads it.
