@@ -347,7 +347,11 @@ def check_group_overrides(args: Sequence[str], config_dir: str | Path = CONFIG_D
     Raises:
         ValueError: naming the override and the one that picks the option.
     """
+    searchpath = any("hydra.searchpath" in arg for arg in args)  # groups of other folders: not checked here
     for arg in args:
+        missing = _missing_group(arg, config_dir) if not searchpath else None
+        if missing is not None:
+            raise ValueError(missing)
         # With + or ++ too: ++data.augmentation=photometric replaces the mapping with a string all the same.
         match = re.fullmatch(r"\+{0,2}([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)=(.+)", arg)
         if match is None:
@@ -363,3 +367,23 @@ def check_group_overrides(args: Sequence[str], config_dir: str | Path = CONFIG_D
                 f"{arg}: {slashed} is a config group; choose its option with {slashed}={value} (a slash: with a "
                 f"dot, {key} names a config key; options: {', '.join(options)})."
             )
+
+
+def _missing_group(arg: str, config_dir: str | Path) -> str | None:
+    """What is wrong with ``arg`` when it picks an option of a config group that does not exist
+    (``ablation/mask_los=softmax``, a typo), else ``None``.
+
+    Hydra answers it with "To append to your config use +ablation/mask_los=softmax"; given a ``+``, it adds a key named
+    ``ablation/mask_los`` that nothing reads, and a sweep over it trains every job for nothing. Hydra's own groups
+    (``hydra/launcher=slurm``) and a package (``group@package=...``) are left to Hydra.
+    """
+    match = re.fullmatch(r"\+{0,2}([A-Za-z_][\w-]*(?:/[A-Za-z_][\w-]*)+)=(.*)", arg)
+    if match is None or match.group(1).startswith("hydra/") or Path(config_dir, match.group(1)).is_dir():
+        return None
+    group = match.group(1)
+    groups = sorted(p.relative_to(config_dir).as_posix() for p in Path(config_dir).rglob("*") if p.is_dir())
+    close = difflib.get_close_matches(group, groups, n=1, cutoff=0.8)
+    if close:
+        options = sorted(p.stem for p in Path(config_dir, close[0]).glob("*.yaml"))
+        return f"{arg}: there is no config group {group}; did you mean {close[0]} (options: {', '.join(options)})?"
+    return f"{arg}: there is no config group {group} (the groups: {', '.join(groups)})"

@@ -332,6 +332,21 @@ def test_a_group_option_picked_with_a_dot_is_an_error_that_names_the_slash():
     check_group_overrides(["--multirun", "--config-name", "train", "+model.backbone=c9", "~model.pooler"])
 
 
+def test_a_config_group_that_does_not_exist_is_named_with_the_one_meant():
+    # Hydra's advice for it ("To append to your config use +ablation/mask_los=softmax") adds a key nothing reads: a
+    # sweep over it trained every job, each variant twice.
+    from mrcnn.config import check_group_overrides
+
+    for typo in ("ablation/mask_los=softmax", "+ablation/mask_los=softmax,sigmoid", "++ablation/mask_los=softmax"):
+        with pytest.raises(ValueError, match=r"no config group ablation/mask_los; did you mean ablation/mask_loss \("):
+            check_group_overrides(["-m", typo])
+    with pytest.raises(ValueError, match=r"^\+foo/bar=1: there is no config group foo/bar \(the groups: ablation, "):
+        check_group_overrides(["+foo/bar=1"])
+    # Real groups, Hydra's own, a package, and groups of another config folder (hydra.searchpath) pass.
+    check_group_overrides(["model/pooler=roi_pool", "hydra/launcher=basic", "model/pooler@model.x=roi_pool"])
+    check_group_overrides(["hydra.searchpath=[file:///my/configs]", "+mine/extra=x"])
+
+
 def test_each_backbone_selects_its_roi_heads_and_the_command_line_wins():
     chosen = {}
     for backbone in options("model/backbone"):
