@@ -81,8 +81,9 @@ class SweepJobsPass(Callback):
 
     Only sweeps of Hydra's basic sweeper are checked, whose jobs are known when it starts (a sweeper that picks
     each job from the results of the last, such as Optuna's, is not). A job is composed as the launcher will
-    compose it (Hydra's ``load_sweep_config``, with its number and folder); it still runs its checks again when it
-    starts. With a launcher that runs the jobs on other machines (:func:`runs_here`), files and GPUs are not
+    compose it (Hydra's ``load_sweep_config``, with its number and folder): one Hydra cannot compose (an option that
+    does not exist) is named with Hydra's message, before the sweeper writes its folder. A job still runs its
+    checks again when it starts. With a launcher that runs the jobs on other machines (:func:`runs_here`), files and GPUs are not
     looked for here.
     """
 
@@ -96,8 +97,16 @@ class SweepJobsPass(Callback):
         sweep_hydra_cfg = HydraConfig.instance().cfg
         try:
             jobs = sweep_jobs(config.hydra.sweeper.get("params"), config.hydra.overrides.task, loader)
+        except HydraException:
+            return  # a sweep Hydra cannot parse: the sweeper's own check, next, says so in Hydra's words
+        try:
             for num, overrides in enumerate(jobs):
-                job_config = job_config_of(loader, config, overrides, num)
+                name = f"#{num} {' '.join(overrides)}".rstrip()
+                try:
+                    job_config = job_config_of(loader, config, overrides, num)
+                except HydraException as error:  # an option or a key that does not exist
+                    failures.setdefault(f"{type(error).__name__}: {_hydra_message(error)}", []).append(name)
+                    continue
                 HydraConfig.instance().set_config(job_config)
                 task_config = copy.deepcopy(job_config)
                 with read_write(task_config), open_dict(task_config):
@@ -105,13 +114,7 @@ class SweepJobsPass(Callback):
                 try:
                     check_command(task_config, job_config.hydra, on_this_machine)
                 except COMMAND_ERRORS as error:
-                    failures.setdefault(f"{type(error).__name__}: {error}", []).append(
-                        f"#{num} {' '.join(overrides)}".rstrip()
-                    )
-        except HydraException:
-            # A sweep Hydra cannot parse, or a job it cannot compose (an option that does not exist): the sweeper's
-            # own check, next, says so in Hydra's words.
-            return
+                    failures.setdefault(f"{type(error).__name__}: {error}", []).append(name)
         finally:
             HydraConfig.instance().cfg = sweep_hydra_cfg
         log.debug("checked the configs of %d sweep jobs in %.2f s", len(jobs), time.perf_counter() - start)
@@ -130,6 +133,11 @@ def job_config_of(loader, sweep_config: DictConfig, overrides: Sequence[str], nu
     with read_write(job_config.hydra.runtime), open_dict(job_config.hydra.runtime):
         job_config.hydra.runtime.output_dir = os.path.abspath(output_dir)
     return job_config
+
+
+def _hydra_message(error: Exception) -> str:
+    """Hydra's message for a config it cannot compose, without the config search path it appends."""
+    return str(error).split("\nConfig search path:")[0].rstrip()
 
 
 def failures_message(failures: Mapping[str, Sequence[str]], jobs: int) -> str:

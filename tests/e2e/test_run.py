@@ -162,6 +162,13 @@ def test_a_sweep_with_a_mistake_in_one_job_stops_before_its_first_job(tmp_path):
     )
     assert result.returncode != 0 and "  every job:\n    ValueError: +data.min_sise=64: nothing reads" in result.stderr
     assert "torch loaded: False" in result.stdout and not sweep.exists()
+    # An option that does not exist: Hydra's message, under the job it stops (Hydra alone named no job, and left
+    # the sweep's folder behind).
+    result = run_before_torch(tmp_path, ["-m", "model/pooler=roi_align,roi_poool", f"hydra.sweep.dir={sweep}"])
+    assert result.returncode != 0 and "1 of the sweep's 2 jobs would fail" in result.stderr, result.stderr[-2000:]
+    assert "  #1 model/pooler=roi_poool:\n    MissingConfigException: " in result.stderr
+    assert "Could not find 'model/pooler/roi_poool'" in result.stderr and "Config search path" not in result.stderr
+    assert "torch loaded: False" in result.stdout and not sweep.exists()
 
 
 def test_a_folder_that_holds_a_run_is_refused_before_hydra_writes_there(tmp_path):
