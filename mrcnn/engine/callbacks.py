@@ -53,11 +53,16 @@ class TrainingInterrupted(SystemExit):
         path: the checkpoint to resume from.
         step: the global step it was saved at.
         requeued: the SLURM job that was requeued to continue from it, if any.
+
+    Attributes:
+        finished: set by ``mrcnn.engine.train.train`` when the step was the run's last and its weights were validated
+            before the stop took effect: the run is complete and its results are written.
     """
 
     def __init__(self, signum: int, path: Path, step: int, requeued: str | None = None):
         super().__init__(128 + signum)
         self.signum, self.path, self.step, self.requeued = signum, path, step, requeued
+        self.finished = False
 
     def __str__(self) -> str:
         return f"stopped by {signal.Signals(self.signum).name} at step {self.step}; resume from {self.path}"

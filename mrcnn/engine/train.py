@@ -4,6 +4,7 @@ import contextlib
 import logging
 import os
 import signal
+from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -58,7 +59,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         prepare_determinism(cfg)
         L.seed_everything(cfg.seed, workers=True)
         datamodule, module, trainer = build(cfg, resumed)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except TrainingInterrupted as stop:
+            if cfg.get("final_eval", True) and finished_and_validated(trainer, module):
+                # The stop came during the run's last step, and Lightning validated the final weights before it took
+                # effect: the run is complete, and its results are written. It still exits as stopped (a sweep ends).
+                stop.finished = True
+                write_final_metrics(cfg, trainer, dict(module.last_metrics), module.nothing_to_score)
+            raise
         metrics = {}
         if cfg.get("final_eval", True):
             # Skip a second pass when fit() already validated the final weights.
@@ -68,6 +77,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics = dict(module.last_metrics)
             write_final_metrics(cfg, trainer, metrics, module.nothing_to_score)
         return metrics
+
+
+def finished_and_validated(trainer: L.Trainer, module: L.LightningModule) -> bool:
+    """Whether the fit trained every step it planned and validated the weights of the last one."""
+    return trainer.global_step >= trainer.estimated_stepping_batches and module.last_metrics_step == trainer.global_step
 
 
 @contextlib.contextmanager
@@ -161,6 +175,14 @@ def stops_with_nonzero_exit(cfg: DictConfig):
         if stop.requeued is not None:
             outlive_the_requeue_sigterm()  # again: Lightning's teardown restored the handler it found
             log.warning("%s. SLURM requeued job %s: it continues from there when it starts again", stop, stop.requeued)
+        elif stop.finished:
+            log.warning(
+                "stopped by %s during step %d, the run's last: its training is complete, and its results are written "
+                "(%s)",
+                signal.Signals(stop.signum).name,
+                stop.step,
+                Path(cfg.run_dir) / "metrics.json",
+            )
         else:
             log.warning(
                 "%s. Continue with: %s", stop, continue_command(job_overrides(), f"resume={cfg.run_dir}", cfg.run_dir)

@@ -116,6 +116,19 @@ def test_a_run_stopped_at_step_k_and_resumed_equals_the_uninterrupted_run(tmp_pa
     assert_same_run(resumed, reference)
 
 
+def test_a_run_stopped_during_its_last_step_is_complete_and_writes_its_results(tmp_path, reference):
+    # Ctrl-C during the last step: the step ends, Lightning validates the final weights, and the stop takes effect.
+    # The run is complete: its results are those of the uninterrupted run, and it still exits as stopped (130).
+    with pytest.raises(TrainingInterrupted) as stop:
+        run_in_process(
+            tmp_path,
+            "+callbacks.interrupt._target_=tests.helpers.runs.InterruptAt",
+            f"+callbacks.interrupt.step={STEPS}",
+        )
+    assert stop.value.finished and stop.value.code == 130
+    assert_same_run(read_run(tmp_path), reference)
+
+
 def test_a_run_stopped_by_max_steps_mid_epoch_and_extended_equals_the_uninterrupted_run(tmp_path, reference):
     # trainer.max_steps ends the first run mid-epoch; the extended run goes on with that epoch's next batch.
     train(compose_config([*ARGS, f"trainer.max_steps={STOP_AT}", "final_eval=false"], run_dir=str(tmp_path)))
