@@ -67,10 +67,9 @@ def test_write_report_and_the_rebuild_command(sweep):
     summary = json.loads(paths["json"].read_text())
     assert {v["variant"] for v in summary["variants"]} == {"model/pooler=roi_pool", "model/pooler=roi_align"}
     # The failed job is named in the report, not only in the log.
-    assert summary["left_out"] == [{"job": "4", "why": "no metrics.json: failed or not finished"}]
-    assert (
-        "**Left out of the table: 1 job(s)**: `4` (no metrics.json: failed or not finished)." in paths["md"].read_text()
-    )
+    why = "no metrics.json: failed or not finished"
+    assert summary["left_out"] == [{"job": "4", "variant": "model/pooler=roi_align", "why": why}]
+    assert f"**Left out of the table: 1 job(s)**: `4` model/pooler=roi_align ({why})." in paths["md"].read_text()
     paths["md"].unlink()
     result = subprocess.run(
         [sys.executable, "-m", "mrcnn.reporting", str(sweep), "--keys", "model/pooler", "--title", "again"],
@@ -200,6 +199,38 @@ def test_jobs_scored_on_other_batches_or_trained_for_another_time_are_never_aver
         variants = collect(tmp_path, ["model/pooler"])
     assert len(variants) == 3 and all(len(v.runs) == 1 for v in variants), [v.name for v in variants]
     assert "trainer.limit_val_batches" in caplog.text and "trainer.max_time" in caplog.text
+
+
+def test_jobs_a_stopped_sweep_never_started_are_named_and_a_sweep_without_results_is_said_in_a_line(sweep):
+    # The sweep planned pooler x seed 0..2; Ctrl-C ended it before roi_pool's seed 2 started (no folder).
+    sweeper = {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": None}
+    multirun = {"hydra": {"sweeper": sweeper, "overrides": {"task": ["model/pooler=roi_pool,roi_align", "seed=0,1,2"]}}}
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump(multirun))
+    summary = json.loads(write_report(sweep, ["model/pooler"])["json"].read_text())
+    assert summary["left_out"] == [
+        {"job": "4", "variant": "model/pooler=roi_align", "why": "no metrics.json: failed or not finished"},
+        {"job": "", "variant": "model/pooler=roi_pool", "why": "not started"},
+    ]
+    assert (
+        "`4` model/pooler=roi_align (no metrics.json: failed or not finished); model/pooler=roi_pool (not started)."
+        in (sweep / "report.md").read_text()
+    )
+    # Nothing finished yet: the rebuild command says so in a line, with what the jobs are, and no traceback.
+    for job in ("0", "1", "2", "3"):
+        (sweep / job / "metrics.json").unlink()
+    result = subprocess.run(
+        [sys.executable, "-m", "mrcnn.reporting", str(sweep), "--keys", "model/pooler"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert (
+        f"no finished runs (with metrics.json) under {sweep}; its jobs: 5 no metrics.json: failed or not "
+        in result.stderr
+    )
+    assert "1 not started" in result.stderr
 
 
 def test_a_job_that_scored_nothing_is_left_out_not_averaged_as_ap_minus_one(tmp_path, caplog):
@@ -573,7 +604,9 @@ def test_a_sweep_with_a_failed_job_still_reports_the_jobs_that_finished(tmp_path
     assert report.startswith("**With a failed job**")
     rows = [line.split(" |")[0] for line in report.splitlines() if line.startswith("| pooler=")]
     assert rows[:2] == ["| pooler=roi_align", "| pooler=max_pool"]
-    assert "**Left out of the table: 1 job(s)**: `1` (no metrics.json: failed or not finished)." in report
+    assert (
+        "**Left out of the table: 1 job(s)**: `1` pooler=roi_pool (no metrics.json: failed or not finished)." in report
+    )
     log = result.stdout + result.stderr
     assert "job 1 failed: the report leaves it out" in log
     assert log.count("ablation report of the jobs finished so far") == 3  # after each job, the failed one too

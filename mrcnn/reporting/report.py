@@ -245,7 +245,9 @@ def collect(
 
     Args:
         order: optional variant names in the order the table should list them.
-        left_out: if given, gets ``(job folder relative to sweep_dir, why)`` of each job skipped (for the report).
+        left_out: if given, gets ``(job folder relative to sweep_dir, variant, why)`` of each job skipped, and
+            ``("", variant, "not started")`` of each job the sweep planned (``multirun.yaml``) that has no folder yet
+            (a sweep stopped, or still running), for the report.
     """
     # Registers the resolvers a job's config.yaml may use. Here, not at the top: it loads torch (seconds), and
     # `python -m mrcnn.reporting` should answer a mistyped folder at once.
@@ -254,23 +256,32 @@ def collect(
     sweep_dir = Path(sweep_dir)
     sweep = _sweep_config(sweep_dir)
     recipe = functools.cache(lambda: recipe_pins(sweep))  # composed for the first job rebuilt, if any
-    jobs = []
+    jobs, started = [], []
     for overrides_file in sorted(sweep_dir.glob("**/overrides.yaml")):
         # A Hydra job folder (<job>/.hydra/overrides.yaml) or a recorded one (jobs/<name>/overrides.yaml).
         job_dir = overrides_file.parent.parent if overrides_file.parent.name == ".hydra" else overrides_file.parent
         if nested_sweep(sweep_dir, job_dir) is not None:
             continue
+        if overrides_file.parent.name == ".hydra":
+            started.append(yaml.safe_load(overrides_file.read_text()) or [])
+        folder = str(job_dir.relative_to(sweep_dir))
         if not (job_dir / "metrics.json").exists():
             log.warning("skipping %s: no metrics.json (the job failed or has not finished)", job_dir)
             if left_out is not None:
-                left_out.append((str(job_dir.relative_to(sweep_dir)), "no metrics.json: failed or not finished"))
+                left_out.append(
+                    (
+                        folder,
+                        _planned_variant(variant_keys, read_overrides(job_dir), read_choices(job_dir)),
+                        "no metrics.json: failed or not finished",
+                    )
+                )
             continue
         job = read_job(job_dir)
         if job.metrics.get("nothing_to_score"):
             # Its APs are pycocotools' -1 ("nothing to score"), not numbers to average with the other seeds'.
             log.warning("skipping %s: it scored nothing (%s)", job_dir, job.metrics["nothing_to_score"])
             if left_out is not None:
-                left_out.append((str(job_dir.relative_to(sweep_dir)), "scored nothing"))
+                left_out.append((folder, _planned_variant(variant_keys, job.overrides, job.choices), "scored nothing"))
             continue
         if job.record is None:
             job.record = rebuild_record(job, sweep, recipe)
@@ -292,6 +303,10 @@ def collect(
         repeated = sorted({seed for seed in variant.seeds if variant.seeds.count(seed) > 1})
         if repeated:
             log.warning("%s: seed %s repeats (%d runs averaged)", variant.name, ", ".join(repeated), len(variant.runs))
+    if left_out is not None and started:  # a sweep Hydra ran here, not a record of one (jobs/<name>/)
+        for overrides in not_started(sweep, started):
+            parsed = dict(o.lstrip("+~").partition("=")[::2] for o in overrides)
+            left_out.append(("", _planned_variant(variant_keys, parsed, {}), "not started"))
     result = list(variants.values())
     if order:
         rank = {name: i for i, name in enumerate(order)}
@@ -339,6 +354,26 @@ def other_swept_keys(jobs: list[Job], variant_keys: list[str]) -> list[str]:
             "" if len(other) > 1 else "s",
         )
     return other
+
+
+def _planned_variant(variant_keys: list[str], overrides: dict[str, str], choices: dict[str, str]) -> str:
+    """The variant a job left out of the table ran, from its overrides and choices (its config may not be there)."""
+    return variant_name({k: label_value(k, choices, overrides, None) for k in variant_keys})
+
+
+def not_started(sweep: DictConfig | None, started: list[list[str]]) -> list[list[str]]:
+    """The overrides of each job the sweep planned (``multirun.yaml``, Hydra's basic sweeper) that no job folder
+    ran (``started``: each job folder's overrides), in the sweep's order."""
+    if sweep is None or not str(OmegaConf.select(sweep, "hydra.sweeper._target_", default="")).endswith("BasicSweeper"):
+        return []
+    from mrcnn.engine.sweep_cost import sweep_jobs
+
+    try:
+        planned = sweep_jobs(sweep.hydra.sweeper.get("params"), sweep.hydra.overrides.task)
+    except Exception:  # noqa: BLE001  (a glob() sweep needs Hydra's config loader: its jobs are not named)
+        return []
+    ran = {frozenset(overrides) for overrides in started}
+    return [overrides for overrides in planned if frozenset(overrides) not in ran]
 
 
 def nested_sweep(sweep_dir: Path, job_dir: Path) -> Path | None:
@@ -654,15 +689,17 @@ def markdown_report(
 ) -> str:
     """The whole ``report.md``: the setting beside the paper's, the results, and what each variant built and cost.
 
-    ``left_out``: ``(job folder, why)`` of the sweep's jobs not in the table (:func:`collect`), named under it: a
-    variant whose jobs all failed would otherwise be missing from the table without a word.
+    ``left_out``: ``(job folder, variant, why)`` of the sweep's jobs not in the table (:func:`collect`), named under
+    it: a variant whose jobs all failed, or never started, would otherwise be missing from the table without a word.
     """
     ours = our_setting(variants)
     paper_setting = {**PAPER_SETTING, **(paper_setting or {})}
     comparison = compare_models(variants)
     parts = [markdown_table(variants, title, paper, setting_names(variants)), ""]
     if left_out:
-        named = "; ".join(f"`{job}` ({why})" for job, why in left_out)
+        named = "; ".join(
+            f"`{job}` {variant} ({why})" if job else f"{variant} ({why})" for job, variant, why in left_out
+        )
         parts += [f"**Left out of the table: {len(left_out)} job(s)**: {named}.", ""]
     parts += ["Setting (ours from the jobs' configs and records):", ""]
     parts += [setting_table(ours, paper_setting), ""]
@@ -818,10 +855,12 @@ def write_report(
     if not variants:
         nested = sorted({str(f.parent.relative_to(sweep_dir)) for f in sweep_dir.glob("*/**/multirun.yaml")})
         inside = f" (the sweeps inside it have their own reports: {', '.join(nested)})" if nested else ""
-        raise ValueError(f"no finished runs (with metrics.json) under {sweep_dir}{inside}")
+        counts = collections.Counter(why for _, _, why in left_out)
+        jobs = f"; its jobs: {', '.join(f'{n} {why}' for why, n in counts.items())}" if counts else ""
+        raise ValueError(f"no finished runs (with metrics.json) under {sweep_dir}{inside}{jobs}")
     paths = {kind: sweep_dir / f"{stem}.{kind}" for kind in ("md", "json", "png")}
     summary = summarize(variants, title, variant_keys, paper, paper_setting)
-    summary["left_out"] = [{"job": job, "why": why} for job, why in left_out]
+    summary["left_out"] = [{"job": job, "variant": variant, "why": why} for job, variant, why in left_out]
     # Each file is written beside its place and moved there: a reader (or a job's report written at the same time,
     # AblationReportCallback.on_job_end) never sees half a file.
     _replace(
@@ -1050,7 +1089,11 @@ def main(argv: list[str] | None = None) -> None:
         if recorded and args.keys != recorded:
             # The paper's rows and the order are keyed by the recorded names: carried over where they map one to one,
             # among the variants the sweep ran (a roialign sweep of C4 jobs records Table 2d's C5 rows as well).
-            ran = {variant.name for variant in collect(args.sweep_dir, list(recorded))}
+            log.disabled = True  # this pass only names the variants: the report's own pass says what it skips
+            try:
+                ran = {variant.name for variant in collect(args.sweep_dir, list(recorded))}
+            finally:
+                log.disabled = False
             names = [name for name in [*(settings.get("paper") or {}), *(settings.get("order") or [])] if name in ran]
             renamed = project_names(names, list(recorded), args.keys)
             if settings.get("paper"):
@@ -1064,9 +1107,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--keys is needed: {args.sweep_dir}/multirun.yaml has no ablation_report callback")
     # The callback's own constructor normalises the recorded settings, as when Hydra built it for the sweep.
     report = AblationReportCallback(**settings)
-    paths = write_report(
-        args.sweep_dir, report.variant_keys, report.title, report.order, report.paper, report.paper_setting, stem
-    )
+    try:
+        paths = write_report(
+            args.sweep_dir, report.variant_keys, report.title, report.order, report.paper, report.paper_setting, stem
+        )
+    except ValueError as error:  # nothing to report yet: said, not a traceback
+        parser.exit(1, f"{parser.prog}: {error}\n")
     print(paths["md"].read_text())
     print("wrote", ", ".join(str(p) for p in paths.values()))
 
