@@ -13,7 +13,12 @@ from omegaconf import DictConfig
 from mrcnn.config import check_group_overrides, where_built  # (registers the resolvers)
 from mrcnn.engine.command_checks import COMMAND_ERRORS, check_command
 from mrcnn.engine.config_checks import CommandError
-from mrcnn.engine.launch import discard_unused_output, pin_ddp_child_to_its_job, restore_run_record
+from mrcnn.engine.launch import (
+    discard_unused_output,
+    finished_earlier,
+    pin_ddp_child_to_its_job,
+    restore_run_record,
+)
 from mrcnn.engine.quiet import silence_library_noise
 
 
@@ -23,6 +28,9 @@ def main(cfg: DictConfig) -> float | None:
     try:
         check_command(cfg, HydraConfig.get())
         checked = True
+        earlier = finished_earlier(cfg)  # a job of a continued sweep that finished before: kept
+        if earlier is not None:
+            return earlier.get("segm_AP")
         if cfg.mode == "predict":
             from mrcnn.engine.predict import predict as run_mode
         else:

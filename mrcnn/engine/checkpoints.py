@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mrcnn.engine.config_checks import CommandError, requeued_checkpoint
+from mrcnn.engine.config_checks import CommandError, requeued_checkpoint, started_again
 from mrcnn.engine.model_record import (
     MODEL_RECORD_KEY,
     ModelRecord,
@@ -39,6 +39,7 @@ RESUME_FREE_KEYS = (
     "resume",
     "ckpt_path",
     "resume_allow_config_change",
+    "continue_sweep",
     "mode",
     "final_eval",
     "weights",  # the checkpoint's weights replace them
@@ -259,9 +260,10 @@ def check_resume_config(cfg: DictConfig, resumed: ResumedRun) -> None:
             "resuming %s with a changed config (resume_allow_config_change=true):\n  %s", resumed.checkpoint, listing
         )
         return
-    requeued = requeued_checkpoint(cfg.run_dir, cfg.get("mode", "train"))
+    requeued = requeued_checkpoint(cfg.run_dir, cfg.get("mode", "train"), started_again(cfg))
     if requeued is not None:  # the same command again: the config files changed while the job waited
-        source = f"SLURM requeued this job to continue from {requeued}, but"
+        who = "continue_sweep=true started" if cfg.get("continue_sweep") else "SLURM requeued"
+        source = f"{who} this job to continue from {requeued}, but"
     else:
         source = f"resume={cfg.resume}:" if cfg.get("resume") else f"ckpt_path={cfg.ckpt_path}:"
     may_change = (

@@ -139,6 +139,7 @@ SCHEMA: dict[str, Rule] = {
     "ckpt_path": path,
     "resume": path,
     "resume_allow_config_change": boolean,
+    "continue_sweep": boolean,
     "weights": path,
     "checkpoint_every_n_steps": optional(positive_int),
     "experiment_name": optional(string),
@@ -686,17 +687,28 @@ def checkpoint_path(cfg: DictConfig) -> str | None:
             raise FileNotFoundError(
                 f"resume={cfg.resume}: there is no {path}. {_why_no_last_checkpoint(Path(cfg.resume))}"
             )
-    start = start_checkpoint(cfg.run_dir, cfg.get("mode", "train"), cfg.get("resume"), cfg.get("ckpt_path"))
+    start = start_checkpoint(
+        cfg.run_dir, cfg.get("mode", "train"), cfg.get("resume"), cfg.get("ckpt_path"), started_again(cfg)
+    )
     return None if start is None else str(start)
 
 
-def start_checkpoint(run_dir: str | Path, mode: str, resume: str | None, ckpt_path: str | None) -> str | Path | None:
-    """The checkpoint a job starts from, unchecked: in a training job SLURM requeued, its folder's ``last.ckpt`` when
-    there is one (:func:`requeued_checkpoint`); else ``<resume>/checkpoints/last.ckpt``; else ``ckpt_path``."""
-    requeued = requeued_checkpoint(run_dir, mode)
+def start_checkpoint(
+    run_dir: str | Path, mode: str, resume: str | None, ckpt_path: str | None, again: bool | None = None
+) -> str | Path | None:
+    """The checkpoint a job starts from, unchecked: in a training job started again (:func:`started_again`), its
+    folder's ``last.ckpt`` when there is one (:func:`requeued_checkpoint`); else ``<resume>/checkpoints/last.ckpt``;
+    else ``ckpt_path``."""
+    requeued = requeued_checkpoint(run_dir, mode, again)
     if requeued is not None:
         return requeued
     return resume_checkpoint(resume) if resume else ckpt_path
+
+
+def started_again(cfg: DictConfig) -> bool:
+    """Whether this job is one started again with the same command, in its own folder, to go on with its run: SLURM
+    requeued it (:func:`slurm_restart_count`), or it is a job of a sweep continued with ``continue_sweep=true``."""
+    return slurm_restart_count() > 0 or bool(cfg.get("continue_sweep"))
 
 
 def resume_checkpoint(run_dir: str | Path) -> Path:
@@ -710,7 +722,7 @@ def slurm_restart_count() -> int:
     return int(value) if value.isdigit() else 0
 
 
-def requeued_checkpoint(run_dir: str | Path, mode: str) -> Path | None:
+def requeued_checkpoint(run_dir: str | Path, mode: str, again: bool | None = None) -> Path | None:
     """The checkpoint a training job continues from when SLURM has requeued it: its own folder's ``last.ckpt``.
 
     SLURM starts a requeued job (preempted, or requeued by ``mrcnn.engine.launch.requeue_after_stop`` before its
@@ -719,8 +731,12 @@ def requeued_checkpoint(run_dir: str | Path, mode: str) -> Path | None:
     the ``last.ckpt`` its stop saved, not the file it started from the first time. ``None`` outside a requeued job,
     in ``mode=evaluate`` / ``predict``, and where the folder holds no ``last.ckpt`` (the job was stopped before its
     first save, or its folder is new: one named by the time it started).
+
+    The same for a job of a sweep continued with ``continue_sweep=true`` (``again``; ``None``: requeued by SLURM).
     """
-    if mode != "train" or slurm_restart_count() == 0:
+    if again is None:
+        again = slurm_restart_count() > 0
+    if mode != "train" or not again:
         return None
     path = resume_checkpoint(run_dir)
     return path if path.is_file() else None

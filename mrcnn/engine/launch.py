@@ -13,6 +13,7 @@ unless the job resumes that run.
 """
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -246,7 +247,11 @@ RUN_OUTPUTS = ("checkpoints/*.ckpt", "csv/metrics.csv", "metrics.json")
 
 
 def check_run_dir_is_free(
-    run_dir: str | Path, mode: str = "train", ckpt_path: str | Path | None = None, sweep_job: bool = False
+    run_dir: str | Path,
+    mode: str = "train",
+    ckpt_path: str | Path | None = None,
+    sweep_job: bool = False,
+    again: bool = False,
 ) -> None:
     """Stops a job whose folder (``hydra.run.dir``) holds another run's output, before the job writes there.
 
@@ -265,6 +270,8 @@ def check_run_dir_is_free(
         mode: ``train``, ``evaluate`` or ``predict``.
         ckpt_path: the Lightning checkpoint the job starts from, if any.
         sweep_job: the job is one of a sweep's (its folder is below ``hydra.sweep.dir``): the message says so.
+        again: the job is started again in its own folder to go on with its run (a sweep continued with
+            ``continue_sweep=true``): what the folder holds is its own.
 
     Raises:
         FileExistsError: naming the folder, what it holds and the ways on.
@@ -277,6 +284,8 @@ def check_run_dir_is_free(
         return
     if mode == "train" and ckpt_path is not None and run_dir.resolve() in Path(ckpt_path).resolve().parents:
         return  # the folder's own run, continued
+    if again:
+        return  # a job of a continued sweep: its folder's output is its own earlier start's
     if mode == "train" and slurm_restart_count():
         # Requeued by SLURM (the same command again) with no last.ckpt to continue from (checkpoint_path would have
         # chosen it): its first start stopped before its first save, and this is that run's own output, which it
@@ -432,6 +441,11 @@ class RunDirIsFree(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         global _requeued_into_a_new_folder
+        if config.get("continue_sweep") and not is_ddp_child():
+            sys.exit(
+                "ValueError: continue_sweep=true continues a stopped sweep (-m, or an experiment that sweeps) in its "
+                "folder, hydra.sweep.dir; a single run continues with resume=<its folder> hydra.run.dir=<its folder>"
+            )
         resume, mode = config.get("resume"), config.get("mode", "train")
         claim_timed_run_dir(config)
         run_dir = str(config.hydra.run.dir)
@@ -444,7 +458,10 @@ class RunDirIsFree(Callback):
             keep_run_record(run_dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        _exit_if_refused(check_sweep_dir_is_free, str(config.hydra.sweep.dir))
+        if config.get("continue_sweep"):
+            _exit_if_refused(check_sweep_continues, str(config.hydra.sweep.dir), list(config.hydra.overrides.task))
+        else:
+            _exit_if_refused(check_sweep_dir_is_free, str(config.hydra.sweep.dir))
 
 
 def claim_timed_run_dir(config: DictConfig) -> None:
@@ -490,13 +507,62 @@ def check_sweep_dir_is_free(sweep_dir: str | Path) -> None:
         )
 
 
+def check_sweep_continues(sweep_dir: str | Path, overrides: list[str]) -> None:
+    """Stops ``continue_sweep=true`` unless ``sweep_dir`` holds a sweep of the same command (its ``multirun.yaml``):
+    each job finds its own folder by its number, which the same sweep values give it.
+
+    Raises:
+        FileExistsError: naming the folder and what differs.
+    """
+    sweep_dir = Path(sweep_dir)
+    if not is_first_process():
+        return
+    recorded = sweep_dir / "multirun.yaml"
+    if not recorded.is_file():
+        raise FileExistsError(
+            f"continue_sweep=true: hydra.sweep.dir={sweep_dir} holds no sweep to continue (no multirun.yaml); name the "
+            "folder of the stopped sweep (multirun/<date>/<time>, or multirun/<experiment>/<time>)"
+        )
+    try:
+        earlier = [str(o) for o in OmegaConf.load(recorded).hydra.overrides.task]
+    except Exception as error:  # noqa: BLE001  (not yaml, or no hydra.overrides.task in it)
+        raise FileExistsError(f"continue_sweep=true: cannot read the sweep's command in {recorded} ({error})") from None
+    earlier = [o for o in earlier if not _is_key(o, "continue_sweep")]
+    now = [o for o in overrides if not _is_key(o, "continue_sweep")]
+    if earlier != now:
+        raise FileExistsError(
+            f"continue_sweep=true: the sweep in {sweep_dir} ran with the overrides {' '.join(earlier)}, this command "
+            f"gives {' '.join(now)}: continue it with its own (its jobs are found by their numbers), or start a new "
+            "sweep in a new folder"
+        )
+
+
+def _is_key(override: str, key: str) -> bool:
+    """Whether a command-line override sets ``key`` (``key=...``, ``+key=...``, ``++key=...``)."""
+    return override.lstrip("+~").split("=", 1)[0] == key
+
+
+def finished_earlier(cfg: DictConfig) -> dict | None:
+    """In a sweep continued with ``continue_sweep=true``: the metrics of this job when it finished in the sweep's
+    earlier start (its folder's ``metrics.json``), else ``None``: the job runs."""
+    if not cfg.get("continue_sweep") or not HydraConfig.initialized():
+        return None
+    path = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    log.info("job %s finished when the sweep ran before (%s): kept, not run again", HydraConfig.get().job.num, path)
+    return metrics
+
+
 def _exit_if_refused(check, *args) -> None:
     """Runs ``check(*args)``; a refusal ends the command with its message, as ``sys.exit`` does.
 
     Raised inside a Hydra callback, the error would come with Hydra's traceback of its own frames; the message is
-    all the user needs.
+    all the user needs. Any other error of the check stops the command too: Hydra would only warn of an error in a
+    callback and go on, into the folder the check was to keep.
     """
     try:
         check(*args)
-    except FileExistsError as error:
+    except Exception as error:  # noqa: BLE001
         sys.exit(f"{type(error).__name__}: {error}")

@@ -420,7 +420,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     """Writes an overlay PNG per input image and ``coco_results.json`` / ``images.json`` to ``predict.output``."""
     check_config(cfg)
     ckpt_path = checkpoint_path(cfg)  # check_config: there, or weights= given; predict.input given
-    check_run_dir_is_free(cfg.run_dir, cfg.mode, ckpt_path, sweep_job=in_sweep())
+    check_run_dir_is_free(cfg.run_dir, cfg.mode, ckpt_path, in_sweep(), bool(cfg.get("continue_sweep")))
     # A checkpoint of this project knows its classes and their category ids: the model gets its number of
     # classes, the captions its names, the json its ids, whatever data config this run has.
     source, option = (ckpt_path, "ckpt_path") if ckpt_path else (cfg.weights, "weights")

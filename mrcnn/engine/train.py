@@ -46,9 +46,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     check_config(cfg)
     ckpt_path = checkpoint_path(cfg)
-    check_run_dir_is_free(cfg.run_dir, cfg.mode, ckpt_path, sweep_job=in_sweep())
+    check_run_dir_is_free(cfg.run_dir, cfg.mode, ckpt_path, in_sweep(), bool(cfg.get("continue_sweep")))
     if slurm_restart_count() and is_first_process():
         log_requeued_start(cfg.run_dir, ckpt_path)
+    elif cfg.get("continue_sweep") and is_first_process():
+        log_continued_start(cfg.run_dir, ckpt_path)
     note = validation_schedule_note(cfg)
     if note:
         log.warning(note)
@@ -113,7 +115,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate a Lightning checkpoint (``ckpt_path`` / ``resume``) or torchvision ``weights`` on the validation split."""
     check_config(cfg)
     ckpt_path = checkpoint_path(cfg)  # check_config: there, or weights= given
-    check_run_dir_is_free(cfg.run_dir, cfg.mode, ckpt_path, sweep_job=in_sweep())
+    check_run_dir_is_free(cfg.run_dir, cfg.mode, ckpt_path, in_sweep(), bool(cfg.get("continue_sweep")))
     # A file that is no checkpoint stops here, before the data is built. The step its weights were trained to is
     # the evaluation's (the Trainer's own stays 0: validate restores no training loop); weights= have none.
     step = read_checkpoint(ckpt_path).get("global_step") if ckpt_path else None
@@ -155,6 +157,18 @@ def log_requeued_start(run_dir: str, ckpt_path: str | None) -> None:
             "SLURM requeued this job, and its folder %s holds no checkpoints/last.ckpt: it starts over, as its first "
             "start did (a job script whose folder is named by the time it started gets a new one at each start: name "
             "it, hydra.run.dir=<path>, for a requeued job to continue its run)",
+            run_dir,
+        )
+
+
+def log_continued_start(run_dir: str, ckpt_path: str | None) -> None:
+    """Says where a job of a sweep continued with ``continue_sweep=true`` starts: from its own ``last.ckpt``, over
+    again in its folder (stopped before its first save), or anew."""
+    if ckpt_path == str(resume_checkpoint(run_dir)):
+        log.info("continue_sweep=true: this job continues from %s", ckpt_path)
+    elif (Path(run_dir) / "csv").is_dir():
+        log.info(
+            "continue_sweep=true: %s holds no checkpoints/last.ckpt (stopped before its first save): it starts over",
             run_dir,
         )
 
