@@ -40,10 +40,10 @@ def main(cfg: DictConfig) -> float | None:
         silence_library_noise()  # after the mode's module has imported Lightning, before its first message
         metrics = run_mode(cfg)
     except BaseException as error:
-        # A job that failed before writing anything leaves no empty output folder behind, and a job that continued
-        # its folder's run and saved nothing leaves that run's record as it was.
-        discard_unused_output(HydraConfig.get().runtime.output_dir)
-        restore_run_record(HydraConfig.get().runtime.output_dir)
+        # A job that continued its folder's run and saved nothing leaves that run's record as it was; one that failed
+        # before writing anything in a folder of its own leaves no empty output folder behind.
+        if not restore_run_record(HydraConfig.get().runtime.output_dir):
+            discard_unused_output(HydraConfig.get().runtime.output_dir)
         if isinstance(error, InstantiationException):
             # Hydra names where the object is built; say which key and config group wrote it. (evaluate and predict
             # build the model a checkpoint records, whose options this command's choices do not name.)

@@ -195,9 +195,10 @@ def keep_run_record(run_dir: str | Path) -> None:
     """Remembers the record of the run in ``run_dir`` (``.hydra/*.yaml``) before Hydra rewrites it for this job, and
     the state of its checkpoints, for :func:`restore_run_record`; nothing when the folder holds no record."""
     global _kept_record
-    record = Path(run_dir) / ".hydra"
+    run_dir = Path(run_dir).resolve()  # the job may change its working folder (hydra.job.chdir)
+    record = run_dir / ".hydra"
     files = {path.name: path.read_bytes() for path in record.glob("*.yaml")} if record.is_dir() else {}
-    _kept_record = (Path(run_dir), files, _checkpoint_state(Path(run_dir))) if files else None
+    _kept_record = (run_dir, files, _checkpoint_state(run_dir)) if files else None
 
 
 def restore_run_record(run_dir: str | Path) -> bool:
@@ -211,16 +212,17 @@ def restore_run_record(run_dir: str | Path) -> bool:
     saved a checkpoint has continued the run, and its record stands.
 
     Returns:
-        Whether the record was put back.
+        Whether the record was put back: the folder is that run's, and must stay (not
+        :func:`discard_unused_output`'s to remove).
     """
     global _kept_record
     kept, _kept_record = _kept_record, None
-    if kept is None or is_ddp_child() or Path(run_dir).resolve() != kept[0].resolve():
+    if kept is None or is_ddp_child() or Path(run_dir).resolve() != kept[0]:
         return False
     folder, files, checkpoints = kept
-    if _checkpoint_state(folder) != checkpoints:
-        return False
     record = folder / ".hydra"
+    if not record.is_dir() or _checkpoint_state(folder) != checkpoints:
+        return False
     for path in record.glob("*.yaml"):
         if path.name not in files:
             path.unlink()  # written by this job alone

@@ -144,6 +144,19 @@ def test_a_config_mistake_is_answered_before_torch_loads(tmp_path, overrides, me
     assert not run_dir.exists()  # and it left no output folder
 
 
+def test_a_mistake_in_a_folder_that_holds_a_record_leaves_the_folder_as_it_was(tmp_path):
+    # A folder a killed start left with its record only (a job script's fixed hydra.run.dir): Hydra rewrites the
+    # record before the job starts; the job that stops at a typo puts it back, and does not take the folder away.
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("seed: 7\n")
+    result = run_before_torch(tmp_path, ["data.min_size=-5", f"hydra.run.dir={run_dir}"])
+    assert result.returncode != 0 and "data.min_size=-5: must be a positive integer" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert [p.name for p in (run_dir / ".hydra").iterdir()] == ["config.yaml"]
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == "seed: 7\n"
+
+
 def test_a_sweep_with_a_mistake_in_one_job_stops_before_its_first_job(tmp_path):
     # Jobs 0 and 1 are fine: without the check at the sweep's start, both would train before job 2 failed.
     sweep = tmp_path / "sweep"
