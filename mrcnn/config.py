@@ -347,7 +347,10 @@ def check_group_overrides(args: Sequence[str], config_dir: str | Path = CONFIG_D
     Raises:
         ValueError: naming the override and the one that picks the option.
     """
-    searchpath = any("hydra.searchpath" in arg for arg in args)  # groups of other folders: not checked here
+    # Groups of other config folders (a search path, another config folder) are not checked here.
+    searchpath = any(
+        "hydra.searchpath" in arg or arg.startswith(("--config-dir", "-cd", "--config-path", "-cp")) for arg in args
+    )
     for arg in args:
         missing = _missing_group(arg, config_dir) if not searchpath else None
         if missing is not None:

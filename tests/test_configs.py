@@ -345,6 +345,8 @@ def test_a_config_group_that_does_not_exist_is_named_with_the_one_meant():
     # Real groups, Hydra's own, a package, and groups of another config folder (hydra.searchpath) pass.
     check_group_overrides(["model/pooler=roi_pool", "hydra/launcher=basic", "model/pooler@model.x=roi_pool"])
     check_group_overrides(["hydra.searchpath=[file:///my/configs]", "+mine/extra=x"])
+    check_group_overrides(["--config-dir=/my/configs", "+mine/extra=x"])
+    check_group_overrides(["-cd", "/my/configs", "+mine/extra=x"])
 
 
 def test_each_backbone_selects_its_roi_heads_and_the_command_line_wins():

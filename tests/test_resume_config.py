@@ -188,3 +188,16 @@ def test_a_plain_state_dict_given_to_resume_is_refused_naming_weights(tmp_path, 
     torch.save(content, path)
     with pytest.raises(ValueError, match=rf"ckpt_path={path} is not a Lightning checkpoint.*use weights={path}"):
         read_resumed_run(path)
+
+
+def test_a_key_is_left_out_as_a_repeat_only_where_it_repeated_its_source_in_the_saved_config_too():
+    # data.min_size reads ${data.image_size} now; the saved run had them equal (a repeat), or set apart (a change).
+    unresolved = {"data": {"image_size": 800, "min_size": "${data.image_size}"}}
+    new = {"data": {"image_size": 800, "min_size": 800}}
+    repeated = {"data": {"image_size": 1000, "min_size": 1000}}
+    assert config_changes(repeated, new, "/r", "/r", unresolved) == ["data.image_size: 1000 -> 800"]
+    apart = {"data": {"image_size": 1000, "min_size": 600}}
+    assert config_changes(apart, new, "/r", "/r", unresolved) == [
+        "data.image_size: 1000 -> 800",
+        "data.min_size: 600 -> 800",
+    ]

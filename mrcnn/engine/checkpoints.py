@@ -175,26 +175,30 @@ def config_changes(
     # A key that only repeats another changed key (data.min_size: ${data.image_size}; module.model: ${model.net}, a
     # whole node) is that change again: each change is named once, where it is written.
     written = flatten_config(unresolved) if unresolved is not None else {}
-    changed = [key for key in changed if not _repeats_a_change(key, written, set(changed))]
+    changed = [key for key in changed if not _repeats_a_change(key, written, set(changed), old)]
     return [f"{key}: {old.get(key, absent)!r} -> {new.get(key, absent)!r}" for key in changed]
 
 
-def _repeats_a_change(key: str, written: dict, changed: set[str]) -> bool:
-    """Whether ``key``'s value is, through whole-value interpolations (``${other}``, at ``key`` or at a node above
-    it), that of a key in ``changed``. ``written``: the config before interpolation, flattened."""
+def _repeats_a_change(key: str, written: dict, changed: set[str], old: dict) -> bool:
+    """Whether ``key``'s change is that of a key in ``changed``: its value is that key's through whole-value
+    interpolations (``${other}``, at ``key`` or at a node above it), and was in the saved config too. ``written``:
+    the current config before interpolation, flattened; ``old``: the saved config, flattened."""
+    source = key
     for _ in range(len(written)):  # a chain of interpolations, each at most once
-        parts = key.split(".")
+        parts = source.split(".")
         for end in range(len(parts), 0, -1):
             value = written.get(".".join(parts[:end]))
             if isinstance(value, str) and value.startswith("${") and value.endswith("}") and value.count("$") == 1:
-                source = value[2:-1].strip()
                 break
         else:
             return False
-        key = ".".join([source, *parts[end:]])
-        if key in changed:
-            return True
+        source = ".".join([value[2:-1].strip(), *parts[end:]])
+        if source in changed:
+            return old.get(key, _ABSENT_KEY) == old.get(source, _ABSENT_KEY)
     return False
+
+
+_ABSENT_KEY = object()
 
 
 def _builds_the_default(config: dict, key: str, value, uses: dict[str, list[str]]) -> bool:
