@@ -201,3 +201,19 @@ def test_a_key_is_left_out_as_a_repeat_only_where_it_repeated_its_source_in_the_
         "data.image_size: 1000 -> 800",
         "data.min_size: 600 -> 800",
     ]
+
+
+def test_the_continue_command_reads_back_as_the_same_overrides_whatever_the_folders_name():
+    # A sweep job's folder named after its overrides (hydra.sweep.subdir=${hydra.job.override_dirname}) holds = and ,.
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from mrcnn.engine.checkpoints import continue_command
+
+    for folder in ("/runs/plain", "/runs/base_lr=0.02,seed=1", "/runs/with space", '/runs/quo"te'):
+        command = continue_command(["base_lr=0.02", "resume=/old", "hydra.run.dir=/old"], f"resume={folder}", folder)
+        words = shlex.split(command)
+        assert words[:2] == ["python", "run.py"]
+        parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(words[2:])}
+        assert parsed == {"base_lr": 0.02, "resume": folder, "hydra.run.dir": folder}

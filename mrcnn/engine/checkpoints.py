@@ -3,6 +3,7 @@
 import importlib
 import inspect
 import logging
+import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -305,9 +306,20 @@ def continue_command(overrides: Sequence[str] | None, start: str, run_dir: str |
         run_dir: the folder to continue in; ``None``: a new one.
     """
     kept = [o for o in overrides or () if o.lstrip("+~").split("=", 1)[0] not in _START_KEYS]
-    words = [*kept, start, *([f"hydra.run.dir={run_dir}"] if run_dir is not None else [])]
+    key, _, path = start.partition("=")
+    words = [*kept, f"{key}={hydra_quoted(path)}"]
+    if run_dir is not None:
+        words.append(f"hydra.run.dir={hydra_quoted(str(run_dir))}")
     same = "<the same overrides> " if overrides is None else ""
     return f"python run.py {same}" + " ".join(shlex.quote(str(word)) for word in words)
+
+
+def hydra_quoted(value: str) -> str:
+    """``value`` as a Hydra override reads it back whole: quoted where it holds what the override grammar would
+    split on (a sweep job's folder named after its overrides holds ``=`` and ``,``)."""
+    if not re.search(r"[=,\[\]{}()'\"\s\\]", value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _relative_to_run_dir(value, run_dir: str):
