@@ -65,7 +65,7 @@ def test_a_typo_fails_loudly_and_leaves_no_output_folder(tmp_path):
     kept = tmp_path / "kept"
     (kept / "predictions").mkdir(parents=True)
     (kept / "predictions" / "a.jpg.png").write_bytes(b"an overlay")
-    result = run_py(["+model.pooler=roi_pool", f"hydra.run.dir={kept}"], cwd=tmp_path, check=False, timeout=120)
+    result = run_py(["+data.min_sise=64", f"hydra.run.dir={kept}"], cwd=tmp_path, check=False, timeout=120)
     assert result.returncode != 0 and (kept / "predictions" / "a.jpg.png").is_file() and (kept / ".hydra").is_dir()
 
 
