@@ -40,6 +40,9 @@ _requeued_into_a_new_folder = False
 # then, for restore_run_record.
 _kept_record: tuple[Path, dict[str, bytes], frozenset] | None = None
 
+# Set by check_sweep_continues: {job folder: its .hydra/*.yaml} of each job a continued sweep finished before.
+_finished_records: dict[Path, dict[str, bytes]] = {}
+
 # A job's main process names its Hydra output folder here for the DDP children Lightning starts from
 # it; run.py, started as such a child, runs <folder>/.hydra/<RESOLVED_CONFIG>.yaml.
 DDP_JOB_DIR_ENV = "MRCNN_DDP_JOB_DIR"
@@ -461,7 +464,7 @@ class RunDirIsFree(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         if config.get("continue_sweep"):
-            _exit_if_refused(check_sweep_continues, str(config.hydra.sweep.dir), list(config.hydra.overrides.task))
+            _exit_if_refused(check_sweep_continues, str(config.hydra.sweep.dir), config)
         else:
             _exit_if_refused(check_sweep_dir_is_free, str(config.hydra.sweep.dir))
 
@@ -509,13 +512,16 @@ def check_sweep_dir_is_free(sweep_dir: str | Path) -> None:
         )
 
 
-def check_sweep_continues(sweep_dir: str | Path, overrides: list[str]) -> None:
-    """Stops ``continue_sweep=true`` unless ``sweep_dir`` holds a sweep of the same command (its ``multirun.yaml``):
-    each job finds its own folder by its number, which the same sweep values give it.
+def check_sweep_continues(sweep_dir: str | Path, config: DictConfig) -> None:
+    """Stops ``continue_sweep=true`` unless ``sweep_dir`` holds a sweep of the same command (its ``multirun.yaml``)
+    whose every job folder ran the job this sweep gives its number (its ``.hydra/hydra.yaml``): a job finds its own
+    folder by its number, and a finished one is kept as it is. Remembers the record of each finished job, which
+    Hydra rewrites before the job starts (:func:`finished_earlier` puts it back).
 
     Raises:
         FileExistsError: naming the folder and what differs.
     """
+    global _finished_records
     sweep_dir = Path(sweep_dir)
     if not is_first_process():
         return
@@ -530,13 +536,41 @@ def check_sweep_continues(sweep_dir: str | Path, overrides: list[str]) -> None:
     except Exception as error:  # noqa: BLE001  (not yaml, or no hydra.overrides.task in it)
         raise FileExistsError(f"continue_sweep=true: cannot read the sweep's command in {recorded} ({error})") from None
     earlier = [o for o in earlier if not _is_key(o, "continue_sweep")]
-    now = [o for o in overrides if not _is_key(o, "continue_sweep")]
+    now = [o for o in config.hydra.overrides.task if not _is_key(o, "continue_sweep")]
     if earlier != now:
         raise FileExistsError(
             f"continue_sweep=true: the sweep in {sweep_dir} ran with the overrides {' '.join(earlier)}, this command "
             f"gives {' '.join(now)}: continue it with its own (its jobs are found by their numbers), or start a new "
             "sweep in a new folder"
         )
+    from hydra.core.global_hydra import GlobalHydra
+
+    from mrcnn.engine.sweep_cost import sweep_jobs
+
+    loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None
+    planned = sweep_jobs(config.hydra.sweeper.get("params"), config.hydra.overrides.task, loader)
+    _finished_records = {}
+    for record in sorted(sweep_dir.rglob(".hydra/hydra.yaml")):
+        job_dir = record.parent.parent
+        try:
+            job = OmegaConf.load(record).hydra
+            num, ran = int(job.job.num), [str(o) for o in job.overrides.task if not _is_key(str(o), "continue_sweep")]
+        except Exception:  # noqa: BLE001  (a record cut short: the job never started)
+            continue
+        wanted = [o for o in planned[num] if not _is_key(o, "continue_sweep")] if num < len(planned) else None
+        if ran != wanted:
+            raise FileExistsError(
+                f"continue_sweep=true: {job_dir} ran job #{num} with {' '.join(ran)}, which is "
+                + (
+                    f"#{num} {' '.join(wanted)} now"
+                    if wanted is not None
+                    else f"beyond this sweep's {len(planned)} jobs"
+                )
+                + " (the sweep's parameters in its config changed since): start a new sweep in a new folder"
+            )
+        if (job_dir / "metrics.json").is_file():
+            files = {path.name: path.read_bytes() for path in record.parent.glob("*.yaml")}
+            _finished_records[job_dir.resolve()] = files
 
 
 def _is_key(override: str, key: str) -> bool:
@@ -549,10 +583,15 @@ def finished_earlier(cfg: DictConfig) -> dict | None:
     earlier start (its folder's ``metrics.json``), else ``None``: the job runs."""
     if not cfg.get("continue_sweep") or not HydraConfig.initialized():
         return None
-    path = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
-    if not path.is_file():
+    job_dir = Path(HydraConfig.get().runtime.output_dir)
+    path = job_dir / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):  # not there, or cut short: the job did not finish
         return None
-    metrics = json.loads(path.read_text())
+    # Hydra has written this start's record over the job's: the one it finished with goes back.
+    for name, content in _finished_records.get(job_dir.resolve(), {}).items():
+        (job_dir / ".hydra" / name).write_bytes(content)
     log.info("job %s finished when the sweep ran before (%s): kept, not run again", HydraConfig.get().job.num, path)
     return metrics
 

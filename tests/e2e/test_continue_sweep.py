@@ -33,6 +33,7 @@ def test_a_stopped_sweep_continues_where_it_stopped(tmp_path):
     stopped = run_py([*SWEEP, f"hydra.sweep.dir={sweep}"], cwd=tmp_path, check=False)
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     finished = (sweep / "0" / "metrics.json").read_bytes()
+    record = {path.name: path.read_bytes() for path in (sweep / "0" / ".hydra").iterdir()}
     assert not (sweep / "1" / "metrics.json").exists() and (sweep / "1" / "checkpoints" / "last.ckpt").exists()
 
     result = run_py([*SWEEP, f"hydra.sweep.dir={sweep}", "continue_sweep=true"], cwd=tmp_path)
@@ -40,6 +41,7 @@ def test_a_stopped_sweep_continues_where_it_stopped(tmp_path):
     assert "job 0 finished when the sweep ran before" in log and "kept, not run again" in log
     assert f"this job continues from {sweep / '1' / 'checkpoints' / 'last.ckpt'}" in log
     assert (sweep / "0" / "metrics.json").read_bytes() == finished  # not run again
+    assert {path.name: path.read_bytes() for path in (sweep / "0" / ".hydra").iterdir()} == record  # nor re-recorded
     assert json.loads((sweep / "1" / "metrics.json").read_text())["global_step"] == 4
     assert train_steps(sweep / "1") == [0, 1, 2, 3]  # the stopped start's two steps, then the continued start's
 
@@ -55,6 +57,15 @@ def test_continue_sweep_needs_the_stopped_sweeps_folder_and_command(tmp_path):
     assert f"the sweep in {sweep} ran with the overrides seed=0,1 data.min_size=64, this command gives seed=0,1" in (
         result.stderr
     )
+    # The same command, but a job folder ran another job under its number (the experiment's sweep changed since).
+    (sweep / "multirun.yaml").write_text("hydra:\n  overrides:\n    task: ['seed=0,1']\n")
+    (sweep / "0" / ".hydra").mkdir(parents=True)
+    (sweep / "0" / ".hydra" / "hydra.yaml").write_text(
+        "hydra:\n  job: {num: 0}\n  overrides:\n    task: [seed=0, base_lr=0.99]\n"
+    )
+    result = run_before_torch(tmp_path, ["-m", "seed=0,1", f"hydra.sweep.dir={sweep}", "continue_sweep=true"])
+    assert result.returncode != 0, result.stderr[-2000:]
+    assert f"{sweep / '0'} ran job #0 with seed=0 base_lr=0.99, which is #0 seed=0 now" in result.stderr
     # A single run continues with resume=.
     result = run_before_torch(tmp_path, ["continue_sweep=true", f"hydra.run.dir={tmp_path / 'run'}"])
     assert result.returncode != 0 and "a single run continues with resume=<its folder>" in result.stderr
