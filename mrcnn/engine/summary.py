@@ -6,6 +6,7 @@ Cityscapes instance AP (cityscapesscripts), per class. The two protocols differ,
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import lightning as L
@@ -75,4 +76,7 @@ def write_final_metrics(
         record["nothing_to_score"] = nothing_to_score
     path = Path(cfg.run_dir) / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    # Written beside, then moved: a run killed while writing leaves no half file, which would count as finished.
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(partial, path)
