@@ -421,6 +421,25 @@ def outlive_the_requeue_sigterm() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def continue_sweep_command() -> str | None:
+    """In a job of a sweep: the command that continues the whole sweep (its own overrides, from its ``multirun.yaml``,
+    with ``hydra.sweep.dir=<its folder> continue_sweep=true``); ``None`` outside one, or without that file."""
+    if not in_sweep():
+        return None
+    import shlex
+
+    from mrcnn.engine.checkpoints import hydra_quoted
+
+    sweep_dir = Path(HydraConfig.get().runtime.cwd, HydraConfig.get().sweep.dir)
+    try:
+        overrides = [str(o) for o in OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task]
+    except Exception:  # noqa: BLE001  (not there, or not readable)
+        return None
+    words = [o for o in overrides if not _is_key(o, "continue_sweep")]
+    words += [f"hydra.sweep.dir={hydra_quoted(str(sweep_dir))}", "continue_sweep=true"]
+    return "python run.py -m " + " ".join(shlex.quote(word) for word in words)
+
+
 def in_sweep() -> bool:
     """Whether this process runs a job of a Hydra sweep (``-m``, or an experiment that sweeps)."""
     from hydra.types import RunMode

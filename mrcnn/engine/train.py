@@ -24,6 +24,7 @@ from mrcnn.engine.config_checks import (
 )
 from mrcnn.engine.launch import (
     check_run_dir_is_free,
+    continue_sweep_command,
     in_sweep,
     is_first_process,
     job_scope,
@@ -196,6 +197,10 @@ def stops_with_nonzero_exit(cfg: DictConfig):
                 signal.Signals(stop.signum).name,
                 stop.step,
                 Path(cfg.run_dir) / "metrics.json",
+            )
+        elif continue_sweep_command() is not None:  # a sweep's job: the sweep goes on with it
+            log.warning(
+                "%s. Continue the sweep (this job, and those after it) with: %s", stop, continue_sweep_command()
             )
         else:
             log.warning(

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shlex
 
 import pytest
 
@@ -35,6 +36,12 @@ def test_a_stopped_sweep_continues_where_it_stopped(tmp_path):
     finished = (sweep / "0" / "metrics.json").read_bytes()
     record = {path.name: path.read_bytes() for path in (sweep / "0" / ".hydra").iterdir()}
     assert not (sweep / "1" / "metrics.json").exists() and (sweep / "1" / "checkpoints" / "last.ckpt").exists()
+    # The stop names the command that continues the sweep: the one this test runs next.
+    command = " ".join(shlex.quote(arg) for arg in [*SWEEP[1:], f"hydra.sweep.dir={sweep}", "continue_sweep=true"])
+    assert (
+        f"Continue the sweep (this job, and those after it) with: python run.py -m {command}\n"
+        in (sweep / "1" / "run.log").read_text()
+    )
 
     result = run_py([*SWEEP, f"hydra.sweep.dir={sweep}", "continue_sweep=true"], cwd=tmp_path)
     log = result.stdout + result.stderr
