@@ -17,9 +17,6 @@ NOISE_WARNINGS = (
     # MaskRCNNModule.on_before_batch_transfer drops crowd regions and checks training targets on the host, for any
     # datamodule; ours define no such hook, so nothing is overridden that the message could warn about.
     r"You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in a `LightningDataModule`",
-    # A job whose folder holds another run's checkpoints is refused before it starts (mrcnn.engine.launch.RunDirIsFree):
-    # the only one that meets checkpoints there continues that run, its own, as asked (resume=<its folder>).
-    r"Checkpoint directory .* exists and is not empty",
 )
 # Log records by message prefix, per logger: Lightning's advertisements for its cloud products.
 NOISE_LOGS = {

@@ -4,6 +4,7 @@ import contextlib
 import logging
 import os
 import signal
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -63,7 +64,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         L.seed_everything(cfg.seed, workers=True)
         datamodule, module, trainer = build(cfg, resumed)
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            with warnings.catch_warnings():
+                if ckpt_path and Path(cfg.run_dir).resolve() in Path(ckpt_path).resolve().parents:
+                    # The run continues in its own folder: the checkpoints Lightning warns of finding there are its own.
+                    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         except TrainingInterrupted as stop:
             if cfg.get("final_eval", True) and finished_and_validated(trainer, module):
                 # The stop came during the run's last step, and Lightning validated the final weights before it took
