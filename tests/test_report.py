@@ -11,7 +11,7 @@ import pytest
 import yaml
 from hydra.core.utils import JobStatus
 
-from mrcnn.reporting.report import collect, markdown_table, our_setting, write_report
+from mrcnn.reporting.report import NOT_STARTED, collect, markdown_table, our_setting, write_report
 from mrcnn.reporting.report import main as report_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,10 +209,10 @@ def test_jobs_a_stopped_sweep_never_started_are_named_and_a_sweep_without_result
     summary = json.loads(write_report(sweep, ["model/pooler"])["json"].read_text())
     assert summary["left_out"] == [
         {"job": "4", "variant": "model/pooler=roi_align", "why": "no metrics.json: failed or not finished"},
-        {"job": "", "variant": "model/pooler=roi_pool", "why": "not started"},
+        {"job": "", "variant": "model/pooler=roi_pool", "why": NOT_STARTED},
     ]
     assert (
-        "`4` model/pooler=roi_align (no metrics.json: failed or not finished); model/pooler=roi_pool (not started)."
+        f"`4` model/pooler=roi_align (no metrics.json: failed or not finished); model/pooler=roi_pool ({NOT_STARTED})."
         in (sweep / "report.md").read_text()
     )
     # Nothing finished yet: the rebuild command says so in a line, with what the jobs are, and no traceback.
@@ -230,7 +230,7 @@ def test_jobs_a_stopped_sweep_never_started_are_named_and_a_sweep_without_result
         f"no finished runs (with metrics.json) under {sweep}; its jobs: 5 no metrics.json: failed or not "
         in result.stderr
     )
-    assert "1 not started" in result.stderr
+    assert f"1 {NOT_STARTED}" in result.stderr
 
 
 def test_a_job_that_scored_nothing_is_left_out_not_averaged_as_ap_minus_one(tmp_path, caplog):

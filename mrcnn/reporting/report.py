@@ -246,8 +246,8 @@ def collect(
     Args:
         order: optional variant names in the order the table should list them.
         left_out: if given, gets ``(job folder relative to sweep_dir, variant, why)`` of each job skipped, and
-            ``("", variant, "not started")`` of each job the sweep planned (``multirun.yaml``) that has no folder yet
-            (a sweep stopped, or still running), for the report.
+            ``("", variant, NOT_STARTED)`` of each job the sweep planned (``multirun.yaml``) that has no folder (a
+            sweep stopped or still running, or a job that failed at its start), for the report.
     """
     # Registers the resolvers a job's config.yaml may use. Here, not at the top: it loads torch (seconds), and
     # `python -m mrcnn.reporting` should answer a mistyped folder at once.
@@ -256,7 +256,7 @@ def collect(
     sweep_dir = Path(sweep_dir)
     sweep = _sweep_config(sweep_dir)
     recipe = functools.cache(lambda: recipe_pins(sweep))  # composed for the first job rebuilt, if any
-    jobs, started = [], []
+    jobs, started, recorded = [], [], False
     for overrides_file in sorted(sweep_dir.glob("**/overrides.yaml")):
         # A Hydra job folder (<job>/.hydra/overrides.yaml) or a recorded one (jobs/<name>/overrides.yaml).
         job_dir = overrides_file.parent.parent if overrides_file.parent.name == ".hydra" else overrides_file.parent
@@ -264,6 +264,8 @@ def collect(
             continue
         if overrides_file.parent.name == ".hydra":
             started.append(yaml.safe_load(overrides_file.read_text()) or [])
+        else:
+            recorded = True
         folder = str(job_dir.relative_to(sweep_dir))
         if not (job_dir / "metrics.json").exists():
             log.warning("skipping %s: no metrics.json (the job failed or has not finished)", job_dir)
@@ -303,10 +305,10 @@ def collect(
         repeated = sorted({seed for seed in variant.seeds if variant.seeds.count(seed) > 1})
         if repeated:
             log.warning("%s: seed %s repeats (%d runs averaged)", variant.name, ", ".join(repeated), len(variant.runs))
-    if left_out is not None and started:  # a sweep Hydra ran here, not a record of one (jobs/<name>/)
+    if left_out is not None and not recorded:  # a sweep Hydra ran here, not a record of one (jobs/<name>/)
         for overrides in not_started(sweep, started):
             parsed = dict(o.lstrip("+~").partition("=")[::2] for o in overrides)
-            left_out.append(("", _planned_variant(variant_keys, parsed, {}), "not started"))
+            left_out.append(("", _planned_variant(variant_keys, parsed, {}), NOT_STARTED))
     result = list(variants.values())
     if order:
         rank = {name: i for i, name in enumerate(order)}
@@ -354,6 +356,11 @@ def other_swept_keys(jobs: list[Job], variant_keys: list[str]) -> list[str]:
             "" if len(other) > 1 else "s",
         )
     return other
+
+
+# Why a job the sweep planned is not in the table when it has no folder: a job that failed before it wrote anything has
+# its folder removed (mrcnn.engine.launch.discard_unused_output), as one never started has none.
+NOT_STARTED = "no folder: not started, or failed before writing anything"
 
 
 def _planned_variant(variant_keys: list[str], overrides: dict[str, str], choices: dict[str, str]) -> str:
