@@ -82,8 +82,8 @@ class SweepJobsPass(Callback):
     each job from the results of the last, such as Optuna's, is not). A job is composed as the launcher will
     compose it (Hydra's ``load_sweep_config``, with its number and folder): one Hydra cannot compose (an option that
     does not exist) is named with Hydra's message, before the sweeper writes its folder. A job still runs its
-    checks again when it starts. With a launcher that runs the jobs on other machines (:func:`runs_here`), files and GPUs are not
-    looked for here.
+    checks again when it starts. With a launcher that runs the jobs on other machines (:func:`runs_here`), files
+    and GPUs are not looked for here.
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:

@@ -133,8 +133,8 @@ def pin_ddp_child_to_its_job() -> None:
     sweep (Lightning issue 11300). The job's main process has written the job's resolved config and
     named the job folder in ``MRCNN_DDP_JOB_DIR`` (:func:`job_scope`); here the command line
     is replaced by one that runs exactly that config, in that folder, without rewriting its ``.hydra``
-    files, logging to ``ddp_rank<N>.log`` (and to the console only its errors). The child ends when the main process dies, even by SIGKILL
-    (:func:`mrcnn.engine.job_processes.exit_with_parent`).
+    files, logging to ``ddp_rank<N>.log`` (and to the console only its errors). The child ends when the main
+    process dies, even by SIGKILL (:func:`mrcnn.engine.job_processes.exit_with_parent`).
     """
     if not is_ddp_child():
         return

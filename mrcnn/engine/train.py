@@ -108,9 +108,9 @@ def logged_as_after_the_last_step(trainer: L.Trainer):
     """
     loop = trainer.fit_loop
     counted, completed = loop.epoch_loop._batches_that_stepped, loop.epoch_progress.current.completed
-    if trainer.global_step > 0 and counted > 0:
+    if counted > 0 and completed > 0:
         loop.epoch_loop._batches_that_stepped = trainer.global_step - 1
-        loop.epoch_progress.current.completed -= int(completed > 0)
+        loop.epoch_progress.current.completed -= 1
     try:
         yield
     finally:

@@ -214,6 +214,7 @@ def validation_rows(run_dir: Path) -> list[tuple[str, str, str]]:
         (12, 1, (11, 0)),  # the fit trained its last step, step 12, which ended epoch 0
         (11, 1, (11, 0)),  # resumed from a save during step 12 (before Lightning counted it), nothing left to train
         (0, 0, (0, 0)),  # nothing trained: nothing moved
+        (5, 0, (5, 0)),  # max_steps ended the fit in its first epoch: as before, nothing moved
     ],
 )
 def test_the_final_validation_is_logged_at_the_row_of_the_last_step(counted, completed, logged):
@@ -224,7 +225,7 @@ def test_the_final_validation_is_logged_at_the_row_of_the_last_step(counted, com
 
     progress = SimpleNamespace(current=SimpleNamespace(completed=completed))
     loop = SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=counted), epoch_progress=progress)
-    trainer = SimpleNamespace(global_step=12 if counted else 0, fit_loop=loop)
+    trainer = SimpleNamespace(global_step=counted + (counted == 11), fit_loop=loop)
     with logged_as_after_the_last_step(trainer):
         assert (loop.epoch_loop._batches_that_stepped, progress.current.completed) == logged
     assert (loop.epoch_loop._batches_that_stepped, progress.current.completed) == (counted, completed)
