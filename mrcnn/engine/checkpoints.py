@@ -180,6 +180,9 @@ def config_changes(
     return [f"{key}: {old.get(key, absent)!r} -> {new.get(key, absent)!r}" for key in changed]
 
 
+_ABSENT_KEY = object()
+
+
 def _repeats_a_change(key: str, written: dict, changed: set[str], old: dict) -> bool:
     """Whether ``key``'s change is that of a key in ``changed``: its value is that key's through whole-value
     interpolations (``${other}``, at ``key`` or at a node above it), and was in the saved config too. ``written``:
@@ -197,9 +200,6 @@ def _repeats_a_change(key: str, written: dict, changed: set[str], old: dict) -> 
         if source in changed:
             return old.get(key, _ABSENT_KEY) == old.get(source, _ABSENT_KEY)
     return False
-
-
-_ABSENT_KEY = object()
 
 
 def _builds_the_default(config: dict, key: str, value, uses: dict[str, list[str]]) -> bool:
