@@ -379,8 +379,13 @@ def not_started(sweep: DictConfig | None, started: list[list[str]]) -> list[list
         planned = sweep_jobs(sweep.hydra.sweeper.get("params"), sweep.hydra.overrides.task)
     except Exception:  # noqa: BLE001  (a glob() sweep needs Hydra's config loader: its jobs are not named)
         return []
-    ran = {frozenset(overrides) for overrides in started}
-    return [overrides for overrides in planned if frozenset(overrides) not in ran]
+
+    def job(overrides: list[str]) -> frozenset:
+        # continue_sweep=true is in the overrides of a continued sweep's jobs, not in those it had finished before.
+        return frozenset(o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "continue_sweep")
+
+    ran = {job(overrides) for overrides in started}
+    return [overrides for overrides in planned if job(overrides) not in ran]
 
 
 def nested_sweep(sweep_dir: Path, job_dir: Path) -> Path | None:

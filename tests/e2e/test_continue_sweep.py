@@ -6,6 +6,7 @@ import shlex
 
 import pytest
 
+from mrcnn.reporting.report import collect
 from tests.e2e.test_run import run_before_torch
 from tests.helpers.runs import TINY_RUN, run_py
 
@@ -51,6 +52,10 @@ def test_a_stopped_sweep_continues_where_it_stopped(tmp_path):
     assert {path.name: path.read_bytes() for path in (sweep / "0" / ".hydra").iterdir()} == record  # nor re-recorded
     assert json.loads((sweep / "1" / "metrics.json").read_text())["global_step"] == 4
     assert train_steps(sweep / "1") == [0, 1, 2, 3]  # the stopped start's two steps, then the continued start's
+    # The report of the continued sweep counts both jobs as run (job 0's record has no continue_sweep=true).
+    left_out = []
+    collect(sweep, ["callbacks.interrupt.step"], left_out=left_out)
+    assert left_out == []
 
 
 def test_continue_sweep_needs_the_stopped_sweeps_folder_and_command(tmp_path):
