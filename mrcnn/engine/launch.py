@@ -592,6 +592,12 @@ def check_sweep_continues(sweep_dir: str | Path, config: DictConfig) -> None:
             _finished_records[job_dir.resolve()] = files
 
 
+def finished_jobs() -> int:
+    """How many jobs the sweep continued with ``continue_sweep=true`` finished before (:func:`check_sweep_continues`
+    found them)."""
+    return len(_finished_records)
+
+
 def _is_key(override: str, key: str) -> bool:
     """Whether a command-line override sets ``key`` (``key=...``, ``+key=...``, ``++key=...``)."""
     return override.lstrip("+~").split("=", 1)[0] == key

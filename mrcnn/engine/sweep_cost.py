@@ -177,9 +177,14 @@ class SweepCostAtStart(Callback):
     """Hydra callback: when a sweep starts, logs jobs x steps x the recorded step time of its setting."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from mrcnn.engine.launch import finished_jobs  # (light: Hydra builds its callbacks from it too)
+
         jobs = sweep_job_count(config.hydra.sweeper.get("params"), config.hydra.overrides.task)
+        # A continued sweep (continue_sweep=true) runs only the jobs it did not finish before.
+        kept = finished_jobs() if config.get("continue_sweep") else 0
         step_time = OmegaConf.select(config, "callbacks.cost_estimate.step_time_s", default=None)
         note = OmegaConf.select(config, "callbacks.cost_estimate.step_time_note", default=None)
-        at_once = jobs_at_once(config.hydra.get("launcher"), jobs)
+        at_once = jobs_at_once(config.hydra.get("launcher"), jobs - kept)
         source = note or "recorded for this setting"
-        log.info(estimate_line(jobs, None, planned_steps(config), 0, step_time, source, at_once))
+        line = estimate_line(jobs - kept, None, planned_steps(config), 0, step_time, source, at_once)
+        log.info(line + (f" ({kept} of the sweep's {jobs} jobs finished before: kept, not run again)" if kept else ""))

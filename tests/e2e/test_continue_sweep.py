@@ -47,6 +47,7 @@ def test_a_stopped_sweep_continues_where_it_stopped(tmp_path):
     result = run_py([*SWEEP, f"hydra.sweep.dir={sweep}", "continue_sweep=true"], cwd=tmp_path)
     log = result.stdout + result.stderr
     assert "job 0 finished when the sweep ran before" in log and "kept, not run again" in log
+    assert "cost estimate (sweep): 1 jobs x 4 steps" in log and "(1 of the sweep's 2 jobs finished before: kept" in log
     assert f"this job continues from {sweep / '1' / 'checkpoints' / 'last.ckpt'}" in log
     assert (sweep / "0" / "metrics.json").read_bytes() == finished  # not run again
     assert {path.name: path.read_bytes() for path in (sweep / "0" / ".hydra").iterdir()} == record  # nor re-recorded
