@@ -112,6 +112,12 @@ register_resolvers()
 ABLATION_GROUPS = {"ablation/mask_loss": "model/mask_loss"}
 
 
+def override_key(override: str) -> str:
+    """The key (or config group) a command-line override sets: ``+data.min_size=64`` -> ``data.min_size``,
+    ``~model.pooler`` -> ``model.pooler``, ``model/pooler=roi_pool`` -> ``model/pooler``."""
+    return override.lstrip("+~").split("=", 1)[0]
+
+
 def check_ablation_overrides(choices: Mapping[str, str | None], overrides: Sequence[str]) -> None:
     """Fails when the command line sets the group an ``ablation/...`` group's options switch.
 
@@ -129,7 +135,7 @@ def check_ablation_overrides(choices: Mapping[str, str | None], overrides: Seque
         if choices.get(ablation) is None:
             continue
         for override in overrides:
-            if override.lstrip("+~").split("=", 1)[0] == group:
+            if override_key(override) == group:
                 raise ValueError(
                     f"{override}: the {ablation} switch of this run picks {group} for each variant, so {group}= would "
                     f"give every variant the same one under its own label. Choose the variants with {ablation}=... "

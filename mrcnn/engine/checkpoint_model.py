@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mrcnn.config import override_key
 from mrcnn.engine.checkpoints import RUN_RECORD_KEY, flatten_config, model_differences
 from mrcnn.engine.launch import is_ddp_child
 from mrcnn.engine.model_record import read_checkpoint
@@ -44,7 +45,7 @@ def chooses_model_by_group(override: str) -> bool:
     ``model=small``, ``model/pooler=roi_pool``, ``experiment=ablation_roialign``, ``ablation/mask_loss=softmax``,
     ``+setting=paper``: yes; ``model.box_score_thresh=0.1``, ``seed=1``: no.
     """
-    key = override.lstrip("+~").split("=", 1)[0].split("@", 1)[0]
+    key = override_key(override).split("@", 1)[0]
     if "." in key:
         return False
     return key.split("/", 1)[0] in MODEL_GROUPS
@@ -55,7 +56,7 @@ def key_overrides(overrides: Sequence[str], prefix: str) -> list[tuple[str, bool
     (``~model.x``), in order."""
     keys = []
     for override in overrides:
-        key = override.lstrip("+~").split("=", 1)[0]
+        key = override_key(override)
         if key.startswith(prefix):
             keys.append((key, override.startswith("~")))
     return keys

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mrcnn.config import override_key
 from mrcnn.engine.config_checks import CommandError, requeued_checkpoint, started_again
 from mrcnn.engine.model_record import (
     MODEL_RECORD_KEY,
@@ -305,7 +306,7 @@ def continue_command(overrides: Sequence[str] | None, start: str, run_dir: str |
         start: what it continues from, ``resume=<run folder>`` or ``ckpt_path=<file>``.
         run_dir: the folder to continue in; ``None``: a new one.
     """
-    kept = [o for o in overrides or () if o.lstrip("+~").split("=", 1)[0] not in _START_KEYS]
+    kept = [o for o in overrides or () if override_key(o) not in _START_KEYS]
     key, _, path = start.partition("=")
     words = [*kept, f"{key}={hydra_quoted(path)}"]
     if run_dir is not None:

@@ -26,6 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from mrcnn.config import override_key
 from mrcnn.engine import job_processes
 from mrcnn.engine.config_checks import slurm_restart_count, start_checkpoint
 
@@ -435,7 +436,7 @@ def continue_sweep_command() -> str | None:
         overrides = [str(o) for o in OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task]
     except Exception:  # noqa: BLE001  (not there, or not readable)
         return None
-    words = [o for o in overrides if not _is_key(o, "continue_sweep")]
+    words = without_continue_sweep(overrides)
     words += [f"hydra.sweep.dir={hydra_quoted(str(sweep_dir))}", "continue_sweep=true"]
     return "python run.py -m " + " ".join(shlex.quote(word) for word in words)
 
@@ -554,8 +555,8 @@ def check_sweep_continues(sweep_dir: str | Path, config: DictConfig) -> None:
         earlier = [str(o) for o in OmegaConf.load(recorded).hydra.overrides.task]
     except Exception as error:  # noqa: BLE001  (not yaml, or no hydra.overrides.task in it)
         raise FileExistsError(f"continue_sweep=true: cannot read the sweep's command in {recorded} ({error})") from None
-    earlier = [o for o in earlier if not _is_key(o, "continue_sweep")]
-    now = [o for o in config.hydra.overrides.task if not _is_key(o, "continue_sweep")]
+    earlier = without_continue_sweep(earlier)
+    now = without_continue_sweep(config.hydra.overrides.task)
     if earlier != now:
         raise FileExistsError(
             f"continue_sweep=true: the sweep in {sweep_dir} ran with the overrides {' '.join(earlier)}, this command "
@@ -573,10 +574,10 @@ def check_sweep_continues(sweep_dir: str | Path, config: DictConfig) -> None:
         job_dir = record.parent.parent
         try:
             job = OmegaConf.load(record).hydra
-            num, ran = int(job.job.num), [str(o) for o in job.overrides.task if not _is_key(str(o), "continue_sweep")]
+            num, ran = int(job.job.num), without_continue_sweep(job.overrides.task)
         except Exception:  # noqa: BLE001  (a record cut short: the job never started)
             continue
-        wanted = [o for o in planned[num] if not _is_key(o, "continue_sweep")] if num < len(planned) else None
+        wanted = without_continue_sweep(planned[num]) if num < len(planned) else None
         if ran != wanted:
             raise FileExistsError(
                 f"continue_sweep=true: {job_dir} ran job #{num} with {' '.join(ran)}, which is "
@@ -592,15 +593,15 @@ def check_sweep_continues(sweep_dir: str | Path, config: DictConfig) -> None:
             _finished_records[job_dir.resolve()] = files
 
 
+def without_continue_sweep(overrides) -> list[str]:
+    """A sweep's overrides but ``continue_sweep=true``, which its continued start adds to those of the first."""
+    return [str(o) for o in overrides if override_key(str(o)) != "continue_sweep"]
+
+
 def finished_jobs() -> int:
     """How many jobs the sweep continued with ``continue_sweep=true`` finished before (:func:`check_sweep_continues`
     found them)."""
     return len(_finished_records)
-
-
-def _is_key(override: str, key: str) -> bool:
-    """Whether a command-line override sets ``key`` (``key=...``, ``+key=...``, ``++key=...``)."""
-    return override.lstrip("+~").split("=", 1)[0] == key
 
 
 def finished_earlier(cfg: DictConfig) -> dict | None:

@@ -37,6 +37,8 @@ from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from mrcnn.config import override_key
+
 log = logging.getLogger(__name__)
 
 COLUMNS = (("segm_AP", "AP"), ("segm_AP50", "AP50"), ("segm_AP75", "AP75"), ("bbox_AP", "AP^bb"))
@@ -168,12 +170,12 @@ def _overrides_file(job_dir: Path) -> Path:
 
 def read_overrides(job_dir: Path) -> dict[str, str]:
     """``key=value`` overrides of one job, from Hydra's ``.hydra/overrides.yaml`` (or a record's ``overrides.yaml``)."""
-    lines = yaml.safe_load(_overrides_file(job_dir).read_text()) or []
-    overrides = {}
-    for line in lines:
-        key, _, value = line.partition("=")
-        overrides[key.lstrip("+~")] = value
-    return overrides
+    return parse_overrides(yaml.safe_load(_overrides_file(job_dir).read_text()) or [])
+
+
+def parse_overrides(lines: list[str]) -> dict[str, str]:
+    """``{key: value}`` of command-line overrides (``+``, ``++`` and ``~`` dropped from the key)."""
+    return {override_key(line): line.partition("=")[2] for line in lines}
 
 
 def read_choices(job_dir: Path) -> dict[str, str]:
@@ -307,8 +309,7 @@ def collect(
             log.warning("%s: seed %s repeats (%d runs averaged)", variant.name, ", ".join(repeated), len(variant.runs))
     if left_out is not None and not recorded:  # a sweep Hydra ran here, not a record of one (jobs/<name>/)
         for overrides in not_started(sweep, started):
-            parsed = dict(o.lstrip("+~").partition("=")[::2] for o in overrides)
-            left_out.append(("", _planned_variant(variant_keys, parsed, {}), NOT_STARTED))
+            left_out.append(("", _planned_variant(variant_keys, parse_overrides(overrides), {}), NOT_STARTED))
     result = list(variants.values())
     if order:
         rank = {name: i for i, name in enumerate(order)}
@@ -373,19 +374,16 @@ def not_started(sweep: DictConfig | None, started: list[list[str]]) -> list[list
     ran (``started``: each job folder's overrides), in the sweep's order."""
     if sweep is None or not str(OmegaConf.select(sweep, "hydra.sweeper._target_", default="")).endswith("BasicSweeper"):
         return []
+    from mrcnn.engine.launch import without_continue_sweep
     from mrcnn.engine.sweep_cost import sweep_jobs
 
     try:
         planned = sweep_jobs(sweep.hydra.sweeper.get("params"), sweep.hydra.overrides.task)
     except Exception:  # noqa: BLE001  (a glob() sweep needs Hydra's config loader: its jobs are not named)
         return []
-
-    def job(overrides: list[str]) -> frozenset:
-        # continue_sweep=true is in the overrides of a continued sweep's jobs, not in those it had finished before.
-        return frozenset(o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "continue_sweep")
-
-    ran = {job(overrides) for overrides in started}
-    return [overrides for overrides in planned if job(overrides) not in ran]
+    # continue_sweep=true is in the overrides of a continued sweep's jobs, not in those it had finished before.
+    ran = {frozenset(without_continue_sweep(overrides)) for overrides in started}
+    return [overrides for overrides in planned if frozenset(without_continue_sweep(overrides)) not in ran]
 
 
 def nested_sweep(sweep_dir: Path, job_dir: Path) -> Path | None:
