@@ -377,9 +377,6 @@ def class_names(cfg: DictConfig, num_classes: int, trained: list[str] | None = N
     return names
 
 
-SIZE_KEYS = ("data.min_size", "data.max_size")
-
-
 def use_recorded_input_size(cfg: DictConfig, record, overrides: Sequence[str] | None, source: str) -> None:
     """Predicts at the input size the model was trained at: ``data.min_size`` and ``data.max_size`` become the
     checkpoint's, each unless the command line sets it.
