@@ -288,7 +288,7 @@ def check_run_dir_is_free(
     found = _outputs(run_dir, Path.glob)
     if not found:
         return
-    if mode == "train" and ckpt_path is not None and run_dir.resolve() in Path(ckpt_path).resolve().parents:
+    if mode == "train" and continues_its_folder(run_dir, ckpt_path):
         return  # the folder's own run, continued
     if again:
         return  # a job of a continued sweep: its folder's output is its own earlier start's
@@ -309,6 +309,11 @@ def check_run_dir_is_free(
         f"the job's folder {run_dir} holds another run's output ({found}): {harm}. {ways} to a new folder: leave "
         f"{'hydra.sweep.dir' if sweep_job else 'hydra.run.dir'} out, or name an empty one."
     )
+
+
+def continues_its_folder(run_dir: str | Path, ckpt_path: str | Path | None) -> bool:
+    """Whether the checkpoint a job starts from is inside the job's folder: the job continues that folder's run."""
+    return ckpt_path is not None and Path(run_dir).resolve() in Path(ckpt_path).resolve().parents
 
 
 def _outputs(folder: Path, glob) -> str:

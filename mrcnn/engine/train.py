@@ -26,6 +26,7 @@ from mrcnn.engine.config_checks import (
 from mrcnn.engine.launch import (
     check_run_dir_is_free,
     continue_sweep_command,
+    continues_its_folder,
     in_sweep,
     is_first_process,
     job_scope,
@@ -65,7 +66,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         datamodule, module, trainer = build(cfg, resumed)
         try:
             with warnings.catch_warnings():
-                if ckpt_path and Path(cfg.run_dir).resolve() in Path(ckpt_path).resolve().parents:
+                if continues_its_folder(cfg.run_dir, ckpt_path):
                     # The run continues in its own folder: the checkpoints Lightning warns of finding there are its own.
                     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
                 trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
