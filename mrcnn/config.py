@@ -112,6 +112,21 @@ register_resolvers()
 ABLATION_GROUPS = {"ablation/mask_loss": "model/mask_loss"}
 
 
+def as_written(node):
+    """A list or mapping of a config as written, its ``${...}`` not resolved; any other value as it is.
+
+    Reading a config's list item by item resolves each item: a command-line override that holds an interpolation
+    (``data.root=${oc.env:COCO}``, kept in ``hydra.overrides.task``) would read as ``data.root=/data/coco``, and
+    one that cannot resolve here (``${oc.env:UNSET}``, ``${data.root}`` under ``hydra``) would raise."""
+    return OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
+
+
+def task_overrides(hydra_cfg) -> list[str]:
+    """A job's or a sweep's command-line overrides (``hydra.overrides.task``) as they were written (:func:`as_written`):
+    the words of a command, compared with another command's and given back to run again."""
+    return [str(override) for override in as_written(hydra_cfg.overrides.task)]
+
+
 def override_key(override: str) -> str:
     """The key (or config group) a command-line override sets: ``+data.min_size=64`` -> ``data.min_size``,
     ``~model.pooler`` -> ``model.pooler``, ``model/pooler=roi_pool`` -> ``model/pooler``."""

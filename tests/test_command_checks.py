@@ -1,7 +1,13 @@
 """The checks of a sweep's jobs before the first one starts (mrcnn/engine/command_checks.py); tests/e2e/test_run.py
 runs them through run.py."""
 
-from mrcnn.engine.command_checks import failures_message, runs_here
+import copy
+
+import pytest
+from omegaconf import open_dict
+
+from mrcnn.config import task_overrides
+from mrcnn.engine.command_checks import check_command, failures_message, runs_here
 from tests.helpers.config import compose_config
 
 
@@ -30,3 +36,22 @@ def test_a_mistake_is_said_once_under_the_jobs_it_stops():
         "    FileNotFoundError: missing input",
     ]
     assert failures_message({"ValueError: bad": ["#0 x", "#1 y"]}, jobs=2).splitlines()[1] == "  every job:"
+
+
+def test_overrides_that_hold_interpolations_are_read_as_written(monkeypatch):
+    # Read item by item, hydra.overrides.task resolves each override: ${oc.env:...} of a variable not set raised
+    # while the checks looked for added keys, before any check could name the key.
+    monkeypatch.delenv("MRCNN_TEST_UNSET", raising=False)
+    monkeypatch.setenv("MRCNN_TEST_NAME", "resolved")
+    overrides = ["data.min_size=${oc.env:MRCNN_TEST_UNSET}", "logger.csv.name=${oc.env:MRCNN_TEST_NAME}"]
+    cfg = compose_config(overrides, return_hydra_config=True)
+    assert task_overrides(cfg.hydra)[-2:] == overrides  # (after the tests' run_dir=)
+    job = copy.deepcopy(cfg)
+    with open_dict(job):
+        del job["hydra"]
+    with pytest.raises(ValueError) as error:
+        check_command(job, cfg.hydra)
+    assert str(error.value).splitlines()[1:] == [
+        "  data.min_size=${oc.env:MRCNN_TEST_UNSET}: cannot be resolved (KeyError raised while resolving interpolation:"
+        " \"Environment variable 'MRCNN_TEST_UNSET' not found\")"
+    ]

@@ -86,6 +86,59 @@ def test_every_bad_value_is_listed_at_once():
 
 
 @pytest.mark.parametrize(
+    "override, message",
+    [
+        # An environment variable not set, or a key not there: named at the key that reads it, once (the keys
+        # that repeat data.min_size, such as model.net.min_size, are not named again).
+        (
+            "data.min_size=${oc.env:MRCNN_TEST_UNSET}",
+            "data.min_size=${oc.env:MRCNN_TEST_UNSET}: cannot be resolved (KeyError raised while resolving "
+            "interpolation: \"Environment variable 'MRCNN_TEST_UNSET' not found\")",
+        ),
+        ("data.min_size=${data.min_sise}", "data.min_size=${data.min_sise}: cannot be resolved (there is no key"),
+        ("logger.csv.name=${nope}", "logger.csv.name=${nope}: cannot be resolved (there is no key nope)"),
+        # A value made at the key (here from the environment) is checked by the key's rule. oc.env gives a string,
+        # which the data pipeline would take letter by letter.
+        (
+            "data.min_size=${oc.env:MRCNN_TEST_SIZE}",
+            "data.min_size=${oc.env:MRCNN_TEST_SIZE}, which is '64': must be a positive integer or a non-empty list "
+            "of them (a string, as oc.env gives: data.min_size='${oc.decode:${oc.env:MRCNN_TEST_SIZE}}' reads it",
+        ),
+        (
+            "data.datamodule.batch_size=${oc.env:MRCNN_TEST_WORD}",
+            "data.datamodule.batch_size=${oc.env:MRCNN_TEST_WORD}, which is 'eight': must be a positive integer",
+        ),
+        ("data.datamodule.batch_size=x${seed}", "data.datamodule.batch_size=x${seed}, which is 'x0': must be a"),
+        # Another key's value is checked by this key's rule too.
+        (
+            "data.datamodule.batch_size=${data.classes}",
+            "data.datamodule.batch_size=${data.classes}, which is ['circle', 'triangle', 'square', 'ring', "
+            "'crescent', 'star']: must be a positive integer",
+        ),
+    ],
+)
+def test_a_value_that_an_interpolation_gives_is_checked_at_its_key(monkeypatch, override, message):
+    monkeypatch.delenv("MRCNN_TEST_UNSET", raising=False)
+    monkeypatch.setenv("MRCNN_TEST_SIZE", "64")
+    monkeypatch.setenv("MRCNN_TEST_WORD", "eight")
+    problems = config_problems(compose_config([override]))
+    assert len(problems) == 1 and problems[0].startswith(message), problems
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "data.min_size='${oc.decode:${oc.env:MRCNN_TEST_SIZE}}'",
+        "data.datamodule.batch_size=${module.base_batch_size}",
+        "logger.csv.name=run_${seed}",
+    ],
+)
+def test_an_interpolation_that_gives_a_good_value_passes(monkeypatch, override):
+    monkeypatch.setenv("MRCNN_TEST_SIZE", "64")
+    assert config_problems(compose_config([override])) == []
+
+
+@pytest.mark.parametrize(
     "overrides, message",
     [
         (

@@ -9,6 +9,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import ParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
+from mrcnn.config import task_overrides
 from mrcnn.data.datamodule import InstanceDataModule
 from mrcnn.engine import job_processes
 from mrcnn.engine.callbacks import RandomState, RunRecord
@@ -49,7 +50,7 @@ def job_overrides() -> list[str] | None:
     """The Hydra job's command-line overrides; ``None`` outside a Hydra job."""
     if not HydraConfig.initialized():
         return None
-    return list(HydraConfig.get().overrides.task)
+    return task_overrides(HydraConfig.get())
 
 
 def build_module(cfg: DictConfig) -> L.LightningModule:

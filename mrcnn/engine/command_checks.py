@@ -24,7 +24,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
-from mrcnn.config import check_ablation_overrides, check_added_keys, check_model_contract, hydra_group_options
+from mrcnn.config import (
+    check_ablation_overrides,
+    check_added_keys,
+    check_model_contract,
+    hydra_group_options,
+    task_overrides,
+)
 from mrcnn.engine.config_checks import check_config
 from mrcnn.engine.sweep_cost import sweep_jobs
 
@@ -56,13 +62,13 @@ def check_command(cfg: DictConfig, hydra_cfg: DictConfig, on_this_machine: bool 
     check_model_contract(cfg)
     check_added_keys(
         cfg,
-        hydra_cfg.overrides.task,
+        task_overrides(hydra_cfg),
         hydra_group_options,
         hydra_cfg.runtime.choices,
         recompose=lambda overrides: compose(config_name=hydra_cfg.job.config_name, overrides=overrides),
         hydra_cfg=hydra_cfg,
     )
-    check_ablation_overrides(hydra_cfg.runtime.choices, hydra_cfg.overrides.task)
+    check_ablation_overrides(hydra_cfg.runtime.choices, task_overrides(hydra_cfg))
     if cfg.mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {cfg.mode!r}")
     check_config(cfg, on_this_machine=on_this_machine)

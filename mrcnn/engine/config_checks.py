@@ -6,8 +6,10 @@ A bad value otherwise fails far from its cause: a negative batch size ends in to
 
 :data:`SCHEMA` is the one table: a key (or an ``fnmatch`` pattern of keys, e.g. ``*._target_``) and the
 :class:`Rule` its value must follow. :func:`check_config` walks every key of a composed config, checks each value
-written there (a value that interpolates another key, ``${...}``, is checked at the key it reads), and names each
-bad one, e.g. ``data.datamodule.batch_size=-2: must be a positive integer``. ``tests/test_config_schema.py``
+written there, and names each bad one, e.g. ``data.datamodule.batch_size=-2: must be a positive integer``. A value
+an interpolation gives (``data.min_size=${oc.env:MIN_SIZE}``) is checked at its key too, and one that cannot be
+resolved (a variable not set, a key not there) is named there; a bad value is named once, not again at each key
+that repeats it (``${data.min_size}``). ``tests/test_config_schema.py``
 composes every option of every config group and fails on a key without a rule: a new key gets its line here.
 
 A data folder or weights file that is not set or not there (:func:`path_problems`) stops the run the same way,
@@ -29,9 +31,11 @@ import importlib.util
 import math
 import os
 import pkgutil
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mrcnn.data.images import check_regular_file
@@ -434,6 +438,7 @@ def config_problems(cfg: DictConfig, keys: Sequence[str] | None = None) -> list[
     """
     problems = []
     written = [key for key, literal in config_keys(cfg) if literal] if keys is None else list(keys)
+    bad = set()
     for key in written:
         rule = rule_for(key)
         if rule is None or key.startswith("hydra."):
@@ -447,7 +452,114 @@ def config_problems(cfg: DictConfig, keys: Sequence[str] | None = None) -> list[
         problem = rule(value)
         if problem:
             problems.append(f"{key}={value}: {problem}")
+            bad.add(key)
+    if keys is None:
+        problems += _interpolation_problems(cfg, bad)
     return problems + _length_problems(cfg) + _model_problems(cfg) + _target_problems(cfg, written)
+
+
+# An interpolation that only repeats another key's value (``${data.min_size}``): that value is checked at the key it
+# is written at, so only the key being there is checked here. The project's own resolvers (``${mrcnn.len:...}``) make
+# a value from keys checked where they are written, and some import torch: they are left to the build. Any other
+# (``${oc.env:MIN_SIZE}``, ``x_${seed}``) makes its value at its own key, and is checked there.
+_REFERENCE = re.compile(r"\$\{(\w[\w.]*)\}")  # also finds the keys an interpolation reads
+
+
+def _interpolation_problems(cfg: DictConfig, bad: set[str]) -> list[str]:
+    """Problems of the keys whose value is an interpolation (see :data:`_REFERENCE`): one that reads a key not there,
+    one that cannot be resolved (an environment variable not set), one that makes a value breaking its rule. A key
+    that reads a key with a problem (``bad``, or found here) is left out: its problem is that key's."""
+    from omegaconf.errors import InterpolationToMissingValueError
+
+    found: dict[str, str] = {}  # key -> its problem
+    reads: dict[str, list[str]] = {}  # key -> the keys its interpolation reads
+    for key, literal in config_keys(cfg):
+        rule = rule_for(key)
+        if literal or rule is None or key.startswith("hydra."):
+            continue
+        parent, _, name = key.rpartition(".")
+        text = str((OmegaConf.select(cfg, parent) if parent else cfg)._get_node(name)._value())
+        reads[key] = _REFERENCE.findall(text)
+        reference = _REFERENCE.fullmatch(text)
+        if reference is not None:
+            node = _node_at(cfg, reference.group(1))
+            if node is None:
+                found[key] = f"{key}={text}: cannot be resolved (there is no key {reference.group(1)})"
+            elif node is not _UNKNOWN and not node._is_interpolation() and not node._is_missing():
+                # A value written there is checked by this key's rule too (a list, unless it holds interpolations).
+                value = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node._value()
+                problem = None if "${" in repr(value) else rule(value)
+                if problem:
+                    found[key] = f"{key}={text}, which is {value!r}: {problem}"
+            continue
+        if "${mrcnn." in text:
+            continue
+        try:
+            value = _value(cfg, key)
+        except InterpolationToMissingValueError:
+            continue  # a key not set (???) is named where it is written (path_problems, Hydra)
+        except Exception as error:  # noqa: BLE001  (any: a resolver's own error)
+            if "hydra:" in text and not _hydra_job_known():
+                continue  # checked outside a Hydra job: its settings are not known here
+            if _raised_by(error, OSError):
+                continue  # a resolver that reads a file not there: path_problems names the file
+            found[key] = f"{key}={text}: cannot be resolved ({str(error).splitlines()[0]})"
+            continue
+        problem = None if value is _ABSENT else rule(value)
+        if problem:
+            found[key] = f"{key}={text}, which is {value!r}: {problem}{_decode_hint(key, text, rule, value)}"
+    with_problem = bad | set(found)
+
+    def reads_a_problem(key: str) -> bool:
+        return any(r == b or b.startswith(f"{r}.") or r.startswith(f"{b}.") for r in reads[key] for b in with_problem)
+
+    return [problem for key, problem in found.items() if not reads_a_problem(key)]
+
+
+_UNKNOWN = object()
+
+
+def _node_at(cfg: DictConfig, key: str):
+    """The node at dotted ``key`` without resolving anything; None when it is not there, :data:`_UNKNOWN` when the
+    path goes through an interpolation or a list (it can only be known by resolving)."""
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or node._is_interpolation() or node._is_none() or node._is_missing():
+            return _UNKNOWN
+        try:
+            node = node._get_node(part, throw_on_missing_key=True)
+        except (KeyError, AttributeError):  # (omegaconf's ConfigKeyError, ConfigAttributeError)
+            return None
+    return node
+
+
+def _decode_hint(key: str, text: str, rule: Rule, value) -> str:
+    """A hint for a string that, read as YAML, would follow ``rule``: ``${oc.env:...}`` always gives a string."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        decoded = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return ""
+    if isinstance(decoded, str) or rule(decoded) is not None:
+        return ""
+    # Quoted: Hydra's override grammar does not take an interpolation nested in another one unquoted.
+    return f" (a string, as oc.env gives: {key}='${{oc.decode:{text}}}' reads it as a number or a list)"
+
+
+def _raised_by(error: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``error``, or an error it was raised while handling, is a ``kind``."""
+    while error is not None:
+        if isinstance(error, kind):
+            return True
+        error = error.__context__
+    return False
+
+
+def _hydra_job_known() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized()
 
 
 def _target_problems(cfg: DictConfig, keys: Sequence[str]) -> list[str]:

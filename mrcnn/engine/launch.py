@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from mrcnn.config import override_key
+from mrcnn.config import override_key, task_overrides
 from mrcnn.engine import job_processes
 from mrcnn.engine.config_checks import slurm_restart_count, start_checkpoint
 
@@ -438,7 +438,7 @@ def continue_sweep_command() -> str | None:
 
     sweep_dir = Path(HydraConfig.get().runtime.cwd, HydraConfig.get().sweep.dir)
     try:
-        overrides = [str(o) for o in OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task]
+        overrides = task_overrides(OmegaConf.load(sweep_dir / "multirun.yaml").hydra)
     except Exception:  # noqa: BLE001  (not there, or not readable)
         return None
     words = without_continue_sweep(overrides)
@@ -557,11 +557,11 @@ def check_sweep_continues(sweep_dir: str | Path, config: DictConfig) -> None:
             "folder of the stopped sweep (multirun/<date>/<time>, or multirun/<experiment>/<time>)"
         )
     try:
-        earlier = [str(o) for o in OmegaConf.load(recorded).hydra.overrides.task]
+        earlier = task_overrides(OmegaConf.load(recorded).hydra)
     except Exception as error:  # noqa: BLE001  (not yaml, or no hydra.overrides.task in it)
         raise FileExistsError(f"continue_sweep=true: cannot read the sweep's command in {recorded} ({error})") from None
     earlier = without_continue_sweep(earlier)
-    now = without_continue_sweep(config.hydra.overrides.task)
+    now = without_continue_sweep(task_overrides(config.hydra))
     if earlier != now:
         raise FileExistsError(
             f"continue_sweep=true: the sweep in {sweep_dir} ran with the overrides {' '.join(earlier)}, this command "
@@ -579,7 +579,7 @@ def check_sweep_continues(sweep_dir: str | Path, config: DictConfig) -> None:
         job_dir = record.parent.parent
         try:
             job = OmegaConf.load(record).hydra
-            num, ran = int(job.job.num), without_continue_sweep(job.overrides.task)
+            num, ran = int(job.job.num), without_continue_sweep(task_overrides(job))
         except Exception:  # noqa: BLE001  (a record cut short: the job never started)
             continue
         wanted = without_continue_sweep(planned[num]) if num < len(planned) else None

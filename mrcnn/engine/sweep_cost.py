@@ -27,6 +27,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from mrcnn.config import as_written
+
 log = logging.getLogger(__name__)
 
 
@@ -39,7 +41,8 @@ def sweep_jobs(params: Mapping[str, str] | None, overrides: Sequence[str], confi
             same key of ``params``, as in the sweeper.
         config_loader: Hydra's config loader, which a ``glob(...)`` sweep of a config group's options needs.
     """
-    lines = [f"{key}={value}" for key, value in (params or {}).items()] + list(overrides)
+    # As written: a value with an interpolation is one the job resolves (mrcnn.config.as_written).
+    lines = [f"{key}={value}" for key, value in (as_written(params) or {}).items()] + list(as_written(overrides))
     parsed = OverridesParser.create(config_loader=config_loader).parse_overrides(lines)
     return BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
 

@@ -89,6 +89,10 @@ def test_a_typo_fails_loudly_and_leaves_no_output_folder(tmp_path):
         ),
         (["model.pooler=roi_pool"], "model/pooler is a config group; choose its option with model/pooler=roi_pool"),
         (["data.datamodule.batch_size=-2"], "data.datamodule.batch_size=-2: must be a positive integer"),
+        (
+            ["data.min_size=${oc.env:MRCNN_TEST_UNSET}"],
+            "data.min_size=${oc.env:MRCNN_TEST_UNSET}: cannot be resolved (KeyError raised while resolving",
+        ),
         (["mode=evaluat"], "mode must be one of ['evaluate', 'predict', 'train'], got 'evaluat'"),
         (["data=coco", "data.root=/no/such/folder"], "data.root=/no/such/folder: no such folder"),
         (["ckpt_path=/no/such/last.ckpt"], "ckpt_path file not found: /no/such/last.ckpt"),
@@ -121,6 +125,7 @@ def test_a_typo_fails_loudly_and_leaves_no_output_folder(tmp_path):
         "target_mistyped",
         "dotted_group",
         "bad_value",
+        "unresolvable_value",
         "unknown_mode",
         "missing_data",
         "missing_checkpoint",
