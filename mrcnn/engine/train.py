@@ -1,6 +1,7 @@
 """``mode=train`` and ``mode=evaluate``: build from the config, fit or validate, write the final metrics."""
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -78,7 +79,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 write_final_metrics(cfg, trainer, dict(module.last_metrics), module.nothing_to_score)
             raise
         metrics = {}
-        if cfg.get("final_eval", True):
+        recorded = results_it_finished_with(cfg, resumed, trainer)
+        if cfg.get("final_eval", True) and recorded is not None:
+            metrics, nothing_to_score = recorded
+            write_final_metrics(cfg, trainer, metrics, nothing_to_score)
+        elif cfg.get("final_eval", True):
             # Skip a second pass when fit() already validated the final weights.
             if module.last_metrics_step != trainer.global_step:
                 with logged_as_after_the_last_step(trainer):
@@ -86,6 +91,35 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics = dict(module.last_metrics)
             write_final_metrics(cfg, trainer, metrics, module.nothing_to_score)
         return metrics
+
+
+def results_it_finished_with(cfg: DictConfig, resumed, trainer: L.Trainer) -> tuple[dict, str | None] | None:
+    """A resumed run that had finished: its final results (``metrics.json``) and why nothing was scored, if so;
+    ``None`` when this start trained a step, or its config may differ, or the run left no results of this step.
+
+    Its final weights were validated when it finished: validated again, the same AP is logged a second time at the
+    same step, in the CSV history and on W&B. With ``resume_allow_config_change=true`` the validation data may
+    differ, and it is validated again.
+    """
+    if resumed is None or trainer.global_step != resumed.global_step or cfg.get("resume_allow_config_change"):
+        return None
+    path = Path(resumed.folder) / "metrics.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):  # not there: it stopped before its results were written
+        return None
+    if not isinstance(record, dict) or record.get("global_step") != trainer.global_step:
+        return None
+    if is_first_process():
+        log.info(
+            "the run had finished at step %d (%s): nothing is left to train, and the results of its final validation "
+            "stand",
+            trainer.global_step,
+            path,
+        )
+    nothing_to_score = record.pop("nothing_to_score", None)
+    record.pop("global_step"), record.pop("world_size", None)
+    return record, nothing_to_score
 
 
 def finished_and_validated(trainer: L.Trainer, module: L.LightningModule) -> bool:

@@ -264,6 +264,19 @@ def test_signalled_run_saves_its_step_exits_nonzero_and_resumes_with_the_same_ba
     # metrics.csv holds every step once: the stopped run's rows, then the resumed run's.
     assert train_loss_steps(run_dir) == list(range(total))
 
+    if signum == signal.SIGINT:
+        # Resumed once more, with nothing left to train: the results of its final validation stand, not logged again.
+        history, results = (run_dir / "csv" / "metrics.csv").read_text(), (run_dir / "metrics.json").read_text()
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert (
+            f"the run had finished at step {total} ({run_dir / 'metrics.json'}): nothing is left to train"
+            in (run_dir / "run.log").read_text()
+        )
+        assert (run_dir / "csv" / "metrics.csv").read_text() == history
+        assert (run_dir / "metrics.json").read_text() == results
+        assert "COCO-style AP on the validation split" in result.stdout
+
 
 # ---- the same with a Trainer in this process: every kind of training loader, epoch 1 ------------
 
