@@ -118,10 +118,34 @@ def test_a_sweep_job_reads_its_launcher_from_the_sweeps_record(tmp_path):
     job = OmegaConf.merge(sweep, {"hydra": {"mode": "MULTIRUN", "job": {"num": 2}}})
     HydraConfig.instance().set_config(job)
     try:
-        assert sweep_position() == (2, 3, 2)
+        assert sweep_position() == (2, 3, 2, frozenset())
     finally:
         HydraConfig.instance().cfg = None
-    assert sweep_position() == (None, None, 1)
+    assert sweep_position() == (None, None, 1, frozenset())
+
+
+def test_a_continued_sweep_counts_only_the_jobs_it_trains(tmp_path):
+    # 6 jobs of 750 steps x 0.4 s (5 min each); jobs 1, 4 and 5 finished before the sweep stopped: kept.
+    line = estimate_line(6, 2, 750, 250, 0.4, "measured", kept={1, 4, 5})
+    assert "sweep 3 jobs x 750 steps x 0.4 s = 15.0 min (3 of its 6 jobs finished before: kept)" in line
+    assert "8.3 min left;" in line  # the rest of job 2, then job 3: the only one after it that trains (not 18.3)
+    # Three at once: jobs 0, 2 and 3 all run in the first round.
+    assert "3.3 min left with 3" in estimate_line(6, 2, 750, 250, 0.4, "measured", at_once=3, kept={1, 4, 5})
+    # A job finds them in the sweep's folder: the folders after its own that hold results.
+    sweep = compose_config(return_hydra_config=True)
+    sweep.hydra.sweep.dir = str(tmp_path)
+    sweep.hydra.overrides.task = ["seed=0,1,2,3,4,5", "continue_sweep=true"]
+    (tmp_path / "multirun.yaml").write_text(OmegaConf.to_yaml(sweep))
+    for num in (1, 2, 4, 5):  # job 2's metrics.json: this job's own from before, not kept (it runs)
+        (tmp_path / str(num) / ".hydra").mkdir(parents=True)
+        (tmp_path / str(num) / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  job:\n    num: {num}\n")
+        (tmp_path / str(num) / "metrics.json").write_text("{}")
+    job = OmegaConf.merge(sweep, {"hydra": {"mode": "MULTIRUN", "job": {"num": 2}}})
+    HydraConfig.instance().set_config(job)
+    try:
+        assert sweep_position() == (2, 6, 1, frozenset({4, 5}))
+    finally:
+        HydraConfig.instance().cfg = None
 
 
 def test_the_callback_counts_the_jobs_that_run_at_once(caplog):

@@ -685,6 +685,7 @@ class CostEstimate(StepTimer):
         self.measure_steps = measure_steps
         self.every_n_steps = every_n_steps
         self.job, self.jobs, self.at_once = job, jobs, at_once
+        self.kept: frozenset[int] = frozenset()  # the jobs of a continued sweep that finished before
         self._times: deque[float] = deque(maxlen=200)
         self._measured_logged = False
         # The optimizer step being timed: its batches' seconds so far (None: one of them was not timed), and the
@@ -694,7 +695,7 @@ class CostEstimate(StepTimer):
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.job is None and self.jobs is None:
-            self.job, self.jobs, at_once = sweep_position()
+            self.job, self.jobs, at_once, self.kept = sweep_position()
             self.at_once = self.at_once or at_once
         self._step_seen = trainer.global_step
         self._log(trainer, self.step_time_s, self.step_time_note)
@@ -703,7 +704,8 @@ class CostEstimate(StepTimer):
         if trainer.is_global_zero:
             steps = int(trainer.estimated_stepping_batches)
             at_once = self.at_once or 1
-            log.info(estimate_line(self.jobs, self.job, steps, trainer.global_step, step_time, source, at_once))
+            kept = self.kept
+            log.info(estimate_line(self.jobs, self.job, steps, trainer.global_step, step_time, source, at_once, kept))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         seconds = self.step_seconds()

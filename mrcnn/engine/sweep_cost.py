@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -27,7 +27,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from mrcnn.config import as_written
+from mrcnn.config import as_written, task_overrides
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ def estimate_line(
     step_time: float | None,
     source: str,
     at_once: int = 1,
+    kept: Collection[int] = (),
 ) -> str:
     """One log line: the job's and the sweep's cost and time left.
 
@@ -116,6 +117,8 @@ def estimate_line(
         source: where the step time comes from (``measured over 20 steps``, ``recorded for setting=cpu``).
         at_once: how many of the sweep's jobs its launcher runs side by side (:func:`jobs_at_once`); the time left
             counts the jobs in rounds of that many, job ``j`` in round ``j // at_once``.
+        kept: the numbers of the jobs a continued sweep (``continue_sweep=true``) finished before: not run again, so
+            neither counted nor waited for.
     """
     where = f"job {job + 1}/{jobs}" if job is not None and jobs else ("sweep" if jobs else "run")
     if steps is None:
@@ -129,11 +132,16 @@ def estimate_line(
     if job is not None or not jobs:
         parts.append(f"step {done:,}/{steps:,}, {duration((steps - done) * step_time)} left of this job;")
     if jobs:
-        at_once = max(1, min(at_once, jobs))
-        rounds = math.ceil(jobs / at_once)
-        later = rounds - (job // at_once + 1 if job is not None else 0)
+        runs = [j for j in range(jobs) if j not in kept or j == job]  # the jobs this start of the sweep trains
+        at_once = max(1, min(at_once, len(runs)))
+        rounds = math.ceil(len(runs) / at_once)
+        later = rounds - (runs.index(job) // at_once + 1 if job is not None else 0)
         left = (steps - done) * step_time * (job is not None) + later * steps * step_time
-        total = f"sweep {jobs} jobs x {steps:,} steps x {step_time:.3g} s = {duration(jobs * steps * step_time)}"
+        total = (
+            f"sweep {len(runs)} jobs x {steps:,} steps x {step_time:.3g} s = {duration(len(runs) * steps * step_time)}"
+        )
+        if len(runs) < jobs:
+            total += f" ({jobs - len(runs)} of its {jobs} jobs finished before: kept)"
         if at_once == 1:
             parts.append(f"{total}, {duration(left)} left;")
         else:
@@ -161,19 +169,36 @@ def jobs_at_once(launcher: Mapping | None, jobs: int) -> int:
     return 1
 
 
-def sweep_position() -> tuple[int | None, int | None, int]:
-    """(job index, number of jobs, how many run at once) from Hydra; ``(None, None, 1)`` outside a sweep."""
+def sweep_position() -> tuple[int | None, int | None, int, frozenset[int]]:
+    """(job index, number of jobs, how many run at once, the jobs kept from before) from Hydra;
+    ``(None, None, 1, frozenset())`` outside a sweep."""
     if not HydraConfig.initialized():
-        return None, None, 1
+        return None, None, 1, frozenset()
     hydra = HydraConfig.get()
     if str(hydra.mode) != "RunMode.MULTIRUN":
-        return None, None, 1
+        return None, None, 1, frozenset()
     saved = Path(hydra.sweep.dir) / "multirun.yaml"
     if not saved.is_file():
-        return int(hydra.job.num), None, 1
+        return int(hydra.job.num), None, 1, frozenset()
     sweep = OmegaConf.load(saved).hydra
     jobs = sweep_job_count(sweep.sweeper.get("params"), sweep.overrides.task)
-    return int(hydra.job.num), jobs, jobs_at_once(sweep.get("launcher"), jobs)
+    continued = "continue_sweep=true" in task_overrides(hydra)
+    kept = finished_job_numbers(Path(hydra.sweep.dir), int(hydra.job.num)) if continued else frozenset()
+    return int(hydra.job.num), jobs, jobs_at_once(sweep.get("launcher"), jobs), kept
+
+
+def finished_job_numbers(sweep_dir: Path, after: int) -> frozenset[int]:
+    """The numbers above ``after`` of the jobs whose folder in ``sweep_dir`` holds their results (``metrics.json``):
+    in a continued sweep, jobs that finished before (a job after this one has not run in this start)."""
+    numbers = set()
+    for results in sweep_dir.rglob("metrics.json"):
+        try:
+            num = int(OmegaConf.load(results.parent / ".hydra" / "hydra.yaml").hydra.job.num)
+        except Exception:  # noqa: BLE001  (a record not there or cut short)
+            continue
+        if num > after:
+            numbers.add(num)
+    return frozenset(numbers)
 
 
 class SweepCostAtStart(Callback):
