@@ -58,7 +58,9 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
     silence_library_noise()
     module = instantiate(cfg.module)
     if cfg.get("weights"):
-        load_weights(module.model, cfg.weights, class_names=module.class_names)
+        # Only a training run fine-tunes a file of other classes; evaluate and predict would score random layers.
+        fine_tune = cfg.get("mode", "train") == "train"
+        load_weights(module.model, cfg.weights, class_names=module.class_names, fine_tune=fine_tune)
     return module
 
 

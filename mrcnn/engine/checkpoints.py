@@ -5,7 +5,7 @@ import inspect
 import logging
 import re
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -426,7 +426,15 @@ def check_checkpoint_fits(module: torch.nn.Module, path: str, cfg: DictConfig, o
     )
 
 
-def load_weights(model: torch.nn.Module, path: str, class_names: list[str] | None = None) -> list[str]:
+def _classes_of(state: Mapping[str, torch.Tensor]) -> int | None:
+    """The number of classes (background aside) whose scores a state dict's box classifier gives; None: none there."""
+    scores = state.get("roi_heads.box_predictor.cls_score.weight")
+    return int(scores.shape[0]) - 1 if scores is not None else None
+
+
+def load_weights(
+    model: torch.nn.Module, path: str, class_names: list[str] | None = None, fine_tune: bool = True
+) -> list[str]:
     """Initialises ``model`` from a file (``weights=``): a torchvision Mask R-CNN state dict or a Lightning checkpoint.
 
     Only the weights are taken: a run started from them trains with a fresh optimizer, step count and
@@ -438,13 +446,15 @@ def load_weights(model: torch.nn.Module, path: str, class_names: list[str] | Non
 
     Args:
         class_names: the classes the model is being built for (to compare with a checkpoint's).
+        fine_tune: whether the model is trained from here. Not fine-tuned (``mode=evaluate``, ``mode=predict``),
+            layers re-initialised for other classes would score and caption random detections: an error.
 
     Returns:
         the re-initialised (not loaded) class-specific keys.
 
     Raises:
         ValueError: the file is not a state dict or checkpoint, or does not match the configured model
-            (the message names the file and the mismatched keys).
+            (the message names the file and the mismatched keys); or, not fine-tuned, its classes differ.
     """
     state = read_checkpoint(path, "weights")
     if not isinstance(state, dict):
@@ -466,15 +476,25 @@ def load_weights(model: torch.nn.Module, path: str, class_names: list[str] | Non
     if record is not None:
         set_frozen_bn_eps(model, record.frozen_bn_eps)
     if skipped:
-        trained = (
-            f"{len(record.class_names)} classes {record.class_names}"
-            if record and record.class_names
-            else "other classes"
-        )
+        own_classes = _classes_of(model.state_dict())
+        if record and record.class_names:
+            trained = f"{len(record.class_names)} classes {list(record.class_names)}"
+        else:
+            inner = state.get("model")  # torchvision's reference scripts save {"model": state dict, ...}
+            file_classes = _classes_of(inner if isinstance(inner, dict) else state)
+            trained = f"{file_classes} classes" if file_classes is not None else "other classes"
+        if not fine_tune:
+            names = f" {list(class_names)}" if class_names and len(class_names) == own_classes else ""
+            raise CommandError(
+                f"weights={path} was trained on {trained}, and the model is built for {own_classes} classes"
+                f"{names} (model.num_classes): its class-specific layers would be random, and so would what this "
+                "run scores or predicts. Build the model for the file's classes (torchvision's COCO files: "
+                "model.num_classes=90), or train from the file first (mode=train) to fine-tune it to yours."
+            )
         log.info(
             "weights=%s: loaded all but the class-specific layers, re-initialised for %s (the file was trained on %s): %s",
             path,
-            f"{len(class_names)} classes" if class_names else "the configured classes",
+            f"{own_classes} classes" if own_classes is not None else "the configured classes",
             trained,
             ", ".join(skipped),
         )

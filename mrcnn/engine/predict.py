@@ -367,12 +367,17 @@ def class_names(cfg: DictConfig, num_classes: int, trained: list[str] | None = N
         from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 
         # torchvision's 91 categories start with the background: labels 1..90 are the rest.
-        return list(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"][1:])
-    if names is None:
+        names = list(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"][1:])
+    elif names is None:
         names = trained if trained is not None else cfg.data.get("classes")
     names = list(names) if names is not None else None
     if names is not None and len(names) != num_classes:
-        log.warning("%d class names for %d classes: captions show label numbers", len(names), num_classes)
+        log.warning(
+            "%d class names (predict.class_names=%s) for the model's %d classes: captions show label numbers",
+            len(names),
+            cfg.predict.get("class_names") if isinstance(cfg.predict.get("class_names"), str) else "...",
+            num_classes,
+        )
         return None
     return names
 
@@ -384,14 +389,27 @@ def use_recorded_input_size(cfg: DictConfig, record, overrides: Sequence[str] | 
     Prediction needs no data config, and without one the data config's sizes are the default data's (the built-in
     shapes': 128 px), not those of the images the model was trained on.
 
+    A file that records no size (a torchvision state dict in ``weights=``) is predicted at the data config's, with a
+    warning unless the command line sets both: torchvision's COCO models take 800/1333, the built-in shapes 128.
+
     Args:
-        record: the checkpoint's :class:`~mrcnn.engine.model_record.ModelRecord` (no size recorded: nothing changes).
+        record: the checkpoint's :class:`~mrcnn.engine.model_record.ModelRecord`; None: the file has none.
         overrides: the command-line overrides (Hydra's ``overrides.task``); ``None`` (no Hydra job): none.
         source: the option and file, for the log line.
     """
-    if record.min_size is None or record.max_size is None:
-        return
     given = {key for key, _ in key_overrides(overrides or (), "data.")}
+    if record is None or record.min_size is None or record.max_size is None:
+        if not {"data.min_size", "data.max_size"} <= given:
+            log.warning(
+                "%s records no input size: predicting at the data config's, data.min_size=%s data.max_size=%s "
+                "(data=%s). Set both to the size the model was trained at (torchvision's COCO models: "
+                "data.min_size=800 data.max_size=1333)",
+                source,
+                OmegaConf.select(cfg, "data.min_size"),
+                OmegaConf.select(cfg, "data.max_size"),
+                _data_choice(),
+            )
+        return
     recorded = {
         "min_size": list(record.min_size) if len(record.min_size) > 1 else record.min_size[0],
         "max_size": record.max_size,
@@ -413,6 +431,13 @@ def use_recorded_input_size(cfg: DictConfig, record, overrides: Sequence[str] | 
     )
 
 
+def _data_choice() -> str:
+    """The data config's option (``shapes``), as Hydra chose it; ``?`` outside a Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return str(HydraConfig.get().runtime.choices.get("data")) if HydraConfig.initialized() else "?"
+
+
 def predict(cfg: DictConfig) -> dict[str, float]:
     """Writes an overlay PNG per input image and ``coco_results.json`` / ``images.json`` to ``predict.output``."""
     check_config(cfg)
@@ -428,7 +453,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
         with open_dict(cfg):
             cfg.model.num_classes = len(record.class_names)
             cfg.module.class_names = list(record.class_names)
-    if record is not None and not is_ddp_child():  # a DDP child's config is its main process's, already set
+    if not is_ddp_child():  # a DDP child's config is its main process's, already set
         use_recorded_input_size(cfg, record, job_overrides(), f"{option}={source}")
     with job_scope(cfg), output_folder(cfg.predict.output) as output:
         L.seed_everything(cfg.seed, workers=True)

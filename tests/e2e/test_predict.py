@@ -104,6 +104,45 @@ def test_prediction_takes_the_checkpoints_input_size_unless_the_command_line_set
     assert (cfg.data.min_size, cfg.data.max_size) == (128, 128)
 
 
+def test_a_file_without_an_input_size_is_predicted_at_the_data_configs_with_a_warning(caplog):
+    from mrcnn.engine.model_record import ModelRecord
+    from mrcnn.engine.predict import use_recorded_input_size
+
+    # A torchvision state dict (no record), or a record without sizes: the data config's 128, said unless the
+    # command line gives both sizes.
+    for record, given, warned in (
+        (None, [], True),
+        (ModelRecord(), [], True),
+        (None, ["data.min_size=800"], True),
+        (None, ["data.min_size=800", "data.max_size=1333"], False),
+    ):
+        cfg = compose_config(["model=tiny", "mode=predict", *given])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mrcnn.engine.predict"):
+            use_recorded_input_size(cfg, record, given, "weights=coco.pth")
+        lines = [r.getMessage() for r in caplog.records]
+        assert (cfg.data.min_size, cfg.data.max_size) == (
+            (800, 1333) if len(given) == 2 else (800 if given else 128, 128)
+        )
+        assert bool(lines) == warned, (given, lines)
+        if warned:
+            assert lines[0].startswith(
+                f"weights=coco.pth records no input size: predicting at the data config's, "
+                f"data.min_size={cfg.data.min_size} data.max_size=128"
+            )
+            assert "torchvision's COCO models: data.min_size=800 data.max_size=1333" in lines[0]
+
+
+def test_class_names_that_do_not_fit_the_model_are_not_used(caplog):
+    from mrcnn.engine.predict import class_names
+
+    cfg = compose_config(["model=tiny", "mode=predict", "predict.class_names=coco"])
+    with caplog.at_level(logging.WARNING, logger="mrcnn.engine.predict"):
+        assert class_names(cfg, 6) is None  # torchvision's 90 COCO names for a 6-class model
+    assert "90 class names (predict.class_names=coco) for the model's 6 classes" in caplog.text
+    assert len(class_names(cfg, 90)) == 90 and class_names(cfg, 90)[0] == "person"
+
+
 # Slow (about 10 s); the default suite loads torchvision's weights in process (tests/modeling/test_parity.py) and
 # predicts through run.py from a Lightning checkpoint above.
 @pytest.mark.slow

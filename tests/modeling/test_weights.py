@@ -11,6 +11,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from mrcnn.engine.build import build_module
 from mrcnn.engine.checkpoints import check_checkpoint_fits
+from mrcnn.engine.config_checks import CommandError
 from mrcnn.modeling.mask_rcnn import is_class_specific, load_torchvision_weights, torchvision_to_mrcnn_state_dict
 from tests.helpers.config import TINY_MODEL, compose_config
 from tests.helpers.runs import training_only_trainer
@@ -65,6 +66,17 @@ def test_torchvision_weights_for_other_classes_load_all_but_the_class_layers(tmp
     assert len(lines) == 1 and all(key in lines[0] for key in CLASS_LAYERS) and "6 classes" in lines[0]
     # torchvision's COCO builder sets FrozenBatchNorm eps to 0: so does loading its file.
     assert {m.eps for m in module.model.modules() if isinstance(m, FrozenBatchNorm2d)} == {0.0}
+
+    # Evaluated or predicted, random class layers would score random detections: refused, naming both counts.
+    for mode in ("evaluate", "predict"):
+        with pytest.raises(CommandError) as error:
+            build_module(compose_config([*overrides, f"weights={path}", f"mode={mode}"]))
+        assert f"weights={path} was trained on 90 classes, and the model is built for 6 classes ['circle'," in str(
+            error.value
+        )
+    # Built for the file's classes, it loads every tensor.
+    module = build_module(compose_config([*overrides, "model.num_classes=90", f"weights={path}", "mode=predict"]))
+    assert all(torch.equal(module.model.state_dict()[key], value) for key, value in file.items())
 
 
 def test_a_file_of_another_architecture_still_fails_clearly(tmp_path):
@@ -122,6 +134,10 @@ def test_lightning_checkpoint_as_weights_fine_tunes_from_a_fresh_start(tmp_path,
         else:
             assert torch.equal(value, expected[key]), key
     assert any("re-initialised" in r.getMessage() and "2 classes" in r.getMessage() for r in caplog.records)
+    with pytest.raises(
+        CommandError, match=r"was trained on 6 classes \['circle', .*built for 2 classes \['circle', 'sq"
+    ):
+        build_module(compose_config([*overrides, f"weights={path}", "mode=evaluate"]))
 
     # Optimizer, step and schedule start fresh: a 1-step run ends at step 1 with the warmup's first lr.
     cfg = compose_config(overrides)
