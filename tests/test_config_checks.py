@@ -62,6 +62,7 @@ def test_shipped_configs_and_good_values_pass(overrides):
         ("base_lr=0", "base_lr=0: must be a positive number"),
         ("module.base_batch_size=0", "module.base_batch_size=0: must be a positive integer"),
         ("data.num_train_images=0", "data.num_train_images=0: must be a positive integer"),
+        ("data.image_size=7", "data.image_size=7: must be an integer >= 14 (shapes are 8 px or more)"),
         ("scheduler.warmup_steps=-1", "scheduler.warmup_steps=-1: must be an integer >= 0"),
         ("optimizer.weight_decay=-1e-4", "optimizer.weight_decay=-0.0001: must be a number >= 0"),
         ("trainer.deterministic=yes", "trainer.deterministic=yes: must be true, false or 'warn', or null"),

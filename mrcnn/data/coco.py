@@ -314,6 +314,8 @@ class CocoDataset(torch.utils.data.Dataset):
         self.capped = (0, 0)
         self.bbox_disagreements = 0
         self._xyxy_boxes = 0  # of those, the boxes that match their segmentation when read as [x1, y1, x2, y2]
+        if self.image_dir.exists() and not self.image_dir.is_dir():
+            raise NotADirectoryError(f"image folder {self.image_dir} (for {self.ann_file}) is a file: give the folder")
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.image_dir} (for {self.ann_file})")
         self.skipped: Counter[str] = Counter()

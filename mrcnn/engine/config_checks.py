@@ -191,7 +191,8 @@ SCHEMA: dict[str, Rule] = {
     "data.image_limits.max_size": positive_int,
     "data.max_annotations_per_image": optional(positive_int),
     # shapes
-    "data.image_size": positive_int,
+    # (ShapesDataset draws shapes of 8 px up to 60% of the image's side: 14 px is the smallest that holds them)
+    "data.image_size": Rule("an integer >= 14 (shapes are 8 px or more)", lambda v: _is_int(v) and v >= 14),
     "data.num_train_images": positive_int,
     "data.num_val_images": positive_int,
     "data.max_objects": positive_int,

@@ -478,6 +478,11 @@ COCO_CASES = [
         lambda tmp, split: (tmp / "missing_dir", split.json_path),
         Stops(r"image folder not found: .*missing_dir", FileNotFoundError),
     ),
+    Case(
+        "image_folder_a_file",  # data.train_images=train.json: the json given for the folder
+        lambda tmp, split: (split.json_path, split.json_path),
+        Stops(r"image folder .*\.json \(for .*\.json\) is a file: give the folder", NotADirectoryError),
+    ),
     # ---- annotations: skipped and counted
     Case(
         "annotation_not_an_object",
