@@ -70,13 +70,13 @@ def warmup_multistep_schedule(
         peak = max(factor(step) for step in range(first_drop))
         log.warning(
             "scheduler.warmup_steps=%d does not end before %s: the learning rate peaks at %.3g times the one asked "
-            "for (base_lr scaled to the batch). Set scheduler.warmup_steps below %d for a run this short",
+            "for (base_lr scaled to the batch). Set %s for a run this short",
             warmup_steps,
             f"the learning rate's first drop, at step {first_drop} of this {total_steps}-step run"
             if first_drop < total_steps
             else f"this {total_steps}-step run does",
             peak,
-            first_drop,
+            f"scheduler.warmup_steps below {first_drop}" if first_drop > 1 else "scheduler.warmup_steps=0 (no warmup)",
         )
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

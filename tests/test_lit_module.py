@@ -55,6 +55,8 @@ def test_a_warmup_that_outlasts_a_short_run_or_its_first_drop_is_named_with_the_
     )
     assert f"peaks at {0.001 + 0.999 * 9 / 200:.3g} times" in text and "below 10 for a run this short" in text
     assert "does not end before this 15-step run does" in schedule(15, 200, milestones=())
+    # A 1-step run (or a first drop at step 1): no warmup at all.
+    assert "Set scheduler.warmup_steps=0 (no warmup) for a run this short" in schedule(2, 200)
     # A warmup that ends before the first drop, or none, says nothing (debug=fast: 2 of 4 steps, the drop at 3).
     assert schedule(4, 2) == schedule(1000, 200) == schedule(15, 0) == ""
     assert "first drop, at step 3" in schedule(4, 3)
