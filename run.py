@@ -12,7 +12,6 @@ from omegaconf import DictConfig
 # torch and Lightning are loaded (several seconds), which the mode's own module imports.
 from mrcnn.config import check_group_overrides, where_built  # (registers the resolvers)
 from mrcnn.engine.command_checks import COMMAND_ERRORS, check_command
-from mrcnn.engine.config_checks import CommandError
 from mrcnn.engine.launch import (
     discard_unused_output,
     finished_earlier,
@@ -20,6 +19,7 @@ from mrcnn.engine.launch import (
     restore_run_record,
 )
 from mrcnn.engine.quiet import silence_library_noise
+from mrcnn.errors import CommandError
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

@@ -23,6 +23,7 @@ from mrcnn.data.contract import (
     ReportsReadSkips,
 )
 from mrcnn.data.samplers import EpochSampler, GroupedBatchSampler, epoch_order, orientation_groups
+from mrcnn.errors import CommandError
 
 __all__ = [
     "InstanceDataModule",
@@ -269,7 +270,7 @@ def check_something_to_learn(dataset: Dataset) -> None:
     """
     if isinstance(dataset, CountsTrainableAnnotations) and dataset.num_trainable_annotations == 0:
         why = getattr(dataset, "skip_report", "") or "it has none"
-        raise ValueError(f"the training set {dataset!r} has no annotation to train on: {why}")
+        raise CommandError(f"the training set {dataset!r} has no annotation to train on: {why}")
 
 
 class InstanceDataModule(lightning.LightningDataModule):
@@ -481,7 +482,7 @@ class InstanceDataModule(lightning.LightningDataModule):
             if len(loader) == 0:
                 # Lightning would only warn, skip training and report the untrained model's AP as the run's.
                 per_process = f" ({len(sampler)} a process over {world})" if (world or 1) > 1 else ""
-                raise ValueError(
+                raise CommandError(
                     f"the training set has {len(self.train_dataset)} image(s){per_process}, fewer than one batch "
                     f"(data.datamodule.batch_size={self.batch_size}): training would take no step. Lower the batch "
                     "size, add images, or turn on data.datamodule.aspect_ratio_grouping (it fills a last batch "
@@ -498,7 +499,7 @@ class InstanceDataModule(lightning.LightningDataModule):
         if trainer is not None and trainer.world_size > 1:
             connector = getattr(trainer, "_accelerator_connector", None)
             if getattr(connector, "use_distributed_sampler", False):
-                raise ValueError(
+                raise CommandError(
                     "data.datamodule.aspect_ratio_grouping=true shards the training batches by rank itself; "
                     "Lightning cannot wrap a custom batch sampler for DDP. Build the Trainer with "
                     "use_distributed_sampler=False (trainer=ddp and trainer=ddp_cpu set it; on the command line "

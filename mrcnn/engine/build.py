@@ -17,6 +17,7 @@ from mrcnn.engine.checkpoints import ResumedRun, load_weights
 from mrcnn.engine.data_fit import check_num_classes, warn_if_boxes_outside_anchors
 from mrcnn.engine.loggers import instantiate_loggers
 from mrcnn.engine.quiet import silence_library_noise
+from mrcnn.errors import CommandError
 
 
 def build(cfg: DictConfig, resumed: ResumedRun | None = None):
@@ -83,7 +84,7 @@ def check_sync_batchnorm(module: L.LightningModule, trainer: L.Trainer, converts
     has_sync_bn = any(isinstance(m, batch_norms) for m in module.modules())
     distributed = isinstance(trainer.strategy, ParallelStrategy)
     if has_sync_bn and distributed and not isinstance(trainer.accelerator, CUDAAccelerator):
-        raise ValueError(
+        raise CommandError(
             "norm=syncbn synchronises BatchNorm across GPUs and needs CUDA devices (torch's SyncBatchNorm); "
             "with CPU processes (trainer=ddp_cpu) use model.norm=gn / model.head_norm=gn"
         )

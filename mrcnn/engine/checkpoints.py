@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mrcnn.config import override_key
-from mrcnn.engine.config_checks import CommandError, requeued_checkpoint, started_again
+from mrcnn.engine.config_checks import requeued_checkpoint, started_again
 from mrcnn.engine.model_record import (
     MODEL_RECORD_KEY,
     ModelRecord,
@@ -21,6 +21,7 @@ from mrcnn.engine.model_record import (
     read_checkpoint,
     set_frozen_bn_eps,
 )
+from mrcnn.errors import CommandError
 from mrcnn.modeling.mask_rcnn import load_torchvision_weights
 
 log = logging.getLogger(__name__)

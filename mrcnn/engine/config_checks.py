@@ -43,13 +43,6 @@ from mrcnn.data.images import check_regular_file
 _ABSENT = object()
 
 
-class CommandError(ValueError):
-    """A mistake in the command found once the job has started, by a check that reads more than the config (a
-    checkpoint whose run was trained with another config, an input that is not an image): ``run.py`` prints its
-    message alone, as it prints the checks' before torch loads, since a traceback through the check says nothing
-    more. Raise it only where the message names what to change."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """What a key's value must be: ``what`` says it in words ("a positive integer"), ``ok`` checks it."""

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 from torch import nn
 
+from mrcnn.errors import CommandError
+
 log = logging.getLogger(__name__)
 
 # A box is out of the anchors' reach when it is larger than twice the largest anchor or smaller than half the
@@ -26,11 +28,11 @@ def check_num_classes(num_classes: int, class_names: Sequence[str]) -> None:
     """Stops when ``model.num_classes`` disagrees with the data's classes.
 
     Raises:
-        ValueError: naming both numbers and the data's classes.
+        CommandError: naming both numbers and the data's classes.
     """
     if int(num_classes) != len(class_names):
         names = list(class_names) if len(class_names) <= 20 else [*class_names[:20], "..."]
-        raise ValueError(
+        raise CommandError(
             f"model.num_classes={num_classes}, but the data has {len(class_names)} classes {names}. "
             "Leave model.num_classes unset: it follows the data (data.classes picks a subset of the data's classes)."
         )

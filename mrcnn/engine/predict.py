@@ -45,11 +45,12 @@ from mrcnn.engine import job_processes
 from mrcnn.engine.build import build_module, job_overrides
 from mrcnn.engine.checkpoint_model import key_overrides, use_checkpoint_model
 from mrcnn.engine.checkpoints import check_checkpoint_fits
-from mrcnn.engine.config_checks import CommandError, check_config, checkpoint_path
+from mrcnn.engine.config_checks import check_config, checkpoint_path
 from mrcnn.engine.launch import check_run_dir_is_free, in_sweep, is_ddp_child, job_scope
 from mrcnn.engine.model_record import read_model_record
 from mrcnn.engine.quiet import reading_weights_only
 from mrcnn.engine.visualize import draw_instances, save_png, select
+from mrcnn.errors import CommandError
 from mrcnn.evaluation import CocoEvaluator, on_host
 
 log = logging.getLogger(__name__)

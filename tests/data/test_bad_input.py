@@ -1565,8 +1565,8 @@ PREDICT_CASES = [
 
 @pytest.mark.parametrize("case", PREDICT_CASES, ids=str)
 def test_predict_input(case: Case, tmp_path: Path):
-    from mrcnn.engine.config_checks import CommandError
     from mrcnn.engine.predict import ImageFiles
+    from mrcnn.errors import CommandError
 
     def check() -> None:
         if isinstance(case.outcome, Stops):

@@ -220,3 +220,17 @@ def run_before_torch(tmp_path, args: list[str]) -> subprocess.CompletedProcess:
         "    print('torch loaded:', 'torch' in sys.modules)\n"
     )
     return subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+
+def test_a_mistake_found_once_the_run_has_started_is_said_without_a_traceback(tmp_path):
+    # A training set smaller than one batch is known once the data is built, after the config checks: the message
+    # names what to change, and a traceback through Lightning's hooks would say nothing more.
+    run_dir = tmp_path / "run"
+    args = ["model=tiny", "data.num_train_images=4", "data.num_val_images=2", f"hydra.run.dir={run_dir}"]
+    result = run_py(args, cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert (
+        "CommandError: the training set has 4 image(s), fewer than one batch (data.datamodule.batch_size=8)"
+        in result.stderr
+    ), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]

@@ -11,7 +11,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from mrcnn.engine.build import build_module
 from mrcnn.engine.checkpoints import check_checkpoint_fits
-from mrcnn.engine.config_checks import CommandError
+from mrcnn.errors import CommandError
 from mrcnn.modeling.mask_rcnn import is_class_specific, load_torchvision_weights, torchvision_to_mrcnn_state_dict
 from tests.helpers.config import TINY_MODEL, compose_config
 from tests.helpers.runs import training_only_trainer
