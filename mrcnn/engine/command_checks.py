@@ -59,6 +59,7 @@ def check_command(cfg: DictConfig, hydra_cfg: DictConfig, on_this_machine: bool 
     Raises:
         ValueError, FileNotFoundError, RuntimeError: naming the mistake (:data:`COMMAND_ERRORS`).
     """
+    check_launcher(hydra_cfg)
     check_model_contract(cfg)
     check_added_keys(
         cfg,
@@ -72,6 +73,24 @@ def check_command(cfg: DictConfig, hydra_cfg: DictConfig, on_this_machine: bool 
     if cfg.mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {cfg.mode!r}")
     check_config(cfg, on_this_machine=on_this_machine)
+
+
+def check_launcher(hydra_cfg: DictConfig) -> None:
+    """Stops a single job (no ``-m``) given a launcher that runs jobs elsewhere: Hydra uses a launcher for a sweep's
+    jobs only, and the job would train here, on the machine that was to submit it (a cluster's login node).
+
+    Raises:
+        ValueError: naming the launcher and the ``-m`` that submits the job.
+    """
+    launcher = hydra_cfg.get("launcher")
+    if str(hydra_cfg.get("mode")).rpartition(".")[2] != "RUN" or runs_here(launcher) or launcher is None:
+        return
+    choice = (hydra_cfg.get("runtime") or {}).get("choices", {}).get("hydra/launcher")
+    name = f"hydra/launcher={choice}" if choice else f"hydra.launcher._target_={launcher.get('_target_')}"
+    raise ValueError(
+        f"{name} launches the jobs of a sweep, and this command is a single run, which Hydra runs here, on this "
+        "machine: add -m to submit it (a sweep of one job; an experiment= sweeps by itself)"
+    )
 
 
 def runs_here(launcher: Mapping | None) -> bool:

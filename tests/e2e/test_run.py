@@ -94,6 +94,11 @@ def test_a_typo_fails_loudly_and_leaves_no_output_folder(tmp_path):
             "data.min_size=${oc.env:MRCNN_TEST_UNSET}: cannot be resolved (KeyError raised while resolving",
         ),
         (["mode=evaluat"], "mode must be one of ['evaluate', 'predict', 'train'], got 'evaluat'"),
+        (
+            ["hydra/launcher=slurm"],
+            "hydra/launcher=slurm launches the jobs of a sweep, and this command is a single run, which Hydra runs "
+            "here, on this machine: add -m to submit it",
+        ),
         (["data=coco", "data.root=/no/such/folder"], "data.root=/no/such/folder: no such folder"),
         (["ckpt_path=/no/such/last.ckpt"], "ckpt_path file not found: /no/such/last.ckpt"),
         (["resume=/no/such/run"], "resume=/no/such/run: there is no /no/such/run/checkpoints/last.ckpt"),
@@ -127,6 +132,7 @@ def test_a_typo_fails_loudly_and_leaves_no_output_folder(tmp_path):
         "bad_value",
         "unresolvable_value",
         "unknown_mode",
+        "cluster_launcher_without_a_sweep",
         "missing_data",
         "missing_checkpoint",
         "missing_run",
