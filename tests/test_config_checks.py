@@ -63,6 +63,10 @@ def test_shipped_configs_and_good_values_pass(overrides):
         ("module.base_batch_size=0", "module.base_batch_size=0: must be a positive integer"),
         ("data.num_train_images=0", "data.num_train_images=0: must be a positive integer"),
         ("data.image_size=7", "data.image_size=7: must be an integer >= 14 (shapes are 8 px or more)"),
+        # Settings that pass their own rule and fail once the run has started (a helper's trial found each).
+        ("trainer.precision=16-true", "trainer.precision=16-true: torchvision's nms has no CPU kernel for half"),
+        ("trainer.precision=bf16-true", "trainer.precision=bf16-true: torchvision's nms has no CPU kernel for half"),
+        ("trainer.strategy=ddp_spawn", "trainer.strategy=ddp_spawn: this project starts DDP processes as commands"),
         ("scheduler.warmup_steps=-1", "scheduler.warmup_steps=-1: must be an integer >= 0"),
         ("optimizer.weight_decay=-1e-4", "optimizer.weight_decay=-0.0001: must be a number >= 0"),
         ("trainer.deterministic=yes", "trainer.deterministic=yes: must be true, false or 'warn', or null"),
@@ -257,13 +261,17 @@ def test_run_py_stops_on_a_negative_batch_size_naming_the_key(tmp_path):
     assert "Invalid learning rate" not in result.stderr
 
 
-@pytest.mark.parametrize("trainer", ["gpu", "ddp"])
+@pytest.mark.parametrize("trainer", ["trainer=gpu", "trainer=ddp", "setting=gpu"])
 def test_a_gpu_trainer_without_a_gpu_says_so_and_how_to_train_on_the_cpu(monkeypatch, trainer):
-    cfg = compose_config([f"trainer={trainer}"])
+    cfg = compose_config([trainer])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match=r"trainer.accelerator=gpu \(trainer=gpu or trainer=ddp\) needs a GPU"):
+    with pytest.raises(RuntimeError) as error:
         check_config(cfg)
+    assert "trainer.accelerator=gpu (trainer=gpu or trainer=ddp; setting=gpu and setting=paper choose them) needs" in (
+        str(error.value)
+    )
+    assert "Leave trainer= and setting= out to train on the CPU" in str(error.value)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     check_config(cfg)  # Apple's GPU: Lightning's "gpu" takes it
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)

@@ -449,7 +449,32 @@ def config_problems(cfg: DictConfig, keys: Sequence[str] | None = None) -> list[
             bad.add(key)
     if keys is None:
         problems += _interpolation_problems(cfg, bad)
-    return problems + _length_problems(cfg) + _model_problems(cfg) + _target_problems(cfg, written)
+    problems += _length_problems(cfg) + _model_problems(cfg) + _trainer_problems(cfg)
+    return problems + _target_problems(cfg, written)
+
+
+# Lightning's strategies that start the processes again from a pickled Trainer (spawn, fork): a Hydra job's config,
+# loggers and run folder are not rebuilt there, and the run fails at its end. trainer=ddp / ddp_cpu start each
+# process as a command (Lightning's "ddp"), which mrcnn.engine.launch pins to the job.
+_SPAWNING_STRATEGIES = ("ddp_spawn", "ddp_fork", "ddp_notebook")
+
+
+def _trainer_problems(cfg: DictConfig) -> list[str]:
+    """Trainer settings that each pass their own rule and fail once the run has started."""
+    problems = []
+    strategy = OmegaConf.select(cfg, "trainer.strategy", default=None)
+    if isinstance(strategy, str) and strategy.startswith(_SPAWNING_STRATEGIES):
+        problems.append(
+            f"trainer.strategy={strategy}: this project starts DDP processes as commands (Lightning's ddp): use "
+            "trainer=ddp (GPUs) or trainer=ddp_cpu (CPU processes), with trainer.devices=<processes>"
+        )
+    precision = str(OmegaConf.select(cfg, "trainer.precision", default=""))
+    if precision in ("16-true", "bf16-true") and OmegaConf.select(cfg, "trainer.accelerator", default=None) == "cpu":
+        problems.append(
+            f"trainer.precision={precision}: torchvision's nms has no CPU kernel for half precision: on the CPU "
+            "use 32-true (the default) or bf16-mixed"
+        )
+    return problems
 
 
 # An interpolation that only repeats another key's value (``${data.min_size}``): that value is checked at the key it
@@ -921,7 +946,7 @@ def check_config(cfg: DictConfig, on_this_machine: bool = True) -> None:
     if not has_gpu:
         # Lightning's own message ("No supported gpu backend found!") names neither the switch nor the way out.
         raise RuntimeError(
-            f"trainer.accelerator={accelerator} (trainer=gpu or trainer=ddp) needs a GPU, and torch sees none "
-            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}). Leave trainer= out to train on the CPU "
-            "(trainer=ddp_cpu for several CPU processes)."
+            f"trainer.accelerator={accelerator} (trainer=gpu or trainer=ddp; setting=gpu and setting=paper choose "
+            f"them) needs a GPU, and torch sees none (torch {torch.__version__}, CUDA build {torch.version.cuda}). "
+            "Leave trainer= and setting= out to train on the CPU (trainer=ddp_cpu for several CPU processes)."
         )

@@ -62,10 +62,13 @@ def tracked_processes() -> list[tuple[int, object]]:
 
 
 def _launched() -> list[tuple[int, object]]:
+    # Commands (subprocess.Popen) only: a spawning strategy's multiprocessing processes (refused by the config
+    # checks, reachable from Python) have no poll(), and their launcher joins them itself.
     return [
         (local_rank, proc)
         for launcher in _launchers
         for local_rank, proc in enumerate(getattr(launcher, "procs", None) or [], start=1)
+        if hasattr(proc, "poll")
     ]
 
 
