@@ -92,7 +92,7 @@ DEFAULT_STEPS = ("environment", "bench_eager", "bench_fast", "train_bf16", "gpu_
 DESCRIPTIONS = {
     "environment": "GPU, memory, versions; the project imports",
     "bench_eager": "benchmark.py, ours and torchvision, bf16 autocast, eager; host syncs, profile, head shapes; ours with the batched switches beside",
-    "bench_fast": "benchmark.py, ours on the fast path (bf16, channels_last, RoI buckets, batched switches, bf16 FrozenBatchNorm, cuDNN autotuning) and torchvision eager (bf16, default memory format), training only; ours with float32 FrozenBatchNorm beside",
+    "bench_fast": "benchmark.py, ours on the fast path (bf16, channels_last, RoI buckets, batched switches, FrozenBatchNorm folded into its convolution, cuDNN autotuning) and torchvision eager (bf16, default memory format), training only; ours with float32 FrozenBatchNorm beside",
     "train_bf16": "run.py trainer=gpu on shapes (bf16), alone: the default run's steps/s",
     "train_batched": "run.py trainer=gpu on shapes (bf16) with the batched switches, alone: their steps/s",
     "train_others": "run.py on shapes in fp32 and on the fast path (+ channels_last, autotuning), side by side: their AP",

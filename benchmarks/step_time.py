@@ -22,6 +22,7 @@ elementwise kernels are bound by memory traffic, so the bytes are what they cost
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import sys
@@ -30,7 +31,7 @@ import time
 import torch
 import torch.utils._pytree as pytree
 from benchmark import compose_config  # benchmarks/benchmark.py, beside this script (also registers the resolvers)
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mrcnn.modeling import roi_align as roi_align_module
@@ -166,6 +167,14 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for config in args.config:
         cfg = compose_config(config.split())
+        # Only RoIAlign poolers take a backward (RoIPool has one, torchvision's); `auto` is the model as configured.
+        pooler = get_class(cfg.model.net.roi_heads.pooler._target_)
+        takes_backward = "backward" in inspect.signature(pooler).parameters
+        if not takes_backward and backwards != ["auto"]:
+            parser.error(
+                f"--config {config!r} builds {pooler.__name__}, which has no RoIAlign backward to choose: time it "
+                "with --backward auto (the default), or give it model/pooler=roi_align"
+            )
         medians: dict[str, list[float]] = {b: [] for b in backwards}
         ops: dict[str, dict] = {}
         for round_index in range(args.rounds):
@@ -179,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
                 check_targets(targets)  # on the host, before the steps, as run.py does
             for backward in backwards:
                 torch.manual_seed(0)
-                model = instantiate(cfg.model.net, roi_heads={"pooler": {"backward": backward}}).train()
+                chosen = {"roi_heads": {"pooler": {"backward": backward}}} if takes_backward else {}
+                model = instantiate(cfg.model.net, **chosen).train()
                 optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
                 times = time_steps(model, optimizer, batches, args.warmup, args.autocast)
                 medians[backward].append(statistics.median(times))
