@@ -57,3 +57,17 @@ def test_a_job_restores_the_variables_lightnings_launcher_set_for_the_next_job(m
         os.environ["LOCAL_RANK"] = "0"
         raise RuntimeError("the job failed")
     assert "LOCAL_RANK" not in os.environ
+
+
+def test_the_jobs_main_process_is_no_ddp_child_once_lightning_has_started_the_others(monkeypatch):
+    # Lightning's launcher sets LOCAL_RANK in the main process's own environment too: the main process was taken for
+    # a child (its stop message pointed at its own log, not at the command that continues the run).
+    monkeypatch.setenv(launch.DDP_JOB_DIR_ENV, "/tmp/job")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv(job_processes.MAIN_PID_ENV, str(os.getpid()))
+    assert not launch.is_ddp_child()
+    monkeypatch.setenv(job_processes.MAIN_PID_ENV, str(os.getpid() + 1))  # started by another process: a child
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert launch.is_ddp_child()
+    monkeypatch.delenv("LOCAL_RANK")  # the main process before Lightning's launch
+    assert not launch.is_ddp_child()

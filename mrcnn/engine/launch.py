@@ -158,7 +158,13 @@ def pin_ddp_child_to_its_job() -> None:
 
 def is_ddp_child() -> bool:
     """Whether this process is a DDP process that Lightning started for a job (not the job's main process)."""
-    return DDP_JOB_DIR_ENV in os.environ and "LOCAL_RANK" in os.environ
+    # The job's main process has both variables too once Lightning has started the others (it sets LOCAL_RANK in
+    # its own environment): it is the process whose id job_scope recorded.
+    return (
+        DDP_JOB_DIR_ENV in os.environ
+        and "LOCAL_RANK" in os.environ
+        and os.environ.get(job_processes.MAIN_PID_ENV) != str(os.getpid())
+    )
 
 
 def discard_unused_output(job_dir: Path) -> bool:

@@ -29,6 +29,7 @@ from mrcnn.engine.launch import (
     continue_sweep_command,
     continues_its_folder,
     in_sweep,
+    is_ddp_child,
     is_first_process,
     job_scope,
     outlive_the_requeue_sigterm,
@@ -238,6 +239,10 @@ def stops_with_nonzero_exit(cfg: DictConfig):
                 stop.step,
                 Path(cfg.run_dir) / "metrics.json",
             )
+        elif is_ddp_child():
+            # Its command line is the one its job's main process gave it, not the user's: the main process's log
+            # (run.log, and the console) says how to go on.
+            log.warning("%s. The job's main process says how to continue, in %s", stop, Path(cfg.run_dir) / "run.log")
         elif continue_sweep_command() is not None:  # a sweep's job: the sweep goes on with it
             log.warning(
                 "%s. Continue the sweep (this job, and those after it) with: %s", stop, continue_sweep_command()
