@@ -128,11 +128,20 @@ class MaskRCNNModule(L.LightningModule):
             self.model.to(memory_format=torch.channels_last)
         if compile:
             kwargs = dict(compile_kwargs or {})
+            # Compiled at their first calls: the sanity check and the first steps wait minutes, without a word.
+            log.info(
+                "module.compile=true: the backbone and the box and mask heads are compiled at their first calls, so "
+                "the first steps (and the validation sanity check) take minutes"
+            )
             self.model.backbone.compile(**kwargs)
             # The heads' row counts change from step to step (among the RoI buckets): one dynamic graph for all of
             # them, where static ones would compile once per count (tests/modeling/test_compile.py).
             for head in (self.model.roi_heads.box_head, self.model.roi_heads.mask_head):
                 head.compile(**{**kwargs, "dynamic": True})
+        elif compile_kwargs:
+            log.warning(
+                "module.compile_kwargs=%s is read only with module.compile=true: nothing is compiled", compile_kwargs
+            )
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.base_lr = base_lr

@@ -9,6 +9,8 @@ the next count compiles a second, dynamic graph; then no more. The ``aot_eager``
 get, in seconds.
 """
 
+import logging
+
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -40,3 +42,19 @@ def _graphs_after_calls(row_counts) -> int:
 )
 def test_the_compiled_heads_trace_one_graph_each_for_every_number_of_rois(row_counts, graphs):
     assert _graphs_after_calls(row_counts) == graphs
+
+
+def test_compiling_says_the_first_steps_wait_and_arguments_without_it_are_named(caplog):
+    with caplog.at_level(logging.INFO, logger="mrcnn.lit_module"):
+        instantiate(compose_config([*TINY_MODEL, "module.compile=true"]).module)
+    assert (
+        "module.compile=true: the backbone and the box and mask heads are compiled at their first calls" in caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mrcnn.lit_module"):
+        instantiate(compose_config([*TINY_MODEL, "+module.compile_kwargs.mode=max-autotune"]).module)
+    assert "module.compile_kwargs={'mode': 'max-autotune'} is read only with module.compile=true" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mrcnn.lit_module"):
+        instantiate(compose_config(TINY_MODEL).module)
+    assert "compile" not in caplog.text
