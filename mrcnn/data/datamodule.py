@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import signal
 import warnings
@@ -24,6 +25,8 @@ from mrcnn.data.contract import (
 )
 from mrcnn.data.samplers import EpochSampler, GroupedBatchSampler, epoch_order, orientation_groups
 from mrcnn.errors import CommandError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "InstanceDataModule",
@@ -338,6 +341,7 @@ class InstanceDataModule(lightning.LightningDataModule):
         self.seed = seed
         self._train_loader: ResumableDataLoader | None = None  # the last one built
         self._train_loader_state: dict[str, Any] | None = None  # from a checkpoint, for the next one
+        self._told_left_out = False  # the images full batches leave out of each epoch: said once
 
     @property
     def class_names(self) -> list[str]:
@@ -487,6 +491,19 @@ class InstanceDataModule(lightning.LightningDataModule):
                     f"(data.datamodule.batch_size={self.batch_size}): training would take no step. Lower the batch "
                     "size, add images, or turn on data.datamodule.aspect_ratio_grouping (it fills a last batch "
                     "with repeated images)."
+                )
+            trained = len(loader) * self.batch_size * (world or 1)
+            if trained < len(self.train_dataset) and not self._told_left_out:
+                # Full batches only: the rest of each epoch's order is left out (other images each epoch).
+                self._told_left_out = True
+                log.info(
+                    "each epoch trains on %d of the training set's %d images (full batches of %d%s); the other %d "
+                    "are left out of that epoch's shuffled order",
+                    trained,
+                    len(self.train_dataset),
+                    self.batch_size,
+                    f" on each of {world} processes" if (world or 1) > 1 else "",
+                    len(self.train_dataset) - trained,
                 )
         if self._train_loader_state is not None:
             loader.load_state_dict(self._train_loader_state)

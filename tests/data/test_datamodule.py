@@ -1,5 +1,6 @@
 """Behaviour of the detection collate function and the LightningDataModule."""
 
+import logging
 import warnings
 from types import SimpleNamespace
 
@@ -53,6 +54,29 @@ def test_batch_sizes():
     # Training shuffles, evaluation keeps the dataset order.
     val_ids = [t["image_id"] for _, targets in val for t in targets]
     assert val_ids == list(range(1, 8))
+
+
+def test_the_images_full_batches_leave_out_of_each_epoch_are_said_once(caplog):
+    def datamodule(images, batch_size, world=None):
+        module = InstanceDataModule(IdsDataset(images), IdsDataset(2), batch_size=batch_size)
+        if world:
+            module.trainer = SimpleNamespace(world_size=world, global_rank=0, _accelerator_connector=None)
+        return module
+
+    with caplog.at_level(logging.INFO, logger="mrcnn.data.datamodule"):
+        seven = datamodule(7, 3)
+        seven.train_dataloader(), seven.train_dataloader()
+    assert (
+        caplog.text.count("each epoch trains on 6 of the training set's 7 images (full batches of 3); the other 1") == 1
+    )
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mrcnn.data.datamodule"):
+        datamodule(7, 3, world=2).train_dataloader()  # 4 a process (padded to 8): one batch of 3 each
+        datamodule(12, 3, world=2).train_dataloader()  # nothing left out: nothing said
+    assert caplog.messages == [
+        "each epoch trains on 6 of the training set's 7 images (full batches of 3 on each of 2 processes); the other "
+        "1 are left out of that epoch's shuffled order"
+    ]
 
 
 def test_a_training_set_smaller_than_one_batch_is_an_error_not_a_run_of_no_steps():
