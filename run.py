@@ -16,6 +16,7 @@ from mrcnn.engine.launch import (
     discard_unused_output,
     finished_earlier,
     pin_ddp_child_to_its_job,
+    port_in_use_message,
     restore_run_record,
 )
 from mrcnn.engine.quiet import silence_library_noise
@@ -51,6 +52,11 @@ def main(cfg: DictConfig) -> float | None:
             if cfg.mode != "train":
                 choices = {group: option for group, option in choices.items() if not group.startswith("model")}
             raise InstantiationException(where_built(str(error), cfg, choices)) from error
+        in_use = port_in_use_message(error)
+        if in_use is not None:
+            if HydraConfig.get().mode == RunMode.RUN:
+                raise SystemExit(in_use) from None
+            raise RuntimeError(in_use) from error
         mistake = isinstance(error, CommandError) or (not checked and isinstance(error, COMMAND_ERRORS))
         if mistake and HydraConfig.get().mode == RunMode.RUN:
             # The message alone, as for a group picked with a dot below: the check's traceback says nothing more. (A

@@ -71,3 +71,20 @@ def test_the_jobs_main_process_is_no_ddp_child_once_lightning_has_started_the_ot
     assert launch.is_ddp_child()
     monkeypatch.delenv("LOCAL_RANK")  # the main process before Lightning's launch
     assert not launch.is_ddp_child()
+
+
+def test_a_port_in_use_is_said_with_the_way_out(monkeypatch):
+    # torch's own error, as a DDP job's main process raises it when MASTER_PORT is taken (measured in a trial).
+    from torch.distributed import DistNetworkError
+
+    error = DistNetworkError(
+        "The server socket has failed to listen on any local network address. port: 29517, useIpv6: false, code: -98,"
+        " name: EADDRINUSE, message: address already in use"
+    )
+    monkeypatch.setenv("MASTER_PORT", "29517")
+    assert launch.port_in_use_message(error) == (
+        "DistNetworkError: port 29517 (MASTER_PORT) is in use on this machine, by another run or program, so the DDP "
+        "processes cannot meet there: set MASTER_PORT to a free port, or unset it (Lightning then picks a free one)"
+    )
+    assert launch.port_in_use_message(DistNetworkError("connection timed out")) is None
+    assert launch.port_in_use_message(RuntimeError("EADDRINUSE")) is None

@@ -127,7 +127,8 @@ def stop_after_failure(grace: float = STOP_GRACE_S, poll: float = 0.1, stopped: 
             killed.append(proc.pid)
             log.warning(
                 "stopped the DDP process of local rank %d (pid %d): %.0f s after this process %s it was still "
-                "running, waiting for this one (over NCCL until the process group's timeout, holding its GPU)",
+                "running, probably waiting for this one (which would last until the process group's timeout, 30 "
+                "minutes by default, holding its device)",
                 local_rank,
                 proc.pid,
                 grace,

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -154,6 +155,21 @@ def pin_ddp_child_to_its_job() -> None:
         # things (a warning of the config, each step of the run), which the main process prints already.
         "++hydra.job_logging.handlers.console.level=ERROR",
     ]
+
+
+def port_in_use_message(error: BaseException) -> str | None:
+    """What to do when a DDP job's main process cannot listen on its port (torch's ``DistNetworkError``, EADDRINUSE:
+    another run or program holds ``MASTER_PORT``); ``None`` for any other error."""
+    if type(error).__name__ != "DistNetworkError" or "EADDRINUSE" not in str(error):
+        return None
+    port = re.search(r"port: (\d+)", str(error))
+    port = port.group(1) if port else os.environ.get("MASTER_PORT", "?")
+    given = "MASTER_PORT" in os.environ
+    return (
+        f"DistNetworkError: port {port}{' (MASTER_PORT)' if given else ''} is in use on this machine, by another run "
+        "or program, so the DDP processes cannot meet there: "
+        + ("set MASTER_PORT to a free port, or unset it (Lightning then picks a free one)" if given else "try again")
+    )
 
 
 def is_ddp_child() -> bool:
