@@ -190,7 +190,8 @@ def check_added_keys(
     ``data=coco_format``. An added key is read when
 
     - it, or a mapping above it, has a ``_target_``: it is an argument of what that builds
-      (``+trainer.profiler=simple``), and Python refuses a name the constructor does not take;
+      (``+trainer.profiler=simple``), if its class or function takes that argument, as far as its source tells
+      (``+trainer.max_step=3`` is refused here, where Python would refuse it only once torch has loaded);
     - or it is an entry of ``callbacks`` or ``logger``, which are read entry by entry (``++logger.csv=null``);
     - or an interpolation reads it, or a mapping above it as a whole (``${data.augmentation}``), also in Hydra's own
       settings (``hydra.run.dir=outputs/${tag}``);
@@ -211,7 +212,7 @@ def check_added_keys(
     Raises:
         ValueError: naming the override, and the key or config group it probably meant.
     """
-    from mrcnn.engine.config_checks import config_keys, rule_for
+    from mrcnn.engine.config_checks import config_keys, rule_for, target_parameters
 
     text = None  # the config and Hydra's settings as yaml, where interpolations are looked for: once, if needed
     for override in overrides:
@@ -233,6 +234,8 @@ def check_added_keys(
             text = OmegaConf.to_yaml(cfg, resolve=False)
             text += OmegaConf.to_yaml(hydra_cfg, resolve=False) if hydra_cfg is not None else ""
         read_by = _read_by(cfg, key, text, rule_for)
+        if read_by == "target":
+            _check_argument(cfg, key, override, target_parameters)
         # SCHEMA has a rule for every key of every option: a key of another option's (data=coco_format's
         # train_json, under data=shapes) has one, and nothing reads it.
         other_options_key = (
@@ -265,6 +268,29 @@ def check_added_keys(
             if close:
                 message += f" Did you mean {f'{parent}.' if parent else ''}{close[0]}={value} (no +)?"
         raise ValueError(message)
+
+
+def _check_argument(cfg: DictConfig, key: str, override: str, parameters_of: Callable) -> None:
+    """An added key one level below a ``_target_`` is an argument of what it builds: fails, before anything is
+    imported, when that class or function takes no such argument (as far as its source tells,
+    :func:`mrcnn.engine.config_checks.target_parameters`); Python would refuse it only once torch has loaded."""
+    parent, _, name = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None, throw_on_missing=False, throw_on_resolution_failure=False)
+    if not isinstance(node, DictConfig) or "_target_" not in node or name.startswith("_"):
+        return
+    target = node._get_node("_target_")._value()
+    if not isinstance(target, str) or "${" in target:
+        return
+    parameters = parameters_of(target)
+    if parameters is None or name in parameters:
+        return
+    message = f"{override}: {target} takes no argument {name}, so it would fail once the run has started."
+    close = difflib.get_close_matches(name, sorted(parameters), n=1, cutoff=0.75)
+    if close:
+        given = f"{parent}.{close[0]}={override.split('=', 1)[1]}"
+        there = OmegaConf.select(cfg, f"{parent}.{close[0]}", default=_ABSENT, throw_on_missing=False) is not _ABSENT
+        message += f" Did you mean {given if there else '+' + given}{' (no +)' if there else ''}?"
+    raise ValueError(message)
 
 
 def _options_with_key(key: str, group_options: Callable[[str], list[str]]) -> list[str]:

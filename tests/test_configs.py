@@ -262,7 +262,7 @@ def test_an_added_key_that_nothing_reads_is_an_error_that_names_what_was_meant()
         "+trainer.profiler=simple",
         "+callbacks.stop._target_=lightning.pytorch.callbacks.EarlyStopping",
         "+callbacks.stop.monitor=val/segm_AP",
-        "+model.net.roi_heads.new_knob=1",
+        "++model.net.roi_heads.detections_per_img=50",
         "+module.compile_kwargs.backend=eager",
         "++data.datamodule.val_batch_size=1",
         group_options=lambda group: [],
@@ -394,3 +394,45 @@ def test_the_shapes_loader_workers_follow_where_training_runs(overrides, workers
     datamodule = instantiate(cfg.data.datamodule)
     assert (datamodule.num_workers, datamodule.persistent_workers) == (workers, persistent)
     assert cfg.data.datamodule.pin_memory is (cfg.trainer.accelerator != "cpu")  # pinned for a GPU only
+
+
+def test_an_added_argument_that_what_is_built_does_not_take_is_an_error_before_anything_is_imported():
+    from mrcnn.config import check_added_keys
+
+    def check(*overrides):
+        check_added_keys(compose_config(list(overrides)), list(overrides))
+
+    # Read from the sources (Lightning's Trainer through its re-exports), not imported: Python would refuse them only
+    # once torch and Lightning have loaded, and in a sweep every job would start and fail.
+    for override, message in (
+        (
+            "+trainer.max_step=3",
+            r"lightning\.Trainer takes no argument max_step.*Did you mean trainer\.max_steps=3 \(no",
+        ),
+        ("+data.datamodule.num_worker=1", r"InstanceDataModule takes no argument num_worker.*num_workers=1 \(no \+\)"),
+        ("+optimizer.nesterv=true", r"SGD takes no argument nesterv.*Did you mean \+optimizer\.nesterov=true\?"),
+    ):
+        with pytest.raises(ValueError, match=rf"^\{override[0]}{re.escape(override[1:])}: .*{message}"):
+            check(override)
+    # RoIPool's pooler inherits its __init__ from the class beside it, which has no backward (RoIAlign's has).
+    with pytest.raises(ValueError, match=r"RoIPoolPooler takes no argument backward"):
+        check("model/pooler=roi_pool", "+model.net.roi_heads.pooler.backward=sparse")
+    check("+model.net.roi_heads.pooler.backward=sparse")  # the default RoIAlign pooler
+    check("+trainer.profiler=simple", "+optimizer.nesterov=true", "++logger.csv.flush_logs_every_n_steps=50")
+    check("+module.compile_kwargs.mode=max-autotune")  # a mapping the module takes whole
+
+
+def test_the_arguments_of_a_target_are_read_from_its_source_or_not_at_all():
+    from mrcnn.engine.config_checks import target_parameters
+
+    assert {"max_steps", "devices", "precision"} <= target_parameters("lightning.pytorch.Trainer")
+    assert target_parameters("mrcnn.modeling.poolers.RoIPoolPooler") == {
+        "featmap_names",
+        "output_size",
+        "canonical_scale",
+        "canonical_level",
+    }
+    # Where the source cannot tell: **kwargs, a name it cannot follow, a module that is not there.
+    assert target_parameters("lightning.pytorch.loggers.WandbLogger") is None
+    assert target_parameters("mrcnn.modeling.poolers.MyPooler") is None
+    assert target_parameters("no_such_package.Thing") is None

@@ -628,6 +628,89 @@ def target_problem(path: str) -> str | None:
     return None  # a module itself
 
 
+def target_parameters(path: str) -> frozenset[str] | None:
+    """The keyword arguments the class or function a ``_target_`` names takes, read from its source without importing
+    it (Lightning's ``Trainer``: seconds to import); ``None`` where the source cannot tell (``**kwargs``, an
+    ``__init__`` inherited or generated, a compiled module, a name it cannot follow).
+
+    The dotted path is followed through packages' folders and through ``from ... import`` re-exports
+    (``lightning.pytorch.Trainer`` is ``lightning/pytorch/trainer/trainer.py``'s).
+    """
+    parts = path.split(".")
+    spec = importlib.util.find_spec(parts[0])  # a top-level package: found, not imported
+    if spec is None or spec.submodule_search_locations is None:
+        return None
+    found = _find_definition(Path(next(iter(spec.submodule_search_locations))), parts[0], parts[1:], depth=0)
+    if found is None:
+        return None
+    definition, tree = found
+    for _ in range(8):  # a class without __init__: its base's, where the base is defined beside it
+        if not isinstance(definition, ast.ClassDef):
+            break
+        init = [node for node in definition.body if isinstance(node, ast.FunctionDef) and node.name == "__init__"]
+        if init:
+            definition = init[0]
+            break
+        base = definition.bases[0] if len(definition.bases) == 1 else None
+        name = base.id if isinstance(base, ast.Name) else None
+        definition = next((node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == name), None)
+        if definition is None:
+            return None  # inherited from elsewhere (nn.Module, a dataclass's), or from several: not read here
+    if not isinstance(definition, (ast.FunctionDef, ast.AsyncFunctionDef)) or definition.args.kwarg is not None:
+        return None
+    arguments = definition.args
+    return frozenset(a.arg for a in [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs]) - {"self"}
+
+
+def _find_definition(folder: Path, module: str, rest: list[str], depth: int):
+    """The ``ast`` node that defines ``rest`` below package ``module`` (whose folder is ``folder``), with the module's
+    tree; None if unknown."""
+    if depth > 40 or not rest:  # (a bound on re-export chains, against import cycles)
+        return None
+    if (folder / rest[0]).is_dir() and (folder / rest[0] / "__init__.py").is_file():
+        return _find_definition(folder / rest[0], f"{module}.{rest[0]}", rest[1:], depth + 1)
+    if (folder / f"{rest[0]}.py").is_file():
+        return _name_in_source(folder / f"{rest[0]}.py", f"{module}.{rest[0]}", rest[1:], depth + 1, package=False)
+    return _name_in_source(folder / "__init__.py", module, rest, depth + 1, package=True)
+
+
+def _name_in_source(source: Path, module: str, rest: list[str], depth: int, package: bool):
+    """The node that defines ``rest`` in the module ``module`` at ``source`` (its class or function, or where a
+    ``from ... import`` brings it from), with that module's tree."""
+    if len(rest) != 1 or not source.is_file():
+        return None
+    name = rest[0]
+    tree = _parsed(str(source), source.stat().st_mtime)
+    for node in tree.body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
+            return node, tree
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        for alias in node.names:
+            if (alias.asname or alias.name) != name:
+                continue
+            if node.level:  # relative: from the package (or the module's package) up
+                base = module.split(".") if package else module.split(".")[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                target = node.module or ""
+            top, *below = target.split(".")
+            spec = importlib.util.find_spec(top)
+            if spec is None or spec.submodule_search_locations is None:
+                return None
+            return _find_definition(
+                Path(next(iter(spec.submodule_search_locations))), top, [*below, alias.name], depth + 1
+            )
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed(path: str, mtime: float) -> ast.Module:
+    return ast.parse(Path(path).read_text(), path)
+
+
 def _has_source(spec) -> bool:
     return spec is not None and spec.origin is not None and spec.origin.endswith(".py")
 

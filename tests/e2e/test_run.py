@@ -89,6 +89,7 @@ def test_a_typo_fails_loudly_and_leaves_no_output_folder(tmp_path):
         ),
         (["model.pooler=roi_pool"], "model/pooler is a config group; choose its option with model/pooler=roi_pool"),
         (["data.datamodule.batch_size=-2"], "data.datamodule.batch_size=-2: must be a positive integer"),
+        (["+trainer.max_step=3"], "+trainer.max_step=3: lightning.Trainer takes no argument max_step"),
         (
             ["data.min_size=${oc.env:MRCNN_TEST_UNSET}"],
             "data.min_size=${oc.env:MRCNN_TEST_UNSET}: cannot be resolved (KeyError raised while resolving",
@@ -130,6 +131,7 @@ def test_a_typo_fails_loudly_and_leaves_no_output_folder(tmp_path):
         "target_mistyped",
         "dotted_group",
         "bad_value",
+        "argument_not_taken",
         "unresolvable_value",
         "unknown_mode",
         "cluster_launcher_without_a_sweep",
