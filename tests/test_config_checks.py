@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import mrcnn.config
 from mrcnn.engine.config_checks import check_config, config_problems
 from tests.helpers.config import ROOT, compose_config
 from tests.helpers.runs import run_py
@@ -128,6 +129,31 @@ def test_a_value_that_an_interpolation_gives_is_checked_at_its_key(monkeypatch, 
     monkeypatch.setenv("MRCNN_TEST_WORD", "eight")
     problems = config_problems(compose_config([override]))
     assert len(problems) == 1 and problems[0].startswith(message), problems
+
+
+def test_interpolations_that_cannot_resolve_anywhere_in_the_config_are_named_not_raised(monkeypatch):
+    monkeypatch.delenv("MRCNN_TEST_UNSET", raising=False)
+    unset = (
+        "cannot be resolved (KeyError raised while resolving interpolation: \"Environment variable 'MRCNN_TEST_UNSET'"
+    )
+    # In a list, and in the keys the combination checks read (the trainer's, the length of training, the model's).
+    for override in (
+        "data.classes=[circle,${oc.env:MRCNN_TEST_UNSET}]",
+        "trainer.strategy=${oc.env:MRCNN_TEST_UNSET}",
+        "trainer.max_steps=${oc.env:MRCNN_TEST_UNSET}",
+        "model.anchor_sizes=${oc.env:MRCNN_TEST_UNSET}",
+    ):
+        problems = config_problems(compose_config([override]))
+        key = override.split("=")[0]
+        assert len(problems) == 1 and problems[0].startswith(f"{key}=") and unset in problems[0], problems
+    # A job that runs on another machine (a SLURM sweep checked where it is submitted) reads that machine's
+    # environment: not checked here.
+    cfg = compose_config(["logger.csv.name=${oc.env:MRCNN_TEST_UNSET}", "data.min_size=${oc.env:MRCNN_TEST_UNSET}"])
+    assert config_problems(cfg, on_this_machine=False) == []
+    assert len(config_problems(cfg)) == 2
+    # Composed outside a Hydra job (a notebook): the keys that read the run's folder (${hydra:...}, through run_dir)
+    # cannot resolve, and are no mistake.
+    assert config_problems(mrcnn.config.compose_config([])) == []
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,16 @@ from types import SimpleNamespace
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
+from mrcnn.engine import launch
 from mrcnn.engine.callbacks import CostEstimate
-from mrcnn.engine.sweep_cost import estimate_line, jobs_at_once, planned_steps, sweep_job_count, sweep_position
+from mrcnn.engine.sweep_cost import (
+    estimate_line,
+    jobs_at_once,
+    planned_steps,
+    sweep_job_count,
+    sweep_jobs,
+    sweep_position,
+)
 from tests.helpers.config import compose_config
 from tests.helpers.runs import training_only_trainer
 
@@ -124,7 +132,7 @@ def test_a_sweep_job_reads_its_launcher_from_the_sweeps_record(tmp_path):
     assert sweep_position() == (None, None, 1, frozenset())
 
 
-def test_a_continued_sweep_counts_only_the_jobs_it_trains(tmp_path):
+def test_a_continued_sweep_counts_only_the_jobs_it_trains(tmp_path, monkeypatch):
     # 6 jobs of 750 steps x 0.4 s (5 min each); jobs 1, 4 and 5 finished before the sweep stopped: kept.
     line = estimate_line(6, 2, 750, 250, 0.4, "measured", kept={1, 4, 5})
     assert "sweep 3 jobs x 750 steps x 0.4 s = 15.0 min (3 of its 6 jobs finished before: kept)" in line
@@ -144,6 +152,16 @@ def test_a_continued_sweep_counts_only_the_jobs_it_trains(tmp_path):
     HydraConfig.instance().set_config(job)
     try:
         assert sweep_position() == (2, 6, 1, frozenset({4, 5}))
+        # In the process that continued the sweep (Hydra's basic launcher), exactly the jobs it kept, before this
+        # one too; continue_sweep given any way Hydra reads as true.
+        records = {tmp_path / str(n): {"hydra.yaml": f"hydra:\n  job:\n    num: {n}\n".encode()} for n in (1, 4, 5)}
+        monkeypatch.setattr(launch, "_finished_records", records)
+        for given in ("continue_sweep=true", "++continue_sweep=True"):
+            sweep.hydra.overrides.task = ["seed=0,1,2,3,4,5", given]
+            HydraConfig.instance().set_config(
+                OmegaConf.merge(sweep, {"hydra": {"mode": "MULTIRUN", "job": {"num": 2}}})
+            )
+            assert sweep_position() == (2, 6, 1, frozenset({1, 4, 5})), given
     finally:
         HydraConfig.instance().cfg = None
 
@@ -155,3 +173,13 @@ def test_the_callback_counts_the_jobs_that_run_at_once(caplog):
         callback.on_train_start(trainer, None)
     # Two rounds of 60 s: this job's minute, then the round of jobs 3 and 4.
     assert "4.0 min of job time, 2.0 min left with 2 running at once" in caplog.text
+
+
+def test_swept_values_an_interpolation_gives_are_resolved_as_hydras_sweeper_does(monkeypatch):
+    # hydra.sweeper.params resolved (Hydra's BasicSweeper reads them so); the command line's overrides as written.
+    monkeypatch.setenv("MRCNN_TEST_SEEDS", "0,1,2")
+    params = OmegaConf.create({"seed": "${oc.env:MRCNN_TEST_SEEDS}"})
+    assert sweep_job_count(params, []) == 3
+    # (hydra.overrides.task: resolved item by item, the name would be 0,1,2, swept: 6 jobs)
+    jobs = sweep_jobs(None, OmegaConf.create(["seed=0,1", "logger.csv.name=${oc.env:MRCNN_TEST_SEEDS}"]))
+    assert [job[0] for job in jobs] == ["seed=0", "seed=1"] and all("MRCNN_TEST_SEEDS" in job[1] for job in jobs)

@@ -59,8 +59,9 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
     silence_library_noise()
     module = instantiate(cfg.module)
     if cfg.get("weights"):
-        # Only a training run fine-tunes a file of other classes; evaluate and predict would score random layers.
-        fine_tune = cfg.get("mode", "train") == "train"
+        # Only a training run fine-tunes a file of other classes; evaluate and predict would score random layers,
+        # unless a checkpoint replaces the weights (ckpt_path=, resume=: a fine-tuned run's own overrides).
+        fine_tune = cfg.get("mode", "train") == "train" or bool(cfg.get("ckpt_path") or cfg.get("resume"))
         load_weights(module.model, cfg.weights, class_names=module.class_names, fine_tune=fine_tune)
     return module
 

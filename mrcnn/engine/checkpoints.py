@@ -486,11 +486,18 @@ def load_weights(
             trained = f"{file_classes} classes" if file_classes is not None else "other classes"
         if not fine_tune:
             names = f" {list(class_names)}" if class_names and len(class_names) == own_classes else ""
+            same_count = record and record.class_names and len(record.class_names) == own_classes
+            way = (
+                "Use data of its classes (data.classes), or ckpt_path=<file>, which brings the checkpoint's classes"
+                if same_count
+                else "Build the model for the file's classes (model.num_classes follows the data; for mode=predict "
+                "of torchvision's COCO files: model.num_classes=90)"
+            )
             raise CommandError(
-                f"weights={path} was trained on {trained}, and the model is built for {own_classes} classes"
-                f"{names} (model.num_classes): its class-specific layers would be random, and so would what this "
-                "run scores or predicts. Build the model for the file's classes (torchvision's COCO files: "
-                "model.num_classes=90), or train from the file first (mode=train) to fine-tune it to yours."
+                f"weights={path} was trained on {trained}, and this run's model is built for {own_classes} classes"
+                f"{names}: its class-specific layers would be {'mismatched' if same_count else 'random'}, and so "
+                f"would what it scores or predicts. {way}; or train from the file first (mode=train) to fine-tune it "
+                "to your classes."
             )
         log.info(
             "weights=%s: loaded all but the class-specific layers, re-initialised for %s (the file was trained on %s): %s",

@@ -411,8 +411,8 @@ def _value(cfg: DictConfig, key: str):
 
 def _length_problems(cfg: DictConfig) -> list[str]:
     """``trainer.max_epochs`` and ``trainer.max_steps``: Lightning's -1 means no limit, but one of them must limit."""
-    max_epochs = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
-    max_steps = OmegaConf.select(cfg, "trainer.max_steps", default=-1)
+    max_epochs = OmegaConf.select(cfg, "trainer.max_epochs", default=None, throw_on_resolution_failure=False)
+    max_steps = OmegaConf.select(cfg, "trainer.max_steps", default=-1, throw_on_resolution_failure=False)
     problems = []
     if not (max_steps == -1 or (_is_int(max_steps) and max_steps > 0)):
         problems.append(f"trainer.max_steps={max_steps}: must be a positive integer, or -1 for no step limit")
@@ -424,11 +424,14 @@ def _length_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
-def config_problems(cfg: DictConfig, keys: Sequence[str] | None = None) -> list[str]:
+def config_problems(cfg: DictConfig, keys: Sequence[str] | None = None, on_this_machine: bool = True) -> list[str]:
     """One line per bad value, ``<key>=<value>: <what it must be>``; empty when all are good.
 
     Args:
         keys: check only these keys (default: every key written in ``cfg`` that has a rule).
+        on_this_machine: whether the job runs here; where it does not (a SLURM sweep checked where it is submitted),
+            what an interpolation reads from the environment (``${oc.env:SLURM_TMPDIR}``) is the job's machine's,
+            and is not checked.
     """
     problems = []
     written = [key for key, literal in config_keys(cfg) if literal] if keys is None else list(keys)
@@ -439,7 +442,10 @@ def config_problems(cfg: DictConfig, keys: Sequence[str] | None = None) -> list[
             continue
         try:
             value = _value(cfg, key)
-        except Exception:  # noqa: BLE001  (an interpolation that cannot resolve here fails where it is used)
+        except Exception as error:  # noqa: BLE001  (a list that holds an interpolation: [circle, ${oc.env:X}])
+            unresolved = _unresolved(key, _written_text(cfg, key), error, on_this_machine)
+            problems += [unresolved] if unresolved else []
+            bad.add(key)
             continue
         if value is _ABSENT or value == "???":
             continue
@@ -448,7 +454,7 @@ def config_problems(cfg: DictConfig, keys: Sequence[str] | None = None) -> list[
             problems.append(f"{key}={value}: {problem}")
             bad.add(key)
     if keys is None:
-        problems += _interpolation_problems(cfg, bad)
+        problems += _interpolation_problems(cfg, bad, on_this_machine)
     problems += _length_problems(cfg) + _model_problems(cfg) + _trainer_problems(cfg)
     return problems + _target_problems(cfg, written)
 
@@ -462,14 +468,15 @@ _SPAWNING_STRATEGIES = ("ddp_spawn", "ddp_fork", "ddp_notebook")
 def _trainer_problems(cfg: DictConfig) -> list[str]:
     """Trainer settings that each pass their own rule and fail once the run has started."""
     problems = []
-    strategy = OmegaConf.select(cfg, "trainer.strategy", default=None)
+    strategy = OmegaConf.select(cfg, "trainer.strategy", default=None, throw_on_resolution_failure=False)
     if isinstance(strategy, str) and strategy.startswith(_SPAWNING_STRATEGIES):
         problems.append(
             f"trainer.strategy={strategy}: this project starts DDP processes as commands (Lightning's ddp): use "
             "trainer=ddp (GPUs) or trainer=ddp_cpu (CPU processes), with trainer.devices=<processes>"
         )
-    precision = str(OmegaConf.select(cfg, "trainer.precision", default=""))
-    if precision in ("16-true", "bf16-true") and OmegaConf.select(cfg, "trainer.accelerator", default=None) == "cpu":
+    precision = str(OmegaConf.select(cfg, "trainer.precision", default="", throw_on_resolution_failure=False))
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator", default=None, throw_on_resolution_failure=False)
+    if precision in ("16-true", "bf16-true") and accelerator == "cpu":
         problems.append(
             f"trainer.precision={precision}: torchvision's nms has no CPU kernel for half precision: on the CPU "
             "use 32-true (the default) or bf16-mixed"
@@ -484,20 +491,42 @@ def _trainer_problems(cfg: DictConfig) -> list[str]:
 _REFERENCE = re.compile(r"\$\{(\w[\w.]*)\}")  # also finds the keys an interpolation reads
 
 
-def _interpolation_problems(cfg: DictConfig, bad: set[str]) -> list[str]:
+def _written_text(cfg: DictConfig, key: str) -> str:
+    """The value of ``key`` as the config writes it (``${oc.env:X}``, ``[circle, ${oc.env:X}]``), not resolved."""
+    parent, _, name = key.rpartition(".")
+    node = (OmegaConf.select(cfg, parent) if parent else cfg)._get_node(name)
+    if OmegaConf.is_config(node) and not node._is_interpolation():
+        return str(OmegaConf.to_container(node, resolve=False)).replace("'", "")
+    return str(node._value())
+
+
+def _unresolved(key: str, text: str, error: Exception, on_this_machine: bool) -> str | None:
+    """The problem of ``key`` whose value ``text`` could not be resolved (``error``), or None where that is not the
+    config's mistake, or not one to find here."""
+    from omegaconf.errors import InterpolationToMissingValueError
+
+    if isinstance(error, InterpolationToMissingValueError):
+        return None  # a key not set (???) is named where it is written (path_problems, Hydra)
+    if not _hydra_job_known() and "HydraConfig was not set" in str(error):
+        return None  # checked outside a Hydra job (a notebook's compose_config): its folder is not known here
+    if _raised_by(error, OSError):
+        return None  # a resolver that reads a file not there: path_problems names the file
+    if not on_this_machine:
+        return None  # the environment the job reads is another machine's
+    return f"{key}={text}: cannot be resolved ({str(error).splitlines()[0]})"
+
+
+def _interpolation_problems(cfg: DictConfig, bad: set[str], on_this_machine: bool = True) -> list[str]:
     """Problems of the keys whose value is an interpolation (see :data:`_REFERENCE`): one that reads a key not there,
     one that cannot be resolved (an environment variable not set), one that makes a value breaking its rule. A key
     that reads a key with a problem (``bad``, or found here) is left out: its problem is that key's."""
-    from omegaconf.errors import InterpolationToMissingValueError
-
     found: dict[str, str] = {}  # key -> its problem
     reads: dict[str, list[str]] = {}  # key -> the keys its interpolation reads
     for key, literal in config_keys(cfg):
         rule = rule_for(key)
         if literal or rule is None or key.startswith("hydra."):
             continue
-        parent, _, name = key.rpartition(".")
-        text = str((OmegaConf.select(cfg, parent) if parent else cfg)._get_node(name)._value())
+        text = _written_text(cfg, key)
         reads[key] = _REFERENCE.findall(text)
         reference = _REFERENCE.fullmatch(text)
         if reference is not None:
@@ -511,18 +540,14 @@ def _interpolation_problems(cfg: DictConfig, bad: set[str]) -> list[str]:
                 if problem:
                     found[key] = f"{key}={text}, which is {value!r}: {problem}"
             continue
-        if "${mrcnn." in text:
-            continue
+        if "${mrcnn." in text or not on_this_machine:
+            continue  # (not on this machine: what it makes may come from the environment of the job's machine)
         try:
             value = _value(cfg, key)
-        except InterpolationToMissingValueError:
-            continue  # a key not set (???) is named where it is written (path_problems, Hydra)
         except Exception as error:  # noqa: BLE001  (any: a resolver's own error)
-            if "hydra:" in text and not _hydra_job_known():
-                continue  # checked outside a Hydra job: its settings are not known here
-            if _raised_by(error, OSError):
-                continue  # a resolver that reads a file not there: path_problems names the file
-            found[key] = f"{key}={text}: cannot be resolved ({str(error).splitlines()[0]})"
+            unresolved = _unresolved(key, text, error, on_this_machine)
+            if unresolved:
+                found[key] = unresolved
             continue
         problem = None if value is _ABSENT else rule(value)
         if problem:
@@ -748,7 +773,9 @@ def _top_level_names(path: str, mtime: float) -> frozenset[str] | None:
 
 def _target(cfg: DictConfig, key: str) -> str:
     """The class or function name a ``_target_`` under ``key`` builds (``""`` where there is none)."""
-    target = OmegaConf.select(cfg, f"{key}._target_", default=None, throw_on_missing=False)
+    target = OmegaConf.select(
+        cfg, f"{key}._target_", default=None, throw_on_missing=False, throw_on_resolution_failure=False
+    )
     return str(target).rpartition(".")[2] if target else ""
 
 
@@ -767,8 +794,12 @@ def _model_problems(cfg: DictConfig) -> list[str]:
             "Leave model/roi_heads out: each model/backbone picks its own"
         )
     if backbone == "resnet_fpn":
-        sizes = OmegaConf.select(cfg, "model.anchor_sizes", default=None, throw_on_missing=False)
-        names = OmegaConf.select(cfg, "model.featmap_names", default=None, throw_on_missing=False)
+        sizes = OmegaConf.select(
+            cfg, "model.anchor_sizes", default=None, throw_on_missing=False, throw_on_resolution_failure=False
+        )
+        names = OmegaConf.select(
+            cfg, "model.featmap_names", default=None, throw_on_missing=False, throw_on_resolution_failure=False
+        )
         if _is_list(sizes) and _is_list(names) and len(sizes) != len(names) + 1:
             problems.append(
                 f"model.anchor_sizes={list(sizes)}: FPN's RPN has {len(names) + 1} maps (P2-P{len(names) + 2}), one "
@@ -990,7 +1021,7 @@ def check_config(cfg: DictConfig, on_this_machine: bool = True) -> None:
         FileNotFoundError: listing every missing data folder, data file and weights file, with its key; or the
             checkpoint to start from is not there (:func:`checkpoint_path` says why a run folder may lack one).
     """
-    problems = config_problems(cfg)
+    problems = config_problems(cfg, on_this_machine=on_this_machine)
     if problems:
         raise ValueError("invalid config values:\n  " + "\n  ".join(problems))
     if not on_this_machine:

@@ -631,6 +631,17 @@ def finished_jobs() -> int:
     return len(_finished_records)
 
 
+def kept_job_numbers() -> frozenset[int]:
+    """The numbers of the jobs the sweep continued with ``continue_sweep=true`` in this process finished before."""
+    numbers = set()
+    for files in _finished_records.values():
+        try:
+            numbers.add(int(OmegaConf.create(files["hydra.yaml"].decode()).hydra.job.num))
+        except Exception:  # noqa: BLE001  (a record without its number: not counted)
+            continue
+    return frozenset(numbers)
+
+
 def finished_earlier(cfg: DictConfig) -> dict | None:
     """In a sweep continued with ``continue_sweep=true``: the metrics of this job when it finished in the sweep's
     earlier start (its folder's ``metrics.json``), else ``None``: the job runs."""

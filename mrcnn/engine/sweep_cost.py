@@ -27,7 +27,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from mrcnn.config import as_written, task_overrides
+from mrcnn.config import as_written, override_key, task_overrides
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,9 @@ def sweep_jobs(params: Mapping[str, str] | None, overrides: Sequence[str], confi
             same key of ``params``, as in the sweeper.
         config_loader: Hydra's config loader, which a ``glob(...)`` sweep of a config group's options needs.
     """
-    # As written: a value with an interpolation is one the job resolves (mrcnn.config.as_written).
-    lines = [f"{key}={value}" for key, value in (as_written(params) or {}).items()] + list(as_written(overrides))
+    # The command line's overrides as written (mrcnn.config.as_written: a value with an interpolation is one each job
+    # resolves); the params resolved, as Hydra's sweeper reads them (${oc.env:SEEDS} may hold the values swept).
+    lines = [f"{key}={value}" for key, value in (params or {}).items()] + list(as_written(overrides))
     parsed = OverridesParser.create(config_loader=config_loader).parse_overrides(lines)
     return BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
 
@@ -182,8 +183,17 @@ def sweep_position() -> tuple[int | None, int | None, int, frozenset[int]]:
         return int(hydra.job.num), None, 1, frozenset()
     sweep = OmegaConf.load(saved).hydra
     jobs = sweep_job_count(sweep.sweeper.get("params"), sweep.overrides.task)
-    continued = "continue_sweep=true" in task_overrides(hydra)
-    kept = finished_job_numbers(Path(hydra.sweep.dir), int(hydra.job.num)) if continued else frozenset()
+    continued = any(
+        override_key(o) == "continue_sweep" and o.split("=", 1)[1].strip().lower() == "true"
+        for o in task_overrides(hydra)
+    )
+    kept = frozenset()
+    if continued:
+        from mrcnn.engine.launch import kept_job_numbers  # (light)
+
+        # Known exactly where the sweep was continued (Hydra's basic launcher runs its jobs in that process); where
+        # not (a cluster's job), the jobs after this one that hold results, all this job's time left needs.
+        kept = kept_job_numbers() or finished_job_numbers(Path(hydra.sweep.dir), int(hydra.job.num))
     return int(hydra.job.num), jobs, jobs_at_once(sweep.get("launcher"), jobs), kept
 
 

@@ -71,8 +71,9 @@ def test_torchvision_weights_for_other_classes_load_all_but_the_class_layers(tmp
     for mode in ("evaluate", "predict"):
         with pytest.raises(CommandError) as error:
             build_module(compose_config([*overrides, f"weights={path}", f"mode={mode}"]))
-        assert f"weights={path} was trained on 90 classes, and the model is built for 6 classes ['circle'," in str(
-            error.value
+        assert (
+            f"weights={path} was trained on 90 classes, and this run's model is built for 6 classes ['circle',"
+            in str(error.value)
         )
     # Built for the file's classes, it loads every tensor.
     module = build_module(compose_config([*overrides, "model.num_classes=90", f"weights={path}", "mode=predict"]))
@@ -138,6 +139,21 @@ def test_lightning_checkpoint_as_weights_fine_tunes_from_a_fresh_start(tmp_path,
         CommandError, match=r"was trained on 6 classes \['circle', .*built for 2 classes \['circle', 'sq"
     ):
         build_module(compose_config([*overrides, f"weights={path}", "mode=evaluate"]))
+    # Other classes, as many: their layers fit, and would score the wrong classes. The way out names data.classes.
+    with pytest.raises(CommandError, match=r"layers would be mismatched.*Use data of its classes \(data\.classes\)"):
+        build_module(
+            compose_config(
+                [
+                    *TINY_MODEL,
+                    "data.classes=[star,ring,crescent,square,triangle,circle]",
+                    f"weights={path}",
+                    "mode=predict",
+                ]
+            )
+        )
+    # With a checkpoint to evaluate (a fine-tuned run's own overrides keep its weights=), the checkpoint's weights
+    # replace the file's: nothing is refused.
+    build_module(compose_config([*overrides, f"weights={path}", "mode=evaluate", f"ckpt_path={path}"]))
 
     # Optimizer, step and schedule start fresh: a 1-step run ends at step 1 with the warmup's first lr.
     cfg = compose_config(overrides)
