@@ -325,3 +325,14 @@ def test_deterministic_runs_set_cublas_before_cuda_starts(monkeypatch, value, se
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     prepare_determinism(compose_config([f"trainer.deterministic={value}"]))
     assert (os.environ.get("CUBLAS_WORKSPACE_CONFIG") == ":4096:8") is sets
+
+
+def test_ddp_on_the_cpu_with_devices_left_to_lightning_is_named():
+    # Lightning's "auto" on the CPU is one process (a helper's trial: "process 0 of 1", no word of it).
+    problems = config_problems(compose_config(["trainer=ddp_cpu", "trainer.devices=auto"]))
+    assert problems == [
+        "trainer.devices=auto: on the CPU Lightning takes it for one process, and DDP would have nothing to share: "
+        "give the number of processes (trainer=ddp_cpu trainer.devices=<n>)"
+    ]
+    assert config_problems(compose_config(["trainer=ddp_cpu", "trainer.devices=3"])) == []
+    assert config_problems(compose_config(["trainer.devices=auto"])) == []  # one process asked for: one process

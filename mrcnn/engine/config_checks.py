@@ -474,9 +474,15 @@ def _trainer_problems(cfg: DictConfig) -> list[str]:
             f"trainer.strategy={strategy}: this project starts DDP processes as commands (Lightning's ddp): use "
             "trainer=ddp (GPUs) or trainer=ddp_cpu (CPU processes), with trainer.devices=<processes>"
         )
+    devices = OmegaConf.select(cfg, "trainer.devices", default=None, throw_on_resolution_failure=False)
+    on_cpu = OmegaConf.select(cfg, "trainer.accelerator", default=None, throw_on_resolution_failure=False) == "cpu"
+    if on_cpu and isinstance(strategy, str) and strategy.startswith("ddp") and devices in ("auto", -1):
+        problems.append(
+            f"trainer.devices={devices}: on the CPU Lightning takes it for one process, and DDP would have nothing to "
+            "share: give the number of processes (trainer=ddp_cpu trainer.devices=<n>)"
+        )
     precision = str(OmegaConf.select(cfg, "trainer.precision", default="", throw_on_resolution_failure=False))
-    accelerator = OmegaConf.select(cfg, "trainer.accelerator", default=None, throw_on_resolution_failure=False)
-    if precision in ("16-true", "bf16-true") and accelerator == "cpu":
+    if precision in ("16-true", "bf16-true") and on_cpu:
         problems.append(
             f"trainer.precision={precision}: torchvision's nms has no CPU kernel for half precision: on the CPU "
             "use 32-true (the default) or bf16-mixed"
