@@ -196,14 +196,14 @@ def test_step_time_benchmark_times_every_backward(tmp_path):
     # asked of it is refused by name (it failed inside Hydra's instantiate, with the default --backward auto too).
     roi_pool = config.replace("model/pooler=roi_align", "model/pooler=roi_pool")
     proc = subprocess.run(
-        [*command[:3], roi_pool, *command[5:]], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300
+        [*command[:3], roi_pool, *command[6:]], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(json.loads(out.read_text())["configs"][roi_pool]) == ["auto"]
     proc = subprocess.run(
         [*command[:3], roi_pool, "--backward", "sparse"], check=False, cwd=tmp_path, capture_output=True, text=True
     )
-    assert proc.returncode != 0 and "builds RoIPooler, which has no RoIAlign backward to choose" in proc.stderr
+    assert proc.returncode != 0 and "builds RoIPoolPooler, which has no RoIAlign backward to choose" in proc.stderr
 
 
 def test_the_benchmarks_steps_read_no_device_targets_between_them(monkeypatch):
