@@ -223,7 +223,8 @@ def stops_with_nonzero_exit(cfg: DictConfig):
     In the training loop ``mrcnn.engine.callbacks.LastCheckpoint`` saves ``last.ckpt`` (and may requeue the job)
     and raises :class:`TrainingInterrupted`. Outside it (sanity check, the final validation, ``mode=evaluate``)
     Lightning's own SIGTERM handler stops the run with ``SIGTERMException``, a ``SystemExit`` with no
-    code, which would exit with 0 as if the job had finished.
+    code, which would exit with 0 as if the job had finished; and Lightning ends a fit that Ctrl-C interrupted at
+    once (a second Ctrl-C) with ``sys.exit(1)``, which exits 130 here.
     """
     try:
         yield
@@ -255,3 +256,9 @@ def stops_with_nonzero_exit(cfg: DictConfig):
     except SIGTERMException as stop:
         log.warning("stopped by SIGTERM outside the training loop; nothing was saved now")
         raise SystemExit(128 + signal.SIGTERM) from stop
+    except SystemExit as stop:
+        if stop.code == 1 and isinstance(stop.__context__, KeyboardInterrupt):
+            # Lightning ends a fit that a second Ctrl-C (or one outside the training loop) interrupted with exit
+            # code 1, as for a failure: 130 says Ctrl-C, as the first one's stop does.
+            raise SystemExit(128 + signal.SIGINT) from stop
+        raise

@@ -486,6 +486,19 @@ def test_lightnings_own_sigterm_stop_outside_the_training_loop_exits_nonzero():
     assert stop.value.code == 128 + signal.SIGTERM
 
 
+def test_a_second_ctrl_c_exits_130_not_lightnings_1():
+    # Lightning handles the KeyboardInterrupt a second Ctrl-C raises with sys.exit(1), as if the run had failed.
+    with pytest.raises(SystemExit) as stop, stops_with_nonzero_exit(compose_config([])):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            sys.exit(1)
+    assert stop.value.code == 128 + signal.SIGINT
+    with pytest.raises(SystemExit) as stop, stops_with_nonzero_exit(compose_config([])):
+        sys.exit(1)  # any other exit keeps its code
+    assert stop.value.code == 1
+
+
 def test_last_checkpoint_is_a_hard_link_to_a_best_checkpoint_of_its_step_and_resumes(tmp_path):
     expected = _fit_validated(tmp_path / "uninterrupted", _SignallingModule())
     last, best = tmp_path / "uninterrupted" / "last.ckpt", tmp_path / "uninterrupted" / "best-step=12.ckpt"
