@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 
@@ -125,7 +126,9 @@ class SweepJobsPass(Callback):
             return  # a sweep Hydra cannot parse: the sweeper's own check, next, says so in Hydra's words
         try:
             for num, overrides in enumerate(jobs):
-                name = f"#{num} {' '.join(overrides)}".rstrip()
+                # As the command wrote them: Hydra's sweeper escapes an interpolation's characters (\$\{oc.env\:X\}).
+                written = " ".join(_HYDRA_ESCAPE.sub(r"\1", override) for override in overrides)
+                name = f"#{num} {written}".rstrip()
                 try:
                     job_config = job_config_of(loader, config, overrides, num)
                 except Exception as error:  # noqa: BLE001  (an option or a key that does not exist, a bad value)
@@ -144,6 +147,9 @@ class SweepJobsPass(Callback):
         log.debug("checked the configs of %d sweep jobs in %.2f s", len(jobs), time.perf_counter() - start)
         if failures:
             raise SystemExit(failures_message(failures, len(jobs)))
+
+
+_HYDRA_ESCAPE = re.compile(r"\\(.)")
 
 
 def job_config_of(loader, sweep_config: DictConfig, overrides: Sequence[str], num: int) -> DictConfig:

@@ -173,11 +173,13 @@ def test_a_mistake_in_a_folder_that_holds_a_record_leaves_the_folder_as_it_was(t
 def test_a_sweep_with_a_mistake_in_one_job_stops_before_its_first_job(tmp_path):
     # Jobs 0 and 1 are fine: without the check at the sweep's start, both would train before job 2 failed.
     sweep = tmp_path / "sweep"
-    result = run_before_torch(tmp_path, ["-m", "data.min_size=64,-5", "seed=0,1", f"hydra.sweep.dir={sweep}"])
+    # (The jobs are named as the command wrote them: Hydra's sweeper escapes the interpolation's characters.)
+    command = ["-m", "data.min_size=64,-5", "seed=0,1", "logger.csv.name=run_${seed}", f"hydra.sweep.dir={sweep}"]
+    result = run_before_torch(tmp_path, command)
     assert result.returncode != 0, result.stderr[-2000:]
     assert result.stderr.splitlines() == [
         "2 of the sweep's 4 jobs would fail, so none was started:",
-        "  #2 data.min_size=-5 seed=0, #3 data.min_size=-5 seed=1:",
+        "  #2 data.min_size=-5 seed=0 logger.csv.name=run_${seed}, #3 data.min_size=-5 seed=1 logger.csv.name=run_${seed}:",
         "    ValueError: invalid config values:",
         "      data.min_size=-5: must be a positive integer or a non-empty list of them",
     ]
