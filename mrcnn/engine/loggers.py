@@ -14,7 +14,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
-from mrcnn.config import task_overrides
+from mrcnn.config import as_written, task_overrides
 from mrcnn.engine.checkpoints import ResumedRun
 
 
@@ -180,8 +180,10 @@ def wandb_settings(
     if not HydraConfig.initialized():
         return settings
     hydra_cfg = HydraConfig.get()
-    if logger_cfg.get("name") is None and hydra_cfg.job.override_dirname:
-        settings["name"] = hydra_cfg.job.override_dirname
+    # As written (mrcnn.config.as_written): the overrides it joins may hold an interpolation.
+    variant = as_written(hydra_cfg.job).get("override_dirname")
+    if logger_cfg.get("name") is None and variant:
+        settings["name"] = variant
     if logger_cfg.get("group") is None:
         group = hydra_cfg.runtime.choices.get("experiment")
         if group is None and hydra_cfg.mode == RunMode.MULTIRUN:

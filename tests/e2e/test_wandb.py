@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from mrcnn.engine.loggers import wandb_mode, wandb_settings
@@ -145,6 +146,22 @@ def test_a_resumed_run_continues_the_wandb_run_it_resumes_under_its_labels(monke
     named = OmegaConf.merge(logger, {"name": "mine"})
     assert "name" not in wandb_settings(named, cfg, resumed_id="abc123", resumed_labels=labels)
     assert "id" not in wandb_settings(logger, cfg)
+
+
+def test_the_variant_and_tags_name_the_overrides_as_written(monkeypatch):
+    # Hydra's override_dirname joins the overrides as written; read as a config value it resolved them (an
+    # environment variable not set would fail the run's logger).
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("MRCNN_TEST_PROJECT", "resolved")
+    overrides = ["logger=wandb", "logger.wandb.project=${oc.env:MRCNN_TEST_PROJECT}"]
+    cfg = compose_config(overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        settings = wandb_settings(cfg.logger.wandb, compose_config(overrides))
+    finally:
+        HydraConfig.instance().cfg = None
+    assert settings["name"].startswith("logger.wandb.project=${oc.env:MRCNN_TEST_PROJECT},logger=wandb")
+    assert settings["tags"][-2:] == overrides  # (after the tests' run_dir=)
 
 
 # Slow (about 20 s): a run and its resume through run.py. The default suite resumes the CSV history in process
