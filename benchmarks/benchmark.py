@@ -69,6 +69,7 @@ import mrcnn.config  # compose_config; registers the config resolvers
 from mrcnn.data.datamodule import collate_detection
 from mrcnn.data.shapes import ShapesDataset
 from mrcnn.data.transforms import drop_crowd
+from mrcnn.engine.quiet import silence_library_noise
 from mrcnn.evaluation import BACKENDS, CocoEvaluator
 from mrcnn.modeling import nms as nms_module
 from mrcnn.modeling.mask_rcnn import check_targets, load_torchvision_weights
@@ -978,6 +979,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    silence_library_noise()  # the known third-party noise run.py silences (mrcnn/engine/quiet.py)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
     # FixedBatches' identity hook replaces MaskRCNNModule's on purpose (its docstring says why).
