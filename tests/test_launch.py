@@ -88,3 +88,23 @@ def test_a_port_in_use_is_said_with_the_way_out(monkeypatch):
     )
     assert launch.port_in_use_message(DistNetworkError("connection timed out")) is None
     assert launch.port_in_use_message(RuntimeError("EADDRINUSE")) is None
+
+
+def test_a_run_of_several_nodes_says_where_they_meet_and_how_to_stop_the_wait(caplog):
+    # A node that never starts keeps the others in torch's C++ wait, where Ctrl-C does not reach (a helper's trial:
+    # 11 minutes and three SIGINTs later, still waiting).
+    import logging
+    from types import SimpleNamespace
+
+    from mrcnn.engine.train import say_where_the_nodes_meet
+
+    environment = SimpleNamespace(node_rank=lambda: 0, main_address="10.0.0.1", main_port=29500)
+    trainer = SimpleNamespace(num_nodes=2, strategy=SimpleNamespace(cluster_environment=environment))
+    with caplog.at_level(logging.INFO, logger="mrcnn.engine.train"):
+        say_where_the_nodes_meet(trainer)
+        say_where_the_nodes_meet(SimpleNamespace(num_nodes=1, strategy=trainer.strategy))  # one node: nothing
+    assert caplog.messages == [
+        "node 0 of 2: its processes meet the others at 10.0.0.1:29500 before training starts; a node that never starts "
+        "keeps them waiting (up to the process group's timeout, 30 minutes), and Ctrl-C does not reach that wait: "
+        f"stop it with SIGTERM (kill {os.getpid()})"
+    ]

@@ -66,6 +66,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         prepare_determinism(cfg)
         L.seed_everything(cfg.seed, workers=True)
         datamodule, module, trainer = build(cfg, resumed)
+        say_where_the_nodes_meet(trainer)
         try:
             with warnings.catch_warnings():
                 if continues_its_folder(cfg.run_dir, ckpt_path):
@@ -92,6 +93,27 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics = dict(module.last_metrics)
             write_final_metrics(cfg, trainer, metrics, module.nothing_to_score)
         return metrics
+
+
+def say_where_the_nodes_meet(trainer: L.Trainer) -> None:
+    """Before a run of several nodes starts: where its processes meet, and how to stop the wait.
+
+    Until every node has joined, the processes wait inside torch's C++ code, where Python's Ctrl-C handler does not
+    run (a node that never starts: the process group's timeout, 30 minutes). SIGTERM's default action ends them.
+    """
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if trainer.num_nodes <= 1 or environment is None or is_ddp_child():
+        return
+    log.info(
+        "node %d of %d: its processes meet the others at %s:%s before training starts; a node that never starts "
+        "keeps them waiting (up to the process group's timeout, 30 minutes), and Ctrl-C does not reach that wait: "
+        "stop it with SIGTERM (kill %d)",
+        environment.node_rank(),
+        trainer.num_nodes,
+        environment.main_address,
+        environment.main_port,
+        os.getpid(),
+    )
 
 
 def results_it_finished_with(cfg: DictConfig, resumed, trainer: L.Trainer) -> tuple[dict, str | None] | None:
