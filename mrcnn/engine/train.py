@@ -81,8 +81,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 write_final_metrics(cfg, trainer, dict(module.last_metrics), module.nothing_to_score)
             raise
         metrics = {}
-        recorded = results_it_finished_with(cfg, resumed, trainer)
-        if cfg.get("final_eval", True) and recorded is not None:
+        recorded = results_it_finished_with(cfg, resumed, trainer) if cfg.get("final_eval", True) else None
+        if recorded is not None:
             metrics, nothing_to_score = recorded
             write_final_metrics(cfg, trainer, metrics, nothing_to_score)
         elif cfg.get("final_eval", True):
