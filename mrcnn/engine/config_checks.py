@@ -218,6 +218,7 @@ SCHEMA: dict[str, Rule] = {
     "data.datamodule.*_dataset.include_crowd": boolean,
     "data.datamodule.*_dataset.drop_images_without_annotations": boolean,
     "data.datamodule.*_dataset.check_files": boolean,
+    "data.datamodule.*_dataset.check_sizes": boolean,
     "data.datamodule.*_dataset.image_limits": optional(config_node),
     "data.datamodule.*_dataset.max_annotations_per_image": optional(positive_int),
     "data.datamodule.*_dataset.num_images": positive_int,

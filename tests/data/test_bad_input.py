@@ -679,8 +679,24 @@ COCO_CASES = [
             at_read=True,
         ),
     ),
+    # The same, found when the dataset is built (data=coco_format's check_sizes): one header read a file.
+    Case(
+        "image_of_another_size_checked_at_build",
+        edit_image_file(lambda path: Image.new("RGB", (30, 20)).save(path, format="JPEG")),
+        Stops(
+            rf"1 of \d+ images in .*case\.json are not the size it gives them; the first: image .*{FIRST_FILE} is "
+            r"30x20 \(WxH\) but .*case\.json says 64x48 \(the file has no EXIF orientation\)"
+        ),
+        kwargs={"check_sizes": True},
+    ),
     Case(
         "image_exif_rotated", edit_image_file(write_exif_rotated, file_name="rotated.png"), Reads(expected_exif_rotated)
+    ),
+    Case(
+        "image_exif_rotated_checked_at_build",  # its upright size is the json's: built, and read
+        edit_image_file(write_exif_rotated, file_name="rotated.png"),
+        Reads(expected_exif_rotated),
+        kwargs={"check_sizes": True},
     ),
     Case(
         "image_exif_rotated_json_of_the_stored_pixels",
