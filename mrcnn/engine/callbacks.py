@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import WandbLogger
 from mrcnn.engine import job_processes
 from mrcnn.engine import loggers as engine_loggers
 from mrcnn.engine.checkpoints import RUN_RECORD_KEY
+from mrcnn.engine.host_collectives import host_max, host_process_group
 from mrcnn.engine.launch import outlive_the_requeue_sigterm, requeue_after_stop, slurm_job_id
 from mrcnn.engine.sweep_cost import estimate_line, sweep_position
 from mrcnn.engine.visualize import (
@@ -232,7 +233,7 @@ class LastCheckpoint(L.Callback):
         if self.stop_on_signal and threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
                 self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
-        self._flag_group = host_process_group(trainer) if self.stop_on_signal else None
+        self._flag_group = host_process_group(trainer.world_size) if self.stop_on_signal else None
 
     def _on_signal(self, signum: int, frame) -> None:
         if signum == signal.SIGINT and self.received_signal:
@@ -256,9 +257,7 @@ class LastCheckpoint(L.Callback):
         if self._flag_group is not None:
             # A host tensor on a host (gloo) group: this runs after every step, and an NCCL all-reduce's result read
             # back on the host would make each step wait until the GPU has finished it.
-            flag = torch.tensor([signum])
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._flag_group)
-            signum = int(flag.item())
+            signum = host_max(signum, self._flag_group)
         return signum
 
     def _agree_to_stop(self, trainer: L.Trainer) -> None:
@@ -291,9 +290,7 @@ class LastCheckpoint(L.Callback):
                 logger.save()  # the rows logged so far (the CSV logger buffers them), before SLURM ends the job
             job = requeue_after_stop(trained=self._saved_step > self._start_step)
         if self._flag_group is not None:  # on the host, as the stop flag
-            requeued = torch.tensor([int(job is not None)])
-            torch.distributed.all_reduce(requeued, op=torch.distributed.ReduceOp.MAX, group=self._flag_group)
-            job = slurm_job_id() if int(requeued.item()) else None
+            job = slurm_job_id() if host_max(int(job is not None), self._flag_group) else None
         return job
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -318,28 +315,6 @@ class LastCheckpoint(L.Callback):
             # None: a handler not set from Python; the default is the closest we can restore.
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         self._previous_handlers = {}
-
-
-_HOST_GROUPS: dict = {}  # default process group -> its gloo twin, made once per process
-
-
-def host_process_group(trainer: L.Trainer):
-    """A process group of every rank whose collectives run on the host (gloo); ``None`` in a single process.
-
-    The default group when it is gloo already (CPU processes); otherwise (NCCL) a gloo group over the same ranks,
-    created once per default group by every rank at the same point, as ``torch.distributed.new_group`` requires.
-    Across nodes gloo talks over TCP: on a cluster whose hostnames do not resolve to the interface the nodes share,
-    set ``GLOO_SOCKET_IFNAME`` (as for ``trainer=ddp_cpu``).
-    """
-    dist = torch.distributed
-    if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
-        return None
-    if dist.get_backend() == dist.Backend.GLOO:
-        return dist.group.WORLD
-    world = dist.group.WORLD
-    if world not in _HOST_GROUPS:
-        _HOST_GROUPS[world] = dist.new_group(backend=dist.Backend.GLOO)
-    return _HOST_GROUPS[world]
 
 
 def _epoch_end_or_validation_follows(trainer: L.Trainer, batch_idx: int) -> bool:
