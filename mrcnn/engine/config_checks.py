@@ -669,10 +669,8 @@ def target_parameters(path: str) -> frozenset[str] | None:
     (``lightning.pytorch.Trainer`` is ``lightning/pytorch/trainer/trainer.py``'s).
     """
     parts = path.split(".")
-    spec = importlib.util.find_spec(parts[0])  # a top-level package: found, not imported
-    if spec is None or spec.submodule_search_locations is None:
-        return None
-    found = _find_definition(Path(next(iter(spec.submodule_search_locations))), parts[0], parts[1:], depth=0)
+    folder = _package_folder(parts[0])
+    found = _find_definition(folder, parts[0], parts[1:], depth=0) if folder is not None else None
     if found is None:
         return None
     definition, tree = found
@@ -729,18 +727,23 @@ def _name_in_source(source: Path, module: str, rest: list[str], depth: int, pack
             else:
                 target = node.module or ""
             top, *below = target.split(".")
-            spec = importlib.util.find_spec(top)
-            if spec is None or spec.submodule_search_locations is None:
-                return None
-            return _find_definition(
-                Path(next(iter(spec.submodule_search_locations))), top, [*below, alias.name], depth + 1
-            )
+            folder = _package_folder(top)
+            return _find_definition(folder, top, [*below, alias.name], depth + 1) if folder is not None else None
     return None
 
 
 @functools.lru_cache(maxsize=64)
 def _parsed(path: str, mtime: float) -> ast.Module:
+    """A module's source, parsed (not run); ``mtime``: a changed file is read again."""
     return ast.parse(Path(path).read_text(), path)
+
+
+def _package_folder(name: str) -> Path | None:
+    """The folder of the top-level package ``name``, found without importing it; None for a module or nothing."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.submodule_search_locations is None:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _has_source(spec) -> bool:
@@ -757,7 +760,7 @@ def _top_level_names(path: str, mtime: float) -> frozenset[str] | None:
     ``None`` where its source cannot tell (``from x import *``, a module ``__getattr__``). ``mtime``: a changed
     file is read again."""
     names: set[str] = set()
-    statements = list(ast.parse(Path(path).read_text(), path).body)
+    statements = list(_parsed(path, mtime).body)
     while statements:
         node = statements.pop()
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
