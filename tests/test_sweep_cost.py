@@ -154,7 +154,9 @@ def test_a_continued_sweep_counts_only_the_jobs_it_trains(tmp_path, monkeypatch)
         assert sweep_position() == (2, 6, 1, frozenset({4, 5}))
         # In the process that continued the sweep (Hydra's basic launcher), exactly the jobs it kept, before this
         # one too; continue_sweep given any way Hydra reads as true.
-        records = {tmp_path / str(n): {"hydra.yaml": f"hydra:\n  job:\n    num: {n}\n".encode()} for n in (1, 4, 5)}
+        records = {
+            tmp_path / str(n): (n, {"hydra.yaml": f"hydra:\n  job:\n    num: {n}\n".encode()}) for n in (1, 4, 5)
+        }
         monkeypatch.setattr(launch, "_finished_records", records)
         for given in ("continue_sweep=true", "++continue_sweep=True"):
             sweep.hydra.overrides.task = ["seed=0,1,2,3,4,5", given]

@@ -42,8 +42,9 @@ _requeued_into_a_new_folder = False
 # then, for restore_run_record.
 _kept_record: tuple[Path, dict[str, bytes], frozenset] | None = None
 
-# Set by check_sweep_continues: {job folder: its .hydra/*.yaml} of each job a continued sweep finished before.
-_finished_records: dict[Path, dict[str, bytes]] = {}
+# Set by check_sweep_continues: {job folder: (its number, its .hydra/*.yaml)} of each job a continued sweep finished
+# before.
+_finished_records: dict[Path, tuple[int, dict[str, bytes]]] = {}
 
 # A job's main process names its Hydra output folder here for the DDP children Lightning starts from
 # it; run.py, started as such a child, runs <folder>/.hydra/<RESOLVED_CONFIG>.yaml.
@@ -617,7 +618,7 @@ def check_sweep_continues(sweep_dir: str | Path, config: DictConfig) -> None:
             )
         if (job_dir / "metrics.json").is_file():
             files = {path.name: path.read_bytes() for path in record.parent.glob("*.yaml")}
-            _finished_records[job_dir.resolve()] = files
+            _finished_records[job_dir.resolve()] = num, files
 
 
 def without_continue_sweep(overrides) -> list[str]:
@@ -633,13 +634,7 @@ def finished_jobs() -> int:
 
 def kept_job_numbers() -> frozenset[int]:
     """The numbers of the jobs the sweep continued with ``continue_sweep=true`` in this process finished before."""
-    numbers = set()
-    for files in _finished_records.values():
-        try:
-            numbers.add(int(OmegaConf.create(files["hydra.yaml"].decode()).hydra.job.num))
-        except Exception:  # noqa: BLE001  (a record without its number: not counted)
-            continue
-    return frozenset(numbers)
+    return frozenset(num for num, _ in _finished_records.values())
 
 
 def finished_earlier(cfg: DictConfig) -> dict | None:
@@ -654,7 +649,7 @@ def finished_earlier(cfg: DictConfig) -> dict | None:
     except (OSError, ValueError):  # not there, or cut short: the job did not finish
         return None
     # Hydra has written this start's record over the job's: the one it finished with goes back.
-    for name, content in _finished_records.get(job_dir.resolve(), {}).items():
+    for name, content in _finished_records.get(job_dir.resolve(), (None, {}))[1].items():
         (job_dir / ".hydra" / name).write_bytes(content)
     log.info("job %s finished when the sweep ran before (%s): kept, not run again", HydraConfig.get().job.num, path)
     return metrics
