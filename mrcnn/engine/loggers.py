@@ -14,7 +14,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
-from mrcnn.config import as_written, task_overrides
+from mrcnn.config import as_written, override_key, task_overrides
 from mrcnn.engine.checkpoints import ResumedRun
 
 
@@ -191,7 +191,7 @@ def wandb_settings(
         settings["group"] = group
     if logger_cfg.get("tags") is None:
         # W&B refuses tags longer than 64 characters.
-        settings["tags"] = [o[:64] for o in task_overrides(hydra_cfg) if not o.lstrip("+~").startswith("hydra")]
+        settings["tags"] = [o[:64] for o in task_overrides(hydra_cfg) if not override_key(o).startswith("hydra")]
     return settings
 
 

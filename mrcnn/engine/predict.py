@@ -363,7 +363,7 @@ class PredictionWriter(BasePredictionWriter):
 def class_names(cfg: DictConfig, num_classes: int, trained: list[str] | None = None) -> list[str] | None:
     """``predict.class_names``: a list, ``coco`` (torchvision's COCO names), or null for the classes the
     checkpoint was trained on (``trained``), else the data config's."""
-    names = cfg.predict.get("class_names")
+    asked = names = cfg.predict.get("class_names")
     if names == "coco":
         from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 
@@ -376,7 +376,7 @@ def class_names(cfg: DictConfig, num_classes: int, trained: list[str] | None = N
         log.warning(
             "%d class names (predict.class_names=%s) for the model's %d classes: captions show label numbers",
             len(names),
-            cfg.predict.get("class_names") if isinstance(cfg.predict.get("class_names"), str) else "...",
+            asked if isinstance(asked, str) else "...",
             num_classes,
         )
         return None
