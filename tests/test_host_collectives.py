@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Each of 2 processes offers 10 + its rank and exits at once with the largest: 11 for both.
@@ -19,6 +21,8 @@ sys.exit(host_max(10 + rank, host_process_group(2)))
 """
 
 
+# 20 processes (20 s). The default suite agrees and exits once per run in the DDP stop tests (tests/e2e/test_resume.py).
+@pytest.mark.slow
 def test_processes_agree_on_the_largest_value_and_exit_with_their_status_right_after(tmp_path):
     # The stop of a DDP job: every process exits right after agreeing. A plain all_reduce there let gloo's worker
     # thread free the flag as Python finalized, and a process aborted (SIGABRT, -6) in about 1 exit of 3.
