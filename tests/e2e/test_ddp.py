@@ -115,6 +115,9 @@ def test_ddp_evaluation_matches_one_process_on_an_odd_number_of_images(tmp_path)
             f"hydra.run.dir={tmp_path / 'two'}",
         ],
         cwd=tmp_path,
+        # Each process with this one's threads: Lightning would give each half the machine's cores, and a score's
+        # last bits (here, ties at box_score_thresh=0) can differ with the thread count on another machine.
+        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
     )
     # The second process logs to its file; on the console only the first speaks (each would say the same).
     assert "GLOBAL_RANK: 1" in (tmp_path / "two" / "ddp_rank1.log").read_text()
