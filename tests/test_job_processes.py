@@ -69,6 +69,46 @@ def test_after_a_failure_nothing_waits_when_every_process_has_ended(launcher, ca
     assert f"pid {done.pid}" not in caplog.text
 
 
+def test_after_a_success_the_processes_finish_a_late_failure_is_named_and_one_still_running_is_killed(launcher, caplog):
+    launcher, started = launcher
+    finishing = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])  # its last log lines
+    aborting = subprocess.Popen([sys.executable, "-c", "import os; os.abort()"])  # an abort as it exits
+    hung = subprocess.Popen(SLEEP)  # stuck as it ends (a process group that never tears down)
+    started += [finishing, aborting, hung]
+    launcher.procs += [finishing, aborting, hung]
+    observed = launcher.procs
+
+    begin = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger=job_processes.__name__):
+        killed = job_processes.end_after_success(grace=3.0)
+
+    assert killed == [hung.pid] and hung.returncode == -signal.SIGKILL
+    assert finishing.returncode == 0  # waited for, not killed
+    assert 3.0 <= time.monotonic() - begin < 10
+    assert f"local rank 2 (pid {aborting.pid}) exited with code -6 after the job finished: see ddp_rank2.log" in (
+        caplog.text
+    )
+    assert f"local rank 3 (pid {hung.pid}): 3 s after this process finished its job it was still running" in (
+        caplog.text
+    )
+    assert f"pid {finishing.pid}" not in caplog.text
+    # Emptied at once: Lightning's observer would SIGKILL this process, in a sweep with the next job in it, on
+    # seeing the abort.
+    assert observed == []
+
+
+def test_after_a_success_nothing_waits_when_every_process_has_ended(launcher, caplog):
+    launcher, started = launcher
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    started.append(done)
+    launcher.procs.append(done)
+    done.wait()
+    begin = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger=job_processes.__name__):
+        assert job_processes.end_after_success(grace=30.0) == []
+    assert time.monotonic() - begin < 1 and caplog.text == ""
+
+
 def test_nothing_is_stopped_without_a_process_launcher():
     job_processes.forget()
     job_processes.track(SimpleNamespace(strategy=SimpleNamespace(launcher=None)))  # one process, no launcher

@@ -2,7 +2,9 @@
 (mrcnn/engine/launch.py; the whole path, ``run.py -m`` under DDP, is the slow tests/e2e/test_ddp.py sweep)."""
 
 import os
+import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -57,6 +59,21 @@ def test_a_job_restores_the_variables_lightnings_launcher_set_for_the_next_job(m
         os.environ["LOCAL_RANK"] = "0"
         raise RuntimeError("the job failed")
     assert "LOCAL_RANK" not in os.environ
+
+
+def test_a_job_that_succeeded_waits_for_its_processes_out_of_lightnings_observer():
+    # In a sweep the next job would otherwise start beside this one's processes, and Lightning's observer would SIGKILL
+    # the sweep, the next job in it, for this job's process exiting non-zero late (here 3, after 0.5 s).
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5); raise SystemExit(3)"])
+    launcher = SimpleNamespace(procs=[child])
+    observed = launcher.procs  # the list Lightning's observer thread watches
+    try:
+        with launch.job_scope(compose_config(TINY_MODEL)):
+            job_processes.track(SimpleNamespace(strategy=SimpleNamespace(launcher=launcher)))  # as build.py does
+        assert child.returncode == 3 and observed == []
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_the_jobs_main_process_is_no_ddp_child_once_lightning_has_started_the_others(monkeypatch):

@@ -9,6 +9,9 @@ child fails, Lightning's own observer kills the main process and the other child
   under Lightning), holding their GPUs. In a Hydra sweep the main process goes on to the next job meanwhile, whose
   processes then find those GPUs full. :func:`stop_after_failure` (called by ``launch.job_scope``) gives them a
   moment to end on their own (when they met the same error), then kills them.
+- **The job succeeds**: its children are ending too. :func:`end_after_success` waits for them (a sweep's next job
+  then finds their devices free) and takes them out of Lightning's observer, which would SIGKILL the main process,
+  the next job with it, for a child's non-zero exit after the job's end.
 - **The main process is killed** (the kernel's out-of-memory killer, ``kill -9``): no code of it runs.
   :func:`exit_with_parent`, in each child, asks Linux to kill the child when its parent dies.
 
@@ -97,11 +100,8 @@ def stop_after_failure(grace: float = STOP_GRACE_S, poll: float = 0.1, stopped: 
     an error; the other processes' own exit codes then say so (130, 143, or SIGKILL from Lightning's second-Ctrl-C
     path), and none is named as a cause.
 
-    SIGKILL, not SIGTERM: a process waiting in a collective is inside C++ code, where a Python signal handler
-    never runs.
-
     Returns:
-        The process ids killed.
+        The process ids killed (SIGKILL: :func:`_wait_then_kill`).
     """
     processes = tracked_processes()
     for local_rank, proc in processes:
@@ -117,6 +117,54 @@ def stop_after_failure(grace: float = STOP_GRACE_S, poll: float = 0.1, stopped: 
     # Lightning's observer thread would kill this process (SIGKILL) once a child has exited non-zero, which each of
     # these will, or was killed: this process ends as its error says (finishing its W&B run) instead.
     release_from_observer()
+    why = "was stopped" if stopped else "failed"
+    return _wait_then_kill(
+        processes,
+        grace,
+        poll,
+        f"{why} it was still running, probably waiting for this one (which would last until the process group's "
+        "timeout, 30 minutes by default, holding its device)",
+    )
+
+
+def end_after_success(grace: float = STOP_GRACE_S, poll: float = 0.1) -> list[int]:
+    """At the end of a job that succeeded in this process: its other processes are ending too. Takes them out of
+    Lightning's observer, waits up to ``grace`` seconds for them to exit, then kills (SIGKILL) those still running,
+    with a warning. One that exited non-zero is named in a warning.
+
+    So a sweep's next job finds the devices free, and a late non-zero exit of this job's process (an abort as it
+    exits) is a warning, not Lightning's observer SIGKILLing this process with the next job in it. A single run's
+    processes finish their last lines before this one exits (they end with it: :func:`exit_with_parent`).
+
+    Returns:
+        The process ids killed.
+    """
+    processes = tracked_processes()
+    release_from_observer()
+    killed = _wait_then_kill(processes, grace, poll, "finished its job it was still running, holding its device")
+    for local_rank, proc in processes:
+        if proc.pid not in killed and proc.returncode:
+            log.warning(
+                "the DDP process of local rank %d (pid %d) exited with code %d after the job finished: see "
+                "ddp_rank%d.log in the job's folder",
+                local_rank,
+                proc.pid,
+                proc.returncode,
+                local_rank,
+            )
+    return killed
+
+
+def _wait_then_kill(processes: list[tuple[int, object]], grace: float, poll: float, why: str) -> list[int]:
+    """Waits up to ``grace`` seconds for ``processes`` (``(local rank, subprocess.Popen)``) to exit, then kills
+    (SIGKILL) those still running, each with a warning: "``grace`` s after this process ``why``".
+
+    SIGKILL, not SIGTERM: a process waiting in a collective is inside C++ code, where a Python signal handler
+    never runs.
+
+    Returns:
+        The process ids killed.
+    """
     deadline = time.monotonic() + grace
     while any(proc.poll() is None for _, proc in processes) and time.monotonic() < deadline:
         time.sleep(poll)
@@ -126,13 +174,11 @@ def stop_after_failure(grace: float = STOP_GRACE_S, poll: float = 0.1, stopped: 
             proc.kill()
             killed.append(proc.pid)
             log.warning(
-                "stopped the DDP process of local rank %d (pid %d): %.0f s after this process %s it was still "
-                "running, probably waiting for this one (which would last until the process group's timeout, 30 "
-                "minutes by default, holding its device)",
+                "stopped the DDP process of local rank %d (pid %d): %.0f s after this process %s",
                 local_rank,
                 proc.pid,
                 grace,
-                "was stopped" if stopped else "failed",
+                why,
             )
             try:
                 proc.wait(timeout=grace)
