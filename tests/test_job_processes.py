@@ -72,10 +72,10 @@ def test_after_a_failure_nothing_waits_when_every_process_has_ended(launcher, ca
 def test_after_a_success_the_processes_finish_a_late_failure_is_named_and_one_still_running_is_killed(launcher, caplog):
     launcher, started = launcher
     finishing = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])  # its last log lines
-    aborting = subprocess.Popen([sys.executable, "-c", "import os; os.abort()"])  # an abort as it exits
+    failing = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])  # an error as it ends
     hung = subprocess.Popen(SLEEP)  # stuck as it ends (a process group that never tears down)
-    started += [finishing, aborting, hung]
-    launcher.procs += [finishing, aborting, hung]
+    started += [finishing, failing, hung]
+    launcher.procs += [finishing, failing, hung]
     observed = launcher.procs
 
     begin = time.monotonic()
@@ -85,15 +85,14 @@ def test_after_a_success_the_processes_finish_a_late_failure_is_named_and_one_st
     assert killed == [hung.pid] and hung.returncode == -signal.SIGKILL
     assert finishing.returncode == 0  # waited for, not killed
     assert 3.0 <= time.monotonic() - begin < 10
-    assert f"local rank 2 (pid {aborting.pid}) exited with code -6 after the job finished: see ddp_rank2.log" in (
-        caplog.text
-    )
+    exited = f"local rank 2 (pid {failing.pid}) exited with code 3 (found at the end of a job that succeeded here)"
+    assert exited in caplog.text and "see ddp_rank2.log in the job's folder" in caplog.text
     assert f"local rank 3 (pid {hung.pid}): 3 s after this process finished its job it was still running" in (
         caplog.text
     )
     assert f"pid {finishing.pid}" not in caplog.text
     # Emptied at once: Lightning's observer would SIGKILL this process, in a sweep with the next job in it, on
-    # seeing the abort.
+    # seeing the exit code 3.
     assert observed == []
 
 

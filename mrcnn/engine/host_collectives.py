@@ -8,8 +8,8 @@ import torch
 
 _HOST_GROUPS: dict = {}  # default process group -> its gloo twin, made once per process
 
-# The work of the last host_max, never freed (see there). ctypes: a reference that Python's own cleanup at exit
-# does not drop.
+# The works of the last two host_max calls, never freed (see there). ctypes: a reference that Python's own cleanup at
+# exit does not drop.
 _LAST_WORK: list = []
 ctypes.pythonapi.Py_IncRef(ctypes.py_object(_LAST_WORK))
 
@@ -42,7 +42,7 @@ def host_max(value: int, group) -> int:
     A host tensor on a host group: the result is read on the host at once, and an NCCL all-reduce read back there
     would wait until the GPU has finished everything queued before it.
 
-    The collective's work stays referenced here until the next call, and the last one until the process ends.
+    The collective's work stays referenced here for two more calls, and the last ones until the process ends.
     gloo's worker thread drops its own reference a moment after ``wait()`` returns; where that is the last one, that
     thread frees the tensor, and releasing a tensor's Python object takes the GIL. In a process that exits right after
     the collective (every process of a stopped job) Python may be finalizing by then: a thread that asks for the GIL
@@ -52,5 +52,7 @@ def host_max(value: int, group) -> int:
     flag = torch.tensor([value])
     work = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group, async_op=True)
     work.wait()
-    _LAST_WORK[:] = [work]  # the previous one is freed here, by this thread, a step after gloo let go of it
+    # The one before the last is freed here, by this thread, at least a collective after gloo let go of it. Two, not
+    # one: gloo runs works on 2 threads, and the last could finish on one while the other still holds its own.
+    _LAST_WORK[:] = [*_LAST_WORK[-1:], work]
     return int(flag.item())

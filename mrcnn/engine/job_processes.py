@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 
 # Set by the job's main process for the children Lightning starts from it: its process id.
 MAIN_PID_ENV = "MRCNN_DDP_MAIN_PID"
-# Seconds the children of a failed main process get to end on their own before they are killed: enough for a
-# process that met the same error to unwind and exit (a second or two), far below any collective's timeout.
+# Seconds a job's children get to end on their own, after it failed or stopped in the main process (enough for a
+# process that met the same error to unwind and exit: a second or two) or succeeded, before they are killed; far
+# below any collective's timeout.
 STOP_GRACE_S = 10.0
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -47,7 +48,8 @@ _released: list = []
 
 
 def track(trainer) -> None:
-    """Lets :func:`stop_after_failure` find the processes ``trainer`` starts (none without a process launcher)."""
+    """Lets :func:`stop_after_failure` and :func:`end_after_success` find the processes ``trainer`` starts (none
+    without a process launcher)."""
     launcher = getattr(trainer.strategy, "launcher", None)
     if launcher is not None and hasattr(launcher, "procs") and launcher not in _launchers:
         _launchers.append(launcher)
@@ -79,10 +81,12 @@ def release_from_observer() -> None:
     """Takes the tracked processes out of the list Lightning's observer watches; they stay tracked here.
 
     Called when every process of the job stops at the same step on purpose (``mrcnn.engine.callbacks.
-    LastCheckpoint`` on a stop signal), each then exiting with 128 + the signal. Lightning's observer thread would
-    take the first child's exit for a failure and SIGKILL this process (every 5 s it looks) while it still
-    finishes its stop: its loggers, its W&B run, a SLURM requeue. :func:`stop_after_failure` still waits for them
-    and kills any that does not end. A no-op in a process that started none (a child, one process).
+    LastCheckpoint`` on a stop signal), each then exiting with 128 + the signal, and when the job has ended (failed:
+    :func:`stop_after_failure`; succeeded: ``launch.job_scope``). Lightning's observer thread would take a child's
+    non-zero exit for a failure and SIGKILL this process (every 5 s it looks) while it still finishes: its loggers,
+    its W&B run, a SLURM requeue, in a sweep the next job. :func:`stop_after_failure` and :func:`end_after_success`
+    still wait for them and kill any that does not end. A no-op in a process that started none (a child, one
+    process); a second call finds nothing left to move.
     """
     launched = _launched()
     _released.extend(launched)
@@ -145,8 +149,8 @@ def end_after_success(grace: float = STOP_GRACE_S, poll: float = 0.1) -> list[in
     for local_rank, proc in processes:
         if proc.pid not in killed and proc.returncode:
             log.warning(
-                "the DDP process of local rank %d (pid %d) exited with code %d after the job finished: see "
-                "ddp_rank%d.log in the job's folder",
+                "the DDP process of local rank %d (pid %d) exited with code %d (found at the end of a job that "
+                "succeeded here): see ddp_rank%d.log in the job's folder",
                 local_rank,
                 proc.pid,
                 proc.returncode,

@@ -95,6 +95,10 @@ def job_scope(cfg: DictConfig):
             # First: the other processes may be waiting for this one in a collective, holding their GPUs, and
             # destroying an NCCL group can wait for its peers.
             job_processes.stop_after_failure(stopped=stopped)
+        else:
+            # The others have finished the job too, and may exit while this one finishes its W&B run: a non-zero
+            # exit then is no reason for Lightning's observer to kill this process (in a sweep, the next job).
+            job_processes.release_from_observer()
         wandb = sys.modules.get("wandb")  # only if something imported it
         if wandb is not None and wandb.run is not None:
             wandb.finish(exit_code=int(failed))
