@@ -9,9 +9,9 @@ child fails, Lightning's own observer kills the main process and the other child
   under Lightning), holding their GPUs. In a Hydra sweep the main process goes on to the next job meanwhile, whose
   processes then find those GPUs full. :func:`stop_after_failure` (called by ``launch.job_scope``) gives them a
   moment to end on their own (when they met the same error), then kills them.
-- **The job succeeds**: its children are ending too. :func:`end_after_success` waits for them (a sweep's next job
-  then finds their devices free) and takes them out of Lightning's observer, which would SIGKILL the main process,
-  the next job with it, for a child's non-zero exit after the job's end.
+- **The job succeeds**: its children are ending too. They are taken out of Lightning's observer, which would
+  SIGKILL the main process (in a sweep, the next job with it) for a child's non-zero exit after the job's end. In a
+  sweep :func:`end_after_success` waits for them: the next job then finds their devices free.
 - **The main process is killed** (the kernel's out-of-memory killer, ``kill -9``): no code of it runs.
   :func:`exit_with_parent`, in each child, asks Linux to kill the child when its parent dies.
 
@@ -136,9 +136,9 @@ def end_after_success(grace: float = STOP_GRACE_S, poll: float = 0.1) -> list[in
     Lightning's observer, waits up to ``grace`` seconds for them to exit, then kills (SIGKILL) those still running,
     with a warning. One that exited non-zero is named in a warning.
 
-    So a sweep's next job finds the devices free, and a late non-zero exit of this job's process (an abort as it
-    exits) is a warning, not Lightning's observer SIGKILLing this process with the next job in it. A single run's
-    processes finish their last lines before this one exits (they end with it: :func:`exit_with_parent`).
+    Called in a sweep (``launch.job_scope``), so that the next job finds the devices free, and a late non-zero exit of
+    this job's process (an abort as it exits) is a warning, not Lightning's observer SIGKILLing this process with the
+    next job in it.
 
     Returns:
         The process ids killed.

@@ -68,8 +68,8 @@ def job_scope(cfg: DictConfig):
 
     If the job fails in this process, the DDP processes Lightning started for it get a moment to end on their
     own and are then killed (:func:`mrcnn.engine.job_processes.stop_after_failure`): they may be waiting for this
-    one, and in a sweep the next job needs their devices. If it succeeds, they get the same moment to finish
-    (:func:`mrcnn.engine.job_processes.end_after_success`). At the end of the job it finishes the W&B run (one run
+    one, and in a sweep the next job needs their devices. If it succeeds in a sweep, they get the same moment to
+    finish (:func:`mrcnn.engine.job_processes.end_after_success`). At the end of the job it finishes the W&B run (one run
     per sweep job), destroys the process group and restores the variables Lightning's launcher set in this
     process: with ``LOCAL_RANK`` left over, the next job of a sweep would take its processes to be started
     externally and wait for peers that never come.
@@ -104,8 +104,10 @@ def job_scope(cfg: DictConfig):
             wandb.finish(exit_code=int(failed))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-        if not failed:
-            # After this process's side of the teardown: the others' may wait for it (over NCCL).
+        if not failed and in_sweep():
+            # A sweep's next job needs the devices. After this process's side of the teardown: the others' may wait
+            # for it (over NCCL). A single run does not wait: its processes end with it (exit_with_parent), and a
+            # process's own exit takes a second or two (torch's libraries), here and there alike.
             job_processes.end_after_success()
         job_processes.forget()
         for key, value in saved_env.items():
