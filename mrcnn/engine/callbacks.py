@@ -254,9 +254,7 @@ class LastCheckpoint(L.Callback):
         if not self._previous_handlers:  # not handling signals: no process is, so no collective either
             return 0
         signum = self.received_signal or (int(signal.SIGTERM) if trainer.received_sigterm else 0)
-        if self._flag_group is not None:
-            # A host tensor on a host (gloo) group: this runs after every step, and an NCCL all-reduce's result read
-            # back on the host would make each step wait until the GPU has finished it.
+        if self._flag_group is not None:  # after every step: on the host, so that no step waits for the GPU (host_max)
             signum = host_max(signum, self._flag_group)
         return signum
 
