@@ -35,6 +35,7 @@ from mrcnn.engine.launch import (
     outlive_the_requeue_sigterm,
 )
 from mrcnn.engine.model_record import read_checkpoint
+from mrcnn.engine.node_meeting import nodes_meet
 from mrcnn.engine.quiet import reading_weights_only
 from mrcnn.engine.summary import write_final_metrics
 
@@ -66,9 +67,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         prepare_determinism(cfg)
         L.seed_everything(cfg.seed, workers=True)
         datamodule, module, trainer = build(cfg, resumed)
-        say_where_the_nodes_meet(trainer)
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), nodes_meet(trainer):
                 if continues_its_folder(cfg.run_dir, ckpt_path):
                     # The run continues in its own folder: the checkpoints Lightning warns of finding there are its own.
                     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
@@ -93,27 +93,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics = dict(module.last_metrics)
             write_final_metrics(cfg, trainer, metrics, module.nothing_to_score)
         return metrics
-
-
-def say_where_the_nodes_meet(trainer: L.Trainer) -> None:
-    """Before a run of several nodes starts: where its processes meet, and how to stop the wait.
-
-    Until every node has joined, the processes wait inside torch's C++ code, where Python's Ctrl-C handler does not
-    run (a node that never starts: the process group's timeout, 30 minutes). SIGTERM's default action ends them.
-    """
-    environment = getattr(trainer.strategy, "cluster_environment", None)
-    if trainer.num_nodes <= 1 or environment is None or is_ddp_child():
-        return
-    log.info(
-        "node %d of %d: its processes meet the others at %s:%s before training starts; a node that never starts "
-        "keeps them waiting (up to the process group's timeout, 30 minutes), and Ctrl-C does not reach that wait: "
-        "stop it with SIGTERM (kill %d)",
-        environment.node_rank(),
-        trainer.num_nodes,
-        environment.main_address,
-        environment.main_port,
-        os.getpid(),
-    )
 
 
 def results_it_finished_with(cfg: DictConfig, resumed, trainer: L.Trainer) -> tuple[dict, str | None] | None:
@@ -191,7 +170,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         datamodule, module, trainer = build(cfg)
         if ckpt_path:
             check_checkpoint_fits(module, ckpt_path, cfg)
-        with reading_weights_only():
+        with reading_weights_only(), nodes_meet(trainer):
             trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
         metrics = dict(module.last_metrics)
         write_final_metrics(cfg, trainer, metrics, module.nothing_to_score, global_step=step)

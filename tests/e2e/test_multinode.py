@@ -7,6 +7,7 @@ manager sets on every node (Lightning's ``LightningEnvironment``); each node run
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -120,3 +121,38 @@ def test_two_nodes_scale_the_lr_shard_the_data_and_keep_identical_weights(tmp_pa
     assert json.loads((tmp_path / "node0" / "metrics.json").read_text())["world_size"] == 2
     assert (tmp_path / "node0" / "checkpoints" / "last.ckpt").exists()
     assert f"process 1 of 2 done at global step {total}" in (tmp_path / "node1" / "run.log").read_text()
+
+
+def test_ctrl_c_ends_the_wait_for_a_node_that_never_starts(tmp_path):
+    # Node 0 of 2 alone: its process waits in torch's C++ code (the TCP store) for node 1, where Python's SIGINT
+    # handler never runs. Before mrcnn.engine.node_meeting, this wait outlived every Ctrl-C for 30 minutes.
+    env = dict(
+        os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NODE_RANK="0", GLOO_SOCKET_IFNAME="lo"
+    )
+    args = [*TINY_RUN, "trainer=ddp_cpu", "trainer.devices=1", "trainer.num_nodes=2", f"hydra.run.dir={tmp_path}"]
+    out_path = tmp_path.parent / "node0.out"
+    with open(out_path, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "run.py", *args],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "Initializing distributed" not in out_path.read_text():  # Lightning's line as it calls into torch
+            assert process.poll() is None and time.monotonic() < deadline, out_path.read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(1.0)  # well inside the wait
+        process.send_signal(signal.SIGINT)
+        returncode = process.wait(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert returncode == -signal.SIGINT, out_path.read_text()[-3000:]  # ended by the signal: a shell's 130
+    log = out_path.read_text()
+    assert "node 0 of 2: its processes meet the others at 127.0.0.1" in log and "Ctrl-C (or kill " in log
+    assert not (tmp_path / "checkpoints").exists()  # nothing trained, nothing saved
