@@ -420,6 +420,13 @@ def test_an_added_argument_that_what_is_built_does_not_take_is_an_error_before_a
     check("+model.net.roi_heads.pooler.backward=sparse")  # the default RoIAlign pooler
     check("+trainer.profiler=simple", "+optimizer.nesterov=true", "++logger.csv.flush_logs_every_n_steps=50")
     check("+module.compile_kwargs.mode=max-autotune")  # a mapping the module takes whole
+    # Arguments inherited from a base defined elsewhere: C4's RoI heads hand their **kwargs to RoIHeads, the CSV
+    # logger to Lightning's CSVLogger.
+    with pytest.raises(ValueError, match=r"Res5RoIHeads takes no argument scor_thresh.*Did you mean"):
+        check("model/backbone=c4", "+model.net.roi_heads.scor_thresh=0.1")
+    check("model/backbone=c4", "+model.net.roi_heads.nms_thresh=0.6")  # RoIHeads' argument
+    with pytest.raises(ValueError, match=r"ContinuedCSVLogger takes no argument flush_log_every_n_steps.*Did you"):
+        check("+logger.csv.flush_log_every_n_steps=5")
 
 
 def test_the_arguments_of_a_target_are_read_from_its_source_or_not_at_all():
@@ -436,3 +443,78 @@ def test_the_arguments_of_a_target_are_read_from_its_source_or_not_at_all():
     assert target_parameters("lightning.pytorch.loggers.WandbLogger") is None
     assert target_parameters("mrcnn.modeling.poolers.MyPooler") is None
     assert target_parameters("no_such_package.Thing") is None
+
+
+def test_every_shipped_target_has_its_arguments_read_from_source_as_python_sees_them():
+    # What the added-key check reads without importing equals what Python's signature says, for every _target_ the
+    # configs name; a **kwargs handed to the base class counts the base's arguments. Only WandbLogger's **kwargs
+    # (for wandb.init) cannot be told.
+    import inspect
+
+    from hydra.utils import get_object
+
+    from mrcnn.engine.config_checks import target_parameters
+
+    targets = {
+        match.group(1)
+        for path in Path(CONFIG_DIR).rglob("*.yaml")
+        for match in re.finditer(r"_target_:\s*([\w.]+)", path.read_text())
+    }
+    assert len(targets) > 40
+    unread = set()
+    for target in sorted(targets):
+        read = target_parameters(target)
+        if read is None:
+            unread.add(target)
+            continue
+        signature = inspect.signature(get_object(target)).parameters.values()
+        named = {p.name for p in signature if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if any(p.kind == p.VAR_KEYWORD for p in signature):
+            assert named < read, target  # its own, and its base's
+        else:
+            assert read == named, target
+    assert unread == {"lightning.pytorch.loggers.WandbLogger"}
+    assert {"score_thresh", "pooler", "box_resolution"} <= target_parameters("mrcnn.modeling.roi_heads.Res5RoIHeads")
+    assert target_parameters("mrcnn.data.images.ImageLimits") == {
+        "max_pixels",
+        "max_aspect_ratio",
+        "min_size",
+        "max_size",
+    }
+
+
+def test_target_arguments_of_dataclasses_bases_and_kwargs_read_from_source(tmp_path, monkeypatch):
+    package = tmp_path / "somepkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("from .things import Child\n")
+    (package / "base.py").write_text(
+        "class Base:\n    def __init__(self, a, *, b=1):\n        pass\n\n\nclass Plain:\n    pass\n"
+    )
+    (package / "things.py").write_text(
+        "import dataclasses\n"
+        "from typing import ClassVar\n"
+        "import somepkg.base as base_module\n"
+        "from .base import Base, Plain\n\n\n"
+        "class Child(Base):\n    def __init__(self, c, **kwargs):\n        super().__init__(1, **kwargs)\n\n\n"
+        "class Grandchild(Child):\n    pass\n\n\n"
+        "class ByModule(base_module.Base):\n    pass\n\n\n"
+        "class Empty(Plain):\n    pass\n\n\n"
+        "class KeepsKwargs(Base):\n    def __init__(self, c, **options):\n        self.options = options\n\n\n"
+        "class Meta(Base, metaclass=type):\n    pass\n\n\n"
+        "class Two(Base, Plain):\n    pass\n\n\n"
+        "@dataclasses.dataclass(frozen=True)\n"
+        "class Fields:\n    x: int\n    y: float = 1.0\n    z: ClassVar[int] = 3\n"
+        "    w: list = dataclasses.field(default_factory=list)\n    v: int = dataclasses.field(init=False, default=0)\n"
+        "\n\n@dataclasses.dataclass(init=False)\nclass OwnInit:\n    x: int\n\n\n"
+        "@some_decorator\nclass Decorated:\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from mrcnn.engine.config_checks import target_parameters
+
+    assert target_parameters("somepkg.Child") == {"a", "b", "c"}  # re-exported; **kwargs handed to super()
+    assert target_parameters("somepkg.things.Grandchild") == {"a", "b", "c"}
+    assert target_parameters("somepkg.things.ByModule") == {"a", "b"}  # a base named through its module
+    assert target_parameters("somepkg.things.Empty") == frozenset()  # object's __init__ takes nothing
+    assert target_parameters("somepkg.things.Fields") == {"x", "y", "w"}
+    for unknown in ("KeepsKwargs", "Meta", "Two", "OwnInit", "Decorated"):
+        assert target_parameters(f"somepkg.things.{unknown}") is None, unknown

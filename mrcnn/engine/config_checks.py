@@ -34,6 +34,7 @@ import pkgutil
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -662,39 +663,132 @@ def target_problem(path: str) -> str | None:
 
 def target_parameters(path: str) -> frozenset[str] | None:
     """The keyword arguments the class or function a ``_target_`` names takes, read from its source without importing
-    it (Lightning's ``Trainer``: seconds to import); ``None`` where the source cannot tell (``**kwargs``, an
-    ``__init__`` inherited or generated, a compiled module, a name it cannot follow).
+    it (Lightning's ``Trainer``: seconds to import); ``None`` where the source cannot tell (``**kwargs`` that go
+    anywhere but the base class, an ``__init__`` generated other than by ``@dataclass``, several bases, a compiled
+    module, a name it cannot follow).
 
     The dotted path is followed through packages' folders and through ``from ... import`` re-exports
-    (``lightning.pytorch.Trainer`` is ``lightning/pytorch/trainer/trainer.py``'s).
+    (``lightning.pytorch.Trainer`` is ``lightning/pytorch/trainer/trainer.py``'s), and a class's arguments through its
+    base, wherever that is defined: a class without ``__init__`` takes its base's (a class without a base, none);
+    an ``__init__`` that hands its ``**kwargs`` to ``super().__init__`` takes its own and its base's.
     """
     parts = path.split(".")
     folder = _package_folder(parts[0])
     found = _find_definition(folder, parts[0], parts[1:], depth=0) if folder is not None else None
-    if found is None:
+    return _arguments(found, depth=0) if found is not None else None
+
+
+class _Found(NamedTuple):
+    """A class or function definition found in a module's source (or a name imported there, in ``node``'s place)."""
+
+    node: ast.AST
+    tree: ast.Module
+    source: Path
+    module: str
+    package: bool  # source is the package's __init__.py: relative imports count from ``module`` itself
+
+
+def _arguments(found: _Found, depth: int) -> frozenset[str] | None:
+    """:func:`target_parameters` of a definition; ``depth`` bounds the chain of bases."""
+    node = found.node
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return None if node.args.kwarg is not None else _named_arguments(node)
+    if not isinstance(node, ast.ClassDef) or depth > 8 or node.keywords:  # (a metaclass may make any __init__)
         return None
-    definition, tree = found
-    for _ in range(8):  # a class without __init__: its base's, where the base is defined beside it
-        if not isinstance(definition, ast.ClassDef):
-            break
-        init = [node for node in definition.body if isinstance(node, ast.FunctionDef) and node.name == "__init__"]
-        if init:
-            definition = init[0]
-            break
-        base = definition.bases[0] if len(definition.bases) == 1 else None
-        name = base.id if isinstance(base, ast.Name) else None
-        definition = next((node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == name), None)
-        if definition is None:
-            return None  # inherited from elsewhere (nn.Module, a dataclass's), or from several: not read here
-    if not isinstance(definition, (ast.FunctionDef, ast.AsyncFunctionDef)) or definition.args.kwarg is not None:
+    init = next((n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
+    if init is not None:
+        if init.args.kwarg is None:
+            return _named_arguments(init)
+        if not _hands_kwargs_to_super(init):
+            return None  # **kwargs used otherwise (WandbLogger's go to wandb.init): anything may be taken
+    elif node.decorator_list:
+        return _dataclass_fields(node)  # a generated __init__: a dataclass's fields; None for other decorators
+    if not node.bases:
+        return frozenset() if init is None else _named_arguments(init)  # object's __init__ takes nothing
+    base = _base_class(found, depth) if len(node.bases) == 1 else None
+    inherited = _arguments(base, depth + 1) if base is not None else None
+    if inherited is None:
         return None
-    arguments = definition.args
+    return inherited if init is None else _named_arguments(init) | inherited
+
+
+def _named_arguments(function: ast.FunctionDef | ast.AsyncFunctionDef) -> frozenset[str]:
+    arguments = function.args
     return frozenset(a.arg for a in [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs]) - {"self"}
 
 
-def _find_definition(folder: Path, module: str, rest: list[str], depth: int):
-    """The ``ast`` node that defines ``rest`` below package ``module`` (whose folder is ``folder``), with the module's
-    tree; None if unknown."""
+def _hands_kwargs_to_super(init: ast.FunctionDef) -> bool:
+    """Whether ``__init__`` calls ``super().__init__(..., **kwargs)`` with its own ``**kwargs``."""
+    for call in ast.walk(init):
+        if (
+            isinstance(call, ast.Call)
+            and isinstance(call.func, ast.Attribute)
+            and call.func.attr == "__init__"
+            and isinstance(call.func.value, ast.Call)
+            and isinstance(call.func.value.func, ast.Name)
+            and call.func.value.func.id == "super"
+            and any(
+                k.arg is None and isinstance(k.value, ast.Name) and k.value.id == init.args.kwarg.arg
+                for k in call.keywords
+            )
+        ):
+            return True
+    return False
+
+
+def _dataclass_fields(node: ast.ClassDef) -> frozenset[str] | None:
+    """The ``__init__`` arguments of a ``@dataclass`` without bases: its annotated fields, but ``ClassVar`` ones and
+    ``field(init=False)`` ones; ``None`` for any other decorator, ``init=False``, or bases."""
+    (decorator,) = node.decorator_list if len(node.decorator_list) == 1 else (None,)
+    call = decorator if isinstance(decorator, ast.Call) else None
+    function = call.func if call is not None else decorator
+    if node.bases or function is None or ast.unparse(function) not in ("dataclass", "dataclasses.dataclass"):
+        return None
+    if call is not None and any(k.arg == "init" for k in call.keywords):
+        return None
+    fields = set()
+    for statement in node.body:
+        if not isinstance(statement, ast.AnnAssign) or not isinstance(statement.target, ast.Name):
+            continue
+        value = statement.value
+        if "ClassVar" in ast.unparse(statement.annotation) or (
+            isinstance(value, ast.Call)
+            and ast.unparse(value.func) in ("field", "dataclasses.field")
+            and any(k.arg == "init" for k in value.keywords)
+        ):
+            continue
+        fields.add(statement.target.id)
+    return frozenset(fields)
+
+
+def _base_class(found: _Found, depth: int) -> _Found | None:
+    """The definition of a class's one base (``Base``, or ``module.Base`` for a module the class's module imports)."""
+    (base,) = found.node.bases
+    if isinstance(base, ast.Name):
+        return _name_in_source(found.source, found.module, [base.id], depth + 1, found.package)
+    dotted = ast.unparse(base)
+    if not isinstance(base, ast.Attribute) or not re.fullmatch(r"[\w.]+", dotted):
+        return None  # (Generic[T], a call, ...)
+    first, _, rest = dotted.partition(".")
+    for statement in found.tree.body:
+        if isinstance(statement, ast.Import):
+            for alias in statement.names:  # import torch.nn as nn; import torch
+                if (alias.asname or alias.name.partition(".")[0]) == first:
+                    dotted = f"{alias.name if alias.asname else first}.{rest}"
+                    top, *below = dotted.split(".")
+                    folder = _package_folder(top)
+                    return _find_definition(folder, top, below, depth + 1) if folder is not None else None
+        elif isinstance(statement, ast.ImportFrom) and not statement.level and statement.module:
+            for alias in statement.names:  # from torch import nn
+                if (alias.asname or alias.name) == first:
+                    top, *below = f"{statement.module}.{alias.name}.{rest}".split(".")
+                    folder = _package_folder(top)
+                    return _find_definition(folder, top, below, depth + 1) if folder is not None else None
+    return None
+
+
+def _find_definition(folder: Path, module: str, rest: list[str], depth: int) -> _Found | None:
+    """Where ``rest`` below package ``module`` (whose folder is ``folder``) is defined; None if unknown."""
     if depth > 40 or not rest:  # (a bound on re-export chains, against import cycles)
         return None
     if (folder / rest[0]).is_dir() and (folder / rest[0] / "__init__.py").is_file():
@@ -704,16 +798,16 @@ def _find_definition(folder: Path, module: str, rest: list[str], depth: int):
     return _name_in_source(folder / "__init__.py", module, rest, depth + 1, package=True)
 
 
-def _name_in_source(source: Path, module: str, rest: list[str], depth: int, package: bool):
-    """The node that defines ``rest`` in the module ``module`` at ``source`` (its class or function, or where a
-    ``from ... import`` brings it from), with that module's tree."""
+def _name_in_source(source: Path, module: str, rest: list[str], depth: int, package: bool) -> _Found | None:
+    """Where the module ``module`` at ``source`` defines ``rest`` (its class or function), or the module a
+    ``from ... import`` there brings it from does."""
     if len(rest) != 1 or not source.is_file():
         return None
     name = rest[0]
     tree = _parsed(str(source), source.stat().st_mtime)
     for node in tree.body:
         if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
-            return node, tree
+            return _Found(node, tree, source, module, package)
     for node in ast.walk(tree):
         if not isinstance(node, ast.ImportFrom):
             continue
