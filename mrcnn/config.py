@@ -212,7 +212,8 @@ def check_added_keys(
     Raises:
         ValueError: naming the override, and the key or config group it probably meant.
     """
-    from mrcnn.engine.config_checks import config_keys, rule_for, target_parameters
+    from mrcnn.engine.config_checks import config_keys, rule_for
+    from mrcnn.engine.target_source import target_parameters
 
     text = None  # the config and Hydra's settings as yaml, where interpolations are looked for: once, if needed
     for override in overrides:
@@ -273,7 +274,7 @@ def check_added_keys(
 def _check_argument(cfg: DictConfig, key: str, override: str, parameters_of: Callable) -> None:
     """An added key one level below a ``_target_`` is an argument of what it builds: fails, before anything is
     imported, when that class or function takes no such argument (as far as its source tells,
-    :func:`mrcnn.engine.config_checks.target_parameters`); Python would refuse it only once torch has loaded."""
+    :func:`mrcnn.engine.target_source.target_parameters`); Python would refuse it only once torch has loaded."""
     parent, _, name = key.rpartition(".")
     node = OmegaConf.select(cfg, parent, default=None, throw_on_missing=False, throw_on_resolution_failure=False)
     if not isinstance(node, DictConfig) or "_target_" not in node or name.startswith("_"):

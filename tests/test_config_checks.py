@@ -220,7 +220,7 @@ def test_a_validation_schedule_that_leaves_out_the_last_epochs_is_said():
 
 
 def test_a_target_that_names_nothing_is_named_before_anything_is_built():
-    from mrcnn.engine.config_checks import target_problem
+    from mrcnn.engine.target_source import target_problem
 
     # In this package: the module's source is read (not imported), with the name or module meant. (The typos are
     # made from the real names: tests/test_doc_names.py checks every name written out.)
@@ -250,7 +250,7 @@ def test_a_target_that_names_nothing_is_named_before_anything_is_built():
     # Through run.py, before torch loads: tests/e2e/test_run.py. A path through a module that imports torch reads
     # its source only, in a new process without torch:
     code = (
-        "import sys; from mrcnn.engine.config_checks import target_problem; "
+        "import sys; from mrcnn.engine.target_source import target_problem; "
         "print(target_problem('mrcnn.data.datamodule.InstanceDataModule.setup'), 'torch' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
@@ -258,7 +258,7 @@ def test_a_target_that_names_nothing_is_named_before_anything_is_built():
 
 
 def test_a_modules_names_are_read_from_its_source_or_not_at_all_where_it_cannot_tell(tmp_path):
-    from mrcnn.engine.config_checks import _top_level_names
+    from mrcnn.engine.target_source import _top_level_names
 
     def names(source: str):
         path = tmp_path / f"m{len(list(tmp_path.iterdir()))}.py"

@@ -430,7 +430,7 @@ def test_an_added_argument_that_what_is_built_does_not_take_is_an_error_before_a
 
 
 def test_the_arguments_of_a_target_are_read_from_its_source_or_not_at_all():
-    from mrcnn.engine.config_checks import target_parameters
+    from mrcnn.engine.target_source import target_parameters
 
     assert {"max_steps", "devices", "precision"} <= target_parameters("lightning.pytorch.Trainer")
     assert target_parameters("mrcnn.modeling.poolers.RoIPoolPooler") == {
@@ -453,7 +453,7 @@ def test_every_shipped_target_has_its_arguments_read_from_source_as_python_sees_
 
     from hydra.utils import get_object
 
-    from mrcnn.engine.config_checks import target_parameters
+    from mrcnn.engine.target_source import target_parameters
 
     targets = {
         match.group(1)
@@ -509,7 +509,7 @@ def test_target_arguments_of_dataclasses_bases_and_kwargs_read_from_source(tmp_p
         "@some_decorator\nclass Decorated:\n    pass\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    from mrcnn.engine.config_checks import target_parameters
+    from mrcnn.engine.target_source import target_parameters
 
     assert target_parameters("somepkg.Child") == {"a", "b", "c"}  # re-exported; **kwargs handed to super()
     assert target_parameters("somepkg.things.Grandchild") == {"a", "b", "c"}
