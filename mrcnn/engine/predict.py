@@ -48,7 +48,7 @@ from mrcnn.engine.checkpoints import check_checkpoint_fits
 from mrcnn.engine.config_checks import check_config, checkpoint_path
 from mrcnn.engine.launch import check_run_dir_is_free, in_sweep, is_ddp_child, job_scope
 from mrcnn.engine.model_record import read_model_record
-from mrcnn.engine.node_meeting import nodes_meet
+from mrcnn.engine.process_meeting import processes_meet
 from mrcnn.engine.quiet import reading_weights_only
 from mrcnn.engine.visualize import draw_instances, save_png, select
 from mrcnn.errors import CommandError
@@ -508,7 +508,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
                 f"predict.input={cfg.predict.input} holds {len(dataset)} images for {trainer.world_size} processes: "
                 f"give at least one image a process, or fewer devices (trainer.devices)"
             )
-        with reading_weights_only(), nodes_meet(trainer):
+        with reading_weights_only(), processes_meet(trainer):
             trainer.predict(module, dataloaders=loader, ckpt_path=ckpt_path, return_predictions=False)
         return {
             "images": float(len(dataset) + len(dataset.skipped)),

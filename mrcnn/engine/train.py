@@ -35,7 +35,7 @@ from mrcnn.engine.launch import (
     outlive_the_requeue_sigterm,
 )
 from mrcnn.engine.model_record import read_checkpoint
-from mrcnn.engine.node_meeting import nodes_meet
+from mrcnn.engine.process_meeting import processes_meet
 from mrcnn.engine.quiet import reading_weights_only
 from mrcnn.engine.summary import write_final_metrics
 
@@ -68,7 +68,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         L.seed_everything(cfg.seed, workers=True)
         datamodule, module, trainer = build(cfg, resumed)
         try:
-            with warnings.catch_warnings(), nodes_meet(trainer):
+            with warnings.catch_warnings(), processes_meet(trainer):
                 if continues_its_folder(cfg.run_dir, ckpt_path):
                     # The run continues in its own folder: the checkpoints Lightning warns of finding there are its own.
                     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
@@ -170,7 +170,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         datamodule, module, trainer = build(cfg)
         if ckpt_path:
             check_checkpoint_fits(module, ckpt_path, cfg)
-        with reading_weights_only(), nodes_meet(trainer):
+        with reading_weights_only(), processes_meet(trainer):
             trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
         metrics = dict(module.last_metrics)
         write_final_metrics(cfg, trainer, metrics, module.nothing_to_score, global_step=step)

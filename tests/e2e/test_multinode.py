@@ -125,7 +125,7 @@ def test_two_nodes_scale_the_lr_shard_the_data_and_keep_identical_weights(tmp_pa
 
 def test_ctrl_c_ends_the_wait_for_a_node_that_never_starts(tmp_path):
     # Node 0 of 2 alone: its process waits in torch's C++ code (the TCP store) for node 1, where Python's SIGINT
-    # handler never runs. Before mrcnn.engine.node_meeting, this wait outlived every Ctrl-C for 30 minutes.
+    # handler never runs. Before mrcnn.engine.process_meeting, this wait outlived every Ctrl-C for 30 minutes.
     env = dict(
         os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NODE_RANK="0", GLOO_SOCKET_IFNAME="lo"
     )

@@ -1,4 +1,4 @@
-"""Where the processes of a run of several nodes meet, and a Ctrl-C that ends their wait for each other."""
+"""A DDP run's processes meeting each other: a Ctrl-C that ends their wait, and where the nodes of a run meet."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from mrcnn.engine.launch import is_ddp_child
 log = logging.getLogger(__name__)
 
 
-class _NodesMet(Callback):
+class _GroupIsUp(Callback):
     """Gives SIGINT back its handler at the first hook after the process group is up (``setup``)."""
 
     def __init__(self, handler) -> None:
@@ -32,26 +32,27 @@ class _NodesMet(Callback):
 
 
 @contextlib.contextmanager
-def nodes_meet(trainer: L.Trainer):
-    """Around ``trainer.fit`` / ``validate`` / ``predict`` of a run of several nodes: until every node has joined,
-    Ctrl-C ends the process.
+def processes_meet(trainer: L.Trainer):
+    """Around ``trainer.fit`` / ``validate`` / ``predict`` of a run of several processes: until they have all
+    joined the process group, Ctrl-C ends the process.
 
     Until then every process waits inside torch's C++ code (``init_process_group``: the TCP store, gloo's or NCCL's
-    connections), which never returns to Python while a node is missing; Python's SIGINT handler only sets a flag
-    that nothing reads there, so Ctrl-C did nothing, up to the process group's timeout (30 minutes). So SIGINT takes
-    its default action (the process ends, as a shell's 130) from here to Lightning's ``setup`` hook, which runs
-    once the group is up; nothing has trained or been written by then. Lightning's children of this node run the
-    same code, and a Ctrl-C at a terminal reaches them all. One node: nothing changes.
+    connections), which does not return to Python while a process is missing: a node that never starts, a process
+    that hangs before it joins. Python's SIGINT handler only sets a flag that nothing reads there, so Ctrl-C did
+    nothing, up to the process group's timeout (30 minutes). So SIGINT takes its default action (the process ends,
+    as a shell's 130) from here to Lightning's ``setup`` hook, which runs once the group is up; nothing has trained
+    or been written by then. Lightning's other processes run the same code (and end with their parent), and a
+    Ctrl-C at a terminal reaches them all. One process: nothing changes.
 
-    Logs, on the node's first process, where its processes meet the others.
+    Logs, on each node's first process of a run of several nodes, where its processes meet the others.
     """
-    environment = getattr(trainer.strategy, "cluster_environment", None)
-    if trainer.num_nodes <= 1 or environment is None or threading.current_thread() is not threading.main_thread():
+    if trainer.world_size <= 1 or threading.current_thread() is not threading.main_thread():
         yield
         return
-    met = _NodesMet(signal.signal(signal.SIGINT, signal.SIG_DFL))
+    met = _GroupIsUp(signal.signal(signal.SIGINT, signal.SIG_DFL))
     trainer.callbacks.append(met)
-    if not is_ddp_child():
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if trainer.num_nodes > 1 and environment is not None and not is_ddp_child():
         log.info(
             "node %d of %d: its processes meet the others at %s:%s before they start; a node that never starts "
             "keeps them waiting (up to the process group's timeout, 30 minutes): Ctrl-C (or kill %d) ends the wait",
