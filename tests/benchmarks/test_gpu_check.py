@@ -325,7 +325,12 @@ def test_a_check_stopped_from_outside_reports_the_step_it_was_running_in_its_cop
         while not any(line.startswith("[1/") for line in lines):
             lines.append(proc.stdout.readline())
             assert lines[-1], "".join(lines)
-        time.sleep(1)  # into the environment step (its imports take longer)
+        # Into the environment step: its command has started once its log holds the command line (a fixed sleep
+        # could end before the step started, or after it ended on a fast machine).
+        step_log, deadline = out / "logs" / "environment.log", time.monotonic() + 60
+        while not (step_log.is_file() and step_log.read_text().startswith("$ ")):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     finally:
