@@ -40,8 +40,9 @@ def processes_meet(trainer: L.Trainer):
     connections), which does not return to Python while a process is missing: a node that never starts, a process
     that hangs before it joins. Python's SIGINT handler only sets a flag that nothing reads there, so Ctrl-C did
     nothing, up to the process group's timeout (30 minutes). So SIGINT takes its default action (the process ends,
-    as a shell's 130) from here to Lightning's ``setup`` hook, which runs once the group is up; nothing has trained
-    or been written by then. Lightning's other processes run the same code (and end with their parent), and a
+    as a shell's 130) from here to the callbacks' ``setup`` hook, which Lightning calls once the group is up and
+    its processes have met at a barrier (after the datamodule's ``setup``); nothing has trained or been written by
+    then. Lightning's other processes run the same code (and end with their parent), and a
     Ctrl-C at a terminal reaches them all. One process: nothing changes.
 
     Logs, on each node's first process of a run of several nodes, where its processes meet the others.
