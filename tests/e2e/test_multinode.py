@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +29,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def start_node(node: int, port: int, args: list[str], out_path: Path) -> subprocess.Popen:
+    """``python run.py <args>`` as node ``node`` of a run of 2 nodes meeting at ``port`` here, its output in
+    ``out_path``."""
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        NODE_RANK=str(node),
+        WORLD_SIZE="2",
+        GLOO_SOCKET_IFNAME="lo",
+    )
+    env.pop("LOCAL_RANK", None)
+    with open(out_path, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "run.py", *args],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
 def read_records(path):
     return [tuple(json.loads(line)) for line in path.read_text().splitlines()]
 
@@ -41,15 +65,6 @@ def test_two_nodes_scale_the_lr_shard_the_data_and_keep_identical_weights(tmp_pa
     processes = []
     try:
         for node in range(2):
-            env = dict(
-                os.environ,
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-                NODE_RANK=str(node),
-                WORLD_SIZE="2",
-                GLOO_SOCKET_IFNAME="lo",
-            )
-            env.pop("LOCAL_RANK", None)
             args = [
                 *TINY_RUN,
                 "trainer=ddp_cpu",
@@ -67,17 +82,7 @@ def test_two_nodes_scale_the_lr_shard_the_data_and_keep_identical_weights(tmp_pa
                 f"+callbacks.record_weights.path={tmp_path / 'weights'}",
                 f"hydra.run.dir={tmp_path / f'node{node}'}",
             ]
-            with open(tmp_path / f"node{node}.out", "w") as out:
-                processes.append(
-                    subprocess.Popen(
-                        [sys.executable, "run.py", *args],
-                        cwd=ROOT,
-                        env=env,
-                        stdin=subprocess.DEVNULL,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
+            processes.append(start_node(node, port, args, tmp_path / f"node{node}.out"))
         deadline = time.monotonic() + 240
         for process in processes:
             process.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -126,20 +131,9 @@ def test_two_nodes_scale_the_lr_shard_the_data_and_keep_identical_weights(tmp_pa
 def test_ctrl_c_ends_the_wait_for_a_node_that_never_starts(tmp_path):
     # Node 0 of 2 alone: its process waits in torch's C++ code (the TCP store) for node 1, where Python's SIGINT
     # handler never runs. Before mrcnn.engine.process_meeting, this wait outlived every Ctrl-C for 30 minutes.
-    env = dict(
-        os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NODE_RANK="0", GLOO_SOCKET_IFNAME="lo"
-    )
     args = [*TINY_RUN, "trainer=ddp_cpu", "trainer.devices=1", "trainer.num_nodes=2", f"hydra.run.dir={tmp_path}"]
     out_path = tmp_path.parent / "node0.out"
-    with open(out_path, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "run.py", *args],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    process = start_node(0, free_port(), args, out_path)
     try:
         deadline = time.monotonic() + 120
         while "Initializing distributed" not in out_path.read_text():  # Lightning's line as it calls into torch
