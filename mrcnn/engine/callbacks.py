@@ -501,23 +501,25 @@ class RandomState(L.Callback):
     def __init__(self):
         super().__init__()
         self._loaded: list[dict] | None = None
-        self._before_stop_validation: tuple[int, dict] | None = None  # (global step, this process's states)
+        self._before_validation: dict | None = None  # this process's states as the validation running now started
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        # A validation Lightning runs only because training stops mid-epoch (trainer.should_stop: max_time's timer,
-        # early stopping) is one the uninterrupted run does not have, and it draws from the random states (a loader
-        # iterator draws its base seed). A checkpoint of this step carries the states from before it: the resumed
-        # run, which skips that validation, then draws what the uninterrupted run drew.
-        self._before_stop_validation = None
-        if trainer.sanity_checking or not trainer.should_stop or trainer.state.fn != "fit":
-            return
-        if not _validates_without_the_stop(trainer):
-            self._before_stop_validation = (trainer.global_step, random_state())
+        # A validation computes its losses with the model's samplers (RPN and RoI heads), which draw from the same
+        # generators as training. Undone at its end: how often and how much a run validates (keys a resumed run may
+        # change, trainer.limit_val_batches, check_val_every_n_epoch, ...) and the sanity check leave the training
+        # draws alone, and so does a validation only a stopped run has (training stopped mid-epoch by
+        # trainer.should_stop: max_time's timer, early stopping).
+        self._before_validation = random_state()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._before_validation is not None:
+            set_random_state(self._before_validation)
+            self._before_validation = None
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        state = random_state()
-        if self._before_stop_validation is not None and self._before_stop_validation[0] == trainer.global_step:
-            state = self._before_stop_validation[1]
+        # Saved during a validation (a callback's on_validation_end before this one's): the states training goes on
+        # from, those from before it.
+        state = self._before_validation if self._before_validation is not None else random_state()
         states = [state]
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             states = [None] * trainer.world_size

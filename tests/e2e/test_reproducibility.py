@@ -99,6 +99,15 @@ def test_a_run_with_two_loader_workers_in_a_new_process_is_bit_identical(tmp_pat
     assert_same_run(read_run(tmp_path), reference)
 
 
+def test_how_often_a_run_validates_leaves_its_training_alone(tmp_path, reference):
+    # Validation computes its losses with the model's samplers, which draw from training's generators: without the
+    # sanity check and the validation after epoch 0, the training draws, losses and weights must not change. (Keys
+    # like these may change when a run is resumed.)
+    run = run_in_process(tmp_path, "+trainer.num_sanity_val_steps=0", "trainer.check_val_every_n_epoch=2")
+    assert run["losses"] == reference["losses"]
+    assert_same_tensors(run["weights"], reference["weights"])
+
+
 def test_a_run_stopped_at_step_k_and_resumed_equals_the_uninterrupted_run(tmp_path, reference):
     # Stopped by Ctrl-C at step 1 (last.ckpt saved there), with loader workers; resumed without them.
     with pytest.raises(TrainingInterrupted):
