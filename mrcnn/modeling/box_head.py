@@ -200,7 +200,8 @@ def fast_rcnn_inference_batched(
     boxes = box_coder.decode(box_regression, list(proposals.unbind())).view(num_images, num_proposals, -1, 4)
     boxes = torch.stack([box_ops.clip_boxes_to_image(b, shape) for b, shape in zip(boxes, image_shapes)])
     scores = F.softmax(class_logits, -1).view(num_images, num_proposals, num_classes)
-    scores = scores.masked_fill(~proposal_valid[..., None], float("-inf"))
+    # NaN scores (a diverged head) too: sorted first, they would push candidates past each group's scan length below.
+    scores = scores.masked_fill(~proposal_valid[..., None] | scores.isnan(), float("-inf"))
     # One group per (image, foreground class): [B, K-1, P], each in decreasing score order.
     scores, order = scores[..., 1:].transpose(1, 2).sort(dim=2, descending=True, stable=True)
     boxes = boxes[:, :, 1:].transpose(1, 2).gather(2, order[..., None].expand(-1, -1, -1, 4))
