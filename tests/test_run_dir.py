@@ -101,10 +101,24 @@ def test_the_composed_folder_is_checked_before_hydra_writes_its_record(tmp_path,
         [f"hydra.run.dir={run}", f"weights={run}/checkpoints/last.ckpt"],
         ["mode=evaluate", f"resume={run}", f"hydra.run.dir={run}"],
         ["mode=predict", f"ckpt_path={run}/checkpoints/last.ckpt", f"hydra.run.dir={run}"],
-        [f"resume={tmp_path / 'elsewhere'}", f"hydra.run.dir={run}"],
+        [f"resume={run_folder(tmp_path / 'elsewhere')}", f"hydra.run.dir={run}"],
         ["experiment=ablation_mask_loss", "hydra.mode=RUN", f"hydra.run.dir={run}"],
     ):
         assert refusal_message(run) in run_start(*overrides), overrides
+    # A resume of a folder that is not there (a typo, in resume= and hydra.run.dir= both, as the stop message's
+    # command has them): answered before Hydra creates the folder, which would then pass for a run stopped before
+    # its first checkpoint.
+    typo = tmp_path / "rn"
+    for overrides in (
+        [f"resume={typo}", f"hydra.run.dir={typo}"],
+        [f"resume={typo}"],
+        ["mode=evaluate", f"resume={typo}"],
+    ):
+        assert run_start(*overrides) == (
+            f"FileNotFoundError: resume={typo}: there is no {typo}/checkpoints/last.ckpt. resume= takes the folder of "
+            "a run (outputs/<date>/<time>, or a sweep job's folder), and this is none."
+        )
+        assert not typo.exists() and not (tmp_path / "outputs").exists()
     # Its own resume, from last.ckpt or a checkpoint named inside it; a folder not named (a new one by the time).
     assert run_start(f"resume={run}", f"hydra.run.dir={run}") == ""
     assert run_start(f"ckpt_path={run}/checkpoints/last.ckpt", f"hydra.run.dir={run}", "trainer.max_epochs=9") == ""

@@ -780,11 +780,9 @@ def checkpoint_path(cfg: DictConfig) -> str | None:
     if cfg.get("resume"):
         if cfg.get("ckpt_path"):
             raise ValueError("give either ckpt_path=<file> or resume=<run dir>, not both")
-        path = resume_checkpoint(cfg.resume)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"resume={cfg.resume}: there is no {path}. {_why_no_last_checkpoint(Path(cfg.resume))}"
-            )
+        problem = resume_problem(cfg.resume)
+        if problem:
+            raise FileNotFoundError(problem)
     start = start_checkpoint(
         cfg.run_dir, cfg.get("mode", "train"), cfg.get("resume"), cfg.get("ckpt_path"), started_again(cfg)
     )
@@ -838,6 +836,15 @@ def requeued_checkpoint(run_dir: str | Path, mode: str, again: bool | None = Non
         return None
     path = resume_checkpoint(run_dir)
     return path if path.is_file() else None
+
+
+def resume_problem(resume: str | Path) -> str | None:
+    """Why ``resume=<resume>`` has nothing to continue from (no ``checkpoints/last.ckpt``), and what to do; ``None``
+    where it has."""
+    path = resume_checkpoint(resume)
+    if path.is_file():
+        return None
+    return f"resume={resume}: there is no {path}. {_why_no_last_checkpoint(Path(resume))}"
 
 
 def _why_no_last_checkpoint(run_dir: Path) -> str:

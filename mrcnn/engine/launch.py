@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from mrcnn.config import override_key, task_overrides
 from mrcnn.engine import job_processes
-from mrcnn.engine.config_checks import slurm_restart_count, start_checkpoint
+from mrcnn.engine.config_checks import resume_problem, slurm_restart_count, start_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -510,6 +510,11 @@ class RunDirIsFree(Callback):
                 "folder, hydra.sweep.dir; a single run continues with resume=<its folder> hydra.run.dir=<its folder>"
             )
         resume, mode = config.get("resume"), config.get("mode", "train")
+        if resume and not is_ddp_child() and not Path(str(resume)).exists():
+            # Answered before Hydra creates the run's folder: with hydra.run.dir=<the same path>, as the stop message's
+            # command gives it, a mistyped path would by then be a new folder, taken for a run stopped before its
+            # first checkpoint.
+            sys.exit(f"FileNotFoundError: {resume_problem(str(resume))}")
         claim_timed_run_dir(config)
         run_dir = str(config.hydra.run.dir)
         # Hydra writes its record there next: a folder without one is new to this job.
