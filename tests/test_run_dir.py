@@ -44,6 +44,13 @@ def test_each_kind_of_output_stops_every_mode_but_the_runs_own_resume(tmp_path, 
     other = run_folder(tmp_path / "other")
     with pytest.raises(FileExistsError, match=rf"Continue that run with resume={run} hydra\.run\.dir={run}"):
         check_run_dir_is_free(run, "train", str(other / "checkpoints" / "last.ckpt"))
+    # A run that saved no last.ckpt (stopped by a second Ctrl-C before its first save) has nothing to resume.
+    unsaved = run_folder(tmp_path / "unsaved", ["csv/metrics.csv"])
+    with pytest.raises(
+        FileExistsError, match=r"holds another run's output \(csv/metrics.csv\).*saved no checkpoints/"
+    ) as refused:
+        check_run_dir_is_free(unsaved, "train")
+    assert "resume=" not in str(refused.value)
     for mode in ("evaluate", "predict"):
         with pytest.raises(FileExistsError, match=rf"mode={mode} would write its own record over that run's"):
             check_run_dir_is_free(run, mode, str(run / "checkpoints" / "last.ckpt"))

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from mrcnn.config import override_key, task_overrides
 from mrcnn.engine import job_processes
-from mrcnn.engine.config_checks import resume_problem, slurm_restart_count, start_checkpoint
+from mrcnn.engine.config_checks import resume_checkpoint, resume_problem, slurm_restart_count, start_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +332,10 @@ def check_run_dir_is_free(
         return
     if mode == "train":
         harm = "a new run there would write over them (Lightning deletes the old csv/metrics.csv)"
-        ways = f"Continue that run with resume={run_dir} hydra.run.dir={run_dir}, or write"
+        if resume_checkpoint(run_dir).is_file():
+            ways = f"Continue that run with resume={run_dir} hydra.run.dir={run_dir}, or write"
+        else:  # (a second Ctrl-C, or a crash, before the run's first save): resume= would find nothing to continue
+            ways = "That run saved no checkpoints/last.ckpt to continue from: delete the folder to start again there, or write"
     else:
         harm = f"mode={mode} would write its own record over that run's"
         ways = "Write"
