@@ -182,3 +182,17 @@ def test_an_epoch_ended_early_is_saved_as_mid_epoch_and_a_stop_inside_an_accumul
     trainer.global_step = 3
     callback.on_train_epoch_end(trainer, None)
     assert seen[-1] == (3, 1)
+
+
+def test_the_signal_message_says_when_the_save_comes(capfd):
+    # During a validation the stop waits for its end, which may be minutes away: "after this step" would be untrue,
+    # and a user waiting for it might press Ctrl-C again, which stops without saving.
+    for validating, when in ((False, "after this step"), (True, "when this validation ends")):
+        callback = LastCheckpoint("/tmp/unused")
+        callback._signal_trainer = SimpleNamespace(validating=validating)
+        callback._on_signal(signal.SIGINT, None)
+        assert callback.received_signal == signal.SIGINT
+        assert capfd.readouterr().err == (
+            f"\nSIGINT received: saving /tmp/unused/last.ckpt {when}, then stopping (Ctrl-C again to stop at once "
+            "without saving)\n"
+        )

@@ -123,6 +123,7 @@ class LastCheckpoint(L.Callback):
         self._periodic_base = 0
         self._start_step = 0  # the global step this fit started from
         self._previous_handlers: dict[int, object] = {}
+        self._signal_trainer: L.Trainer | None = None  # set when training starts
         self._flag_group = None  # the host process group the stop flag is agreed on (several processes only)
 
     # ---- saving ---------------------------------------------------------------------------------
@@ -230,6 +231,7 @@ class LastCheckpoint(L.Callback):
         # Installed here, after Lightning installed its own at the start of fit(): ours replace its SIGTERM
         # handler while the training loop runs. Signal handlers can only be set from the main thread.
         self.received_signal = self._stop_signal = 0
+        self._signal_trainer = trainer  # whether the signal came during a validation, for its message
         if self.stop_on_signal and threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
                 self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
@@ -240,11 +242,13 @@ class LastCheckpoint(L.Callback):
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
         if not self.received_signal:
             self.received_signal = signum
+            trainer = self._signal_trainer
+            when = "when this validation ends" if trainer is not None and trainer.validating else "after this step"
             # os.write, not logging or print: a handler that runs inside a logging call could deadlock there.
             os.write(
                 2,
                 (
-                    f"\n{signal.Signals(signum).name} received: saving {self.path} after this step, then "
+                    f"\n{signal.Signals(signum).name} received: saving {self.path} {when}, then "
                     "stopping (Ctrl-C again to stop at once without saving)\n"
                 ).encode(),
             )
