@@ -1,5 +1,7 @@
 """Entry point: `python run.py [group=option ...] [key=value ...]`; `-m` sweeps. See README.md."""
 
+import logging
+import signal
 import sys
 
 import hydra
@@ -45,6 +47,8 @@ def main(cfg: DictConfig) -> float | None:
         # before writing anything in a folder of its own leaves no empty output folder behind.
         if not restore_run_record(HydraConfig.get().runtime.output_dir):
             discard_unused_output(HydraConfig.get().runtime.output_dir)
+        if isinstance(error, KeyboardInterrupt):
+            stopped_before_it_started()  # before the mode's own stop handling took over (the imports)
         if isinstance(error, InstantiationException):
             # Hydra names where the object is built; say which key and config group wrote it. (evaluate and predict
             # build the model a checkpoint records, whose options this command's choices do not name.)
@@ -68,10 +72,22 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get("segm_AP")
 
 
+def stopped_before_it_started() -> None:
+    """Ctrl-C before the run started: a stop, not a crash to trace back; exits 130."""
+    print("stopped by SIGINT before it started; nothing was saved", file=sys.stderr)
+    # An import of torch cut short leaves its loggers at the root's level (Hydra's INFO), and torch's exit hooks would
+    # log their statistics.
+    logging.getLogger("torch").setLevel(logging.WARNING)
+    raise SystemExit(128 + signal.SIGINT) from None
+
+
 if __name__ == "__main__":
     pin_ddp_child_to_its_job()
     try:
         check_group_overrides(sys.argv[1:])  # before Hydra, whose own message for this mistake misleads
     except ValueError as error:
         sys.exit(f"{type(error).__name__}: {error}")
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # in Hydra's own start, before it calls main()
+        stopped_before_it_started()

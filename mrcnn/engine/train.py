@@ -255,11 +255,29 @@ def stops_with_nonzero_exit(cfg: DictConfig):
             )
         raise
     except SIGTERMException as stop:
-        log.warning("stopped by SIGTERM outside the training loop; nothing was saved now")
+        log.warning("stopped by SIGTERM outside the training loop; nothing was saved now.%s", how_it_goes_on(cfg))
         raise SystemExit(128 + signal.SIGTERM) from stop
     except SystemExit as stop:
         if stop.code == 1 and isinstance(stop.__context__, KeyboardInterrupt):
             # Lightning ends a fit that a second Ctrl-C (or one outside the training loop) interrupted with exit
             # code 1, as for a failure: 130 says Ctrl-C, as the first one's stop does.
+            log.warning("stopped by SIGINT; nothing was saved now.%s", how_it_goes_on(cfg))
             raise SystemExit(128 + signal.SIGINT) from stop
         raise
+    except KeyboardInterrupt:
+        # Before Lightning's fit or validate (building the data and the model): a stop, not a crash, so no traceback.
+        log.warning("stopped by SIGINT before it started; nothing was saved.%s", how_it_goes_on(cfg))
+        raise SystemExit(128 + signal.SIGINT) from None
+
+
+def how_it_goes_on(cfg: DictConfig) -> str:
+    """After a stop outside the training loop: the command that continues the run from its ``last.ckpt`` (in a
+    sweep, the sweep's), as a sentence; ``""`` where there is none, or in a DDP child (its main process says it)."""
+    if is_ddp_child():
+        return ""
+    if continue_sweep_command() is not None:
+        return f" Continue the sweep (this job, and those after it) with: {continue_sweep_command()}"
+    if not resume_checkpoint(cfg.run_dir).is_file():
+        return ""
+    command = continue_command(job_overrides(), f"resume={cfg.run_dir}", cfg.run_dir)
+    return f" Continue from {resume_checkpoint(cfg.run_dir)} with: {command}"

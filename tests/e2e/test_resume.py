@@ -499,6 +499,32 @@ def test_a_second_ctrl_c_exits_130_not_lightnings_1():
     assert stop.value.code == 1
 
 
+def test_a_ctrl_c_outside_the_training_loop_exits_130_without_a_traceback_and_says_how_to_go_on(
+    tmp_path, monkeypatch, caplog
+):
+    # Ctrl-C while the data and the model are built raised KeyboardInterrupt through Hydra: a 90-line traceback.
+    # In the final validation (Lightning's sys.exit(1)) the run said nothing of its own. Each now says what was
+    # saved and, where the run has a last.ckpt, the command that continues it.
+    monkeypatch.setattr("mrcnn.engine.train.job_overrides", lambda: ["seed=3"])
+    cfg = compose_config([], run_dir=str(tmp_path))
+    with pytest.raises(SystemExit) as stop, stops_with_nonzero_exit(cfg):
+        raise KeyboardInterrupt
+    assert stop.value.code == 128 + signal.SIGINT and stop.value.__cause__ is None
+    assert caplog.messages[-1] == "stopped by SIGINT before it started; nothing was saved."
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").touch()
+    with pytest.raises(SystemExit) as stop, stops_with_nonzero_exit(cfg):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            sys.exit(1)
+    assert stop.value.code == 128 + signal.SIGINT
+    assert caplog.messages[-1] == (
+        f"stopped by SIGINT; nothing was saved now. Continue from {tmp_path}/checkpoints/last.ckpt with: python "
+        f"run.py seed=3 resume={tmp_path} hydra.run.dir={tmp_path}"
+    )
+
+
 def test_last_checkpoint_is_a_hard_link_to_a_best_checkpoint_of_its_step_and_resumes(tmp_path):
     expected = _fit_validated(tmp_path / "uninterrupted", _SignallingModule())
     last, best = tmp_path / "uninterrupted" / "last.ckpt", tmp_path / "uninterrupted" / "best-step=12.ckpt"

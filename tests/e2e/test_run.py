@@ -244,3 +244,35 @@ def test_a_mistake_found_once_the_run_has_started_is_said_without_a_traceback(tm
         in result.stderr
     ), result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def test_ctrl_c_while_the_run_starts_is_a_stop_without_a_traceback(tmp_path):
+    # SIGINT once Hydra has made the run's folder (run.py then imports Lightning, builds the data and the model):
+    # exit 130 with one line, where a KeyboardInterrupt came through Hydra as a traceback; no folder left.
+    import signal
+    import time
+
+    from tests.helpers.config import ROOT
+
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (run_dir / "run.log").is_file():  # Hydra's log: it calls run.py's main() next
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.3)  # into the imports of Lightning (seconds), before any save
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGINT, err[-3000:]
+    assert "stopped by SIGINT" in err + out and "Traceback" not in err + out, err[-3000:]
+    assert not run_dir.exists()
