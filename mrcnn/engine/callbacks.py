@@ -513,6 +513,10 @@ class RandomState(L.Callback):
         # change, trainer.limit_val_batches, check_val_every_n_epoch, ...) and the sanity check leave the training
         # draws alone, and so does a validation only a stopped run has (training stopped mid-epoch by
         # trainer.should_stop: max_time's timer, early stopping).
+        if self._loaded and not trainer.sanity_checking:
+            # A resumed run with nothing left to train never starts training: its final validation draws from the
+            # states the uninterrupted run's drew from, as the steps it did not repeat left them.
+            self.on_train_start(trainer, pl_module)
         self._before_validation = random_state()
 
     def on_validation_end(self, trainer, pl_module) -> None:

@@ -145,9 +145,12 @@ def logged_as_after_the_last_step(trainer: L.Trainer):
     """
     loop = trainer.fit_loop
     counted, completed = loop.epoch_loop._batches_that_stepped, loop.epoch_progress.current.completed
-    if counted > 0 and completed > 0:
+    started = loop.epoch_progress.current.started
+    if counted > 0 and started > 0:
         loop.epoch_loop._batches_that_stepped = trainer.global_step - 1
-        loop.epoch_progress.current.completed -= 1
+        # The epoch of the last step, the last one started: a fit that max_steps ended mid-epoch counts that epoch as
+        # completed, and a resumed fit with nothing left to train (from that fit's save) only as started.
+        loop.epoch_progress.current.completed = started - 1
     try:
         yield
     finally:

@@ -11,6 +11,7 @@ import csv
 import os
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -218,26 +219,57 @@ def validation_rows(run_dir: Path) -> list[tuple[str, str, str]]:
 
 
 @pytest.mark.parametrize(
-    "counted, completed, logged",
+    "global_step, counted, started, completed, logged",
     [
-        (12, 1, (11, 0)),  # the fit trained its last step, step 12, which ended epoch 0
-        (11, 1, (11, 0)),  # resumed from a save during step 12 (before Lightning counted it), nothing left to train
-        (0, 0, (0, 0)),  # nothing trained: nothing moved
-        (5, 0, (5, 0)),  # max_steps ended the fit in its first epoch: as before, nothing moved
+        (12, 12, 1, 1, (11, 0)),  # the fit trained its last step, step 12, which ended epoch 0
+        (12, 11, 1, 0, (11, 0)),  # resumed from a save during step 12 (before Lightning counted it), nothing to train
+        (25, 25, 3, 3, (24, 2)),  # max_steps ended the fit in epoch 2, which Lightning then counts as completed
+        (25, 24, 3, 2, (24, 2)),  # resumed from that fit's last save (mid-epoch 2), nothing left to train
+        (0, 0, 0, 0, (0, 0)),  # nothing trained: nothing moved
     ],
 )
-def test_the_final_validation_is_logged_at_the_row_of_the_last_step(counted, completed, logged):
+def test_the_final_validation_is_logged_at_the_row_of_the_last_step(global_step, counted, started, completed, logged):
     # A stop during the last step saves there; its resume trains nothing and validates: it was logged at step 10.
     from types import SimpleNamespace
 
     from mrcnn.engine.train import logged_as_after_the_last_step
 
-    progress = SimpleNamespace(current=SimpleNamespace(completed=completed))
+    progress = SimpleNamespace(current=SimpleNamespace(completed=completed, started=started))
     loop = SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=counted), epoch_progress=progress)
-    trainer = SimpleNamespace(global_step=counted + (counted == 11), fit_loop=loop)
+    trainer = SimpleNamespace(global_step=global_step, fit_loop=loop)
     with logged_as_after_the_last_step(trainer):
         assert (loop.epoch_loop._batches_that_stepped, progress.current.completed) == logged
     assert (loop.epoch_loop._batches_that_stepped, progress.current.completed) == (counted, completed)
+
+
+class InterruptFinalValidation(L.Callback):
+    """Test-only: Ctrl-C (a KeyboardInterrupt) at the first batch of a ``trainer.validate`` after the fit."""
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.state.fn == "validate":
+            raise KeyboardInterrupt
+
+
+def test_a_run_stopped_in_its_final_validation_and_resumed_logs_what_the_uninterrupted_run_logged(tmp_path):
+    # max_steps ends the fit mid-epoch, so the run validates after it, apart; a Ctrl-C there saves nothing new, and
+    # the resumed run, which has nothing left to train, validates the same weights from the same random states, in
+    # the same CSV row (same step and epoch).
+    setting = ["trainer.max_steps=3"]
+    run_in_process(tmp_path / "reference", *setting)
+    stop = ["+callbacks.stop._target_=tests.e2e.test_reproducibility.InterruptFinalValidation"]
+    with pytest.raises(SystemExit) as stopped:
+        run_in_process(tmp_path / "run", *setting, *stop)
+    assert stopped.value.code == 130
+    run_in_process(tmp_path / "run", *setting, f"resume={tmp_path / 'run'}")
+    assert metric_rows(tmp_path / "run") == metric_rows(tmp_path / "reference")
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    """Every row of a run's ``csv/metrics.csv`` but its timing column."""
+    with open(run_dir / "csv" / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert rows and all(row.pop("train/images_per_sec", None) is not None for row in rows)
+    return rows
 
 
 def test_the_final_validation_is_logged_where_the_fits_own_would_be_and_a_resume_keeps_it(tmp_path):
