@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mrcnn.engine.checkpoints import RUN_RECORD_KEY, check_resume_config, config_changes, read_resumed_run
+from mrcnn.errors import CommandError
 from tests.helpers.config import TINY_MODEL, compose_config
 
 # What marks a file as a Lightning checkpoint (read_resumed_run refuses a plain state dict).
@@ -186,7 +187,14 @@ def test_a_plain_state_dict_given_to_resume_is_refused_naming_weights(tmp_path, 
     # Mixing up weights= and ckpt_path=: a file Lightning cannot resume stops before the data and model are built.
     path = tmp_path / "model.pth"
     torch.save(content, path)
-    with pytest.raises(ValueError, match=rf"ckpt_path={path} is not a Lightning checkpoint.*use weights={path}"):
+    with pytest.raises(CommandError, match=rf"ckpt_path={path} is not a Lightning checkpoint.*use weights={path}"):
+        read_resumed_run(path)
+
+
+def test_a_file_without_weights_given_to_resume_is_refused_without_suggesting_weights(tmp_path):
+    path = tmp_path / "notes.pt"
+    torch.save({"a": 1}, path)
+    with pytest.raises(CommandError, match=r"is not a Lightning checkpoint .*so there is no run to resume$"):
         read_resumed_run(path)
 
 

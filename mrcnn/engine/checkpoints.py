@@ -114,6 +114,13 @@ class ResumedRun:
             self.folder = self.run_dir
 
 
+def _holds_tensors(value, depth: int = 0) -> bool:
+    """Whether a loaded file holds tensors (weights), in its mappings at any depth."""
+    if isinstance(value, torch.Tensor):
+        return True
+    return depth < 8 and isinstance(value, Mapping) and any(_holds_tensors(v, depth + 1) for v in value.values())
+
+
 def read_resumed_run(path: str | Path) -> ResumedRun:
     """Reads what :class:`ResumedRun` holds from a Lightning checkpoint, without reading its tensors."""
     path = Path(path)
@@ -124,16 +131,17 @@ def read_resumed_run(path: str | Path) -> ResumedRun:
     try:
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as error:  # noqa: BLE001  (torch raises KeyError, RuntimeError, EOFError... on garbage)
-        raise ValueError(
+        raise CommandError(
             f"checkpoint {path} is not a PyTorch checkpoint, or it is damaged or truncated "
             f"({type(error).__name__} while reading it)"
         ) from None
     if not isinstance(checkpoint, dict) or not {"state_dict", "pytorch-lightning_version"} <= checkpoint.keys():
         # A plain state dict (torchvision's .pth, a model.state_dict()) would reach Lightning's fit, after the data
         # and the model are built, and stop there with a KeyError.
-        raise ValueError(
+        raise CommandError(
             f"ckpt_path={path} is not a Lightning checkpoint (it has no 'state_dict' and 'pytorch-lightning_version'), "
-            f"so there is no run to resume; to start training from its weights use weights={path}"
+            "so there is no run to resume"
+            + (f"; to start training from its weights use weights={path}" if _holds_tensors(checkpoint) else "")
         )
     record = checkpoint.get(RUN_RECORD_KEY) or {}
     config = record.get("config")
@@ -381,7 +389,7 @@ def check_checkpoint_fits(module: torch.nn.Module, path: str, cfg: DictConfig, o
     """
     checkpoint = read_checkpoint(path, option)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise ValueError(
+        raise CommandError(
             f"{option}={path} is not a Lightning checkpoint (it has no 'state_dict'); a plain state dict or "
             "torchvision weights go in weights=<file>"
         )

@@ -23,6 +23,7 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from mrcnn.data.images import check_regular_file
+from mrcnn.errors import CommandError
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +114,14 @@ def read_checkpoint(path: str | Path, option: str = "ckpt_path"):
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL (\S+)", str(error))
         if found:
-            raise ValueError(
+            raise CommandError(
                 f"{option}={path} holds a Python object of type {found.group(1)} besides tensors and plain "
                 "containers, which is not loaded (it could run code): give a Lightning checkpoint of this project "
                 "or a plain state dict (torch.save(model.state_dict(), file))"
             ) from None
-        raise ValueError(f"{option}={path} is not a PyTorch checkpoint (it cannot be unpickled)") from None
+        raise CommandError(f"{option}={path} is not a PyTorch checkpoint (it cannot be unpickled)") from None
     except Exception as error:  # noqa: BLE001  (torch raises KeyError, RuntimeError, EOFError... on garbage)
-        raise ValueError(
+        raise CommandError(
             f"{option}={path} is not a PyTorch checkpoint, or it is damaged or truncated "
             f"({type(error).__name__} while reading it)"
         ) from None
