@@ -492,6 +492,7 @@ def test_target_arguments_of_dataclasses_bases_and_kwargs_read_from_source(tmp_p
     )
     (package / "things.py").write_text(
         "import dataclasses\n"
+        "import typing\n"
         "from typing import ClassVar\n"
         "import somepkg.base as base_module\n"
         "from .base import Base, Plain\n\n\n"
@@ -506,7 +507,20 @@ def test_target_arguments_of_dataclasses_bases_and_kwargs_read_from_source(tmp_p
         "class Fields:\n    x: int\n    y: float = 1.0\n    z: ClassVar[int] = 3\n"
         "    w: list = dataclasses.field(default_factory=list)\n    v: int = dataclasses.field(init=False, default=0)\n"
         "\n\n@dataclasses.dataclass(init=False)\nclass OwnInit:\n    x: int\n\n\n"
-        "@some_decorator\nclass Decorated:\n    pass\n"
+        "@some_decorator\nclass Decorated:\n    pass\n\n\n"
+        # Where the source's plain reading would refuse what Python takes (a reviewer's cases): unknown, or read as
+        # Python reads it.
+        "class Pops(Base):\n    def __init__(self, c, **kwargs):\n        self.foo = kwargs.pop('foo', None)\n"
+        "        super().__init__(**kwargs)\n\n\n"
+        "class New:\n    def __new__(cls, x):\n        return super().__new__(cls)\n\n\n"
+        "class Cond:\n    if True:\n        def __init__(self, x):\n            pass\n\n\n"
+        "class Assigned:\n    __init__ = Base.__init__\n\n\n"
+        "class Twice:\n    def __init__(self, a):\n        pass\n\n\n"
+        "class Twice:\n    def __init__(self, a, z):\n        pass\n\n\n"
+        "class Overloaded:\n    @typing.overload\n    def __init__(self, a: int) -> None: ...\n"
+        "    def __init__(self, a=None, b=None):\n        pass\n\n\n"
+        "def wrapped(a):\n    pass\n\n\nwrapped = lambda a, extra=1: None\n\n\n"
+        "@dataclasses.dataclass\nclass InitTrue:\n    x: int\n    y: int = dataclasses.field(default=1, init=True)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     from mrcnn.engine.target_source import target_parameters
@@ -516,5 +530,8 @@ def test_target_arguments_of_dataclasses_bases_and_kwargs_read_from_source(tmp_p
     assert target_parameters("somepkg.things.ByModule") == {"a", "b"}  # a base named through its module
     assert target_parameters("somepkg.things.Empty") == frozenset()  # object's __init__ takes nothing
     assert target_parameters("somepkg.things.Fields") == {"x", "y", "w"}
-    for unknown in ("KeepsKwargs", "Meta", "Two", "OwnInit", "Decorated"):
+    assert target_parameters("somepkg.things.Twice") == {"a", "z"}  # the definitions Python keeps: the last
+    assert target_parameters("somepkg.things.Overloaded") == {"a", "b"}
+    assert target_parameters("somepkg.things.InitTrue") == {"x", "y"}
+    for unknown in ("KeepsKwargs", "Meta", "Two", "OwnInit", "Decorated", "Pops", "New", "Cond", "Assigned", "wrapped"):
         assert target_parameters(f"somepkg.things.{unknown}") is None, unknown

@@ -84,7 +84,10 @@ def _arguments(found: _Found, depth: int) -> frozenset[str] | None:
         return None if node.args.kwarg is not None else _named_arguments(node)
     if not isinstance(node, ast.ClassDef) or depth > 8 or node.keywords:  # (a metaclass may make any __init__)
         return None
-    init = next((n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
+    if _makes_instances_otherwise(node):
+        return None
+    inits = [n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"]
+    init = inits[-1] if inits else None  # the one Python keeps (typing.overload's stubs come first)
     if init is not None:
         if init.args.kwarg is None:
             return _named_arguments(init)
@@ -106,8 +109,32 @@ def _named_arguments(function: ast.FunctionDef | ast.AsyncFunctionDef) -> frozen
     return frozenset(a.arg for a in [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs]) - {"self"}
 
 
+def _makes_instances_otherwise(node: ast.ClassDef) -> bool:
+    """Whether a class body makes its instances other than by a plain ``def __init__`` at its top: a ``__new__``, or
+    an ``__init__`` assigned, or defined under an ``if`` / ``try`` / ``with``."""
+    for statement in node.body:
+        if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            if statement.name == "__new__" or (
+                isinstance(statement, ast.AsyncFunctionDef) and statement.name == "__init__"
+            ):
+                return True
+            continue
+        if isinstance(statement, ast.ClassDef):
+            continue
+        for inner in ast.walk(statement):
+            defined = [inner.name] if isinstance(inner, (ast.FunctionDef, ast.AsyncFunctionDef)) else []
+            if _bound_names(inner):
+                defined = list(_bound_names(inner))
+            if {"__init__", "__new__"} & set(defined):
+                return True
+    return False
+
+
 def _hands_kwargs_to_super(init: ast.FunctionDef) -> bool:
-    """Whether ``__init__`` calls ``super().__init__(..., **kwargs)`` with its own ``**kwargs``."""
+    """Whether ``__init__``'s ``**kwargs`` go to ``super().__init__(..., **kwargs)`` whole, and nowhere else (one
+    that reads them, ``kwargs.pop("x")``, takes arguments its base does not)."""
+    name = init.args.kwarg.arg
+    handed = 0
     for call in ast.walk(init):
         if (
             isinstance(call, ast.Call)
@@ -116,13 +143,17 @@ def _hands_kwargs_to_super(init: ast.FunctionDef) -> bool:
             and isinstance(call.func.value, ast.Call)
             and isinstance(call.func.value.func, ast.Name)
             and call.func.value.func.id == "super"
-            and any(
-                k.arg is None and isinstance(k.value, ast.Name) and k.value.id == init.args.kwarg.arg
-                for k in call.keywords
-            )
         ):
-            return True
-    return False
+            handed += sum(k.arg is None and isinstance(k.value, ast.Name) and k.value.id == name for k in call.keywords)
+    # A membership test (``if "x" in kwargs: raise ...``) takes nothing from them.
+    tested = sum(
+        isinstance(n, ast.Compare)
+        and all(isinstance(op, (ast.In, ast.NotIn)) for op in n.ops)
+        and any(isinstance(c, ast.Name) and c.id == name for c in n.comparators)
+        for n in ast.walk(init)
+    )
+    used = sum(isinstance(n, ast.Name) and n.id == name for n in ast.walk(init))
+    return handed > 0 and used == handed + tested
 
 
 def _dataclass_fields(node: ast.ClassDef) -> frozenset[str] | None:
@@ -133,7 +164,7 @@ def _dataclass_fields(node: ast.ClassDef) -> frozenset[str] | None:
     function = call.func if call is not None else decorator
     if node.bases or function is None or ast.unparse(function) not in ("dataclass", "dataclasses.dataclass"):
         return None
-    if call is not None and any(k.arg == "init" for k in call.keywords):
+    if call is not None and any(k.arg == "init" and not _is_constant(k.value, True) for k in call.keywords):
         return None
     fields = set()
     for statement in node.body:
@@ -143,11 +174,36 @@ def _dataclass_fields(node: ast.ClassDef) -> frozenset[str] | None:
         if "ClassVar" in ast.unparse(statement.annotation) or (
             isinstance(value, ast.Call)
             and ast.unparse(value.func) in ("field", "dataclasses.field")
-            and any(k.arg == "init" for k in value.keywords)
+            and any(k.arg == "init" and not _is_constant(k.value, True) for k in value.keywords)
         ):
             continue
         fields.add(statement.target.id)
     return frozenset(fields)
+
+
+def _bound_names(node: ast.AST) -> set[str]:
+    """The names an assignment statement binds (``x = ...``, ``a, b = ...``; not ``x.attr = ...``); none for any
+    other statement."""
+    if isinstance(node, ast.Assign):
+        targets = node.targets
+    elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+        targets = [node.target]
+    else:
+        return set()
+    names, pending = set(), list(targets)
+    while pending:
+        target = pending.pop()
+        if isinstance(target, ast.Name):
+            names.add(target.id)
+        elif isinstance(target, (ast.Tuple, ast.List)):
+            pending.extend(target.elts)
+        elif isinstance(target, ast.Starred):
+            pending.append(target.value)
+    return names
+
+
+def _is_constant(node: ast.AST, value) -> bool:
+    return isinstance(node, ast.Constant) and node.value is value
 
 
 def _base_class(found: _Found, depth: int) -> _Found | None:
@@ -194,9 +250,16 @@ def _name_in_source(source: Path, module: str, rest: list[str], depth: int, pack
         return None
     name = rest[0]
     tree = _parsed(str(source), source.stat().st_mtime)
-    for node in tree.body:
-        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
-            return _Found(node, tree, source, module, package)
+    defined = [
+        node
+        for node in tree.body
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name
+    ]
+    assigned = any(name in _bound_names(node) for node in tree.body)
+    if defined and assigned:
+        return None  # bound again by an assignment (a wrapper, a lambda): not what the source's def says
+    if defined:
+        return _Found(defined[-1], tree, source, module, package)  # the one Python keeps
     for node in ast.walk(tree):
         if not isinstance(node, ast.ImportFrom):
             continue
