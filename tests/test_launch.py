@@ -113,45 +113,40 @@ def test_a_port_in_use_is_said_with_the_way_out(monkeypatch):
     assert launch.port_in_use_message(RuntimeError("EADDRINUSE")) is None
 
 
-def test_ctrl_c_ends_the_wait_of_a_runs_processes_for_each_other_until_lightnings_setup(caplog):
+def test_ctrl_c_ends_the_wait_of_a_runs_processes_for_each_other_until_the_group_is_up(caplog):
     # A node that never starts (or a process that hangs before it joins) keeps the others in torch's C++ wait, where
     # Python's SIGINT handler does not run (a helper's trial: 11 minutes and three SIGINTs later, still waiting).
     # tests/e2e/test_multinode.py sends the Ctrl-C.
     import logging
     import signal
-    from types import SimpleNamespace
 
     from mrcnn.engine.process_meeting import processes_meet
 
-    environment = SimpleNamespace(node_rank=lambda: 0, main_address="10.0.0.1", main_port=29500)
-    strategy = SimpleNamespace(cluster_environment=environment)
-    nodes = SimpleNamespace(num_nodes=2, world_size=2, strategy=strategy, callbacks=[])
-    devices = SimpleNamespace(num_nodes=1, world_size=2, strategy=strategy, callbacks=[])  # one node, 2 processes
+    class Strategy:
+        cluster_environment = SimpleNamespace(node_rank=lambda: 0, main_address="10.0.0.1", main_port=29500)
+
+        def setup_environment(self):  # Lightning's: starts the group (init_process_group), where the wait is
+            self.handler_during_setup = signal.getsignal(signal.SIGINT)
+
+    nodes = SimpleNamespace(num_nodes=2, world_size=2, strategy=Strategy())
+    devices = SimpleNamespace(num_nodes=1, world_size=2, strategy=Strategy())  # one node, 2 processes
     handler = signal.getsignal(signal.SIGINT)
-
-    def stop_handler(signum, frame):  # as LastCheckpoint's own, set at the start of training
-        pass
-
     with caplog.at_level(logging.INFO, logger="mrcnn.engine.process_meeting"):
         for trainer in (nodes, devices):
             with processes_meet(trainer):
                 assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
-                (met,) = trainer.callbacks
-                met.setup(trainer, None, "fit")  # the process group is up: Ctrl-C stops the run as it did
-                assert signal.getsignal(signal.SIGINT) is handler
-                signal.signal(signal.SIGINT, stop_handler)
-                met.setup(trainer, None, "validate")  # a second hook restores nothing again
-                assert signal.getsignal(signal.SIGINT) is stop_handler
-                signal.signal(signal.SIGINT, handler)
-            assert trainer.callbacks == [] and signal.getsignal(signal.SIGINT) is handler
+                trainer.strategy.setup_environment()
+                assert trainer.strategy.handler_during_setup is signal.SIG_DFL
+                assert signal.getsignal(signal.SIGINT) is handler  # the group is up: Ctrl-C stops the run as it did
+            assert "setup_environment" not in vars(trainer.strategy) and signal.getsignal(signal.SIGINT) is handler
         with pytest.raises(ValueError, match="no process group"):  # a failed start gives the handler back too
             with processes_meet(nodes):
                 assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
                 raise ValueError("no process group")
-        assert nodes.callbacks == [] and signal.getsignal(signal.SIGINT) is handler
-        one = SimpleNamespace(num_nodes=1, world_size=1, strategy=strategy, callbacks=[])
+        assert "setup_environment" not in vars(nodes.strategy) and signal.getsignal(signal.SIGINT) is handler
+        one = SimpleNamespace(num_nodes=1, world_size=1, strategy=Strategy())
         with processes_meet(one):  # one process: nothing
-            assert signal.getsignal(signal.SIGINT) is handler and one.callbacks == []
+            assert signal.getsignal(signal.SIGINT) is handler and "setup_environment" not in vars(one.strategy)
     # Where the nodes meet: logged by a run of several nodes only.
     assert caplog.messages == 2 * [
         "node 0 of 2: its processes meet the others at 10.0.0.1:29500 before they start; a node that never starts "

@@ -9,26 +9,10 @@ import signal
 import threading
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
 
 from mrcnn.engine.launch import is_ddp_child
 
 log = logging.getLogger(__name__)
-
-
-class _GroupIsUp(Callback):
-    """Gives SIGINT back its handler at the first hook after the process group is up (``setup``)."""
-
-    def __init__(self, handler) -> None:
-        self.handler = handler
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        self.restore()
-
-    def restore(self) -> None:
-        if self.handler is not None:
-            signal.signal(signal.SIGINT, self.handler)
-            self.handler = None
 
 
 @contextlib.contextmanager
@@ -40,19 +24,35 @@ def processes_meet(trainer: L.Trainer):
     connections), which does not return to Python while a process is missing: a node that never starts, a process
     that hangs before it joins. Python's SIGINT handler only sets a flag that nothing reads there, so Ctrl-C did
     nothing, up to the process group's timeout (30 minutes). So SIGINT takes its default action (the process ends,
-    as a shell's 130) from here to the callbacks' ``setup`` hook, which Lightning calls once the group is up and
-    its processes have met at a barrier (after the datamodule's ``setup``); nothing has trained or been written by
-    then. Lightning's other processes run the same code (and end with their parent), and a
-    Ctrl-C at a terminal reaches them all. One process: nothing changes.
+    as a shell's 130) from here until the strategy's ``setup_environment`` (where Lightning's launcher has started
+    the node's other processes and the group is made) returns; nothing has trained or been written by then.
+    From there Ctrl-C stops the run as it does in one process. Lightning's other processes run the same code (and
+    end with their parent), and a Ctrl-C at a terminal reaches them all. One process: nothing changes.
 
     Logs, on each node's first process of a run of several nodes, where its processes meet the others.
     """
     if trainer.world_size <= 1 or threading.current_thread() is not threading.main_thread():
         yield
         return
-    met = _GroupIsUp(signal.signal(signal.SIGINT, signal.SIG_DFL))
-    trainer.callbacks.append(met)
-    environment = getattr(trainer.strategy, "cluster_environment", None)
+    strategy = trainer.strategy
+    handler = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    restored = False
+
+    def restore() -> None:
+        nonlocal restored
+        if not restored:
+            signal.signal(signal.SIGINT, handler)
+            restored = True
+
+    setup_environment = strategy.setup_environment
+
+    def setup_environment_then_restore(*args, **kwargs):
+        setup_environment(*args, **kwargs)
+        restore()
+
+    # On this strategy object only (an attribute over its class's method), for this call of fit / validate / predict.
+    strategy.setup_environment = setup_environment_then_restore
+    environment = getattr(strategy, "cluster_environment", None)
     if trainer.num_nodes > 1 and environment is not None and not is_ddp_child():
         log.info(
             "node %d of %d: its processes meet the others at %s:%s before they start; a node that never starts "
@@ -66,5 +66,5 @@ def processes_meet(trainer: L.Trainer):
     try:
         yield
     finally:
-        met.restore()
-        trainer.callbacks.remove(met)
+        restore()
+        del strategy.setup_environment  # the class's method again
