@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from mrcnn.config import check_group_overrides, where_built  # (registers the resolvers)
 from mrcnn.engine.command_checks import COMMAND_ERRORS, check_command
 from mrcnn.engine.launch import (
+    continue_sweep_command,
     discard_unused_output,
     finished_earlier,
     pin_ddp_child_to_its_job,
@@ -27,7 +28,7 @@ from mrcnn.errors import CommandError
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    checked = False
+    checked = started = False
     try:
         check_command(cfg, HydraConfig.get())
         checked = True
@@ -41,6 +42,7 @@ def main(cfg: DictConfig) -> float | None:
 
             run_mode = getattr(train_module, cfg.mode)
         silence_library_noise()  # after the mode's module has imported Lightning, before its first message
+        started = True
         metrics = run_mode(cfg)
     except BaseException as error:
         # A job that continued its folder's run and saved nothing leaves that run's record as it was; one that failed
@@ -48,7 +50,7 @@ def main(cfg: DictConfig) -> float | None:
         if not restore_run_record(HydraConfig.get().runtime.output_dir):
             discard_unused_output(HydraConfig.get().runtime.output_dir)
         if isinstance(error, KeyboardInterrupt):
-            stopped_before_it_started()  # before the mode's own stop handling took over (the imports)
+            stopped_by_ctrl_c(started)
         if isinstance(error, InstantiationException):
             # Hydra names where the object is built; say which key and config group wrote it. (evaluate and predict
             # build the model a checkpoint records, whose options this command's choices do not name.)
@@ -72,9 +74,15 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get("segm_AP")
 
 
-def stopped_before_it_started() -> None:
-    """Ctrl-C before the run started: a stop, not a crash to trace back; exits 130."""
-    print("stopped by SIGINT before it started; nothing was saved", file=sys.stderr)
+def stopped_by_ctrl_c(started: bool) -> None:
+    """A Ctrl-C the mode's own stop handling did not take (before it: the imports, Hydra's start; after it: a second
+    one while a stopped job's processes end): a stop, not a crash to trace back. Exits 130, with the command that
+    continues the sweep in a sweep's job."""
+    message = "stopped by SIGINT" + ("" if started else " before it started; nothing was saved")
+    sweep = continue_sweep_command()
+    if sweep is not None:
+        message += f". Continue the sweep (this job, and those after it) with: {sweep}"
+    print(message, file=sys.stderr)
     # An import of torch cut short leaves its loggers at the root's level (Hydra's INFO), and torch's exit hooks would
     # log their statistics.
     logging.getLogger("torch").setLevel(logging.WARNING)
@@ -89,5 +97,7 @@ if __name__ == "__main__":
         sys.exit(f"{type(error).__name__}: {error}")
     try:
         main()
-    except KeyboardInterrupt:  # in Hydra's own start, before it calls main()
-        stopped_before_it_started()
+    except KeyboardInterrupt:  # in Hydra's own start, before it calls main(): its folder, if made, holds nothing
+        if HydraConfig.initialized():
+            discard_unused_output(HydraConfig.get().runtime.output_dir)
+        stopped_by_ctrl_c(started=False)

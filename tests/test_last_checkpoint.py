@@ -187,7 +187,10 @@ def test_an_epoch_ended_early_is_saved_as_mid_epoch_and_a_stop_inside_an_accumul
 def test_the_signal_message_says_when_the_save_comes(capfd):
     # During a validation the stop waits for its end, which may be minutes away: "after this step" would be untrue,
     # and a user waiting for it might press Ctrl-C again, which stops without saving.
-    for validating, when in ((False, "after this step"), (True, "when this validation ends")):
+    for validating, when in (
+        (False, "after this step"),
+        (True, "when this validation ends (after the next step, if the epoch goes on)"),
+    ):
         callback = LastCheckpoint("/tmp/unused")
         callback._signal_trainer = SimpleNamespace(validating=validating)
         callback._on_signal(signal.SIGINT, None)

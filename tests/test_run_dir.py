@@ -47,10 +47,20 @@ def test_each_kind_of_output_stops_every_mode_but_the_runs_own_resume(tmp_path, 
     # A run that saved no last.ckpt (stopped by a second Ctrl-C before its first save) has nothing to resume.
     unsaved = run_folder(tmp_path / "unsaved", ["csv/metrics.csv"])
     with pytest.raises(
-        FileExistsError, match=r"holds another run's output \(csv/metrics.csv\).*saved no checkpoints/"
+        FileExistsError, match=r"holds another run's output \(csv/metrics.csv\).*saved no checkpoint to continue"
     ) as refused:
         check_run_dir_is_free(unsaved, "train")
     assert "resume=" not in str(refused.value)
+    # One without last.ckpt but with other checkpoints is continued from its newest; a finished one is not deleted.
+    (unsaved / "checkpoints").mkdir()
+    for name in ("epoch0-step4.ckpt", "epoch1-step8.ckpt"):
+        (unsaved / "checkpoints" / name).write_text("x")
+    with pytest.raises(FileExistsError, match=rf"newest checkpoint with ckpt_path={unsaved}/checkpoints/epoch1-step8"):
+        check_run_dir_is_free(unsaved, "train")
+    finished = run_folder(tmp_path / "finished", ["csv/metrics.csv", "metrics.json"])
+    with pytest.raises(FileExistsError, match=r"\. Write to a new folder") as refused:
+        check_run_dir_is_free(finished, "train")
+    assert "delete the folder" not in str(refused.value)
     for mode in ("evaluate", "predict"):
         with pytest.raises(FileExistsError, match=rf"mode={mode} would write its own record over that run's"):
             check_run_dir_is_free(run, mode, str(run / "checkpoints" / "last.ckpt"))

@@ -243,7 +243,11 @@ class LastCheckpoint(L.Callback):
         if not self.received_signal:
             self.received_signal = signum
             trainer = self._signal_trainer
-            when = "when this validation ends" if trainer is not None and trainer.validating else "after this step"
+            when = "after this step"
+            if trainer is not None and trainer.validating:
+                # A validation inside an epoch is followed by a step before the save (where the loader's position is
+                # a step's); one at the epoch's end by none.
+                when = "when this validation ends (after the next step, if the epoch goes on)"
             # os.write, not logging or print: a handler that runs inside a logging call could deadlock there.
             os.write(
                 2,
@@ -535,6 +539,8 @@ class RandomState(L.Callback):
         checkpoint[RANDOM_STATE_KEY] = states
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.state.fn != "fit":
+            return  # evaluate / predict of a checkpoint: draws from this run's seed, as with weights=
         self._loaded = checkpoint.get(RANDOM_STATE_KEY)
         if self._loaded is None:
             log.warning(

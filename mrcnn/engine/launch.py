@@ -332,10 +332,16 @@ def check_run_dir_is_free(
         return
     if mode == "train":
         harm = "a new run there would write over them (Lightning deletes the old csv/metrics.csv)"
+        others = sorted((run_dir / "checkpoints").glob("*.ckpt"))
         if resume_checkpoint(run_dir).is_file():
             ways = f"Continue that run with resume={run_dir} hydra.run.dir={run_dir}, or write"
-        else:  # (a second Ctrl-C, or a crash, before the run's first save): resume= would find nothing to continue
-            ways = "That run saved no checkpoints/last.ckpt to continue from: delete the folder to start again there, or write"
+        elif others:  # no last.ckpt (a run without the LastCheckpoint callback, or it was removed)
+            ways = f"Continue that run from its newest checkpoint with ckpt_path={others[-1]} hydra.run.dir={run_dir}, or write"
+        elif not (run_dir / "metrics.json").exists():
+            # Stopped before its first save (a second Ctrl-C, a crash): resume= would find nothing to continue.
+            ways = "That run saved no checkpoint to continue from: delete the folder to start again there, or write"
+        else:
+            ways = "Write"
     else:
         harm = f"mode={mode} would write its own record over that run's"
         ways = "Write"

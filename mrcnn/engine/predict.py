@@ -50,6 +50,7 @@ from mrcnn.engine.launch import check_run_dir_is_free, in_sweep, is_ddp_child, j
 from mrcnn.engine.model_record import read_model_record
 from mrcnn.engine.process_meeting import processes_meet
 from mrcnn.engine.quiet import reading_weights_only
+from mrcnn.engine.train import stops_with_nonzero_exit
 from mrcnn.engine.visualize import draw_instances, save_png, select
 from mrcnn.errors import CommandError
 from mrcnn.evaluation import CocoEvaluator, on_host
@@ -457,7 +458,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
             cfg.module.class_names = list(record.class_names)
     if not is_ddp_child():  # a DDP child's config is its main process's, already set
         use_recorded_input_size(cfg, record, job_overrides(), f"{option}={source}")
-    with job_scope(cfg), output_folder(cfg.predict.output) as output:
+    with job_scope(cfg), stops_with_nonzero_exit(cfg), output_folder(cfg.predict.output) as output:
         L.seed_everything(cfg.seed, workers=True)
         limits = cfg.data.get("image_limits")
         dataset = ImageFiles(

@@ -268,8 +268,9 @@ def stops_with_nonzero_exit(cfg: DictConfig):
             raise SystemExit(128 + signal.SIGINT) from stop
         raise
     except KeyboardInterrupt:
-        # Before Lightning's fit or validate (building the data and the model): a stop, not a crash, so no traceback.
-        log.warning("stopped by SIGINT before it started; nothing was saved.%s", how_it_goes_on(cfg))
+        # Outside Lightning's handling (building the data and the model; a second Ctrl-C in Lightning's teardown after
+        # a stop): a stop, not a crash, so no traceback.
+        log.warning("stopped by SIGINT; nothing was saved now.%s", how_it_goes_on(cfg))
         raise SystemExit(128 + signal.SIGINT) from None
 
 

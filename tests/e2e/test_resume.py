@@ -510,7 +510,7 @@ def test_a_ctrl_c_outside_the_training_loop_exits_130_without_a_traceback_and_sa
     with pytest.raises(SystemExit) as stop, stops_with_nonzero_exit(cfg):
         raise KeyboardInterrupt
     assert stop.value.code == 128 + signal.SIGINT and stop.value.__cause__ is None
-    assert caplog.messages[-1] == "stopped by SIGINT before it started; nothing was saved."
+    assert caplog.messages[-1] == "stopped by SIGINT; nothing was saved now."
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").touch()
     with pytest.raises(SystemExit) as stop, stops_with_nonzero_exit(cfg):
