@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from mrcnn.config import check_group_overrides, where_built  # (registers the resolvers)
 from mrcnn.engine.command_checks import COMMAND_ERRORS, check_command
 from mrcnn.engine.launch import (
-    continue_sweep_command,
+    continue_sweep_sentence,
     discard_unused_output,
     finished_earlier,
     pin_ddp_child_to_its_job,
@@ -79,9 +79,9 @@ def stopped_by_ctrl_c(started: bool) -> None:
     one while a stopped job's processes end): a stop, not a crash to trace back. Exits 130, with the command that
     continues the sweep in a sweep's job."""
     message = "stopped by SIGINT" + ("" if started else " before it started; nothing was saved")
-    sweep = continue_sweep_command()
+    sweep = continue_sweep_sentence()
     if sweep is not None:
-        message += f". Continue the sweep (this job, and those after it) with: {sweep}"
+        message += f". {sweep}"
     print(message, file=sys.stderr)
     # An import of torch cut short leaves its loggers at the root's level (Hydra's INFO), and torch's exit hooks would
     # log their statistics.

@@ -332,10 +332,11 @@ def check_run_dir_is_free(
         return
     if mode == "train":
         harm = "a new run there would write over them (Lightning deletes the old csv/metrics.csv)"
-        others = sorted((run_dir / "checkpoints").glob("*.ckpt"))
         if resume_checkpoint(run_dir).is_file():
             ways = f"Continue that run with resume={run_dir} hydra.run.dir={run_dir}, or write"
-        elif others:  # no last.ckpt (a run without the LastCheckpoint callback, or it was removed)
+        elif others := sorted(
+            (run_dir / "checkpoints").glob("*.ckpt")
+        ):  # no last.ckpt (a run without the LastCheckpoint callback, or it was removed)
             ways = f"Continue that run from its newest checkpoint with ckpt_path={others[-1]} hydra.run.dir={run_dir}, or write"
         elif not (run_dir / "metrics.json").exists():
             # Stopped before its first save (a second Ctrl-C, a crash): resume= would find nothing to continue.
@@ -486,6 +487,13 @@ def continue_sweep_command() -> str | None:
     words = without_continue_sweep(overrides)
     words += [f"hydra.sweep.dir={hydra_quoted(str(sweep_dir))}", "continue_sweep=true"]
     return "python run.py -m " + " ".join(shlex.quote(word) for word in words)
+
+
+def continue_sweep_sentence() -> str | None:
+    """In a job of a sweep: "Continue the sweep (this job, and those after it) with: <the command>", as every stop
+    message gives it (:func:`continue_sweep_command`); ``None`` outside one."""
+    command = continue_sweep_command()
+    return None if command is None else f"Continue the sweep (this job, and those after it) with: {command}"
 
 
 def in_sweep() -> bool:

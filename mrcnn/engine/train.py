@@ -26,7 +26,7 @@ from mrcnn.engine.config_checks import (
 )
 from mrcnn.engine.launch import (
     check_run_dir_is_free,
-    continue_sweep_command,
+    continue_sweep_sentence,
     continues_its_folder,
     in_sweep,
     is_ddp_child,
@@ -248,10 +248,8 @@ def stops_with_nonzero_exit(cfg: DictConfig):
             # Its command line is the one its job's main process gave it, not the user's: the main process's log
             # (run.log, and the console) says how to go on.
             log.warning("%s. The job's main process says how to continue, in %s", stop, Path(cfg.run_dir) / "run.log")
-        elif continue_sweep_command() is not None:  # a sweep's job: the sweep goes on with it
-            log.warning(
-                "%s. Continue the sweep (this job, and those after it) with: %s", stop, continue_sweep_command()
-            )
+        elif (sweep := continue_sweep_sentence()) is not None:  # a sweep's job: the sweep goes on with it
+            log.warning("%s. %s", stop, sweep)
         else:
             log.warning(
                 "%s. Continue with: %s", stop, continue_command(job_overrides(), f"resume={cfg.run_dir}", cfg.run_dir)
@@ -279,8 +277,9 @@ def how_it_goes_on(cfg: DictConfig) -> str:
     sweep, the sweep's), as a sentence; ``""`` where there is none, or in a DDP child (its main process says it)."""
     if is_ddp_child():
         return ""
-    if continue_sweep_command() is not None:
-        return f" Continue the sweep (this job, and those after it) with: {continue_sweep_command()}"
+    sweep = continue_sweep_sentence()
+    if sweep is not None:
+        return f" {sweep}"
     if not resume_checkpoint(cfg.run_dir).is_file():
         return ""
     command = continue_command(job_overrides(), f"resume={cfg.run_dir}", cfg.run_dir)
