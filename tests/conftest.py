@@ -1,9 +1,14 @@
 """Fixtures every test shares; helpers to import live in ``tests/helpers/``."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# What Python and pytest themselves write in the repository's folder while the tests run.
+_TOOL_ENTRIES = {"__pycache__", ".pytest_cache"}
 
 # Removed before any test: what a cluster, a launcher or a W&B login leaves in the shell that runs pytest. The tests
 # set what they need themselves. Run inside a SLURM allocation, a DDP test's processes would take the ranks SLURM gave
@@ -19,3 +24,20 @@ def _few_threads():
     # The CI machine has 2 cores; keep tests from oversubscribing them.
     torch.set_num_threads(2)
     yield
+
+
+def _repository_entries() -> set[str]:
+    return {entry.name for entry in os.scandir(ROOT)} - _TOOL_ENTRIES
+
+
+@pytest.fixture(autouse=True)
+def _writes_nothing_in_the_repository():
+    # A test writes under tmp_path, which pytest deletes once the test passes (pyproject.toml's
+    # tmp_path_retention_policy). What it wrote in the repository's folder instead (Lightning writes checkpoints/ and
+    # lightning_logs/ under the working directory unless told otherwise) would pile up in CI's checkout and in a
+    # developer's tree, and leave later tests a folder that is not empty.
+    before = _repository_entries()
+    yield
+    left = sorted(_repository_entries() - before)
+    if left:
+        pytest.fail(f"the test left {left} in {ROOT}: write under tmp_path instead", pytrace=False)

@@ -62,6 +62,7 @@ def test_a_run_resumed_in_the_middle_of_an_epoch_shows_the_epoch_and_its_length(
             limit_val_batches=0,
             logger=False,
             enable_model_summary=False,
+            default_root_dir=tmp_path,  # Lightning's own checkpoint of the resumed fit
             callbacks=[ProgressBar(), *callbacks],
         )
 

@@ -86,7 +86,9 @@ def fit(folder, signum=signal.SIGUSR2, ckpt_path=None, stop_at=2, **last_checkpo
     datamodule = InstanceDataModule(IdsDataset(8), IdsDataset(2), batch_size=2, seed=0)
     sigterm = _SigtermWhileStopping()
     callbacks = [LastCheckpoint(str(folder), **last_checkpoint), InterruptAt(stop_at, signum), sigterm]
-    trainer = training_only_trainer(max_epochs=1, enable_checkpointing=True, callbacks=callbacks)
+    trainer = training_only_trainer(
+        max_epochs=1, enable_checkpointing=True, default_root_dir=folder, callbacks=callbacks
+    )
     with pytest.raises(TrainingInterrupted) as stop:
         trainer.fit(_Model(), datamodule=datamodule, ckpt_path=ckpt_path)
     stop.value.sigterm_handler = sigterm.handler
