@@ -35,7 +35,7 @@ from mrcnn.engine.config_checks import checkpoint_path
 from mrcnn.engine.train import stops_with_nonzero_exit
 from tests.helpers.config import TINY_MODEL, compose_config
 from tests.helpers.data import IdsDataset
-from tests.helpers.runs import fake_scontrol, training_only_trainer
+from tests.helpers.runs import fake_scontrol, run_process, training_only_trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS_PER_EPOCH = 6  # 12 images, 2 per batch
@@ -90,7 +90,7 @@ def test_killed_run_resumes_mid_epoch_with_the_same_step_optimizer_schedule_and_
         "+callbacks.kill.step=6",
         "+callbacks.kill.signum=9",
     ]
-    killed_run = subprocess.run([*command, *kill], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    killed_run = run_process([*command, *kill], cwd=ROOT, timeout=300)
     assert killed_run.returncode == -signal.SIGKILL, killed_run.stderr[-3000:]
     killed = torch.load(last, map_location="cpu", weights_only=False)
     killed_at = killed["global_step"]
@@ -107,9 +107,7 @@ def test_killed_run_resumes_mid_epoch_with_the_same_step_optimizer_schedule_and_
     assert killed["InstanceDataModule"] == {"train_loader": position}
     killed_records = read_records(records)
 
-    result = subprocess.run(
-        [*command, f"resume={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
-    )
+    result = run_process([*command, f"resume={run_dir}"], cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert "Restored all states from the checkpoint" in output
@@ -230,13 +228,8 @@ def test_signalled_run_saves_its_step_exits_nonzero_and_resumes_with_the_same_ba
         # change once (not again under module.model, which repeats model.net), and the command to use instead. The
         # folder's record still says how the run was trained.
         record = {path.name: path.read_bytes() for path in (run_dir / ".hydra").glob("*.yaml")}
-        result = subprocess.run(
-            [sys.executable, "run.py", f"resume={run_dir}", f"hydra.run.dir={run_dir}"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
+        result = run_process(
+            [sys.executable, "run.py", f"resume={run_dir}", f"hydra.run.dir={run_dir}"], cwd=ROOT, timeout=120
         )
         assert result.returncode != 0
         assert (
@@ -251,7 +244,7 @@ def test_signalled_run_saves_its_step_exits_nonzero_and_resumes_with_the_same_ba
         env["SLURM_RESTART_COUNT"] = "1"
     else:
         command = [*command, f"resume={run_dir}"]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    result = run_process(command, cwd=ROOT, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "exists and is not empty" not in result.stderr  # Lightning's warning: these checkpoints are the run's own
     if signum == signal.SIGUSR2:
@@ -267,7 +260,7 @@ def test_signalled_run_saves_its_step_exits_nonzero_and_resumes_with_the_same_ba
     if signum == signal.SIGINT:
         # Resumed once more, with nothing left to train: the results of its final validation stand, not logged again.
         history, results = (run_dir / "csv" / "metrics.csv").read_text(), (run_dir / "metrics.json").read_text()
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+        result = run_process(command, cwd=ROOT, env=env, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         assert (
             f"the run had finished at step {total} ({run_dir / 'metrics.json'}): nothing is left to train"
@@ -590,12 +583,10 @@ def _ddp_fit(script, folder, ckpt_path="", stop_at=0, signal_at=0, env=None):
     paths = [folder / f"rank{rank}.json" for rank in range(2)]
     for path in paths:
         path.unlink(missing_ok=True)
-    result = subprocess.run(
+    result = run_process(
         [sys.executable, str(script), str(folder), str(ckpt_path), str(stop_at), str(signal_at)],
         cwd=script.parent,
-        capture_output=True,
         timeout=300,
-        check=False,
         env=env,
     )
     deadline = time.monotonic() + 60

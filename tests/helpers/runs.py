@@ -1,15 +1,18 @@
 """Running ``run.py`` as a user would, at a tiny setting, and recording what a training run saw."""
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
+import pytest
 
 from tests.helpers.config import ROOT, TINY_MODEL
 
@@ -30,17 +33,45 @@ def load_script(path: Path):
     return module
 
 
-def run_py(args, cwd=ROOT, env=None, timeout=300, check=True) -> subprocess.CompletedProcess:
-    """Runs ``python run.py *args`` in ``cwd``; with ``check``, fails the test (with the output's tail) on a non-zero exit."""
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), *args],
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+def run_process(command, timeout=300, env=None, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(command, capture_output=True, text=True, **kwargs)``, except for a process that hangs.
+
+    At ``timeout`` every process it started (its DDP processes and their loader workers among them, all in a session
+    of its own) prints where each of its threads was (Python's faulthandler, on SIGABRT) and ends, and the test fails
+    with that output: a hang in CI says where it was, and leaves no process behind.
+    """
+    env = dict(os.environ if env is None else env, PYTHONFAULTHANDLER="1")
+    kwargs.setdefault("stdin", subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
     )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _signal_session(process.pid, signal.SIGABRT)
+        try:
+            stdout, stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # a process that outlived its abort
+            _signal_session(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+        _signal_session(process.pid, signal.SIGKILL)
+        pytest.fail(
+            f"{shlex.join(map(str, command))} did not end within {timeout} s. Its output's end, with where each of its "
+            f"processes' threads was at that time:\n{stdout[-3000:]}\n{stderr[-20000:]}",
+            pytrace=False,
+        )
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def _signal_session(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signum)
+
+
+def run_py(args, cwd=ROOT, env=None, timeout=300, check=True) -> subprocess.CompletedProcess:
+    """Runs ``python run.py *args`` in ``cwd`` (:func:`run_process`); with ``check``, fails the test (with the
+    output's tail) on a non-zero exit."""
+    result = run_process([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env, timeout=timeout)
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
