@@ -1,8 +1,11 @@
 """A job never writes into a folder that holds another run's output: only that run's resume may go on there."""
 
+import os
+
 import pytest
 import torch
 
+from mrcnn.engine.config_checks import newest_checkpoint
 from mrcnn.engine.launch import (
     DDP_JOB_DIR_ENV,
     RUN_OUTPUTS,
@@ -53,9 +56,12 @@ def test_each_kind_of_output_stops_every_mode_but_the_runs_own_resume(tmp_path, 
     assert "resume=" not in str(refused.value)
     # One without last.ckpt but with other checkpoints is continued from its newest; a finished one is not deleted.
     (unsaved / "checkpoints").mkdir()
-    for name in ("epoch0-step4.ckpt", "epoch1-step8.ckpt"):
+    # Newest by the step in the name (epoch10 sorts before epoch9 as text), written in any order.
+    for name in ("epoch10-step100.ckpt", "epoch9-step90.ckpt", "epoch1-step8.ckpt"):
         (unsaved / "checkpoints" / name).write_text("x")
-    with pytest.raises(FileExistsError, match=rf"newest checkpoint with ckpt_path={unsaved}/checkpoints/epoch1-step8"):
+    with pytest.raises(
+        FileExistsError, match=rf"newest checkpoint with ckpt_path={unsaved}/checkpoints/epoch10-step100"
+    ):
         check_run_dir_is_free(unsaved, "train")
     finished = run_folder(tmp_path / "finished", ["csv/metrics.csv", "metrics.json"])
     with pytest.raises(FileExistsError, match=r"\. Write to a new folder") as refused:
@@ -253,3 +259,22 @@ def test_a_continued_run_that_saved_nothing_leaves_the_runs_record_as_it_was(tmp
         else:
             assert record == {"overrides.yaml": "- seed=0\n", "config.yaml": "seed: 0\n"}
     assert not restore_run_record(run)  # once per job
+
+
+def test_the_newest_checkpoint_is_the_one_of_the_largest_step_else_the_last_written(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    assert newest_checkpoint(tmp_path) is None
+
+    def write(name: str, mtime: int) -> None:
+        (folder / name).write_text("x")
+        os.utime(folder / name, (mtime, mtime))
+
+    # Written in another order than their steps (a copied folder), named as this project and as Lightning name them.
+    write("epoch10-step100.ckpt", 1)
+    write("epoch=9-step=90.ckpt", 3)
+    write("epoch1-step8.ckpt", 2)
+    assert newest_checkpoint(tmp_path) == folder / "epoch10-step100.ckpt"
+    # A name without a step: the one written last.
+    write("mine.ckpt", 0)
+    assert newest_checkpoint(tmp_path) == folder / "epoch=9-step=90.ckpt"

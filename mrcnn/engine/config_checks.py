@@ -812,6 +812,20 @@ def resume_checkpoint(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints" / "last.ckpt"
 
 
+def newest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The latest of a run's checkpoints (``checkpoints/*.ckpt``): by the step in their names where each names one
+    (``epoch9-step90``, Lightning's ``epoch=9-step=90``), else by when they were written; ``None`` if it has none.
+
+    By name as text ``epoch10-step100`` would come before ``epoch9-step90``; by time alone a copied folder would order
+    its files by when they were copied.
+    """
+    checkpoints = [path for path in (Path(run_dir) / "checkpoints").glob("*.ckpt") if path.is_file()]
+    steps = [re.findall(r"step=?(\d+)", path.stem) for path in checkpoints]
+    if checkpoints and all(steps):
+        return max(zip(checkpoints, steps), key=lambda pair: (int(pair[1][-1]), pair[0].stat().st_mtime_ns))[0]
+    return max(checkpoints, key=lambda path: path.stat().st_mtime_ns, default=None)
+
+
 def slurm_restart_count() -> int:
     """How many times SLURM has requeued this job (``SLURM_RESTART_COUNT``): 0 outside SLURM and in a first start."""
     value = os.environ.get("SLURM_RESTART_COUNT", "")
@@ -860,9 +874,9 @@ def _why_no_last_checkpoint(run_dir: Path) -> str:
         "checkpoint_every_n_steps steps, and when a run is stopped with Ctrl-C or SIGTERM): start it again "
         "without resume=, in a new folder (without hydra.run.dir)."
     )
-    others = sorted((run_dir / "checkpoints").glob("*.ckpt"))
-    if others:
-        hint += f" Or start from another of its checkpoints: ckpt_path={others[-1]}."
+    newest = newest_checkpoint(run_dir)
+    if newest is not None:
+        hint += f" Or start from its newest checkpoint: ckpt_path={newest}."
     return hint
 
 

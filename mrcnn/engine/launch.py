@@ -29,7 +29,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from mrcnn.config import override_key, task_overrides
 from mrcnn.engine import job_processes
-from mrcnn.engine.config_checks import resume_checkpoint, resume_problem, slurm_restart_count, start_checkpoint
+from mrcnn.engine.config_checks import (
+    newest_checkpoint,
+    resume_checkpoint,
+    resume_problem,
+    slurm_restart_count,
+    start_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -334,10 +340,9 @@ def check_run_dir_is_free(
         harm = "a new run there would write over them (Lightning deletes the old csv/metrics.csv)"
         if resume_checkpoint(run_dir).is_file():
             ways = f"Continue that run with resume={run_dir} hydra.run.dir={run_dir}, or write"
-        elif others := sorted(
-            (run_dir / "checkpoints").glob("*.ckpt")
-        ):  # no last.ckpt (a run without the LastCheckpoint callback, or it was removed)
-            ways = f"Continue that run from its newest checkpoint with ckpt_path={others[-1]} hydra.run.dir={run_dir}, or write"
+        elif (newest := newest_checkpoint(run_dir)) is not None:
+            # No last.ckpt: a run without the LastCheckpoint callback, or it was removed.
+            ways = f"Continue that run from its newest checkpoint with ckpt_path={newest} hydra.run.dir={run_dir}, or write"
         elif not (run_dir / "metrics.json").exists():
             # Stopped before its first save (a second Ctrl-C, a crash): resume= would find nothing to continue.
             ways = "That run saved no checkpoint to continue from: delete the folder to start again there, or write"

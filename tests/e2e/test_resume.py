@@ -658,8 +658,9 @@ def test_resume_needs_a_run_folder_with_a_last_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="stopped before it saved its first checkpoint.*without resume="):
         checkpoint_path(compose_config([f"resume={tmp_path}"]))
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "epoch0-step6.ckpt").touch()
-    with pytest.raises(FileNotFoundError, match="ckpt_path=.*epoch0-step6.ckpt"):
+    for name in ("epoch10-step66.ckpt", "epoch9-step60.ckpt"):  # the newest by its step, not by its name as text
+        (tmp_path / "checkpoints" / name).touch()
+    with pytest.raises(FileNotFoundError, match=r"newest checkpoint: ckpt_path=\S*epoch10-step66.ckpt"):
         checkpoint_path(compose_config([f"resume={tmp_path}"]))
     (tmp_path / "checkpoints" / "last.ckpt").touch()
     assert checkpoint_path(compose_config([f"resume={tmp_path}"])) == str(tmp_path / "checkpoints" / "last.ckpt")
