@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import signal
+import time
 import warnings
 from pathlib import Path
 
@@ -230,6 +231,7 @@ def stops_with_nonzero_exit(cfg: DictConfig):
     code, which would exit with 0 as if the job had finished; and Lightning ends a fit that Ctrl-C interrupted at
     once (a second Ctrl-C) with ``sys.exit(1)``, which exits 130 here.
     """
+    started = time.time()  # what the run's folder held from before it, for how_it_goes_on
     try:
         yield
     except TrainingInterrupted as stop:
@@ -256,31 +258,51 @@ def stops_with_nonzero_exit(cfg: DictConfig):
             )
         raise
     except SIGTERMException as stop:
-        log.warning("stopped by SIGTERM outside the training loop; nothing was saved now.%s", how_it_goes_on(cfg))
+        log.warning(
+            "stopped by SIGTERM outside the training loop; nothing was saved now.%s", how_it_goes_on(cfg, started)
+        )
         raise SystemExit(128 + signal.SIGTERM) from stop
     except SystemExit as stop:
         if stop.code == 1 and isinstance(stop.__context__, KeyboardInterrupt):
             # Lightning ends a fit that a second Ctrl-C (or one outside the training loop) interrupted with exit
             # code 1, as for a failure: 130 says Ctrl-C, as the first one's stop does.
-            log.warning("stopped by SIGINT; nothing was saved now.%s", how_it_goes_on(cfg))
+            log.warning("stopped by SIGINT; nothing was saved now.%s", how_it_goes_on(cfg, started))
             raise SystemExit(128 + signal.SIGINT) from stop
         raise
     except KeyboardInterrupt:
         # Outside Lightning's handling (building the data and the model; a second Ctrl-C in Lightning's teardown after
         # a stop): a stop, not a crash, so no traceback.
-        log.warning("stopped by SIGINT; nothing was saved now.%s", how_it_goes_on(cfg))
+        log.warning("stopped by SIGINT; nothing was saved now.%s", how_it_goes_on(cfg, started))
         raise SystemExit(128 + signal.SIGINT) from None
 
 
-def how_it_goes_on(cfg: DictConfig) -> str:
+def how_it_goes_on(cfg: DictConfig, started: float) -> str:
     """After a stop outside the training loop: the command that continues the run from its ``last.ckpt`` (in a
-    sweep, the sweep's), as a sentence; ``""`` where there is none, or in a DDP child (its main process says it)."""
+    sweep, the sweep's), as a sentence; ``""`` where there is none, or in a DDP child (its main process says it).
+
+    A run started from ``ckpt_path=`` in its own folder, an earlier checkpoint of that folder's run, that has saved
+    nothing since (its ``last.ckpt`` is older than the job, ``started``): the same start again. ``resume=`` would
+    continue from the later state in that ``last.ckpt``, which the user chose not to.
+    """
     if is_ddp_child():
         return ""
     sweep = continue_sweep_sentence()
     if sweep is not None:
         return f" {sweep}"
-    if not resume_checkpoint(cfg.run_dir).is_file():
+    last = resume_checkpoint(cfg.run_dir)
+    if not last.is_file():
         return ""
+    start = cfg.get("ckpt_path")
+    # A second's margin: file times come from a coarser clock than time.time(), and the job took longer to start.
+    if start and not _same_file(start, last) and last.stat().st_mtime < started - 1:
+        command = continue_command(job_overrides(), f"ckpt_path={start}", cfg.run_dir)
+        return f" The run saved no checkpoint: start it again from {start} with: {command}"
     command = continue_command(job_overrides(), f"resume={cfg.run_dir}", cfg.run_dir)
-    return f" Continue from {resume_checkpoint(cfg.run_dir)} with: {command}"
+    return f" Continue from {last} with: {command}"
+
+
+def _same_file(a: str | Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them is not there
+        return False

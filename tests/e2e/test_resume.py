@@ -518,6 +518,42 @@ def test_a_ctrl_c_outside_the_training_loop_exits_130_without_a_traceback_and_sa
     )
 
 
+def test_a_stop_before_a_run_from_an_earlier_checkpoint_saved_says_to_start_there_again(tmp_path, monkeypatch, caplog):
+    # ckpt_path= names an earlier checkpoint of the run's own folder, whose last.ckpt holds a later state. Stopped
+    # before it saved anything, the run goes on from where it started; resume= would take that later state.
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    earlier, last = folder / "epoch1-step8.ckpt", folder / "last.ckpt"
+    earlier.touch()
+    last.touch()
+    os.utime(last, (time.time() - 60, time.time() - 60))  # written by the run before this job
+    monkeypatch.setattr("mrcnn.engine.train.job_overrides", lambda: ["seed=3", f"ckpt_path={earlier}"])
+    cfg = compose_config([f"ckpt_path={earlier}"], run_dir=str(tmp_path))
+    with pytest.raises(SystemExit), stops_with_nonzero_exit(cfg):
+        raise KeyboardInterrupt
+    assert caplog.messages[-1] == (
+        f"stopped by SIGINT; nothing was saved now. The run saved no checkpoint: start it again from {earlier} with: "
+        f"python run.py seed=3 ckpt_path={earlier} hydra.run.dir={tmp_path}"
+    )
+    # Once this job has saved last.ckpt, resume= continues from it.
+    with pytest.raises(SystemExit), stops_with_nonzero_exit(cfg):
+        last.touch()
+        raise KeyboardInterrupt
+    assert caplog.messages[-1].endswith(
+        f"Continue from {last} with: python run.py seed=3 resume={tmp_path} hydra.run.dir={tmp_path}"
+    )
+    # As when the run started from its last.ckpt itself.
+    os.utime(last, (time.time() - 60, time.time() - 60))
+    with (
+        pytest.raises(SystemExit),
+        stops_with_nonzero_exit(compose_config([f"ckpt_path={last}"], run_dir=str(tmp_path))),
+    ):
+        raise KeyboardInterrupt
+    assert caplog.messages[-1].endswith(
+        f"Continue from {last} with: python run.py seed=3 resume={tmp_path} hydra.run.dir={tmp_path}"
+    )
+
+
 def test_last_checkpoint_is_a_hard_link_to_a_best_checkpoint_of_its_step_and_resumes(tmp_path):
     expected = _fit_validated(tmp_path / "uninterrupted", _SignallingModule())
     last, best = tmp_path / "uninterrupted" / "last.ckpt", tmp_path / "uninterrupted" / "best-step=12.ckpt"
