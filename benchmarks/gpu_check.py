@@ -454,7 +454,9 @@ def run_commands(commands: dict, log_paths: dict, timeout_s: float) -> tuple[dic
             logs[name] = log
             log.write("$ " + " ".join(command) + "\n")
             log.flush()
-            # preexec_fn is safe here (this script starts no threads); Popen's process_group needs Python 3.11.
+            # A session of its own (its process group's id is its pid: kill_group ends its workers with it). Not
+            # preexec_fn=os.setpgrp: Python code between fork and exec can deadlock in a process with threads (the
+            # tests call this from pytest's).
             processes[name] = subprocess.Popen(
                 command,
                 cwd=ROOT,
@@ -462,8 +464,8 @@ def run_commands(commands: dict, log_paths: dict, timeout_s: float) -> tuple[dic
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=os.setpgrp,
-            )  # noqa: PLW1509
+                start_new_session=True,
+            )
         returncodes = {}
         for name, process in processes.items():
             try:

@@ -1,6 +1,7 @@
 """Fixtures every test shares; helpers to import live in ``tests/helpers/``."""
 
 import os
+import resource
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,23 @@ _FOREIGN_PREFIXES = ("SLURM_", "SUBMITIT_", "MRCNN_DDP_", "WANDB_", "PL_")
 _FOREIGN_NAMES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "GROUP_RANK", "LOCAL_RANK", "RANK", "WORLD_SIZE")
 for _name in [name for name in os.environ if name.startswith(_FOREIGN_PREFIXES) or name in _FOREIGN_NAMES]:
     del os.environ[_name]
+
+
+# No core files: a process the tests end with SIGABRT (tests/helpers/runs.py::run_process, at a hang) would write one
+# of hundreds of MB per process, into the repository's folder where the kernel names them "core". Inherited by every
+# process the tests start.
+resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+
+# Set in this process by Lightning's seed_everything (a training run in process sets them too) and read by the next
+# run's datamodule and loader workers when it has no seed of its own: each test starts without them.
+_SEED_ENV = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
+@pytest.fixture(autouse=True)
+def _no_seed_from_an_earlier_test(monkeypatch):
+    for name in _SEED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    yield
 
 
 @pytest.fixture(autouse=True)

@@ -32,10 +32,19 @@ def launcher():
         proc.wait()
 
 
+def _ends_in_half_a_second() -> subprocess.Popen:
+    """A process that ends 0.5 s after it has started (Python's start-up, longer on a loaded machine, not counted)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(0.5)"], stdout=subprocess.PIPE
+    )
+    assert process.stdout.readline() == b"started\n"
+    return process
+
+
 def test_after_a_failure_processes_that_end_on_their_own_are_left_and_the_rest_killed(launcher, caplog):
     launcher, started = launcher
     waiting = subprocess.Popen(SLEEP)  # waits for the failed process, as in a collective
-    ending = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])  # met the same error
+    ending = _ends_in_half_a_second()  # met the same error
     started += [waiting, ending]
     launcher.procs += [waiting, ending]
     observed = launcher.procs  # the list Lightning's observer thread watches
@@ -71,7 +80,7 @@ def test_after_a_failure_nothing_waits_when_every_process_has_ended(launcher, ca
 
 def test_after_a_success_the_processes_finish_a_late_failure_is_named_and_one_still_running_is_killed(launcher, caplog):
     launcher, started = launcher
-    finishing = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])  # its last log lines
+    finishing = _ends_in_half_a_second()  # its last log lines
     failing = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])  # an error as it ends
     hung = subprocess.Popen(SLEEP)  # stuck as it ends (a process group that never tears down)
     started += [finishing, failing, hung]

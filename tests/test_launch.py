@@ -66,15 +66,18 @@ def test_a_job_that_succeeded_takes_its_processes_out_of_lightnings_observer_and
     monkeypatch, sweep
 ):
     # Lightning's observer would SIGKILL this process (in a sweep, with the next job in it) for this job's process
-    # exiting non-zero after the job's end (here 3, after 0.5 s). A sweep's next job would start beside it. A single
-    # run does not wait: its processes end with it.
+    # exiting non-zero after the job's end (here 3, once its input is closed). A sweep's next job would start beside
+    # it. A single run does not wait: its processes end with it.
     monkeypatch.setattr(launch, "in_sweep", lambda: sweep)
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5); raise SystemExit(3)"])
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read(); raise SystemExit(3)"], stdin=subprocess.PIPE
+    )
     launcher = SimpleNamespace(procs=[child])
     observed = launcher.procs  # the list Lightning's observer thread watches
     try:
         with launch.job_scope(compose_config(TINY_MODEL)):
             job_processes.track(SimpleNamespace(strategy=SimpleNamespace(launcher=launcher)))  # as build.py does
+            child.stdin.close()  # it ends as the job ends, however long the job took
         assert observed == []
         assert child.poll() == (3 if sweep else None)
     finally:

@@ -27,10 +27,10 @@ def test_a_hanging_process_and_its_children_say_where_they_were_and_end(tmp_path
     script.write_text(HANGS)
     start = time.monotonic()
     with pytest.raises(pytest.fail.Exception) as failed:
-        run_process([sys.executable, str(script)], timeout=3)
+        run_process([sys.executable, str(script)], timeout=8)
     assert time.monotonic() - start < 30
     message = str(failed.value)
-    assert "did not end within 3 s" in message
+    assert "did not end within 8 s" in message
     assert "parent_waits_here" in message and "child_waits_here" in message  # each process's Python stack
     child = int(message.split("child ", 1)[1].split()[0])
     deadline = time.monotonic() + 10  # the kernel may take a moment to end it
