@@ -2,12 +2,12 @@
 
 import os
 import resource
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.config import ROOT
+
 # What Python and pytest themselves write in the repository's folder while the tests run.
 _TOOL_ENTRIES = {"__pycache__", ".pytest_cache"}
 
