@@ -5,10 +5,12 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -38,7 +40,7 @@ def run_process(command, timeout=300, env=None, **kwargs) -> subprocess.Complete
 
     At ``timeout`` every process it started (its DDP processes and their loader workers among them, all in a session
     of its own) prints where each of its threads was (Python's faulthandler, on SIGABRT) and ends, and the test fails
-    with that output: a hang in CI says where it was, and leaves no process behind.
+    with those stacks: a hang in CI says where it was, and leaves no process behind.
     """
     env = dict(os.environ if env is None else env, PYTHONFAULTHANDLER="1")
     kwargs.setdefault("stdin", subprocess.DEVNULL)
@@ -48,7 +50,11 @@ def run_process(command, timeout=300, env=None, **kwargs) -> subprocess.Complete
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _signal_session(process.pid, signal.SIGABRT)
+        # Every process is stopped first, then each prints its stacks and ends alone: the dumps do not interleave on
+        # the shared stderr, and no process moves on (a DDP peer's collective failing, say) after another one ended.
+        _signal_session(process.pid, signal.SIGSTOP)
+        for pid in session_processes(process.pid):
+            _abort_one(pid)
         try:
             stdout, stderr = process.communicate(timeout=30)
         except subprocess.TimeoutExpired:  # a process that outlived its abort
@@ -56,8 +62,9 @@ def run_process(command, timeout=300, env=None, **kwargs) -> subprocess.Complete
             stdout, stderr = process.communicate()
         _signal_session(process.pid, signal.SIGKILL)
         pytest.fail(
-            f"{shlex.join(map(str, command))} did not end within {timeout} s. Its output's end, with where each of its "
-            f"processes' threads was at that time:\n{stdout[-3000:]}\n{stderr[-20000:]}",
+            f"{shlex.join(map(str, command))} did not end within {timeout} s. Its output's end:\n{stdout[-2000:]}\n"
+            f"{_without_dumps(stderr)[-3000:]}\nWhere each of its processes' threads was then (innermost frames "
+            f"first):\n{compact_stacks(stderr)}",
             pytrace=False,
         )
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
@@ -66,6 +73,78 @@ def run_process(command, timeout=300, env=None, **kwargs) -> subprocess.Complete
 def _signal_session(pid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signum)
+
+
+def session_processes(session: int) -> list[int]:
+    """The processes of a session (``/proc``), in the order they started."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == session and fields[0] not in ("Z", "X"):  # fields 3 and 6 of proc(5): state, session
+                found.append((int(fields[19]), int(stat.parent.name)))  # field 22: the start time
+    return [pid for _, pid in sorted(found)]
+
+
+def _abort_one(pid: int, wait: float = 5.0) -> None:
+    """SIGABRT to one stopped process, then lets it run and waits (at most ``wait`` seconds) until it is gone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGABRT)
+        os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + wait
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not: an orphan's, which a container's first process may never
+    reap, stays one)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+# faulthandler's dump: a header per thread, then its frames; after the threads, the list of extension modules.
+_THREAD = re.compile(r"^(Current thread|Thread) 0x[0-9a-f]+ \(most recent call first\):$")
+_FRAME = re.compile(r'^  File "(?P<path>[^"]+)", line (?P<line>\d+) in (?P<name>.+)$')
+
+
+def _without_dumps(text: str) -> str:
+    """``text`` without faulthandler's lines."""
+    lines = text.splitlines()
+    kept = [
+        line
+        for line in lines
+        if not (
+            _THREAD.match(line) or _FRAME.match(line) or line.startswith(("Fatal Python error", "Extension modules"))
+        )
+    ]
+    return "\n".join(kept)
+
+
+def compact_stacks(text: str, frames: int = 14) -> str:
+    """faulthandler's dumps in ``text``, short: each thread's ``frames`` innermost frames, a line each, paths from
+    ``site-packages`` (or the file name) on; the list of extension modules left out."""
+    out = []
+    kept = 0
+    for line in text.splitlines():
+        if line.startswith("Fatal Python error"):
+            out.append(f"-- a process: {line}")
+        elif _THREAD.match(line):
+            out.append(f" {line.split(' (')[0]}:")
+            kept = 0
+        elif match := _FRAME.match(line):
+            kept += 1
+            if kept <= frames:
+                path = match["path"].split("site-packages/")[-1]
+                if path == match["path"]:
+                    path = Path(path).name
+                out.append(f"    {path}:{match['line']} {match['name']}")
+            elif kept == frames + 1:
+                out.append("    ...")
+    return "\n".join(out) or "(no stacks printed)"
 
 
 def run_py(args, cwd=ROOT, env=None, timeout=300, check=True) -> subprocess.CompletedProcess:
