@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import multiprocessing
 import os
 import signal
 import warnings
@@ -81,6 +82,42 @@ def init_worker(worker_id: int, rank: int = 0) -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     if int(os.environ.get("PL_SEED_WORKERS", 0)):
         pl_worker_init_function(worker_id, rank=rank)
+
+
+def worker_context(world_size: int | None, num_workers: int, preload: tuple[str, ...] = ()):
+    """How a loader's worker processes start: from a fork server in a process of a job of several, else as torch
+    starts them (forked from the loading process, on Linux).
+
+    A DDP process runs its process group's threads (gloo's, NCCL's watchdog), and a collective's tensor that Python
+    let go of first is freed by one of them a moment after the collective returns. Freeing it takes a Python thread
+    state, made under the interpreter's runtime lock without the GIL; a worker forked at that moment inherits the
+    lock held and hangs inside ``os.fork`` (CPython gh-112275; seen here on Python 3.11.7). Its loader then
+    waits for it forever, and the job's other processes wait in their next collective. A pass's workers start right
+    after collectives (Lightning's epoch-end checks, the first validation's). Measured with
+    ``benchmarks/fork_after_collectives.py``: 2 hangs in about 16,000 forks, each right after an all-reduce; and twice in
+    this project's full test suite, in a DDP test with loader workers. A fork server is a process of one thread, started by the
+    loader's first pass; the workers are forked from it.
+
+    The workers then import what the dataset needs and receive it pickled (once per ``fit`` with
+    ``persistent_workers``, as every data config with workers sets), and the fork server imports the script's
+    ``__main__`` module (``run.py`` is import-safe; a script of your own needs ``if __name__ == "__main__":``, as for
+    any start method but fork). Alone, a process has none of these threads: its workers are forked from it.
+
+    Args:
+        world_size: the job's number of processes (``None``: not known, one).
+        num_workers: the loader's worker processes.
+        preload: modules the fork server imports when it starts (the dataset's), so that each worker does not.
+
+    Returns:
+        The multiprocessing context for ``DataLoader(multiprocessing_context=...)``; ``None`` for torch's default.
+    """
+    if num_workers == 0 or (world_size or 1) <= 1 or "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    context = multiprocessing.get_context("forkserver")
+    # Imported once, by the fork server (a single thread), instead of by every worker. The list counts when the server
+    # starts (a process's first such loader); a module left out is imported by each worker.
+    context.set_forkserver_preload(["__main__", "torch", __name__, *preload])
+    return context
 
 
 class ResumableDataLoader(DataLoader):
@@ -436,6 +473,7 @@ class InstanceDataModule(lightning.LightningDataModule):
             # Pinned memory only speeds up copies to a GPU; without one torch warns and ignores it.
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers,
+            multiprocessing_context=worker_context(self._world()[0], self.num_workers, (type(dataset).__module__,)),
             collate_fn=collate_detection,
             worker_init_fn=functools.partial(init_worker, rank=self._world()[1] or 0),
             # Its own generator for the workers' base seed (the training loader re-seeds it each epoch): a

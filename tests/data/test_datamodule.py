@@ -1,6 +1,7 @@
 """Behaviour of the detection collate function and the LightningDataModule."""
 
 import logging
+import os
 import warnings
 from types import SimpleNamespace
 
@@ -13,7 +14,7 @@ from mrcnn.data.datamodule import InstanceDataModule, ResumableDataLoader, colla
 from mrcnn.data.samplers import EPOCH_ORDER, EpochSampler
 from mrcnn.data.shapes import ShapesDataset
 from mrcnn.data.transforms import photometric_transforms, train_transforms
-from tests.helpers.data import IdsDataset
+from tests.helpers.data import IdsDataset, ParentIdsDataset
 
 
 def _datamodule(num_workers=0, **kwargs):
@@ -184,6 +185,20 @@ def test_loaders_leave_the_global_torch_generator_alone():
     for loader in (dm.train_dataloader(), dm.val_dataloader()):
         next(iter(loader))
     assert torch.equal(torch.get_rng_state(), torch.manual_seed(0).get_state())
+
+
+@pytest.mark.parametrize("world", [1, 2], ids=["one-process", "ddp"])
+def test_the_workers_of_a_ddp_process_are_not_forked_from_it(world):
+    # A DDP process's collective threads can hold the interpreter's runtime lock at a fork, and a worker forked then
+    # hangs (mrcnn.data.datamodule.worker_context): there its workers come from a fork server. Alone, a process forks
+    # them (the fastest start).
+    dm = InstanceDataModule(ParentIdsDataset(4), ParentIdsDataset(2), batch_size=2, num_workers=1, seed=0)
+    if world > 1:
+        dm.trainer = SimpleNamespace(world_size=world, global_rank=1, _accelerator_connector=None)
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        parents = {t["parent"] for _, targets in loader for t in targets}
+        assert len(parents) == 1
+        assert (parents.pop() == os.getpid()) == (world == 1)
 
 
 # ---- resuming the training loader mid-epoch ------------------------------------------------

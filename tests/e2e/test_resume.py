@@ -581,25 +581,32 @@ from mrcnn.data.datamodule import InstanceDataModule
 from tests.helpers.data import IdsDataset
 from tests.e2e.test_resume import _SignallingModule
 
-folder, ckpt_path = sys.argv[1], sys.argv[2] or None
-module = _SignallingModule(stop_at=int(sys.argv[3]) or None, signal_at=int(sys.argv[4]) or None, signum={signum})
-datamodule = InstanceDataModule(IdsDataset(26), IdsDataset(2), batch_size=2, num_workers={num_workers},
-                                aspect_ratio_grouping={grouping}, seed=3)
-trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", use_distributed_sampler=False, max_epochs=2,
-                    logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                    num_sanity_val_steps=0, limit_val_batches=0,
-                    callbacks=[LastCheckpoint(folder, every_n_train_steps=4, slurm_requeue={requeue})])
-# As build.py does: a stop then takes rank 1 out of Lightning's observer, which would take its exit (128 + the
-# signal) for a failure and SIGKILL this process while it finishes its own stop.
-job_processes.track(trainer)
-try:
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-finally:
-    # Written whole, for the test to read: rank 0's process does not wait for rank 1's.
-    path = f"{{folder}}/rank{{trainer.global_rank}}.json"
-    with open(path + ".part", "w") as file:
-        json.dump(module.seen, file)
-    os.replace(path + ".part", path)
+
+def fit():
+    folder, ckpt_path = sys.argv[1], sys.argv[2] or None
+    module = _SignallingModule(stop_at=int(sys.argv[3]) or None, signal_at=int(sys.argv[4]) or None, signum={signum})
+    datamodule = InstanceDataModule(IdsDataset(26), IdsDataset(2), batch_size=2, num_workers={num_workers},
+                                    aspect_ratio_grouping={grouping}, seed=3)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", use_distributed_sampler=False, max_epochs=2,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                        callbacks=[LastCheckpoint(folder, every_n_train_steps=4, slurm_requeue={requeue})])
+    # As build.py does: a stop then takes rank 1 out of Lightning's observer, which would take its exit (128 + the
+    # signal) for a failure and SIGKILL this process while it finishes its own stop.
+    job_processes.track(trainer)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        # Written whole, for the test to read: rank 0's process does not wait for rank 1's.
+        path = f"{{folder}}/rank{{trainer.global_rank}}.json"
+        with open(path + ".part", "w") as file:
+            json.dump(module.seen, file)
+        os.replace(path + ".part", path)
+
+
+# The loader workers of a DDP process start from a fork server, which imports this script: only run as a script.
+if __name__ == "__main__":
+    fit()
 """
 
 

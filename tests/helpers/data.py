@@ -2,6 +2,7 @@
 the built-in shapes."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +183,15 @@ class IdsDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         return torch.zeros(1), {"image_id": index + 1}
+
+
+class ParentIdsDataset(IdsDataset):
+    """An :class:`IdsDataset` whose targets also hold ``parent``: the id of the process that started the one reading
+    the item (a loader worker's parent)."""
+
+    def __getitem__(self, index):
+        image, target = super().__getitem__(index)
+        return image, {**target, "parent": os.getppid()}
 
 
 def random_cityscapes_instance_ids(rng, height=96, width=192):
