@@ -96,7 +96,8 @@ def worker_context(world_size: int | None, num_workers: int, preload: tuple[str,
     after collectives (Lightning's epoch-end checks, the first validation's). Measured with
     ``benchmarks/fork_after_collectives.py``: 2 hangs in about 16,000 forks, each right after an all-reduce; and twice in
     this project's full test suite, in a DDP test with loader workers. A fork server is a process of one thread, started by the
-    loader's first pass; the workers are forked from it.
+    loader's first pass; the workers are forked from it. It ignores the stop signals SLURM sends every process of a
+    job, as the workers do (:mod:`mrcnn.data.fork_server`), and ends with the process that started it.
 
     The workers then import what the dataset needs and receive it pickled (once per ``fit`` with
     ``persistent_workers``, as every data config with workers sets), and the fork server imports the script's
@@ -115,8 +116,9 @@ def worker_context(world_size: int | None, num_workers: int, preload: tuple[str,
         return None
     context = multiprocessing.get_context("forkserver")
     # Imported once, by the fork server (a single thread), instead of by every worker. The list counts when the server
-    # starts (a process's first such loader); a module left out is imported by each worker.
-    context.set_forkserver_preload(["__main__", "torch", __name__, *preload])
+    # starts (a process's first such loader); a module left out is imported by each worker. The first after the
+    # script: mrcnn.data.fork_server makes the server ignore the stop signals a job's processes get together.
+    context.set_forkserver_preload(["__main__", "mrcnn.data.fork_server", "torch", __name__, *preload])
     return context
 
 

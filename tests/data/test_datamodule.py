@@ -2,6 +2,8 @@
 
 import logging
 import os
+import signal
+import time
 import warnings
 from types import SimpleNamespace
 
@@ -15,6 +17,7 @@ from mrcnn.data.samplers import EPOCH_ORDER, EpochSampler
 from mrcnn.data.shapes import ShapesDataset
 from mrcnn.data.transforms import photometric_transforms, train_transforms
 from tests.helpers.data import IdsDataset, ParentIdsDataset
+from tests.helpers.runs import alive
 
 
 def _datamodule(num_workers=0, **kwargs):
@@ -199,6 +202,22 @@ def test_the_workers_of_a_ddp_process_are_not_forked_from_it(world):
         parents = {t["parent"] for _, targets in loader for t in targets}
         assert len(parents) == 1
         assert (parents.pop() == os.getpid()) == (world == 1)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2], ids=["SIGTERM", "SIGUSR2"])
+def test_the_fork_server_of_a_ddp_process_outlives_the_stop_signals_of_its_job(signum):
+    # SLURM signals every process of a job, the fork server too: a server ended by it would end its workers, and the
+    # pass the DDP process finishes before it stops would fail ("DataLoader worker ... exited unexpectedly").
+    dm = InstanceDataModule(ParentIdsDataset(16), ParentIdsDataset(2), batch_size=2, num_workers=1, seed=0)
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=0, _accelerator_connector=None)
+    loader = dm.train_dataloader()
+    batches = iter(loader)
+    _, targets = next(batches)
+    server = targets[0]["parent"]
+    os.kill(server, signum)
+    time.sleep(1.0)  # a server that took the signal's default action is gone by then
+    assert alive(server)
+    assert len([targets for _, targets in batches]) == len(loader) - 1 == 3  # the rest of the pass
 
 
 # ---- resuming the training loader mid-epoch ------------------------------------------------

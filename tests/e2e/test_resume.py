@@ -365,18 +365,22 @@ class _SignallingModule(_RecordingModule):
     """A :class:`_RecordingModule` (with the lr schedule) that validates and can signal itself.
 
     In the training step of global step ``signal_at`` rank zero sends its own process ``signum``, as a
-    cluster or a Ctrl-C would. Every validation logs ``score`` (the global step: each one is the best so far)
-    and is recorded in ``validated_at``.
+    cluster or a Ctrl-C would; with ``to_job``, every process of its process group (the job's processes, their
+    loader workers and fork servers), as SLURM and a terminal's Ctrl-C do. Every validation logs ``score`` (the global
+    step: each one is the best so far) and is recorded in ``validated_at``.
     """
 
-    def __init__(self, stop_at=None, signal_at=None, signum=signal.SIGTERM):
+    def __init__(self, stop_at=None, signal_at=None, signum=signal.SIGTERM, to_job=False):
         super().__init__(stop_at=stop_at, schedule=True)
-        self.signal_at, self.signum = signal_at, signum
+        self.signal_at, self.signum, self.to_job = signal_at, signum, to_job
         self.validated_at = []
 
     def training_step(self, batch, batch_idx):
         if self.global_step == self.signal_at and self.global_rank == 0:
-            os.kill(os.getpid(), self.signum)
+            if self.to_job:
+                os.killpg(os.getpgrp(), self.signum)
+            else:
+                os.kill(os.getpid(), self.signum)
         return super().training_step(batch, batch_idx)
 
     def validation_step(self, batch, batch_idx):
@@ -584,7 +588,9 @@ from tests.e2e.test_resume import _SignallingModule
 
 def fit():
     folder, ckpt_path = sys.argv[1], sys.argv[2] or None
-    module = _SignallingModule(stop_at=int(sys.argv[3]) or None, signal_at=int(sys.argv[4]) or None, signum={signum})
+    module = _SignallingModule(
+        stop_at=int(sys.argv[3]) or None, signal_at=int(sys.argv[4]) or None, signum={signum}, to_job={to_job}
+    )
     datamodule = InstanceDataModule(IdsDataset(26), IdsDataset(2), batch_size=2, num_workers={num_workers},
                                     aspect_ratio_grouping={grouping}, seed=3)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", use_distributed_sampler=False, max_epochs=2,
@@ -610,11 +616,16 @@ if __name__ == "__main__":
 """
 
 
-def ddp_script(path: Path, grouping=False, num_workers=0, signum=signal.SIGTERM, requeue=False) -> Path:
+def ddp_script(path: Path, grouping=False, num_workers=0, signum=signal.SIGTERM, requeue=False, to_job=False) -> Path:
     """:data:`DDP_SCRIPT` written to ``path``."""
     path.write_text(
         DDP_SCRIPT.format(
-            root=str(ROOT), grouping=grouping, num_workers=num_workers, signum=int(signum), requeue=requeue
+            root=str(ROOT),
+            grouping=grouping,
+            num_workers=num_workers,
+            signum=int(signum),
+            requeue=requeue,
+            to_job=to_job,
         )
     )
     return path
@@ -673,6 +684,12 @@ def test_sigterm_to_rank_zero_stops_every_ddp_process_at_its_step_and_resumes(tm
     returncode, resumed = _ddp_fit(script, tmp_path / "run", ckpt_path=tmp_path / "run" / "last.ckpt")
     assert returncode == 0
     assert resumed == [{step: seen for step, seen in ids.items() if step >= 9} for ids in expected]
+    # SIGTERM to every process of the job, as SLURM sends it (and SIGUSR2 before a time limit): the loader workers
+    # and the fork servers they start from ignore it, and the job stops as above.
+    to_job = ddp_script(tmp_path / "fit_job.py", num_workers=2, to_job=True)
+    returncode, stopped = _ddp_fit(to_job, tmp_path / "job", signal_at=8)
+    assert returncode == 128 + signal.SIGTERM
+    assert stopped == [{step: ids[step] for step in range(9)} for ids in expected]
 
 
 def test_sigusr2_in_a_ddp_slurm_job_is_requeued_once_while_every_process_waits(tmp_path):
