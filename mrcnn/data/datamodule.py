@@ -91,11 +91,11 @@ def worker_context(world_size: int | None, num_workers: int, preload: tuple[str,
     A DDP process runs its process group's threads (gloo's, NCCL's watchdog), and a collective's tensor that Python
     let go of first is freed by one of them a moment after the collective returns. Freeing it takes a Python thread
     state, made under the interpreter's runtime lock without the GIL; a worker forked at that moment inherits the
-    lock held and hangs inside ``os.fork`` (CPython gh-112275; seen here on Python 3.11.7). Its loader then
-    waits for it forever, and the job's other processes wait in their next collective. A pass's workers start right
-    after collectives (Lightning's epoch-end checks, the first validation's). Measured with
-    ``benchmarks/fork_after_collectives.py``: 2 hangs in about 16,000 forks, each right after an all-reduce; and twice in
-    this project's full test suite, in a DDP test with loader workers. A fork server is a process of one thread, started by the
+    lock held and hangs inside ``os.fork`` (CPython gh-112275; seen here on Python 3.11.7). Its loader then waits for
+    it forever, and the job's other processes wait in their next collective. A pass's workers start right after
+    collectives (Lightning's epoch-end checks, the first validation's). Measured with
+    ``benchmarks/fork_after_collectives.py``: 2 hangs in about 16,000 forks, each right after an all-reduce; and in
+    this project's CI, in a DDP test with loader workers. A fork server is a process of one thread, started by the
     loader's first pass; the workers are forked from it. It ignores the stop signals SLURM sends every process of a
     job, as the workers do (:mod:`mrcnn.data.fork_server`), and ends with the process that started it.
 

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from mrcnn.data.coco import load_coco_json
-from mrcnn.data.datamodule import collate_detection
+from mrcnn.data.datamodule import collate_detection, worker_context
 from mrcnn.data.images import (
     ImageLimits,
     check_regular_file,
@@ -492,12 +492,6 @@ def predict(cfg: DictConfig) -> dict[str, float]:
             label_map,
             dataset.skipped,
         )
-        loader = DataLoader(
-            dataset,
-            batch_size=cfg.predict.batch_size,
-            num_workers=cfg.predict.num_workers,
-            collate_fn=collate_detection,
-        )
         # Lightning shards this plain loader over DDP processes without repeating an image (its unrepeated sampler
         # for predict). The trainer configs turn that off for the datamodule's loaders, which shard themselves:
         # left off here, every process would predict every image and the json would hold each detection per process.
@@ -509,6 +503,16 @@ def predict(cfg: DictConfig) -> dict[str, float]:
                 f"predict.input={cfg.predict.input} holds {len(dataset)} images for {trainer.world_size} processes: "
                 f"give at least one image a process, or fewer devices (trainer.devices)"
             )
+        loader = DataLoader(
+            dataset,
+            batch_size=cfg.predict.batch_size,
+            num_workers=cfg.predict.num_workers,
+            collate_fn=collate_detection,
+            # Under DDP from a fork server: a worker forked from a DDP process can hang (worker_context).
+            multiprocessing_context=worker_context(
+                trainer.world_size, cfg.predict.num_workers, (type(dataset).__module__,)
+            ),
+        )
         with reading_weights_only(), processes_meet(trainer):
             trainer.predict(module, dataloaders=loader, ckpt_path=ckpt_path, return_predictions=False)
         return {

@@ -152,6 +152,9 @@ def test_ddp_prediction_writes_each_image_once_as_one_process_does(tmp_path):
             *predict_args,
             "trainer=ddp_cpu",
             "trainer.devices=2",
+            # A loader worker each, started from a fork server (mrcnn.data.datamodule.worker_context), which imports
+            # run.py: it must be import-safe.
+            "predict.num_workers=1",
             f"hydra.run.dir={tmp_path / 'p2'}",
             f"predict.output={tmp_path / 'two_pred'}",
         ],
