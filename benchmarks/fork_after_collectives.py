@@ -1,6 +1,6 @@
 """How often a worker process started right after a collective hangs: fork against a fork server.
 
-Two gloo processes (a DDP job on the CPU) each repeat: an all-reduce of a tensor Python lets go of at once (as
+Two gloo processes (a DDP job on the CPU) each repeat: two all-reduces of tensors Python lets go of at once (as
 Lightning's epoch-end checks do), then start one process the way a DataLoader starts its workers, which sets its
 threads and makes a tensor (as torch's worker loop does first) and exits. A child that has not exited within
 ``--patience`` seconds hangs: with ``fork`` it inherited the interpreter's runtime lock held by the gloo thread that
@@ -10,9 +10,7 @@ line: its rank, the start method, the children started and those that hung.
     python benchmarks/fork_after_collectives.py --start-method fork --rounds 5000
     python benchmarks/fork_after_collectives.py --start-method forkserver --rounds 5000
 
-Seen on this project's 2-core machine (Python 3.11.7, torch 2.14.1): with ``fork``, 2 hangs in about 16,000
-children (3 runs); the hang's stack (gdb) was ``os.fork`` -> ``PyOS_AfterFork_Child`` -> ``_PyEval_ReInitThreads``
--> ``_PyThreadState_DeleteExcept`` waiting for the lock.
+Results and the hang's stack: benchmarks/README.md, "Loader workers started right after a collective".
 """
 
 import argparse
@@ -41,9 +39,14 @@ def _rank(rank: int, store: str, start_method: str, rounds: int, patience: float
     hung, started = 0, 0
     start = time.monotonic()
     for round_ in range(rounds):
+        # Python lets go of each tensor first, so gloo's thread frees it: a plain all-reduce (as Lightning's
+        # reduce_boolean_decision) and one waited on through its work (as DDP's buckets).
         flag = torch.tensor([round_])
         dist.all_reduce(flag)
-        del flag  # Python lets go first: gloo's thread frees it
+        del flag
+        work = dist.all_reduce(torch.tensor([round_]), async_op=True)
+        work.wait()
+        del work
         child = context.Process(target=_child)
         child.start()
         started += 1
