@@ -95,8 +95,8 @@ def worker_context(world_size: int | None, num_workers: int, preload: tuple[str,
     it forever, and the job's other processes wait in their next collective. A pass's workers start right after
     collectives (Lightning's epoch-end checks, the first validation's). Measured with
     ``benchmarks/fork_after_collectives.py``: 8 hangs in 40,000 forks right after all-reduces, with the test suite
-    running beside it (none in 40,000 on an idle machine); and in this project's CI, in a DDP test with loader
-    workers. A fork server is a process of one thread, started by the
+    running beside it, and none in 40,000 workers started from a fork server alike; and in this project's CI, in a
+    DDP test with loader workers. A fork server is a process of one thread, started by the
     loader's first pass; the workers are forked from it. It ignores the stop signals SLURM sends every process of a
     job, as the workers do (:mod:`mrcnn.data.fork_server`), and ends with the process that started it.
 
