@@ -35,8 +35,11 @@ def test_a_hanging_process_and_its_children_say_where_they_were_and_end(tmp_path
     # Each process's stack, innermost frames first, a line each, the dumps one after the other: the parent's,
     # then its child's (each started a session process), and no list of extension modules.
     stacks = message.split("innermost frames first):\n", 1)[1]
-    assert stacks.count("-- a process: Fatal Python error: Aborted") == 2
-    parent, child_stack = stacks.split("-- a process:")[1:]
+    assert stacks.count("Fatal Python error: Aborted") == 2
+    # Each dump named by its process's command line.
+    parent, child_stack = stacks.split("\n-- pid ")[0].split("-- pid ", 1)[1], stacks.split("\n-- pid ")[1]
+    assert parent.split(": Fatal")[0].endswith(f"{sys.executable} {script}")
+    assert child_stack.split(": Fatal")[0].endswith(f"{sys.executable} {script} child")
     assert "parent_waits_here" in parent and "child_waits_here" not in parent
     assert child_stack.splitlines()[2:4] == ["    hangs.py:6 child_waits_here", "    hangs.py:5 child_waits_here"]
     assert "Extension modules" not in message

@@ -53,7 +53,9 @@ def run_process(command, timeout=300, env=None, **kwargs) -> subprocess.Complete
         # Every process is stopped first, then each prints its stacks and ends alone: the dumps do not interleave on
         # the shared stderr, and no process moves on (a DDP peer's collective failing, say) after another one ended.
         _signal_session(process.pid, signal.SIGSTOP)
+        labels = []
         for pid in session_processes(process.pid):
+            labels.append(f"pid {pid}: {_command_line(pid)}")
             _abort_one(pid)
         try:
             stdout, stderr = process.communicate(timeout=30)
@@ -64,7 +66,7 @@ def run_process(command, timeout=300, env=None, **kwargs) -> subprocess.Complete
         pytest.fail(
             f"{shlex.join(map(str, command))} did not end within {timeout} s. Its output's end:\n{stdout[-2000:]}\n"
             f"{_without_dumps(stderr)[-3000:]}\nWhere each of its processes' threads was then (innermost frames "
-            f"first):\n{compact_stacks(stderr)}",
+            f"first):\n{compact_stacks(stderr, labels=labels)}",
             pytrace=False,
         )
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
@@ -124,14 +126,28 @@ def _without_dumps(text: str) -> str:
     return "\n".join(kept)
 
 
-def compact_stacks(text: str, frames: int = 14) -> str:
+def _command_line(pid: int, limit: int = 150) -> str:
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    except OSError:
+        return "?"
+    return shlex.join(word.decode(errors="replace") for word in words)[:limit]
+
+
+def compact_stacks(text: str, frames: int = 14, labels: list[str] | None = None) -> str:
     """faulthandler's dumps in ``text``, short: each thread's ``frames`` innermost frames, a line each, paths from
-    ``site-packages`` (or the file name) on; the list of extension modules left out."""
+    ``site-packages`` (or the file name) on; the list of extension modules left out.
+
+    ``labels``: what each dump's process was, in the order of the dumps (:func:`run_process` aborts one process at a
+    time); used only when there are as many as dumps, else each dump is "a process".
+    """
+    dumps = sum(line.startswith("Fatal Python error") for line in text.splitlines())
+    names = iter(labels if labels is not None and len(labels) == dumps else ["a process"] * dumps)
     out = []
     kept = 0
     for line in text.splitlines():
         if line.startswith("Fatal Python error"):
-            out.append(f"-- a process: {line}")
+            out.append(f"-- {next(names)}: {line}")
         elif _THREAD.match(line):
             out.append(f" {line.split(' (')[0]}:")
             kept = 0
