@@ -37,7 +37,7 @@ def test_a_hanging_process_and_its_children_say_where_they_were_and_end(tmp_path
     stacks = message.split("innermost frames first):\n", 1)[1]
     assert stacks.count("Fatal Python error: Aborted") == 2
     # Each dump named by its process's command line.
-    parent, child_stack = stacks.split("\n-- pid ")[0].split("-- pid ", 1)[1], stacks.split("\n-- pid ")[1]
+    parent, child_stack = stacks.split("-- pid ")[1:]
     assert parent.split(": Fatal")[0].endswith(f"{sys.executable} {script}")
     assert child_stack.split(": Fatal")[0].endswith(f"{sys.executable} {script} child")
     assert "parent_waits_here" in parent and "child_waits_here" not in parent

@@ -96,9 +96,9 @@ def worker_context(world_size: int | None, num_workers: int, preload: tuple[str,
     collectives (Lightning's epoch-end checks, the first validation's). Measured with
     ``benchmarks/fork_after_collectives.py``: 8 hangs in 40,000 forks right after all-reduces, with the test suite
     running beside it, and none in 40,000 workers started from a fork server alike; and in this project's CI, in a
-    DDP test with loader workers. A fork server is a process of one thread, started by the
-    loader's first pass; the workers are forked from it. It ignores the stop signals SLURM sends every process of a
-    job, as the workers do (:mod:`mrcnn.data.fork_server`), and ends with the process that started it.
+    DDP test with loader workers. A fork server is a process of one thread, started by the loader's first pass; the
+    workers are forked from it. It ignores the stop signals SLURM sends every process of a job, as the workers do
+    (:mod:`mrcnn.data.fork_server`), and ends with the process that started it.
 
     The workers then import what the dataset needs and receive it pickled (once per ``fit`` with
     ``persistent_workers``, as every data config with workers sets), and the fork server imports the script's
@@ -470,15 +470,16 @@ class InstanceDataModule(lightning.LightningDataModule):
         return trainer.world_size, trainer.global_rank
 
     def _loader(self, dataset: Dataset, loader_class: type[DataLoader] = DataLoader, **kwargs) -> DataLoader:
+        world, rank = self._world()
         return loader_class(
             dataset,
             num_workers=self.num_workers,
             # Pinned memory only speeds up copies to a GPU; without one torch warns and ignores it.
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers,
-            multiprocessing_context=worker_context(self._world()[0], self.num_workers, (type(dataset).__module__,)),
+            multiprocessing_context=worker_context(world, self.num_workers, (type(dataset).__module__,)),
             collate_fn=collate_detection,
-            worker_init_fn=functools.partial(init_worker, rank=self._world()[1] or 0),
+            worker_init_fn=functools.partial(init_worker, rank=rank or 0),
             # Its own generator for the workers' base seed (the training loader re-seeds it each epoch): a
             # loader drawing it from torch's global generator would shift the model's random draws (RPN and
             # RoI sampling) by one at each pass, validation and sanity check included, and a resumed run, which

@@ -78,13 +78,12 @@ def _signal_session(pid: int, signum: int) -> None:
 
 
 def session_processes(session: int) -> list[int]:
-    """The processes of a session (``/proc``), in the order they started."""
+    """The processes of a session (``/proc``) that run, in the order they started."""
     found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[3]) == session and fields[0] not in ("Z", "X"):  # fields 3 and 6 of proc(5): state, session
-                found.append((int(fields[19]), int(stat.parent.name)))  # field 22: the start time
+    for entry in Path("/proc").glob("[0-9]*"):
+        fields = _stat_fields(int(entry.name))
+        if fields is not None and int(fields[3]) == session and fields[0] not in ("Z", "X"):
+            found.append((int(fields[19]), int(entry.name)))  # field 22 of proc(5): the start time
     return [pid for _, pid in sorted(found)]
 
 
@@ -101,11 +100,17 @@ def _abort_one(pid: int, wait: float = 5.0) -> None:
 def alive(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie does not: an orphan's, which a container's first process may never
     reap, stays one)."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command's name (proc(5)'s fields 3 on: state, ..., session at
+    index 3, ...); ``None`` for a process that is gone."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return False
-    return state not in ("Z", "X")
+        return None
 
 
 # faulthandler's dump: a header per thread, then its frames; after the threads, the list of extension modules.
