@@ -32,12 +32,12 @@ def test_a_hanging_process_and_its_children_say_where_they_were_and_end(tmp_path
     assert time.monotonic() - start < 30
     message = str(failed.value)
     assert "did not end within 8 s" in message
-    # Each process's stack, innermost frames first, a line each, the dumps one after the other: the parent's,
-    # then its child's (each started a session process), and no list of extension modules.
+    # Each process's stack, innermost frames first, a line each, the dumps one after the other: the child's, then
+    # its parent's, the command's own process, last, where the end of a long log has it; no list of extension modules.
     stacks = message.split("innermost frames first):\n", 1)[1]
     assert stacks.count("Fatal Python error: Aborted") == 2
     # Each dump named by its process's command line.
-    parent, child_stack = stacks.split("-- pid ")[1:]
+    child_stack, parent = stacks.split("-- pid ")[1:]
     assert parent.split(": Fatal")[0].endswith(f"{sys.executable} {script}")
     assert child_stack.split(": Fatal")[0].endswith(f"{sys.executable} {script} child")
     assert "parent_waits_here" in parent and "child_waits_here" not in parent

@@ -52,9 +52,11 @@ def run_process(command, timeout=300, env=None, **kwargs) -> subprocess.Complete
     except subprocess.TimeoutExpired:
         # Every process is stopped first, then each prints its stacks and ends alone: the dumps do not interleave on
         # the shared stderr, and no process moves on (a DDP peer's collective failing, say) after another one ended.
+        # The last started first: the command's own process (a DDP job's rank zero) is dumped last, where the end of
+        # a log (all that CI shows of a long one) has it, after its peers and before them their loader workers.
         _signal_session(process.pid, signal.SIGSTOP)
         labels = []
-        for pid in session_processes(process.pid):
+        for pid in reversed(session_processes(process.pid)):
             labels.append(f"pid {pid}: {_command_line(pid)}")
             _abort_one(pid)
         try:
