@@ -684,12 +684,17 @@ def test_sigterm_to_rank_zero_stops_every_ddp_process_at_its_step_and_resumes(tm
     returncode, resumed = _ddp_fit(script, tmp_path / "run", ckpt_path=tmp_path / "run" / "last.ckpt")
     assert returncode == 0
     assert resumed == [{step: seen for step, seen in ids.items() if step >= 9} for ids in expected]
+
+
+@pytest.mark.slow  # the default suite: the fork server's signals (tests/data/test_datamodule.py), the stop above
+def test_sigterm_to_every_process_of_a_ddp_job_stops_it_at_its_step(tmp_path):
     # SIGTERM to every process of the job, as SLURM sends it (and SIGUSR2 before a time limit): the loader workers
-    # and the fork servers they start from ignore it, and the job stops as above.
-    to_job = ddp_script(tmp_path / "fit_job.py", num_workers=2, to_job=True)
-    returncode, stopped = _ddp_fit(to_job, tmp_path / "job", signal_at=8)
+    # and the fork servers they start from ignore it, and the job stops as a SIGTERM to rank zero alone stops it.
+    script = ddp_script(tmp_path / "fit_job.py", num_workers=2, to_job=True)
+    returncode, stopped = _ddp_fit(script, tmp_path / "job", signal_at=8)
     assert returncode == 128 + signal.SIGTERM
-    assert stopped == [{step: ids[step] for step in range(9)} for ids in expected]
+    assert [sorted(seen) for seen in stopped] == [list(range(9))] * 2  # both processes stopped after step 8
+    assert torch.load(tmp_path / "job" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 9
 
 
 def test_sigusr2_in_a_ddp_slurm_job_is_requeued_once_while_every_process_waits(tmp_path):
