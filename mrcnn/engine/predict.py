@@ -1,7 +1,7 @@
 """``mode=predict``: run a trained model on image files, write overlay PNGs and a COCO results json.
 
     python run.py mode=predict ckpt_path=<last.ckpt> predict.input=<image or folder> predict.output=<folder>
-        (the checkpoint's classes and category ids; predict.coco_json=<json>: its image ids)
+        (the checkpoint's classes and category ids; predict.coco_json=<json>: its image and category ids)
     python run.py model=torchvision_r50_fpn model.num_classes=90 weights=<torchvision .pth> \
         predict.class_names=coco mode=predict predict.input=... predict.output=...
 
@@ -170,13 +170,17 @@ class ImageFiles(Dataset):
                 f"predict.input={path}: none of its {len(self.skipped)} image files can be read, e.g. "
                 f"{self.skipped[0][1]}"
             )
+        self.categories: list | None = None  # coco_json's, to number the results' categories as it does
         if coco_json is not None:
-            self.image_ids = self._ids_from(coco_json)
+            data = load_coco_json(coco_json)
+            self.categories = data["categories"]
+            self.image_ids = self._ids_from(coco_json, data["images"])
 
-    def _ids_from(self, coco_json: str | Path) -> list[int]:
-        """Each file's image id in ``coco_json``, matched by file name; the json's size checked against the file's."""
+    def _ids_from(self, coco_json: str | Path, images: list) -> list[int]:
+        """Each file's image id in ``coco_json`` (its ``images``), matched by file name; the json's size checked against
+        the file's."""
         entries: dict[str, list[dict]] = {}
-        for image in load_coco_json(coco_json)["images"]:
+        for image in images:
             if not isinstance(image, dict) or not isinstance(image.get("file_name"), str):
                 continue
             if type(image.get("id")) is not int:
@@ -385,6 +389,68 @@ def class_names(cfg: DictConfig, num_classes: int, trained: list[str] | None = N
     return names
 
 
+# torchvision's COCO class names (predict.class_names=coco) call the 11 ids COCO left without a category "N/A".
+UNUSED_CLASS_NAME = "N/A"
+
+
+def category_ids_by_name(
+    names: Sequence[str] | None, label_map: Mapping[int, int] | None, categories: list, coco_json: str | Path
+) -> dict[int, int] | None:
+    """The category id of each of the model's labels in ``coco_json``: the id of the category of its class's name.
+
+    The results are scored against ``coco_json`` by category id, so they must number the classes as it does. A json
+    written apart from the training data's (a validation set exported on its own, another tool's) may give the same
+    classes other ids: taking the training data's ids (``label_map``) would score every detection as another class,
+    with no word. ``mode=evaluate`` matches the classes by name too.
+
+    Args:
+        names: the model's class names, of labels 1..K; ``None`` (they do not fit the model): ``label_map`` as it is.
+        label_map: label -> category id so far (the checkpoint's training data's); ``None``: each label is its id.
+        categories: ``coco_json``'s ``categories`` list.
+
+    Returns:
+        label -> category id, logged where it differs from ``label_map``.
+
+    Raises:
+        CommandError: a class that ``coco_json`` names no category of, or names more than one (torchvision's
+            placeholder name for COCO's unused ids keeps its id).
+    """
+    if names is None:
+        return dict(label_map) if label_map is not None else None
+    ids: dict[str, list[int]] = {}
+    for category in categories:
+        if isinstance(category, dict) and isinstance(category.get("name"), str) and type(category.get("id")) is int:
+            ids.setdefault(category["name"], []).append(category["id"])
+    before = {label: (label_map or {}).get(label, label) for label in range(1, len(names) + 1)}
+    after, missing, twice = {}, [], []
+    for label, name in enumerate(names, start=1):
+        found = ids.get(name, [])
+        if len(found) == 1:
+            after[label] = found[0]
+        elif name == UNUSED_CLASS_NAME and not found:
+            after[label] = before[label]
+        else:
+            (twice if found else missing).append(name)
+    if missing or twice:
+        problem = f"has no category named {missing[:5]}" if missing else f"names more than one category {twice[:5]}"
+        raise CommandError(
+            f"predict.coco_json={coco_json} {problem} of the model's classes {list(names)[:10]}: its results are "
+            f"scored by category id, and these have none there. Give the ids (predict.label_to_category_id="
+            f"{{1: <id>, ...}}), or leave predict.coco_json out"
+        )
+    changed = {names[label - 1]: (before[label], after[label]) for label in after if after[label] != before[label]}
+    if changed:
+        log.info(
+            "predict.coco_json=%s numbers %d of the model's %d classes otherwise than its training data: the results "
+            "use the json's ids, matched by name (%s)",
+            coco_json,
+            len(changed),
+            len(names),
+            ", ".join(f"{name}: {old} -> {new}" for name, (old, new) in list(changed.items())[:10]),
+        )
+    return after
+
+
 def use_recorded_input_size(cfg: DictConfig, record, overrides: Sequence[str] | None, source: str) -> None:
     """Predicts at the input size the model was trained at: ``data.min_size`` and ``data.max_size`` become the
     checkpoint's, each unless the command line sets it.
@@ -473,6 +539,12 @@ def predict(cfg: DictConfig) -> dict[str, float]:
         label_map = OmegaConf.to_container(label_map) if label_map is not None else None
         if label_map is None and record is not None:
             label_map = record.label_to_category_id
+        names = class_names(cfg, cfg.model.num_classes, record.class_names if record is not None else None)
+        # The model's classes by name, where their names are known (the checkpoint's, or predict.class_names), not
+        # only the data config's: the results number them as coco_json does, unless the command gives the ids.
+        named = (record is not None and bool(record.class_names)) or cfg.predict.get("class_names") is not None
+        if dataset.categories is not None and named and cfg.predict.get("label_to_category_id") is None:
+            label_map = category_ids_by_name(names, label_map, dataset.categories, cfg.predict.coco_json)
         if label_map is not None:
             # Keys as the evaluator reads them (int(k)): a map given with string keys ({"1": 3}) maps label 1.
             mapped = {int(k) for k in label_map}
@@ -486,7 +558,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
         writer = PredictionWriter(
             output,
             dataset.coco_images(),
-            class_names(cfg, cfg.model.num_classes, record.class_names if record is not None else None),
+            names,
             cfg.predict.score_threshold,
             cfg.predict.mask_threshold,
             label_map,

@@ -60,9 +60,17 @@ def test_fine_tune_evaluate_predict_on_own_coco_json(tmp_path):
         key: trained[key] for key in trained if "AP" in key
     }
 
-    # 3. Predict, with no data config: classes and category ids come from the checkpoint, image ids from the json.
+    # 3. Predict, with no data config: classes come from the checkpoint, image ids from the json, and category ids
+    # from the json too, by class name: this validation json was exported on its own and numbers them 1, 2, 3.
+    renumbered = json.loads(val_json.read_text())
+    new_ids = {3: 1, 8: 2, 17: 3}
+    for entry in renumbered["categories"] + renumbered["annotations"]:
+        key = "id" if "name" in entry else "category_id"
+        entry[key] = new_ids[entry[key]]
+    val_json = val_json.with_name("val_renumbered.json")
+    val_json.write_text(json.dumps(renumbered))
     out = tmp_path / "predictions"
-    run_py(
+    result = run_py(
         [
             *MODEL,
             *SIZE,
@@ -75,9 +83,10 @@ def test_fine_tune_evaluate_predict_on_own_coco_json(tmp_path):
             f"hydra.run.dir={tmp_path / 'predict'}",
         ]
     )
+    assert "cat: 3 -> 1, dog: 8 -> 2, fox: 17 -> 3" in result.stdout + result.stderr
     results = json.loads((out / "coco_results.json").read_text())
     assert results, "score_threshold=0 keeps every detection"
-    assert {r["category_id"] for r in results} <= {3, 8, 17} and {r["category_id"] for r in results} & {8, 17}
+    assert {r["category_id"] for r in results} <= {1, 2, 3} and {r["category_id"] for r in results} & {2, 3}
     ground_truth = COCO(str(val_json))
     assert {r["image_id"] for r in results} <= set(ground_truth.getImgIds())
     detections = ground_truth.loadRes(str(out / "coco_results.json"))

@@ -398,3 +398,36 @@ def test_the_models_own_threshold_raised_to_predicts_keeps_exactly_what_predict_
         assert torch.equal(ours["masks"] > 0.5, expected["masks"] > 0.5)
     raise_score_threshold(module.model, 0.0)  # never lowered
     assert module.model.roi_heads.score_thresh > 0.0
+
+
+def test_results_number_the_classes_as_the_coco_json_does_matched_by_name(caplog):
+    from mrcnn.engine.predict import category_ids_by_name
+    from mrcnn.errors import CommandError
+
+    trained = {1: 3, 2: 8, 3: 17}  # the training json's ids of cat, dog, fox
+    categories = [
+        {"id": 1, "name": "dog"},
+        {"id": 2, "name": "fox"},
+        {"id": 5, "name": "cat"},
+        {"id": 9, "name": "cow"},
+    ]
+    with caplog.at_level(logging.INFO, logger="mrcnn.engine.predict"):
+        assert category_ids_by_name(["cat", "dog", "fox"], trained, categories, "val.json") == {1: 5, 2: 1, 3: 2}
+    assert "val.json numbers 3 of the model's 3 classes otherwise" in caplog.text
+    assert "cat: 3 -> 5, dog: 8 -> 1, fox: 17 -> 2" in caplog.text
+    # The same numbering: the same map, nothing said. Without a map, each label is its id.
+    caplog.clear()
+    same = [{"id": 3, "name": "cat"}, {"id": 8, "name": "dog"}, {"id": 17, "name": "fox"}]
+    with caplog.at_level(logging.INFO, logger="mrcnn.engine.predict"):
+        assert category_ids_by_name(["cat", "dog", "fox"], trained, same, "val.json") == trained
+        assert category_ids_by_name(["dog", "fox"], None, categories, "val.json") == {1: 1, 2: 2}
+    assert not caplog.text
+    # torchvision's COCO names: "N/A" marks ids COCO left without a category; those labels keep their ids.
+    assert category_ids_by_name(["dog", "fox", "N/A"], None, categories, "val.json") == {1: 1, 2: 2, 3: 3}
+    # Names that do not fit the model (None): the map as it was.
+    assert category_ids_by_name(None, trained, categories, "val.json") == trained
+    # A class the json has no category of, or two of: no id to score it by.
+    with pytest.raises(CommandError, match=r"val\.json has no category named \['fox'\] of the model's classes"):
+        category_ids_by_name(["cat", "fox"], None, categories[2:], "val.json")
+    with pytest.raises(CommandError, match=r"names more than one category \['dog'\].*predict\.label_to_category_id"):
+        category_ids_by_name(["dog"], None, [*categories, {"id": 7, "name": "dog"}], "val.json")
