@@ -18,8 +18,11 @@ from mrcnn.engine.launch import (
     continue_sweep_sentence,
     discard_unused_output,
     finished_earlier,
+    is_ddp_child,
+    loops_started,
     pin_ddp_child_to_its_job,
     port_in_use_message,
+    record_failure_in_log,
     restore_run_record,
 )
 from mrcnn.engine.quiet import silence_library_noise
@@ -29,6 +32,7 @@ from mrcnn.errors import CommandError
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     checked = started = False
+    loops = loops_started()
     try:
         check_command(cfg, HydraConfig.get())
         checked = True
@@ -46,8 +50,13 @@ def main(cfg: DictConfig) -> float | None:
         metrics = run_mode(cfg)
     except BaseException as error:
         # A job that continued its folder's run and saved nothing leaves that run's record as it was; one that failed
-        # before writing anything in a folder of its own leaves no empty output folder behind.
-        if not restore_run_record(HydraConfig.get().runtime.output_dir):
+        # before its loop started and before writing anything in a folder of its own leaves no empty output folder
+        # behind. One that failed in its loop keeps its log, which then ends with the error.
+        restored = restore_run_record(HydraConfig.get().runtime.output_dir)
+        if loops_started() > loops:
+            if isinstance(error, Exception) and not is_ddp_child():
+                record_failure_in_log(error)
+        elif not restored:
             discard_unused_output(HydraConfig.get().runtime.output_dir)
         if isinstance(error, KeyboardInterrupt):
             stopped_by_ctrl_c(started)

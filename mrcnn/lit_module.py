@@ -14,6 +14,7 @@ from mrcnn.cityscapes_eval import CityscapesEvaluator
 from mrcnn.data.datamodule import InstanceDataModule
 from mrcnn.data.transforms import drop_crowd
 from mrcnn.engine import loggers as engine_loggers
+from mrcnn.engine.launch import note_loop_start
 from mrcnn.engine.model_record import (
     MODEL_RECORD_KEY,
     ModelRecord,
@@ -160,6 +161,7 @@ class MaskRCNNModule(L.LightningModule):
         self.nothing_to_score: str | None = None
 
     def on_train_start(self) -> None:
+        note_loop_start()  # from here a failed run keeps its folder and log
         # A resumed run's optimizer comes back with the learning rate of the step it was saved at, as the saved run's
         # schedule gave it; the schedule's milestones are fractions of this run's length, which an extended run
         # (a larger trainer.max_steps) changes. The learning rate of this step, from this run's schedule (the same
@@ -185,6 +187,7 @@ class MaskRCNNModule(L.LightningModule):
         self.loss_watch.check(wait=True)
 
     def on_validation_start(self) -> None:
+        note_loop_start()
         # Lightning validates before on_train_epoch_end: the weights of a step whose loss was not finite, not read yet
         # on a GPU, would be validated and could be saved as the best checkpoint. Read them all first.
         self.loss_watch.check(wait=True)
@@ -443,5 +446,5 @@ def check_finite(losses: dict[str, Tensor], step: int) -> None:
         detail = ", ".join(f"{k}={v}" for k, v in bad.items())
         raise FloatingPointError(
             f"non-finite loss at step {step}: {detail}. Lower the learning rate, lengthen the warmup, "
-            "or use norm=gn when training from scratch."
+            "or use model.norm=gn when training from scratch."
         )

@@ -200,13 +200,43 @@ def is_ddp_child() -> bool:
     )
 
 
+# How many Lightning loops (a training's, a validation's) this process has started: a job that failed after its loop
+# started keeps its folder (discard_unused_output), whose log holds what the run did until then.
+_loops_started = 0
+
+
+def note_loop_start() -> None:
+    """Called as a training or validation loop starts (``MaskRCNNModule``): from here a job that fails keeps its
+    folder, its log the record of what it did before (a loss that went non-finite at step 3: the user needs the
+    log most then, and the folder holds nothing else until the loggers' first write)."""
+    global _loops_started
+    _loops_started += 1
+
+
+def loops_started() -> int:
+    """How many loops :func:`note_loop_start` has counted in this process (a sweep's jobs share one)."""
+    return _loops_started
+
+
+def record_failure_in_log(error: BaseException) -> None:
+    """Writes the error that ended a job into its log file (Hydra's ``<job>.log``), and nowhere else: the terminal
+    shows it already, with its traceback. A folder kept after a failure then says how its run ended."""
+    record = logging.LogRecord(
+        "mrcnn.run", logging.ERROR, __file__, 0, "failed: %s: %s", (type(error).__name__, error), None
+    )
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def discard_unused_output(job_dir: Path) -> bool:
     """Removes a job's output folder that holds nothing but Hydra's own files (``.hydra/``, ``*.log``) and the CSV
     logger's copy of the config (``csv/hparams.yaml``, written when training starts).
 
-    Called when a job fails before it wrote anything (a typo, a missing file, too few images for a batch): the user
-    is left with the error, not with an empty ``outputs/<date>/<time>/``. A folder that holds anything else
-    (metrics, checkpoints, an earlier run's files) is kept. The folders above it inside the working
+    Called when a job fails before it wrote anything and before its loop started (a typo, a missing file, too few
+    images for a batch; :func:`note_loop_start`): the user is left with the error, not with an empty
+    ``outputs/<date>/<time>/``. A folder that holds anything else (metrics, checkpoints, an earlier run's files) is
+    kept. The folders above it inside the working
     directory (``outputs/<date>/``) go too while that leaves them empty.
 
     Only a job's main process cleans up: a DDP child shares the job's folder, where the processes started

@@ -244,6 +244,31 @@ def test_a_mistake_found_once_the_run_has_started_is_said_without_a_traceback(tm
         in result.stderr
     ), result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert not run_dir.exists()  # found before the loop started: no folder of a run that never ran
+
+
+def test_a_run_that_fails_once_training_started_keeps_its_folder_and_its_log_says_why(tmp_path):
+    # A loss that goes non-finite in the first steps, before the loggers' first write: the folder holds Hydra's record
+    # and the log alone, which the user needs most then. (One that fails before its loop leaves no folder: above.)
+    run_dir = tmp_path / "run"
+    args = [
+        "model=tiny",
+        "data.num_train_images=16",
+        "data.num_val_images=2",
+        "data.image_size=64",
+        "data.datamodule.num_workers=0",
+        "base_lr=1e12",
+        "scheduler.warmup_steps=0",
+        "trainer.max_steps=8",
+        f"hydra.run.dir={run_dir}",
+    ]
+    result = run_py(args, cwd=tmp_path, check=False)
+    assert result.returncode != 0 and "FloatingPointError: non-finite loss at step" in result.stderr, result.stderr
+    assert "use model.norm=gn when training from scratch" in result.stderr  # the key, as the command line sets it
+    log = (run_dir / "run.log").read_text()
+    assert "Seed set to 0" in log
+    assert "[mrcnn.run][ERROR] - failed: FloatingPointError: non-finite loss at step" in log, log
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
 
 
 def test_ctrl_c_while_the_run_starts_is_a_stop_without_a_traceback(tmp_path):
