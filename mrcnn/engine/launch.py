@@ -222,7 +222,7 @@ def record_failure_in_log(error: BaseException) -> None:
     """Writes the error that ended a job into its log file (Hydra's ``<job>.log``), and nowhere else: the terminal
     shows it already, with its traceback. A folder kept after a failure then says how its run ended."""
     record = logging.LogRecord(
-        "mrcnn.run", logging.ERROR, __file__, 0, "failed: %s: %s", (type(error).__name__, error), None
+        __name__, logging.ERROR, __file__, 0, "failed: %s: %s", (type(error).__name__, error), None
     )
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):

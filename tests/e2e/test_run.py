@@ -267,7 +267,7 @@ def test_a_run_that_fails_once_training_started_keeps_its_folder_and_its_log_say
     assert "use model.norm=gn when training from scratch" in result.stderr  # the key, as the command line sets it
     log = (run_dir / "run.log").read_text()
     assert "Seed set to 0" in log
-    assert "[mrcnn.run][ERROR] - failed: FloatingPointError: non-finite loss at step" in log, log
+    assert "[mrcnn.engine.launch][ERROR] - failed: FloatingPointError: non-finite loss at step" in log, log
     assert (run_dir / ".hydra" / "config.yaml").is_file()
 
 
