@@ -24,7 +24,13 @@ from mrcnn.data.contract import (
     HasImageSizes,
     ReportsReadSkips,
 )
-from mrcnn.data.samplers import EpochSampler, GroupedBatchSampler, epoch_order, orientation_groups
+from mrcnn.data.samplers import (
+    EpochSampler,
+    GroupedBatchSampler,
+    SameSizeBatches,
+    epoch_order,
+    orientation_groups,
+)
 from mrcnn.errors import CommandError
 
 log = logging.getLogger(__name__)
@@ -490,6 +496,12 @@ class InstanceDataModule(lightning.LightningDataModule):
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         world, rank = self._world()
+        sizes = dataset_image_sizes(dataset) if isinstance(dataset, HasImageSizes) else None
+        if sizes and self.val_batch_size > 1 and len(set(sizes)) > 1 and not self._lightning_injects_samplers():
+            # Images of one size a batch: an image's detections, and the AP, do not depend on the batch size or the
+            # number of processes (the padding to a batch's largest image reaches GroupNorm's statistics).
+            batches = SameSizeBatches(sizes, self.val_batch_size, num_replicas=world or 1, rank=rank or 0)
+            return self._loader(dataset, ReportingDataLoader, batch_sampler=batches)
         sampler = None
         if world is not None and world > 1:
             # Shard evaluation ourselves: Lightning leaves a DistributedSampler alone, and it
@@ -553,19 +565,24 @@ class InstanceDataModule(lightning.LightningDataModule):
         self._train_loader = loader
         return loader
 
-    def _check_grouping_under_ddp(self) -> None:
+    def _lightning_injects_samplers(self) -> bool:
+        """Whether the attached Trainer runs several processes and would wrap this module's samplers for DDP
+        (``use_distributed_sampler``), which it cannot do for a custom batch sampler."""
         trainer = self.trainer
-        if trainer is not None and trainer.world_size > 1:
-            connector = getattr(trainer, "_accelerator_connector", None)
-            if getattr(connector, "use_distributed_sampler", False):
-                raise CommandError(
-                    "data.datamodule.aspect_ratio_grouping=true shards the training batches by rank itself; "
-                    "Lightning cannot wrap a custom batch sampler for DDP. Build the Trainer with "
-                    "use_distributed_sampler=False (trainer=ddp and trainer=ddp_cpu set it; on the command line "
-                    "++trainer.use_distributed_sampler=false, or use_distributed_sampler: false in the trainer "
-                    "config; this datamodule shards all its loaders itself), or turn the grouping off "
-                    "(data.datamodule.aspect_ratio_grouping=false)."
-                )
+        if trainer is None or trainer.world_size <= 1:
+            return False
+        return bool(getattr(getattr(trainer, "_accelerator_connector", None), "use_distributed_sampler", False))
+
+    def _check_grouping_under_ddp(self) -> None:
+        if self._lightning_injects_samplers():
+            raise CommandError(
+                "data.datamodule.aspect_ratio_grouping=true shards the training batches by rank itself; "
+                "Lightning cannot wrap a custom batch sampler for DDP. Build the Trainer with "
+                "use_distributed_sampler=False (trainer=ddp and trainer=ddp_cpu set it; on the command line "
+                "++trainer.use_distributed_sampler=false, or use_distributed_sampler: false in the trainer "
+                "config; this datamodule shards all its loaders itself), or turn the grouping off "
+                "(data.datamodule.aspect_ratio_grouping=false)."
+            )
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_dataset)

@@ -14,6 +14,9 @@ orientation (as torchvision's detection references and Detectron2 do) avoids tha
 Lightning only wraps plain samplers for DDP, not custom batch samplers: with
 :class:`GroupedBatchSampler` the Trainer must run with
 ``use_distributed_sampler=False``, and the sampler shards by rank itself.
+
+Evaluation: :class:`SameSizeBatches` batches images of one size together, so that no image's detections depend on
+the other images of its batch.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ __all__ = [
     "EPOCH_ORDER",
     "EpochSampler",
     "GroupedBatchSampler",
+    "SameSizeBatches",
     "SampleIndex",
     "epoch_order",
     "order_seed",
@@ -309,3 +313,49 @@ def epoch_order(num_items: int, shuffle: bool = True, seed: int = 0) -> EpochSam
     must agree on.
     """
     return EpochSampler(range(num_items), num_replicas=1, rank=0, shuffle=shuffle, seed=seed)
+
+
+class SameSizeBatches(Sampler[list[int]]):
+    """Evaluation batches whose images all have one size, this rank's share of them.
+
+    The model pads a batch's images to its largest (height and width rounded up to 32), and the padding reaches the
+    backbone: its convolutions at each image's border, and GroupNorm's statistics everywhere. In a batch of mixed
+    sizes an image's detections would depend on the images beside it, and a checkpoint's AP on the batch size and on
+    the number of processes. Images of one size are padded alike in any batch of them and alone: their detections
+    are those of a batch of one, whatever the batch size.
+
+    Within each size the images keep the dataset's order; the sizes come in the order of their first image. The list
+    of batches is padded to a multiple of ``num_replicas`` by repeating its first batches (the evaluator counts a
+    repeated image once), and rank ``r`` takes batches ``r, r + num_replicas, ...``: every rank runs as many batches,
+    so DDP's collectives stay in step.
+
+    Args:
+        image_sizes: ``(height, width)`` of every dataset index.
+        batch_size: at most this many indices a batch.
+        num_replicas: the number of DDP processes.
+        rank: this process's rank.
+    """
+
+    def __init__(
+        self, image_sizes: Sequence[tuple[int, int]], batch_size: int, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for index, size in enumerate(image_sizes):
+            by_size.setdefault(tuple(size), []).append(index)
+        batches = [
+            indices[start : start + batch_size]
+            for indices in by_size.values()
+            for start in range(0, len(indices), batch_size)
+        ]
+        if batches and len(batches) % num_replicas:
+            padded = math.ceil(len(batches) / num_replicas) * num_replicas
+            batches = [batches[i % len(batches)] for i in range(padded)]
+        self.batches = batches[rank::num_replicas]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (list(batch) for batch in self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)

@@ -249,3 +249,42 @@ def test_results_json_uses_the_datasets_category_ids(coco_split, tmp_path):
     got = sorted((r["image_id"], r["category_id"], round(r["score"], 6)) for r in out)
     assert got == expected
     assert {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(out[0])
+
+
+def test_detections_in_evaluation_do_not_depend_on_the_batch_size(coco_split):
+    # Padding to a batch's largest image reaches GroupNorm's statistics (model=tiny normalises with it): evaluation
+    # batches images of one size, so each image's detections are those of a batch of one, whatever the batch size.
+    from mrcnn.data.samplers import SameSizeBatches
+    from mrcnn.engine.build import build_module
+    from tests.helpers.config import TINY_MODEL, compose_config
+
+    torch.manual_seed(0)
+    # At 128 px the split's landscape 48x64 images become 96x128, its portrait ones 128x96.
+    model = build_module(compose_config([*TINY_MODEL, "data.image_size=128", "model.num_classes=3"])).model.eval()
+    model.roi_heads.score_thresh = 0.0  # an untrained model's detections, all of them
+    json_path, image_dir = coco_split
+    dataset = CocoDataset(image_dir, json_path)
+
+    def detections(datamodule):
+        found = {}
+        with torch.no_grad():
+            for images, targets in datamodule.val_dataloader():
+                for target, output in zip(targets, model(list(images))[0]):
+                    found[int(target["image_id"])] = output
+        return found
+
+    alone, grouped = (
+        detections(InstanceDataModule(dataset, dataset, batch_size=1, val_batch_size=n, num_workers=0)) for n in (1, 4)
+    )
+    assert isinstance(
+        InstanceDataModule(dataset, dataset, val_batch_size=4).val_dataloader().batch_sampler, SameSizeBatches
+    )
+    assert alone.keys() == grouped.keys() == set(dataset.image_ids)
+    for image_id, output in alone.items():
+        for key in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(grouped[image_id][key], output[key], rtol=1e-5, atol=1e-4)
+    # The premise: a landscape image in a batch with a portrait one, both padded to a square, is detected otherwise.
+    images = [dataset[i][0] for i in (0, 1)]
+    with torch.no_grad():
+        mixed, _ = model(images)
+    assert not torch.allclose(mixed[0]["scores"][:10], alone[dataset.image_ids[0]]["scores"][:10], atol=1e-3)

@@ -8,7 +8,13 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from mrcnn.data.datamodule import InstanceDataModule, dataset_image_sizes
-from mrcnn.data.samplers import EpochSampler, GroupedBatchSampler, epoch_order, orientation_groups
+from mrcnn.data.samplers import (
+    EpochSampler,
+    GroupedBatchSampler,
+    SameSizeBatches,
+    epoch_order,
+    orientation_groups,
+)
 from mrcnn.data.shapes import ShapesDataset
 
 
@@ -196,3 +202,18 @@ def test_runs_that_differ_in_their_seed_never_share_an_epochs_order():
     again = EpochSampler(range(50), seed=4)
     again.set_epoch(9)
     assert tuple(again) == orders[4, 9]
+
+
+def test_evaluation_batches_hold_images_of_one_size_and_every_process_runs_as_many():
+    sizes = [(48, 64), (64, 48), (40, 40), (48, 64), (48, 64), (64, 48), (40, 40)]
+    # The dataset's order within each size; the sizes in the order of their first image.
+    assert list(SameSizeBatches(sizes, 2)) == [[0, 3], [4], [1, 5], [2, 6]]
+    assert list(SameSizeBatches(sizes, 8)) == [[0, 3, 4], [1, 5], [2, 6]]
+    assert list(SameSizeBatches(sizes, 1)) == [[0], [3], [4], [1], [5], [2], [6]]
+    # Three processes: the 4 batches padded to 6 with the first ones repeated, each process 2 of them.
+    shares = [list(SameSizeBatches(sizes, 2, num_replicas=3, rank=rank)) for rank in range(3)]
+    assert shares == [[[0, 3], [2, 6]], [[4], [0, 3]], [[1, 5], [4]]]
+    assert sorted({i for share in shares for batch in share for i in batch}) == list(range(7))
+    assert all(len({sizes[i] for i in batch}) == 1 for share in shares for batch in share)
+    # More processes than batches: each still gets one.
+    assert [len(SameSizeBatches(sizes[:2], 4, num_replicas=3, rank=rank)) for rank in range(3)] == [1, 1, 1]
