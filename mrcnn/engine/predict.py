@@ -41,6 +41,7 @@ from mrcnn.data.images import (
     read_image_size,
     size_mismatch_message,
 )
+from mrcnn.data.samplers import SameSizeBatches
 from mrcnn.engine import job_processes
 from mrcnn.engine.build import build_module, job_overrides
 from mrcnn.engine.checkpoint_model import key_overrides, use_checkpoint_model
@@ -575,9 +576,15 @@ def predict(cfg: DictConfig) -> dict[str, float]:
                 f"predict.input={cfg.predict.input} holds {len(dataset)} images for {trainer.world_size} processes: "
                 f"give at least one image a process, or fewer devices (trainer.devices)"
             )
+        batching = {"batch_size": cfg.predict.batch_size}
+        if trainer.world_size == 1 and cfg.predict.batch_size > 1:
+            # Images of one size a batch, as in evaluation: an image's detections do not depend on the images
+            # beside it (the padding to a batch's largest reaches GroupNorm's statistics). Several processes keep
+            # Lightning's sharding, which repeats no image (SameSizeBatches repeats batches to even the shares).
+            batching = {"batch_sampler": SameSizeBatches(dataset.sizes, cfg.predict.batch_size)}
         loader = DataLoader(
             dataset,
-            batch_size=cfg.predict.batch_size,
+            **batching,
             num_workers=cfg.predict.num_workers,
             collate_fn=collate_detection,
             # Under DDP from a fork server: a worker forked from a DDP process can hang (worker_context).

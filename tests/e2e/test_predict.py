@@ -431,3 +431,41 @@ def test_results_number_the_classes_as_the_coco_json_does_matched_by_name(caplog
         category_ids_by_name(["cat", "fox"], None, categories[2:], "val.json")
     with pytest.raises(CommandError, match=r"names more than one category \['dog'\].*predict\.label_to_category_id"):
         category_ids_by_name(["dog"], None, [*categories, {"id": 7, "name": "dog"}], "val.json")
+
+
+def test_predictions_do_not_depend_on_the_batch_size_on_images_of_many_sizes(tmp_path):
+    # Batches of one size each, as in evaluation: the padding to a batch's largest image would reach GroupNorm.
+    from mrcnn.engine.predict import predict
+
+    weights, _ = tiny_weights(tmp_path)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, (height, width) in enumerate([(48, 64), (64, 48), (48, 64), (40, 72), (64, 48)]):
+        image, _ = ShapesDataset(num_images=1, image_size=(height, width), seed=i, split="val")[0]
+        Image.fromarray((image * 255).round().byte().permute(1, 2, 0).numpy()).save(folder / f"img{i}.png")
+    results = {}
+    for batch_size in (1, 3):
+        out = tmp_path / f"out{batch_size}"
+        cfg = compose_config(
+            [
+                *TINY_MODEL,
+                "data.image_size=128",  # landscape 48x64 becomes 96x128, portrait 128x96
+                "mode=predict",
+                weights,
+                f"predict.input={folder}",
+                f"predict.output={out}",
+                f"predict.batch_size={batch_size}",
+                "predict.score_threshold=0.0",
+            ],
+            run_dir=str(tmp_path / f"run{batch_size}"),
+        )
+        predict(cfg)
+        detections = sorted(
+            json.loads((out / "coco_results.json").read_text()), key=lambda r: (r["image_id"], -r["score"])
+        )
+        results[batch_size] = detections
+    assert len(results[1]) == len(results[3]) > 0
+    for alone, batched in zip(results[1], results[3]):
+        assert (alone["image_id"], alone["category_id"]) == (batched["image_id"], batched["category_id"])
+        assert alone["score"] == pytest.approx(batched["score"], abs=1e-4)
+        assert alone["bbox"] == pytest.approx(batched["bbox"], abs=1e-2)
