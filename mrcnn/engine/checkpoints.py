@@ -384,7 +384,7 @@ def check_checkpoint_fits(module: torch.nn.Module, path: str, cfg: DictConfig, o
     number changes the class-specific layers' shapes.
 
     Raises:
-        ValueError: naming the file, the count of tensors that differ, and the differing ``model`` keys; or both
+        CommandError: naming the file, the count of tensors that differ, and the differing ``model`` keys; or both
             class lists.
     """
     checkpoint = read_checkpoint(path, option)
@@ -429,7 +429,7 @@ def check_checkpoint_fits(module: torch.nn.Module, path: str, cfg: DictConfig, o
         )
     else:
         detail = "It records no config; e.g. " + ", ".join((reshaped + missing + unexpected)[:3])
-    raise ValueError(
+    raise CommandError(
         f"{option}={path} does not fit the model this run builds ({counts}). {detail}\n"
         "Evaluate or predict with the model settings the checkpoint was trained with."
     )
@@ -462,12 +462,12 @@ def load_weights(
         the re-initialised (not loaded) class-specific keys.
 
     Raises:
-        ValueError: the file is not a state dict or checkpoint, or does not match the configured model
+        CommandError: the file is not a state dict or checkpoint, or does not match the configured model
             (the message names the file and the mismatched keys); or, not fine-tuned, its classes differ.
     """
     state = read_checkpoint(path, "weights")
     if not isinstance(state, dict):
-        raise ValueError(
+        raise CommandError(
             f"weights={path} is neither a plain state dict (torch.save(model.state_dict())) nor a Lightning "
             "checkpoint of this project"
         )
@@ -481,7 +481,7 @@ def load_weights(
     try:
         skipped = load_torchvision_weights(model, state, new_classes=new_classes)
     except ValueError as error:
-        raise ValueError(f"weights={path}: {error}") from error
+        raise CommandError(f"weights={path}: {error}") from error
     if record is not None:
         set_frozen_bn_eps(model, record.frozen_bn_eps)
     if skipped:

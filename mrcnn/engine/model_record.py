@@ -142,11 +142,11 @@ def check_classes(trained: Sequence[str] | None, configured: Sequence[str] | Non
     """Stops when a checkpoint's classes are not the ones the run is configured with (same names, same order).
 
     Raises:
-        ValueError: naming both lists; unknown lists (``None``) are not checked.
+        CommandError: naming both lists; unknown lists (``None``) are not checked.
     """
     if trained is None or configured is None or list(trained) == list(configured):
         return
-    raise ValueError(
+    raise CommandError(
         f"{source} was trained on {len(trained)} classes {list(trained)}, but this run's data has "
         f"{len(configured)} classes {list(configured)}. Evaluate it on data with its classes (data.classes=[...] "
         "picks and orders them), or fine-tune it on this data with weights=<checkpoint> instead of ckpt_path."

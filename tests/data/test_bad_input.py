@@ -1728,6 +1728,7 @@ def test_checkpoint_of_another_model_size_lists_the_differing_keys(tmp_path: Pat
     from omegaconf import OmegaConf
 
     from mrcnn.engine.checkpoints import RUN_RECORD_KEY, check_checkpoint_fits
+    from mrcnn.errors import CommandError
     from tests.helpers.config import TINY_MODEL, compose_config
 
     saved_cfg = compose_config([*TINY_MODEL, "model.depth=34", "model.fpn_channels=8"])
@@ -1736,7 +1737,7 @@ def test_checkpoint_of_another_model_size_lists_the_differing_keys(tmp_path: Pat
     record = {"config": OmegaConf.to_container(saved_cfg, resolve=True), "overrides": ["model.depth=34"]}
     torch.save({"state_dict": saved.state_dict(), RUN_RECORD_KEY: record}, path)
     cfg = compose_config(TINY_MODEL)
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(CommandError) as error:
         check_checkpoint_fits(instantiate(cfg.module), str(path), cfg)
     message = str(error.value)
     assert f"ckpt_path={path} does not fit the model this run builds" in message

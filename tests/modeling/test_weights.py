@@ -83,7 +83,7 @@ def test_torchvision_weights_for_other_classes_load_all_but_the_class_layers(tmp
 def test_a_file_of_another_architecture_still_fails_clearly(tmp_path):
     other = torchvision_maskrcnn(num_classes=91, **{**TINY_TORCHVISION, "fpn_channels": 32})
     torch.save(other.state_dict(), tmp_path / "other.pth")
-    with pytest.raises(ValueError, match=r"weights=.*other\.pth.*does not match the configured model.*fpn"):
+    with pytest.raises(CommandError, match=r"weights=.*other\.pth.*does not match the configured model.*fpn"):
         build_module(compose_config([*TINY_PRESET, f"weights={tmp_path / 'other.pth'}"]))
 
 
@@ -232,18 +232,19 @@ def test_imagenet_backbone_with_frozen_bn(tmp_path):
 
 
 def test_checkpoint_of_other_classes_stops_with_both_lists(tmp_path, caplog):
-    """What Lightning calls for ckpt_path= (evaluate, resume): other classes stop before any tensor loads."""
+    """What Lightning calls for ckpt_path= (evaluate, resume): other classes stop before any tensor loads, with a
+    CommandError, which run.py prints alone: the message says all there is to change."""
     path, trained, _ = train_checkpoint(tmp_path, [], steps=1)
     checkpoint = torch.load(path, weights_only=True)
     other_cfg = compose_config([*TINY_MODEL, "data.classes=[circle,square]"])
     other = build_module(other_cfg)
     with pytest.raises(
-        ValueError, match=r"trained on 6 classes \['circle', .*'star'\], but this run's data has 2 classes"
+        CommandError, match=r"trained on 6 classes \['circle', .*'star'\], but this run's data has 2 classes"
     ):
         other.on_load_checkpoint(checkpoint)
     # evaluate and predict check the tensors' shapes first, which the number of classes changes: the classes are
     # named there too, not the shapes.
-    with pytest.raises(ValueError, match=rf"^ckpt_path={path} was trained on 6 classes .* has 2 classes \['circle'"):
+    with pytest.raises(CommandError, match=rf"^ckpt_path={path} was trained on 6 classes .* has 2 classes \['circle'"):
         check_checkpoint_fits(other, str(path), other_cfg)
     # The same classes at another input size load, with a warning naming both sizes.
     resized = build_module(compose_config([*TINY_MODEL, "data.min_size=96", "data.max_size=96"]))
