@@ -26,7 +26,7 @@ from mrcnn.engine.launch import (
     restore_run_record,
 )
 from mrcnn.engine.quiet import silence_library_noise
-from mrcnn.errors import CommandError
+from mrcnn.errors import command_error_of
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -72,12 +72,15 @@ def main(cfg: DictConfig) -> float | None:
             if HydraConfig.get().mode == RunMode.RUN:
                 raise SystemExit(in_use) from None
             raise RuntimeError(in_use) from error
-        mistake = isinstance(error, CommandError) or (not checked and isinstance(error, COMMAND_ERRORS))
+        # (A CommandError one of our resolvers raised reaches here inside OmegaConf's InterpolationResolutionError.)
+        command_error = command_error_of(error)
+        mistake = command_error is not None or (not checked and isinstance(error, COMMAND_ERRORS))
         if mistake and HydraConfig.get().mode == RunMode.RUN:
             # The message alone, as for a group picked with a dot below: the check's traceback says nothing more. (A
             # sweep's job raises it: Hydra records the job as failed, and the sweep's callbacks see it. Every job passed
             # check_command when the sweep started, SweepJobsPass; one fails it now if a file was removed since.)
-            raise SystemExit(f"{type(error).__name__}: {error}") from None
+            said = command_error or error
+            raise SystemExit(f"{type(said).__name__}: {said}") from None
         raise
     # The returned value is what Hydra sweepers optimise.
     return metrics.get("segm_AP")

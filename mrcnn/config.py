@@ -13,6 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 # Light on purpose: run.py imports this before Hydra composes, so that a mistyped override fails in a second,
 # not after torch and Lightning load. What the resolvers compute is imported when one is first resolved.
 import mrcnn.data.resolvers  # noqa: F401  (registers ${mrcnn.coco_classes:...})
+from mrcnn.errors import raises_command_errors
 
 # The project's Hydra configs (beside the package in this repository).
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -101,7 +102,7 @@ def register_resolvers() -> None:
     # List-valued resolvers return a ListConfig so OmegaConf.resolve() can store them in place.
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
+            OmegaConf.register_new_resolver(name, raises_command_errors(fn))
 
 
 register_resolvers()

@@ -1,5 +1,8 @@
 """The error a mistake in the command or its input stops a run with, where the message is all the user needs."""
 
+import functools
+from collections.abc import Callable
+
 
 class CommandError(ValueError):
     """A mistake in the command or its input found once the job has started, by a check that reads more than the
@@ -9,3 +12,37 @@ class CommandError(ValueError):
     message names what to change.
 
     It is a ``ValueError``: code that calls the project's classes outside ``run.py`` catches it as before."""
+
+
+def raises_command_errors(resolver: Callable) -> Callable:
+    """Wraps one of the project's OmegaConf resolvers so that its errors on bad input (``ValueError``, ``OSError``:
+    a json with a category named twice, a file not there) are :class:`CommandError` s, with the same message.
+
+    OmegaConf wraps whatever a resolver raises in an ``InterpolationResolutionError`` whose traceback runs through
+    the code that first resolved the config (writing the job's resolved config, building the data);
+    :func:`command_error_of` finds the ``CommandError`` in it, which ``run.py`` prints alone. The original error
+    stays the ``CommandError``'s cause (the config checks tell a file not there by it)."""
+
+    @functools.wraps(resolver)
+    def resolve(*args, **kwargs):
+        try:
+            return resolver(*args, **kwargs)
+        except (ValueError, OSError) as error:
+            if isinstance(error, CommandError):
+                raise
+            raise CommandError(str(error)) from error
+
+    return resolve
+
+
+def command_error_of(error: BaseException) -> CommandError | None:
+    """``error`` itself when it is a :class:`CommandError`; the one a resolver raised when ``error`` is OmegaConf's
+    ``InterpolationResolutionError`` for it (raised while handling it: its ``__context__``, through the copies
+    OmegaConf raises while handling its own); else ``None``."""
+    from omegaconf.errors import InterpolationResolutionError  # (light: run.py has imported omegaconf already)
+
+    for _ in range(8):  # (OmegaConf re-raises it once per level it passes through: a few)
+        if not isinstance(error, InterpolationResolutionError):
+            break
+        error = error.__context__
+    return error if isinstance(error, CommandError) else None

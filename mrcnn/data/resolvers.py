@@ -13,6 +13,8 @@ from functools import lru_cache
 
 from omegaconf import ListConfig, OmegaConf
 
+from mrcnn.errors import raises_command_errors
+
 __all__ = ["coco_classes", "register_data_resolvers"]
 
 
@@ -41,7 +43,9 @@ def coco_classes(path: str) -> ListConfig:
 def register_data_resolvers() -> None:
     """Registers ``${mrcnn.coco_classes:path}`` (idempotent)."""
     if not OmegaConf.has_resolver("mrcnn.coco_classes"):
-        OmegaConf.register_new_resolver("mrcnn.coco_classes", coco_classes)
+        # A json that cannot give its classes is a mistake in the input: said alone (mrcnn.errors), not as a
+        # traceback through the code that first resolved the config.
+        OmegaConf.register_new_resolver("mrcnn.coco_classes", raises_command_errors(coco_classes))
 
 
 register_data_resolvers()

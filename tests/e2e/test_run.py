@@ -271,6 +271,36 @@ def test_a_run_that_fails_once_training_started_keeps_its_folder_and_its_log_say
     assert (run_dir / ".hydra" / "config.yaml").is_file()
 
 
+def test_a_json_our_resolver_refuses_is_said_without_a_traceback(tmp_path):
+    # data=coco_format reads the classes from the training json through an OmegaConf resolver, first resolved once
+    # the job has started: its message names the json, not wrapped in OmegaConf's InterpolationResolutionError.
+    from tests.helpers.data import make_coco_split
+
+    train_json, train_images = make_coco_split(tmp_path / "mine", split="train")
+    val_json, val_images = make_coco_split(tmp_path / "mine", split="val", seed=1)
+    data = json.loads(train_json.read_text())
+    data["categories"][1]["name"] = data["categories"][0]["name"]
+    train_json.write_text(json.dumps(data))
+    args = [
+        "model=tiny",
+        "data=coco_format",
+        f"data.train_json={train_json}",
+        f"data.train_images={train_images}",
+        f"data.val_json={val_json}",
+        f"data.val_images={val_images}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    result = run_py(args, cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    name = data["categories"][0]["name"]
+    assert f"CommandError: COCO annotation file {train_json}: category name {name!r} appears twice" in result.stderr, (
+        result.stderr[-3000:]
+    )
+    assert "Traceback" not in result.stderr and "InterpolationResolutionError" not in result.stderr, result.stderr[
+        -3000:
+    ]
+
+
 def test_ctrl_c_while_the_run_starts_is_a_stop_without_a_traceback(tmp_path):
     # SIGINT once Hydra has made the run's folder (run.py then imports Lightning, builds the data and the model):
     # exit 130 with one line, where a KeyboardInterrupt came through Hydra as a traceback; no folder left.
