@@ -336,3 +336,46 @@ def test_ddp_on_the_cpu_with_devices_left_to_lightning_is_named():
     ]
     assert config_problems(compose_config(["trainer=ddp_cpu", "trainer.devices=3"])) == []
     assert config_problems(compose_config(["trainer.devices=auto"])) == []  # one process asked for: one process
+
+
+def test_a_folder_where_a_file_belongs_is_said_to_be_one(tmp_path):
+    # data.train_json=train/ (the images' folder for the json) said "COCO json not found"; each path setting that
+    # reads a file says it was given a folder, and what it needs, before anything is built.
+    from mrcnn.data.resolvers import coco_classes
+    from tests.helpers.data import make_coco_split
+
+    train_json, images = make_coco_split(tmp_path / "mine", split="train")
+    data = [
+        "data=coco_format",
+        f"data.train_images={images}",
+        f"data.val_json={train_json}",
+        f"data.val_images={images}",
+    ]
+    cases = [
+        (
+            [f"data.train_json={images}"],
+            f"data.datamodule.train_dataset.ann_file={images} (${{data.train_json}}) is a folder; it must be a COCO "
+            "json file",
+        ),
+        (
+            [f"data.train_json={train_json}", f"data.val_json={images}"],
+            f"data.datamodule.val_dataset.ann_file={images} (${{data.val_json}}) is a folder",
+        ),
+        (
+            [f"data.train_json={train_json}", f"data.train_images={train_json}"],
+            f"data.datamodule.train_dataset.image_dir={train_json} (${{data.train_images}}) is a file; it must be a "
+            "folder",
+        ),
+        ([f"data.train_json={train_json}", f"weights={images}"], f"weights={images} is a folder; it must be a file"),
+        (
+            [f"data.train_json={train_json}", "model=mask_rcnn", f"model.backbone_weights={images}"],
+            f"model.backbone_weights={images} is a folder; it must be a file: an ImageNet ResNet-50 state dict",
+        ),
+        ([f"data.train_json={train_json}", f"ckpt_path={images}"], f"ckpt_path file {images} is a folder"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ValueError if "ckpt_path" in message else FileNotFoundError) as error:
+            check_config(compose_config([*data, *overrides]))
+        assert message in str(error.value), overrides
+    with pytest.raises(IsADirectoryError, match=r"COCO json .* is a folder; give the json file"):
+        coco_classes(str(images))

@@ -30,10 +30,14 @@ def coco_classes(path: str) -> ListConfig:
     """Category names of the COCO json at ``path``, in category-id order.
 
     Raises:
-        FileNotFoundError: naming the path (set ``data.train_json``).
+        FileNotFoundError: naming the path (set ``data.train_json``); IsADirectoryError: the path is a folder.
         ValueError: the json is empty, malformed or has no categories.
     """
     path = os.path.expanduser(str(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(
+            f"COCO json {path!r} is a folder; give the json file (data.train_json=<folder>/<name>.json)"
+        )
     if not os.path.isfile(path):
         raise FileNotFoundError(f"COCO json not found: {path!r} (set data.train_json=/path/to/annotations.json)")
     stat = os.stat(path)

@@ -738,7 +738,16 @@ def _data_problems(cfg: DictConfig) -> list[str]:
     problems, lacking = [], []
     for key, written in _data_layout(cfg):
         path = OmegaConf.select(cfg, key, default=None)
-        if path is None or os.path.exists(path):
+        if path is None:
+            continue
+        if os.path.exists(path):
+            # A folder given for the json (data.train_json=train/) or a file for a folder: said as such, not left to
+            # fail later as a file "not found".
+            wants_file = key.endswith(".ann_file")
+            if wants_file and os.path.isdir(path):
+                problems.append(f"{key}={path} ({written}) is a folder; it must be a COCO json file")
+            elif not wants_file and not os.path.isdir(path):
+                problems.append(f"{key}={path} ({written}) is a file; it must be a folder")
             continue
         if "${data.root}/" in written:
             lacking.append(written.replace("${data.root}/", ""))
@@ -750,8 +759,9 @@ def _data_problems(cfg: DictConfig) -> list[str]:
 
 
 def path_problems(cfg: DictConfig) -> list[str]:
-    """One line per input file or folder that is not set or not there: the data (its root, and every file and
-    folder its datasets read) and the weights files; empty when all are there."""
+    """One line per input file or folder that is not set, not there, or a folder where a file belongs (or the
+    reverse): the data (its root, and every file and folder its datasets read) and the weights files; empty when all
+    are there."""
     problems = _data_problems(cfg)
     depth = OmegaConf.select(cfg, "model.depth", default=50)
     for key, holds in WEIGHTS_FILES.items():
@@ -763,6 +773,8 @@ def path_problems(cfg: DictConfig) -> list[str]:
         holds = holds.format(depth=depth)
         if value == "???":
             problems.append(f"{key} is not set: give {key}=<file>, {holds}")
+        elif value is not None and os.path.isdir(value):
+            problems.append(f"{key}={value} is a folder; it must be a file: {holds}")
         elif value is not None and not os.path.isfile(value):
             problems.append(f"{key}={value}: no such file; it must be {holds}")
     return problems
