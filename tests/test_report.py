@@ -111,6 +111,33 @@ def test_the_rebuild_command_never_overwrites_the_sweeps_report_and_names_a_miss
     assert "torch loaded: False" in result.stdout, result.stdout
 
 
+def test_the_rebuild_command_on_a_single_runs_folder_says_it_is_not_a_sweeps(tmp_path, capsys):
+    # A folder of `python run.py` (hydra.mode=RUN) has no multirun.yaml: the message said that file had no
+    # ablation_report callback, naming a file that is not there.
+    run = tmp_path / "outputs" / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(SystemExit) as stop:
+        report_main([str(run)])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert f"{run} is a single run's folder, not a sweep's: it has no multirun.yaml" in error
+    assert f"a single run's numbers are in {run / 'metrics.json'}" in error
+    assert "has no ablation_report callback" not in error
+    # A folder of jobs without multirun.yaml needs --keys, and is not said to have a file it lacks.
+    (run / "job").mkdir()
+    (run / ".hydra" / "config.yaml").rename(run / "job" / "config.yaml")
+    with pytest.raises(SystemExit):
+        report_main([str(run)])
+    error = capsys.readouterr().err
+    assert f"--keys is needed: {run} has no multirun.yaml" in error and "ablation_report" not in error
+    # A sweep's folder whose multirun.yaml has no report callback still asks for --keys.
+    (tmp_path / "multirun.yaml").write_text("hydra:\n  callbacks: {}\n")
+    with pytest.raises(SystemExit):
+        report_main([str(tmp_path)])
+    assert f"--keys is needed: {tmp_path / 'multirun.yaml'} has no ablation_report callback" in capsys.readouterr().err
+
+
 def test_the_rebuild_command_reads_the_report_settings_from_the_sweep(sweep):
     # What the report callback of a sweep records in multirun.yaml (as experiment=ablation_* writes it).
     (sweep / "multirun.yaml").write_text(

@@ -1114,7 +1114,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.title is not None:
         settings["title"] = args.title
     if not settings.get("variant_keys"):
-        parser.error(f"--keys is needed: {args.sweep_dir}/multirun.yaml has no ablation_report callback")
+        sweep_record = Path(args.sweep_dir) / "multirun.yaml"
+        # Naming a file that is not there as the one lacking the callback would send the user looking for it.
+        if (Path(args.sweep_dir) / ".hydra" / "config.yaml").is_file() and not sweep_record.is_file():
+            parser.error(
+                f"{args.sweep_dir} is a single run's folder, not a sweep's: it has no multirun.yaml, which Hydra "
+                "writes in the folder of a sweep started with -m (e.g. multirun/ablation_mask_head/<time>). Give "
+                f"that folder; a single run's numbers are in {Path(args.sweep_dir) / 'metrics.json'}"
+            )
+        if not sweep_record.is_file():
+            parser.error(
+                f"--keys is needed: {args.sweep_dir} has no multirun.yaml (Hydra writes one in the folder of a sweep "
+                "started with -m) to name the variant keys; give the sweep's folder, or --keys <config groups or keys "
+                "that define a variant>"
+            )
+        parser.error(f"--keys is needed: {sweep_record} has no ablation_report callback")
     # The callback's own constructor normalises the recorded settings, as when Hydra built it for the sweep.
     report = AblationReportCallback(**settings)
     try:
