@@ -60,7 +60,9 @@ def main(cfg: DictConfig) -> float | None:
             discard_unused_output(HydraConfig.get().runtime.output_dir)
         if isinstance(error, KeyboardInterrupt):
             stopped_by_ctrl_c(started)
-        if isinstance(error, InstantiationException):
+        # (A CommandError our resolvers or the model's builders raised comes wrapped by OmegaConf or Hydra.)
+        command_error = command_error_of(error)
+        if isinstance(error, InstantiationException) and command_error is None:
             # Hydra names where the object is built; say which key and config group wrote it. (evaluate and predict
             # build the model a checkpoint records, whose options this command's choices do not name.)
             choices = HydraConfig.get().runtime.choices
@@ -72,8 +74,6 @@ def main(cfg: DictConfig) -> float | None:
             if HydraConfig.get().mode == RunMode.RUN:
                 raise SystemExit(in_use) from None
             raise RuntimeError(in_use) from error
-        # (A CommandError one of our resolvers raised reaches here inside OmegaConf's InterpolationResolutionError.)
-        command_error = command_error_of(error)
         mistake = command_error is not None or (not checked and isinstance(error, COMMAND_ERRORS))
         if mistake and HydraConfig.get().mode == RunMode.RUN:
             # The message alone, as for a group picked with a dot below: the check's traceback says nothing more. (A

@@ -36,13 +36,19 @@ def raises_command_errors(resolver: Callable) -> Callable:
 
 
 def command_error_of(error: BaseException) -> CommandError | None:
-    """``error`` itself when it is a :class:`CommandError`; the one a resolver raised when ``error`` is OmegaConf's
-    ``InterpolationResolutionError`` for it (raised while handling it: its ``__context__``, through the copies
-    OmegaConf raises while handling its own); else ``None``."""
-    from omegaconf.errors import InterpolationResolutionError  # (light: run.py has imported omegaconf already)
+    """``error`` itself when it is a :class:`CommandError`; the one it wraps when ``error`` is OmegaConf's
+    ``InterpolationResolutionError`` for an error a resolver raised (its ``__context__``, through the copies OmegaConf
+    raises while handling its own), or Hydra's ``InstantiationException`` for an error a ``_target_`` raised (its
+    ``__cause__``: the model's builders check their input files); else ``None``."""
+    # (Light: run.py has imported Hydra and OmegaConf already.)
+    from hydra.errors import InstantiationException
+    from omegaconf.errors import InterpolationResolutionError
 
-    for _ in range(8):  # (OmegaConf re-raises it once per level it passes through: a few)
-        if not isinstance(error, InterpolationResolutionError):
+    for _ in range(8):  # a few wrappers at most
+        if isinstance(error, InterpolationResolutionError):
+            error = error.__context__
+        elif isinstance(error, InstantiationException):
+            error = error.__cause__
+        else:
             break
-        error = error.__context__
     return error if isinstance(error, CommandError) else None

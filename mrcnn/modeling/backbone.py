@@ -11,7 +11,9 @@ image batch ``[B, 3, H, W]`` to an ordered dict of feature maps and that carries
 - ``resnet_single_map``: what both are, for any last stage.
 """
 
+import logging
 import math
+import re
 from collections import OrderedDict
 from functools import partial
 
@@ -23,7 +25,10 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from mrcnn.errors import CommandError
 from mrcnn.modeling.frozen_bn import frozen_batchnorm
+
+log = logging.getLogger(__name__)
 
 # Residual block type and blocks per stage (res2-res5) of each depth, as in torchvision's builders.
 RESNETS = {
@@ -68,7 +73,9 @@ def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(groups, channels), channels)
 
 
-def resnet_body(depth: int, norm: str, weights_path: str | None = None, width: int = 64) -> resnet.ResNet:
+def resnet_body(
+    depth: int, norm: str, weights_path: str | None = None, width: int = 64, part: str = "backbone"
+) -> resnet.ResNet:
     """A torchvision ResNet, optionally initialised from a local ImageNet state dict file.
 
     Args:
@@ -80,6 +87,7 @@ def resnet_body(depth: int, norm: str, weights_path: str | None = None, width: i
             8 (x4 for Bottleneck) output channels. A narrower ResNet is for small data on a CPU: res5
             costs ``(width / 64) ** 2`` of the standard one (the C4 head runs it on every RoI). Module
             and parameter names do not depend on it.
+        part: what the body is for, for the log line of ``weights_path`` (:func:`load_resnet_weights`).
     """
     if depth not in RESNETS:
         raise ValueError(f"ResNet depth must be one of {sorted(RESNETS)}, got {depth}")
@@ -92,16 +100,68 @@ def resnet_body(depth: int, norm: str, weights_path: str | None = None, width: i
     if width != 64:
         _narrow(body, block, layers, width)
     if weights_path:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        missing, unexpected = body.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("fc.")]
-        if missing or unexpected:
-            raise ValueError(
-                f"{weights_path} does not look like a torchvision ResNet-{depth} state dict: "
-                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
+        load_resnet_weights(body, weights_path, depth, part)
     return body
+
+
+def load_resnet_weights(body: resnet.ResNet, path: str, depth: int, part: str = "backbone") -> None:
+    """Loads a torchvision ResNet state dict file (``model.backbone_weights``) into ``body``, all but its ``fc``.
+
+    Every tensor is compared with the body's before any is loaded: a file of another depth stops with one line
+    naming the depth the file holds, where torch's ``load_state_dict`` would give a clause per mismatched tensor.
+
+    Args:
+        part: what ``body`` is for, for the log line (the C4 box head uses its ``layer4``).
+
+    Raises:
+        CommandError: naming ``model.backbone_weights``, the file, and the depth it holds where it can tell (else
+            the first tensors that do not fit).
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CommandError(
+            f"model.backbone_weights={path} is not a state dict (a dict of tensors): give an ImageNet ResNet-{depth} "
+            f"state dict saved with torch.save, as torchvision's resnet{depth}-*.pth"
+        )
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = body.state_dict()
+    # num_batches_tracked: BatchNorm's step count, which FrozenBatchNorm2d has not (and drops on load).
+    counted = [k for k in own if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
+    reshaped = [k for k in counted if k in state and state[k].shape != own[k].shape]
+    missing = [k for k in counted if k not in state]
+    unexpected = [k for k in state if k not in own and not k.endswith("num_batches_tracked")]
+    if reshaped or missing or unexpected:
+        held = resnet_depth_of(state)
+        if held is not None and held != depth:
+            raise CommandError(
+                f"model.backbone_weights={path} holds a ResNet-{held}, and this model is a ResNet-{depth} "
+                f"(model.depth={depth}): set model.depth={held}, or give a ResNet-{depth} file (torchvision's "
+                f"resnet{depth}-*.pth)"
+            )
+        if not (reshaped or missing) and all(k.endswith(("running_mean", "running_var")) for k in unexpected):
+            raise CommandError(
+                f"model.backbone_weights={path} holds BatchNorm statistics, which this model's normalisation has no "
+                "place for (model.norm=gn?): fine-tune an ImageNet backbone with model.norm=frozen_bn"
+            )
+        raise CommandError(
+            f"model.backbone_weights={path} does not fit a torchvision ResNet-{depth} (model.depth={depth}): "
+            f"{len(reshaped)} tensors of another shape (e.g. {reshaped[:3]}), {len(missing)} missing "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    loaded = {k: v for k, v in state.items() if k in own}
+    body.load_state_dict(loaded, strict=False)
+    log.info("model.backbone_weights=%s: loaded %d tensors of a ResNet-%d into the %s", path, len(loaded), depth, part)
+
+
+def resnet_depth_of(state: dict[str, Tensor]) -> int | None:
+    """The depth of the torchvision ResNet a state dict holds, from its block type (a Bottleneck has ``conv3``) and
+    its blocks per stage (``layer<i>.<block>.``); ``None`` where it matches none of :data:`RESNETS`."""
+    blocks = [len({m.group(1) for key in state if (m := re.match(rf"layer{i}\.(\d+)\.", key))}) for i in range(1, 5)]
+    bottleneck = any(re.match(r"layer\d\.\d+\.conv3\.", k) for k in state)
+    for depth, (block, layers) in RESNETS.items():
+        if (block is resnet.Bottleneck) == bottleneck and list(layers) == blocks:
+            return depth
+    return None
 
 
 def _narrow(body: resnet.ResNet, block: type[nn.Module], layers: list[int], width: int) -> None:

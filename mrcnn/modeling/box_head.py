@@ -52,7 +52,7 @@ class Res5BoxHead(nn.Module):
 
     def __init__(self, depth: int = 50, norm: str = "frozen_bn", weights_path: str | None = None, width: int = 64):
         super().__init__()
-        self.res5 = resnet_body(depth, norm, weights_path, width).layer4
+        self.res5 = resnet_body(depth, norm, weights_path, width, part="C4 box head, which keeps its layer4").layer4
         self.out_channels = stage_channels(depth, 5, width)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -87,6 +87,32 @@ def test_a_file_of_another_architecture_still_fails_clearly(tmp_path):
         build_module(compose_config([*TINY_PRESET, f"weights={tmp_path / 'other.pth'}"]))
 
 
+def test_an_imagenet_file_of_another_depth_names_the_depth_it_holds(tmp_path):
+    # torch's load_state_dict said "size mismatch for ..." once per tensor (a traceback through Hydra's instantiate).
+    from hydra.errors import InstantiationException
+    from torchvision.models import resnet50
+
+    from mrcnn.errors import command_error_of
+    from mrcnn.modeling.backbone import resnet_body
+
+    small, large = tmp_path / "resnet18.pth", tmp_path / "resnet50.pth"
+    torch.save(resnet18(weights=None).state_dict(), small)
+    torch.save(resnet50(weights=None).state_dict(), large)
+    with pytest.raises(
+        CommandError,
+        match=rf"^model\.backbone_weights={small} holds a ResNet-18, and this model is a ResNet-50 \(model\.depth=50\): "
+        r"set model\.depth=18, or give a ResNet-50 file",
+    ):
+        resnet_body(50, "frozen_bn", str(small))
+    with pytest.raises(CommandError, match=r"holds a ResNet-50, and this model is a ResNet-34 \(model\.depth=34\)"):
+        resnet_body(34, "frozen_bn", str(large))
+    # Built from the config, Hydra wraps it; run.py finds it there and prints its message alone.
+    overrides = ["model=mask_rcnn", "model.depth=34", "model.norm=frozen_bn", f"model.backbone_weights={small}"]
+    with pytest.raises(InstantiationException) as error:
+        build_module(compose_config([*overrides, "model.fpn_channels=16", "data.image_size=64"]))
+    assert "holds a ResNet-18, and this model is a ResNet-34" in str(command_error_of(error.value))
+
+
 def test_eps_follows_the_files_naming():
     """torchvision's naming means torchvision's builder (eps 0 for its COCO weights); our own naming keeps eps."""
     model = fresh_model(TINY_PRESET)
@@ -189,7 +215,7 @@ def test_checkpoint_restores_frozen_bn_eps(tmp_path):
     assert {m.eps for m in resumed.model.modules() if isinstance(m, FrozenBatchNorm2d)} == {0.0}
 
 
-def test_imagenet_backbone_with_frozen_bn(tmp_path):
+def test_imagenet_backbone_with_frozen_bn(tmp_path, caplog):
     """``model=mask_rcnn model.norm=frozen_bn model.backbone_weights=<torchvision ResNet file>``."""
     torch.manual_seed(2)
     imagenet = resnet18(weights=None)
@@ -211,7 +237,10 @@ def test_imagenet_backbone_with_frozen_bn(tmp_path):
         "model.mask_head_dim=16",
         "data.image_size=64",
     ]
-    module = build_module(compose_config(overrides))
+    with caplog.at_level(logging.INFO, logger="mrcnn.modeling.backbone"):
+        module = build_module(compose_config(overrides))
+    # One line says the file was loaded, as weights= does: its 122 tensors but fc's 2 and the 20 BatchNorm step counts.
+    assert f"model.backbone_weights={path}: loaded 100 tensors of a ResNet-18 into the backbone" in caplog.text
     body = module.model.backbone.body
     for key, value in imagenet.state_dict().items():
         if not key.startswith("fc.") and not key.endswith("num_batches_tracked"):
