@@ -236,8 +236,8 @@ def discard_unused_output(job_dir: Path) -> bool:
     Called when a job fails before it wrote anything and before its loop started (a typo, a missing file, too few
     images for a batch; :func:`note_loop_start`): the user is left with the error, not with an empty
     ``outputs/<date>/<time>/``. A folder that holds anything else (metrics, checkpoints, an earlier run's files) is
-    kept. The folders above it inside the working
-    directory (``outputs/<date>/``) go too while that leaves them empty.
+    kept. The folders above it inside the working directory (``outputs/<date>/``) go too while that leaves them
+    empty.
 
     Only a job's main process cleans up: a DDP child shares the job's folder, where the processes started
     after it still read ``.hydra/resolved.yaml``.
