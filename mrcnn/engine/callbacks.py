@@ -746,7 +746,9 @@ class PredictionOverlays(L.Callback):
         samples = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
         images = [image for image, _ in samples]
         with torch.no_grad():
-            detections, _ = pl_module.model([image.to(pl_module.device) for image in images])
+            # One image a forward: a batch would pad each to the largest, and the padding reaches GroupNorm's
+            # statistics; alone, each gets the detections evaluation scored (it batches images of one size).
+            detections = [pl_module.model([image.to(pl_module.device)])[0][0] for image in images]
         # The step Lightning logs this validation's metrics at (one lower than global_step at an epoch's end), so
         # the images sit in the same history row as the AP (Lightning's LearningRateMonitor reads it the same way).
         step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
